@@ -1,0 +1,60 @@
+"""The `blkrewind` command: one module per subcommand in blkrewind/commands/."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from blkrewind import __version__
+from blkrewind.errors import UserError
+
+# subcommand -> module in blkrewind.commands; each module has add_arguments(parser) and run(args)
+COMMANDS = {
+    "trace": "Capture every write to block devices into a LOG (root).",
+    "mark": "Insert a named point into the history of the running tracer(s).",
+    "ingest": "Read LOG segments into a store.",
+    "restore": "Rebuild a device as it was at a point, onto an image file or loop device.",
+    "sql": "Query the write history with SQL.",
+    "demo": "Show the whole cycle on a scratch ext4 loop device (root).",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blkrewind", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"blkrewind {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, help_ in COMMANDS.items():
+        mod = importlib.import_module(f"blkrewind.commands.{name}")
+        sp = sub.add_parser(name, help=help_, description=getattr(mod, "__doc__", None) or help_,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args._run(args)
+    except UserError as e:
+        print(f"blkrewind {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"blkrewind {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # never a traceback for the user, unless asked
+        if os.environ.get("BLKREWIND_DEBUG"):
+            raise
+        print(f"blkrewind {args.command}: internal error: {type(e).__name__}: {e} "
+              f"(BLKREWIND_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 70
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""ingest (not written yet)."""
+from blkrewind.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'ingest' is not implemented yet")

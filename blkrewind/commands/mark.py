@@ -1,0 +1,10 @@
+"""mark (not written yet)."""
+from blkrewind.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'mark' is not implemented yet")

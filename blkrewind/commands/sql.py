@@ -1,0 +1,10 @@
+"""sql (not written yet)."""
+from blkrewind.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'sql' is not implemented yet")

@@ -1,0 +1,10 @@
+"""trace (not written yet)."""
+from blkrewind.errors import UserError
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise UserError("'trace' is not implemented yet")
