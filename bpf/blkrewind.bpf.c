@@ -1,0 +1,651 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * blkrewind capture: every write-class bio queued to the traced block devices,
+ * with its payload and an order stamp, into one BPF ring buffer.
+ *
+ * CO-RE C, compiled by bpf/build.py against the running kernel's BTF
+ * (vmlinux.h) and loaded through libbpf (tracer/libbpf.py). The record layout
+ * (struct br_rec, BR_* constants) comes from record.h, which build.py
+ * generates from blkrewind/record.py: the one definition.
+ *
+ * Programs
+ *   capture_btf / capture_raw   tp_btf (raw_tp fallback) block_bio_queue: one
+ *                               stamp per bio; header + payload records
+ *   rqdone_btf / rqdone_raw     block_rq_complete (blk-mq devices): R_COMPLETE
+ *   biodone_btf                 block_bio_complete (bio-based devices: dm, md)
+ *   point                       run by the tracer (BPF_PROG_TEST_RUN): R_MARK /
+ *                               R_POINT with a stamp from the same counter
+ *   reader                      run by the tracer: reads kernel memory for the
+ *                               direct-map discovery (tracer/calibrate.py)
+ *
+ * Payload: the bio_vec pages are read through the kernel direct map:
+ *   va(page) = page_offset_base + (page - vmemmap_base) / sizeof(struct page) * 4096
+ * The bases are found and verified by the loader before capture is enabled.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include "record.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+#define PIECE 4096
+#define PAGE_SHIFT_X86 12
+
+struct br_cfg {
+	__u64 page_offset_base;
+	__u64 vmemmap_base;
+	__u64 enabled_ktime;   /* capture start (bpf_ktime_get_ns) */
+	__u32 page_struct_size;
+	__u32 enabled;
+	__u32 calib_tgid;      /* capture any bio (reads too) of this tgid as R_CALIB */
+	__u32 piece;           /* payload bytes per record (<= BR_MAX_PIECE) */
+};
+
+struct br_state {
+	__u64 stamp;           /* next order stamp */
+	__u64 seq;             /* next record sequence number */
+	__u64 drops;           /* records lost: ring buffer full */
+	__u64 drop_bytes;      /* payload bytes of the bios those records belonged to */
+	__u64 bios;            /* bios captured */
+	__u64 bytes;           /* payload bytes captured */
+	__u64 read_errs;       /* payload reads from kernel memory that failed */
+	__u64 truncs;          /* bios not walked to their end */
+	__u64 completes;       /* R_COMPLETE records emitted */
+	__u64 old_bios;        /* completed bios queued before capture began */
+};
+
+struct br_dev {
+	__u64 part_start;      /* start sector of the traced partition (0: whole disk) */
+	__u32 traced;          /* 1: this dev_t is traced; 2: the disk of a traced partition */
+	__u32 traced_dev;      /* for 2: which partition... unused: completions use rq->part */
+};
+
+struct br_point {
+	__u64 stamp;           /* out: the stamp taken */
+	__u32 ok;              /* out: 1 when the record reached the ring buffer */
+	__u32 pad;
+	struct br_rec h;       /* in: header template (rtype, len, tgid, tid, comm);
+				* this use also puts struct br_rec into the object's
+				* BTF, where the loader checks its layout */
+	__u8 data[BR_MAX_POINT_PAYLOAD];
+};
+
+struct br_rdbuf {
+	__u64 v[4];
+	__u8 data[4096];
+};
+
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_cfg); } cfg_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_state); } state_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 256);
+	 __type(key, __u32); __type(value, struct br_dev); } dev_map SEC(".maps");
+/* captured bios in flight: bio pointer -> stamp (for completions) */
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 65536);
+	 __type(key, __u64); __type(value, __u64); } inflight_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, __u8[PIECE]); } scratch_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_point); } point_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_rdbuf); } rd_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF);
+	 __uint(max_entries, 64 * 1024 * 1024); } rb SEC(".maps");
+
+/* kallsyms data symbols: resolved by libbpf when the kernel exports them
+ * (CONFIG_KALLSYMS_ALL); 0 otherwise. Read by the reader program. */
+extern const void page_offset_base __ksym __weak;
+extern const void vmemmap_base __ksym __weak;
+
+/* ------------------------------------------------------------------------ */
+/* normalisation of the running kernel's op and flag numbering             */
+
+static __always_inline __u8 norm_op(__u32 opf)
+{
+	__u32 op = opf & 0xff; /* REQ_OP_MASK (REQ_OP_BITS = 8) */
+
+	if (op == bpf_core_enum_value(enum req_op, REQ_OP_WRITE))
+		return BR_OP_WRITE;
+	if (op == bpf_core_enum_value(enum req_op, REQ_OP_FLUSH))
+		return BR_OP_FLUSH;
+	if (op == bpf_core_enum_value(enum req_op, REQ_OP_DISCARD))
+		return BR_OP_DISCARD;
+	if (op == bpf_core_enum_value(enum req_op, REQ_OP_SECURE_ERASE))
+		return BR_OP_SECURE_ERASE;
+	if (op == bpf_core_enum_value(enum req_op, REQ_OP_WRITE_ZEROES))
+		return BR_OP_WRITE_ZEROES;
+	return BR_OP_NONE;
+}
+
+static __always_inline __u32 norm_flags(__u32 opf)
+{
+	__u32 f = 0;
+
+	if (opf & (1u << bpf_core_enum_value(enum req_flag_bits, __REQ_FUA)))
+		f |= BR_F_FUA;
+	if (opf & (1u << bpf_core_enum_value(enum req_flag_bits, __REQ_PREFLUSH)))
+		f |= BR_F_PREFLUSH;
+	if (opf & (1u << bpf_core_enum_value(enum req_flag_bits, __REQ_SYNC)))
+		f |= BR_F_SYNC;
+	if (opf & (1u << bpf_core_enum_value(enum req_flag_bits, __REQ_META)))
+		f |= BR_F_META;
+	return f;
+}
+
+static __always_inline __u64 next_seq(struct br_state *s)
+{
+	return __sync_fetch_and_add(&s->seq, 1);
+}
+
+static __always_inline void count_drop(struct br_state *s, __u64 bytes)
+{
+	next_seq(s);  /* a lost record still consumes its number: the gap shows */
+	__sync_fetch_and_add(&s->drops, 1);
+	__sync_fetch_and_add(&s->drop_bytes, bytes);
+}
+
+/* ------------------------------------------------------------------------ */
+/* walking a bio's payload                                                  */
+
+struct br_walk {
+	struct br_cfg *c;
+	struct br_state *s;
+	__u64 iovec;      /* bio->bi_io_vec */
+	__u64 seg_va;     /* direct-map address of the current position */
+	__u64 seg_page;   /* struct page * of the current bvec */
+	__u32 idx;        /* next bvec to load */
+	__u32 done;       /* bytes already consumed in bvec[idx] (bi_bvec_done) */
+	__u32 remaining;  /* bytes of the bio not yet copied */
+	__u32 seg_left;   /* bytes left in the current segment */
+	__u32 offset;     /* byte offset within the bio */
+	__u32 piece;      /* payload bytes per record */
+	struct br_rec h;  /* header template */
+};
+
+static __always_inline __u64 page_va(struct br_cfg *c, __u64 page)
+{
+	__u64 sz = c->page_struct_size ? c->page_struct_size : 64;
+
+	return c->page_offset_base + (((page - c->vmemmap_base) / sz) << PAGE_SHIFT_X86);
+}
+
+/* Make sure there is a current segment; 0 when the bio is exhausted. */
+static __always_inline int load_seg(struct br_walk *w)
+{
+	if (w->remaining == 0)
+		return 0;
+	if (w->seg_left)
+		return 1;
+	struct bio_vec *bv = (struct bio_vec *)(w->iovec +
+		(__u64)w->idx * bpf_core_type_size(struct bio_vec));
+	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);
+	__u32 bvlen = BPF_CORE_READ(bv, bv_len);
+	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);
+
+	w->idx++;
+	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */
+		w->done = 0;
+		return 1;
+	}
+	__u32 l = bvlen - w->done;
+	if (l > w->remaining)
+		l = w->remaining;
+	w->seg_left = l;
+	w->seg_va = page_va(w->c, page) + bvoff + w->done;
+	w->seg_page = page;
+	w->done = 0;
+	return 1;
+}
+
+struct br_piece_ctx {
+	struct br_walk *w;
+	struct bpf_dynptr *dp;
+	__u32 want;
+	__u32 filled;
+	__u32 err;
+};
+
+/* copy one <= 4 KiB piece of the current segment into the record */
+static long piece_cb(__u64 i, void *ctx)
+{
+	struct br_piece_ctx *pc = ctx;
+	struct br_walk *w = pc->w;
+
+	if (pc->filled >= pc->want)
+		return 1;
+	if (!load_seg(w))
+		return 1;
+	if (w->seg_left == 0)
+		return 0;
+	__u32 n = w->seg_left;
+	if (n > PIECE)
+		n = PIECE;
+	if (n > pc->want - pc->filled)
+		n = pc->want - pc->filled;
+	__u32 at = sizeof(struct br_rec) + pc->filled;
+
+	if (n == PIECE) {
+		/* whole window: read straight into the ring buffer */
+		__u8 *win = bpf_dynptr_data(pc->dp, at, PIECE);
+		if (!win) {
+			pc->err = 1;
+			return 1;
+		}
+		if (bpf_probe_read_kernel(win, PIECE, (void *)w->seg_va))
+			pc->err = 1;
+	} else {
+		/* a partial piece goes through a per-CPU scratch page */
+		__u32 k = 0;
+		__u8 *tmp = bpf_map_lookup_elem(&scratch_map, &k);
+		if (!tmp) {
+			pc->err = 1;
+			return 1;
+		}
+		n &= (PIECE - 1);
+		if (n == 0)
+			return 1;
+		if (bpf_probe_read_kernel(tmp, n, (void *)w->seg_va))
+			pc->err = 1;
+		if (bpf_dynptr_write(pc->dp, at, tmp, n, 0))
+			pc->err = 1;
+	}
+	pc->filled += n;
+	w->seg_left -= n;
+	w->seg_va += n;
+	w->remaining -= n;
+	w->offset += n;
+	return 0;
+}
+
+/* one record: header + up to w->piece bytes of payload */
+static long record_cb(__u64 i, void *ctx)
+{
+	struct br_walk *w = ctx;
+	struct bpf_dynptr dp;
+	__u32 want = w->remaining;
+
+	if (want == 0)
+		return 1;
+	if (want > w->piece)
+		want = w->piece;
+	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + want, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		/* give up on the rest of the bio: the consumer sees the seq gap
+		 * and a bio whose pieces do not add up */
+		count_drop(w->s, w->remaining);
+		w->remaining = 0;
+		return 1;
+	}
+	struct br_rec *r = bpf_dynptr_data(&dp, 0, sizeof(struct br_rec));
+	if (!r) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		count_drop(w->s, w->remaining);
+		w->remaining = 0;
+		return 1;
+	}
+	load_seg(w);
+	__builtin_memcpy(r, &w->h, sizeof(*r));
+	r->seq = next_seq(w->s);
+	r->offset = w->offset;
+	r->aux = w->seg_page;
+	if (w->offset == 0)
+		r->flags |= BR_F_FIRST;
+
+	struct br_piece_ctx pc = { .w = w, .dp = &dp, .want = want };
+	bpf_loop(BR_MAX_PIECE / 512 + 2, piece_cb, &pc, 0);
+	r->len = pc.filled;
+	if (pc.err || pc.filled != want) {
+		r->flags |= BR_F_READERR;
+		__sync_fetch_and_add(&w->s->read_errs, 1);
+	} else {
+		__sync_fetch_and_add(&w->s->bytes, pc.filled);
+	}
+	if (pc.filled < want) {
+		/* the bvecs ran out before bi_size: never expose a short record as whole */
+		w->remaining = 0;
+		r->flags |= BR_F_TRUNC;
+	}
+	if (w->remaining == 0)
+		r->flags |= BR_F_LAST;
+	bpf_ringbuf_submit_dynptr(&dp, 0);
+	return w->remaining ? 0 : 1;
+}
+
+static __always_inline int handle_bio(struct bio *bio)
+{
+	__u32 k = 0;
+	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+
+	if (!c || !s || !c->enabled)
+		return 0;
+
+	__u64 pt = bpf_get_current_pid_tgid();
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	__u64 part_start = BPF_CORE_READ(bdev, bd_start_sect);
+	__u16 rtype = BR_R_BIO;
+	__u32 flags = 0;
+	__u8 op;
+
+	if (c->calib_tgid && (pt >> 32) == c->calib_tgid) {
+		rtype = BR_R_CALIB;
+		flags = BR_F_CALIB;
+		op = BR_OP_NONE;
+	} else {
+		struct br_dev *d = bpf_map_lookup_elem(&dev_map, &dev);
+		if (d && d->traced == 1) {
+			/* a traced partition (or disk): sectors relative to it */
+			if (sector >= part_start)
+				sector -= part_start;
+			else
+				sector = 0;
+		} else {
+			/* a partition of a traced disk: sectors stay absolute */
+			__u32 disk = BPF_CORE_READ(bdev, bd_disk, part0, bd_dev);
+			d = bpf_map_lookup_elem(&dev_map, &disk);
+			if (!d || d->traced != 1)
+				return 0;
+			dev = disk;
+		}
+		op = norm_op(opf);
+		if (op == BR_OP_NONE)
+			return 0;
+	}
+
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	struct br_walk w = {};
+	w.c = c;
+	w.s = s;
+	w.h.stamp = __sync_fetch_and_add(&s->stamp, 1);
+	w.h.ktime_ns = bpf_ktime_get_ns();
+	w.h.sector = sector;
+	w.h.part_start = part_start;
+	w.h.cgroup_id = bpf_get_current_cgroup_id();
+	w.h.dev = dev;
+	w.h.opf = opf;
+	w.h.bio_size = size;
+	w.h.tgid = pt >> 32;
+	w.h.tid = (__u32)pt;
+	w.h.rtype = rtype;
+	w.h.op = op;
+	w.h.flags = flags | norm_flags(opf);
+	bpf_get_current_comm(&w.h.comm, sizeof(w.h.comm));
+	__sync_fetch_and_add(&s->bios, 1);
+
+	if (rtype == BR_R_BIO) {
+		__u64 key = (__u64)bio, stamp = w.h.stamp;
+		bpf_map_update_elem(&inflight_map, &key, &stamp, BPF_ANY);
+	}
+
+	int has_data = (op == BR_OP_WRITE || rtype == BR_R_CALIB) && size > 0;
+	if (!has_data) {
+		/* flush, discard, write-zeroes, secure erase, empty PREFLUSH */
+		struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
+		if (!r) {
+			count_drop(s, 0);
+			return 0;
+		}
+		__builtin_memcpy(r, &w.h, sizeof(*r));
+		r->seq = next_seq(s);
+		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
+		bpf_ringbuf_submit(r, 0);
+		return 0;
+	}
+
+	w.iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
+	w.idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
+	w.done = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	w.remaining = size;
+	w.piece = c->piece;
+	if (w.piece < PIECE || w.piece > BR_MAX_PIECE)
+		w.piece = BR_MAX_PIECE;
+	bpf_loop(size / PIECE + 2, record_cb, &w, 0);
+	if (w.remaining)
+		__sync_fetch_and_add(&s->truncs, 1);
+	return 0;
+}
+
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(capture_btf, struct bio *bio)
+{
+	return handle_bio(bio);
+}
+
+SEC("raw_tp/block_bio_queue")
+int BPF_PROG(capture_raw, struct bio *bio)
+{
+	return handle_bio(bio);
+}
+
+/* ------------------------------------------------------------------------ */
+/* completions                                                              */
+
+struct br_done {
+	struct br_rec h;
+	__u64 stamps[BR_MAX_COMPLETE_BIOS];
+};
+
+struct br_chain_ctx {
+	struct br_done *r;
+	__u64 bio;
+	__u32 left;      /* bytes completed not yet attributed */
+	__u32 n;
+};
+
+static long chain_cb(__u64 i, void *ctx)
+{
+	struct br_chain_ctx *cc = ctx;
+	struct bio *bio = (struct bio *)cc->bio;
+
+	if (!bio || cc->left == 0 || cc->n >= BR_MAX_COMPLETE_BIOS)
+		return 1;
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	__u64 key = (__u64)bio, st = 0;
+	__u64 *sp = bpf_map_lookup_elem(&inflight_map, &key);
+	if (!sp) {
+		/* a clone split off a captured bio points at its parent */
+		key = (__u64)BPF_CORE_READ(bio, bi_private);
+		sp = bpf_map_lookup_elem(&inflight_map, &key);
+	}
+	if (sp) {
+		st = *sp;
+		if (size <= cc->left)
+			bpf_map_delete_elem(&inflight_map, &key);
+	} else {
+		cc->r->h.flags |= BR_F_OLD;
+	}
+	cc->r->stamps[cc->n & (BR_MAX_COMPLETE_BIOS - 1)] = st;
+	cc->n++;
+	cc->left = size < cc->left ? cc->left - size : 0;
+	cc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
+	return 0;
+}
+
+static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
+{
+	__u32 k = 0;
+	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+
+	if (!c || !s || !c->enabled)
+		return 0;
+	__u32 opf = BPF_CORE_READ(rq, cmd_flags);
+	__u8 op = norm_op(opf);
+	if (op == BR_OP_NONE || op == BR_OP_FLUSH)
+		return 0;
+	__u64 bio = (__u64)BPF_CORE_READ(rq, bio);
+	if (!bio)
+		return 0;
+	struct block_device *part = BPF_CORE_READ(rq, part);
+	__u32 dev = 0;
+	__u64 part_start = 0;
+	struct br_dev *d = 0;
+	if (part) {
+		dev = BPF_CORE_READ(part, bd_dev);
+		part_start = BPF_CORE_READ(part, bd_start_sect);
+		d = bpf_map_lookup_elem(&dev_map, &dev);
+	}
+	if (!d || d->traced != 1) {
+		dev = BPF_CORE_READ(rq, q, disk, part0, bd_dev);
+		part_start = 0;
+		d = bpf_map_lookup_elem(&dev_map, &dev);
+		if (!d || d->traced != 1)
+			return 0;
+	}
+	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
+	if (!r) {
+		count_drop(s, 0);
+		return 0;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	__u64 sector = BPF_CORE_READ(rq, __sector);
+	r->h.seq = next_seq(s);
+	r->h.ktime_ns = bpf_ktime_get_ns();
+	r->h.aux = s->stamp;
+	r->h.sector = sector >= part_start ? sector - part_start : 0;
+	r->h.part_start = part_start;
+	r->h.dev = dev;
+	r->h.opf = opf;
+	r->h.op = op;
+	r->h.bio_size = nr_bytes;
+	r->h.error = (__u16)error;
+	r->h.rtype = BR_R_COMPLETE;
+	r->h.flags = norm_flags(opf);
+
+	struct br_chain_ctx cc = { .r = r, .bio = bio, .left = nr_bytes };
+	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
+	r->h.len = cc.n * 8;
+	if (r->h.flags & BR_F_OLD)
+		__sync_fetch_and_add(&s->old_bios, 1);
+	__sync_fetch_and_add(&s->completes, 1);
+	bpf_ringbuf_submit(r, 0);
+	return 0;
+}
+
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(rqdone_btf, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	return handle_rq_done(rq, error, nr_bytes);
+}
+
+SEC("raw_tp/block_rq_complete")
+int BPF_PROG(rqdone_raw, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	return handle_rq_done(rq, error, nr_bytes);
+}
+
+/* bio-based devices (dm, md) complete bios, not requests */
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
+{
+	__u32 k = 0;
+	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+
+	if (!c || !s || !c->enabled || BPF_CORE_READ(q, mq_ops))
+		return 0;
+	__u64 key = (__u64)bio;
+	__u64 *sp = bpf_map_lookup_elem(&inflight_map, &key);
+	if (!sp)
+		return 0;
+	__u64 stamp = *sp;
+	bpf_map_delete_elem(&inflight_map, &key);
+	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
+	if (!r) {
+		count_drop(s, 0);
+		return 0;
+	}
+	__builtin_memset(r, 0, sizeof(*r));
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	r->h.seq = next_seq(s);
+	r->h.ktime_ns = bpf_ktime_get_ns();
+	r->h.aux = s->stamp;
+	r->h.dev = BPF_CORE_READ(bdev, bd_dev);
+	r->h.opf = opf;
+	r->h.op = norm_op(opf);
+	r->h.error = BPF_CORE_READ(bio, bi_status);
+	r->h.rtype = BR_R_COMPLETE;
+	r->h.flags = norm_flags(opf);
+	r->h.len = 8;
+	r->stamps[0] = stamp;
+	__sync_fetch_and_add(&s->completes, 1);
+	bpf_ringbuf_submit(r, 0);
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* points and marks: a stamp from the same counter as the writes           */
+
+struct br_pointrec {
+	struct br_rec h;
+	__u8 data[BR_MAX_POINT_PAYLOAD];
+};
+
+SEC("raw_tp")
+int point(void *ctx)
+{
+	__u32 k = 0;
+	struct br_point *p = bpf_map_lookup_elem(&point_map, &k);
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+
+	if (!p || !s)
+		return 1;
+	__u64 stamp = __sync_fetch_and_add(&s->stamp, 1);
+	p->stamp = stamp;
+	p->ok = 0;
+	struct br_pointrec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_pointrec), 0);
+	if (!r) {
+		count_drop(s, 0);
+		return 1;
+	}
+	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
+	r->h.stamp = stamp;
+	r->h.seq = next_seq(s);
+	r->h.ktime_ns = bpf_ktime_get_ns();
+	if (r->h.len > BR_MAX_POINT_PAYLOAD)
+		r->h.len = BR_MAX_POINT_PAYLOAD;
+	r->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
+	__builtin_memcpy(r->data, p->data, sizeof(r->data));
+	bpf_ringbuf_submit(r, 0);
+	p->ok = 1;
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kernel memory reader for the direct-map discovery (BPF_PROG_TEST_RUN)
+ * ctx[0] = op, ctx[1] = addr, ctx[2] = len
+ * op 0: copy len (<= 4096) bytes at addr into rd_map.data; returns 1 on a fault
+ * op 1: v[0] = current task (a direct-map address)
+ * op 2: v[0..1] = addresses of page_offset_base / vmemmap_base (0 when not
+ *       exported), v[2] = sizeof(struct page), v[3] = sizeof(struct bio_vec)
+ */
+SEC("raw_tp")
+int reader(__u64 *ctx)
+{
+	__u32 k = 0;
+	struct br_rdbuf *b = bpf_map_lookup_elem(&rd_map, &k);
+
+	if (!b)
+		return 2;
+	__u64 op = ctx[0], addr = ctx[1], len = ctx[2];
+	if (op == 0) {
+		if (len > 4096)
+			len = 4096;
+		return bpf_probe_read_kernel(b->data, len, (void *)addr) ? 1 : 0;
+	} else if (op == 1) {
+		b->v[0] = bpf_get_current_task();
+	} else if (op == 2) {
+		b->v[0] = (__u64)&page_offset_base;
+		b->v[1] = (__u64)&vmemmap_base;
+		b->v[2] = bpf_core_type_size(struct page);
+		b->v[3] = bpf_core_type_size(struct bio_vec);
+	}
+	return 0;
+}

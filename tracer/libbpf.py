@@ -1,0 +1,212 @@
+"""A thin ctypes binding to the system libbpf (libbpf.so.1, Debian libbpf1).
+
+Only what blkrewind needs: open/load an object, set map sizes and program
+autoload, attach programs, map lookups/updates, and BPF_PROG_TEST_RUN. libbpf
+objects are opaque pointers. Errors become BpfError with libbpf's errno.
+(capture.md: bcc cannot compile without kernel headers and the only PyPI
+binding is not production ready, so this module is the whole dependency.)
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
+                                                  ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
+
+
+class BpfError(OSError):
+    pass
+
+
+def _load():
+    try:
+        return ctypes.CDLL("libbpf.so.1", use_errno=True)
+    except OSError as e:
+        raise BpfError(f"libbpf.so.1 not found ({e}): install libbpf1 (./bootstrap.sh does)") from None
+
+
+_lib = None
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        _lib = _load()
+        for name, res, args in _SIGNATURES:
+            f = getattr(_lib, name)
+            f.restype, f.argtypes = res, args
+    return _lib
+
+
+class bpf_test_run_opts(ctypes.Structure):
+    _fields_ = [("sz", c_size_t), ("data_in", c_vp), ("data_out", c_vp),
+                ("data_size_in", c_u32), ("data_size_out", c_u32),
+                ("ctx_in", c_vp), ("ctx_out", c_vp), ("ctx_size_in", c_u32), ("ctx_size_out", c_u32),
+                ("retval", c_u32), ("repeat", c_int), ("duration", c_u32),
+                ("flags", c_u32), ("cpu", c_u32), ("batch_size", c_u32)]
+
+
+_SIGNATURES = [
+    ("libbpf_version_string", c_char_p, []),
+    ("libbpf_set_print", c_vp, [c_vp]),
+    ("bpf_object__open_file", c_vp, [c_char_p, c_vp]),
+    ("bpf_object__load", c_int, [c_vp]),
+    ("bpf_object__close", None, [c_vp]),
+    ("bpf_object__find_program_by_name", c_vp, [c_vp, c_char_p]),
+    ("bpf_object__next_program", c_vp, [c_vp, c_vp]),
+    ("bpf_program__name", c_char_p, [c_vp]),
+    ("bpf_program__set_autoload", c_int, [c_vp, ctypes.c_bool]),
+    ("bpf_program__fd", c_int, [c_vp]),
+    ("bpf_program__attach", c_vp, [c_vp]),
+    ("bpf_link__destroy", c_int, [c_vp]),
+    ("bpf_object__find_map_by_name", c_vp, [c_vp, c_char_p]),
+    ("bpf_map__fd", c_int, [c_vp]),
+    ("bpf_map__set_max_entries", c_int, [c_vp, c_u32]),
+    ("bpf_map_update_elem", c_int, [c_int, c_vp, c_vp, c_u64]),
+    ("bpf_map_lookup_elem", c_int, [c_int, c_vp, c_vp]),
+    ("bpf_map_delete_elem", c_int, [c_int, c_vp]),
+    ("bpf_prog_test_run_opts", c_int, [c_int, ctypes.POINTER(bpf_test_run_opts)]),
+    ("bpf_enable_stats", c_int, [c_int]),
+]
+
+
+def _err(what: str, code: int | None = None) -> BpfError:
+    e = ctypes.get_errno() if code is None else abs(code)
+    return BpfError(e, f"{what}: {os.strerror(e)}")
+
+
+# libbpf prints its own diagnostics (verifier logs...) to stderr by default;
+# we collect them instead and show them only when something fails.
+_PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_vp)
+_libbpf_msgs: list[str] = []
+
+
+def _vsnprintf(fmt: bytes, va) -> str:
+    libc = ctypes.CDLL(None)
+    buf = ctypes.create_string_buffer(4096)
+    libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_vp]
+    libc.vsnprintf(buf, len(buf), fmt, va)
+    return buf.value.decode("utf-8", "replace")
+
+
+@_PRINT_FN
+def _print_cb(level, fmt, va):
+    try:
+        _libbpf_msgs.append(_vsnprintf(fmt, va))
+        del _libbpf_msgs[:-200]
+    except Exception:
+        pass
+    return 0
+
+
+def libbpf_messages() -> str:
+    return "".join(_libbpf_msgs)
+
+
+class BpfObject:
+    """An opened and loaded BPF ELF object with the links attached from it."""
+
+    def __init__(self, path: str, autoload: set[str] | None = None,
+                 max_entries: dict[str, int] | None = None):
+        L = lib()
+        L.libbpf_set_print(ctypes.cast(_print_cb, c_vp))
+        _libbpf_msgs.clear()
+        self.path = path
+        self.links: list[int] = []
+        self.obj = L.bpf_object__open_file(path.encode(), None)
+        if not self.obj:
+            raise _err(f"open {path}")
+        try:
+            if autoload is not None:
+                p = L.bpf_object__next_program(self.obj, None)
+                while p:
+                    L.bpf_program__set_autoload(p, L.bpf_program__name(p).decode() in autoload)
+                    p = L.bpf_object__next_program(self.obj, p)
+            for name, n in (max_entries or {}).items():
+                m = L.bpf_object__find_map_by_name(self.obj, name.encode())
+                if not m or L.bpf_map__set_max_entries(m, n) != 0:
+                    raise _err(f"set size of map {name}")
+            r = L.bpf_object__load(self.obj)
+            if r != 0:
+                raise _err(f"load {os.path.basename(path)}", r)
+        except BaseException:
+            L.bpf_object__close(self.obj)
+            self.obj = None
+            raise
+
+    def _prog(self, name: str):
+        p = lib().bpf_object__find_program_by_name(self.obj, name.encode())
+        if not p:
+            raise KeyError(name)
+        return p
+
+    def prog_fd(self, name: str) -> int:
+        return lib().bpf_program__fd(self._prog(name))
+
+    def attach(self, name: str) -> int:
+        link = lib().bpf_program__attach(self._prog(name))
+        if not link:
+            raise _err(f"attach {name}")
+        self.links.append(link)
+        return link
+
+    def map_fd(self, name: str) -> int:
+        m = lib().bpf_object__find_map_by_name(self.obj, name.encode())
+        if not m:
+            raise KeyError(name)
+        return lib().bpf_map__fd(m)
+
+    def close(self) -> None:
+        L = lib()
+        for link in self.links:
+            L.bpf_link__destroy(link)
+        self.links = []
+        if self.obj:
+            L.bpf_object__close(self.obj)
+            self.obj = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def map_update(fd: int, key, value, flags: int = 0) -> None:
+    r = lib().bpf_map_update_elem(fd, ctypes.byref(key), ctypes.byref(value), flags)
+    if r != 0:
+        raise _err("bpf_map_update_elem", r)
+
+
+def map_lookup(fd: int, key, value):
+    r = lib().bpf_map_lookup_elem(fd, ctypes.byref(key), ctypes.byref(value))
+    if r != 0:
+        raise _err("bpf_map_lookup_elem", r)
+    return value
+
+
+def map_delete(fd: int, key) -> bool:
+    return lib().bpf_map_delete_elem(fd, ctypes.byref(key)) == 0
+
+
+def test_run(prog_fd: int, ctx: bytes = b"") -> int:
+    """BPF_PROG_TEST_RUN of a raw_tp program (ctx: its u64 arguments); returns retval."""
+    buf = ctypes.create_string_buffer(bytes(ctx), max(len(ctx), 1))
+    o = bpf_test_run_opts()
+    o.sz = ctypes.sizeof(o)
+    if ctx:
+        o.ctx_in = ctypes.cast(buf, c_vp)
+        o.ctx_size_in = len(ctx)
+    r = lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(o))
+    if r != 0:
+        raise _err("bpf_prog_test_run", r)
+    return o.retval
+
+
+def enable_run_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): returns an fd; stats stay on while it is open."""
+    fd = lib().bpf_enable_stats(0)
+    if fd < 0:
+        raise _err("bpf_enable_stats", fd)
+    return fd

@@ -1,0 +1,97 @@
+"""Consume the BPF ring buffer from Python without a callback per record.
+
+The ring buffer is mmapped (consumer page read-write, producer page and the
+double-mapped data area read-only). `take()` walks the record prefixes from
+consumer_pos to the first record still being written (BUSY), copies that whole
+committed span out in one piece and releases it by storing the new
+consumer_pos. Records keep the ring buffer's own 8-byte framing, which is the
+framing blkrewind.record and the LOG use, so the span goes to the LOG as is.
+
+consumer_pos must be published with one aligned 8-byte store (a ctypes
+c_uint64 at the mapped address): a byte-wise store lets the kernel see a
+torn position and drop records (capture.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import select
+import struct
+
+from blkrewind.record import RB_BUSY, RB_DISCARD, RB_LEN_MASK
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+PAGE = mmap.PAGESIZE
+_U32 = struct.Struct("<I").unpack_from
+
+
+def _mmap(fd: int, length: int, prot: int, offset: int) -> int:
+    addr = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        e = ctypes.get_errno()
+        raise OSError(e, "mmap of the BPF ring buffer failed")
+    return addr
+
+
+class RingConsumer:
+    def __init__(self, fd: int, size: int, max_span: int = 8 << 20):
+        self.size = size
+        self.mask = size - 1
+        self.max_span = max_span
+        self._cons_addr = _mmap(fd, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, 0)
+        self._prod_len = PAGE + 2 * size
+        self._prod_addr = _mmap(fd, self._prod_len, mmap.PROT_READ, PAGE)
+        self._cons = ctypes.c_uint64.from_address(self._cons_addr)
+        self._prod = ctypes.c_uint64.from_address(self._prod_addr)
+        self._data = (ctypes.c_char * (2 * size)).from_address(self._prod_addr + PAGE)
+        self._view = memoryview(self._data).cast("B")
+        self._ep = select.epoll()
+        self._ep.register(fd, select.EPOLLIN)
+        self.records = 0
+        self.bytes = 0
+
+    def pending(self) -> int:
+        return self._prod.value - self._cons.value
+
+    def take(self) -> tuple[bytes, int]:
+        """Copy out the committed records after consumer_pos (at most max_span
+        bytes) and release them; returns (span, number of live records)."""
+        cons = self._cons.value
+        prod = self._prod.value
+        if cons == prod:
+            return b"", 0
+        limit = min(prod, cons + self.max_span)
+        view, mask = self._view, self.mask
+        pos, n = cons, 0
+        while pos < limit:
+            word = _U32(view, pos & mask)[0]
+            if word & RB_BUSY:
+                break
+            if not word & RB_DISCARD:
+                n += 1
+            pos += ((word & RB_LEN_MASK) + 8 + 7) & ~7
+        if pos == cons:
+            return b"", 0
+        start = cons & mask
+        span = view[start:start + (pos - cons)].tobytes()  # data area is mapped twice: no wrap
+        self._cons.value = pos                               # one 8-byte store
+        self.records += n
+        self.bytes += len(span)
+        return span, n
+
+    def wait(self, timeout_s: float) -> None:
+        if self._cons.value == self._prod.value:
+            self._ep.poll(timeout_s)
+
+    def close(self) -> None:
+        if self._ep is None:
+            return
+        self._ep.close()
+        self._ep = None
+        self._view.release()
+        _libc.munmap(ctypes.c_void_p(self._prod_addr), self._prod_len)
+        _libc.munmap(ctypes.c_void_p(self._cons_addr), PAGE)
