@@ -453,10 +453,14 @@ static long chain_cb(__u64 i, void *ctx)
 		key = (__u64)BPF_CORE_READ(bio, bi_private);
 		sp = bpf_map_lookup_elem(&inflight_map, &key);
 	}
+	/* Entries are not deleted here: the remainder of a split keeps the
+	 * parent's pointer and may complete before the split-off front, which
+	 * then finds its parent through bi_private. A freed bio's address is
+	 * re-inserted when reused (queued after capture began), and a bio queued
+	 * before capture cannot share an address with a live captured one, so
+	 * stale entries never hide an old bio; the LRU bounds the map. */
 	if (sp) {
 		st = *sp;
-		if (size <= cc->left)
-			bpf_map_delete_elem(&inflight_map, &key);
 	} else {
 		cc->r->h.flags |= BR_F_OLD;
 	}

@@ -54,6 +54,12 @@ class RingConsumer:
         self.records = 0
         self.bytes = 0
 
+    def producer_pos(self) -> int:
+        return self._prod.value
+
+    def consumed_pos(self) -> int:
+        return self._cons.value
+
     def pending(self) -> int:
         return self._prod.value - self._cons.value
 

@@ -1,10 +1,69 @@
-"""mark (not written yet)."""
+"""Insert a named point into the history of the running tracer(s).
+
+The mark takes its stamp from the same counter as the writes, so it sits
+exactly between the writes submitted before and after it. Returns once the
+mark is durable in the LOG. With several tracers running, each gets the mark
+(or name one with --log DIR).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+
 from blkrewind.errors import UserError
+
+RESERVED = ("latest",)
 
 
 def add_arguments(p):
-    pass
+    p.add_argument("name", help="the mark's name (restore --at NAME)")
+    p.add_argument("--log", metavar="DIR", help="only the tracer writing this LOG directory")
 
 
-def run(args):
-    raise UserError("'mark' is not implemented yet")
+def check_name(name: str) -> None:
+    b = name.encode()
+    if not name or len(b) > 128:
+        raise UserError("a mark name has 1 to 128 bytes")
+    if any(ord(c) < 32 for c in name) or name.strip() != name:
+        raise UserError("a mark name has no control characters and no surrounding spaces")
+    if name in RESERVED or name.isdigit() or name.split(":", 1)[0] in ("stamp", "time", "mark"):
+        raise UserError(f"{name!r} would read as another kind of point; pick another name")
+    try:
+        datetime.fromisoformat(name)
+    except ValueError:
+        return
+    raise UserError(f"{name!r} reads as a time; pick another name")
+
+
+def run(args) -> int:
+    from tracer.session import ask, find_tracers
+
+    check_name(args.name)
+    socks = find_tracers()
+    if not socks:
+        raise UserError("no tracer is running (start one with 'blkrewind trace')")
+    comm = os.path.basename(sys.argv[0])[:15] if sys.argv else "blkrewind"
+    done = 0
+    errors = []
+    for path in socks:
+        try:
+            if args.log:
+                st = ask(path, {"op": "status"}, timeout=10)
+                if os.path.realpath(st.get("log", "")) != os.path.realpath(args.log):
+                    continue
+            r = ask(path, {"op": "mark", "name": args.name, "pid": os.getpid(), "comm": comm})
+        except (OSError, ValueError) as e:
+            errors.append(f"{path}: {e}")
+            continue
+        if not r.get("ok"):
+            errors.append(r.get("error", "refused"))
+            continue
+        done += 1
+        note = "" if r.get("baseline_done") else " (baseline still running: not restorable)"
+        print(f"mark {args.name!r}: stamp {r['stamp']} in session {r['session']} (LOG {r['log']}){note}")
+    if errors:
+        raise UserError("; ".join(errors))
+    if not done:
+        raise UserError(f"no running tracer writes the LOG {args.log}")
+    return 0

@@ -1,10 +1,104 @@
-"""trace (not written yet)."""
+"""Capture every write to block devices, with its data, into a durable LOG.
+
+Runs as root until SIGINT/SIGTERM, then flushes and exits 0; or, with
+`-- COMMAND [ARGS]`, traces while COMMAND runs (started once the baseline is
+read, so all it does is restorable) and returns its exit status.
+
+When tracing starts, the devices' current content is read into the LOG as the
+baseline while writes continue; points become restorable once it is done.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    pass
+    p.add_argument("--device", action="append", required=True, metavar="DEV",
+                   help="block device to trace (repeat for several; disks, partitions, loop devices)")
+    p.add_argument("--log", required=True, metavar="DIR", help="LOG directory (created 0700)")
+    p.add_argument("--ring-mb", type=int, default=128, help="BPF ring buffer size, MiB, power of two "
+                   "(default 128)")
+    p.add_argument("--segment-mb", type=int, default=64, help="rotate LOG segments at this size (64)")
+    p.add_argument("--fsync", choices=["interval", "always", "never"], default="interval",
+                   help="when the LOG is fsynced (default: every --fsync-interval and on stop)")
+    p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="do not read the devices' current content (the history is then not "
+                        "restorable on its own)")
+    p.add_argument("--settle", type=float, default=1.0, metavar="SEC",
+                   help="baseline: how long no write queued before capture may still be completing")
+    p.add_argument("--stats-json", metavar="FILE", help="write capture statistics here on exit")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: trace while it runs")
 
 
-def run(args):
-    raise UserError("'trace' is not implemented yet")
+
+
+
+def say(msg: str) -> None:
+    print(f"blkrewind trace: {msg}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    from tracer.session import TraceOptions, Tracer
+
+    if os.geteuid() != 0:
+        raise UserError("must run as root (it loads BPF programs and reads block devices)")
+    cmd = list(args.command)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    ring = args.ring_mb << 20
+    if args.ring_mb <= 0 or ring & (ring - 1):
+        raise UserError(f"--ring-mb must be a power of two, not {args.ring_mb}")
+    opts = TraceOptions(devices=args.device, log_dir=args.log, ring_bytes=ring,
+                        segment_bytes=args.segment_mb << 20, fsync=args.fsync,
+                        fsync_interval=args.fsync_interval, baseline=not args.no_baseline,
+                        settle=args.settle)
+    stop = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def on_signal(signum, _frame):
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)  # the command decides; we stop when it exits
+        else:
+            stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    tracer = Tracer(opts, say=say)
+    rc = 0
+    try:
+        tracer.start()
+        tracer.run_baseline(stop)
+        if cmd and not stop.is_set():
+            try:
+                child = subprocess.Popen(cmd)
+            except OSError as e:
+                raise UserError(f"cannot run {cmd[0]}: {e.strerror}") from None
+            while child.poll() is None:
+                try:
+                    child.wait(0.2)
+                except subprocess.TimeoutExpired:
+                    pass
+            rc = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        else:
+            while not stop.wait(0.2):
+                if tracer.failure:
+                    break
+    finally:
+        stats = tracer.stop()
+    if args.stats_json:
+        with open(args.stats_json, "w") as f:
+            json.dump(stats, f, indent=1)
+    say(f"stopped: {stats.get('bios', 0)} bios, {stats.get('bytes', 0) >> 20} MiB captured, "
+        f"{stats.get('drops', 0)} records lost, LOG {stats.get('log_bytes', 0) >> 20} MiB")
+    if tracer.failure:
+        raise UserError(tracer.failure, exit_code=rc or 1)
+    return rc

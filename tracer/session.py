@@ -1,0 +1,520 @@
+"""One tracing session: capture -> ring buffer -> collector -> LOG, plus the baseline.
+
+Threads
+  collector   takes committed spans out of the ring buffer (tracer/ringbuf.py)
+              and queues them for the writer; watches the kernel's loss
+              counters; during the baseline, picks out completions of writes
+              that were queued before capture began.
+  writer      appends each span to the LOG as one frame (tracer/log.py) and
+              fsyncs on the chosen policy. A bounded queue sits between the
+              two: if the LOG cannot keep up, the ring buffer fills and the
+              kernel counts drops -- loss is never silent.
+  control     a unix socket (/run/blkrewind/trace-PID.sock) that
+              `blkrewind mark` talks to.
+  main        starts everything, reads the baseline, waits for the end.
+
+The baseline (architecture.md, invariant 6). Capture is enabled *before* the
+device is read, so every write submitted later is in the LOG and a rebuild
+applies it on top of the baseline, whatever the read saw. What the LOG cannot
+contain are writes queued before capture began and completed after a chunk was
+read: the completion program flags requests holding such bios (F_OLD), the
+collector collects them, and every chunk whose read started before such a
+completion (compared in kernel ktime) is read again. The baseline ends -- and a
+stamped R_POINT "baseline_end" opens the restorable history -- when no such
+write can still be in flight: the disk's write in-flight count was seen at 0,
+or no flagged completion arrived for `settle` seconds.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import queue
+import resource
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from blkrewind import __version__, record
+from blkrewind.errors import UserError
+from tracer import calibrate, devices
+from tracer.capture import Capture
+from tracer.log import LogLock, LogWriter, last_stamp, repair
+from tracer.ringbuf import RingConsumer
+
+CONTROL_DIR = "/run/blkrewind"
+
+
+def mono_ns() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def new_session_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
+
+
+@dataclass
+class TraceOptions:
+    devices: list[str]
+    log_dir: str
+    ring_bytes: int = 128 << 20
+    segment_bytes: int = 64 << 20
+    fsync: str = "interval"
+    fsync_interval: float = 1.0
+    baseline: bool = True
+    chunk_bytes: int = 1 << 20
+    settle: float = 1.0
+    queue_bytes: int = 512 << 20
+
+
+class _ByteQueue:
+    """A FIFO bounded by the bytes it holds (one item may exceed the bound)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self.items: list = []
+        self.cv = threading.Condition()
+
+    def put(self, item, nbytes: int) -> None:
+        with self.cv:
+            while self.size and self.size + nbytes > self.limit:
+                self.cv.wait()
+            self.items.append((item, nbytes))
+            self.size += nbytes
+            self.cv.notify_all()
+
+    def get(self, timeout: float):
+        with self.cv:
+            if not self.items and not self.cv.wait_for(lambda: self.items, timeout):
+                return None
+            item, nbytes = self.items.pop(0)
+            self.size -= nbytes
+            self.cv.notify_all()
+            return item
+
+
+@dataclass
+class _Old:
+    dev: int
+    sector: int
+    nbytes: int
+    ktime: int
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    cpu0: float = field(default_factory=lambda: _cpu_seconds())
+    baseline_bytes: int = 0
+    baseline_rereads: int = 0
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Tracer:
+    def __init__(self, opts: TraceOptions, say=print):
+        self.opts = opts
+        self.say = say
+        self.devs = [devices.inspect(p) for p in opts.devices]
+        devices.check_no_overlap(self.devs)
+        self.session = new_session_id()
+        self.stats = Stats()
+        self._useq = 0
+        self._queue = _ByteQueue(opts.queue_bytes)
+        self._stop_collect = threading.Event()
+        self._collected_pos = 0
+        self._watch_old = False
+        self._old: list[_Old] = []
+        self._last_old_mono = 0
+        self._lock = threading.Lock()
+        self._last_drops = 0
+        self.failure: str | None = None
+        self.baseline_done = threading.Event()
+        self.capture: Capture | None = None
+        self.log: LogWriter | None = None
+        self.loglock: LogLock | None = None
+        self.ring: RingConsumer | None = None
+        self._threads: list[threading.Thread] = []
+        self._control: socket.socket | None = None
+        self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
+        self.end_state: dict | None = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        o = self.opts
+        os.makedirs(o.log_dir, mode=0o700, exist_ok=True)
+        self.loglock = LogLock(o.log_dir)
+        self.loglock.acquire(blocking=False)
+        for msg in repair(o.log_dir):
+            self.say(f"LOG: {msg}")
+        stamp_base = max(time.time_ns(), last_stamp(o.log_dir) + 1)
+
+        self.capture = cap = Capture(ring_bytes=o.ring_bytes)
+        attached = cap.attach()
+        bases = calibrate.calibrate(cap, self.devs[0].path)
+        cap.init_counters(stamp_base, 1)
+        for d in self.devs:
+            cap.add_device(d.kdev, d.part_start)
+
+        self.log = LogWriter(o.log_dir, self.session, host=self.devs[0].host,
+                             segment_bytes=o.segment_bytes, fsync=o.fsync,
+                             fsync_interval=o.fsync_interval)
+        self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
+        while self.ring.take()[1]:  # calibration leftovers
+            pass
+        self._user_records([record.json_record(record.R_SESSION, {
+            "session": self.session, "host": self.devs[0].host, "stamp_base": stamp_base,
+            "seq_base": 1, "version": __version__, "boot_id": _boot_id(),
+            "kernel": os.uname().release, "attach": attached,
+            "direct_map": {"method": bases.method, **bases.details},
+            "ring_bytes": cap.ring_bytes, "devices": [d.name for d in self.devs],
+        }, seq=self._next_useq())] + [
+            record.json_record(record.R_DEVICE, d.info(), seq=self._next_useq(), dev=d.kdev)
+            for d in self.devs])
+
+        for target, name in ((self._collect, "collector"), (self._write, "writer")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._watch_old = o.baseline
+        cap.enable(True)
+        self._enable_mono = mono_ns()
+        self._start_control()
+        self.say(f"capture live: session {self.session}, "
+                 + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
+                 + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
+
+    def _next_useq(self) -> int:
+        self._useq += 1
+        return self._useq
+
+    def _user_records(self, recs: list[bytes]) -> None:
+        span = b"".join(recs)
+        self._queue.put(("span", span, len(recs), mono_ns(), time.time_ns()), len(span))
+
+    # -------------------------------------------------------------- collector
+    def _collect(self) -> None:
+        ring, cap = self.ring, self.capture
+        next_check = 0.0
+        try:
+            while True:
+                span, n = ring.take()
+                if span:
+                    self._queue.put(("span", span, n, mono_ns(), time.time_ns()), len(span))
+                    if self._watch_old:
+                        self._scan_old(span)
+                self._collected_pos = ring.consumed_pos()
+                now = time.monotonic()
+                if now >= next_check:
+                    next_check = now + 0.5
+                    self._check_loss(cap.state().as_dict())
+                if not span:
+                    if self._stop_collect.is_set():
+                        return
+                    ring.wait(0.05)
+        except Exception as e:  # a dead collector must not go unnoticed
+            self._fail(f"collector stopped: {e}")
+
+    def _scan_old(self, span: bytes) -> None:
+        for h, _ in record.iter_records(span):
+            if h.rtype == record.R_COMPLETE and h.flags & record.F_OLD:
+                with self._lock:
+                    self._old.append(_Old(h.dev, h.sector, h.bio_size, h.ktime_ns))
+                    self._last_old_mono = mono_ns()
+
+    def _check_loss(self, st: dict) -> None:
+        if st["drops"] != self._last_drops:
+            new = st["drops"] - self._last_drops
+            self._last_drops = st["drops"]
+            self.say(f"WARNING: lost {new} records ({st['drops']} in all, {st['drop_bytes']} bytes "
+                     f"of payload): the ring buffer was full. The history after the first loss is "
+                     f"not restorable in this session (resync comes with a later version); "
+                     f"a bigger --ring-mb helps")
+            self._user_records([record.json_record(record.R_LOSS, st, seq=self._next_useq())])
+
+    def wait_collected(self, timeout: float = 10.0) -> None:
+        """Return once the collector has taken everything committed before now."""
+        target = self.ring.producer_pos()
+        deadline = time.monotonic() + timeout
+        while self._collected_pos < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    # ----------------------------------------------------------------- writer
+    def _write(self) -> None:
+        log = self.log
+        while True:
+            item = self._queue.get(timeout=0.1)
+            try:
+                if item is None:
+                    log.maybe_sync()
+                    continue
+                kind = item[0]
+                if kind == "span":
+                    _, span, nrec, mono, real = item
+                    log.append(span, nrec, mono, real)
+                    log.maybe_sync()
+                elif kind == "barrier":
+                    log.sync()
+                    item[1].set()
+                elif kind == "close":
+                    log.close()
+                    item[1].set()
+                    return
+            except Exception as e:
+                self._fail(f"writing the LOG failed: {e}")
+                if item and item[0] in ("barrier", "close"):
+                    item[1].set()
+                if item and item[0] == "close":
+                    return
+
+    def durable(self, timeout: float = 30.0) -> bool:
+        """Wait until everything queued so far is fsynced in the LOG."""
+        ev = threading.Event()
+        self._queue.put(("barrier", ev), 0)
+        return ev.wait(timeout) and self.failure is None
+
+    def _fail(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+            self.say(f"ERROR: {why}")
+
+    # --------------------------------------------------------------- baseline
+    def run_baseline(self, stop: threading.Event) -> None:
+        if not self.opts.baseline:
+            self.baseline_done.set()
+            return
+        for d in self.devs:
+            t0 = time.monotonic()
+            nbytes = self._baseline_device(d, stop)
+            if stop.is_set():
+                return
+            stamp, ok = self.capture.point(record.R_POINT, json.dumps(
+                {"what": "baseline_end", "dev": d.kdev}).encode())
+            if not ok:
+                self._fail(f"the baseline end of {d.path} was lost (ring buffer full)")
+            dt = time.monotonic() - t0
+            self.say(f"baseline of {d.path} done: {nbytes >> 20} MiB in {dt:.1f} s "
+                     f"({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s), restorable from stamp {stamp}")
+        self._watch_old = False
+        self.baseline_done.set()
+
+    def _baseline_device(self, d: devices.BlockDevice, stop: threading.Event) -> int:
+        chunk = self.opts.chunk_bytes
+        nchunks = (d.size_bytes + chunk - 1) // chunk
+        read_at = [0] * nchunks  # ktime before each chunk's latest read
+        buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT wants
+        zero = bytes(chunk)
+        total = 0
+        fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            def read_chunk(i: int) -> None:
+                nonlocal total
+                off = i * chunk
+                n = min(chunk, d.size_bytes - off)
+                read_at[i] = mono_ns()
+                view = memoryview(buf)[:n]
+                got = os.preadv(fd, [view], off)
+                if got != n:
+                    raise UserError(f"{d.path}: short read at byte {off} ({got} of {n})")
+                if view == zero[:n]:
+                    rec = record.make_record(b"", rtype=record.R_BASE, seq=self._next_useq(),
+                                             dev=d.kdev, sector=off // 512, bio_size=n,
+                                             aux=self._useq, flags=record.F_ZERO,
+                                             ktime_ns=read_at[i])
+                else:
+                    rec = record.make_record(view, rtype=record.R_BASE, seq=self._next_useq(),
+                                             dev=d.kdev, sector=off // 512, bio_size=n,
+                                             aux=self._useq, ktime_ns=read_at[i])
+                view.release()
+                self._user_records([rec])
+                total += n
+
+            for i in range(nchunks):
+                if stop.is_set():
+                    return total
+                read_chunk(i)
+            while not stop.is_set():
+                self._wait_old_drained(d, stop)
+                self.wait_collected()
+                with self._lock:
+                    old = [o for o in self._old if o.dev == d.kdev]
+                stale = sorted({i for o in old
+                                for i in range(o.sector * 512 // chunk,
+                                               min(nchunks, (o.sector * 512 + max(o.nbytes, 1) - 1)
+                                                   // chunk + 1))
+                                if o.ktime >= read_at[i]})
+                if not stale:
+                    break
+                self.stats.baseline_rereads += len(stale)
+                for i in stale:
+                    read_chunk(i)
+        finally:
+            os.close(fd)
+            buf.close()
+        self.stats.baseline_bytes += total
+        return total
+
+    def _wait_old_drained(self, d: devices.BlockDevice, stop: threading.Event) -> None:
+        settle_ns = int(self.opts.settle * 1e9)
+        while not stop.is_set():
+            if devices.write_inflight(d) == 0:
+                return
+            with self._lock:
+                last = max(self._last_old_mono, self._enable_mono)
+            if mono_ns() - last >= settle_ns:
+                return
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------------ marks
+    def mark(self, name: str, pid: int = 0, comm: str = "") -> dict:
+        stamp, ok = self.capture.point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
+                                       comm=comm.encode()[:15])
+        if not ok:
+            raise UserError(f"mark {name!r} was lost: the ring buffer is full")
+        self.wait_collected()
+        if not self.durable():
+            raise UserError(f"mark {name!r} could not be made durable: {self.failure}")
+        return {"ok": True, "stamp": stamp, "session": self.session, "log": self.opts.log_dir,
+                "baseline_done": self.baseline_done.is_set()}
+
+    def _start_control(self) -> None:
+        os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
+        try:
+            os.unlink(self.control_path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.control_path)
+        os.chmod(self.control_path, 0o600)
+        s.listen(16)
+        self._control = s
+        t = threading.Thread(target=self._serve_control, name="control", daemon=True)
+        t.start()
+
+    def _serve_control(self) -> None:
+        while True:
+            try:
+                conn, _ = self._control.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(30)
+                    req = json.loads(conn.makefile("rb").readline(4096) or b"{}")
+                    if req.get("op") == "mark":
+                        resp = self.mark(str(req["name"]), int(req.get("pid", 0)),
+                                         str(req.get("comm", "")))
+                    elif req.get("op") == "status":
+                        resp = {"ok": True, **self.status()}
+                    else:
+                        resp = {"ok": False, "error": f"unknown request {req.get('op')!r}"}
+                except UserError as e:
+                    resp = {"ok": False, "error": str(e)}
+                except Exception as e:
+                    resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                try:
+                    conn.sendall(json.dumps(resp).encode() + b"\n")
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------------- stop
+    def status(self) -> dict:
+        st = self.capture.state().as_dict()
+        return {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
+                "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
+                "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
+                "failure": self.failure}
+
+    def stop(self) -> dict:
+        """Disable capture, drain, write R_END, seal the LOG; returns the stats."""
+        cap = self.capture
+        if self._control is not None:
+            self._control.close()
+            try:
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
+        stats: dict = {}
+        if cap is not None:
+            cap.enable(False)
+            # bios already past the enabled check may still be writing records
+            prev = None
+            while True:
+                time.sleep(0.02)
+                st = cap.state().as_dict()
+                if st == prev:
+                    break
+                prev = st
+            if self._threads:
+                self.wait_collected()
+                self._stop_collect.set()
+                self._threads[0].join()
+                self._check_loss(st)
+                self._user_records([
+                    record.json_record(record.R_LOSS, st, seq=self._next_useq()),
+                    record.json_record(record.R_END, {"end_stamp": st["stamp"], "end_seq": st["seq"],
+                                                      "clean": self.failure is None},
+                                       seq=self._next_useq())])
+                ev = threading.Event()
+                self._queue.put(("close", ev), 0)
+                ev.wait(60)
+            self.end_state = st
+            wall = time.monotonic() - self.stats.started
+            stats = {"session": self.session, "records": self.ring.records if self.ring else 0,
+                     "bytes": st["bytes"], "bios": st["bios"], "drops": st["drops"],
+                     "drop_bytes": st["drop_bytes"], "read_errs": st["read_errs"],
+                     "consumer_cpu_s": round(_cpu_seconds() - self.stats.cpu0, 3),
+                     "wall_s": round(wall, 3),
+                     "log_bytes": self.log.bytes_written if self.log else 0,
+                     "baseline_bytes": self.stats.baseline_bytes,
+                     "baseline_rereads": self.stats.baseline_rereads,
+                     "failure": self.failure}
+        self.close()
+        return stats
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        if self.capture is not None:
+            self.capture.close()
+            self.capture = None
+        if self.loglock is not None:
+            self.loglock.release()
+            self.loglock = None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def find_tracers() -> list[str]:
+    try:
+        names = sorted(os.listdir(CONTROL_DIR))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(CONTROL_DIR, n) for n in names if n.startswith("trace-") and n.endswith(".sock")]
+
+
+def ask(path: str, req: dict, timeout: float = 60.0) -> dict:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        line = s.makefile("rb").readline(1 << 20)
+    finally:
+        s.close()
+    if not line:
+        raise OSError("no answer")
+    return json.loads(line)
