@@ -87,7 +87,7 @@ del _off
 DTYPE = np.dtype({
     "names": [n for n, _, _ in FIELDS],
     "formats": [
-        {"u64": "<u8", "u32": "<u4", "u16": "<u2"}.get(t, None) if c == 1 and t != "char"
+        {"u64": "<u8", "u32": "<u4", "u16": "<u2", "u8": "u1"}[t] if c == 1 and t != "char"
         else f"S{c}" if t == "char" else (np.uint8, (c,))
         for n, t, c in FIELDS
     ],
