@@ -464,6 +464,8 @@ class Tracer:
                 ev = threading.Event()
                 self._queue.put(("close", ev), 0)
                 ev.wait(60)
+            elif self.log is not None:  # failed before the threads started
+                self.log.close()
             self.end_state = st
             wall = time.monotonic() - self.stats.started
             stats = {"session": self.session, "records": self.ring.records if self.ring else 0,
@@ -503,7 +505,20 @@ def find_tracers() -> list[str]:
         names = sorted(os.listdir(CONTROL_DIR))
     except FileNotFoundError:
         return []
-    return [os.path.join(CONTROL_DIR, n) for n in names if n.startswith("trace-") and n.endswith(".sock")]
+    out = []
+    for n in names:
+        if not (n.startswith("trace-") and n.endswith(".sock")):
+            continue
+        path = os.path.join(CONTROL_DIR, n)
+        pid = n[len("trace-"):-len(".sock")]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:  # left behind by a tracer that was killed
+                os.unlink(path)
+            except OSError:
+                pass
+            continue
+        out.append(path)
+    return out
 
 
 def ask(path: str, req: dict, timeout: float = 60.0) -> dict:

@@ -1,0 +1,93 @@
+"""Drive `blkrewind trace` as a user would: a separate process, stopped with SIGINT."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BLKREWIND = [sys.executable, "-m", "blkrewind.cli"]
+
+
+def cli(*args, check=True, timeout=300, input=None) -> subprocess.CompletedProcess:
+    r = subprocess.run([*BLKREWIND, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, input=input, cwd=ROOT)
+    if check and r.returncode != 0:
+        raise AssertionError(f"blkrewind {' '.join(map(str, args))} exited {r.returncode}\n"
+                             f"stdout: {r.stdout}\nstderr: {r.stderr}")
+    return r
+
+
+class TraceProc:
+    def __init__(self, devices, log, *extra, wait_for="baseline"):
+        args = [*BLKREWIND, "trace"]
+        for d in devices:
+            args += ["--device", str(d)]
+        args += ["--log", str(log), *map(str, extra)]
+        self.devices = list(devices)
+        self.lines: list[str] = []
+        self.p = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  cwd=ROOT)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        want = len(self.devices) if wait_for == "baseline" else 1
+        key = "baseline of" if wait_for == "baseline" else "capture live"
+        deadline = time.monotonic() + 120
+        while sum(key in ln for ln in self.lines) < want:
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError("tracer did not start:\n" + self.stderr)
+            time.sleep(0.02)
+
+    def _read(self):
+        for line in self.p.stderr:
+            self.lines.append(line)
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, timeout=120) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+        rc = self.p.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.p.poll() is None:
+            try:
+                self.stop(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def sh(*cmd, check=True) -> str:
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))}: {r.stderr or r.stdout}")
+    return r.stdout
+
+
+def copy_device(dev, out) -> None:
+    sh("dd", f"if={dev}", f"of={out}", "bs=1M", "iflag=direct", "status=none")
+
+
+def same_file(a, b) -> bool:
+    return subprocess.run(["cmp", "-s", str(a), str(b)]).returncode == 0
+
+
+def first_difference(a, b) -> str:
+    return subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True).stdout.strip()
