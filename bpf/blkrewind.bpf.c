@@ -295,7 +295,8 @@ static long record_cb(__u64 i, void *ctx)
 		r->flags |= BR_F_FIRST;
 
 	struct br_piece_ctx pc = { .w = w, .dp = &dp, .want = want };
-	bpf_loop(BR_MAX_PIECE / 512 + 2, piece_cb, &pc, 0);
+	/* pieces can be tiny: an O_DIRECT buffer may split a sector across pages */
+	bpf_loop(4096, piece_cb, &pc, 0);
 	r->len = pc.filled;
 	if (pc.err || pc.filled != want) {
 		r->flags |= BR_F_READERR;
