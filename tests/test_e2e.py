@@ -247,7 +247,7 @@ def test_baseline_is_exact_under_full_speed_writes(make_loop, tmp_path):
     dev = loop.path
     log, store = tmp_path / "log", tmp_path / "store"
     fio = subprocess.Popen(["fio", "--name=w", f"--filename={dev}", "--rw=randwrite",
-                            "--bsrange=4k-256k", "--direct=1", "--ioengine=libaio", "--iodepth=16",
+                            "--bsrange=4k-256k", "--thread", "--direct=1", "--ioengine=libaio", "--iodepth=16",
                             "--time_based", "--runtime=60", "--norandommap", "--randrepeat=0",
                             "--output=/dev/null"])
     try:

@@ -63,6 +63,33 @@ class RingConsumer:
     def pending(self) -> int:
         return self._prod.value - self._cons.value
 
+    def peek(self, pos: int | None = None) -> tuple[memoryview | None, int, int]:
+        """Committed records from pos (default: consumer_pos) on, without copying
+        or releasing them: (view into the ring, live records, end position).
+        The view stays valid until release() passes its end."""
+        cons = self._cons.value if pos is None else pos
+        prod = self._prod.value
+        limit = min(prod, cons + self.max_span)
+        view, mask = self._view, self.mask
+        end, n = cons, 0
+        while end < limit:
+            word = _U32(view, end & mask)[0]
+            if word & RB_BUSY:
+                break
+            if not word & RB_DISCARD:
+                n += 1
+            end += ((word & RB_LEN_MASK) + 8 + 7) & ~7
+        if end == cons:
+            return None, 0, cons
+        start = cons & mask
+        self.records += n
+        self.bytes += end - cons
+        return view[start:start + (end - cons)], n, end
+
+    def release(self, pos: int) -> None:
+        """Give the ring space before pos back to the kernel (one 8-byte store)."""
+        self._cons.value = pos
+
     def take(self) -> tuple[bytes, int]:
         """Copy out the committed records after consumer_pos (at most max_span
         bytes) and release them; returns (span, number of live records)."""
@@ -98,6 +125,9 @@ class RingConsumer:
             return
         self._ep.close()
         self._ep = None
-        self._view.release()
+        try:
+            self._view.release()
+        except BufferError:  # views handed out by peek(); never read after close
+            pass
         _libc.munmap(ctypes.c_void_p(self._prod_addr), self._prod_len)
         _libc.munmap(ctypes.c_void_p(self._cons_addr), PAGE)

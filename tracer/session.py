@@ -41,10 +41,16 @@ from blkrewind import __version__, record
 from blkrewind.errors import UserError
 from tracer import calibrate, devices
 from tracer.capture import Capture
-from tracer.log import LogLock, LogWriter, last_stamp, repair
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+
+from tracer.log import LogLock, LogWriter, encode_span, last_stamp, repair
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
+BATCH_BYTES = 1 << 20   # a span smaller than this ...
+BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
+LOSS_REPORT_EVERY = 10.0
 
 
 def mono_ns() -> int:
@@ -134,6 +140,7 @@ class Tracer:
         self._last_old_mono = 0
         self._lock = threading.Lock()
         self._last_drops = 0
+        self._last_loss_say = 0.0
         self.failure: str | None = None
         self.baseline_done = threading.Event()
         self.capture: Capture | None = None
@@ -141,6 +148,9 @@ class Tracer:
         self.loglock: LogLock | None = None
         self.ring: RingConsumer | None = None
         self._threads: list[threading.Thread] = []
+        # lz4 releases the GIL: spans are compressed here, in parallel, while
+        # the writer writes the previous ones (in order: it waits on each future)
+        self._encoders = ThreadPoolExecutor(2, thread_name_prefix="encoder")
         self._control: socket.socket | None = None
         self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
         self.end_state: dict | None = None
@@ -195,29 +205,54 @@ class Tracer:
         return self._useq
 
     def _user_records(self, recs: list[bytes]) -> None:
-        span = b"".join(recs)
-        self._queue.put(("span", span, len(recs), mono_ns(), time.time_ns()), len(span))
+        self._queue_span(b"".join(recs), len(recs))
+
+    def _queue_span(self, span: bytes, nrec: int) -> None:
+        body = self._encoders.submit(encode_span, span)
+        self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body), len(span))
 
     # -------------------------------------------------------------- collector
     def _collect(self) -> None:
+        """Zero copy: spans are compressed straight out of the ring buffer's
+        mapping, and their ring space is given back (in order) once encoded."""
         ring, cap = self.ring, self.capture
         next_check = 0.0
+        pos = ring.consumed_pos()
+        encoding: deque = deque()  # (end position, future) in ring order
         try:
             while True:
-                span, n = ring.take()
-                if span:
-                    self._queue.put(("span", span, n, mono_ns(), time.time_ns()), len(span))
+                view, n, end = ring.peek(pos)
+                if view is not None:
                     if self._watch_old:
-                        self._scan_old(span)
-                self._collected_pos = ring.consumed_pos()
+                        self._scan_old(view)
+                    fut = self._encoders.submit(encode_span, view)
+                    # the writer gets the view only for its size: its bytes may be
+                    # reused by the kernel once the span is encoded and released
+                    self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut),
+                                    view.nbytes)
+                    encoding.append((end, fut))
+                    pos = end
+                while encoding and encoding[0][1].done():
+                    ring.release(encoding.popleft()[0])
+                    self._collected_pos = ring.consumed_pos()
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = now + 0.5
                     self._check_loss(cap.state().as_dict())
-                if not span:
-                    if self._stop_collect.is_set():
+                if view is None:
+                    if encoding:
+                        try:
+                            encoding[0][1].exception(0.005)  # wait for the oldest encode
+                        except FutureTimeout:
+                            pass
+                    elif self._stop_collect.is_set():
                         return
-                    ring.wait(0.05)
+                    else:
+                        ring.wait(0.05)
+                elif view.nbytes < BATCH_BYTES:
+                    # let records accumulate: one LOG frame per record would cost
+                    # far more than the records (the ring holds ~60 ms at 2 GB/s)
+                    time.sleep(BATCH_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
             self._fail(f"collector stopped: {e}")
 
@@ -228,15 +263,21 @@ class Tracer:
                     self._old.append(_Old(h.dev, h.sector, h.bio_size, h.ktime_ns))
                     self._last_old_mono = mono_ns()
 
-    def _check_loss(self, st: dict) -> None:
-        if st["drops"] != self._last_drops:
-            new = st["drops"] - self._last_drops
-            self._last_drops = st["drops"]
-            self.say(f"WARNING: lost {new} records ({st['drops']} in all, {st['drop_bytes']} bytes "
-                     f"of payload): the ring buffer was full. The history after the first loss is "
-                     f"not restorable in this session (resync comes with a later version); "
-                     f"a bigger --ring-mb helps")
-            self._user_records([record.json_record(record.R_LOSS, st, seq=self._next_useq())])
+    def _check_loss(self, st: dict, final: bool = False) -> None:
+        """Record every change of the loss counters in the LOG; say it on stderr
+        at once the first time, then at most every LOSS_REPORT_EVERY seconds."""
+        if st["drops"] == self._last_drops:
+            return
+        self._user_records([record.json_record(record.R_LOSS, st, seq=self._next_useq())])
+        now = time.monotonic()
+        first = self._last_drops == 0
+        self._last_drops = st["drops"]
+        if first or final or now - self._last_loss_say >= LOSS_REPORT_EVERY:
+            self._last_loss_say = now
+            self.say(f"WARNING: {st['drops']} records lost so far ({st['drop_bytes']} bytes of "
+                     f"payload): the ring buffer was full."
+                     + (" The history after the first loss is not restorable in this session; "
+                        "a bigger --ring-mb or a faster LOG disk helps" if first else ""))
 
     def wait_collected(self, timeout: float = 10.0) -> None:
         """Return once the collector has taken everything committed before now."""
@@ -256,8 +297,8 @@ class Tracer:
                     continue
                 kind = item[0]
                 if kind == "span":
-                    _, span, nrec, mono, real = item
-                    log.append(span, nrec, mono, real)
+                    _, span, nrec, mono, real, body = item
+                    log.append(span, nrec, mono, real, body=body.result())
                     log.maybe_sync()
                 elif kind == "barrier":
                     log.sync()
@@ -455,9 +496,8 @@ class Tracer:
                 self.wait_collected()
                 self._stop_collect.set()
                 self._threads[0].join()
-                self._check_loss(st)
+                self._check_loss(st, final=True)
                 self._user_records([
-                    record.json_record(record.R_LOSS, st, seq=self._next_useq()),
                     record.json_record(record.R_END, {"end_stamp": st["stamp"], "end_seq": st["seq"],
                                                       "clean": self.failure is None},
                                        seq=self._next_useq())])
@@ -481,6 +521,7 @@ class Tracer:
         return stats
 
     def close(self) -> None:
+        self._encoders.shutdown(wait=True)
         if self.ring is not None:
             self.ring.close()
             self.ring = None

@@ -36,7 +36,8 @@ def add_arguments(p):
     p.add_argument("--settle", type=float, default=1.0, metavar="SEC",
                    help="baseline: how long no write queued before capture may still be completing")
     p.add_argument("--stats-json", metavar="FILE", help="write capture statistics here on exit")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS]: trace while it runs")
+    p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                   help="-- COMMAND [ARGS]: trace while it runs")
 
 
 
@@ -51,7 +52,7 @@ def run(args) -> int:
 
     if os.geteuid() != 0:
         raise UserError("must run as root (it loads BPF programs and reads block devices)")
-    cmd = list(args.command)
+    cmd = list(args.child)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     ring = args.ring_mb << 20
