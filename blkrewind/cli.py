@@ -6,6 +6,9 @@ import importlib
 import os
 import sys
 
+# numpy's BLAS threads only steal CPU from the tracer (we do no linear algebra)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from blkrewind import __version__
 from blkrewind.errors import UserError
 

@@ -1,0 +1,773 @@
+"""The durable local LOG: the contract between capture and replay (docs/internals.md, "The LOG").
+
+A record is safe once it is in the LOG. A LOG directory holds segment files
+``<session>.<segno:06d>.brlog`` and ``lock`` (flock held by the tracer that owns the directory).
+
+Segment file, format version 1
+------------------------------
+A segment is a sequence of frames::
+
+    frame 0      HEADER  body: JSON {"format", "session", "segno", "host", "created_ns", "tool"}
+    frame 1..N   DATA    body: one span of framed records (record.iter_records)
+    frame N+1    SEAL    no body; written by a clean close or by repair(), always the last frame
+
+Each frame is a fixed 48-byte header followed by ``stored_len`` bytes of body. Little-endian::
+
+    off size field
+      0    4 magic       b"BRLG"
+      4    2 version     FORMAT_VERSION (1)
+      6    1 kind        1 HEADER, 2 DATA, 3 SEAL
+      7    1 flags       0 (reserved)
+      8    4 seg_id      random per segment, the same in all its frames: a frame of another
+                         segment (a copied file, LOG bytes inside a payload) never passes as ours
+     12    4 frame_no    0 for the HEADER, then consecutive
+     16    8 mono_ns     CLOCK_MONOTONIC when the span was consumed (HEADER, SEAL: when written)
+     24    8 real_ns     CLOCK_REALTIME at the same moment
+     32    4 nrec        live records in the span (SEAL: records in the segment)
+     36    4 raw_len     bytes of the span, <= MAX_RAW
+     40    4 stored_len  bytes of the body, <= MAX_STORED (0 for SEAL)
+     44    4 hcrc        zlib.crc32 of bytes 0..43
+
+The body is one lz4 frame (python lz4.frame: independent 64 KiB blocks, content size stored,
+content checksum on; lz4 stores incompressible blocks raw). The header CRC covers the lengths,
+lz4's checksums cover the body, nothing is checksummed twice. A reader checks a frame in this
+order: header complete, magic, CRC, version, kind/flags, lengths within the maxima, seg_id,
+frame_no, body within the file (before allocating anything), lz4 frame header (content checksum
+on, content size == raw_len), decompression with the content checksum, every body byte used.
+
+Torn tail vs corruption
+-----------------------
+A sealed segment is one whose last 48 bytes are a valid SEAL frame of the segment. In an
+unsealed segment, a frame that fails its checks is a **torn tail** (readers stop quietly and set
+``torn_bytes``) when it runs past the end of the file, or when it is the last frame: it ends at
+the end of the file, or no valid frame of the segment (same seg_id, a frame_no not lower) starts
+anywhere after it. Any other failing frame -- any in a sealed segment, anything after a SEAL --
+is **corruption**: CorruptLog, after every good frame before it. A segment file gets its final
+name only once its HEADER frame is durable (written to a hidden ``.tmp`` file, fsynced,
+renamed), so a bad HEADER is always corruption.
+
+Writes and failures
+-------------------
+One frame is one ``pwritev`` of header + body at the end of the segment. When a write fails
+(ENOSPC, EIO, ...) the file is cut back to the last frame boundary and LogFull / LogIOError is
+raised: the segment stays readable, the span was not written, the writer can go on (e.g. once
+space is freed). If even the cut fails, or an fsync fails (the kernel may have dropped dirty
+pages), the writer refuses all further writes; the partial frame is a torn tail for readers.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import lz4.frame
+
+from blkrewind import __version__, record
+from blkrewind.errors import CorruptLog, UserError
+
+FORMAT_VERSION = 1
+MAGIC = b"BRLG"
+K_HEADER, K_DATA, K_SEAL = 1, 2, 3
+_HEAD = struct.Struct("<4sHBBIIQQIII")   # everything the CRC covers
+_CRC = struct.Struct("<I")
+FRAME_SIZE = _HEAD.size + _CRC.size       # 48
+MAX_RAW = 256 << 20                       # a span; the tracer's are 1-8 MiB
+MAX_STORED = MAX_RAW + (MAX_RAW >> 8) + 4096  # lz4 worst case: raw blocks + 4 bytes per 64 KiB
+MAX_HEADER_BODY = 64 << 10
+FSYNC_MODES = ("always", "interval", "never")
+SUFFIX = ".brlog"
+SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+_SEGMENT_RE = re.compile(r"(" + SESSION_RE.pattern + r")\.(\d{6,})" + re.escape(SUFFIX))
+# last_stamp: a record's stamp is taken microseconds before its ring-buffer reservation, so a
+# record with a larger stamp than the newest stamped record sits at most a few KiB of ring
+# before it. Reading this many span bytes further back is ample.
+STAMP_LOOKBACK = 16 << 20
+
+_monotonic = time.monotonic  # tests replace it
+
+
+class LogIOError(UserError):
+    """Writing the LOG failed; the LOG keeps every frame written before the failure."""
+
+
+class LogFull(LogIOError):
+    """The LOG's file system is full (ENOSPC, EDQUOT)."""
+
+
+class SegmentInfo(NamedTuple):
+    path: str
+    session: str
+    segno: int
+    size: int
+
+
+class FrameHead(NamedTuple):
+    kind: int
+    seg_id: int
+    frame_no: int
+    mono_ns: int
+    real_ns: int
+    nrec: int
+    raw_len: int
+    stored_len: int
+
+
+@dataclass(slots=True)
+class Frame:
+    session: str
+    segno: int
+    frame_no: int
+    offset: int      # of the frame header in the segment file
+    mono_ns: int
+    real_ns: int
+    nrec: int
+    data: bytes      # the span of framed records
+
+
+def segment_name(session: str, segno: int) -> str:
+    return f"{session}.{segno:06d}{SUFFIX}"
+
+
+def _head(kind: int, seg_id: int, frame_no: int, mono_ns: int, real_ns: int, nrec: int,
+          raw_len: int, stored_len: int) -> bytes:
+    h = _HEAD.pack(MAGIC, FORMAT_VERSION, kind, 0, seg_id, frame_no, mono_ns, real_ns, nrec,
+                   raw_len, stored_len)
+    return h + _CRC.pack(zlib.crc32(h))
+
+
+def _parse(buf) -> FrameHead | str:
+    """The frame header at the start of buf, or why it is not one."""
+    if len(buf) < FRAME_SIZE:
+        return "incomplete frame header"
+    magic, version, kind, flags, *rest = _HEAD.unpack_from(buf)
+    if magic != MAGIC:
+        return "bad magic"
+    if zlib.crc32(memoryview(buf)[:_HEAD.size]) != _CRC.unpack_from(buf, _HEAD.size)[0]:
+        return "header checksum mismatch"
+    if version != FORMAT_VERSION:
+        return f"unsupported frame version {version}"
+    h = FrameHead(kind, *rest)
+    if flags or kind not in (K_HEADER, K_DATA, K_SEAL):
+        return f"bad kind {kind} / flags {flags}"
+    if h.raw_len > MAX_RAW or h.stored_len > MAX_STORED:
+        return f"lengths out of range (raw {h.raw_len}, stored {h.stored_len})"
+    if (kind == K_SEAL) != (h.stored_len == 0) or (kind == K_SEAL and h.raw_len):
+        return "body length does not fit the frame kind"
+    return h
+
+
+def _decode(body, raw_len: int) -> bytes | str:
+    """The span in an lz4 frame body, or why the body is bad."""
+    try:
+        info = lz4.frame.get_frame_info(body)
+        if not info["content_checksum"]:
+            return "lz4 frame without content checksum"
+        if info["content_size"] != raw_len:
+            return f"lz4 content size {info['content_size']} != raw length {raw_len}"
+        data, used = lz4.frame.decompress(body, return_bytes_read=True)
+    except (RuntimeError, ValueError) as e:
+        return f"lz4: {e}"
+    if used != len(body) or len(data) != raw_len:
+        return f"lz4 frame of {used} bytes / {len(data)} raw, expected {len(body)} / {raw_len}"
+    return data
+
+
+def _pwrite_all(fd: int, bufs, offset: int) -> None:
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = os.pwritev(fd, views, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if n:
+            views[0] = views[0][n:]
+
+
+def _io_error(e: OSError, log_dir: str, what: str) -> LogIOError:
+    why = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return LogFull(f"LOG {log_dir} is full ({why}): {what} failed; "
+                       f"every frame before it is kept")
+    return LogIOError(f"LOG {log_dir}: {what} failed: {why}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> tuple[int, int]:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns()
+
+
+_malloc_tuned = False
+
+
+def _tune_malloc() -> None:
+    """Keep freed multi-MiB buffers for reuse. With glibc's defaults every freed span/body at
+    the heap top is trimmed and faulted back in on the next allocation (~2000 page faults per
+    4 MiB frame), which halves the append rate. Process-wide, once."""
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD (glibc's maximum): spans come from the heap
+
+
+# ------------------------------------------------------------------------------------ writing
+def encode_span(span, compression_level: int = 0) -> bytes:
+    """The lz4 body append() writes for span. CPU only and the GIL is released: a producer
+    thread can encode the next span while the writer thread writes (append(..., body=))."""
+    # 4 MiB blocks: half the per-block overhead of the 64 KiB default (measured
+    # 0.95 -> 1.9 GB/s on random payload, one core)
+    return lz4.frame.compress(span, compression_level=compression_level, content_checksum=True,
+                              block_linked=False, block_size=lz4.frame.BLOCKSIZE_MAX4MB)
+
+
+class LogWriter:
+    """Appends spans to the LOG of one session, one frame each. Single-threaded use.
+
+    fsync: "always" after every frame; "interval" at least every fsync_interval seconds while
+    there is unsynced data (checked by append and maybe_sync); "never" leaves it to the page
+    cache. In every mode sync() fsyncs, and rotation and close() seal and fsync the segment
+    (and fsync the directory after creating a segment). The caller holds the LogLock.
+    """
+
+    def __init__(self, log_dir: str, session: str, *, host: str, segment_bytes: int = 64 << 20,
+                 fsync: str = "interval", fsync_interval: float = 1.0,
+                 compression_level: int = 0):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
+        if not SESSION_RE.fullmatch(session):
+            raise ValueError(f"bad session id {session!r}")
+        _tune_malloc()
+        self.log_dir = os.fspath(log_dir)
+        self.session, self.host = session, host
+        self.segment_bytes = segment_bytes
+        self.fsync, self.fsync_interval = fsync, fsync_interval
+        self.compression_level = compression_level
+        self.frames = 0             # data frames appended by this writer
+        self.bytes_written = 0      # bytes written to segment files (headers and seals too)
+        self.current_path = ""
+        self.last_sync_monotonic = _monotonic()
+        self._fd: int | None = None
+        self._error: LogIOError | None = None  # sticky: the writer can no longer be trusted
+        self._closed = False
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        self._dirfd = os.open(self.log_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.segno = max((s.segno for s in list_segments(self.log_dir)
+                              if s.session == session), default=-1)
+            self._open_segment(self.segno + 1)
+        except BaseException:
+            os.close(self._dirfd)
+            raise
+
+    def __enter__(self) -> LogWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- public
+    def append(self, span, nrec: int, mono_ns: int, real_ns: int, *,
+               body: bytes | None = None) -> int:
+        """Write span as one frame (rotating first if the segment would outgrow segment_bytes;
+        a frame larger than that gets a segment of its own). Returns the frame's size.
+        body: encode_span(span) if the caller made it already (in another thread)."""
+        self._check()
+        raw_len = memoryview(span).nbytes
+        if raw_len > MAX_RAW:
+            raise ValueError(f"span of {raw_len} bytes exceeds the LOG's limit of {MAX_RAW}")
+        if body is None:
+            body = encode_span(span, self.compression_level)
+        size = FRAME_SIZE + len(body)
+        if self._fd is None or (self._frame_no > 1 and
+                                self._pos + size + FRAME_SIZE > self.segment_bytes):
+            self._rotate()
+        self._write((_head(K_DATA, self._seg_id, self._frame_no, mono_ns, real_ns, nrec,
+                           raw_len, len(body)), body), size, f"appending frame {self._frame_no}")
+        self._frame_no += 1
+        self._seg_records += nrec
+        self.frames += 1
+        if self.fsync == "always":
+            self.sync()
+        else:
+            self.maybe_sync()
+        return size
+
+    def sync(self) -> None:
+        """fsync now: everything appended so far is durable when this returns."""
+        self._check()
+        if self._fd is not None and self._dirty:
+            self._fsync_file()
+        self.last_sync_monotonic = _monotonic()
+
+    def maybe_sync(self) -> None:
+        if (self.fsync == "interval" and self._dirty and
+                _monotonic() - self.last_sync_monotonic >= self.fsync_interval):
+            self.sync()
+
+    def close(self) -> None:
+        """Seal the segment, fsync it and the directory. After a sticky failure the segment is
+        left unsealed (repair() seals it). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._fd is not None and self._error is None:
+                self._seal()
+                try:
+                    os.fsync(self._dirfd)
+                except OSError as e:
+                    raise _io_error(e, self.log_dir, "fsync of the directory") from e
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            os.close(self._dirfd)
+
+    # -- internals
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._closed:
+            raise ValueError("LogWriter is closed")
+
+    def _write(self, bufs, size: int, what: str) -> None:
+        try:
+            _pwrite_all(self._fd, bufs, self._pos)
+        except OSError as e:
+            err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
+            try:
+                os.ftruncate(self._fd, self._pos)  # never leave a half frame behind
+            except OSError as e2:
+                self._error = LogIOError(f"{err}; cutting the partial frame failed too "
+                                         f"({e2.strerror}): the writer stops")
+                raise self._error from e
+            raise err from e
+        self._pos += size
+        self.bytes_written += size
+        self._dirty = True
+
+    def _fsync_file(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self._error = _io_error(e, self.log_dir, f"fsync of {self.current_path}")
+            raise self._error from e
+        self._dirty = False
+        self.last_sync_monotonic = _monotonic()
+
+    def _seal(self) -> None:
+        mono, real = _now()
+        self._write((_head(K_SEAL, self._seg_id, self._frame_no, mono, real, self._seg_records,
+                           0, 0),), FRAME_SIZE, "sealing")
+        self._fsync_file()
+        os.close(self._fd)
+        self._fd = None
+
+    def _rotate(self) -> None:
+        if self._fd is not None:
+            self._seal()
+        self._open_segment(self.segno + 1)
+
+    def _open_segment(self, segno: int) -> None:
+        name = segment_name(self.session, segno)
+        path = os.path.join(self.log_dir, name)
+        tmp = os.path.join(self.log_dir, f".{name}.tmp")
+        seg_id = int.from_bytes(os.urandom(4), "little")
+        mono, real = _now()
+        raw = json.dumps({"format": FORMAT_VERSION, "session": self.session, "segno": segno,
+                          "host": self.host, "created_ns": real,
+                          "tool": f"blkrewind {__version__}"}, sort_keys=True).encode()
+        body = lz4.frame.compress(raw, content_checksum=True)
+        frame = _head(K_HEADER, seg_id, 0, mono, real, 0, len(raw), len(body)) + body
+        fd = placed = None
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            _pwrite_all(fd, (frame,), 0)
+            os.fsync(fd)
+            if os.path.exists(path):
+                raise OSError(errno.EEXIST, "a segment of that name exists", path)
+            os.rename(tmp, path)
+            placed = path
+            os.fsync(self._dirfd)
+        except OSError as e:
+            if fd is not None:
+                os.close(fd)
+            for p in (tmp, placed):  # neither holds a record
+                if p:
+                    try:
+                        os.unlink(p)
+                    except OSError:
+                        pass
+            raise _io_error(e, self.log_dir, f"creating segment {path}") from e
+        self._fd, self._seg_id, self.segno, self.current_path = fd, seg_id, segno, path
+        self._pos = len(frame)
+        self._frame_no = 1
+        self._seg_records = 0
+        self._dirty = False
+        self.bytes_written += len(frame)
+        self.last_sync_monotonic = _monotonic()
+
+
+# ------------------------------------------------------------------------------------ reading
+class SegmentReader:
+    """Reads one segment file. The constructor checks the HEADER frame (CorruptLog if bad;
+    UserError if written by a newer format) and whether the segment is sealed.
+
+    After frames() has run to its end: torn_bytes (bytes of a torn tail, 0 if none), good_end
+    (offset just past the last good frame), last_frame (its frame_no, 0 if none), records.
+    """
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._f = open(self.path, "rb", buffering=0)
+        try:
+            self._read_header()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def __enter__(self) -> SegmentReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def _corrupt(self, what: str) -> CorruptLog:
+        return CorruptLog(f"{self.path}: {what}")
+
+    def _read_header(self) -> None:
+        fd = self._f.fileno()
+        self.size = os.fstat(fd).st_size
+        self._buf = bytearray()
+        raw = os.pread(fd, FRAME_SIZE, 0)
+        h = _parse(raw)
+        if isinstance(h, str):
+            if h.startswith("unsupported frame version") and raw[:4] == MAGIC:
+                raise UserError(f"{self.path}: LOG format {_HEAD.unpack_from(raw)[1]} is newer "
+                                f"than this blkrewind reads ({FORMAT_VERSION})")
+            raise self._corrupt(f"bad segment header: {h}")
+        if h.kind != K_HEADER or h.frame_no != 0 or h.stored_len > MAX_HEADER_BODY:
+            raise self._corrupt("bad segment header: not a HEADER frame")
+        body = os.pread(fd, h.stored_len, FRAME_SIZE)
+        if len(body) != h.stored_len:
+            raise self._corrupt("bad segment header: truncated")
+        data = _decode(body, h.raw_len)
+        if isinstance(data, str):
+            raise self._corrupt(f"bad segment header: {data}")
+        try:
+            meta = json.loads(data)
+            self.session, self.segno = str(meta["session"]), int(meta["segno"])
+            self.host, self.created_ns = str(meta["host"]), int(meta["created_ns"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._corrupt(f"bad segment header: {e!r}") from None
+        m = _SEGMENT_RE.fullmatch(os.path.basename(self.path))
+        if m and (m[1], int(m[2])) != (self.session, self.segno):
+            raise self._corrupt(f"header names segment {segment_name(self.session, self.segno)}")
+        self.seg_id = h.seg_id
+        self.data_start = FRAME_SIZE + h.stored_len
+        tail = _parse(os.pread(fd, FRAME_SIZE, self.size - FRAME_SIZE)) \
+            if self.size >= self.data_start + FRAME_SIZE else "too short"
+        self.sealed = (not isinstance(tail, str) and tail.kind == K_SEAL
+                       and tail.seg_id == self.seg_id)
+        self.torn_bytes = 0
+        self.good_end, self.last_frame, self.records = self.data_start, 0, 0
+
+    def frames(self, start_frame: int = 0) -> Iterator[Frame]:
+        """Every good data frame (frame_no >= start_frame; earlier bodies are not read), in
+        order. Stops quietly at a torn tail; raises CorruptLog at corruption."""
+        self.good_end, self.last_frame, self.records = self.data_start, 0, 0
+        for off, h in self.index():
+            if h.frame_no >= start_frame:
+                f = self.read(off, h)
+                if f is None:
+                    return
+                yield f
+            self.good_end = off + FRAME_SIZE + h.stored_len
+            self.last_frame = h.frame_no
+            self.records += h.nrec
+
+    def index(self) -> Iterator[tuple[int, FrameHead]]:
+        """(offset, header) of each data frame, checking headers only (bodies: read())."""
+        fd = self._f.fileno()
+        off, expect = self.data_start, 1
+        self.torn_bytes = 0
+        while off < self.size:
+            h = _parse(os.pread(fd, FRAME_SIZE, off))
+            if isinstance(h, str):
+                return self._bad(off, expect, h, past_end=off + FRAME_SIZE > self.size)
+            if h.seg_id != self.seg_id:
+                return self._bad(off, expect, f"frame of another segment ({h.seg_id:#x})")
+            if h.frame_no != expect or h.kind == K_HEADER:
+                return self._bad(off, expect, f"kind {h.kind} frame {h.frame_no} out of place")
+            end = off + FRAME_SIZE + h.stored_len
+            if end > self.size:
+                return self._bad(off, expect, "runs past the end of the file", past_end=True)
+            if h.kind == K_SEAL:
+                if end != self.size:
+                    raise self._corrupt(f"corrupt frame {expect} at offset {off}: "
+                                        f"{self.size - end} bytes after the SEAL")
+                return
+            yield off, h
+            off, expect = end, expect + 1
+
+    def read(self, off: int, h: FrameHead) -> Frame | None:
+        """The data frame at off (from index()), its body checked; None if it is a torn tail."""
+        n = h.stored_len
+        if len(self._buf) < n:  # lengths were checked against the file size: bounded
+            self._buf = bytearray(n)
+        body = memoryview(self._buf)[:n]
+        if os.preadv(self._f.fileno(), [body], off + FRAME_SIZE) != n:
+            return self._bad(off, h.frame_no, "the file shrank", past_end=True)
+        data = _decode(body, h.raw_len)
+        if isinstance(data, str):
+            return self._bad(off, h.frame_no, data,
+                             past_end=off + FRAME_SIZE + n >= self.size)
+        return Frame(self.session, self.segno, h.frame_no, off, h.mono_ns, h.real_ns, h.nrec,
+                     data)
+
+    def _bad(self, off: int, frame_no: int, why: str, past_end: bool = False) -> None:
+        """The frame at off failed its checks: record a torn tail, or raise CorruptLog."""
+        if not self.sealed and (past_end or not self._frame_after(off + 1, frame_no)):
+            self.torn_bytes = self.size - off
+            return None
+        raise self._corrupt(f"corrupt frame {frame_no} at offset {off}: {why}")
+
+    def _frame_after(self, pos: int, frame_no: int) -> bool:
+        """Does a valid header of this segment with a frame_no >= frame_no start at or after
+        pos? (Only on the failure path: reads the rest of the file.)"""
+        chunk_size = 1 << 20
+        while pos < self.size:
+            chunk = os.pread(self._f.fileno(), chunk_size + FRAME_SIZE, pos)
+            i = chunk.find(MAGIC)
+            while 0 <= i < chunk_size:  # later hits start the next chunk
+                h = _parse(chunk[i:i + FRAME_SIZE])
+                if not isinstance(h, str) and h.seg_id == self.seg_id and h.frame_no >= frame_no:
+                    return True
+                i = chunk.find(MAGIC, i + 1)
+            pos += chunk_size
+        return False
+
+
+# ------------------------------------------------------------------------- the LOG directory
+def list_segments(log_dir) -> list[SegmentInfo]:
+    """The segment files in log_dir, sorted by (session, segno)."""
+    log_dir = os.fspath(log_dir)
+    try:
+        entries = list(os.scandir(log_dir))
+    except FileNotFoundError:
+        raise UserError(f"no LOG directory at {log_dir}") from None
+    except NotADirectoryError:
+        raise UserError(f"{log_dir} is not a LOG directory") from None
+    out = []
+    for e in entries:
+        m = _SEGMENT_RE.fullmatch(e.name)
+        if m and e.is_file(follow_symlinks=False):
+            out.append(SegmentInfo(e.path, m[1], int(m[2]), e.stat(follow_symlinks=False).st_size))
+    return sorted(out, key=lambda s: (s.session, s.segno))
+
+
+class LogLock:
+    """flock on <log_dir>/lock: one tracer per LOG directory. The holder's pid is in the file.
+    As a context manager it acquires without blocking."""
+
+    def __init__(self, log_dir):
+        self.log_dir = os.fspath(log_dir)
+        self.path = os.path.join(self.log_dir, "lock")
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> LogLock:
+        if self._fd is not None:
+            return self
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            # a few retries: log_in_use() probes with a shared lock for a few microseconds
+            for _ in range(1 if blocking else 20):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.01)
+            else:
+                raise UserError(f"LOG {self.log_dir} is in use by another tracer "
+                                f"(pid {_holder_pid(fd)})")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)
+            finally:
+                os.close(self._fd)  # drops the flock
+                self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> LogLock:
+        return self.acquire(blocking=False)
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _holder_pid(fd: int) -> int:
+    """The pid in a lock file whose flock is held (-1 if the holder has not written it)."""
+    for _ in range(50):  # the holder writes its pid right after taking the lock
+        try:
+            return int(os.pread(fd, 32, 0))
+        except ValueError:
+            time.sleep(0.01)
+    return -1
+
+
+def log_in_use(log_dir) -> int | None:
+    """The pid of the live tracer holding log_dir's lock, else None."""
+    try:
+        fd = os.open(os.path.join(os.fspath(log_dir), "lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder_pid(fd)
+    finally:
+        os.close(fd)  # drops the probe's lock
+    return None
+
+
+def repair(log_dir) -> list[str]:
+    """Make a LOG no tracer holds (or the caller holds) whole again: remove unfinished segment
+    files (never renamed into place, so no records), cut the torn tail of every unsealed
+    segment and seal it. Corruption is not cut: CorruptLog. One message per action."""
+    log_dir = os.fspath(log_dir)
+    pid = log_in_use(log_dir)
+    if pid is not None and pid != os.getpid():
+        raise UserError(f"LOG {log_dir} is in use by another tracer (pid {pid})")
+    segs = list_segments(log_dir)
+    msgs = []
+    for name in sorted(os.listdir(log_dir)):
+        if name.startswith(".") and name.endswith(SUFFIX + ".tmp"):
+            os.unlink(os.path.join(log_dir, name))
+            msgs.append(f"removed unfinished segment file {name} (it held no records)")
+    if msgs:
+        _fsync_dir(log_dir)
+    for seg in segs:
+        with SegmentReader(seg.path) as r:
+            if r.sealed:
+                continue
+            for _ in r.frames():
+                pass
+        try:
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if r.torn_bytes:
+                    os.ftruncate(fd, r.good_end)
+                mono, real = _now()
+                _pwrite_all(fd, (_head(K_SEAL, r.seg_id, r.last_frame + 1, mono, real,
+                                       r.records, 0, 0),), r.good_end)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _io_error(e, log_dir, f"repairing {seg.path}") from e
+        if r.torn_bytes:
+            msgs.append(f"cut torn tail of {seg.path}: {r.torn_bytes} bytes after frame "
+                        f"{r.last_frame}")
+        msgs.append(f"sealed {seg.path} ({r.last_frame} frames, {r.records} records)")
+    return msgs
+
+
+# ------------------------------------------------------------------------------------ stamps
+_U64 = struct.Struct("<Q")
+_U16 = struct.Struct("<H")
+_RTYPE_AT = record.OFFSETS["rtype"]
+
+
+def _span_max_stamp(span) -> int:
+    """The highest stamp a span shows: record stamps, R_SESSION stamp_base - 1, R_END
+    end_stamp - 1."""
+    mv = memoryview(span)
+    best = 0
+    for off, rl in record.iter_framed(mv):
+        stamp = _U64.unpack_from(mv, off)[0]
+        rtype = _U16.unpack_from(mv, off + _RTYPE_AT)[0]
+        if rtype in (record.R_SESSION, record.R_END):
+            h = record.unpack_header(mv, off)
+            try:
+                obj = json.loads(bytes(mv[off + record.HEADER_SIZE: off + record.HEADER_SIZE
+                                          + min(h.len, rl - record.HEADER_SIZE)]))
+                stamp = int(obj["stamp_base" if rtype == record.R_SESSION else "end_stamp"]) - 1
+            except (ValueError, KeyError, TypeError):
+                continue
+        best = max(best, stamp)
+    return best
+
+
+def last_stamp(log_dir) -> int:
+    """The highest stamp of any record in the LOG (0 if none). Reads the newest session's
+    frames from the newest back to STAMP_LOOKBACK span bytes before its newest stamped record
+    (older sessions only if it holds no stamps)."""
+    sessions: dict[str, list[SegmentInfo]] = {}
+    for s in list_segments(log_dir):
+        sessions.setdefault(s.session, []).append(s)
+    for name in sorted(sessions, reverse=True):
+        best, lookback = 0, None
+        for reader, off, h in _newest_first(sessions[name]):
+            if lookback is not None and lookback <= 0:
+                break
+            f = reader.read(off, h)
+            if f is None:
+                continue
+            if lookback is not None:
+                lookback -= h.raw_len
+            try:
+                s = _span_max_stamp(f.data)
+            except record.CorruptRecords as e:
+                raise CorruptLog(f"{reader.path}: frame {f.frame_no} holds bad records: {e}")
+            if s > best:
+                best = s
+                if lookback is None:
+                    lookback = STAMP_LOOKBACK
+        if best:
+            return best
+    return 0
+
+
+def _newest_first(segs: list[SegmentInfo]) -> Iterator[tuple[SegmentReader, int, FrameHead]]:
+    for seg in reversed(segs):
+        with SegmentReader(seg.path) as r:
+            for off, h in reversed(list(r.index())):
+                yield r, off, h
