@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Set up blkrewind on a fresh Debian 12 / Ubuntu 22.04+ machine (as root), then run it.
+#
+#   sudo ./bootstrap.sh demo            set up, then `blkrewind demo`
+#   sudo ./bootstrap.sh test [ARGS]     set up, then the test suite (ARGS go to pytest,
+#                                       paths relative to the repository root)
+#   sudo ./bootstrap.sh setup           set up only
+#
+# Idempotent: each step does nothing when its work is already done. Needs no TTY and no stdin.
+#
+# Environment:
+#   PYTHON=python3.X               the interpreter for .venv (default: the first python3 >= 3.11)
+#   BLKREWIND_SKIP_BPF_BUILD=1     development only: skip building the BPF object
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+VENV=$ROOT/.venv
+STAMP=$VENV/.blkrewind-install.sha256
+LINK=/usr/local/sbin/blkrewind
+export DEBIAN_FRONTEND=noninteractive
+
+say() { printf 'bootstrap: %s\n' "$*"; }
+die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
+
+# Run a command with its output kept; show the output only if it fails.
+quietly() {
+    local out rc=0
+    out=$("$@" 2>&1 </dev/null) || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        printf '%s\n' "$out" | tail -n 40 >&2
+        printf 'bootstrap: (%s exited %d)\n' "$*" "$rc" >&2
+    fi
+    return "$rc"
+}
+
+usage() {
+    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit "${1:-2}"
+}
+
+mode=${1:-}
+case "$mode" in
+    demo|test|setup) shift ;;
+    -h|--help) usage 0 ;;
+    *) usage ;;
+esac
+
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo ./bootstrap.sh $mode (it installs packages and traces block devices)"
+cd "$ROOT"
+
+# ------------------------------------------------------------------ 1. packages
+installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
+has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [^(]'; }
+bpftool_works() { command -v bpftool >/dev/null 2>&1 && bpftool version >/dev/null 2>&1; }
+python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
+
+pick_python() {
+    local c
+    for c in ${PYTHON:-} python3 python3.13 python3.12 python3.11; do
+        if command -v "$c" >/dev/null 2>&1 && python_ok "$c"; then
+            command -v "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+step_packages() {
+    command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+        || die "this script needs a Debian or Ubuntu system (dpkg/apt); install by hand: clang llvm libbpf-dev bpftool e2fsprogs xfsprogs fio util-linux python3 (>= 3.11) kmod"
+    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux python3-venv kmod)
+    local missing=() p
+    for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
+    local need_bpftool=0 need_python=0
+    bpftool_works || need_bpftool=1
+    pick_python >/dev/null || need_python=1
+    if [ ${#missing[@]} -eq 0 ] && [ $need_bpftool -eq 0 ] && [ $need_python -eq 0 ]; then
+        say "[1/5] packages: all present"
+        return
+    fi
+    say "[1/5] packages: installing ${missing[*]:-}$([ $need_bpftool -eq 1 ] && echo ' bpftool')$([ $need_python -eq 1 ] && echo ' python3.11')"
+    local apt=(apt-get -y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef
+               -o Dpkg::Options::=--force-confold)
+    quietly "${apt[@]}" update || die "apt-get update failed (network or apt sources?)"
+    if [ ${#missing[@]} -gt 0 ]; then
+        quietly "${apt[@]}" install --no-install-recommends "${missing[@]}" \
+            || die "apt-get install ${missing[*]} failed"
+        for p in "${missing[@]}"; do installed "$p" || die "package $p is still not installed after apt-get install"; done
+    fi
+    if [ $need_bpftool -eq 1 ]; then
+        # Debian (and newer Ubuntu) have a bpftool package; Ubuntu ships it in linux-tools-*.
+        if has_candidate bpftool; then
+            quietly "${apt[@]}" install --no-install-recommends bpftool || true
+        fi
+        if ! bpftool_works; then
+            quietly "${apt[@]}" install --no-install-recommends linux-tools-common "linux-tools-$(uname -r)" \
+                || quietly "${apt[@]}" install --no-install-recommends linux-tools-common linux-tools-generic \
+                || true
+        fi
+        bpftool_works || say "warning: bpftool is still missing or does not run for kernel $(uname -r); the BPF build needs it"
+    fi
+    if [ $need_python -eq 1 ]; then
+        # Ubuntu 22.04's python3 is 3.10; its archive has python3.11 next to it.
+        quietly "${apt[@]}" install --no-install-recommends python3.11 python3.11-venv || true
+    fi
+}
+
+# ------------------------------------------------------------------ 2. venv
+step_venv() {
+    local py
+    if [ -x "$VENV/bin/python" ] && python_ok "$VENV/bin/python"; then
+        py=$VENV/bin/python
+    else
+        py=$(pick_python) || die "blkrewind needs Python >= 3.11; found $(python3 --version 2>&1 || echo 'no python3'). On Ubuntu 22.04: apt-get install python3.11 python3.11-venv, then run again (or set PYTHON=/path/to/python3.11)"
+        if [ -e "$VENV" ]; then
+            say "[2/5] venv: $VENV is broken or too old, recreating it with $py"
+            quietly "$py" -m venv --clear "$VENV" || die "$py -m venv failed (install the python3-venv package for $py)"
+        else
+            quietly "$py" -m venv "$VENV" || die "$py -m venv failed (install the python3-venv package for $py)"
+        fi
+    fi
+    local want have=""
+    want=$( { sha256sum pyproject.toml; "$VENV/bin/python" -c 'import sys; print(sys.version)'; } | sha256sum | cut -d' ' -f1)
+    [ -f "$STAMP" ] && have=$(cat "$STAMP")
+    if [ "$want" = "$have" ] && [ -x "$VENV/bin/blkrewind" ]; then
+        say "[2/5] venv: .venv up to date ($("$VENV/bin/python" --version 2>&1))"
+        return
+    fi
+    say "[2/5] venv: pip install -e '.[test]' into .venv ($("$VENV/bin/python" --version 2>&1))"
+    quietly "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-input -e '.[test]' \
+        || die "pip install -e '.[test]' failed (see above)"
+    printf '%s\n' "$want" >"$STAMP"
+}
+
+# ------------------------------------------------------------------ 3. BPF object
+step_bpf() {
+    if [ "${BLKREWIND_SKIP_BPF_BUILD:-}" = 1 ]; then
+        say "[3/5] bpf: skipped (BLKREWIND_SKIP_BPF_BUILD=1, for development only)"
+        return
+    fi
+    [ -f bpf/build.py ] || die "bpf/build.py is missing: cannot build the BPF object (for development only, BLKREWIND_SKIP_BPF_BUILD=1 skips this step)"
+    [ -e /sys/kernel/btf/vmlinux ] || die "/sys/kernel/btf/vmlinux is missing: blkrewind needs a kernel with BTF (CONFIG_DEBUG_INFO_BTF=y, >= 6.1)"
+    local out
+    out=$("$VENV/bin/python" bpf/build.py 2>&1 </dev/null) || {
+        printf '%s\n' "$out" | tail -n 40 >&2
+        die "building the BPF object failed (bpf/build.py, see above)"
+    }
+    say "[3/5] ${out##*$'\n'}"
+}
+
+# ------------------------------------------------------------------ 4. command link
+step_link() {
+    if [ "$(readlink "$LINK" 2>/dev/null)" = "$VENV/bin/blkrewind" ]; then
+        say "[4/5] link: $LINK -> .venv/bin/blkrewind"
+        return
+    fi
+    if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+        die "$LINK exists and is not a symlink: remove it and run again"
+    fi
+    mkdir -p "$(dirname "$LINK")"
+    ln -sfn "$VENV/bin/blkrewind" "$LINK"
+    say "[4/5] link: $LINK -> .venv/bin/blkrewind (created)"
+}
+
+# ------------------------------------------------------------------ 5. loop devices
+step_loop() {
+    [ -d /sys/module/loop ] || modprobe loop >/dev/null 2>&1 || true
+    if [ ! -e /dev/loop-control ]; then
+        mknod -m 0600 /dev/loop-control c 10 237 2>/dev/null || true
+    fi
+    [ -c /dev/loop-control ] || die "/dev/loop-control is missing and could not be made: loop devices are needed (modprobe loop)"
+    say "[5/5] loop: /dev/loop-control present"
+}
+
+step_packages
+step_venv
+step_bpf
+step_link
+step_loop
+
+case "$mode" in
+    setup)
+        say "ready: blkrewind is $LINK"
+        ;;
+    demo)
+        exec "$VENV/bin/blkrewind" demo "$@"
+        ;;
+    test)
+        rc=0
+        "$VENV/bin/python" -m pytest "$@" </dev/null || rc=$?
+        if [ "$rc" -eq 5 ]; then
+            say "error: pytest collected no tests ($*): that is a failure, not a pass" >&2
+            exit 1
+        fi
+        exit "$rc"
+        ;;
+esac
