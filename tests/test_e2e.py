@@ -242,31 +242,34 @@ def test_restore_at_any_stamp_is_a_prefix_of_the_history(make_loop, tmp_path):
 
 
 def test_baseline_is_exact_under_full_speed_writes(make_loop, tmp_path):
-    """fio writes at full speed before, during and after the baseline is read."""
+    """fio writes random blocks (4 KiB..256 KiB, 16 in flight) before, during and after
+    the baseline is read, at 120 MB/s: as fast as this VM's LOG keeps up with while the
+    baseline is read too (faster, the ring overflows: test_lost_records covers that)."""
     loop = make_loop(size_mb=256, fill="random")
     dev = loop.path
     log, store = tmp_path / "log", tmp_path / "store"
     fio = subprocess.Popen(["fio", "--name=w", f"--filename={dev}", "--rw=randwrite",
                             "--bsrange=4k-256k", "--thread", "--direct=1", "--ioengine=libaio", "--iodepth=16",
-                            "--time_based", "--runtime=60", "--norandommap", "--randrepeat=0",
+                            "--time_based", "--runtime=60", "--norandommap", "--randrepeat=0", "--rate=120m",
                             "--output=/dev/null"])
     try:
         time.sleep(1.0)
         with TraceProc([dev], log) as t:
             time.sleep(1.0)
             fio.send_signal(2)
-            assert fio.wait(30) in (0, 1)
+            fio.wait(30)
             copy = tmp_path / "quiet.img"
             cli("mark", "quiet", "--log", log)
             copy_device(dev, copy)
             assert t.stop() == 0, t.stderr
+            assert " 0 records lost" in t.stderr, t.stderr
     finally:
         if fio.poll() is None:
             fio.kill()
             fio.wait()
     cli("ingest", "--log", log, "--store", store)
     for at in ("quiet", "latest"):
-        out = tmp_path / f"{at}.img"
+        out = tmp_path / f"restored-{at}.img"
         restore(store, dev, at, out)
         assert same_file(out, copy), f"{at}: {first_difference(out, copy)}"
         out.unlink()
@@ -294,7 +297,7 @@ def test_lost_records_are_reported_and_never_exposed(make_loop, tmp_path):
             "--direct=1", "--ioengine=libaio", "--iodepth=32", "--size=256m", "--numjobs=2",
             "--output=/dev/null", check=False)
     assert r.returncode == 0, r.stderr
-    assert "WARNING: lost" in r.stderr, r.stderr
+    assert "WARNING:" in r.stderr and "records lost" in r.stderr, r.stderr
     cli("ingest", "--log", log, "--store", store)
     loss = json.loads(cli("sql", "--store", store, "SELECT * FROM loss", "--format", "json").stdout)
     assert loss and max(x["drops"] for x in loss) > 0

@@ -178,6 +178,7 @@ class Tracer:
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         while self.ring.take()[1]:  # calibration leftovers
             pass
+        self._collected_pos = self.ring.consumed_pos()
         self._user_records([record.json_record(record.R_SESSION, {
             "session": self.session, "host": self.devs[0].host, "stamp_base": stamp_base,
             "seq_base": 1, "version": __version__, "boot_id": _boot_id(),
@@ -283,7 +284,11 @@ class Tracer:
         """Return once the collector has taken everything committed before now."""
         target = self.ring.producer_pos()
         deadline = time.monotonic() + timeout
-        while self._collected_pos < target and time.monotonic() < deadline:
+        while self._collected_pos < target:
+            if time.monotonic() > deadline or self.failure:
+                self._fail(f"the collector fell {target - self._collected_pos} bytes behind "
+                           f"for {timeout:.0f} s")
+                return
             time.sleep(0.002)
 
     # ----------------------------------------------------------------- writer
@@ -332,6 +337,7 @@ class Tracer:
             return
         for d in self.devs:
             t0 = time.monotonic()
+            rereads0 = self.stats.baseline_rereads
             nbytes = self._baseline_device(d, stop)
             if stop.is_set():
                 return
@@ -341,7 +347,9 @@ class Tracer:
                 self._fail(f"the baseline end of {d.path} was lost (ring buffer full)")
             dt = time.monotonic() - t0
             self.say(f"baseline of {d.path} done: {nbytes >> 20} MiB in {dt:.1f} s "
-                     f"({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s), restorable from stamp {stamp}")
+                     f"({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s, "
+                     f"{self.stats.baseline_rereads - rereads0} chunks read again after writes "
+                     f"queued before capture completed), restorable from stamp {stamp}")
         self._watch_old = False
         self.baseline_done.set()
 
