@@ -1,10 +1,57 @@
-"""sql (not written yet)."""
+"""Query the write history with SQL (DuckDB).
+
+Opens the store read-only and defines views over it -- devices, writes,
+marks, sessions, restorable, gaps, loss, completions, baseline, points
+(analytics/views.py documents every column) -- then runs QUERY, e.g.
+
+  blkrewind sql --store S "SELECT comm, count(*), sum(length) FROM writes GROUP BY comm"
+  blkrewind sql --store S "SELECT * FROM restorable" --format json
+
+Nothing can be written: the database is opened read-only and file access is off.
+"""
+from __future__ import annotations
+
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    pass
+    from analytics.output import FORMATS
+
+    p.add_argument("--store", required=True, metavar="DIR", help="the store to query")
+    p.add_argument("query", metavar="QUERY", help="one SQL statement")
+    p.add_argument("--format", choices=FORMATS, default="table",
+                   help="table (default), csv, or json (a list of objects)")
 
 
-def run(args):
-    raise UserError("'sql' is not implemented yet")
+def _one_line(e: Exception) -> str:
+    lines = []
+    for ln in str(e).splitlines():
+        if ln.startswith("LINE ") or ln.strip().startswith("^"):
+            break
+        if ln.strip():
+            lines.append(ln.strip())
+    return " ".join(lines) or type(e).__name__
+
+
+def run(args) -> int:
+    import duckdb
+
+    from analytics.output import write_rows
+    from analytics.views import define_views
+    from replayer.store import Store
+
+    with Store.open(args.store) as store:
+        con = store.con
+        define_views(con)
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+        try:
+            cur = con.execute(args.query)
+            if cur.description is None:
+                raise UserError("the statement returned no rows (only queries are allowed)")
+            cols = [d[0] for d in cur.description]
+            rows = cur.fetchall()
+        except duckdb.Error as e:
+            raise UserError(f"SQL: {_one_line(e)}") from None
+    write_rows(cols, rows, args.format)
+    return 0

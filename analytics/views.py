@@ -1,0 +1,212 @@
+"""The SQL views `blkrewind sql` offers over a store.
+
+`blkrewind sql --store DIR "QUERY"` opens the store's database read-only,
+defines these TEMP views, and runs QUERY (DuckDB SQL). Nothing can be written:
+the database is read-only and file access is switched off. Times are
+TIMESTAMPTZ (wall time, shown in the local time zone, microseconds);
+stamps are the order stamps `restore --at N` accepts; a device is named
+`host:name` (e.g. `db1:loop3`).
+
+devices -- one row per traced device
+    device            host:name
+    host, name        where and what (kernel name, e.g. loop3, sdb1)
+    path              the path it was traced as (newest session)
+    size_bytes        its size (newest session)
+    sessions          how many sessions traced it
+    first_time        start of its first session
+    last_time         end of its last session (or its newest record while tracing)
+    restorable_from   earliest restorable time (end of the first baseline)
+    restorable_to     latest restorable time (newest watermark)
+
+writes -- one row per bio (not per payload piece)
+    time              when the bio was submitted
+    stamp             its order stamp
+    device            host:name
+    session           session id
+    op                write | discard | secure_erase | write_zeroes | flush
+    sector            first 512-byte sector, relative to the device
+    length            bytes of the bio (0 for a flush)
+    pid, tid, comm    the submitting process, thread and command name
+    cgroup_id         the submitter's cgroup v2 id
+    flags             text list of FUA, PREFLUSH, SYNC, META, READERR, TRUNC (e.g. 'FUA,SYNC')
+    captured          payload bytes captured (== length for a complete write)
+    complete          the bio's records are all present and valid
+
+marks -- named points set with `blkrewind mark`
+    name, time, stamp, session
+    devices           list of the devices the session traced
+    pid, comm         who set the mark
+    restorable        whether every device of the session can be restored at it
+
+sessions -- one row per tracing session
+    session           id (YYYYMMDDTHHMMSSZ-xxxxxxxx, sorts by time)
+    host              traced host
+    started, ended    start time; end time (NULL while open or after a crash)
+    clean             the session ended cleanly (R_END)
+    stamp_base        its first stamp
+    end_stamp         one past its last stamp (NULL while open)
+    watermark         consistent watermark: every stamp up to it is complete
+    watermark_time    time of the record at the watermark
+    first_gap         first incomplete or missing stamp (NULL: none)
+    gap_reason        why it is incomplete
+    stamps_after_gap  stamps ingested past the gap (never exposed)
+    devices           list of traced devices
+    drops             records the kernel lost (ring buffer full), from the loss reports
+    version, kernel   tracer version, kernel release
+
+restorable -- one row per (device, session): what `restore` can rebuild
+    device, session
+    from_stamp, to_stamp   restorable stamps (NULL when nothing is)
+    from_time, to_time     the same as times (to_time: the session end after a clean end)
+    baseline_end           stamp at which the device's baseline finished (NULL: never)
+    reason                 why nothing is restorable (NULL when something is)
+
+gaps -- sessions whose history stops at a gap
+    session, devices
+    stamp             the first incomplete or missing stamp
+    reason            why
+    watermark         the last consistent stamp before it
+    stamps_after      stamps ingested past it
+
+loss -- the kernel's loss reports (R_LOSS)
+    session, time
+    drops, drop_bytes records lost in the ring buffer and their payload bytes
+    read_errs         payload reads that failed
+    truncs            bios not captured to their end
+    counters          every counter as JSON
+
+completions -- completions of requests (R_COMPLETE)
+    time, session, device, sector
+    length            bytes completed
+    error             blk_status_t (0 = success)
+    stamps            stamps of the bios the request completed (0: queued before capture)
+    old               the request held bios queued before capture began
+
+baseline -- the baseline chunks (R_BASE)
+    time, session, device, sector, length
+    zero              the chunk read as zeroes (no payload stored)
+    reread            order of the read (a larger one wins: a re-read)
+
+points -- internal stamped points (R_POINT), e.g. baseline_end
+    time, stamp, session, what, device, payload (JSON)
+"""
+from __future__ import annotations
+
+from blkrewind import record
+
+_FLAG_TEXT = [(record.F_FUA, "FUA"), (record.F_PREFLUSH, "PREFLUSH"), (record.F_SYNC, "SYNC"),
+              (record.F_META, "META"), (record.F_READERR, "READERR"), (record.F_TRUNC, "TRUNC")]
+
+
+def _ts(expr: str) -> str:
+    return f"make_timestamptz(({expr}) // 1000)"
+
+
+def _op_case(expr: str) -> str:
+    whens = " ".join(f"WHEN {k} THEN '{v or 'none'}'" for k, v in record.OP_NAMES.items())
+    return f"CASE {expr} {whens} ELSE 'op' || {expr} END"
+
+
+def _flags_text(expr: str) -> str:
+    parts = ", ".join(f"CASE WHEN ({expr}) & {bit} != 0 THEN '{name}' END" for bit, name in _FLAG_TEXT)
+    return f"concat_ws(',', {parts})"
+
+
+def view_sql(db: str) -> dict[str, str]:
+    """name -> SELECT defining the view; `db` is the catalog of the store's tables."""
+    t = f"{db}.main"
+    bad = record.F_READERR | record.F_TRUNC
+    return {
+        "writes": f"""
+            SELECT {_ts('min(r.time_ns)')} AS time, r.stamp, any_value(sd.device) AS device,
+                   r.session, {_op_case('any_value(r.op)')} AS op, any_value(r.sector) AS sector,
+                   any_value(r.bio_size) AS length, any_value(r.tgid) AS pid,
+                   any_value(r.tid) AS tid, any_value(r.comm) AS comm,
+                   any_value(r.cgroup_id) AS cgroup_id, {_flags_text('bit_or(r.flags)')} AS flags,
+                   sum(r.len) AS captured,
+                   (bit_or(r.flags) & {bad}) = 0 AND (bit_or(r.flags) & {record.F_NODATA} != 0
+                     OR (bit_or(r.flags) & {record.F_FIRST | record.F_LAST}) =
+                        {record.F_FIRST | record.F_LAST} AND sum(r.len) = any_value(r.bio_size))
+                     AS complete
+              FROM {t}.records r
+              LEFT JOIN {t}.session_devices sd ON sd.session = r.session AND sd.dev = r.dev
+             GROUP BY r.session, r.stamp""",
+        "marks": f"""
+            SELECT m.name, {_ts('m.time_ns')} AS time, m.stamp, m.session,
+                   (SELECT list(sd.device ORDER BY sd.device) FROM {t}.session_devices sd
+                     WHERE sd.session = m.session) AS devices,
+                   m.tgid AS pid, m.comm,
+                   coalesce((SELECT bool_and(coalesce(m.stamp BETWEEN sd.restorable_from AND sd.restorable_to, FALSE))
+                               FROM {t}.session_devices sd WHERE sd.session = m.session),
+                            FALSE) AS restorable
+              FROM {t}.marks m""",
+        "sessions": f"""
+            SELECT s.session, s.host, {_ts('s.start_ns')} AS started, {_ts('s.end_ns')} AS ended,
+                   s.clean, s.stamp_base, s.end_stamp, s.watermark,
+                   {_ts('s.watermark_ns')} AS watermark_time, s.first_gap, s.gap_reason,
+                   s.after_gap AS stamps_after_gap,
+                   (SELECT list(sd.device ORDER BY sd.device) FROM {t}.session_devices sd
+                     WHERE sd.session = s.session) AS devices,
+                   coalesce((SELECT max(l.drops) FROM {t}.loss l WHERE l.session = s.session), 0)
+                     AS drops,
+                   s.version, s.kernel
+              FROM {t}.sessions s""",
+        "restorable": f"""
+            SELECT sd.device, sd.session, sd.restorable_from AS from_stamp,
+                   sd.restorable_to AS to_stamp, {_ts('sd.from_ns')} AS from_time,
+                   {_ts('sd.to_ns')} AS to_time, sd.baseline_end,
+                   CASE WHEN sd.restorable_from IS NOT NULL THEN NULL
+                        WHEN s.stamp_base IS NULL THEN 'the session start is not ingested yet'
+                        WHEN sd.baseline_end IS NULL THEN 'the baseline never finished'
+                        WHEN s.watermark IS NULL THEN 'no consistent stamp yet'
+                             || coalesce(': ' || s.gap_reason, '')
+                        ELSE 'the watermark is before the end of the baseline'
+                             || coalesce(': ' || s.gap_reason, '') END AS reason
+              FROM {t}.session_devices sd JOIN {t}.sessions s USING (session)""",
+        "devices": f"""
+            SELECT d.device, d.host, d.name, d.path, d.size_bytes,
+                   count(DISTINCT sd.session) AS sessions,
+                   {_ts('min(s.start_ns)')} AS first_time,
+                   {_ts('max(coalesce(s.end_ns, s.watermark_ns, s.start_ns))')} AS last_time,
+                   {_ts('min(sd.from_ns)')} AS restorable_from,
+                   {_ts('max(sd.to_ns)')} AS restorable_to
+              FROM {t}.devices d
+              JOIN {t}.session_devices sd ON sd.device = d.device
+              JOIN {t}.sessions s ON s.session = sd.session
+             GROUP BY d.device, d.host, d.name, d.path, d.size_bytes""",
+        "gaps": f"""
+            SELECT s.session,
+                   (SELECT list(sd.device ORDER BY sd.device) FROM {t}.session_devices sd
+                     WHERE sd.session = s.session) AS devices,
+                   s.first_gap AS stamp, s.gap_reason AS reason, s.watermark,
+                   s.after_gap AS stamps_after
+              FROM {t}.sessions s WHERE s.first_gap IS NOT NULL""",
+        "loss": f"""
+            SELECT l.session, {_ts('l.time_ns')} AS time, l.drops, l.drop_bytes, l.read_errs,
+                   l.truncs, l.counters
+              FROM {t}.loss l""",
+        "completions": f"""
+            SELECT {_ts('c.time_ns')} AS time, c.session, sd.device, c.sector,
+                   c.bio_size AS length, c.error, c.stamps,
+                   (c.flags & {record.F_OLD}) != 0 AS old
+              FROM {t}.completions c
+              LEFT JOIN {t}.session_devices sd ON sd.session = c.session AND sd.dev = c.dev""",
+        "baseline": f"""
+            SELECT {_ts('b.time_ns')} AS time, b.session, sd.device, b.sector,
+                   b.bio_size AS length, (b.flags & {record.F_ZERO}) != 0 AS zero, b.aux AS reread
+              FROM {t}.base b
+              LEFT JOIN {t}.session_devices sd ON sd.session = b.session AND sd.dev = b.dev""",
+        "points": f"""
+            SELECT {_ts('p.time_ns')} AS time, p.stamp, p.session, p.what, sd.device, p.payload
+              FROM {t}.points p
+              LEFT JOIN {t}.session_devices sd ON sd.session = p.session AND sd.dev = p.dev""",
+    }
+
+
+def define_views(con) -> list[str]:
+    """Create the TEMP views on a connection to the store's database; returns their names."""
+    db = con.execute("SELECT current_database()").fetchone()[0]
+    views = view_sql(f'"{db}"')
+    for name, sql in views.items():
+        con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
+    return list(views)

@@ -1,0 +1,258 @@
+"""Points in a device's history: what `restore --at POINT` accepts, and where it lands.
+
+A point is written as
+  latest                      the newest consistent state of the device (its newest
+                              session's watermark)
+  N | stamp:N                 an order stamp (as `blkrewind sql` shows them)
+  ISO-8601 | time:ISO-8601    a wall time, e.g. 2026-11-25T11:40:00.5+01:00; without a
+                              time zone it is local time; fractions down to ns
+  NAME | mark:NAME            a mark set with `blkrewind mark NAME`
+
+`resolve` maps a point to (session, stamp) for one device, or raises
+NotRestorable saying why not: an unknown mark (listing the known ones), a
+point before the device's baseline finished, a point past the consistent
+watermark (naming the first gap), a time outside every restorable interval.
+A time T lands on the largest stamp of the session whose record time is <= T
+(internals.md). A mark name used more than once means the newest; a note on
+stderr says so.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from blkrewind.errors import NotRestorable, UserError
+from replayer.store import Store, StoreDevice
+
+
+@dataclass(frozen=True)
+class Point:
+    kind: str            # "latest" | "stamp" | "time" | "mark"
+    value: object        # None | stamp int | time in ns since the epoch | mark name
+    text: str
+
+
+_FRACTION = re.compile(r"[.,](\d+)")
+
+
+def parse_time(text: str) -> int:
+    """An ISO 8601 time -> ns since the epoch. Naive times are local time."""
+    s = text.strip()
+    try:
+        dt = datetime.fromisoformat(s)
+    except ValueError:
+        raise UserError(f"{text!r} is not an ISO 8601 time (e.g. 2026-11-25T11:40:00.5 or "
+                        f"2026-11-25T11:40:00+01:00)") from None
+    if dt.tzinfo is None:
+        dt = dt.astimezone()  # naive: local time
+    whole = dt.replace(microsecond=0)
+    ns = int(whole.timestamp()) * 1_000_000_000
+    m = _FRACTION.search(s[10:]) if len(s) > 10 else None
+    if m:  # keep every digit (datetime stops at microseconds)
+        ns += int((m.group(1) + "000000000")[:9])
+    else:
+        ns += dt.microsecond * 1000
+    return ns
+
+
+def parse_point(text: str) -> Point:
+    t = text.strip()
+    if not t:
+        raise UserError("an empty point (use latest, a stamp, a time or a mark name)")
+    kind, sep, rest = t.partition(":")
+    if sep and kind in ("stamp", "time", "mark"):
+        if kind == "stamp":
+            if not rest.strip().isdigit():
+                raise UserError(f"{text!r}: a stamp is a non-negative integer")
+            return Point("stamp", int(rest), text)
+        if kind == "time":
+            return Point("time", parse_time(rest), text)
+        if not rest:
+            raise UserError(f"{text!r}: a mark needs a name")
+        return Point("mark", rest, text)
+    if t == "latest":
+        return Point("latest", None, text)
+    if t.isdigit():
+        return Point("stamp", int(t), text)
+    if t[:1].isdigit():
+        try:
+            return Point("time", parse_time(t), text)
+        except UserError:
+            pass
+    return Point("mark", t, text)
+
+
+def fmt_time(ns: int | None) -> str:
+    """Local time with ms, as messages show it."""
+    if ns is None:
+        return "?"
+    dt = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).astimezone()
+    return dt.isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Resolved:
+    device: StoreDevice
+    session: str
+    dev: int              # the kernel dev_t the session's records carry
+    stamp: int
+    size_bytes: int
+    time_ns: int | None   # wall time of the point's record
+    how: str              # what the point was, for messages
+
+
+@dataclass
+class _Sess:
+    session: str
+    dev: int
+    size_bytes: int
+    stamp_base: int | None
+    baseline_end: int | None
+    watermark: int | None
+    first_gap: int | None
+    gap_reason: str | None
+    end_stamp: int | None
+    restorable_from: int | None
+    restorable_to: int | None
+    from_ns: int | None
+    to_ns: int | None
+    start_ns: int | None
+
+
+def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
+    rows = store.query(
+        "SELECT sd.session, sd.dev, sd.size_bytes, s.stamp_base, sd.baseline_end, s.watermark, "
+        "s.first_gap, s.gap_reason, s.end_stamp, sd.restorable_from, sd.restorable_to, "
+        "sd.from_ns, sd.to_ns, s.start_ns "
+        "FROM session_devices sd JOIN sessions s USING (session) WHERE sd.device = ? "
+        "ORDER BY coalesce(s.stamp_base, 0), sd.session", [device.device])
+    return [_Sess(*r) for r in rows]
+
+
+def _not_restorable_why(s: _Sess, device: StoreDevice) -> str:
+    if s.stamp_base is None:
+        return f"the start of session {s.session} (segment 0) is not ingested yet"
+    if s.baseline_end is None:
+        return f"the baseline of {device.device} never finished in session {s.session}"
+    gap = f" (first gap at stamp {s.first_gap}: {s.gap_reason})" if s.first_gap is not None else ""
+    if s.watermark is None:
+        return f"session {s.session} has no consistent stamp yet{gap}"
+    return (f"its consistent watermark {s.watermark} is before the end of its baseline "
+            f"(stamp {s.baseline_end}){gap}")
+
+
+def _check_stamp(s: _Sess, device: StoreDevice, stamp: int, what: str) -> None:
+    if s.stamp_base is None:
+        raise NotRestorable(f"{what}: the start of session {s.session} is not ingested yet")
+    if s.baseline_end is None:
+        raise NotRestorable(f"{what}: the baseline of {device.device} never finished in session "
+                            f"{s.session}, so nothing in it is restorable")
+    if stamp < s.baseline_end:
+        raise NotRestorable(f"{what} is before the baseline of {device.device} finished "
+                            f"(stamp {s.baseline_end} in session {s.session})")
+    if s.watermark is None or stamp > s.watermark:
+        if s.end_stamp is not None and stamp >= s.end_stamp and s.watermark == s.end_stamp - 1:
+            raise NotRestorable(f"{what} is after session {s.session} ended (its last stamp is "
+                                f"{s.end_stamp - 1}) and before any later session of "
+                                f"{device.device}")
+        gap = (f" (first gap at stamp {s.first_gap}: {s.gap_reason})"
+               if s.first_gap is not None else " (the LOG after it is not ingested yet)")
+        w = "none" if s.watermark is None else str(s.watermark)
+        raise NotRestorable(f"{what} is past the consistent watermark {w} of {device.device} in "
+                            f"session {s.session}{gap}")
+
+
+def _intervals(sessions: list[_Sess]) -> str:
+    out = [f"{fmt_time(s.from_ns)} .. {fmt_time(s.to_ns)}" for s in sessions
+           if s.restorable_from is not None]
+    return "; ".join(out) if out else "none"
+
+
+def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resolved:
+    """(session, stamp) of `point` for `device`, or NotRestorable."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    sessions = _sessions(store, device)
+    if not sessions:
+        raise NotRestorable(f"{device.device} has no session in the store")
+
+    def done(s: _Sess, stamp: int, how: str) -> Resolved:
+        t = store.query_one(
+            "SELECT min(time_ns) FROM (SELECT time_ns FROM records WHERE session = $s AND stamp = $t "
+            "UNION ALL SELECT time_ns FROM marks WHERE session = $s AND stamp = $t "
+            "UNION ALL SELECT time_ns FROM points WHERE session = $s AND stamp = $t)",
+            {"s": s.session, "t": stamp})
+        return Resolved(device, s.session, s.dev, stamp, s.size_bytes,
+                        None if not t or t[0] is None else int(t[0]), how)
+
+    if point.kind == "latest":
+        s = sessions[-1]
+        if s.restorable_to is None:
+            raise NotRestorable(f"{device.device} is not restorable at 'latest': in its newest "
+                                f"session {s.session}, {_not_restorable_why(s, device)}")
+        return done(s, s.restorable_to, f"latest (stamp {s.restorable_to})")
+
+    if point.kind == "stamp":
+        stamp = int(point.value)
+        cands = [s for s in sessions if s.stamp_base is not None and s.stamp_base <= stamp]
+        if not cands:
+            first = next((s.stamp_base for s in sessions if s.stamp_base is not None), None)
+            raise NotRestorable(f"stamp {stamp} is before {device.device} was traced"
+                                + (f" (its first session starts at stamp {first})" if first else ""))
+        s = cands[-1]
+        _check_stamp(s, device, stamp, f"stamp {stamp}")
+        return done(s, stamp, f"stamp {stamp}")
+
+    if point.kind == "time":
+        t = int(point.value)
+        when = f"time {fmt_time(t)}"
+        for s in reversed(sessions):
+            if s.from_ns is not None and s.from_ns <= t <= s.to_ns:
+                row = store.query_one(
+                    "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
+                    "UNION ALL SELECT stamp, time_ns FROM marks WHERE session = $s "
+                    "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s) "
+                    "WHERE time_ns <= $t AND stamp <= $w",
+                    {"s": s.session, "t": t, "w": s.restorable_to})
+                stamp = int(row[0]) if row and row[0] is not None else s.restorable_from
+                stamp = max(stamp, s.restorable_from)
+                return done(s, stamp, f"{when} (stamp {stamp})")
+        # why not: find the session the time falls in
+        inside = [s for s in sessions if s.start_ns is not None and s.start_ns <= t]
+        if not inside:
+            raise NotRestorable(f"{when} is before {device.device} was traced; restorable: "
+                                f"{_intervals(sessions)}")
+        s = inside[-1]
+        if s.restorable_from is not None and t < s.from_ns:
+            raise NotRestorable(f"{when} is before the baseline of {device.device} finished "
+                                f"({fmt_time(s.from_ns)}, stamp {s.baseline_end})")
+        if s.restorable_from is not None and t > s.to_ns and s is sessions[-1] and s.end_stamp is None:
+            gap = (f" (first gap at stamp {s.first_gap}: {s.gap_reason})"
+                   if s.first_gap is not None else "")
+            raise NotRestorable(f"{when} is past the consistent watermark {s.watermark} of "
+                                f"{device.device} ({fmt_time(s.to_ns)}){gap}")
+        raise NotRestorable(f"{when} is outside every restorable interval of {device.device}: "
+                            f"{_intervals(sessions)}")
+
+    # a mark
+    name = str(point.value)
+    names = {x.session for x in sessions}
+    rows = [r for r in store.query("SELECT session, stamp, time_ns FROM marks WHERE name = ? "
+                                   "ORDER BY stamp", [name]) if r[0] in names]
+    if not rows:
+        known = [n for (n,) in store.query(
+            "SELECT name FROM marks WHERE session IN (SELECT session FROM session_devices "
+            "WHERE device = ?) GROUP BY name ORDER BY min(stamp)", [device.device])]
+        elsewhere = store.query_one("SELECT count(*) FROM marks WHERE name = ?", [name])[0]
+        if elsewhere:
+            raise NotRestorable(f"mark {name!r} is not in a session that traced {device.device}")
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+        raise NotRestorable(f"no mark named {name!r}; marks: {shown or 'none'}")
+    session, stamp, t = rows[-1]
+    if len(rows) > 1:
+        warn(f"note: mark {name!r} was set {len(rows)} times; using the newest "
+             f"(stamp {stamp}, {fmt_time(t)})")
+    s = next(x for x in sessions if x.session == session)
+    _check_stamp(s, device, int(stamp), f"mark {name!r} (stamp {stamp})")
+    return done(s, int(stamp), f"mark {name!r} (stamp {stamp})")

@@ -1,0 +1,352 @@
+"""The replayer's store: DuckDB for everything but the payload, Parquet for the payload.
+
+Layout of a store directory (created 0700)::
+
+    DIR/lock                    flock: held (exclusive) by the one process writing the store
+    DIR/meta.duckdb             the metadata database (schema below)
+    DIR/payload/<session>/<segno:06d>-<first:06d>-<end:06d>.parquet
+                                payload bytes of frames [first, end) of one LOG segment
+    DIR/restores/               images made by `restore --loop`
+
+Why this split: the metadata is small, queried by SQL and by the rebuild
+(extents newest first), and must change atomically with the ingest progress;
+the payload is large, written once, read by row group, and compresses with
+lz4 at memory speed (random data costs 0.4 %).
+
+Crash safety. A frame range is ingested by writing its Parquet file under a
+temporary name, fsyncing it, renaming it to its deterministic name (fsync of
+the directory), then ONE DuckDB transaction that inserts every metadata row
+of the range and advances `progress` for its segment. A crash before the
+commit leaves at most an unreferenced Parquet file (deleted by the next
+ingest); after it, everything. Re-reading a LOG therefore only ingests frames
+past `progress`, which makes ingest idempotent whatever the order of segments.
+
+Schema (every `session` column is the session id; `dev` is the kernel dev_t
+the records carry; `time_ns` is wall time in ns since the epoch, computed as
+``ktime_ns + (real_ns - mono_ns)`` of the LOG frame holding the record, or the
+frame's ``real_ns`` for records without a kernel time)::
+
+    store_info(key PK, value)                 format version, creation time
+    sessions(session PK, host, stamp_base, seq_base, version, boot_id, kernel,
+             start_ns, info JSON,              -- from R_SESSION (NULL until ingested)
+             end_stamp, end_seq, clean, end_ns,  -- from R_END (NULL while open)
+             complete_to,                      -- scan state: [stamp_base, complete_to] is complete
+             watermark, watermark_ns,          -- the consistent watermark W (NULL: none yet)
+             first_gap, gap_reason, after_gap, -- first incomplete/missing stamp, why, stamps seen past it
+             dirty)                            -- new records since the watermark was computed
+    devices(device PK 'host:name', host, name, path, size_bytes)   -- latest description
+    session_devices(session, dev, device, host, name, path, size_bytes,
+                    logical_block_size, physical_block_size, part_start, info JSON,
+                    baseline_end, baseline_end_ns,          -- stamp/time of R_POINT baseline_end
+                    restorable_from, restorable_to,         -- stamps, NULL when not restorable
+                    from_ns, to_ns, PK(session, dev))
+    records(session, dev, stamp, seq, time_ns, ktime_ns, sector, part_start, cgroup_id,
+            aux, opf, bio_size, offset, len, flags, tgid, tid, op, comm,
+            pfile, prg, pidx)                 -- one row per R_BIO record (a payload piece,
+                                              -- or the only record of a no-data bio);
+                                              -- payload at row pidx of row group prg of
+                                              -- payload_files[pfile] (NULL: no payload)
+    base(session, dev, seq, aux, time_ns, sector, bio_size, flags, pfile, prg, pidx)
+                                              -- R_BASE chunks; F_ZERO chunks have no payload
+    marks(session, stamp, seq, time_ns, name, tgid, tid, comm)
+    points(session, stamp, seq, time_ns, what, dev, payload JSON)
+    completions(session, seq, time_ns, dev, sector, bio_size, aux, error, flags,
+                stamps UBIGINT[])             -- R_COMPLETE: which bios a request completed
+    loss(session, seq, time_ns, drops, drop_bytes, read_errs, truncs, counters JSON)
+    progress(session, segno, frames_done, sealed, done, torn_bytes, error, PK(session, segno))
+                                              -- frames_done: frames [0, frames_done) ingested;
+                                              -- done: read up to the seal, nothing more to come
+    payload_files(id PK, path, session, segno, first_frame, end_frame, rows,
+                  payload_bytes, file_bytes)
+
+The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
+DuckDB's zone maps make that a range scan because ingest appends in roughly
+stamp order. The user-facing SQL views over these tables are in
+analytics/views.py.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+import duckdb
+
+from blkrewind.errors import StoreError, UserError
+
+FORMAT_VERSION = "1"
+META = "meta.duckdb"
+LOCK = "lock"
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS sessions (
+        session VARCHAR PRIMARY KEY, host VARCHAR, stamp_base UBIGINT, seq_base UBIGINT,
+        version VARCHAR, boot_id VARCHAR, kernel VARCHAR, start_ns BIGINT, info JSON,
+        end_stamp UBIGINT, end_seq UBIGINT, clean BOOLEAN, end_ns BIGINT,
+        complete_to UBIGINT, watermark UBIGINT, watermark_ns BIGINT,
+        first_gap UBIGINT, gap_reason VARCHAR, after_gap UBIGINT,
+        dirty BOOLEAN DEFAULT TRUE)""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        device VARCHAR PRIMARY KEY, host VARCHAR, name VARCHAR, path VARCHAR, size_bytes UBIGINT)""",
+    """CREATE TABLE IF NOT EXISTS session_devices (
+        session VARCHAR, dev UINTEGER, device VARCHAR, host VARCHAR, name VARCHAR, path VARCHAR,
+        size_bytes UBIGINT, logical_block_size UINTEGER, physical_block_size UINTEGER,
+        part_start UBIGINT, info JSON, baseline_end UBIGINT, baseline_end_ns BIGINT,
+        restorable_from UBIGINT, restorable_to UBIGINT, from_ns BIGINT, to_ns BIGINT,
+        PRIMARY KEY (session, dev))""",
+    """CREATE TABLE IF NOT EXISTS records (
+        session VARCHAR, dev UINTEGER, stamp UBIGINT, seq UBIGINT, time_ns BIGINT,
+        ktime_ns UBIGINT, sector UBIGINT, part_start UBIGINT, cgroup_id UBIGINT, aux UBIGINT,
+        opf UINTEGER, bio_size UINTEGER, "offset" UINTEGER, len UINTEGER, flags UINTEGER,
+        tgid UINTEGER, tid UINTEGER, op UTINYINT, comm VARCHAR,
+        pfile INTEGER, prg INTEGER, pidx INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS base (
+        session VARCHAR, dev UINTEGER, seq UBIGINT, aux UBIGINT, time_ns BIGINT, sector UBIGINT,
+        bio_size UINTEGER, flags UINTEGER, pfile INTEGER, prg INTEGER, pidx INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS marks (
+        session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, name VARCHAR,
+        tgid UINTEGER, tid UINTEGER, comm VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS points (
+        session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, what VARCHAR, dev UINTEGER,
+        payload JSON)""",
+    """CREATE TABLE IF NOT EXISTS completions (
+        session VARCHAR, seq UBIGINT, time_ns BIGINT, dev UINTEGER, sector UBIGINT,
+        bio_size UINTEGER, aux UBIGINT, error USMALLINT, flags UINTEGER, stamps UBIGINT[])""",
+    """CREATE TABLE IF NOT EXISTS loss (
+        session VARCHAR, seq UBIGINT, time_ns BIGINT, drops UBIGINT, drop_bytes UBIGINT,
+        read_errs UBIGINT, truncs UBIGINT, counters JSON)""",
+    """CREATE TABLE IF NOT EXISTS progress (
+        session VARCHAR, segno INTEGER, frames_done INTEGER, sealed BOOLEAN, done BOOLEAN,
+        torn_bytes UBIGINT, error VARCHAR, PRIMARY KEY (session, segno))""",
+    """CREATE TABLE IF NOT EXISTS payload_files (
+        id INTEGER PRIMARY KEY, path VARCHAR, session VARCHAR, segno INTEGER,
+        first_frame INTEGER, end_frame INTEGER, rows INTEGER, payload_bytes UBIGINT,
+        file_bytes UBIGINT)""",
+]
+
+
+@dataclass(frozen=True)
+class StoreDevice:
+    """A device as the store knows it (its latest description)."""
+    device: str      # host:name
+    host: str
+    name: str
+    path: str
+    size_bytes: int
+
+
+class Store:
+    """An open store. Writers hold DIR/lock; readers open the database read-only.
+
+    DuckDB connections are not safe for concurrent use: every use of `con`
+    from several threads goes through `self.mutex`.
+    """
+
+    def __init__(self, path: str, con: duckdb.DuckDBPyConnection, writable: bool,
+                 lock_fd: int | None):
+        self.path = path
+        self.con = con
+        self.writable = writable
+        self._lock_fd = lock_fd
+        self.mutex = threading.RLock()
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, path, *, write: bool = False, create: bool = False,
+             wait: float | None = None) -> "Store":
+        """Open the store at `path`.
+
+        write=True takes DIR/lock (waiting up to `wait` seconds for another
+        writer, then UserError "busy"); create=True makes the store if DIR is
+        missing or empty. Readers open meta.duckdb read-only, waiting up to
+        `wait` seconds for a writer to finish. `wait` defaults to
+        $BLKREWIND_STORE_WAIT, else 10 seconds.
+        """
+        if wait is None:
+            try:
+                wait = float(os.environ.get("BLKREWIND_STORE_WAIT", "10"))
+            except ValueError:
+                wait = 10.0
+        path = os.path.abspath(os.fspath(path))
+        meta = os.path.join(path, META)
+        if not os.path.exists(meta):
+            if not create:
+                if not os.path.exists(path):
+                    raise StoreError(f"no store at {path} (make one with "
+                                     f"'blkrewind ingest --log LOG --store {path}')")
+                raise StoreError(f"{path} is not a blkrewind store (no {META})")
+            if os.path.exists(path):
+                if not os.path.isdir(path):
+                    raise StoreError(f"{path} is not a directory")
+                extra = [n for n in os.listdir(path) if n not in (LOCK, "payload", "restores")]
+                if extra:
+                    raise StoreError(f"{path} is not empty and not a blkrewind store "
+                                     f"(holds {', '.join(sorted(extra)[:3])})")
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the store {path}: {e.strerror}") from None
+        elif not os.path.isdir(path):
+            raise StoreError(f"{path} is not a directory")
+
+        lock_fd = None
+        if write:
+            lock_fd = _take_lock(path, wait)
+        try:
+            con = _connect(meta, read_only=not write, wait=wait, path=path)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        st = cls(path, con, write, lock_fd)
+        try:
+            if write:
+                st._init_schema()
+            st._check_format()
+        except BaseException:
+            st.close()
+            raise
+        return st
+
+    def _init_schema(self) -> None:
+        con = self.con
+        names = {n for (n,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+        ).fetchall()}
+        if names and "store_info" not in names:
+            raise StoreError(f"{self.path}/{META} is a DuckDB database but not a blkrewind store")
+        con.execute("BEGIN")
+        for ddl in SCHEMA:
+            con.execute(ddl)
+        con.execute("INSERT INTO store_info VALUES ('format', ?) ON CONFLICT DO NOTHING",
+                    [FORMAT_VERSION])
+        con.execute("INSERT INTO store_info VALUES ('created', ?) ON CONFLICT DO NOTHING",
+                    [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
+        con.execute("COMMIT")
+        for sub in ("payload", "restores"):
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+
+    def _check_format(self) -> None:
+        try:
+            row = self.con.execute("SELECT value FROM store_info WHERE key = 'format'").fetchone()
+        except duckdb.Error:
+            raise StoreError(f"{self.path} is not a blkrewind store (no store_info)") from None
+        if not row or row[0] != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {row[0] if row else '?'} is not "
+                             f"supported (this blkrewind reads format {FORMAT_VERSION})")
+
+    def close(self) -> None:
+        if self.con is not None:
+            try:
+                self.con.close()
+            finally:
+                self.con = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def payload_dir(self) -> str:
+        return os.path.join(self.path, "payload")
+
+    @property
+    def restores_dir(self) -> str:
+        return os.path.join(self.path, "restores")
+
+    def payload_path(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+    # --------------------------------------------------------------- queries
+    def query(self, sql: str, params=None) -> list[tuple]:
+        with self.mutex:
+            return self.con.execute(sql, params or []).fetchall()
+
+    def query_one(self, sql: str, params=None):
+        with self.mutex:
+            return self.con.execute(sql, params or []).fetchone()
+
+    def devices(self) -> list[StoreDevice]:
+        return [StoreDevice(*r) for r in self.query(
+            "SELECT device, host, name, path, size_bytes FROM devices ORDER BY device")]
+
+    def find_device(self, spec: str) -> StoreDevice:
+        """A store device named by `host:name`, `name` or a recorded path
+        (also: a path that resolves to a recorded path or to a device named
+        like its kernel name). Unknown or ambiguous -> StoreError listing them."""
+        devs = self.devices()
+        if not devs:
+            raise StoreError(f"the store {self.path} holds no device yet (ingest a LOG first)")
+        by_key = [d for d in devs if d.device == spec]
+        if by_key:
+            return by_key[0]
+        paths = {d.device: {p for (p,) in self.query(
+            "SELECT DISTINCT path FROM session_devices WHERE device = ? AND path IS NOT NULL",
+            [d.device])} | {d.path} for d in devs}
+        real = os.path.realpath(spec) if spec.startswith("/") else None
+        cands = [d for d in devs if d.name == spec or spec in paths[d.device]
+                 or (real is not None and (real in paths[d.device]
+                                           or os.path.basename(real) == d.name))]
+        if len(cands) == 1:
+            return cands[0]
+        known = ", ".join(f"{d.device} ({d.path})" for d in devs)
+        if not cands:
+            raise StoreError(f"no device {spec!r} in the store; known: {known}")
+        raise StoreError(f"{spec!r} names several devices ({', '.join(d.device for d in cands)}): "
+                         f"name one as host:name")
+
+
+# ---------------------------------------------------------------------- helpers
+def _take_lock(path: str, wait: float) -> int:
+    fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise StoreError(f"cannot lock the store {path}: {e.strerror}") from None
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                os.close(fd)
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                raise UserError(f"store {path} is busy: another ingest is writing it{who}; "
+                                f"try again when it is done")
+            time.sleep(0.1)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _connect(meta: str, *, read_only: bool, wait: float, path: str) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return duckdb.connect(meta, read_only=read_only)
+        except duckdb.IOException as e:
+            msg = str(e)
+            if "lock" not in msg.lower():
+                raise StoreError(f"cannot open {meta}: {msg.splitlines()[0]}") from None
+            if time.monotonic() >= deadline:
+                raise StoreError(f"store {path} is busy: an ingest is writing it; "
+                                 f"try again when it is done") from None
+            time.sleep(0.1)
+        except duckdb.ConnectionException as e:
+            if "different configuration" in str(e):  # this process has it open already
+                raise StoreError(f"store {path} is busy: this process has it open for "
+                                 f"{'reading' if read_only else 'writing'}") from None
+            raise StoreError(f"cannot open {meta}: {str(e).splitlines()[0]}") from None
+        except duckdb.Error as e:
+            raise StoreError(f"cannot open {meta}: {str(e).splitlines()[0]}") from None
