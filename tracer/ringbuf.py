@@ -1,10 +1,10 @@
 """Consume the BPF ring buffer from Python without a callback per record.
 
 The ring buffer is mmapped (consumer page read-write, producer page and the
-double-mapped data area read-only). `take()` walks the record prefixes from
-consumer_pos to the first record still being written (BUSY), copies that whole
-committed span out in one piece and releases it by storing the new
-consumer_pos. Records keep the ring buffer's own 8-byte framing, which is the
+double-mapped data area read-only). `peek()` walks the record prefixes from a
+position to the first record still being written (BUSY) and returns that whole
+committed span as a view into the mapping (no copy); `release()` hands the
+space back by storing the new consumer_pos; `take()` does both with a copy. Records keep the ring buffer's own 8-byte framing, which is the
 framing blkrewind.record and the LOG use, so the span goes to the LOG as is.
 
 consumer_pos must be published with one aligned 8-byte store (a ctypes
@@ -93,27 +93,12 @@ class RingConsumer:
     def take(self) -> tuple[bytes, int]:
         """Copy out the committed records after consumer_pos (at most max_span
         bytes) and release them; returns (span, number of live records)."""
-        cons = self._cons.value
-        prod = self._prod.value
-        if cons == prod:
+        view, n, end = self.peek()
+        if view is None:
             return b"", 0
-        limit = min(prod, cons + self.max_span)
-        view, mask = self._view, self.mask
-        pos, n = cons, 0
-        while pos < limit:
-            word = _U32(view, pos & mask)[0]
-            if word & RB_BUSY:
-                break
-            if not word & RB_DISCARD:
-                n += 1
-            pos += ((word & RB_LEN_MASK) + 8 + 7) & ~7
-        if pos == cons:
-            return b"", 0
-        start = cons & mask
-        span = view[start:start + (pos - cons)].tobytes()  # data area is mapped twice: no wrap
-        self._cons.value = pos                               # one 8-byte store
-        self.records += n
-        self.bytes += len(span)
+        span = view.tobytes()
+        view.release()
+        self.release(end)
         return span, n
 
     def wait(self, timeout_s: float) -> None:
