@@ -73,6 +73,7 @@ class TraceOptions:
     chunk_bytes: int = 1 << 20
     settle: float = 1.0
     queue_bytes: int = 512 << 20
+    lz4_level: int = -10  # negative: lz4's fast acceleration (random payload gains nothing anyway)
 
 
 class _ByteQueue:
@@ -209,7 +210,7 @@ class Tracer:
         self._queue_span(b"".join(recs), len(recs))
 
     def _queue_span(self, span: bytes, nrec: int) -> None:
-        body = self._encoders.submit(encode_span, span)
+        body = self._encoders.submit(encode_span, span, self.opts.lz4_level)
         self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body), len(span))
 
     # -------------------------------------------------------------- collector
@@ -226,7 +227,7 @@ class Tracer:
                 if view is not None:
                     if self._watch_old:
                         self._scan_old(view)
-                    fut = self._encoders.submit(encode_span, view)
+                    fut = self._encoders.submit(encode_span, view, self.opts.lz4_level)
                     # the writer gets the view only for its size: its bytes may be
                     # reused by the kernel once the span is encoded and released
                     self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut),

@@ -30,6 +30,9 @@ def add_arguments(p):
     p.add_argument("--fsync", choices=["interval", "always", "never"], default="interval",
                    help="when the LOG is fsynced (default: every --fsync-interval and on stop)")
     p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC")
+    p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
+                   help="LOG compression: lz4 level (0..16; negative = faster, less compression; "
+                        "default -10)")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not read the devices' current content (the history is then not "
                         "restorable on its own)")
@@ -61,7 +64,7 @@ def run(args) -> int:
     opts = TraceOptions(devices=args.device, log_dir=args.log, ring_bytes=ring,
                         segment_bytes=args.segment_mb << 20, fsync=args.fsync,
                         fsync_interval=args.fsync_interval, baseline=not args.no_baseline,
-                        settle=args.settle)
+                        settle=args.settle, lz4_level=args.lz4_level)
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
