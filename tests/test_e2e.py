@@ -346,3 +346,38 @@ def test_odd_bio_shapes_are_captured_exactly(make_loop, tmp_path):
     out = tmp_path / "out.img"
     restore(store, dev, "end", out)
     assert same_file(out, final), first_difference(out, final)
+
+
+def test_a_partition_and_a_disk_traced_together(make_loop, tmp_path):
+    """One session, two devices: partition 2 of one loop disk and another whole
+    loop disk. Writes to partition 1 are not traced; each restore equals its device."""
+    disk = make_loop(size_mb=64)
+    sh("sh", "-c", f"printf 'label: dos\\n,24MiB\\n,\\n' | sfdisk -q {disk.path}")
+    sh("partx", "-u", disk.path, check=False)
+    part = f"{disk.path}p2"
+    deadline = time.monotonic() + 10
+    while not os.path.exists(part) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(part), f"{part} did not appear"
+    other = make_loop(size_mb=32, fill="random")
+    log, store = tmp_path / "log", tmp_path / "store"
+    with TraceProc([part, other.path], log) as t:
+        for dev, seek in ((part, 3), (other.path, 7), (f"{disk.path}p1", 2)):
+            sh("dd", "if=/dev/urandom", f"of={dev}", "bs=64k", "count=40", f"seek={seek * 16}",
+               "oflag=direct", "status=none")
+        cli("mark", "both", "--log", log)
+        copies = {}
+        for dev in (part, other.path):
+            copies[dev] = tmp_path / f"copy-{os.path.basename(dev)}.img"
+            copy_device(dev, copies[dev])
+        assert t.stop() == 0, t.stderr
+    cli("ingest", "--log", log, "--store", store)
+    for dev, copy in copies.items():
+        out = tmp_path / f"restored-{os.path.basename(dev)}.img"
+        restore(store, dev, "both", out)
+        assert same_file(out, copy), f"{dev}: {first_difference(out, copy)}"
+    devs = json.loads(cli("sql", "--store", store, "SELECT name, size_bytes FROM devices",
+                          "--format", "json").stdout)
+    names = {d["name"]: d["size_bytes"] for d in devs}
+    assert names == {os.path.basename(part): int(sh("blockdev", "--getsize64", part)),
+                     os.path.basename(other.path): 32 << 20}
