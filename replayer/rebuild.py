@@ -612,12 +612,10 @@ def _populate(mm, d_off: np.ndarray, d_len: np.ndarray, w: int, window: int, siz
         mm.madvise(MADV_POPULATE_WRITE, a0, b1 - a0)
 
 
-def rebuild_to(store: Store, session: str, dev: int, stamp: int, size: int, path: str, *,
-               force: bool = False, jobs: int = 2, progress: bool | None = None,
-               label: str = "restore") -> dict:
-    """Plan, open the target, write, fsync. A file we created is removed on failure."""
-    check_target(path, size, force)
-    pl = plan(store, session, dev, stamp, size)
+def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int = 2,
+               progress: bool | None = None, label: str = "restore") -> dict:
+    """Open the target, write the planned pieces, fsync. A file we created is
+    removed on failure. (The store may be closed: the plan holds what it needs.)"""
     t = open_target(path, size, force)
     ok = False
     try:

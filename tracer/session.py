@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import queue
 import resource
 import secrets
 import socket

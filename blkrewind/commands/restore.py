@@ -65,19 +65,8 @@ def run(args) -> int:
         plan = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     # the store is closed: an ingest may run while the payload is written
     t0 = time.monotonic()
-    tgt = rebuild.open_target(target, r.size_bytes, args.force)
-    ok = False
-    try:
-        stats = rebuild.execute(plan, tgt, jobs=max(1, args.jobs),
-                                label=f"{device.name} @ {r.stamp}")
-        ok = True
-    finally:
-        os.close(tgt.fd)
-        if not ok and tgt.created:
-            try:
-                os.unlink(target)
-            except OSError:
-                pass
+    stats = rebuild.write_plan(plan, target, r.size_bytes, force=args.force,
+                               jobs=max(1, args.jobs), label=f"{device.name} @ {r.stamp}")
     dt = time.monotonic() - t0
     when = points.fmt_time(r.time_ns)
     print(f"restored {device.device} at {r.how}, session {r.session}, {when}: "
