@@ -60,7 +60,7 @@ def make_log(log_dir: str, device_bytes: int, write_bytes: int, seed: int = 1,
         return memoryview(pool)[off:off + n]
 
     def emit(rec: bytes) -> None:
-        nonlocal size, mono
+        nonlocal size
         span.append(rec)
         size += len(rec)
         if size >= SPAN:

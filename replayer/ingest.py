@@ -674,8 +674,8 @@ def _time_of_stamp(con, session: str, stamp: int) -> int | None:
 
 def _gap_reason(con, session: str, g: int) -> str:
     row = con.execute(
-        f"SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
-        f"WHERE session = ? AND stamp = ?", [session, g]).fetchone()
+        "SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
+        "WHERE session = ? AND stamp = ?", [session, g]).fetchone()
     if row is None or not row[3]:
         return f"stamp {g} is missing (a lost record, or a LOG frame not ingested yet)"
     got, size, flags, _ = row

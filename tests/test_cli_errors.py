@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tracerproc import ROOT, cli, copy_device, same_file
+from tracerproc import ROOT, cli, copy_device
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 

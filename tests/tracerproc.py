@@ -1,7 +1,6 @@
 """Drive `blkrewind trace` as a user would: a separate process, stopped with SIGINT."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
