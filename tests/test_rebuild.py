@@ -30,6 +30,16 @@ def restore(capsys, store, at, out, *extra, device="loop7"):
                     "--to", out, *extra)
 
 
+def latest_plan(store, device="loop7"):
+    """The rebuild plan of DEVICE at latest (metadata only, store closed after)."""
+    st = Store.open(store)
+    try:
+        r = points.resolve(st, st.find_device(device), points.parse_point("latest"))
+        return plan(st, r.session, r.dev, r.stamp, r.size_bytes)
+    finally:
+        st.close()
+
+
 def restored(capsys, store, at, tmp_path, device="loop7") -> bytes:
     out = tmp_path / "r.img"
     rc, _, err = restore(capsys, store, at, out, "--force", device=device)
@@ -121,12 +131,7 @@ def test_cost_follows_the_device_not_the_history(capsys, tmp_path):
     s.end()
     store = tmp_path / "store"
     ingest(capsys, log, store)
-    st = Store.open(store)
-    try:
-        r = points.resolve(st, st.find_device("loop7"), points.parse_point("latest"))
-        pl = plan(st, r.session, r.dev, r.stamp, r.size_bytes)
-    finally:
-        st.close()
+    pl = latest_plan(store)
     assert pl.extents >= 1000
     assert pl.data_bytes + pl.zero_bytes == 1 << 20
     assert len(pl.d_off) <= 20  # a few pieces per baseline chunk, not one per write
@@ -341,23 +346,18 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
     s = history(log, seed=48, nbios=300, size=3 << 20, piece=1536)
     store = tmp_path / "store"
     ingest(capsys, log, store)
-    st = Store.open(store)
-    try:
-        r = points.resolve(st, st.find_device("loop7"), points.parse_point("latest"))
-        pl = plan(st, r.session, r.dev, r.stamp, r.size_bytes)
-    finally:
-        st.close()
+    pl = latest_plan(store)
     assert pl.zero_bytes > 0
     for method in ("pwritev", "mmap"):
         out = tmp_path / f"{method}.img"
-        t = open_target(str(out), r.size_bytes, False)
+        t = open_target(str(out), pl.size, False)
         try:
             assert execute(pl, t, method=method)["method"] == method
         finally:
             os.close(t.fd)
         assert out.read_bytes() == bytes(s.image), method
     old = tmp_path / "old.img"
-    old.write_bytes(b"\xEE" * r.size_bytes)
+    old.write_bytes(b"\xEE" * pl.size)
     fd = os.open(old, os.O_RDWR)
     try:
         res = execute(pl, Target(str(old), fd, is_block=False, created=False, sparse=False))
