@@ -105,7 +105,8 @@ R_CALIB = 5      # calibration read (never written to the LOG)
 # written by the tracer (seq is the tracer's own running number)
 R_SESSION = 16   # payload JSON: the session (host, stamp base, tracer version, ...)
 R_DEVICE = 17    # payload JSON: one traced device (path, name, dev, size, ...)
-R_BASE = 18      # baseline chunk: sector, len; payload = the bytes, or none with F_ZERO
+R_BASE = 18      # baseline chunk: sector, len; payload = the bytes, or none with F_ZERO;
+                 # stamp 0, or (F_RESYNC) the stamp Rs of the resync that read it
 R_LOSS = 19      # payload JSON: loss counters as the kernel reported them
 R_END = 20       # payload JSON: the session ended cleanly (last stamp, last seq, counters)
 
@@ -126,10 +127,12 @@ F_FUA = 1 << 8        # the bio had REQ_FUA
 F_PREFLUSH = 1 << 9   # the bio had REQ_PREFLUSH
 F_SYNC = 1 << 10      # the bio had REQ_SYNC
 F_META = 1 << 11      # the bio had REQ_META
+F_RESYNC = 1 << 12    # BASE: a resync chunk (stamp = the resync's Rs, docs/internals.md)
 
 FLAG_NAMES = [(F_FUA, "FUA"), (F_PREFLUSH, "PREFLUSH"), (F_SYNC, "SYNC"), (F_META, "META"),
               (F_NODATA, "NODATA"), (F_READERR, "READERR"), (F_TRUNC, "TRUNC"),
-              (F_ZERO, "ZERO"), (F_OLD, "OLD"), (F_FIRST, "FIRST"), (F_LAST, "LAST")]
+              (F_ZERO, "ZERO"), (F_OLD, "OLD"), (F_FIRST, "FIRST"), (F_LAST, "LAST"),
+              (F_RESYNC, "RESYNC")]
 
 # ---- normalised operations (op) ---------------------------------------------
 # Numbered as Linux numbers enum req_op; the BPF side maps the running kernel's

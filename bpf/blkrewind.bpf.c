@@ -18,6 +18,16 @@
  *   reader                      run by the tracer: reads kernel memory for the
  *                               direct-map discovery (tracer/calibrate.py)
  *
+ * Dirty map (docs/internals.md, "Gaps and resync"): per traced device a range
+ * of dirty_map, one u64 per region of 1 << region_shift bytes, holding the
+ * largest stamp of any write-type bio that touched the region. Updated right
+ * after the bio's stamp is taken and before its ring buffer reservation, so a
+ * bio whose records are dropped still marks its regions. grace_map (per CPU)
+ * counts the bio programs active on the CPU and the times that count fell to
+ * zero: the tracer's grace period (every program that took a stamp before a
+ * given moment has finished). err_map remembers the last BR_ERR_SLOTS write
+ * completions that carried an error (the tracer resyncs their ranges).
+ *
  * Payload: the bio_vec pages are read through the kernel direct map:
  *   va(page) = page_offset_base + (page - vmemmap_base) / sizeof(struct page) * 4096
  * The bases are found and verified by the loader before capture is enabled.
@@ -41,6 +51,8 @@ struct br_cfg {
 	__u32 enabled;
 	__u32 calib_tgid;      /* capture any bio (reads too) of this tgid as R_CALIB */
 	__u32 piece;           /* payload bytes per record (<= BR_MAX_PIECE) */
+	__u32 dirty;           /* 1: keep the dirty map (the default; 0 only for benches) */
+	__u32 pad;
 };
 
 struct br_state {
@@ -54,12 +66,34 @@ struct br_state {
 	__u64 truncs;          /* bios not walked to their end */
 	__u64 completes;       /* R_COMPLETE records emitted */
 	__u64 old_bios;        /* completed bios queued before capture began */
+	__u64 write_errs;      /* write-type completions with an error (slots in err_map) */
+	__u64 dirty_races;     /* dirty map updates given up after BR_DIRTY_TRIES cmpxchg */
 };
 
 struct br_dev {
 	__u64 part_start;      /* start sector of the traced partition (0: whole disk) */
-	__u32 traced;          /* 1: this dev_t is traced; 2: the disk of a traced partition */
-	__u32 traced_dev;      /* for 2: which partition... unused: completions use rq->part */
+	__u32 traced;          /* 1: this dev_t is traced */
+	__u32 region_shift;    /* dirty map: log2 of the region size in bytes */
+	__u32 region_base;     /* dirty map: index of the device's first region */
+	__u32 nregions;        /* dirty map: regions of the device */
+};
+
+/* per CPU: bio programs between their stamp and their end */
+struct br_grace {
+	__u64 active;          /* programs running on this CPU (nesting, preemption) */
+	__u64 quiet;           /* times active fell back to 0 */
+};
+
+#define BR_ERR_SLOTS 64
+#define BR_DIRTY_TRIES 32
+struct br_err {
+	__u64 n;               /* 1 + index of the error this slot holds (written last) */
+	__u64 sector;          /* device-relative */
+	__u64 ktime_ns;
+	__u32 dev;
+	__u32 bytes;
+	__u32 error;
+	__u32 pad;
 };
 
 struct br_point {
@@ -94,6 +128,14 @@ struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
 	 __type(key, __u32); __type(value, struct br_rdbuf); } rd_map SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_RINGBUF);
 	 __uint(max_entries, 64 * 1024 * 1024); } rb SEC(".maps");
+/* sized by the loader (bpf_map__set_max_entries) from the traced devices */
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+	 __uint(map_flags, BPF_F_MMAPABLE);
+	 __type(key, __u32); __type(value, __u64); } dirty_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_grace); } grace_map SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, BR_ERR_SLOTS);
+	 __type(key, __u32); __type(value, struct br_err); } err_map SEC(".maps");
 
 /* kallsyms data symbols: resolved by libbpf when the kernel exports them
  * (CONFIG_KALLSYMS_ALL); 0 otherwise. Read by the reader program. */
@@ -315,6 +357,112 @@ static long record_cb(__u64 i, void *ctx)
 	return w->remaining ? 0 : 1;
 }
 
+/* ------------------------------------------------------------------------ */
+/* the dirty map                                                            */
+
+struct br_dirty_ctx {
+	struct br_state *s;
+	__u64 stamp;
+	__u32 first;      /* dirty_map index of the first region */
+};
+
+/* dirty_map[first + i] = max(dirty_map[first + i], stamp) */
+static long dirty_cb(__u64 i, void *ctx)
+{
+	struct br_dirty_ctx *dc = ctx;
+	__u32 key = dc->first + (__u32)i;
+	__u64 *v = bpf_map_lookup_elem(&dirty_map, &key);
+
+	if (!v)
+		return 1;
+	for (int k = 0; k < BR_DIRTY_TRIES; k++) {
+		__u64 old = *(volatile __u64 *)v;
+		if (old >= dc->stamp)
+			return 0;
+		if (__sync_val_compare_and_swap(v, old, dc->stamp) == old)
+			return 0;
+	}
+	/* never seen: every failed cmpxchg means a larger value was stored; the
+	 * tracer treats a move of this counter as "dirty map incomplete" */
+	__sync_fetch_and_add(&dc->s->dirty_races, 1);
+	return 0;
+}
+
+static __always_inline void mark_dirty(struct br_state *s, struct br_dev *d, __u64 stamp,
+				       __u64 sector, __u32 size)
+{
+	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
+		return;
+	__u64 start = sector << 9;
+	__u64 end = start + (size ? size : 1) - 1;
+	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+
+	if (first >= d->nregions)
+		return;
+	if (last >= d->nregions)
+		last = d->nregions - 1;
+	struct br_dirty_ctx dc = { .s = s, .stamp = stamp, .first = d->region_base + (__u32)first };
+	if (first == last) {
+		dirty_cb(0, &dc);
+		return;
+	}
+	bpf_loop((__u32)(last - first + 1), dirty_cb, &dc, 0);
+}
+
+static __always_inline struct br_grace *grace_enter(void)
+{
+	__u32 k = 0;
+	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
+
+	if (g)
+		__sync_fetch_and_add(&g->active, 1);
+	return g;
+}
+
+static __always_inline void grace_exit(struct br_grace *g)
+{
+	if (g && __sync_fetch_and_add(&g->active, -1) == 1)
+		__sync_fetch_and_add(&g->quiet, 1);
+}
+
+/* the records of one stamped bio (or calibration read) */
+static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
+				     struct br_walk *w, __u32 size)
+{
+	__sync_fetch_and_add(&s->bios, 1);
+
+	if (w->h.rtype == BR_R_BIO) {
+		__u64 key = (__u64)bio, stamp = w->h.stamp;
+		bpf_map_update_elem(&inflight_map, &key, &stamp, BPF_ANY);
+	}
+
+	int has_data = (w->h.op == BR_OP_WRITE || w->h.rtype == BR_R_CALIB) && size > 0;
+	if (!has_data) {
+		/* flush, discard, write-zeroes, secure erase, empty PREFLUSH */
+		struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
+		if (!r) {
+			count_drop(s, 0);
+			return;
+		}
+		__builtin_memcpy(r, &w->h, sizeof(*r));
+		r->seq = next_seq(s);
+		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
+		bpf_ringbuf_submit(r, 0);
+		return;
+	}
+
+	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
+	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
+	w->done = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	w->remaining = size;
+	w->piece = c->piece;
+	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)
+		w->piece = BR_MAX_PIECE;
+	bpf_loop(size / PIECE + 2, record_cb, w, 0);
+	if (w->remaining)
+		__sync_fetch_and_add(&s->truncs, 1);
+}
+
 static __always_inline int handle_bio(struct bio *bio)
 {
 	__u32 k = 0;
@@ -332,6 +480,7 @@ static __always_inline int handle_bio(struct bio *bio)
 	__u64 part_start = BPF_CORE_READ(bdev, bd_start_sect);
 	__u16 rtype = BR_R_BIO;
 	__u32 flags = 0;
+	struct br_dev *d = 0;
 	__u8 op;
 
 	if (c->calib_tgid && (pt >> 32) == c->calib_tgid) {
@@ -339,7 +488,7 @@ static __always_inline int handle_bio(struct bio *bio)
 		flags = BR_F_CALIB;
 		op = BR_OP_NONE;
 	} else {
-		struct br_dev *d = bpf_map_lookup_elem(&dev_map, &dev);
+		d = bpf_map_lookup_elem(&dev_map, &dev);
 		if (d && d->traced == 1) {
 			/* a traced partition (or disk): sectors relative to it */
 			if (sector >= part_start)
@@ -363,7 +512,11 @@ static __always_inline int handle_bio(struct bio *bio)
 	struct br_walk w = {};
 	w.c = c;
 	w.s = s;
+	struct br_grace *g = grace_enter();  /* before the stamp: see grace_map */
 	w.h.stamp = __sync_fetch_and_add(&s->stamp, 1);
+	/* the dirty map first: before any reservation can fail */
+	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
+		mark_dirty(s, d, w.h.stamp, sector, size);
 	w.h.ktime_ns = bpf_ktime_get_ns();
 	w.h.sector = sector;
 	w.h.part_start = part_start;
@@ -377,38 +530,8 @@ static __always_inline int handle_bio(struct bio *bio)
 	w.h.op = op;
 	w.h.flags = flags | norm_flags(opf);
 	bpf_get_current_comm(&w.h.comm, sizeof(w.h.comm));
-	__sync_fetch_and_add(&s->bios, 1);
-
-	if (rtype == BR_R_BIO) {
-		__u64 key = (__u64)bio, stamp = w.h.stamp;
-		bpf_map_update_elem(&inflight_map, &key, &stamp, BPF_ANY);
-	}
-
-	int has_data = (op == BR_OP_WRITE || rtype == BR_R_CALIB) && size > 0;
-	if (!has_data) {
-		/* flush, discard, write-zeroes, secure erase, empty PREFLUSH */
-		struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
-		if (!r) {
-			count_drop(s, 0);
-			return 0;
-		}
-		__builtin_memcpy(r, &w.h, sizeof(*r));
-		r->seq = next_seq(s);
-		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-		bpf_ringbuf_submit(r, 0);
-		return 0;
-	}
-
-	w.iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
-	w.idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w.done = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
-	w.remaining = size;
-	w.piece = c->piece;
-	if (w.piece < PIECE || w.piece > BR_MAX_PIECE)
-		w.piece = BR_MAX_PIECE;
-	bpf_loop(size / PIECE + 2, record_cb, &w, 0);
-	if (w.remaining)
-		__sync_fetch_and_add(&s->truncs, 1);
+	emit_bio(bio, c, s, &w, size);
+	grace_exit(g);
 	return 0;
 }
 
@@ -472,6 +595,25 @@ static long chain_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+/* a write-type completion with an error: remember its range (before any
+ * reservation, so it is known even when the record is dropped) */
+static __always_inline void note_error(struct br_state *s, __u32 dev, __u64 sector,
+				       __u32 bytes, __u32 error)
+{
+	__u64 n = __sync_fetch_and_add(&s->write_errs, 1);
+	__u32 k = (__u32)(n & (BR_ERR_SLOTS - 1));
+	struct br_err *e = bpf_map_lookup_elem(&err_map, &k);
+
+	if (!e)
+		return;
+	e->sector = sector;
+	e->ktime_ns = bpf_ktime_get_ns();
+	e->dev = dev;
+	e->bytes = bytes;
+	e->error = error;
+	__sync_lock_test_and_set(&e->n, n + 1);  /* last: the slot is complete */
+}
+
 static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
 {
 	__u32 k = 0;
@@ -503,13 +645,16 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 		if (!d || d->traced != 1)
 			return 0;
 	}
+	__u64 sector = BPF_CORE_READ(rq, __sector);
+	if (error)
+		note_error(s, dev, sector >= part_start ? sector - part_start : 0,
+			   nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
 	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
 	if (!r) {
 		count_drop(s, 0);
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
-	__u64 sector = BPF_CORE_READ(rq, __sector);
 	r->h.seq = next_seq(s);
 	r->h.ktime_ns = bpf_ktime_get_ns();
 	r->h.aux = s->stamp;
@@ -561,21 +706,27 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 		return 0;
 	__u64 stamp = *sp;
 	bpf_map_delete_elem(&inflight_map, &key);
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u8 bstatus = BPF_CORE_READ(bio, bi_status);
+	if (bstatus && norm_op(opf) != BR_OP_FLUSH && norm_op(opf) != BR_OP_NONE) {
+		/* bi_iter has advanced by completion time: the range is unknown
+		 * here, the tracer resyncs the whole device (bytes = 0) */
+		note_error(s, BPF_CORE_READ(bdev, bd_dev), 0, 0, bstatus);
+	}
 	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
 	if (!r) {
 		count_drop(s, 0);
 		return 0;
 	}
 	__builtin_memset(r, 0, sizeof(*r));
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
 	r->h.seq = next_seq(s);
 	r->h.ktime_ns = bpf_ktime_get_ns();
 	r->h.aux = s->stamp;
 	r->h.dev = BPF_CORE_READ(bdev, bd_dev);
 	r->h.opf = opf;
 	r->h.op = norm_op(opf);
-	r->h.error = BPF_CORE_READ(bio, bi_status);
+	r->h.error = bstatus;
 	r->h.rtype = BR_R_COMPLETE;
 	r->h.flags = norm_flags(opf);
 	r->h.len = 8;

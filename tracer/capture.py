@@ -1,17 +1,27 @@
 """Load the capture programs, configure them, attach them, and talk to them.
 
 `Capture` owns one loaded copy of bpf/build/blkrewind.bpf.o: its maps
-(configuration, counters, traced devices, ring buffer), its links, and the
-two programs the tracer runs on demand through BPF_PROG_TEST_RUN: `point`
-(a mark or internal point stamped from the same counter as the writes) and
-`reader` (kernel memory reads for the direct-map discovery).
+(configuration, counters, traced devices, ring buffer, dirty map), its links,
+and the two programs the tracer runs on demand through BPF_PROG_TEST_RUN:
+`point` (a mark or internal point stamped from the same counter as the writes)
+and `reader` (kernel memory reads for the direct-map discovery).
+
+The dirty map (docs/internals.md, "Gaps and resync") is sized before load from
+the traced devices (`region_layout`), read through a shared mapping
+(`dirty()`, zero copy), and `grace()` waits until every bio program that took
+a stamp before the call has finished.
 """
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import struct
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from blkrewind import record
 from blkrewind.errors import UserError
@@ -30,11 +40,11 @@ class Cfg(ctypes.Structure):
     _fields_ = [("page_offset_base", ctypes.c_uint64), ("vmemmap_base", ctypes.c_uint64),
                 ("enabled_ktime", ctypes.c_uint64), ("page_struct_size", ctypes.c_uint32),
                 ("enabled", ctypes.c_uint32), ("calib_tgid", ctypes.c_uint32),
-                ("piece", ctypes.c_uint32)]
+                ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
 STATE_FIELDS = ("stamp", "seq", "drops", "drop_bytes", "bios", "bytes", "read_errs", "truncs",
-                "completes", "old_bios")
+                "completes", "old_bios", "write_errs", "dirty_races")
 
 
 class State(ctypes.Structure):
@@ -46,7 +56,69 @@ class State(ctypes.Structure):
 
 class Dev(ctypes.Structure):
     _fields_ = [("part_start", ctypes.c_uint64), ("traced", ctypes.c_uint32),
-                ("traced_dev", ctypes.c_uint32)]
+                ("region_shift", ctypes.c_uint32), ("region_base", ctypes.c_uint32),
+                ("nregions", ctypes.c_uint32)]
+
+
+class Grace(ctypes.Structure):
+    _fields_ = [("active", ctypes.c_uint64), ("quiet", ctypes.c_uint64)]
+
+
+class Err(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_uint64), ("sector", ctypes.c_uint64), ("ktime_ns", ctypes.c_uint64),
+                ("dev", ctypes.c_uint32), ("bytes", ctypes.c_uint32), ("error", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
+
+
+ERR_SLOTS = 64               # BR_ERR_SLOTS in the BPF source
+MIN_REGION_SHIFT = 16        # 64 KiB
+MAX_REGIONS_SHIFT = 20       # at most 2^20 regions per device
+
+
+@dataclass(frozen=True)
+class Regions:
+    """One traced device's part of the dirty map."""
+    kdev: int
+    base: int                # index of its first region in dirty_map
+    shift: int               # region size = 1 << shift bytes
+    count: int
+
+    @property
+    def region_bytes(self) -> int:
+        return 1 << self.shift
+
+
+def region_shift(size_bytes: int) -> int:
+    """The smallest power of two >= 64 KiB that splits size_bytes in <= 2^20 regions."""
+    shift = MIN_REGION_SHIFT
+    while (size_bytes + (1 << shift) - 1) >> shift > 1 << MAX_REGIONS_SHIFT:
+        shift += 1
+    return shift
+
+
+def region_layout(devs) -> list[Regions]:
+    """Dirty-map ranges for devices given as (kdev, size_bytes) pairs, in order."""
+    out, base = [], 0
+    for kdev, size in devs:
+        shift = region_shift(size)
+        n = max(1, (size + (1 << shift) - 1) >> shift)
+        out.append(Regions(kdev, base, shift, n))
+        base += n
+    return out
+
+
+def _possible_cpus() -> int:
+    """Number of possible CPUs (per-CPU map values come one per possible CPU)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            spec = f.read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        n = max(n, int(hi or lo) + 1)
+    return n
 
 
 class Point(ctypes.Structure):
@@ -60,7 +132,7 @@ class RdBuf(ctypes.Structure):
 
 
 _CHECKED_STRUCTS = {"br_cfg": Cfg, "br_state": State, "br_dev": Dev, "br_point": Point,
-                    "br_rdbuf": RdBuf}
+                    "br_rdbuf": RdBuf, "br_grace": Grace, "br_err": Err}
 
 ATTACH = {  # what: [(program, where), ...] in order of preference
     "queue": [("capture_btf", "tp_btf/block_bio_queue"), ("capture_raw", "raw_tp/block_bio_queue")],
@@ -85,7 +157,8 @@ def check_layouts(path: str) -> None:
 
 
 class Capture:
-    def __init__(self, ring_bytes: int = 64 << 20, obj_path: str | None = None):
+    def __init__(self, ring_bytes: int = 64 << 20, obj_path: str | None = None,
+                 dirty_regions: int = 1):
         path = str(obj_path or object_path())
         if not os.path.exists(path):
             raise UserError(f"BPF object {path} is missing: build it with 'python bpf/build.py' "
@@ -98,16 +171,22 @@ class Capture:
             raise UserError(str(e)) from None
         programs = {p for opts in ATTACH.values() for p, _ in opts} | {"point", "reader"}
         try:
-            self.obj = L.BpfObject(path, autoload=programs, max_entries={"rb": ring_bytes})
+            self.obj = L.BpfObject(path, autoload=programs,
+                                   max_entries={"rb": ring_bytes,
+                                                "dirty_map": max(1, dirty_regions)})
         except L.BpfError as e:
             raise UserError(f"cannot load the BPF programs: {e.strerror or e} "
                             f"({_load_hint(e)})") from None
         self.ring_bytes = ring_bytes
         self.path = path
-        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64)
+        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
         self.fd = {m: self.obj.map_fd(m) for m in
-                   ("cfg_map", "state_map", "dev_map", "point_map", "rd_map", "rb", "inflight_map")}
+                   ("cfg_map", "state_map", "dev_map", "point_map", "rd_map", "rb", "inflight_map",
+                    "dirty_map", "grace_map", "err_map")}
         self.attached: dict[str, str] = {}
+        self.dirty_regions = max(1, dirty_regions)
+        self._ncpu = _possible_cpus()
+        self._dirty_mm: mmap.mmap | None = None
 
     # -- attach -------------------------------------------------------------
     def attach(self, required=("queue", "rq_complete"), optional=("bio_complete",)) -> dict[str, str]:
@@ -135,8 +214,69 @@ class Capture:
         self.cfg.page_struct_size = page_struct_size
         self.push_cfg()
 
-    def add_device(self, kdev: int, part_start: int) -> None:
-        L.map_update(self.fd["dev_map"], ctypes.c_uint32(kdev), Dev(part_start=part_start, traced=1))
+    def add_device(self, kdev: int, part_start: int, regions: Regions | None = None) -> None:
+        dev = Dev(part_start=part_start, traced=1)
+        if regions is not None:
+            if regions.base + regions.count > self.dirty_regions:
+                raise ValueError("the dirty map is smaller than the device's regions")
+            dev.region_shift, dev.region_base, dev.nregions = (regions.shift, regions.base,
+                                                               regions.count)
+        L.map_update(self.fd["dev_map"], ctypes.c_uint32(kdev), dev)
+
+    def set_dirty_tracking(self, on: bool) -> None:
+        """The dirty map is kept by default; off only to measure what it costs."""
+        self.cfg.dirty = int(on)
+        self.push_cfg()
+
+    # -- the dirty map, the grace period, write errors -----------------------
+    def dirty(self) -> np.ndarray:
+        """The whole dirty map as a read-only u64 array over the kernel's memory (live)."""
+        if self._dirty_mm is None:
+            size = (self.dirty_regions * 8 + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE
+            self._dirty_mm = mmap.mmap(self.fd["dirty_map"], size, mmap.MAP_SHARED, mmap.PROT_READ)
+        return np.frombuffer(self._dirty_mm, dtype="<u8", count=self.dirty_regions)
+
+    def grace_counters(self) -> list[tuple[int, int]]:
+        """(active, quiet) of every possible CPU."""
+        vals = (Grace * self._ncpu)()
+        L.map_lookup(self.fd["grace_map"], K0, vals)
+        return [(int(v.active), int(v.quiet)) for v in vals]
+
+    def grace(self, timeout: float = 10.0) -> bool:
+        """Wait until every bio program that took its stamp before this call has finished
+        (its dirty-map update done, its records reserved or counted as dropped). A CPU is
+        past when its active count is seen at 0, or its quiet count (times active fell to 0)
+        moved. False on timeout (a program cannot run that long: something is wrong)."""
+        start = self.grace_counters()
+        waiting = {i for i, (active, _) in enumerate(start) if active}
+        deadline = time.monotonic() + timeout
+        delay = 20e-6
+        while waiting:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.002)
+            now = self.grace_counters()
+            waiting = {i for i in waiting if now[i][0] and now[i][1] == start[i][1]}
+        return True
+
+    def errors(self, since: int) -> tuple[list[Err], int, bool]:
+        """Write errors number since.. (the state's write_errs): (errors, new count,
+        complete). complete is False when more errors happened than err_map remembers."""
+        total = self.state().write_errs
+        out: list[Err] = []
+        first = max(since, total - ERR_SLOTS)
+        for n in range(first, total):
+            e = Err()
+            for _ in range(1000):  # the slot is written just after the counter moved
+                L.map_lookup(self.fd["err_map"], ctypes.c_uint32(n % ERR_SLOTS), e)
+                if e.n >= n + 1:
+                    break
+                time.sleep(0.0001)
+            if e.n != n + 1:  # overwritten by a newer error, or never completed
+                return out, total, False
+            out.append(e)
+        return out, total, first == since
 
     def init_counters(self, stamp_base: int, seq_base: int = 1) -> None:
         L.map_update(self.fd["state_map"], K0, State(stamp=stamp_base, seq=seq_base))
@@ -166,6 +306,20 @@ class Capture:
         out = L.map_lookup(self.fd["point_map"], K0, Point())
         return int(out.stamp), bool(out.ok)
 
+    def prog_stats(self, name: str) -> tuple[int, int]:
+        """(run_time_ns, run_cnt) of a loaded program: kernel BPF stats, counted while an
+        fd from libbpf.enable_run_stats() is open (benches)."""
+        lib = L.lib()
+        f = lib.bpf_obj_get_info_by_fd
+        f.restype, f.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.c_void_p,
+                                               ctypes.POINTER(ctypes.c_uint32)]
+        info = ctypes.create_string_buffer(256)  # struct bpf_prog_info (its first 216 bytes)
+        n = ctypes.c_uint32(256)
+        if f(self.obj.prog_fd(name), info, ctypes.byref(n)) != 0:
+            raise L.BpfError(ctypes.get_errno(), f"bpf_obj_get_info_by_fd {name}")
+        run_time_ns, run_cnt = struct.unpack_from("<QQ", info.raw, 192)
+        return run_time_ns, run_cnt
+
     # -- kernel memory reads (calibration) ------------------------------------
     def _reader(self, op: int, addr: int = 0, length: int = 0) -> tuple[int, RdBuf]:
         ret = L.test_run(self.obj.prog_fd("reader"), struct.pack("<3Q", op, addr, length))
@@ -194,6 +348,12 @@ class Capture:
                 self.push_cfg()
             except Exception:
                 pass
+            if self._dirty_mm is not None:
+                try:
+                    self._dirty_mm.close()
+                except BufferError:  # a numpy view still exists: the GC unmaps it
+                    pass
+                self._dirty_mm = None
             self.obj.close()
             self.obj = None
 
