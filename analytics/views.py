@@ -15,8 +15,8 @@ devices -- one row per traced device
     sessions          how many sessions traced it
     first_time        start of its first session
     last_time         end of its last session (or its newest record while tracing)
-    restorable_from   earliest restorable time (end of the first baseline)
-    restorable_to     latest restorable time (newest watermark)
+    restorable_from   earliest restorable time (end of the first baseline, or the prune point)
+    restorable_to     latest restorable time (there may be gaps in between: see restorable)
 
 writes -- one row per bio (not per payload piece)
     time              when the bio was submitted
@@ -54,19 +54,27 @@ sessions -- one row per tracing session
     drops             records the kernel lost (ring buffer full), from the loss reports
     version, kernel   tracer version, kernel release
 
-restorable -- one row per (device, session): what `restore` can rebuild
+restorable -- one row per restorable interval of a device in a session: what `restore`
+can rebuild (a session with gaps has several; docs/internals.md "Gaps and resync")
     device, session
-    from_stamp, to_stamp   restorable stamps (NULL when nothing is)
+    from_stamp, to_stamp   the interval's stamps, both restorable (NULL when nothing is)
     from_time, to_time     the same as times (to_time: the session end after a clean end)
     baseline_end           stamp at which the device's baseline finished (NULL: never)
     reason                 why nothing is restorable (NULL when something is)
 
-gaps -- sessions whose history stops at a gap
-    session, devices
-    stamp             the first incomplete or missing stamp
-    reason            why
-    watermark         the last consistent stamp before it
-    stamps_after      stamps ingested past it
+gaps -- one row per gap window of a device: stamps not restorable because a record was
+lost or is incomplete, until a resync of the device made it whole again
+    session, device
+    stamp             the first lost or incomplete stamp of the window
+    last_stamp        the last stamp of the window (NULL: open, not resynced yet)
+    resumed           stamp from which the device is restorable again (the resync's end)
+    time, resumed_time  the same as times
+    missing           lost or incomplete stamps in the window
+    cause             the resync's cause (ring full, log full, write error, ...), or
+                      'not resynced (yet)' with the kernel's loss count
+    reason            what is wrong with the first stamp (missing, incomplete, read error, ...)
+    watermark         the last restorable stamp of the device before the window
+    stamps_after      complete stamps ingested inside the window (never exposed)
 
 loss -- the kernel's loss reports (R_LOSS)
     session, time
@@ -136,7 +144,9 @@ def view_sql(db: str) -> dict[str, str]:
                    (SELECT list(sd.device ORDER BY sd.device) FROM {t}.session_devices sd
                      WHERE sd.session = m.session) AS devices,
                    m.tgid AS pid, m.comm,
-                   coalesce((SELECT bool_and(coalesce(m.stamp BETWEEN sd.restorable_from AND sd.restorable_to, FALSE))
+                   coalesce((SELECT bool_and(EXISTS (SELECT 1 FROM {t}.restorable r
+                                WHERE r.session = sd.session AND r.dev = sd.dev
+                                  AND m.stamp BETWEEN r.from_stamp AND r.to_stamp))
                                FROM {t}.session_devices sd WHERE sd.session = m.session),
                             FALSE) AS restorable
               FROM {t}.marks m""",
@@ -152,17 +162,19 @@ def view_sql(db: str) -> dict[str, str]:
                    s.version, s.kernel
               FROM {t}.sessions s""",
         "restorable": f"""
-            SELECT sd.device, sd.session, sd.restorable_from AS from_stamp,
-                   sd.restorable_to AS to_stamp, {_ts('sd.from_ns')} AS from_time,
-                   {_ts('sd.to_ns')} AS to_time, sd.baseline_end,
-                   CASE WHEN sd.restorable_from IS NOT NULL THEN NULL
+            SELECT sd.device, sd.session, r.from_stamp, r.to_stamp, {_ts('r.from_ns')} AS from_time,
+                   {_ts('r.to_ns')} AS to_time, sd.baseline_end,
+                   CASE WHEN r.from_stamp IS NOT NULL THEN NULL
                         WHEN s.stamp_base IS NULL THEN 'the session start is not ingested yet'
+                        WHEN p.whole THEN 'pruned'
                         WHEN sd.baseline_end IS NULL THEN 'the baseline never finished'
                         WHEN s.watermark IS NULL THEN 'no consistent stamp yet'
                              || coalesce(': ' || s.gap_reason, '')
-                        ELSE 'the watermark is before the end of the baseline'
+                        ELSE 'the history stops before the end of the baseline'
                              || coalesce(': ' || s.gap_reason, '') END AS reason
-              FROM {t}.session_devices sd JOIN {t}.sessions s USING (session)""",
+              FROM {t}.session_devices sd JOIN {t}.sessions s USING (session)
+              LEFT JOIN {t}.restorable r ON r.session = sd.session AND r.dev = sd.dev
+              LEFT JOIN {t}.pruned p ON p.session = sd.session AND p.dev = sd.dev""",
         "devices": f"""
             SELECT d.device, d.host, d.name, d.path, d.size_bytes,
                    count(DISTINCT sd.session) AS sessions,
@@ -175,12 +187,17 @@ def view_sql(db: str) -> dict[str, str]:
               JOIN {t}.sessions s ON s.session = sd.session
              GROUP BY d.device, d.host, d.name, d.path, d.size_bytes""",
         "gaps": f"""
-            SELECT s.session,
-                   (SELECT list(sd.device ORDER BY sd.device) FROM {t}.session_devices sd
-                     WHERE sd.session = s.session) AS devices,
-                   s.first_gap AS stamp, s.gap_reason AS reason, s.watermark,
-                   s.after_gap AS stamps_after
-              FROM {t}.sessions s WHERE s.first_gap IS NOT NULL""",
+            SELECT w.session, sd.device, w.from_stamp AS stamp, w.last_stamp, w.resumed,
+                   {_ts('w.from_ns')} AS time, {_ts('w.resumed_ns')} AS resumed_time,
+                   w.stamps AS missing, w.cause, w.reason,
+                   (SELECT max(r.to_stamp) FROM {t}.restorable r WHERE r.session = w.session
+                      AND r.dev = w.dev AND r.to_stamp < w.from_stamp) AS watermark,
+                   CASE WHEN w.resumed IS NOT NULL THEN w.resumed - w.from_stamp - w.stamps
+                        ELSE (SELECT greatest(ss.scanned_to + 1 - w.from_stamp - w.stamps, 0)
+                                FROM {t}.scan_state ss WHERE ss.session = w.session) END
+                     AS stamps_after
+              FROM {t}.gap_windows w
+              LEFT JOIN {t}.session_devices sd ON sd.session = w.session AND sd.dev = w.dev""",
         "loss": f"""
             SELECT l.session, {_ts('l.time_ns')} AS time, l.drops, l.drop_bytes, l.read_errs,
                    l.truncs, l.counters

@@ -10,8 +10,12 @@ A point is written as
 
 `resolve` maps a point to (session, stamp) for one device, or raises
 NotRestorable saying why not: an unknown mark (listing the known ones), a
-point before the device's baseline finished, a point past the consistent
-watermark (naming the first gap), a time outside every restorable interval.
+point before the device's baseline finished, a point inside a gap window
+(naming its cause and the nearest restorable points before and after it), a
+point past the last restorable stamp (naming the gap that stops it), a point
+pruned away ("pruned: the oldest restorable point of DEV is ..."), a time
+outside every restorable interval. The intervals are the `restorable` table
+(replayer/watermark.py).
 A time T lands on the largest stamp of the session whose record time is <= T
 (internals.md). A mark name used more than once means the newest; a note on
 stderr says so.
@@ -114,26 +118,67 @@ class _Sess:
     first_gap: int | None
     gap_reason: str | None
     end_stamp: int | None
-    restorable_from: int | None
-    restorable_to: int | None
-    from_ns: int | None
-    to_ns: int | None
     start_ns: int | None
+    intervals: list          # [(from_stamp, to_stamp, from_ns, to_ns)], in order
+    windows: list            # [(from_stamp, last_stamp|None, resumed|None, cause, reason)]
+    pruned: tuple | None     # (stamp, whole) when `blkrewind prune` folded history away
+
+    @property
+    def restorable_to(self):
+        return self.intervals[-1][1] if self.intervals else None
 
 
 def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
     rows = store.query(
         "SELECT sd.session, sd.dev, sd.size_bytes, s.stamp_base, sd.baseline_end, s.watermark, "
-        "s.first_gap, s.gap_reason, s.end_stamp, sd.restorable_from, sd.restorable_to, "
-        "sd.from_ns, sd.to_ns, s.start_ns "
+        "s.first_gap, s.gap_reason, s.end_stamp, s.start_ns "
         "FROM session_devices sd JOIN sessions s USING (session) WHERE sd.device = ? "
         "ORDER BY coalesce(s.stamp_base, 0), sd.session", [device.device])
-    return [_Sess(*r) for r in rows]
+    ivs: dict = {}
+    for sess, dev, a, b, fn, tn in store.query(
+            "SELECT r.session, r.dev, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns FROM restorable r "
+            "JOIN session_devices sd USING (session, dev) WHERE sd.device = ? ORDER BY r.from_stamp",
+            [device.device]):
+        ivs.setdefault((sess, dev), []).append((int(a), int(b), fn, tn))
+    wins: dict = {}
+    for sess, dev, a, last, resumed, cause, reason in store.query(
+            "SELECT w.session, w.dev, w.from_stamp, w.last_stamp, w.resumed, w.cause, w.reason "
+            "FROM gap_windows w JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
+            "ORDER BY w.from_stamp", [device.device]):
+        wins.setdefault((sess, dev), []).append((int(a), last, resumed, cause, reason))
+    pr = {(sess, dev): (None if st is None else int(st), bool(whole)) for sess, dev, st, whole in
+          store.query("SELECT p.session, p.dev, p.stamp, p.whole FROM pruned p "
+                      "JOIN session_devices sd USING (session, dev) WHERE sd.device = ?",
+                      [device.device])}
+    return [_Sess(*r, ivs.get((r[0], r[1]), []), wins.get((r[0], r[1]), []), pr.get((r[0], r[1])))
+            for r in rows]
+
+
+def _oldest(sessions: list[_Sess], device: StoreDevice) -> str:
+    for s in sessions:
+        if s.intervals:
+            a, _, fn, _ = s.intervals[0]
+            return f"stamp {a} ({fmt_time(fn)}, session {s.session})"
+    return "none"
+
+
+def _nearest(s: _Sess, stamp: int) -> str:
+    """The restorable points of session s around `stamp`, for messages."""
+    before = [(b, tn) for a, b, fn, tn in s.intervals if b < stamp]
+    after = [(a, fn) for a, b, fn, tn in s.intervals if a > stamp]
+    out = []
+    if before:
+        out.append(f"stamp {before[-1][0]} ({fmt_time(before[-1][1])}) before it")
+    if after:
+        out.append(f"stamp {after[0][0]} ({fmt_time(after[0][1])}) after it")
+    return "; nearest restorable: " + (" and ".join(out) if out else "none")
 
 
 def _not_restorable_why(s: _Sess, device: StoreDevice) -> str:
     if s.stamp_base is None:
         return f"the start of session {s.session} (segment 0) is not ingested yet"
+    if s.pruned is not None and s.pruned[1]:
+        return f"its history of {device.device} was pruned"
     if s.baseline_end is None:
         return f"the baseline of {device.device} never finished in session {s.session}"
     gap = f" (first gap at stamp {s.first_gap}: {s.gap_reason})" if s.first_gap is not None else ""
@@ -143,31 +188,47 @@ def _not_restorable_why(s: _Sess, device: StoreDevice) -> str:
             f"(stamp {s.baseline_end}){gap}")
 
 
-def _check_stamp(s: _Sess, device: StoreDevice, stamp: int, what: str) -> None:
+def _check_stamp(s: _Sess, device: StoreDevice, stamp: int, what: str,
+                 sessions: list[_Sess] | None = None) -> None:
+    if any(a <= stamp <= b for a, b, _, _ in s.intervals):
+        return
     if s.stamp_base is None:
         raise NotRestorable(f"{what}: the start of session {s.session} is not ingested yet")
-    if s.baseline_end is None:
+    if s.pruned is not None and (s.pruned[1] or stamp <= s.pruned[0]):
+        raise NotRestorable(f"{what}: pruned: the oldest restorable point of {device.device} is "
+                            f"{_oldest(sessions or [s], device)}")
+    if s.baseline_end is None and s.pruned is None:
         raise NotRestorable(f"{what}: the baseline of {device.device} never finished in session "
                             f"{s.session}, so nothing in it is restorable")
-    if stamp < s.baseline_end:
+    if s.baseline_end is not None and stamp < s.baseline_end:
         raise NotRestorable(f"{what} is before the baseline of {device.device} finished "
                             f"(stamp {s.baseline_end} in session {s.session})")
-    if s.watermark is None or stamp > s.watermark:
-        if s.end_stamp is not None and stamp >= s.end_stamp and s.watermark == s.end_stamp - 1:
-            raise NotRestorable(f"{what} is after session {s.session} ended (its last stamp is "
-                                f"{s.end_stamp - 1}) and before any later session of "
-                                f"{device.device}")
-        gap = (f" (first gap at stamp {s.first_gap}: {s.gap_reason})"
-               if s.first_gap is not None else " (the LOG after it is not ingested yet)")
-        w = "none" if s.watermark is None else str(s.watermark)
+    for a, last, resumed, cause, reason in s.windows:
+        if resumed is not None and a <= stamp < resumed:
+            raise NotRestorable(
+                f"{what} is in a gap of {device.device} in session {s.session}: stamps {a}.."
+                f"{resumed - 1} are not restorable ({cause}: {reason}; resynced at stamp "
+                f"{resumed}){_nearest(s, stamp)}")
+    if s.end_stamp is not None and stamp >= s.end_stamp and s.restorable_to == s.end_stamp - 1:
+        raise NotRestorable(f"{what} is after session {s.session} ended (its last stamp is "
+                            f"{s.end_stamp - 1}) and before any later session of "
+                            f"{device.device}")
+    last = s.restorable_to
+    opened = next((w for w in s.windows if w[2] is None), None)
+    if opened is not None and stamp >= opened[0]:
+        w = "none" if last is None else str(last)
         raise NotRestorable(f"{what} is past the consistent watermark {w} of {device.device} in "
-                            f"session {s.session}{gap}")
+                            f"session {s.session} (first gap at stamp {opened[0]}: {opened[4]}; "
+                            f"{opened[3]})")
+    w = "none" if last is None else str(last)
+    raise NotRestorable(f"{what} is past the consistent watermark {w} of {device.device} in "
+                        f"session {s.session} (the LOG after it is not ingested yet)")
 
 
 def _intervals(sessions: list[_Sess]) -> str:
-    out = [f"{fmt_time(s.from_ns)} .. {fmt_time(s.to_ns)}" for s in sessions
-           if s.restorable_from is not None]
-    return "; ".join(out) if out else "none"
+    out = [f"{fmt_time(fn)} .. {fmt_time(tn)}" for s in sessions for _, _, fn, tn in s.intervals]
+    shown = out[:8] + (["..."] if len(out) > 8 else [])
+    return "; ".join(shown) if out else "none"
 
 
 def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resolved:
@@ -183,8 +244,10 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
             "UNION ALL SELECT time_ns FROM marks WHERE session = $s AND stamp = $t "
             "UNION ALL SELECT time_ns FROM points WHERE session = $s AND stamp = $t)",
             {"s": s.session, "t": stamp})
-        return Resolved(device, s.session, s.dev, stamp, s.size_bytes,
-                        None if not t or t[0] is None else int(t[0]), how)
+        tn = None if not t or t[0] is None else int(t[0])
+        if tn is None:  # a pruned point keeps its time in `restorable`
+            tn = next((fn for a, _, fn, _ in s.intervals if a == stamp), None)
+        return Resolved(device, s.session, s.dev, stamp, s.size_bytes, tn, how)
 
     if point.kind == "latest":
         s = sessions[-1]
@@ -198,40 +261,65 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
         cands = [s for s in sessions if s.stamp_base is not None and s.stamp_base <= stamp]
         if not cands:
             first = next((s.stamp_base for s in sessions if s.stamp_base is not None), None)
+            if any(s.pruned is not None for s in sessions):
+                raise NotRestorable(f"stamp {stamp}: pruned: the oldest restorable point of "
+                                    f"{device.device} is {_oldest(sessions, device)}")
             raise NotRestorable(f"stamp {stamp} is before {device.device} was traced"
                                 + (f" (its first session starts at stamp {first})" if first else ""))
         s = cands[-1]
-        _check_stamp(s, device, stamp, f"stamp {stamp}")
+        _check_stamp(s, device, stamp, f"stamp {stamp}", sessions)
         return done(s, stamp, f"stamp {stamp}")
 
     if point.kind == "time":
         t = int(point.value)
         when = f"time {fmt_time(t)}"
         for s in reversed(sessions):
-            if s.from_ns is not None and s.from_ns <= t <= s.to_ns:
+            for a, b, fn, tn in reversed(s.intervals):
+                if fn is None or tn is None or not fn <= t <= tn:
+                    continue
                 row = store.query_one(
                     "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
+                    "AND stamp BETWEEN $a AND $b "
                     "UNION ALL SELECT stamp, time_ns FROM marks WHERE session = $s "
-                    "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s) "
-                    "WHERE time_ns <= $t AND stamp <= $w",
-                    {"s": s.session, "t": t, "w": s.restorable_to})
-                stamp = int(row[0]) if row and row[0] is not None else s.restorable_from
-                stamp = max(stamp, s.restorable_from)
+                    "AND stamp BETWEEN $a AND $b "
+                    "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s "
+                    "AND stamp BETWEEN $a AND $b) WHERE time_ns <= $t",
+                    {"s": s.session, "t": t, "a": a, "b": b})
+                stamp = int(row[0]) if row and row[0] is not None else a
+                stamp = max(stamp, a)
                 return done(s, stamp, f"{when} (stamp {stamp})")
         # why not: find the session the time falls in
         inside = [s for s in sessions if s.start_ns is not None and s.start_ns <= t]
         if not inside:
+            if any(s.pruned is not None for s in sessions):
+                raise NotRestorable(f"{when}: pruned: the oldest restorable point of "
+                                    f"{device.device} is {_oldest(sessions, device)}")
             raise NotRestorable(f"{when} is before {device.device} was traced; restorable: "
                                 f"{_intervals(sessions)}")
         s = inside[-1]
-        if s.restorable_from is not None and t < s.from_ns:
+        first = s.intervals[0] if s.intervals else None
+        if s.pruned is not None and (s.pruned[1] or (first is not None and t < first[2])):
+            raise NotRestorable(f"{when}: pruned: the oldest restorable point of "
+                                f"{device.device} is {_oldest(sessions, device)}")
+        if first is not None and t < first[2]:
             raise NotRestorable(f"{when} is before the baseline of {device.device} finished "
-                                f"({fmt_time(s.from_ns)}, stamp {s.baseline_end})")
-        if s.restorable_from is not None and t > s.to_ns and s is sessions[-1] and s.end_stamp is None:
-            gap = (f" (first gap at stamp {s.first_gap}: {s.gap_reason})"
-                   if s.first_gap is not None else "")
-            raise NotRestorable(f"{when} is past the consistent watermark {s.watermark} of "
-                                f"{device.device} ({fmt_time(s.to_ns)}){gap}")
+                                f"({fmt_time(first[2])}, stamp {s.baseline_end})")
+        if first is not None:
+            prev = [iv for iv in s.intervals if iv[3] is not None and iv[3] < t]
+            nxt = [iv for iv in s.intervals if iv[2] is not None and iv[2] > t]
+            if prev and nxt:
+                w = next((w for w in s.windows if w[0] > prev[-1][1]), None)
+                why = f" ({w[3]}: {w[4]})" if w else ""
+                raise NotRestorable(
+                    f"{when} is in a gap of {device.device} in session {s.session}{why}; "
+                    f"nearest restorable: {fmt_time(prev[-1][3])} (stamp {prev[-1][1]}) before "
+                    f"it and {fmt_time(nxt[0][2])} (stamp {nxt[0][0]}) after it")
+            if prev and s is sessions[-1] and s.end_stamp is None:
+                gap = (f" (first gap at stamp {s.first_gap}: {s.gap_reason})"
+                       if s.first_gap is not None else "")
+                raise NotRestorable(f"{when} is past the consistent watermark "
+                                    f"{s.restorable_to} of {device.device} "
+                                    f"({fmt_time(prev[-1][3])}){gap}")
         raise NotRestorable(f"{when} is outside every restorable interval of {device.device}: "
                             f"{_intervals(sessions)}")
 
@@ -254,5 +342,5 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
         warn(f"note: mark {name!r} was set {len(rows)} times; using the newest "
              f"(stamp {stamp}, {fmt_time(t)})")
     s = next(x for x in sessions if x.session == session)
-    _check_stamp(s, device, int(stamp), f"mark {name!r} (stamp {stamp})")
+    _check_stamp(s, device, int(stamp), f"mark {name!r} (stamp {stamp})", sessions)
     return done(s, int(stamp), f"mark {name!r} (stamp {stamp})")

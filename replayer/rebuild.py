@@ -1,9 +1,13 @@
 """Rebuild a device as it was at a stamp: the painter's algorithm over the store.
 
 What a rebuild applies (internals.md): the session's baseline chunks of the
-device (a larger `aux` wins), then every bio of the device with stamp <= P in
-stamp order -- writes with their bytes, discard / secure erase / write-zeroes
-as zeroes, flushes as nothing. The newest version of each byte wins.
+device (a larger `aux` wins), resync chunks at their resync's start Rs (from
+the resync's end on), prune layers, then every bio of the device with stamp
+<= P in stamp order -- writes with their bytes (a failed write too: as
+captured), discard / secure erase / write-zeroes as zeroes, flushes as
+nothing. The newest position wins each byte (`extents` ranks them).
+`iter_image` streams the image a plan describes without writing it (verify,
+prune).
 
 How, with a cost that follows the device size rather than the history:
 
@@ -53,7 +57,7 @@ import pyarrow.parquet as pq
 
 from blkrewind import record
 from blkrewind.errors import StoreError, UserError
-from replayer.store import Store
+from replayer.store import HELD_POINT, Store
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
@@ -141,43 +145,119 @@ def visible_pieces(size: int, start: np.ndarray, end: np.ndarray):
     return bounds[first], bounds[last_end], win[first]
 
 
-def plan(store: Store, session: str, dev: int, stamp: int, size: int) -> Plan:
-    """The pieces of (session, dev) at `stamp`: see the module docstring."""
+@dataclass
+class Extents:
+    """Every extent of (session, dev) that can matter at or before some stamp, ranked by
+    position (later = newer): start byte, length, payload reference (file, row group,
+    row; -1 when none), zero, the stamp from which it applies (`act`) and its position."""
+    s: np.ndarray
+    n: np.ndarray
+    f: np.ndarray
+    g: np.ndarray
+    i: np.ndarray
+    z: np.ndarray
+    act: np.ndarray
+    pos: np.ndarray
+    files: dict
+
+    def upto(self, stamp: int) -> "Extents":
+        k = self.act <= stamp
+        return Extents(self.s[k], self.n[k], self.f[k], self.g[k], self.i[k], self.z[k],
+                       self.act[k], self.pos[k], self.files)
+
+
+def resync_ends(con, session: str, dev: int) -> dict[int, int]:
+    """Rs -> Re of the finished resyncs of (session, dev)."""
+    out: dict[int, int] = {}
+    for re_, start in con.execute(
+            "SELECT stamp, json_extract(payload, '$.start')::UBIGINT FROM points "
+            f"WHERE session = ? AND dev = ? AND what = 'resync_end' AND {HELD_POINT} "
+            "ORDER BY stamp",
+            [session, dev]).fetchall():
+        if start is not None:
+            out.setdefault(int(start), int(re_))
+    return out
+
+
+def extents(store: Store, session: str, dev: int, stamp: int) -> Extents:
+    """The extents of (session, dev) that apply at some stamp <= `stamp`.
+
+    Positions (internals.md, "Gaps and resync"): a baseline chunk (base.stamp = 0) is
+    under everything; a bio is at its stamp; a chunk with base.stamp = Rs > 0 is at Rs
+    (among chunks of one position a larger aux wins). A resync chunk applies from the
+    resync's end Re on (until then the range holds what the bios wrote: what a failed
+    write tried to write, for instance); a chunk `blkrewind prune` wrote (stamp <= the
+    `pruned` stamp of (session, dev)) applies from its stamp on."""
     zero_ops = ", ".join(str(o) for o in record.ZEROING_OPS)
     with store.mutex:
-        base = store.con.execute(
-            f"SELECT sector * 512 AS s, bio_size AS n, coalesce(pfile, -1) AS f, "
-            f"coalesce(prg, -1) AS g, coalesce(pidx, -1) AS i, "
-            f"(flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
-            f"FROM base WHERE session = $s AND dev = $d ORDER BY aux, seq",
-            {"s": session, "d": dev}).fetchnumpy()
-        bios = store.con.execute(
-            f"SELECT s, n, f, g, i, z FROM ("
-            f" SELECT stamp, \"offset\" AS o, sector * 512 + \"offset\" AS s, len AS n, pfile AS f, "
-            f"  prg AS g, pidx AS i, FALSE AS z FROM records "
-            f"  WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
-            f"  AND len > 0 AND pfile IS NOT NULL"
+        con = store.con
+        base = con.execute(
+            f"SELECT coalesce(stamp, 0) AS p, aux AS a, seq AS q, sector * 512 AS s, "
+            f"bio_size AS n, coalesce(pfile, -1) AS f, coalesce(prg, -1) AS g, "
+            f"coalesce(pidx, -1) AS i, (flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
+            f"FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $p",
+            {"s": session, "d": dev, "p": stamp}).fetchnumpy()
+        bios = con.execute(
+            f"SELECT stamp AS p, \"offset\" AS a, sector * 512 + \"offset\" AS s, len AS n, "
+            f" pfile AS f, prg AS g, pidx AS i, FALSE AS z FROM records "
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
+            f" AND len > 0 AND pfile IS NOT NULL"
             f" UNION ALL"
             f" SELECT stamp, 0, sector * 512, bio_size, -1, -1, -1, TRUE FROM records "
-            f"  WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
-            f"  AND \"offset\" = 0 AND bio_size > 0"
-            f") ORDER BY stamp, o",
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
+            f" AND \"offset\" = 0 AND bio_size > 0",
             {"s": session, "d": dev, "p": stamp}).fetchnumpy()
-        files = dict(store.con.execute("SELECT id, path FROM payload_files").fetchall())
+        ends = resync_ends(con, session, dev)
+        pr = con.execute("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                         [session, dev]).fetchone()
+        files = dict(con.execute("SELECT id, path FROM payload_files").fetchall())
+    pruned_to = int(pr[0]) if pr and pr[0] is not None else 0
 
     def col(t, k, dt):
         return np.asarray(t[k], dtype=dt)
 
-    s = np.concatenate([col(base, "s", np.int64), col(bios, "s", np.int64)])
-    n = np.concatenate([col(base, "n", np.int64), col(bios, "n", np.int64)])
-    f = np.concatenate([col(base, "f", np.int64), col(bios, "f", np.int64)])
-    g = np.concatenate([col(base, "g", np.int64), col(bios, "g", np.int64)])
-    i = np.concatenate([col(base, "i", np.int64), col(bios, "i", np.int64)])
-    z = np.concatenate([col(base, "z", bool), col(bios, "z", bool)])
+    bp = col(base, "p", np.int64)
+    never = np.iinfo(np.int64).max
+    if len(bp):
+        act_b = bp.copy()
+        rs = (bp > pruned_to)
+        if rs.any():
+            u, inv = np.unique(bp[rs], return_inverse=True)
+            act_b[rs] = np.array([ends.get(int(x), never) for x in u], np.int64)[inv]
+    else:
+        act_b = bp
+    pos = np.concatenate([bp, col(bios, "p", np.int64)])
+    sub = np.concatenate([col(base, "a", np.int64), col(bios, "a", np.int64)])
+    sub2 = np.concatenate([col(base, "q", np.int64), np.zeros(len(bios["p"]), np.int64)])
+    order = np.lexsort((sub2, sub, pos))
+
+    def cat(k, dt):
+        return np.concatenate([col(base, k, dt), col(bios, k, dt)])[order]
+
+    return Extents(cat("s", np.int64), cat("n", np.int64), cat("f", np.int64), cat("g", np.int64),
+                   cat("i", np.int64), cat("z", bool),
+                   np.concatenate([act_b, col(bios, "p", np.int64)])[order], pos[order],
+                   {k: store.payload_path(v) for k, v in files.items()})
+
+
+def plan(store: Store, session: str, dev: int, stamp: int, size: int) -> Plan:
+    """The pieces of (session, dev) at `stamp`: see the module docstring."""
+    return plan_extents(extents(store, session, dev, stamp).upto(stamp), size)
+
+
+def plan_extents(ex: Extents, size: int, only=None) -> Plan:
+    """The visible pieces of ranked extents. `only` (bool per extent): keep just the
+    pieces whose winner is one of those (a layer: what changed since an older point)."""
+    s, n, f, g, i, z = ex.s, ex.n, ex.f, ex.g, ex.i, ex.z
     ps, pe, w = visible_pieces(size, s, s + n)
-    is_zero = (w < 0) | z[np.maximum(w, 0)]
+    if only is not None:
+        keep = (w >= 0) & only[np.maximum(w, 0)]
+        ps, pe, w = ps[keep], pe[keep], w[keep]
+    is_zero = (w < 0) | (z[np.maximum(w, 0)] if len(z) else False)
     # merge adjacent zero pieces: a zero piece continues the previous one if it is zero too
-    zero_start = is_zero & ~np.concatenate([[False], is_zero[:-1]])
+    # (a layer's pieces need not touch: a zero run also breaks where they do not)
+    zero_start = is_zero & ~(np.concatenate([[False], is_zero[:-1]])
+                             & np.concatenate([[False], pe[:-1] == ps[1:]]))
     zs = np.flatnonzero(zero_start)
     zero_run = np.cumsum(zero_start)[is_zero] - 1
     z_end = np.zeros(len(zs), np.int64)
@@ -191,7 +271,7 @@ def plan(store: Store, session: str, dev: int, stamp: int, size: int) -> Plan:
     d_len = (pe[dm] - ps[dm])[order]
     plan_ = Plan(size=size, d_off=d_off, d_len=d_len, d_src=d_off - s[wd], d_file=f[wd],
                  d_rg=g[wd], d_idx=i[wd], z_off=ps[zs], z_len=z_end - ps[zs],
-                 files={k: store.payload_path(v) for k, v in files.items()}, extents=len(s))
+                 files=ex.files, extents=len(s))
     missing = set(np.unique(plan_.d_file).tolist()) - set(plan_.files)
     if missing:
         raise StoreError(f"the store refers to payload files it does not list ({sorted(missing)[:3]})")
@@ -399,10 +479,15 @@ def _read_row_group(path: str, rg: int):
         if len(cache) > 16:
             cache.clear()
         try:
-            pf = cache[path] = pq.ParquetFile(path, memory_map=True)
-        except OSError as e:
+            pf = cache[path] = pq.ParquetFile(path, memory_map=True,
+                                              page_checksum_verification=True)
+        except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
             raise StoreError(f"cannot read payload file {path}: {e}") from None
-    tbl = pf.read_row_group(rg, columns=["data"], use_threads=False)
+    try:  # a damaged page fails its checksum: an error, never wrong bytes
+        tbl = pf.read_row_group(rg, columns=["data"], use_threads=False)
+    except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
+        raise StoreError(f"payload file {path}, row group {rg}: {e} (damaged? "
+                         f"'blkrewind verify --store' checks the store)") from None
     arr = tbl.column("data").combine_chunks()
     bufs = arr.buffers()
     offs = np.frombuffer(bufs[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
@@ -586,6 +671,61 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
             mm.close()
         bar.close()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls, "method": how}
+
+
+def iter_image(p: Plan, *, window: int = 64 << 20, jobs: int = 2, cache_rgs: int = 8):
+    """The image the plan describes, without writing it anywhere: yields (offset, buffer)
+    for consecutive windows of `window` bytes (the last one shorter) covering [0, size).
+    Holes and zero pieces read as zeroes. Each window's row groups are read on `jobs`
+    threads; the last `cache_rgs` decoded row groups are kept (pieces of one row group
+    often span neighbouring windows). The buffer is reused: copy what you keep."""
+    order = np.argsort(p.d_off, kind="stable")
+    d_off = p.d_off[order]
+    d_end = d_off + p.d_len[order]
+    d_src = p.d_src[order]
+    d_file = p.d_file[order]
+    d_rg = p.d_rg[order]
+    d_idx = p.d_idx[order]
+    cache: dict = {}
+    buf = bytearray(min(window, p.size))
+    with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="image-read") as ex:
+        for lo in range(0, p.size, window):
+            hi = min(p.size, lo + window)
+            view = memoryview(buf)[:hi - lo]
+            view[:] = bytes(hi - lo) if hi - lo != len(buf) else _zeros(len(buf))
+            a = int(np.searchsorted(d_end, lo, side="right"))
+            e = int(np.searchsorted(d_off, hi, side="left"))
+            if e > a:
+                keys = sorted({(int(x), int(y)) for x, y in zip(d_file[a:e], d_rg[a:e])})
+                need = [k for k in keys if k not in cache]
+                for k, (offs, vals, arr) in zip(need, ex.map(
+                        lambda k: _read_row_group(p.files[k[0]], k[1]), need)):
+                    cache[k] = (offs, vals if vals.format == "B" else vals.cast("B"), arr)
+                for k in range(a, e):
+                    offs, vals, _arr = cache[(int(d_file[k]), int(d_rg[k]))]
+                    row = int(d_idx[k])
+                    src0 = int(offs[row]) + int(d_src[k])
+                    o, oe = int(d_off[k]), int(d_end[k])
+                    if src0 + (oe - o) > int(offs[row + 1]):
+                        raise _short(p, int(order[k]), row)
+                    ca, ce = max(o, lo), min(oe, hi)
+                    view[ca - lo:ce - lo] = vals[src0 + ca - o:src0 + ce - o]
+                if len(cache) > max(cache_rgs, len(keys)):
+                    for k in list(cache)[:len(cache) - max(cache_rgs, len(keys))]:
+                        if k not in keys:
+                            del cache[k]
+            yield lo, view
+
+
+_ZEROS: dict = {}
+
+
+def _zeros(n: int) -> bytes:
+    z = _ZEROS.get(n)
+    if z is None:
+        _ZEROS.clear()
+        z = _ZEROS[n] = bytes(n)
+    return z
 
 
 def _short(p: Plan, k: int, row: int) -> StoreError:

@@ -1,23 +1,62 @@
-"""The consistent watermark and what is restorable (docs/internals.md, "What is restorable").
+"""What is restorable: the scan for gaps and the restorable intervals of each device
+(docs/internals.md, "What is restorable" and "Gaps and resync").
 
-`finalize` recomputes, for every session that received records since the last
-run (`sessions.dirty`), the watermark (incrementally: stamps up to
-`sessions.complete_to` are known complete, the scan continues from there in
-stamp ranges), each device's restorable range, and the `devices` table.
-Called by LOG ingest and by the server after commits.
+`finalize` runs for every session that received rows since the last run
+(`sessions.dirty`): by `blkrewind ingest` at its end and by the server every
+~0.2 s. Its cost follows what is new, not the history:
+
+1. **The scan** (`scan_state.scanned_to`): every stamp of the session in
+   `[stamp_base, scanned_to]` has been classified complete or not. Each run
+   goes on from `scanned_to` up to the newest stamp ingested (the session's
+   end after R_END), in steps of WM_CHUNK stamps; the stamps that are missing
+   or incomplete are kept as runs in `gap_runs(session, lo, hi, reason,
+   settled)`. A run that is not *settled* (covered, for every device of the
+   session, by a finished resync) is checked again on each run: a frame
+   ingested late (segments in any order) shrinks or removes it. A settled run
+   stays as it is: the resync made the lost stamps moot, and checking them
+   again would cost a query per old loss event on every run.
+2. **The intervals**, recomputed from the small tables only (gap runs, the
+   resync points, the baseline_end points, `pruned`): for device D, a gap
+   stamp g is covered by a resync of D (R_POINT resync_start {dev, since} at
+   Rs, resync_end {dev, start: Rs} at Re) when since <= g < Rs; D is
+   restorable at P when P >= baseline_end(D) and every gap g <= P is covered
+   by a resync with Re <= P (of the covering resyncs, the earliest Re counts).
+   So D's restorable set is `[baseline_end, g1 - 1]`, `[Re1, g2 - 1]`, ...,
+   up to the first uncovered gap or the newest stamp; it goes to
+   `restorable(session, dev, from_stamp, to_stamp, from_ns, to_ns)`, and every
+   gap window `[g, Re)` (or `[g, ...)` while not covered) with its cause to
+   `gap_windows`. After `blkrewind prune` (replayer/prune.py) the row of
+   `pruned` for (session, dev) says where D's history starts: its stamp K
+   replaces baseline_end, gaps <= K no longer count (K was restorable, so each
+   of them was covered by a resync that ended before K), and kept marks older
+   than K are single-stamp intervals.
+
+The old per-session columns stay filled: `sessions.complete_to` /
+`watermark` = the last stamp of the complete prefix (`[stamp_base, W]` all
+complete), `first_gap`/`gap_reason`/`after_gap`; `session_devices.
+restorable_from/_to` = the first and the last restorable stamp of the device
+in the session (there may be gap windows in between: `restorable` says).
+
+Rescan: the scan trusts `sessions.complete_to` as it last wrote it
+(`scan_state.prefix`). Code that removes stored rows (the integrity check
+dropping a damaged batch) sets `sessions.complete_to` to the last stamp it
+knows complete (or NULL) and `dirty = TRUE`; the next run then drops its gap
+runs and scans again from there (`forget_scan` does exactly that).
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
 from blkrewind import record
-from replayer.store import Store
+from replayer.store import HELD_POINT, Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step
 _STAMPED_BAD = record.F_READERR | record.F_TRUNC
 
 
-# ============================================================ the watermark
+# ============================================================ the scan
 _STAMP_SQL = f"""
 SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete FROM (
     SELECT stamp,
@@ -55,8 +94,174 @@ def _gap_reason(con, session: str, g: int) -> str:
     return f"bio {g} is incomplete: {int(got or 0)} of {int(size or 0)} bytes captured"
 
 
+def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Runs [a, b] of stamps in (lo, hi] that are missing or incomplete."""
+    out: list[tuple[int, int]] = []
+    while lo < hi:
+        top = min(hi, lo + WM_CHUNK)
+        r = con.execute(_STAMP_SQL, {"s": session, "a": lo, "b": top}).fetchnumpy()
+        st = np.asarray(r["stamp"], np.uint64)
+        ok = np.asarray(r["complete"], bool)
+        good = np.zeros(top - lo, bool)
+        good[(st[ok] - np.uint64(lo + 1)).astype(np.int64)] = True
+        bad = ~good
+        if bad.any():
+            edge = np.diff(np.concatenate([[False], bad, [False]]).astype(np.int8))
+            starts = np.flatnonzero(edge == 1)
+            ends = np.flatnonzero(edge == -1) - 1
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                a, b = lo + 1 + a, lo + 1 + b
+                if out and out[-1][1] == a - 1:
+                    out[-1] = (out[-1][0], b)
+                else:
+                    out.append((a, b))
+        lo = top
+    return out
+
+
+def _newest_stamp(con, session: str, after: int) -> int | None:
+    row = con.execute(
+        "SELECT max(m) FROM (SELECT max(stamp) AS m FROM records WHERE session = $s AND stamp > $a "
+        "UNION ALL SELECT max(stamp) FROM marks WHERE session = $s AND stamp > $a "
+        "UNION ALL SELECT max(stamp) FROM points WHERE session = $s AND stamp > $a)",
+        {"s": session, "a": after}).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def forget_scan(con, session: str, complete_to: int | None = None) -> None:
+    """Make the next finalize scan `session` again from complete_to + 1 (stamp_base when
+    None): for code that removed stored rows. Caller holds the mutex / a transaction."""
+    con.execute("UPDATE sessions SET complete_to = ?, dirty = TRUE WHERE session = ?",
+                [complete_to, session])
+    con.execute("DELETE FROM scan_state WHERE session = ?", [session])
+
+
+def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to) -> tuple:
+    """Advance the scan of one session; returns (scanned_to, gap runs [(lo, hi, reason, settled)])."""
+    row = con.execute("SELECT scanned_to, prefix FROM scan_state WHERE session = ?",
+                      [session]).fetchone()
+    ct = None if complete_to is None else int(complete_to)
+    if row is None or row[1] is None or ct is None or int(row[1]) != ct:
+        # first run, or the complete prefix was reset by someone: start from complete_to
+        con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
+        scanned = ct if ct is not None and ct >= stamp_base - 1 else stamp_base - 1
+    else:
+        scanned = int(row[0])
+    runs = [(int(a), int(b), r, bool(s)) for a, b, r, s in con.execute(
+        "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
+        [session]).fetchall()]
+    # runs not settled: what is still missing in them (late frames fill them)
+    changed = False
+    kept = []
+    for a, b, reason, settled in runs:
+        if settled:
+            kept.append((a, b, reason, settled))
+            continue
+        sub = _bad_runs(con, session, a - 1, b)
+        if sub != [(a, b)]:
+            changed = True
+        for x, y in sub:
+            kept.append((x, y, reason if x == a else None, False))
+    # forward
+    if end_stamp is not None:
+        top = int(end_stamp) - 1
+    else:
+        top = _newest_stamp(con, session, scanned)
+        top = scanned if top is None else top
+    if top > scanned:
+        new = _bad_runs(con, session, scanned, top)
+        if new:
+            changed = True
+            if kept and new[0][0] == kept[-1][1] + 1 and not kept[-1][3]:
+                a, _, r, _ = kept.pop()
+                new[0] = (a, new[0][1])
+                kept.append((a, new[0][1], r, False))
+                new = new[1:]
+            kept.extend((a, b, None, False) for a, b in new)
+        scanned = top
+    kept = [(a, b, r if r is not None else _gap_reason(con, session, a), s)
+            for a, b, r, s in kept]
+    if changed:
+        con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
+        if kept:
+            con.executemany("INSERT INTO gap_runs VALUES (?, ?, ?, ?, ?)",
+                            [(session, a, b, r, s) for a, b, r, s in kept])
+    return scanned, kept
+
+
+# ============================================================ the intervals
+def _resyncs(con, session: str) -> dict[int, list[dict]]:
+    """dev -> [{start, since, end, cause}] of the session's resyncs (end None: not finished)."""
+    starts: dict[int, dict] = {}
+    ends: dict[tuple[int, int], int] = {}
+    for stamp, what, dev, payload in con.execute(
+            "SELECT stamp, what, dev, payload FROM points WHERE session = ? AND what IN "
+            f"('resync_start', 'resync_end') AND (what = 'resync_start' OR {HELD_POINT}) "
+            "ORDER BY stamp", [session]).fetchall():
+        try:
+            obj = json.loads(payload) if payload else {}
+        except ValueError:
+            obj = {}
+        if dev is None:
+            continue
+        if what == "resync_start":
+            since = obj.get("since")
+            if not isinstance(since, int):
+                continue
+            starts[int(stamp)] = {"dev": int(dev), "start": int(stamp), "since": since,
+                                  "end": None, "cause": obj.get("cause") or "?"}
+        elif isinstance(obj.get("start"), int):
+            ends.setdefault((int(dev), int(obj["start"])), int(stamp))
+    out: dict[int, list[dict]] = {}
+    for rs, r in sorted(starts.items()):
+        r["end"] = ends.get((r["dev"], rs))
+        out.setdefault(r["dev"], []).append(r)
+    return out
+
+
+def device_windows(runs, resyncs: list[dict], after: int | None) -> list[tuple]:
+    """Gap windows of one device: [(g, resumed or None, run_lo, resync or None)], in order,
+    ending with the first uncovered gap (resumed None). Gap stamps <= `after` are ignored."""
+    done = [r for r in resyncs if r["end"] is not None]
+    cuts = sorted({r["since"] for r in done} | {r["start"] for r in done})
+    out = []
+    for lo, hi, _reason, _s in runs:
+        if after is not None:
+            if hi <= after:
+                continue
+            lo = max(lo, after + 1)
+        pieces = [lo] + [c for c in cuts if lo < c <= hi]
+        for k, a in enumerate(pieces):
+            b = pieces[k + 1] - 1 if k + 1 < len(pieces) else hi
+            cover = [r for r in done if r["since"] <= a and b < r["start"]]
+            if not cover:
+                out.append((a, None, lo, None))
+                return out
+            best = min(cover, key=lambda r: r["end"])
+            if out and out[-1][1] == best["end"]:
+                continue  # the same window goes on (one window per covering resync)
+            out.append((a, best["end"], lo, best))
+    return out
+
+
+def _intervals(start: int, top: int, windows: list[tuple]) -> list[tuple[int, int]]:
+    """[start, top] minus the windows [g, resumed) (resumed None: to the end)."""
+    out = []
+    cur = start
+    for g, resumed, _lo, _r in windows:
+        if g > cur:
+            out.append((cur, min(g - 1, top)))
+        if resumed is None:
+            cur = top + 1
+            break
+        cur = max(cur, resumed)
+    if cur <= top:
+        out.append((cur, top))
+    return [(a, b) for a, b in out if a <= b]
+
+
 def update_watermark(con, session: str) -> None:
-    """Advance sessions.complete_to / watermark for one session (caller holds the mutex)."""
+    """Scan, then recompute the intervals and windows of one session (caller holds the mutex)."""
     row = con.execute("SELECT stamp_base, end_stamp, end_ns, complete_to FROM sessions "
                       "WHERE session = ?", [session]).fetchone()
     stamp_base, end_stamp, end_ns, ct = row
@@ -64,70 +269,155 @@ def update_watermark(con, session: str) -> None:
         con.execute("UPDATE sessions SET watermark = NULL, watermark_ns = NULL, first_gap = NULL, "
                     "gap_reason = 'the session record (segment 0) is not ingested yet', "
                     "after_gap = NULL WHERE session = ?", [session])
+        con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
         return
-    ct = int(ct) if ct is not None else int(stamp_base) - 1
-    while True:
-        lo = ct
-        hi = ct + WM_CHUNK
-        if end_stamp is not None:
-            hi = min(hi, int(end_stamp) - 1)
-        if hi <= lo:
-            break
-        r = con.execute(_STAMP_SQL, {"s": session, "a": lo, "b": hi}).fetchnumpy()
-        st = np.asarray(r["stamp"], np.uint64)
-        ok = np.asarray(r["complete"], bool)
-        if len(st) == 0:
-            break
-        good = (st == (np.uint64(lo + 1) + np.arange(len(st), dtype=np.uint64))) & ok
-        k = int(np.argmin(good)) if not good.all() else len(good)
-        ct = lo + k
-        if k < hi - lo:
-            break
+    stamp_base = int(stamp_base)
+    scanned, runs = _scan(con, session, stamp_base, end_stamp, ct)
+    prefix = runs[0][0] - 1 if runs else scanned
     first_gap = reason = after = None
-    ended = end_stamp is not None and ct >= int(end_stamp) - 1
-    if not ended:
-        g = ct + 1
-        after = con.execute(
-            "SELECT count(DISTINCT stamp) FROM (SELECT stamp FROM records WHERE session = $s AND stamp > $g "
-            "UNION ALL SELECT stamp FROM marks WHERE session = $s AND stamp > $g "
-            "UNION ALL SELECT stamp FROM points WHERE session = $s AND stamp > $g)",
-            {"s": session, "g": g}).fetchone()[0]
-        has_g = _time_of_stamp(con, session, g) is not None
-        if has_g or after or end_stamp is not None:
-            first_gap = g
-            reason = _gap_reason(con, session, g)
-        else:
-            after = None
-    wm = ct if ct >= int(stamp_base) else None
+    if runs:
+        first_gap, reason = runs[0][0], runs[0][2]
+        after = (scanned - first_gap + 1) - sum(b - a + 1 for a, b, _, _ in runs)
+    wm = prefix if prefix >= stamp_base else None
     wm_ns = _time_of_stamp(con, session, wm) if wm is not None else None
     con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
                 "first_gap = ?, gap_reason = ?, after_gap = ? WHERE session = ?",
-                [ct, wm, wm_ns, first_gap, reason, after, session])
+                [prefix, wm, wm_ns, first_gap, reason, after, session])
+    con.execute("INSERT INTO scan_state VALUES (?, ?, ?) ON CONFLICT (session) DO UPDATE SET "
+                "scanned_to = excluded.scanned_to, prefix = excluded.prefix",
+                [session, scanned, prefix])
+    _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns)
+
+
+def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns) -> None:
+    resyncs = _resyncs(con, session)
+    # (a prune layer whose payload file was dropped as damaged makes the device unrestorable)
+    pruned = {int(d): (None if s is None else int(s), t, bool(w) or bool(lost), list(k or []))
+              for d, s, t, w, k, lost in con.execute(
+                  "SELECT dev, stamp, time_ns, whole, kept, batch IS NOT NULL AND batch NOT IN "
+                  "(SELECT id FROM payload_files) FROM pruned WHERE session = ?",
+                  [session]).fetchall()}
+    drops = con.execute("SELECT max(drops) FROM loss WHERE session = ?", [session]).fetchone()[0]
+    # times of stamps known from the last run (a stamp's time never changes)
+    cache: dict[int, int | None] = {}
+    for f, t, fn, tn in con.execute("SELECT from_stamp, to_stamp, from_ns, to_ns FROM restorable "
+                                    "WHERE session = ?", [session]).fetchall():
+        cache[int(f)] = fn
+        if end_stamp is None or int(t) != int(end_stamp) - 1:
+            cache[int(t)] = tn
+
+    old_wins = con.execute("SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
+                           [session]).fetchall()
+    wfrom = {}
+    for w in old_wins:
+        wfrom[int(w[2])] = w[5]
+        if w[4] is not None:
+            cache[int(w[4])] = w[6]
+
+    def tns(stamp):
+        if stamp not in cache:
+            cache[stamp] = _time_of_stamp(con, session, stamp)
+        return cache[stamp]
+
+    def wtns(g):
+        if wfrom.get(g) is None:
+            wfrom[g] = tns(g) or tns(g - 1)
+        return wfrom[g]
+
+    devs = [int(d) for (d,) in con.execute("SELECT dev FROM session_devices WHERE session = ?",
+                                           [session]).fetchall()]
+    rows, wins = [], []
+    settled = [bool(devs)] * len(runs)
+    for dev in devs:
+        be = con.execute("SELECT stamp, time_ns FROM points WHERE session = ? AND what = 'baseline_end' "
+                         f"AND dev = ? AND {HELD_POINT} ORDER BY stamp LIMIT 1",
+                         [session, dev]).fetchone()
+        be_stamp, be_ns = (int(be[0]), be[1]) if be else (None, None)
+        if be_stamp is not None and be_ns is not None:
+            cache[be_stamp] = be_ns
+        pr = pruned.get(dev)
+        after = None
+        start = be_stamp
+        kept: list[int] = []
+        if pr is not None:
+            if pr[2]:  # the whole history of dev in this session is pruned
+                start = None
+            else:
+                after = pr[0]
+                start = pr[0] if be_stamp is None else max(be_stamp, pr[0])
+                kept = sorted(k for k in pr[3] if k < start)
+                if pr[1] is not None:
+                    cache[pr[0]] = pr[1]
+        windows = device_windows(runs, resyncs.get(dev, []), after)
+        # a resync_end whose frames are not all stored yet (its chunks may be missing):
+        # the device is not restorable from it on, for now
+        unheld = con.execute(
+            "SELECT min(stamp) FROM points WHERE session = ? AND dev = ? AND what = 'resync_end' "
+            f"AND NOT {HELD_POINT}", [session, dev]).fetchone()[0]
+        if unheld is not None:
+            windows = [w for w in windows if w[0] < int(unheld)]
+            if not windows or windows[-1][1] is not None:
+                windows.append((int(unheld), None, int(unheld), None))
+        # a run stays unsettled while some device has an uncovered gap at or before it
+        open_at = next((w[0] for w in windows if w[1] is None), None)
+        for k, (lo, hi, _, _) in enumerate(runs):
+            if open_at is not None and hi >= open_at and (after is None or hi > after):
+                settled[k] = False
+        ivs = [(k, k) for k in kept]
+        if start is not None:
+            ivs += _intervals(start, scanned, windows)
+        for a, b in ivs:
+            tn = tns(b)
+            if end_stamp is not None and b == int(end_stamp) - 1 and end_ns is not None:
+                tn = max(int(end_ns), tn or int(end_ns))
+            rows.append((session, dev, a, b, tns(a), tn))
+        for g, resumed, lo, r in windows:
+            run = next((x for x in runs if x[0] <= g <= x[1]), None)
+            if run is None:  # the unheld resync_end above
+                wins.append((session, dev, g, None, None, tns(g), None, 0,
+                             "resync not stored completely yet",
+                             f"stamp {g} ends a resync whose chunks are not all stored yet"))
+                continue
+            last = (resumed - 1) if resumed is not None else None
+            nmiss = sum(min(b, last if last is not None else b) - max(a, g) + 1
+                        for a, b, _, _ in runs if b >= g and (last is None or a <= last))
+            if r is not None:
+                cause = r["cause"]
+            elif drops:
+                cause = f"not resynced (yet); the kernel reported {int(drops)} lost records"
+            else:
+                cause = "not resynced (yet)"
+            wins.append((session, dev, g, last, resumed, wtns(g),
+                         tns(resumed) if resumed is not None else None, nmiss, cause,
+                         run[2] if g == run[0] else _gap_reason(con, session, g)))
+        mine = [r for r in rows if r[1] == dev]
+        con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
+                    "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
+                    "WHERE session = ? AND dev = ?",
+                    [be_stamp, be_ns, mine[0][2] if mine else None, mine[-1][3] if mine else None,
+                     mine[0][4] if mine else None, mine[-1][5] if mine else None, session, dev])
+    old_rows = con.execute("SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
+                           [session]).fetchall()
+    if [tuple(r) for r in old_rows] != sorted(rows, key=lambda r: (r[1], r[2])):
+        con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        if rows:
+            con.executemany("INSERT INTO restorable VALUES (?, ?, ?, ?, ?, ?)", rows)
+    if [tuple(w) for w in old_wins] != sorted(wins, key=lambda w: (w[1], w[2])):
+        con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+        if wins:
+            con.executemany("INSERT INTO gap_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", wins)
+    newly = [(session, lo) for k, (lo, hi, _, s) in enumerate(runs) if settled[k] and not s]
+    if newly:
+        con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?", newly)
 
 
 def update_devices(con, session: str) -> None:
-    """Baseline end and restorable range of each device of one session."""
-    srow = con.execute("SELECT watermark, watermark_ns, end_stamp, end_ns FROM sessions "
-                       "WHERE session = ?", [session]).fetchone()
-    wm, wm_ns, end_stamp, end_ns = srow
-    for dev, in con.execute("SELECT dev FROM session_devices WHERE session = ?",
-                            [session]).fetchall():
-        be = con.execute("SELECT stamp, time_ns FROM points WHERE session = ? AND what = 'baseline_end' "
-                         "AND dev = ? ORDER BY stamp LIMIT 1", [session, dev]).fetchone()
-        be_stamp, be_ns = (be if be else (None, None))
-        rf = rt = fns = tns = None
-        if be_stamp is not None and wm is not None and wm >= be_stamp:
-            rf, rt, fns = be_stamp, wm, be_ns
-            tns = wm_ns
-            if end_stamp is not None and wm == end_stamp - 1 and end_ns is not None:
-                tns = max(end_ns, wm_ns or end_ns)
-        con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
-                    "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
-                    "WHERE session = ? AND dev = ?", [be_stamp, be_ns, rf, rt, fns, tns, session, dev])
+    """(Kept for callers of the old API: update_watermark does it all now.)"""
 
 
 def finalize(store: Store) -> list[str]:
-    """Recompute what changed: watermarks of dirty sessions, device ranges, `devices`."""
+    """Recompute what changed: scan and intervals of dirty sessions, the `devices` table."""
     with store.mutex:
         con = store.con
         dirty = [s for (s,) in con.execute(
@@ -136,17 +426,24 @@ def finalize(store: Store) -> list[str]:
             con.execute("BEGIN")
             try:
                 update_watermark(con, s)
-                update_devices(con, s)
                 con.execute("UPDATE sessions SET dirty = FALSE WHERE session = ?", [s])
                 con.execute("COMMIT")
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
         if dirty:
-            con.execute("BEGIN")
-            con.execute("DELETE FROM devices")
-            con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
-                        "arg_max(name, session), arg_max(path, session), "
-                        "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
-            con.execute("COMMIT")
+            refresh_devices(con)
         return dirty
+
+
+def refresh_devices(con) -> None:
+    con.execute("BEGIN")
+    try:
+        con.execute("DELETE FROM devices")
+        con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
+                    "arg_max(name, session), arg_max(path, session), "
+                    "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise

@@ -77,6 +77,8 @@ class SynthSession:
         self.old_write: tuple[int, int] | None = None  # (offset, bytes) of the untraced write
         self.bios: list[tuple] = []              # (stamp, op, sector, nbytes)
         self.touched = bytearray(self.size // 512)  # sectors a traced bio has changed
+        self.device: bytearray | None = None     # what the device really holds, when it differs
+                                                 # from `image` (after a failed write)
         self.writer = LogWriter(self.log_dir, self.session, host=self.host,
                                 segment_bytes=self.segment_bytes, fsync="never")
         self._user(record.json_record(record.R_SESSION, {
@@ -155,6 +157,8 @@ class SynthSession:
                 self._kernel(rec)
             pos += ln
         self.image[offset:offset + n] = data
+        if self.device is not None:
+            self.device[offset:offset + n] = data
         self.touched[offset // 512:(offset + n) // 512] = b"\1" * (n // 512)
         self.bios.append((stamp, record.OP_WRITE, offset // 512, n))
         return stamp
@@ -179,6 +183,8 @@ class SynthSession:
             self._kernel(rec)
         if op in record.ZEROING_OPS:
             self.image[offset:offset + n] = bytes(n)
+            if self.device is not None:
+                self.device[offset:offset + n] = bytes(n)
             self.touched[offset // 512:(offset + n) // 512] = b"\1" * (n // 512)
         self.bios.append((stamp, op, offset // 512, n))
         return stamp
@@ -192,12 +198,77 @@ class SynthSession:
     def flush(self) -> int:
         return self.nodata(record.OP_FLUSH, flags=record.F_PREFLUSH)
 
-    def complete(self, stamps: list[int], *, old: bool = False) -> None:
-        """An R_COMPLETE for some bios (not stamped, like the kernel's)."""
+    def complete(self, stamps: list[int], *, old: bool = False, error: int = 0) -> None:
+        """An R_COMPLETE for some bios (not stamped, like the kernel's); `error` is the
+        blk_status_t (0 = success)."""
         payload = b"".join(int(s).to_bytes(8, "little") for s in stamps[:record.MAX_COMPLETE_BIOS])
         self._kernel(record.make_record(payload, rtype=record.R_COMPLETE, seq=self._kseq(),
                                         ktime_ns=self.tick(), dev=self.dev, aux=self.next_stamp,
-                                        flags=record.F_OLD if old else 0, bio_size=4096))
+                                        flags=record.F_OLD if old else 0, bio_size=4096,
+                                        error=error))
+
+    # ------------------------------------------------- failures and resyncs
+    def failed_write(self, offset: int, data: bytes, *, error: int = 10, **kw) -> int:
+        """A write whose completion carries an error: captured as usual (a restore before
+        the resync shows its data), but the device kept what it held before."""
+        if self.device is None:
+            self.device = bytearray(self.image)
+        keep = bytes(self.device[offset:offset + len(data)])
+        stamp = self.write(offset, data, **kw)
+        self.device[offset:offset + len(data)] = keep
+        self.complete([stamp], error=error)
+        return stamp
+
+    def checkpoint(self) -> int:
+        """The tracer's checkpoint: the stamp counter's value (nothing stamped)."""
+        return self.next_stamp
+
+    def resync(self, since: int, cause: str = "ring full", *, region: int = 64 << 10,
+               between=None) -> tuple[int, int]:
+        """What the tracer does after a loss: a stamped resync_start point (Rs), the
+        regions written by a bio with stamp >= `since` read from the device as R_BASE
+        chunks with stamp = Rs, then resync_end (Re). `between(self)` runs after the
+        start point (writes during the resync land after Rs, on top of the chunks: the
+        chunks hold the device as of Rs). From Re on the model is what the device holds."""
+        dirty = set()
+        for stamp, op, sector, n in self.bios:
+            if stamp >= since and (op == record.OP_WRITE or op in record.ZEROING_OPS) and n:
+                dirty.update(range(sector * 512 // region, (sector * 512 + n - 1) // region + 1))
+        regions = sorted(dirty)
+        stamp, kt = self._stamp()
+        rs = stamp
+        self._kernel(record.json_record(record.R_POINT, {
+            "what": "resync_start", "dev": self.dev, "since": since, "cause": cause,
+            "region_bytes": region, "regions": len(regions), "bytes": len(regions) * region},
+            stamp=rs, seq=self._kseq(), ktime_ns=kt))
+        truth = bytes(self.device if self.device is not None else self.image)
+        chunks = []
+        for r in regions:
+            off = r * region
+            n = min(region, self.size - off)
+            chunks.append((off, truth[off:off + n]))
+        if between is not None:
+            between(self)
+        for off, data in chunks:
+            seq = self._useq()
+            if data == bytes(len(data)):
+                rec = record.make_record(b"", rtype=record.R_BASE, stamp=rs, seq=seq,
+                                         dev=self.dev, sector=off // 512, bio_size=len(data),
+                                         aux=seq, flags=record.F_ZERO, ktime_ns=self.tick())
+            else:
+                rec = record.make_record(data, rtype=record.R_BASE, stamp=rs, seq=seq,
+                                         dev=self.dev, sector=off // 512, bio_size=len(data),
+                                         aux=seq, ktime_ns=self.tick())
+            self._user(rec)
+        stamp, kt = self._stamp()
+        self._kernel(record.json_record(record.R_POINT, {
+            "what": "resync_end", "dev": self.dev, "start": rs}, stamp=stamp, seq=self._kseq(),
+            ktime_ns=kt))
+        if self.device is not None:
+            self.image[:] = self.device
+            self.device = None
+        self.at_stamp[stamp] = bytes(self.image)
+        return rs, stamp
 
     # ------------------------------------------------------------- points
     def mark(self, name: str) -> int:

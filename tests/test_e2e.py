@@ -289,7 +289,8 @@ def test_trace_with_command_returns_its_status(make_loop, tmp_path):
 
 def test_lost_records_are_reported_and_never_exposed(make_loop, tmp_path):
     """A 1 MiB ring buffer under 1 MiB writes overflows: the tracer says so, the LOG
-    records the loss, and nothing past the first gap is restorable."""
+    records the loss, no restorable interval reaches into a gap window, and the
+    resync makes `latest` equal the device again."""
     loop = make_loop(size_mb=256, fill=None, dio=True)
     log, store = tmp_path / "log", tmp_path / "store"
     r = cli("trace", "--device", loop.path, "--log", log, "--ring-mb", "1",
@@ -301,15 +302,17 @@ def test_lost_records_are_reported_and_never_exposed(make_loop, tmp_path):
     cli("ingest", "--log", log, "--store", store)
     loss = json.loads(cli("sql", "--store", store, "SELECT * FROM loss", "--format", "json").stdout)
     assert loss and max(x["drops"] for x in loss) > 0
-    bad = cli("restore", "--store", store, "--device", loop.path, "--at", "latest",
-              "--to", tmp_path / "x.img", check=False)
-    # latest is the watermark: before the first lost record
-    if bad.returncode == 0:
-        rs = json.loads(cli("sql", "--store", store, "SELECT * FROM restorable", "--format",
-                            "json").stdout)
-        last = json.loads(cli("sql", "--store", store, "SELECT max(stamp) AS s FROM writes",
-                              "--format", "json").stdout)[0]["s"]
-        assert all(r_["to_stamp"] < last for r_ in rs)
+    gaps = json.loads(cli("sql", "--store", store, "SELECT * FROM gaps", "--format", "json").stdout)
+    rs = json.loads(cli("sql", "--store", store, "SELECT * FROM restorable WHERE from_stamp "
+                        "IS NOT NULL", "--format", "json").stdout)
+    assert gaps and rs
+    for g in gaps:
+        end = g["resumed"] - 1 if g["resumed"] is not None else float("inf")
+        for iv in rs:
+            assert iv["to_stamp"] < g["stamp"] or iv["from_stamp"] > end, (g, iv)
+    out = tmp_path / "x.img"
+    restore(store, loop.path, "latest", out)
+    assert same_file(out, loop.path), first_difference(out, loop.path)
 
 
 def test_odd_bio_shapes_are_captured_exactly(make_loop, tmp_path):

@@ -365,3 +365,73 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
         os.close(fd)
     assert res["method"] == "pwritev"
     assert old.read_bytes() == bytes(s.image)
+
+
+# ------------------------------------------------------------ resync chunks, write errors
+def test_write_error_then_resync(capsys, tmp_path):
+    """A write whose completion carries an error is applied as captured: before the resync's
+    end the range holds what the bio tried to write; from Re on what the device really held
+    (the resync chunk). Bios after Rs lie on top of the chunk."""
+    log = tmp_path / "log"
+    s = SynthSession(str(log), seed=71, size=1 << 20, chunk=64 << 10)
+    s.baseline()
+    s.workload(20, marks=0, snapshots=0)
+    c = s.checkpoint()
+    data = s.rng.randbytes(16 << 10)
+    bad = s.failed_write(128 << 10, data, error=10)
+    tried = s.snapshot()
+    assert s.at_stamp[tried][128 << 10:(128 << 10) + len(data)] == data
+    s.write(4096, s.rng.randbytes(8192))
+    before = s.snapshot()
+    over = s.rng.randbytes(4096)
+    rs, re_ = s.resync(c, "write error",
+                       between=lambda x: x.write((128 << 10) + 8192, over))
+    s.mark("after")
+    s.workload(10, marks=0, snapshots=0)
+    s.end()
+    store = tmp_path / "store"
+    ingest(capsys, log, store)
+    # no gap: every stamp is restorable, the failed write is shown as captured until Re
+    rc, out, err = cli_main(capsys, "sql", "--store", store,
+                            "SELECT * FROM completions WHERE error != 0", "--format", "json")
+    assert rc == 0 and f"{bad}" in out and '"error": 10' in out
+    rc, out, err = cli_main(capsys, "sql", "--store", store, "SELECT * FROM gaps",
+                            "--format", "csv")
+    assert rc == 0 and len(out.strip().splitlines()) == 1  # header only
+    assert restored(capsys, store, str(tried), tmp_path) == s.at_stamp[tried]
+    assert restored(capsys, store, str(before), tmp_path) == s.at_stamp[before]
+    img_re = restored(capsys, store, str(re_), tmp_path)
+    assert img_re == s.at_stamp[re_]
+    assert img_re[(128 << 10) + 8192:(128 << 10) + 8192 + 4096] == over   # a bio after Rs
+    assert img_re[128 << 10:(128 << 10) + 8192] != data[:8192]             # the device's data
+    assert restored(capsys, store, "after", tmp_path) == s.at_mark["after"]
+    assert restored(capsys, store, "latest", tmp_path) == bytes(s.image)
+    # between Rs and Re: what the bios wrote (the resync is not finished)
+    rc, _, err = restore(capsys, store, str(rs), tmp_path / "rs.img")
+    assert rc == 0, err
+    assert (tmp_path / "rs.img").read_bytes()[128 << 10:(128 << 10) + len(data)] == data
+
+
+def test_resync_rereads_larger_aux_wins(capsys, tmp_path):
+    """Two chunks of one resync over the same range: the larger aux (a re-read) wins;
+    both lie over the bios before Rs and under those after Re."""
+    log = tmp_path / "log"
+    s = SynthSession(str(log), seed=72, size=1 << 20, chunk=64 << 10)
+    s.baseline()
+    c = s.checkpoint()
+    s.write(0, s.rng.randbytes(64 << 10), drop_piece=0)
+    rs, re_ = s.resync(c, "ring full")
+    fresh = s.rng.randbytes(64 << 10)
+    seq = s._useq()
+    s._user(record.make_record(fresh, rtype=record.R_BASE, stamp=rs, seq=seq, aux=10**9,
+                               dev=s.dev, sector=0, bio_size=len(fresh), ktime_ns=s.tick()))
+    s.image[0:len(fresh)] = fresh
+    at_re = bytes(s.image)
+    top = s.write(4096, s.rng.randbytes(4096))
+    s.end()
+    store = tmp_path / "store"
+    ingest(capsys, log, store)
+    assert restored(capsys, store, str(re_), tmp_path) == at_re
+    assert restored(capsys, store, str(top), tmp_path) == bytes(s.image)
+    rc, _, err = restore(capsys, store, str(rs), tmp_path / "x.img")
+    assert rc == 5 and "in a gap" in err

@@ -60,8 +60,13 @@ def report(store, res, out=None) -> None:
         f"FROM session_devices sd JOIN sessions s USING (session) "
         f"WHERE sd.session IN ({marks}) ORDER BY sd.device, sd.session", res.sessions)
     for (device, session, rf, rt, fns, tns, be, base, gap, why, after, drops, dbytes) in rows:
-        if rf is not None:
-            state = f"restorable stamps {rf}..{rt} ({fmt_time(fns)} .. {fmt_time(tns)})"
+        ivs = store.query(
+            "SELECT r.from_stamp, r.to_stamp, r.from_ns, r.to_ns FROM restorable r "
+            "JOIN session_devices sd ON sd.session = r.session AND sd.dev = r.dev "
+            "WHERE r.session = ? AND sd.device = ? ORDER BY r.from_stamp", [session, device])
+        if ivs:
+            state = "restorable stamps " + ", ".join(
+                f"{a}..{b} ({fmt_time(fa)} .. {fmt_time(fb)})" for a, b, fa, fb in ivs)
         elif base is None:
             state = "not restorable yet: the session's first segment is not ingested"
         elif be is None:
@@ -69,7 +74,15 @@ def report(store, res, out=None) -> None:
         else:
             state = "not restorable: the history stops before its baseline finished"
         print(f"{device} session {session}: {state}", file=out)
-        if gap is not None:
+        wins = store.query(
+            "SELECT w.from_stamp, w.resumed, w.cause, w.reason FROM gap_windows w "
+            "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
+            "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
+        for a, resumed, cause, reason in wins:
+            tail = f"restorable again from stamp {resumed}" if resumed is not None else \
+                "not restorable after it (yet)"
+            print(f"  gap from stamp {a} ({cause or reason or 'records lost'}): {tail}", file=out)
+        if not wins and gap is not None:
             more = f"; {after} later stamp(s) in the store are not exposed" if after else ""
             print(f"  gap at stamp {gap}: {why}{more}", file=out)
         if drops:

@@ -1,0 +1,71 @@
+"""Fold history older than a duration into the base: frees the space old writes take.
+
+prune --store DIR --device DEV --keep DURATION [--keep-marks]
+
+The prune point K is the newest restorable stamp of DEV at or before now - DURATION.
+The device's image at K becomes its new base (written as new payload first); then one
+transaction drops the older base chunks and every record of DEV up to K (whole older
+sessions of DEV included), and the payload files nothing refers to any more are deleted.
+Every point after K restores exactly as before; K itself stays restorable; a point before
+it is refused ("pruned: the oldest restorable point of DEV is ...").
+
+--keep-marks keeps each restorable mark older than K restorable: the base is then the
+image at the oldest kept mark, plus, for each later kept mark (and K), only the bytes
+that changed since the previous one (what a snapshot chain stores). The writes between
+marks are still folded away: only the marks themselves (and K) stay restorable.
+
+DURATION: a number with a unit, s m h d w (e.g. 90m, 12h, 7d), or ISO-8601-ish 1d12h.
+Interrupting prune (even kill -9) leaves the store as it was or as pruned, never in between.
+The store must not be held by another writer (an ingest or a running server).
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from blkrewind.errors import UserError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> int:
+    """'7d', '12h30m', '90s', '1.5h' -> nanoseconds."""
+    t = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhdw])", t)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([smhdw])", "", t).strip():
+        raise UserError(f"{text!r} is not a duration (e.g. 90m, 12h, 7d, 1d12h)")
+    return int(sum(float(n) * _UNITS[u] for n, u in parts) * 1e9)
+
+
+def add_arguments(p):
+    p.add_argument("--store", required=True, metavar="DIR", help="the store")
+    p.add_argument("--device", required=True, metavar="DEV",
+                   help="host:name, name (loop3) or traced path (/dev/loop3)")
+    p.add_argument("--keep", required=True, metavar="DURATION",
+                   help="how much history stays restorable point by point (e.g. 7d)")
+    p.add_argument("--keep-marks", action="store_true",
+                   help="keep older marks restorable (the image at each, stored as changes)")
+    p.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="threads reading payload (default 2)")
+
+
+def run(args) -> int:
+    from replayer.points import fmt_time
+    from replayer.prune import prune
+    from replayer.store import Store
+
+    keep = parse_duration(args.keep)
+    with Store.open(args.store, write=True) as store:
+        device = store.find_device(args.device)
+        res = prune(store, device, keep_ns=keep, keep_marks=args.keep_marks,
+                    jobs=max(1, args.jobs))
+    if res.point is None:
+        print(f"nothing to prune: {res.note}", file=sys.stderr)
+        return 0
+    kept = f", {len(res.kept_marks)} older mark(s) kept" if res.kept_marks else ""
+    print(f"pruned {device.device} up to stamp {res.point} ({fmt_time(res.point_ns)}){kept}: "
+          f"{res.records} record(s) and {res.chunks_dropped} base chunk(s) dropped, "
+          f"{res.sessions_dropped} older session(s) folded away, {res.files_deleted} payload "
+          f"file(s) deleted ({res.freed_bytes / (1 << 20):.1f} MiB freed, "
+          f"{res.written_bytes / (1 << 20):.1f} MiB of new base written)", file=sys.stderr)
+    return 0

@@ -1,0 +1,482 @@
+"""`blkrewind prune`: fold the old history of one device into its base.
+
+Choice of the prune point. cutoff = now - keep. K = the newest restorable stamp of the
+device (`restorable` intervals, replayer/watermark.py) whose time is <= cutoff, moved
+before any resync of the device that is not finished at K (K in [Rs, Re): the resync's
+chunks lie under the bios between Rs and K, which the fold would put under them).
+Nothing restorable before the cutoff: nothing to do.
+
+What is kept (the layers). Without --keep-marks: one layer, the device image at K.
+With it: the restorable marks of the device older than K (M1 < ... < Mn) stay
+restorable: layer 0 is the image at M1, layer i the bytes whose newest version appeared
+in (M(i-1), Mi] -- exactly what changed between them, as a snapshot chain stores it --
+and the last layer what changed in (Mn, K]. Writes between marks are folded away: a
+kept mark is a single restorable stamp, not an interval. Layer 0 is stored as base
+chunks with stamp 0 (under everything); layer i as base chunks with stamp Mi (K for
+the last), which apply from that stamp on (rebuild.extents: chunks at or below the
+`pruned` stamp are prune layers). A layer's all-zero chunks are F_ZERO rows without
+payload (layer 0 has none: what no chunk covers reads as zeroes).
+
+Sessions. The device's sessions before K's session have their whole history of the
+device dropped (with --keep-marks, a session holding restorable marks is folded at its
+newest one instead); K's session is folded at K; later sessions are untouched.
+
+Crash safety (kill -9 at any moment). 1. The layers' payload goes to one new Parquet
+file: temp name, fsync, rename, fsync of the directory; a kill before the commit leaves
+an unreferenced file, removed by the next prune or ingest (ingest.remove_orphans).
+2. ONE DuckDB transaction: drop the device's base chunks with stamp <= K, insert the
+new ones (their payload file in `payload_files`, checksummed like ingest's), delete the
+device's records, points and completions up to K, the marks nobody can restore any
+more, and the `payload_files` rows no row refers to; upsert `pruned`; recompute the
+session's intervals (they now start at K). 3. After the commit: delete the payload files
+of the rows deleted. Rows of frames that were pruned stay recorded in `frame_ranges`, so
+a LOG ingested again does not bring them back.
+
+Marks: a mark is deleted when no device of its session can restore it any more (the
+other devices of a multi-device session keep their history); --keep-marks keeps the
+restorable ones (see above). Loss reports and `gap_runs` stay (small; gaps <= K no
+longer count for the device).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from blkrewind import record
+from blkrewind.errors import StoreError
+from replayer import rebuild, watermark
+from replayer.store import Store, StoreDevice
+
+CHUNK = 1 << 20              # bytes per new base chunk (at most)
+RG_BYTES = 4 << 20           # payload bytes per row group
+WINDOW = 64 << 20
+
+
+@dataclass
+class Result:
+    point: int | None = None          # K
+    point_ns: int | None = None
+    session: str | None = None
+    kept_marks: list = field(default_factory=list)
+    records: int = 0
+    chunks_dropped: int = 0
+    chunks_written: int = 0
+    sessions_dropped: int = 0
+    files_deleted: int = 0
+    freed_bytes: int = 0
+    written_bytes: int = 0
+    note: str = ""
+
+
+@dataclass
+class _Fold:
+    session: str
+    dev: int
+    point: int                        # K of this session
+    kept: list                        # kept marks < point
+    time_ns: int | None
+    size: int
+
+
+# ---------------------------------------------------------------- choosing K
+def _intervals(con, device: str):
+    """[(session, dev, size, from, to, from_ns, to_ns)] of the device, oldest first."""
+    return con.execute(
+        "SELECT r.session, r.dev, sd.size_bytes, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns "
+        "FROM restorable r JOIN session_devices sd USING (session, dev) "
+        "JOIN sessions s USING (session) WHERE sd.device = ? "
+        "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device]).fetchall()
+
+
+def _open_resyncs(con, session: str, dev: int) -> list[tuple[int, int | None]]:
+    out = []
+    ends = rebuild.resync_ends(con, session, dev)
+    for (rs,) in con.execute("SELECT stamp FROM points WHERE session = ? AND dev = ? AND "
+                             "what = 'resync_start'", [session, dev]).fetchall():
+        out.append((int(rs), ends.get(int(rs))))
+    return out
+
+
+def choose_point(con, device: str, cutoff_ns: int):
+    """(session, dev, size, K) or None."""
+    ivs = [iv for iv in _intervals(con, device) if iv[5] is not None and iv[5] <= cutoff_ns]
+    for sess, dev, size, a, b, fn, tn in reversed(ivs):
+        a, b = int(a), int(b)
+        if tn is not None and tn <= cutoff_ns:
+            k = b
+        else:
+            row = con.execute(
+                "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
+                "AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns FROM marks "
+                "WHERE session = $s AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns "
+                "FROM points WHERE session = $s AND stamp BETWEEN $a AND $b) "
+                "WHERE time_ns <= $t", {"s": sess, "a": a, "b": b, "t": cutoff_ns}).fetchone()
+            k = max(a, int(row[0])) if row and row[0] is not None else a
+        for rs, re_ in sorted(_open_resyncs(con, sess, dev), reverse=True):
+            if rs <= k and (re_ is None or k < re_):
+                k = rs - 1
+        if k >= a:
+            return sess, int(dev), int(size), k
+    return None
+
+
+def _restorable_marks(con, session: str, dev: int, below: int) -> list[int]:
+    return [int(s) for (s,) in con.execute(
+        "SELECT DISTINCT m.stamp FROM marks m JOIN restorable r ON r.session = m.session "
+        "AND r.dev = ? AND m.stamp BETWEEN r.from_stamp AND r.to_stamp "
+        "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below]).fetchall()]
+
+
+# ------------------------------------------------------------ materializing
+class _PayloadWriter:
+    """Rows of R_BASE payload into one Parquet file, row groups of about RG_BYTES."""
+
+    PAYLOAD_SCHEMA = pa.schema([
+        ("rtype", pa.uint16()), ("stamp", pa.uint64()), ("seq", pa.uint64()),
+        ("offset", pa.uint32()), ("data", pa.binary()),
+    ])
+
+    def __init__(self, path: str):
+        self.path = path
+        self.w = None
+        self.rows: list = []
+        self.bytes = 0
+        self.rg = 0
+        self.total = 0
+        self.nrows = 0
+
+    def add(self, stamp: int, seq: int, data: bytes) -> tuple[int, int]:
+        if self.w is None:
+            self.w = pq.ParquetWriter(self.path, self.PAYLOAD_SCHEMA, compression="lz4",
+                                      use_dictionary=False, write_statistics=False)
+        ref = (self.rg, len(self.rows))
+        self.rows.append((stamp, seq, data))
+        self.bytes += len(data)
+        self.total += len(data)
+        self.nrows += 1
+        if self.bytes >= RG_BYTES:
+            self._flush()
+        return ref
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        n = len(self.rows)
+        t = pa.table({
+            "rtype": pa.array([record.R_BASE] * n, pa.uint16()),
+            "stamp": pa.array([r[0] for r in self.rows], pa.uint64()),
+            "seq": pa.array([r[1] for r in self.rows], pa.uint64()),
+            "offset": pa.array([0] * n, pa.uint32()),
+            "data": pa.array([r[2] for r in self.rows], pa.binary())},
+            schema=self.PAYLOAD_SCHEMA)
+        self.w.write_table(t, row_group_size=n)
+        self.rows = []
+        self.bytes = 0
+        self.rg += 1
+
+    def close(self) -> bool:
+        """Finish the file; False when nothing was written (no file)."""
+        if self.w is None:
+            return False
+        self._flush()
+        self.w.close()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+
+def _chunks(a: np.ndarray, e: np.ndarray) -> list[tuple[int, int]]:
+    """Runs [a, e) (sorted, disjoint) merged where they touch, cut on the CHUNK grid."""
+    out: list[tuple[int, int]] = []
+    runs: list[list[int]] = []
+    for x, y in zip(a.tolist(), e.tolist()):
+        if runs and runs[-1][1] == x:
+            runs[-1][1] = y
+        else:
+            runs.append([x, y])
+    for x, y in runs:
+        while x < y:
+            nxt = min(y, (x // CHUNK + 1) * CHUNK)
+            out.append((x, nxt))
+            x = nxt
+    return out
+
+
+def _layer(pw: _PayloadWriter, pl: rebuild.Plan, stamp: int, zeros_too: bool, seq0: int,
+           jobs: int) -> list[tuple]:
+    """Cut one layer's pieces into chunks; payload to pw. Returns base rows
+    (stamp, seq, sector, bio_size, flags, prg, pidx)."""
+    if zeros_too:
+        a = np.concatenate([pl.d_off, pl.z_off])
+        e = np.concatenate([pl.d_off + pl.d_len, pl.z_off + pl.z_len])
+    else:
+        a, e = pl.d_off, pl.d_off + pl.d_len
+    o = np.argsort(a, kind="stable")
+    chunks = _chunks(a[o], e[o])
+    for x, y in chunks:
+        if x % 512 or (y % 512 and y != pl.size):
+            raise StoreError(f"prune: a piece at byte {x}..{y} is not sector aligned; refusing")
+    rows = []
+    k = 0
+    seq = seq0
+    if not chunks:
+        return rows
+    for lo, view in rebuild.iter_image(pl, window=WINDOW, jobs=jobs):
+        hi = lo + len(view)
+        while k < len(chunks) and chunks[k][0] < hi:
+            x, y = chunks[k]
+            data = bytes(view[x - lo:y - lo])
+            seq += 1
+            if data.count(0) == len(data):
+                if zeros_too:
+                    rows.append((stamp, seq, x // 512, y - x, record.F_ZERO, None, None))
+            else:
+                rg, idx = pw.add(stamp, seq, data)
+                rows.append((stamp, seq, x // 512, y - x, 0, rg, idx))
+            k += 1
+        if k >= len(chunks):
+            break
+    return rows
+
+
+def _materialize(store: Store, f: _Fold, pw: _PayloadWriter, seq0: int, jobs: int) -> list:
+    pts = sorted(set(f.kept)) + [f.point]
+    ex = rebuild.extents(store, f.session, f.dev, f.point)
+    rows: list = []
+    prev = None
+    for p in pts:
+        sub = ex.upto(p)
+        if prev is None:
+            pl = rebuild.plan_extents(sub, f.size)
+            rows += _layer(pw, pl, 0, False, seq0 + len(rows), jobs)
+        else:
+            pl = rebuild.plan_extents(sub, f.size, only=sub.act > prev)
+            rows += _layer(pw, pl, p, True, seq0 + len(rows), jobs)
+        prev = p
+    return rows
+
+
+# ------------------------------------------------------------------ the prune
+def _fsync_dir(d: str) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
+          jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
+    """Fold the history of `device` older than now - keep_ns (see the module docstring).
+    `store` is open for writing. `hook(stage)` is called between stages (tests)."""
+    from replayer.ingest import remove_orphans
+
+    hook = hook or (lambda stage: None)
+    res = Result()
+    remove_orphans(store)
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    cutoff = now_ns - keep_ns
+    con = store.con
+    with store.mutex:
+        got = choose_point(con, device.device, cutoff)
+        if got is None:
+            res.note = (f"{device.device} has no restorable point older than the cutoff")
+            return res
+        sess_k, dev_k, size_k, k = got
+        sessions = [tuple(r) for r in con.execute(
+            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd JOIN sessions s "
+            "USING (session) WHERE sd.device = ? ORDER BY coalesce(s.stamp_base, 0), sd.session",
+            [device.device]).fetchall()]
+        prev = con.execute("SELECT stamp, whole FROM pruned WHERE session = ? AND dev = ?",
+                           [sess_k, dev_k]).fetchone()
+        if prev is not None and prev[0] is not None and int(prev[0]) >= k:
+            res.note = (f"{device.device} is pruned up to stamp {int(prev[0])} already (the "
+                        f"cutoff gives stamp {k})")
+            return res
+        folds: list[_Fold] = []
+        drops: list[tuple[str, int]] = []
+        for sess, dev, size in sessions:
+            if sess == sess_k:
+                kept = _restorable_marks(con, sess, dev, k) if keep_marks else []
+                folds.append(_Fold(sess, int(dev), k, kept,
+                                   _point_time(con, sess, dev, k), int(size)))
+                break
+            pr = con.execute("SELECT whole FROM pruned WHERE session = ? AND dev = ?",
+                             [sess, dev]).fetchone()
+            if pr is not None and pr[0]:
+                continue
+            marks = _restorable_marks(con, sess, dev, 1 << 63) if keep_marks else []
+            if marks:
+                pk = marks[-1]
+                folds.append(_Fold(sess, int(dev), pk, marks[:-1],
+                                   _point_time(con, sess, dev, pk), int(size)))
+            else:
+                drops.append((sess, int(dev)))
+        batch = _next_batch(con)
+    hook("planned")
+    # 1. the new base layers: payload written, fsynced, renamed before anything else
+    rel = os.path.join("payload", sess_k, f"prune-{dev_k}-{k}.b{batch}.parquet")
+    final = store.payload_path(rel)
+    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
+    tmp = f"{final}.tmp{os.getpid()}"
+    pw = _PayloadWriter(tmp)
+    base_rows: dict[tuple[str, int], list] = {}
+    try:
+        seq = 0
+        for f in folds:
+            rows = _materialize(store, f, pw, seq, jobs)
+            seq += len(rows) + 1
+            base_rows[(f.session, f.dev)] = rows
+        has_file = pw.close()
+        if has_file:
+            os.rename(tmp, final)
+            _fsync_dir(os.path.dirname(final))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    res.written_bytes = pw.total
+    hook("written")
+    # 2. one transaction
+    doomed: list[str] = []
+    with store.mutex:
+        con.execute("BEGIN")
+        try:
+            if has_file:
+                from replayer.ingest import file_crc32
+                crc, nbytes = file_crc32(final)
+                con.execute("INSERT INTO payload_files (id, path, session, segno, first_frame, "
+                            "end_frame, rows, payload_bytes, file_bytes, crc32, batch) "
+                            "VALUES (?, ?, ?, -1, 0, 0, ?, ?, ?, ?, ?)",
+                            [batch, rel, sess_k, pw.nrows, pw.total, nbytes, crc, batch])
+            con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) DO "
+                        "UPDATE SET value = CAST(greatest(CAST(store_info.value AS BIGINT), "
+                        "CAST(excluded.value AS BIGINT)) AS VARCHAR)", [str(batch)])
+            touched = set()
+            for f in folds:
+                _fold_rows(con, f, base_rows[(f.session, f.dev)], batch if has_file else None,
+                           res)
+                touched.add(f.session)
+            for sess, dev in drops:
+                _drop_rows(con, sess, dev, res)
+                touched.add(sess)
+                res.sessions_dropped += 1
+            _forget_marks(con, touched)
+            # payload files no row refers to any more
+            ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
+                   "SELECT pfile FROM base WHERE pfile IS NOT NULL")
+            marks = ", ".join("?" * len(touched))
+            for pid, path, fb in con.execute(
+                    f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
+                    f"AND id NOT IN ({ref})", sorted(touched)).fetchall():
+                doomed.append(path)
+                res.freed_bytes += int(fb or 0)
+                con.execute("DELETE FROM payload_files WHERE id = ?", [pid])
+            for s in sorted(touched):
+                watermark.update_watermark(con, s)
+            hook("commit")
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    hook("committed")
+    watermark.refresh_devices(con)
+    # 3. the payload nobody refers to
+    dirs = set()
+    for path in doomed:
+        try:
+            os.unlink(store.payload_path(path))
+            res.files_deleted += 1
+            dirs.add(os.path.dirname(store.payload_path(path)))
+        except FileNotFoundError:
+            pass
+    for d in dirs:
+        _fsync_dir(d)
+    res.point, res.session = k, sess_k
+    res.point_ns = folds[-1].time_ns
+    res.kept_marks = list(folds[-1].kept)
+    return res
+
+
+def _point_time(con, session: str, dev: int, stamp: int) -> int | None:
+    t = watermark._time_of_stamp(con, session, stamp)
+    if t is None:  # a point a previous prune kept: its time is in `restorable`
+        row = con.execute("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
+                          "from_stamp = ?", [session, dev, stamp]).fetchone()
+        t = row[0] if row else None
+    return t
+
+
+def _next_batch(con) -> int:
+    hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
+    top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
+                      "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
+    return max(int(top), int(hwm[0]) if hwm else 0) + 1
+
+
+def _fold_rows(con, f: _Fold, rows: list, batch: int | None, res: Result) -> None:
+    k = f.point
+    p = {"s": f.session, "d": f.dev, "k": k}
+    res.chunks_dropped += con.execute(
+        "SELECT count(*) FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $k",
+        p).fetchone()[0]
+    con.execute("DELETE FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $k", p)
+    t = f.time_ns or 0
+    if rows:
+        con.executemany(
+            "INSERT INTO base (session, dev, stamp, seq, aux, time_ns, sector, bio_size, flags, "
+            "pfile, prg, pidx, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(f.session, f.dev, st, seq, seq, t, sector, n, fl,
+              batch if rg is not None else None, rg, idx, batch)
+             for st, seq, sector, n, fl, rg, idx in rows])
+    res.chunks_written += len(rows)
+    res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d "
+                               "AND stamp <= $k", p).fetchone()[0]
+    con.execute("DELETE FROM records WHERE session = $s AND dev = $d AND stamp <= $k", p)
+    con.execute("DELETE FROM points WHERE session = $s AND dev = $d AND stamp <= $k", p)
+    con.execute("DELETE FROM completions WHERE session = $s AND dev = $d AND aux <= $k + 1", p)
+    con.execute("INSERT INTO pruned VALUES (?, ?, ?, ?, FALSE, ?, ?) ON CONFLICT (session, dev) "
+                "DO UPDATE SET stamp = excluded.stamp, time_ns = excluded.time_ns, "
+                "whole = FALSE, kept = excluded.kept, batch = excluded.batch",
+                [f.session, f.dev, k, f.time_ns, sorted(f.kept), batch])
+
+
+def _drop_rows(con, session: str, dev: int, res: Result) -> None:
+    p = {"s": session, "d": dev}
+    res.chunks_dropped += con.execute("SELECT count(*) FROM base WHERE session = $s AND dev = $d",
+                                      p).fetchone()[0]
+    res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d",
+                               p).fetchone()[0]
+    for t in ("base", "records", "points", "completions"):
+        con.execute(f"DELETE FROM {t} WHERE session = $s AND dev = $d", p)
+    con.execute("INSERT INTO pruned VALUES (?, ?, NULL, NULL, TRUE, [], NULL) ON CONFLICT "
+                "(session, dev) DO UPDATE SET stamp = NULL, time_ns = NULL, whole = TRUE, "
+                "kept = [], batch = NULL", [session, dev])
+
+
+def _forget_marks(con, sessions) -> None:
+    """Delete the marks of `sessions` no device of the session can restore any more: below
+    the pruned stamp of every device (all of them for a whole prune) and not kept."""
+    for s in sessions:
+        devs = con.execute("SELECT sd.dev, p.stamp, p.whole, p.kept FROM session_devices sd "
+                           "LEFT JOIN pruned p USING (session, dev) WHERE sd.session = ?",
+                           [s]).fetchall()
+        if any(st is None and not whole for _, st, whole, _ in devs):
+            continue  # a device of the session is not pruned: every mark may matter to it
+        below = min((1 << 63) if whole else int(st) for _, st, whole, _ in devs)
+        kept = sorted({int(x) for _, _, _, k in devs for x in (k or [])})
+        if kept:
+            con.execute("DELETE FROM marks WHERE session = ? AND stamp < ? AND NOT "
+                        "list_contains(?, stamp)", [s, below, kept])
+        else:
+            con.execute("DELETE FROM marks WHERE session = ? AND stamp < ?", [s, below])
