@@ -1,40 +1,51 @@
-"""Ingest: LOG segments -> store, idempotently, in any order, several segments at once.
+"""Storing LOG frames: `blkrewind ingest --log DIR` (LOG segments) and FrameSink (frames received
+from tracers over the network, replayer/server.py). One code path stores both.
 
-For every segment of the LOG (tracer/log.py) the frames not yet ingested
-(`progress.frames_done`) are read in batches of about BATCH_BYTES. A batch is
-parsed into columns (vectorised: one Python step per record to walk the
-framing and slice the payload, numpy for everything else), its payload is
-written to one Parquet file (temp name, fsync, rename to a name made of
-session/segment/frame range), and one DuckDB transaction inserts its metadata
-and advances the segment's progress (replayer/store.py explains why that is
-crash safe). Segments are processed by `jobs` threads: the heavy parts (lz4
-decoding, numpy, Parquet encoding and writing, fsync) release the GIL; the
-DuckDB commits are serialized by the store's mutex.
+What is stored is tracked frame by frame (replayer/store.py: `frame_ranges`, `segments`): a
+*batch* is a run of consecutive frames of one segment that the store does not hold yet. Its data
+frames are parsed into columns (vectorised: one Python step per record to walk the framing and
+slice the payload, numpy for everything else), its payload is written to one Parquet file (temp
+name, page checksums, file CRC recorded, fsync, rename to a name holding the batch id), and one
+DuckDB transaction inserts its metadata rows -- every row tagged with the batch id -- and its
+`frame_ranges` row. Frame 0 (the segment HEADER) and the SEAL are bookkeeping: the segment's
+host and seg_id, and that it is sealed with N frames.
 
-After the batches, `finalize` recomputes the consistent watermark of every
-session that received records (internals.md, "What is restorable"),
-incrementally: stamps up to `sessions.complete_to` are known complete, the
-scan continues from there in stamp ranges; and it refreshes each device's
-restorable range and the `devices` table.
+A frame is never stored twice, whatever path brings it and in whatever order: the `Ledger`
+mirrors `frame_ranges` in memory, and a caller *reserves* the frame ranges it is about to store
+(waiting while another thread stores an overlapping range), stores only the frames not held,
+and releases them after the commit. The heavy parts (lz4 decoding and its checksums, numpy,
+Parquet encoding, CRC, fsync) run in the callers' threads and release the GIL; only the DuckDB
+commit is serialised by the store's mutex.
 
-A torn tail (an unsealed segment whose last frame is incomplete, e.g. a
-tracer still writing or killed) is a note, not an error. CorruptLog stops the
-segment after every good frame before the damage is stored; the other
-segments are ingested; the caller exits non-zero with the message.
+Afterwards `finalize` (replayer/watermark.py) recomputes the consistent watermark of every
+session that received records.
+
+LOG ingest: a torn tail (an unsealed segment whose last frame is incomplete, e.g. a tracer still
+writing or killed) is a note, not an error. CorruptLog stops the segment after every good frame
+before the damage is stored; the other segments are ingested; the caller exits non-zero.
+
+Network: FrameSink.store validates everything first (frames decoded and checked, records parsed,
+hosts, session binding, seg_id) and raises FrameRejected with nothing of the call stored.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import mmap
 import os
+import re
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import duckdb
 import lz4.block
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from blkrewind import record
@@ -49,9 +60,13 @@ COMPRESSION = "lz4"          # measured: ~2.5 GB/s, file-system data ~3x smaller
 INCOMPRESSIBLE = 0.9         # ... but a batch whose sample lz4 cannot shrink below this is
                              # stored plain: random data would gain nothing and the restore
                              # saves a copy per byte
+ALL_FRAMES = 1 << 31         # "to the end of the segment" in a reservation
 
 HS = record.HEADER_SIZE
 _STAMPED_BAD = record.F_READERR | record.F_TRUNC
+_U64 = (1 << 64) - 1
+_SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+_BATCH_RE = re.compile(r"\.b(\d+)\.parquet")
 
 PAYLOAD_SCHEMA = pa.schema([
     ("rtype", pa.uint16()), ("stamp", pa.uint64()), ("seq", pa.uint64()),
@@ -59,16 +74,39 @@ PAYLOAD_SCHEMA = pa.schema([
 ])
 
 
+class FrameRejected(Exception):
+    """Input from a peer that must not be stored (bad frame, bad records, wrong host).
+    str(e) is a one-line reason for the server's log; nothing of the call was stored."""
+
+
+class NotYourSession(FrameRejected):
+    """The session is bound to another host."""
+
+
+def _nat(obj: dict, key: str, default: int = 0, limit: int = _U64) -> int:
+    """obj[key] as an integer in [0, limit] (ValueError otherwise)."""
+    v = obj.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
+        raise ValueError(f"{key} {v!r} is not an integer in [0, {limit}]")
+    return v
+
+
 # ============================================================== parsing one batch
 @dataclass
 class Batch:
-    """The columns of one frame range of one segment, ready to commit."""
+    """The columns of one frame range [first_frame, end_frame) of one segment (its data frames;
+    the HEADER and SEAL frames of the range are bookkeeping), ready to commit as one batch."""
     session: str
     segno: int
     first_frame: int
     end_frame: int
     host: str
-    nframes: int = 0
+    nframes: int = 0                      # data frames
+    seg_id: int | None = None
+    batch_id: int | None = None
+    source: str = "log"                   # 'log' | 'net'
+    header_host: str | None = None        # frame 0 is in the range: its host
+    seal_nframes: int | None = None       # the SEAL is in the range: its frame_no + 1
     nrec: int = 0
     payload_bytes: int = 0
     records: pa.Table | None = None       # -> records (without pfile)
@@ -84,6 +122,8 @@ class Batch:
     devices: list[dict] = field(default_factory=list)
     ignored: int = 0
     pfile_rel: str | None = None          # set once the Parquet file is in place
+    file_bytes: int = 0
+    crc32: int = 0
 
 
 def _comm_array(comm: np.ndarray) -> pa.Array:
@@ -99,10 +139,17 @@ def _col(a: np.ndarray) -> pa.Array:
     return pa.array(np.ascontiguousarray(a))
 
 
-def parse_frames(frames, session: str, segno: int, host: str) -> Batch:
-    """Columns of a list of consecutive LOG frames of one segment."""
-    b = Batch(session, segno, frames[0].frame_no, frames[-1].frame_no + 1, host,
-              nframes=len(frames))
+def parse_frames(frames, session: str, segno: int, host: str, *, first: int | None = None,
+                 end: int | None = None) -> Batch:
+    """Columns of a list of consecutive LOG data frames of one segment (frame range
+    [first, end), default: that of the frames; it may also hold the HEADER/SEAL)."""
+    if first is None:
+        first = frames[0].frame_no
+    if end is None:
+        end = frames[-1].frame_no + 1
+    b = Batch(session, segno, first, end, host, nframes=len(frames))
+    if not frames:
+        return b
     # pass 1 (Python, once per record): walk the framing, cut out the headers
     hparts: list[bytes] = []
     roff: list[int] = []
@@ -211,7 +258,8 @@ def parse_frames(frames, session: str, segno: int, host: str) -> Batch:
         hb = h[ba]
         prg, pidx = ref_cols(ba)
         b.base = pa.table({
-            "session": sess_col(len(ba)), "dev": _col(hb["dev"]), "seq": _col(hb["seq"]),
+            "session": sess_col(len(ba)), "dev": _col(hb["dev"]), "stamp": _col(hb["stamp"]),
+            "seq": _col(hb["seq"]),
             "aux": _col(hb["aux"]), "time_ns": _col(time_ns[ba]), "sector": _col(hb["sector"]),
             "bio_size": _col(hb["bio_size"]), "flags": _col(hb["flags"]),
             "prg": prg, "pidx": pidx})
@@ -255,22 +303,38 @@ def parse_frames(frames, session: str, segno: int, host: str) -> Batch:
                 what = obj.get("what") if isinstance(obj, dict) else None
                 b.points.append((session, int(hk["stamp"]), int(hk["seq"]), t, what,
                                  int(dev) if isinstance(dev, int) else None,
-                                 json.dumps(obj, sort_keys=True)))
+                                 json.dumps(obj, sort_keys=True), segno,
+                                 int(frames[f].frame_no)))
             elif rt == record.R_SESSION:
-                b.session_info = (json.loads(payload), int(fr_real[k]))
+                obj = json.loads(payload)
+                if not isinstance(obj, dict) or "stamp_base" not in obj:
+                    raise ValueError("not an object with a stamp_base")
+                _nat(obj, "stamp_base"), _nat(obj, "seq_base", 1)
+                b.session_info = (obj, int(fr_real[k]))
             elif rt == record.R_DEVICE:
-                b.devices.append(json.loads(payload))
+                obj = json.loads(payload)
+                if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)
+                        and "dev" in obj and "size_bytes" in obj):
+                    raise ValueError("not an object with name, dev and size_bytes")
+                _nat(obj, "dev", limit=0xFFFFFFFF), _nat(obj, "size_bytes")
+                _nat(obj, "logical_block_size", 512, 0xFFFFFFFF)
+                _nat(obj, "physical_block_size", 512, 0xFFFFFFFF), _nat(obj, "part_start")
+                b.devices.append(obj)
             elif rt == record.R_LOSS:
                 obj = json.loads(payload)
                 b.loss.append((session, int(hk["seq"]), int(fr_real[k]),
-                               int(obj.get("drops", 0)), int(obj.get("drop_bytes", 0)),
-                               int(obj.get("read_errs", 0)), int(obj.get("truncs", 0)),
+                               _nat(obj, "drops"), _nat(obj, "drop_bytes"),
+                               _nat(obj, "read_errs"), _nat(obj, "truncs"),
                                json.dumps(obj, sort_keys=True)))
             elif rt == record.R_END:
-                b.end_info = (json.loads(payload), int(fr_real[k]))
+                obj = json.loads(payload)
+                if not isinstance(obj, dict) or "end_stamp" not in obj:
+                    raise ValueError("not an object with an end_stamp")
+                _nat(obj, "end_stamp"), _nat(obj, "end_seq")
+                b.end_info = (obj, int(fr_real[k]))
             else:
                 b.ignored += 1
-        except ValueError as e:
+        except (ValueError, TypeError, AttributeError) as e:
             raise CorruptLog(f"{session}.{segno:06d} frame {frames[f].frame_no}: "
                              f"{record.RTYPE_NAMES.get(rt, rt)} record does not parse: {e}") from None
     return b
@@ -289,30 +353,41 @@ def tune_malloc() -> None:
 
 
 # ============================================================ payload files
-def payload_rel(session: str, segno: int, first: int, end: int) -> str:
-    return os.path.join("payload", session, f"{segno:06d}-{first:06d}-{end:06d}.parquet")
+def payload_rel(session: str, segno: int, first: int, end: int, batch: int) -> str:
+    return os.path.join("payload", session, f"{segno:06d}-{first:06d}-{end:06d}.b{batch}.parquet")
+
+
+def file_crc32(path: str, bufsize: int = 8 << 20) -> tuple[int, int]:
+    """(zlib.crc32, size) of a file's bytes."""
+    crc = n = 0
+    buf = bytearray(bufsize)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            crc = zlib.crc32(mv[:k], crc)
+            n += k
+    return crc, n
 
 
 def write_payload(store: Store, b: Batch) -> None:
-    """Write the batch's payload rows to their Parquet file: temp name, fsync, rename."""
+    """Write the batch's payload rows to their Parquet file (page checksums on): encoded in
+    memory, CRC of the file's bytes, written to a temp name (O_DIRECT where the file system
+    takes it: on this kind of VM the page cache takes new file data at a third of the disk's
+    rate), fdatasync, rename, fsync of the directory. Needs b.batch_id."""
     if b.payload is None:
         return
-    rel = payload_rel(b.session, b.segno, b.first_frame, b.end_frame)
+    rel = payload_rel(b.session, b.segno, b.first_frame, b.end_frame, b.batch_id)
     final = store.payload_path(rel)
     d = os.path.dirname(final)
     os.makedirs(d, mode=0o700, exist_ok=True)
-    tmp = f"{final}.tmp{os.getpid()}.{threading.get_ident()}"
+    tmp = f"{final}.tmp"   # the batch id makes it unique
     codec = COMPRESSION if _compressible(b.payload.column("data").chunk(0)) else "none"
     try:
-        with pq.ParquetWriter(tmp, PAYLOAD_SCHEMA, compression=codec,
-                              use_dictionary=False, write_statistics=False) as w:
-            for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
-                w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        buf, n = _encode(b, codec)
+        view = memoryview(buf)[:n]
+        b.crc32, b.file_bytes = zlib.crc32(view), n
+        _write_file(tmp, buf, n)
+        del view
         os.rename(tmp, final)
     except BaseException as e:
         try:
@@ -321,10 +396,104 @@ def write_payload(store: Store, b: Batch) -> None:
             pass
         if isinstance(e, OSError):
             raise StoreError(f"writing {final} failed: {e.strerror or e}; the store keeps "
-                             f"everything ingested before") from None
+                             f"everything stored before") from None
         raise
-    _fsync_dir(d)
     b.pfile_rel = rel
+    try:
+        _fsync_dir(d)
+    except OSError as e:
+        _unlink_payload(store, b)
+        raise StoreError(f"fsync of {d} failed: {e.strerror or e}") from None
+
+
+_tls = threading.local()
+_ALIGN = 4096
+
+
+def _scratch(n: int) -> mmap.mmap:
+    """This thread's page-aligned scratch buffer of at least n bytes (reused: its pages are
+    faulted in once)."""
+    m = getattr(_tls, "scratch", None)
+    if m is None or len(m) < n:
+        if m is not None:
+            m.close()
+        m = _tls.scratch = mmap.mmap(-1, max(n + (n >> 2), 8 << 20) + _ALIGN - 1 & ~(_ALIGN - 1))
+    return m
+
+
+def _parquet(sink, b: Batch, codec: str) -> None:
+    with pq.ParquetWriter(sink, PAYLOAD_SCHEMA, compression=codec, use_dictionary=False,
+                          write_statistics=False, write_page_checksum=True) as w:
+        for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
+            w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
+
+
+def _encode(b: Batch, codec: str) -> tuple:
+    """(buffer, size): the Parquet file's bytes, in this thread's aligned scratch buffer."""
+    bound = b.payload_bytes + (b.payload_bytes >> 6) + 64 * len(b.payload) + (1 << 20)
+    m = _scratch(bound)
+    try:
+        out = pa.FixedSizeBufferWriter(pa.py_buffer(m))
+        _parquet(out, b, codec)
+        return m, out.tell()
+    except (pa.ArrowException, ValueError):   # larger than the bound (it is generous)
+        out = pa.BufferOutputStream()
+        _parquet(out, b, codec)
+        data = out.getvalue()
+        m = _scratch(data.size)
+        m[:data.size] = memoryview(data)
+        return m, data.size
+
+
+def _write_file(path: str, buf, n: int) -> None:
+    """buf[:n] (an aligned buffer) to a new file, durable (fdatasync) when this returns."""
+    padded = (n + _ALIGN - 1) & ~(_ALIGN - 1)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+    fd = None
+    if getattr(os, "O_DIRECT", 0):
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    try:
+        mv = memoryview(buf)
+        if fd is not None:
+            try:
+                _write_all(fd, mv[:padded])
+                os.ftruncate(fd, n)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                os.close(fd)
+                fd = None
+                os.unlink(path)
+        if fd is None:   # no O_DIRECT here (tmpfs, ...): through the page cache
+            fd = os.open(path, flags, 0o600)
+            _write_all(fd, mv[:n])
+        os.fdatasync(fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _write_all(fd: int, mv: memoryview) -> None:
+    pos = 0
+    while pos < len(mv):
+        k = os.write(fd, mv[pos:])
+        if k <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        pos += k
+
+
+def _unlink_payload(store: Store, b: Batch) -> None:
+    """Remove the Parquet file of a batch that will not be committed."""
+    if b.pfile_rel is not None:
+        try:
+            os.unlink(store.payload_path(b.pfile_rel))
+        except FileNotFoundError:
+            pass
+        b.pfile_rel = None
 
 
 def _compressible(data: pa.Array, samples: int = 16, size: int = 16 << 10) -> bool:
@@ -350,145 +519,428 @@ def _fsync_dir(d: str) -> None:
 
 
 def remove_orphans(store: Store) -> int:
-    """Delete Parquet files no commit refers to (left by a crash before a commit)."""
-    known = {p for (p,) in store.query("SELECT path FROM payload_files")}
-    n = 0
-    for root, _dirs, files in os.walk(store.payload_dir):
-        for name in files:
-            full = os.path.join(root, name)
-            rel = os.path.relpath(full, store.path)
-            if rel not in known:
+    """Delete Parquet files no commit refers to (left by a crash before a commit), except
+    those of batches being stored right now in this process."""
+    led = ledger(store)
+    with store.mutex:
+        known = {p for (p,) in store.con.execute("SELECT path FROM payload_files").fetchall()}
+        busy = set(led.writing)
+        n = 0
+        for root, _dirs, files in os.walk(store.payload_dir):
+            for name in files:
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, store.path)
+                m = _BATCH_RE.search(name)
+                if rel in known or (m and int(m[1]) in busy):
+                    continue
                 os.unlink(full)
                 n += 1
     return n
 
 
-# ================================================================== commit
+# ================================================================ the ledger
 @dataclass
-class RunState:
-    """What one ingest run knows without asking DuckDB (every use under store.mutex):
-    the next payload file id, the sessions already marked dirty, the progress rows."""
-    next_pfile: int
-    progress: dict            # (session, segno) -> frames_done of an existing row
-    dirty: set = field(default_factory=set)
-
-    @classmethod
-    def load(cls, store: Store) -> "RunState":
-        nxt = store.query_one("SELECT coalesce(max(id), 0) + 1 FROM payload_files")[0]
-        prog = {(s, n): f for s, n, f in store.query(
-            "SELECT session, segno, frames_done FROM progress")}
-        return cls(int(nxt), prog)
+class SegState:
+    seg_id: int | None = None
+    host: str | None = None
+    sealed: bool = False
+    nframes: int | None = None
+    torn_bytes: int = 0
+    error: str | None = None
 
 
-def _mark_session(con, st: RunState, session: str, host: str) -> None:
-    if session not in st.dirty:
-        con.execute("INSERT INTO sessions (session, host, dirty) VALUES (?, ?, TRUE) "
-                    "ON CONFLICT (session) DO UPDATE SET dirty = TRUE, "
-                    "host = coalesce(sessions.host, excluded.host)", [session, host])
+def merge(ranges) -> list[list[int]]:
+    """Sorted, merged [a, e) ranges."""
+    out: list[list[int]] = []
+    for a, e in sorted((r[0], r[1]) for r in ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return out
 
 
-def _set_progress(con, st: RunState, session: str, segno: int, frames_done: int, sealed: bool,
-                  done: bool, torn_bytes: int, error: str | None) -> None:
-    vals = [frames_done, bool(sealed), bool(done), int(torn_bytes), error]
-    if (session, segno) in st.progress:
-        con.execute("UPDATE progress SET frames_done = ?, sealed = ?, done = ?, torn_bytes = ?, "
-                    "error = ? WHERE session = ? AND segno = ?", [*vals, session, segno])
-    else:
-        con.execute("INSERT INTO progress VALUES (?, ?, ?, ?, ?, ?, ?)", [session, segno, *vals])
+def subtract(a: int, e: int, held) -> list[list[int]]:
+    """The parts of [a, e) not covered by the merged ranges `held`."""
+    out = []
+    pos = a
+    for ha, he in held:
+        if he <= pos:
+            continue
+        if ha >= e:
+            break
+        if ha > pos:
+            out.append([pos, ha])
+        pos = max(pos, he)
+        if pos >= e:
+            break
+    if pos < e:
+        out.append([pos, e])
+    return out
 
 
-def commit(store: Store, st: RunState, b: Batch, *, sealed: bool = False, done: bool = False,
-           torn_bytes: int = 0, error: str | None = None) -> None:
-    """One transaction: the batch's rows and the segment's new progress."""
+class Ledger:
+    """What the store holds, frame by frame, mirrored in memory; one per open Store (ledger()).
+    Every use is under store.mutex (`cond` waits on it): sessions' hosts, segments, the frame
+    ranges of every batch, the frame ranges being stored right now (reservations), the next
+    batch id."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.cond = threading.Condition(store.mutex)
+        self.inflight: dict[tuple, list[tuple[int, int]]] = {}
+        self.writing: set[int] = set()      # batch ids allocated, not committed or dropped yet
+        with store.mutex:
+            self.reload()
+
+    def reload(self) -> None:
+        con = self.store.con
+        self.ranges: dict[tuple, list[tuple[int, int, int]]] = {}
+        for bt, s, n, a, e in con.execute(
+                "SELECT batch, session, segno, first_frame, end_frame FROM frame_ranges "
+                "ORDER BY session, segno, first_frame").fetchall():
+            self.ranges.setdefault((s, n), []).append((a, e, bt))
+        self.segs = {(s, n): SegState(sid, h, bool(se), nf, int(tb or 0), err)
+                     for s, n, sid, h, se, nf, tb, err in con.execute(
+                         "SELECT session, segno, seg_id, host, sealed, nframes, torn_bytes, error "
+                         "FROM segments").fetchall()}
+        self.hosts = {}
+        self.prefix = {}
+        for s, h, ps, pf in con.execute(
+                "SELECT session, host, held_segno, held_frame FROM sessions").fetchall():
+            self.hosts[s] = h
+            self.prefix[s] = (int(ps or 0), int(pf or 0))
+        hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
+        top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
+                          "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
+        self.next_batch = max(int(top), int(hwm[0]) if hwm else 0) + 1
+
+    # -- queries
+    def held(self, key) -> list[list[int]]:
+        return merge(self.ranges.get(key, ()))
+
+    def missing(self, key, a: int, e: int) -> list[list[int]]:
+        return subtract(a, e, self.held(key))
+
+    def complete(self, key) -> bool:
+        st = self.segs.get(key)
+        return bool(st and st.sealed and st.nframes is not None
+                    and self.held(key) == [[0, st.nframes]])
+
+    def compute_prefix(self, session: str, start: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+        """(segno, frame): every frame of the session before it is stored."""
+        n, f = start
+        while True:
+            for a, e in self.held((session, n)):
+                if a <= f <= e:
+                    f = max(f, e)
+                    break
+            st = self.segs.get((session, n))
+            if st and st.sealed and st.nframes is not None and f >= st.nframes:
+                n, f = n + 1, 0
+                continue
+            return n, f
+
+    # -- reservations
+    def _busy(self, key, a: int, e: int) -> bool:
+        return any(a < ie and ia < e for ia, ie in self.inflight.get(key, ()))
+
+    def reserve(self, wants: list[tuple[tuple, int, int]]) -> None:
+        """Wait until no other caller stores frames overlapping any of `wants`
+        ((key, first, end) items), then claim them all at once (no hold-and-wait)."""
+        with self.cond:
+            while any(self._busy(k, a, e) for k, a, e in wants):
+                self.cond.wait()
+            for k, a, e in wants:
+                self.inflight.setdefault(k, []).append((a, e))
+
+    def release(self, wants: list[tuple[tuple, int, int]]) -> None:
+        with self.cond:
+            for k, a, e in wants:
+                lst = self.inflight.get(k)
+                if lst is not None:
+                    lst.remove((a, e))
+                    if not lst:
+                        del self.inflight[k]
+            self.cond.notify_all()
+
+    def alloc_batch(self) -> int:
+        with self.store.mutex:
+            n = self.next_batch
+            self.next_batch += 1
+            self.writing.add(n)
+            return n
+
+    def forget_batch(self, n: int | None) -> None:
+        if n is not None:
+            with self.store.mutex:
+                self.writing.discard(n)
+
+
+def ledger(store: Store) -> Ledger:
+    """The store's ledger (made on first use)."""
     with store.mutex:
+        led = getattr(store, "_ledger", None)
+        if led is None:
+            led = store._ledger = Ledger(store)
+        return led
+
+
+# ================================================================== commit
+def _db_error(e: Exception) -> StoreError:
+    return StoreError(f"storing in the store's database failed: {str(e).splitlines()[0]}; "
+                      f"nothing of the batch was stored")
+
+
+def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
+                   notes: dict | None = None) -> None:
+    """ONE transaction: the rows of `batches` (their Parquet files are in place), their
+    frame_ranges, the segments' and sessions' bookkeeping; `notes` {key: (torn_bytes, error)}
+    (LOG ingest) too. Checks, under the mutex, what only the store knows: the session is bound
+    to `host` or new, each segment's seg_id and SEAL agree, no frame is held already (the
+    caller reserved them). Raises NotYourSession / FrameRejected / StoreError; on any error
+    nothing is stored and the ledger is unchanged."""
+    notes = notes or {}
+    with store.mutex:
+        # ---- checks
+        keys = list(dict.fromkeys([(b.session, b.segno) for b in batches] + list(notes)))
+        sessions = list(dict.fromkeys(k[0] for k in keys))
+        for s in sessions:
+            bound = led.hosts.get(s)
+            if bound is not None and bound != host:
+                raise NotYourSession(f"session {s} belongs to host {bound}, not {host}")
+        new_segs = {k: SegState(**vars(led.segs[k])) if k in led.segs else SegState()
+                    for k in keys}
+        new_ranges = {k: list(led.ranges.get(k, ())) for k in keys}
+        for b in batches:
+            k = (b.session, b.segno)
+            st = new_segs[k]
+            name = f"{b.session}.{b.segno:06d}"
+            if b.seg_id is not None:
+                if st.seg_id is not None and st.seg_id != b.seg_id:
+                    raise FrameRejected(f"{name}: seg_id {b.seg_id:#x} is not the stored "
+                                        f"segment's ({st.seg_id:#x}): another segment of that name")
+                st.seg_id = b.seg_id
+            if b.header_host is not None:
+                st.host = b.header_host
+            if b.seal_nframes is not None:
+                if st.nframes is not None and st.nframes != b.seal_nframes:
+                    raise FrameRejected(f"{name}: SEAL at frame {b.seal_nframes - 1}, the store "
+                                        f"knows it at frame {st.nframes - 1}")
+                st.sealed, st.nframes = True, b.seal_nframes
+            if subtract(b.first_frame, b.end_frame, merge(new_ranges[k])) != \
+                    [[b.first_frame, b.end_frame]]:
+                raise StoreError(f"{name}: frames {b.first_frame}..{b.end_frame - 1} are partly "
+                                 f"in the store already (internal error: not reserved)")
+            new_ranges[k].append((b.first_frame, b.end_frame, b.batch_id))
+        for k in keys:
+            st = new_segs[k]
+            if st.nframes is not None and any(e > st.nframes for _, e, _ in new_ranges[k]):
+                raise FrameRejected(f"{k[0]}.{k[1]:06d}: frames past its SEAL "
+                                    f"(frame {st.nframes - 1})")
+            if k in notes:
+                st.torn_bytes, st.error = notes[k]
+        # ---- the ledger's new state (undone if the commit fails)
+        old = ({k: led.ranges.get(k) for k in keys}, {k: led.segs.get(k) for k in keys},
+               {s: led.hosts.get(s) for s in sessions}, {s: led.prefix.get(s) for s in sessions})
+        known_segs = {k for k in keys if k in led.segs}
+        known_sessions = {s for s in sessions if s in led.hosts}
+        for k in keys:
+            led.ranges[k] = sorted(new_ranges[k])
+            led.segs[k] = new_segs[k]
+        for s in sessions:
+            led.hosts[s] = host
+            led.prefix[s] = led.compute_prefix(s, led.prefix.get(s, (0, 0)))
         con = store.con
-        key = (b.session, b.segno)
-        if st.progress.get(key, 0) > b.first_frame:
-            raise UserError(f"{b.session}.{b.segno:06d}: frames from {b.first_frame} are "
-                            f"in the store already (is the LOG holding two copies?)")
-        con.execute("BEGIN")
+        now = time.time_ns()
         try:
-            pfile = None
-            if b.pfile_rel is not None:
-                pfile = st.next_pfile
-                con.execute("INSERT INTO payload_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            [pfile, b.pfile_rel, b.session, b.segno, b.first_frame, b.end_frame,
-                             len(b.payload), b.payload_bytes,
-                             os.path.getsize(store.payload_path(b.pfile_rel))])
-            for table, tbl in (("records", b.records), ("base", b.base),
-                               ("completions", b.completions)):
-                if tbl is None:
-                    continue
-                con.register("_batch", tbl)
-                try:
-                    if table == "completions":
-                        con.execute("INSERT INTO completions BY NAME SELECT * FROM _batch")
+            con.execute("BEGIN")
+            try:
+                for s in sessions:
+                    ps, pf = led.prefix[s]
+                    if s in known_sessions:
+                        con.execute("UPDATE sessions SET dirty = TRUE, held_segno = ?, "
+                                    "held_frame = ? WHERE session = ?", [ps, pf, s])
                     else:
-                        con.execute(f"INSERT INTO {table} BY NAME SELECT *, "
-                                    f"CASE WHEN prg IS NULL THEN NULL ELSE ?::INTEGER END AS pfile "
-                                    f"FROM _batch", [pfile])
-                finally:
-                    con.unregister("_batch")
-            if b.marks:
-                con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", b.marks)
-            if b.points:
-                con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?)", b.points)
-            if b.loss:
-                con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?)", b.loss)
-            _mark_session(con, st, b.session, b.host)
-            if b.session_info:
-                obj, t = b.session_info
-                con.execute("UPDATE sessions SET host = ?, stamp_base = ?, seq_base = ?, version = ?, "
-                            "boot_id = ?, kernel = ?, start_ns = ?, info = ? WHERE session = ?",
-                            [obj.get("host") or b.host, int(obj["stamp_base"]),
-                             int(obj.get("seq_base", 1)), obj.get("version"), obj.get("boot_id"),
-                             obj.get("kernel"), t, json.dumps(obj, sort_keys=True), b.session])
-            if b.end_info:
-                obj, t = b.end_info
-                con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
-                            "WHERE session = ?",
-                            [int(obj["end_stamp"]), int(obj.get("end_seq", 0)),
-                             bool(obj.get("clean", False)), t, b.session])
-            for d in b.devices:
-                host = d.get("host") or b.host
-                con.execute(
-                    "INSERT INTO session_devices (session, dev, device, host, name, path, size_bytes, "
-                    "logical_block_size, physical_block_size, part_start, info) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    [b.session, int(d["dev"]), f"{host}:{d['name']}", host, d["name"], d.get("path"),
-                     int(d["size_bytes"]), int(d.get("logical_block_size", 512)),
-                     int(d.get("physical_block_size", 512)), int(d.get("part_start", 0)),
-                     json.dumps(d, sort_keys=True)])
-            _set_progress(con, st, b.session, b.segno, b.end_frame, sealed, done, torn_bytes, error)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
+                        con.execute("INSERT INTO sessions (session, host, dirty, held_segno, "
+                                    "held_frame) VALUES (?, ?, TRUE, ?, ?)", [s, host, ps, pf])
+                for k in keys:
+                    st = led.segs[k]
+                    vals = [st.seg_id, st.host, st.sealed, st.nframes, st.torn_bytes, st.error]
+                    if k in known_segs:
+                        con.execute("UPDATE segments SET seg_id = ?, host = ?, sealed = ?, "
+                                    "nframes = ?, torn_bytes = ?, error = ? "
+                                    "WHERE session = ? AND segno = ?", [*vals, *k])
+                    else:
+                        con.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                    [*k, *vals])
+                _insert_batches(con, batches, now)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        except BaseException as e:
+            for k in keys:
+                for d, v in ((led.ranges, old[0][k]), (led.segs, old[1][k])):
+                    if v is None:
+                        d.pop(k, None)
+                    else:
+                        d[k] = v
+            for s in sessions:
+                for d, v in ((led.hosts, old[2][s]), (led.prefix, old[3][s])):
+                    if v is None:
+                        d.pop(s, None)
+                    else:
+                        d[s] = v
+            if isinstance(e, duckdb.Error):
+                raise _db_error(e) from None
             raise
-        if pfile is not None:
-            st.next_pfile += 1
-        st.dirty.add(b.session)
-        st.progress[key] = b.end_frame
+        for b in batches:
+            led.writing.discard(b.batch_id)
 
 
-def commit_progress(store: Store, st: RunState, session: str, segno: int, host: str,
-                    frames_done: int, *, sealed: bool, done: bool, torn_bytes: int,
-                    error: str | None) -> None:
-    """Progress-only update (no new frames): seal seen, torn tail, error."""
-    with store.mutex:
-        con = store.con
-        con.execute("BEGIN")
+def _insert_batches(con, batches: list[Batch], now: int) -> None:
+    """The rows of the batches (inside the caller's transaction): one statement per table
+    for the bulk tables (their batch/pfile columns were added by tag_batch)."""
+    files = [b for b in batches if b.pfile_rel is not None]
+    if files:
+        con.execute("INSERT INTO payload_files VALUES " + ", ".join(
+            ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(files)),
+            [v for b in files for v in (b.batch_id, b.pfile_rel, b.session, b.segno,
+                                        b.first_frame, b.end_frame, len(b.payload),
+                                        b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)])
+    for table in ("records", "base", "completions"):
+        tbls = [getattr(b, table) for b in batches if getattr(b, table) is not None]
+        if not tbls:
+            continue
+        con.register("_batch", tbls[0] if len(tbls) == 1 else pa.concat_tables(tbls))
         try:
-            _mark_session(con, st, session, host)
-            _set_progress(con, st, session, segno, frames_done, sealed, done, torn_bytes, error)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        st.dirty.add(session)
-        st.progress[(session, segno)] = frames_done
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+        finally:
+            con.unregister("_batch")
+    for b in batches:
+        _insert_small(con, b)
+    if batches:
+        con.execute("INSERT INTO frame_ranges VALUES " + ", ".join(
+            ["(?, ?, ?, ?, ?, ?, ?)"] * len(batches)),
+            [v for b in batches for v in (b.batch_id, b.session, b.segno, b.first_frame,
+                                          b.end_frame, b.source, now)])
 
 
-# ================================================================ the run
+def tag_batch(b: Batch) -> None:
+    """Give the bulk tables of a batch their batch and pfile columns (payload written)."""
+    bid = b.batch_id
+    for name in ("records", "base", "completions"):
+        t = getattr(b, name)
+        if t is None:
+            continue
+        n = len(t)
+        t = t.append_column("batch", pa.array(np.full(n, bid, np.int32)))
+        if name != "completions":
+            has = t.column("prg").is_valid()
+            pf = pa.array(np.full(n, bid if b.pfile_rel is not None else 0, np.int32))
+            t = t.append_column("pfile", pc.if_else(has, pf, pa.scalar(None, pa.int32())))
+        setattr(b, name, t)
+
+
+def _insert_small(con, b: Batch) -> None:
+    """The rare rows of one batch."""
+    bid = b.batch_id
+    if b.marks:
+        con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(*m, bid) for m in b.marks])
+    if b.points:
+        con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(*p, bid) for p in b.points])
+    if b.loss:
+        con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(*x, bid) for x in b.loss])
+    if b.session_info:
+        obj, t = b.session_info
+        con.execute("UPDATE sessions SET stamp_base = ?, seq_base = ?, version = ?, "
+                    "boot_id = ?, kernel = ?, start_ns = ?, info = ? WHERE session = ?",
+                    [_nat(obj, "stamp_base"), _nat(obj, "seq_base", 1),
+                     _text(obj.get("version")), _text(obj.get("boot_id")),
+                     _text(obj.get("kernel")), t, json.dumps(obj, sort_keys=True), b.session])
+    if b.end_info:
+        obj, t = b.end_info
+        con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
+                    "WHERE session = ?",
+                    [_nat(obj, "end_stamp"), _nat(obj, "end_seq"),
+                     obj.get("clean") is True, t, b.session])
+    for d in b.devices:
+        host = d.get("host") or b.host
+        con.execute(
+            "INSERT INTO session_devices (session, dev, device, host, name, path, size_bytes, "
+            "logical_block_size, physical_block_size, part_start, info) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [b.session, _nat(d, "dev"), f"{host}:{d['name']}", host, d["name"],
+             _text(d.get("path")), _nat(d, "size_bytes"), _nat(d, "logical_block_size", 512),
+             _nat(d, "physical_block_size", 512), _nat(d, "part_start"),
+             json.dumps(d, sort_keys=True)])
+
+
+def _text(v) -> str | None:
+    return None if v is None else str(v)
+
+
+def host_error(b: Batch, host: str) -> str | None:
+    """Why the batch's R_SESSION / R_DEVICE records do not belong to `host` (None: they do)."""
+    name = f"{b.session}.{b.segno:06d}"
+    if b.session_info:
+        obj = b.session_info[0]
+        if obj.get("host") not in (None, host):
+            return f"{name}: its R_SESSION record names host {obj.get('host')!r}, not {host!r}"
+        if obj.get("session") not in (None, b.session):
+            return f"{name}: its R_SESSION record names session {obj.get('session')!r}"
+    for d in b.devices:
+        if d.get("host") not in (None, host):
+            return f"{name}: its R_DEVICE record names host {d.get('host')!r}, not {host!r}"
+    return None
+
+
+# ================================================================ runs of frames
+@dataclass
+class Run:
+    """Consecutive frames [first, end) of one segment not stored yet: one batch."""
+    first: int
+    end: int
+    frames: list = field(default_factory=list)     # its data frames (tracer.log.Frame)
+    header_host: str | None = None                 # frame 0 is in it
+    seal_nframes: int | None = None                # the SEAL is in it
+    size: int = 0
+
+
+def prepare(store: Store, led: Ledger, run: Run, session: str, segno: int, seg_id: int,
+            host: str, source: str) -> Batch:
+    """Parse a run and write its Parquet file (CPU and I/O; no mutex held but for a moment).
+    Raises CorruptLog (records do not parse), FrameRejected (records of another host),
+    StoreError."""
+    b = parse_frames(run.frames, session, segno, host, first=run.first, end=run.end)
+    why = host_error(b, host)
+    if why:
+        raise FrameRejected(why)
+    b.seg_id, b.source = seg_id, source
+    b.header_host, b.seal_nframes = run.header_host, run.seal_nframes
+    b.batch_id = led.alloc_batch()
+    try:
+        write_payload(store, b)
+        tag_batch(b)
+    except BaseException:
+        _unlink_payload(store, b)
+        led.forget_batch(b.batch_id)
+        raise
+    return b
+
+
+def discard(store: Store, led: Ledger, batches: list[Batch]) -> None:
+    """Batches that will not be committed: remove their files, forget their ids."""
+    for b in batches:
+        _unlink_payload(store, b)
+        led.forget_batch(b.batch_id)
+
+
+# ================================================================ LOG ingest
 @dataclass
 class SegmentResult:
     path: str
@@ -527,79 +979,135 @@ class IngestResult:
         return [s.error for s in self.segments if s.error]
 
 
-def ingest_segment(store: Store, st: RunState, seg, start: int, prev: tuple | None = None,
-                   on_batch=None) -> SegmentResult:
-    """Ingest the frames of one segment from frame `start` on.
-
-    `prev` is the segment's stored progress (sealed, done, torn_bytes, error) or None;
-    the final status rides with the last batch's commit, or, when there is no new
-    frame, is committed alone if it changed."""
+def ingest_segment(store: Store, led: Ledger, seg, on_batch=None) -> SegmentResult:
+    """Store the frames of one LOG segment the store does not hold yet (the whole segment is
+    reserved meanwhile), in batches of about BATCH_BYTES; then the segment's notes (torn tail,
+    error) if they changed."""
     from tracer.log import SegmentReader
 
     res = SegmentResult(seg.path, seg.session, seg.segno)
-    reader = None
-    pending: list = []
-    size = 0
-    error = None
-    frames_done = start
-    host = ""
+    key = (seg.session, seg.segno)
+    want = [(key, 0, ALL_FRAMES)]
+    try:
+        reader = SegmentReader(seg.path)
+    except CorruptLog as e:
+        res.error = str(e)
+        return res
+    led.reserve(want)
+    try:
+        with reader:
+            _ingest_reader(store, led, reader, res, on_batch)
+    finally:
+        led.release(want)
+    return res
 
-    def flush(final: dict | None) -> None:
-        nonlocal pending, size, frames_done
-        b = parse_frames(pending, seg.session, seg.segno, host)
-        write_payload(store, b)
-        commit(store, st, b, **(final or {}))
-        frames_done = b.end_frame
+
+def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_batch) -> None:
+    session, segno, host = reader.session, reader.segno, reader.host
+    key = (session, segno)
+    with store.mutex:
+        bound = led.hosts.get(session)
+        st = led.segs.get(key)
+        held = led.held(key)
+    if bound is not None and bound != host:
+        res.error = (f"{reader.path}: session {session} belongs to host {bound} in the store, "
+                     f"this segment names host {host}")
+        return
+    if st is not None and st.seg_id is not None and st.seg_id != reader.seg_id:
+        res.error = (f"{reader.path}: the store holds another segment {segno} of session "
+                     f"{session} (seg_id {st.seg_id:#x}, this file {reader.seg_id:#x}): "
+                     f"is the LOG holding two copies?")
+        return
+
+    def is_held(n: int) -> bool:
+        return any(a <= n < e for a, e in held)
+
+    run: Run | None = None
+    error = None
+
+    def flush() -> None:
+        nonlocal run
+        r, run = run, None
+        if r is None:
+            return
+        try:
+            b = prepare(store, led, r, session, segno, reader.seg_id, host, "log")
+        except CorruptLog:
+            # a frame that passed its checks holds records that do not parse: store the
+            # frames before it, then stop the segment (the error propagates)
+            good = Run(r.first, r.first, header_host=r.header_host)
+            for fr in r.frames:
+                try:
+                    parse_frames([fr], session, segno, host)
+                except CorruptLog:
+                    good.end = fr.frame_no
+                    break
+                good.frames.append(fr)
+            if good.end > good.first:
+                _commit_one(prepare(store, led, good, session, segno, reader.seg_id, host,
+                                    "log"))
+            raise
+        _commit_one(b)
+
+    def _commit_one(b: Batch) -> None:
+        try:
+            commit_batches(store, led, [b], host)
+        except BaseException:
+            discard(store, led, [b])
+            raise
         res.frames += b.nframes
         res.records += b.nrec
         res.payload_bytes += b.payload_bytes
-        pending, size = [], 0
         if on_batch:
             on_batch(b)
 
+    def add(n: int, fr=None, header: bool = False, seal: bool = False, size: int = 0) -> None:
+        nonlocal run
+        if is_held(n):
+            flush()
+            return
+        if run is None:
+            run = Run(n, n)
+        run.end = n + 1
+        if fr is not None:
+            run.frames.append(fr)
+        if header:
+            run.header_host = host
+        if seal:
+            run.seal_nframes = n + 1
+        run.size += size
+        if run.size >= BATCH_BYTES:
+            flush()
+
+    last = 0
+    complete = False
     try:
-        reader = SegmentReader(seg.path)
-        host = reader.host
-        for fr in reader.frames(start_frame=start):
-            if size >= BATCH_BYTES:
-                flush(None)
-            pending.append(fr)
-            size += len(fr.data)
-    except CorruptLog as e:
-        error = str(e)
-    finally:
-        if reader is not None:
-            reader.close()
-    sealed = bool(reader.sealed) if reader is not None else False
-    res.torn_bytes = int(reader.torn_bytes or 0) if reader is not None else 0
-
-    def final() -> dict:
-        return {"sealed": sealed, "done": sealed and error is None,
-                "torn_bytes": res.torn_bytes, "error": error}
-
-    if pending:
         try:
-            flush(final())
-        except CorruptLog as e:
-            # a frame that passed its checks holds records that do not parse:
-            # store the frames before it, stop the segment there
-            error = error or str(e)
-            good = []
-            for fr in pending:
-                try:
-                    parse_frames([fr], seg.session, seg.segno, host)
-                except CorruptLog:
+            add(0, header=True)
+            for off, h in reader.index():
+                last = h.frame_no
+                if is_held(h.frame_no):
+                    flush()
+                    continue
+                fr = reader.read(off, h)
+                if fr is None:   # torn tail
                     break
-                good.append(fr)
-            pending = good
-            if pending:
-                flush(final())
+                add(h.frame_no, fr, size=h.raw_len)
             else:
-                commit_progress(store, st, seg.session, seg.segno, host, frames_done, **final())
-    elif prev != (final()["sealed"], final()["done"], res.torn_bytes, error):
-        commit_progress(store, st, seg.session, seg.segno, host, frames_done, **final())
+                complete = True
+            if complete and reader.sealed:
+                add(last + 1, seal=True)
+        except CorruptLog as e:   # the frames before it are good: stored by the flush below
+            error = str(e)
+        flush()
+    except (CorruptLog, FrameRejected) as e:
+        error = error or (str(e) if isinstance(e, CorruptLog) else f"{reader.path}: {e}")
+    res.torn_bytes = int(reader.torn_bytes or 0)
     res.error = error
-    return res
+    with store.mutex:
+        cur = led.segs.get(key)
+    if cur is None or (cur.torn_bytes, cur.error) != (res.torn_bytes, error):
+        commit_batches(store, led, [], host, notes={key: (res.torn_bytes, error)})
 
 
 def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> IngestResult:
@@ -611,12 +1119,11 @@ def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> Inges
     tune_malloc()
     t0 = time.monotonic()
     c0 = time.process_time()
+    led = ledger(store)
     orphans = remove_orphans(store)
     segs = list_segments(log_dir)
     if not segs:
         raise UserError(f"{log_dir} holds no LOG segments (*.brlog)")
-    progress = {(r[0], r[1]): r[2:] for r in store.query(
-        "SELECT session, segno, frames_done, sealed, done, torn_bytes, error FROM progress")}
     todo = []
     results: list[SegmentResult] = []
     seen = set()
@@ -628,21 +1135,257 @@ def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> Inges
                                                f"{seg.segno} of session {seg.session}"))
             continue
         seen.add(key)
-        p = progress.get(key)
-        if p is not None and p[2]:  # done: read up to its seal
+        with store.mutex:
+            done = led.complete(key)
+        if done:  # sealed and every frame stored
             results.append(SegmentResult(seg.path, seg.session, seg.segno, skipped=True))
         else:
-            todo.append((seg, p[0] if p else 0, tuple(p[1:]) if p else None))
+            todo.append(seg)
     # big segments first: the threads finish together
-    todo.sort(key=lambda x: -x[0].size)
+    todo.sort(key=lambda s: -s.size)
     if todo:
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ingest") as ex:
-            st = RunState.load(store)
-            futs = [ex.submit(ingest_segment, store, st, seg, start, prev, on_batch)
-                    for seg, start, prev in todo]
+            futs = [ex.submit(ingest_segment, store, led, seg, on_batch) for seg in todo]
             for f in futs:
                 results.append(f.result())
     sessions = finalize(store)
     results.sort(key=lambda r: (r.session, r.segno))
     return IngestResult(results, time.monotonic() - t0, time.process_time() - c0, sessions,
                         orphans)
+
+
+# ================================================================ FrameSink
+@dataclass
+class FrameGroup:
+    session: str
+    segno: int
+    seg_id: int
+    first: int                    # frame number of raw_frames[0]
+    raw_frames: list              # bytes/memoryview: each a whole raw LOG frame (48-byte header + body)
+
+
+class FrameSink:
+    """Stores LOG frames received from the network. Thread-safe; one per server process.
+    Shares the store code with `blkrewind ingest` (LOG directory ingest): same tables, same
+    Parquet files, same crash safety; a frame stored by either path is never stored twice."""
+
+    def __init__(self, store: Store, on_lost=None):
+        # on_lost(host, [{"session","segno","ranges":[[a,e],...]}]) is called when stored
+        # frames are found damaged/missing and dropped (integrity check), so the server can
+        # send LACKS to that host's connections.
+        if not store.writable:
+            raise StoreError(f"{store.path}: a FrameSink needs the store open for writing")
+        self.st = store   # (not self.store: that is the method)
+        self.on_lost = on_lost
+        tune_malloc()
+        self.led = ledger(store)
+        self.orphans = remove_orphans(store)
+
+    # ------------------------------------------------------------------ lacks
+    def lacks(self, host: str, inventory: list[dict]) -> list[dict]:
+        """inventory items: {"session","segno","seg_id","frames":N,"sealed":bool} (frame numbers
+        [0,N) exist in the tracer's LOG). Returns [{"session","segno","ranges":[[a,e],...]}] for
+        the frames in [0,N) the store does not hold (segments held completely are omitted).
+        Raises NotYourSession for a session bound to another host."""
+        items = [_inventory_item(it) for it in inventory]
+        out = []
+        with self.st.mutex:
+            for session, segno, seg_id, n in items:
+                bound = self.led.hosts.get(session)
+                if bound is not None and bound != host:
+                    raise NotYourSession(f"session {session} belongs to host {bound}, "
+                                         f"not {host}")
+                st = self.led.segs.get((session, segno))
+                if st is not None and st.seg_id is not None and st.seg_id != seg_id:
+                    raise FrameRejected(f"{session}.{segno:06d}: seg_id {seg_id:#x} is not the "
+                                        f"stored segment's ({st.seg_id:#x})")
+                if st is not None and st.nframes is not None:
+                    n = min(n, st.nframes)   # never ask for frames past the SEAL
+                ranges = self.led.missing((session, segno), 0, n)
+                if ranges:
+                    out.append({"session": session, "segno": segno, "ranges": ranges})
+        return out
+
+    # ------------------------------------------------------------------ store
+    def store(self, host: str, groups: list[FrameGroup]) -> list[tuple[int, int, int]]:
+        """Validate everything first (each raw frame decoded with tracer.log.decode_raw_frame:
+        header CRC, seg_id, frame number, lz4 content checksum; records parse; every R_SESSION /
+        R_DEVICE record names `host`; the session is bound to `host` or new -> bound to it; the
+        seg_id matches what the store knows for that segment), then store the frames not stored
+        yet (Parquet written+fsynced+renamed, then ONE DuckDB commit), return per group
+        (first, end, newly_stored). Durable when it returns. Idempotent: frames already stored
+        are skipped (so a replayed message stores nothing). Raises FrameRejected (nothing
+        stored) or StoreError (store failure such as ENOSPC: nothing half-stored)."""
+        if not isinstance(host, str) or not host:
+            raise FrameRejected("no host")
+        for g in groups:
+            _check_shape(g)
+        led = self.led
+        with self.st.mutex:   # first: whose session is it (checked again at the commit)
+            for g in groups:
+                bound = led.hosts.get(g.session)
+                if bound is not None and bound != host:
+                    raise NotYourSession(f"session {g.session} belongs to host {bound}, "
+                                         f"not {host}")
+        decoded = [self._decode_group(host, g) for g in groups]
+        # what only the store knows, before the heavy work (checked again at the commit)
+        with self.st.mutex:
+            for g, frames in decoded:
+                st = led.segs.get((g.session, g.segno))
+                if st is not None:
+                    _check_against(g, frames, st)
+        wants = [((g.session, g.segno), g.first, g.first + len(g.raw_frames))
+                 for g, _ in decoded if g.raw_frames]
+        batches: list[Batch] = []
+        result = []
+        led.reserve(wants)
+        try:
+            with self.st.mutex:
+                todo = []
+                claimed: dict[tuple, list] = {}
+                for g, frames in decoded:
+                    key = (g.session, g.segno)
+                    end = g.first + len(frames)
+                    held = merge(led.ranges.get(key, []) + claimed.get(key, []))
+                    miss = subtract(g.first, end, held) if frames else []
+                    claimed.setdefault(key, []).extend((a, e) for a, e in miss)
+                    st = led.segs.get(key)
+                    if st is not None:
+                        _check_against(g, frames, st)
+                    todo.append((g, frames, miss))
+            for g, frames, miss in todo:
+                new = 0
+                for a, e in miss:
+                    for run in _runs(frames[a - g.first:e - g.first], host):
+                        try:
+                            batches.append(prepare(self.st, led, run, g.session, g.segno,
+                                                   g.seg_id, host, "net"))
+                        except CorruptLog as ex:
+                            raise FrameRejected(str(ex)) from None
+                        new += run.end - run.first
+                result.append((g.first, g.first + len(frames), new))
+            if batches:
+                commit_batches(self.st, led, batches, host)
+        except BaseException:
+            discard(self.st, led, batches)
+            raise
+        finally:
+            led.release(wants)
+        return result
+
+    def _decode_group(self, host: str, g) -> tuple:
+        """Check the shape of a group and decode its frames: (group, [(FrameHead, Frame|None,
+        header JSON|None, raw size)])."""
+        from tracer.log import K_HEADER, K_SEAL, decode_raw_frame
+
+        name = f"{g.session}.{g.segno:06d}"
+        out = []
+        seal_at = None
+        for i, raw in enumerate(g.raw_frames):
+            n = g.first + i
+            if seal_at is not None:
+                raise FrameRejected(f"{name}: frame {n} after its SEAL (frame {seal_at})")
+            try:
+                h, fr = decode_raw_frame(raw, seg_id=g.seg_id, frame_no=n)
+            except CorruptLog as e:
+                raise FrameRejected(f"{name}: {e}") from None
+            except TypeError:
+                raise FrameRejected(f"{name}: frame {n} is not bytes") from None
+            meta = None
+            if h.kind == K_HEADER:
+                try:
+                    meta = json.loads(fr.data)
+                    ok = (isinstance(meta, dict) and meta.get("session") == g.session
+                          and meta.get("segno") == g.segno)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise FrameRejected(f"{name}: its HEADER does not name this segment")
+                if meta.get("host") != host:
+                    raise FrameRejected(f"{name}: its HEADER names host "
+                                        f"{str(meta.get('host'))[:80]!r}, not {host!r}")
+            elif h.kind == K_SEAL:
+                seal_at = n
+            out.append((h, fr, meta, len(memoryview(raw))))
+        return g, out
+
+    # ------------------------------------------------------------ the rest
+    def finalize(self) -> list[str]:
+        """Recompute watermarks of sessions that changed (replayer.watermark.finalize)."""
+        return finalize(self.st)
+
+    def check(self, full: bool) -> list[str]:
+        """Integrity check of stored payload (replayer/integrity.py): quick = every payload
+        file exists with its recorded size; full = also its checksum. Damaged/missing files:
+        their frame ranges' metadata is dropped in one transaction (so they read as missing,
+        never served), on_lost is called; returns one line per damage found."""
+        from replayer import integrity
+
+        return integrity.check(self.st, full, on_lost=self.on_lost)
+
+
+def _check_shape(g) -> None:
+    if not isinstance(g, FrameGroup):
+        raise FrameRejected("not a FrameGroup")
+    if not isinstance(g.session, str) or not _SESSION_RE.fullmatch(g.session):
+        raise FrameRejected(f"bad session id {str(g.session)[:80]!r}")
+    for name, v, hi in (("segno", g.segno, 1 << 31), ("seg_id", g.seg_id, 1 << 32),
+                        ("first", g.first, 1 << 31)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+            raise FrameRejected(f"bad {name} {v!r}")
+    if not isinstance(g.raw_frames, (list, tuple)) or g.first + len(g.raw_frames) >= 1 << 31:
+        raise FrameRejected("bad raw_frames")
+
+
+def _check_against(g: FrameGroup, frames: list, st: SegState) -> None:
+    """A group's decoded frames against what the store knows of their segment."""
+    from tracer.log import K_SEAL
+
+    name = f"{g.session}.{g.segno:06d}"
+    if st.seg_id is not None and st.seg_id != g.seg_id:
+        raise FrameRejected(f"{name}: seg_id {g.seg_id:#x} is not the stored segment's "
+                            f"({st.seg_id:#x})")
+    if st.nframes is not None:
+        if g.first + len(frames) > st.nframes:
+            raise FrameRejected(f"{name}: frames past its SEAL (frame {st.nframes - 1})")
+        for h, *_ in frames:
+            if (h.kind == K_SEAL) != (h.frame_no == st.nframes - 1):
+                raise FrameRejected(f"{name}: kind {h.kind} at frame {h.frame_no}, its SEAL "
+                                    f"is frame {st.nframes - 1}")
+
+
+def _runs(frames: list, host: str):
+    """Runs (batches of about BATCH_BYTES) of consecutive decoded frames."""
+    from tracer.log import K_HEADER, K_SEAL
+
+    run = None
+    for h, fr, meta, _size in frames:
+        if run is None:
+            run = Run(h.frame_no, h.frame_no)
+        run.end = h.frame_no + 1
+        if h.kind == K_HEADER:
+            run.header_host = host
+        elif h.kind == K_SEAL:
+            run.seal_nframes = h.frame_no + 1
+        else:
+            run.frames.append(fr)
+            run.size += h.raw_len
+        if run.size >= BATCH_BYTES:
+            yield run
+            run = None
+    if run is not None:
+        yield run
+
+
+def _inventory_item(it) -> tuple[str, int, int, int]:
+    if not isinstance(it, dict):
+        raise FrameRejected("an inventory item is not an object")
+    s, n, sid, fr = it.get("session"), it.get("segno"), it.get("seg_id"), it.get("frames")
+    if not isinstance(s, str) or not _SESSION_RE.fullmatch(s):
+        raise FrameRejected(f"inventory: bad session id {str(s)[:80]!r}")
+    for name, v, hi in (("segno", n, 1 << 31), ("seg_id", sid, 1 << 32), ("frames", fr, 1 << 31)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
+            raise FrameRejected(f"inventory: bad {name} {v!r}")
+    if not isinstance(it.get("sealed", False), bool):
+        raise FrameRejected("inventory: bad sealed")
+    return s, n, sid, fr

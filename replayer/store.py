@@ -4,37 +4,51 @@ Layout of a store directory (created 0700)::
 
     DIR/lock                    flock: held (exclusive) by the one process writing the store
     DIR/meta.duckdb             the metadata database (schema below)
-    DIR/payload/<session>/<segno:06d>-<first:06d>-<end:06d>.parquet
-                                payload bytes of frames [first, end) of one LOG segment
+    DIR/payload/<session>/<segno:06d>-<first:06d>-<end:06d>.b<batch>.parquet
+                                payload bytes of frames [first, end) of one LOG segment,
+                                stored by batch <batch> (Parquet page checksums on)
+    DIR/damaged/<session>/      payload files the integrity check found damaged (kept as
+                                evidence; their batches are dropped: replayer/integrity.py)
     DIR/restores/               images made by `restore --loop`
 
 Why this split: the metadata is small, queried by SQL and by the rebuild
-(extents newest first), and must change atomically with the ingest progress;
+(extents newest first), and must change atomically with what is stored;
 the payload is large, written once, read by row group (~4 MiB each), and
 stored lz4-compressed when a sample of the batch shrinks (file-system data:
 ~3x), plain when it does not (random data: lz4 would only cost time).
 
-Crash safety. A frame range is ingested by writing its Parquet file under a
-temporary name, fsyncing it, renaming it to its deterministic name (fsync of
-the directory), then ONE DuckDB transaction that inserts every metadata row
-of the range and advances `progress` for its segment. A crash before the
-commit leaves at most an unreferenced Parquet file (deleted by the next
-ingest); after it, everything. Re-reading a LOG therefore only ingests frames
-past `progress`, which makes ingest idempotent whatever the order of segments.
+Crash safety. A batch (a run of consecutive frames of one LOG segment, from
+`blkrewind ingest --log` or from the network, replayer/ingest.py) is stored by
+writing its Parquet file under a temporary name (O_DIRECT where possible),
+fdatasyncing it, recording its size and checksum, renaming it to its final
+name (which holds the batch id; fsync of the directory), then ONE DuckDB
+transaction that inserts every
+metadata row of the batch, each tagged with the batch id, and the batch's
+`frame_ranges` row. A crash before the commit leaves at most an unreferenced
+Parquet file (deleted by the next ingest or server start); after it,
+everything. Which frames the store holds is exactly the union of
+`frame_ranges`: a frame is stored once, whatever path brought it, in any
+order; a damaged batch can be dropped exactly (replayer/integrity.py) and
+stored again later. Store format 1 (frame progress per segment) is not read:
+ingest the LOGs into a new store.
 
 Schema (every `session` column is the session id; `dev` is the kernel dev_t
 the records carry; `time_ns` is wall time in ns since the epoch, computed as
 ``ktime_ns + (real_ns - mono_ns)`` of the LOG frame holding the record, or the
-frame's ``real_ns`` for records without a kernel time)::
+frame's ``real_ns`` for records without a kernel time; `batch` is the id of
+the batch (commit) a row came from)::
 
-    store_info(key PK, value)                 format version, creation time
-    sessions(session PK, host, stamp_base, seq_base, version, boot_id, kernel,
-             start_ns, info JSON,              -- from R_SESSION (NULL until ingested)
+    store_info(key PK, value)                 format version, creation time, batch_hwm
+    sessions(session PK, host,                -- host: bound to the host that stored its first frame
+             stamp_base, seq_base, version, boot_id, kernel,
+             start_ns, info JSON,              -- from R_SESSION (NULL until stored)
              end_stamp, end_seq, clean, end_ns,  -- from R_END (NULL while open)
              complete_to,                      -- scan state: [stamp_base, complete_to] is complete
              watermark, watermark_ns,          -- the consistent watermark W (NULL: none yet)
              first_gap, gap_reason, after_gap, -- first incomplete/missing stamp, why, stamps seen past it
-             dirty)                            -- new records since the watermark was computed
+             dirty,                            -- new records since the watermark was computed
+             held_segno, held_frame)           -- every frame of the session before frame
+                                               -- held_frame of segment held_segno is stored
     devices(device PK 'host:name', host, name, path, size_bytes)   -- latest description
     session_devices(session, dev, device, host, name, path, size_bytes,
                     logical_block_size, physical_block_size, part_start, info JSON,
@@ -43,22 +57,29 @@ frame's ``real_ns`` for records without a kernel time)::
                     from_ns, to_ns, PK(session, dev))
     records(session, dev, stamp, seq, time_ns, ktime_ns, sector, part_start, cgroup_id,
             aux, opf, bio_size, offset, len, flags, tgid, tid, op, comm,
-            pfile, prg, pidx)                 -- one row per R_BIO record (a payload piece,
+            pfile, prg, pidx, batch)          -- one row per R_BIO record (a payload piece,
                                               -- or the only record of a no-data bio);
                                               -- payload at row pidx of row group prg of
                                               -- payload_files[pfile] (NULL: no payload)
-    base(session, dev, seq, aux, time_ns, sector, bio_size, flags, pfile, prg, pidx)
+    base(session, dev, stamp, seq, aux, time_ns, sector, bio_size, flags, pfile, prg, pidx, batch)
                                               -- R_BASE chunks; F_ZERO chunks have no payload
-    marks(session, stamp, seq, time_ns, name, tgid, tid, comm)
-    points(session, stamp, seq, time_ns, what, dev, payload JSON)
+    marks(session, stamp, seq, time_ns, name, tgid, tid, comm, batch)
+    points(session, stamp, seq, time_ns, what, dev, payload JSON, segno, frame_no, batch)
+                                              -- segno/frame_no: the LOG frame holding it
     completions(session, seq, time_ns, dev, sector, bio_size, aux, error, flags,
-                stamps UBIGINT[])             -- R_COMPLETE: which bios a request completed
-    loss(session, seq, time_ns, drops, drop_bytes, read_errs, truncs, counters JSON)
-    progress(session, segno, frames_done, sealed, done, torn_bytes, error, PK(session, segno))
-                                              -- frames_done: frames [0, frames_done) ingested;
-                                              -- done: read up to the seal, nothing more to come
+                stamps UBIGINT[], batch)      -- R_COMPLETE: which bios a request completed
+    loss(session, seq, time_ns, drops, drop_bytes, read_errs, truncs, counters JSON, batch)
+    segments(session, segno, seg_id, host, sealed, nframes, torn_bytes, error, PK(session, segno))
+                                              -- seg_id from its first stored frame, host from its
+                                              -- HEADER (frame 0), nframes = SEAL's frame_no + 1
+                                              -- once the SEAL is stored; torn_bytes/error: notes
+                                              -- of the last LOG ingest
+    frame_ranges(batch PK, session, segno, first_frame, end_frame, source, stored_ns)
+                                              -- frames [first_frame, end_frame) of the segment
+                                              -- are stored, by batch `batch` ('log' | 'net')
     payload_files(id PK, path, session, segno, first_frame, end_frame, rows,
-                  payload_bytes, file_bytes)
+                  payload_bytes, file_bytes, crc32, batch)
+                                              -- id == batch; crc32: zlib.crc32 of the file bytes
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
@@ -78,9 +99,18 @@ import duckdb
 
 from blkrewind.errors import StoreError, UserError
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 META = "meta.duckdb"
 LOCK = "lock"
+SUBDIRS = ("payload", "restores", "damaged")
+
+# SQL condition on a `points` row: every frame of its session up to the frame holding it is
+# stored (sessions.held_segno/held_frame). The chunks a baseline_end / resync_end point closes
+# (R_BASE, no stamps of their own) are in the frames before it: a point that does not pass
+# may not open a restorable interval yet (frames arrive in any order; a batch may be dropped).
+HELD_POINT = ("(points.segno IS NULL OR EXISTS (SELECT 1 FROM sessions hs "
+              "WHERE hs.session = points.session AND (points.segno < hs.held_segno "
+              "OR (points.segno = hs.held_segno AND points.frame_no < hs.held_frame))))")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)""",
@@ -90,7 +120,7 @@ SCHEMA = [
         end_stamp UBIGINT, end_seq UBIGINT, clean BOOLEAN, end_ns BIGINT,
         complete_to UBIGINT, watermark UBIGINT, watermark_ns BIGINT,
         first_gap UBIGINT, gap_reason VARCHAR, after_gap UBIGINT,
-        dirty BOOLEAN DEFAULT TRUE)""",
+        dirty BOOLEAN DEFAULT TRUE, held_segno INTEGER DEFAULT 0, held_frame INTEGER DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS devices (
         device VARCHAR PRIMARY KEY, host VARCHAR, name VARCHAR, path VARCHAR, size_bytes UBIGINT)""",
     """CREATE TABLE IF NOT EXISTS session_devices (
@@ -104,29 +134,49 @@ SCHEMA = [
         ktime_ns UBIGINT, sector UBIGINT, part_start UBIGINT, cgroup_id UBIGINT, aux UBIGINT,
         opf UINTEGER, bio_size UINTEGER, "offset" UINTEGER, len UINTEGER, flags UINTEGER,
         tgid UINTEGER, tid UINTEGER, op UTINYINT, comm VARCHAR,
-        pfile INTEGER, prg INTEGER, pidx INTEGER)""",
+        pfile INTEGER, prg INTEGER, pidx INTEGER, batch INTEGER)""",
     """CREATE TABLE IF NOT EXISTS base (
-        session VARCHAR, dev UINTEGER, seq UBIGINT, aux UBIGINT, time_ns BIGINT, sector UBIGINT,
-        bio_size UINTEGER, flags UINTEGER, pfile INTEGER, prg INTEGER, pidx INTEGER)""",
+        session VARCHAR, dev UINTEGER, stamp UBIGINT, seq UBIGINT, aux UBIGINT, time_ns BIGINT,
+        sector UBIGINT, bio_size UINTEGER, flags UINTEGER, pfile INTEGER, prg INTEGER,
+        pidx INTEGER, batch INTEGER)""",
     """CREATE TABLE IF NOT EXISTS marks (
         session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, name VARCHAR,
-        tgid UINTEGER, tid UINTEGER, comm VARCHAR)""",
+        tgid UINTEGER, tid UINTEGER, comm VARCHAR, batch INTEGER)""",
     """CREATE TABLE IF NOT EXISTS points (
         session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, what VARCHAR, dev UINTEGER,
-        payload JSON)""",
+        payload JSON, segno INTEGER, frame_no INTEGER, batch INTEGER)""",
     """CREATE TABLE IF NOT EXISTS completions (
         session VARCHAR, seq UBIGINT, time_ns BIGINT, dev UINTEGER, sector UBIGINT,
-        bio_size UINTEGER, aux UBIGINT, error USMALLINT, flags UINTEGER, stamps UBIGINT[])""",
+        bio_size UINTEGER, aux UBIGINT, error USMALLINT, flags UINTEGER, stamps UBIGINT[],
+        batch INTEGER)""",
     """CREATE TABLE IF NOT EXISTS loss (
         session VARCHAR, seq UBIGINT, time_ns BIGINT, drops UBIGINT, drop_bytes UBIGINT,
-        read_errs UBIGINT, truncs UBIGINT, counters JSON)""",
-    """CREATE TABLE IF NOT EXISTS progress (
-        session VARCHAR, segno INTEGER, frames_done INTEGER, sealed BOOLEAN, done BOOLEAN,
-        torn_bytes UBIGINT, error VARCHAR, PRIMARY KEY (session, segno))""",
+        read_errs UBIGINT, truncs UBIGINT, counters JSON, batch INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS segments (
+        session VARCHAR, segno INTEGER, seg_id UBIGINT, host VARCHAR, sealed BOOLEAN,
+        nframes INTEGER, torn_bytes UBIGINT, error VARCHAR, PRIMARY KEY (session, segno))""",
+    """CREATE TABLE IF NOT EXISTS frame_ranges (
+        batch INTEGER PRIMARY KEY, session VARCHAR, segno INTEGER, first_frame INTEGER,
+        end_frame INTEGER, source VARCHAR, stored_ns BIGINT)""",
     """CREATE TABLE IF NOT EXISTS payload_files (
         id INTEGER PRIMARY KEY, path VARCHAR, session VARCHAR, segno INTEGER,
         first_frame INTEGER, end_frame INTEGER, rows INTEGER, payload_bytes UBIGINT,
-        file_bytes UBIGINT)""",
+        file_bytes UBIGINT, crc32 UBIGINT, batch INTEGER)""",
+    # replayer/watermark.py (restorable intervals across gaps; see its docstring)
+    """CREATE TABLE IF NOT EXISTS scan_state (
+        session VARCHAR PRIMARY KEY, scanned_to UBIGINT, prefix UBIGINT)""",
+    """CREATE TABLE IF NOT EXISTS gap_runs (
+        session VARCHAR, lo UBIGINT, hi UBIGINT, reason VARCHAR, settled BOOLEAN)""",
+    """CREATE TABLE IF NOT EXISTS restorable (
+        session VARCHAR, dev UINTEGER, from_stamp UBIGINT, to_stamp UBIGINT, from_ns BIGINT,
+        to_ns BIGINT)""",
+    """CREATE TABLE IF NOT EXISTS gap_windows (
+        session VARCHAR, dev UINTEGER, from_stamp UBIGINT, last_stamp UBIGINT, resumed UBIGINT,
+        from_ns BIGINT, resumed_ns BIGINT, stamps UBIGINT, cause VARCHAR, reason VARCHAR)""",
+    # replayer/prune.py: history of (session, dev) folded into its base up to `stamp`
+    """CREATE TABLE IF NOT EXISTS pruned (
+        session VARCHAR, dev UINTEGER, stamp UBIGINT, time_ns BIGINT, whole BOOLEAN,
+        kept UBIGINT[], batch INTEGER, PRIMARY KEY (session, dev))""",
 ]
 
 
@@ -183,7 +233,7 @@ class Store:
             if os.path.exists(path):
                 if not os.path.isdir(path):
                     raise StoreError(f"{path} is not a directory")
-                extra = [n for n in os.listdir(path) if n not in (LOCK, "payload", "restores")]
+                extra = [n for n in os.listdir(path) if n not in (LOCK, *SUBDIRS)]
                 if extra:
                     raise StoreError(f"{path} is not empty and not a blkrewind store "
                                      f"(holds {', '.join(sorted(extra)[:3])})")
@@ -220,6 +270,8 @@ class Store:
         ).fetchall()}
         if names and "store_info" not in names:
             raise StoreError(f"{self.path}/{META} is a DuckDB database but not a blkrewind store")
+        if names:
+            self._check_format()  # never add tables to a store of another format
         con.execute("BEGIN")
         for ddl in SCHEMA:
             con.execute(ddl)
@@ -228,7 +280,7 @@ class Store:
         con.execute("INSERT INTO store_info VALUES ('created', ?) ON CONFLICT DO NOTHING",
                     [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())])
         con.execute("COMMIT")
-        for sub in ("payload", "restores"):
+        for sub in SUBDIRS:
             os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
 
     def _check_format(self) -> None:
@@ -238,7 +290,8 @@ class Store:
             raise StoreError(f"{self.path} is not a blkrewind store (no store_info)") from None
         if not row or row[0] != FORMAT_VERSION:
             raise StoreError(f"{self.path}: store format {row[0] if row else '?'} is not "
-                             f"supported (this blkrewind reads format {FORMAT_VERSION})")
+                             f"supported (this blkrewind reads format {FORMAT_VERSION}; there is "
+                             f"no migration: ingest the LOGs into a new store)")
 
     def close(self) -> None:
         if self.con is not None:
@@ -264,6 +317,10 @@ class Store:
     @property
     def restores_dir(self) -> str:
         return os.path.join(self.path, "restores")
+
+    @property
+    def damaged_dir(self) -> str:
+        return os.path.join(self.path, "damaged")
 
     def payload_path(self, rel: str) -> str:
         return os.path.join(self.path, rel)

@@ -371,3 +371,32 @@ def test_segment_zero_missing_means_not_restorable_yet(capsys, tmp_path):
     assert rs == [] or all(r["to_stamp"] is None for r in rs)
     ingest(capsys, log, store)
     check_points(capsys, store, s, tmp_path)
+
+
+def test_frame_ranges_cover_every_frame_once(capsys, tmp_path):
+    """The store's bookkeeping after LOG ingest: per segment its seg_id, host, seal, and
+    frame ranges that cover [0, nframes) exactly once (HEADER and SEAL included)."""
+    from tracer.log import SegmentReader
+
+    log = tmp_path / "log"
+    history(log, seed=24, nbios=80, segment_bytes=128 << 10)
+    store = tmp_path / "store"
+    ingest(capsys, log, store, "--jobs", "2")
+    st = Store.open(store)
+    try:
+        for seg in segments(log):
+            with SegmentReader(seg) as r:
+                n = len(list(r.frames())) + 2
+                key = [r.session, r.segno]
+                assert st.query_one("SELECT seg_id, host, sealed, nframes FROM segments WHERE "
+                                    "session = ? AND segno = ?", key) == (r.seg_id, "synth",
+                                                                         True, n)
+            ranges = st.query("SELECT first_frame, end_frame FROM frame_ranges WHERE session = ? "
+                              "AND segno = ? ORDER BY first_frame", key)
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        for t in ("records", "base", "marks", "points", "completions", "loss", "payload_files"):
+            assert st.query_one(f"SELECT count(*) FROM {t} WHERE batch IS NULL OR batch NOT IN "
+                                f"(SELECT batch FROM frame_ranges)")[0] == 0, t
+    finally:
+        st.close()

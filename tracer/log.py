@@ -180,6 +180,41 @@ def _decode(body, raw_len: int) -> bytes | str:
     return data
 
 
+def decode_raw_frame(raw, *, seg_id: int | None,
+                     frame_no: int | None) -> tuple[FrameHead, Frame | None]:
+    """Check one raw frame (48-byte header + body, exactly as in a segment file, e.g. received
+    over the network) as SegmentReader does: header (magic, CRC, version, kind/flags, lengths),
+    seg_id and frame_no (when not None), kind in its place (HEADER at 0 only), the body length,
+    the lz4 frame header, the content checksum, every body byte used.
+
+    Returns (header, Frame) -- Frame.data is the span of a DATA frame or the JSON of a HEADER;
+    a raw frame does not know its session/segment/offset (session "", segno -1, offset -1) --
+    or (header, None) for a SEAL. Raises CorruptLog with a one-line reason."""
+    mv = memoryview(raw)
+    h = _parse(mv)
+    where = f"frame {frame_no}" if frame_no is not None else "frame"
+    if isinstance(h, str):
+        raise CorruptLog(f"{where}: {h}")
+    where = f"frame {h.frame_no}"
+    if seg_id is not None and h.seg_id != seg_id:
+        raise CorruptLog(f"{where}: frame of another segment ({h.seg_id:#x}, expected {seg_id:#x})")
+    if frame_no is not None and h.frame_no != frame_no:
+        raise CorruptLog(f"{where}: expected frame {frame_no}")
+    if (h.kind == K_HEADER) != (h.frame_no == 0):
+        raise CorruptLog(f"{where}: kind {h.kind} out of place")
+    if h.kind == K_HEADER and h.stored_len > MAX_HEADER_BODY:
+        raise CorruptLog(f"{where}: HEADER body of {h.stored_len} bytes")
+    if mv.nbytes != FRAME_SIZE + h.stored_len:
+        raise CorruptLog(f"{where}: {mv.nbytes - FRAME_SIZE} body bytes, the header says "
+                         f"{h.stored_len}")
+    if h.kind == K_SEAL:
+        return h, None
+    data = _decode(mv[FRAME_SIZE:], h.raw_len)
+    if isinstance(data, str):
+        raise CorruptLog(f"{where}: {data}")
+    return h, Frame("", -1, h.frame_no, -1, h.mono_ns, h.real_ns, h.nrec, data)
+
+
 def _pwrite_all(fd: int, bufs, offset: int) -> None:
     views = [memoryview(b).cast("B") for b in bufs]
     while views:
@@ -253,7 +288,7 @@ class LogWriter:
 
     def __init__(self, log_dir: str, session: str, *, host: str, segment_bytes: int = 64 << 20,
                  fsync: str = "interval", fsync_interval: float = 1.0,
-                 compression_level: int = 0):
+                 compression_level: int = 0, on_frame=None):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
         if not SESSION_RE.fullmatch(session):
@@ -264,6 +299,10 @@ class LogWriter:
         self.segment_bytes = segment_bytes
         self.fsync, self.fsync_interval = fsync, fsync_interval
         self.compression_level = compression_level
+        # on_frame(session, segno, frame_no, offset, size): called (in the writing thread)
+        # after each frame is written -- HEADER, DATA and SEAL (the SEAL is the one frame of
+        # FRAME_SIZE bytes); the shipper's feed. Not yet fsynced when it is called.
+        self.on_frame = on_frame
         self.frames = 0             # data frames appended by this writer
         self.bytes_written = 0      # bytes written to segment files (headers and seals too)
         self.current_path = ""
@@ -305,6 +344,7 @@ class LogWriter:
             self._rotate()
         self._write((_head(K_DATA, self._seg_id, self._frame_no, mono_ns, real_ns, nrec,
                            raw_len, len(body)), body), size, f"appending frame {self._frame_no}")
+        self._report(self._frame_no, self._pos - size, size)
         self._frame_no += 1
         self._seg_records += nrec
         self.frames += 1
@@ -381,6 +421,7 @@ class LogWriter:
         mono, real = _now()
         self._write((_head(K_SEAL, self._seg_id, self._frame_no, mono, real, self._seg_records,
                            0, 0),), FRAME_SIZE, "sealing")
+        self._report(self._frame_no, self._pos - FRAME_SIZE, FRAME_SIZE)
         self._fsync_file()
         os.close(self._fd)
         self._fd = None
@@ -428,6 +469,11 @@ class LogWriter:
         self._dirty = False
         self.bytes_written += len(frame)
         self.last_sync_monotonic = _monotonic()
+        self._report(0, 0, len(frame))
+
+    def _report(self, frame_no: int, offset: int, size: int) -> None:
+        if self.on_frame is not None:
+            self.on_frame(self.session, self.segno, frame_no, offset, size)
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -550,6 +596,34 @@ class SegmentReader:
         return Frame(self.session, self.segno, h.frame_no, off, h.mono_ns, h.real_ns, h.nrec,
                      data)
 
+    # -- raw frames (shipping): whole frames exactly as in the file, headers checked by index()
+    def frame_spans(self) -> Iterator[tuple[int, int, int]]:
+        """(frame_no, offset, size) of every complete frame: the HEADER (0), the data frames
+        (index()) and, in a sealed segment, the SEAL. Torn tail / CorruptLog as index()."""
+        yield 0, 0, self.data_start
+        last, end = 0, self.data_start
+        for off, h in self.index():
+            last, end = h.frame_no, off + FRAME_SIZE + h.stored_len
+            yield last, off, FRAME_SIZE + h.stored_len
+        if self.sealed and end == self.size - FRAME_SIZE:
+            yield last + 1, end, FRAME_SIZE
+
+    def read_raw(self, offset: int, size: int) -> bytes:
+        """size bytes of the file at offset (a frame from frame_spans()); CorruptLog if the
+        file is shorter."""
+        data = os.pread(self._f.fileno(), size, offset)
+        if len(data) != size:
+            raise self._corrupt(f"{size} bytes at offset {offset}: the file shrank")
+        return data
+
+    def raw_frames(self, start: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(frame_no, raw frame bytes) for the frames start <= frame_no < end."""
+        for no, off, size in self.frame_spans():
+            if end is not None and no >= end:
+                return
+            if no >= start:
+                yield no, self.read_raw(off, size)
+
     def _bad(self, off: int, frame_no: int, why: str, past_end: bool = False) -> None:
         """The frame at off failed its checks: record a torn tail, or raise CorruptLog."""
         if not self.sealed and (past_end or not self._frame_after(off + 1, frame_no)):
@@ -589,6 +663,39 @@ def list_segments(log_dir) -> list[SegmentInfo]:
         if m and e.is_file(follow_symlinks=False):
             out.append(SegmentInfo(e.path, m[1], int(m[2]), e.stat(follow_symlinks=False).st_size))
     return sorted(out, key=lambda s: (s.session, s.segno))
+
+
+def inventory(log_dir, *, offsets: bool = False) -> list[dict]:
+    """What log_dir holds, per segment (sorted by session, segno): {"session", "segno",
+    "seg_id", "frames": N, "sealed", "size", "path"} -- frame numbers [0, N) are complete on
+    disk (HEADER and SEAL included; a torn tail is not counted). offsets: also "offsets", the
+    N + 1 frame boundaries (frame i is bytes [offsets[i], offsets[i+1])). A segment with a bad
+    HEADER is left out; one with a corrupt frame lists the good frames before it and names the
+    damage in "corrupt"."""
+    out = []
+    for seg in list_segments(log_dir):
+        try:
+            r = SegmentReader(seg.path)
+        except (CorruptLog, FileNotFoundError):
+            continue
+        with r:
+            bounds, corrupt = [], None
+            try:
+                for _, off, size in r.frame_spans():
+                    bounds.append(off)
+                    end = off + size
+            except CorruptLog as e:
+                corrupt = str(e)
+            bounds.append(end)
+            item = {"session": r.session, "segno": r.segno, "seg_id": r.seg_id,
+                    "frames": len(bounds) - 1, "sealed": r.sealed and corrupt is None,
+                    "size": r.size, "path": seg.path}
+            if corrupt:
+                item["corrupt"] = corrupt
+            if offsets:
+                item["offsets"] = bounds
+            out.append(item)
+    return out
 
 
 class LogLock:

@@ -1,0 +1,428 @@
+"""Benchmark of shipping (tracer/shipper.py -> `blkrewind serve`): throughput and RPO.
+
+    sudo .venv/bin/python bench/bench_ship.py --mode throughput [--gib 2] [--dir DIR]
+    sudo .venv/bin/python bench/bench_ship.py --mode rpo [--rate-mb 100] [--seconds 20]
+    sudo .venv/bin/python bench/bench_ship.py --mode all
+
+throughput: a pre-made LOG of --gib GiB of payload (a valid session: baseline + writes of
+  4 KiB..1 MiB; half the writes random bytes, half compressible text-like bytes, in 4 MiB
+  frames and 64 MiB segments, as the tracer writes them) is shipped by a Shipper in this
+  process to `blkrewind serve` on 127.0.0.1 (a fresh store each run), once over TLS (certs from
+  `blkrewind tls init`) and once with --insecure, then (for the shipper's own ceiling) to a
+  receiver that only reads, checks (wire.read_message + unpack_frames) and ACKs. Reported:
+  MB/s of LOG bytes and of payload from start until everything is acked, the shipper's CPU
+  seconds (this process) and the replayer's (/proc/PID/stat), per MB.
+
+rpo: a loop device (backing file under --dir) traced by `blkrewind trace --ship` over TLS to a
+  `serve` on 127.0.0.1 while fio writes at --rate-mb MB/s (O_DIRECT, 1 MiB random writes)
+  for --seconds. The tracer's status is sampled every 0.1 s over its control socket: the age
+  of the oldest unacked frame (the RPO at that instant); at the end the shipper's per-frame
+  lag (ACK time - the frame's real_ns, i.e. when its records were taken from the ring).
+  Reported: p50/p99/max of both.
+
+MB = 10^6 bytes. Needs root (rpo: loop device, BPF).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from blkrewind import record, wire  # noqa: E402
+from tracer.log import LogWriter  # noqa: E402
+
+SPAN = 4 << 20
+DEV = record.kdev(7, 98)
+REAL0 = 1_764_000_000 * 10**9
+HOST = "bench"
+SESSION = "20261125T130000Z-bench0ship"
+CLI = [sys.executable, "-m", "blkrewind.cli"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+# ------------------------------------------------------------------------------ the LOG
+def _text_pool(n: int, rng: random.Random) -> bytes:
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    out = bytearray()
+    while len(out) < n:
+        line = b" ".join(rng.choice(words) for _ in range(rng.randint(4, 14)))
+        out += line + b"\n" + bytes(rng.randrange(0, 64))  # text with runs of zeroes
+    return bytes(out[:n])
+
+
+def make_log(log_dir: str, payload_bytes: int, seed: int = 1) -> dict:
+    rng = random.Random(seed)
+    rand_pool = os.urandom(48 << 20)
+    text_pool = _text_pool(48 << 20, rng)
+    device_bytes = 1 << 30
+    w = LogWriter(log_dir, SESSION, host=HOST, segment_bytes=64 << 20, fsync="never",
+                  compression_level=-10)
+    mono = 10**12
+    stamp = REAL0
+    seq = useq = 0
+    span: list[bytes] = []
+    size = payload = 0
+
+    def data(n: int) -> memoryview:
+        pool = rand_pool if rng.random() < 0.5 else text_pool
+        off = rng.randrange(0, len(pool) - n)
+        return memoryview(pool)[off:off + n]
+
+    def emit(rec: bytes) -> None:
+        nonlocal size
+        span.append(rec)
+        size += len(rec)
+        if size >= SPAN:
+            flush()
+
+    def flush() -> None:
+        nonlocal size, mono, span
+        if span:
+            mono += 1_000_000
+            w.append(b"".join(span), len(span), mono, mono + REAL0 - 10**12)
+            span, size = [], 0
+
+    def json_rec(rtype, obj, **kw):
+        nonlocal useq
+        useq += 1
+        emit(record.json_record(rtype, obj, seq=useq, **kw))
+
+    json_rec(record.R_SESSION, {"session": SESSION, "host": HOST, "stamp_base": stamp,
+                                "seq_base": 1, "version": "bench"})
+    json_rec(record.R_DEVICE, {"name": "bench0", "path": "/dev/bench0", "dev": DEV,
+                               "size_bytes": device_bytes, "logical_block_size": 512,
+                               "physical_block_size": 4096, "part_start": 0, "host": HOST},
+             dev=DEV)
+    for off in range(0, min(device_bytes, payload_bytes // 4), 1 << 20):
+        useq += 1
+        emit(record.make_record(data(1 << 20), rtype=record.R_BASE, seq=useq, dev=DEV,
+                                sector=off // 512, bio_size=1 << 20, aux=useq, ktime_ns=mono))
+        payload += 1 << 20
+    seq += 1
+    emit(record.make_record(f'{{"dev": {DEV}, "what": "baseline_end"}}'.encode(),
+                            rtype=record.R_POINT, stamp=stamp, seq=seq, ktime_ns=mono))
+    stamp += 1
+    while payload < payload_bytes:
+        n = 1024 * rng.choice((4, 4, 8, 16, 64, 128, 256, 512, 1024))
+        off = 4096 * rng.randrange(0, (device_bytes - n) // 4096)
+        d = data(n)
+        pos = 0
+        while pos < n:
+            ln = min(record.MAX_PIECE, n - pos)
+            seq += 1
+            fl = (record.F_FIRST if pos == 0 else 0) | (record.F_LAST if pos + ln == n else 0)
+            emit(record.make_record(d[pos:pos + ln], rtype=record.R_BIO, stamp=stamp, seq=seq,
+                                    ktime_ns=mono, sector=off // 512, dev=DEV, bio_size=n,
+                                    offset=pos, flags=fl, op=record.OP_WRITE, tgid=1, tid=1,
+                                    comm=b"bench"))
+            pos += ln
+        stamp += 1
+        payload += n
+    json_rec(record.R_END, {"end_stamp": stamp, "end_seq": seq, "clean": True})
+    flush()
+    w.close()
+    return {"payload": payload, "log_bytes": w.bytes_written}
+
+
+# ------------------------------------------------------------------------------ processes
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK   # utime, stime
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class Serve:
+    def __init__(self, store: str, port: int, tls: str | None):
+        args = [*CLI, "serve", "--store", store, "--listen", f"127.0.0.1:{port}"]
+        args += ["--tls", tls] if tls else ["--insecure"]
+        self.lines: list[str] = []
+        self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.p.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("serve did not start:\n" + "".join(self.lines))
+                time.sleep(0.05)
+
+    def _read(self):
+        for ln in self.p.stderr:
+            self.lines.append(ln)
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGINT)
+            try:
+                self.p.wait(60)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+
+
+class DiscardReceiver:
+    """Reads and checks FRAMES (wire.read_message, unpack_frames) and ACKs; stores nothing.
+    The shipper's ceiling, not a replayer."""
+
+    def __init__(self, ctx=None):
+        self.ctx = ctx
+        self.ls = socket.create_server(("127.0.0.1", 0))
+        self.port = self.ls.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.ls.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            if self.ctx is not None:
+                c = self.ctx.wrap_socket(c, server_side=True)
+            h = wire.parse_json(wire.read_message(c, accept=wire.CLIENT_TO_SERVER))
+            wire.send_buffers(c, wire.encode_json(wire.T_WELCOME, {
+                "proto": 1, "host": h["host"], "server": "discard", "max_body": wire.MAX_BODY}))
+            while (m := wire.read_message(c, accept=wire.CLIENT_TO_SERVER)) is not None:
+                if m.mtype == wire.T_INVENTORY:
+                    d = wire.parse_json(m)
+                    wire.send_buffers(c, wire.encode_json(wire.T_LACKS, {"segments": [
+                        {"session": s["session"], "segno": s["segno"],
+                         "ranges": [[0, s["frames"]]]} for s in d["segments"]],
+                        "more": d["more"]}))
+                elif m.mtype == wire.T_FRAMES:
+                    meta, _ = wire.unpack_frames(m.body)
+                    wire.send_buffers(c, wire.encode_json(wire.T_ACK, {
+                        "id": meta["id"], "session": meta["session"], "segno": meta["segno"],
+                        "first": meta["first"], "end": meta["first"] + meta["n"]}))
+                elif m.mtype == wire.T_PING:
+                    wire.send_buffers(c, wire.encode(wire.T_PONG, [bytes(m.body)]))
+        except (wire.ProtocolError, OSError):  # ssl.SSLError is an OSError
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.ls.close()
+
+
+def tls_dirs(base: str) -> tuple[str, str]:
+    d = os.path.join(base, "tls")
+    if not os.path.exists(os.path.join(d, "ca.pem")):
+        from blkrewind import tlsconf
+        tlsconf.init(d, ["replayer=127.0.0.1", HOST])
+    return os.path.join(d, "replayer"), os.path.join(d, HOST)
+
+
+# ------------------------------------------------------------------------------ throughput
+def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
+              conns: int) -> dict:
+    from tracer.shipper import SHIPPED_JSON, Shipper
+    try:
+        os.unlink(os.path.join(log_dir, SHIPPED_JSON))
+    except FileNotFoundError:
+        pass
+    msgs: list[str] = []
+    sh = Shipper(log_dir, f"127.0.0.1:{port}", tls_dir=tls, insecure=tls is None, host=HOST,
+                 conns=conns, say=msgs.append)
+    c0, s0 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
+    t0 = time.monotonic()
+    sh.start()
+    while True:
+        st = sh.status()
+        if st["frames_unacked"] == 0 and st["frames_acked"]:
+            break
+        if time.monotonic() - t0 > 3600:
+            sys.exit("shipping did not finish in an hour: " + " | ".join(msgs))
+        time.sleep(0.02)
+    dt = time.monotonic() - t0
+    c1, s1 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
+    sh.stop(0)
+    return {"s": dt, "log_bytes": st["bytes_acked"], "shipper_cpu": c1 - c0,
+            "server_cpu": s1 - s0, "sent": st["bytes_sent"]}
+
+
+def throughput(args, base: str) -> list[dict]:
+    log_dir = os.path.join(base, "log")
+    if not os.path.exists(log_dir):
+        t0 = time.monotonic()
+        info = make_log(log_dir, int(args.gib * (1 << 30)))
+        print(f"made a LOG of {info['log_bytes'] / 1e6:.0f} MB ({info['payload'] / 1e6:.0f} MB "
+              f"payload) in {time.monotonic() - t0:.0f} s", flush=True)
+        with open(os.path.join(base, "log.json"), "w") as f:
+            json.dump(info, f)
+    with open(os.path.join(base, "log.json")) as f:
+        info = json.load(f)
+    # warm the page cache: the tracer ships what it just wrote
+    for name in sorted(os.listdir(log_dir)):
+        with open(os.path.join(log_dir, name), "rb") as f:
+            while f.read(8 << 20):
+                pass
+    srv_tls, cli_tls = tls_dirs(base)
+    rows = []
+    for label, tls in (("TLS 1.3", "tls"), ("plain TCP (--insecure)", None),
+                       ("discard receiver, TLS (shipper ceiling)", "discard-tls"),
+                       ("discard receiver, plain (shipper ceiling)", "discard")):
+        for r in range(args.rounds):
+            if tls and tls.startswith("discard"):
+                from blkrewind import tlsconf
+                ctx = tlsconf.server_context(srv_tls) if tls == "discard-tls" else None
+                recv = DiscardReceiver(ctx)
+                res = ship_once(log_dir, recv.port, cli_tls if ctx else None, None, args.conns)
+                recv.close()
+            else:
+                store = os.path.join(base, f"store-{len(rows)}")
+                shutil.rmtree(store, ignore_errors=True)
+                port = free_port()
+                srv = Serve(store, port, srv_tls if tls else None)
+                try:
+                    res = ship_once(log_dir, port, cli_tls if tls else None, srv.p.pid,
+                                    args.conns)
+                finally:
+                    srv.stop()
+                shutil.rmtree(store, ignore_errors=True)
+            mb = res["log_bytes"] / 1e6
+            row = {"transport": label, "round": r + 1, "seconds": round(res["s"], 2),
+                   "log_MBps": round(mb / res["s"]),
+                   "payload_MBps": round(info["payload"] / 1e6 / res["s"]),
+                   "shipper_cpu_pct": round(100 * res["shipper_cpu"] / res["s"]),
+                   "server_cpu_pct": round(100 * res["server_cpu"] / res["s"]),
+                   "shipper_cpu_s_per_GB": round(res["shipper_cpu"] / mb * 1000, 2),
+                   "server_cpu_s_per_GB": round(res["server_cpu"] / mb * 1000, 2),
+                   "resent": res["sent"] - res["log_bytes"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ RPO
+def rpo(args, base: str) -> dict:
+    from tracer.session import ask
+    srv_tls, cli_tls = tls_dirs(base)
+    img = os.path.join(base, "rpo.img")
+    with open(img, "wb") as f:
+        f.truncate(args.device_mb << 20)
+    loop = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", img],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    store, log_dir = os.path.join(base, "rpo-store"), os.path.join(base, "rpo-log")
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    port = free_port()
+    srv = Serve(store, port, srv_tls)
+    stats_json = os.path.join(base, "rpo-stats.json")
+    tr = None
+    try:
+        tr = subprocess.Popen([*CLI, "trace", "--device", loop, "--log", log_dir,
+                               "--ship", f"127.0.0.1:{port}", "--tls", cli_tls,
+                               "--stats-json", stats_json], cwd=ROOT,
+                              stderr=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(tr.stderr), daemon=True).start()
+        deadline = time.monotonic() + 120
+        while not any("baseline of" in ln for ln in lines):
+            if tr.poll() is not None or time.monotonic() > deadline:
+                sys.exit("trace did not start:\n" + "".join(lines))
+            time.sleep(0.05)
+        ctl = f"/run/blkrewind/trace-{tr.pid}.sock"
+        # let the baseline drain first
+        while ask(ctl, {"op": "status"})["shipper"]["frames_unacked"] > 2:
+            time.sleep(0.1)
+        fio = subprocess.Popen(["fio", "--name=rpo", f"--filename={loop}", "--rw=randwrite",
+                                "--bs=1m", "--direct=1", "--ioengine=libaio", "--iodepth=4",
+                                f"--rate={args.rate_mb}m", "--time_based",
+                                f"--runtime={args.seconds}", "--output-format=json"],
+                               stdout=subprocess.PIPE, text=True)
+        ages = []
+        t0 = time.monotonic()
+        while fio.poll() is None:
+            st = ask(ctl, {"op": "status"})["shipper"]
+            if time.monotonic() - t0 > 1.0:   # skip fio's start-up
+                ages.append(st["oldest_unacked_age_s"])
+            time.sleep(0.1)
+        out = json.loads(fio.stdout.read())
+        wrote = out["jobs"][0]["write"]["io_bytes"]
+        final = ask(ctl, {"op": "status"})
+        tr.send_signal(signal.SIGINT)
+        tr.wait(120)
+    finally:
+        if tr is not None and tr.poll() is None:
+            tr.kill()
+            tr.wait()
+        srv.stop()
+        subprocess.run(["losetup", "-d", loop])
+    with open(stats_json) as f:
+        stats = json.load(f)
+    ages.sort()
+    lag = final["shipper"]
+
+    def pct(v, q):
+        return v[min(len(v) - 1, int(q * len(v)))] if v else None
+    res = {"rate_MBps_offered": args.rate_mb, "fio_MBps": round(wrote / 1e6 / args.seconds),
+           "seconds": args.seconds, "samples": len(ages),
+           "oldest_unacked_age_p50_s": pct(ages, 0.5), "oldest_unacked_age_p99_s": pct(ages, 0.99),
+           "oldest_unacked_age_max_s": ages[-1] if ages else None,
+           "frame_lag_p50_s": lag["lag_p50_s"], "frame_lag_p99_s": lag["lag_p99_s"],
+           "frame_lag_max_s": lag["lag_max_s"], "frame_lag_samples": lag["lag_samples"],
+           "drops": stats.get("drops"), "reconnects": lag["reconnects"],
+           "unacked_at_end": stats.get("shipper", {}).get("frames_unacked")}
+    print(json.dumps(res), flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=["throughput", "rpo", "all"], default="all")
+    ap.add_argument("--dir", default=None, help="work directory (default: a new one in /var/tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--gib", type=float, default=2.0, help="payload of the throughput LOG")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--conns", type=int, default=2)
+    ap.add_argument("--rate-mb", type=int, default=100)
+    ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--device-mb", type=int, default=1024)
+    args = ap.parse_args()
+    base = args.dir or tempfile.mkdtemp(prefix="bench-ship-", dir="/var/tmp")
+    os.makedirs(base, exist_ok=True)
+    try:
+        if args.mode in ("throughput", "all"):
+            throughput(args, base)
+        if args.mode in ("rpo", "all"):
+            rpo(args, base)
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
