@@ -39,17 +39,19 @@ from dataclasses import dataclass, field
 from blkrewind import __version__, record
 from blkrewind.errors import UserError
 from tracer import calibrate, devices
-from tracer.capture import Capture
+from tracer.capture import Capture, region_layout
+from tracer.resync import Resync
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-from tracer.log import LogLock, LogWriter, encode_span, last_stamp, repair
+from tracer.log import LogFull, LogLock, LogWriter, encode_span, last_stamp, repair
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
 BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
 LOSS_REPORT_EVERY = 10.0
+_LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
 
 def mono_ns() -> int:
@@ -73,6 +75,13 @@ class TraceOptions:
     settle: float = 1.0
     queue_bytes: int = 512 << 20
     lz4_level: int = -10  # negative: lz4's fast acceleration (random payload gains nothing anyway)
+    host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
+    ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
+    tls_dir: str | None = None
+    insecure: bool = False
+    ship_conns: int = 2
+    log_max_bytes: int | None = None  # retention (tracer/shipper.py); None: 50 % of the fs
+    ship_drain: float = 30.0      # stop(): wait this long for the last acks
 
 
 class _ByteQueue:
@@ -116,6 +125,9 @@ class Stats:
     cpu0: float = field(default_factory=lambda: _cpu_seconds())
     baseline_bytes: int = 0
     baseline_rereads: int = 0
+    log_full_drops: int = 0       # spans dropped because the LOG was full (--log-max-mb)
+    log_full_records: int = 0
+    log_full_bytes: int = 0
 
 
 def _cpu_seconds() -> float:
@@ -130,7 +142,16 @@ class Tracer:
         self.devs = [devices.inspect(p) for p in opts.devices]
         devices.check_no_overlap(self.devs)
         self.session = new_session_id()
+        self.host = opts.host or self.devs[0].host
         self.stats = Stats()
+        self.shipper = None
+        if opts.ship:
+            from tracer.shipper import Shipper
+            self.shipper = Shipper(opts.log_dir, opts.ship, tls_dir=opts.tls_dir,
+                                   insecure=opts.insecure, host=self.host, conns=opts.ship_conns,
+                                   log_max_bytes=opts.log_max_bytes, say=say,
+                                   extra_status=lambda: self.status(shipper=False))
+        self._full_note: list | None = None  # [spans, records, bytes] dropped, not noted yet
         self._useq = 0
         self._queue = _ByteQueue(opts.queue_bytes)
         self._stop_collect = threading.Event()
@@ -163,30 +184,37 @@ class Tracer:
         self.loglock.acquire(blocking=False)
         for msg in repair(o.log_dir):
             self.say(f"LOG: {msg}")
+        if self.shipper is not None:
+            self.shipper.start()
         stamp_base = max(time.time_ns(), last_stamp(o.log_dir) + 1)
 
-        self.capture = cap = Capture(ring_bytes=o.ring_bytes)
+        regions = region_layout([(d.kdev, d.size_bytes) for d in self.devs])
+        self.capture = cap = Capture(ring_bytes=o.ring_bytes,
+                                     dirty_regions=sum(r.count for r in regions))
         attached = cap.attach()
         bases = calibrate.calibrate(cap, self.devs[0].path)
         cap.init_counters(stamp_base, 1)
-        for d in self.devs:
-            cap.add_device(d.kdev, d.part_start)
+        for d, r in zip(self.devs, regions):
+            cap.add_device(d.kdev, d.part_start, r)
+        self.resync = Resync(self, regions, stamp_base)  # docs/internals.md "Gaps and resync"
 
-        self.log = LogWriter(o.log_dir, self.session, host=self.devs[0].host,
+        self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
-                             fsync_interval=o.fsync_interval)
+                             fsync_interval=o.fsync_interval,
+                             on_frame=self.shipper.frame_written if self.shipper else None)
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         while self.ring.take()[1]:  # calibration leftovers
             pass
         self._collected_pos = self.ring.consumed_pos()
         self._user_records([record.json_record(record.R_SESSION, {
-            "session": self.session, "host": self.devs[0].host, "stamp_base": stamp_base,
+            "session": self.session, "host": self.host, "stamp_base": stamp_base,
             "seq_base": 1, "version": __version__, "boot_id": _boot_id(),
             "kernel": os.uname().release, "attach": attached,
             "direct_map": {"method": bases.method, **bases.details},
             "ring_bytes": cap.ring_bytes, "devices": [d.name for d in self.devs],
         }, seq=self._next_useq())] + [
-            record.json_record(record.R_DEVICE, d.info(), seq=self._next_useq(), dev=d.kdev)
+            record.json_record(record.R_DEVICE, {**d.info(), "host": self.host},
+                               seq=self._next_useq(), dev=d.kdev)
             for d in self.devs])
 
         for target, name in ((self._collect, "collector"), (self._write, "writer")):
@@ -196,6 +224,7 @@ class Tracer:
         self._watch_old = o.baseline
         cap.enable(True)
         self._enable_mono = mono_ns()
+        self.resync.start()
         self._start_control()
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
@@ -224,7 +253,7 @@ class Tracer:
             while True:
                 view, n, end = ring.peek(pos)
                 if view is not None:
-                    if self._watch_old:
+                    if self._watch_old or self.resync.watching:
                         self._scan_old(view)
                     fut = self._encoders.submit(encode_span, view, self.opts.lz4_level)
                     # the writer gets the view only for its size: its bytes may be
@@ -259,26 +288,17 @@ class Tracer:
 
     def _scan_old(self, span: bytes) -> None:
         for h, _ in record.iter_records(span):
-            if h.rtype == record.R_COMPLETE and h.flags & record.F_OLD:
+            if h.rtype == record.R_COMPLETE and self.resync.watching:
+                self.resync.scan(h, _)
+            if h.rtype == record.R_COMPLETE and h.flags & record.F_OLD and self._watch_old:
                 with self._lock:
                     self._old.append(_Old(h.dev, h.sector, h.bio_size, h.ktime_ns))
                     self._last_old_mono = mono_ns()
 
     def _check_loss(self, st: dict, final: bool = False) -> None:
-        """Record every change of the loss counters in the LOG; say it on stderr
-        at once the first time, then at most every LOSS_REPORT_EVERY seconds."""
-        if st["drops"] == self._last_drops:
-            return
-        self._user_records([record.json_record(record.R_LOSS, st, seq=self._next_useq())])
-        now = time.monotonic()
-        first = self._last_drops == 0
-        self._last_drops = st["drops"]
-        if first or final or now - self._last_loss_say >= LOSS_REPORT_EVERY:
-            self._last_loss_say = now
-            self.say(f"WARNING: {st['drops']} records lost so far ({st['drop_bytes']} bytes of "
-                     f"payload): the ring buffer was full."
-                     + (" The history after the first loss is not restorable in this session; "
-                        "a bigger --ring-mb or a faster LOG disk helps" if first else ""))
+        """Record every change of the loss counters in the LOG (R_LOSS); the resync
+        thread (tracer/resync.py) reports each loss episode and repairs it."""
+        self.resync.note_counters(st, final)
 
     def wait_collected(self, timeout: float = 10.0) -> None:
         """Return once the collector has taken everything committed before now."""
@@ -303,10 +323,20 @@ class Tracer:
                 kind = item[0]
                 if kind == "span":
                     _, span, nrec, mono, real, body = item
-                    log.append(span, nrec, mono, real, body=body.result())
+                    body = body.result()
+                    if not self._room_for(span, nrec, len(body)):
+                        continue
+                    try:
+                        log.append(span, nrec, mono, real, body=body)
+                    except LogFull as e:  # ENOSPC: drop, count, go on (tracer/resync.py repairs)
+                        self._log_enospc(span, nrec, e)
+                        continue
+                    self._enospc = False
                     log.maybe_sync()
                 elif kind == "barrier":
                     log.sync()
+                    item[1].set()
+                elif kind == "fence":  # resync checkpoints: everything before is handled
                     item[1].set()
                 elif kind == "close":
                     log.close()
@@ -318,6 +348,46 @@ class Tracer:
                     item[1].set()
                 if item and item[0] == "close":
                     return
+
+    def _log_enospc(self, span, nrec: int, e: Exception) -> None:
+        """A span the LOG's file system had no space for: counted with the retention drops
+        (stats.log_full_*), said once per episode; the resync thread repairs the loss."""
+        st = self.stats
+        st.log_full_drops += 1
+        st.log_full_records += nrec
+        st.log_full_bytes += memoryview(span).nbytes
+        if not getattr(self, "_enospc", False):
+            self._enospc = True
+            self.say(f"WARNING: {e}: records are DROPPED and counted as lost until there is "
+                     f"space again (then the regions written meanwhile are read again)")
+
+    def _room_for(self, span, nrec: int, body_len: int) -> bool:
+        """Retention (--log-max-mb, tracer/shipper.py): may this span be appended? When the
+        LOG is full the span is dropped and counted (stats.log_full_*); once there is room
+        again an R_LOSS record {"cause": "log full", ...} notes what was dropped."""
+        if self.shipper is None:
+            return True
+        note = None
+        if self._full_note is not None:
+            n = self._full_note
+            note = record.json_record(record.R_LOSS, {
+                "cause": "log full", "log_full_spans": n[0], "log_full_records": n[1],
+                "log_full_bytes": n[2]}, seq=self._next_useq())
+        extra = len(note) + 256 if note else 0
+        if not self.shipper.room_for(body_len + _LOG_FRAME + extra):
+            st = self.stats
+            st.log_full_drops += 1
+            st.log_full_records += nrec
+            st.log_full_bytes += memoryview(span).nbytes
+            n = self._full_note = self._full_note or [0, 0, 0]
+            n[0] += 1
+            n[1] += nrec
+            n[2] += memoryview(span).nbytes
+            return False
+        if note is not None:
+            self.log.append(note, 1, mono_ns(), time.time_ns())
+            self._full_note = None
+        return True
 
     def durable(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is fsynced in the LOG."""
@@ -422,6 +492,7 @@ class Tracer:
 
     # ------------------------------------------------------------------ marks
     def mark(self, name: str, pid: int = 0, comm: str = "") -> dict:
+        full0 = self.stats.log_full_drops
         stamp, ok = self.capture.point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
                                        comm=comm.encode()[:15])
         if not ok:
@@ -429,6 +500,9 @@ class Tracer:
         self.wait_collected()
         if not self.durable():
             raise UserError(f"mark {name!r} could not be made durable: {self.failure}")
+        if self.stats.log_full_drops != full0:
+            raise UserError(f"mark {name!r} may have been lost: the LOG is full "
+                            f"(--log-max-mb; the replayer has not acknowledged enough)")
         return {"ok": True, "stamp": stamp, "session": self.session, "log": self.opts.log_dir,
                 "baseline_done": self.baseline_done.is_set()}
 
@@ -473,16 +547,25 @@ class Tracer:
                     pass
 
     # ------------------------------------------------------------------- stop
-    def status(self) -> dict:
-        st = self.capture.state().as_dict()
-        return {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
-                "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
-                "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
-                "failure": self.failure}
+    def status(self, shipper: bool = True) -> dict:
+        st = self.capture.state().as_dict() if self.capture else {}
+        out = {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
+               "host": self.host,
+               "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
+               "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
+               "log_full_drops": self.stats.log_full_drops,
+               "log_full_records": self.stats.log_full_records,
+               "log_full_bytes": self.stats.log_full_bytes,
+               "failure": self.failure}
+        if shipper and self.shipper is not None:
+            out["shipper"] = self.shipper.status()
+        return out
 
     def stop(self) -> dict:
         """Disable capture, drain, write R_END, seal the LOG; returns the stats."""
         cap = self.capture
+        if getattr(self, "resync", None) is not None:
+            self.resync.stop()
         if self._control is not None:
             self._control.close()
             try:
@@ -524,7 +607,13 @@ class Tracer:
                      "log_bytes": self.log.bytes_written if self.log else 0,
                      "baseline_bytes": self.stats.baseline_bytes,
                      "baseline_rereads": self.stats.baseline_rereads,
+                     "log_full_drops": self.stats.log_full_drops,
+                     "log_full_records": self.stats.log_full_records,
+                     "log_full_bytes": self.stats.log_full_bytes,
                      "failure": self.failure}
+        if self.shipper is not None:  # the LOG is sealed: wait (bounded) for the last acks
+            stats["shipper"] = self.shipper.stop(self.opts.ship_drain)
+            self.shipper = None
         self.close()
         return stats
 

@@ -39,11 +39,65 @@ def add_arguments(p):
     p.add_argument("--settle", type=float, default=1.0, metavar="SEC",
                    help="baseline: how long no write queued before capture may still be completing")
     p.add_argument("--stats-json", metavar="FILE", help="write capture statistics here on exit")
+    g = p.add_argument_group("shipping to a replayer (`blkrewind serve`; docs/protocol.md)")
+    g.add_argument("--ship", metavar="ADDR:PORT",
+                   help="stream the LOG to the replayer listening there (the LOG stays the "
+                        "durable buffer: nothing is lost while the replayer is away)")
+    g.add_argument("--tls", metavar="DIR", help="this host's TLS directory (ca.pem, cert.pem, "
+                   "key.pem from `blkrewind tls init`); the host name is the certificate's CN")
+    g.add_argument("--insecure", action="store_true",
+                   help="plain TCP instead of TLS (only to a loopback or private address)")
+    g.add_argument("--host", metavar="NAME", help="host name in the records without --tls "
+                   "(default: this machine's hostname)")
+    g.add_argument("--ship-conns", type=int, default=2, metavar="N",
+                   help="parallel connections (default 2)")
+    g.add_argument("--log-max-mb", type=int, metavar="N",
+                   help="LOG size limit: the oldest segments the replayer acknowledged are "
+                        "deleted; when nothing can be, new records are dropped (counted, said "
+                        "loudly). Default: 50%% of the LOG's file system, at most 64 GiB")
+    g.add_argument("--ship-drain", type=float, default=30.0, metavar="SEC",
+                   help="on stop, wait up to SEC seconds for the last acknowledgements (30)")
     p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- COMMAND [ARGS]: trace while it runs")
 
 
 
+
+
+def _ship_host(args) -> str | None:
+    """Check the shipping options; the tracer's host name (None: the machine's hostname)."""
+    if not args.ship:
+        for name, given in (("--tls", args.tls), ("--insecure", args.insecure),
+                            ("--log-max-mb", args.log_max_mb is not None)):
+            if given:
+                raise UserError(f"{name} only goes with --ship ADDR:PORT")
+    if args.ship_conns < 1 or args.ship_conns > 64:
+        raise UserError(f"--ship-conns must be 1..64, not {args.ship_conns}")
+    if args.log_max_mb is not None and args.log_max_mb < 1:
+        raise UserError(f"--log-max-mb must be at least 1, not {args.log_max_mb}")
+    if args.ship_drain < 0:
+        raise UserError("--ship-drain must not be negative")
+    if args.host is not None:
+        from blkrewind.wire import HOST_RE
+        if not HOST_RE.fullmatch(args.host):
+            raise UserError(f"--host {args.host!r}: use letters, digits, '.', '_' and '-'")
+    if args.tls:
+        if args.insecure:
+            raise UserError("--tls and --insecure exclude each other")
+        from blkrewind import tlsconf
+        tlsconf.check_dir(args.tls)
+        cn = tlsconf.own_host(args.tls)
+        if args.host is not None and args.host != cn:
+            raise UserError(f"--host {args.host} differs from the certificate's name {cn} "
+                            f"(with --tls the host name is the certificate's CN)")
+        return cn
+    if args.ship and not args.insecure:
+        raise UserError("--ship needs --tls DIR (or --insecure, for a loopback or private "
+                        "address only)")
+    if args.ship:
+        from blkrewind import tlsconf
+        tlsconf.check_insecure_addr(tlsconf.parse_addr(args.ship)[0])
+    return args.host
 
 
 def say(msg: str) -> None:
@@ -61,10 +115,15 @@ def run(args) -> int:
     ring = args.ring_mb << 20
     if args.ring_mb <= 0 or ring & (ring - 1):
         raise UserError(f"--ring-mb must be a power of two, not {args.ring_mb}")
+    host = _ship_host(args)
     opts = TraceOptions(devices=args.device, log_dir=args.log, ring_bytes=ring,
                         segment_bytes=args.segment_mb << 20, fsync=args.fsync,
                         fsync_interval=args.fsync_interval, baseline=not args.no_baseline,
-                        settle=args.settle, lz4_level=args.lz4_level)
+                        settle=args.settle, lz4_level=args.lz4_level, host=host,
+                        ship=args.ship, tls_dir=args.tls, insecure=args.insecure,
+                        ship_conns=args.ship_conns,
+                        log_max_bytes=None if args.log_max_mb is None else args.log_max_mb << 20,
+                        ship_drain=args.ship_drain)
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
@@ -102,7 +161,9 @@ def run(args) -> int:
         with open(args.stats_json, "w") as f:
             json.dump(stats, f, indent=1)
     say(f"stopped: {stats.get('bios', 0)} bios, {stats.get('bytes', 0) >> 20} MiB captured, "
-        f"{stats.get('drops', 0)} records lost, LOG {stats.get('log_bytes', 0) >> 20} MiB")
+        f"{stats.get('drops', 0)} records lost, LOG {stats.get('log_bytes', 0) >> 20} MiB"
+        + (f", {stats['log_full_records']} records dropped because the LOG was full"
+           if stats.get("log_full_records") else ""))
     if tracer.failure:
         raise UserError(tracer.failure, exit_code=rc or 1)
     return rc
