@@ -19,7 +19,12 @@ COMMANDS = {
     "ingest": "Read LOG segments into a store.",
     "restore": "Rebuild a device as it was at a point, onto an image file or loop device.",
     "sql": "Query the write history with SQL.",
+    "serve": "Receive LOG frames from tracers over the network and store them (replayer service).",
+    "status": "Show shipping lag (RPO), watermarks, LOG size and losses per host and device.",
     "demo": "Show the whole cycle on a scratch ext4 loop device (root).",
+    "verify": "Compare a replica with the live device, or check the store's payload files.",
+    "prune": "Fold history older than a duration into the base (frees space).",
+    "tls": "Make a CA and per-host certificates for shipping (tls init DIR --hosts ...).",
 }
 
 

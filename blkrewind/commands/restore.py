@@ -50,10 +50,10 @@ def _image_path(store, device: str, stamp: int) -> str:
 
 def run(args) -> int:
     from replayer import points, rebuild
-    from replayer.store import Store
+    from replayer.query import open_for_reading
 
     point = points.parse_point(args.at)
-    with Store.open(args.store) as store:
+    with open_for_reading(args.store) as store:  # through the server while one holds it
         device = store.find_device(args.device)
         r = points.resolve(store, device, point)
         if args.loop:

@@ -37,14 +37,14 @@ def run(args) -> int:
     import duckdb
 
     from analytics.output import write_rows
-    from analytics.views import define_views
-    from replayer.store import Store
+    from replayer.query import open_for_reading
 
-    with Store.open(args.store) as store:
+    # a served store is queried through its server (read-only statements, no file access)
+    with open_for_reading(args.store, views=True) as store:
         con = store.con
-        define_views(con)
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
+        if not getattr(store, "remote", False):
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
         try:
             cur = con.execute(args.query)
             if cur.description is None:

@@ -1,0 +1,341 @@
+"""Show how far behind the protected copy is (RPO), per host and device.
+
+On the replayer host:  blkrewind status --store DIR
+  per host (from the tracers' STATUS messages while `serve` runs): connections, capture rate,
+  LOG size, LOG bytes not yet acknowledged and the age of the oldest unacknowledged frame,
+  kernel drops, LOG full; per device (from the store): the consistent watermark (stamp and
+  time), lag = now - watermark time, write rate over the last minute of its history, gaps.
+On a tracer host:      blkrewind status
+  asks the running tracer(s) over their control socket: the same numbers from the tracer's
+  side (capture, LOG, shipping).
+
+--watch refreshes (a live view on a terminal; with --format json one object per line), every
+--interval seconds. --format json gives one object for monitoring (sizes in bytes, times in
+ns since the epoch and ISO 8601, ages in seconds).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+
+from blkrewind import record
+from blkrewind.errors import UserError
+
+RATE_WINDOW_S = 60
+
+
+def add_arguments(p):
+    p.add_argument("--store", metavar="DIR",
+                   help="the replayer's store (through the running server when there is one); "
+                        "without it: the tracers running on this host")
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or json")
+    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="refresh interval for --watch (default 2)")
+
+
+# ------------------------------------------------------------------------------ helpers
+def _iso(ns) -> str | None:
+    if not ns:
+        return None
+    return _dt.datetime.fromtimestamp(ns / 1e9, _dt.timezone.utc).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _size(n) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _rate(n) -> str:
+    return "-" if n is None else f"{_size(n)}/s"
+
+
+def _age(s) -> str:
+    if s is None:
+        return "-"
+    s = float(s)
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _tracer_part(st: dict) -> tuple[dict, dict]:
+    """(tracer status, shipper status) from a STATUS body or a control-socket answer."""
+    tr = st.get("tracer") if isinstance(st.get("tracer"), dict) else st
+    sh = st.get("shipper") if isinstance(st.get("shipper"), dict) else \
+        (tr.get("shipper") if isinstance(tr.get("shipper"), dict) else {})
+    return tr, sh
+
+
+def _capture_rate(kernel: dict | None, prev: dict | None, dt_ns: int | None) -> float | None:
+    if not kernel or not prev or not dt_ns or dt_ns <= 0:
+        return None
+    try:
+        return max(0.0, (int(kernel["bytes"]) - int(prev["bytes"])) * 1e9 / dt_ns)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _host_summary(host: str, st: dict, received_ns: int | None, now_ns: int,
+                  prev_kernel: dict | None = None, prev_ns: int | None = None) -> dict:
+    tr, sh = _tracer_part(st)
+    k = tr.get("kernel") if isinstance(tr.get("kernel"), dict) else {}
+    return {
+        "host": host,
+        "session": tr.get("session"),
+        "status_age_s": None if not received_ns else round((now_ns - received_ns) / 1e9, 3),
+        "capture_rate_Bps": _capture_rate(k, prev_kernel,
+                                          None if prev_ns is None or not received_ns
+                                          else received_ns - prev_ns),
+        "captured_bytes": k.get("bytes"),
+        "drops": k.get("drops"),
+        "drop_bytes": k.get("drop_bytes"),
+        "log_bytes": sh.get("log_bytes", tr.get("log_bytes")),
+        "log_max_bytes": sh.get("log_max_bytes"),
+        "log_full": bool(sh.get("log_full")),
+        "unacked_bytes": sh.get("bytes_unacked"),
+        "unacked_frames": sh.get("frames_unacked"),
+        "oldest_unacked_age_s": sh.get("oldest_unacked_age_s"),
+        "ship_connections_up": sh.get("connections_up"),
+        "ship_to": sh.get("ship_to"),
+        "ship_error": sh.get("last_error"),
+        "failure": tr.get("failure"),
+    }
+
+
+# ------------------------------------------------------------------------------ collect
+def collect_store(path) -> dict:
+    from replayer.query import open_for_reading
+
+    now_ns = time.time_ns()
+    with open_for_reading(path) as store:
+        server = store.server_status() if getattr(store, "remote", False) else None
+        rows = store.query(
+            "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
+            "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, "
+            "       sd.restorable_to, sd.to_ns, "
+            "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
+            "  FROM session_devices sd JOIN sessions s USING (session) "
+            "QUALIFY row_number() OVER (PARTITION BY sd.device "
+            "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
+            "ORDER BY sd.host, sd.device")
+        since = now_ns - RATE_WINDOW_S * 10**9
+        rates = {(s, d): int(b) for s, d, b in store.query(
+            f"SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? "
+            f"AND op = {record.OP_WRITE} GROUP BY ALL", [since])}
+        gaps = dict(store.query("SELECT session, count(*) FROM sessions "
+                                "WHERE first_gap IS NOT NULL GROUP BY ALL"))
+    hosts: dict[str, dict] = {}
+    for (host, device, name, session, dev, wm, wm_ns, end_ns, clean, first_gap, gap_reason,
+         r_to, to_ns, drops) in rows:
+        h = hosts.setdefault(host, {"host": host, "devices": []})
+        h["devices"].append({
+            "device": device, "name": name, "session": session,
+            "watermark": wm, "watermark_ns": wm_ns, "watermark_time": _iso(wm_ns),
+            "lag_s": None if wm_ns is None or end_ns is not None
+            else round(max(0, now_ns - wm_ns) / 1e9, 3),
+            "ended": _iso(end_ns), "clean": clean,
+            "restorable_to": r_to, "restorable_to_time": _iso(to_ns),
+            "write_rate_Bps": rates.get((session, dev), 0) / RATE_WINDOW_S,
+            "gap": first_gap, "gap_reason": gap_reason, "gaps": gaps.get(session, 0),
+            "drops": drops,
+        })
+    conns: dict[str, int] = {}
+    if server is not None:
+        for c in server.get("connections", []):
+            if c.get("host"):
+                conns[c["host"]] = conns.get(c["host"], 0) + 1
+        for host, v in (server.get("hosts") or {}).items():
+            prev = v.get("prev") or {}
+            h = hosts.setdefault(host, {"host": host, "devices": []})
+            h["tracer"] = _host_summary(host, v.get("status") or {}, v.get("received_ns"), now_ns,
+                                        prev.get("kernel"), prev.get("received_ns"))
+    for host, h in hosts.items():
+        h["connections"] = conns.get(host, 0) if server is not None else None
+    out = {"store": str(path), "now_ns": now_ns, "now": _iso(now_ns),
+           "served": server is not None, "hosts": [hosts[h] for h in sorted(hosts)]}
+    if server is not None:
+        out["server"] = {k: server.get(k) for k in ("server", "pid", "listen", "tls",
+                                                     "store_error", "integrity_check",
+                                                     "started_ns", "totals")}
+        out["server"]["connections"] = len(server.get("connections", []))
+    return out
+
+
+def collect_tracers(prev: dict | None = None) -> dict:
+    from tracer.session import ask, find_tracers
+
+    now_ns = time.time_ns()
+    tracers = []
+    for path in find_tracers():
+        try:
+            st = ask(path, {"op": "status"}, timeout=5)
+        except (OSError, ValueError) as e:
+            tracers.append({"control": path, "error": f"no answer ({e})"})
+            continue
+        if not st.get("ok", True):
+            tracers.append({"control": path, "error": st.get("error")})
+            continue
+        tr, _ = _tracer_part(st)
+        key = path
+        p = (prev or {}).get(key)
+        s = _host_summary(str(tr.get("host") or "?"), st, now_ns, now_ns,
+                          p and p["kernel"], p and p["ns"])
+        s.update({"control": path, "pid": tr.get("pid"), "log": tr.get("log"),
+                  "devices": tr.get("devices"), "baseline_done": tr.get("baseline_done"),
+                  "_kernel": tr.get("kernel")})
+        tracers.append(s)
+    return {"now_ns": now_ns, "now": _iso(now_ns), "tracers": tracers}
+
+
+# ------------------------------------------------------------------------------ render
+def _store_tables(d: dict):
+    from rich.table import Table
+
+    title = f"store {d['store']} at {d['now']}"
+    if d.get("served"):
+        sv = d["server"]
+        title += (f" -- served by pid {sv.get('pid')} on {sv.get('listen')} "
+                  f"({'TLS' if sv.get('tls') else 'insecure'}), {sv.get('connections')} "
+                  f"connection(s)")
+        if sv.get("store_error"):
+            title += f" -- STORE ERROR: {sv['store_error']}"
+    else:
+        title += " -- no server running (store only)"
+    hosts = Table(title=title, title_justify="left")
+    for col in ("host", "conns", "capture", "LOG", "unacked", "oldest unacked", "drops",
+                "status age", "state"):
+        hosts.add_column(col, justify="left" if col in ("host", "state") else "right")
+    devs = Table(title="devices", title_justify="left")
+    for col in ("device", "session", "watermark", "watermark time", "lag", "rate (1 min)",
+                "gaps", "note"):
+        devs.add_column(col, justify="left" if col in ("device", "session", "watermark time",
+                                                        "note") else "right")
+    for h in d["hosts"]:
+        t = h.get("tracer")
+        if t is not None:
+            state = "LOG FULL" if t["log_full"] else (t.get("failure") or t.get("ship_error")
+                                                      or "ok")
+            hosts.add_row(h["host"], str(h.get("connections") or 0), _rate(t["capture_rate_Bps"]),
+                          _size(t["log_bytes"]), _size(t["unacked_bytes"]),
+                          _age(t["oldest_unacked_age_s"]), str(t["drops"] or 0),
+                          _age(t["status_age_s"]), str(state)[:60])
+        elif d.get("served"):
+            hosts.add_row(h["host"], str(h.get("connections") or 0), "-", "-", "-", "-", "-",
+                          "-", "no status received")
+        for v in h["devices"]:
+            note = ""
+            if v["ended"]:
+                note = "session ended" + ("" if v["clean"] else " (not clean)")
+            if v["gap"] is not None:
+                note = (note + "; " if note else "") + f"gap: {v['gap_reason'] or v['gap']}"
+            devs.add_row(v["device"], v["session"], str(v["watermark"] or "-"),
+                         v["watermark_time"] or "-", _age(v["lag_s"]),
+                         _rate(v["write_rate_Bps"]), str(v["gaps"]), note[:80])
+    return [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
+        else [devs]
+
+
+def _tracer_table(d: dict):
+    from rich.table import Table
+
+    t = Table(title=f"tracers on this host at {d['now']}", title_justify="left")
+    for col in ("pid", "host", "session", "devices", "capture", "LOG", "unacked",
+                "oldest unacked", "ship conns", "drops", "state"):
+        t.add_column(col)
+    for s in d["tracers"]:
+        if "error" in s:
+            t.add_row("?", "-", "-", s["control"], "-", "-", "-", "-", "-", "-", str(s["error"]))
+            continue
+        state = "LOG FULL" if s["log_full"] else (s.get("failure") or s.get("ship_error") or "ok")
+        t.add_row(str(s.get("pid")), str(s.get("host")), str(s.get("session")),
+                  ", ".join(s.get("devices") or []),
+                  _rate(s["capture_rate_Bps"]), _size(s["log_bytes"]),
+                  _size(s["unacked_bytes"]) if s["ship_to"] else "not shipping",
+                  _age(s["oldest_unacked_age_s"]) if s["ship_to"] else "-",
+                  str(s.get("ship_connections_up") if s["ship_to"] else "-"),
+                  str(s["drops"] or 0), str(state)[:60])
+    return [t]
+
+
+def _public(d: dict) -> dict:
+    if "tracers" in d:
+        d = dict(d, tracers=[{k: v for k, v in s.items() if not k.startswith("_")}
+                             for s in d["tracers"]])
+    return d
+
+
+def run(args) -> int:
+    try:
+        return _run(args)
+    except KeyboardInterrupt:   # the way out of --watch
+        if args.watch:
+            return 0
+        raise
+
+
+def _run(args) -> int:
+    if args.interval <= 0:
+        raise UserError("--interval must be positive")
+    prev: dict = {}
+
+    def collect() -> dict:
+        if args.store:
+            return collect_store(args.store)
+        d = collect_tracers(prev)
+        for s in d["tracers"]:
+            if s.get("_kernel"):
+                prev[s["control"]] = {"kernel": s["_kernel"], "ns": d["now_ns"]}
+        return d
+
+    def renderables(d):
+        return _store_tables(d) if args.store else _tracer_table(d)
+
+    if not args.store:
+        d = collect()
+        if not d["tracers"]:
+            raise UserError("no tracer is running on this host (give --store DIR on the "
+                            "replayer host)")
+        if not args.watch:  # a second sample for the capture rate
+            time.sleep(min(args.interval, 0.5))
+            d = collect()
+    else:
+        d = collect()
+    if args.format == "json":
+        print(json.dumps(_public(d), default=str), flush=True)
+        while args.watch:
+            time.sleep(args.interval)
+            print(json.dumps(_public(collect()), default=str), flush=True)
+        return 0
+
+    from rich.console import Console, Group
+
+    console = Console()
+    if not console.is_terminal:  # pipes and files: no wrapping of the wide tables
+        console = Console(width=220)
+    if args.watch and console.is_terminal:
+        from rich.live import Live
+
+        with Live(Group(*renderables(d)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                live.update(Group(*renderables(collect())), refresh=True)
+    for r in renderables(d):
+        console.print(r)
+    while args.watch:
+        time.sleep(args.interval)
+        for r in renderables(collect()):
+            console.print(r)
+    return 0
+
