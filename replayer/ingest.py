@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 
 from blkrewind import record
 from blkrewind.errors import CorruptLog, StoreError, UserError
+from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer.store import Store
 from replayer.watermark import finalize
 
@@ -508,14 +509,6 @@ def _compressible(data: pa.Array, samples: int = 16, size: int = 16 << 10) -> bo
         parts.append(memoryview(v)[:size])
     raw = b"".join(parts)
     return len(lz4.block.compress(raw, store_size=False)) < INCOMPRESSIBLE * len(raw)
-
-
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_orphans(store: Store) -> int:

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from blkrewind import record
 from blkrewind.errors import StoreError
+from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark
 from replayer.store import Store, StoreDevice
 
@@ -265,13 +266,6 @@ def _materialize(store: Store, f: _Fold, pw: _PayloadWriter, seq0: int, jobs: in
 
 
 # ------------------------------------------------------------------ the prune
-def _fsync_dir(d: str) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from blkrewind.errors import StoreError, UserError
-from replayer.store import Store
+from replayer.store import Store, default_wait
 
 SOCK = "serve.sock"
 _U32 = struct.Struct("<I")
@@ -432,10 +432,7 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
     answers), else Store.open(path) read-only. A server starting or stopping meanwhile is
     waited for up to `wait` seconds ($BLKREWIND_STORE_WAIT, default 10)."""
     if wait is None:
-        try:
-            wait = float(os.environ.get("BLKREWIND_STORE_WAIT", "10"))
-        except ValueError:
-            wait = 10.0
+        wait = default_wait()
     path = os.path.abspath(os.fspath(path))
     deadline = time.monotonic() + wait
     while True:

@@ -218,10 +218,7 @@ class Store:
         $BLKREWIND_STORE_WAIT, else 10 seconds.
         """
         if wait is None:
-            try:
-                wait = float(os.environ.get("BLKREWIND_STORE_WAIT", "10"))
-            except ValueError:
-                wait = 10.0
+            wait = default_wait()
         path = os.path.abspath(os.fspath(path))
         meta = os.path.join(path, META)
         if not os.path.exists(meta):
@@ -365,6 +362,14 @@ class Store:
 
 
 # ---------------------------------------------------------------------- helpers
+def default_wait() -> float:
+    """How long to wait for a busy store: $BLKREWIND_STORE_WAIT seconds, else 10."""
+    try:
+        return float(os.environ.get("BLKREWIND_STORE_WAIT", "10"))
+    except ValueError:
+        return 10.0
+
+
 def _take_lock(path: str, wait: float) -> int:
     fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait

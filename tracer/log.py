@@ -72,6 +72,7 @@ import lz4.frame
 
 from blkrewind import __version__, record
 from blkrewind.errors import CorruptLog, UserError
+from blkrewind.osutil import fsync_dir as _fsync_dir
 
 FORMAT_VERSION = 1
 MAGIC = b"BRLG"
@@ -234,14 +235,6 @@ def _io_error(e: OSError, log_dir: str, what: str) -> LogIOError:
         return LogFull(f"LOG {log_dir} is full ({why}): {what} failed; "
                        f"every frame before it is kept")
     return LogIOError(f"LOG {log_dir}: {what} failed: {why}")
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> tuple[int, int]:

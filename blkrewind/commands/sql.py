@@ -23,21 +23,12 @@ def add_arguments(p):
                    help="table (default), csv, or json (a list of objects)")
 
 
-def _one_line(e: Exception) -> str:
-    lines = []
-    for ln in str(e).splitlines():
-        if ln.startswith("LINE ") or ln.strip().startswith("^"):
-            break
-        if ln.strip():
-            lines.append(ln.strip())
-    return " ".join(lines) or type(e).__name__
-
 
 def run(args) -> int:
     import duckdb
 
     from analytics.output import write_rows
-    from replayer.query import open_for_reading
+    from replayer.query import one_line, open_for_reading
 
     # a served store is queried through its server (read-only statements, no file access)
     with open_for_reading(args.store, views=True) as store:
@@ -52,6 +43,6 @@ def run(args) -> int:
             cols = [d[0] for d in cur.description]
             rows = cur.fetchall()
         except duckdb.Error as e:
-            raise UserError(f"SQL: {_one_line(e)}") from None
+            raise UserError(f"SQL: {one_line(e)}") from None
     write_rows(cols, rows, args.format)
     return 0
