@@ -573,8 +573,9 @@ def test_damaged_store_files_are_fetched_again_from_the_logs(lab):
 def test_network_cut_longer_than_timeouts_loses_nothing(lab):
     """Cut host a's link (down) and host b's (100 % loss) for longer than the connection
     timeouts while both write; the tracers keep logging and catch up; restores are exact."""
-    from tracer.shipper import CONNECT_TIMEOUT, DEAD_AFTER
-    lab.start()
+    from tracer.shipper import CONNECT_TIMEOUT
+    dead_after = 6.0
+    lab.start("--ship-timeout", dead_after)
     works = [Workload(h.mnt, 100 + i, pace=0.05) for i, h in enumerate(lab.hosts)]
     for w in works:
         w.start()
@@ -587,7 +588,7 @@ def test_network_cut_longer_than_timeouts_loses_nothing(lab):
         b.ns.cut("loss")
         t0 = time.monotonic()
         k = 0
-        while time.monotonic() - t0 < max(DEAD_AFTER, CONNECT_TIMEOUT) + 3:
+        while time.monotonic() - t0 < max(dead_after, CONNECT_TIMEOUT) + 3:
             time.sleep(4)
             for h in lab.hosts:
                 h.mark(f"cut{k}")

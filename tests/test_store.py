@@ -204,7 +204,7 @@ def test_a_missing_stamp_stops_the_watermark(capsys, tmp_path, how):
     store = tmp_path / "store"
     out = ingest(capsys, log, store)
     assert f"restorable stamps {s.baseline_end}..{lost - 1}" in out, out
-    assert f"gap at stamp {lost}" in out
+    assert f"gap from stamp {lost} " in out and "not restorable after it" in out, out
     gaps = sql(capsys, store, "SELECT * FROM gaps")
     assert [g["stamp"] for g in gaps] == [lost]
     assert ("incomplete" if how == "piece" else "missing") in gaps[0]["reason"]

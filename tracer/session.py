@@ -82,6 +82,7 @@ class TraceOptions:
     ship_conns: int = 2
     log_max_bytes: int | None = None  # retention (tracer/shipper.py); None: 50 % of the fs
     ship_drain: float = 30.0      # stop(): wait this long for the last acks
+    ship_timeout: float = 30.0    # a replayer silent this long: drop the connection, reconnect
 
 
 class _ByteQueue:
@@ -150,6 +151,7 @@ class Tracer:
             self.shipper = Shipper(opts.log_dir, opts.ship, tls_dir=opts.tls_dir,
                                    insecure=opts.insecure, host=self.host, conns=opts.ship_conns,
                                    log_max_bytes=opts.log_max_bytes, say=say,
+                                   dead_after=opts.ship_timeout,
                                    extra_status=lambda: self.status(shipper=False))
         self._full_note: list | None = None  # [spans, records, bytes] dropped, not noted yet
         self._useq = 0

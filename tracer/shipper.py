@@ -206,8 +206,10 @@ class Shipper:
 
     def __init__(self, log_dir, addr: str, *, tls_dir=None, insecure: bool = False, host: str,
                  conns: int = 2, log_max_bytes: int | None = None, say=print,
-                 extra_status=None):
+                 extra_status=None, dead_after: float = DEAD_AFTER):
         from blkrewind import tlsconf
+        self.dead_after = dead_after
+        self.ping_every = min(wire.PING_EVERY, dead_after / 2)   # a silent peer is seen in time
         self.log_dir = os.fspath(log_dir)
         self.addr = addr
         self.host_addr, self.port = tlsconf.parse_addr(addr)
@@ -687,15 +689,16 @@ class Shipper:
             raise
 
     def _send(self, sock, bufs) -> None:
-        sock.settimeout(DEAD_AFTER)
+        sock.settimeout(self.dead_after)
         try:
             wire.send_buffers(sock, bufs)
         except (socket.timeout, TimeoutError):
-            raise wire.ProtocolTimeout(f"sending stalled for {DEAD_AFTER:.0f} s") from None
+            raise wire.ProtocolTimeout(f"sending stalled for {self.dead_after:.0f} s") from None
 
-    def _read(self, sock, timeout: float = DEAD_AFTER) -> wire.Message:
+    def _read(self, sock, timeout: float | None = None) -> wire.Message:
+        timeout = self.dead_after if timeout is None else timeout
         m = wire.read_message(sock, accept=wire.SERVER_TO_CLIENT, idle_timeout=timeout,
-                              msg_timeout=DEAD_AFTER)
+                              msg_timeout=self.dead_after)
         if m is None:
             raise wire.ConnectionClosed("the replayer closed the connection", clean=True)
         if m.mtype == wire.T_ERROR:
@@ -794,7 +797,7 @@ class Shipper:
                 if expect_since is None:
                     expect_since = msg.sent_mono
             now = time.monotonic()
-            if now - last_ping >= wire.PING_EVERY:
+            if now - last_ping >= self.ping_every:
                 self._send(sock, wire.encode_json(wire.T_PING, {"t": time.time_ns()}))
                 last_ping, ping_out = now, True
                 if expect_since is None:
@@ -802,13 +805,13 @@ class Shipper:
             if k == 0 and now - last_status >= STATUS_EVERY:
                 last_status = now
                 self._send(sock, wire.encode_json(wire.T_STATUS, self._status_message()))
-            if expect_since is not None and now - expect_since > DEAD_AFTER:
+            if expect_since is not None and now - expect_since > self.dead_after:
                 raise wire.ProtocolTimeout(f"no answer from the replayer for "
                                            f"{now - expect_since:.0f} s")
             # wait for the server, new frames, or the next periodic message
-            wait = min(wire.PING_EVERY - (now - last_ping),
-                       STATUS_EVERY - (now - last_status) if k == 0 else wire.PING_EVERY,
-                       DEAD_AFTER)
+            wait = min(self.ping_every - (now - last_ping),
+                       STATUS_EVERY - (now - last_status) if k == 0 else self.ping_every,
+                       self.dead_after)
             if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 events = poller.poll(max(1, int(wait * 1000)))
                 if any(fd == waker for fd, _ in events):

@@ -57,6 +57,9 @@ def add_arguments(p):
                         "loudly). Default: 50%% of the LOG's file system, at most 64 GiB")
     g.add_argument("--ship-drain", type=float, default=30.0, metavar="SEC",
                    help="on stop, wait up to SEC seconds for the last acknowledgements (30)")
+    g.add_argument("--ship-timeout", type=float, default=30.0, metavar="SEC",
+                   help="a connection whose replayer does not answer for SEC seconds is dropped "
+                        "and made again (30)")
     p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- COMMAND [ARGS]: trace while it runs")
 
@@ -77,6 +80,8 @@ def _ship_host(args) -> str | None:
         raise UserError(f"--log-max-mb must be at least 1, not {args.log_max_mb}")
     if args.ship_drain < 0:
         raise UserError("--ship-drain must not be negative")
+    if not 1 <= args.ship_timeout <= 3600:
+        raise UserError(f"--ship-timeout must be 1..3600 seconds, not {args.ship_timeout}")
     if args.host is not None:
         from blkrewind.wire import HOST_RE
         if not HOST_RE.fullmatch(args.host):
@@ -123,7 +128,7 @@ def run(args) -> int:
                         ship=args.ship, tls_dir=args.tls, insecure=args.insecure,
                         ship_conns=args.ship_conns,
                         log_max_bytes=None if args.log_max_mb is None else args.log_max_mb << 20,
-                        ship_drain=args.ship_drain)
+                        ship_drain=args.ship_drain, ship_timeout=args.ship_timeout)
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
