@@ -381,7 +381,10 @@ class Resync:
         if shipper is not None and hasattr(shipper, "room_for"):
             return shipper.room_for(nbytes, probe=True)
         st = os.statvfs(self.t.opts.log_dir)
-        return st.f_bavail * st.f_frsize >= nbytes + ROOM_MARGIN
+        # room for the resync plus a margin for the records that keep coming meanwhile
+        # (smaller on a small file system, or a small LOG disk would never resync)
+        margin = min(ROOM_MARGIN, max(4 << 20, st.f_blocks * st.f_frsize // 16))
+        return st.f_bavail * st.f_frsize >= nbytes + margin
 
     def _plan(self, p: _Pending, kdev: int, dirty: np.ndarray | None) -> list[_Chunk]:
         """The chunks to read: every region with a stamp >= since, every failed range."""
