@@ -1,16 +1,19 @@
 """Show the whole cycle on a scratch ext4 loop device (root).
 
-Makes a 128 MiB ext4 file system on a new loop device, traces it, writes and
-changes files with marks in between, ingests the LOG into a store, restores
-the device as it was at the first mark onto a new loop device, mounts that
-read-only and shows the earlier content is back, runs a SQL query over the
-history, then removes everything it made. Touches no other device.
+Makes a 128 MiB ext4 file system on a new loop device, certificates for a
+replayer and a traced host, starts `serve` on 127.0.0.1 (mutual TLS), traces
+the device and ships its LOG there, writes and changes files with marks in
+between, shows the replayer's status and a SQL query over the history,
+restores the device as it was at the first mark onto a new loop device (all
+through the running replayer), mounts that read-only and shows the earlier
+content is back, then removes everything it made. Touches no other device.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -29,6 +32,7 @@ class _Demo:
         self.loops: list[str] = []
         self.mounts: list[str] = []
         self.tracer: subprocess.Popen | None = None
+        self.server: subprocess.Popen | None = None
 
     @staticmethod
     def step(msg: str) -> None:
@@ -64,18 +68,41 @@ class _Demo:
         self.sh("umount", where)
         self.mounts.remove(where)
 
+    @staticmethod
+    def _echo(p: subprocess.Popen, prefix: str) -> None:
+        for line in p.stderr:
+            print("   " + prefix + line.rstrip(), flush=True)
+
+    @staticmethod
+    def _wait_line(p: subprocess.Popen, what: str, who: str, timeout: float = 120) -> str:
+        """Echo p's stderr until a line holding `what`; returns that line."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = p.stderr.readline()
+            if not line:
+                raise UserError(f"{who} exited early: see the message above")
+            print("   " + line.rstrip(), flush=True)
+            if what in line:
+                return line
+        raise UserError(f"{who} did not say {what!r} within {timeout:.0f} s")
+
     def mark(self, mnt: str, name: str) -> None:
         """A quiesced point: freeze the file system, mark, thaw."""
         self.sh("fsfreeze", "--freeze", mnt)
         try:
-            self.blkrewind("mark", name)
+            self.blkrewind("mark", name, "--log", self.log)  # this demo's tracer only
         finally:
             self.sh("fsfreeze", "--unfreeze", mnt)
 
     def cleanup(self) -> None:
-        if self.tracer and self.tracer.poll() is None:
-            self.tracer.terminate()
-            self.tracer.wait(30)
+        for p in (self.tracer, self.server):  # the tracer first: it drains to the server
+            if p and p.poll() is None:
+                p.send_signal(2)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
         for m in reversed(self.mounts):
             subprocess.run(["umount", m], capture_output=True)
         for d in reversed(self.loops):
@@ -84,6 +111,7 @@ class _Demo:
     def run(self) -> None:
         w = self.w
         image, log, store, mnt = (os.path.join(w, n) for n in ("disk.img", "log", "store", "mnt"))
+        self.log = log
         self.step("a 128 MiB ext4 file system on a new loop device")
         with open(image, "wb") as f:
             f.truncate(128 << 20)
@@ -92,19 +120,29 @@ class _Demo:
         self.mount(dev, mnt)
         print(f"   {dev} mounted on {mnt}")
 
-        self.step(f"trace {dev} into the LOG {log}")
-        print(f"   $ blkrewind trace --device {dev} --log {log} &")
-        self.tracer = subprocess.Popen(
-            [sys.executable, "-m", "blkrewind.cli", "trace", "--device", dev, "--log", log],
+        self.step("a replayer on this host: certificates, then `serve` on 127.0.0.1 (mutual TLS)")
+        tls = os.path.join(w, "tls")
+        self.blkrewind("tls", "init", tls, "--hosts", "replayer=127.0.0.1,demo-host")
+        print(f"   $ blkrewind serve --store {store} --listen 127.0.0.1:0 "
+              f"--tls {tls}/replayer &")
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "blkrewind.cli", "serve", "--store", store, "--listen",
+             "127.0.0.1:0", "--tls", os.path.join(tls, "replayer")],
             stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = self.tracer.stderr.readline()
-            if not line:
-                raise UserError("the tracer exited early: see the message above")
-            print("   " + line.rstrip())
-            if "baseline of" in line:
-                break
+        line = self._wait_line(self.server, "listening on", "the replayer")
+        threading.Thread(target=self._echo, args=(self.server, "replayer: "),
+                         daemon=True).start()   # keep its log flowing (and shown)
+        port = line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1]
+        ship = f"127.0.0.1:{port}"
+
+        self.step(f"trace {dev} into the LOG {log} and ship it to the replayer at {ship}")
+        print(f"   $ blkrewind trace --device {dev} --log {log} --ship {ship} "
+              f"--tls {tls}/demo-host &")
+        self.tracer = subprocess.Popen(
+            [sys.executable, "-m", "blkrewind.cli", "trace", "--device", dev, "--log", log,
+             "--ship", ship, "--tls", os.path.join(tls, "demo-host")],
+            stderr=subprocess.PIPE, text=True)
+        self._wait_line(self.tracer, "baseline of", "the tracer")
 
         self.step("version 1 of the files, then a mark")
         with open(os.path.join(mnt, "story.txt"), "w") as f:
@@ -129,13 +167,15 @@ class _Demo:
         self.mark(mnt, "v2")
         self.umount(mnt)
 
-        self.step("stop the tracer (SIGINT) and ingest the LOG into a store")
+        self.step("stop the tracer (SIGINT): it waits until the replayer has stored everything")
         self.tracer.send_signal(2)
         for line in self.tracer.stderr:
             print("   " + line.rstrip())
         if self.tracer.wait(60) != 0:
             raise UserError("the tracer did not stop cleanly")
-        self.blkrewind("ingest", "--log", log, "--store", store)
+
+        self.step("the replayer's view: per host and device, watermark and lag")
+        self.blkrewind("status", "--store", store)
 
         self.step("who wrote what (SQL over the history)")
         self.blkrewind("sql", "--store", store,
@@ -157,6 +197,7 @@ class _Demo:
         if "ONE" not in story or not os.path.exists(os.path.join(rmnt, "data.bin")):
             raise UserError("the restored file system does not hold version 1")
         self.step("done: the earlier content is back. Cleaning up.")
+        self.umount(rmnt)
 
 
 def run(args) -> int:
