@@ -19,17 +19,23 @@ from tracerproc import TraceProc, cli, copy_device, first_difference, same_file
 pytestmark = [pytest.mark.bpf]
 
 
-def _wait(pred, what: str, t, timeout: float = 60.0) -> None:
+def _wait(pred, what: str, t, timeout: float = 60.0, where=None) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}; the tracer said:\n{t.stderr}")
+            df = ""
+            if where is not None:
+                st = os.statvfs(where)
+                df = (f" ({st.f_bavail * st.f_frsize >> 20} of {st.f_blocks * st.f_frsize >> 20}"
+                      f" MiB free: {sorted(os.listdir(where))})")
+            raise AssertionError(f"timed out waiting for {what}{df}; the tracer said:\n"
+                                 f"{t.stderr}")
         time.sleep(0.1)
 
 
 def test_log_file_system_fills_then_recovers(make_loop, mkfs, mount_fs, tmp_path):
     dev = make_loop(size_mb=32, fill="random", dio=True)
-    logdisk = make_loop(size_mb=128)
+    logdisk = make_loop(size_mb=192)  # the filler freed below must leave room for the resync
     mkfs(logdisk.path, "ext4", "-m", "0")
     mnt = mount_fs(logdisk.path, "ext4")
     log, store = mnt / "log", tmp_path / "store"
@@ -50,7 +56,7 @@ def test_log_file_system_fills_then_recovers(make_loop, mkfs, mount_fs, tmp_path
         _wait(lambda: "records are DROPPED" in t.stderr, "the LOG-full warning", t)
         os.unlink(filler)  # space again: the regions written meanwhile are read back
         _wait(lambda: "resync of" in t.stderr and " done" in t.stderr.split("resync of")[-1],
-              "the resync", t, timeout=60)
+              "the resync", t, timeout=60, where=mnt)
         cli("mark", "after", "--log", log)
         copies["after"] = tmp_path / "after.img"
         copy_device(dev.path, copies["after"])
