@@ -763,6 +763,11 @@ class Shipper:
         poller.register(waker, select.POLLIN)
         while True:
             if self._closing.is_set():
+                if k == 0:  # the replayer's `status` shows the final state, not the last tick's
+                    try:
+                        self._send(sock, wire.encode_json(wire.T_STATUS, self._status_message()))
+                    except (OSError, wire.ProtocolError):
+                        pass
                 raise ShipperStopped()
             # fill the pipeline
             while len(inflight) < wire.MAX_IN_FLIGHT:
