@@ -611,7 +611,9 @@ def test_network_cut_longer_than_timeouts_loses_nothing(lab):
     log = lab.server.log
     for h in lab.hosts:
         assert log.count(f"host {h.name}: connected") >= 3, log
-        assert "lost: no answer from the replayer" in h.tracer.stderr, h.tracer.stderr
+        # the dead peer is seen either way: no reply while one is due, or a send that stalls
+        assert ("lost: no answer from the replayer" in h.tracer.stderr
+                or "lost: sending stalled" in h.tracer.stderr), h.tracer.stderr
         assert ") again" in h.tracer.stderr, h.tracer.stderr
 
 
