@@ -408,3 +408,15 @@ def cli_main(capsys, *args) -> tuple[int, str, str]:
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def restored(capsys, store, at, tmp_path, device="loop7") -> bytes:
+    """The bytes of DEVICE restored at AT (through the CLI, into a scratch image)."""
+    out = tmp_path / "restored.img"
+    rc, _, err = cli_main(capsys, "restore", "--store", store, "--device", device, "--at", at,
+                          "--to", out, "--force")
+    assert rc == 0, err
+    data = out.read_bytes()
+    assert len(data) == out.stat().st_size
+    out.unlink()
+    return data

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, run_cli
 from replayer import points
 from replayer.rebuild import _range_max, plan, visible_pieces
 from replayer.store import Store
-from synth import SynthSession, cli_main, history
+from synth import SynthSession, cli_main, history, restored
 
 
 def ingest(capsys, log, store):
@@ -38,16 +38,6 @@ def latest_plan(store, device="loop7"):
         return plan(st, r.session, r.dev, r.stamp, r.size_bytes)
     finally:
         st.close()
-
-
-def restored(capsys, store, at, tmp_path, device="loop7") -> bytes:
-    out = tmp_path / "r.img"
-    rc, _, err = restore(capsys, store, at, out, "--force", device=device)
-    assert rc == 0, err
-    data = out.read_bytes()
-    assert len(data) == os.path.getsize(out)
-    out.unlink()
-    return data
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 from blkrewind.errors import UserError
 from conftest import ROOT, assert_one_line_error, run_cli
 from replayer.store import Store
-from synth import SynthSession, cli_main, history
+from synth import SynthSession, cli_main, history, restored as restore_bytes
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -27,16 +27,6 @@ def ingest(capsys, log, store, *extra) -> str:
     rc, out, err = cli_main(capsys, "ingest", "--log", log, "--store", store, *extra)
     assert rc == 0, err
     return out
-
-
-def restore_bytes(capsys, store, at, tmp_path, device="loop7") -> bytes:
-    out = tmp_path / "restored.img"
-    rc, _, err = cli_main(capsys, "restore", "--store", store, "--device", device, "--at", at,
-                          "--to", out, "--force")
-    assert rc == 0, err
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def sql(capsys, store, q):

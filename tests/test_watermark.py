@@ -15,7 +15,7 @@ from blkrewind.errors import NotRestorable
 from replayer import points
 from replayer.store import Store
 from replayer.watermark import _intervals, device_windows
-from synth import SynthSession, cli_main
+from synth import SynthSession, cli_main, restored
 
 
 # ------------------------------------------------------------ the rule, brute force
@@ -77,16 +77,6 @@ def sql(capsys, store, q):
     rc, out, err = cli_main(capsys, "sql", "--store", store, q, "--format", "json")
     assert rc == 0, err
     return json.loads(out)
-
-
-def restored(capsys, store, at, tmp_path, device="loop7"):
-    out = tmp_path / "r.img"
-    rc, _, err = cli_main(capsys, "restore", "--store", store, "--device", device, "--at", at,
-                          "--to", out, "--force")
-    assert rc == 0, err
-    data = out.read_bytes()
-    out.unlink()
-    return data
 
 
 def refused(capsys, store, at, tmp_path, *words):
