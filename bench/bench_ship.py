@@ -41,11 +41,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from blkrewind import record, wire  # noqa: E402
-from tracer.log import LogWriter  # noqa: E402
+import bench_store  # noqa: E402  (its LOG generator)
 
-SPAN = 4 << 20
 DEV = record.kdev(7, 98)
-REAL0 = 1_764_000_000 * 10**9
 HOST = "bench"
 SESSION = "20261125T130000Z-bench0ship"
 CLI = [sys.executable, "-m", "blkrewind.cli"]
@@ -64,77 +62,22 @@ def _text_pool(n: int, rng: random.Random) -> bytes:
 
 
 def make_log(log_dir: str, payload_bytes: int, seed: int = 1) -> dict:
+    """bench_store.make_log with half random, half text-like payload: a quarter of it as the
+    baseline of a 1 GiB device (at most the device), the rest as writes."""
     rng = random.Random(seed)
     rand_pool = os.urandom(48 << 20)
     text_pool = _text_pool(48 << 20, rng)
     device_bytes = 1 << 30
-    w = LogWriter(log_dir, SESSION, host=HOST, segment_bytes=64 << 20, fsync="never",
-                  compression_level=-10)
-    mono = 10**12
-    stamp = REAL0
-    seq = useq = 0
-    span: list[bytes] = []
-    size = payload = 0
+    baseline = min(device_bytes, payload_bytes // 4) & ~((1 << 20) - 1)
 
-    def data(n: int) -> memoryview:
+    def data(rng, n: int) -> memoryview:
         pool = rand_pool if rng.random() < 0.5 else text_pool
         off = rng.randrange(0, len(pool) - n)
         return memoryview(pool)[off:off + n]
 
-    def emit(rec: bytes) -> None:
-        nonlocal size
-        span.append(rec)
-        size += len(rec)
-        if size >= SPAN:
-            flush()
-
-    def flush() -> None:
-        nonlocal size, mono, span
-        if span:
-            mono += 1_000_000
-            w.append(b"".join(span), len(span), mono, mono + REAL0 - 10**12)
-            span, size = [], 0
-
-    def json_rec(rtype, obj, **kw):
-        nonlocal useq
-        useq += 1
-        emit(record.json_record(rtype, obj, seq=useq, **kw))
-
-    json_rec(record.R_SESSION, {"session": SESSION, "host": HOST, "stamp_base": stamp,
-                                "seq_base": 1, "version": "bench"})
-    json_rec(record.R_DEVICE, {"name": "bench0", "path": "/dev/bench0", "dev": DEV,
-                               "size_bytes": device_bytes, "logical_block_size": 512,
-                               "physical_block_size": 4096, "part_start": 0, "host": HOST},
-             dev=DEV)
-    for off in range(0, min(device_bytes, payload_bytes // 4), 1 << 20):
-        useq += 1
-        emit(record.make_record(data(1 << 20), rtype=record.R_BASE, seq=useq, dev=DEV,
-                                sector=off // 512, bio_size=1 << 20, aux=useq, ktime_ns=mono))
-        payload += 1 << 20
-    seq += 1
-    emit(record.make_record(f'{{"dev": {DEV}, "what": "baseline_end"}}'.encode(),
-                            rtype=record.R_POINT, stamp=stamp, seq=seq, ktime_ns=mono))
-    stamp += 1
-    while payload < payload_bytes:
-        n = 1024 * rng.choice((4, 4, 8, 16, 64, 128, 256, 512, 1024))
-        off = 4096 * rng.randrange(0, (device_bytes - n) // 4096)
-        d = data(n)
-        pos = 0
-        while pos < n:
-            ln = min(record.MAX_PIECE, n - pos)
-            seq += 1
-            fl = (record.F_FIRST if pos == 0 else 0) | (record.F_LAST if pos + ln == n else 0)
-            emit(record.make_record(d[pos:pos + ln], rtype=record.R_BIO, stamp=stamp, seq=seq,
-                                    ktime_ns=mono, sector=off // 512, dev=DEV, bio_size=n,
-                                    offset=pos, flags=fl, op=record.OP_WRITE, tgid=1, tid=1,
-                                    comm=b"bench"))
-            pos += ln
-        stamp += 1
-        payload += n
-    json_rec(record.R_END, {"end_stamp": stamp, "end_seq": seq, "clean": True})
-    flush()
-    w.close()
-    return {"payload": payload, "log_bytes": w.bytes_written}
+    return bench_store.make_log(log_dir, device_bytes, payload_bytes - baseline, seed,
+                                session=SESSION, host=HOST, dev=DEV, baseline_bytes=baseline,
+                                data=data, compression_level=-10)
 
 
 # ------------------------------------------------------------------------------ processes

@@ -43,21 +43,30 @@ REAL0 = 1_764_000_000 * 10**9
 
 
 def make_log(log_dir: str, device_bytes: int, write_bytes: int, seed: int = 1,
-             write_kib=(4, 4, 8, 16, 64, 128, 256, 512, 1024)) -> dict:
+             write_kib=(4, 4, 8, 16, 64, 128, 256, 512, 1024), *,
+             session: str = "20261125T120000Z-bench001", host: str = "bench", dev: int = DEV,
+             baseline_bytes: int | None = None, data=None, compression_level: int = 0) -> dict:
+    """A valid session in a LOG, as the tracer writes it: a baseline of `baseline_bytes`
+    (default: the whole device) in 1 MiB chunks, then `write_bytes` of writes of `write_kib`
+    sizes in MAX_PIECE pieces, in ~4 MiB frames. data(rng, n) gives the payload (default:
+    random bytes). Also used by bench_ship.py."""
     rng = random.Random(seed)
-    pool = os.urandom(96 << 20)
-    w = LogWriter(log_dir, "20261125T120000Z-bench001", host="bench", segment_bytes=64 << 20,
-                  fsync="never")
+    if data is None:
+        pool = os.urandom(96 << 20)
+
+        def data(rng, n: int) -> memoryview:
+            off = rng.randrange(0, len(pool) - n)
+            return memoryview(pool)[off:off + n]
+    if baseline_bytes is None:
+        baseline_bytes = device_bytes
+    w = LogWriter(log_dir, session, host=host, segment_bytes=64 << 20, fsync="never",
+                  compression_level=compression_level)
     mono = 10**12
     stamp = REAL0
     seq = useq = 0
     span: list[bytes] = []
     size = 0
     payload = 0
-
-    def rnd(n: int) -> memoryview:
-        off = rng.randrange(0, len(pool) - n)
-        return memoryview(pool)[off:off + n]
 
     def emit(rec: bytes) -> None:
         nonlocal size
@@ -78,33 +87,33 @@ def make_log(log_dir: str, device_bytes: int, write_bytes: int, seed: int = 1,
         useq += 1
         emit(record.json_record(rtype, obj, seq=useq, **kw))
 
-    json_rec(record.R_SESSION, {"session": "20261125T120000Z-bench001", "host": "bench",
+    json_rec(record.R_SESSION, {"session": session, "host": host,
                                 "stamp_base": stamp, "seq_base": 1, "version": "bench"})
-    json_rec(record.R_DEVICE, {"name": "bench0", "path": "/dev/bench0", "dev": DEV,
-                               "size_bytes": device_bytes, "host": "bench"}, dev=DEV)
+    json_rec(record.R_DEVICE, {"name": "bench0", "path": "/dev/bench0", "dev": dev,
+                               "size_bytes": device_bytes, "host": host}, dev=dev)
     chunk = 1 << 20
-    for off in range(0, device_bytes, chunk):
+    for off in range(0, baseline_bytes, chunk):
         useq += 1
-        n = min(chunk, device_bytes - off)
-        emit(record.make_record(rnd(n), rtype=record.R_BASE, seq=useq, dev=DEV,
+        n = min(chunk, baseline_bytes - off)
+        emit(record.make_record(data(rng, n), rtype=record.R_BASE, seq=useq, dev=dev,
                                 sector=off // 512, bio_size=n, aux=useq, ktime_ns=mono))
         payload += n
     seq += 1
-    emit(record.make_record(f'{{"dev": {DEV}, "what": "baseline_end"}}'.encode(),
+    emit(record.make_record(f'{{"dev": {dev}, "what": "baseline_end"}}'.encode(),
                             rtype=record.R_POINT, stamp=stamp, seq=seq, ktime_ns=mono))
     stamp += 1
     done = 0
     while done < write_bytes:
         n = 1024 * rng.choice(write_kib)
         off = 4096 * rng.randrange(0, (device_bytes - n) // 4096)
-        data = rnd(n)
+        d = data(rng, n)
         pos = 0
         while pos < n:
             ln = min(record.MAX_PIECE, n - pos)
             seq += 1
             fl = (record.F_FIRST if pos == 0 else 0) | (record.F_LAST if pos + ln == n else 0)
-            emit(record.make_record(data[pos:pos + ln], rtype=record.R_BIO, stamp=stamp, seq=seq,
-                                    ktime_ns=mono, sector=off // 512, dev=DEV, bio_size=n,
+            emit(record.make_record(d[pos:pos + ln], rtype=record.R_BIO, stamp=stamp, seq=seq,
+                                    ktime_ns=mono, sector=off // 512, dev=dev, bio_size=n,
                                     offset=pos, flags=fl, op=record.OP_WRITE, tgid=1, tid=1,
                                     comm=b"bench"))
             pos += ln
