@@ -15,6 +15,7 @@ from blkrewind.errors import UserError
 # subcommand -> module in blkrewind.commands; each module has add_arguments(parser) and run(args)
 COMMANDS = {
     "trace": "Capture every write to block devices into a LOG (root).",
+    "detach": "Show or detach the capture a dead tracer left attached (root).",
     "mark": "Insert a named point into the history of the running tracer(s).",
     "ingest": "Read LOG segments into a store.",
     "restore": "Rebuild a device as it was at a point, onto an image file or loop device.",

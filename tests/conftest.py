@@ -352,6 +352,18 @@ def mount_fs(make_loop, tmp_path):
 
 
 # --------------------------------------------------------------------------- leak guard
+@pytest.fixture(autouse=True)
+def _release_pinned_captures():
+    """A tracer pins its capture in bpffs (tracer/pins.py) so that it outlives a crash; a test
+    that kills a tracer and does not start it again leaves it attached. Detach every capture
+    pinned during the test (programs, maps, links), passed or failed."""
+    from tracer import pins
+    before = set(pins.pin_dirs())
+    yield
+    for s in set(pins.pin_dirs()) - before:
+        pins.release_dir(s)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaked_loops_or_mounts(tmp_path_factory):
     """At the end of the session: any loop device whose backing file, or any mount whose mount

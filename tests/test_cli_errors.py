@@ -39,6 +39,14 @@ def test_unknown_device(tmp_path):
                    "no such device")
 
 
+def test_detach_of_a_log_without_a_left_capture(tmp_path):
+    one_line_error(cli("detach", "--log", tmp_path / "nolog", check=False),
+                   "no capture is left attached for LOG")
+    r = subprocess.run([*NOBODY, sys.executable, "-m", "blkrewind.cli", "detach"],
+                       capture_output=True, text=True, cwd=ROOT)
+    one_line_error(r, "must run as root")
+
+
 def test_mark_without_tracer():
     one_line_error(cli("mark", "x", "--log", "/nonexistent-log", check=False))
 

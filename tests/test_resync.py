@@ -4,9 +4,10 @@ on real loop devices, driven through the CLI as a user runs it:
 - a 1 MiB ring buffer under heavy writes overflows: the loss is reported on stderr and in the
   LOG, the tracer resyncs the regions written since the last checkpoint (while writes go on),
   and after ingest a restore at `latest` equals the device;
-- the tracer is SIGKILLed in the middle of a workload and started again on the same LOG: the
-  new session's baseline reads the devices again, `latest` is exact, the old session stays
-  restorable up to its watermark;
+- the tracer is SIGKILLed in the middle of a workload and started again on the same LOG: its
+  capture stayed attached (pinned), so the new tracer continues the session and reads again
+  only the regions written since the last checkpoint; `latest` is exact; with other devices,
+  the left capture is detached and a new session reads the devices whole;
 - a write fails (the loop device's backing file lives on a full tmpfs): the failure is recorded
   with its error, its range is read back, and `latest` equals what the device really holds.
 """
@@ -97,22 +98,59 @@ def test_ring_overflow_is_reported_resynced_and_latest_is_exact(make_loop, tmp_p
     assert rs[-1]["to_stamp"] >= last, (rs, last)
 
 
-def test_tracer_killed_then_restarted_is_exact_again(make_loop, tmp_path):
-    """SIGKILL in the middle of random writes (no R_END, maybe a torn LOG tail), then a new
-    tracer on the same devices and LOG while the writes go on."""
-    loop = make_loop(size_mb=128, fill="random", dio=True)
+def resync_lines(err: str) -> list[tuple[float, str]]:
+    return [(float(m.group(1)), m.group(2)) for m in
+            re.finditer(r"resync of \S+ done: ([\d.]+) MB in \d+ chunks \(([^)]*)\)", err)]
+
+
+def link_ids(session: str) -> list[int]:
+    from tracer import pins
+    d = Path(pins.PIN_ROOT) / session
+    out = []
+    for p in sorted(d.glob("link_*")):
+        r = subprocess.run(["bpftool", "-j", "link", "show", "pinned", str(p)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        out.append(json.loads(r.stdout)["id"])
+    return out
+
+
+def link_alive(link_id: int) -> bool:
+    return subprocess.run(["bpftool", "link", "show", "id", str(link_id)],
+                          capture_output=True).returncode == 0
+
+
+def test_tracer_killed_then_restarted_continues_the_session(make_loop, tmp_path):
+    """SIGKILL in the middle of random writes: the capture stays attached (pinned), the 4 MiB
+    ring overflows while no tracer reads it. A new tracer on the same devices and LOG
+    continues the same session, keeps the records waiting in the ring, reports the gap
+    ("tracer restart") and reads again only the regions written since the dead tracer's last
+    checkpoint, not the whole device. `latest` is exact; the points before the crash still
+    restore; nothing stays attached after the clean stop."""
+    from tracer import pins
+    loop = make_loop(size_mb=512, fill="random", dio=True)
     dev = loop.path
     log, store = tmp_path / "log", tmp_path / "store"
-    writer = fio(dev, "--rw=randwrite", "--bsrange=4k-128k", "--iodepth=8", "--rate=20m",
-                 runtime=60)
+    writer = fio(dev, "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=4", "--rate=12m",
+                 "--size=512m", runtime=60)
     try:
-        first = TraceProc([dev], log)
+        first = TraceProc([dev], log, "--ring-mb", "4")
         time.sleep(1.5)
+        session = [s for s in pins.pin_dirs()]
+        assert len(session) == 1, session
+        session = session[0]
+        ids = link_ids(session)
+        assert len(ids) >= 2, ids
         first.p.send_signal(signal.SIGKILL)
         first.p.wait(30)
-        time.sleep(0.5)  # writes go on with no tracer
-        with TraceProc([dev], log) as second:
-            time.sleep(1.5)
+        time.sleep(2.0)  # writes go on: the dirty map takes them, the ring fills and drops
+        assert all(link_alive(i) for i in ids), "the capture went away with its tracer"
+        with TraceProc([dev], log, "--ring-mb", "4", wait_for="live") as second:
+            deadline = time.monotonic() + 60
+            while not resync_lines(second.stderr):
+                assert time.monotonic() < deadline and second.p.poll() is None, second.stderr
+                time.sleep(0.1)
+            time.sleep(1.0)
             writer.send_signal(signal.SIGINT)
             writer.wait(30)
             assert second.stop() == 0, second.stderr
@@ -120,18 +158,66 @@ def test_tracer_killed_then_restarted_is_exact_again(make_loop, tmp_path):
         if writer.poll() is None:
             writer.kill()
             writer.wait()
+    err = second.stderr
+    assert f"session {session} continued" in err, err
+    assert "baseline of" not in err, err
+    # only the regions written since the last checkpoint, far less than the whole device
+    mb, what = resync_lines(err)[0]
+    assert "written since stamp" in what and mb * 1e6 < 0.5 * loop.size, (mb, what, err)
+    # a clean stop detaches everything
+    assert session not in pins.pin_dirs()
+    assert not any(link_alive(i) for i in ids), "links still attached after a clean stop"
     cli("ingest", "--log", log, "--store", store)
     restore_latest_equals(store, dev, tmp_path)
-    sessions = sql(store, "SELECT * FROM sessions ORDER BY session")
-    assert len(sessions) == 2, sessions
-    rs = sql(store, "SELECT session, from_stamp, to_stamp FROM restorable ORDER BY from_stamp")
-    assert {r["session"] for r in rs} == {s["session"] for s in sessions}, rs
-    old = [r for r in rs if r["session"] == sessions[0]["session"]]
-    # the killed session is restorable up to its watermark
-    out = tmp_path / "old.img"
-    cli("restore", "--store", store, "--device", dev, "--at", str(old[-1]["to_stamp"]),
+    sessions = sql(store, "SELECT * FROM sessions")
+    assert [s["session"] for s in sessions] == [session], sessions
+    gaps = sql(store, "SELECT * FROM gaps")
+    assert any("tracer restart" in (g["cause"] or "") and g["resumed"] is not None
+               for g in gaps), gaps
+    loss = sql(store, "SELECT * FROM loss")
+    assert any(json.loads(x["counters"]).get("cause") == "tracer restart" for x in loss), loss
+    rs = sql(store, "SELECT from_stamp, to_stamp FROM restorable ORDER BY from_stamp")
+    assert len(rs) >= 2, rs
+    # a point restorable before the crash still restores (a full-size image)
+    out = tmp_path / "before-crash.img"
+    cli("restore", "--store", store, "--device", dev, "--at", str(rs[0]["to_stamp"]),
         "--to", out)
     assert out.stat().st_size == loop.size
+
+
+def test_restart_with_other_devices_starts_a_new_session(make_loop, tmp_path, run_cli):
+    """The capture a killed tracer left attached is continued only by a tracer of the same
+    LOG and devices: with one more device it is detached (said), and a new session reads
+    both devices whole. `detach` lists and detaches a capture left attached."""
+    from tracer import pins
+    a, b = make_loop(size_mb=32, fill="random"), make_loop(size_mb=32, fill="random")
+    log = tmp_path / "log"
+    first = TraceProc([a.path], log)
+    first.p.send_signal(signal.SIGKILL)
+    first.p.wait(30)
+    (old,) = pins.pin_dirs()
+    ids = link_ids(old)
+    listed = run_cli("detach").stdout
+    assert old in listed and str(log) in listed, listed
+    st = json.loads(run_cli("status", "--format", "json").stdout)
+    assert [x["session"] for x in st["left_attached"]] == [old], st
+    with TraceProc([a.path, b.path], log) as second:
+        assert second.stop() == 0, second.stderr
+    err = second.stderr
+    assert f"released the capture left attached by session {old}" in err, err
+    assert "the devices differ" in err and "continued" not in err, err
+    assert err.count("baseline of") == 2, err
+    assert not pins.pin_dirs() and not any(link_alive(i) for i in ids)
+    # detach by hand
+    third = TraceProc([b.path], log)
+    third.p.send_signal(signal.SIGKILL)
+    third.p.wait(30)
+    (left,) = pins.pin_dirs()
+    ids = link_ids(left)
+    out = run_cli("detach", "--log", log).stdout
+    assert f"detached session {left}" in out, out
+    assert not pins.pin_dirs() and not any(link_alive(i) for i in ids)
+    assert "no capture is left" in run_cli("detach").stdout
 
 
 @pytest.fixture

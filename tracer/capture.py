@@ -134,6 +134,9 @@ class RdBuf(ctypes.Structure):
 _CHECKED_STRUCTS = {"br_cfg": Cfg, "br_state": State, "br_dev": Dev, "br_point": Point,
                     "br_rdbuf": RdBuf, "br_grace": Grace, "br_err": Err}
 
+MAPS = ("cfg_map", "state_map", "dev_map", "point_map", "rd_map", "rb", "inflight_map",
+        "dirty_map", "grace_map", "err_map")
+PROGS = ("point", "reader")
 ATTACH = {  # what: [(program, where), ...] in order of preference
     "queue": [("capture_btf", "tp_btf/block_bio_queue"), ("capture_raw", "raw_tp/block_bio_queue")],
     "rq_complete": [("rqdone_btf", "tp_btf/block_rq_complete"),
@@ -180,13 +183,60 @@ class Capture:
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
-        self.fd = {m: self.obj.map_fd(m) for m in
-                   ("cfg_map", "state_map", "dev_map", "point_map", "rd_map", "rb", "inflight_map",
-                    "dirty_map", "grace_map", "err_map")}
+        self.fd = {m: self.obj.map_fd(m) for m in MAPS}
+        self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
+        self._owned_fds: list[int] = []
         self.attached: dict[str, str] = {}
         self.dirty_regions = max(1, dirty_regions)
         self._ncpu = _possible_cpus()
         self._dirty_mm: mmap.mmap | None = None
+        self.pin_dir: str | None = None
+
+    @classmethod
+    def adopt(cls, pin_dir: str, ring_bytes: int, dirty_regions: int) -> "Capture":
+        """The capture a dead tracer left pinned in pin_dir (tracer/pins.py): its maps and
+        programs, still attached through their pinned links. Nothing is loaded."""
+        self = cls.__new__(cls)
+        self.obj = None
+        self.path = pin_dir
+        self.ring_bytes = ring_bytes
+        self.dirty_regions = max(1, dirty_regions)
+        self._ncpu = _possible_cpus()
+        self._dirty_mm = None
+        self._owned_fds = []
+        self.attached = {}
+        self.pin_dir = pin_dir
+        try:
+            self.fd = {}
+            for m in MAPS:
+                self.fd[m] = L.obj_get(os.path.join(pin_dir, m))
+                self._owned_fds.append(self.fd[m])
+            self._progs = {}
+            for p in PROGS:
+                self._progs[p] = L.obj_get(os.path.join(pin_dir, p))
+                self._owned_fds.append(self._progs[p])
+        except L.BpfError as e:
+            self._close_fds()
+            raise UserError(f"cannot open the pinned capture in {pin_dir}: {e.strerror}") from None
+        self.cfg = L.map_lookup(self.fd["cfg_map"], K0, Cfg())
+        return self
+
+    def pin(self, pin_dir: str) -> None:
+        """Pin maps, programs and links in pin_dir (a new directory on a bpffs)."""
+        os.makedirs(pin_dir, mode=0o700)
+        self.obj.pin(pin_dir, list(MAPS), list(PROGS))
+        self.pin_dir = pin_dir
+
+    def prog_fd(self, name: str) -> int:
+        return self._progs[name]
+
+    def _close_fds(self) -> None:
+        for fd in self._owned_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._owned_fds = []
 
     # -- attach -------------------------------------------------------------
     def attach(self, required=("queue", "rq_complete"), optional=("bio_complete",)) -> dict[str, str]:
@@ -302,7 +352,7 @@ class Capture:
         ctypes.memmove(p.h, hdr, len(hdr))
         ctypes.memmove(p.data, payload, len(payload))
         L.map_update(self.fd["point_map"], K0, p)
-        L.test_run(self.obj.prog_fd("point"))
+        L.test_run(self.prog_fd("point"))
         out = L.map_lookup(self.fd["point_map"], K0, Point())
         return int(out.stamp), bool(out.ok)
 
@@ -315,14 +365,14 @@ class Capture:
                                                ctypes.POINTER(ctypes.c_uint32)]
         info = ctypes.create_string_buffer(256)  # struct bpf_prog_info (its first 216 bytes)
         n = ctypes.c_uint32(256)
-        if f(self.obj.prog_fd(name), info, ctypes.byref(n)) != 0:
+        if f(self.prog_fd(name), info, ctypes.byref(n)) != 0:
             raise L.BpfError(ctypes.get_errno(), f"bpf_obj_get_info_by_fd {name}")
         run_time_ns, run_cnt = struct.unpack_from("<QQ", info.raw, 192)
         return run_time_ns, run_cnt
 
     # -- kernel memory reads (calibration) ------------------------------------
     def _reader(self, op: int, addr: int = 0, length: int = 0) -> tuple[int, RdBuf]:
-        ret = L.test_run(self.obj.prog_fd("reader"), struct.pack("<3Q", op, addr, length))
+        ret = L.test_run(self.prog_fd("reader"), struct.pack("<3Q", op, addr, length))
         return ret, L.map_lookup(self.fd["rd_map"], K0, RdBuf())
 
     def kread(self, addr: int, length: int) -> bytes | None:
@@ -342,7 +392,8 @@ class Capture:
         return int(v[0]), int(v[1]), int(v[2]), int(v[3])
 
     def close(self) -> None:
-        if getattr(self, "obj", None):
+        """Disable capture, remove the pins (tracer/pins.py) and close: the programs detach."""
+        if getattr(self, "obj", None) or getattr(self, "_owned_fds", None):
             try:
                 self.cfg.enabled = 0
                 self.push_cfg()
@@ -354,8 +405,14 @@ class Capture:
                 except BufferError:  # a numpy view still exists: the GC unmaps it
                     pass
                 self._dirty_mm = None
-            self.obj.close()
-            self.obj = None
+            if self.pin_dir is not None:
+                from tracer import pins
+                pins.release_dir(os.path.basename(self.pin_dir))
+                self.pin_dir = None
+            if self.obj is not None:
+                self.obj.close()
+                self.obj = None
+            self._close_fds()
 
     def __enter__(self):
         return self

@@ -68,6 +68,11 @@ _SIGNATURES = [
     ("bpf_map_delete_elem", c_int, [c_int, c_vp]),
     ("bpf_prog_test_run_opts", c_int, [c_int, ctypes.POINTER(bpf_test_run_opts)]),
     ("bpf_enable_stats", c_int, [c_int]),
+    ("bpf_map__pin", c_int, [c_vp, c_char_p]),
+    ("bpf_program__pin", c_int, [c_vp, c_char_p]),
+    ("bpf_link__fd", c_int, [c_vp]),
+    ("bpf_obj_pin", c_int, [c_int, c_char_p]),
+    ("bpf_obj_get", c_int, [c_char_p]),
 ]
 
 
@@ -157,6 +162,24 @@ class BpfObject:
             raise KeyError(name)
         return lib().bpf_map__fd(m)
 
+    def pin(self, directory: str, maps: list[str], progs: list[str]) -> None:
+        """Pin the named maps and programs and every link in directory (on a bpffs), so
+        they outlive this process: links as link_N (bpffs refuses dots in names), maps and programs by name. The
+        links keep the programs attached until the pins are removed (pins.release)."""
+        L = lib()
+        for name in maps:
+            m = L.bpf_object__find_map_by_name(self.obj, name.encode())
+            r = L.bpf_map__pin(m, os.path.join(directory, name).encode()) if m else -2
+            if r != 0:
+                raise _err(f"pin map {name}", r)
+        for name in progs:
+            r = L.bpf_program__pin(self._prog(name), os.path.join(directory, name).encode())
+            if r != 0:
+                raise _err(f"pin program {name}", r)
+        for i, link in enumerate(self.links):
+            if L.bpf_obj_pin(L.bpf_link__fd(link), os.path.join(directory, f"link_{i}").encode()):
+                raise _err(f"pin link {i}")
+
     def close(self) -> None:
         L = lib()
         for link in self.links:
@@ -171,6 +194,14 @@ class BpfObject:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def obj_get(path: str) -> int:
+    """An fd for a pinned map, program or link (BPF_OBJ_GET)."""
+    fd = lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        raise _err(f"open pinned {path}", fd)
+    return fd
 
 
 def map_update(fd: int, key, value, flags: int = 0) -> None:

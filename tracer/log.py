@@ -866,6 +866,28 @@ def last_stamp(log_dir) -> int:
     return 0
 
 
+def tail_kernel_seqs(log_dir, session: str, span_bytes: int) -> set[int]:
+    """The sequence numbers of the kernel records (rtype < R_SESSION) in the newest frames of
+    session, reading back at least span_bytes of spans (or all of them): a tracer continuing
+    a session skips the records of its ring buffer that these already hold."""
+    segs = [s for s in list_segments(log_dir) if s.session == session]
+    seqs: set[int] = set()
+    seen = 0
+    seq_at = record.OFFSETS["seq"]
+    for reader, off, h in _newest_first(segs):
+        if seen >= span_bytes:
+            break
+        f = reader.read(off, h)
+        if f is None:
+            continue
+        mv = memoryview(f.data)
+        seen += len(mv)
+        for roff, _ in record.iter_framed(mv):
+            if _U16.unpack_from(mv, roff + _RTYPE_AT)[0] < record.R_SESSION:
+                seqs.add(_U64.unpack_from(mv, roff + seq_at)[0])
+    return seqs
+
+
 def _newest_first(segs: list[SegmentInfo]) -> Iterator[tuple[SegmentReader, int, FrameHead]]:
     for seg in reversed(segs):
         with SegmentReader(seg.path) as r:

@@ -294,8 +294,33 @@ class Resync:
             if self._stop.is_set() or self.t.failure:
                 raise Aborted()
 
+    def continue_after_crash(self, since: int, full: bool, dead_pid: int,
+                             ring_bytes_waiting: int, skipped: int) -> None:
+        """A continued session (tracer/pins.py): the dead tracer recorded that every stamp
+        < since is in the LOG; what it took from the ring buffer after that and lost, and
+        what the ring dropped while nobody read it, is resynced from the dirty map."""
+        c = self.cap.state().stamp
+        if not self.cap.grace():
+            raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")
+        now, st = self._counters()
+        with self._lock:
+            self._prev, self._prev_c = now, c
+            self._reported = {k: st.get(k, 0) for k in ("drops", "read_errs", "truncs",
+                                                         "dirty_races", "write_errs")}
+            self._errs_seen = st.get("write_errs", 0)
+            self._pending = _Pending(since=since, causes=["tracer restart"], full=full)
+            self._episode = True
+            self.last_checkpoint = since
+        self._loss_record("tracer restart", st, since=since, dead_pid=dead_pid,
+                          ring_bytes_waiting=ring_bytes_waiting, skipped_logged=skipped)
+        self.t.say(f"WARNING: the tracer (pid {dead_pid}) died: records it had taken from the "
+                   f"ring buffer may be lost, and {st['drops']} records were dropped in all; "
+                   f"every region written since stamp {since} is read again from the device "
+                   f"(resync); until it ends nothing after stamp {since - 1} is restorable")
+
     def _checkpoint(self) -> int:
         """One checkpoint; queues a resync when something was lost. Returns its C."""
+        baseline_done = self.t.baseline_done.is_set()  # before C: baseline_end is then < C
         c = self.cap.state().stamp
         if not self.cap.grace():
             raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")
@@ -352,6 +377,14 @@ class Resync:
             self._prev, self._prev_c = now, c
             self._errs_seen = total
             self._baseline_at_prev = self.t.baseline_done.is_set()
+            # what a tracer continuing this session after our death must read again
+            safe, full = c, False
+            for q in (self._pending, self.running):
+                if q is not None:
+                    qs = q.since if isinstance(q, _Pending) else q["since"]
+                    safe = min(safe, qs)
+                    full = full or (q.full or bool(q.errors) if isinstance(q, _Pending)
+                                    else q["full"])
         if causes:
             self._loss_record(", ".join(causes), st, since=since)
         for e in errs:
@@ -359,6 +392,9 @@ class Resync:
                               error=e.error)
         for m in say:
             self.t.say(m)
+        hook = getattr(self.t, "checkpointed", None)
+        if hook is not None:
+            hook(safe, full, baseline_done)
         return c
 
     def _error_range(self, p: _Pending, e) -> str:
@@ -418,7 +454,8 @@ class Resync:
         with self._lock:
             p = self._pending
             self._pending = None
-            self.running = {"since": p.since, "causes": list(p.causes)}
+            self.running = {"since": p.since, "causes": list(p.causes),
+                            "full": p.full or bool(p.errors)}
         before = self._prev
         est = sum(len(self._plan(p, k, self.cap.dirty()[r.base:r.base + r.count])) * self.chunk_bytes
                   for k, r in self.regions.items())

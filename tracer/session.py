@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 
 from blkrewind import __version__, record
 from blkrewind.errors import UserError
-from tracer import calibrate, devices
-from tracer.capture import Capture, region_layout
+from tracer import calibrate, devices, pins
+from tracer.capture import Capture, Regions, region_layout
 from tracer.resync import Resync
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-from tracer.log import LogFull, LogLock, LogWriter, encode_span, last_stamp, repair
+from tracer.log import (LogFull, LogLock, LogWriter, encode_span, last_stamp, list_segments,
+                        repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
@@ -177,6 +178,9 @@ class Tracer:
         self._control: socket.socket | None = None
         self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
         self.end_state: dict | None = None
+        self.pinned = None          # tracer/pins.py: the capture is pinned (outlives us)
+        self.continued: int | None = None  # the pid of the dead tracer whose session goes on
+        self._pin_problem: str | None = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -188,6 +192,13 @@ class Tracer:
             self.say(f"LOG: {msg}")
         if self.shipper is not None:
             self.shipper.start()
+        self._pin_problem = pins.bpffs_problem()
+        if self._pin_problem is None:
+            newest = max((s.session for s in list_segments(o.log_dir)), default=None)
+            left = pins.find_adoptable(o.log_dir, self.devs, self.host, newest, self.say)
+            if left is not None:
+                self._start_continued(left)
+                return
         stamp_base = max(time.time_ns(), last_stamp(o.log_dir) + 1)
 
         regions = region_layout([(d.kdev, d.size_bytes) for d in self.devs])
@@ -198,6 +209,7 @@ class Tracer:
         cap.init_counters(stamp_base, 1)
         for d, r in zip(self.devs, regions):
             cap.add_device(d.kdev, d.part_start, r)
+        self._pin(regions)
         self.resync = Resync(self, regions, stamp_base)  # docs/internals.md "Gaps and resync"
 
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
@@ -231,6 +243,114 @@ class Tracer:
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
                  + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
+
+    # ------------------------------------------------- surviving a crash (tracer/pins.py)
+    def _pin(self, regions) -> None:
+        """Pin the capture, so that it goes on (dirty map, stamps, ring) if this process dies
+        and the next tracer on this LOG can continue the session."""
+        cap = self.capture
+        if self._pin_problem is not None:
+            self.say(f"WARNING: {self._pin_problem}: the capture cannot outlive this process "
+                     f"(after a crash the next tracer reads the devices whole)")
+            return
+        p = pins.Pinned(
+            session=self.session, log_dir=os.path.realpath(self.opts.log_dir), host=self.host,
+            boot_id=_boot_id(), pid=os.getpid(),
+            devices=[{"path": d.path, "kdev": d.kdev, "size": d.size_bytes,
+                      "part_start": d.part_start} for d in self.devs],
+            regions=[[r.kdev, r.base, r.shift, r.count] for r in regions],
+            ring_bytes=cap.ring_bytes, dirty_regions=cap.dirty_regions, useq=self._useq)
+        try:
+            pins.save(p)  # first: pins without a record are a tracer that died starting
+            cap.pin(p.pin_dir)
+        except OSError as e:
+            pins.release_dir(self.session)
+            self.say(f"WARNING: cannot pin the capture in {p.pin_dir} ({e}): it cannot outlive "
+                     f"this process (after a crash the next tracer reads the devices whole)")
+            return
+        self.pinned = p
+
+    def checkpointed(self, safe: int, full: bool, baseline_done: bool) -> None:
+        """Called by each resync checkpoint: every stamp < safe is in the LOG or covered."""
+        p = self.pinned
+        if p is None:
+            return
+        state = (safe, full, baseline_done)
+        if state == (p.safe, p.full, p.baseline_done) and self._useq - p.useq < 1000:
+            return
+        p.safe, p.full, p.baseline_done, p.useq = safe, full, baseline_done, self._useq
+        try:
+            pins.save(p)
+        except OSError as e:
+            self.say(f"WARNING: cannot record the checkpoint in {pins.REG_DIR}: {e}")
+
+    def _start_continued(self, p: "pins.Pinned") -> None:
+        """Continue the session of a tracer that died (its capture stayed attached): same
+        session and stamps, the ring buffer's records kept, the regions written since the
+        last checkpoint it recorded read again (docs/internals.md, "Tracer restart")."""
+        o = self.opts
+        self.session = p.session
+        self.continued = p.pid
+        self._useq = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
+        regions = [Regions(*r) for r in p.regions]
+        self.capture = cap = Capture.adopt(p.pin_dir, p.ring_bytes, p.dirty_regions)
+        p.pid = os.getpid()
+        self.pinned = p
+        self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
+        # records the dead collector had handed to the LOG but not yet released
+        skipped = self._skip_logged(tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
+        self.log = LogWriter(o.log_dir, self.session, host=self.host,
+                             segment_bytes=o.segment_bytes, fsync=o.fsync,
+                             fsync_interval=o.fsync_interval,
+                             on_frame=self.shipper.frame_written if self.shipper else None)
+        self._collected_pos = self.ring.consumed_pos()
+        self.resync = Resync(self, regions, p.safe)
+        waiting = self.ring.pending()
+        self.resync.continue_after_crash(p.safe, p.full, dead_pid=self.continued,
+                                         ring_bytes_waiting=waiting, skipped=skipped)
+        for target, name in ((self._collect, "collector"), (self._write, "writer")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._watch_old = False
+        self._enable_mono = mono_ns()
+        self.baseline_done.set()
+        pins.save(p)
+        self.resync.start()
+        self._start_control()
+        st = cap.state()
+        self.say(f"capture live: session {self.session} continued (its tracer, pid "
+                 f"{self.continued}, died; the capture stayed attached: {waiting >> 20} MiB "
+                 f"waiting in the ring buffer, {st.drops} records dropped in all), "
+                 + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
+                 + f", LOG {o.log_dir}; the regions written since stamp {p.safe} are read "
+                   f"again" + (" (all of them)" if p.full else ""))
+
+    def _skip_logged(self, seqs: set[int]) -> int:
+        """Release the ring buffer's leading records whose sequence numbers the LOG holds."""
+        ring, skipped = self.ring, 0
+        seq_at, rtype_at = record.OFFSETS["seq"], record.OFFSETS["rtype"]
+        while seqs:
+            start = ring.consumed_pos()
+            view, _, end = ring.peek()
+            if view is None:
+                break
+            cut = None
+            for off, _ in record.iter_framed(view):
+                rtype = int.from_bytes(view[off + rtype_at: off + rtype_at + 2], "little")
+                seq = int.from_bytes(view[off + seq_at: off + seq_at + 8], "little")
+                if rtype < record.R_SESSION and seq in seqs:
+                    skipped += 1
+                    continue
+                cut = off - record.FRAME_PREFIX_SIZE
+                break
+            view.release()
+            if cut is None:
+                ring.release(end)
+                continue
+            ring.release(start + cut)
+            break
+        return skipped
 
     def _next_useq(self) -> int:
         self._useq += 1
@@ -404,6 +524,8 @@ class Tracer:
 
     # --------------------------------------------------------------- baseline
     def run_baseline(self, stop: threading.Event) -> None:
+        if self.baseline_done.is_set():  # a continued session (_start_continued)
+            return
         if not self.opts.baseline:
             self.baseline_done.set()
             return
@@ -552,7 +674,8 @@ class Tracer:
     def status(self, shipper: bool = True) -> dict:
         st = self.capture.state().as_dict() if self.capture else {}
         out = {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
-               "host": self.host,
+               "host": self.host, "pinned": self.pinned is not None,
+               "continued_from_pid": self.continued,
                "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
                "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
                "log_full_drops": self.stats.log_full_drops,

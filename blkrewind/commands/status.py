@@ -196,7 +196,11 @@ def collect_tracers(prev: dict | None = None) -> dict:
                   "devices": tr.get("devices"), "baseline_done": tr.get("baseline_done"),
                   "_kernel": tr.get("kernel")})
         tracers.append(s)
-    return {"now_ns": now_ns, "now": _iso(now_ns), "tracers": tracers}
+    from tracer import pins
+    left = [{"session": p.session, "log": p.log_dir, "devices": [x["path"] for x in p.devices],
+             "dead_pid": p.pid, "baseline_done": p.baseline_done, "resume_from_stamp": p.safe}
+            for p in pins.orphans()]
+    return {"now_ns": now_ns, "now": _iso(now_ns), "tracers": tracers, "left_attached": left}
 
 
 # ------------------------------------------------------------------------------ render
@@ -266,7 +270,13 @@ def _tracer_table(d: dict):
                   _age(s["oldest_unacked_age_s"]) if s["ship_to"] else "-",
                   str(s.get("ship_connections_up") if s["ship_to"] else "-"),
                   str(s["drops"] or 0), str(state)[:60])
-    return [t]
+    out = [t] if d["tracers"] else []
+    for x in d.get("left_attached", []):
+        out.append(f"capture left attached by a dead tracer (pid {x['dead_pid']}): session "
+                   f"{x['session']}, {', '.join(x['devices'])}, LOG {x['log']}: start `blkrewind "
+                   f"trace` on that LOG again to continue it, or `blkrewind detach --log "
+                   f"{x['log']}`")
+    return out
 
 
 def _public(d: dict) -> dict:
@@ -304,7 +314,7 @@ def _run(args) -> int:
 
     if not args.store:
         d = collect()
-        if not d["tracers"]:
+        if not d["tracers"] and not d["left_attached"]:
             raise UserError("no tracer is running on this host (give --store DIR on the "
                             "replayer host)")
         if not args.watch:  # a second sample for the capture rate
