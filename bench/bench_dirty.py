@@ -2,6 +2,7 @@
 """The dirty map's cost, and the resync's read rate against dd, side by side in one run.
 
   sudo .venv/bin/python bench/bench_dirty.py [--runtime 6] [--rounds 2] [--size-mb 1024]
+                                             [--interleaved-runtime 60] [--window 0.5]
 
 cost    fio O_DIRECT libaio to a loop device over a fully allocated file on the disk (direct
         I/O), jobs rand 4 KiB (iodepth 16) and seq 1 MiB (iodepth 4), each traced by an
@@ -10,6 +11,11 @@ cost    fio O_DIRECT libaio to a loop device over a fully allocated file on the 
         off, on, on, off per round. Reports fio MB/s per mode, and the BPF cost: kernel BPF
         stats (BPF_ENABLE_STATS) of the block_bio_queue program, ns per run and ns per captured
         bio. Checkpoints and resyncs are stopped in these runs (a resync would add reads).
+interleaved  the same jobs, one long fio run each under one tracer, the dirty map switched
+        off/on every --window seconds; each window's MB/s from the device's completed-write
+        counter (/sys/block/X/stat), so adjacent off/on windows are pairs with the disk's drift
+        cancelled. Reports the mean on/off ratio with its 95 % confidence interval: an interval
+        that holds 1.0 means no measurable change at that resolution.
 resync  two dirty sets on the same device: "contiguous" (512 MiB written sequentially) and
         "scattered" (random 1 MiB writes over the device, 256 MiB in all); the Tracer resyncs
         them (Resync.request), and dd (iflag=direct, bs=1M, one dd per run of the same ranges)
@@ -94,6 +100,86 @@ def cost_run(a, ws: Workspace, dev: str, job: str, dirty: bool, idx: int) -> dic
     return r
 
 
+def written_sectors(dev: str) -> int:
+    """Sectors the device has completed writing (/sys/block/X/stat, field 7)."""
+    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
+        return int(f.read().split()[6])
+
+
+def t95(n: int) -> float:
+    """Two-sided 95 % Student t quantile for n - 1 degrees of freedom (n >= 2)."""
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
+             10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}
+    df = max(1, n - 1)
+    return table[max(k for k in table if k <= df)]
+
+
+def interleaved_run(a, ws: Workspace, dev: str, job: str) -> dict:
+    """One fio run of a.runtime_interleaved seconds under one tracer; the dirty map is
+    switched off and on every a.window seconds. Each window's throughput comes from the
+    device's completed-write counter, its BPF cost from the kernel's BPF stats. Adjacent
+    (off, on) windows make pairs: the mean on/off ratio and its 95 % confidence interval say
+    whether the dirty map's cost is measurable at all: each "on" window is compared with the
+    mean of the two "off" windows around it, so the drift of the disk (page cache, file
+    system, neighbours) cancels."""
+    log = ws.new_log()
+    out = ws.dir / f"fio-{job}-interleaved.json"
+    stats_fd = L.enable_run_stats()
+    t = start_tracer(dev, log, a.ring_mb)
+    windows: list[dict] = []
+    try:
+        t.resync.stop(finish=False)
+        cap = t.capture
+        prog = queue_prog(t)
+        import subprocess
+        p = subprocess.Popen(fio_args(dev, job, a.interleaved_runtime, out),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # fio ramps up
+        dirty = False
+        cap.set_dirty_tracking(dirty)
+        t0, s0, (ns0, c0), b0 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+            cap.state().bios
+        end = t0 + a.interleaved_runtime - 2.0
+        while time.monotonic() + a.window <= end and p.poll() is None:
+            time.sleep(a.window)
+            t1, s1, (ns1, c1), b1 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+                cap.state().bios
+            windows.append({"dirty": dirty, "seconds": t1 - t0,
+                            "mb_s": (s1 - s0) * 512 / (t1 - t0) / MB,
+                            "bpf_ns_per_bio": (ns1 - ns0) / max(1, b1 - b0), "bios": b1 - b0})
+            dirty = not dirty
+            cap.set_dirty_tracking(dirty)
+            t0, s0, ns0, c0, b0 = t1, s1, ns1, c1, b1
+        p.wait(a.interleaved_runtime + 120)
+        st = t.capture.state().as_dict()
+    finally:
+        t.stop()
+        os.close(stats_fd)
+        shutil.rmtree(log, ignore_errors=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio: {(p.stderr.read() if p.stderr else '').strip()[-300:]}")
+    # each "on" window against the mean of the "off" windows around it (linear drift cancels)
+    ratios = [w["mb_s"] / ((windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"]) / 2)
+              for i, w in enumerate(windows[1:-1], 1)
+              if w["dirty"] and windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"] > 0]
+    mean = statistics.mean(ratios)
+    half = t95(len(ratios)) * statistics.stdev(ratios) / len(ratios) ** 0.5
+    off = [w for w in windows if not w["dirty"]]
+    on = [w for w in windows if w["dirty"]]
+    r = {"job": job, "pairs": len(ratios), "window_s": a.window, "ratio": mean,
+         "ci95": [mean - half, mean + half],
+         "off_mb_s": statistics.mean(w["mb_s"] for w in off),
+         "on_mb_s": statistics.mean(w["mb_s"] for w in on),
+         "off_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in off),
+         "on_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in on),
+         "measurable": not (mean - half <= 1.0 <= mean + half),
+         "drops": st["drops"], "dirty_races": st["dirty_races"], "windows": windows}
+    say(f"  {job:6} interleaved: on/off {mean:.4f} (95 % CI {mean - half:.4f}..{mean + half:.4f}, "
+        f"{len(ratios)} pairs of {a.window} s), off {r['off_mb_s']:.1f} MB/s, on "
+        f"{r['on_mb_s']:.1f} MB/s, BPF {r['off_ns_bio']:.0f} -> {r['on_ns_bio']:.0f} ns/bio")
+    return r
+
+
 def dd_ranges(dev: str, ranges: list[tuple[int, int]]) -> float:
     """Seconds for dd to read the ranges (coalesced into runs), one dd per run."""
     runs: list[list[int]] = []
@@ -157,7 +243,12 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=1024, help="loop device size (1024)")
     ap.add_argument("--ring-mb", type=int, default=128)
     ap.add_argument("--jobs", nargs="+", choices=list(JOBS), default=["rand4k", "seq1m"])
-    ap.add_argument("--skip", choices=["cost", "resync"], action="append", default=[])
+    ap.add_argument("--interleaved-runtime", type=int, default=60,
+                    help="seconds of the interleaved run per job (60)")
+    ap.add_argument("--window", type=float, default=0.5,
+                    help="interleaved: seconds per dirty-map setting (0.5)")
+    ap.add_argument("--skip", choices=["cost", "interleaved", "resync"], action="append",
+                    default=[])
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -172,6 +263,7 @@ def main() -> int:
     ws = Workspace(None)
     cost: list[dict] = []
     resync: list[dict] = []
+    inter: list[dict] = []
     try:
         size = a.size_mb << 20
         say(f"setting up: {a.size_mb} MiB fully allocated file on {ws.dir} (direct I/O loop)")
@@ -184,6 +276,11 @@ def main() -> int:
                     for dirty in (False, True, True, False):
                         i += 1
                         cost.append(cost_run(a, ws, dev, job, dirty, i))
+        if "interleaved" not in a.skip:
+            say(f"cost, interleaved: one fio run of {a.interleaved_runtime} s per job, the dirty "
+                f"map switched every {a.window} s")
+            for job in a.jobs:
+                inter.append(interleaved_run(a, ws, dev, job))
         if "resync" not in a.skip:
             say("resync vs dd")
             for scenario in ("contiguous", "scattered"):
@@ -206,7 +303,7 @@ def main() -> int:
                      "off_spread": [round(r["mb_s"], 1) for r in off],
                      "on_spread": [round(r["mb_s"], 1) for r in on]})
     result = {"started": started, "machine": machine(), "args": {k: str(v) for k, v in vars(a).items()},
-              "cost": rows, "cost_runs": cost, "resync": resync}
+              "cost": rows, "cost_runs": cost, "interleaved": inter, "resync": resync}
     out = a.out or RESULTS / f"dirty-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -217,6 +314,15 @@ def main() -> int:
             print(f"| {r['job']} | {r['off_mb_s']:.0f} MB/s {r['off_spread']} | {r['on_mb_s']:.0f} MB/s "
                   f"{r['on_spread']} | {r['ratio']:.3f} | {r['off_ns_bio']:.0f} | {r['on_ns_bio']:.0f} | "
                   f"{r['dirty_ns_bio']:+.0f} |")
+    if inter:
+        print("| job (interleaved) | pairs | dirty map off | on | on/off | 95 % CI | measurable | "
+              "BPF ns/bio off | on |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in inter:
+            print(f"| {r['job']} | {r['pairs']} x {r['window_s']} s | {r['off_mb_s']:.1f} MB/s | "
+                  f"{r['on_mb_s']:.1f} MB/s | {r['ratio']:.4f} | {r['ci95'][0]:.4f}..{r['ci95'][1]:.4f}"
+                  f" | {'yes' if r['measurable'] else 'no'} | {r['off_ns_bio']:.0f} | "
+                  f"{r['on_ns_bio']:.0f} |")
     if resync:
         print("| dirty set | bytes | resync | dd (same ranges) | ratio |")
         print("|---|---|---|---|---|")

@@ -228,6 +228,8 @@ class Capture:
         self.pin_dir = pin_dir
 
     def prog_fd(self, name: str) -> int:
+        if name not in self._progs and self.obj is not None:
+            return self.obj.prog_fd(name)
         return self._progs[name]
 
     def _close_fds(self) -> None:
