@@ -19,6 +19,7 @@ in the same transaction, so no watermark or restorable interval ever covers data
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -27,6 +28,10 @@ import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from replayer.store import Store
+
+# held by check() and by a prune run inside the server (replayer/query.py): a file a prune
+# deletes must never be taken for a missing one
+MAINTENANCE = threading.Lock()
 
 _TABLES = ("records", "base", "marks", "points", "completions", "loss", "payload_files",
            "frame_ranges")
@@ -224,6 +229,11 @@ def check(store: Store, full: bool, on_lost=None) -> list[str]:
     transaction), on_lost(host, items) called per host; returns one line per damage."""
     if not store.writable:
         raise StoreError(f"{store.path}: checking with repair needs the store open for writing")
+    with MAINTENANCE:  # a prune run by the server deletes files: never at the same time
+        return _check(store, full, on_lost)
+
+
+def _check(store: Store, full: bool, on_lost) -> list[str]:
     damages = scan(store, full)
     if not damages:
         return []

@@ -271,7 +271,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
     """Fold the history of `device` older than now - keep_ns (see the module docstring).
     `store` is open for writing. `hook(stage)` is called between stages (tests)."""
-    from replayer.ingest import remove_orphans
+    from replayer.ingest import ledger, remove_orphans
 
     hook = hook or (lambda stage: None)
     res = Result()
@@ -314,7 +314,18 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
                                    _point_time(con, sess, dev, pk), int(size)))
             else:
                 drops.append((sess, int(dev)))
-        batch = _next_batch(con)
+        # from the ledger: a server storing frames in this process allocates from it too
+        led = ledger(store)
+        batch = led.alloc_batch()
+    try:
+        return _prune_rest(store, res, hook, folds, drops, batch, sess_k, dev_k, k, jobs)
+    finally:
+        led.forget_batch(batch)
+
+
+def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_k: str,
+                dev_k: int, k: int, jobs: int) -> Result:
+    con = store.con
     hook("planned")
     # 1. the new base layers: payload written, fsynced, renamed before anything else
     rel = os.path.join("payload", sess_k, f"prune-{dev_k}-{k}.b{batch}.parquet")
@@ -384,7 +395,8 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
             con.execute("ROLLBACK")
             raise
     hook("committed")
-    watermark.refresh_devices(con)
+    with store.mutex:
+        watermark.refresh_devices(con)
     # 3. the payload nobody refers to
     dirs = set()
     for path in doomed:
@@ -409,13 +421,6 @@ def _point_time(con, session: str, dev: int, stamp: int) -> int | None:
                           "from_stamp = ?", [session, dev, stamp]).fetchone()
         t = row[0] if row else None
     return t
-
-
-def _next_batch(con) -> int:
-    hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
-    top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
-                      "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
-    return max(int(top), int(hwm[0]) if hwm else 0) + 1
 
 
 def _fold_rows(con, f: _Fold, rows: list, batch: int | None, res: Result) -> None:

@@ -14,7 +14,9 @@ server's database (`enable_external_access = false`, set when the socket starts)
 cannot read files either.
 
 Socket protocol (local, one request per connection): request ``u32 length, JSON`` --
-``{"op": "sql", "sql": S, "params": list|dict|null, "views": bool}`` or ``{"op": "status"}``;
+``{"op": "sql", "sql": S, "params": list|dict|null, "views": bool}``, ``{"op": "status"}`` or
+``{"op": "prune", "device", "keep_ns", "keep_marks", "jobs"}`` (the one writing request: run
+by the server with its own store, answered with the result);
 answer ``u32 length, JSON {"ok": bool, "error": str, ...}`` and, for a successful sql request,
 an Arrow IPC stream of the result until the end of the connection.
 """
@@ -199,10 +201,50 @@ class QueryServer:
                     _try_send(conn, {"ok": True, "status": st})
                 elif op == "sql":
                     self._sql(conn, req)
+                elif op == "prune":
+                    self._prune(conn, req)
                 else:
                     _try_send(conn, {"ok": False, "error": f"unknown request {op!r}"})
         finally:
             self._sem.release()
+
+    def _prune(self, conn: socket.socket, req: dict) -> None:
+        """`blkrewind prune` while the server holds the store: run here, in this process, with
+        the server's store (replayer/prune.py takes the store mutex for its reads and its one
+        transaction; frames keep being stored meanwhile). One prune at a time, never during the
+        payload integrity check (replayer/integrity.py MAINTENANCE)."""
+        from dataclasses import asdict
+
+        from replayer.prune import prune
+
+        dev, keep_ns = req.get("device"), req.get("keep_ns")
+        keep_marks, jobs = req.get("keep_marks", False), req.get("jobs", 2)
+        if not (isinstance(dev, str) and isinstance(keep_ns, int) and keep_ns >= 0
+                and isinstance(keep_marks, bool) and isinstance(jobs, int) and 1 <= jobs <= 64):
+            _try_send(conn, {"ok": False, "error": "bad prune request"})
+            return
+        from replayer.integrity import MAINTENANCE
+        if not MAINTENANCE.acquire(timeout=3600):
+            _try_send(conn, {"ok": False, "error": "the store's integrity check or another "
+                                                   "prune did not finish within an hour"})
+            return
+        try:
+            device = self.store.find_device(dev)
+            res = prune(self.store, device, keep_ns=keep_ns, keep_marks=keep_marks, jobs=jobs)
+        except (UserError, StoreError) as e:
+            _try_send(conn, {"ok": False, "error": str(e)})
+            return
+        except Exception as e:  # logged; the server goes on (prune is crash-safe)
+            self.log(f"prune of {dev} failed: {type(e).__name__}: {one_line(e)}")
+            _try_send(conn, {"ok": False, "error": f"prune failed: {type(e).__name__}: "
+                                                   f"{one_line(e)}"})
+            return
+        finally:
+            MAINTENANCE.release()
+        if res.point is not None:
+            self.log(f"pruned {device.device} up to stamp {res.point}: {res.records} records, "
+                     f"{res.files_deleted} payload files deleted")
+        _try_send(conn, {"ok": True, "device": device.device, "result": asdict(res)})
 
     def _cursor(self):
         with self._root_lock:
@@ -383,6 +425,16 @@ class RemoteConnection:
 
     def cursor(self) -> "RemoteConnection":
         return self
+
+    def prune(self, device: str, keep_ns: int, keep_marks: bool, jobs: int) -> tuple[str, dict]:
+        """Prune run by the server: (device key, replayer.prune.Result as a dict)."""
+        head, f, s = self.request({"op": "prune", "device": device, "keep_ns": keep_ns,
+                                   "keep_marks": keep_marks, "jobs": jobs})
+        f.close()
+        s.close()
+        if not head.get("ok"):
+            raise UserError(str(head.get("error") or "prune failed"))
+        return str(head["device"]), dict(head["result"])
 
     def status(self) -> dict:
         head, f, s = self.request({"op": "status"})

@@ -284,3 +284,75 @@ def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
     assert ok == 4
     r = cli("verify", "--store", store, "--device", loop.path, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.bpf
+def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
+    """`blkrewind serve` holds the store and a tracer ships to it while a workload writes and
+    sets marks; `blkrewind prune` (asked while the server runs) is run by the server, which goes
+    on storing frames. At the end every mark in the window restores exactly, through the
+    server and after it stopped, the older ones are refused, and the payload checks clean."""
+    import threading
+
+    from test_server import ServerProc
+
+    loop = make_loop(size_mb=16, fill="random")
+    log, store = tmp_path / "log", tmp_path / "store"
+    rng = random.Random(4)
+    images = {}
+
+    def phase(i):
+        fd = os.open(loop.path, os.O_RDWR)
+        try:
+            for _ in range(12):
+                os.pwrite(fd, rng.randbytes(64 << 10), rng.randrange(0, 256) * 65536)
+            os.fsync(fd)
+            images[f"s{i}"] = os.pread(fd, 16 << 20, 0)
+        finally:
+            os.close(fd)
+        cli("mark", f"s{i}", "--log", log)
+
+    srv = ServerProc(tmp_path, store, None)
+    try:
+        with TraceProc([loop.path], log, "--ship", f"127.0.0.1:{srv.port}", "--insecure",
+                       "--host", "pr") as t:
+            for i in range(3):
+                phase(i)
+                time.sleep(1.0)
+            cut = time.time()
+            time.sleep(1.0)
+            phase(3)
+            time.sleep(2.0)  # shipped and stored
+            th = threading.Thread(target=phase, args=(4,))
+            th.start()
+            r = cli("prune", "--store", store, "--device", "pr:" + os.path.basename(loop.path),
+                    "--keep", f"{time.time() - cut:.3f}s")
+            th.join()
+            assert "pruned" in r.stderr, r.stderr
+            srv.wait_log(r"pruned pr:\S+ up to stamp \d+")
+            phase(5)
+            assert t.stop() == 0, t.stderr
+        assert "not acknowledged" not in t.stderr, t.stderr
+
+        def check(phase_name):
+            ok = 0
+            for name, img in images.items():
+                out = tmp_path / "m.img"
+                r = cli("restore", "--store", store, "--device", loop.path, "--at", name,
+                        "--to", out, "--force", check=False)
+                if name in ("s0", "s1"):
+                    assert r.returncode == 5 and ("pruned" in r.stderr or "no mark" in r.stderr), \
+                        (phase_name, r.stderr)
+                    continue
+                assert r.returncode == 0, (phase_name, r.stderr)
+                assert out.read_bytes() == img, (phase_name, name)
+                ok += 1
+            assert ok == 4, phase_name
+
+        check("through the server")
+        assert "ERROR" not in srv.text() and "damaged" not in srv.text(), srv.text()[-2000:]
+    finally:
+        srv.stop()
+    check("after it stopped")
+    r = cli("verify", "--store", store, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -16,10 +16,13 @@ marks are still folded away: only the marks themselves (and K) stay restorable.
 
 DURATION: a number with a unit, s m h d w (e.g. 90m, 12h, 7d), or ISO-8601-ish 1d12h.
 Interrupting prune (even kill -9) leaves the store as it was or as pruned, never in between.
-The store must not be held by another writer (an ingest or a running server).
+While `blkrewind serve` holds the store, the server runs the prune itself (asked through
+its query socket) and keeps storing frames meanwhile; otherwise prune opens the store, which
+must then not be held by another writer (an ingest).
 """
 from __future__ import annotations
 
+import os
 import re
 import sys
 
@@ -54,16 +57,25 @@ def run(args) -> int:
     from replayer.prune import prune
     from replayer.store import Store
 
+    from replayer.prune import Result
+    from replayer.query import RemoteConnection, server_running
+
     keep = parse_duration(args.keep)
-    with Store.open(args.store, write=True) as store:
-        device = store.find_device(args.device)
-        res = prune(store, device, keep_ns=keep, keep_marks=args.keep_marks,
-                    jobs=max(1, args.jobs))
+    jobs = max(1, min(64, args.jobs))
+    sock = server_running(os.path.abspath(args.store))
+    if sock is not None:  # a running server holds the store: it prunes, and goes on serving
+        name, r = RemoteConnection(sock).prune(args.device, keep, args.keep_marks, jobs)
+        res = Result(**r)
+    else:
+        with Store.open(args.store, write=True) as store:
+            device = store.find_device(args.device)
+            name = device.device
+            res = prune(store, device, keep_ns=keep, keep_marks=args.keep_marks, jobs=jobs)
     if res.point is None:
         print(f"nothing to prune: {res.note}", file=sys.stderr)
         return 0
     kept = f", {len(res.kept_marks)} older mark(s) kept" if res.kept_marks else ""
-    print(f"pruned {device.device} up to stamp {res.point} ({fmt_time(res.point_ns)}){kept}: "
+    print(f"pruned {name} up to stamp {res.point} ({fmt_time(res.point_ns)}){kept}: "
           f"{res.records} record(s) and {res.chunks_dropped} base chunk(s) dropped, "
           f"{res.sessions_dropped} older session(s) folded away, {res.files_deleted} payload "
           f"file(s) deleted ({res.freed_bytes / (1 << 20):.1f} MiB freed, "
