@@ -229,6 +229,36 @@ def test_sigkill_at_random_moments(capsys, tmp_path):
     assert on_disk == known
 
 
+def _phases(loop, log, rng, images: dict, prefix: str):
+    """phase(i): 12 random 64 KiB writes to the 16 MiB device, fsync, the device's image in
+    images[prefix + i], then the mark prefix + i through the running tracer."""
+    def phase(i):
+        fd = os.open(loop.path, os.O_RDWR)
+        try:
+            for _ in range(12):
+                os.pwrite(fd, rng.randbytes(64 << 10), rng.randrange(0, 256) * 65536)
+            os.fsync(fd)
+            images[f"{prefix}{i}"] = os.pread(fd, 16 << 20, 0)
+        finally:
+            os.close(fd)
+        cli("mark", f"{prefix}{i}", "--log", log)
+    return phase
+
+
+def _marks_after_prune(store, loop, images: dict, pruned: tuple, out) -> None:
+    """The marks in `pruned` are refused (pruned, or no longer a mark); every other mark
+    restores to exactly its image."""
+    for name, img in images.items():
+        r = cli("restore", "--store", store, "--device", loop.path, "--at", name, "--to", out,
+                "--force", check=False)
+        if name in pruned:
+            assert r.returncode == 5 and ("pruned" in r.stderr or "no mark" in r.stderr), \
+                (name, r.stderr)
+            continue
+        assert r.returncode == 0, (name, r.stderr)
+        assert out.read_bytes() == img, name
+
+
 @pytest.mark.bpf
 def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
     """A tracer records a real device while a workload writes and sets marks; the store is
@@ -236,20 +266,8 @@ def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
     restores to exactly what the device held when it was set, and the older ones are refused."""
     loop = make_loop(size_mb=16, fill="random")
     log, store = tmp_path / "log", tmp_path / "store"
-    rng = random.Random(3)
     images = {}
-
-    def phase(i):
-        fd = os.open(loop.path, os.O_RDWR)
-        try:
-            for _ in range(12):
-                os.pwrite(fd, rng.randbytes(64 << 10), rng.randrange(0, 256) * 65536)
-            os.fsync(fd)
-            os.lseek(fd, 0, 0)
-            images[f"w{i}"] = os.pread(fd, 16 << 20, 0)
-        finally:
-            os.close(fd)
-        cli("mark", f"w{i}", "--log", log)
+    phase = _phases(loop, log, random.Random(3), images, "w")
 
     with TraceProc([loop.path], log) as t:
         for i in range(3):
@@ -270,18 +288,7 @@ def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
         phase(5)
         assert t.stop() == 0
     cli("ingest", "--log", log, "--store", store)
-    ok = 0
-    for name, img in images.items():
-        out = tmp_path / "m.img"
-        r = cli("restore", "--store", store, "--device", loop.path, "--at", name, "--to", out,
-                "--force", check=False)
-        if name in ("w0", "w1"):
-            assert r.returncode == 5 and ("pruned" in r.stderr or "no mark" in r.stderr), r.stderr
-            continue
-        assert r.returncode == 0, r.stderr
-        assert out.read_bytes() == img, name
-        ok += 1
-    assert ok == 4
+    _marks_after_prune(store, loop, images, ("w0", "w1"), tmp_path / "m.img")
     r = cli("verify", "--store", store, "--device", loop.path, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -298,19 +305,8 @@ def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
 
     loop = make_loop(size_mb=16, fill="random")
     log, store = tmp_path / "log", tmp_path / "store"
-    rng = random.Random(4)
     images = {}
-
-    def phase(i):
-        fd = os.open(loop.path, os.O_RDWR)
-        try:
-            for _ in range(12):
-                os.pwrite(fd, rng.randbytes(64 << 10), rng.randrange(0, 256) * 65536)
-            os.fsync(fd)
-            images[f"s{i}"] = os.pread(fd, 16 << 20, 0)
-        finally:
-            os.close(fd)
-        cli("mark", f"s{i}", "--log", log)
+    phase = _phases(loop, log, random.Random(4), images, "s")
 
     srv = ServerProc(tmp_path, store, None)
     try:
@@ -334,25 +330,11 @@ def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
             assert t.stop() == 0, t.stderr
         assert "not acknowledged" not in t.stderr, t.stderr
 
-        def check(phase_name):
-            ok = 0
-            for name, img in images.items():
-                out = tmp_path / "m.img"
-                r = cli("restore", "--store", store, "--device", loop.path, "--at", name,
-                        "--to", out, "--force", check=False)
-                if name in ("s0", "s1"):
-                    assert r.returncode == 5 and ("pruned" in r.stderr or "no mark" in r.stderr), \
-                        (phase_name, r.stderr)
-                    continue
-                assert r.returncode == 0, (phase_name, r.stderr)
-                assert out.read_bytes() == img, (phase_name, name)
-                ok += 1
-            assert ok == 4, phase_name
-
-        check("through the server")
+        # through the server
+        _marks_after_prune(store, loop, images, ("s0", "s1"), tmp_path / "m.img")
         assert "ERROR" not in srv.text() and "damaged" not in srv.text(), srv.text()[-2000:]
     finally:
         srv.stop()
-    check("after it stopped")
+    _marks_after_prune(store, loop, images, ("s0", "s1"), tmp_path / "m.img")
     r = cli("verify", "--store", store, check=False)
     assert r.returncode == 0, r.stdout + r.stderr

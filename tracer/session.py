@@ -222,7 +222,7 @@ class Tracer:
         self._collected_pos = self.ring.consumed_pos()
         self._user_records([record.json_record(record.R_SESSION, {
             "session": self.session, "host": self.host, "stamp_base": stamp_base,
-            "seq_base": 1, "version": __version__, "boot_id": _boot_id(),
+            "seq_base": 1, "version": __version__, "boot_id": pins.boot_id(),
             "kernel": os.uname().release, "attach": attached,
             "direct_map": {"method": bases.method, **bases.details},
             "ring_bytes": cap.ring_bytes, "devices": [d.name for d in self.devs],
@@ -255,7 +255,7 @@ class Tracer:
             return
         p = pins.Pinned(
             session=self.session, log_dir=os.path.realpath(self.opts.log_dir), host=self.host,
-            boot_id=_boot_id(), pid=os.getpid(),
+            boot_id=pins.boot_id(), pid=os.getpid(),
             devices=[{"path": d.path, "kdev": d.kdev, "size": d.size_bytes,
                       "part_start": d.part_start} for d in self.devs],
             regions=[[r.kdev, r.base, r.shift, r.count] for r in regions],
@@ -753,14 +753,6 @@ class Tracer:
         if self.loglock is not None:
             self.loglock.release()
             self.loglock = None
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def find_tracers() -> list[str]:
