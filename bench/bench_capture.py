@@ -201,6 +201,17 @@ def fio_result(out: Path) -> dict:
             "runtime_s": w["runtime"] / 1000, "lat_mean_us": w["lat_ns"]["mean"] / 1000}
 
 
+def disk_written(path: Path) -> int | None:
+    """Bytes the block device holding path has completed writing (its /sys stat; None when
+    it is not a block device, e.g. a tmpfs)."""
+    st = os.stat(path)
+    try:
+        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat") as f:
+            return int(f.read().split()[6]) * 512
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class Run:
     backing: str
@@ -226,12 +237,14 @@ class Bench:
     def fio(self, dev, backing, job, phase, numjobs=1, rate_mb=None) -> Run:
         out = self.ws.dir / f"fio-{backing}-{job}-{phase}.json"
         r = Run(backing, job, phase)
+        d0 = disk_written(self.ws.dir)
         p = sh(*fio_args(dev, job, self.a.runtime, out, numjobs, self.a.size_mb << 20, rate_mb), check=False,
                timeout=self.a.runtime * 10 + 120)
         if p.returncode != 0:
             r.error = f"fio exited {p.returncode}: {(p.stderr or p.stdout).strip()[-300:]}"
         else:
             r.fio = fio_result(out)
+            self._disk_rate(r, d0)
         self.report(r)
         self.runs.append(r)
         return r
@@ -259,12 +272,14 @@ class Bench:
         cmd = self.trace_cmd(dev, log, stats) + ["--"] + fio_args(
             dev, job, self.a.runtime, out, numjobs, self.a.size_mb << 20, rate_mb)
         t0 = time.monotonic()
+        d0 = disk_written(self.ws.dir)
         p = sh(*cmd, check=False, timeout=self.a.runtime * 10 + 300)
         r.extra["trace_wall_s"] = round(time.monotonic() - t0, 3)
         if p.returncode != 0 or not out.exists():
             r.error = f"blkrewind trace exited {p.returncode}: {p.stderr.strip().splitlines()[-1:] or ''}"
         else:
             r.fio = fio_result(out)
+            self._disk_rate(r, d0, r.extra["trace_wall_s"])
         if stats.exists():
             r.stats = json.loads(stats.read_text())
             if r.fio and r.stats:
@@ -279,6 +294,15 @@ class Bench:
         self.report(r)
         self.runs.append(r)
         return r
+
+    def _disk_rate(self, r: Run, d0: int | None, wall: float | None = None) -> None:
+        """What the disk under the backing file wrote meanwhile (device and LOG writes, when
+        they share it), per second of fio's runtime (of the tracer's wall time for a traced
+        run: its LOG is flushed after fio ends)."""
+        d1 = disk_written(self.ws.dir)
+        if d0 is not None and d1 is not None and r.fio:
+            r.extra["disk_written_bytes"] = d1 - d0
+            r.extra["disk_mb_s"] = (d1 - d0) / MB / (wall or r.fio["runtime_s"] or 1)
 
     def probe_trace(self, dev: str) -> None:
         """One short traced `true`: if `blkrewind trace` cannot run, say so once, skip traced runs."""
@@ -296,6 +320,8 @@ class Bench:
             say(f"  {r.backing:6} {r.job:6} {r.phase:10} error: {r.error}")
             return
         s = f"  {r.backing:6} {r.job:6} {r.phase:10} {r.fio['mb_s']:9.1f} MB/s"
+        if r.extra.get("disk_mb_s") is not None:
+            s += f"  (disk wrote {r.extra['disk_mb_s']:7.1f} MB/s)"
         if r.stats:
             s += (f"  delivered {r.extra.get('delivered_mb_s', 0):8.1f} MB/s  drops {r.stats.get('drops')}"
                   f"  tracer CPU {r.extra.get('consumer_cpu_pct', 0):.0f}%")
@@ -334,7 +360,9 @@ def summarize(runs: list[Run]) -> list[dict]:
                "untraced1_mb_s": um[0] if um else None,
                "untraced2_mb_s": um[1] if len(um) > 1 else None,
                "untraced_mean_mb_s": mean,
-               "traced_mb_s": t.fio["mb_s"] if t and t.fio else None}
+               "traced_mb_s": t.fio["mb_s"] if t and t.fio else None,
+               "disk_untraced_mb_s": _mean([x.extra.get("disk_mb_s") for x in u if x]),
+               "disk_traced_mb_s": t.extra.get("disk_mb_s") if t else None}
         row["ratio"] = row["traced_mb_s"] / mean if row["traced_mb_s"] and mean else None
         if t and t.stats:
             row.update(delivered_mb_s=t.extra.get("delivered_mb_s"),
@@ -348,17 +376,24 @@ def summarize(runs: list[Run]) -> list[dict]:
     return rows
 
 
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def table(rows: list[dict]) -> str:
     def f(v, fmt):
         width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
         return "-".rjust(width) if v is None else format(v, fmt)
     head = (f"{'mode':8} {'backing':7} {'job':9} {'untraced1':>9} {'untraced2':>9} {'mean':>9} "
+            f"{'disk:unt':>9} {'disk:trc':>9} "
             f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['mode']:8} {r['backing']:7} {r['job']:9} {f(r['untraced1_mb_s'], '9.1f')} "
             f"{f(r['untraced2_mb_s'], '9.1f')} {f(r['untraced_mean_mb_s'], '9.1f')} "
+            f"{f(r.get('disk_untraced_mb_s'), '9.1f')} {f(r.get('disk_traced_mb_s'), '9.1f')} "
             f"{f(r['traced_mb_s'], '9.1f')} {f(r['ratio'], '6.2f')} {f(r.get('delivered_mb_s'), '9.1f')} "
             f"{f(None if r.get('captured_fraction') is None else 100 * r['captured_fraction'], '7.1f')}"
             f"{'%' if r.get('captured_fraction') is not None else ' '} {f(r.get('drops'), '8d')} "
@@ -366,7 +401,11 @@ def table(rows: list[dict]) -> str:
     lines.append("MB/s of fio (10^6 B/s); ratio = traced / mean untraced; delivered = payload MB/s "
                  "captured into the LOG during the fio run; captured = captured payload / bytes fio "
                  "wrote; drops = records lost; CPU% = tracer process CPU / its wall time (100 = "
-                 "one core). The copy into the ring buffer is paid by fio's own thread.")
+                 "one core). The copy into the ring buffer is paid by fio's own thread. "
+                 "disk:unt / disk:trc = MB/s the disk under the backing file (and the LOG, "
+                 "unless --log-dir puts it elsewhere) wrote during the untraced / traced runs: "
+                 "when they are about equal, the disk's write rate is the limit and tracing "
+                 "shares it with the LOG (every byte is written twice).")
     if any(r.get("drops") for r in rows):
         lines.append("* records were dropped (ring buffer full): fio did not pay for copying them, so "
                      "this ratio understates the cost of capturing every write; see captured.")
