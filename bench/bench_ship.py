@@ -95,6 +95,11 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK   # utime, stime
 
 
+def faults_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])   # minflt
+
+
 def self_cpu() -> float:
     t = os.times()
     return t.user + t.system
@@ -200,6 +205,7 @@ def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
     sh = Shipper(log_dir, f"127.0.0.1:{port}", tls_dir=tls, insecure=tls is None, host=HOST,
                  conns=conns, say=msgs.append)
     c0, s0 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
+    f0 = faults_of(server_pid) if server_pid else 0
     t0 = time.monotonic()
     sh.start()
     while True:
@@ -211,9 +217,10 @@ def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
         time.sleep(0.02)
     dt = time.monotonic() - t0
     c1, s1 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
+    f1 = faults_of(server_pid) if server_pid else 0
     sh.stop(0)
     return {"s": dt, "log_bytes": st["bytes_acked"], "shipper_cpu": c1 - c0,
-            "server_cpu": s1 - s0, "sent": st["bytes_sent"]}
+            "server_cpu": s1 - s0, "server_faults": f1 - f0, "sent": st["bytes_sent"]}
 
 
 def throughput(args, base: str) -> list[dict]:
@@ -234,9 +241,13 @@ def throughput(args, base: str) -> list[dict]:
                 pass
     srv_tls, cli_tls = tls_dirs(base)
     rows = []
-    for label, tls in (("TLS 1.3", "tls"), ("plain TCP (--insecure)", None),
-                       ("discard receiver, TLS (shipper ceiling)", "discard-tls"),
-                       ("discard receiver, plain (shipper ceiling)", "discard")):
+    kinds = (("tls", "TLS 1.3", "tls"), ("plain", "plain TCP (--insecure)", None),
+             ("discard-tls", "discard receiver, TLS (shipper ceiling)", "discard-tls"),
+             ("discard", "discard receiver, plain (shipper ceiling)", "discard"))
+    wanted = args.transports.split(",")
+    for key, label, tls in kinds:
+        if key not in wanted:
+            continue
         for r in range(args.rounds):
             if tls and tls.startswith("discard"):
                 from blkrewind import tlsconf
@@ -249,11 +260,24 @@ def throughput(args, base: str) -> list[dict]:
                 shutil.rmtree(store, ignore_errors=True)
                 port = free_port()
                 srv = Serve(store, port, srv_tls if tls else None)
+                spy = None
+                if args.profile:   # py-spy on serve (it costs CPU of its own: not for numbers)
+                    spy = subprocess.Popen(
+                        [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                         "-p", str(srv.p.pid), "-f", "raw", "-r", "50",
+                         *(["--native"] if args.native else []), "-o",
+                         f"{args.profile}.{key}.{r + 1}.txt"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 try:
                     res = ship_once(log_dir, port, cli_tls if tls else None, srv.p.pid,
                                     args.conns)
                 finally:
+                    if spy is not None:
+                        spy.send_signal(signal.SIGINT)
+                        spy.wait(60)
                     srv.stop()
+                if args.verbose:
+                    sys.stderr.write("".join(srv.lines))
                 shutil.rmtree(store, ignore_errors=True)
             mb = res["log_bytes"] / 1e6
             row = {"transport": label, "round": r + 1, "seconds": round(res["s"], 2),
@@ -263,6 +287,7 @@ def throughput(args, base: str) -> list[dict]:
                    "server_cpu_pct": round(100 * res["server_cpu"] / res["s"]),
                    "shipper_cpu_s_per_GB": round(res["shipper_cpu"] / mb * 1000, 2),
                    "server_cpu_s_per_GB": round(res["server_cpu"] / mb * 1000, 2),
+                   "server_minflt_per_GB": round(res["server_faults"] / mb * 1000),
                    "resent": res["sent"] - res["log_bytes"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -351,6 +376,12 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=2.0, help="payload of the throughput LOG")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--conns", type=int, default=2)
+    ap.add_argument("--transports", default="tls,plain,discard-tls,discard",
+                    help="throughput: which of tls,plain,discard-tls,discard to run")
+    ap.add_argument("--profile", default=None, metavar="PREFIX",
+                    help="throughput: py-spy (raw) profile of serve to PREFIX.KIND.ROUND.txt")
+    ap.add_argument("--native", action="store_true", help="--profile: with native frames")
+    ap.add_argument("--verbose", action="store_true", help="throughput: print serve's log")
     ap.add_argument("--rate-mb", type=int, default=100)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--device-mb", type=int, default=1024)

@@ -9,8 +9,8 @@ Little-endian::
       5    1 type      T_*
       6    2 flags     0 (reserved)
       8    4 length    body bytes, <= MAX_BODY (and the type's own limit, TYPE_MAX_BODY)
-     12    4 bcrc      zlib.crc32(body)
-     16    4 hcrc      zlib.crc32(bytes 0..15)
+     12    4 bcrc      crc32(body)
+     16    4 hcrc      crc32(bytes 0..15)
 
 JSON bodies are UTF-8 objects, validated field by field (`parse_json`, `expect`). A FRAMES body
 is ``u32 meta length, JSON meta, K raw LOG frames`` exactly as they are in the segment file
@@ -35,8 +35,9 @@ import socket
 import ssl
 import struct
 import time
-import zlib
 from typing import Any, NamedTuple
+
+from blkrewind.osutil import crc32
 
 # The LOG frame header (48 bytes: magic, CRC, lengths) has one definition: tracer/log.py. It is
 # pure Python (struct, zlib, lz4) and imports nothing of the BPF side.
@@ -137,7 +138,7 @@ def _blen(b) -> int:
 def header(mtype: int, body_len: int, bcrc: int, flags: int = 0,
            version: int = PROTO_VERSION) -> bytes:
     h = HEADER.pack(MAGIC, version, mtype, flags, body_len, bcrc)
-    return h + _U32.pack(zlib.crc32(h))
+    return h + _U32.pack(crc32(h))
 
 
 def encode(mtype: int, body_parts=()) -> list:
@@ -150,7 +151,7 @@ def encode(mtype: int, body_parts=()) -> list:
         raise ValueError(f"{type_name(mtype)} body of {n} bytes exceeds {limit}")
     crc = 0
     for p in parts:
-        crc = zlib.crc32(p, crc)
+        crc = crc32(p, crc)
     return [header(mtype, n, crc), *parts]
 
 
@@ -266,7 +267,7 @@ def check_header(buf, *, max_body: int = MAX_BODY, accept=None) -> tuple[int, in
     magic, version, mtype, flags, length, bcrc = HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}")
-    if zlib.crc32(memoryview(buf)[:HEADER.size]) != _U32.unpack_from(buf, HEADER.size)[0]:
+    if crc32(memoryview(buf)[:HEADER.size]) != _U32.unpack_from(buf, HEADER.size)[0]:
         raise ProtocolError("header checksum mismatch")
     if version != PROTO_VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this side speaks "
@@ -311,7 +312,7 @@ def read_message(src, *, max_body: int = MAX_BODY, accept=None,
     bv = memoryview(body)
     if length:
         r.fill(bv, deadline, f"{type_name(mtype)} body", started=True)
-    if zlib.crc32(bv) != bcrc:
+    if crc32(bv) != bcrc:
         raise ProtocolError(f"{type_name(mtype)} body checksum mismatch")
     return Message(mtype, bv)
 

@@ -37,7 +37,6 @@ import os
 import re
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,17 +49,21 @@ import pyarrow.parquet as pq
 
 from blkrewind import record
 from blkrewind.errors import CorruptLog, StoreError, UserError
+from blkrewind.osutil import crc32
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer.store import Store
-from replayer.watermark import finalize
+from replayer.watermark import devices_changed, finalize
 
 BATCH_BYTES = 24 << 20       # frame bytes per batch (one Parquet file, one commit); its column
                              # buffers stay below glibc's mmap threshold, so they are reused
 RG_BYTES = 4 << 20           # payload bytes per Parquet row group (the restore's read unit)
-COMPRESSION = "lz4"          # measured: ~2.5 GB/s, file-system data ~3x smaller ...
-INCOMPRESSIBLE = 0.9         # ... but a batch whose sample lz4 cannot shrink below this is
-                             # stored plain: random data would gain nothing and the restore
-                             # saves a copy per byte
+COMPRESSION = "lz4"          # file-system data ~3x smaller ...
+INCOMPRESSIBLE = 0.5         # ... but a batch whose sample lz4 cannot shrink below this is
+                             # stored plain: lz4 costs ~1 CPU-s per GB it compresses (the
+                             # largest part of storing a batch, measured by bench_ship.py),
+                             # worth it for data it at least halves (file-system metadata,
+                             # text), not for a mix of random and text (~0.75) or random
+                             # data; and the restore saves a copy per byte
 ALL_FRAMES = 1 << 31         # "to the end of the segment" in a reservation
 
 HS = record.HEADER_SIZE
@@ -365,7 +368,7 @@ def file_crc32(path: str, bufsize: int = 8 << 20) -> tuple[int, int]:
     mv = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while k := f.readinto(buf):
-            crc = zlib.crc32(mv[:k], crc)
+            crc = crc32(mv[:k], crc)
             n += k
     return crc, n
 
@@ -386,7 +389,7 @@ def write_payload(store: Store, b: Batch) -> None:
     try:
         buf, n = _encode(b, codec)
         view = memoryview(buf)[:n]
-        b.crc32, b.file_bytes = zlib.crc32(view), n
+        b.crc32, b.file_bytes = crc32(view), n
         _write_file(tmp, buf, n)
         del view
         os.rename(tmp, final)
@@ -515,7 +518,7 @@ def remove_orphans(store: Store) -> int:
     """Delete Parquet files no commit refers to (left by a crash before a commit), except
     those of batches being stored right now in this process."""
     led = ledger(store)
-    with store.mutex:
+    with store.mutex, led.ids:  # no batch id is handed out meanwhile (alloc_batch)
         known = {p for (p,) in store.con.execute("SELECT path FROM payload_files").fetchall()}
         busy = set(led.writing)
         n = 0
@@ -583,6 +586,8 @@ class Ledger:
         self.cond = threading.Condition(store.mutex)
         self.inflight: dict[tuple, list[tuple[int, int]]] = {}
         self.writing: set[int] = set()      # batch ids allocated, not committed or dropped yet
+        self.ids = threading.Lock()         # next_batch and writing (not the store mutex: a
+                                            # commit holding it must not stall the others)
         with store.mutex:
             self.reload()
 
@@ -658,7 +663,7 @@ class Ledger:
             self.cond.notify_all()
 
     def alloc_batch(self) -> int:
-        with self.store.mutex:
+        with self.ids:
             n = self.next_batch
             self.next_batch += 1
             self.writing.add(n)
@@ -666,7 +671,7 @@ class Ledger:
 
     def forget_batch(self, n: int | None) -> None:
         if n is not None:
-            with self.store.mutex:
+            with self.ids:
                 self.writing.discard(n)
 
 
@@ -772,6 +777,8 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+            if any(b.devices for b in batches):
+                devices_changed(store)
         except BaseException as e:
             for k in keys:
                 for d, v in ((led.ranges, old[0][k]), (led.segs, old[1][k])):
@@ -789,7 +796,7 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
                 raise _db_error(e) from None
             raise
         for b in batches:
-            led.writing.discard(b.batch_id)
+            led.forget_batch(b.batch_id)
 
 
 def _insert_batches(con, batches: list[Batch], now: int) -> None:
@@ -1307,14 +1314,15 @@ class FrameSink:
         """Recompute watermarks of sessions that changed (replayer.watermark.finalize)."""
         return finalize(self.st)
 
-    def check(self, full: bool) -> list[str]:
+    def check(self, full: bool, upto: int | None = None) -> list[str]:
         """Integrity check of stored payload (replayer/integrity.py): quick = every payload
         file exists with its recorded size; full = also its checksum. Damaged/missing files:
         their frame ranges' metadata is dropped in one transaction (so they read as missing,
-        never served), on_lost is called; returns one line per damage found."""
+        never served), on_lost is called; returns one line per damage found. upto: only the
+        files with an id <= upto (those written before a restart)."""
         from replayer import integrity
 
-        return integrity.check(self.st, full, on_lost=self.on_lost)
+        return integrity.check(self.st, full, on_lost=self.on_lost, upto=upto)
 
 
 def _check_shape(g) -> None:

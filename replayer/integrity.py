@@ -89,10 +89,12 @@ def _check_file(store: Store, row: tuple, full: bool) -> Damage | None:
     return None
 
 
-def scan(store: Store, full: bool, *, jobs: int = 2) -> list[Damage]:
-    """The payload files that are missing or damaged (nothing is changed)."""
+def scan(store: Store, full: bool, *, jobs: int = 2, upto: int | None = None) -> list[Damage]:
+    """The payload files that are missing or damaged (nothing is changed); upto: only those
+    with an id <= upto."""
     rows = store.query("SELECT id, path, session, segno, first_frame, end_frame, rows, "
-                       "file_bytes, crc32, batch FROM payload_files ORDER BY id")
+                       "file_bytes, crc32, batch FROM payload_files WHERE id <= ? ORDER BY id",
+                       [(1 << 62) if upto is None else upto])
     if not rows:
         return []
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="verify") as ex:
@@ -223,18 +225,18 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                 for (s, n), rs in sorted(per.items())] for h, per in lost.items()}
 
 
-def check(store: Store, full: bool, on_lost=None) -> list[str]:
+def check(store: Store, full: bool, on_lost=None, upto: int | None = None) -> list[str]:
     """Quick (exists, size) or full (also CRC and Parquet footer) check of every payload file.
     Damaged or missing files: moved aside to STORE/damaged/, their batches dropped (one
     transaction), on_lost(host, items) called per host; returns one line per damage."""
     if not store.writable:
         raise StoreError(f"{store.path}: checking with repair needs the store open for writing")
     with MAINTENANCE:  # a prune run by the server deletes files: never at the same time
-        return _check(store, full, on_lost)
+        return _check(store, full, on_lost, upto)
 
 
-def _check(store: Store, full: bool, on_lost) -> list[str]:
-    damages = scan(store, full)
+def _check(store: Store, full: bool, on_lost, upto: int | None) -> list[str]:
+    damages = scan(store, full, upto=upto)
     if not damages:
         return []
     lines = []

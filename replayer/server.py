@@ -188,6 +188,10 @@ class Server:
             self._check_state = f"quick check: {len(damage)} problem(s); full check pending"
             self.log(f"store {self.store_dir}: quick integrity check done in "
                      f"{time.monotonic() - t0:.2f} s, {len(damage)} problem(s)")
+            # the full check reads what was stored before this start (later files were
+            # checksummed as they were written)
+            self._check_upto = int(self.store.query_one(
+                "SELECT coalesce(max(id), 0) FROM payload_files")[0])
             # sessions a crash left with new frames but an old watermark (`dirty` in the store)
             self.sink.finalize()
             self.query = QueryServer(self.store, status=self.status, log=self.log)
@@ -356,7 +360,7 @@ class Server:
         self._check_state = "full check running"
         t0 = time.monotonic()
         try:
-            damage = self.sink.check(full=True)
+            damage = self.sink.check(full=True, upto=self._check_upto)
         except Exception as e:
             self._check_state = f"full check failed: {e}"
             if not self._stopping.is_set():

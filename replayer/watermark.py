@@ -46,11 +46,12 @@ runs and scans again from there (`forget_scan` does exactly that).
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 
 from blkrewind import record
-from replayer.store import HELD_POINT, Store
+from replayer.store import Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step
 _STAMPED_BAD = record.F_READERR | record.F_TRUNC
@@ -58,17 +59,58 @@ _STAMPED_BAD = record.F_READERR | record.F_TRUNC
 
 # ============================================================ the scan
 _STAMP_SQL = f"""
-SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete FROM (
+SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete, min(t) AS time_ns FROM (
     SELECT stamp,
            NOT bool_or(flags & {_STAMPED_BAD} != 0)
            AND (bool_or(flags & {record.F_NODATA} != 0)
                 OR (bool_or(flags & {record.F_FIRST} != 0) AND bool_or(flags & {record.F_LAST} != 0)
-                    AND sum(len) = max(bio_size))) AS ok
+                    AND sum(len) = max(bio_size))) AS ok, min(time_ns) AS t
       FROM records WHERE session = $s AND stamp > $a AND stamp <= $b GROUP BY stamp
-    UNION ALL SELECT stamp, TRUE FROM marks WHERE session = $s AND stamp > $a AND stamp <= $b
-    UNION ALL SELECT stamp, TRUE FROM points WHERE session = $s AND stamp > $a AND stamp <= $b
+    UNION ALL SELECT stamp, TRUE, time_ns FROM marks WHERE session = $s AND stamp > $a AND stamp <= $b
+    UNION ALL SELECT stamp, TRUE, time_ns FROM points WHERE session = $s AND stamp > $a AND stamp <= $b
 ) GROUP BY stamp ORDER BY stamp
 """
+
+
+class _Times:
+    """Times of stamps (the min time_ns of a stamp's records, as _time_of_stamp): known ones
+    (from the previous run's rows, from the scan's own result), else one query each."""
+
+    def __init__(self, con, session: str):
+        self.con, self.session = con, session
+        self.known: dict[int, int | None] = {}
+        self.scanned: list[tuple] = []   # (stamps (sorted), times, NULL mask)
+
+    def add_scan(self, stamps: np.ndarray, times, runs) -> None:
+        """One scan step's result (times: masked where NULL): its arrays are kept until the
+        next step (the newest stamp is in the last one), the times around its bad runs for
+        good (interval ends, gap windows)."""
+        if not len(stamps):
+            return
+        self.scanned = [(stamps, np.ma.getdata(times).astype(np.int64, copy=False),
+                         np.ma.getmaskarray(times))]
+        for a, _b in runs:
+            for t in (a - 1, a):
+                found, v = self._lookup(t)
+                if found:
+                    self.known[t] = v
+
+    def _lookup(self, stamp: int):
+        for st, tm, null in self.scanned:
+            if int(st[0]) <= stamp <= int(st[-1]):
+                i = int(np.searchsorted(st, np.uint64(stamp)))
+                if i < len(st) and int(st[i]) == stamp:
+                    return True, None if null[i] else int(tm[i])
+        return False, None
+
+    def __call__(self, stamp: int) -> int | None:
+        if stamp in self.known:
+            return self.known[stamp]
+        found, v = self._lookup(stamp)
+        if not found:
+            v = _time_of_stamp(self.con, self.session, stamp)
+        self.known[stamp] = v
+        return v
 
 
 def _time_of_stamp(con, session: str, stamp: int) -> int | None:
@@ -94,8 +136,15 @@ def _gap_reason(con, session: str, g: int) -> str:
     return f"bio {g} is incomplete: {int(got or 0)} of {int(size or 0)} bytes captured"
 
 
+_tl = threading.local()   # .times: the _Times of the update_watermark running in this thread
+
+
 def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
-    """Runs [a, b] of stamps in (lo, hi] that are missing or incomplete."""
+    """Runs [a, b] of stamps in (lo, hi] that are missing or incomplete (the times of the
+    stamps seen go to the running update_watermark's _Times)."""
+    times = getattr(_tl, "times", None)
+    if times is not None and times.session != session:
+        times = None
     out: list[tuple[int, int]] = []
     while lo < hi:
         top = min(hi, lo + WM_CHUNK)
@@ -105,16 +154,20 @@ def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
         good = np.zeros(top - lo, bool)
         good[(st[ok] - np.uint64(lo + 1)).astype(np.int64)] = True
         bad = ~good
+        found = []
         if bad.any():
             edge = np.diff(np.concatenate([[False], bad, [False]]).astype(np.int8))
             starts = np.flatnonzero(edge == 1)
             ends = np.flatnonzero(edge == -1) - 1
             for a, b in zip(starts.tolist(), ends.tolist()):
                 a, b = lo + 1 + a, lo + 1 + b
+                found.append((a, b))
                 if out and out[-1][1] == a - 1:
                     out[-1] = (out[-1][0], b)
                 else:
                     out.append((a, b))
+        if times is not None:
+            times.add_scan(st, r["time_ns"], found)
         lo = top
     return out
 
@@ -136,20 +189,27 @@ def forget_scan(con, session: str, complete_to: int | None = None) -> None:
     con.execute("DELETE FROM scan_state WHERE session = ?", [session])
 
 
-def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to) -> tuple:
-    """Advance the scan of one session; returns (scanned_to, gap runs [(lo, hi, reason, settled)])."""
-    row = con.execute("SELECT scanned_to, prefix FROM scan_state WHERE session = ?",
-                      [session]).fetchone()
+_NO_ROW = object()
+
+
+def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to,
+          row=_NO_ROW) -> tuple:
+    """Advance the scan of one session; returns (scanned_to, gap runs [(lo, hi, reason, settled)]).
+    `row`: its scan_state (scanned_to, prefix), or None, when the caller read it already."""
+    if row is _NO_ROW:
+        row = con.execute("SELECT scanned_to, prefix FROM scan_state WHERE session = ?",
+                          [session]).fetchone()
     ct = None if complete_to is None else int(complete_to)
     if row is None or row[1] is None or ct is None or int(row[1]) != ct:
         # first run, or the complete prefix was reset by someone: start from complete_to
         con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
         scanned = ct if ct is not None and ct >= stamp_base - 1 else stamp_base - 1
+        runs = []
     else:
         scanned = int(row[0])
-    runs = [(int(a), int(b), r, bool(s)) for a, b, r, s in con.execute(
-        "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
-        [session]).fetchall()]
+        runs = [(int(a), int(b), r, bool(s)) for a, b, r, s in con.execute(
+            "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
+            [session]).fetchall()]
     # runs not settled: what is still missing in them (late frames fill them)
     changed = False
     kept = []
@@ -190,35 +250,6 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
 
 
 # ============================================================ the intervals
-def _resyncs(con, session: str) -> dict[int, list[dict]]:
-    """dev -> [{start, since, end, cause}] of the session's resyncs (end None: not finished)."""
-    starts: dict[int, dict] = {}
-    ends: dict[tuple[int, int], int] = {}
-    for stamp, what, dev, payload in con.execute(
-            "SELECT stamp, what, dev, payload FROM points WHERE session = ? AND what IN "
-            f"('resync_start', 'resync_end') AND (what = 'resync_start' OR {HELD_POINT}) "
-            "ORDER BY stamp", [session]).fetchall():
-        try:
-            obj = json.loads(payload) if payload else {}
-        except ValueError:
-            obj = {}
-        if dev is None:
-            continue
-        if what == "resync_start":
-            since = obj.get("since")
-            if not isinstance(since, int):
-                continue
-            starts[int(stamp)] = {"dev": int(dev), "start": int(stamp), "since": since,
-                                  "end": None, "cause": obj.get("cause") or "?"}
-        elif isinstance(obj.get("start"), int):
-            ends.setdefault((int(dev), int(obj["start"])), int(stamp))
-    out: dict[int, list[dict]] = {}
-    for rs, r in sorted(starts.items()):
-        r["end"] = ends.get((r["dev"], rs))
-        out.setdefault(r["dev"], []).append(r)
-    return out
-
-
 def device_windows(runs, resyncs: list[dict], after: int | None) -> list[tuple]:
     """Gap windows of one device: [(g, resumed or None, run_lo, resync or None)], in order,
     ending with the first uncovered gap (resumed None). Gap stamps <= `after` are ignored."""
@@ -260,79 +291,169 @@ def _intervals(start: int, top: int, windows: list[tuple]) -> list[tuple[int, in
     return [(a, b) for a, b in out if a <= b]
 
 
-def update_watermark(con, session: str) -> None:
-    """Scan, then recompute the intervals and windows of one session (caller holds the mutex)."""
-    row = con.execute("SELECT stamp_base, end_stamp, end_ns, complete_to FROM sessions "
-                      "WHERE session = ?", [session]).fetchone()
-    stamp_base, end_stamp, end_ns, ct = row
+def update_watermark(con, session: str, *, clear_dirty: bool = False) -> None:
+    """Scan, then recompute the intervals and windows of one session (caller holds the mutex
+    and, for finalize, the transaction). clear_dirty: also set sessions.dirty = FALSE.
+
+    Cost: a steady stream of new stamps takes a dozen small statements; rows that did not
+    change are not written again."""
+    row = con.execute(
+        "SELECT s.stamp_base, s.end_stamp, s.end_ns, s.complete_to, s.watermark, "
+        "s.watermark_ns, s.first_gap, s.gap_reason, s.after_gap, s.dirty, s.held_segno, "
+        "s.held_frame, ss.session IS NOT NULL, ss.scanned_to, ss.prefix FROM sessions s "
+        "LEFT JOIN scan_state ss ON ss.session = s.session WHERE s.session = ?",
+        [session]).fetchone()
+    stamp_base, end_stamp, end_ns, ct = row[:4]
+    old_state, dirty, held_at = tuple(row[3:9]), row[9], (row[10], row[11])
+    has_scan, scan_row = row[12], (row[13], row[14]) if row[12] else None
     if stamp_base is None:
         con.execute("UPDATE sessions SET watermark = NULL, watermark_ns = NULL, first_gap = NULL, "
                     "gap_reason = 'the session record (segment 0) is not ingested yet', "
-                    "after_gap = NULL WHERE session = ?", [session])
+                    "after_gap = NULL" + (", dirty = FALSE" if clear_dirty else "") +
+                    " WHERE session = ?", [session])
         con.execute("DELETE FROM restorable WHERE session = ?", [session])
         con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
         return
     stamp_base = int(stamp_base)
-    scanned, runs = _scan(con, session, stamp_base, end_stamp, ct)
+    times = _Times(con, session)
+    _tl.times = times
+    try:
+        scanned, runs = _scan(con, session, stamp_base, end_stamp, ct, scan_row)
+    finally:
+        _tl.times = None
     prefix = runs[0][0] - 1 if runs else scanned
     first_gap = reason = after = None
     if runs:
         first_gap, reason = runs[0][0], runs[0][2]
         after = (scanned - first_gap + 1) - sum(b - a + 1 for a, b, _, _ in runs)
     wm = prefix if prefix >= stamp_base else None
-    wm_ns = _time_of_stamp(con, session, wm) if wm is not None else None
-    con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
-                "first_gap = ?, gap_reason = ?, after_gap = ? WHERE session = ?",
-                [prefix, wm, wm_ns, first_gap, reason, after, session])
-    con.execute("INSERT INTO scan_state VALUES (?, ?, ?) ON CONFLICT (session) DO UPDATE SET "
-                "scanned_to = excluded.scanned_to, prefix = excluded.prefix",
-                [session, scanned, prefix])
-    _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns)
+    if wm is None:
+        wm_ns = None
+    elif old_state[1] is not None and int(old_state[1]) == wm and old_state[2] is not None:
+        wm_ns = int(old_state[2])   # the time of a complete stamp never changes
+    else:
+        wm_ns = times(wm)
+    state = (prefix, wm, wm_ns, first_gap, reason, after)
+    if state != old_state or (clear_dirty and dirty):
+        con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
+                    "first_gap = ?, gap_reason = ?, after_gap = ?" +
+                    (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
+                    [*state, session])
+    if not has_scan:
+        con.execute("INSERT INTO scan_state VALUES (?, ?, ?)", [session, scanned, prefix])
+    elif scan_row != (scanned, prefix):
+        con.execute("UPDATE scan_state SET scanned_to = ?, prefix = ? WHERE session = ?",
+                    [scanned, prefix, session])
+    _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns, times, held_at)
 
 
-def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns) -> None:
-    resyncs = _resyncs(con, session)
+def _points(con, session: str, held_at) -> list[tuple]:
+    """The session's resync and baseline_end points: (stamp, what, dev, payload, time_ns,
+    held) -- held: replayer.store.HELD_POINT, from the session's (held_segno, held_frame)."""
+    hs, hf = held_at
+    out = []
+    for stamp, what, dev, payload, t, segno, frame_no in con.execute(
+            "SELECT stamp, what, dev, payload, time_ns, segno, frame_no FROM points "
+            "WHERE session = ? AND what IN ('resync_start', 'resync_end', 'baseline_end') "
+            "ORDER BY stamp", [session]).fetchall():
+        if segno is None:
+            held = True
+        elif hs is None:
+            held = False
+        else:
+            held = segno < hs or (segno == hs and frame_no is not None and hf is not None
+                                  and frame_no < hf)
+        out.append((int(stamp), what, dev, payload, t, held))
+    return out
+
+
+def _resyncs_of(points: list[tuple]) -> dict[int, list[dict]]:
+    """dev -> [{start, since, end, cause}] of the session's resyncs (end None: not finished),
+    from _points (as _resyncs)."""
+    starts: dict[int, dict] = {}
+    ends: dict[tuple[int, int], int] = {}
+    for stamp, what, dev, payload, _t, held in points:
+        if what == "baseline_end" or dev is None or (what == "resync_end" and not held):
+            continue
+        try:
+            obj = json.loads(payload) if payload else {}
+        except ValueError:
+            obj = {}
+        if what == "resync_start":
+            since = obj.get("since")
+            if not isinstance(since, int):
+                continue
+            starts[stamp] = {"dev": int(dev), "start": stamp, "since": since,
+                             "end": None, "cause": obj.get("cause") or "?"}
+        elif isinstance(obj.get("start"), int):
+            ends.setdefault((int(dev), int(obj["start"])), stamp)
+    out: dict[int, list[dict]] = {}
+    for rs, r in sorted(starts.items()):
+        r["end"] = ends.get((r["dev"], rs))
+        out.setdefault(r["dev"], []).append(r)
+    return out
+
+
+def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
+                    times: _Times | None = None, held_at=None) -> None:
+    if times is None:
+        times = _Times(con, session)
+    if held_at is None:
+        held_at = con.execute("SELECT held_segno, held_frame FROM sessions WHERE session = ?",
+                              [session]).fetchone()
+    points = _points(con, session, held_at)
+    resyncs = _resyncs_of(points)
     # (a prune layer whose payload file was dropped as damaged makes the device unrestorable)
-    pruned = {int(d): (None if s is None else int(s), t, bool(w) or bool(lost), list(k or []))
-              for d, s, t, w, k, lost in con.execute(
-                  "SELECT dev, stamp, time_ns, whole, kept, batch IS NOT NULL AND batch NOT IN "
-                  "(SELECT id FROM payload_files) FROM pruned WHERE session = ?",
-                  [session]).fetchall()}
+    prow = con.execute("SELECT dev, stamp, time_ns, whole, kept, batch FROM pruned "
+                       "WHERE session = ?", [session]).fetchall()
+    lost_batches: set = set()
+    pbatches = sorted({int(r[5]) for r in prow if r[5] is not None})
+    if pbatches:
+        have = {int(i) for (i,) in con.execute(
+            "SELECT id FROM payload_files WHERE id IN (" + ", ".join("?" * len(pbatches)) + ")",
+            pbatches).fetchall()}
+        lost_batches = set(pbatches) - have
+    pruned = {int(d): (None if s is None else int(s), t, bool(w) or (b is not None and
+                                                                      int(b) in lost_batches),
+                       list(k or []))
+              for d, s, t, w, k, b in prow}
     drops = con.execute("SELECT max(drops) FROM loss WHERE session = ?", [session]).fetchone()[0]
     # times of stamps known from the last run (a stamp's time never changes)
-    cache: dict[int, int | None] = {}
-    for f, t, fn, tn in con.execute("SELECT from_stamp, to_stamp, from_ns, to_ns FROM restorable "
-                                    "WHERE session = ?", [session]).fetchall():
-        cache[int(f)] = fn
+    cache = times.known
+    old_rows = [tuple(r) for r in con.execute(
+        "SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
+        [session]).fetchall()]
+    for _s, _d, f, t, fn, tn in old_rows:
+        cache.setdefault(int(f), fn)
         if end_stamp is None or int(t) != int(end_stamp) - 1:
-            cache[int(t)] = tn
+            cache.setdefault(int(t), tn)
 
-    old_wins = con.execute("SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
-                           [session]).fetchall()
+    old_wins = [tuple(w) for w in con.execute(
+        "SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
+        [session]).fetchall()]
     wfrom = {}
     for w in old_wins:
         wfrom[int(w[2])] = w[5]
         if w[4] is not None:
-            cache[int(w[4])] = w[6]
+            cache.setdefault(int(w[4]), w[6])
 
-    def tns(stamp):
-        if stamp not in cache:
-            cache[stamp] = _time_of_stamp(con, session, stamp)
-        return cache[stamp]
+    tns = times
 
     def wtns(g):
         if wfrom.get(g) is None:
             wfrom[g] = tns(g) or tns(g - 1)
         return wfrom[g]
 
-    devs = [int(d) for (d,) in con.execute("SELECT dev FROM session_devices WHERE session = ?",
-                                           [session]).fetchall()]
+    devrows = con.execute("SELECT dev, baseline_end, baseline_end_ns, restorable_from, "
+                          "restorable_to, from_ns, to_ns FROM session_devices "
+                          "WHERE session = ? ORDER BY dev", [session]).fetchall()
+    devs = [int(r[0]) for r in devrows]
     rows, wins = [], []
     settled = [bool(devs)] * len(runs)
-    for dev in devs:
-        be = con.execute("SELECT stamp, time_ns FROM points WHERE session = ? AND what = 'baseline_end' "
-                         f"AND dev = ? AND {HELD_POINT} ORDER BY stamp LIMIT 1",
-                         [session, dev]).fetchone()
+    for dev, *old_dev in devrows:
+        dev = int(dev)
+        be = next(((st, t) for st, what, d, _p, t, held in points
+                   if what == "baseline_end" and d == dev and held), None)
         be_stamp, be_ns = (int(be[0]), be[1]) if be else (None, None)
         if be_stamp is not None and be_ns is not None:
             cache[be_stamp] = be_ns
@@ -352,9 +473,8 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns) 
         windows = device_windows(runs, resyncs.get(dev, []), after)
         # a resync_end whose frames are not all stored yet (its chunks may be missing):
         # the device is not restorable from it on, for now
-        unheld = con.execute(
-            "SELECT min(stamp) FROM points WHERE session = ? AND dev = ? AND what = 'resync_end' "
-            f"AND NOT {HELD_POINT}", [session, dev]).fetchone()[0]
+        unheld = next((st for st, what, d, _p, _t, held in points
+                       if what == "resync_end" and d == dev and not held), None)
         if unheld is not None:
             windows = [w for w in windows if w[0] < int(unheld)]
             if not windows or windows[-1][1] is not None:
@@ -392,18 +512,19 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns) 
                          tns(resumed) if resumed is not None else None, nmiss, cause,
                          run[2] if g == run[0] else _gap_reason(con, session, g)))
         mine = [r for r in rows if r[1] == dev]
-        con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
-                    "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
-                    "WHERE session = ? AND dev = ?",
-                    [be_stamp, be_ns, mine[0][2] if mine else None, mine[-1][3] if mine else None,
-                     mine[0][4] if mine else None, mine[-1][5] if mine else None, session, dev])
-    old_rows = con.execute("SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
-                           [session]).fetchall()
-    if [tuple(r) for r in old_rows] != sorted(rows, key=lambda r: (r[1], r[2])):
+        new_dev = [be_stamp, be_ns, mine[0][2] if mine else None, mine[-1][3] if mine else None,
+                   mine[0][4] if mine else None, mine[-1][5] if mine else None]
+        if new_dev != list(old_dev):
+            con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
+                        "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
+                        "WHERE session = ? AND dev = ?", [*new_dev, session, dev])
+    rows.sort(key=lambda r: (r[1], r[2]))
+    wins.sort(key=lambda w: (w[1], w[2]))
+    if old_rows != rows:
         con.execute("DELETE FROM restorable WHERE session = ?", [session])
         if rows:
             con.executemany("INSERT INTO restorable VALUES (?, ?, ?, ?, ?, ?)", rows)
-    if [tuple(w) for w in old_wins] != sorted(wins, key=lambda w: (w[1], w[2])):
+    if old_wins != wins:
         con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
         if wins:
             con.executemany("INSERT INTO gap_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", wins)
@@ -417,32 +538,48 @@ def update_devices(con, session: str) -> None:
 
 
 def finalize(store: Store) -> list[str]:
-    """Recompute what changed: scan and intervals of dirty sessions, the `devices` table."""
+    """Recompute what changed: scan and intervals of dirty sessions, the `devices` table (when
+    session_devices may have changed: the first run on this Store object, or a commit stored
+    R_DEVICE rows since: `devices_changed`). One transaction."""
     with store.mutex:
         con = store.con
         dirty = [s for (s,) in con.execute(
             "SELECT session FROM sessions WHERE dirty ORDER BY session").fetchall()]
-        for s in dirty:
-            con.execute("BEGIN")
-            try:
-                update_watermark(con, s)
-                con.execute("UPDATE sessions SET dirty = FALSE WHERE session = ?", [s])
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        if dirty:
-            refresh_devices(con)
+        if not dirty:
+            return dirty
+        devices = getattr(store, "_wm_devices_changed", True)
+        con.execute("BEGIN")
+        try:
+            for s in dirty:
+                update_watermark(con, s, clear_dirty=True)
+            if devices:
+                _refresh_devices(con)
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        if devices:
+            store._wm_devices_changed = False
         return dirty
+
+
+def devices_changed(store: Store) -> None:
+    """session_devices rows were added or changed: the next finalize refreshes `devices`
+    (caller holds the store's mutex)."""
+    store._wm_devices_changed = True
+
+
+def _refresh_devices(con) -> None:
+    con.execute("DELETE FROM devices")
+    con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
+                "arg_max(name, session), arg_max(path, session), "
+                "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
 
 
 def refresh_devices(con) -> None:
     con.execute("BEGIN")
     try:
-        con.execute("DELETE FROM devices")
-        con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
-                    "arg_max(name, session), arg_max(path, session), "
-                    "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
+        _refresh_devices(con)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
