@@ -127,6 +127,46 @@ def test_round_trip_many_frames_with_rotation(tmp_path):
     assert got == want
 
 
+def _as_written_before_body_crcs(path: Path) -> None:
+    """Rewrite a segment as blkrewind wrote it before FL_BODY_CRC: every frame's flags 0 and
+    its body one lz4 frame with lz4's content checksum."""
+    import struct
+    import zlib
+    data = path.read_bytes()
+    out, pos = bytearray(), 0
+    while pos < len(data):
+        f = list(L._HEAD.unpack_from(data, pos))
+        n = f[-1]
+        body = data[pos + L.FRAME_SIZE: pos + L.FRAME_SIZE + n]
+        if n:
+            body = lz4.frame.compress(lz4.frame.decompress(body[:-4]), content_checksum=True)
+        f[3], f[-1] = 0, len(body)
+        h = L._HEAD.pack(*f)
+        out += h + struct.pack("<I", zlib.crc32(h)) + body
+        pos += L.FRAME_SIZE + n
+    path.write_bytes(bytes(out))
+
+
+def test_a_log_written_before_body_crcs_reads_the_same(tmp_path):
+    """Frames with lz4's content checksum and no body CRC (flags 0) still read, a flipped
+    byte in one of their bodies is still found, and such frames pass decode_raw_frame."""
+    path, written = one_segment(tmp_path)
+    _as_written_before_body_crcs(path)
+    frames = read_all(tmp_path / "log")
+    assert [f.data for f in frames] == [w[0] for w in written]
+    with L.SegmentReader(path) as r:
+        assert r.sealed
+        for _, off, size in r.frame_spans():
+            h, f = L.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
+            assert h.flags == 0
+    (a, b), = offsets(path)[1:2]
+    data = bytearray(path.read_bytes())
+    data[b - 10] ^= 0x20
+    path.write_bytes(bytes(data))
+    got, err, _ = read_until_error(path)
+    assert len(got) == 1 and err is not None, (len(got), err)
+
+
 def test_frames_from_start_frame_and_live_reading(tmp_path):
     rng = random.Random(3)
     spans = [make_span(rng, 2, stamp0=10 * i + 1) for i in range(10)]

@@ -30,9 +30,9 @@ def add_arguments(p):
     p.add_argument("--fsync", choices=["interval", "always", "never"], default="interval",
                    help="when the LOG is fsynced (default: every --fsync-interval and on stop)")
     p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC")
-    p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
-                   help="LOG compression: lz4 level (0..16; negative = faster, less compression; "
-                        "default -10)")
+    p.add_argument("--lz4-level", type=int, default=0, metavar="N",
+                   help="LOG compression: lz4 level (0..16: higher compresses more, slower; "
+                        "negative = lz4's acceleration; default 0, the fastest measured here)")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not read the devices' current content (the history is then not "
                         "restorable on its own)")
