@@ -276,16 +276,37 @@ def _tune_malloc() -> None:
 
 
 # ------------------------------------------------------------------------------------ writing
-def encode_span(span, compression_level: int = 0) -> bytes:
+DEFAULT_LEVEL = -10          # lz4 acceleration 10: most of level 0's gain on file-system data
+FAST_LEVEL = -100            # spans that hardly compress: 2.1 -> 7.4 GB/s on fio's payload
+SAMPLE = 256 << 10           # the sample that decides (~70 us)
+SAMPLE_KEEPS = 0.9           # ... a sample that lz4 cannot shrink below this: FAST_LEVEL
+
+
+def _compress(data, level: int) -> bytearray:
+    return lz4.frame.compress(data, compression_level=level, content_checksum=False,
+                              block_linked=False, block_size=lz4.frame.BLOCKSIZE_MAX4MB,
+                              return_bytearray=True)
+
+
+def encode_span(span, compression_level: int = DEFAULT_LEVEL,
+                adaptive: bool = True) -> bytearray:
     """The body append() writes for span: an lz4 frame and the CRC-32 of its bytes. CPU only
     and the GIL is released: a producer thread can encode the next span while the writer
-    thread writes (append(..., body=))."""
+    thread writes (append(..., body=)). adaptive: a span whose middle SAMPLE bytes lz4 cannot
+    shrink below SAMPLE_KEEPS (random or already compressed payload) is compressed at
+    FAST_LEVEL instead, which does nearly as well on such data at 3x the speed."""
     # 4 MiB blocks: half the per-block overhead of the 64 KiB default (measured 0.95 -> 1.9
     # GB/s on random payload, one core). No lz4 content checksum: its xxh32 cost 4x the
     # compression (1.4 -> 6-8 GB/s without it); zlib-ng's CRC-32 of the body runs at ~35 GB/s
-    body = lz4.frame.compress(span, compression_level=compression_level, content_checksum=False,
-                              block_linked=False, block_size=lz4.frame.BLOCKSIZE_MAX4MB)
-    return body + _CRC.pack(crc32(body))
+    mv = memoryview(span).cast("B")
+    level = compression_level
+    if adaptive and level > FAST_LEVEL and mv.nbytes >= 4 * SAMPLE:
+        mid = (mv.nbytes // 2) & ~4095
+        if len(_compress(mv[mid:mid + SAMPLE], DEFAULT_LEVEL)) > SAMPLE_KEEPS * SAMPLE:
+            level = FAST_LEVEL
+    body = _compress(mv, level)
+    body += _CRC.pack(crc32(body))  # in place (a large block grows by mremap, not a copy)
+    return body
 
 
 class LogWriter:

@@ -75,7 +75,7 @@ class TraceOptions:
     chunk_bytes: int = 1 << 20
     settle: float = 1.0
     queue_bytes: int = 512 << 20
-    lz4_level: int = 0  # measured faster than negative (fast acceleration) levels, 4 MiB blocks
+    lz4_level: int = -10  # tracer/log.py encode_span: spans that hardly compress go faster
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None

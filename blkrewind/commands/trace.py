@@ -30,9 +30,10 @@ def add_arguments(p):
     p.add_argument("--fsync", choices=["interval", "always", "never"], default="interval",
                    help="when the LOG is fsynced (default: every --fsync-interval and on stop)")
     p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC")
-    p.add_argument("--lz4-level", type=int, default=0, metavar="N",
+    p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
                    help="LOG compression: lz4 level (0..16: higher compresses more, slower; "
-                        "negative = lz4's acceleration; default 0, the fastest measured here)")
+                        "negative = lz4's acceleration, faster; default -10). Spans whose "
+                        "sample hardly compresses use -100 whatever this is")
     p.add_argument("--no-baseline", action="store_true",
                    help="do not read the devices' current content (the history is then not "
                         "restorable on its own)")
