@@ -312,6 +312,40 @@ def test_server_late_and_killed_mid_stream(tmp_path, make_loop, serve):
 
 
 @pytest.mark.bpf
+def test_shipping_tracer_killed_and_started_again_continues_its_session(tmp_path, make_loop,
+                                                                        serve):
+    """A shipping tracer is SIGKILLed mid-stream; writes go on with no tracer; the tracer started
+    again continues the session (its capture stayed attached), ships the new segments of the same
+    session to the replayer, which serves `latest` equal to the device; one session in the store."""
+    log_dir, store = tmp_path / "log", tmp_path / "store"
+    srv = serve(store)
+    dev = make_loop(64)
+    ship = ("--ship", f"127.0.0.1:{srv.port}", "--insecure", "--segment-mb", "2")
+    first = TraceProc([dev], log_dir, *ship)
+    try:
+        write_random(dev, 6, seed=40)
+        from tracer import pins
+        wait_until(lambda: [p for p in pins.load_all() if p.baseline_done and p.safe], 10,
+                   "a checkpoint after the baseline")
+        first.p.send_signal(signal.SIGKILL)
+        first.p.wait(30)
+        write_random(dev, 4, seed=41)     # nobody reads the ring now: the capture goes on
+    finally:
+        first.kill()
+    with TraceProc([dev], log_dir, *ship, wait_for="live") as second:
+        wait_until(lambda: "resync of" in second.stderr, 60, "the resync:\n" + second.stderr)
+        write_random(dev, 3, seed=42)
+        assert second.stop() == 0, second.stderr
+    assert "continued" in second.stderr and "baseline of" not in second.stderr, second.stderr
+    assert "not acknowledged" not in second.stderr, second.stderr
+    key = f"{socket.gethostname()}:{os.path.basename(dev.path)}"
+    cp = run_cli("sql", "--store", store, "--format", "json", "SELECT session FROM sessions")
+    assert len(json.loads(cp.stdout)) == 1, cp.stdout
+    restore_matches(store, key, "latest", dev.path)
+    srv.stop()
+
+
+@pytest.mark.bpf
 def test_retention_keeps_log_under_limit(tmp_path, make_loop, serve):
     """--log-max-mb with the server up: acked, sealed segments are deleted, the LOG stays
     under the limit, nothing is dropped and the store is exact."""

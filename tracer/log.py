@@ -692,8 +692,12 @@ def list_segments(log_dir) -> list[SegmentInfo]:
     out = []
     for e in entries:
         m = _SEGMENT_RE.fullmatch(e.name)
-        if m and e.is_file(follow_symlinks=False):
-            out.append(SegmentInfo(e.path, m[1], int(m[2]), e.stat(follow_symlinks=False).st_size))
+        try:
+            if m and e.is_file(follow_symlinks=False):
+                out.append(SegmentInfo(e.path, m[1], int(m[2]),
+                                       e.stat(follow_symlinks=False).st_size))
+        except FileNotFoundError:  # deleted meanwhile (retention of a shipped segment)
+            continue
     return sorted(out, key=lambda s: (s.session, s.segno))
 
 

@@ -163,6 +163,10 @@ class Resync:
             self.t.say(f"WARNING: the session ends before the resync after a loss could finish: "
                        f"nothing after stamp {since - 1} of this session is restorable")
 
+    def checkpoint_soon(self) -> None:
+        """Take the next checkpoint now rather than at the next interval."""
+        self._wake.set()
+
     def log_dropped(self, nrec: int, nbytes: int, why: str = "log full") -> None:
         """Called by the LOG writer when it drops a span (the LOG is full)."""
         with self._lock:

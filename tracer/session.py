@@ -546,6 +546,7 @@ class Tracer:
                      f"queued before capture completed), restorable from stamp {stamp}")
         self._watch_old = False
         self.baseline_done.set()
+        self.resync.checkpoint_soon()  # records baseline_done for a tracer continuing after us
 
     def _baseline_device(self, d: devices.BlockDevice, stop: threading.Event) -> int:
         chunk = self.opts.chunk_bytes
