@@ -245,6 +245,17 @@ def _phases(loop, log, rng, images: dict, prefix: str):
     return phase
 
 
+def _three_phases_a_cut_and_one(phase) -> float:
+    """Phases 0-2 a second apart, then the cut (returned: a time), then phase 3."""
+    for i in range(3):
+        phase(i)
+        time.sleep(1.0)
+    cut = time.time()
+    time.sleep(1.0)
+    phase(3)
+    return cut
+
+
 def _marks_after_prune(store, loop, images: dict, pruned: tuple, out) -> None:
     """The marks in `pruned` are refused (pruned, or no longer a mark); every other mark
     restores to exactly its image."""
@@ -270,12 +281,7 @@ def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
     phase = _phases(loop, log, random.Random(3), images, "w")
 
     with TraceProc([loop.path], log) as t:
-        for i in range(3):
-            phase(i)
-            time.sleep(1.0)
-        cut = time.time()
-        time.sleep(1.0)
-        phase(3)
+        cut = _three_phases_a_cut_and_one(phase)
         cli("ingest", "--log", log, "--store", store)
         # prune while the workload goes on: keep what came after `cut`
         import threading
@@ -312,12 +318,7 @@ def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
     try:
         with TraceProc([loop.path], log, "--ship", f"127.0.0.1:{srv.port}", "--insecure",
                        "--host", "pr") as t:
-            for i in range(3):
-                phase(i)
-                time.sleep(1.0)
-            cut = time.time()
-            time.sleep(1.0)
-            phase(3)
+            cut = _three_phases_a_cut_and_one(phase)
             time.sleep(2.0)  # shipped and stored
             th = threading.Thread(target=phase, args=(4,))
             th.start()
