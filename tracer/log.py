@@ -857,6 +857,7 @@ def repair(log_dir) -> list[str]:
 _U64 = struct.Struct("<Q")
 _U16 = struct.Struct("<H")
 _RTYPE_AT = record.OFFSETS["rtype"]
+_SEQ_AT = record.OFFSETS["seq"]
 
 
 def _span_max_stamp(span) -> int:
@@ -916,7 +917,6 @@ def tail_kernel_seqs(log_dir, session: str, span_bytes: int) -> set[int]:
     segs = [s for s in list_segments(log_dir) if s.session == session]
     seqs: set[int] = set()
     seen = 0
-    seq_at = record.OFFSETS["seq"]
     for reader, off, h in _newest_first(segs):
         if seen >= span_bytes:
             break
@@ -926,9 +926,18 @@ def tail_kernel_seqs(log_dir, session: str, span_bytes: int) -> set[int]:
         mv = memoryview(f.data)
         seen += len(mv)
         for roff, _ in record.iter_framed(mv):
-            if _U16.unpack_from(mv, roff + _RTYPE_AT)[0] < record.R_SESSION:
-                seqs.add(_U64.unpack_from(mv, roff + seq_at)[0])
+            seq = kernel_seq(mv, roff)
+            if seq is not None:
+                seqs.add(seq)
     return seqs
+
+
+def kernel_seq(buf, off: int) -> int | None:
+    """The sequence number of the record whose header is at off if the kernel wrote it
+    (rtype < R_SESSION: the ring buffer's records), else None."""
+    if _U16.unpack_from(buf, off + _RTYPE_AT)[0] >= record.R_SESSION:
+        return None
+    return _U64.unpack_from(buf, off + _SEQ_AT)[0]
 
 
 def _newest_first(segs: list[SegmentInfo]) -> Iterator[tuple[SegmentReader, int, FrameHead]]:

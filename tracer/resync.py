@@ -78,6 +78,12 @@ class _Pending:
     full: bool = False                     # every region of every device
     errors: list[tuple[int, int, int]] = field(default_factory=list)  # (kdev, start, end) bytes
 
+    @property
+    def reads_all(self) -> bool:
+        """For a tracer continuing the session, which keeps `since` but not the failed
+        ranges: read everything."""
+        return self.full or bool(self.errors)
+
 
 @dataclass
 class _Chunk:
@@ -383,12 +389,10 @@ class Resync:
             self._baseline_at_prev = self.t.baseline_done.is_set()
             # what a tracer continuing this session after our death must read again
             safe, full = c, False
-            for q in (self._pending, self.running):
-                if q is not None:
-                    qs = q.since if isinstance(q, _Pending) else q["since"]
-                    safe = min(safe, qs)
-                    full = full or (q.full or bool(q.errors) if isinstance(q, _Pending)
-                                    else q["full"])
+            if self._pending is not None:
+                safe, full = min(safe, self._pending.since), self._pending.reads_all
+            if self.running is not None:
+                safe, full = min(safe, self.running["since"]), full or self.running["full"]
         if causes:
             self._loss_record(", ".join(causes), st, since=since)
         for e in errs:
@@ -396,9 +400,7 @@ class Resync:
                               error=e.error)
         for m in say:
             self.t.say(m)
-        hook = getattr(self.t, "checkpointed", None)
-        if hook is not None:
-            hook(safe, full, baseline_done)
+        self.t.checkpointed(safe, full, baseline_done)
         return c
 
     def _error_range(self, p: _Pending, e) -> str:
@@ -458,8 +460,7 @@ class Resync:
         with self._lock:
             p = self._pending
             self._pending = None
-            self.running = {"since": p.since, "causes": list(p.causes),
-                            "full": p.full or bool(p.errors)}
+            self.running = {"since": p.since, "causes": list(p.causes), "full": p.reads_all}
         before = self._prev
         est = sum(len(self._plan(p, k, self.cap.dirty()[r.base:r.base + r.count])) * self.chunk_bytes
                   for k, r in self.regions.items())

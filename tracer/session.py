@@ -44,8 +44,8 @@ from tracer.resync import Resync
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-from tracer.log import (LogFull, LogLock, LogWriter, encode_span, last_stamp, list_segments,
-                        repair, tail_kernel_seqs)
+from tracer.log import (LogFull, LogLock, LogWriter, encode_span, kernel_seq, last_stamp,
+                        list_segments, repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
@@ -212,10 +212,7 @@ class Tracer:
         self._pin(regions)
         self.resync = Resync(self, regions, stamp_base)  # docs/internals.md "Gaps and resync"
 
-        self.log = LogWriter(o.log_dir, self.session, host=self.host,
-                             segment_bytes=o.segment_bytes, fsync=o.fsync,
-                             fsync_interval=o.fsync_interval,
-                             on_frame=self.shipper.frame_written if self.shipper else None)
+        self._open_log()
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         while self.ring.take()[1]:  # calibration leftovers
             pass
@@ -231,10 +228,7 @@ class Tracer:
                                seq=self._next_useq(), dev=d.kdev)
             for d in self.devs])
 
-        for target, name in ((self._collect, "collector"), (self._write, "writer")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._start_threads()
         self._watch_old = o.baseline
         cap.enable(True)
         self._enable_mono = mono_ns()
@@ -299,19 +293,13 @@ class Tracer:
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         # records the dead collector had handed to the LOG but not yet released
         skipped = self._skip_logged(tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
-        self.log = LogWriter(o.log_dir, self.session, host=self.host,
-                             segment_bytes=o.segment_bytes, fsync=o.fsync,
-                             fsync_interval=o.fsync_interval,
-                             on_frame=self.shipper.frame_written if self.shipper else None)
+        self._open_log()
         self._collected_pos = self.ring.consumed_pos()
         self.resync = Resync(self, regions, p.safe)
         waiting = self.ring.pending()
         self.resync.continue_after_crash(p.safe, p.full, dead_pid=self.continued,
                                          ring_bytes_waiting=waiting, skipped=skipped)
-        for target, name in ((self._collect, "collector"), (self._write, "writer")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._start_threads()
         self._watch_old = False
         self._enable_mono = mono_ns()
         self.baseline_done.set()
@@ -329,7 +317,6 @@ class Tracer:
     def _skip_logged(self, seqs: set[int]) -> int:
         """Release the ring buffer's leading records whose sequence numbers the LOG holds."""
         ring, skipped = self.ring, 0
-        seq_at, rtype_at = record.OFFSETS["seq"], record.OFFSETS["rtype"]
         while seqs:
             start = ring.consumed_pos()
             view, _, end = ring.peek()
@@ -337,9 +324,8 @@ class Tracer:
                 break
             cut = None
             for off, _ in record.iter_framed(view):
-                rtype = int.from_bytes(view[off + rtype_at: off + rtype_at + 2], "little")
-                seq = int.from_bytes(view[off + seq_at: off + seq_at + 8], "little")
-                if rtype < record.R_SESSION and seq in seqs:
+                seq = kernel_seq(view, off)
+                if seq is not None and seq in seqs:
                     skipped += 1
                     continue
                 cut = off - record.FRAME_PREFIX_SIZE
@@ -351,6 +337,19 @@ class Tracer:
             ring.release(start + cut)
             break
         return skipped
+
+    def _open_log(self) -> None:
+        o = self.opts
+        self.log = LogWriter(o.log_dir, self.session, host=self.host,
+                             segment_bytes=o.segment_bytes, fsync=o.fsync,
+                             fsync_interval=o.fsync_interval,
+                             on_frame=self.shipper.frame_written if self.shipper else None)
+
+    def _start_threads(self) -> None:
+        for target, name in ((self._collect, "collector"), (self._write, "writer")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _next_useq(self) -> int:
         self._useq += 1
