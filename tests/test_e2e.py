@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tracerproc import TraceProc, cli, copy_device, first_difference, same_file, sh
+from tracerproc import (TraceProc, cli, copy_device, direct_writes, first_difference, same_file,
+                        sh, write_file)
 
 pytestmark = [pytest.mark.bpf]
 
@@ -47,29 +48,13 @@ class Marker:
 
 
 def fs_workload(mnt: Path, mark, rng: random.Random) -> None:
-    def write_file(p: Path, n: int) -> None:
-        with open(p, "wb") as f:
-            f.write(rng.randbytes(n))
-            f.flush()
-            os.fsync(f.fileno())
-
     # buffered writes with fsync
     for i in range(6):
-        write_file(mnt / f"f{i}.bin", rng.randrange(1, 4 << 20))
+        write_file(mnt / f"f{i}.bin", rng, rng.randrange(1, 4 << 20))
     mark("m1", mnt)
     # O_DIRECT writes into a preallocated file
     sh("fallocate", "-l", "8M", mnt / "direct.bin")
-    fd = os.open(mnt / "direct.bin", os.O_RDWR | os.O_DIRECT)
-    try:
-        import mmap
-        buf = mmap.mmap(-1, 64 << 10)
-        for _ in range(40):
-            buf.seek(0)
-            buf.write(rng.randbytes(64 << 10))
-            os.pwrite(fd, buf, rng.randrange(0, 128) * (64 << 10))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    direct_writes(mnt / "direct.bin", rng, 40, 128)
     # overwrites in place and appends
     with open(mnt / "f0.bin", "r+b") as f:
         f.seek(12345)

@@ -29,7 +29,7 @@ import pytest
 from blkrewind import tlsconf
 from conftest import umount
 import netlab as _netlab
-from tracerproc import copy_device, first_difference, same_file, sh
+from tracerproc import copy_device, direct_writes, first_difference, same_file, sh, write_file
 
 pytestmark = [pytest.mark.bpf]
 netlab = _netlab.netlab                          # the network lab's fixtures
@@ -280,27 +280,11 @@ def fs_steps(h: Host, rng: random.Random) -> None:
     fstrim, many small files."""
     mnt = h.mnt
 
-    def write(p: Path, n: int) -> None:
-        with open(p, "wb") as f:
-            f.write(rng.randbytes(n))
-            f.flush()
-            os.fsync(f.fileno())
-
     for i in range(5):
-        write(mnt / f"f{i}.bin", rng.randrange(1, 3 << 20))
+        write_file(mnt / f"f{i}.bin", rng, rng.randrange(1, 3 << 20))
     h.mark("m1")
     sh("fallocate", "-l", "4M", mnt / "direct.bin")
-    import mmap
-    fd = os.open(mnt / "direct.bin", os.O_RDWR | os.O_DIRECT)
-    try:
-        buf = mmap.mmap(-1, 64 << 10)
-        for _ in range(20):
-            buf.seek(0)
-            buf.write(rng.randbytes(64 << 10))
-            os.pwrite(fd, buf, rng.randrange(0, 64) * (64 << 10))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    direct_writes(mnt / "direct.bin", rng, 20, 64)
     with open(mnt / "f0.bin", "r+b") as f:
         f.seek(4321)
         f.write(rng.randbytes(50001))

@@ -80,6 +80,32 @@ def sh(*cmd, check=True) -> str:
     return r.stdout
 
 
+def write_file(path, rng, n: int) -> None:
+    """A file of n random bytes, written and fsynced."""
+    import os
+    with open(path, "wb") as f:
+        f.write(rng.randbytes(n))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def direct_writes(path, rng, count: int, slots: int, size: int = 64 << 10) -> None:
+    """count O_DIRECT writes of size random bytes into an existing file or device, each at a
+    random one of its first `slots` size-aligned offsets, then fsync."""
+    import mmap
+    import os
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, size)
+        for _ in range(count):
+            buf.seek(0)
+            buf.write(rng.randbytes(size))
+            os.pwrite(fd, buf, rng.randrange(0, slots) * size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def copy_device(dev, out) -> None:
     sh("dd", f"if={dev}", f"of={out}", "bs=1M", "iflag=direct", "status=none")
 
