@@ -2,6 +2,7 @@
 torn tails at every byte, corruption anywhere, bounded allocation, the directory lock, fsync
 policies, a full disk, last_stamp, and a property test."""
 import errno
+import struct
 import os
 import random
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import lz4.frame
@@ -316,6 +318,51 @@ def test_flipped_byte_anywhere_in_an_early_frame_is_corruption(tmp_path, sealed)
     lz4_header_end = start + L.FRAME_SIZE + 15
     assert all(p >= lz4_header_end for p in benign) and len(benign) < (end - start) // 50
     path.write_bytes(orig)
+
+
+def test_spans_that_do_not_compress_are_stored_as_is(tmp_path):
+    """A span whose sample lz4 cannot shrink (random payload) is written raw (FL_RAW: the span
+    itself and its CRC); file-system-like payload stays lz4. Both read back the same, raw
+    frames pass decode_raw_frame, and every flipped byte of a raw frame is corruption."""
+    rng = random.Random(7)
+    noise = b"".join(rec(rng.randbytes(64 << 10), stamp=i + 1, seq=i + 1) for i in range(24))
+    text = b"".join(rec(b"blkrewind " * 6000, stamp=100 + i, seq=100 + i) for i in range(24))
+    assert L.encode_span(noise).flags == L.FL_BODY_CRC | L.FL_RAW
+    assert L.encode_span(text).flags == L.FL_BODY_CRC
+    assert L.encode_span(noise, adaptive=False).flags == L.FL_BODY_CRC  # always lz4
+    written, _ = write_spans(tmp_path / "log", [noise, text])
+    (seg,) = L.list_segments(tmp_path / "log")
+    path = Path(seg.path)
+    assert [f.data for f in read_all(tmp_path / "log")] == [noise, text]
+    with L.SegmentReader(path) as r:
+        heads = [h for _, h in r.index()]
+        for _, off, size in r.frame_spans():
+            L.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
+    assert heads[0].flags == L.FL_BODY_CRC | L.FL_RAW and heads[0].stored_len == len(noise) + 4
+    assert heads[1].flags == L.FL_BODY_CRC and heads[1].stored_len < len(text) // 10
+    start, end = offsets(path)[0]
+    orig = path.read_bytes()
+    for pos in list(range(start, start + L.FRAME_SIZE + 64)) + rng.sample(range(start, end), 300):
+        data = bytearray(orig)
+        data[pos] ^= 0x10
+        path.write_bytes(data)
+        got, err, _ = read_until_error(path)
+        assert got == [] and f"corrupt frame 1 at offset {start}" in str(err), pos
+    path.write_bytes(orig)
+
+
+def test_a_raw_frame_whose_lengths_disagree_is_corrupt(tmp_path):
+    """FL_RAW promises stored_len == raw_len + 4 and needs FL_BODY_CRC: a frame breaking
+    either is refused by its header alone (even with a valid header CRC)."""
+    span = rec(b"x" * 100, stamp=1)
+    crc = struct.pack("<I", zlib.crc32(span))
+    for raw_len, flags in ((len(span) + 1, L.FL_BODY_CRC | L.FL_RAW), (len(span), L.FL_RAW)):
+        frame = L._head(L.K_DATA, 1, 1, 0, 0, 1, raw_len, len(span) + 4, flags) + span + crc
+        with pytest.raises(CorruptLog, match="raw body|flags"):
+            L.decode_raw_frame(frame, seg_id=1, frame_no=1)
+    ok = L._head(L.K_DATA, 1, 1, 0, 0, 1, len(span), len(span) + 4,
+                 L.FL_BODY_CRC | L.FL_RAW) + span + crc
+    assert L.decode_raw_frame(ok, seg_id=1, frame_no=1)[1].data == span
 
 
 def test_flipped_byte_in_the_last_frame(tmp_path):

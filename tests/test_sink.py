@@ -320,7 +320,8 @@ def test_a_corrupted_frame_rejects_the_whole_call(tmp_path):
         from tracer.log import K_DATA, _head, encode_span
         span = record.make_record(b"", rtype=record.R_LOSS, seq=99)
         body = encode_span(span)
-        late = _head(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), len(body)) + body
+        late = _head(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), body.stored_len,
+                     body.flags) + body.data + body.crc
         with pytest.raises(FrameRejected, match="past its SEAL"):
             sink.store("synth", [group([late], first=len(frames))])
     finally:

@@ -18,7 +18,8 @@ Each frame is a fixed 48-byte header followed by ``stored_len`` bytes of body. L
       4    2 version     FORMAT_VERSION (1)
       6    1 kind        1 HEADER, 2 DATA, 3 SEAL
       7    1 flags       FL_BODY_CRC (1) on HEADER and DATA frames, 0 on SEAL; a LOG written
-                         before it has 0 everywhere (lz4's content checksum then covers the body)
+                         before it has 0 everywhere (lz4's content checksum then covers the body).
+                         FL_RAW (2), only with FL_BODY_CRC: the body holds the span as is
       8    4 seg_id      random per segment, the same in all its frames: a frame of another
                          segment (a copied file, LOG bytes inside a payload) never passes as ours
      12    4 frame_no    0 for the HEADER, then consecutive
@@ -31,7 +32,9 @@ Each frame is a fixed 48-byte header followed by ``stored_len`` bytes of body. L
 
 The body is one lz4 frame (python lz4.frame: independent 4 MiB blocks, content size stored, no
 content checksum; lz4 stores incompressible blocks raw) followed by the CRC-32 (zlib's; computed
-with zlib-ng) of the lz4 frame's bytes. The header CRC covers the lengths and flags, the body
+with zlib-ng) of the lz4 frame's bytes. A span whose sample lz4 cannot shrink (random, encrypted
+or already compressed payload) is stored as is instead (FL_RAW, stored_len == raw_len + 4): lz4
+would spend a pass over it for nothing. The header CRC covers the lengths and flags, the body
 CRC the body's bytes as stored: nothing is checksummed twice. (A LOG written before FL_BODY_CRC
 existed has flags 0 and lz4's content checksum instead; it reads the same.) A reader checks a
 frame in this order: header complete, magic, CRC, version, kind/flags, lengths within the maxima,
@@ -84,6 +87,7 @@ K_HEADER, K_DATA, K_SEAL = 1, 2, 3
 _HEAD = struct.Struct("<4sHBBIIQQIII")   # everything the CRC covers
 _CRC = struct.Struct("<I")
 FL_BODY_CRC = 1                          # flags: the body ends with the CRC-32 of the rest
+FL_RAW = 2                               # ... and the rest is the span itself, not lz4
 FRAME_SIZE = _HEAD.size + _CRC.size       # 48
 MAX_RAW = 256 << 20                       # a span; the tracer's are 1-8 MiB
 MAX_STORED = MAX_RAW + (MAX_RAW >> 8) + 4096  # lz4 worst case: raw blocks + 4 bytes per 64 KiB
@@ -144,8 +148,9 @@ def segment_name(session: str, segno: int) -> str:
 
 
 def _head(kind: int, seg_id: int, frame_no: int, mono_ns: int, real_ns: int, nrec: int,
-          raw_len: int, stored_len: int) -> bytes:
-    flags = FL_BODY_CRC if kind != K_SEAL else 0  # every body this version writes has one
+          raw_len: int, stored_len: int, flags: int = FL_BODY_CRC) -> bytes:
+    if kind == K_SEAL:
+        flags = 0  # every body this version writes has a CRC; a SEAL has no body
     h = _HEAD.pack(MAGIC, FORMAT_VERSION, kind, flags, seg_id, frame_no, mono_ns, real_ns, nrec,
                    raw_len, stored_len)
     return h + _CRC.pack(zlib.crc32(h))
@@ -163,11 +168,13 @@ def _parse(buf) -> FrameHead | str:
     if version != FORMAT_VERSION:
         return f"unsupported frame version {version}"
     h = FrameHead(kind, *rest, flags)
-    if flags & ~FL_BODY_CRC or kind not in (K_HEADER, K_DATA, K_SEAL) or (
-            kind == K_SEAL and flags):
+    if flags & ~(FL_BODY_CRC | FL_RAW) or kind not in (K_HEADER, K_DATA, K_SEAL) or (
+            kind == K_SEAL and flags) or (flags & FL_RAW and not flags & FL_BODY_CRC):
         return f"bad kind {kind} / flags {flags}"
     if h.raw_len > MAX_RAW or h.stored_len > MAX_STORED:
         return f"lengths out of range (raw {h.raw_len}, stored {h.stored_len})"
+    if flags & FL_RAW and h.stored_len != h.raw_len + _CRC.size:
+        return f"raw body of {h.stored_len} bytes for a span of {h.raw_len}"
     if (kind == K_SEAL) != (h.stored_len == 0) or (kind == K_SEAL and h.raw_len):
         return "body length does not fit the frame kind"
     return h
@@ -182,6 +189,8 @@ def _decode(body, raw_len: int, flags: int) -> bytes | str:
         body = mv[:-4]
         if crc32(body) != _CRC.unpack_from(mv, mv.nbytes - 4)[0]:
             return "body checksum mismatch"
+        if flags & FL_RAW:  # _parse checked its length
+            return body.tobytes()
     try:
         info = lz4.frame.get_frame_info(body)
         if not (flags & FL_BODY_CRC or info["content_checksum"]):
@@ -278,8 +287,23 @@ def _tune_malloc() -> None:
 # ------------------------------------------------------------------------------------ writing
 DEFAULT_LEVEL = -10          # lz4 acceleration 10: most of level 0's gain on file-system data
 FAST_LEVEL = -100            # spans that hardly compress: 2.1 -> 7.4 GB/s on fio's payload
-SAMPLE = 256 << 10           # the sample that decides (~70 us)
+SAMPLE = 256 << 10           # the sample that decides (~30-70 us): a 16th of the span ...
+SAMPLE_MIN = 256 << 10       # ... of at least this (smaller spans: lz4 as asked), 64-256 KiB
 SAMPLE_KEEPS = 0.9           # ... a sample that lz4 cannot shrink below this: FAST_LEVEL
+SAMPLE_RAW = 0.93            # ... nor below this: stored as is (FL_RAW; FAST_LEVEL would save
+                             # 0.3-2 % on such data: fio 1 MiB writes sample at 0.94-0.98)
+
+
+class Body(NamedTuple):
+    """A frame body as append() writes it: data, then crc (the CRC-32 of data, 4 bytes LE).
+    data is an lz4 frame, or the span itself (a copy) when flags has FL_RAW."""
+    data: bytes | bytearray
+    crc: bytes
+    flags: int
+
+    @property
+    def stored_len(self) -> int:
+        return len(self.data) + _CRC.size
 
 
 def _compress(data, level: int) -> bytearray:
@@ -288,25 +312,33 @@ def _compress(data, level: int) -> bytearray:
                               return_bytearray=True)
 
 
-def encode_span(span, compression_level: int = DEFAULT_LEVEL,
-                adaptive: bool = True) -> bytearray:
-    """The body append() writes for span: an lz4 frame and the CRC-32 of its bytes. CPU only
-    and the GIL is released: a producer thread can encode the next span while the writer
-    thread writes (append(..., body=)). adaptive: a span whose middle SAMPLE bytes lz4 cannot
-    shrink below SAMPLE_KEEPS (random or already compressed payload) is compressed at
-    FAST_LEVEL instead, which does nearly as well on such data at 3x the speed."""
+def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = True) -> Body:
+    """The body append() writes for span. CPU only and the GIL is released: a producer thread
+    can encode the next span while the writer thread writes (append(..., body=)); span may be
+    a view into the ring buffer, which the body never references.
+
+    adaptive: a sample from the middle of the span (a 16th of it, 64-256 KiB) decides. If lz4
+    shrinks it below SAMPLE_KEEPS: lz4 at compression_level; below SAMPLE_RAW: lz4 at
+    FAST_LEVEL (nearly as small on such data, 3x faster); else the span is stored as is
+    (random, encrypted or already compressed payload: one copy instead of a pass of lz4 that
+    gains nothing). Spans under SAMPLE_MIN are not sampled."""
     # 4 MiB blocks: half the per-block overhead of the 64 KiB default (measured 0.95 -> 1.9
     # GB/s on random payload, one core). No lz4 content checksum: its xxh32 cost 4x the
-    # compression (1.4 -> 6-8 GB/s without it); zlib-ng's CRC-32 of the body runs at ~35 GB/s
+    # compression (1.4 -> 6-8 GB/s without it); zlib-ng's CRC-32 of the body runs at ~35 GB/s.
+    # The CRC is written from its own buffer: appending it to data would realloc (copy) it.
     mv = memoryview(span).cast("B")
     level = compression_level
-    if adaptive and level > FAST_LEVEL and mv.nbytes >= 4 * SAMPLE:
+    if adaptive and level > FAST_LEVEL and mv.nbytes >= SAMPLE_MIN:
+        n = max(SAMPLE_MIN // 4, min(SAMPLE, mv.nbytes // 16))
         mid = (mv.nbytes // 2) & ~4095
-        if len(_compress(mv[mid:mid + SAMPLE], DEFAULT_LEVEL)) > SAMPLE_KEEPS * SAMPLE:
+        kept = len(_compress(mv[mid:mid + n], DEFAULT_LEVEL)) / n
+        if kept > SAMPLE_RAW:
+            data = bytearray(mv)  # the copy out of the ring buffer
+            return Body(data, _CRC.pack(crc32(data)), FL_BODY_CRC | FL_RAW)
+        if kept > SAMPLE_KEEPS:
             level = FAST_LEVEL
-    body = _compress(mv, level)
-    body += _CRC.pack(crc32(body))  # in place (a large block grows by mremap, not a copy)
-    return body
+    data = _compress(mv, level)
+    return Body(data, _CRC.pack(crc32(data)), FL_BODY_CRC)
 
 
 class LogWriter:
@@ -370,12 +402,13 @@ class LogWriter:
             raise ValueError(f"span of {raw_len} bytes exceeds the LOG's limit of {MAX_RAW}")
         if body is None:
             body = encode_span(span, self.compression_level)
-        size = FRAME_SIZE + len(body)
+        size = FRAME_SIZE + body.stored_len
         if self._fd is None or (self._frame_no > 1 and
                                 self._pos + size + FRAME_SIZE > self.segment_bytes):
             self._rotate()
         self._write((_head(K_DATA, self._seg_id, self._frame_no, mono_ns, real_ns, nrec,
-                           raw_len, len(body)), body), size, f"appending frame {self._frame_no}")
+                           raw_len, body.stored_len, body.flags), body.data, body.crc), size,
+                    f"appending frame {self._frame_no}")
         self._report(self._frame_no, self._pos - size, size)
         self._frame_no += 1
         self._seg_records += nrec
@@ -473,7 +506,8 @@ class LogWriter:
                           "host": self.host, "created_ns": real,
                           "tool": f"blkrewind {__version__}"}, sort_keys=True).encode()
         body = encode_span(raw)
-        frame = _head(K_HEADER, seg_id, 0, mono, real, 0, len(raw), len(body)) + body
+        frame = b"".join((_head(K_HEADER, seg_id, 0, mono, real, 0, len(raw), body.stored_len,
+                                body.flags), body.data, body.crc))
         fd = placed = None
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)

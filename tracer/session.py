@@ -445,7 +445,7 @@ class Tracer:
                 if kind == "span":
                     _, span, nrec, mono, real, body = item
                     body = body.result()
-                    if not self._room_for(span, nrec, len(body)):
+                    if not self._room_for(span, nrec, body.stored_len):
                         continue
                     try:
                         log.append(span, nrec, mono, real, body=body)
