@@ -150,3 +150,63 @@ def test_torn_tail_is_cut_and_everything_before_stays(traced_history, make_loop,
     r = cli("trace", "--device", other.path, "--log", log, "--", "true")
     assert "torn tail" in r.stderr, r.stderr
     cli("ingest", "--log", log, "--store", store)
+
+
+# ------------------------------------------------------- a LOG that would capture itself
+def test_a_log_on_the_traced_device_is_refused(make_loop, mount_fs, mkfs, tmp_path):
+    """Its own writes would be captured into it without end: refused before anything is
+    loaded, also when the LOG's file system sits on a loop device whose backing file lies on
+    the traced device, or on a partition of the traced disk."""
+    from conftest import detach_loop, sh as csh
+    outer = make_loop(size_mb=64)
+    mkfs(outer.path)
+    mnt = mount_fs(outer.path)
+    one_line_error(cli("trace", "--device", outer.path, "--log", mnt / "log", check=False),
+                   f"is on {outer.path}, which is traced")
+    assert not (mnt / "log").exists()
+    # a loop device over a file on the traced device, with the LOG's file system on it
+    backing = mnt / "inner.img"
+    with open(backing, "wb") as f:
+        f.truncate(16 << 20)
+    inner = csh("losetup", "--find", "--show", backing).stdout.strip()
+    try:
+        mkfs(inner)
+        mnt2 = mount_fs(inner)
+        one_line_error(cli("trace", "--device", outer.path, "--log", mnt2 / "log", check=False),
+                       f"is on {outer.path} (through {os.path.basename(inner)}), which is traced")
+        csh("umount", mnt2)
+    finally:
+        assert detach_loop(inner, str(backing)) == []
+    # a partition of the traced disk
+    img = tmp_path / "parted.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    csh("sh", "-c", f"echo 'start=2048, size=30000' | sfdisk -q {img}")
+    disk = csh("losetup", "--find", "--show", "--partscan", img).stdout.strip()
+    try:
+        csh("partx", "--add", disk)  # the partition scan at attach finds nothing here
+        name = os.path.basename(disk) + "p1"
+        dev = open(f"/sys/block/{os.path.basename(disk)}/{name}/dev").read().strip()
+        part = tmp_path / name  # its own node: no udev here to make /dev/loopNp1
+        csh("mknod", part, "b", *dev.split(":"))
+        mkfs(part)
+        mnt3 = mount_fs(part)
+        one_line_error(cli("trace", "--device", disk, "--log", mnt3 / "log", check=False),
+                       f"is on {disk} (through {name}), which is traced")
+        csh("umount", mnt3)
+    finally:
+        assert detach_loop(disk, str(img)) == []
+
+
+@pytest.mark.bpf
+def test_a_log_in_memory_is_traced_with_a_warning(make_loop, tmp_path):
+    from conftest import sh as csh
+    loop = make_loop(size_mb=8)
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    csh("mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "blkrewind-test-log", mnt)
+    try:
+        r = cli("trace", "--device", loop.path, "--log", mnt / "log", "--", "true")
+        assert f"WARNING: the LOG {mnt / 'log'} is on a tmpfs: it lives in memory" in r.stderr
+    finally:
+        csh("umount", mnt)

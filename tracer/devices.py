@@ -91,6 +91,79 @@ def check_no_overlap(devs: list[BlockDevice]) -> None:
                             f"trace either the disk or its partitions")
 
 
+def _underlying(major: int, minor: int, depth: int = 0) -> list[tuple[str, str]]:
+    """(kernel name, whole disk's kernel name) of the block device major:minor and of every
+    device its writes end up on: a loop device's backing file's device, a device mapper or
+    md device's members (sysfs 'slaves'), recursively."""
+    sysdir = Path(f"/sys/dev/block/{major}:{minor}")
+    if depth > 16 or not sysdir.exists():
+        return []
+    sysdir = sysdir.resolve()
+    disk = sysdir.parent if (sysdir / "partition").exists() else sysdir
+    out = [(sysdir.name, disk.name)]
+    backing = _read(disk / "loop" / "backing_file", "").removesuffix(" (deleted)")
+    if backing:
+        try:
+            st = os.stat(backing)
+        except OSError:
+            st = None
+        if st is not None:
+            out += _underlying(os.major(st.st_dev), os.minor(st.st_dev), depth + 1)
+    for slave in (disk / "slaves").glob("*") if (disk / "slaves").is_dir() else ():
+        try:
+            mj, mn = _read(slave / "dev").split(":")
+        except (OSError, ValueError):
+            continue
+        out += _underlying(int(mj), int(mn), depth + 1)
+    return out
+
+
+def check_log_location(log_dir: str, devs: list[BlockDevice]) -> str | None:
+    """Refuse a LOG whose writes would be captured: every LOG write would come back as
+    records to write into the LOG, without end. Returns a warning for a LOG in memory."""
+    path = os.path.abspath(log_dir)
+    while not os.path.exists(path):  # the LOG directory is created later
+        path = os.path.dirname(path)
+    st = os.stat(path)
+    names = {d.name: d for d in devs}
+    fstype, source = _mount_of(path)
+    chain = _underlying(os.major(st.st_dev), os.minor(st.st_dev))
+    if not chain and source.startswith("/"):  # btrfs and others: an anonymous st_dev
+        try:
+            src = os.stat(source)
+        except OSError:
+            src = None
+        if src is not None and stat.S_ISBLK(src.st_mode):
+            chain = _underlying(os.major(src.st_rdev), os.minor(src.st_rdev))
+    for name, disk in chain:
+        d = names.get(name) or (names.get(disk) if disk != name else None)
+        if d is not None:
+            how = "" if chain[0][0] == d.name else f" (through {chain[0][0]})"
+            raise UserError(f"the LOG {log_dir} is on {d.path}{how}, which is traced: its own "
+                            f"writes would be captured into it without end; put the LOG on "
+                            f"another device")
+    if fstype in ("tmpfs", "ramfs"):
+        return (f"the LOG {log_dir} is on a {fstype}: it lives in memory, is lost at reboot, "
+                f"and a LOG outgrowing the memory invokes the OOM killer")
+    return None
+
+
+def _mount_of(path: str) -> tuple[str, str]:
+    """(file system type, mount source) of the mount holding path (/proc/self/mountinfo)."""
+    best, found = "", ("", "")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].encode().decode("unicode_escape")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    fstype, source = right.split()[:2]
+                    best, found = mnt, (fstype, source.encode().decode("unicode_escape"))
+    except (OSError, IndexError, ValueError):
+        return "", ""
+    return found
+
+
 def write_inflight(dev: BlockDevice) -> int | None:
     """Writes in flight on the device's disk (sysfs 'inflight'), None if unknown."""
     try:

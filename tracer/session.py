@@ -143,6 +143,9 @@ class Tracer:
         self.say = say
         self.devs = [devices.inspect(p) for p in opts.devices]
         devices.check_no_overlap(self.devs)
+        warn = devices.check_log_location(opts.log_dir, self.devs)
+        if warn:
+            say(f"WARNING: {warn}")
         self.session = new_session_id()
         self.host = opts.host or self.devs[0].host
         self.stats = Stats()
