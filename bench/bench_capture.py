@@ -7,8 +7,18 @@ overhead  for each backing (a loop device over a fully allocated file on the rea
           direct I/O, and one over a file on a tmpfs) and each job (seq 1 MiB iodepth 4,
           rand 4 KiB iodepth 16; libaio, O_DIRECT, time based), runs fio untraced, traced by
           `blkrewind trace --device LOOP --log DIR --no-baseline -- fio ...`, untraced again.
+interleaved  per job, one long fio run (--interleaved-runtime) to the disk loop device under
+          one in-process tracer whose capture of the device is switched off and on every
+          --window seconds (Capture.set_traced: off, the BPF programs pass its bios untouched);
+          each window's MB/s from the device's completed-write counter. Each "on" window
+          against the mean of the "off" windows around it cancels the disk's drift, which
+          sequential runs cannot (this VM's disk moves by 2x within minutes). With the LOG on
+          the same disk, LOG writes flushed after their window blur the pairs: measure the
+          LOG's share of the disk with `overhead`, the capture's own cost here with --log-dir
+          on another device.
 rate      seq 1 MiB, numjobs 2, to the tmpfs loop device (>= 2 GB/s here; --rate-mb caps
-          it): untraced, then traced, to show what is lost at that rate.
+          it, several values make a sweep): untraced, then traced, to show what is lost at
+          that rate. Each run also reports how many of the machine's cores were busy.
 
 Prints a table and writes bench/results/capture-<date>.json. Reports ratios, asserts nothing.
 The traced run skips the baseline read (--no-baseline): it measures the cost of capturing
@@ -29,6 +39,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +212,19 @@ def fio_result(out: Path) -> dict:
             "runtime_s": w["runtime"] / 1000, "lat_mean_us": w["lat_ns"]["mean"] / 1000}
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]  # user nice system irq softirq steal
+    return busy, busy + v[3] + v[4]
+
+
+def busy_cores(t0: tuple[int, int]) -> float:
+    t1 = cpu_ticks()
+    return (os.cpu_count() or 1) * (t1[0] - t0[0]) / max(1, t1[1] - t0[1])
+
+
 def disk_written(path: Path) -> int | None:
     """Bytes the block device holding path has completed writing (its /sys stat; None when
     it is not a block device, e.g. a tmpfs)."""
@@ -237,7 +261,7 @@ class Bench:
     def fio(self, dev, backing, job, phase, numjobs=1, rate_mb=None) -> Run:
         out = self.ws.dir / f"fio-{backing}-{job}-{phase}.json"
         r = Run(backing, job, phase)
-        d0 = disk_written(self.ws.dir)
+        d0, c0 = disk_written(self.ws.dir), cpu_ticks()
         p = sh(*fio_args(dev, job, self.a.runtime, out, numjobs, self.a.size_mb << 20, rate_mb), check=False,
                timeout=self.a.runtime * 10 + 120)
         if p.returncode != 0:
@@ -245,6 +269,7 @@ class Bench:
         else:
             r.fio = fio_result(out)
             self._disk_rate(r, d0)
+            r.extra["busy_cores"] = busy_cores(c0)
         self.report(r)
         self.runs.append(r)
         return r
@@ -272,8 +297,9 @@ class Bench:
         cmd = self.trace_cmd(dev, log, stats) + ["--"] + fio_args(
             dev, job, self.a.runtime, out, numjobs, self.a.size_mb << 20, rate_mb)
         t0 = time.monotonic()
-        d0 = disk_written(self.ws.dir)
+        d0, c0 = disk_written(self.ws.dir), cpu_ticks()
         p = sh(*cmd, check=False, timeout=self.a.runtime * 10 + 300)
+        r.extra["busy_cores"] = busy_cores(c0)  # over the tracer's whole run
         r.extra["trace_wall_s"] = round(time.monotonic() - t0, 3)
         if p.returncode != 0 or not out.exists():
             r.error = f"blkrewind trace exited {p.returncode}: {p.stderr.strip().splitlines()[-1:] or ''}"
@@ -336,8 +362,131 @@ class Bench:
                 self.fio(dev, backing, job, "untraced2")
 
     def rate(self, dev: str) -> None:
-        self.fio(dev, "tmpfs", "seq1m", "rate-untraced", numjobs=2, rate_mb=self.a.rate_mb)
-        self.traced(dev, "tmpfs", "seq1m", "rate-traced", numjobs=2, rate_mb=self.a.rate_mb)
+        for mb in self.a.rate_mb or [None]:
+            at = f"@{mb}" if mb else ""
+            self.fio(dev, "tmpfs", "seq1m", "rate-untraced" + at, numjobs=2, rate_mb=mb)
+            self.traced(dev, "tmpfs", "seq1m", "rate-traced" + at, numjobs=2, rate_mb=mb)
+
+
+# --------------------------------------------------------------------------- interleaved
+def quiet(_msg: str) -> None:
+    pass
+
+
+def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet):
+    """An in-process Tracer (tracer/session.py) of dev, no baseline, LOG in log."""
+    sys.path.insert(0, str(ROOT))
+    from tracer.session import TraceOptions, Tracer
+    t = Tracer(TraceOptions(devices=[dev], log_dir=str(log), ring_bytes=ring_mb << 20,
+                            baseline=False), say=say_fn)
+    t.start()
+    t.run_baseline(None)
+    return t
+
+
+def queue_prog(t) -> str:
+    from tracer.capture import ATTACH
+    where = t.capture.attached["queue"]
+    return next(p for p, w in ATTACH["queue"] if w == where)
+
+
+def written_sectors(dev: str) -> int:
+    """Sectors the device has completed writing (/sys/block/X/stat, field 7)."""
+    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
+        return int(f.read().split()[6])
+
+
+def t95(n: int) -> float:
+    """Two-sided 95 % Student t quantile for n - 1 degrees of freedom (n >= 2)."""
+    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
+             10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}
+    df = max(1, n - 1)
+    return table[max(k for k in table if k <= df)]
+
+
+def drop_sealed_segments(log: Path, done: threading.Event) -> None:
+    """Delete every LOG segment but the newest while a long run goes on: the tracer still
+    writes every byte, but a LOG on a tmpfs (the stand-in for a second disk) must not fill
+    the memory (seq 1 MiB writes ~2 GB/s of it)."""
+    while not done.wait(0.2):
+        segs = sorted(log.glob("*.brlog"))
+        for f in segs[:-1]:
+            f.unlink(missing_ok=True)
+
+
+def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> dict:
+    """One fio run of a.interleaved_runtime seconds under one in-process tracer (resync and
+    checkpoints stopped); switch(tracer, on) turns `what` off and on every a.window seconds.
+    Each window's throughput comes from the device's completed-write counter, its BPF cost
+    from the kernel's BPF stats. Each "on" window is compared with the mean of the two "off"
+    windows around it, so the drift of the disk (page cache, file system, neighbours)
+    cancels: the mean on/off ratio and its 95 % confidence interval say what `what` costs,
+    and whether that is measurable at all."""
+    import statistics
+    from tracer import libbpf as L
+    log = ws.new_log()
+    out = ws.dir / f"fio-{job}-interleaved.json"
+    stats_fd = L.enable_run_stats()
+    t = start_tracer(dev, log, a.ring_mb)
+    windows: list[dict] = []
+    done = threading.Event()
+    janitor = threading.Thread(target=drop_sealed_segments, args=(log, done), daemon=True)
+    janitor.start()
+    try:
+        t.resync.stop(finish=False)
+        cap = t.capture
+        prog = queue_prog(t)
+        p = subprocess.Popen(fio_args(dev, job, a.interleaved_runtime, out),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # fio ramps up
+        on = False
+        switch(t, on)
+        t0, s0, (ns0, c0), b0 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+            cap.state().bios
+        end = t0 + a.interleaved_runtime - 2.0
+        while time.monotonic() + a.window <= end and p.poll() is None:
+            time.sleep(a.window)
+            t1, s1, (ns1, c1), b1 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+                cap.state().bios
+            windows.append({"on": on, "seconds": t1 - t0,
+                            "mb_s": (s1 - s0) * 512 / (t1 - t0) / MB,
+                            "bpf_ns_per_run": (ns1 - ns0) / max(1, c1 - c0),
+                            "bpf_ns_per_bio": (ns1 - ns0) / max(1, b1 - b0), "bios": b1 - b0})
+            on = not on
+            switch(t, on)
+            t0, s0, ns0, c0, b0 = t1, s1, ns1, c1, b1
+        p.wait(a.interleaved_runtime + 120)
+        st = t.capture.state().as_dict()
+    finally:
+        t.stop()
+        done.set()
+        janitor.join()
+        os.close(stats_fd)
+        shutil.rmtree(log, ignore_errors=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"fio: {(p.stderr.read() if p.stderr else '').strip()[-300:]}")
+    ratios = [w["mb_s"] / ((windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"]) / 2)
+              for i, w in enumerate(windows[1:-1], 1)
+              if w["on"] and windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"] > 0]
+    mean = statistics.mean(ratios)
+    half = t95(len(ratios)) * statistics.stdev(ratios) / len(ratios) ** 0.5
+    off = [w for w in windows if not w["on"]]
+    on_ = [w for w in windows if w["on"]]
+    r = {"job": job, "what": what, "pairs": len(ratios), "window_s": a.window, "ratio": mean,
+         "ci95": [mean - half, mean + half],
+         "off_mb_s": statistics.mean(w["mb_s"] for w in off),
+         "on_mb_s": statistics.mean(w["mb_s"] for w in on_),
+         "off_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in off),
+         "on_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in on_),
+         "off_ns_run": statistics.mean(w["bpf_ns_per_run"] for w in off),
+         "on_ns_run": statistics.mean(w["bpf_ns_per_run"] for w in on_),
+         "measurable": not (mean - half <= 1.0 <= mean + half),
+         "drops": st["drops"], "dirty_races": st["dirty_races"], "windows": windows}
+    say(f"  {job:6} interleaved, {what} off/on every {a.window} s: on/off {mean:.4f} (95 % CI "
+        f"{mean - half:.4f}..{mean + half:.4f}, {len(ratios)} pairs), off {r['off_mb_s']:.1f} "
+        f"MB/s, on {r['on_mb_s']:.1f} MB/s, BPF {r['off_ns_run']:.0f} -> {r['on_ns_run']:.0f} "
+        f"ns/run, drops {st['drops']}")
+    return r
 
 
 # --------------------------------------------------------------------------- summary
@@ -346,23 +495,28 @@ def summarize(runs: list[Run]) -> list[dict]:
     by = {(r.backing, r.job, r.phase): r for r in runs}
     keys = []
     for r in runs:
-        k = ("rate" if r.phase.startswith("rate") else "overhead", r.backing, r.job)
+        at = r.phase.partition("@")[2]
+        k = ("rate" if r.phase.startswith("rate") else "overhead", r.backing, r.job, at)
         if k not in keys:
             keys.append(k)
     rows = []
-    for mode, backing, job in keys:
-        phases = ("rate-untraced",) if mode == "rate" else ("untraced1", "untraced2")
+    for mode, backing, job, at in keys:
+        at = f"@{at}" if at else ""
+        phases = ("rate-untraced" + at,) if mode == "rate" else ("untraced1", "untraced2")
         u = [by.get((backing, job, p)) for p in phases]
-        t = by.get((backing, job, "rate-traced" if mode == "rate" else "traced"))
+        t = by.get((backing, job, "rate-traced" + at if mode == "rate" else "traced"))
         um = [x.fio["mb_s"] for x in u if x and x.fio]
         mean = sum(um) / len(um) if um else None
         row = {"mode": mode, "backing": backing, "job": job + (" x2" if mode == "rate" else ""),
+               "rate_mb": int(at[1:]) if at else None,
                "untraced1_mb_s": um[0] if um else None,
                "untraced2_mb_s": um[1] if len(um) > 1 else None,
                "untraced_mean_mb_s": mean,
                "traced_mb_s": t.fio["mb_s"] if t and t.fio else None,
                "disk_untraced_mb_s": _mean([x.extra.get("disk_mb_s") for x in u if x]),
-               "disk_traced_mb_s": t.extra.get("disk_mb_s") if t else None}
+               "disk_traced_mb_s": t.extra.get("disk_mb_s") if t else None,
+               "busy_untraced": _mean([x.extra.get("busy_cores") for x in u if x]),
+               "busy_traced": t.extra.get("busy_cores") if t else None}
         row["ratio"] = row["traced_mb_s"] / mean if row["traced_mb_s"] and mean else None
         if t and t.stats:
             row.update(delivered_mb_s=t.extra.get("delivered_mb_s"),
@@ -381,23 +535,28 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def job_label(row: dict) -> str:
+    return row["job"] + (f" @{row['rate_mb']}" if row.get("rate_mb") else "")
+
+
 def table(rows: list[dict]) -> str:
     def f(v, fmt):
         width = int("".join(ch for ch in fmt.split(".")[0] if ch.isdigit()) or 0)
         return "-".rjust(width) if v is None else format(v, fmt)
-    head = (f"{'mode':8} {'backing':7} {'job':9} {'untraced1':>9} {'untraced2':>9} {'mean':>9} "
+    head = (f"{'mode':8} {'backing':7} {'job':15} {'untraced1':>9} {'untraced2':>9} {'mean':>9} "
             f"{'disk:unt':>9} {'disk:trc':>9} "
-            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5}")
+            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5} {'cores:u':>7} {'cores:t':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['mode']:8} {r['backing']:7} {r['job']:9} {f(r['untraced1_mb_s'], '9.1f')} "
+            f"{r['mode']:8} {r['backing']:7} {job_label(r):15} {f(r['untraced1_mb_s'], '9.1f')} "
             f"{f(r['untraced2_mb_s'], '9.1f')} {f(r['untraced_mean_mb_s'], '9.1f')} "
             f"{f(r.get('disk_untraced_mb_s'), '9.1f')} {f(r.get('disk_traced_mb_s'), '9.1f')} "
             f"{f(r['traced_mb_s'], '9.1f')} {f(r['ratio'], '6.2f')} {f(r.get('delivered_mb_s'), '9.1f')} "
             f"{f(None if r.get('captured_fraction') is None else 100 * r['captured_fraction'], '7.1f')}"
             f"{'%' if r.get('captured_fraction') is not None else ' '} {f(r.get('drops'), '8d')} "
-            f"{f(r.get('consumer_cpu_pct'), '5.0f')}{' *' if r.get('drops') else ''}")
+            f"{f(r.get('consumer_cpu_pct'), '5.0f')} {f(r.get('busy_untraced'), '7.2f')} "
+            f"{f(r.get('busy_traced'), '7.2f')}{' *' if r.get('drops') else ''}")
     lines.append("MB/s of fio (10^6 B/s); ratio = traced / mean untraced; delivered = payload MB/s "
                  "captured into the LOG during the fio run; captured = captured payload / bytes fio "
                  "wrote; drops = records lost; CPU% = tracer process CPU / its wall time (100 = "
@@ -405,7 +564,9 @@ def table(rows: list[dict]) -> str:
                  "disk:unt / disk:trc = MB/s the disk under the backing file (and the LOG, "
                  "unless --log-dir puts it elsewhere) wrote during the untraced / traced runs: "
                  "when they are about equal, the disk's write rate is the limit and tracing "
-                 "shares it with the LOG (every byte is written twice).")
+                 "shares it with the LOG (every byte is written twice). cores:u / cores:t = "
+                 "busy cores of the whole machine during the untraced fio run / the traced "
+                 "run (its start and stop included).")
     if any(r.get("drops") for r in rows):
         lines.append("* records were dropped (ring buffer full): fio did not pay for copying them, so "
                      "this ratio understates the cost of capturing every write; see captured.")
@@ -432,7 +593,8 @@ def machine() -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--mode", choices=["overhead", "rate", "all"], default="overhead")
+    ap.add_argument("--mode", choices=["overhead", "interleaved", "rate", "all"],
+                    default="overhead")
     ap.add_argument("--runtime", type=int, default=8, help="seconds per fio run (8)")
     ap.add_argument("--size-mb", type=int, default=1024, help="size of each loop device (1024)")
     ap.add_argument("--backing", choices=["disk", "tmpfs", "both"], default="both",
@@ -440,9 +602,15 @@ def main() -> int:
     ap.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
     ap.add_argument("--log-dir", type=Path, help="where the LOGs go (default: next to the disk "
                     "backing file, under /var/tmp/blkrewind-bench)")
-    ap.add_argument("--rate-mb", type=int, help="rate mode: cap fio at this many MB/s in total "
+    ap.add_argument("--rate-mb", type=int, nargs="+", help="rate mode: cap fio at this many "
+                    "MB/s in total; several values: one untraced and one traced run each "
                     "(default: as fast as it goes)")
-    ap.add_argument("--ring-mb", type=int, help="pass --ring-mb to blkrewind trace")
+    ap.add_argument("--ring-mb", type=int, help="pass --ring-mb to blkrewind trace "
+                    "(interleaved: the tracer's ring, default 128)")
+    ap.add_argument("--interleaved-runtime", type=int, default=60,
+                    help="interleaved: seconds of the fio run per job (60)")
+    ap.add_argument("--window", type=float, default=0.5,
+                    help="interleaved: seconds per setting (0.5)")
     ap.add_argument("--baseline", action="store_true", help="let the tracer read the baseline "
                     "(by default --no-baseline: fio starts at once)")
     ap.add_argument("--no-trace", action="store_true", help="untraced runs only")
@@ -465,20 +633,31 @@ def main() -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     ws = Workspace(a.log_dir)
     bench = Bench(a, ws)
+    inter: list[dict] = []
     try:
         size = a.size_mb << 20
         devs: dict[str, str] = {}
-        if a.mode in ("overhead", "all") and a.backing in ("disk", "both"):
+        if a.mode == "interleaved" or a.mode in ("overhead", "all") and a.backing in ("disk", "both"):
             say(f"setting up: {a.size_mb} MiB fully allocated file on {ws.dir} (direct I/O loop)")
             devs["disk"] = ws.disk_loop(size)
-        if a.mode in ("rate", "all") or a.backing in ("tmpfs", "both"):
+        if a.mode in ("rate", "all") or a.mode != "interleaved" and a.backing in ("tmpfs", "both"):
             say(f"setting up: {a.size_mb} MiB file on a tmpfs (loop)")
             devs["tmpfs"] = ws.tmpfs_loop(size)
-        if a.no_trace:
+        if a.mode == "interleaved":
+            a.ring_mb = a.ring_mb or 128
+            say(f"interleaved: one fio run of {a.interleaved_runtime} s per job, capture of "
+                f"{devs['disk']} switched every {a.window} s; LOG under {ws.log_parent}")
+
+            def capture(t, on: bool) -> None:
+                t.capture.set_traced(t.devs[0].kdev, on)
+            for job in a.jobs:
+                inter.append(interleaved_run(a, ws, devs["disk"], job, "capture", capture))
+        elif a.no_trace:
             bench.trace_error = "not traced (--no-trace)"
         else:
             bench.probe_trace(next(iter(devs.values())))
-        say(f"fio, {a.runtime} s per run: {', '.join(f'{k} {v}' for k, v in devs.items())}")
+        if a.mode != "interleaved":
+            say(f"fio, {a.runtime} s per run: {', '.join(f'{k} {v}' for k, v in devs.items())}")
         if a.mode in ("overhead", "all"):
             bench.overhead({k: v for k, v in devs.items() if a.backing in (k, "both")})
         if a.mode in ("rate", "all"):
@@ -487,12 +666,22 @@ def main() -> int:
         ws.close()
     rows = summarize(bench.runs)
     result = {"started": started, "machine": machine(), "args": {k: str(v) for k, v in vars(a).items()},
-              "trace_error": bench.trace_error, "summary": rows,
+              "trace_error": bench.trace_error, "summary": rows, "interleaved": inter,
               "runs": [r.as_dict() for r in bench.runs]}
     out = a.out or RESULTS / f"capture-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if inter:
+        print("| job | LOG | pairs | capture off | on | on/off | 95 % CI | BPF ns/run off | on |"
+              " drops |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in inter:
+            print(f"| {r['job']} | {ws.log_parent} | {r['pairs']} x {r['window_s']} s | "
+                  f"{r['off_mb_s']:.1f} MB/s | {r['on_mb_s']:.1f} MB/s | **{r['ratio']:.3f}** | "
+                  f"{r['ci95'][0]:.3f}..{r['ci95'][1]:.3f} | {r['off_ns_run']:.0f} | "
+                  f"{r['on_ns_run']:.0f} | {r['drops']} |")
     if bench.trace_error:
         print(f"traced runs: {bench.trace_error}")
     print(f"results: {out}")

@@ -42,30 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_capture import (JOBS, RESULTS, Workspace, fio_args, fio_result, machine, say,  # noqa: E402
-                           sh)
+from bench_capture import (JOBS, RESULTS, Workspace, fio_args, fio_result,  # noqa: E402
+                           interleaved_run, machine, queue_prog, say, sh, start_tracer)
 from tracer import libbpf as L  # noqa: E402
-from tracer.capture import ATTACH  # noqa: E402
-from tracer.session import TraceOptions, Tracer  # noqa: E402
 
 MB = 1e6
-
-
-def quiet(_msg: str) -> None:
-    pass
-
-
-def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet) -> Tracer:
-    t = Tracer(TraceOptions(devices=[dev], log_dir=str(log), ring_bytes=ring_mb << 20,
-                            baseline=False), say=say_fn)
-    t.start()
-    t.run_baseline(None)
-    return t
-
-
-def queue_prog(t: Tracer) -> str:
-    where = t.capture.attached["queue"]
-    return next(p for p, w in ATTACH["queue"] if w == where)
 
 
 def cost_run(a, ws: Workspace, dev: str, job: str, dirty: bool, idx: int) -> dict:
@@ -97,86 +78,6 @@ def cost_run(a, ws: Workspace, dev: str, job: str, dirty: bool, idx: int) -> dic
     say(f"  {job:6} dirty map {'on ' if dirty else 'off'} {r['mb_s']:8.1f} MB/s  "
         f"BPF {r['bpf_ns_per_bio']:7.0f} ns/bio ({r['bpf_ns_per_run']:6.0f} ns/run)  "
         f"drops {r['drops']}")
-    return r
-
-
-def written_sectors(dev: str) -> int:
-    """Sectors the device has completed writing (/sys/block/X/stat, field 7)."""
-    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
-        return int(f.read().split()[6])
-
-
-def t95(n: int) -> float:
-    """Two-sided 95 % Student t quantile for n - 1 degrees of freedom (n >= 2)."""
-    table = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26,
-             10: 2.23, 12: 2.18, 15: 2.13, 20: 2.09, 25: 2.06, 30: 2.04, 40: 2.02, 60: 2.00}
-    df = max(1, n - 1)
-    return table[max(k for k in table if k <= df)]
-
-
-def interleaved_run(a, ws: Workspace, dev: str, job: str) -> dict:
-    """One fio run of a.runtime_interleaved seconds under one tracer; the dirty map is
-    switched off and on every a.window seconds. Each window's throughput comes from the
-    device's completed-write counter, its BPF cost from the kernel's BPF stats. Adjacent
-    (off, on) windows make pairs: the mean on/off ratio and its 95 % confidence interval say
-    whether the dirty map's cost is measurable at all: each "on" window is compared with the
-    mean of the two "off" windows around it, so the drift of the disk (page cache, file
-    system, neighbours) cancels."""
-    log = ws.new_log()
-    out = ws.dir / f"fio-{job}-interleaved.json"
-    stats_fd = L.enable_run_stats()
-    t = start_tracer(dev, log, a.ring_mb)
-    windows: list[dict] = []
-    try:
-        t.resync.stop(finish=False)
-        cap = t.capture
-        prog = queue_prog(t)
-        import subprocess
-        p = subprocess.Popen(fio_args(dev, job, a.interleaved_runtime, out),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(1.0)  # fio ramps up
-        dirty = False
-        cap.set_dirty_tracking(dirty)
-        t0, s0, (ns0, c0), b0 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
-            cap.state().bios
-        end = t0 + a.interleaved_runtime - 2.0
-        while time.monotonic() + a.window <= end and p.poll() is None:
-            time.sleep(a.window)
-            t1, s1, (ns1, c1), b1 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
-                cap.state().bios
-            windows.append({"dirty": dirty, "seconds": t1 - t0,
-                            "mb_s": (s1 - s0) * 512 / (t1 - t0) / MB,
-                            "bpf_ns_per_bio": (ns1 - ns0) / max(1, b1 - b0), "bios": b1 - b0})
-            dirty = not dirty
-            cap.set_dirty_tracking(dirty)
-            t0, s0, ns0, c0, b0 = t1, s1, ns1, c1, b1
-        p.wait(a.interleaved_runtime + 120)
-        st = t.capture.state().as_dict()
-    finally:
-        t.stop()
-        os.close(stats_fd)
-        shutil.rmtree(log, ignore_errors=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"fio: {(p.stderr.read() if p.stderr else '').strip()[-300:]}")
-    # each "on" window against the mean of the "off" windows around it (linear drift cancels)
-    ratios = [w["mb_s"] / ((windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"]) / 2)
-              for i, w in enumerate(windows[1:-1], 1)
-              if w["dirty"] and windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"] > 0]
-    mean = statistics.mean(ratios)
-    half = t95(len(ratios)) * statistics.stdev(ratios) / len(ratios) ** 0.5
-    off = [w for w in windows if not w["dirty"]]
-    on = [w for w in windows if w["dirty"]]
-    r = {"job": job, "pairs": len(ratios), "window_s": a.window, "ratio": mean,
-         "ci95": [mean - half, mean + half],
-         "off_mb_s": statistics.mean(w["mb_s"] for w in off),
-         "on_mb_s": statistics.mean(w["mb_s"] for w in on),
-         "off_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in off),
-         "on_ns_bio": statistics.mean(w["bpf_ns_per_bio"] for w in on),
-         "measurable": not (mean - half <= 1.0 <= mean + half),
-         "drops": st["drops"], "dirty_races": st["dirty_races"], "windows": windows}
-    say(f"  {job:6} interleaved: on/off {mean:.4f} (95 % CI {mean - half:.4f}..{mean + half:.4f}, "
-        f"{len(ratios)} pairs of {a.window} s), off {r['off_mb_s']:.1f} MB/s, on "
-        f"{r['on_mb_s']:.1f} MB/s, BPF {r['off_ns_bio']:.0f} -> {r['on_ns_bio']:.0f} ns/bio")
     return r
 
 
@@ -280,7 +181,9 @@ def main() -> int:
             say(f"cost, interleaved: one fio run of {a.interleaved_runtime} s per job, the dirty "
                 f"map switched every {a.window} s")
             for job in a.jobs:
-                inter.append(interleaved_run(a, ws, dev, job))
+                inter.append(interleaved_run(
+                    a, ws, dev, job, "dirty map",
+                    lambda t, on: t.capture.set_dirty_tracking(on)))
         if "resync" not in a.skip:
             say("resync vs dd")
             for scenario in ("contiguous", "scattered"):
