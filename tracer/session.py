@@ -42,7 +42,7 @@ from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout
 from tracer.resync import Resync
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 from tracer.log import (LogFull, LogLock, LogWriter, encode_span, kernel_seq, last_stamp,
                         list_segments, repair, tail_kernel_seqs)
@@ -379,7 +379,14 @@ class Tracer:
                 if view is not None:
                     if self._watch_old or self.resync.watching:
                         self._scan_old(view)
-                    fut = self._encoders.submit(encode_span, view, self.opts.lz4_level)
+                    if view.nbytes < BATCH_BYTES:
+                        # a small span is encoded here: handing it to an encoder thread
+                        # and back costs two wake-ups, more than lz4 on it (at 50k 4 KiB
+                        # writes a second: ~500 such spans)
+                        fut = Future()
+                        fut.set_result(encode_span(view, self.opts.lz4_level))
+                    else:
+                        fut = self._encoders.submit(encode_span, view, self.opts.lz4_level)
                     # the writer gets the view only for its size: its bytes may be
                     # reused by the kernel once the span is encoded and released
                     self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut),
