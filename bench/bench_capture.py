@@ -225,15 +225,19 @@ def busy_cores(t0: tuple[int, int]) -> float:
     return (os.cpu_count() or 1) * (t1[0] - t0[0]) / max(1, t1[1] - t0[1])
 
 
-def disk_written(path: Path) -> int | None:
-    """Bytes the block device holding path has completed writing (its /sys stat; None when
-    it is not a block device, e.g. a tmpfs)."""
-    st = os.stat(path)
+def _written(dev: int) -> int | None:
+    """Bytes the block device dev (a dev_t) has completed writing (/sys stat, field 7 in
+    sectors); None when it is not a block device (e.g. a tmpfs's)."""
     try:
-        with open(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/stat") as f:
+        with open(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat") as f:
             return int(f.read().split()[6]) * 512
     except (OSError, IndexError, ValueError):
         return None
+
+
+def disk_written(path: Path) -> int | None:
+    """Bytes the block device holding path has completed writing."""
+    return _written(os.stat(path).st_dev)
 
 
 @dataclass
@@ -390,10 +394,12 @@ def queue_prog(t) -> str:
     return next(p for p, w in ATTACH["queue"] if w == where)
 
 
-def written_sectors(dev: str) -> int:
-    """Sectors the device has completed writing (/sys/block/X/stat, field 7)."""
-    with open(f"/sys/block/{os.path.basename(dev)}/stat") as f:
-        return int(f.read().split()[6])
+def device_written(dev: str) -> int:
+    """Bytes the block device dev (a path) has completed writing."""
+    n = _written(os.stat(dev).st_rdev)
+    if n is None:
+        raise RuntimeError(f"{dev}: no write counter in /sys")
+    return n
 
 
 def t95(n: int) -> float:
@@ -441,15 +447,15 @@ def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> 
         time.sleep(1.0)  # fio ramps up
         on = False
         switch(t, on)
-        t0, s0, (ns0, c0), b0 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+        t0, s0, (ns0, c0), b0 = time.monotonic(), device_written(dev), cap.prog_stats(prog), \
             cap.state().bios
         end = t0 + a.interleaved_runtime - 2.0
         while time.monotonic() + a.window <= end and p.poll() is None:
             time.sleep(a.window)
-            t1, s1, (ns1, c1), b1 = time.monotonic(), written_sectors(dev), cap.prog_stats(prog), \
+            t1, s1, (ns1, c1), b1 = time.monotonic(), device_written(dev), cap.prog_stats(prog), \
                 cap.state().bios
             windows.append({"on": on, "seconds": t1 - t0,
-                            "mb_s": (s1 - s0) * 512 / (t1 - t0) / MB,
+                            "mb_s": (s1 - s0) / (t1 - t0) / MB,
                             "bpf_ns_per_run": (ns1 - ns0) / max(1, c1 - c0),
                             "bpf_ns_per_bio": (ns1 - ns0) / max(1, b1 - b0), "bios": b1 - b0})
             on = not on

@@ -15,3 +15,20 @@ def fsync_dir(path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def mount_of(path: str) -> tuple[str, str]:
+    """(file system type, mount source) of the mount holding path, an absolute path (taken as
+    it is: symlinks are not resolved), from /proc/self/mountinfo; ("", "") if unreadable."""
+    best, found = "", ("", "")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                mnt = left.split()[4].encode().decode("unicode_escape")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    fstype, source = right.split()[:2]
+                    best, found = mnt, (fstype, source.encode().decode("unicode_escape"))
+    except (OSError, IndexError, ValueError):
+        return "", ""
+    return found

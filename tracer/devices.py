@@ -9,6 +9,7 @@ from pathlib import Path
 
 from blkrewind import record
 from blkrewind.errors import UserError
+from blkrewind.osutil import mount_of
 
 
 @dataclass
@@ -126,7 +127,7 @@ def check_log_location(log_dir: str, devs: list[BlockDevice]) -> str | None:
         path = os.path.dirname(path)
     st = os.stat(path)
     names = {d.name: d for d in devs}
-    fstype, source = _mount_of(path)
+    fstype, source = mount_of(path)
     chain = _underlying(os.major(st.st_dev), os.minor(st.st_dev))
     if not chain and source.startswith("/"):  # btrfs and others: an anonymous st_dev
         try:
@@ -146,22 +147,6 @@ def check_log_location(log_dir: str, devs: list[BlockDevice]) -> str | None:
         return (f"the LOG {log_dir} is on a {fstype}: it lives in memory, is lost at reboot, "
                 f"and a LOG outgrowing the memory invokes the OOM killer")
     return None
-
-
-def _mount_of(path: str) -> tuple[str, str]:
-    """(file system type, mount source) of the mount holding path (/proc/self/mountinfo)."""
-    best, found = "", ("", "")
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                mnt = left.split()[4].encode().decode("unicode_escape")
-                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                    fstype, source = right.split()[:2]
-                    best, found = mnt, (fstype, source.encode().decode("unicode_escape"))
-    except (OSError, IndexError, ValueError):
-        return "", ""
-    return found
 
 
 def write_inflight(dev: BlockDevice) -> int | None:

@@ -28,6 +28,8 @@ import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 
+from blkrewind.osutil import mount_of
+
 PIN_ROOT = "/sys/fs/bpf/blkrewind"
 REG_DIR = "/run/blkrewind/pinned"
 BPFFS = "/sys/fs/bpf"
@@ -66,11 +68,7 @@ def boot_id() -> str:
 def bpffs_problem() -> str | None:
     """None when BPFFS is a mounted bpf file system (mounted here if it was not)."""
     def mounted() -> bool:
-        try:
-            with open("/proc/self/mounts") as f:
-                return any(ln.split()[1:3] == [BPFFS, "bpf"] for ln in f if len(ln.split()) > 2)
-        except OSError:
-            return False
+        return mount_of(BPFFS)[0] == "bpf"  # only a bpffs mounted on BPFFS itself has this type
     if mounted():
         return None
     try:

@@ -54,11 +54,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from replayer.points import fmt_time
-    from replayer.prune import prune
-    from replayer.store import Store
-
-    from replayer.prune import Result
+    from replayer.prune import Result, prune
     from replayer.query import RemoteConnection, server_running
+    from replayer.store import Store
 
     keep = parse_duration(args.keep)
     jobs = max(1, min(64, args.jobs))
