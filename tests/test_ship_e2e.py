@@ -1031,6 +1031,11 @@ def test_netlab_links_cut_and_cleanup(netlab):
             a.run("python3", "-c", code)
             srv.accept()[0].close()
         p = a.popen("sleep", "60")
+        # nsenter joins the namespace after fork, so the pid shows up there a moment later
+        deadline = time.monotonic() + 10
+        while p.pid not in a.pids() and time.monotonic() < deadline:
+            assert p.poll() is None, "the process in the namespace exited"
+            time.sleep(0.02)
         assert p.pid in a.pids()
     finally:
         srv.close()
