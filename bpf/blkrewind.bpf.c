@@ -53,6 +53,9 @@ struct br_cfg {
 	__u32 piece;           /* payload bytes per record (<= BR_MAX_PIECE) */
 	__u32 dirty;           /* 1: keep the dirty map (the default; 0 only for benches) */
 	__u32 pad;
+	__u64 dev_bloom;       /* bit dev_bit(d) set for every dev_t d in dev_map: a bio or
+				* request whose device and disk bits are both clear is not
+				* traced, known without a hash lookup */
 };
 
 struct br_state {
@@ -187,6 +190,20 @@ static __always_inline void count_drop(struct br_state *s, __u64 bytes)
 	next_seq(s);  /* a lost record still consumes its number: the gap shows */
 	__sync_fetch_and_add(&s->drops, 1);
 	__sync_fetch_and_add(&s->drop_bytes, bytes);
+}
+
+/* the bit of a dev_t in cfg.dev_bloom (tracer/capture.py dev_bit computes the same) */
+static __always_inline __u64 dev_bit(__u32 dev)
+{
+	return 1ULL << ((dev * 0x9E3779B1u) >> 26);
+}
+
+/* Not traced for sure: the early exit of every bio and request of every device on the
+ * machine, traced or not (hundreds of ns with hash lookups and probe reads; a few with
+ * the bloom bits and the tp_btf programs' plain loads). */
+static __always_inline int surely_untraced(struct br_cfg *c, __u32 dev, __u32 disk)
+{
+	return !c->calib_tgid && !(c->dev_bloom & (dev_bit(dev) | dev_bit(disk)));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -463,18 +480,20 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		__sync_fetch_and_add(&s->truncs, 1);
 }
 
-static __always_inline int handle_bio(struct bio *bio)
+/* dev: the bio's bdev's dev_t, disk: its disk's (read by the caller: plain loads in tp_btf) */
+static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk)
 {
 	__u32 k = 0;
 	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
-	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
 
-	if (!c || !s || !c->enabled)
+	if (!c || !c->enabled || surely_untraced(c, dev, disk))
+		return 0;
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+	if (!s)
 		return 0;
 
 	__u64 pt = bpf_get_current_pid_tgid();
 	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
 	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
 	__u64 part_start = BPF_CORE_READ(bdev, bd_start_sect);
@@ -497,7 +516,6 @@ static __always_inline int handle_bio(struct bio *bio)
 				sector = 0;
 		} else {
 			/* a partition of a traced disk: sectors stay absolute */
-			__u32 disk = BPF_CORE_READ(bdev, bd_disk, part0, bd_dev);
 			d = bpf_map_lookup_elem(&dev_map, &disk);
 			if (!d || d->traced != 1)
 				return 0;
@@ -538,13 +556,17 @@ static __always_inline int handle_bio(struct bio *bio)
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(capture_btf, struct bio *bio)
 {
-	return handle_bio(bio);
+	struct block_device *bdev = bio->bi_bdev;  /* BTF pointers: plain loads */
+
+	return handle_bio(bio, bdev->bd_dev, bdev->bd_disk->part0->bd_dev);
 }
 
 SEC("raw_tp/block_bio_queue")
 int BPF_PROG(capture_raw, struct bio *bio)
 {
-	return handle_bio(bio);
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+
+	return handle_bio(bio, BPF_CORE_READ(bdev, bd_dev), BPF_CORE_READ(bdev, bd_disk, part0, bd_dev));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -614,32 +636,35 @@ static __always_inline void note_error(struct br_state *s, __u32 dev, __u64 sect
 	__sync_lock_test_and_set(&e->n, n + 1);  /* last: the slot is complete */
 }
 
-static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
+/* opf: rq->cmd_flags; part: rq->part, pdev: its dev_t (0 without part); disk: the dev_t of
+ * the request queue's disk (read by the caller: plain loads in tp_btf) */
+static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes,
+					  __u32 opf, struct block_device *part, __u32 pdev,
+					  __u32 disk)
 {
-	__u32 k = 0;
-	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
-	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
-
-	if (!c || !s || !c->enabled)
-		return 0;
-	__u32 opf = BPF_CORE_READ(rq, cmd_flags);
 	__u8 op = norm_op(opf);
 	if (op == BR_OP_NONE || op == BR_OP_FLUSH)
+		return 0;
+	__u32 k = 0;
+	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
+	if (!c || !c->enabled || surely_untraced(c, pdev, disk))
+		return 0;
+	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
+	if (!s)
 		return 0;
 	__u64 bio = (__u64)BPF_CORE_READ(rq, bio);
 	if (!bio)
 		return 0;
-	struct block_device *part = BPF_CORE_READ(rq, part);
 	__u32 dev = 0;
 	__u64 part_start = 0;
 	struct br_dev *d = 0;
 	if (part) {
-		dev = BPF_CORE_READ(part, bd_dev);
+		dev = pdev;
 		part_start = BPF_CORE_READ(part, bd_start_sect);
 		d = bpf_map_lookup_elem(&dev_map, &dev);
 	}
 	if (!d || d->traced != 1) {
-		dev = BPF_CORE_READ(rq, q, disk, part0, bd_dev);
+		dev = disk;
 		part_start = 0;
 		d = bpf_map_lookup_elem(&dev_map, &dev);
 		if (!d || d->traced != 1)
@@ -681,13 +706,20 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(rqdone_btf, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	return handle_rq_done(rq, error, nr_bytes);
+	struct block_device *part = rq->part;  /* BTF pointers: plain loads */
+
+	return handle_rq_done(rq, error, nr_bytes, rq->cmd_flags, part, part ? part->bd_dev : 0,
+			      rq->q->disk->part0->bd_dev);
 }
 
 SEC("raw_tp/block_rq_complete")
 int BPF_PROG(rqdone_raw, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	return handle_rq_done(rq, error, nr_bytes);
+	struct block_device *part = BPF_CORE_READ(rq, part);
+
+	return handle_rq_done(rq, error, nr_bytes, BPF_CORE_READ(rq, cmd_flags), part,
+			      part ? BPF_CORE_READ(part, bd_dev) : 0,
+			      BPF_CORE_READ(rq, q, disk, part0, bd_dev));
 }
 
 /* bio-based devices (dm, md) complete bios, not requests */

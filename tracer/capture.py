@@ -40,7 +40,13 @@ class Cfg(ctypes.Structure):
     _fields_ = [("page_offset_base", ctypes.c_uint64), ("vmemmap_base", ctypes.c_uint64),
                 ("enabled_ktime", ctypes.c_uint64), ("page_struct_size", ctypes.c_uint32),
                 ("enabled", ctypes.c_uint32), ("calib_tgid", ctypes.c_uint32),
-                ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+                ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("dev_bloom", ctypes.c_uint64)]
+
+
+def dev_bit(kdev: int) -> int:
+    """The bit of a dev_t in cfg.dev_bloom (bpf/blkrewind.bpf.c dev_bit)."""
+    return 1 << (((kdev * 0x9E3779B1) & 0xFFFFFFFF) >> 26)
 
 
 STATE_FIELDS = ("stamp", "seq", "drops", "drop_bytes", "bios", "bytes", "read_errs", "truncs",
@@ -274,6 +280,9 @@ class Capture:
             dev.region_shift, dev.region_base, dev.nregions = (regions.shift, regions.base,
                                                                regions.count)
         L.map_update(self.fd["dev_map"], ctypes.c_uint32(kdev), dev)
+        if not self.cfg.dev_bloom & dev_bit(kdev):  # after the entry: its bios then find it
+            self.cfg.dev_bloom |= dev_bit(kdev)
+            self.push_cfg()
 
     def set_traced(self, kdev: int, on: bool) -> None:
         """Stop or restart capturing a device added before (its bios then pass untouched, not
