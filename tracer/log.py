@@ -287,8 +287,9 @@ def _tune_malloc() -> None:
 # ------------------------------------------------------------------------------------ writing
 DEFAULT_LEVEL = -10          # lz4 acceleration 10: most of level 0's gain on file-system data
 FAST_LEVEL = -100            # spans that hardly compress: 2.1 -> 7.4 GB/s on fio's payload
-SAMPLE = 256 << 10           # the sample that decides (~30-70 us): a 16th of the span ...
-SAMPLE_MIN = 256 << 10       # ... of at least this (smaller spans: lz4 as asked), 64-256 KiB
+SAMPLE = 256 << 10           # the sample that decides (~30-70 us): a 16th of the span, ...
+SAMPLE_FLOOR = 4 << 10       # ... 4-256 KiB, ...
+SAMPLE_MIN = 16 << 10        # ... of a span of at least this (smaller ones: lz4 as asked)
 SAMPLE_KEEPS = 0.9           # ... a sample that lz4 cannot shrink below this: FAST_LEVEL
 SAMPLE_RAW = 0.93            # ... nor below this: stored as is (FL_RAW; FAST_LEVEL would save
                              # 0.3-2 % on such data: fio 1 MiB writes sample at 0.94-0.98)
@@ -317,7 +318,7 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
     can encode the next span while the writer thread writes (append(..., body=)); span may be
     a view into the ring buffer, which the body never references.
 
-    adaptive: a sample from the middle of the span (a 16th of it, 64-256 KiB) decides. If lz4
+    adaptive: a sample from the middle of the span (a 16th of it, 4-256 KiB) decides. If lz4
     shrinks it below SAMPLE_KEEPS: lz4 at compression_level; below SAMPLE_RAW: lz4 at
     FAST_LEVEL (nearly as small on such data, 3x faster); else the span is stored as is
     (random, encrypted or already compressed payload: one copy instead of a pass of lz4 that
@@ -329,8 +330,8 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
     mv = memoryview(span).cast("B")
     level = compression_level
     if adaptive and level > FAST_LEVEL and mv.nbytes >= SAMPLE_MIN:
-        n = max(SAMPLE_MIN // 4, min(SAMPLE, mv.nbytes // 16))
-        mid = (mv.nbytes // 2) & ~4095
+        n = max(SAMPLE_FLOOR, min(SAMPLE, mv.nbytes // 16))
+        mid = min((mv.nbytes // 2) & ~4095, mv.nbytes - n)
         kept = len(_compress(mv[mid:mid + n], DEFAULT_LEVEL)) / n
         if kept > SAMPLE_RAW:
             data = bytearray(mv)  # the copy out of the ring buffer
