@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import select
-import struct
 
 from blkrewind.record import RB_BUSY, RB_DISCARD, RB_LEN_MASK
 
@@ -26,7 +25,6 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
                        ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 PAGE = mmap.PAGESIZE
-_U32 = struct.Struct("<I").unpack_from
 
 
 def _mmap(fd: int, length: int, prot: int, offset: int) -> int:
@@ -49,6 +47,7 @@ class RingConsumer:
         self._prod = ctypes.c_uint64.from_address(self._prod_addr)
         self._data = (ctypes.c_char * (2 * size)).from_address(self._prod_addr + PAGE)
         self._view = memoryview(self._data).cast("B")
+        self._words = self._view.cast("I")  # record prefixes: 8-byte aligned u32s
         self._ep = select.epoll()
         self._ep.register(fd, select.EPOLLIN)
         self.records = 0
@@ -70,10 +69,10 @@ class RingConsumer:
         cons = self._cons.value if pos is None else pos
         prod = self._prod.value
         limit = min(prod, cons + self.max_span)
-        view, mask = self._view, self.mask
+        words, mask = self._words, self.mask
         end, n = cons, 0
         while end < limit:
-            word = _U32(view, end & mask)[0]
+            word = words[(end & mask) >> 2]
             if word & RB_BUSY:
                 break
             if not word & RB_DISCARD:
@@ -81,7 +80,7 @@ class RingConsumer:
             end += ((word & RB_LEN_MASK) + 8 + 7) & ~7
         if end == cons:
             return None, 0, cons
-        start = cons & mask
+        view, start = self._view, cons & mask
         self.records += n
         self.bytes += end - cons
         return view[start:start + (end - cons)], n, end
@@ -111,6 +110,7 @@ class RingConsumer:
         self._ep.close()
         self._ep = None
         try:
+            self._words.release()
             self._view.release()
         except BufferError:  # views handed out by peek(); never read after close
             pass
