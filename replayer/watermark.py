@@ -384,7 +384,8 @@ def _resyncs_of(points: list[tuple]) -> dict[int, list[dict]]:
             if not isinstance(since, int):
                 continue
             starts[stamp] = {"dev": int(dev), "start": stamp, "since": since,
-                             "end": None, "cause": obj.get("cause") or "?"}
+                             "end": None, "cause": obj.get("cause") or "?",
+                             "unseen": obj.get("unseen") is True}
         elif isinstance(obj.get("start"), int):
             ends.setdefault((int(dev), int(obj["start"])), stamp)
     out: dict[int, list[dict]] = {}
@@ -471,6 +472,12 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
                 if pr[1] is not None:
                     cache[pr[0]] = pr[1]
         windows = device_windows(runs, resyncs.get(dev, []), after)
+        # a loss no stamp shows (a write the kernel's queue program never saw, so it has no
+        # stamp: tracer/resync.py SKIPPED): nothing in [since, resync_end) is restorable
+        unseen = [(r["since"], r["end"], r["since"], r) for r in resyncs.get(dev, [])
+                  if r.get("unseen") and (after is None or r["since"] > after)]
+        if unseen:
+            windows = sorted(windows + unseen, key=lambda w: w[0])
         # a resync_end whose frames are not all stored yet (its chunks may be missing):
         # the device is not restorable from it on, for now
         unheld = next((st for st, what, d, _p, _t, held in points
@@ -494,6 +501,12 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
             rows.append((session, dev, a, b, tns(a), tn))
         for g, resumed, lo, r in windows:
             run = next((x for x in runs if x[0] <= g <= x[1]), None)
+            if r is not None and r.get("unseen") and g == r["since"]:
+                wins.append((session, dev, g, None if resumed is None else resumed - 1, resumed,
+                             wtns(g), tns(resumed) if resumed is not None else None, 0,
+                             r["cause"], "a write the kernel's BPF program did not see (no "
+                             "stamp): any of these points may lack it"))
+                continue
             if run is None:  # the unheld resync_end above
                 wins.append((session, dev, g, None, None, tns(g), None, 0,
                              "resync not stored completely yet",

@@ -193,6 +193,7 @@ class Capture:
         self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
         self._owned_fds: list[int] = []
         self.attached: dict[str, str] = {}
+        self._run_fds: list[int] = []  # the attached programs (missed_runs)
         self.dirty_regions = max(1, dirty_regions)
         self._ncpu = _possible_cpus()
         self._dirty_mm: mmap.mmap | None = None
@@ -221,6 +222,15 @@ class Capture:
             for p in PROGS:
                 self._progs[p] = L.obj_get(os.path.join(pin_dir, p))
                 self._owned_fds.append(self._progs[p])
+            self._run_fds = []
+            for name in sorted(os.listdir(pin_dir)):
+                if name.startswith("link_"):
+                    link = L.obj_get(os.path.join(pin_dir, name))
+                    try:
+                        self._run_fds.append(L.link_prog_fd(link))
+                        self._owned_fds.append(self._run_fds[-1])
+                    finally:
+                        os.close(link)
         except L.BpfError as e:
             self._close_fds()
             raise UserError(f"cannot open the pinned capture in {pin_dir}: {e.strerror}") from None
@@ -254,6 +264,7 @@ class Capture:
                 try:
                     self.obj.attach(prog)
                     self.attached[what] = where
+                    self._run_fds.append(self.obj.prog_fd(prog))
                     break
                 except L.BpfError as e:
                     errors.append(f"{where}: {e.strerror}")
@@ -360,6 +371,17 @@ class Capture:
     def state(self) -> State:
         return L.map_lookup(self.fd["state_map"], K0, State())
 
+    def missed_runs(self) -> int:
+        """Runs of the attached bio and completion programs the kernel skipped because the
+        program was already running on that CPU (an interrupt reached the same tracepoint).
+        A skipped queue run is a bio without stamp, record or dirty-map mark: only a resync
+        of the whole device repairs it (tracer/resync.py). Never seen in the benches."""
+        return sum(L.prog_misses(fd) for fd in self._run_fds) + _injected_misses()
+
+    def counters(self) -> dict[str, int]:
+        """The loss and progress counters: state() and missed_runs() ("missed")."""
+        return {**self.state().as_dict(), "missed": self.missed_runs()}
+
     # -- points and marks ---------------------------------------------------
     def point(self, rtype: int, payload: bytes, tgid: int = 0, tid: int = 0,
               comm: bytes = b"") -> tuple[int, bool]:
@@ -439,6 +461,19 @@ class Capture:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _injected_misses() -> int:
+    """Fault injection for tests (tests/test_resync.py): skipped runs cannot be caused on
+    purpose, so BLKREWIND_TEST_MISSED_RUNS names a file whose number is added to the count."""
+    path = os.environ.get("BLKREWIND_TEST_MISSED_RUNS")
+    if not path:
+        return 0
+    try:
+        with open(path) as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def time_ns_monotonic() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
                                                   ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t)
@@ -73,6 +74,8 @@ _SIGNATURES = [
     ("bpf_link__fd", c_int, [c_vp]),
     ("bpf_obj_pin", c_int, [c_int, c_char_p]),
     ("bpf_obj_get", c_int, [c_char_p]),
+    ("bpf_obj_get_info_by_fd", c_int, [c_int, c_vp, ctypes.POINTER(c_u32)]),
+    ("bpf_prog_get_fd_by_id", c_int, [c_u32]),
 ]
 
 
@@ -240,4 +243,38 @@ def enable_run_stats() -> int:
     fd = lib().bpf_enable_stats(0)
     if fd < 0:
         raise _err("bpf_enable_stats", fd)
+    return fd
+
+
+# offsets in the kernel's uapi structs (append-only ABI): struct bpf_prog_info.recursion_misses
+# (since 5.12) and struct bpf_link_info.prog_id
+_PROG_INFO_MISSES = 208
+_LINK_INFO_PROG_ID = 8
+
+
+def _info(fd: int, size: int) -> tuple[bytes, int]:
+    buf = ctypes.create_string_buffer(size)
+    n = c_u32(size)
+    r = lib().bpf_obj_get_info_by_fd(fd, ctypes.cast(buf, c_vp), ctypes.byref(n))
+    if r != 0:
+        raise _err("bpf_obj_get_info_by_fd", r)
+    return buf.raw, n.value
+
+
+def prog_misses(prog_fd: int) -> int:
+    """Runs of the program the kernel skipped: it was already running on the CPU (an
+    interrupt hit the same hook while it ran). Each is an event the program never saw."""
+    raw, n = _info(prog_fd, 256)
+    if n < _PROG_INFO_MISSES + 8:
+        return 0  # kernel older than the counter
+    return int.from_bytes(raw[_PROG_INFO_MISSES:_PROG_INFO_MISSES + 8], sys.byteorder)
+
+
+def link_prog_fd(link_fd: int) -> int:
+    """An fd for the program a (pinned) link attaches."""
+    raw, _ = _info(link_fd, 64)
+    pid = int.from_bytes(raw[_LINK_INFO_PROG_ID:_LINK_INFO_PROG_ID + 4], sys.byteorder)
+    fd = lib().bpf_prog_get_fd_by_id(pid)
+    if fd < 0:
+        raise _err(f"bpf_prog_get_fd_by_id {pid}", fd)
     return fd

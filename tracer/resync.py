@@ -42,6 +42,9 @@ CHECKPOINT_EVERY = 1.0
 FINISH_ROUNDS = 3            # stop(): resyncs it still runs before giving up
 READERS = 4
 ROOM_MARGIN = 64 << 20
+# the cause of a loss no stamp shows: a write without stamp (the kernel skipped the queue
+# program's run). The replayer keeps [since, resync_end) of such a resync unrestorable.
+SKIPPED = "BPF run skipped"
 
 
 def mono_ns() -> int:
@@ -55,6 +58,7 @@ class _Counters:
     truncs: int = 0
     dirty_races: int = 0
     log_drops: int = 0
+    missed: int = 0
 
     def causes_since(self, old: "_Counters") -> list[str]:
         out = []
@@ -68,6 +72,8 @@ class _Counters:
             out.append("dirty map race")
         if self.log_drops != old.log_drops:
             out.append("log full")
+        if self.missed != old.missed:
+            out.append(SKIPPED)
         return out
 
 
@@ -185,7 +191,7 @@ class Resync:
     def note_counters(self, st: dict, final: bool = False) -> None:
         """The collector's periodic look at the kernel counters: record each change of the
         loss counters in the LOG (R_LOSS) and wake the checkpoint thread."""
-        keys = ("drops", "read_errs", "truncs", "dirty_races", "write_errs")
+        keys = ("drops", "read_errs", "truncs", "dirty_races", "write_errs", "missed")
         with self._lock:
             changed = [k for k in keys if st.get(k, 0) != self._reported.get(k, 0)]
             if not changed:
@@ -202,13 +208,15 @@ class Resync:
                 cause.append("dirty map race")
             if "write_errs" in changed:
                 cause.append("write error")
+            if "missed" in changed:
+                cause.append(SKIPPED)
         self._loss_record(", ".join(cause), st)
         self._wake.set()
         if final and self._thread is None:
             with self._lock:
                 prev, pending = self._prev, self._pending
             now = _Counters(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"],
-                            self._log_drops)
+                            self._log_drops, st["missed"])
             lost = now.causes_since(prev)
             if lost and pending is None and not self.running:
                 self.t.say(f"WARNING: records lost at the end of the session ({', '.join(lost)}: "
@@ -284,10 +292,11 @@ class Resync:
             self.t._fail(f"resync stopped: {type(e).__name__}: {e}")
 
     def _counters(self) -> tuple[_Counters, dict]:
-        st = self.cap.state().as_dict()
+        st = self.cap.counters()
         with self._lock:
             logd = self._log_drops + getattr(self.t.stats, "log_full_drops", 0)
-        return _Counters(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"], logd), st
+        return _Counters(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"], logd,
+                         st["missed"]), st
 
     def _wait_written(self) -> None:
         """Everything committed to the ring so far is collected, and everything queued for
@@ -316,7 +325,7 @@ class Resync:
         with self._lock:
             self._prev, self._prev_c = now, c
             self._reported = {k: st.get(k, 0) for k in ("drops", "read_errs", "truncs",
-                                                         "dirty_races", "write_errs")}
+                                                         "dirty_races", "write_errs", "missed")}
             self._errs_seen = st.get("write_errs", 0)
             self._pending = _Pending(since=since, causes=["tracer restart"], full=full)
             self._episode = True
@@ -359,6 +368,9 @@ class Resync:
                         "log full" in causes and (self._log_drops_in_baseline
                                                   or not self._baseline_at_prev)):
                     # baseline chunks may be among the spans lost: read everything
+                    p.full = True
+                if now.missed != self._prev.missed:
+                    # a skipped queue program left no dirty-map mark: read everything
                     p.full = True
                 if errs or not complete:
                     if "write error" not in p.causes:
@@ -540,7 +552,7 @@ class Resync:
         self._rs_mono = mono_ns()
         rs = self._point({"what": "resync_start", "dev": kdev, "since": p.since,
                           "cause": ", ".join(p.causes) or "loss", "region_bytes": reg.region_bytes,
-                          "full": p.full})
+                          "full": p.full, "unseen": SKIPPED in p.causes})
         self._rs = rs
         if not self.cap.grace():
             raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")

@@ -399,7 +399,7 @@ class Tracer:
                 now = time.monotonic()
                 if now >= next_check:
                     next_check = now + 0.5
-                    self._check_loss(cap.state().as_dict())
+                    self._check_loss(cap.counters())
                 if view is None:
                     if encoding:
                         try:
@@ -682,7 +682,7 @@ class Tracer:
 
     # ------------------------------------------------------------------- stop
     def status(self, shipper: bool = True) -> dict:
-        st = self.capture.state().as_dict() if self.capture else {}
+        st = self.capture.counters() if self.capture else {}
         out = {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
                "host": self.host, "pinned": self.pinned is not None,
                "continued_from_pid": self.continued,
@@ -714,7 +714,7 @@ class Tracer:
             prev = None
             while True:
                 time.sleep(0.02)
-                st = cap.state().as_dict()
+                st = cap.counters()
                 if st == prev:
                     break
                 prev = st
@@ -737,6 +737,7 @@ class Tracer:
             stats = {"session": self.session, "records": self.ring.records if self.ring else 0,
                      "bytes": st["bytes"], "bios": st["bios"], "drops": st["drops"],
                      "drop_bytes": st["drop_bytes"], "read_errs": st["read_errs"],
+                     "missed_runs": st["missed"],
                      "consumer_cpu_s": round(_cpu_seconds() - self.stats.cpu0, 3),
                      "wall_s": round(wall, 3),
                      "log_bytes": self.log.bytes_written if self.log else 0,

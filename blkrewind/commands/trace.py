@@ -169,7 +169,9 @@ def run(args) -> int:
     say(f"stopped: {stats.get('bios', 0)} bios, {stats.get('bytes', 0) >> 20} MiB captured, "
         f"{stats.get('drops', 0)} records lost, LOG {stats.get('log_bytes', 0) >> 20} MiB"
         + (f", {stats['log_full_records']} records dropped because the LOG was full"
-           if stats.get("log_full_records") else ""))
+           if stats.get("log_full_records") else "")
+        + (f", {stats['missed_runs']} BPF program runs skipped by the kernel (resynced)"
+           if stats.get("missed_runs") else ""))
     if tracer.failure:
         raise UserError(tracer.failure, exit_code=rc or 1)
     return rc
