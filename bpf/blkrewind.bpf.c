@@ -572,16 +572,18 @@ int BPF_PROG(capture_raw, struct bio *bio)
 /* ------------------------------------------------------------------------ */
 /* completions                                                              */
 
-struct br_done {
+/* a bio-based device's completion: one bio, one stamp (blk-mq requests: handle_rq_done) */
+struct br_done1 {
 	struct br_rec h;
-	__u64 stamps[BR_MAX_COMPLETE_BIOS];
+	__u64 stamp;
 };
 
 struct br_chain_ctx {
-	struct br_done *r;
+	__u64 stamps[BR_MAX_COMPLETE_BIOS];
 	__u64 bio;
 	__u32 left;      /* bytes completed not yet attributed */
 	__u32 n;
+	__u32 flags;     /* BR_F_OLD */
 };
 
 static long chain_cb(__u64 i, void *ctx)
@@ -608,9 +610,9 @@ static long chain_cb(__u64 i, void *ctx)
 	if (sp) {
 		st = *sp;
 	} else {
-		cc->r->h.flags |= BR_F_OLD;
+		cc->flags |= BR_F_OLD;
 	}
-	cc->r->stamps[cc->n & (BR_MAX_COMPLETE_BIOS - 1)] = st;
+	cc->stamps[cc->n & (BR_MAX_COMPLETE_BIOS - 1)] = st;
 	cc->n++;
 	cc->left = size < cc->left ? cc->left - size : 0;
 	cc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
@@ -674,32 +676,42 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	if (error)
 		note_error(s, dev, sector >= part_start ? sector - part_start : 0,
 			   nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
-	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
-	if (!r) {
+	/* the stamps first: the record is as long as they are (usually one) */
+	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
+	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
+	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
+	struct bpf_dynptr dp;
+	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + n * 8, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
 		count_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->h.seq = next_seq(s);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	r->h.aux = s->stamp;
-	r->h.sector = sector >= part_start ? sector - part_start : 0;
-	r->h.part_start = part_start;
-	r->h.dev = dev;
-	r->h.opf = opf;
-	r->h.op = op;
-	r->h.bio_size = nr_bytes;
-	r->h.error = (__u16)error;
-	r->h.rtype = BR_R_COMPLETE;
-	r->h.flags = norm_flags(opf);
-
-	struct br_chain_ctx cc = { .r = r, .bio = bio, .left = nr_bytes };
-	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
-	r->h.len = cc.n * 8;
-	if (r->h.flags & BR_F_OLD)
+	struct br_rec *h = bpf_dynptr_data(&dp, 0, sizeof(struct br_rec));
+	if (!h) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		count_drop(s, 0);
+		return 0;
+	}
+	__builtin_memset(h, 0, sizeof(*h));
+	h->seq = next_seq(s);
+	h->ktime_ns = bpf_ktime_get_ns();
+	h->aux = s->stamp;
+	h->sector = sector >= part_start ? sector - part_start : 0;
+	h->part_start = part_start;
+	h->dev = dev;
+	h->opf = opf;
+	h->op = op;
+	h->bio_size = nr_bytes;
+	h->error = (__u16)error;
+	h->rtype = BR_R_COMPLETE;
+	h->flags = norm_flags(opf) | cc.flags;
+	h->len = n * 8;
+	if (n && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, n * 8, 0))
+		h->len = 0;  /* never: the reservation has room for n stamps */
+	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit(r, 0);
+	bpf_ringbuf_submit_dynptr(&dp, 0);
 	return 0;
 }
 
@@ -746,7 +758,7 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 		 * here, the tracer resyncs the whole device (bytes = 0) */
 		note_error(s, BPF_CORE_READ(bdev, bd_dev), 0, 0, bstatus);
 	}
-	struct br_done *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done), 0);
+	struct br_done1 *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_done1), 0);
 	if (!r) {
 		count_drop(s, 0);
 		return 0;
@@ -762,7 +774,7 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 	r->h.rtype = BR_R_COMPLETE;
 	r->h.flags = norm_flags(opf);
 	r->h.len = 8;
-	r->stamps[0] = stamp;
+	r->stamp = stamp;
 	__sync_fetch_and_add(&s->completes, 1);
 	bpf_ringbuf_submit(r, 0);
 	return 0;
