@@ -44,8 +44,8 @@ from tracer.resync import Resync
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-from tracer.log import (LogFull, LogLock, LogWriter, encode_span, kernel_seq, last_stamp,
-                        list_segments, repair, tail_kernel_seqs)
+from tracer.log import (FL_RAW, LogFull, LogLock, LogWriter, encode_span, kernel_seq,
+                        last_stamp, list_segments, repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
@@ -57,6 +57,17 @@ _LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
 def mono_ns() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def _ring_done(entry) -> bool:
+    """May the ring space of this collected span go back? (end, encode future, written
+    future or None): once encoded, and once written if its body is a view of the ring."""
+    _, fut, written = entry
+    if not fut.done():
+        return False
+    if written is None or written.done() or fut.exception() is not None:
+        return True
+    return not fut.result().flags & FL_RAW
 
 
 def new_session_id() -> str:
@@ -363,37 +374,44 @@ class Tracer:
 
     def _queue_span(self, span: bytes, nrec: int) -> None:
         body = self._encoders.submit(encode_span, span, self.opts.lz4_level)
-        self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body), len(span))
+        self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body, None), len(span))
 
     # -------------------------------------------------------------- collector
     def _collect(self) -> None:
-        """Zero copy: spans are compressed straight out of the ring buffer's
-        mapping, and their ring space is given back (in order) once encoded."""
+        """Zero copy: spans are compressed straight out of the ring buffer's mapping, and
+        their ring space is given back (in order) once encoded; a span stored as is (FL_RAW)
+        is not even copied while less than half the ring is held: the writer writes it from
+        the mapping and the space is given back once it is written."""
         ring, cap = self.ring, self.capture
         next_check = 0.0
         pos = ring.consumed_pos()
-        encoding: deque = deque()  # (end position, future) in ring order
+        encoding: deque = deque()  # (end position, encode future, written future) in order
         try:
             while True:
                 view, n, end = ring.peek(pos)
                 if view is not None:
                     if self._watch_old or self.resync.watching:
                         self._scan_old(view)
+                    # beyond half the ring held, copy: the writer's queue (queue_bytes)
+                    # then buffers what a slow LOG disk cannot take yet, not the ring
+                    copy = ring.pending() > ring.size // 2
+                    written = None if copy else Future()
                     if view.nbytes < BATCH_BYTES:
                         # a small span is encoded here: handing it to an encoder thread
                         # and back costs two wake-ups, more than lz4 on it (at 50k 4 KiB
                         # writes a second: ~500 such spans)
                         fut = Future()
-                        fut.set_result(encode_span(view, self.opts.lz4_level))
+                        fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
-                        fut = self._encoders.submit(encode_span, view, self.opts.lz4_level)
-                    # the writer gets the view only for its size: its bytes may be
-                    # reused by the kernel once the span is encoded and released
-                    self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut),
+                        fut = self._encoders.submit(encode_span, view, self.opts.lz4_level,
+                                                    copy=copy)
+                    # the writer uses the view for its size, and writes a FL_RAW body that
+                    # is a view of it before `written` is set
+                    self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut, written),
                                     view.nbytes)
-                    encoding.append((end, fut))
+                    encoding.append((end, fut, written))
                     pos = end
-                while encoding and encoding[0][1].done():
+                while encoding and _ring_done(encoding[0]):
                     ring.release(encoding.popleft()[0])
                     self._collected_pos = ring.consumed_pos()
                 now = time.monotonic()
@@ -402,8 +420,10 @@ class Tracer:
                     self._check_loss(cap.counters())
                 if view is None:
                     if encoding:
-                        try:
-                            encoding[0][1].exception(0.005)  # wait for the oldest encode
+                        _, fut, written = encoding[0]
+                        try:  # wait for the oldest encode, or its write
+                            (written if fut.done() and written is not None else fut).exception(
+                                0.005)
                         except FutureTimeout:
                             pass
                     elif self._stop_collect.is_set():
@@ -453,15 +473,19 @@ class Tracer:
                     continue
                 kind = item[0]
                 if kind == "span":
-                    _, span, nrec, mono, real, body = item
-                    body = body.result()
-                    if not self._room_for(span, nrec, body.stored_len):
-                        continue
+                    _, span, nrec, mono, real, body, written = item
                     try:
-                        log.append(span, nrec, mono, real, body=body)
-                    except LogFull as e:  # ENOSPC: drop, count, go on (tracer/resync.py repairs)
-                        self._log_enospc(span, nrec, e)
-                        continue
+                        body = body.result()
+                        if not self._room_for(span, nrec, body.stored_len):
+                            continue
+                        try:
+                            log.append(span, nrec, mono, real, body=body)
+                        except LogFull as e:  # ENOSPC: drop, count, go on (resync repairs)
+                            self._log_enospc(span, nrec, e)
+                            continue
+                    finally:
+                        if written is not None:  # its ring space may go back now
+                            written.set_result(None)
                     self._enospc = False
                     log.maybe_sync()
                 elif kind == "barrier":
