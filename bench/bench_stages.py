@@ -22,7 +22,6 @@ usage: sudo .venv/bin/python bench/bench_stages.py [--runtime 5] [--rounds 3] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_capture import Workspace  # noqa: E402
+from bench_capture import Workspace, fio_args, fio_result  # noqa: E402
 from tracer import calibrate, devices  # noqa: E402
 from tracer.capture import Capture  # noqa: E402
 from tracer.log import encode_span  # noqa: E402
@@ -42,12 +41,9 @@ STAGES = ("off", "attached", "capture", "copy", "lz4", "write-new", "write-over"
 SHM = Path("/dev/shm")
 
 
-def fio_iops(dev: str, runtime: int) -> float:
-    out = subprocess.run(
-        ["fio", "--name=r", f"--filename={dev}", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-         "--ioengine=libaio", "--direct=1", "--time_based", f"--runtime={runtime}",
-         "--output-format=json"], capture_output=True, text=True, check=True).stdout
-    return json.loads(out[out.index("{"):])["jobs"][0]["write"]["iops"]
+def fio_iops(dev: str, runtime: int, out: Path) -> float:
+    subprocess.run(fio_args(dev, "rand4k", runtime, out), capture_output=True, check=True)
+    return fio_result(out)["iops"]
 
 
 def consume(ring: RingConsumer, stage: str, stop: threading.Event, sink: Path) -> None:
@@ -108,7 +104,7 @@ def main() -> int:
                         cap.set_traced(d.kdev, stage not in ("off", "attached"))
                         cap.enable(stage != "off")
                         try:
-                            iops = fio_iops(dev, a.runtime)
+                            iops = fio_iops(dev, a.runtime, ws.dir / "fio-stages.json")
                         finally:
                             cap.enable(False)
                             time.sleep(0.1)

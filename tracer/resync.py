@@ -45,6 +45,10 @@ ROOM_MARGIN = 64 << 20
 # the cause of a loss no stamp shows: a write without stamp (the kernel skipped the queue
 # program's run). The replayer keeps [since, resync_end) of such a resync unrestorable.
 SKIPPED = "BPF run skipped"
+# the kernel's loss counters (Capture.counters()) and the cause each names, in report order
+_LOSS_COUNTERS = {"drops": "ring full", "read_errs": "payload read error",
+                  "truncs": "truncated bio", "dirty_races": "dirty map race",
+                  "write_errs": "write error", "missed": SKIPPED}
 
 
 def mono_ns() -> int:
@@ -59,6 +63,12 @@ class _Counters:
     dirty_races: int = 0
     log_drops: int = 0
     missed: int = 0
+
+    @classmethod
+    def of(cls, st: dict, log_drops: int) -> "_Counters":
+        """From Capture.counters() and the LOG's own drops."""
+        return cls(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"], log_drops,
+                   st["missed"])
 
     def causes_since(self, old: "_Counters") -> list[str]:
         out = []
@@ -191,32 +201,18 @@ class Resync:
     def note_counters(self, st: dict, final: bool = False) -> None:
         """The collector's periodic look at the kernel counters: record each change of the
         loss counters in the LOG (R_LOSS) and wake the checkpoint thread."""
-        keys = ("drops", "read_errs", "truncs", "dirty_races", "write_errs", "missed")
         with self._lock:
-            changed = [k for k in keys if st.get(k, 0) != self._reported.get(k, 0)]
-            if not changed:
+            cause = [c for k, c in _LOSS_COUNTERS.items()
+                     if st.get(k, 0) != self._reported.get(k, 0)]
+            if not cause:
                 return
-            self._reported.update({k: st.get(k, 0) for k in keys})
-            cause: list[str] = []
-            if "drops" in changed:
-                cause.append("ring full")
-            if "read_errs" in changed:
-                cause.append("payload read error")
-            if "truncs" in changed:
-                cause.append("truncated bio")
-            if "dirty_races" in changed:
-                cause.append("dirty map race")
-            if "write_errs" in changed:
-                cause.append("write error")
-            if "missed" in changed:
-                cause.append(SKIPPED)
+            self._reported.update({k: st.get(k, 0) for k in _LOSS_COUNTERS})
         self._loss_record(", ".join(cause), st)
         self._wake.set()
         if final and self._thread is None:
             with self._lock:
                 prev, pending = self._prev, self._pending
-            now = _Counters(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"],
-                            self._log_drops, st["missed"])
+            now = _Counters.of(st, self._log_drops)
             lost = now.causes_since(prev)
             if lost and pending is None and not self.running:
                 self.t.say(f"WARNING: records lost at the end of the session ({', '.join(lost)}: "
@@ -295,8 +291,7 @@ class Resync:
         st = self.cap.counters()
         with self._lock:
             logd = self._log_drops + getattr(self.t.stats, "log_full_drops", 0)
-        return _Counters(st["drops"], st["read_errs"], st["truncs"], st["dirty_races"], logd,
-                         st["missed"]), st
+        return _Counters.of(st, logd), st
 
     def _wait_written(self) -> None:
         """Everything committed to the ring so far is collected, and everything queued for
@@ -324,8 +319,7 @@ class Resync:
         now, st = self._counters()
         with self._lock:
             self._prev, self._prev_c = now, c
-            self._reported = {k: st.get(k, 0) for k in ("drops", "read_errs", "truncs",
-                                                         "dirty_races", "write_errs", "missed")}
+            self._reported = {k: st.get(k, 0) for k in _LOSS_COUNTERS}
             self._errs_seen = st.get("write_errs", 0)
             self._pending = _Pending(since=since, causes=["tracer restart"], full=full)
             self._episode = True
