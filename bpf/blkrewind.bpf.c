@@ -480,8 +480,10 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		__sync_fetch_and_add(&s->truncs, 1);
 }
 
-/* dev: the bio's bdev's dev_t, disk: its disk's (read by the caller: plain loads in tp_btf) */
-static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk)
+/* bdev: bio->bi_bdev, dev: its dev_t, disk: its disk's (read by the caller: plain loads in
+ * tp_btf) */
+static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev, __u32 dev,
+				      __u32 disk)
 {
 	__u32 k = 0;
 	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
@@ -493,7 +495,6 @@ static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk)
 		return 0;
 
 	__u64 pt = bpf_get_current_pid_tgid();
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
 	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
 	__u64 part_start = BPF_CORE_READ(bdev, bd_start_sect);
@@ -558,7 +559,7 @@ int BPF_PROG(capture_btf, struct bio *bio)
 {
 	struct block_device *bdev = bio->bi_bdev;  /* BTF pointers: plain loads */
 
-	return handle_bio(bio, bdev->bd_dev, bdev->bd_disk->part0->bd_dev);
+	return handle_bio(bio, bdev, bdev->bd_dev, bdev->bd_disk->part0->bd_dev);
 }
 
 SEC("raw_tp/block_bio_queue")
@@ -566,7 +567,8 @@ int BPF_PROG(capture_raw, struct bio *bio)
 {
 	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
 
-	return handle_bio(bio, BPF_CORE_READ(bdev, bd_dev), BPF_CORE_READ(bdev, bd_disk, part0, bd_dev));
+	return handle_bio(bio, bdev, BPF_CORE_READ(bdev, bd_dev),
+			  BPF_CORE_READ(bdev, bd_disk, part0, bd_dev));
 }
 
 /* ------------------------------------------------------------------------ */
