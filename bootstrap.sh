@@ -50,7 +50,13 @@ cd "$ROOT"
 
 # ------------------------------------------------------------------ 1. packages
 installed() { [ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]; }
-has_candidate() { apt-cache policy "$1" 2>/dev/null | grep -q 'Candidate: [^(]'; }
+# Never `cmd | grep -q` under pipefail: grep exits at its first match and the writer dies of
+# SIGPIPE (exit 141), which fails the pipeline at random. Capture the output, then match it.
+has_candidate() {
+    local out
+    out=$(apt-cache policy "$1" 2>/dev/null) || return 1
+    [[ $out == *"Candidate: "[!\(]* ]]
+}
 bpftool_works() { command -v bpftool >/dev/null 2>&1 && bpftool version >/dev/null 2>&1; }
 python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 

@@ -353,15 +353,21 @@ def mount_fs(make_loop, tmp_path):
 
 # --------------------------------------------------------------------------- leak guard
 @pytest.fixture(autouse=True)
-def _release_pinned_captures():
+def _release_pinned_captures(request):
     """A tracer pins its capture in bpffs (tracer/pins.py) so that it outlives a crash; a test
     that kills a tracer and does not start it again leaves it attached. Detach every capture
     pinned during the test (programs, maps, links), passed or failed."""
     from tracer import pins
     before = set(pins.pin_dirs())
     yield
+    base = request.config._tmp_path_factory.getbasetemp().resolve()
+    regs = {p.session: p for p in pins.load_all()}
     for s in set(pins.pin_dirs()) - before:
-        pins.release_dir(s)
+        # Only this run's: another pytest run (or a real tracer) on the machine may be pinning
+        # its own capture right now, and its LOG is not under this run's temporary directory.
+        p = regs.get(s)
+        if p is not None and _is_under(os.path.realpath(p.log_dir), base):
+            pins.release_dir(s)
 
 
 @pytest.fixture(scope="session", autouse=True)
