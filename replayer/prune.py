@@ -154,7 +154,8 @@ class _PayloadWriter:
     def add(self, stamp: int, seq: int, data: bytes) -> tuple[int, int]:
         if self.w is None:
             self.w = pq.ParquetWriter(self.path, self.PAYLOAD_SCHEMA, compression="lz4",
-                                      use_dictionary=False, write_statistics=False)
+                                      use_dictionary=False, write_statistics=False,
+                                      write_page_checksum=True)
         ref = (self.rg, len(self.rows))
         self.rows.append((stamp, seq, data))
         self.bytes += len(data)

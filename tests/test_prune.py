@@ -339,3 +339,32 @@ def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
     _marks_after_prune(store, loop, images, ("s0", "s1"), tmp_path / "m.img")
     r = cli("verify", "--store", store, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_damaged_page_of_a_prune_layer_is_an_error_never_wrong_bytes(capsys, tmp_path):
+    """prune writes its base layers with page checksums, as ingest does: a flipped byte in a
+    layer's data page fails the restore (one line), it never restores wrong bytes."""
+    import pyarrow.parquet as pq
+
+    now = time.time_ns()
+    log, store = tmp_path / "log", tmp_path / "store"
+    s = _phased(log, 93, 3, now=now, nbios=10)
+    ingest(capsys, log, store)
+    rc, _, err = cli_main(capsys, "prune", "--store", store, "--device", "loop7", "--keep",
+                          "1h30m")
+    assert rc == 0 and "pruned" in err, err
+    layers = list((store / "payload").rglob("prune-*.parquet"))
+    assert len(layers) == 1
+    victim = layers[0]
+    md = pq.ParquetFile(victim).metadata
+    col = max((md.row_group(i).column(4) for i in range(md.num_row_groups)),
+              key=lambda c: c.total_compressed_size)
+    data = bytearray(victim.read_bytes())
+    data[col.data_page_offset + col.total_compressed_size // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    out = tmp_path / "x.img"
+    rc, _, err = restore(capsys, store, "latest", out)
+    assert rc != 0 and "Traceback" not in err
+    assert "checksum" in err.lower(), err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
