@@ -61,17 +61,61 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like SIGINT: the command unwinds (its `finally` blocks
+    remove half-results) and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
+def _handle_termination() -> dict:
+    """SIGTERM and SIGHUP raise Interrupted in the main thread (a command that wants
+    another behaviour, trace and serve, installs its own handlers over these). Returns
+    the handlers replaced."""
+    import signal
+
+    old = {}
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(s) == signal.SIG_DFL:
+                old[s] = signal.signal(s, _raise_interrupted)
+        except ValueError:  # not the main thread (main() called from a test's thread)
+            pass
+    return old
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    old = _handle_termination()
+    try:
+        return _main(args)
+    finally:
+        import signal
+
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _main(args) -> int:
     try:
         rc = args._run(args)
     except UserError as e:
         print(f"blkrewind {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"blkrewind {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        import signal
+
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"blkrewind {args.command}: interrupted ({signal.Signals(signum).name})",
+              file=sys.stderr)
+        return 128 + signum
     except BrokenPipeError:
         return 0
     except Exception as e:  # never a traceback for the user, unless asked

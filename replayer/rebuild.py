@@ -278,6 +278,25 @@ def plan_extents(ex: Extents, size: int, only=None) -> Plan:
     return plan_
 
 
+def split_plan(p: Plan, at: int) -> tuple[Plan, Plan]:
+    """(the pieces of [0, at), the pieces of [at, size)): a restore onto a block device
+    writes the head last, so an interrupted one leaves its marker there."""
+    def cut(off, ln, lo, hi):
+        a = np.maximum(off, lo)
+        e = np.minimum(off + ln, hi)
+        keep = e > a
+        return keep, a[keep], (e - a)[keep], (a - off)[keep]
+
+    parts = []
+    for lo, hi in ((0, at), (at, p.size)):
+        k, d_off, d_len, shift = cut(p.d_off, p.d_len, lo, hi)
+        zk, z_off, z_len, _ = cut(p.z_off, p.z_len, lo, hi)
+        parts.append(Plan(size=p.size, d_off=d_off, d_len=d_len, d_src=p.d_src[k] + shift,
+                          d_file=p.d_file[k], d_rg=p.d_rg[k], d_idx=p.d_idx[k], z_off=z_off,
+                          z_len=z_len, files=p.files, extents=p.extents))
+    return parts[0], parts[1]
+
+
 # =================================================================== targets
 @dataclass
 class Target:
@@ -352,10 +371,18 @@ class _Progress:
         self.p = None
         if self.enabled and total > 0:
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                       TimeRemainingColumn, TransferSpeedColumn)
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                              TransferSpeedColumn(), TimeRemainingColumn(),
+            from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
+                                       TextColumn, TimeRemainingColumn)
+            from rich.text import Text
+
+            class MiBps(ProgressColumn):  # MiB and MiB/s: the units of restore's summary
+                def render(self, task):
+                    v = task.finished_speed or task.speed
+                    return Text("" if v is None else f"{v / (1 << 20):.1f} MiB/s")
+
+            speed = MiBps()
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(),
+                              DownloadColumn(binary_units=True), speed, TimeRemainingColumn(),
                               console=Console(stderr=True), transient=True)
             self.task = self.p.add_task(label, total=total)
             self.p.start()

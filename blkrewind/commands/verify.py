@@ -79,6 +79,13 @@ def run(args) -> int:
         r = points.resolve(store, device, point)
         plan = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     live = args.live or device.path
+    from blkrewind.commands.restore import read_marker
+    left = read_marker(live)
+    if left is not None:  # an interrupted restore: its first 4 KiB say so
+        print(f"incomplete: {live} holds an interrupted restore of {left.get('device', '?')} "
+              f"at {left.get('at', '?')} (started {points.fmt_time(left.get('started_ns'))} by "
+              f"pid {left.get('pid', '?')}): restore it again")
+        return 1
     res = compare(plan, live, jobs=max(1, args.jobs))
     what = f"{device.device} at {r.how} ({points.fmt_time(r.time_ns)})"
     rate = res.size / max(res.seconds, 1e-9) / 1e6
