@@ -979,10 +979,13 @@ class IngestResult:
         return [s.error for s in self.segments if s.error]
 
 
-def ingest_segment(store: Store, led: Ledger, seg, on_batch=None) -> SegmentResult:
+def ingest_segment(store: Store, led: Ledger, seg, on_batch=None,
+                   newer: str | None = None) -> SegmentResult:
     """Store the frames of one LOG segment the store does not hold yet (the whole segment is
     reserved meanwhile), in batches of about BATCH_BYTES; then the segment's notes (torn tail,
-    error) if they changed."""
+    error) if they changed. `newer`: a later segment of the LOG (its file name) when this is
+    not the LOG's newest: an incomplete last frame is then damage, not a torn tail (a tracer
+    seals a segment before it starts the next, and seals what a dead one left, at start)."""
     from tracer.log import SegmentReader
 
     res = SegmentResult(seg.path, seg.session, seg.segno)
@@ -996,13 +999,14 @@ def ingest_segment(store: Store, led: Ledger, seg, on_batch=None) -> SegmentResu
     led.reserve(want)
     try:
         with reader:
-            _ingest_reader(store, led, reader, res, on_batch)
+            _ingest_reader(store, led, reader, res, on_batch, newer)
     finally:
         led.release(want)
     return res
 
 
-def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_batch) -> None:
+def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_batch,
+                   newer: str | None = None) -> None:
     session, segno, host = reader.session, reader.segno, reader.host
     key = (session, segno)
     with store.mutex:
@@ -1103,6 +1107,10 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
     except (CorruptLog, FrameRejected) as e:
         error = error or (str(e) if isinstance(e, CorruptLog) else f"{reader.path}: {e}")
     res.torn_bytes = int(reader.torn_bytes or 0)
+    if res.torn_bytes and newer is not None and error is None:
+        error = (f"{reader.path}: ends in {res.torn_bytes} bytes of an incomplete frame, "
+                 f"but it is not the LOG's newest segment ({newer} follows): the segment was cut or damaged, "
+                 f"not torn; the history after it is not restorable")
     res.error = error
     with store.mutex:
         cur = led.segs.get(key)
@@ -1141,11 +1149,15 @@ def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> Inges
             results.append(SegmentResult(seg.path, seg.session, seg.segno, skipped=True))
         else:
             todo.append(seg)
+    # only the LOG's newest segment (session ids sort by time) may end in a torn frame;
+    # segs are sorted by (session, segno): each one's follower is the next
+    follower = {id(a): os.path.basename(b.path) for a, b in zip(segs, segs[1:])}
     # big segments first: the threads finish together
     todo.sort(key=lambda s: -s.size)
     if todo:
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="ingest") as ex:
-            futs = [ex.submit(ingest_segment, store, led, seg, on_batch) for seg in todo]
+            futs = [ex.submit(ingest_segment, store, led, seg, on_batch, follower.get(id(seg)))
+                    for seg in todo]
             for f in futs:
                 results.append(f.result())
     sessions = finalize(store)

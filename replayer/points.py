@@ -39,6 +39,7 @@ class Point:
 
 
 _FRACTION = re.compile(r"[.,](\d+)")
+LOOKS_LIKE_TIME = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([T ]|$)")  # a date, valid or not
 
 
 def parse_time(text: str) -> int:
@@ -84,7 +85,8 @@ def parse_point(text: str) -> Point:
         try:
             return Point("time", parse_time(t), text)
         except UserError:
-            pass
+            if LOOKS_LIKE_TIME.match(t):  # a time with a wrong field, not a mark's name
+                raise
     return Point("mark", t, text)
 
 
@@ -94,6 +96,19 @@ def fmt_time(ns: int | None) -> str:
         return "?"
     dt = datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).astimezone()
     return dt.isoformat(timespec="milliseconds")
+
+
+def past_gap(store: Store, session: str) -> str | None:
+    """'the history goes on past a gap ...' when the store holds stamps of the session
+    after its first gap (the watermark stops there), else None."""
+    row = store.query_one("SELECT first_gap, gap_reason, after_gap, end_stamp FROM sessions "
+                          "WHERE session = ?", [session])
+    if not row or row[0] is None or not row[2]:
+        return None
+    gap, why, after, end = row
+    upto = f" (up to stamp {int(end) - 1})" if end is not None else ""
+    return (f"the history goes on past a gap at stamp {gap} ({why}): {after} later stamp(s)"
+            f"{upto} are stored but not restorable")
 
 
 @dataclass
@@ -254,7 +269,12 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
         if s.restorable_to is None:
             raise NotRestorable(f"{device.device} is not restorable at 'latest': in its newest "
                                 f"session {s.session}, {_not_restorable_why(s, device)}")
-        return done(s, s.restorable_to, f"latest (stamp {s.restorable_to})")
+        r = done(s, s.restorable_to, f"latest (stamp {s.restorable_to})")
+        past = past_gap(store, s.session)
+        if past:
+            warn(f"note: {past}; 'latest' is the last consistent point before it, stamp "
+                 f"{r.stamp} ({fmt_time(r.time_ns)})")
+        return r
 
     if point.kind == "stamp":
         stamp = int(point.value)
@@ -336,6 +356,12 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
         if elsewhere:
             raise NotRestorable(f"mark {name!r} is not in a session that traced {device.device}")
         shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+        pruned = [x.pruned[0] for x in sessions if x.pruned and x.pruned[0] is not None]
+        if pruned:
+            raise NotRestorable(
+                f"no mark named {name!r}; marks: {shown or 'none'}; the history of "
+                f"{device.device} up to stamp {max(pruned)} was pruned, with the marks in it "
+                f"(the oldest restorable point is {_oldest(sessions, device)})")
         raise NotRestorable(f"no mark named {name!r}; marks: {shown or 'none'}")
     session, stamp, t = rows[-1]
     if len(rows) > 1:

@@ -30,7 +30,7 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def report(store, res, out=None) -> None:
+def report(store, res, out=None, log_dir: str | None = None) -> None:
     from replayer.points import fmt_time
 
     out = out or sys.stdout
@@ -44,11 +44,16 @@ def report(store, res, out=None) -> None:
     if res.orphans:
         print(f"note: removed {res.orphans} payload file(s) an interrupted ingest left behind",
               file=out)
+    holder = None
+    if any(s.torn_bytes and not s.error for s in res.segments):
+        from tracer.log import log_in_use
+        holder = log_in_use(log_dir) if log_dir else None
     for s in res.segments:
-        if s.torn_bytes:
+        if s.torn_bytes and not s.error:
+            why = (f"the tracer (pid {holder}) is still writing it" if holder is not None else
+                   "a torn tail: the tracer stopped in the middle of writing it")
             print(f"note: {os.path.basename(s.path)} ends in {s.torn_bytes} bytes of an "
-                  f"incomplete frame (a torn tail, or a tracer still writing); not ingested",
-                  file=out)
+                  f"incomplete frame ({why}); not ingested", file=out)
     if not res.sessions:
         return
     marks = ", ".join("?" * len(res.sessions))
@@ -102,9 +107,19 @@ def run(args) -> int:
         raise UserError("--jobs must be at least 1")
     if not os.path.isdir(args.log):
         raise UserError(f"no LOG directory at {args.log}")
-    with Store.open(args.store, write=True, create=True) as store:
-        res = ingest(store, args.log, jobs=args.jobs)
-        report(store, res)
+    from tracer.log import list_segments
+    if not list_segments(args.log):
+        raise UserError(f"{args.log} holds no LOG segments (*.brlog)")
+    new = not os.path.exists(args.store)
+    try:
+        with Store.open(args.store, write=True, create=True) as store:
+            res = ingest(store, args.log, jobs=args.jobs)
+            report(store, res, log_dir=args.log)
+    except BaseException:
+        if new:  # a store this ingest made: nothing half-made stays behind (the LOG has it all)
+            import shutil
+            shutil.rmtree(args.store, ignore_errors=True)
+        raise
     errs = res.errors
     if errs:
         more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""

@@ -29,6 +29,10 @@ def add_arguments(p):
     p.add_argument("--store", metavar="DIR",
                    help="the replayer's store (through the running server when there is one); "
                         "without it: the tracers running on this host")
+    p.add_argument("--log", metavar="DIR",
+                   help="without --store: only the tracer writing this LOG directory")
+    p.add_argument("--all", action="store_true",
+                   help="without --store: every tracer on this host (needed when several run)")
     p.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or json")
     p.add_argument("--watch", action="store_true", help="refresh until interrupted")
@@ -123,7 +127,7 @@ def collect_store(path) -> dict:
         server = store.server_status() if getattr(store, "remote", False) else None
         rows = store.query(
             "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
-            "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, "
+            "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, s.after_gap, "
             "       sd.restorable_to, sd.to_ns, "
             "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
             "  FROM session_devices sd JOIN sessions s USING (session) "
@@ -138,7 +142,7 @@ def collect_store(path) -> dict:
                                 "WHERE first_gap IS NOT NULL GROUP BY ALL"))
     hosts: dict[str, dict] = {}
     for (host, device, name, session, dev, wm, wm_ns, end_ns, clean, first_gap, gap_reason,
-         r_to, to_ns, drops) in rows:
+         after_gap, r_to, to_ns, drops) in rows:
         h = hosts.setdefault(host, {"host": host, "devices": []})
         h["devices"].append({
             "device": device, "name": name, "session": session,
@@ -149,6 +153,7 @@ def collect_store(path) -> dict:
             "restorable_to": r_to, "restorable_to_time": _iso(to_ns),
             "write_rate_Bps": rates.get((session, dev), 0) / RATE_WINDOW_S,
             "gap": first_gap, "gap_reason": gap_reason, "gaps": gaps.get(session, 0),
+            "stamps_after_gap": after_gap or 0,
             "drops": drops,
         })
     conns: dict[str, int] = {}
@@ -163,8 +168,10 @@ def collect_store(path) -> dict:
                                         prev.get("kernel"), prev.get("received_ns"))
     for host, h in hosts.items():
         h["connections"] = conns.get(host, 0) if server is not None else None
+    from blkrewind.commands.restore import unfinished
     out = {"store": str(path), "now_ns": now_ns, "now": _iso(now_ns),
-           "served": server is not None, "hosts": [hosts[h] for h in sorted(hosts)]}
+           "served": server is not None, "hosts": [hosts[h] for h in sorted(hosts)],
+           "unfinished_restores": unfinished(str(path))}
     if server is not None:
         out["server"] = {k: server.get(k) for k in ("server", "pid", "listen", "tls",
                                                      "store_error", "integrity_check",
@@ -173,16 +180,26 @@ def collect_store(path) -> dict:
     return out
 
 
-def collect_tracers(prev: dict | None = None) -> dict:
+def collect_tracers(prev: dict | None = None, log: str | None = None,
+                    all_: bool = True) -> dict:
+    import os
+
+    from blkrewind.commands.mark import several_need_all
     from tracer.session import ask, find_tracers
 
     now_ns = time.time_ns()
     tracers = []
-    for path in find_tracers():
+    socks = find_tracers()
+    if log is None:
+        socks = several_need_all(socks, all_, ask)
+    for path in socks:
         try:
             st = ask(path, {"op": "status"}, timeout=5)
         except (OSError, ValueError) as e:
             tracers.append({"control": path, "error": f"no answer ({e})"})
+            continue
+        if log is not None and os.path.realpath(str(st.get("log", ""))) != \
+                os.path.realpath(log):
             continue
         if not st.get("ok", True):
             tracers.append({"control": path, "error": st.get("error")})
@@ -225,7 +242,9 @@ def _store_tables(d: dict):
     for col in ("device", "session", "watermark", "watermark time", "lag", "rate (1 min)",
                 "gaps", "note"):
         devs.add_column(col, justify="left" if col in ("device", "session", "watermark time",
-                                                        "note") else "right")
+                                                        "note") else "right",
+                        **({"min_width": 30, "max_width": 70, "overflow": "fold"}
+                           if col == "note" else {}))
     for h in d["hosts"]:
         t = h.get("tracer")
         if t is not None:
@@ -244,11 +263,19 @@ def _store_tables(d: dict):
                 note = "session ended" + ("" if v["clean"] else " (not clean)")
             if v["gap"] is not None:
                 note = (note + "; " if note else "") + f"gap: {v['gap_reason'] or v['gap']}"
+                if v.get("stamps_after_gap"):
+                    note += (f"; the history goes on past it ({v['stamps_after_gap']} later "
+                             f"stamp(s) stored, not restorable)")
             devs.add_row(v["device"], v["session"], str(v["watermark"] or "-"),
                          v["watermark_time"] or "-", _age(v["lag_s"]),
-                         _rate(v["write_rate_Bps"]), str(v["gaps"]), note[:80])
-    return [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
+                         _rate(v["write_rate_Bps"]), str(v["gaps"]), note)
+    out = [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
         else [devs]
+    for u in d.get("unfinished_restores") or []:
+        state = "in progress" if u["running"] else "INTERRUPTED: the device is INCOMPLETE"
+        out.append(f"restore onto {u.get('target')} of {u.get('device')} at {u.get('at')} "
+                   f"(pid {u.get('pid')}, started {_iso(u.get('started_ns'))}): {state}")
+    return out
 
 
 def _tracer_table(d: dict):
@@ -296,14 +323,18 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    if args.interval <= 0:
+    if not args.interval > 0:
         raise UserError("--interval must be positive")
+    if args.store and (args.log or args.all):
+        raise UserError("--log and --all are for the tracers on this host, not with --store")
+    if args.log and args.all:
+        raise UserError("--log and --all exclude each other")
     prev: dict = {}
 
     def collect() -> dict:
         if args.store:
             return collect_store(args.store)
-        d = collect_tracers(prev)
+        d = collect_tracers(prev, args.log, args.all)
         for s in d["tracers"]:
             if s.get("_kernel"):
                 prev[s["control"]] = {"kernel": s["_kernel"], "ns": d["now_ns"]}
@@ -315,6 +346,8 @@ def _run(args) -> int:
     if not args.store:
         d = collect()
         if not d["tracers"] and not d["left_attached"]:
+            if args.log:
+                raise UserError(f"no running tracer writes the LOG {args.log}")
             raise UserError("no tracer is running on this host (give --store DIR on the "
                             "replayer host)")
         if not args.watch:  # a second sample for the capture rate
