@@ -268,6 +268,43 @@ def _materialize(store: Store, f: _Fold, pw: _PayloadWriter, seq0: int, jobs: in
 
 # ------------------------------------------------------------------ the prune
 
+def dry_run(con, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
+            now_ns: int | None = None) -> Result:
+    """What prune would do, read only (SELECTs: works through a server's query socket too):
+    the prune point, the records and base chunks it would fold away, the older sessions it
+    would drop, and the marks it would keep; nothing is changed."""
+    res = Result()
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    got = choose_point(con, device.device, now_ns - keep_ns)
+    if got is None:
+        res.note = f"{device.device} has no restorable point older than the cutoff"
+        return res
+    sess_k, dev_k, _size, k = got
+    prev = con.execute("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                       [sess_k, dev_k]).fetchone()
+    if prev is not None and prev[0] is not None and int(prev[0]) >= k:
+        res.note = (f"{device.device} is pruned up to stamp {int(prev[0])} already (the "
+                    f"cutoff gives stamp {k})")
+        return res
+    res.point, res.session = k, sess_k
+    res.point_ns = _point_time(con, sess_k, dev_k, k)
+    for sess, dev in con.execute(
+            "SELECT sd.session, sd.dev FROM session_devices sd JOIN sessions s USING (session) "
+            "WHERE sd.device = ? ORDER BY coalesce(s.stamp_base, 0), sd.session",
+            [device.device]).fetchall():
+        upto = k if sess == sess_k else (1 << 63)
+        res.records += int(con.execute("SELECT count(*) FROM records WHERE session = ? AND "
+                                       "dev = ? AND stamp <= ?", [sess, dev, upto]).fetchone()[0])
+        res.chunks_dropped += int(con.execute("SELECT count(*) FROM base WHERE session = ? AND "
+                                              "dev = ?", [sess, dev]).fetchone()[0])
+        if keep_marks:
+            res.kept_marks += _restorable_marks(con, sess, dev, upto)
+        if sess == sess_k:
+            break
+        res.sessions_dropped += 1
+    return res
+
+
 def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
     """Fold the history of `device` older than now - keep_ns (see the module docstring).

@@ -486,6 +486,8 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
     if wait is None:
         wait = default_wait()
     path = os.path.abspath(os.fspath(path))
+    from replayer.store import check_access
+    check_access(path)
     deadline = time.monotonic() + wait
     while True:
         sp = server_running(path)

@@ -91,6 +91,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -220,6 +221,7 @@ class Store:
         if wait is None:
             wait = default_wait()
         path = os.path.abspath(os.fspath(path))
+        check_access(path, write)
         meta = os.path.join(path, META)
         if not os.path.exists(meta):
             if not create:
@@ -362,6 +364,25 @@ class Store:
 
 
 # ---------------------------------------------------------------------- helpers
+def check_access(path: str, write: bool = False) -> None:
+    """StoreError naming the owner when this user may not read (or write) the store."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except PermissionError:
+        raise StoreError(f"{path}: permission denied (run as the store's owner or root)") from None
+    want = os.R_OK | os.X_OK | (os.W_OK if write else 0)
+    if os.path.isdir(path) and not os.access(path, want):
+        try:
+            import pwd
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except (KeyError, ImportError):
+            owner = f"uid {st.st_uid}"
+        raise StoreError(f"{path}: permission denied: the store belongs to {owner} (mode "
+                         f"{st.st_mode & 0o777:04o}); run as {owner}") from None
+
+
 def default_wait() -> float:
     """How long to wait for a busy store: $BLKREWIND_STORE_WAIT seconds, else 10."""
     try:
@@ -373,6 +394,7 @@ def default_wait() -> float:
 def _take_lock(path: str, wait: float) -> int:
     fd = os.open(os.path.join(path, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + wait
+    said = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -381,6 +403,13 @@ def _take_lock(path: str, wait: float) -> int:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
                 raise StoreError(f"cannot lock the store {path}: {e.strerror}") from None
+            if not said and wait > 0:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+                who = f" (pid {holder})" if holder.isdigit() else ""
+                print(f"note: store {path} is being written by another process{who}; waiting "
+                      f"up to {wait:g} s for it ($BLKREWIND_STORE_WAIT)", file=sys.stderr,
+                      flush=True)
+                said = True
             if time.monotonic() >= deadline:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
                 os.close(fd)

@@ -199,7 +199,7 @@ def test_restart_with_other_devices_starts_a_new_session(make_loop, tmp_path, ru
     ids = link_ids(old)
     listed = run_cli("detach").stdout
     assert old in listed and str(log) in listed, listed
-    st = json.loads(run_cli("status", "--format", "json").stdout)
+    st = json.loads(run_cli("status", "--all", "--format", "json").stdout)
     assert [x["session"] for x in st["left_attached"]] == [old], st
     with TraceProc([a.path, b.path], log) as second:
         assert second.stop() == 0, second.stderr

@@ -853,12 +853,13 @@ def test_status_of_a_real_tracer_shipping(tmp_path, pki, make_loop):
                 f.seek(1 << 20)
                 f.write(data)
                 os.fsync(f.fileno())
-            t = json.loads(run_cli("status", "--format", "json").stdout)
+            t = json.loads(run_cli("status", "--log", tmp_path / "log", "--format",
+                                   "json").stdout)
             mine = [x for x in t["tracers"] if x.get("pid") == tp.p.pid]
             assert mine and mine[0]["ship_to"] == f"127.0.0.1:{srv.port}"
             assert mine[0]["host"] == "synth" and mine[0]["log_bytes"] > 0
             assert "unacked_bytes" in mine[0] and mine[0]["capture_rate_Bps"] is not None
-            assert "synth" in run_cli("status").stdout
+            assert "synth" in run_cli("status", "--log", tmp_path / "log").stdout
             deadline = time.monotonic() + 60
             while True:
                 d = json.loads(run_cli("status", "--store", srv.store, "--format",

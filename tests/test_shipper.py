@@ -261,7 +261,7 @@ def test_trace_ship_tls_restores_exact(tmp_path, make_loop, serve):
     with TraceProc([dev], tmp_path / "log", "--ship", f"127.0.0.1:{srv.port}",
                    "--tls", cli_tls) as tr:
         write_random(dev, 8, seed=1)
-        run_cli("mark", "m1")
+        run_cli("mark", "m1", "--log", tmp_path / "log")
         copy_device(dev, tmp_path / "m1.img")
         write_random(dev, 8, seed=2)
         st = status(tr)
@@ -283,7 +283,7 @@ def test_server_late_and_killed_mid_stream(tmp_path, make_loop, serve):
     with TraceProc([dev], tmp_path / "log", "--ship", f"127.0.0.1:{port}", "--insecure",
                    "--segment-mb", "4") as tr:
         write_random(dev, 6, seed=3)
-        run_cli("mark", "early")
+        run_cli("mark", "early", "--log", tmp_path / "log")
         copy_device(dev, tmp_path / "early.img")
         assert status(tr)["shipper"]["connections_up"] == 0
         assert "cannot reach" in tr.stderr
@@ -391,7 +391,7 @@ def test_log_full_with_server_down(tmp_path, make_loop, run_cli, assert_one_line
     with TraceProc([dev], log_dir, "--ship", f"127.0.0.1:{free_port()}", "--insecure",
                    "--segment-mb", "1", "--log-max-mb", "8", "--ship-drain", "1") as tr:
         write_random(dev, 1, seed=20)
-        run_cli("mark", "before")
+        run_cli("mark", "before", "--log", log_dir)
         copy_device(dev, tmp_path / "before.img")
         write_random(dev, 16, seed=21)
         st = wait_until(lambda: (s := status(tr))["log_full_drops"] and s, 30, "LOG full")

@@ -194,6 +194,7 @@ class Tracer:
         self.end_state: dict | None = None
         self.pinned = None          # tracer/pins.py: the capture is pinned (outlives us)
         self.continued: int | None = None  # the pid of the dead tracer whose session goes on
+        self._marks_set: dict[str, int] = {}  # mark name -> its stamp (a name set again: said)
         self._pin_problem: str | None = None
 
     # ------------------------------------------------------------------ start
@@ -661,8 +662,10 @@ class Tracer:
         if self.stats.log_full_drops != full0:
             raise UserError(f"mark {name!r} may have been lost: the LOG is full "
                             f"(--log-max-mb; the replayer has not acknowledged enough)")
+        again = self._marks_set.get(name)
+        self._marks_set[name] = stamp
         return {"ok": True, "stamp": stamp, "session": self.session, "log": self.opts.log_dir,
-                "baseline_done": self.baseline_done.is_set()}
+                "baseline_done": self.baseline_done.is_set(), "again": again}
 
     def _start_control(self) -> None:
         os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)

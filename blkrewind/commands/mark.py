@@ -19,6 +19,8 @@ RESERVED = ("latest",)
 def add_arguments(p):
     p.add_argument("name", help="the mark's name (restore --at NAME)")
     p.add_argument("--log", metavar="DIR", help="only the tracer writing this LOG directory")
+    p.add_argument("--all", action="store_true",
+                   help="every tracer on this host (needed when more than one runs)")
 
 
 def check_name(name: str) -> None:
@@ -29,11 +31,29 @@ def check_name(name: str) -> None:
         raise UserError("a mark name has no control characters and no surrounding spaces")
     if name in RESERVED or name.isdigit() or name.split(":", 1)[0] in ("stamp", "time", "mark"):
         raise UserError(f"{name!r} would read as another kind of point; pick another name")
+    from replayer.points import LOOKS_LIKE_TIME
     try:
         datetime.fromisoformat(name)
     except ValueError:
-        return
+        if not LOOKS_LIKE_TIME.match(name):
+            return
     raise UserError(f"{name!r} reads as a time; pick another name")
+
+
+def several_need_all(socks: list[str], all_: bool, ask) -> list[str]:
+    """Without --log: one tracer, or all of them with --all; several without it: UserError
+    naming their LOGs."""
+    if len(socks) <= 1 or all_:
+        return socks
+    logs = []
+    for path in socks:
+        try:
+            st = ask(path, {"op": "status"}, timeout=5)
+            logs.append(f"pid {st.get('pid')}: --log {st.get('log')}")
+        except (OSError, ValueError):
+            logs.append(path)
+    raise UserError(f"{len(socks)} tracers are running ({'; '.join(logs)}): name one with "
+                    f"--log DIR, or all of them with --all")
 
 
 def run(args) -> int:
@@ -43,6 +63,10 @@ def run(args) -> int:
     socks = find_tracers()
     if not socks:
         raise UserError("no tracer is running (start one with 'blkrewind trace')")
+    if args.log and args.all:
+        raise UserError("--log and --all exclude each other")
+    if not args.log:
+        socks = several_need_all(socks, args.all, ask)
     comm = os.path.basename(sys.argv[0])[:15] if sys.argv else "blkrewind"
     done = 0
     errors = []
@@ -61,6 +85,9 @@ def run(args) -> int:
             continue
         done += 1
         note = "" if r.get("baseline_done") else " (baseline still running: not restorable)"
+        if r.get("again") is not None:
+            note += (f" (note: {args.name!r} was set before in this session, at stamp "
+                     f"{r['again']}: --at {args.name} means the newest)")
         print(f"mark {args.name!r}: stamp {r['stamp']} in session {r['session']} (LOG {r['log']}){note}")
     if errors:
         raise UserError("; ".join(errors))

@@ -50,6 +50,8 @@ def add_arguments(p):
                    help="keep older marks restorable (the image at each, stored as changes)")
     p.add_argument("--jobs", type=int, default=2, metavar="N",
                    help="threads reading payload (default 2)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be pruned (the point, records, sessions), change nothing")
 
 
 def run(args) -> int:
@@ -59,7 +61,27 @@ def run(args) -> int:
     from replayer.store import Store
 
     keep = parse_duration(args.keep)
-    jobs = max(1, min(64, args.jobs))
+    if not 1 <= args.jobs <= 64:
+        raise UserError(f"--jobs must be 1..64, not {args.jobs}")
+    jobs = args.jobs
+    if args.dry_run:
+        from replayer.prune import dry_run
+        from replayer.query import open_for_reading
+
+        with open_for_reading(args.store) as store:
+            device = store.find_device(args.device)
+            res = dry_run(store.con, device, keep_ns=keep, keep_marks=args.keep_marks)
+        if res.point is None:
+            print(f"nothing to prune: {res.note}", file=sys.stderr)
+            return 0
+        kept = f", {len(res.kept_marks)} older mark(s) kept" if res.kept_marks else ""
+        print(f"dry run: would prune {device.device} up to stamp {res.point} "
+              f"({fmt_time(res.point_ns)}){kept}: {res.records} record(s) and "
+              f"{res.chunks_dropped} base chunk(s) folded into a new base, "
+              f"{res.sessions_dropped} older session(s) folded away; points before stamp "
+              f"{res.point} would no longer be restorable. Nothing was changed.",
+              file=sys.stderr)
+        return 0
     sock = server_running(os.path.abspath(args.store))
     if sock is not None:  # a running server holds the store: it prunes, and goes on serving
         name, r = RemoteConnection(sock).prune(args.device, keep, args.keep_marks, jobs)

@@ -24,12 +24,35 @@ def add_arguments(p):
 
 
 
+def check_query(query: str) -> None:
+    """One query (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN), or UserError."""
+    import duckdb
+
+    from replayer.query import one_line
+
+    if not query.strip():
+        raise UserError("an empty query (give one SQL statement, e.g. \"SELECT * FROM devices\")")
+    try:
+        stmts = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise UserError(f"SQL: {one_line(e)}") from None
+    if not stmts:
+        raise UserError("the query holds no statement (only comments or ';')")
+    if len(stmts) > 1:
+        raise UserError(f"{len(stmts)} statements: give one query (run several one by one)")
+    kind = stmts[0].type
+    if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
+        raise UserError(f"only queries are allowed (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN), "
+                        f"not {kind.name}: the store is read-only")
+
+
 def run(args) -> int:
     import duckdb
 
     from analytics.output import write_rows
     from replayer.query import one_line, open_for_reading
 
+    check_query(args.query)
     # a served store is queried through its server (read-only statements, no file access)
     with open_for_reading(args.store, views=True) as store:
         con = store.con

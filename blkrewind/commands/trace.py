@@ -110,9 +110,63 @@ def say(msg: str) -> None:
     print(f"blkrewind trace: {msg}", file=sys.stderr, flush=True)
 
 
+def check_options(args) -> None:
+    """Refuse option values that make no sense, before anything starts."""
+    import math
+
+    if not 1 <= args.segment_mb <= 4096:
+        raise UserError(f"--segment-mb must be 1..4096 (MiB), not {args.segment_mb}")
+    if not (math.isfinite(args.fsync_interval) and args.fsync_interval > 0):
+        raise UserError(f"--fsync-interval must be a positive number of seconds, not "
+                        f"{args.fsync_interval:g}")
+    if not (math.isfinite(args.settle) and args.settle >= 0):
+        raise UserError(f"--settle must be a number of seconds, 0 or more, not {args.settle:g}")
+
+
+def _check_command(cmd: list[str]) -> None:
+    """`trace -- COMMAND`: fail now, not after the whole baseline, if COMMAND cannot run."""
+    import shutil
+
+    if not cmd:
+        return
+    exe = cmd[0]
+    if os.sep in exe:
+        if not os.path.isfile(exe):
+            raise UserError(f"cannot run {exe}: no such file")
+        if not os.access(exe, os.X_OK):
+            raise UserError(f"cannot run {exe}: not executable")
+    elif shutil.which(exe) is None:
+        raise UserError(f"cannot run {exe}: no such command in $PATH")
+
+
+def _already_traced(paths: list[str]) -> None:
+    """Refuse a device another running tracer on this host traces already."""
+    from tracer.session import ask, find_tracers
+
+    def rdev(p):
+        try:
+            return os.stat(p).st_rdev
+        except OSError:
+            return None
+
+    want = {rdev(p): p for p in paths}
+    want.pop(None, None)
+    for sock in find_tracers():
+        try:
+            st = ask(sock, {"op": "status"}, timeout=5)
+        except (OSError, ValueError):
+            continue
+        for d in st.get("devices") or []:
+            r = rdev(d)
+            if r in want:
+                raise UserError(f"{want[r]} is traced already by the tracer pid {st.get('pid')} "
+                                f"(LOG {st.get('log')}); stop it first, or add no second tracer")
+
+
 def run(args) -> int:
     from tracer.session import TraceOptions, Tracer
 
+    check_options(args)
     if os.geteuid() != 0:
         raise UserError("must run as root (it loads BPF programs and reads block devices)")
     cmd = list(args.child)
@@ -122,6 +176,8 @@ def run(args) -> int:
     if args.ring_mb <= 0 or ring & (ring - 1):
         raise UserError(f"--ring-mb must be a power of two, not {args.ring_mb}")
     host = _ship_host(args)
+    _check_command(cmd)
+    _already_traced(args.device)
     opts = TraceOptions(devices=args.device, log_dir=args.log, ring_bytes=ring,
                         segment_bytes=args.segment_mb << 20, fsync=args.fsync,
                         fsync_interval=args.fsync_interval, baseline=not args.no_baseline,

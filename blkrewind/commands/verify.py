@@ -56,6 +56,9 @@ def run(args) -> int:
     from blkrewind.errors import UserError
     from replayer import points, rebuild
 
+    if not 1 <= args.jobs <= 64:
+        raise UserError(f"--jobs must be 1..64, not {args.jobs}")
+
     if args.device is None:
         if args.live or args.at != "latest":
             raise UserError("--at and --live need --device")
