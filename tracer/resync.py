@@ -129,6 +129,7 @@ class Resync:
         self.resyncs = 0               # resyncs completed (all devices)
         self.last: dict | None = None  # the last device resync: bytes, seconds, ranges...
         self.resync_bytes = 0
+        self.progress = None           # tracer/progress.py while a device is read
         self.running: dict | None = None
         self._lock = threading.Lock()
         self._seq_lock = threading.Lock()   # the tracer's running record number
@@ -572,10 +573,14 @@ class Resync:
                    f"{rereads} chunks read again), restorable again from stamp {re_}")
 
     def _read_chunks(self, d: devices.BlockDevice, rs: int, chunks: list[_Chunk]) -> tuple[int, int]:
+        from tracer.progress import ReadProgress
+
         total = 0
         rereads = 0
         if not chunks:
             return 0, 0
+        prog = self.progress = ReadProgress("resync", d.path, sum(c.n for c in chunks),
+                                            self.t.say, self.t.progress_tty)
         local = threading.local()
         zero = bytes(self.chunk_bytes)
         fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
@@ -607,6 +612,7 @@ class Resync:
                 view.release()
             self._queue_room(len(rec))
             self.t._user_records([rec])
+            prog.add(c.n)
             return c.n
 
         pool = ThreadPoolExecutor(self.readers, thread_name_prefix="resync-read")
@@ -633,6 +639,8 @@ class Resync:
         finally:
             pool.shutdown(wait=True)
             os.close(fd)
+            prog.finish()
+            self.progress = None
         return total, rereads
 
     def _queue_room(self, nbytes: int) -> None:

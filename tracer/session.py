@@ -195,6 +195,8 @@ class Tracer:
         self.pinned = None          # tracer/pins.py: the capture is pinned (outlives us)
         self.continued: int | None = None  # the pid of the dead tracer whose session goes on
         self._marks_set: dict[str, int] = {}  # mark name -> its stamp (a name set again: said)
+        self.progress = None        # tracer/progress.py: the baseline or resync read going on
+        self.progress_tty = None    # set by `trace` on a terminal: rewrites its status line
         self._pin_problem: str | None = None
 
     # ------------------------------------------------------------------ start
@@ -575,7 +577,7 @@ class Tracer:
                 self._fail(f"the baseline end of {d.path} was lost (ring buffer full)")
             dt = time.monotonic() - t0
             self.say(f"baseline of {d.path} done: {nbytes >> 20} MiB in {dt:.1f} s "
-                     f"({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s, "
+                     f"({nbytes / max(dt, 1e-9) / (1 << 20):.0f} MiB/s, "
                      f"{self.stats.baseline_rereads - rereads0} chunks read again after writes "
                      f"queued before capture completed), restorable from stamp {stamp}")
         self._watch_old = False
@@ -583,8 +585,12 @@ class Tracer:
         self.resync.checkpoint_soon()  # records baseline_done for a tracer continuing after us
 
     def _baseline_device(self, d: devices.BlockDevice, stop: threading.Event) -> int:
+        from tracer.progress import ReadProgress
+
         chunk = self.opts.chunk_bytes
         nchunks = (d.size_bytes + chunk - 1) // chunk
+        prog = self.progress = ReadProgress("baseline", d.path, d.size_bytes, self.say,
+                                            self.progress_tty)
         read_at = [0] * nchunks  # ktime before each chunk's latest read
         buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT wants
         zero = bytes(chunk)
@@ -612,6 +618,7 @@ class Tracer:
                 view.release()
                 self._user_records([rec])
                 total += n
+                prog.add(n)
 
             for i in range(nchunks):
                 if stop.is_set():
@@ -635,6 +642,8 @@ class Tracer:
         finally:
             os.close(fd)
             buf.close()
+            prog.finish()
+            self.progress = None
         self.stats.baseline_bytes += total
         return total
 
@@ -719,6 +728,9 @@ class Tracer:
                "log_full_records": self.stats.log_full_records,
                "log_full_bytes": self.stats.log_full_bytes,
                "failure": self.failure}
+        resync = getattr(self, "resync", None)
+        prog = self.progress or (resync.progress if resync is not None else None)
+        out["progress"] = prog.status() if prog is not None else None
         if shipper and self.shipper is not None:
             out["shipper"] = self.shipper.status()
         return out

@@ -211,6 +211,7 @@ def collect_tracers(prev: dict | None = None, log: str | None = None,
                           p and p["kernel"], p and p["ns"])
         s.update({"control": path, "pid": tr.get("pid"), "log": tr.get("log"),
                   "devices": tr.get("devices"), "baseline_done": tr.get("baseline_done"),
+                  "progress": tr.get("progress"),
                   "_kernel": tr.get("kernel")})
         tracers.append(s)
     from tracer import pins
@@ -237,7 +238,8 @@ def _store_tables(d: dict):
     hosts = Table(title=title, title_justify="left")
     for col in ("host", "conns", "capture", "LOG", "unacked", "oldest unacked", "drops",
                 "status age", "state"):
-        hosts.add_column(col, justify="left" if col in ("host", "state") else "right")
+        hosts.add_column(col, justify="left" if col in ("host", "state") else "right",
+                         **({"max_width": 60, "overflow": "fold"} if col == "state" else {}))
     devs = Table(title="devices", title_justify="left")
     for col in ("device", "session", "watermark", "watermark time", "lag", "rate (1 min)",
                 "gaps", "note"):
@@ -253,7 +255,7 @@ def _store_tables(d: dict):
             hosts.add_row(h["host"], str(h.get("connections") or 0), _rate(t["capture_rate_Bps"]),
                           _size(t["log_bytes"]), _size(t["unacked_bytes"]),
                           _age(t["oldest_unacked_age_s"]), str(t["drops"] or 0),
-                          _age(t["status_age_s"]), str(state)[:60])
+                          _age(t["status_age_s"]), str(state))
         elif d.get("served"):
             hosts.add_row(h["host"], str(h.get("connections") or 0), "-", "-", "-", "-", "-",
                           "-", "no status received")
@@ -284,19 +286,26 @@ def _tracer_table(d: dict):
     t = Table(title=f"tracers on this host at {d['now']}", title_justify="left")
     for col in ("pid", "host", "session", "devices", "capture", "LOG", "unacked",
                 "oldest unacked", "ship conns", "drops", "state"):
-        t.add_column(col)
+        t.add_column(col, **({"max_width": 60, "overflow": "fold"} if col == "state" else {}))
     for s in d["tracers"]:
         if "error" in s:
             t.add_row("?", "-", "-", s["control"], "-", "-", "-", "-", "-", "-", str(s["error"]))
             continue
         state = "LOG FULL" if s["log_full"] else (s.get("failure") or s.get("ship_error") or "ok")
+        pr = s.get("progress")
+        if pr:
+            from tracer.progress import _eta
+            pct = "?" if pr.get("percent") is None else f"{pr['percent']:.0f}%"
+            rate = "?" if not pr.get("rate_Bps") else _rate(pr["rate_Bps"])
+            state = (f"{pr.get('what')} of {pr.get('device')}: {pct} at {rate}, ETA "
+                     f"{_eta(pr.get('eta_s'))}" + ("" if state == "ok" else f"; {state}"))
         t.add_row(str(s.get("pid")), str(s.get("host")), str(s.get("session")),
                   ", ".join(s.get("devices") or []),
                   _rate(s["capture_rate_Bps"]), _size(s["log_bytes"]),
                   _size(s["unacked_bytes"]) if s["ship_to"] else "not shipping",
                   _age(s["oldest_unacked_age_s"]) if s["ship_to"] else "-",
                   str(s.get("ship_connections_up") if s["ship_to"] else "-"),
-                  str(s["drops"] or 0), str(state)[:60])
+                  str(s["drops"] or 0), str(state))
     out = [t] if d["tracers"] else []
     for x in d.get("left_attached", []):
         out.append(f"capture left attached by a dead tracer (pid {x['dead_pid']}): session "

@@ -106,8 +106,19 @@ def _ship_host(args) -> str | None:
     return args.host
 
 
+_TTY = sys.stderr.isatty()
+
+
 def say(msg: str) -> None:
-    print(f"blkrewind trace: {msg}", file=sys.stderr, flush=True)
+    # on a terminal: over the progress line (redrawn at its next tick)
+    print(f"{chr(13) + chr(27) + '[K' if _TTY else ''}blkrewind trace: {msg}", file=sys.stderr,
+          flush=True)
+
+
+def progress_line(line: str | None) -> None:
+    """The baseline's / a resync's progress, rewritten in place on a terminal."""
+    sys.stderr.write("\r\x1b[K" + (f"blkrewind trace: {line}" if line else ""))
+    sys.stderr.flush()
 
 
 def check_options(args) -> None:
@@ -198,6 +209,8 @@ def run(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     tracer = Tracer(opts, say=say)
+    if _TTY:
+        tracer.progress_tty = progress_line
     rc = 0
     try:
         tracer.start()

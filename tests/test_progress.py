@@ -1,0 +1,50 @@
+"""Progress of the baseline (issue 13): `trace` says percent, rate and ETA in its log while it
+reads a device whole, and `status` shows the baseline's progress meanwhile (BPF)."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tracerproc import TraceProc, cli
+
+LINE = re.compile(r"baseline progress (\S+): (\d+)% \((\d+) MiB of (\d+) MiB\) at (\d+) MiB/s, "
+                  r"ETA (\S+ (s|min|h)|\?)")
+
+
+@pytest.mark.bpf
+def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeypatch):
+    dev = make_loop(384, fill="random")
+    monkeypatch.setenv("BLKREWIND_PROGRESS_S", "0.1")
+    log = tmp_path / "log"
+    from tracer.session import ask
+    seen, table = [], []
+    with TraceProc([dev], log, wait_for="live") as tr:
+        sock = f"/run/blkrewind/trace-{tr.p.pid}.sock"
+        deadline = time.monotonic() + 120
+        while not any("baseline of" in ln for ln in tr.lines) and time.monotonic() < deadline:
+            pr = ask(sock, {"op": "status"}, timeout=10).get("progress")
+            if pr:
+                seen.append(pr)
+                if not table:  # what a user sees in `status` meanwhile
+                    table.append(cli("status", "--log", log).stdout)
+            time.sleep(0.05)
+        assert any("baseline of" in ln for ln in tr.lines), tr.stderr
+        st = json.loads(cli("status", "--log", log, "--format", "json").stdout)
+        assert st["tracers"][0]["progress"] is None   # done: nothing in progress
+        lines = [m for m in map(LINE.search, tr.lines) if m]
+        assert tr.stop() == 0, tr.stderr
+    assert lines, tr.stderr
+    for m in lines:
+        assert m[1] == str(dev) and m[4] == "384" and 0 <= int(m[2]) <= 100
+    assert seen
+    if "baseline of" not in table[0]:  # finished before that status' second sample
+        assert "ok" in table[0]
+    else:
+        assert re.search(r"baseline of \S+: \d+% at [\d.]+ MiB/s, ETA", table[0]), table[0]
+    for pr in seen:
+        assert pr["what"] == "baseline" and pr["device"] == str(dev)
+        assert pr["total_bytes"] == 384 << 20 and 0 < pr["done_bytes"] <= pr["total_bytes"]
+        assert pr["rate_Bps"] > 0 and pr["eta_s"] is not None
