@@ -1166,6 +1166,49 @@ def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> Inges
                         orphans)
 
 
+def delete_ingested(store: Store, log_dir: str) -> tuple[list[str], int]:
+    """LOG retention without shipping (`ingest --delete-ingested`): delete the LOG segments
+    the store holds whole -- sealed, every frame stored, same seg_id -- after a CHECKPOINT has
+    made the store's metadata durable (payload files are fsynced before their commit). The
+    LOG's newest segment always stays (a tracer continuing its session reads it), and so does
+    anything unsealed, torn, damaged or not fully stored. Returns (names deleted, bytes)."""
+    from tracer.log import SegmentReader, list_segments
+
+    segs = list_segments(log_dir)
+    if not segs:
+        return [], 0
+    newest = max(segs, key=lambda s: (s.session, s.segno))
+    led = ledger(store)
+    with store.mutex:
+        store.con.execute("CHECKPOINT")
+    gone, freed = [], 0
+    for seg in segs:
+        if seg is newest:
+            continue
+        key = (seg.session, seg.segno)
+        with store.mutex:
+            done = led.complete(key)
+            st = led.segs.get(key)
+        if not done or st is None:
+            continue
+        try:
+            with SegmentReader(seg.path) as r:
+                same = r.sealed and r.seg_id == st.seg_id and r.size == seg.size
+        except (UserError, OSError):
+            continue
+        if not same:
+            continue
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            continue
+        gone.append(os.path.basename(seg.path))
+        freed += seg.size
+    if gone:
+        _fsync_dir(log_dir)
+    return gone, freed
+
+
 # ================================================================ FrameSink
 @dataclass
 class FrameGroup:

@@ -24,6 +24,10 @@ def add_arguments(p):
                    help="the store (created, mode 0700, if missing)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 2), metavar="N",
                    help="segments ingested in parallel (default: CPUs, at most 4)")
+    p.add_argument("--delete-ingested", action="store_true",
+                   help="LOG retention without shipping: afterwards, delete the LOG segments "
+                        "the store holds whole and durably (never the newest, never one with "
+                        "damage); not with a tracer that ships this LOG")
 
 
 def _mib(n: int) -> str:
@@ -99,6 +103,26 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
                   f"records) is not ingested", file=out)
 
 
+def _refuse_if_shipped(log_dir: str) -> None:
+    """--delete-ingested beside a tracer that ships this LOG would delete segments its
+    replayer may still lack: refused (the shipper has its own retention, --log-max-mb)."""
+    from tracer.log import log_in_use
+    from tracer.session import CONTROL_DIR, ask
+
+    pid = log_in_use(log_dir)
+    if pid is None:
+        return
+    try:
+        st = ask(os.path.join(CONTROL_DIR, f"trace-{pid}.sock"), {"op": "status"}, timeout=5)
+    except (OSError, ValueError):
+        st = {}
+    sh = st.get("shipper") if isinstance(st.get("shipper"), dict) else {}
+    if sh.get("ship_to"):
+        raise UserError(f"the tracer (pid {pid}) writing {log_dir} ships it to "
+                        f"{sh['ship_to']}: its segments go when that replayer has them "
+                        f"(--log-max-mb), not with --delete-ingested")
+
+
 def run(args) -> int:
     from replayer.ingest import ingest
     from replayer.store import Store
@@ -110,11 +134,18 @@ def run(args) -> int:
     from tracer.log import list_segments
     if not list_segments(args.log):
         raise UserError(f"{args.log} holds no LOG segments (*.brlog)")
+    if args.delete_ingested:
+        _refuse_if_shipped(args.log)
     new = not os.path.exists(args.store)
     try:
         with Store.open(args.store, write=True, create=True) as store:
             res = ingest(store, args.log, jobs=args.jobs)
             report(store, res, log_dir=args.log)
+            if args.delete_ingested:
+                from replayer.ingest import delete_ingested
+                gone, freed = delete_ingested(store, args.log)
+                print(f"deleted {len(gone)} LOG segment(s) the store holds whole "
+                      f"({_mib(freed)} freed)", file=sys.stdout)
     except BaseException:
         if new:  # a store this ingest made: nothing half-made stays behind (the LOG has it all)
             import shutil

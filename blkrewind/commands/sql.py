@@ -31,18 +31,18 @@ def check_query(query: str) -> None:
     from replayer.query import one_line
 
     if not query.strip():
-        raise UserError("an empty query (give one SQL statement, e.g. \"SELECT * FROM devices\")")
+        raise UserError("SQL: an empty query (give one SQL statement, e.g. \"SELECT * FROM devices\")")
     try:
         stmts = duckdb.extract_statements(query)
     except duckdb.Error as e:
         raise UserError(f"SQL: {one_line(e)}") from None
     if not stmts:
-        raise UserError("the query holds no statement (only comments or ';')")
+        raise UserError("SQL: the query holds no statement (only comments or ';')")
     if len(stmts) > 1:
-        raise UserError(f"{len(stmts)} statements: give one query (run several one by one)")
+        raise UserError(f"SQL: {len(stmts)} statements: give one query (run several one by one)")
     kind = stmts[0].type
     if kind not in (duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN):
-        raise UserError(f"only queries are allowed (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN), "
+        raise UserError(f"SQL: only queries are allowed (SELECT, WITH, SHOW, DESCRIBE, EXPLAIN), "
                         f"not {kind.name}: the store is read-only")
 
 
