@@ -403,11 +403,12 @@ def _take_lock(path: str, wait: float) -> int:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                 os.close(fd)
                 raise StoreError(f"cannot lock the store {path}: {e.strerror}") from None
-            if not said and wait > 0:
+            if not said and time.monotonic() >= deadline - wait + 1.0 and \
+                    time.monotonic() < deadline:  # waited 1 s already, more to go: say so
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
                 who = f" (pid {holder})" if holder.isdigit() else ""
                 print(f"note: store {path} is being written by another process{who}; waiting "
-                      f"up to {wait:g} s for it ($BLKREWIND_STORE_WAIT)", file=sys.stderr,
+                      f"up to {wait:g} s in all for it ($BLKREWIND_STORE_WAIT)", file=sys.stderr,
                       flush=True)
                 said = True
             if time.monotonic() >= deadline:

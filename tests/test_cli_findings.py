@@ -119,12 +119,12 @@ def test_a_failed_ingest_leaves_no_store_and_a_second_one_says_it_waits(store, t
     from replayer.store import Store
     log = store.parent / "log"
     with Store.open(store, write=True):
-        env = dict(os.environ, BLKREWIND_STORE_WAIT="1")
+        env = dict(os.environ, BLKREWIND_STORE_WAIT="2")
         r = subprocess.run([*BLKREWIND, "ingest", "--log", str(log), "--store", str(store)],
                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert r.returncode == 2, r
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("note: store") and "waiting up to 1 s" in \
+    assert len(lines) == 2 and lines[0].startswith("note: store") and "waiting up to 2 s" in \
         lines[0] and f"(pid {os.getpid()})" in lines[0], r.stderr
     assert "busy" in lines[1]
 

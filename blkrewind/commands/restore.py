@@ -158,6 +158,7 @@ def _write_device(plan, target: str, size: int, args, label: str, info: dict) ->
 
     head_n = min(MARK_BYTES, size)
     head, body = rebuild.split_plan(plan, head_n)
+    t = rebuild.open_target(target, size, True)  # refusals (in use, too small) come first
     note = os.path.join(args.store, "restores",
                         f"unfinished-{os.getpid()}-{time.time_ns()}.json")
     try:
@@ -184,7 +185,6 @@ def _write_device(plan, target: str, size: int, args, label: str, info: dict) ->
             pass
 
     try:
-        t = rebuild.open_target(target, size, True)
         try:
             os.pwrite(t.fd, marker_block(info)[:head_n], 0)
             os.fsync(t.fd)
@@ -204,7 +204,7 @@ def _write_device(plan, target: str, size: int, args, label: str, info: dict) ->
     except UserError as e:
         flush()
         raise UserError(f"{e}; {target} is INCOMPLETE (marked as such in its first {head_n} "
-                        f"bytes unless nothing was written)", exit_code=e.exit_code) from None
+                        f"bytes)", exit_code=e.exit_code) from None
     except OSError as e:
         raise UserError(f"{target}: {e.strerror}; the device is INCOMPLETE (marked as such in "
                         f"its first {head_n} bytes)") from None
