@@ -1109,8 +1109,8 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
     res.torn_bytes = int(reader.torn_bytes or 0)
     if res.torn_bytes and newer is not None and error is None:
         error = (f"{reader.path}: ends in {res.torn_bytes} bytes of an incomplete frame, "
-                 f"but it is not the LOG's newest segment ({newer} follows): the segment was cut or damaged, "
-                 f"not torn; the history after it is not restorable")
+                 f"but it is not the LOG's newest segment ({newer} follows): the segment was "
+                 f"cut or damaged, not torn; the history after it is not restorable")
     res.error = error
     with store.mutex:
         cur = led.segs.get(key)

@@ -31,7 +31,8 @@ def check_query(query: str) -> None:
     from replayer.query import one_line
 
     if not query.strip():
-        raise UserError("SQL: an empty query (give one SQL statement, e.g. \"SELECT * FROM devices\")")
+        raise UserError("SQL: an empty query (give one SQL statement, e.g. "
+                        "\"SELECT * FROM devices\")")
     try:
         stmts = duckdb.extract_statements(query)
     except duckdb.Error as e:
