@@ -70,20 +70,24 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []  # the signals that interrupted the command
+
+
 def _raise_interrupted(signum, _frame) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
 def _handle_termination() -> dict:
-    """SIGTERM and SIGHUP raise Interrupted in the main thread (a command that wants
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (a command that wants
     another behaviour, trace and serve, installs its own handlers over these). Returns
     the handlers replaced."""
     import signal
 
     old = {}
-    for s in (signal.SIGTERM, signal.SIGHUP):
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
-            if signal.getsignal(s) == signal.SIG_DFL:
+            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
                 old[s] = signal.signal(s, _raise_interrupted)
         except ValueError:  # not the main thread (main() called from a test's thread)
             pass
@@ -103,22 +107,31 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(s, h)
 
 
+def _interrupted(command: str, signum: int) -> int:
+    import signal
+
+    print(f"blkrewind {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+    return 128 + signum
+
+
 def _main(args) -> int:
+    del _received[:]
     try:
         rc = args._run(args)
     except UserError as e:
+        if _received and e.exit_code != 128 + _received[0]:  # a signal made a call fail
+            return _interrupted(args.command, _received[0])
         print(f"blkrewind {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
         import signal
 
-        signum = getattr(e, "signum", signal.SIGINT)
-        print(f"blkrewind {args.command}: interrupted ({signal.Signals(signum).name})",
-              file=sys.stderr)
-        return 128 + signum
+        return _interrupted(args.command, getattr(e, "signum", signal.SIGINT))
     except BrokenPipeError:
         return 0
     except Exception as e:  # never a traceback for the user, unless asked
+        if _received:  # (DuckDB turns a signal into "Query interrupted")
+            return _interrupted(args.command, _received[0])
         if os.environ.get("BLKREWIND_DEBUG"):
             raise
         print(f"blkrewind {args.command}: internal error: {type(e).__name__}: {e} "
