@@ -60,6 +60,8 @@ def run(args) -> int:
     from tracer.session import ask, find_tracers
 
     check_name(args.name)
+    if os.geteuid() != 0:
+        raise UserError("must run as root (the tracers' control sockets are root's, mode 0600)")
     socks = find_tracers()
     if not socks:
         raise UserError("no tracer is running (start one with 'blkrewind trace')")

@@ -353,6 +353,10 @@ def _run(args) -> int:
         return _store_tables(d) if args.store else _tracer_table(d)
 
     if not args.store:
+        import os
+        if os.geteuid() != 0:
+            raise UserError("must run as root to ask the tracers on this host (their control "
+                            "sockets are root's); on the replayer host give --store DIR")
         d = collect()
         if not d["tracers"] and not d["left_attached"]:
             if args.log:
