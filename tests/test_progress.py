@@ -48,3 +48,42 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
         assert pr["what"] == "baseline" and pr["device"] == str(dev)
         assert pr["total_bytes"] == 384 << 20 and 0 < pr["done_bytes"] <= pr["total_bytes"]
         assert pr["rate_Bps"] > 0 and pr["eta_s"] is not None
+
+
+@pytest.mark.bpf
+def test_baseline_progress_on_a_terminal_is_one_line_rewritten(make_loop, tmp_path):
+    """On a terminal the progress line is rewritten in place (CR, erase line) every second,
+    and cleared before the next message."""
+    import os
+    import pty
+    import subprocess
+
+    from tracerproc import BLKREWIND, ROOT
+
+    dev = make_loop(384, fill="random", dio=True)  # read from the disk: a few seconds
+    master, slave = pty.openpty()
+    p = subprocess.Popen([*BLKREWIND, "trace", "--device", str(dev), "--log",
+                          str(tmp_path / "log"), "--", "true"], cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=slave, stderr=slave, env=dict(os.environ,
+                                                              BLKREWIND_PROGRESS_S="100"))
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:   # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        assert p.wait(120) == 0, out
+        os.close(master)
+    text = out.decode(errors="replace")
+    assert "baseline of" in text, text
+    ticks = re.findall(r"\r\x1b\[Kblkrewind trace: baseline progress \S+: \d+%", text)
+    if "in 0." not in text.split("baseline of", 1)[1][:80]:  # it took a second or more
+        assert ticks, text
+    # no progress line is left behind a later message: each message starts on a clean line
+    assert "\r\x1b[Kblkrewind trace: baseline of" in text
