@@ -41,6 +41,8 @@ def add_arguments(p):
     p.add_argument("--hello-timeout", type=float, default=wire.HELLO_TIMEOUT, metavar="S",
                    help=f"TLS handshake and HELLO, each within S seconds "
                         f"(default {wire.HELLO_TIMEOUT:g})")
+    from blkrewind import metrics
+    metrics.add_argument(p, "server")
     p.add_argument("--store-retry", type=float, default=5.0, metavar="S",
                    help="after a store failure (e.g. full), refuse frames for S seconds "
                         "before trying again (default 5)")
@@ -68,11 +70,16 @@ def run(args) -> int:
     def on_signal(signum, frame):
         srv.request_stop()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    endpoint = None
     try:
+        from blkrewind import metrics  # bound first: a taken port fails before the store opens
+        endpoint = metrics.start(args.metrics, metrics.ServerCollector(srv), srv.log)
         srv.start()
         while not srv.wait(1.0):
             pass
     finally:
+        if endpoint is not None:
+            endpoint.close()
         srv.close()
         for s, h in old.items():
             signal.signal(s, h)

@@ -61,6 +61,8 @@ def add_arguments(p):
     g.add_argument("--ship-timeout", type=float, default=30.0, metavar="SEC",
                    help="a connection whose replayer does not answer for SEC seconds is dropped "
                         "and made again (30)")
+    from blkrewind import metrics
+    metrics.add_argument(p, "tracer")
     p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                    help="-- COMMAND [ARGS]: trace while it runs")
 
@@ -143,7 +145,10 @@ def run(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     tracer = Tracer(opts, say=say)
     rc = 0
+    endpoint = None
     try:
+        from blkrewind import metrics  # bound first: a taken port fails before any capture
+        endpoint = metrics.start(args.metrics, metrics.TracerCollector(tracer), say)
         tracer.start()
         tracer.run_baseline(stop)
         if cmd and not stop.is_set():
@@ -162,6 +167,8 @@ def run(args) -> int:
                 if tracer.failure:
                     break
     finally:
+        if endpoint is not None:
+            endpoint.close()
         stats = tracer.stop()
     if args.stats_json:
         with open(args.stats_json, "w") as f:

@@ -1,0 +1,237 @@
+"""Metrics (blkrewind/metrics.py) as an operator gets them: a real Prometheus server (Debian's
+binary) scrapes a running `blkrewind serve` and a running `blkrewind trace` (real BPF on a loop
+device, shipping over mutual TLS on loopback), the values are read back through Prometheus'
+HTTP API; the alerting rules are checked with promtool and evaluated by that Prometheus."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tracerproc import BLKREWIND, ROOT, TraceProc, cli, direct_writes
+
+RULES = ROOT / "deploy" / "prometheus" / "blkrewind-alerts.yml"
+RULE_TESTS = ROOT / "deploy" / "prometheus" / "blkrewind-alerts.test.yml"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is missing (Debian's prometheus package; bootstrap.sh installs it)")
+    return path
+
+
+def test_promtool_checks_the_alerting_rules():
+    r = subprocess.run([_tool("promtool"), "check", "rules", str(RULES)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout + r.stderr
+    # the rules' unit tests: each alert fires when it should and not before
+    r = subprocess.run([_tool("promtool"), "test", "rules", RULE_TESTS.name],
+                       capture_output=True, text=True, timeout=60, cwd=RULE_TESTS.parent)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Proc:
+    """A process whose stderr is kept; killed at the end whatever happens."""
+
+    def __init__(self, args, **kw):
+        import threading
+        self.lines: list[str] = []
+        self.p = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                                  **kw)
+        self._t = threading.Thread(target=lambda: self.lines.extend(self.p.stderr), daemon=True)
+        self._t.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, what: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            for ln in list(self.lines):
+                if what in ln:
+                    return ln
+            if self.p.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {what!r} (exit {self.p.poll()}):\n{self.text}")
+            time.sleep(0.05)
+
+    def stop(self, sig=None, timeout: float = 30) -> int:
+        import signal
+        if self.p.poll() is None:
+            self.p.send_signal(sig or signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(10)
+        self._t.join(5)
+        return self.p.returncode
+
+
+def _query(prom: str, q: str) -> list[dict]:
+    url = f"http://{prom}/api/v1/query?" + urllib.parse.urlencode({"query": q})
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _wait_value(prom: str, q: str, ok, timeout: float = 60) -> list[dict]:
+    """Poll Prometheus until the query's result satisfies ok(result)."""
+    deadline = time.monotonic() + timeout
+    res: list[dict] = []
+    while time.monotonic() < deadline:
+        try:
+            res = _query(prom, q)
+        except OSError:
+            res = []
+        if res and ok(res):
+            return res
+        time.sleep(0.5)
+    raise AssertionError(f"Prometheus: {q} -> {res} did not become as expected")
+
+
+def _v(res: list[dict]) -> float:
+    assert len(res) == 1, res
+    return float(res[0]["value"][1])
+
+
+@pytest.mark.bpf
+def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
+    prometheus = _tool("prometheus")
+    dev = make_loop(32)
+    tls = tmp_path / "tls"
+    cli("tls", "init", tls, "--hosts", "replayer=127.0.0.1,hosta")
+    m_serve, m_trace, p_prom = _free_port(), _free_port(), _free_port()
+    procs: list[_Proc] = []
+    tracer = None
+    try:
+        srv = _Proc([*BLKREWIND, "serve", "--store", tmp_path / "store", "--listen",
+                     "127.0.0.1:0", "--tls", tls / "replayer",
+                     "--metrics", f"127.0.0.1:{m_serve}"], cwd=ROOT)
+        procs.append(srv)
+        port = srv.wait_for("listening on").split("listening on ")[1].split()[0]
+        assert f"metrics on http://127.0.0.1:{m_serve}/metrics" in srv.text
+        tracer = TraceProc([dev.path], tmp_path / "log", "--tls", tls / "hosta",
+                           "--ship", port, "--metrics", f"127.0.0.1:{m_trace}")
+        assert f"metrics on http://127.0.0.1:{m_trace}/metrics" in tracer.stderr
+
+        cfg = tmp_path / "prometheus.yml"
+        shutil.copy(RULES, tmp_path / RULES.name)
+        cfg.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: [{RULES.name}]\n"
+            "scrape_configs:\n"
+            f"  - job_name: blkrewind-serve\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{m_serve}']}}]\n"
+            f"  - job_name: blkrewind-trace\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{m_trace}']}}]\n")
+        prom = f"127.0.0.1:{p_prom}"
+        pp = _Proc([prometheus, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                    f"--web.listen-address={prom}", "--log.level=warn"], cwd=tmp_path)
+        procs.append(pp)
+
+        # both targets up
+        _wait_value(prom, 'up{job=~"blkrewind-.*"}',
+                    lambda r: len(r) == 2 and all(x["value"][1] == "1" for x in r))
+        written = 0
+        rng = random.Random(13)
+        direct_writes(dev.path, rng, 48, slots=256)          # 48 x 64 KiB, O_DIRECT
+        written += 48 * (64 << 10)
+        # what the tracer captured and what it shipped
+        res = _wait_value(prom, 'blkrewind_capture_bytes_total{job="blkrewind-trace"}',
+                          lambda r: _v(r) >= written)
+        assert res[0]["metric"]["host"] == "hosta"
+        assert _v(_wait_value(prom, "blkrewind_capture_bios_total",
+                              lambda r: _v(r) >= 48)) >= 48
+        assert _v(_query(prom, "sum(blkrewind_records_dropped_total)")) == 0
+        causes = {x["metric"]["cause"] for x in _query(prom, "blkrewind_records_dropped_total")}
+        assert {"ring_full", "log_full", "payload_read_error"} <= causes
+        assert _v(_query(prom, "blkrewind_baseline_done")) == 1
+        assert _v(_query(prom, "blkrewind_baseline_bytes_total")) >= dev.size
+        assert _v(_query(prom, "blkrewind_log_segments")) >= 1
+        # everything acknowledged: RPO 0, and the replayer stored at least what was written
+        _wait_value(prom, "blkrewind_unacked_bytes", lambda r: _v(r) == 0)
+        assert _v(_query(prom, "blkrewind_oldest_unacked_age_seconds")) == 0
+        assert _v(_query(prom, "blkrewind_ship_connections_up")) >= 1
+        log_bytes = _v(_query(prom, "blkrewind_log_written_bytes_total"))
+        assert log_bytes > written   # the writes are random bytes: lz4 cannot shrink them
+        _wait_value(prom, 'blkrewind_ingest_bytes_total{host="hosta"}',
+                    lambda r: _v(r) >= written)
+        sent = _v(_query(prom, "blkrewind_ship_sent_bytes_total"))
+        assert sent >= written
+        # the replayer's view of the host and of the device
+        assert _v(_query(prom, 'blkrewind_host_connections{host="hosta"}')) >= 1
+        assert _v(_wait_value(prom, 'blkrewind_host_status_age_seconds{host="hosta"}',
+                              lambda r: True)) < 30
+        name = Path(dev.path).name
+        lag = _wait_value(prom, f'blkrewind_watermark_lag_seconds{{device="hosta:{name}"}}',
+                          lambda r: _v(r) < 30)
+        assert lag[0]["metric"]["host"] == "hosta"
+        wm = _v(_query(prom, f'blkrewind_watermark_timestamp_seconds{{device="hosta:{name}"}}'))
+        assert abs(wm - time.time()) < 60
+        assert _v(_query(prom, f'blkrewind_gap_open{{device="hosta:{name}"}}')) == 0
+        assert _v(_query(prom, "blkrewind_integrity_problems_total")) == 0
+        assert _v(_query(prom, "blkrewind_serve_connections")) >= 1
+
+        # a refused connection, counted by reason: a plain TCP peer at the TLS port
+        with socket.create_connection(("127.0.0.1", int(port.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.settimeout(10)
+            try:
+                while s.recv(4096):
+                    pass
+            except OSError:
+                pass
+        _wait_value(prom, 'blkrewind_serve_refused_connections_total{reason="tls_handshake"}',
+                    lambda r: _v(r) == 1)
+
+        # the rules load and evaluate against the real metrics; none fires here
+        with urllib.request.urlopen(f"http://{prom}/api/v1/rules", timeout=10) as r:
+            groups = json.load(r)["data"]["groups"]
+        rules = [x for g in groups for x in g["rules"]]
+        assert len(rules) >= 10 and all(x["health"] == "ok" for x in rules), rules
+        firing = [x["name"] for x in rules if x["state"] == "firing"]
+        assert not firing, firing
+
+        # the tracer stops: the metrics endpoint goes with it (up 0), the session ends
+        assert tracer.stop() == 0
+        _wait_value(prom, 'up{job="blkrewind-trace"}', lambda r: _v(r) == 0)
+        _wait_value(prom, f'blkrewind_session_ended{{device="hosta:{name}"}}',
+                    lambda r: _v(r) == 1)
+    finally:
+        if tracer is not None:
+            tracer.__exit__(None, None, None)
+        for p in reversed(procs):
+            p.stop()
+    assert procs[0].p.returncode == 0, procs[0].text
+
+
+def test_metrics_address_in_use_is_one_line(tmp_path, run_cli, assert_one_line_error):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        cp = run_cli("serve", "--store", tmp_path / "st", "--listen", "127.0.0.1:0",
+                     "--insecure", "--metrics", f"127.0.0.1:{port}", check=False, timeout=60)
+    assert_one_line_error(cp, "--metrics", "in use")
+    assert not (tmp_path / "st").exists()   # refused before the store was made
+
+
