@@ -157,6 +157,9 @@ step_bpf() {
 
 # ------------------------------------------------------------------ 4. command link
 step_link() {
+    # the man page and the bash completion, generated from the CLI's own parser
+    "$VENV/bin/python" -m blkrewind.helpdoc install --prefix /usr/local >/dev/null \
+        || say "warning: could not install the man page and bash completion under /usr/local/share"
     if [ "$(readlink "$LINK" 2>/dev/null)" = "$VENV/bin/blkrewind" ]; then
         say "[4/5] link: $LINK -> .venv/bin/blkrewind"
         return

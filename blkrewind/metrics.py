@@ -300,10 +300,11 @@ def _parse(addr: str) -> tuple[str, int]:
 
 def add_argument(p, what: str) -> None:
     """The --metrics option of `trace` and `serve`."""
+    port = 9741 if what == "tracer" else 9742   # the ports docs/operations.md uses
     p.add_argument("--metrics", metavar="ADDR:PORT",
                    help=f"serve Prometheus metrics of this {what} on http://ADDR:PORT/metrics "
                         f"(plain HTTP: bind to loopback or a management network; e.g. "
-                        f"127.0.0.1:9741; port 0: any free port, logged). Default: off; "
+                        f"127.0.0.1:{port}; port 0: any free port, logged). Default: off; "
                         f"docs/operations.md lists the metrics")
 
 

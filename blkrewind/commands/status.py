@@ -25,15 +25,23 @@ from blkrewind.errors import UserError
 RATE_WINDOW_S = 60
 
 
+EXAMPLES = """\
+  blkrewind status                                  # the tracers on this host
+  blkrewind status --store /srv/blkrewind --watch   # the replayer's view, live
+  blkrewind status --store /srv/blkrewind --format json | jq '.hosts[].devices[].lag_s'
+"""
+
+
 def add_arguments(p):
     p.add_argument("--store", metavar="DIR",
                    help="the replayer's store (through the running server when there is one); "
                         "without it: the tracers running on this host")
     p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="table (default) or json")
-    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S",
-                   help="refresh interval for --watch (default 2)")
+                   help="output: table (default) or json (one object; sizes in bytes, ages "
+                        "in seconds)")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SEC",
+                   help="seconds between refreshes with --watch (default 2)")
 
 
 # ------------------------------------------------------------------------------ helpers
