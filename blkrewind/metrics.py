@@ -191,6 +191,7 @@ class ServerCollector:
         with srv._totals_lock:
             refused = dict(srv.refused)
             ingested = {h: list(v) for h, v in srv.ingested.items()}
+            restores = {d: list(v) for d, v in srv.restores.items()}
         for why in ("too_many_connections", "tls_handshake", "protocol_violation", "timeout",
                     "store_unavailable", "internal_error"):
             o.counter("blkrewind_serve_refused_connections", "Connections refused or cut by "
@@ -206,6 +207,14 @@ class ServerCollector:
                       frames, host=host)
             o.counter("blkrewind_ingest_bytes", "Bytes of LOG frames received and stored.",
                       nbytes, host=host)
+        for device, (n, nbytes, secs) in sorted(restores.items()):
+            o.counter("blkrewind_restores", "Restores of the device from this store while "
+                      "the server ran (`blkrewind restore` tells it when done).", n,
+                      device=device)
+            o.counter("blkrewind_restore_bytes", "Bytes of device images restored.", nbytes,
+                      device=device)
+            o.counter("blkrewind_restore_seconds", "Seconds spent restoring.", secs,
+                      device=device)
         # the tracers' own view, from their STATUS messages (also without scraping them)
         conns: dict[str, int] = {}
         for c in st.get("connections") or []:

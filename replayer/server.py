@@ -165,6 +165,7 @@ class Server:
         self.ingested: dict[str, list[int]] = {}   # host -> [frames, bytes] stored
         self.integrity_problems = 0                # damage found by the store's checks
         self.store_errors = 0
+        self.restores: dict[str, list] = {}         # device -> [restores, bytes, seconds]
         self._check_state = "not started"
 
     # ------------------------------------------------------------------ lifecycle
@@ -200,7 +201,8 @@ class Server:
                 "SELECT coalesce(max(id), 0) FROM payload_files")[0])
             # sessions a crash left with new frames but an old watermark (`dirty` in the store)
             self.sink.finalize()
-            self.query = QueryServer(self.store, status=self.status, log=self.log)
+            self.query = QueryServer(self.store, status=self.status, log=self.log,
+                                     on_restored=self._restored)
             self.query.start()
             self._lsock = self._bind()
         except BaseException:
@@ -397,6 +399,13 @@ class Server:
             c.wake()
 
     # ------------------------------------------------------------------ connections
+    def _restored(self, device: str, nbytes: int, seconds: float) -> None:
+        with self._totals_lock:
+            n = self.restores.setdefault(device, [0, 0, 0.0])
+            n[0] += 1
+            n[1] += nbytes
+            n[2] += seconds
+
     def _refused(self, why: str) -> None:
         with self._totals_lock:
             self.refused[why] = self.refused.get(why, 0) + 1

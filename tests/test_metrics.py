@@ -191,6 +191,14 @@ def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
         assert _v(_query(prom, "blkrewind_integrity_problems_total")) == 0
         assert _v(_query(prom, "blkrewind_serve_connections")) >= 1
 
+        # a restore through the running server is counted by it
+        cli("restore", "--store", tmp_path / "store", "--device", f"hosta:{name}", "--at",
+            "latest", "--to", tmp_path / "restored.img")
+        assert (tmp_path / "restored.img").stat().st_size == dev.size
+        _wait_value(prom, f'blkrewind_restore_bytes_total{{device="hosta:{name}"}}',
+                    lambda r: _v(r) == dev.size)
+        assert _v(_query(prom, f'blkrewind_restores_total{{device="hosta:{name}"}}')) == 1
+
         # a refused connection, counted by reason: a plain TCP peer at the TLS port
         with socket.create_connection(("127.0.0.1", int(port.rsplit(":", 1)[1]))) as s:
             s.sendall(b"GET / HTTP/1.0\r\n\r\n")
@@ -235,3 +243,87 @@ def test_metrics_address_in_use_is_one_line(tmp_path, run_cli, assert_one_line_e
     assert not (tmp_path / "st").exists()   # refused before the store was made
 
 
+
+
+def _drain(s: socket.socket) -> None:
+    """Read until the server closes the connection (or resets it)."""
+    s.settimeout(10)
+    try:
+        while s.recv(4096):
+            pass
+    except OSError:
+        pass
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """The endpoint's samples, parsed by prometheus-client's own text parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
+    """No BPF: a store ingested from a synthetic LOG, one payload file deleted; `serve` finds
+    it at start (integrity problems 1) and counts the connections it refuses, by reason."""
+    import os
+
+    from replayer.store import Store
+    from synth import history
+    from test_store import ingest
+
+    history(tmp_path / "log", seed=7, nbios=120, segment_bytes=128 << 10)
+    store = tmp_path / "store"
+    ingest(capsys, tmp_path / "log", store)
+    st = Store.open(store)
+    (path,) = st.query_one("SELECT path FROM payload_files ORDER BY id DESC LIMIT 1")
+    st.close()
+    os.unlink(store / path)
+    mport = _free_port()
+    srv = _Proc([*BLKREWIND, "serve", "--store", store, "--listen", "127.0.0.1:0",
+                 "--insecure", "--max-conns", "1", "--hello-timeout", "1",
+                 "--metrics", f"127.0.0.1:{mport}"], cwd=ROOT)
+    try:
+        port = int(srv.wait_for("listening on").split("listening on ")[1].split()[0]
+                   .rsplit(":", 1)[1])
+        url = f"http://127.0.0.1:{mport}/metrics"
+        m = _scrape(url)
+        assert m["blkrewind_integrity_problems_total"] == 1
+        assert m['blkrewind_serve_refused_connections_total{reason="too_many_connections"}'] == 0
+        # the device of the synthetic history: its watermark and its (closed) session
+        wm = [v for k, v in m.items() if k.startswith("blkrewind_watermark_timestamp_seconds{")
+              and 'host="synth"' in k]
+        assert len(wm) == 1 and wm[0] > 0, m
+        assert [v for k, v in m.items() if k.startswith("blkrewind_session_ended{")] == [1]
+        # one connection that says nothing (held), a second one is refused: too many
+        held = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.settimeout(10)
+            assert s.recv(100) == b""
+        # the silent one is cut after --hello-timeout
+        _drain(held)
+        held.close()
+        # garbage instead of HELLO: a protocol violation
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"\xff" * 64)
+            _drain(s)
+        deadline = time.monotonic() + 20
+        while True:
+            m = _scrape(url)
+            got = {r: m[f'blkrewind_serve_refused_connections_total{{reason="{r}"}}']
+                   for r in ("too_many_connections", "timeout", "protocol_violation")}
+            if got == {"too_many_connections": 1, "timeout": 1, "protocol_violation": 1} \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert got == {"too_many_connections": 1, "timeout": 1, "protocol_violation": 1}, \
+            (got, srv.text)
+    finally:
+        assert srv.stop() == 0, srv.text

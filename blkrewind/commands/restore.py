@@ -83,6 +83,8 @@ def run(args) -> int:
           f"{r.size_bytes / (1 << 20):.1f} MiB ({stats['data_bytes'] / (1 << 20):.1f} MiB of data) "
           f"in {dt:.2f} s ({r.size_bytes / max(dt, 1e-9) / 1e6:.0f} MB/s) -> {target}",
           file=sys.stderr)
+    from replayer.query import note_restored
+    note_restored(args.store, device.device, r.size_bytes, dt)   # for serve's metrics
     if args.loop:
         try:
             p = subprocess.run(["losetup", "--find", "--show", target], capture_output=True,
