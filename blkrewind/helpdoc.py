@@ -280,8 +280,8 @@ def _value_kind(a: argparse.Action) -> str:
     mv = (a.metavar or a.dest or "").upper()
     if "DIR" in mv:
         return "dirs"
-    if mv in ("DEV", "DEVICE") and a.option_strings and "--device" in a.option_strings:
-        return "devices"
+    if mv in ("DEV", "DEVICE") and "block device" in (a.help or ""):
+        return "devices"      # a device path (trace); a store's device name is not a file
     if "FILE" in mv or "PATH" in mv:
         return "files"
     return "none"

@@ -159,8 +159,10 @@ def test_bash_completion(tmp_path):
     # a DIR option completes directories
     (tmp_path / "logdir").mkdir()
     assert "logdir" in _complete(script, ["blkrewind", "ingest", "--log", "log"])
-    # --device completes device paths
+    # a PATH completes files; trace --device completes device paths
     assert "/dev/null" in _complete(script, ["blkrewind", "restore", "--to", "/dev/nu"])
+    assert "/dev/null" in _complete(script, ["blkrewind", "trace", "--device", "/dev/nu"])
+    assert _complete(script, ["blkrewind", "restore", "--device", "/dev/nu"]) == []
     # after `trace ... --`: a command
     assert "bash" in _complete(script, ["blkrewind", "trace", "--device", "x", "--", "bas"])
     # the same with Debian's bash-completion loaded (as in an interactive shell)
@@ -168,3 +170,24 @@ def test_bash_completion(tmp_path):
         assert _complete(script, ["blkrewind", "pru"], bash_completion=True) == ["prune"]
         assert "--keep-marks" in _complete(script, ["blkrewind", "prune", "--keep-"],
                                            bash_completion=True)
+
+
+def test_install_layout_is_found_by_man_and_bash_completion(tmp_path):
+    """`python -m blkrewind.helpdoc install --prefix P` (bootstrap.sh: P=/usr/local) puts the
+    page where man looks (P/share/man) and the script where bash-completion loads it on
+    demand (P/share/bash-completion/completions, P/share being in XDG_DATA_DIRS)."""
+    prefix = tmp_path / "usr-local"
+    subprocess.run([sys.executable, "-m", "blkrewind.helpdoc", "install", "--prefix",
+                    str(prefix)], check=True, cwd=ROOT, timeout=60, capture_output=True)
+    r = subprocess.run(["man", "-M", str(prefix / "share" / "man"), "-P", "cat", "blkrewind"],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, MANWIDTH="100", LC_ALL="C.UTF-8"))
+    assert r.returncode == 0 and "EXIT STATUS" in r.stdout, r.stderr
+    bc = Path("/usr/share/bash-completion/bash_completion")
+    if not bc.exists():
+        pytest.fail("bash-completion is needed (bootstrap.sh installs it)")
+    r = subprocess.run(["bash", "--norc", "--noprofile", "-c",
+                        f"source {bc}; export XDG_DATA_DIRS={prefix / 'share'}; "
+                        f"__load_completion blkrewind && complete -p blkrewind"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and "-F _blkrewind" in r.stdout, r.stdout + r.stderr
