@@ -279,6 +279,9 @@ class Endpoint:
         host, port = _parse(addr)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        # the client's process_* metrics (CPU seconds, memory, open fds) from /proc/self
+        from prometheus_client import ProcessCollector
+        ProcessCollector(registry=self.registry)
         try:
             self.httpd, self.thread = start_http_server(port, host, registry=self.registry)
         except OSError as e:

@@ -190,6 +190,8 @@ def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
         assert _v(_query(prom, f'blkrewind_gap_open{{device="hosta:{name}"}}')) == 0
         assert _v(_query(prom, "blkrewind_integrity_problems_total")) == 0
         assert _v(_query(prom, "blkrewind_serve_connections")) >= 1
+        # the client library's process metrics of both (the tracer's CPU, say)
+        assert len(_query(prom, "process_cpu_seconds_total")) == 2
 
         # a restore through the running server is counted by it
         cli("restore", "--store", tmp_path / "store", "--device", f"hosta:{name}", "--at",

@@ -68,8 +68,8 @@ def add_arguments(p):
                    "(default: this machine's hostname)")
     g.add_argument("--ship-conns", type=int, default=2, metavar="N",
                    help="parallel connections to the replayer, 1..64 (default 2)")
-    g.add_argument("--log-max-mb", type=int, metavar="N",
-                   help="LOG size limit: the oldest segments the replayer acknowledged are "
+    g.add_argument("--log-max-mb", type=int, metavar="MIB",
+                   help="LOG size limit in MiB: the oldest segments the replayer acknowledged are "
                         "deleted; when nothing can be, new records are dropped (counted, said "
                         "loudly). Default: 50%% of the LOG's file system, at most 64 GiB")
     g.add_argument("--ship-drain", type=float, default=30.0, metavar="SEC",
