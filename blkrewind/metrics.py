@@ -18,12 +18,10 @@ import time
 from blkrewind import __version__
 from blkrewind.errors import UserError
 
-# the kernel's loss counters (Capture.counters() keys) -> the `cause` label; the same causes
-# as tracer/resync.py's R_LOSS records, in snake case (label values stay machine-friendly)
-_CAUSE_LABEL = {"ring full": "ring_full", "payload read error": "payload_read_error",
-                "truncated bio": "truncated_bio", "dirty map race": "dirty_map_race",
-                "write error": "write_error", "BPF run skipped": "bpf_run_skipped",
-                "log full": "log_full"}
+def cause_label(cause: str) -> str:
+    """A loss cause of tracer/resync.py ("ring full", "BPF run skipped") as a label value
+    ("ring_full", "bpf_run_skipped"): new causes get theirs without a table here."""
+    return "_".join(cause.lower().split())
 
 
 def _families():
@@ -59,27 +57,51 @@ class _Out:
         return list(self.fams.values())
 
 
+def _guarded(collector):
+    """A collector's families; if reading the state fails (a tracer stopping meanwhile, a
+    store error), blkrewind_metrics_error 1 instead and one line in the log per new error
+    (a traceback from the HTTP thread would say nothing more, and an error page would only
+    turn the target down)."""
+    _, G = _families()
+    try:
+        fams = list(collector._collect())
+    except Exception as e:
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]
+        if collector.say is not None and why not in collector._said and len(collector._said) < 100:
+            collector._said.add(why)
+            collector.say(f"metrics: cannot read the state: {why}")
+        g = G("blkrewind_metrics_error", "1 when this scrape could not read the state "
+              "(the log says why).")
+        g.add_metric([], 1.0)
+        yield g
+        return
+    yield from fams
+    g = G("blkrewind_metrics_error", "1 when this scrape could not read the state "
+          "(the log says why).")
+    g.add_metric([], 0.0)
+    yield g
+
+
 # ------------------------------------------------------------------------------ trace
 class TracerCollector:
     """The metrics of one running `blkrewind trace` (tracer.session.Tracer)."""
 
-    def __init__(self, tracer):
+    def __init__(self, tracer, say=None):
         self.t = tracer
+        self.say = say
         self.started = time.time()
+        self._said: set[str] = set()
 
     def describe(self):
         return []   # unchecked collector: names vary with the tracer's configuration
 
     def collect(self):
-        try:
-            yield from self._collect()
-        except Exception:   # a tracer stopping meanwhile: an empty scrape, not an error page
-            return
+        yield from _guarded(self)
 
     def _collect(self):
         from tracer import pins
         from tracer.log import list_segments
-        from tracer.resync import _LOSS_COUNTERS
+        from tracer.resync import _LOSS_COUNTERS  # counter -> cause, as R_LOSS names them
 
         t = self.t
         st = t.status()
@@ -106,11 +128,13 @@ class TracerCollector:
             o.counter("blkrewind_records_dropped", "Captures lost, by cause (ring full, "
                       "payload read error, truncated bio, ...: bios; log_full: records). Each "
                       "loss is repaired by a resync, until then nothing after it is "
-                      "restorable.", k.get(key), cause=_CAUSE_LABEL[cause])
-        o.counter("blkrewind_records_dropped", "", st.get("log_full_records"), cause="log_full")
+                      "restorable.", k.get(key), cause=cause_label(cause))
+        o.counter("blkrewind_records_dropped", "", st.get("log_full_records"),
+                  cause=cause_label("log full"))
         o.counter("blkrewind_dropped_bytes", "Bytes of captures lost, by cause.",
-                  k.get("drop_bytes"), cause="ring_full")
-        o.counter("blkrewind_dropped_bytes", "", st.get("log_full_bytes"), cause="log_full")
+                  k.get("drop_bytes"), cause=cause_label("ring full"))
+        o.counter("blkrewind_dropped_bytes", "", st.get("log_full_bytes"),
+                  cause=cause_label("log full"))
         o.counter("blkrewind_log_written_bytes", "Bytes written to the LOG's segment files.",
                   st.get("log_bytes"))
         if sh:
@@ -161,17 +185,16 @@ class TracerCollector:
 class ServerCollector:
     """The metrics of one running `blkrewind serve` (replayer.server.Server)."""
 
-    def __init__(self, server):
+    def __init__(self, server, say=None):
         self.s = server
+        self.say = say
+        self._said: set[str] = set()
 
     def describe(self):
         return []
 
     def collect(self):
-        try:
-            yield from self._collect()
-        except Exception:
-            return
+        yield from _guarded(self)
 
     def _collect(self):
         from blkrewind.commands.status import _host_summary, store_hosts

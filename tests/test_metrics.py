@@ -190,6 +190,7 @@ def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
         assert _v(_query(prom, f'blkrewind_gap_open{{device="hosta:{name}"}}')) == 0
         assert _v(_query(prom, "blkrewind_integrity_problems_total")) == 0
         assert _v(_query(prom, "blkrewind_serve_connections")) >= 1
+        assert [x["value"][1] for x in _query(prom, "blkrewind_metrics_error")] == ["0", "0"]
         # the client library's process metrics of both (the tracer's CPU, say)
         assert len(_query(prom, "process_cpu_seconds_total")) == 2
 
@@ -297,6 +298,7 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
         url = f"http://127.0.0.1:{mport}/metrics"
         m = _scrape(url)
         assert m["blkrewind_integrity_problems_total"] == 1
+        assert m["blkrewind_metrics_error"] == 0
         assert m['blkrewind_serve_refused_connections_total{reason="too_many_connections"}'] == 0
         # the device of the synthetic history: its watermark and its (closed) session
         wm = [v for k, v in m.items() if k.startswith("blkrewind_watermark_timestamp_seconds{")
@@ -329,3 +331,23 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
             (got, srv.text)
     finally:
         assert srv.stop() == 0, srv.text
+
+
+def test_a_failing_collector_gives_an_error_metric_and_one_log_line():
+    """Reading the state fails (here: not a server at all): the endpoint still answers, with
+    blkrewind_metrics_error 1, and the reason is logged once, not per scrape."""
+    from blkrewind import metrics
+
+    said: list[str] = []
+    ep = metrics.start("127.0.0.1:0", metrics.ServerCollector(object(), said.append),
+                       said.append)
+    try:
+        url = ep.url
+        for _ in range(3):
+            m = _scrape(url)
+            assert m == {"blkrewind_metrics_error": 1.0}, m
+    finally:
+        ep.close()
+    assert said[0] == f"metrics on {url}"
+    assert len(said) == 2 and said[1].startswith("metrics: cannot read the state: "
+                                                 "AttributeError"), said

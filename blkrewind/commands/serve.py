@@ -81,7 +81,7 @@ def run(args) -> int:
     endpoint = None
     try:
         from blkrewind import metrics  # bound first: a taken port fails before the store opens
-        endpoint = metrics.start(args.metrics, metrics.ServerCollector(srv), srv.log)
+        endpoint = metrics.start(args.metrics, metrics.ServerCollector(srv, srv.log), srv.log)
         srv.start()
         while not srv.wait(1.0):
             pass

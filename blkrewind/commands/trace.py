@@ -166,7 +166,7 @@ def run(args) -> int:
     endpoint = None
     try:
         from blkrewind import metrics  # bound first: a taken port fails before any capture
-        endpoint = metrics.start(args.metrics, metrics.TracerCollector(tracer), say)
+        endpoint = metrics.start(args.metrics, metrics.TracerCollector(tracer, say), say)
         tracer.start()
         tracer.run_baseline(stop)
         if cmd and not stop.is_set():
