@@ -254,7 +254,10 @@ def manpage(parser: argparse.ArgumentParser, date: str | None = None) -> str:
             ".SH ENVIRONMENT", ".TP", "\\fBBLKREWIND_DEBUG\\fR=1",
             "show the traceback of an internal error", ".TP",
             "\\fBBLKREWIND_STORE_WAIT\\fR=SECONDS",
-            "how long a command waits for a server that is starting or stopping (default 10)",
+            "how long a command waits for a busy store or a server that is starting or "
+            "stopping (default 10)", ".TP", "\\fBBLKREWIND_BPF_OBJECT\\fR=FILE",
+            "the compiled BPF programs `trace` loads (default: bpf/build/blkrewind.bpf.o in "
+            "the source tree)",
             ".SH SEE ALSO",
             "docs/user-guide.md, docs/operations.md, docs/internals.md, docs/protocol.md in the "
             "source tree; \\fBprometheus\\fR(1) for \\fB\\-\\-metrics\\fR."]
