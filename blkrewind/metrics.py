@@ -283,8 +283,9 @@ class ServerCollector:
                 n, open_ = gw.get((d["session"], d.get("dev")), (0, 0))
                 o.gauge("blkrewind_gap_windows", "Gap windows in the device's newest session "
                         "(closed by a resync or still open).", n, **lab)
-                o.gauge("blkrewind_gap_open", "1 while the device's history has a gap no "
-                        "resync has closed yet (nothing after it is restorable).",
+                o.gauge("blkrewind_gap_open", "1 while the device's stored history has a "
+                        "gap not closed yet (nothing after it is restorable): a loss until "
+                        "its resync is stored, or for a moment a frame not stored yet.",
                         int(open_ > 0), **lab)
                 o.gauge("blkrewind_session_ended", "1 when the device's newest session has "
                         "ended (its tracer stopped).", int(d["ended"] is not None), **lab)

@@ -168,8 +168,9 @@ def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
         assert _v(_query(prom, "blkrewind_baseline_bytes_total")) >= dev.size
         assert _v(_query(prom, "blkrewind_log_segments")) >= 1
         # everything acknowledged: RPO 0, and the replayer stored at least what was written
-        _wait_value(prom, "blkrewind_unacked_bytes", lambda r: _v(r) == 0)
-        assert _v(_query(prom, "blkrewind_oldest_unacked_age_seconds")) == 0
+        # (in one scrape: the tracer's own records keep making new frames now and then)
+        _wait_value(prom, "blkrewind_unacked_bytes + blkrewind_oldest_unacked_age_seconds",
+                    lambda r: _v(r) == 0)
         assert _v(_query(prom, "blkrewind_ship_connections_up")) >= 1
         log_bytes = _v(_query(prom, "blkrewind_log_written_bytes_total"))
         assert log_bytes > written   # the writes are random bytes: lz4 cannot shrink them
@@ -187,7 +188,9 @@ def test_prometheus_scrapes_serve_and_trace(make_loop, tmp_path):
         assert lag[0]["metric"]["host"] == "hosta"
         wm = _v(_query(prom, f'blkrewind_watermark_timestamp_seconds{{device="hosta:{name}"}}'))
         assert abs(wm - time.time()) < 60
-        assert _v(_query(prom, f'blkrewind_gap_open{{device="hosta:{name}"}}')) == 0
+        # a stamp whose frame is not stored yet is a gap for a moment (seen once under load,
+        # with nothing dropped): it must close
+        _wait_value(prom, f'blkrewind_gap_open{{device="hosta:{name}"}}', lambda r: _v(r) == 0)
         assert _v(_query(prom, "blkrewind_integrity_problems_total")) == 0
         assert _v(_query(prom, "blkrewind_serve_connections")) >= 1
         assert [x["value"][1] for x in _query(prom, "blkrewind_metrics_error")] == ["0", "0"]
@@ -290,7 +293,7 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
     os.unlink(store / path)
     mport = _free_port()
     srv = _Proc([*BLKREWIND, "serve", "--store", store, "--listen", "127.0.0.1:0",
-                 "--insecure", "--max-conns", "1", "--hello-timeout", "1",
+                 "--insecure", "--max-conns", "1", "--hello-timeout", "4",
                  "--metrics", f"127.0.0.1:{mport}"], cwd=ROOT)
     try:
         port = int(srv.wait_for("listening on").split("listening on ")[1].split()[0]
@@ -305,9 +308,9 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
               and 'host="synth"' in k]
         assert len(wm) == 1 and wm[0] > 0, m
         assert [v for k, v in m.items() if k.startswith("blkrewind_session_ended{")] == [1]
-        # one connection that says nothing (held), a second one is refused: too many
+        # one connection that says nothing (held), a second one is refused: too many (the
+        # server accepts in order; the first is cut only after --hello-timeout)
         held = socket.create_connection(("127.0.0.1", port))
-        time.sleep(0.3)
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.settimeout(10)
             assert s.recv(100) == b""
