@@ -74,7 +74,8 @@ pick_python() {
 step_packages() {
     command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
         || die "this script needs a Debian or Ubuntu system (dpkg/apt); install by hand: clang llvm libbpf-dev bpftool e2fsprogs xfsprogs fio util-linux python3 (>= 3.11) kmod"
-    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux fdisk python3-venv kmod iproute2)
+    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux fdisk python3-venv kmod iproute2
+                prometheus man-db groff-base bash-completion)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
     local need_bpftool=0 need_python=0
@@ -156,6 +157,9 @@ step_bpf() {
 
 # ------------------------------------------------------------------ 4. command link
 step_link() {
+    # the man page and the bash completion, generated from the CLI's own parser
+    "$VENV/bin/python" -m blkrewind.helpdoc install --prefix /usr/local >/dev/null \
+        || say "warning: could not install the man page and bash completion under /usr/local/share"
     if [ "$(readlink "$LINK" 2>/dev/null)" = "$VENV/bin/blkrewind" ]; then
         say "[4/5] link: $LINK -> .venv/bin/blkrewind"
         return

@@ -48,15 +48,22 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blkrewind", description=__doc__.splitlines()[0] if __doc__ else None)
+    # the help format (defaults, examples, exit status) is blkrewind/helpdoc.py's, which
+    # also makes the man page and the bash completion from this parser
+    from blkrewind import helpdoc
+
+    p = argparse.ArgumentParser(prog="blkrewind", description=helpdoc.TOP_DESCRIPTION,
+                                epilog=helpdoc.top_epilog(),
+                                formatter_class=helpdoc.HelpFormatter)
     p.add_argument("--version", action="version", version=f"blkrewind {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
     for name, help_ in COMMANDS.items():
         mod = importlib.import_module(f"blkrewind.commands.{name}")
         sp = sub.add_parser(name, help=help_, description=getattr(mod, "__doc__", None) or help_,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            epilog=helpdoc.epilog(mod), formatter_class=helpdoc.HelpFormatter)
         mod.add_arguments(sp)
+        helpdoc.dress(sp, mod)   # nested actions (tls init) get the same format
         sp.set_defaults(_run=mod.run)
     return p
 
@@ -111,7 +118,7 @@ def _interrupted(command: str, signum: int) -> int:
     import signal
 
     print(f"blkrewind {command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
-    return 128 + signum
+    return 128 + signum  # helpdoc.INTERRUPTED + signum
 
 
 def _main(args) -> int:

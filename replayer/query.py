@@ -99,10 +99,12 @@ def check_read_only(sql: str) -> None:
 class QueryServer:
     """The server side: accepts local connections on STORE/serve.sock, one thread each."""
 
-    def __init__(self, store: Store, *, status=None, log=print, max_clients: int = 16):
+    def __init__(self, store: Store, *, status=None, log=print, max_clients: int = 16,
+                 on_restored=None):
         self.store = store
         self.path = sock_path(store.path)
         self.status = status            # () -> dict, for {"op": "status"}
+        self.on_restored = on_restored  # (device, nbytes, seconds): a restore's note (metrics)
         self.log = log
         self._sem = threading.BoundedSemaphore(max_clients)
         self._sock: socket.socket | None = None
@@ -203,10 +205,28 @@ class QueryServer:
                     self._sql(conn, req)
                 elif op == "prune":
                     self._prune(conn, req)
+                elif op == "restored":
+                    self._restored(conn, req)
                 else:
                     _try_send(conn, {"ok": False, "error": f"unknown request {op!r}"})
         finally:
             self._sem.release()
+
+    def _restored(self, conn: socket.socket, req: dict) -> None:
+        """A finished `blkrewind restore` of this store says what it wrote (the metrics'
+        restore bytes): counted for devices the store has."""
+        dev, nbytes, secs = req.get("device"), req.get("bytes"), req.get("seconds")
+        if not (isinstance(dev, str) and isinstance(nbytes, int) and nbytes >= 0
+                and isinstance(secs, (int, float)) and secs >= 0):
+            _try_send(conn, {"ok": False, "error": "bad restored note"})
+            return
+        known = {d.device for d in self.store.devices()}
+        if dev not in known:
+            _try_send(conn, {"ok": False, "error": f"no device {dev[:128]!r} in the store"})
+            return
+        if self.on_restored is not None:
+            self.on_restored(dev, nbytes, float(secs))
+        _try_send(conn, {"ok": True})
 
     def _prune(self, conn: socket.socket, req: dict) -> None:
         """`blkrewind prune` while the server holds the store: run here, in this process, with
@@ -459,6 +479,22 @@ class RemoteStore(Store):
 
     def server_status(self) -> dict:
         return self.con.status()
+
+
+def note_restored(path, device: str, nbytes: int, seconds: float) -> None:
+    """Tell the server holding the store at path (if one runs) that a restore of device wrote
+    nbytes in seconds: `serve`'s metrics count restores. Best effort: never fails."""
+    try:
+        sp = server_running(path)
+        if sp is None:
+            return
+        head, f, s = RemoteConnection(sp, timeout=5).request(
+            {"op": "restored", "device": device, "bytes": int(nbytes),
+             "seconds": round(float(seconds), 6)})
+        f.close()
+        s.close()
+    except Exception:
+        pass
 
 
 def server_running(path) -> str | None:

@@ -160,6 +160,12 @@ class Server:
         self.started_ns = time.time_ns()
         self.totals = {"connections": 0, "rejected": 0, "frames": 0, "bytes": 0,
                        "stored_frames": 0, "acks": 0}
+        # for the metrics (blkrewind/metrics.py), counted per event or per stored batch
+        self.refused: dict[str, int] = {}          # connections refused or cut, by reason
+        self.ingested: dict[str, list[int]] = {}   # host -> [frames, bytes] stored
+        self.integrity_problems = 0                # damage found by the store's checks
+        self.store_errors = 0
+        self.restores: dict[str, list] = {}         # device -> [restores, bytes, seconds]
         self._check_state = "not started"
 
     # ------------------------------------------------------------------ lifecycle
@@ -185,6 +191,7 @@ class Server:
             damage = self.sink.check(full=False)
             for line in damage:
                 self.log(f"DAMAGE (quick check): {line}")
+            self.integrity_problems += len(damage)
             self._check_state = f"quick check: {len(damage)} problem(s); full check pending"
             self.log(f"store {self.store_dir}: quick integrity check done in "
                      f"{time.monotonic() - t0:.2f} s, {len(damage)} problem(s)")
@@ -194,7 +201,8 @@ class Server:
                 "SELECT coalesce(max(id), 0) FROM payload_files")[0])
             # sessions a crash left with new frames but an old watermark (`dirty` in the store)
             self.sink.finalize()
-            self.query = QueryServer(self.store, status=self.status, log=self.log)
+            self.query = QueryServer(self.store, status=self.status, log=self.log,
+                                     on_restored=self._restored)
             self.query.start()
             self._lsock = self._bind()
         except BaseException:
@@ -321,6 +329,7 @@ class Server:
                     self._conns[c.id] = c
             if full:
                 self.totals["rejected"] += 1
+                self._refused("too_many_connections")
                 self.log(f"peer {peer}: refused: already {self.limits.max_conns} connections")
                 try:
                     raw.close()
@@ -368,6 +377,7 @@ class Server:
             return
         for line in damage:
             self.log(f"DAMAGE (full check): {line}")
+        self.integrity_problems += len(damage)
         self._check_state = f"full check done, {len(damage)} problem(s)"
         self.log(f"full integrity check done in {time.monotonic() - t0:.1f} s, "
                  f"{len(damage)} problem(s)")
@@ -389,8 +399,20 @@ class Server:
             c.wake()
 
     # ------------------------------------------------------------------ connections
+    def _restored(self, device: str, nbytes: int, seconds: float) -> None:
+        with self._totals_lock:
+            n = self.restores.setdefault(device, [0, 0, 0.0])
+            n[0] += 1
+            n[1] += nbytes
+            n[2] += seconds
+
+    def _refused(self, why: str) -> None:
+        with self._totals_lock:
+            self.refused[why] = self.refused.get(why, 0) + 1
+
     def _conn_main(self, c: Conn) -> None:
         reason = None
+        kind = None   # the metrics' reason label: a small fixed set
         try:
             self._handshake(c)
             self._hello(c)
@@ -399,21 +421,25 @@ class Server:
             self.log(f"{c.who()}: closed ({e.reason})" if not e.clean else
                      f"{c.who()}: closed by the peer")
         except wire.ProtocolTimeout as e:
-            reason = e.reason
+            reason, kind = e.reason, "timeout"
         except wire.ProtocolError as e:
-            reason = f"protocol violation: {e.reason}"
+            reason, kind = f"protocol violation: {e.reason}", "protocol_violation"
         except Violation as e:
-            reason = f"protocol violation: {e}"
+            reason, kind = f"protocol violation: {e}", "protocol_violation"
         except StoreUnavailable as e:
-            reason = str(e)
+            reason, kind = str(e), "store_unavailable"
         except _Handshake as e:
+            self._refused("tls_handshake")
             self.log(f"peer {c.peer}: TLS handshake failed: {e}")
         except _Stopping:
             self.log(f"{c.who()}: closed: the server is shutting down")
             self._send_error(c, "the server is shutting down")
         except Exception as e:   # a bug: this connection ends, the service goes on
             reason = f"internal error: {type(e).__name__}: {' '.join(str(e).split())}"
+            kind = "internal_error"
         finally:
+            if kind is not None:
+                self._refused(kind)
             if reason is not None:
                 self.log(f"{c.who()}: {reason}; closing")
                 self._send_error(c, reason)
@@ -660,6 +686,10 @@ class Server:
                 break
         if groups:
             self._store(c, groups, metas)
+            with self._totals_lock:   # per stored batch, for the metrics
+                n = self.ingested.setdefault(c.host, [0, 0])
+                n[0] += sum(len(g.raw_frames) for g in groups)
+                n[1] += total
         if err is not None:
             raise err
         return nxt
@@ -673,6 +703,7 @@ class Server:
         if not isinstance(e, StoreError):
             why = f"{type(e).__name__}: {why}"
         self._store_error = why
+        self.store_errors += 1
         self._store_down_until = time.monotonic() + self.limits.store_retry
         self.log(f"STORE ERROR {what}: {why}; nothing acknowledged, frames refused for "
                  f"{self.limits.store_retry:g} s, then storing is tried again")

@@ -21,8 +21,14 @@ import time
 from blkrewind.errors import UserError
 
 
+EXAMPLES = """\
+  sudo blkrewind demo
+  sudo blkrewind demo --keep --dir /var/tmp/blkrewind-demo
+"""
+
+
 def add_arguments(p):
-    p.add_argument("--keep", action="store_true", help="keep the work directory (LOG, store)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (LOG, store) at the end")
     p.add_argument("--dir", metavar="DIR", help="work directory (default: a new one under /var/tmp)")
 
 

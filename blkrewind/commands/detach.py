@@ -15,10 +15,17 @@ import os
 from blkrewind.errors import UserError
 
 
+EXAMPLES = """\
+  blkrewind detach                                  # list captures left attached
+  blkrewind detach --log /var/lib/blkrewind/log     # give that one up
+  blkrewind detach --all
+"""
+
+
 def add_arguments(p):
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--log", metavar="DIR", help="detach the capture left by the tracer of this LOG")
-    g.add_argument("--all", action="store_true", help="detach every capture left attached")
+    g.add_argument("--log", metavar="DIR", help="detach the capture left by the dead tracer of this LOG directory (default: only list)")
+    g.add_argument("--all", action="store_true", help="detach every capture left attached on this host")
 
 
 def run(args) -> int:

@@ -18,12 +18,20 @@ import sys
 from blkrewind.errors import CorruptLog, UserError
 
 
+EXAMPLES = """\
+  blkrewind ingest --log /var/lib/blkrewind/log --store /srv/blkrewind
+  # a LOG copied from another host, 2 segments at a time
+  blkrewind ingest --log /mnt/usb/log --store /srv/blkrewind --jobs 2
+"""
+
+
 def add_arguments(p):
-    p.add_argument("--log", required=True, metavar="DIR", help="the LOG directory to read")
+    p.add_argument("--log", required=True, metavar="DIR", help="the LOG directory to read (`trace --log`)")
     p.add_argument("--store", required=True, metavar="DIR",
                    help="the store (created, mode 0700, if missing)")
     p.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 2), metavar="N",
-                   help="segments ingested in parallel (default: CPUs, at most 4)")
+                   help="segments ingested in parallel (default: the number of CPUs, at most 4: "
+                        "%(default)s here)")
     p.add_argument("--delete-ingested", action="store_true",
                    help="LOG retention without shipping: afterwards, delete the LOG segments "
                         "the store holds whole and durably (never the newest, never one with "

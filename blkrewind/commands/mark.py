@@ -16,8 +16,16 @@ from blkrewind.errors import UserError
 RESERVED = ("latest",)
 
 
+EXAMPLES = """\
+  fsfreeze -f /srv && blkrewind mark before-upgrade; fsfreeze -u /srv
+  blkrewind mark nightly-$(date +%F) --log /var/lib/blkrewind/log
+  blkrewind restore --store S --device db1:sdb --at before-upgrade --to /tmp/sdb.img
+"""
+
+
 def add_arguments(p):
-    p.add_argument("name", help="the mark's name (restore --at NAME)")
+    p.add_argument("name", metavar="NAME", help="the mark's name, 1..128 bytes, not `latest`, "
+                   "a number, a time or a stamp:/time:/mark: prefix (restore --at NAME)")
     p.add_argument("--log", metavar="DIR", help="only the tracer writing this LOG directory")
     p.add_argument("--all", action="store_true",
                    help="every tracer on this host (needed when more than one runs)")

@@ -40,14 +40,23 @@ def parse_duration(text: str) -> int:
     return int(sum(float(n) * _UNITS[u] for n, u in parts) * 1e9)
 
 
+EXAMPLES = """\
+  blkrewind prune --store /srv/blkrewind --device db1:sdb --keep 7d
+  blkrewind prune --store S --device db1:sdb --keep 30d --keep-marks
+"""
+
+
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the store (through `serve` while it runs)")
     p.add_argument("--device", required=True, metavar="DEV",
                    help="host:name, name (loop3) or traced path (/dev/loop3)")
     p.add_argument("--keep", required=True, metavar="DURATION",
-                   help="how much history stays restorable point by point (e.g. 7d)")
+                   help="how much history stays restorable point by point: a duration with a unit "
+                        "s m h d w (e.g. 90m, 12h, 7d, 1d12h)")
     p.add_argument("--keep-marks", action="store_true",
-                   help="keep older marks restorable (the image at each, stored as changes)")
+                   help="keep older marks restorable (the image at each, stored as changes; default: "
+                        "fold them away too)")
     p.add_argument("--jobs", type=int, default=2, metavar="N",
                    help="threads reading payload (default 2)")
     p.add_argument("--dry-run", action="store_true",

@@ -42,14 +42,24 @@ MARKER = b"BLKREWIND INCOMPLETE RESTORE\n"
 TMP_SUFFIX = ".tmp"
 
 
+EXAMPLES = """\
+  blkrewind restore --store /srv/blkrewind --device db1:sdb --at latest --to /tmp/sdb.img
+  blkrewind restore --store S --device loop3 --at 2026-11-25T11:40:00Z --loop
+  blkrewind restore --store S --device db1:sdb --at before-upgrade --to /dev/sdz --force
+"""
+
+
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the store (through `serve` while it runs)")
     p.add_argument("--device", required=True, metavar="DEV",
                    help="host:name, name (loop3) or traced path (/dev/loop3)")
     p.add_argument("--at", required=True, metavar="POINT",
-                   help="latest | STAMP | ISO-8601 time | mark name (prefixes stamp:, time:, mark:)")
+                   help="latest | STAMP | ISO-8601 time (local unless it names a zone) | mark name "
+                        "(prefixes stamp:, time:, mark: make it explicit)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--to", metavar="PATH", help="image file (or block device with --force)")
+    g.add_argument("--to", metavar="PATH", help="write the device's image to this new file (or, with --force, an existing file "
+                        "or an unmounted block device at least as large)")
     g.add_argument("--loop", action="store_true",
                    help="write an image under STORE/restores and attach it to a loop device")
     p.add_argument("--force", action="store_true",
@@ -264,6 +274,8 @@ def run(args) -> int:
           f"{r.size_bytes / (1 << 20):.1f} MiB ({stats['data_bytes'] / (1 << 20):.1f} MiB of data) "
           f"in {dt:.2f} s ({r.size_bytes / max(dt, 1e-9) / (1 << 20):.0f} MiB/s) -> {target}",
           file=sys.stderr)
+    from replayer.query import note_restored
+    note_restored(args.store, device.device, r.size_bytes, dt)   # for serve's metrics
     if args.loop:
         try:
             p = subprocess.run(["losetup", "--find", "--show", target], capture_output=True,

@@ -20,6 +20,14 @@ from blkrewind import wire
 from blkrewind.errors import UserError
 
 
+EXAMPLES = """\
+  blkrewind serve --store /srv/blkrewind --listen 0.0.0.0:7420 \\
+      --tls /etc/blkrewind/tls/replayer --metrics 127.0.0.1:9742
+  # a test on one machine, no TLS (loopback only)
+  blkrewind serve --store /tmp/store --listen 127.0.0.1:7420 --insecure
+"""
+
+
 def add_arguments(p):
     p.add_argument("--store", required=True, metavar="DIR",
                    help="the store (created, mode 0700, if missing)")
@@ -27,22 +35,24 @@ def add_arguments(p):
                    help="address to listen on, e.g. 0.0.0.0:7420 or [::]:7420 (port 0: any "
                         "free port, logged)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tls", metavar="DIR", help="TLS directory: ca.pem, cert.pem, key.pem")
+    g.add_argument("--tls", metavar="DIR", help="this server's TLS directory: ca.pem, cert.pem, key.pem (`blkrewind tls init`)")
     g.add_argument("--insecure", action="store_true",
                    help="no TLS (only on loopback / private addresses; hosts are not "
                         "authenticated)")
     p.add_argument("--max-conns", type=int, default=wire.MAX_CONNS, metavar="N",
-                   help=f"most connections at once (default {wire.MAX_CONNS})")
-    p.add_argument("--idle-timeout", type=float, default=wire.IDLE_TIMEOUT, metavar="S",
-                   help=f"close a connection silent this long (default {wire.IDLE_TIMEOUT:g})")
-    p.add_argument("--message-timeout", type=float, default=wire.MESSAGE_TIMEOUT, metavar="S",
-                   help=f"a started message must be complete within S seconds "
+                   help=f"most tracer connections at once (default {wire.MAX_CONNS})")
+    p.add_argument("--idle-timeout", type=float, default=wire.IDLE_TIMEOUT, metavar="SEC",
+                   help=f"close a connection silent for SEC seconds (default {wire.IDLE_TIMEOUT:g})")
+    p.add_argument("--message-timeout", type=float, default=wire.MESSAGE_TIMEOUT, metavar="SEC",
+                   help=f"a started message must be complete within SEC seconds "
                         f"(default {wire.MESSAGE_TIMEOUT:g})")
-    p.add_argument("--hello-timeout", type=float, default=wire.HELLO_TIMEOUT, metavar="S",
-                   help=f"TLS handshake and HELLO, each within S seconds "
+    p.add_argument("--hello-timeout", type=float, default=wire.HELLO_TIMEOUT, metavar="SEC",
+                   help=f"TLS handshake and HELLO, each within SEC seconds "
                         f"(default {wire.HELLO_TIMEOUT:g})")
-    p.add_argument("--store-retry", type=float, default=5.0, metavar="S",
-                   help="after a store failure (e.g. full), refuse frames for S seconds "
+    from blkrewind import metrics
+    metrics.add_argument(p, "server")
+    p.add_argument("--store-retry", type=float, default=5.0, metavar="SEC",
+                   help="after a store failure (e.g. full), refuse frames for SEC seconds "
                         "before trying again (default 5)")
 
 
@@ -68,11 +78,16 @@ def run(args) -> int:
     def on_signal(signum, frame):
         srv.request_stop()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    endpoint = None
     try:
+        from blkrewind import metrics  # bound first: a taken port fails before the store opens
+        endpoint = metrics.start(args.metrics, metrics.ServerCollector(srv, srv.log), srv.log)
         srv.start()
         while not srv.wait(1.0):
             pass
     finally:
+        if endpoint is not None:
+            endpoint.close()
         srv.close()
         for s, h in old.items():
             signal.signal(s, h)

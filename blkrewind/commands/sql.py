@@ -14,13 +14,21 @@ from __future__ import annotations
 from blkrewind.errors import UserError
 
 
+EXAMPLES = """\
+  blkrewind sql --store S "SELECT * FROM devices"
+  blkrewind sql --store S "SELECT comm, count(*), sum(length) FROM writes GROUP BY comm"
+  blkrewind sql --store S "SELECT * FROM restorable" --format json
+"""
+
+
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store to query")
-    p.add_argument("query", metavar="QUERY", help="one SQL statement")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the store to query (through `serve` while it runs)")
+    p.add_argument("query", metavar="QUERY", help="one read-only SQL statement (DuckDB's dialect)")
     p.add_argument("--format", choices=FORMATS, default="table",
-                   help="table (default), csv, or json (a list of objects)")
+                   help="output: table (default), csv, or json (a list of objects)")
 
 
 

@@ -25,6 +25,13 @@ from blkrewind.errors import UserError
 RATE_WINDOW_S = 60
 
 
+EXAMPLES = """\
+  blkrewind status                                  # the tracers on this host
+  blkrewind status --store /srv/blkrewind --watch   # the replayer's view, live
+  blkrewind status --store /srv/blkrewind --format json | jq '.hosts[].devices[].lag_s'
+"""
+
+
 def add_arguments(p):
     p.add_argument("--store", metavar="DIR",
                    help="the replayer's store (through the running server when there is one); "
@@ -34,10 +41,11 @@ def add_arguments(p):
     p.add_argument("--all", action="store_true",
                    help="without --store: every tracer on this host (needed when several run)")
     p.add_argument("--format", choices=("table", "json"), default="table",
-                   help="table (default) or json")
-    p.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    p.add_argument("--interval", type=float, default=2.0, metavar="S",
-                   help="refresh interval for --watch (default 2)")
+                   help="output: table (default) or json (one object; sizes in bytes, ages "
+                        "in seconds)")
+    p.add_argument("--watch", action="store_true", help="refresh every --interval seconds until interrupted")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SEC",
+                   help="seconds between refreshes with --watch (default 2)")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -125,37 +133,49 @@ def collect_store(path) -> dict:
     now_ns = time.time_ns()
     with open_for_reading(path) as store:
         server = store.server_status() if getattr(store, "remote", False) else None
-        rows = store.query(
-            "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
-            "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, s.after_gap, "
-            "       sd.restorable_to, sd.to_ns, "
-            "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
-            "  FROM session_devices sd JOIN sessions s USING (session) "
-            "QUALIFY row_number() OVER (PARTITION BY sd.device "
-            "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
-            "ORDER BY sd.host, sd.device")
-        since = now_ns - RATE_WINDOW_S * 10**9
-        rates = {(s, d): int(b) for s, d, b in store.query(
-            f"SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? "
-            f"AND op = {record.OP_WRITE} GROUP BY ALL", [since])}
-        gaps = dict(store.query("SELECT session, count(*) FROM sessions "
-                                "WHERE first_gap IS NOT NULL GROUP BY ALL"))
+        hosts = store_hosts(store, now_ns)
+    return _with_server(path, hosts, server, now_ns)
+
+
+def store_hosts(store, now_ns: int, rates: bool = True) -> dict[str, dict]:
+    """Per host, its devices' watermark, lag, gaps (the newest session of each device) from a
+    store (Store or RemoteStore); rates: the write rate over the last RATE_WINDOW_S (a scan of
+    the newest records). Also the metrics of `serve` (blkrewind/metrics.py)."""
+    rows = store.query(
+        "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
+        "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, s.after_gap, "
+        "       sd.restorable_to, sd.to_ns, "
+        "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
+        "  FROM session_devices sd JOIN sessions s USING (session) "
+        "QUALIFY row_number() OVER (PARTITION BY sd.device "
+        "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
+        "ORDER BY sd.host, sd.device")
+    since = now_ns - RATE_WINDOW_S * 10**9
+    rates = {(s, d): int(b) for s, d, b in store.query(
+        f"SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? "
+        f"AND op = {record.OP_WRITE} GROUP BY ALL", [since])} if rates else {}
+    gaps = dict(store.query("SELECT session, count(*) FROM sessions "
+                            "WHERE first_gap IS NOT NULL GROUP BY ALL"))
     hosts: dict[str, dict] = {}
     for (host, device, name, session, dev, wm, wm_ns, end_ns, clean, first_gap, gap_reason,
          after_gap, r_to, to_ns, drops) in rows:
         h = hosts.setdefault(host, {"host": host, "devices": []})
         h["devices"].append({
-            "device": device, "name": name, "session": session,
+            "device": device, "name": name, "session": session, "dev": dev,
             "watermark": wm, "watermark_ns": wm_ns, "watermark_time": _iso(wm_ns),
             "lag_s": None if wm_ns is None or end_ns is not None
             else round(max(0, now_ns - wm_ns) / 1e9, 3),
             "ended": _iso(end_ns), "clean": clean,
-            "restorable_to": r_to, "restorable_to_time": _iso(to_ns),
+            "restorable_to": r_to, "restorable_to_ns": to_ns, "restorable_to_time": _iso(to_ns),
             "write_rate_Bps": rates.get((session, dev), 0) / RATE_WINDOW_S,
             "gap": first_gap, "gap_reason": gap_reason, "gaps": gaps.get(session, 0),
             "stamps_after_gap": after_gap or 0,
             "drops": drops,
         })
+    return hosts
+
+
+def _with_server(path, hosts: dict, server: dict | None, now_ns: int) -> dict:
     conns: dict[str, int] = {}
     if server is not None:
         for c in server.get("connections", []):

@@ -14,12 +14,20 @@ from __future__ import annotations
 import sys
 
 
+EXAMPLES = """\
+  blkrewind tls init /root/blkrewind-ca --hosts replayer=10.0.0.5,db1,db2=10.0.0.7
+  scp -r /root/blkrewind-ca/db1 db1:/etc/blkrewind/tls     # each host gets its directory
+  blkrewind tls init /root/blkrewind-ca --hosts db3          # later: one more host
+"""
+
+
 def add_arguments(p):
     sub = p.add_subparsers(dest="tls_command", metavar="ACTION")
     sub.required = True
     i = sub.add_parser("init", help="make a CA and per-host certificates (or add hosts)",
                        description=__doc__)
-    i.add_argument("dir", metavar="DIR", help="directory of the CA (created 0700)")
+    i.add_argument("dir", metavar="DIR", help="directory of the CA (created 0700; existing: "
+                   "hosts are added)")
     i.add_argument("--hosts", required=True, metavar="NAME[=IP[+IP...]],...",
                    help="comma-separated hosts: the replayer's and every tracer's, e.g. "
                         "replayer=10.0.0.5,db1,db2=10.0.0.7+fd00::7")

@@ -20,16 +20,31 @@ import threading
 from blkrewind.errors import UserError
 
 
+EXAMPLES = """\
+  # protect /dev/sdb, shipping to a replayer over mutual TLS (the usual deployment)
+  blkrewind trace --device /dev/sdb --log /var/lib/blkrewind/log \\
+      --ship replayer.example:7420 --tls /etc/blkrewind/tls --metrics 127.0.0.1:9741
+  # two devices, a local LOG only (ingest it later with `blkrewind ingest`)
+  blkrewind trace --device /dev/sdb --device /dev/sdc --log /var/lib/blkrewind/log
+  # trace while a command runs; its exit status is trace's
+  blkrewind trace --device /dev/loop0 --log /tmp/log -- fio job.fio
+"""
+EXIT_STATUS = {1: 'the tracer failed (it says why: LOG not writable, capture broken, ...)', 0: "stopped by SIGINT/SIGTERM after a clean flush; with -- COMMAND: COMMAND's exit status (128+N when signal N ended it)"}
+
+
 def add_arguments(p):
     p.add_argument("--device", action="append", required=True, metavar="DEV",
                    help="block device to trace (repeat for several; disks, partitions, loop devices)")
     p.add_argument("--log", required=True, metavar="DIR", help="LOG directory (created 0700)")
-    p.add_argument("--ring-mb", type=int, default=128, help="BPF ring buffer size, MiB, power of two "
-                   "(default 128)")
-    p.add_argument("--segment-mb", type=int, default=64, help="rotate LOG segments at this size (64)")
+    p.add_argument("--ring-mb", type=int, default=128, metavar="MIB",
+                   help="BPF ring buffer size in MiB, a power of two (default 128)")
+    p.add_argument("--segment-mb", type=int, default=64, metavar="MIB",
+                   help="rotate LOG segments at this size in MiB (default 64)")
     p.add_argument("--fsync", choices=["interval", "always", "never"], default="interval",
-                   help="when the LOG is fsynced (default: every --fsync-interval and on stop)")
-    p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC")
+                   help="when the LOG is fsynced: interval (default: every --fsync-interval seconds and "
+                        "on stop), always (after every append), never (on stop only)")
+    p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC",
+                   help="seconds between fsyncs of the LOG with --fsync interval (default 1)")
     p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
                    help="LOG compression: lz4 level (0..16: higher compresses more, slower; "
                         "negative = lz4's acceleration, faster; default -10). Spans whose "
@@ -38,8 +53,9 @@ def add_arguments(p):
                    help="do not read the devices' current content (the history is then not "
                         "restorable on its own)")
     p.add_argument("--settle", type=float, default=1.0, metavar="SEC",
-                   help="baseline: how long no write queued before capture may still be completing")
-    p.add_argument("--stats-json", metavar="FILE", help="write capture statistics here on exit")
+                   help="baseline: seconds a write queued before capture started may still be "
+                        "completing (default 1)")
+    p.add_argument("--stats-json", metavar="FILE", help="write capture statistics (JSON) to FILE on exit (default: none)")
     g = p.add_argument_group("shipping to a replayer (`blkrewind serve`; docs/protocol.md)")
     g.add_argument("--ship", metavar="ADDR:PORT",
                    help="stream the LOG to the replayer listening there (the LOG stays the "
@@ -51,18 +67,22 @@ def add_arguments(p):
     g.add_argument("--host", metavar="NAME", help="host name in the records without --tls "
                    "(default: this machine's hostname)")
     g.add_argument("--ship-conns", type=int, default=2, metavar="N",
-                   help="parallel connections (default 2)")
-    g.add_argument("--log-max-mb", type=int, metavar="N",
-                   help="LOG size limit: the oldest segments the replayer acknowledged are "
+                   help="parallel connections to the replayer, 1..64 (default 2)")
+    g.add_argument("--log-max-mb", type=int, metavar="MIB",
+                   help="LOG size limit in MiB: the oldest segments the replayer acknowledged are "
                         "deleted; when nothing can be, new records are dropped (counted, said "
                         "loudly). Default: 50%% of the LOG's file system, at most 64 GiB")
     g.add_argument("--ship-drain", type=float, default=30.0, metavar="SEC",
-                   help="on stop, wait up to SEC seconds for the last acknowledgements (30)")
+                   help="on stop, wait up to SEC seconds for the last acknowledgements (default 30)")
     g.add_argument("--ship-timeout", type=float, default=30.0, metavar="SEC",
                    help="a connection whose replayer does not answer for SEC seconds is dropped "
-                        "and made again (30)")
+                        "and made again (default 30)")
+    from blkrewind import metrics
+    metrics.add_argument(p, "tracer")
     p.add_argument("child", nargs=argparse.REMAINDER, metavar="-- COMMAND",
-                   help="-- COMMAND [ARGS]: trace while it runs")
+                   help="-- COMMAND [ARGS]: start COMMAND once the baseline is read, trace while it runs, "
+                        "stop when it exits and return its exit status (default: trace until "
+                        "SIGINT/SIGTERM)")
 
 
 
@@ -212,7 +232,10 @@ def run(args) -> int:
     if _TTY:
         tracer.progress_tty = progress_line
     rc = 0
+    endpoint = None
     try:
+        from blkrewind import metrics  # bound first: a taken port fails before any capture
+        endpoint = metrics.start(args.metrics, metrics.TracerCollector(tracer, say), say)
         tracer.start()
         tracer.run_baseline(stop)
         if cmd and not stop.is_set():
@@ -231,6 +254,8 @@ def run(args) -> int:
                 if tracer.failure:
                     break
     finally:
+        if endpoint is not None:
+            endpoint.close()
         stats = tracer.stop()
     if args.stats_json:
         with open(args.stats_json, "w") as f:

@@ -25,8 +25,19 @@ import sys
 MAX_SHOWN = 50
 
 
+EXAMPLES = """\
+  # after `umount /srv`: is the replica exact?
+  blkrewind verify --store /srv/blkrewind --device db1:sdb
+  # a frozen file system, checked at the mark taken while frozen
+  blkrewind verify --store S --device db1:sdb --at frozen-1 --live /dev/sdb
+  blkrewind verify --store /srv/blkrewind          # payload files against their checksums
+"""
+EXIT_STATUS = {1: 'the replica differs from the device (the ranges are printed), or a payload file is damaged or missing'}
+
+
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="the store (through `serve` while it runs)")
     p.add_argument("--device", metavar="DEV",
                    help="host:name, name (loop3) or traced path; without it: check the "
                         "store's payload files")
