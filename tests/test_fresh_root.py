@@ -213,6 +213,12 @@ def run_in_root(root: Path, suite: str, script: str, log: Path) -> subprocess.Co
                                 start_new_session=True)
         try:
             rc = proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            with open(log, "a") as f2:
+                f2.write(f"\nfresh-root: killed after {TIMEOUT} s\n")
+            rc = -signal.SIGKILL
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -309,9 +315,11 @@ def test_bootstrap_demo_on_fresh_debian(suite, tmp_path):
         say(f"{suite}: root {t_tar - t_start:.0f} s, unpack+copy {t_ready - t_tar:.0f} s, "
             f"bootstrap+demo+test {t_ran - t_ready:.0f} s, teardown {t_end - t_ran:.0f} s, total {t_end - t_start:.0f} s; "
             + "; ".join(facts))
-        assert p is not None and p.returncode == 0, \
-            f"bootstrap in a fresh {suite} root exited {p.returncode if p else '?'}:\n{out[-6000:]}"
-        assert not problems, "the fresh root left things behind:\n  " + "\n  ".join(problems)
+        if p is None or p.returncode != 0:
+            pytest.fail(f"bootstrap in a fresh {suite} root exited {p.returncode if p else '?'} "
+                        f"(log: {log}):\n{out[-6000:]}", pytrace=False)
+        if problems:
+            pytest.fail("the fresh root left things behind:\n  " + "\n  ".join(problems), pytrace=False)
         # The demo ran to its end (it says so) and bootstrap installed a clang that builds an
         # object this kernel loads (the demo traced with it).
         assert "done: the earlier content is back" in out, out[-4000:]
