@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up blkrewind on a fresh Debian 12 / Ubuntu 22.04+ machine (as root), then run it.
+# Set up blkrewind on a fresh Debian 12 / 13 or Ubuntu 22.04 / 24.04 machine (as root), then run it.
 #
 #   sudo ./bootstrap.sh demo            set up, then `blkrewind demo`
 #   sudo ./bootstrap.sh test [ARGS]     set up, then the test suite (ARGS go to pytest,
@@ -18,6 +18,12 @@ VENV=$ROOT/.venv
 STAMP=$VENV/.blkrewind-install.sha256
 LINK=/usr/local/sbin/blkrewind
 export DEBIAN_FRONTEND=noninteractive
+# Root's tools live in the sbin directories (mkfs.ext4, losetup, bpftool, modprobe); `su`
+# without `-` and some sudo set-ups keep a user's PATH without them.
+for d in /usr/local/sbin /usr/sbin /sbin; do
+    case ":$PATH:" in *":$d:"*) ;; *) PATH=$PATH:$d ;; esac
+done
+export PATH
 
 say() { printf 'bootstrap: %s\n' "$*"; }
 die() { printf 'bootstrap: error: %s\n' "$*" >&2; exit 1; }
@@ -57,6 +63,28 @@ has_candidate() {
     out=$(apt-cache policy "$1" 2>/dev/null) || return 1
     [[ $out == *"Candidate: "[!\(]* ]]
 }
+# The major version of a package's candidate (clang 1:14.0-55.7~deb12u1 -> 14), or nothing.
+candidate_major() {
+    local out
+    out=$(apt-cache policy "$1" 2>/dev/null) || return 0
+    [[ $out =~ Candidate:\ ([0-9]+:)?([0-9]+) ]] && printf '%s\n' "${BASH_REMATCH[2]}"
+    return 0
+}
+# clang 14 (Debian 12's and Ubuntu 22.04's default) has compiled the capture into a program the
+# verifier gave up on (over 1M instructions): a newer one where the archive has it (Debian 12:
+# clang-16 and clang-19). bpf/build.py uses the newest clang-N on PATH.
+# Prints the clang-N package to install (the newest of 16..19 with a candidate) when no
+# clang >= 16 is on PATH and the distribution's default clang is older; else nothing.
+newer_clang() {
+    local v def
+    for v in 21 20 19 18 17 16; do command -v "clang-$v" >/dev/null 2>&1 && return 0; done
+    def=$(candidate_major clang)
+    [ -n "$def" ] && [ "$def" -ge 16 ] && return 0
+    for v in 19 18 17 16; do
+        if has_candidate "clang-$v"; then printf 'clang-%s\n' "$v"; return 0; fi
+    done
+    return 0
+}
 bpftool_works() { command -v bpftool >/dev/null 2>&1 && bpftool version >/dev/null 2>&1; }
 python_ok() { "$1" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; }
 
@@ -73,32 +101,42 @@ pick_python() {
 
 step_packages() {
     command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
-        || die "this script needs a Debian or Ubuntu system (dpkg/apt); install by hand: clang llvm libbpf-dev bpftool e2fsprogs xfsprogs fio util-linux python3 (>= 3.11) kmod"
-    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux fdisk python3-venv kmod iproute2
-                prometheus man-db groff-base bash-completion)
+        || die "this script needs a Debian or Ubuntu system (dpkg/apt); install by hand: clang (>= 16) llvm libbpf-dev bpftool e2fsprogs xfsprogs fio util-linux mount python3 (>= 3.11) kmod ca-certificates"
+    # Everything the build, the demo and the tools run, named even where a usual install has
+    # it already: a minimal root (debootstrap --variant=minbase, a container image) has not.
+    # ca-certificates: pip's TLS to PyPI; mount: losetup, mount; util-linux: fsfreeze, fstrim;
+    # man-db, groff-base, bash-completion: the man page and completion installed in step 4.
+    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux mount fdisk python3-venv
+                kmod iproute2 ca-certificates man-db groff-base bash-completion)
+    # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
+    # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py).
+    [ "$mode" = test ] && want+=(prometheus debootstrap zstd)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
-    local need_bpftool=0 need_python=0
+    local need_bpftool=0 need_python=0 clang_pkg
     bpftool_works || need_bpftool=1
     pick_python >/dev/null || need_python=1
-    if [ ${#missing[@]} -eq 0 ] && [ $need_bpftool -eq 0 ] && [ $need_python -eq 0 ]; then
+    clang_pkg=$(newer_clang)
+    if [ ${#missing[@]} -eq 0 ] && [ $need_bpftool -eq 0 ] && [ $need_python -eq 0 ] && [ -z "$clang_pkg" ]; then
         say "[1/5] packages: all present"
         return
     fi
-    say "[1/5] packages: installing ${missing[*]:-}$([ $need_bpftool -eq 1 ] && echo ' bpftool')$([ $need_python -eq 1 ] && echo ' python3.11')"
     local apt=(apt-get -y -q -o DPkg::Lock::Timeout=300 -o Dpkg::Options::=--force-confdef
                -o Dpkg::Options::=--force-confold)
+    say "[1/5] packages: apt-get update"
     quietly "${apt[@]}" update || die "apt-get update failed (network or apt sources?)"
+    # Decided again with fresh package lists (a new machine may have none yet).
+    clang_pkg=$(newer_clang)
+    if [ -n "$clang_pkg" ]; then missing+=("$clang_pkg"); fi
+    # Debian (and newer Ubuntu) have a bpftool package; Ubuntu ships it in linux-tools-*.
+    if [ $need_bpftool -eq 1 ] && has_candidate bpftool; then missing+=(bpftool); fi
     if [ ${#missing[@]} -gt 0 ]; then
+        say "[1/5] packages: installing ${missing[*]}"
         quietly "${apt[@]}" install --no-install-recommends "${missing[@]}" \
             || die "apt-get install ${missing[*]} failed"
         for p in "${missing[@]}"; do installed "$p" || die "package $p is still not installed after apt-get install"; done
     fi
     if [ $need_bpftool -eq 1 ]; then
-        # Debian (and newer Ubuntu) have a bpftool package; Ubuntu ships it in linux-tools-*.
-        if has_candidate bpftool; then
-            quietly "${apt[@]}" install --no-install-recommends bpftool || true
-        fi
         if ! bpftool_works; then
             quietly "${apt[@]}" install --no-install-recommends linux-tools-common "linux-tools-$(uname -r)" \
                 || quietly "${apt[@]}" install --no-install-recommends linux-tools-common linux-tools-generic \
@@ -106,7 +144,7 @@ step_packages() {
         fi
         bpftool_works || say "warning: bpftool is still missing or does not run for kernel $(uname -r); the BPF build needs it"
     fi
-    if [ $need_python -eq 1 ]; then
+    if [ $need_python -eq 1 ] && ! pick_python >/dev/null; then
         # Ubuntu 22.04's python3 is 3.10; its archive has python3.11 next to it.
         quietly "${apt[@]}" install --no-install-recommends python3.11 python3.11-venv || true
     fi

@@ -55,6 +55,12 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> 
         h.update(src.read_bytes())
     h.update(header.encode())
     h.update(VMLINUX_BTF.read_bytes())
+    # The newest clang first: clang 14 (Debian 12's and Ubuntu 22.04's default) compiles
+    # capture_btf into a program the verifier gives up on (over 1M instructions processed).
+    clang = find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
+    # Another compiler (path, or `--version` first line) is another input: rebuild.
+    ver = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    h.update(f"{clang}\n{ver}".encode())
     digest = h.hexdigest()
     stamp = out / "inputs.sha256"
     if not force and obj.exists() and stamp.exists() and stamp.read_text().strip() == digest:
@@ -63,9 +69,6 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> 
         return obj
 
     bpftool = find_tool("bpftool", "/usr/sbin/bpftool")
-    # The newest clang first: clang 14 (Debian 12's and Ubuntu 22.04's default) compiles
-    # capture_btf into a program the verifier gives up on (over 1M instructions processed).
-    clang = find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
     vmlinux_h = out / "vmlinux.h"
     with open(vmlinux_h, "w") as f:
         subprocess.run([bpftool, "btf", "dump", "file", str(VMLINUX_BTF), "format", "c"],
