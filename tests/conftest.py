@@ -224,6 +224,9 @@ def detach_loop(dev: str, backing: str, wait: float = 10.0) -> list[str]:
         return []  # already gone (the number may have been reused by someone else: leave it)
     problems = unmount_device(dev)
     if loop_backing(dev) == backing:
+        # Write back and drop the device's page cache first: dirty pages a killed writer left
+        # would otherwise land in whatever file is attached to this loop number next.
+        sh("blockdev", "--flushbufs", dev, check=False)
         p = sh("losetup", "-d", dev, check=False)
         if p.returncode != 0 and loop_backing(dev) == backing:
             problems.append(f"losetup -d {dev}: {p.stderr.strip()}")
