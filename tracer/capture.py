@@ -184,8 +184,7 @@ class Capture:
                                    max_entries={"rb": ring_bytes,
                                                 "dirty_map": max(1, dirty_regions)})
         except L.BpfError as e:
-            raise UserError(f"cannot load the BPF programs: {e.strerror or e} "
-                            f"({_load_hint(e)})") from None
+            raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
@@ -481,9 +480,18 @@ def time_ns_monotonic() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-def _load_hint(e: OSError) -> str:
-    if e.errno == 1:  # EPERM
-        return "needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
-    if e.errno == 22:
-        return "the verifier or the kernel refused it; needs a >= 6.1 kernel with BTF"
-    return "see the kernel log"
+def load_error(e: L.BpfError) -> str:
+    """One short block: what failed on which kernel and, for a program the verifier
+    rejected, the last lines of its verifier log."""
+    release = os.uname().release
+    if e.verifier:
+        prog, tail = e.verifier
+        log = "\n".join("    " + ln for ln in tail.splitlines()) or "    (the verifier wrote no log)"
+        return (f"cannot load the BPF programs on kernel {release}: the verifier rejected "
+                f"{prog} ({e.strerror or e}); the end of its log:\n{log}")
+    if e.errno == 1 and os.geteuid() != 0:  # EPERM
+        hint = "needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+    else:
+        msgs = [ln for ln in L.libbpf_messages().splitlines() if ln.strip()]
+        hint = "libbpf: " + " | ".join(msgs[-3:]) if msgs else "libbpf said nothing more"
+    return f"cannot load the BPF programs on kernel {release}: {e.strerror or e} ({hint})"

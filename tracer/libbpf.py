@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import sys
 
 c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
@@ -17,7 +18,7 @@ c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, 
 
 
 class BpfError(OSError):
-    pass
+    verifier: tuple[str, str] | None = None  # a rejected program: (name, its verifier log tail)
 
 
 def _load():
@@ -88,20 +89,38 @@ def _err(what: str, code: int | None = None) -> BpfError:
 # we collect them instead and show them only when something fails.
 _PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_vp)
 _libbpf_msgs: list[str] = []
+_verifier_logs: dict[str, str] = {}  # program -> the tail of its last load log
+VERIFIER_TAIL_LINES = 14
 
 
-def _vsnprintf(fmt: bytes, va) -> str:
+def _vformat(fmt: bytes, va) -> str:
+    """vasprintf: the whole message however long (a verifier log can be megabytes)."""
     libc = ctypes.CDLL(None)
-    buf = ctypes.create_string_buffer(4096)
-    libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_vp]
-    libc.vsnprintf(buf, len(buf), fmt, va)
-    return buf.value.decode("utf-8", "replace")
+    libc.vasprintf.argtypes = [ctypes.POINTER(c_vp), c_char_p, c_vp]
+    libc.free.argtypes = [c_vp]
+    out = c_vp()
+    if libc.vasprintf(ctypes.byref(out), fmt, va) < 0 or not out.value:
+        return ""
+    try:
+        return ctypes.string_at(out.value).decode("utf-8", "replace")
+    finally:
+        libc.free(out)
+
+
+_LOAD_LOG = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --",
+                       re.S)
 
 
 @_PRINT_FN
 def _print_cb(level, fmt, va):
     try:
-        _libbpf_msgs.append(_vsnprintf(fmt, va))
+        msg = _vformat(fmt, va)
+        m = _LOAD_LOG.search(msg)
+        if m:
+            lines = [ln for ln in m.group(2).splitlines() if ln.strip()]
+            _verifier_logs[m.group(1)] = "\n".join(lines[-VERIFIER_TAIL_LINES:])
+            msg = msg[:m.start(2)] + "[...]\n" + _verifier_logs[m.group(1)] + "\n" + msg[m.end(2):]
+        _libbpf_msgs.append(msg)
         del _libbpf_msgs[:-200]
     except Exception:
         pass
@@ -112,6 +131,18 @@ def libbpf_messages() -> str:
     return "".join(_libbpf_msgs)
 
 
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
+
+
+def verifier_failure() -> tuple[str, str] | None:
+    """(program, the tail of its verifier log) of the last rejected program, or None."""
+    for msg in reversed(_libbpf_msgs):
+        m = _FAILED_PROG.search(msg)
+        if m:
+            return m.group(1), _verifier_logs.get(m.group(1), "")
+    return None
+
+
 class BpfObject:
     """An opened and loaded BPF ELF object with the links attached from it."""
 
@@ -120,6 +151,7 @@ class BpfObject:
         L = lib()
         L.libbpf_set_print(ctypes.cast(_print_cb, c_vp))
         _libbpf_msgs.clear()
+        _verifier_logs.clear()
         self.path = path
         self.links: list[int] = []
         self.obj = L.bpf_object__open_file(path.encode(), None)
@@ -137,7 +169,9 @@ class BpfObject:
                     raise _err(f"set size of map {name}")
             r = L.bpf_object__load(self.obj)
             if r != 0:
-                raise _err(f"load {os.path.basename(path)}", r)
+                e = _err(f"load {os.path.basename(path)}", r)
+                e.verifier = verifier_failure()  # (program, log tail) or None
+                raise e
         except BaseException:
             L.bpf_object__close(self.obj)
             self.obj = None
