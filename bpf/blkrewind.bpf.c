@@ -709,8 +709,14 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
 	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
 	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
+	__u32 len = n * 8;
+	/* clang knows len <= sizeof(stamps) and would drop this; before 6.2 the verifier
+	 * does not (the register compare above): 'R4 unbounded memory access' on 6.1 */
+	barrier_var(len);
+	if (len > sizeof(cc.stamps))
+		len = sizeof(cc.stamps);
 	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + n * 8, 0, &dp)) {
+	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + len, 0, &dp)) {
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		count_drop(s, 0);
 		return 0;
@@ -734,8 +740,8 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	h->error = (__u16)error;
 	h->rtype = BR_R_COMPLETE;
 	h->flags = norm_flags(opf) | cc.flags;
-	h->len = n * 8;
-	if (n && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, n * 8, 0))
+	h->len = len;
+	if (len && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, len, 0))
 		h->len = 0;  /* never: the reservation has room for n stamps */
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);

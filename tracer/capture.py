@@ -150,6 +150,23 @@ ATTACH = {  # what: [(program, where), ...] in order of preference
     "bio_complete": [("biodone_btf", "tp_btf/block_bio_complete")],
 }
 K0 = ctypes.c_uint32(0)
+# The program variants loaded: the tp_btf ones first (plain BTF loads, cheaper); when the
+# kernel refuses one of them, the raw_tp ones (bpf_program__set_autoload picks at load).
+VARIANTS = [("capture_btf", "rqdone_btf", "biodone_btf"), ("capture_raw", "rqdone_raw")]
+# BPF helpers the programs cannot do without: (helper id, name, what it is, first kernel)
+REQUIRED_HELPERS = [
+    (181, "bpf_loop", "the BPF loop helper", "5.17"),
+    (198, "bpf_ringbuf_reserve_dynptr", "BPF ring buffer dynptrs", "5.19"),
+]
+
+
+def missing_feature() -> str | None:
+    """One line naming the kernel, what it lacks and the oldest kernel that has it, or None."""
+    for hid, name, what, since in REQUIRED_HELPERS:
+        if not L.has_helper(hid):
+            return (f"kernel {os.uname().release} has no {what} ({name}), which the capture "
+                    f"programs need; the oldest kernel that has it is {since}")
+    return None
 
 
 def check_layouts(path: str) -> None:
@@ -178,13 +195,19 @@ class Capture:
             check_layouts(path)
         except btfcheck.LayoutMismatch as e:
             raise UserError(str(e)) from None
-        programs = {p for opts in ATTACH.values() for p, _ in opts} | {"point", "reader"}
-        try:
-            self.obj = L.BpfObject(path, autoload=programs,
-                                   max_entries={"rb": ring_bytes,
-                                                "dirty_map": max(1, dirty_regions)})
-        except L.BpfError as e:
-            raise UserError(load_error(e)) from None
+        missing = missing_feature()
+        if missing:
+            raise UserError(missing)
+        sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
+        for i, variant in enumerate(VARIANTS):
+            try:
+                self.obj = L.BpfObject(path, autoload={*variant, *PROGS}, max_entries=sizes)
+                self.loaded = set(variant) | set(PROGS)
+                break
+            except L.BpfError as e:
+                rejected = e.verifier[0] if e.verifier else None
+                if i + 1 == len(VARIANTS) or (rejected is not None and rejected not in variant):
+                    raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
@@ -204,6 +227,7 @@ class Capture:
         programs, still attached through their pinned links. Nothing is loaded."""
         self = cls.__new__(cls)
         self.obj = None
+        self.loaded = set()
         self.path = pin_dir
         self.ring_bytes = ring_bytes
         self.dirty_regions = max(1, dirty_regions)
@@ -260,6 +284,8 @@ class Capture:
         for what in list(required) + list(optional):
             errors = []
             for prog, where in ATTACH[what]:
+                if prog not in self.loaded:
+                    continue
                 try:
                     self.obj.attach(prog)
                     self.attached[what] = where

@@ -77,7 +77,17 @@ _SIGNATURES = [
     ("bpf_obj_get", c_int, [c_char_p]),
     ("bpf_obj_get_info_by_fd", c_int, [c_int, c_vp, ctypes.POINTER(c_u32)]),
     ("bpf_prog_get_fd_by_id", c_int, [c_u32]),
+    ("libbpf_probe_bpf_helper", c_int, [c_int, c_int, c_vp]),
 ]
+
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+
+
+def has_helper(helper_id: int, prog_type: int = BPF_PROG_TYPE_RAW_TRACEPOINT) -> bool:
+    """Whether the running kernel offers a BPF helper to a program type (libbpf's probe:
+    it loads a tiny program calling it). Unsure answers (a probe error) count as yes: the
+    load then says what is wrong."""
+    return lib().libbpf_probe_bpf_helper(prog_type, helper_id, None) != 0
 
 
 def _err(what: str, code: int | None = None) -> BpfError:
