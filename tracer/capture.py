@@ -161,25 +161,16 @@ REQUIRED_HELPERS = [
 
 
 def missing_feature() -> str | None:
-    """One line naming the kernel, what it lacks and the oldest kernel that has it, or None."""
-    for hid, name, what, since in REQUIRED_HELPERS:
-        if not L.has_helper(hid):
-            return (f"kernel {os.uname().release} has no {what} ({name}), which the capture "
-                    f"programs need; the oldest kernel that has it is {since}")
-    return None
-
-
-def check_layouts(path: str) -> None:
-    """Refuse an object whose record or control structs differ from what Python uses."""
-    btfcheck.check_record_layout(path)
-    btf = btfcheck.object_btf(path)
-    for name, cls in _CHECKED_STRUCTS.items():
-        got = [(m[0], m[1], m[2]) for m in btf.struct_members(name)]
-        want = [(f[0], getattr(cls, f[0]).offset, getattr(cls, f[0]).size) for f in cls._fields_]
-        if got != want or ctypes.sizeof(cls) != btf.sizeof_struct(name):
-            raise btfcheck.LayoutMismatch(
-                f"the BPF object's struct {name} does not match tracer/capture.py "
-                f"(rebuild with: python bpf/build.py --force)")
+    """One line naming the kernel, what it lacks and the oldest kernel that has it all, or
+    None when nothing is missing."""
+    missing = [(what, name, since) for hid, name, what, since in REQUIRED_HELPERS
+               if not L.has_helper(hid)]
+    if not missing:
+        return None
+    oldest = max((since for _, _, since in missing), key=lambda v: tuple(map(int, v.split("."))))
+    lacks = " and ".join(f"{what} ({name}, {since})" for what, name, since in missing)
+    return (f"kernel {os.uname().release} lacks {lacks}, which the capture programs need: "
+            f"the oldest kernel that has {'them' if len(missing) > 1 else 'it'} is {oldest}")
 
 
 class Capture:

@@ -60,6 +60,7 @@ def main(out: Path) -> int:
         with open(backing, "wb") as f:
             f.truncate(DEV_MB << 20)
         loop = sh("losetup", "--find", "--show", backing).strip()
+        res["device"] = loop
         sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", loop)
         mnt = work / "mnt"
         mnt.mkdir()
@@ -82,8 +83,12 @@ def main(out: Path) -> int:
 
         t0 = time.monotonic()
         stats = out / "stats.json"
-        tracer = TraceProc([loop], log, "--ring-mb", "1", "--fsync-interval", "0.2",
-                           "--stats-json", stats)
+        try:
+            tracer = TraceProc([loop], log, "--ring-mb", "1", "--fsync-interval", "0.2",
+                               "--stats-json", stats)
+        except AssertionError as e:  # did not start: the kernel may be refused on purpose
+            res["refused"] = str(e).split("\n", 1)[-1].strip()
+            raise
         step("trace_start", t0)
         t0 = time.monotonic()
         for i in range(3):
