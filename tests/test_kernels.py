@@ -3,7 +3,7 @@ QEMU, and the BPF object as each clang from 14 on builds it.
 
 The matrix (test_kernel_matrix) boots each kernel with software emulation (tests/vm/kernels.py:
 Debian's packages, cached in /var/cache/blkrewind-test/kernels, downloaded when missing),
-runs the tracer in the guest (tests/vm/guest.py: ext4 on a loop device, marks, a 1 MiB ring
+runs the tracer in the guest (tests/vm/guest.py: ext4 on a loop device, marks, an 8 MiB ring
 overflowed by O_DIRECT bursts and resynced), then ingests the guest's LOG here and restores at
 every mark and at `latest`, byte for byte against the guest's O_DIRECT copies.
 """
@@ -27,7 +27,7 @@ from conftest import in_ci  # noqa: E402
 from tracerproc import cli, first_difference, same_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# series -> None when the capture must work there, else words of the one-line refusal
+# series -> words of the one-line refusal where the capture is refused (else it must work)
 EXPECT_REFUSAL = {"5.10": "the oldest kernel that has them is 5.19"}
 GUEST_TIMEOUT = 900
 
@@ -87,7 +87,7 @@ def test_kernel_matrix(series, tmp_path):
     assert res["ok"], f"{release}: {res.get('error')}\n{res.get('traceback', '')}\n" \
                       f"tracer:\n{res.get('trace_stderr', '')}"
     stats = res["trace_stats"]
-    assert stats["drops"] > 0, f"{release}: the 1 MiB ring never overflowed: {stats}"
+    assert stats["drops"] > 0, f"{release}: the ring never overflowed: {stats}"
     assert "records lost" in res["trace_stderr"], res["trace_stderr"]
     # the host side: ingest the guest's LOG, restore at every mark and latest
     store = tmp_path / "store"

@@ -6,10 +6,10 @@ The guest sees the host's root read-only (this checkout and its .venv included) 
 read-write (shared with the host). Everything else here lives in the guest's memory: a
 loop device over a file on a tmpfs, an ext4 on it, its mount. Steps:
 
-  1. `blkrewind trace --ring-mb 1` (the project's own loader loads the programs) through
+  1. `blkrewind trace --ring-mb 8` (the project's own loader loads the programs) through
      an ext4 workload with marks m1..m3; at each mark the file system is frozen, marked
      (`blkrewind mark`) and the device copied with O_DIRECT reads into OUT/copy-mN.img
-  2. unmounted, O_DIRECT bursts of 1 MiB writes on the raw device overflow the 1 MiB ring
+  2. unmounted, O_DIRECT bursts of 1 MiB writes on the raw device overflow the 8 MiB ring
      (lost records); the tracer's resync reads the lost ranges back; after the tracer
      stopped, OUT/copy-latest.img
   3. OUT/result.json: kernel release, the steps' times, the tracer's stderr and counters.
@@ -37,6 +37,7 @@ from blkrewind import cli as blkrewind_cli  # noqa: E402
 from tracerproc import TraceProc, copy_device, direct_writes, sh, write_file  # noqa: E402
 
 DEV_MB = 32
+RING_MB = 8  # holds any bio of the workload; the burst (32 MiB in flight) overflows it
 
 
 def main(out: Path) -> int:
@@ -84,7 +85,7 @@ def main(out: Path) -> int:
         t0 = time.monotonic()
         stats = out / "stats.json"
         try:
-            tracer = TraceProc([loop], log, "--ring-mb", "1", "--fsync-interval", "0.2",
+            tracer = TraceProc([loop], log, "--ring-mb", str(RING_MB), "--fsync-interval", "0.2",
                                "--stats-json", stats)
         except AssertionError as e:  # did not start: the kernel may be refused on purpose
             res["refused"] = str(e).split("\n", 1)[-1].strip()
@@ -111,7 +112,7 @@ def main(out: Path) -> int:
         step("workload", t0)
         sh("umount", mnt)
         mnt = None
-        # lost records: O_DIRECT bursts on the raw device overflow the 1 MiB ring; the
+        # lost records: O_DIRECT bursts on the raw device overflow the ring; the
         # tracer's resync reads what was lost back from the device
         t0 = time.monotonic()
         sh("fio", "--name=w", f"--filename={loop}", "--rw=write", "--bs=1m", "--direct=1",
@@ -147,9 +148,11 @@ def main(out: Path) -> int:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
         subprocess.run(["umount", str(work)], capture_output=True)
         res["guest_seconds"] = round(time.monotonic() - t_start, 2)
+        os.sync()  # the copies and the LOG reach the host before result.json says done
         tmp = out / "result.json.tmp"
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, out / "result.json")
+        os.sync()  # the guest powers off right after this
     return return_code
 
 
