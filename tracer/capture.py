@@ -173,6 +173,19 @@ def missing_feature() -> str | None:
             f"the oldest kernel that has {'them' if len(missing) > 1 else 'it'} is {oldest}")
 
 
+def check_layouts(path: str) -> None:
+    """Refuse an object whose record or control structs differ from what Python uses."""
+    btfcheck.check_record_layout(path)
+    btf = btfcheck.object_btf(path)
+    for name, cls in _CHECKED_STRUCTS.items():
+        got = [(m[0], m[1], m[2]) for m in btf.struct_members(name)]
+        want = [(f[0], getattr(cls, f[0]).offset, getattr(cls, f[0]).size) for f in cls._fields_]
+        if got != want or ctypes.sizeof(cls) != btf.sizeof_struct(name):
+            raise btfcheck.LayoutMismatch(
+                f"the BPF object's struct {name} does not match tracer/capture.py "
+                f"(rebuild with: python bpf/build.py --force)")
+
+
 class Capture:
     def __init__(self, ring_bytes: int = 64 << 20, obj_path: str | None = None,
                  dirty_regions: int = 1):
