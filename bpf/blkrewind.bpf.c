@@ -462,6 +462,26 @@ static __always_inline void grace_exit(struct br_grace *g)
 		__sync_fetch_and_add(&g->quiet, 1);
 }
 
+/* Bytes of bvec[bi_idx] the bio's iterator has consumed: bi_iter.bi_bvec_done up to 6.x,
+ * bi_iter.bi_offset from 7.x (Debian's 7.3) -- the same field renamed. CO-RE picks the one
+ * the running kernel has (the other branch is dead code to the verifier). */
+struct bvec_iter___v7 {
+	unsigned int bi_offset;
+} __attribute__((preserve_access_index));
+
+struct bio___v7 {
+	struct bvec_iter___v7 bi_iter;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 bvec_done(struct bio *bio)
+{
+	struct bio___v7 *b7 = (void *)bio;
+
+	if (bpf_core_field_exists(bio->bi_iter.bi_bvec_done))
+		return BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	return BPF_CORE_READ(b7, bi_iter.bi_offset);
+}
+
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
 				     struct br_walk *w, __u32 size)
@@ -493,7 +513,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 	w->page_struct_size = c->page_struct_size;
 	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
 	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	w->done = bvec_done(bio);
 	w->remaining = size;
 	w->seg_left = 0;
 	w->offset = 0;
