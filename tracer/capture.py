@@ -163,8 +163,11 @@ REQUIRED_HELPERS = [
 def missing_feature() -> str | None:
     """One line naming the kernel, what it lacks and the oldest kernel that has it all, or
     None when nothing is missing."""
-    missing = [(what, name, since) for hid, name, what, since in REQUIRED_HELPERS
-               if not L.has_helper(hid)]
+    missing = [] if L.has_atomic_fetch() else [
+        # every stamp comes from one counter: without a fetch-and-add there is no order
+        ("BPF atomic fetch-and-add", "BPF_ATOMIC | BPF_FETCH", "5.12")]
+    missing += [(what, name, since) for hid, name, what, since in REQUIRED_HELPERS
+                if not L.has_helper(hid)]
     if not missing:
         return None
     oldest = max((since for _, _, since in missing), key=lambda v: tuple(map(int, v.split("."))))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import re
+import struct
 import sys
 
 c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
@@ -78,9 +79,34 @@ _SIGNATURES = [
     ("bpf_obj_get_info_by_fd", c_int, [c_int, c_vp, ctypes.POINTER(c_u32)]),
     ("bpf_prog_get_fd_by_id", c_int, [c_u32]),
     ("libbpf_probe_bpf_helper", c_int, [c_int, c_int, c_vp]),
+    ("bpf_prog_load", c_int, [c_int, c_char_p, c_char_p, c_vp, c_size_t, c_vp]),
 ]
 
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def has_atomic_fetch() -> bool:
+    """Whether the kernel's BPF has atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH, 5.12): a
+    tiny program doing one on its stack loads or not."""
+    prog = b"".join([
+        _insn(0xb7, dst=1),                               # r1 = 0
+        _insn(0x7b, dst=10, src=1, off=-8),               # *(u64 *)(r10 - 8) = r1
+        _insn(0xb7, dst=2, imm=1),                        # r2 = 1
+        _insn(0xdb, dst=10, src=2, off=-8, imm=0x01),     # r2 = atomic64_fetch_add(r10 - 8, r2)
+        _insn(0xb7, dst=0),                               # r0 = 0
+        _insn(0x95),                                      # exit
+    ])
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_RAW_TRACEPOINT, b"br_probe", b"GPL",
+                             ctypes.cast(buf, c_vp), len(prog) // 8, None)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return False
 
 
 def has_helper(helper_id: int, prog_type: int = BPF_PROG_TYPE_RAW_TRACEPOINT) -> bool:
