@@ -56,21 +56,45 @@ def _record(series: str, release: str, result: str, seconds: float) -> None:
     f.write_text(json.dumps(rows, indent=1))
 
 
-@pytest.mark.bpf
-@pytest.mark.slow
-@pytest.mark.parametrize("series", vm.SERIES)
-def test_kernel_matrix(series, tmp_path):
+PARALLEL = int(os.environ.get("BLKREWIND_VM_PARALLEL", "2"))  # guests booted at once
+
+
+@pytest.fixture(scope="module")
+def guests(tmp_path_factory):
+    """Every series' guest run, PARALLEL at a time (software emulation is CPU-bound and
+    mostly one vCPU busy per guest): {series: Future of (kimg, out, CompletedProcess, s)}."""
+    from concurrent.futures import ThreadPoolExecutor
     _need("qemu-system-x86_64 is missing", shutil.which("qemu-system-x86_64") is not None)
     try:
         vm.vng()
     except vm.VmError as e:
         _need(str(e), False)
+    kimgs = {s: vm.fetch(s, log=lambda m: None) for s in vm.SERIES}  # one apt at a time
+    base = tmp_path_factory.mktemp("guests")
+
+    def run(series):
+        t0 = time.monotonic()
+        out = base / series
+        r = vm.run_guest(kimgs[series], out, [sys.executable, "tests/vm/guest.py", str(out)],
+                         timeout=GUEST_TIMEOUT)
+        return kimgs[series], out, r, time.monotonic() - t0
+
+    pool = ThreadPoolExecutor(max_workers=max(1, PARALLEL))
+    futures = {s: pool.submit(run, s) for s in vm.SERIES}
+    try:
+        yield futures
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        vm.kill_all()
+
+
+@pytest.mark.bpf
+@pytest.mark.slow
+@pytest.mark.parametrize("series", vm.SERIES)
+def test_kernel_matrix(series, guests, tmp_path):
     t0 = time.monotonic()
-    kimg = vm.fetch(series, log=lambda m: None)
+    kimg, out, r, guest_s = guests[series].result(GUEST_TIMEOUT + 120)
     release = kimg.name.removeprefix("vmlinuz-")
-    out = tmp_path / "guest"
-    r = vm.run_guest(kimg, out, [sys.executable, "tests/vm/guest.py", str(out)],
-                     timeout=GUEST_TIMEOUT)
     res_file = out / "result.json"
     assert res_file.exists(), f"{release}: the guest wrote no result (vng exit " \
                               f"{r.returncode}); console tail:\n{r.stdout[-3000:]}"
@@ -82,7 +106,7 @@ def test_kernel_matrix(series, tmp_path):
         lines = [ln for ln in refused.splitlines() if ln.strip()]
         assert len(lines) == 1 and release in lines[0] and "Traceback" not in refused, refused
         _record(series, release, "refused: " + lines[0].split("error: ", 1)[-1],
-                time.monotonic() - t0)
+                guest_s + time.monotonic() - t0)
         return
     assert res["ok"], f"{release}: {res.get('error')}\n{res.get('traceback', '')}\n" \
                       f"tracer:\n{res.get('trace_stderr', '')}"
@@ -103,7 +127,8 @@ def test_kernel_matrix(series, tmp_path):
             f"{release}: restore at {name} differs: {first_difference(img, out / copy)}"
         img.unlink()
     _record(series, release, f"pass (marks {', '.join(k for k in res['copies'] if k != 'latest')}"
-            f", latest; {stats['drops']} records lost and resynced)", time.monotonic() - t0)
+            f", latest; {stats['drops']} records lost and resynced)",
+            guest_s + time.monotonic() - t0)
 
 
 # ------------------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def missing_feature() -> str | None:
     if not missing:
         return None
     oldest = max((since for _, _, since in missing), key=lambda v: tuple(map(int, v.split("."))))
-    lacks = " and ".join(f"{what} ({name}, {since})" for what, name, since in missing)
+    parts = [f"{what} ({name}, {since})" for what, name, since in missing]
+    lacks = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return (f"kernel {os.uname().release} lacks {lacks}, which the capture programs need: "
             f"the oldest kernel that has {'them' if len(missing) > 1 else 'it'} is {oldest}")
 

@@ -201,6 +201,19 @@ def vng() -> str:
     return found
 
 
+_RUNNING: set[int] = set()  # process groups of the guests running now (kill_all)
+
+
+def kill_all() -> None:
+    """Kill every guest this process started that still runs (test teardown, Ctrl-C)."""
+    for pgid in list(_RUNNING):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _RUNNING.discard(pgid)
+
+
 def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
               memory: str = "1G", cpus: int = 2, extra: list[str] = ()) -> subprocess.CompletedProcess:
     """Boot kimg, run guest_cmd (as root, cwd = this checkout), power off. OUT is shared
@@ -215,6 +228,7 @@ def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
     with open(console, "w") as f:
         p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=env, cwd=ROOT, start_new_session=True)
+        _RUNNING.add(p.pid)
         try:
             rc = p.wait(timeout)
         except BaseException:
@@ -226,6 +240,7 @@ def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
                 os.killpg(p.pid, signal.SIGKILL)  # anything of the group still there
             except ProcessLookupError:
                 pass
+            _RUNNING.discard(p.pid)
     return subprocess.CompletedProcess(cmd, rc, console.read_text(errors="replace"), "")
 
 
