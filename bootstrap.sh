@@ -109,8 +109,9 @@ step_packages() {
     local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux mount fdisk python3-venv
                 kmod iproute2 ca-certificates man-db groff-base bash-completion)
     # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
-    # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py).
-    [ "$mode" = test ] && want+=(prometheus debootstrap zstd)
+    # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py);
+    # qemu-system-x86, busybox-static: the kernel matrix (tests/test_kernels.py, virtme-ng).
+    [ "$mode" = test ] && want+=(prometheus debootstrap zstd qemu-system-x86 busybox-static)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
     local need_bpftool=0 need_python=0 clang_pkg

@@ -123,8 +123,6 @@ struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 256);
 /* captured bios in flight: bio pointer -> stamp (for completions) */
 struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 65536);
 	 __type(key, __u64); __type(value, __u64); } inflight_map SEC(".maps");
-struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
-	 __type(key, __u32); __type(value, __u8[PIECE]); } scratch_map SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
 	 __type(key, __u32); __type(value, struct br_point); } point_map SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
@@ -209,9 +207,18 @@ static __always_inline int surely_untraced(struct br_cfg *c, __u32 dev, __u32 di
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
 
+/* The walk's state lives in a per-CPU map value, not on the stack: the verifier
+ * tracks stack slots exactly, so every bound it needs (a piece's length) made the
+ * counters of the walk precise and each bpf_loop iteration a new state to explore
+ * (clang 14's code: over 1M instructions on 6.18; clang 16's: 545k). Loads from a
+ * map value are unknown scalars the programs bound themselves: ~1k instructions
+ * with any clang. Exclusive per CPU: a program does not nest on its CPU (the
+ * kernel skips such a run: recursion_misses) and the capture programs are
+ * alternatives, one of them attached. */
 struct br_walk {
-	struct br_cfg *c;
-	struct br_state *s;
+	__u64 page_offset_base;  /* from cfg: the direct map */
+	__u64 vmemmap_base;
+	__u64 page_struct_size;
 	__u64 iovec;      /* bio->bi_io_vec */
 	__u64 seg_va;     /* direct-map address of the current position */
 	__u64 seg_page;   /* struct page * of the current bvec */
@@ -221,14 +228,33 @@ struct br_walk {
 	__u32 seg_left;   /* bytes left in the current segment */
 	__u32 offset;     /* byte offset within the bio */
 	__u32 piece;      /* payload bytes per record */
+	__u32 want;       /* the current record: payload bytes it holds */
+	__u32 filled;     /* the current record: payload bytes copied */
+	__u32 err;        /* the current record: a read failed */
+	__u32 pad;
 	struct br_rec h;  /* header template */
+	__u8 tmp[PIECE];  /* a partial piece on its way into the ring buffer */
 };
 
-static __always_inline __u64 page_va(struct br_cfg *c, __u64 page)
-{
-	__u64 sz = c->page_struct_size ? c->page_struct_size : 64;
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_walk); } walk_map SEC(".maps");
 
-	return c->page_offset_base + (((page - c->vmemmap_base) / sz) << PAGE_SHIFT_X86);
+/* bpf_loop contexts (on the stack: the helper wants them there) */
+struct br_rec_ctx {
+	struct br_walk *w;
+	struct br_state *s;
+};
+
+struct br_piece_ctx {
+	struct br_walk *w;
+	struct bpf_dynptr *dp;
+};
+
+static __always_inline __u64 page_va(struct br_walk *w, __u64 page)
+{
+	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;
+
+	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86);
 }
 
 /* Make sure there is a current segment; 0 when the bio is exhausted. */
@@ -253,19 +279,11 @@ static __always_inline int load_seg(struct br_walk *w)
 	if (l > w->remaining)
 		l = w->remaining;
 	w->seg_left = l;
-	w->seg_va = page_va(w->c, page) + bvoff + w->done;
+	w->seg_va = page_va(w, page) + bvoff + w->done;
 	w->seg_page = page;
 	w->done = 0;
 	return 1;
 }
-
-struct br_piece_ctx {
-	struct br_walk *w;
-	struct bpf_dynptr *dp;
-	__u32 want;
-	__u32 filled;
-	__u32 err;
-};
 
 /* copy one <= 4 KiB piece of the current segment into the record */
 static long piece_cb(__u64 i, void *ctx)
@@ -273,7 +291,7 @@ static long piece_cb(__u64 i, void *ctx)
 	struct br_piece_ctx *pc = ctx;
 	struct br_walk *w = pc->w;
 
-	if (pc->filled >= pc->want)
+	if (w->filled >= w->want)
 		return 1;
 	if (!load_seg(w))
 		return 1;
@@ -282,36 +300,33 @@ static long piece_cb(__u64 i, void *ctx)
 	__u32 n = w->seg_left;
 	if (n > PIECE)
 		n = PIECE;
-	if (n > pc->want - pc->filled)
-		n = pc->want - pc->filled;
-	__u32 at = sizeof(struct br_rec) + pc->filled;
+	if (n > w->want - w->filled)
+		n = w->want - w->filled;
+	__u32 at = sizeof(struct br_rec) + w->filled;
 
 	if (n == PIECE) {
 		/* whole window: read straight into the ring buffer */
 		__u8 *win = bpf_dynptr_data(pc->dp, at, PIECE);
 		if (!win) {
-			pc->err = 1;
+			w->err = 1;
 			return 1;
 		}
 		if (bpf_probe_read_kernel(win, PIECE, (void *)w->seg_va))
-			pc->err = 1;
+			w->err = 1;
 	} else {
-		/* a partial piece goes through a per-CPU scratch page */
-		__u32 k = 0;
-		__u8 *tmp = bpf_map_lookup_elem(&scratch_map, &k);
-		if (!tmp) {
-			pc->err = 1;
-			return 1;
-		}
+		/* a partial piece goes through the walk's scratch page. The mask is
+		 * redundant to clang, which would drop it, not to the verifier: before
+		 * 6.2 it learns no bound from the register compare above */
+		barrier_var(n);
 		n &= (PIECE - 1);
 		if (n == 0)
 			return 1;
-		if (bpf_probe_read_kernel(tmp, n, (void *)w->seg_va))
-			pc->err = 1;
-		if (bpf_dynptr_write(pc->dp, at, tmp, n, 0))
-			pc->err = 1;
+		if (bpf_probe_read_kernel(w->tmp, n, (void *)w->seg_va))
+			w->err = 1;
+		if (bpf_dynptr_write(pc->dp, at, w->tmp, n, 0))
+			w->err = 1;
 	}
-	pc->filled += n;
+	w->filled += n;
 	w->seg_left -= n;
 	w->seg_va += n;
 	w->remaining -= n;
@@ -322,7 +337,8 @@ static long piece_cb(__u64 i, void *ctx)
 /* one record: header + up to w->piece bytes of payload */
 static long record_cb(__u64 i, void *ctx)
 {
-	struct br_walk *w = ctx;
+	struct br_rec_ctx *rc = ctx;
+	struct br_walk *w = rc->w;
 	struct bpf_dynptr dp;
 	__u32 want = w->remaining;
 
@@ -334,36 +350,40 @@ static long record_cb(__u64 i, void *ctx)
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		/* give up on the rest of the bio: the consumer sees the seq gap
 		 * and a bio whose pieces do not add up */
-		count_drop(w->s, w->remaining);
+		count_drop(rc->s, w->remaining);
 		w->remaining = 0;
 		return 1;
 	}
 	struct br_rec *r = bpf_dynptr_data(&dp, 0, sizeof(struct br_rec));
 	if (!r) {
 		bpf_ringbuf_discard_dynptr(&dp, 0);
-		count_drop(w->s, w->remaining);
+		count_drop(rc->s, w->remaining);
 		w->remaining = 0;
 		return 1;
 	}
 	load_seg(w);
 	__builtin_memcpy(r, &w->h, sizeof(*r));
-	r->seq = next_seq(w->s);
+	r->seq = next_seq(rc->s);
 	r->offset = w->offset;
 	r->aux = w->seg_page;
 	if (w->offset == 0)
 		r->flags |= BR_F_FIRST;
 
-	struct br_piece_ctx pc = { .w = w, .dp = &dp, .want = want };
+	w->want = want;
+	w->filled = 0;
+	w->err = 0;
+	struct br_piece_ctx pc = { .w = w, .dp = &dp };
 	/* pieces can be tiny: an O_DIRECT buffer may split a sector across pages */
 	bpf_loop(4096, piece_cb, &pc, 0);
-	r->len = pc.filled;
-	if (pc.err || pc.filled != want) {
+	__u32 filled = w->filled;
+	r->len = filled;
+	if (w->err || filled != want) {
 		r->flags |= BR_F_READERR;
-		__sync_fetch_and_add(&w->s->read_errs, 1);
+		__sync_fetch_and_add(&rc->s->read_errs, 1);
 	} else {
-		__sync_fetch_and_add(&w->s->bytes, pc.filled);
+		__sync_fetch_and_add(&rc->s->bytes, filled);
 	}
-	if (pc.filled < want) {
+	if (filled < want) {
 		/* the bvecs ran out before bi_size: never expose a short record as whole */
 		w->remaining = 0;
 		r->flags |= BR_F_TRUNC;
@@ -442,6 +462,26 @@ static __always_inline void grace_exit(struct br_grace *g)
 		__sync_fetch_and_add(&g->quiet, 1);
 }
 
+/* Bytes of bvec[bi_idx] the bio's iterator has consumed: bi_iter.bi_bvec_done up to 6.x,
+ * bi_iter.bi_offset from 7.x (Debian's 7.3) -- the same field renamed. CO-RE picks the one
+ * the running kernel has (the other branch is dead code to the verifier). */
+struct bvec_iter___v7 {
+	unsigned int bi_offset;
+} __attribute__((preserve_access_index));
+
+struct bio___v7 {
+	struct bvec_iter___v7 bi_iter;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 bvec_done(struct bio *bio)
+{
+	struct bio___v7 *b7 = (void *)bio;
+
+	if (bpf_core_field_exists(bio->bi_iter.bi_bvec_done))
+		return BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	return BPF_CORE_READ(b7, bi_iter.bi_offset);
+}
+
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
 				     struct br_walk *w, __u32 size)
@@ -468,14 +508,20 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		return;
 	}
 
+	w->page_offset_base = c->page_offset_base;
+	w->vmemmap_base = c->vmemmap_base;
+	w->page_struct_size = c->page_struct_size;
 	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
 	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	w->done = bvec_done(bio);
 	w->remaining = size;
+	w->seg_left = 0;
+	w->offset = 0;
 	w->piece = c->piece;
 	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)
 		w->piece = BR_MAX_PIECE;
-	bpf_loop(size / PIECE + 2, record_cb, w, 0);
+	struct br_rec_ctx rc = { .w = w, .s = s };
+	bpf_loop(size / PIECE + 2, record_cb, &rc, 0);
 	if (w->remaining)
 		__sync_fetch_and_add(&s->truncs, 1);
 }
@@ -527,29 +573,30 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 			return 0;
 	}
 
+	struct br_walk *w = bpf_map_lookup_elem(&walk_map, &k);
+	if (!w)
+		return 0;
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
-	struct br_walk w = {};
-	w.c = c;
-	w.s = s;
 	struct br_grace *g = grace_enter();  /* before the stamp: see grace_map */
-	w.h.stamp = __sync_fetch_and_add(&s->stamp, 1);
+	__builtin_memset(&w->h, 0, sizeof(w->h));
+	w->h.stamp = __sync_fetch_and_add(&s->stamp, 1);
 	/* the dirty map first: before any reservation can fail */
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
-		mark_dirty(s, d, w.h.stamp, sector, size);
-	w.h.ktime_ns = bpf_ktime_get_ns();
-	w.h.sector = sector;
-	w.h.part_start = part_start;
-	w.h.cgroup_id = bpf_get_current_cgroup_id();
-	w.h.dev = dev;
-	w.h.opf = opf;
-	w.h.bio_size = size;
-	w.h.tgid = pt >> 32;
-	w.h.tid = (__u32)pt;
-	w.h.rtype = rtype;
-	w.h.op = op;
-	w.h.flags = flags | norm_flags(opf);
-	bpf_get_current_comm(&w.h.comm, sizeof(w.h.comm));
-	emit_bio(bio, c, s, &w, size);
+		mark_dirty(s, d, w->h.stamp, sector, size);
+	w->h.ktime_ns = bpf_ktime_get_ns();
+	w->h.sector = sector;
+	w->h.part_start = part_start;
+	w->h.cgroup_id = bpf_get_current_cgroup_id();
+	w->h.dev = dev;
+	w->h.opf = opf;
+	w->h.bio_size = size;
+	w->h.tgid = pt >> 32;
+	w->h.tid = (__u32)pt;
+	w->h.rtype = rtype;
+	w->h.op = op;
+	w->h.flags = flags | norm_flags(opf);
+	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	emit_bio(bio, c, s, w, size);
 	grace_exit(g);
 	return 0;
 }
@@ -682,8 +729,14 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
 	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
 	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
+	__u32 len = n * 8;
+	/* clang knows len <= sizeof(stamps) and would drop this; before 6.2 the verifier
+	 * does not (the register compare above): 'R4 unbounded memory access' on 6.1 */
+	barrier_var(len);
+	if (len > sizeof(cc.stamps))
+		len = sizeof(cc.stamps);
 	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + n * 8, 0, &dp)) {
+	if (bpf_ringbuf_reserve_dynptr(&rb, sizeof(struct br_rec) + len, 0, &dp)) {
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		count_drop(s, 0);
 		return 0;
@@ -707,8 +760,8 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	h->error = (__u16)error;
 	h->rtype = BR_R_COMPLETE;
 	h->flags = norm_flags(opf) | cc.flags;
-	h->len = n * 8;
-	if (n && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, n * 8, 0))
+	h->len = len;
+	if (len && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, len, 0))
 		h->len = 0;  /* never: the reservation has room for n stamps */
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);

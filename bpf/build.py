@@ -7,7 +7,10 @@ definition of the record layout), then clang compiles blkrewind.bpf.c.
 Rebuilds only when an input changed (a hash of the sources, the generated
 header and the kernel BTF is kept next to the object).
 
-usage: python bpf/build.py [--force] [--out DIR]
+usage: python bpf/build.py [--force] [--out DIR] [--clang CLANG]
+
+The newest clang found is used unless --clang (or BLKREWIND_CLANG) names one; the
+programs verify when built by clang 14 to 19.
 """
 from __future__ import annotations
 
@@ -44,7 +47,12 @@ def find_tool(*names: str) -> str:
                      f"(./bootstrap.sh does)")
 
 
-def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> Path:
+def _shown(p: Path) -> str:
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
+def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
+          clang: str | None = None) -> Path:
     if not VMLINUX_BTF.exists():
         raise BuildError(f"{VMLINUX_BTF} is missing: the kernel needs CONFIG_DEBUG_INFO_BTF")
     out.mkdir(parents=True, exist_ok=True)
@@ -55,9 +63,11 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> 
         h.update(src.read_bytes())
     h.update(header.encode())
     h.update(VMLINUX_BTF.read_bytes())
-    # The newest clang first: clang 14 (Debian 12's and Ubuntu 22.04's default) compiles
-    # capture_btf into a program the verifier gives up on (over 1M instructions processed).
-    clang = find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
+    # The newest clang first (any from 14 on builds programs that verify: tests/test_kernels.py);
+    # --clang or BLKREWIND_CLANG picks one.
+    clang = clang or os.environ.get("BLKREWIND_CLANG") or None
+    clang = find_tool(clang) if clang else find_tool(*(f"clang-{v}" for v in range(21, 13, -1)),
+                                                     "clang")
     # Another compiler (path, or `--version` first line) is another input: rebuild.
     ver = subprocess.run([clang, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
     h.update(f"{clang}\n{ver}".encode())
@@ -65,7 +75,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> 
     stamp = out / "inputs.sha256"
     if not force and obj.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         if not quiet:
-            print(f"bpf: {obj.relative_to(ROOT)} is up to date")
+            print(f"bpf: {_shown(obj)} is up to date")
         return obj
 
     bpftool = find_tool("bpftool", "/usr/sbin/bpftool")
@@ -83,7 +93,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False) -> 
     os.replace(tmp, obj)
     stamp.write_text(digest + "\n")
     if not quiet:
-        print(f"bpf: built {obj.relative_to(ROOT)}")
+        print(f"bpf: built {_shown(obj)}")
     return obj
 
 
@@ -91,9 +101,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--clang", help="the compiler (default: the newest clang-N found)")
     a = ap.parse_args()
     try:
-        build(a.out, a.force)
+        build(a.out, a.force, clang=a.clang)
     except (BuildError, subprocess.CalledProcessError) as e:
         print(f"bpf build: error: {e}", file=sys.stderr)
         return 1

@@ -150,6 +150,31 @@ ATTACH = {  # what: [(program, where), ...] in order of preference
     "bio_complete": [("biodone_btf", "tp_btf/block_bio_complete")],
 }
 K0 = ctypes.c_uint32(0)
+# The program variants loaded: the tp_btf ones first (plain BTF loads, cheaper); when the
+# kernel refuses one of them, the raw_tp ones (bpf_program__set_autoload picks at load).
+VARIANTS = [("capture_btf", "rqdone_btf", "biodone_btf"), ("capture_raw", "rqdone_raw")]
+# BPF helpers the programs cannot do without: (helper id, name, what it is, first kernel)
+REQUIRED_HELPERS = [
+    (181, "bpf_loop", "the BPF loop helper", "5.17"),
+    (198, "bpf_ringbuf_reserve_dynptr", "BPF ring buffer dynptrs", "5.19"),
+]
+
+
+def missing_feature() -> str | None:
+    """One line naming the kernel, what it lacks and the oldest kernel that has it all, or
+    None when nothing is missing."""
+    missing = [] if L.has_atomic_fetch() else [
+        # every stamp comes from one counter: without a fetch-and-add there is no order
+        ("BPF atomic fetch-and-add", "BPF_ATOMIC | BPF_FETCH", "5.12")]
+    missing += [(what, name, since) for hid, name, what, since in REQUIRED_HELPERS
+                if not L.has_helper(hid)]
+    if not missing:
+        return None
+    oldest = max((since for _, _, since in missing), key=lambda v: tuple(map(int, v.split("."))))
+    parts = [f"{what} ({name}, {since})" for what, name, since in missing]
+    lacks = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return (f"kernel {os.uname().release} lacks {lacks}, which the capture programs need: "
+            f"the oldest kernel that has {'them' if len(missing) > 1 else 'it'} is {oldest}")
 
 
 def check_layouts(path: str) -> None:
@@ -178,14 +203,19 @@ class Capture:
             check_layouts(path)
         except btfcheck.LayoutMismatch as e:
             raise UserError(str(e)) from None
-        programs = {p for opts in ATTACH.values() for p, _ in opts} | {"point", "reader"}
-        try:
-            self.obj = L.BpfObject(path, autoload=programs,
-                                   max_entries={"rb": ring_bytes,
-                                                "dirty_map": max(1, dirty_regions)})
-        except L.BpfError as e:
-            raise UserError(f"cannot load the BPF programs: {e.strerror or e} "
-                            f"({_load_hint(e)})") from None
+        missing = missing_feature()
+        if missing:
+            raise UserError(missing)
+        sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
+        for i, variant in enumerate(VARIANTS):
+            try:
+                self.obj = L.BpfObject(path, autoload={*variant, *PROGS}, max_entries=sizes)
+                self.loaded = set(variant) | set(PROGS)
+                break
+            except L.BpfError as e:
+                rejected = e.verifier[0] if e.verifier else None
+                if i + 1 == len(VARIANTS) or (rejected is not None and rejected not in variant):
+                    raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
@@ -205,6 +235,7 @@ class Capture:
         programs, still attached through their pinned links. Nothing is loaded."""
         self = cls.__new__(cls)
         self.obj = None
+        self.loaded = set()
         self.path = pin_dir
         self.ring_bytes = ring_bytes
         self.dirty_regions = max(1, dirty_regions)
@@ -261,6 +292,8 @@ class Capture:
         for what in list(required) + list(optional):
             errors = []
             for prog, where in ATTACH[what]:
+                if prog not in self.loaded:
+                    continue
                 try:
                     self.obj.attach(prog)
                     self.attached[what] = where
@@ -481,9 +514,18 @@ def time_ns_monotonic() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
 
-def _load_hint(e: OSError) -> str:
-    if e.errno == 1:  # EPERM
-        return "needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
-    if e.errno == 22:
-        return "the verifier or the kernel refused it; needs a >= 6.1 kernel with BTF"
-    return "see the kernel log"
+def load_error(e: L.BpfError) -> str:
+    """One short block: what failed on which kernel and, for a program the verifier
+    rejected, the last lines of its verifier log."""
+    release = os.uname().release
+    if e.verifier:
+        prog, tail = e.verifier
+        log = "\n".join("    " + ln for ln in tail.splitlines()) or "    (the verifier wrote no log)"
+        return (f"cannot load the BPF programs on kernel {release}: the verifier rejected "
+                f"{prog} ({e.strerror or e}); the end of its log:\n{log}")
+    if e.errno == 1 and os.geteuid() != 0:  # EPERM
+        hint = "needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"
+    else:
+        msgs = [ln for ln in L.libbpf_messages().splitlines() if ln.strip()]
+        hint = "libbpf: " + " | ".join(msgs[-3:]) if msgs else "libbpf said nothing more"
+    return f"cannot load the BPF programs on kernel {release}: {e.strerror or e} ({hint})"

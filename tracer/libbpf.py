@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import struct
 import sys
 
 c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32,
@@ -17,7 +19,7 @@ c_vp, c_int, c_u32, c_u64, c_char_p, c_size_t = (ctypes.c_void_p, ctypes.c_int, 
 
 
 class BpfError(OSError):
-    pass
+    verifier: tuple[str, str] | None = None  # a rejected program: (name, its verifier log tail)
 
 
 def _load():
@@ -76,7 +78,43 @@ _SIGNATURES = [
     ("bpf_obj_get", c_int, [c_char_p]),
     ("bpf_obj_get_info_by_fd", c_int, [c_int, c_vp, ctypes.POINTER(c_u32)]),
     ("bpf_prog_get_fd_by_id", c_int, [c_u32]),
+    ("libbpf_probe_bpf_helper", c_int, [c_int, c_int, c_vp]),
+    ("bpf_prog_load", c_int, [c_int, c_char_p, c_char_p, c_vp, c_size_t, c_vp]),
 ]
+
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+
+
+def _insn(code: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def has_atomic_fetch() -> bool:
+    """Whether the kernel's BPF has atomic fetch-and-add (BPF_ATOMIC | BPF_FETCH, 5.12): a
+    tiny program doing one on its stack loads or not. Unsure answers (not root) count as
+    yes, as in has_helper."""
+    prog = b"".join([
+        _insn(0xb7, dst=1),                               # r1 = 0
+        _insn(0x7b, dst=10, src=1, off=-8),               # *(u64 *)(r10 - 8) = r1
+        _insn(0xb7, dst=2, imm=1),                        # r2 = 1
+        _insn(0xdb, dst=10, src=2, off=-8, imm=0x01),     # r2 = atomic64_fetch_add(r10 - 8, r2)
+        _insn(0xb7, dst=0),                               # r0 = 0
+        _insn(0x95),                                      # exit
+    ])
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fd = lib().bpf_prog_load(BPF_PROG_TYPE_RAW_TRACEPOINT, b"br_probe", b"GPL",
+                             ctypes.cast(buf, c_vp), len(prog) // 8, None)
+    if fd >= 0:
+        os.close(fd)
+        return True
+    return fd != -22  # EINVAL: the verifier does not know the instruction; else unsure (EPERM...)
+
+
+def has_helper(helper_id: int, prog_type: int = BPF_PROG_TYPE_RAW_TRACEPOINT) -> bool:
+    """Whether the running kernel offers a BPF helper to a program type (libbpf's probe:
+    it loads a tiny program calling it). Unsure answers (a probe error) count as yes: the
+    load then says what is wrong."""
+    return lib().libbpf_probe_bpf_helper(prog_type, helper_id, None) != 0
 
 
 def _err(what: str, code: int | None = None) -> BpfError:
@@ -88,20 +126,38 @@ def _err(what: str, code: int | None = None) -> BpfError:
 # we collect them instead and show them only when something fails.
 _PRINT_FN = ctypes.CFUNCTYPE(c_int, c_int, c_char_p, c_vp)
 _libbpf_msgs: list[str] = []
+_verifier_logs: dict[str, str] = {}  # program -> the tail of its last load log
+VERIFIER_TAIL_LINES = 14
 
 
-def _vsnprintf(fmt: bytes, va) -> str:
+def _vformat(fmt: bytes, va) -> str:
+    """vasprintf: the whole message however long (a verifier log can be megabytes)."""
     libc = ctypes.CDLL(None)
-    buf = ctypes.create_string_buffer(4096)
-    libc.vsnprintf.argtypes = [c_char_p, c_size_t, c_char_p, c_vp]
-    libc.vsnprintf(buf, len(buf), fmt, va)
-    return buf.value.decode("utf-8", "replace")
+    libc.vasprintf.argtypes = [ctypes.POINTER(c_vp), c_char_p, c_vp]
+    libc.free.argtypes = [c_vp]
+    out = c_vp()
+    if libc.vasprintf(ctypes.byref(out), fmt, va) < 0 or not out.value:
+        return ""
+    try:
+        return ctypes.string_at(out.value).decode("utf-8", "replace")
+    finally:
+        libc.free(out)
+
+
+_LOAD_LOG = re.compile(r"prog '([^']+)': -- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --",
+                       re.S)
 
 
 @_PRINT_FN
 def _print_cb(level, fmt, va):
     try:
-        _libbpf_msgs.append(_vsnprintf(fmt, va))
+        msg = _vformat(fmt, va)
+        m = _LOAD_LOG.search(msg)
+        if m:
+            lines = [ln for ln in m.group(2).splitlines() if ln.strip()]
+            _verifier_logs[m.group(1)] = "\n".join(lines[-VERIFIER_TAIL_LINES:])
+            msg = msg[:m.start(2)] + "[...]\n" + _verifier_logs[m.group(1)] + "\n" + msg[m.end(2):]
+        _libbpf_msgs.append(msg)
         del _libbpf_msgs[:-200]
     except Exception:
         pass
@@ -112,6 +168,18 @@ def libbpf_messages() -> str:
     return "".join(_libbpf_msgs)
 
 
+_FAILED_PROG = re.compile(r"prog '([^']+)': (?:BPF program load failed|failed to load)")
+
+
+def verifier_failure() -> tuple[str, str] | None:
+    """(program, the tail of its verifier log) of the last rejected program, or None."""
+    for msg in reversed(_libbpf_msgs):
+        m = _FAILED_PROG.search(msg)
+        if m:
+            return m.group(1), _verifier_logs.get(m.group(1), "")
+    return None
+
+
 class BpfObject:
     """An opened and loaded BPF ELF object with the links attached from it."""
 
@@ -120,6 +188,7 @@ class BpfObject:
         L = lib()
         L.libbpf_set_print(ctypes.cast(_print_cb, c_vp))
         _libbpf_msgs.clear()
+        _verifier_logs.clear()
         self.path = path
         self.links: list[int] = []
         self.obj = L.bpf_object__open_file(path.encode(), None)
@@ -137,7 +206,9 @@ class BpfObject:
                     raise _err(f"set size of map {name}")
             r = L.bpf_object__load(self.obj)
             if r != 0:
-                raise _err(f"load {os.path.basename(path)}", r)
+                e = _err(f"load {os.path.basename(path)}", r)
+                e.verifier = verifier_failure()  # (program, log tail) or None
+                raise e
         except BaseException:
             L.bpf_object__close(self.obj)
             self.obj = None
