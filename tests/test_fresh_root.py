@@ -38,13 +38,13 @@ from pathlib import Path
 
 import pytest
 
+import debmirror
 from conftest import ROOT, _is_under, _unavailable, attached_loops, detach_loop, mounts, umount
 
 pytestmark = [pytest.mark.slow]
 
 SUITES = ("bookworm", "trixie")
 CACHE = Path(os.environ.get("BLKREWIND_TEST_CACHE", "/var/cache/blkrewind-test"))
-MIRROR = os.environ.get("BLKREWIND_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CA_IN_ROOT = "/etc/blkrewind-test/host-ca.pem"  # a path ca-certificates does not manage
 SRC_IN_ROOT = "/src/blkrewind"
 ROOT_TMPFS = "6g"  # limit of the root's tmpfs (a bookworm root after the demo: about 2 GB)
@@ -134,7 +134,8 @@ def root_tarball(suite: str) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     t0 = time.monotonic()
     try:
-        p = subprocess.run(["debootstrap", "--variant=minbase", suite, str(work), MIRROR],
+        p = subprocess.run(["debootstrap", "--variant=minbase", suite, str(work),
+                            debmirror.mirror()],
                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1200)
         if p.returncode != 0:
             log = work / "debootstrap" / "debootstrap.log"

@@ -35,8 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("BLKREWIND_VM_CACHE", "/var/cache/blkrewind-test"))
 KERNELS = CACHE / "kernels"
 APT = CACHE / "apt"
-MIRROR = "http://deb.debian.org/debian"
-SECURITY = "http://deb.debian.org/debian-security"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITES = ["bullseye", "bookworm", "bookworm-backports", "trixie", "trixie-backports", "sid",
           "experimental"]
@@ -69,8 +67,11 @@ def _apt_opts() -> list[str]:
 def apt_update() -> None:
     for d in ("state/lists/partial", "cache/archives/partial"):
         (APT / d).mkdir(parents=True, exist_ok=True)
-    lines = [f"deb [signed-by={KEYRING}] {MIRROR} {s} main" for s in SUITES]
-    lines += [f"deb [signed-by={KEYRING}] {SECURITY} {s} main" for s in SECURITY_SUITES]
+    sys.path.insert(0, str(ROOT / "tests"))
+    import debmirror  # the archive this machine's apt uses (or BLKREWIND_DEBIAN_MIRROR)
+    lines = [f"deb [signed-by={KEYRING}] {debmirror.mirror()} {s} main" for s in SUITES]
+    lines += [f"deb [signed-by={KEYRING}] {debmirror.security()} {s} main"
+              for s in SECURITY_SUITES]
     (APT / "sources.list").write_text("\n".join(lines) + "\n")
     _sh("apt-get", *_apt_opts(), "-q", "update", timeout=600)
 
