@@ -44,6 +44,7 @@ COMMANDS = {
     "verify": "Compare a replica with the live device, or check the store's payload files.",
     "prune": "Fold history older than a duration into the base (frees space).",
     "tls": "Make a CA and per-host certificates for shipping (tls init DIR --hosts ...).",
+    "suspects": "List ransomware-like episodes (compressible data overwritten with random data).",
 }
 
 

@@ -12,7 +12,7 @@ its random part (a block half text, half ciphertext has nearly 8 bits per byte),
 fraction of random segments says "half". Why a histogram and not lz4: one numpy pass for all rows
 of a batch (a Python call per row costs more than the whole histogram). What it cannot tell
 apart: ciphertext from compressed data (gzip, zstd, jpeg, zip) -- all look random; the
-detector (analytics/detector.py) therefore looks at what a write *replaces*. Text encodings of
+detector (replayer/detector.py) therefore looks at what a write *replaces*. Text encodings of
 ciphertext (base64: 64 symbols) do not count as random; a 128-byte segment of a png is random
 in 95 % of cases, of machine code in a few %: the fraction over a write says it.
 

@@ -1,0 +1,352 @@
+"""Ransomware caught while it runs: episodes where a process group overwrites data that was
+compressible with data that is not.
+
+Each payload piece has its randomness (replayer/entropy.py, `records.randomness`: the fraction
+of sampled segments that look random). Random-looking data alone means nothing (media,
+archives, an encrypted volume, fio's buffers); what ransomware does and little else does is
+*replace* data that was compressible (text, databases, documents) by ciphertext, over many
+places, at a rate. So the detector keeps, per device and session, the state of every block of
+BLOCK bytes as the history left it (`BlockMap`: unknown, zeroes, or the randomness of the last
+write or baseline chunk that covered it) and looks at what each write replaces:
+
+- a write is *random* when its randomness >= RANDOM_WRITE;
+- a random write *encrypts* the blocks whose previous state was compressible data (randomness
+  <= COMPRESSIBLE, not zeroes: new files in free space replace zeroes; not unknown);
+- per group (the submitter's cgroup; buffered writes are submitted by the flusher, which is
+  in the root cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
+  encrypted by at least MIN_WRITES writes. The episode begins at the group's first random
+  write over existing data (any randomness before: a jpeg encrypted first replaces random
+  data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
+  while encrypting writes follow each other within WINDOW_NS.
+
+What it cannot see: ciphertext written into free space (encryption into new files, then
+deletion of the originals: the deletion frees blocks and writes only metadata) is alarmed only
+when the new files reuse blocks that held compressible data -- ext4 and xfs reuse freed blocks
+soon on a full-ish file system, not on a mostly empty one (README gives the measured cases);
+data encrypted by a process that writes through the page cache without fsync reaches the device
+at writeback (up to dirty_expire_centisecs, 30 s by default), so the alert follows the
+writeback, not the encryption; and the group of buffered writes is the flusher's.
+
+`Detector` is incremental (serve feeds it the writes stored since its last pass); `scan()`
+runs it over a whole session.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blkrewind import record
+
+BLOCK = 4096
+MAX_BLOCKS = 1 << 26          # larger devices get larger blocks (64 MiB of state at most)
+UNKNOWN, ZERO = 255, 254      # block states besides 0..100 (randomness in percent)
+RANDOM_WRITE = 0.75
+COMPRESSIBLE = 0.5
+WINDOW_NS = 10 * 10**9
+MIN_BYTES = 128 << 10
+MIN_WRITES = 4
+CHUNK_ROWS = 200_000
+
+
+@dataclass
+class Episode:
+    session: str
+    dev: int
+    group: int                      # cgroup id
+    first_stamp: int                # first write of the episode
+    first_ns: int
+    detect_stamp: int               # the write that made it an episode
+    detect_ns: int
+    last_stamp: int
+    last_ns: int
+    bytes: int = 0                  # bytes of compressible data replaced by random data
+    writes: int = 0                 # writes that did so
+    procs: Counter = field(default_factory=Counter)   # "comm[pid]" -> bytes
+    ranges: list = field(default_factory=list)        # [start, end) byte ranges, merged
+
+    def add_range(self, a: int, e: int) -> None:
+        r = self.ranges
+        if r and a <= r[-1][1] and e >= r[-1][0]:
+            r[-1][0] = min(r[-1][0], a)
+            r[-1][1] = max(r[-1][1], e)
+        else:
+            r.append([a, e])
+
+    def merged_ranges(self) -> list[list[int]]:
+        out: list[list[int]] = []
+        for a, e in sorted(self.ranges):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([a, e])
+        return out
+
+    def row(self) -> dict:
+        return {"session": self.session, "dev": self.dev, "group": self.group,
+                "first_stamp": self.first_stamp, "first_ns": self.first_ns,
+                "detect_stamp": self.detect_stamp, "detect_ns": self.detect_ns,
+                "last_stamp": self.last_stamp, "last_ns": self.last_ns, "bytes": self.bytes,
+                "writes": self.writes, "procs": dict(self.procs.most_common(10)),
+                "ranges": self.merged_ranges()}
+
+
+class BlockMap:
+    """The state of every block of a device (UNKNOWN, ZERO, or randomness 0..100)."""
+
+    def __init__(self, size_bytes: int):
+        bs = BLOCK
+        while -(-size_bytes // bs) > MAX_BLOCKS:
+            bs *= 2
+        self.block = bs
+        self.state = np.full(max(1, -(-size_bytes // bs)), UNKNOWN, np.uint8)
+
+    def blocks(self, start: np.ndarray, length: np.ndarray):
+        """(block index, row) of every block the byte ranges touch."""
+        b0 = start // self.block
+        b1 = np.minimum((start + np.maximum(length, 1) - 1) // self.block, len(self.state) - 1)
+        nb = np.maximum(b1 - b0 + 1, 0)
+        rows = np.repeat(np.arange(len(start)), nb)
+        first = np.cumsum(nb) - nb
+        blk = np.repeat(b0, nb) + (np.arange(int(nb.sum())) - np.repeat(first, nb))
+        return blk, rows
+
+    def apply(self, start: np.ndarray, length: np.ndarray, value: np.ndarray) -> tuple:
+        """Write `value` (per row, uint8 state) over the rows' blocks, in row order; returns
+        (blk, rows, prev): each touched block, its row and its state before that row."""
+        blk, rows = self.blocks(start, length)
+        if len(blk) == 0:
+            return blk, rows, np.empty(0, np.uint8)
+        val = value[rows]
+        o = np.lexsort((rows, blk))
+        bs, vs = blk[o], val[o]
+        prev_sorted = self.state[bs]
+        same = np.zeros(len(bs), bool)
+        same[1:] = bs[1:] == bs[:-1]
+        idx = np.nonzero(same)[0]
+        prev_sorted[idx] = vs[idx - 1]
+        last = np.ones(len(bs), bool)
+        last[:-1] = bs[1:] != bs[:-1]
+        self.state[bs[last]] = vs[last]
+        prev = np.empty_like(prev_sorted)
+        prev[o] = prev_sorted
+        return blk, rows, prev
+
+
+def state_of(randomness: np.ndarray) -> np.ndarray:
+    """Block state of written data with this randomness (NaN: unknown)."""
+    r = np.asarray(randomness, np.float64)
+    out = np.full(len(r), UNKNOWN, np.uint8)
+    ok = ~np.isnan(r)
+    out[ok] = np.clip(np.rint(r[ok] * 100), 0, 100).astype(np.uint8)
+    return out
+
+
+class Detector:
+    """Episodes of one (session, device). feed_base() the baseline first, then feed() the
+    writes in stamp order (any chunking). `episodes` holds every episode (open ones too);
+    `on_episode(ep)` is called once when one starts."""
+
+    def __init__(self, session: str, dev: int, size_bytes: int, *, on_episode=None,
+                 window_ns: int = WINDOW_NS, min_bytes: int = MIN_BYTES,
+                 min_writes: int = MIN_WRITES):
+        self.session, self.dev = session, dev
+        self.map = BlockMap(size_bytes)
+        self.window_ns, self.min_bytes, self.min_writes = window_ns, min_bytes, min_writes
+        self.on_episode = on_episode
+        self.episodes: list[Episode] = []
+        self.open: dict[int, Episode] = {}
+        # per group: recent (time_ns, stamp, encrypted bytes) and random overwrites
+        self.recent: dict[int, deque] = {}
+        self.touch: dict[int, deque] = {}
+        self.last_stamp = 0
+
+    def feed_base(self, sector, nbytes, flags, randomness) -> None:
+        """Baseline (or resync) chunks, in the order they apply (larger aux last)."""
+        sector = np.asarray(sector, np.int64)
+        st = state_of(randomness)
+        st[(np.asarray(flags, np.int64) & record.F_ZERO) != 0] = ZERO
+        self.map.apply(sector * 512, np.asarray(nbytes, np.int64), st)
+
+    def feed(self, c: dict) -> None:
+        """Write pieces in stamp order: numpy columns stamp, time_ns, sector, offset, len,
+        bio_size, op, randomness, cgroup_id, tgid, comm (object array)."""
+        n = len(c["stamp"])
+        if n == 0:
+            return
+        op = np.asarray(c["op"], np.int64)
+        ln = np.asarray(c["len"], np.int64)
+        zeroing = np.isin(op, list(record.ZEROING_OPS))
+        data = (op == record.OP_WRITE) & (ln > 0)
+        keep = np.nonzero(data | zeroing)[0]
+        if len(keep) == 0:
+            self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+            return
+        sector = np.asarray(c["sector"], np.int64)[keep]
+        start = sector * 512 + np.where(zeroing[keep], 0, np.asarray(c["offset"], np.int64)[keep])
+        length = np.where(zeroing[keep], np.asarray(c["bio_size"], np.int64)[keep], ln[keep])
+        rnd = np.asarray(c["randomness"], np.float64)[keep]
+        val = state_of(rnd)
+        val[zeroing[keep]] = ZERO
+        blk, rows, prev = self.map.apply(start, length, val)
+        rnd_row = np.nan_to_num(rnd, nan=0.0) >= RANDOM_WRITE
+        rnd_row &= ~zeroing[keep]
+        if rnd_row.any():
+            r_blk = rnd_row[rows]
+            comp = r_blk & (prev <= int(COMPRESSIBLE * 100))
+            over = r_blk & (prev <= 100)              # existing data of any kind
+            nb = len(keep)
+            enc_blocks = np.bincount(rows[comp], minlength=nb)
+            over_blocks = np.bincount(rows[over], minlength=nb)
+            cand = np.nonzero(over_blocks > 0)[0]
+            self._episodes(c, keep, cand, enc_blocks, start, length)
+        self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+
+    def _episodes(self, c, keep, cand, enc_blocks, start, length) -> None:
+        stamp, tns, cg = c["stamp"], c["time_ns"], c["cgroup_id"]
+        tgid, comm = c["tgid"], c["comm"]
+        bs = self.map.block
+        for k in cand.tolist():
+            i = int(keep[k])
+            g, s, t = int(cg[i]), int(stamp[i]), int(tns[i])
+            enc = min(int(enc_blocks[k]) * bs, int(length[k]))
+            who = f"{comm[i]}[{int(tgid[i])}]"
+            touch = self.touch.setdefault(g, deque())
+            touch.append((t, s, who))
+            while touch and touch[0][0] < t - self.window_ns:
+                touch.popleft()
+            ep = self.open.get(g)
+            if ep is not None and t - ep.last_ns > self.window_ns:
+                del self.open[g]
+                ep = None
+            if enc == 0:
+                continue
+            if ep is not None:
+                ep.last_stamp, ep.last_ns = s, t
+                ep.bytes += enc
+                ep.writes += 1
+                ep.procs[who] += enc
+                ep.add_range(int(start[k]), int(start[k] + length[k]))
+                continue
+            rec = self.recent.setdefault(g, deque())
+            rec.append((t, s, enc, who, int(start[k]), int(start[k] + length[k])))
+            while rec and rec[0][0] < t - self.window_ns:
+                rec.popleft()
+            total = sum(x[2] for x in rec)
+            nwrites = len({x[1] for x in rec})
+            if total >= self.min_bytes and nwrites >= self.min_writes:
+                whos = {x[3] for x in rec}   # its first random overwrite by these processes
+                t0, s0 = min([(x[0], x[1]) for x in touch if x[2] in whos]
+                             + [(rec[0][0], rec[0][1])], key=lambda x: x[1])
+                ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
+                for (_, _, e, w, a, b) in rec:
+                    ep.bytes += e
+                    ep.writes += 1
+                    ep.procs[w] += e
+                    ep.add_range(a, b)
+                rec.clear()
+                self.open[g] = ep
+                self.episodes.append(ep)
+                if self.on_episode is not None:
+                    self.on_episode(ep)
+
+
+# ------------------------------------------------------------------ reading a store
+COLS = ("stamp", "time_ns", "sector", "offset", "len", "bio_size", "op", "randomness",
+        "cgroup_id", "tgid", "comm")
+
+
+def _columns(con, sql: str, params) -> dict:
+    r = con.execute(sql, params).fetchnumpy()
+    out = {}
+    for name, col in r.items():
+        if isinstance(col, np.ma.MaskedArray):
+            col = col.astype(np.float64).filled(np.nan) if name == "randomness" else col.filled(0)
+        out[name] = np.asarray(col)
+    return out
+
+
+def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
+    """A Detector of (session, dev) with the session's baseline applied."""
+    det = Detector(session, dev, size_bytes, **kw)
+    has = store.has_column("base", "randomness") if hasattr(store, "has_column") else True
+    rsel = "randomness" if has else "NULL::REAL AS randomness"
+    b = _columns(store.con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
+                 "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux", [session, dev])
+    if len(b.get("sector", [])):
+        det.feed_base(b["sector"], b["bio_size"], b["flags"],
+                      np.asarray(b["randomness"], np.float64))
+    return det
+
+
+def advance(store, det: Detector, upto: int | None = None) -> None:
+    """Feed the detector the records of its (session, dev) after its last stamp."""
+    has = store.has_column("records", "randomness") if hasattr(store, "has_column") else True
+    rsel = "randomness" if has else "NULL::REAL AS randomness"
+    lo = det.last_stamp
+    while True:
+        sql = (f"SELECT stamp, time_ns, sector, \"offset\", len, bio_size, op, {rsel}, "
+               "cgroup_id, tgid, comm FROM records WHERE session = ? AND dev = ? AND stamp > ? "
+               + ("AND stamp <= ? " if upto is not None else "")
+               + "ORDER BY stamp, \"offset\" LIMIT ?")
+        params = [det.session, det.dev, lo] + ([upto] if upto is not None else []) + [CHUNK_ROWS]
+        c = _columns(store.con, sql, params)
+        n = len(c.get("stamp", []))
+        if n == 0:
+            return
+        if n == CHUNK_ROWS:   # do not split a stamp between two chunks
+            last = c["stamp"][-1]
+            cut = int(np.searchsorted(c["stamp"], last))
+            if cut > 0:
+                c = {k: v[:cut] for k, v in c.items()}
+        c["randomness"] = np.asarray(c["randomness"], np.float64)
+        det.feed(c)
+        lo = det.last_stamp
+        if n < CHUNK_ROWS:
+            return
+
+
+def scan(store, session: str, dev: int, size_bytes: int, upto: int | None = None,
+         **kw) -> list[Episode]:
+    det = start(store, session, dev, size_bytes, **kw)
+    advance(store, det, upto)
+    return det.episodes
+
+
+def scan_device(store, device: str) -> list[Episode]:
+    """Episodes of every session of a store device (host:name), oldest first."""
+    eps: list[Episode] = []
+    for session, dev, size in store.query(
+            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+            "JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
+        eps += scan(store, session, int(dev), int(size or 0))
+    return eps
+
+
+def episode_json(ep: Episode) -> str:
+    return json.dumps(ep.row(), sort_keys=True)
+
+
+def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]:
+    """(stamp, time_ns, mark name) of the last restorable point before the episode's first
+    write: the stamp just before it when restorable, else the end of the last restorable
+    interval before it; the newest restorable mark at or before that stamp (or None)."""
+    row = store.query_one(
+        "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
+        "AND from_stamp <= ?", [ep.first_stamp - 1, ep.session, ep.dev, ep.first_stamp - 1])
+    stamp = row[0] if row else None
+    if stamp is None:
+        return None, None, None
+    stamp = int(stamp)
+    t = store.query_one("SELECT max(time_ns) FROM (SELECT time_ns FROM records WHERE session = ? "
+                        "AND stamp = ? UNION ALL SELECT time_ns FROM marks WHERE session = ? "
+                        "AND stamp = ? UNION ALL SELECT time_ns FROM points WHERE session = ? "
+                        "AND stamp = ?)", [ep.session, stamp] * 3)
+    m = store.query_one(
+        "SELECT name FROM marks m WHERE session = ? AND stamp <= ? AND EXISTS (SELECT 1 FROM "
+        "restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
+        "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [ep.session, stamp, ep.dev])
+    return stamp, (int(t[0]) if t and t[0] is not None else None), (m[0] if m else None)
