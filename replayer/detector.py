@@ -12,9 +12,11 @@ write or baseline chunk that covered it) and looks at what each write replaces:
 - a write is *random* when its randomness >= RANDOM_WRITE;
 - a random write *encrypts* the blocks whose previous state was compressible data (randomness
   <= COMPRESSIBLE, not zeroes: new files in free space replace zeroes; not unknown);
-- per group (the submitter's cgroup; buffered writes are submitted by the flusher, which is
-  in the root cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
-  encrypted by at least MIN_WRITES writes. The episode begins at the group's first random
+- per group (the submitting process in its cgroup; the flusher threads, which submit
+  buffered writes, as one group per cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
+  encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (ranges with
+  gaps between them: files; a new file written over the freed blocks of deleted text -- gzip
+  and then a copy, a download -- lands in one or two runs, and is not an episode). The episode begins at the group's first random
   write over existing data (any randomness before: a jpeg encrypted first replaces random
   data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
   while encrypting writes follow each other within WINDOW_NS.
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from blkrewind import record
+from replayer import entropy
 
 BLOCK = 4096
 MAX_BLOCKS = 1 << 26          # larger devices get larger blocks (64 MiB of state at most)
@@ -48,6 +51,7 @@ COMPRESSIBLE = 0.5
 WINDOW_NS = 10 * 10**9
 MIN_BYTES = 128 << 10
 MIN_WRITES = 4
+MIN_RUNS = 4                  # separate places (ranges with a gap between them)
 CHUNK_ROWS = 200_000
 
 
@@ -55,7 +59,7 @@ CHUNK_ROWS = 200_000
 class Episode:
     session: str
     dev: int
-    group: int                      # cgroup id
+    group: tuple                    # (cgroup id, tgid, comm): _group()
     first_stamp: int                # first write of the episode
     first_ns: int
     detect_stamp: int               # the write that made it an episode
@@ -151,24 +155,43 @@ class Detector:
 
     def __init__(self, session: str, dev: int, size_bytes: int, *, on_episode=None,
                  window_ns: int = WINDOW_NS, min_bytes: int = MIN_BYTES,
-                 min_writes: int = MIN_WRITES):
+                 min_writes: int = MIN_WRITES, min_runs: int = MIN_RUNS):
         self.session, self.dev = session, dev
         self.map = BlockMap(size_bytes)
         self.window_ns, self.min_bytes, self.min_writes = window_ns, min_bytes, min_writes
+        self.min_runs = min_runs
         self.on_episode = on_episode
         self.episodes: list[Episode] = []
-        self.open: dict[int, Episode] = {}
+        self.open: dict[tuple, Episode] = {}
         # per group: recent (time_ns, stamp, encrypted bytes) and random overwrites
-        self.recent: dict[int, deque] = {}
-        self.touch: dict[int, deque] = {}
+        self.recent: dict[tuple, deque] = {}
+        self.touch: dict[tuple, deque] = {}
         self.last_stamp = 0
 
-    def feed_base(self, sector, nbytes, flags, randomness) -> None:
-        """Baseline (or resync) chunks, in the order they apply (larger aux last)."""
+    def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
+        """Baseline (or resync) chunks, in the order they apply (larger aux last); `blocks`:
+        per chunk its state per 4 KiB (entropy.block_states) or None."""
         sector = np.asarray(sector, np.int64)
+        nbytes = np.asarray(nbytes, np.int64)
         st = state_of(randomness)
         st[(np.asarray(flags, np.int64) & record.F_ZERO) != 0] = ZERO
-        self.map.apply(sector * 512, np.asarray(nbytes, np.int64), st)
+        if blocks is None:
+            blocks = [None] * len(sector)
+        starts, lens, vals = [], [], []
+        for i, bl in enumerate(blocks):
+            off = int(sector[i]) * 512
+            if bl is None or len(bl) == 0:
+                starts.append(np.array([off]))
+                lens.append(np.array([int(nbytes[i])]))
+                vals.append(np.array([st[i]], np.uint8))
+                continue
+            k = len(bl)
+            a = off + np.arange(k, dtype=np.int64) * entropy.BLOCK
+            starts.append(a)
+            lens.append(np.minimum(entropy.BLOCK, off + int(nbytes[i]) - a))
+            vals.append(np.frombuffer(bytes(bl), np.uint8))
+        if starts:
+            self.map.apply(np.concatenate(starts), np.concatenate(lens), np.concatenate(vals))
 
     def feed(self, c: dict) -> None:
         """Write pieces in stamp order: numpy columns stamp, time_ns, sector, offset, len,
@@ -210,7 +233,7 @@ class Detector:
         bs = self.map.block
         for k in cand.tolist():
             i = int(keep[k])
-            g, s, t = int(cg[i]), int(stamp[i]), int(tns[i])
+            g, s, t = _group(int(cg[i]), int(tgid[i]), comm[i]), int(stamp[i]), int(tns[i])
             enc = min(int(enc_blocks[k]) * bs, int(length[k]))
             who = f"{comm[i]}[{int(tgid[i])}]"
             touch = self.touch.setdefault(g, deque())
@@ -236,7 +259,8 @@ class Detector:
                 rec.popleft()
             total = sum(x[2] for x in rec)
             nwrites = len({x[1] for x in rec})
-            if total >= self.min_bytes and nwrites >= self.min_writes:
+            if (total >= self.min_bytes and nwrites >= self.min_writes
+                    and _runs([(x[4], x[5]) for x in rec]) >= self.min_runs):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 t0, s0 = min([(x[0], x[1]) for x in touch if x[2] in whos]
                              + [(rec[0][0], rec[0][1])], key=lambda x: x[1])
@@ -253,6 +277,26 @@ class Detector:
                     self.on_episode(ep)
 
 
+def _group(cgroup: int, tgid: int, comm: str) -> tuple:
+    """What an episode is counted per: the submitting process in its cgroup; the flusher
+    threads (kworker/*) of a cgroup as one (buffered writes of any process of the cgroup)."""
+    if comm.startswith("kworker/"):
+        return (cgroup, 0, "kworker")
+    return (cgroup, tgid, comm)
+
+
+def _runs(ranges) -> int:
+    """How many separate runs the byte ranges make (touching ranges are one run)."""
+    n, end = 0, None
+    for a, e in sorted(ranges):
+        if end is None or a > end:
+            n += 1
+            end = e
+        else:
+            end = max(end, e)
+    return n
+
+
 # ------------------------------------------------------------------ reading a store
 COLS = ("stamp", "time_ns", "sector", "offset", "len", "bio_size", "op", "randomness",
         "cgroup_id", "tgid", "comm")
@@ -263,7 +307,13 @@ def _columns(con, sql: str, params) -> dict:
     out = {}
     for name, col in r.items():
         if isinstance(col, np.ma.MaskedArray):
-            col = col.astype(np.float64).filled(np.nan) if name == "randomness" else col.filled(0)
+            if name == "randomness":
+                col = col.astype(np.float64).filled(np.nan)
+            elif name == "blocks":
+                col = np.array([None if m else v for v, m in
+                                zip(col.data.tolist(), np.ma.getmaskarray(col).tolist())], object)
+            else:
+                col = col.filled(0)
         out[name] = np.asarray(col)
     return out
 
@@ -271,13 +321,13 @@ def _columns(con, sql: str, params) -> dict:
 def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
     """A Detector of (session, dev) with the session's baseline applied."""
     det = Detector(session, dev, size_bytes, **kw)
-    has = store.has_column("base", "randomness") if hasattr(store, "has_column") else True
-    rsel = "randomness" if has else "NULL::REAL AS randomness"
+    has = store.has_column("base", "blocks") if hasattr(store, "has_column") else True
+    rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
     b = _columns(store.con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
                  "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux", [session, dev])
     if len(b.get("sector", [])):
         det.feed_base(b["sector"], b["bio_size"], b["flags"],
-                      np.asarray(b["randomness"], np.float64))
+                      np.asarray(b["randomness"], np.float64), list(b["blocks"]))
     return det
 
 

@@ -74,3 +74,65 @@ def randomness(values, offsets: np.ndarray) -> np.ndarray:
 def of_bytes(data: bytes) -> float:
     """randomness() of one buffer (tests, tools)."""
     return float(randomness(data, np.array([0, len(data)], np.int64))[0])
+
+
+BLOCK = 4096
+B_ZERO, B_RANDOM, B_DATA = 254, 100, 0   # block states (replayer/detector.py's scale)
+
+
+def block_states(values, starts: np.ndarray, ends: np.ndarray,
+                 block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, one state byte per `block` bytes of it (the last block may be partial), from
+    the 128 bytes at the block's start: B_ZERO (all zero), B_RANDOM (random-looking) or B_DATA
+    (anything else). Returns (states, row offsets into states, n+1 int64). For baseline
+    chunks: a 1 MiB chunk holds free space, text and media side by side, which one number per
+    chunk cannot say. Row i is values[starts[i]:ends[i]]."""
+    starts = np.asarray(starts, np.int64)
+    ends = np.asarray(ends, np.int64)
+    n = len(starts)
+    lens = ends - starts
+    nb = -(-lens // block)
+    roff = np.zeros(n + 1, np.int64)
+    np.cumsum(nb, out=roff[1:])
+    total = int(roff[-1])
+    states = np.empty(total, np.uint8)
+    if total == 0:
+        return states, roff
+    buf = np.frombuffer(values, np.uint8)
+    rows = np.repeat(np.arange(n), nb)
+    j = np.arange(total) - roff[:-1][rows]
+    bstart = starts[rows] + j * block
+    blen = np.minimum(block, ends[rows] - bstart)
+    seg = np.minimum(blen, SEG)
+    seen = np.zeros((CHUNK, 256), np.bool_)
+    rix = np.arange(CHUNK)[:, None]
+    for a in range(0, total, CHUNK):
+        e = min(total, a + CHUNK)
+        k = e - a
+        idx = bstart[a:e, None] + np.minimum(_AR[None, :], seg[a:e, None] - 1)
+        b = buf[idx]
+        m = seen[:k]
+        m[:] = False
+        m[rix[:k], b] = True
+        cnt = np.count_nonzero(m, axis=1)
+        st = np.where(cnt > RANDOM * seg[a:e] // SEG, B_RANDOM, B_DATA).astype(np.uint8)
+        st[(cnt == 1) & m[:, 0]] = B_ZERO
+        states[a:e] = st
+    return states, roff
+
+
+def blocks_column(base_blocks, idx: np.ndarray):
+    """The `base.blocks` column (binary, one state byte per 4 KiB; NULL without payload) of
+    records idx of a batch; base_blocks = (row_of, kb, states, offsets): the payload row of
+    every record, the payload rows block_states() ran on (sorted) and its result; None: not
+    computed. Baseline chunks are 1 MiB: a few dozen rows per batch."""
+    import pyarrow as pa
+
+    if base_blocks is None:
+        return pa.nulls(len(idx), pa.binary())
+    row_of, kb, st, so = base_blocks
+    out = []
+    for p in np.asarray(row_of)[np.asarray(idx)].tolist():
+        k = int(np.searchsorted(kb, p)) if p >= 0 else -1
+        out.append(st[so[k]:so[k + 1]].tobytes() if 0 <= k < len(kb) and kb[k] == p else None)
+    return pa.array(out, pa.binary())

@@ -225,8 +225,13 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
              _col(h["offset"][prows]), data], schema=PAYLOAD_SCHEMA)
         b.payload_bytes = int(offsets[-1])
         rnd_all = np.full(n, np.nan, np.float32)
+        base_blocks = None
         if RANDOMNESS:
             rnd_all[prows] = entropy.randomness(values, offsets)
+            kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB too
+            if len(kb):
+                st, so = entropy.block_states(values, offsets[kb], offsets[kb + 1])
+                base_blocks = (row_of, kb, st, so)
         # row groups of about RG_BYTES: rg of a row = how many RG_BYTES lie before it
         rg = offsets[:-1] // RG_BYTES
         bounds = np.nonzero(np.diff(rg))[0] + 1
@@ -242,6 +247,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
     else:
         prg_all = pidx_all = np.full(n, -1, np.int32)
         rnd_all = np.full(n, np.nan, np.float32)
+        base_blocks = None
 
     def ref_cols(idx):
         has = row_of[idx] >= 0
@@ -274,7 +280,8 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
             "seq": _col(hb["seq"]),
             "aux": _col(hb["aux"]), "time_ns": _col(time_ns[ba]), "sector": _col(hb["sector"]),
             "bio_size": _col(hb["bio_size"]), "flags": _col(hb["flags"]),
-            "prg": prg, "pidx": pidx, "randomness": rnd})
+            "prg": prg, "pidx": pidx, "randomness": rnd,
+            "blocks": entropy.blocks_column(base_blocks, ba)})
     ci = np.nonzero(rtype == record.R_COMPLETE)[0]
     if len(ci):
         hc = h[ci]

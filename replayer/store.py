@@ -138,7 +138,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS base (
         session VARCHAR, dev UINTEGER, stamp UBIGINT, seq UBIGINT, aux UBIGINT, time_ns BIGINT,
         sector UBIGINT, bio_size UINTEGER, flags UINTEGER, pfile INTEGER, prg INTEGER,
-        pidx INTEGER, batch INTEGER, randomness REAL)""",
+        pidx INTEGER, batch INTEGER, randomness REAL, blocks BLOB)""",
     """CREATE TABLE IF NOT EXISTS marks (
         session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, name VARCHAR,
         tgid UINTEGER, tid UINTEGER, comm VARCHAR, batch INTEGER)""",
@@ -186,6 +186,8 @@ MIGRATIONS = [
     # replayer/entropy.py: fraction of a payload piece's sampled segments that look random
     "ALTER TABLE records ADD COLUMN IF NOT EXISTS randomness REAL",
     "ALTER TABLE base ADD COLUMN IF NOT EXISTS randomness REAL",
+    # ... and a state per 4 KiB block of a baseline chunk (entropy.block_states)
+    "ALTER TABLE base ADD COLUMN IF NOT EXISTS blocks BLOB",
 ]
 
 

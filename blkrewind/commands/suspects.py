@@ -53,7 +53,7 @@ def episodes(store, device) -> list[dict]:
             "after_s": round((ep.detect_ns - ep.first_ns) / 1e9, 3),
             "last": points.fmt_time(ep.last_ns),
             "processes": ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(4)),
-            "cgroup": ep.group, "replaced_bytes": ep.bytes, "writes": ep.writes,
+            "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
             "ranges": " ".join(f"{a}+{e - a}" for a, e in rng[:6])
                       + (f" (+{len(rng) - 6} more)" if len(rng) > 6 else ""),
             "session": ep.session,
