@@ -318,12 +318,24 @@ def _columns(con, sql: str, params) -> dict:
     return out
 
 
+def _has_column(con, table: str, column: str) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND table_name = ? AND column_name = ?", [table, column]).fetchone()[0])
+
+
+def _con(store):
+    return getattr(store, "con", store)
+
+
 def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
-    """A Detector of (session, dev) with the session's baseline applied."""
+    """A Detector of (session, dev) with the session's baseline applied (store: a Store or a
+    DuckDB connection/cursor to the store's database)."""
+    con = _con(store)
     det = Detector(session, dev, size_bytes, **kw)
-    has = store.has_column("base", "blocks") if hasattr(store, "has_column") else True
+    has = _has_column(con, "base", "blocks")
     rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
-    b = _columns(store.con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
+    b = _columns(con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
                  "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux", [session, dev])
     if len(b.get("sector", [])):
         det.feed_base(b["sector"], b["bio_size"], b["flags"],
@@ -333,7 +345,8 @@ def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
 
 def advance(store, det: Detector, upto: int | None = None) -> None:
     """Feed the detector the records of its (session, dev) after its last stamp."""
-    has = store.has_column("records", "randomness") if hasattr(store, "has_column") else True
+    con = _con(store)
+    has = _has_column(con, "records", "randomness")
     rsel = "randomness" if has else "NULL::REAL AS randomness"
     lo = det.last_stamp
     while True:
@@ -342,7 +355,7 @@ def advance(store, det: Detector, upto: int | None = None) -> None:
                + ("AND stamp <= ? " if upto is not None else "")
                + "ORDER BY stamp, \"offset\" LIMIT ?")
         params = [det.session, det.dev, lo] + ([upto] if upto is not None else []) + [CHUNK_ROWS]
-        c = _columns(store.con, sql, params)
+        c = _columns(con, sql, params)
         n = len(c.get("stamp", []))
         if n == 0:
             return
@@ -400,3 +413,58 @@ def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]
         "restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
         "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [ep.session, stamp, ep.dev])
     return stamp, (int(t[0]) if t and t[0] is not None else None), (m[0] if m else None)
+
+
+class Watch:
+    """Detectors of every (session, device) of a store, fed what was stored since the last
+    pass (serve runs one pass every couple of seconds). A device is watched once its baseline
+    is stored (its baseline_end point). New episodes go to on_episode(ep, device)."""
+
+    def __init__(self, con, on_episode=None):
+        self.con = con
+        self.on_episode = on_episode
+        self.dets: dict[tuple, Detector] = {}
+        self.devices: dict[tuple, str] = {}
+        self.episodes: list[tuple[str, Episode]] = []
+
+    def step(self) -> int:
+        """One pass; returns how many new episodes it found."""
+        new = 0
+        rows = self.con.execute(
+            "SELECT sd.session, sd.dev, sd.size_bytes, sd.device FROM session_devices sd "
+            "WHERE sd.baseline_end IS NOT NULL").fetchall()
+        for session, dev, size, device in rows:
+            key = (session, int(dev))
+            det = self.dets.get(key)
+            if det is None:
+                found: list[Episode] = []
+                det = start(self.con, session, int(dev), int(size or 0),
+                            on_episode=found.append)
+                self.dets[key] = det
+                self.devices[key] = device
+            before = len(det.episodes)
+            advance(self.con, det)
+            for ep in det.episodes[before:]:
+                self.episodes.append((device, ep))
+                new += 1
+                if self.on_episode is not None:
+                    self.on_episode(ep, device)
+        return new
+
+    def summary(self, limit: int = 20) -> list[dict]:
+        out = []
+        for device, ep in self.episodes[-limit:]:
+            r = ep.row()
+            r["device"] = device
+            r["group"] = list(ep.group)
+            out.append(r)
+        return out
+
+
+def describe(ep: Episode, device: str) -> str:
+    """One line about an episode (serve's log)."""
+    procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(3))
+    return (f"{device}: {procs} replaced {ep.bytes >> 10} KiB of compressible data with random "
+            f"data in {ep.writes} writes, {len(ep.merged_ranges())} places, since stamp "
+            f"{ep.first_stamp}; last clean point: stamp {ep.first_stamp - 1} or earlier "
+            f"(blkrewind suspects --device {device} lists it with the restore command)")

@@ -57,6 +57,8 @@ class Limits:
     # the full integrity check starts this long after start-up: reconnecting tracers are back
     # by then, so damage it finds reaches them at once as LACKS
     full_check_delay: float = 5.0
+    # the ransomware detector (replayer/detector.py) looks at what was stored every so often
+    detect_every: float = 2.0
 
 
 class Violation(Exception):
@@ -161,6 +163,7 @@ class Server:
         self.totals = {"connections": 0, "rejected": 0, "frames": 0, "bytes": 0,
                        "stored_frames": 0, "acks": 0}
         self._check_state = "not started"
+        self.watch = None   # replayer/detector.Watch, made by the detector thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -206,7 +209,7 @@ class Server:
         self.log(f"listening on {_fmt_addr(a)} ({mode}), store {self.store_dir}, "
                  f"query socket {self.query.path}, max {self.limits.max_conns} connections")
         for name, target in (("accept", self._accept), ("finalizer", self._finalizer),
-                             ("full-check", self._full_check)):
+                             ("full-check", self._full_check), ("detector", self._detector)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -299,7 +302,8 @@ class Server:
                 "tls": self.ctx is not None, "store": self.store_dir,
                 "store_error": self._store_error if time.monotonic() < self._store_down_until
                 else None, "integrity_check": self._check_state,
-                "connections": conns, "hosts": hosts, "totals": dict(self.totals)}
+                "connections": conns, "hosts": hosts, "totals": dict(self.totals),
+                "suspects": self.watch.summary() if self.watch is not None else []}
 
     # ------------------------------------------------------------------ threads
     def _accept(self) -> None:
@@ -353,6 +357,24 @@ class Server:
         except Exception as e:
             self.log(f"STORE ERROR while computing watermarks: {type(e).__name__}: "
                      f"{' '.join(str(e).split())}")
+
+    def _detector(self) -> None:
+        """Every detect_every s: the detector over what was stored since (its own cursor: it
+        reads while commits go on). A new episode is an ALERT line in the log and in status."""
+        from replayer import detector
+
+        with self.store.mutex:
+            cur = self.store.con.cursor()
+        self.watch = detector.Watch(cur, on_episode=lambda ep, device: self.log(
+            f"ALERT: possible ransomware: {detector.describe(ep, device)}"))
+        try:
+            while not self._stopping.wait(self.limits.detect_every):
+                try:
+                    self.watch.step()
+                except Exception as e:   # never the end of the server
+                    self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
+        finally:
+            cur.close()
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

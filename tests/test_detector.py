@@ -125,3 +125,67 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
         subprocess.run(["losetup", "-d", lo])
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
+
+
+@pytest.mark.bpf
+def test_serve_alerts_within_seconds(make_loop, tmp_path):
+    """Shipped to a running `serve`: its log says ALERT within 10 s of the attack's start, and
+    `status` shows the episode."""
+    import socket
+    import threading
+
+    from tracerproc import BLKREWIND, ROOT
+
+    rng = random.Random(13)
+    loop = make_loop(size_mb=96)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
+                            f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[tuple[int, str]] = []
+    reader = threading.Thread(target=lambda: [lines.append((time.time_ns(), ln))
+                                              for ln in srv.stderr], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("listening on" in ln for _, ln in lines):
+            assert srv.poll() is None and time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        sh("mount", dev, mnt)
+        try:
+            files = wl.populate(mnt, rng, docs=16)
+            with TraceProc([dev], log, "--ship", f"127.0.0.1:{port}", "--insecure") as t:
+                time.sleep(2.0)
+                t_attack = time.time_ns()
+                p = wl.attack("inplace", files)
+                assert p.wait(120) == 0
+                deadline = time.monotonic() + 30
+                while not any("ALERT" in ln for _, ln in lines) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
+                assert t.stop() == 0, t.stderr
+        finally:
+            sh("umount", mnt)
+        alerts = [(ts, ln) for ts, ln in lines if "ALERT" in ln]
+        assert alerts, "".join(ln for _, ln in lines)
+        assert alerts[0][0] - t_attack <= 10 * 10**9, (alerts[0], t_attack)
+        assert "python" in alerts[0][1]
+        assert len(st["suspects"]) == 1 and st["suspects"][0]["device"].endswith(
+            Path(dev).name), st.get("suspects")
+        text = cli("status", "--store", store).stdout
+        assert "ALERT: possible ransomware" in text
+    finally:
+        srv.send_signal(2)
+        try:
+            srv.wait(60)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait(30)
+        reader.join(5)
