@@ -14,9 +14,9 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   <= COMPRESSIBLE, not zeroes: new files in free space replace zeroes; not unknown);
 - per group (the submitting process in its cgroup; the flusher threads, which submit
   buffered writes, as one group per cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
-  encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (ranges with
-  gaps between them: files; a new file written over the freed blocks of deleted text -- gzip
-  and then a copy, a download -- lands in one or two runs, and is not an episode). The episode begins at the group's first random
+  encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (a write that
+  does not continue the previous one, or continues it after more than PLACE_NS: files; a new
+  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place). The episode begins at the group's first random
   write over existing data (any randomness before: a jpeg encrypted first replaces random
   data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
   while encrypting writes follow each other within WINDOW_NS.
@@ -51,7 +51,8 @@ COMPRESSIBLE = 0.5
 WINDOW_NS = 10 * 10**9
 MIN_BYTES = 128 << 10
 MIN_WRITES = 4
-MIN_RUNS = 4                  # separate places (ranges with a gap between them)
+MIN_RUNS = 3                  # separate places (_places)
+PLACE_NS = 500 * 10**6
 CHUNK_ROWS = 200_000
 
 
@@ -260,7 +261,7 @@ class Detector:
             total = sum(x[2] for x in rec)
             nwrites = len({x[1] for x in rec})
             if (total >= self.min_bytes and nwrites >= self.min_writes
-                    and _runs([(x[4], x[5]) for x in rec]) >= self.min_runs):
+                    and _places(rec) >= self.min_runs):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 t0, s0 = min([(x[0], x[1]) for x in touch if x[2] in whos]
                              + [(rec[0][0], rec[0][1])], key=lambda x: x[1])
@@ -285,15 +286,17 @@ def _group(cgroup: int, tgid: int, comm: str) -> tuple:
     return (cgroup, tgid, comm)
 
 
-def _runs(ranges) -> int:
-    """How many separate runs the byte ranges make (touching ranges are one run)."""
-    n, end = 0, None
-    for a, e in sorted(ranges):
-        if end is None or a > end:
+def _places(rec) -> int:
+    """How many separate places the encrypting writes (time, stamp, bytes, who, start, end),
+    in stamp order, went to: a write starts a new place unless it continues the previous one
+    (starts where it ended, or overlaps it) within PLACE_NS. Files next to each other
+    encrypted one a second are separate places; one file written sequentially is one."""
+    n, prev = 0, None
+    for t, _, _, _, a, e in rec:
+        if prev is None or t - prev[0] > PLACE_NS or not (prev[1] <= a <= prev[2]
+                                                          or a <= prev[1] < e):
             n += 1
-            end = e
-        else:
-            end = max(end, e)
+        prev = (t, min(a, prev[1]) if prev and prev[1] <= a <= prev[2] else a, e)
     return n
 
 
