@@ -74,7 +74,7 @@ pick_python() {
 step_packages() {
     command -v dpkg-query >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
         || die "this script needs a Debian or Ubuntu system (dpkg/apt); install by hand: clang llvm libbpf-dev bpftool e2fsprogs xfsprogs fio util-linux python3 (>= 3.11) kmod"
-    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux fdisk python3-venv kmod iproute2)
+    local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux fdisk python3-venv kmod iproute2 zstd sqlite3 chromium)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
     local need_bpftool=0 need_python=0

@@ -45,6 +45,7 @@ COMMANDS = {
     "prune": "Fold history older than a duration into the base (frees space).",
     "tls": "Make a CA and per-host certificates for shipping (tls init DIR --hosts ...).",
     "suspects": "List ransomware-like episodes (compressible data overwritten with random data).",
+    "report": "Write an HTML page with figures and tables about a device's history.",
 }
 
 
