@@ -125,16 +125,19 @@ def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
             "marks": marks, "gaps": gaps, "episodes": list(zip(eps, clean)), "size": size}
 
 
-def _decorate(ax, d: dict) -> None:
+def _decorate(ax, d: dict, band: bool = False) -> None:
+    """Marks, gaps and episodes on a time axis (band: as a strip along the top, so they do
+    not cover the heatmap's cells)."""
+    span = {"ymin": 0.96, "ymax": 1.0} if band else {}
     for name, t, _ in d["marks"]:
         ax.axvline(_dt(t), color="tab:blue", ls="--", lw=0.8)
         ax.annotate(name, (_dt(t), 1), xycoords=("data", "axes fraction"), rotation=90,
                     va="top", ha="right", fontsize=7, color="tab:blue")
     for a, b, *_ in d["gaps"]:
-        ax.axvspan(_dt(a), _dt(b), color="grey", alpha=0.3, lw=0)
+        ax.axvspan(_dt(a), _dt(b), color="grey", alpha=0.3, lw=0, zorder=0, **span)
     for ep, _ in d["episodes"]:
         ax.axvspan(_dt(ep.first_ns), _dt(max(ep.last_ns, ep.first_ns + d["width"])),
-                   color="red", alpha=0.25, lw=0)
+                   color="red", alpha=0.8 if band else 0.15, lw=0, zorder=0, **span)
 
 
 def figures(d: dict) -> dict[str, str]:
@@ -186,7 +189,7 @@ def figures(d: dict) -> dict[str, str]:
     ax.set_ylabel("device offset (MiB)")
     ax.set_title("where the writes went (LBA x time)")
     ax.xaxis.set_major_formatter(fmt)
-    _decorate(ax, d)
+    _decorate(ax, d, band=True)
     out["heatmap"] = _png(fig)
     plt.close(fig)
 
