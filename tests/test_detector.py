@@ -99,7 +99,10 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
     finally:
         sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
-    eps = _suspects(store, dev)
+    r = cli("suspects", "--store", store, "--device", dev, "--files", "--format", "json",
+            check=False)
+    assert r.returncode == 1, r.stderr
+    eps = json.loads(r.stdout)
     assert len(eps) == 1, eps               # no false alarm on the benign work
     ep = eps[0]
     started, detected = _iso_ns(ep["started"]), _iso_ns(ep["detected"])
@@ -107,6 +110,8 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
     assert detected - t_attack <= 10 * 10**9, (ep, t_attack)
     assert "python" in ep["processes"], ep
     assert ep["clean_mark"] == "before-attack", ep
+    hit = set(ep["files"].split())           # the documents it encrypted, by name
+    assert {str(f.relative_to(mnt)) for f in files} <= hit, (ep["files"], files)
     # the clean point restores every file as it was before the attack
     img = tmp_path / "clean.img"
     cli("restore", "--store", store, "--device", dev, "--at", f"stamp:{ep['clean_stamp']}",

@@ -10,11 +10,12 @@ episode starts when one cgroup did so for at least 128 KiB in 4 writes within 10
 
 For each episode: when it started and was detected, the processes (comm[pid]) and their
 bytes, the byte ranges (and, where `blkrewind diff` can read the file system, the files),
-the last clean point before it and the command that restores it.
+the last clean point before it and the command that restores it; with --files, the files it
+overwrote, read from the file system at the clean point.
 
 Examples:
   blkrewind suspects --store /srv/cdp --device db1:sdb
-  blkrewind suspects --store /srv/cdp --device sdb --format json
+  blkrewind suspects --store /srv/cdp --device sdb --files --format json
 
 Exit status:
   0  no episode
@@ -34,6 +35,10 @@ def add_arguments(p):
     p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
     p.add_argument("--device", required=True, metavar="DEV",
                    help="host:name, name (loop3) or traced path (/dev/loop3) (default: none)")
+    p.add_argument("--files", action="store_true",
+                   help="also name the files (ext4, xfs) each episode overwrote, read from the "
+                        "file system at its clean point (rebuilds a temporary image per "
+                        "episode; default: off, byte ranges only)")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table, csv or json (default: table)")
 
@@ -66,6 +71,21 @@ def episodes(store, device) -> list[dict]:
     return out
 
 
+def episode_files(store, device, row: dict) -> str:
+    """The files at the episode's clean point whose blocks it overwrote."""
+    from replayer import fsmap, points
+    from replayer.pointimage import mounted, open_point_image
+
+    ep = row["_episode"]
+    if row["clean_stamp"] is None:
+        return ""
+    pt = points.Point("stamp", row["clean_stamp"], f"stamp:{row['clean_stamp']}")
+    with open_point_image(store, device, pt) as (img, _), mounted(img) as (mnt, _):
+        m = fsmap.file_map(mnt)
+    ranges = ep.merged_ranges()
+    return " ".join(sorted(p for p, f in m.items() if fsmap.overlap(f["extents"], ranges)))
+
+
 def run(args) -> int:
     from analytics.output import write_rows
     from replayer.query import open_for_reading
@@ -73,8 +93,10 @@ def run(args) -> int:
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)
         rows = episodes(store, device)
-    cols = [c for c in (rows[0] if rows else {"started": 0}) if not c.startswith("_")] if rows \
-        else ["started", "first_stamp", "detected", "after_s", "last", "processes", "cgroup",
+        if args.files:
+            for r in rows:
+                r["files"] = episode_files(store, device, r)
+    cols = [c for c in rows[0] if not c.startswith("_")] if rows else ["started", "first_stamp", "detected", "after_s", "last", "processes", "cgroup",
               "replaced_bytes", "writes", "ranges", "session", "clean_stamp", "clean_time",
               "clean_mark", "restore"]
     write_rows(cols, [tuple(r[c] for c in cols) for r in rows], args.format)
