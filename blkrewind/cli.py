@@ -49,6 +49,7 @@ COMMANDS = {
     "diff": "List the byte ranges and the files (ext4, xfs) changed between two points.",
     "files": "Copy files out of a device as it was at a point (ext4, xfs).",
     "blame": "Which processes wrote a file or byte range between two points, and when.",
+    "bisect": "Find the first bad point of a history by running a check on candidate points.",
 }
 
 
