@@ -34,17 +34,21 @@ CHUNK = 8192       # segments per pass (bounds the temporary memory to ~2 MiB)
 _AR = np.arange(SEG, dtype=np.int64)
 
 
-def randomness(values, offsets: np.ndarray) -> np.ndarray:
-    """Per row of a binary column (value buffer `values`, `offsets` n+1 int64): the fraction of
-    its sampled segments that look random. Rows shorter than SEG bytes get NaN (unknown)."""
+def randomness(values, offsets: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """Per row of a binary column (value buffer `values`, `offsets` n+1 int64; or row starts
+    `offsets` and `ends`): the fraction of its sampled segments that look random. Rows shorter
+    than SEG bytes get NaN (unknown)."""
     offsets = np.asarray(offsets, np.int64)
-    n = len(offsets) - 1
+    if ends is None:
+        starts, ends = offsets[:-1], offsets[1:]
+    else:
+        starts, ends = offsets, np.asarray(ends, np.int64)
+    n = len(starts)
     out = np.full(n, np.nan, np.float32)
     if n <= 0:
         return out
     buf = np.frombuffer(values, np.uint8)
-    starts = offsets[:-1]
-    lens = offsets[1:] - starts
+    lens = ends - starts
     nseg = np.where(lens >= SEG, np.clip(lens // PER, 1, SEGMENTS), 0)
     total = int(nseg.sum())
     if total == 0:
@@ -80,13 +84,18 @@ BLOCK = 4096
 B_ZERO, B_RANDOM, B_DATA = 254, 100, 0   # block states (replayer/detector.py's scale)
 
 
+BSEG = 64          # bytes sampled per block by block_states
+BRANDOM = 40       # distinct values above which a 64-byte sample is random (random: 57 +- 3)
+_BAR = np.arange(BSEG, dtype=np.int64)
+
+
 def block_states(values, starts: np.ndarray, ends: np.ndarray,
                  block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Per row, one state byte per `block` bytes of it (the last block may be partial), from
-    the 128 bytes at the block's start: B_ZERO (all zero), B_RANDOM (random-looking) or B_DATA
-    (anything else). Returns (states, row offsets into states, n+1 int64). For baseline
-    chunks: a 1 MiB chunk holds free space, text and media side by side, which one number per
-    chunk cannot say. Row i is values[starts[i]:ends[i]]."""
+    BSEG bytes at the block's start: B_ZERO (all zero), B_RANDOM (random-looking) or B_DATA
+    (anything else; also a block shorter than BSEG). Returns (states, row offsets into
+    states, n+1 int64). For baseline chunks: a 1 MiB chunk holds free space, text and media
+    side by side, which one number per chunk cannot say. Row i is values[starts[i]:ends[i]]."""
     starts = np.asarray(starts, np.int64)
     ends = np.asarray(ends, np.int64)
     n = len(starts)
@@ -95,30 +104,45 @@ def block_states(values, starts: np.ndarray, ends: np.ndarray,
     roff = np.zeros(n + 1, np.int64)
     np.cumsum(nb, out=roff[1:])
     total = int(roff[-1])
-    states = np.empty(total, np.uint8)
+    states = np.full(total, B_DATA, np.uint8)
     if total == 0:
         return states, roff
     buf = np.frombuffer(values, np.uint8)
     rows = np.repeat(np.arange(n), nb)
-    j = np.arange(total) - roff[:-1][rows]
-    bstart = starts[rows] + j * block
-    blen = np.minimum(block, ends[rows] - bstart)
-    seg = np.minimum(blen, SEG)
+    bstart = starts[rows] + (np.arange(total) - roff[:-1][rows]) * block
+    full = np.nonzero(ends[rows] - bstart >= BSEG)[0]
+    if len(buf) % 8 == 0 and len(full):   # zero blocks (free space) first, 8 bytes at a time
+        w = np.frombuffer(values, np.uint64)
+        aligned = full[bstart[full] % 8 == 0]
+        q = bstart[aligned] // 8
+        z = np.zeros(len(aligned), bool)
+        z[:] = True
+        for i in range(BSEG // 8):
+            z &= w[q + i] == 0
+        states[aligned[z]] = B_ZERO
+        full = np.setdiff1d(full, aligned[z], assume_unique=True)
     seen = np.zeros((CHUNK, 256), np.bool_)
     rix = np.arange(CHUNK)[:, None]
-    for a in range(0, total, CHUNK):
-        e = min(total, a + CHUNK)
-        k = e - a
-        idx = bstart[a:e, None] + np.minimum(_AR[None, :], seg[a:e, None] - 1)
-        b = buf[idx]
+    for a in range(0, len(full), CHUNK):
+        sel = full[a:a + CHUNK]
+        k = len(sel)
+        b = buf[bstart[sel][:, None] + _BAR[None, :]]
         m = seen[:k]
         m[:] = False
         m[rix[:k], b] = True
         cnt = np.count_nonzero(m, axis=1)
-        st = np.where(cnt > RANDOM * seg[a:e] // SEG, B_RANDOM, B_DATA).astype(np.uint8)
+        st = np.where(cnt > BRANDOM, B_RANDOM, B_DATA).astype(np.uint8)
         st[(cnt == 1) & m[:, 0]] = B_ZERO
-        states[a:e] = st
+        states[sel] = st
     return states, roff
+
+
+def fraction_random(states: np.ndarray, roff: np.ndarray) -> np.ndarray:
+    """Per row of block_states(): the fraction of its blocks that are B_RANDOM (float32)."""
+    nb = np.diff(roff)
+    rows = np.repeat(np.arange(len(nb)), nb)
+    hits = np.bincount(rows, weights=(states == B_RANDOM), minlength=len(nb))
+    return np.where(nb > 0, hits / np.maximum(nb, 1), np.nan).astype(np.float32)
 
 
 def blocks_column(base_blocks, idx: np.ndarray):

@@ -227,11 +227,14 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
         rnd_all = np.full(n, np.nan, np.float32)
         base_blocks = None
         if RANDOMNESS:
-            rnd_all[prows] = entropy.randomness(values, offsets)
-            kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB too
+            kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB
+            kw = np.nonzero(~is_base[prows])[0]  # writes: one number
+            if len(kw):
+                rnd_all[prows[kw]] = entropy.randomness(values, offsets[kw], offsets[kw + 1])
             if len(kb):
                 st, so = entropy.block_states(values, offsets[kb], offsets[kb + 1])
                 base_blocks = (row_of, kb, st, so)
+                rnd_all[prows[kb]] = entropy.fraction_random(st, so)
         # row groups of about RG_BYTES: rg of a row = how many RG_BYTES lie before it
         rg = offsets[:-1] // RG_BYTES
         bounds = np.nonzero(np.diff(rg))[0] + 1
