@@ -11,11 +11,13 @@ document with its checksum):
   inplace    AES-CTR (python cryptography) over each document, in place, fsync per file
   newfiles   AES-CTR into DOC.locked, fsync, then the original is deleted
   slow       inplace, one file a second
+  newfiles_discard  newfiles on a file system mounted with -o discard
 benign (must not alarm):
   compress   gzip / zstd of the logs (each replaces its input)
   media      copying media files and a random-data archive
   sqlite     SQLite under load (updates, inserts, commits) for 5 s
   fio        fio writing random data (refill_buffers), sequentially then at random over it
+  compress_discard  compress on a file system mounted with -o discard
 
 Prints one line per scenario and a summary; exit status 1 when a goal is missed.
 """
@@ -41,8 +43,8 @@ import forensics_workloads as wl  # noqa: E402
 from tracerproc import TraceProc, cli, sh  # noqa: E402
 
 SIZE_MB = {"ext4": 192, "xfs": 320}
-ATTACKS = ("inplace", "newfiles", "slow")
-BENIGN = ("compress", "media", "sqlite", "fio")
+ATTACKS = ("inplace", "newfiles", "slow", "newfiles_discard")
+BENIGN = ("compress", "media", "sqlite", "fio", "compress_discard")
 
 
 def _ns(s: str) -> int:
@@ -63,7 +65,7 @@ def run_one(fs: str, name: str, base: Path) -> dict:
     res = {"fs": fs, "scenario": name, "kind": "attack" if name in ATTACKS else "benign"}
     try:
         sh(f"mkfs.{fs}", "-q", "-f" if fs == "xfs" else "-F", dev)
-        sh("mount", dev, mnt)
+        sh("mount", *(["-o", "discard"] if name.endswith("_discard") else []), dev, mnt)
         try:
             files = wl.populate(mnt, rng)
             with TraceProc([dev], log) as t:
@@ -71,10 +73,10 @@ def run_one(fs: str, name: str, base: Path) -> dict:
                 before = wl.checksums(mnt)
                 t0 = time.time_ns()
                 if name in ATTACKS:
-                    p = wl.attack("newfiles" if name == "newfiles" else "inplace", files,
+                    p = wl.attack("newfiles" if name.startswith("newfiles") else "inplace", files,
                                   delay=1.0 if name == "slow" else 0.0)
                     assert p.wait(600) == 0
-                elif name == "compress":
+                elif name.startswith("compress"):
                     wl.benign_compress(mnt)
                 elif name == "media":
                     wl.benign_copy_media(mnt, rng)

@@ -25,10 +25,16 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
   while encrypting writes follow each other within WINDOW_NS.
 
-What it cannot see: ciphertext written into free space (encryption into new files, then
-deletion of the originals: the deletion frees blocks and writes only metadata) is alarmed only
-when the new files reuse blocks that held compressible data -- ext4 and xfs reuse freed blocks
-soon on a full-ish file system, not on a mostly empty one (README gives the measured cases);
+Encryption into new files, then deletion of the originals, replaces nothing in place: the
+ciphertext goes to free space and the deletion only writes metadata. Where the file system
+discards what it frees (mounted with `discard`), the deletion is seen: compressible data
+discarded (at least MIN_BYTES at MIN_RUNS places within WINDOW_NS) while one group wrote
+DELETE_RATIO (0.5-2) times as much random data into free space is an episode of that group
+(gzip + delete writes a fifth of what it deletes; deleting media discards random data).
+
+What it cannot see: the same without discard (the default mount of ext4 and xfs; fstrim
+later shows the discards too late), unless the new files reuse blocks that held compressible
+data;
 data encrypted by a process that writes through the page cache without fsync reaches the device
 at writeback (up to dirty_expire_centisecs, 30 s by default), so the alert follows the
 writeback, not the encryption; and the group of buffered writes is the flusher's.
@@ -57,6 +63,7 @@ MIN_BYTES = 128 << 10
 MIN_WRITES = 4
 MIN_RUNS = 3                  # separate places (_places)
 PLACE_NS = 500 * 10**6
+DELETE_RATIO = (0.5, 2.0)     # random bytes into free space per compressible byte discarded
 FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places (1 MiB, 24)
 CHUNK_ROWS = 200_000
 
@@ -75,6 +82,7 @@ class Episode:
     bytes: int = 0                  # bytes of compressible data replaced by random data
     writes: int = 0                 # writes that did so
     procs: Counter = field(default_factory=Counter)   # "comm[pid]" -> bytes
+    kind: str = "overwrote compressible data with random data"
     ranges: list = field(default_factory=list)        # [start, end) byte ranges its processes
                                                       # overwrote with random data
 
@@ -101,6 +109,7 @@ class Episode:
                 "detect_stamp": self.detect_stamp, "detect_ns": self.detect_ns,
                 "last_stamp": self.last_stamp, "last_ns": self.last_ns, "bytes": self.bytes,
                 "writes": self.writes, "procs": dict(self.procs.most_common(10)),
+                "kind": self.kind,
                 "ranges": self.merged_ranges()}
 
 
@@ -173,6 +182,9 @@ class Detector:
         # per group: recent (time_ns, stamp, encrypted bytes) and random overwrites
         self.recent: dict[tuple, deque] = {}
         self.touch: dict[tuple, deque] = {}
+        self.disc: deque = deque()                     # compressible data discarded
+        self.fresh: dict[tuple, deque] = {}            # random data written into free space
+        self.deleting: Episode | None = None           # the open deletion episode
         self.last_stamp = 0
 
     def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
@@ -232,7 +244,72 @@ class Detector:
             over_blocks = np.bincount(rows[over], minlength=nb)
             cand = np.nonzero(over_blocks > 0)[0]
             self._episodes(c, keep, cand, enc_blocks, start, length)
+        # encryption into new files, then deletion: visible where deletions are discarded
+        z_blk = zeroing[keep][rows]
+        d_comp = np.bincount(rows[z_blk & (prev <= int(COMPRESSIBLE * 100))],
+                             minlength=len(keep))
+        f_rnd = np.bincount(rows[rnd_row[rows] & (prev >= ZERO)], minlength=len(keep)) \
+            if rnd_row.any() else np.zeros(len(keep), np.int64)
+        ev = np.nonzero((d_comp > 0) | (f_rnd > 0))[0]
+        if len(ev):
+            self._deletions(c, keep, ev, d_comp, f_rnd, start, length)
         self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+
+    def _deletions(self, c, keep, ev, d_comp, f_rnd, start, length) -> None:
+        """Compressible data discarded (a deletion on a file system mounted with discard)
+        while one group writes about as much random data into free space: an episode of that
+        group (encrypting into new files and deleting the originals). Its ranges are the
+        deleted data (the originals, readable at the clean point)."""
+        stamp, tns, cg, tgid, comm = (c["stamp"], c["time_ns"], c["cgroup_id"], c["tgid"],
+                                      c["comm"])
+        bs = self.map.block
+        for k in ev.tolist():
+            i = int(keep[k])
+            s, t = int(stamp[i]), int(tns[i])
+            a, e = int(start[k]), int(start[k] + length[k])
+            dl = self.deleting
+            if dl is not None and t - dl.last_ns > self.window_ns:
+                dl = self.deleting = None
+            if d_comp[k] and dl is not None:    # the open episode's deletions go on
+                dl.bytes += min(int(d_comp[k]) * bs, e - a)
+                dl.add_range(a, e)
+                dl.last_stamp, dl.last_ns = s, t
+            elif d_comp[k]:
+                self.disc.append((t, s, min(int(d_comp[k]) * bs, e - a), "", a, e))
+            if f_rnd[k]:
+                g = _group(int(cg[i]), int(tgid[i]), comm[i])
+                self.fresh.setdefault(g, deque()).append(
+                    (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e))
+            while self.disc and self.disc[0][0] < t - self.window_ns:
+                self.disc.popleft()
+            for q in self.fresh.values():
+                while q and q[0][0] < t - self.window_ns:
+                    q.popleft()
+            if self.deleting is not None or not self.disc:
+                continue
+            dsum = sum(x[2] for x in self.disc)
+            for g, q in self.fresh.items():
+                if g in self.open:
+                    continue
+                f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
+                fsum = sum(x[2] for x in q)
+                if (dsum >= self.min_bytes * f_ and _places(self.disc) >= self.min_runs * f_
+                        and DELETE_RATIO[0] * dsum <= fsum <= DELETE_RATIO[1] * dsum):
+                    ep = Episode(self.session, self.dev, g, q[0][1], q[0][0], s, t, s, t)
+                    ep.kind = "encrypted into new files, originals deleted"
+                    ep.bytes = dsum
+                    ep.writes = len({x[1] for x in q})
+                    for x in q:
+                        ep.procs[x[3]] += x[2]
+                    for x in self.disc:
+                        ep.add_range(x[4], x[5])
+                    self.disc.clear()
+                    self.open[g] = ep
+                    self.deleting = ep
+                    self.episodes.append(ep)
+                    if self.on_episode is not None:
+                        self.on_episode(ep)
+                    break
 
     def _episodes(self, c, keep, cand, enc_blocks, start, length) -> None:
         stamp, tns, cg = c["stamp"], c["time_ns"], c["cgroup_id"]

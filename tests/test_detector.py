@@ -194,3 +194,59 @@ def test_serve_alerts_within_seconds(make_loop, tmp_path):
             srv.kill()
             srv.wait(30)
         reader.join(5)
+
+
+def _checksums_at(store, dev, stamp, tmp_path) -> dict:
+    img = tmp_path / f"at-{stamp}.img"
+    cli("restore", "--store", store, "--device", dev, "--at", f"stamp:{stamp}", "--to", img)
+    lo = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    rmnt = tmp_path / f"rmnt-{stamp}"
+    rmnt.mkdir()
+    try:
+        sh("mount", "-o", "ro", lo, rmnt)
+        try:
+            return wl.checksums(rmnt)
+        finally:
+            sh("umount", rmnt)
+    finally:
+        subprocess.run(["losetup", "-d", lo])
+        img.unlink()
+
+
+@pytest.mark.bpf
+def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
+    """ext4 mounted with -o discard: gzip/zstd of the logs (each deletes its input) does not
+    alarm; encrypting the documents into new files and deleting them does, and its clean
+    point holds every original."""
+    rng = random.Random(14)
+    loop = make_loop(size_mb=128)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", "-o", "discard", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng, docs=16)
+        with TraceProc([dev], log) as t:
+            wl.benign_compress(mnt)
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            t_attack = time.time_ns()
+            p = wl.attack("newfiles", files)
+            assert p.wait(120) == 0
+            time.sleep(1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == 1, eps
+    ep = eps[0]
+    assert ep["kind"] == "encrypted into new files, originals deleted", ep
+    assert _iso_ns(ep["started"]) >= t_attack - 5 * 10**6
+    assert _iso_ns(ep["detected"]) - t_attack <= 10 * 10**9, ep
+    after = _checksums_at(store, dev, ep["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad

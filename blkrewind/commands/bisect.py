@@ -44,13 +44,13 @@ from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
     p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (default: none)")
+                   help="host:name, name (loop3) or traced path (required)")
     p.add_argument("--good", required=True, metavar="POINT",
-                   help="a point known good (default: none)")
+                   help="a point known good (required)")
     p.add_argument("--bad", required=True, metavar="POINT",
-                   help="a later point known bad (default: none)")
+                   help="a later point known bad (required)")
     p.add_argument("--level", choices=("marks", "flush", "any"), default="flush",
                    help="the finest candidates: marks, flush points or any stamp "
                         "(default: flush)")

@@ -24,17 +24,19 @@ from blkrewind.errors import UserError
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
     p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (default: none)")
+                   help="host:name, name (loop3) or traced path (required)")
     p.add_argument("--from", dest="a", required=True, metavar="POINT",
-                   help="the earlier point (default: none)")
+                   help="the earlier point (required)")
     p.add_argument("--to", dest="b", required=True, metavar="POINT",
-                   help="the later point (default: none)")
+                   help="the later point (required)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--path", metavar="FILE", help="a file, relative to the file system's root")
+    g.add_argument("--path", metavar="FILE",
+                   help="a file, relative to the file system's root (this or --range is required)")
     g.add_argument("--range", metavar="START+LEN",
-                   help="device bytes: offset and length (suffixes K, M, G: KiB, MiB, GiB)")
+                   help="device bytes: offset and length, in bytes or with K, M, G (KiB, MiB, "
+                        "GiB) (this or --path is required)")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table, csv or json (default: table)")
 

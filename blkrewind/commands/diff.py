@@ -31,13 +31,13 @@ from blkrewind.errors import UserError
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
     p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (default: none)")
+                   help="host:name, name (loop3) or traced path (required)")
     p.add_argument("--from", dest="a", required=True, metavar="POINT",
-                   help="the earlier point (default: none)")
+                   help="the earlier point (required)")
     p.add_argument("--to", dest="b", required=True, metavar="POINT",
-                   help="the later point (default: none)")
+                   help="the later point (required)")
     p.add_argument("--ranges-only", action="store_true",
                    help="only the byte ranges, no file system read (default: off)")
     p.add_argument("--format", choices=FORMATS, default="table",

@@ -23,15 +23,15 @@ from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
     p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (default: none)")
+                   help="host:name, name (loop3) or traced path (required)")
     p.add_argument("--from", dest="t_from", metavar="POINT",
                    help="start of the time axis (default: the first write)")
     p.add_argument("--to", dest="t_to", metavar="POINT",
                    help="end of the time axis (default: the last write)")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="directory for report.html (made if missing; default: none)")
+                   help="directory for report.html (made if missing; required)")
 
 
 def point_time(store, device, text: str | None) -> int | None:

@@ -32,9 +32,9 @@ from blkrewind.errors import UserError  # noqa: F401  (raised by the store layer
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (default: none)")
+    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
     p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (/dev/loop3) (default: none)")
+                   help="host:name, name (loop3) or traced path (/dev/loop3) (required)")
     p.add_argument("--files", action="store_true",
                    help="also name the files (ext4, xfs) each episode overwrote, read from the "
                         "file system at its clean point (rebuilds a temporary image per "
@@ -58,7 +58,7 @@ def episodes(store, device) -> list[dict]:
             "after_s": round((ep.detect_ns - ep.first_ns) / 1e9, 3),
             "last": points.fmt_time(ep.last_ns),
             "processes": ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(4)),
-            "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
+            "kind": ep.kind, "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
             "ranges": " ".join(f"{a}+{e - a}" for a, e in rng[:6])
                       + (f" (+{len(rng) - 6} more)" if len(rng) > 6 else ""),
             "session": ep.session,
