@@ -507,6 +507,39 @@ def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]
     return stamp, (int(t[0]) if t and t[0] is not None else None), (m[0] if m else None)
 
 
+class LockedCon:
+    """The store's own connection, one statement and its result at a time under the store's
+    mutex (as every other user of it): serve's detector reads between commits."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def execute(self, sql: str, params=None):
+        with self.store.mutex:
+            r = self.store.con.execute(sql, params or [])
+            return _Result(r.fetchnumpy() if r.description else None, r.description)
+
+
+class _Result:
+    def __init__(self, arrays, description):
+        self._a = arrays
+        self.description = description
+
+    def fetchnumpy(self):
+        return self._a
+
+    def _rows(self):
+        cols = [c.tolist() for c in self._a.values()] if self._a else []
+        return list(zip(*cols))
+
+    def fetchall(self):
+        return self._rows()
+
+    def fetchone(self):
+        r = self._rows()
+        return r[0] if r else None
+
+
 class Watch:
     """Detectors of every (session, device) of a store, fed what was stored since the last
     pass (serve runs one pass every couple of seconds). A device is watched once its baseline

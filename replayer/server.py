@@ -359,22 +359,20 @@ class Server:
                      f"{' '.join(str(e).split())}")
 
     def _detector(self) -> None:
-        """Every detect_every s: the detector over what was stored since (its own cursor: it
-        reads while commits go on). A new episode is an ALERT line in the log and in status."""
+        """Every detect_every s: the detector over what was stored since, one query at a time
+        under the store's mutex (between commits; at most detector.CHUNK_ROWS rows each). A
+        new episode is an ALERT line in the log and in status."""
         from replayer import detector
 
-        with self.store.mutex:
-            cur = self.store.con.cursor()
-        self.watch = detector.Watch(cur, on_episode=lambda ep, device: self.log(
-            f"ALERT: possible ransomware: {detector.describe(ep, device)}"))
-        try:
-            while not self._stopping.wait(self.limits.detect_every):
-                try:
-                    self.watch.step()
-                except Exception as e:   # never the end of the server
-                    self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
-        finally:
-            cur.close()
+        self.watch = detector.Watch(detector.LockedCon(self.store),
+                                    on_episode=lambda ep, device: self.log(
+                                        f"ALERT: possible ransomware: "
+                                        f"{detector.describe(ep, device)}"))
+        while not self._stopping.wait(self.limits.detect_every):
+            try:
+                self.watch.step()
+            except Exception as e:   # never the end of the server
+                self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

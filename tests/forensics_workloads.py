@@ -4,6 +4,7 @@ originals, slowly) and benign work (gzip/zstd of logs, copying media and archive
 load, fio writing random data). Each runs as a real process on a real mounted loop device."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import random
@@ -13,6 +14,20 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+
+
+def syncfs(path) -> None:
+    """Write back the file system holding path (only it: a global sync waits for every file
+    system of the machine, a stuck one of another test included)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed")
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 WORDS = ("error warning info debug request response user session timeout retry connect "
          "disk block write read flush commit journal inode page cache kernel device").split()
@@ -40,7 +55,6 @@ for p in paths:
         os.unlink(p)
     if delay:
         time.sleep(delay)
-os.sync()
 """
 
 
@@ -93,7 +107,7 @@ def populate(mnt: Path, rng: random.Random, *, docs: int = 24, doc_kib=(16, 256)
         _write(mnt / "media" / f"photo{i}.jpg", b"\xff\xd8\xff\xe0" + rng.randbytes(media_kib << 10))
     for i in range(6):
         _write(mnt / "logs" / f"app{i}.log", log_text(rng, 1024 * rng.randrange(128, 512)))
-    os.sync()
+    syncfs(mnt)
     return files
 
 
@@ -119,7 +133,7 @@ def benign_compress(mnt: Path) -> None:
             subprocess.run(["gzip", "-6", str(p)], check=True)
         else:
             subprocess.run(["zstd", "-q", "--rm", str(p)], check=True)
-    os.sync()
+    syncfs(mnt)
 
 
 def benign_copy_media(mnt: Path, rng: random.Random) -> None:
@@ -129,7 +143,7 @@ def benign_copy_media(mnt: Path, rng: random.Random) -> None:
     for p in sorted((mnt / "media").glob("*")):
         subprocess.run(["cp", str(p), str(out / p.name)], check=True)
     _write(out / "bundle.tar.zst", rng.randbytes(1 << 20))
-    os.sync()
+    syncfs(mnt)
 
 
 def benign_sqlite(mnt: Path, rng: random.Random, seconds: float = 3.0) -> None:
@@ -142,7 +156,7 @@ def benign_sqlite(mnt: Path, rng: random.Random, seconds: float = 3.0) -> None:
         con.execute("INSERT INTO t (v) VALUES (?)", (log_text(rng, 300).decode(),))
         con.commit()
     con.close()
-    os.sync()
+    syncfs(mnt)
 
 
 def benign_fio(mnt: Path, size_mib: int = 16) -> None:
@@ -152,4 +166,4 @@ def benign_fio(mnt: Path, size_mib: int = 16) -> None:
         subprocess.run(["fio", "--name=rnd", f"--filename={mnt / 'fio.dat'}", f"--rw={rw}",
                         "--bs=64k", f"--size={size_mib}M", "--refill_buffers", "--direct=1",
                         "--output=/dev/null"], check=True)
-    os.sync()
+    syncfs(mnt)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from forensics_workloads import syncfs as wl_syncfs
 from tracerproc import TraceProc, cli, sh
 
 pytestmark = [pytest.mark.bpf]
@@ -42,10 +43,10 @@ def test_diff_files_blame(fstype, make_loop, tmp_path):
         for n in names:
             orig[n] = rng.randbytes(rng.randrange(20000, 300000))
             _write(mnt / "d" / n, orig[n])
-        os.sync()
+        wl_syncfs(mnt)
         with TraceProc([dev], log) as t:
             _write(mnt / "d" / "early", b"x" * 5000)     # before m1: not in the diff
-            os.sync()
+            wl_syncfs(mnt)
             cli("mark", "m1", "--log", log)
             _write(mnt / "d" / "new", rng.randbytes(123456))
             _write(mnt / "d" / "append", rng.randbytes(40000), "ab")
@@ -55,7 +56,7 @@ def test_diff_files_blame(fstype, make_loop, tmp_path):
                 f.flush()
                 os.fsync(f.fileno())
             os.unlink(mnt / "d" / "delete")
-            os.sync()
+            wl_syncfs(mnt)
             time.sleep(0.5)
             cli("mark", "m2", "--log", log)
             assert t.stop() == 0, t.stderr
