@@ -109,7 +109,8 @@ step_packages() {
     local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux mount fdisk python3-venv
                 kmod iproute2 ca-certificates man-db groff-base bash-completion)
     # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
-    # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py);
+    # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py; zstd also
+    # a benign workload of the ransomware detector's tests);
     # qemu-system-x86, busybox-static: the kernel matrix (tests/test_kernels.py, virtme-ng).
     [ "$mode" = test ] && want+=(prometheus debootstrap zstd qemu-system-x86 busybox-static)
     local missing=() p

@@ -31,6 +31,9 @@ writes -- one row per bio (not per payload piece)
     flags             text list of FUA, PREFLUSH, SYNC, META, READERR, TRUNC (e.g. 'FUA,SYNC')
     captured          payload bytes captured (== length for a complete write)
     complete          the bio's records are all present and valid
+    randomness        fraction in [0, 1] of the payload's sampled 256-byte segments that look
+                      random (ciphertext, compressed data); NULL without payload or for rows
+                      ingested before it was computed (replayer/entropy.py)
 
 marks -- named points set with `blkrewind mark`
     name, time, stamp, session
@@ -120,9 +123,12 @@ def _flags_text(expr: str) -> str:
     return f"concat_ws(',', {parts})"
 
 
-def view_sql(db: str) -> dict[str, str]:
-    """name -> SELECT defining the view; `db` is the catalog of the store's tables."""
+def view_sql(db: str, randomness: bool = True) -> dict[str, str]:
+    """name -> SELECT defining the view; `db` is the catalog of the store's tables
+    (randomness=False: a store whose records have no randomness column yet)."""
     t = f"{db}.main"
+    rnd = ("CAST(sum(r.randomness * r.len) / nullif(sum(CASE WHEN r.randomness IS NOT NULL "
+           "THEN r.len END), 0) AS REAL)" if randomness else "CAST(NULL AS REAL)")
     bad = record.F_READERR | record.F_TRUNC
     return {
         "writes": f"""
@@ -135,7 +141,8 @@ def view_sql(db: str) -> dict[str, str]:
                    (bit_or(r.flags) & {bad}) = 0 AND (bit_or(r.flags) & {record.F_NODATA} != 0
                      OR (bit_or(r.flags) & {record.F_FIRST | record.F_LAST}) =
                         {record.F_FIRST | record.F_LAST} AND sum(r.len) = any_value(r.bio_size))
-                     AS complete
+                     AS complete,
+                   {rnd} AS randomness
               FROM {t}.records r
               LEFT JOIN {t}.session_devices sd ON sd.session = r.session AND sd.dev = r.dev
              GROUP BY r.session, r.stamp""",
@@ -223,7 +230,9 @@ def view_sql(db: str) -> dict[str, str]:
 def define_views(con) -> list[str]:
     """Create the TEMP views on a connection to the store's database; returns their names."""
     db = con.execute("SELECT current_database()").fetchone()[0]
-    views = view_sql(f'"{db}"')
+    has = con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = ? AND "
+                      "table_name = 'records' AND column_name = 'randomness'", [db]).fetchone()[0]
+    views = view_sql(f'"{db}"', randomness=bool(has))
     for name, sql in views.items():
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
     return list(views)

@@ -126,12 +126,13 @@ def make_log(log_dir: str, device_bytes: int, write_bytes: int, seed: int = 1,
     return {"payload": payload, "log_bytes": w.bytes_written, "bios": stamp - REAL0 - 1}
 
 
-def cli(*args) -> tuple[float, float, str]:
+def cli(*args, env=None) -> tuple[float, float, str]:
     """Run blkrewind; (wall seconds, CPU seconds of the child, stderr+stdout)."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "blkrewind.cli", *map(str, args)], cwd=ROOT,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True,
+                       env=None if env is None else {**os.environ, **env})
     dt = time.monotonic() - t0
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
@@ -160,6 +161,9 @@ def main() -> None:
     ap.add_argument("--write-kib", default="4,4,8,16,64,128,256,512,1024",
                     help="sizes of the writes to pick from, KiB (multiples of 4)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--randomness-ab", action="store_true",
+                    help="only ingest, --rounds times each with and without the per-write "
+                         "randomness (replayer/entropy.py), alternating: its cost")
     a = ap.parse_args()
     base = a.dir or tempfile.mkdtemp(prefix="bench-store-")
     os.makedirs(base, exist_ok=True)
@@ -175,6 +179,8 @@ def main() -> None:
         subprocess.run(["sync"])  # a tracer's LOG is durable; no writeback left to compete with
         if a.cold:
             drop_caches()
+        if a.randomness_ab:
+            return randomness_ab(a, log, store, info)
         dt, cpu, out = cli("ingest", "--log", log, "--store", store, "--jobs", a.jobs)
         print(f"ingest  : {info['payload'] / dt / 1e6:7.0f} MB/s payload  ({dt:.1f} s wall, "
               f"{cpu:.1f} s CPU = {cpu / dt:.2f} cores, --jobs {a.jobs})")
@@ -210,6 +216,25 @@ def main() -> None:
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def randomness_ab(a, log: str, store: str, info: dict) -> None:
+    """Ingest the LOG into a new store with BLKREWIND_RANDOMNESS=0 and =1, alternating."""
+    res = {"0": [], "1": []}
+    for _ in range(a.rounds):
+        for k in ("0", "1"):
+            shutil.rmtree(store, ignore_errors=True)
+            dt, cpu, _ = cli("ingest", "--log", log, "--store", store, "--jobs", a.jobs,
+                             env={"BLKREWIND_RANDOMNESS": k})
+            res[k].append((dt, cpu))
+    for k, name in (("0", "without"), ("1", "with   ")):
+        ts = " ".join(f"{info['payload'] / dt / 1e6:.0f}" for dt, _ in res[k])
+        print(f"ingest {name} randomness: MB/s {ts}; CPU s "
+              f"{' '.join(f'{c:.1f}' for _, c in res[k])}")
+    med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
+    cpu = {k: sorted(c for _, c in v)[len(v) // 2] for k, v in res.items()}
+    print(f"with / without: wall {med['1'][0] / med['0'][0]:.3f}, "
+          f"CPU {cpu['1'] / cpu['0']:.3f} (medians of {a.rounds})")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,12 @@ COMMANDS = {
     "verify": "Compare a replica with the live device, or check the store's payload files.",
     "prune": "Fold history older than a duration into the base (frees space).",
     "tls": "Make a CA and per-host certificates for shipping (tls init DIR --hosts ...).",
+    "suspects": "List ransomware-like episodes (compressible data overwritten with random data).",
+    "report": "Write an HTML page with figures and tables about a device's history.",
+    "diff": "List the byte ranges and the files (ext4, xfs) changed between two points.",
+    "files": "Copy files out of a device as it was at a point (ext4, xfs).",
+    "blame": "Which processes wrote a file or byte range between two points, and when.",
+    "bisect": "Find the first bad point of a history by running a check on candidate points.",
 }
 
 

@@ -51,6 +51,7 @@ from blkrewind import record
 from blkrewind.errors import CorruptLog, StoreError, UserError
 from blkrewind.osutil import crc32
 from blkrewind.osutil import fsync_dir as _fsync_dir
+from replayer import entropy
 from replayer.store import Store
 from replayer.watermark import devices_changed, finalize
 
@@ -64,6 +65,8 @@ INCOMPRESSIBLE = 0.5         # ... but a batch whose sample lz4 cannot shrink be
                              # worth it for data it at least halves (file-system metadata,
                              # text), not for a mix of random and text (~0.75) or random
                              # data; and the restore saves a copy per byte
+RANDOMNESS = os.environ.get("BLKREWIND_RANDOMNESS", "1") != "0"  # per-row randomness
+                             # (replayer/entropy.py); 0 only to measure its cost (bench_store)
 ALL_FRAMES = 1 << 31         # "to the end of the segment" in a reservation
 
 HS = record.HEADER_SIZE
@@ -221,6 +224,17 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
             [_col(rtype[prows]), _col(h["stamp"][prows]), _col(h["seq"][prows]),
              _col(h["offset"][prows]), data], schema=PAYLOAD_SCHEMA)
         b.payload_bytes = int(offsets[-1])
+        rnd_all = np.full(n, np.nan, np.float32)
+        base_blocks = None
+        if RANDOMNESS:
+            kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB
+            kw = np.nonzero(~is_base[prows])[0]  # writes: one number
+            if len(kw):
+                rnd_all[prows[kw]] = entropy.randomness(values, offsets[kw], offsets[kw + 1])
+            if len(kb):
+                st, so = entropy.block_states(values, offsets[kb], offsets[kb + 1])
+                base_blocks = (row_of, kb, st, so)
+                rnd_all[prows[kb]] = entropy.fraction_random(st, so)
         # row groups of about RG_BYTES: rg of a row = how many RG_BYTES lie before it
         rg = offsets[:-1] // RG_BYTES
         bounds = np.nonzero(np.diff(rg))[0] + 1
@@ -235,11 +249,14 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
         pidx_all[prows] = (np.arange(len(prows)) - rg_start).astype(np.int32)
     else:
         prg_all = pidx_all = np.full(n, -1, np.int32)
+        rnd_all = np.full(n, np.nan, np.float32)
+        base_blocks = None
 
     def ref_cols(idx):
         has = row_of[idx] >= 0
         mask = ~has
-        return (pa.array(prg_all[idx], mask=mask), pa.array(pidx_all[idx], mask=mask))
+        return (pa.array(prg_all[idx], mask=mask), pa.array(pidx_all[idx], mask=mask),
+                pa.array(rnd_all[idx], mask=np.isnan(rnd_all[idx])))
 
     def sess_col(k: int) -> pa.Array:
         return pa.DictionaryArray.from_arrays(pa.array(np.zeros(k, np.int32)), pa.array([session]))
@@ -247,7 +264,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
     bi = np.nonzero(is_bio)[0]
     if len(bi):
         hb = h[bi]
-        prg, pidx = ref_cols(bi)
+        prg, pidx, rnd = ref_cols(bi)
         b.records = pa.table({
             "session": sess_col(len(bi)), "dev": _col(hb["dev"]), "stamp": _col(hb["stamp"]),
             "seq": _col(hb["seq"]), "time_ns": _col(time_ns[bi]), "ktime_ns": _col(hb["ktime_ns"]),
@@ -256,17 +273,18 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
             "bio_size": _col(hb["bio_size"]), "offset": _col(hb["offset"]),
             "len": _col(hb["len"]), "flags": _col(hb["flags"]), "tgid": _col(hb["tgid"]),
             "tid": _col(hb["tid"]), "op": _col(hb["op"]), "comm": _comm_array(hb["comm"]),
-            "prg": prg, "pidx": pidx})
+            "prg": prg, "pidx": pidx, "randomness": rnd})
     ba = np.nonzero(is_base)[0]
     if len(ba):
         hb = h[ba]
-        prg, pidx = ref_cols(ba)
+        prg, pidx, rnd = ref_cols(ba)
         b.base = pa.table({
             "session": sess_col(len(ba)), "dev": _col(hb["dev"]), "stamp": _col(hb["stamp"]),
             "seq": _col(hb["seq"]),
             "aux": _col(hb["aux"]), "time_ns": _col(time_ns[ba]), "sector": _col(hb["sector"]),
             "bio_size": _col(hb["bio_size"]), "flags": _col(hb["flags"]),
-            "prg": prg, "pidx": pidx})
+            "prg": prg, "pidx": pidx, "randomness": rnd,
+            "blocks": entropy.blocks_column(base_blocks, ba)})
     ci = np.nonzero(rtype == record.R_COMPLETE)[0]
     if len(ci):
         hc = h[ci]

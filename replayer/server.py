@@ -57,6 +57,8 @@ class Limits:
     # the full integrity check starts this long after start-up: reconnecting tracers are back
     # by then, so damage it finds reaches them at once as LACKS
     full_check_delay: float = 5.0
+    # the ransomware detector (replayer/detector.py) looks at what was stored every so often
+    detect_every: float = 2.0
 
 
 class Violation(Exception):
@@ -167,6 +169,7 @@ class Server:
         self.store_errors = 0
         self.restores: dict[str, list] = {}         # device -> [restores, bytes, seconds]
         self._check_state = "not started"
+        self.watch = None   # replayer/detector.Watch, made by the detector thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -214,7 +217,7 @@ class Server:
         self.log(f"listening on {_fmt_addr(a)} ({mode}), store {self.store_dir}, "
                  f"query socket {self.query.path}, max {self.limits.max_conns} connections")
         for name, target in (("accept", self._accept), ("finalizer", self._finalizer),
-                             ("full-check", self._full_check)):
+                             ("full-check", self._full_check), ("detector", self._detector)):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -307,7 +310,8 @@ class Server:
                 "tls": self.ctx is not None, "store": self.store_dir,
                 "store_error": self._store_error if time.monotonic() < self._store_down_until
                 else None, "integrity_check": self._check_state,
-                "connections": conns, "hosts": hosts, "totals": dict(self.totals)}
+                "connections": conns, "hosts": hosts, "totals": dict(self.totals),
+                "suspects": self.watch.summary() if self.watch is not None else []}
 
     # ------------------------------------------------------------------ threads
     def _accept(self) -> None:
@@ -362,6 +366,22 @@ class Server:
         except Exception as e:
             self.log(f"STORE ERROR while computing watermarks: {type(e).__name__}: "
                      f"{' '.join(str(e).split())}")
+
+    def _detector(self) -> None:
+        """Every detect_every s: the detector over what was stored since, one query at a time
+        under the store's mutex (between commits; at most detector.CHUNK_ROWS rows each). A
+        new episode is an ALERT line in the log and in status."""
+        from replayer import detector
+
+        self.watch = detector.Watch(detector.LockedCon(self.store),
+                                    on_episode=lambda ep, device: self.log(
+                                        f"ALERT: possible ransomware: "
+                                        f"{detector.describe(ep, device)}"))
+        while not self._stopping.wait(self.limits.detect_every):
+            try:
+                self.watch.step()
+            except Exception as e:   # never the end of the server
+                self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

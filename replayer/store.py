@@ -135,11 +135,11 @@ SCHEMA = [
         ktime_ns UBIGINT, sector UBIGINT, part_start UBIGINT, cgroup_id UBIGINT, aux UBIGINT,
         opf UINTEGER, bio_size UINTEGER, "offset" UINTEGER, len UINTEGER, flags UINTEGER,
         tgid UINTEGER, tid UINTEGER, op UTINYINT, comm VARCHAR,
-        pfile INTEGER, prg INTEGER, pidx INTEGER, batch INTEGER)""",
+        pfile INTEGER, prg INTEGER, pidx INTEGER, batch INTEGER, randomness REAL)""",
     """CREATE TABLE IF NOT EXISTS base (
         session VARCHAR, dev UINTEGER, stamp UBIGINT, seq UBIGINT, aux UBIGINT, time_ns BIGINT,
         sector UBIGINT, bio_size UINTEGER, flags UINTEGER, pfile INTEGER, prg INTEGER,
-        pidx INTEGER, batch INTEGER)""",
+        pidx INTEGER, batch INTEGER, randomness REAL, blocks BLOB)""",
     """CREATE TABLE IF NOT EXISTS marks (
         session VARCHAR, stamp UBIGINT, seq UBIGINT, time_ns BIGINT, name VARCHAR,
         tgid UINTEGER, tid UINTEGER, comm VARCHAR, batch INTEGER)""",
@@ -178,6 +178,17 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS pruned (
         session VARCHAR, dev UINTEGER, stamp UBIGINT, time_ns BIGINT, whole BOOLEAN,
         kept UBIGINT[], batch INTEGER, PRIMARY KEY (session, dev))""",
+]
+
+# Columns added to tables of this format after stores were made with it: every writer applies
+# them (older rows hold NULL); a reader of a store no writer opened since sees them missing
+# (analytics/views.py, Store.has_column).
+MIGRATIONS = [
+    # replayer/entropy.py: fraction of a payload piece's sampled segments that look random
+    "ALTER TABLE records ADD COLUMN IF NOT EXISTS randomness REAL",
+    "ALTER TABLE base ADD COLUMN IF NOT EXISTS randomness REAL",
+    # ... and a state per 4 KiB block of a baseline chunk (entropy.block_states)
+    "ALTER TABLE base ADD COLUMN IF NOT EXISTS blocks BLOB",
 ]
 
 
@@ -274,6 +285,8 @@ class Store:
         con.execute("BEGIN")
         for ddl in SCHEMA:
             con.execute(ddl)
+        for ddl in MIGRATIONS:  # columns added since stores of this format were made
+            con.execute(ddl)
         con.execute("INSERT INTO store_info VALUES ('format', ?) ON CONFLICT DO NOTHING",
                     [FORMAT_VERSION])
         con.execute("INSERT INTO store_info VALUES ('created', ?) ON CONFLICT DO NOTHING",
@@ -325,6 +338,11 @@ class Store:
         return os.path.join(self.path, rel)
 
     # --------------------------------------------------------------- queries
+    def has_column(self, table: str, column: str) -> bool:
+        return bool(self.query_one(
+            "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND table_name = ? AND column_name = ?", [table, column])[0])
+
     def query(self, sql: str, params=None) -> list[tuple]:
         with self.mutex:
             return self.con.execute(sql, params or []).fetchall()

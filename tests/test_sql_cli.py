@@ -18,7 +18,7 @@ COLUMNS = {
     "devices": ["device", "host", "name", "path", "size_bytes", "sessions", "first_time",
                 "last_time", "restorable_from", "restorable_to"],
     "writes": ["time", "stamp", "device", "session", "op", "sector", "length", "pid", "tid",
-               "comm", "cgroup_id", "flags", "captured", "complete"],
+               "comm", "cgroup_id", "flags", "captured", "complete", "randomness"],
     "marks": ["name", "time", "stamp", "session", "devices", "pid", "comm", "restorable"],
     "sessions": ["session", "host", "started", "ended", "clean", "stamp_base", "end_stamp",
                  "watermark", "watermark_time", "first_gap", "gap_reason", "stamps_after_gap",

@@ -197,6 +197,11 @@ def _with_server(path, hosts: dict, server: dict | None, now_ns: int) -> dict:
                                                      "store_error", "integrity_check",
                                                      "started_ns", "totals")}
         out["server"]["connections"] = len(server.get("connections", []))
+        # episodes the server's ransomware detector found (replayer/detector.py)
+        out["suspects"] = [{**e, "first_time": _iso(e.get("first_ns")),
+                            "detect_time": _iso(e.get("detect_ns")),
+                            "last_time": _iso(e.get("last_ns"))}
+                           for e in server.get("suspects") or []]
     return out
 
 
@@ -293,6 +298,13 @@ def _store_tables(d: dict):
                          _rate(v["write_rate_Bps"]), str(v["gaps"]), note)
     out = [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
         else [devs]
+    for e in d.get("suspects") or []:
+        procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in list(e["procs"].items())[:3])
+        out.append(f"ALERT: possible ransomware on {e['device']} since {e['first_time']} "
+                   f"(detected {e['detect_time']}, last write {e['last_time']}): {procs} "
+                   f"replaced {e['bytes'] >> 10} KiB of compressible data with random data; "
+                   f"last clean point before stamp {e['first_stamp']}: blkrewind suspects "
+                   f"--store {d['store']} --device {e['device']}")
     for u in d.get("unfinished_restores") or []:
         state = "in progress" if u["running"] else "INTERRUPTED: the device is INCOMPLETE"
         out.append(f"restore onto {u.get('target')} of {u.get('device')} at {u.get('at')} "

@@ -1,0 +1,595 @@
+"""Ransomware caught while it runs: episodes where a process group overwrites data that was
+compressible with data that is not.
+
+Each payload piece has its randomness (replayer/entropy.py, `records.randomness`: the fraction
+of sampled segments that look random). Random-looking data alone means nothing (media,
+archives, an encrypted volume, fio's buffers); what ransomware does and little else does is
+*replace* data that was compressible (text, databases, documents) by ciphertext, over many
+places, at a rate. So the detector keeps, per device and session, the state of every block of
+BLOCK bytes as the history left it (`BlockMap`: unknown, zeroes, or the randomness of the last
+write or baseline chunk that covered it) and looks at what each write replaces:
+
+- a write is *random* when its randomness >= RANDOM_WRITE;
+- a random write *encrypts* the blocks whose previous state was compressible data (randomness
+  <= COMPRESSIBLE, not zeroes: new files in free space replace zeroes; not unknown);
+- per group (the submitting process in its cgroup; the flusher threads, which submit
+  buffered writes, as one group per cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
+  encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (a write that
+  does not continue the previous one, or continues it after more than PLACE_NS: files; a new
+  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place).
+  The flusher group (kworker/*: buffered writes of every process of the cgroup, e.g. the
+  outputs of a log rotation landing on the freed blocks of the logs it deleted) needs
+  FLUSHER_FACTOR times the bytes and places (seen in tests/test_detector.py: 580 KiB of
+  gzip/zstd output over freed log blocks in 13 writes at 8 places). The episode begins at the group's first random
+  write over existing data (any randomness before: a jpeg encrypted first replaces random
+  data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
+  while encrypting writes follow each other within WINDOW_NS.
+
+Encryption into new files, then deletion of the originals, replaces nothing in place: the
+ciphertext goes to free space and the deletion only writes metadata. Where the file system
+discards what it frees (mounted with `discard`), the deletion is seen: compressible data
+discarded (at least MIN_BYTES at MIN_RUNS places within WINDOW_NS) while one group wrote
+DELETE_RATIO (0.5-2) times as much random data into free space is an episode of that group
+(gzip + delete writes a fifth of what it deletes; deleting media discards random data).
+
+What it cannot see: the same without discard (the default mount of ext4 and xfs; fstrim
+later shows the discards too late), unless the new files reuse blocks that held compressible
+data;
+data encrypted by a process that writes through the page cache without fsync reaches the device
+at writeback (up to dirty_expire_centisecs, 30 s by default), so the alert follows the
+writeback, not the encryption; and the group of buffered writes is the flusher's.
+
+`Detector` is incremental (serve feeds it the writes stored since its last pass); `scan()`
+runs it over a whole session.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from blkrewind import record
+from replayer import entropy
+
+BLOCK = 4096
+MAX_BLOCKS = 1 << 26          # larger devices get larger blocks (64 MiB of state at most)
+UNKNOWN, ZERO = 255, 254      # block states besides 0..100 (randomness in percent)
+RANDOM_WRITE = 0.75
+COMPRESSIBLE = 0.5
+WINDOW_NS = 10 * 10**9
+MIN_BYTES = 128 << 10
+MIN_WRITES = 4
+MIN_RUNS = 3                  # separate places (_places)
+PLACE_NS = 500 * 10**6
+DELETE_RATIO = (0.5, 2.0)     # random bytes into free space per compressible byte discarded
+FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places (1 MiB, 24)
+CHUNK_ROWS = 200_000
+
+
+@dataclass
+class Episode:
+    session: str
+    dev: int
+    group: tuple                    # (cgroup id, tgid, comm): _group()
+    first_stamp: int                # first write of the episode
+    first_ns: int
+    detect_stamp: int               # the write that made it an episode
+    detect_ns: int
+    last_stamp: int
+    last_ns: int
+    bytes: int = 0                  # bytes of compressible data replaced by random data
+    writes: int = 0                 # writes that did so
+    procs: Counter = field(default_factory=Counter)   # "comm[pid]" -> bytes
+    kind: str = "overwrote compressible data with random data"
+    ranges: list = field(default_factory=list)        # [start, end) byte ranges its processes
+                                                      # overwrote with random data
+
+    def add_range(self, a: int, e: int) -> None:
+        r = self.ranges
+        if r and a <= r[-1][1] and e >= r[-1][0]:
+            r[-1][0] = min(r[-1][0], a)
+            r[-1][1] = max(r[-1][1], e)
+        else:
+            r.append([a, e])
+
+    def merged_ranges(self) -> list[list[int]]:
+        out: list[list[int]] = []
+        for a, e in sorted(self.ranges):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([a, e])
+        return out
+
+    def row(self) -> dict:
+        return {"session": self.session, "dev": self.dev, "group": self.group,
+                "first_stamp": self.first_stamp, "first_ns": self.first_ns,
+                "detect_stamp": self.detect_stamp, "detect_ns": self.detect_ns,
+                "last_stamp": self.last_stamp, "last_ns": self.last_ns, "bytes": self.bytes,
+                "writes": self.writes, "procs": dict(self.procs.most_common(10)),
+                "kind": self.kind,
+                "ranges": self.merged_ranges()}
+
+
+class BlockMap:
+    """The state of every block of a device (UNKNOWN, ZERO, or randomness 0..100)."""
+
+    def __init__(self, size_bytes: int):
+        bs = BLOCK
+        while -(-size_bytes // bs) > MAX_BLOCKS:
+            bs *= 2
+        self.block = bs
+        self.state = np.full(max(1, -(-size_bytes // bs)), UNKNOWN, np.uint8)
+
+    def blocks(self, start: np.ndarray, length: np.ndarray):
+        """(block index, row) of every block the byte ranges touch."""
+        b0 = start // self.block
+        b1 = np.minimum((start + np.maximum(length, 1) - 1) // self.block, len(self.state) - 1)
+        nb = np.maximum(b1 - b0 + 1, 0)
+        rows = np.repeat(np.arange(len(start)), nb)
+        first = np.cumsum(nb) - nb
+        blk = np.repeat(b0, nb) + (np.arange(int(nb.sum())) - np.repeat(first, nb))
+        return blk, rows
+
+    def apply(self, start: np.ndarray, length: np.ndarray, value: np.ndarray) -> tuple:
+        """Write `value` (per row, uint8 state) over the rows' blocks, in row order; returns
+        (blk, rows, prev): each touched block, its row and its state before that row."""
+        blk, rows = self.blocks(start, length)
+        if len(blk) == 0:
+            return blk, rows, np.empty(0, np.uint8)
+        val = value[rows]
+        o = np.lexsort((rows, blk))
+        bs, vs = blk[o], val[o]
+        prev_sorted = self.state[bs]
+        same = np.zeros(len(bs), bool)
+        same[1:] = bs[1:] == bs[:-1]
+        idx = np.nonzero(same)[0]
+        prev_sorted[idx] = vs[idx - 1]
+        last = np.ones(len(bs), bool)
+        last[:-1] = bs[1:] != bs[:-1]
+        self.state[bs[last]] = vs[last]
+        prev = np.empty_like(prev_sorted)
+        prev[o] = prev_sorted
+        return blk, rows, prev
+
+
+def state_of(randomness: np.ndarray) -> np.ndarray:
+    """Block state of written data with this randomness (NaN: unknown)."""
+    r = np.asarray(randomness, np.float64)
+    out = np.full(len(r), UNKNOWN, np.uint8)
+    ok = ~np.isnan(r)
+    out[ok] = np.clip(np.rint(r[ok] * 100), 0, 100).astype(np.uint8)
+    return out
+
+
+class Detector:
+    """Episodes of one (session, device). feed_base() the baseline first, then feed() the
+    writes in stamp order (any chunking). `episodes` holds every episode (open ones too);
+    `on_episode(ep)` is called once when one starts."""
+
+    def __init__(self, session: str, dev: int, size_bytes: int, *, on_episode=None,
+                 window_ns: int = WINDOW_NS, min_bytes: int = MIN_BYTES,
+                 min_writes: int = MIN_WRITES, min_runs: int = MIN_RUNS):
+        self.session, self.dev = session, dev
+        self.map = BlockMap(size_bytes)
+        self.window_ns, self.min_bytes, self.min_writes = window_ns, min_bytes, min_writes
+        self.min_runs = min_runs
+        self.on_episode = on_episode
+        self.episodes: list[Episode] = []
+        self.open: dict[tuple, Episode] = {}
+        # per group: recent (time_ns, stamp, encrypted bytes) and random overwrites
+        self.recent: dict[tuple, deque] = {}
+        self.touch: dict[tuple, deque] = {}
+        self.disc: deque = deque()                     # compressible data discarded
+        self.fresh: dict[tuple, deque] = {}            # random data written into free space
+        self.deleting: Episode | None = None           # the open deletion episode
+        self.last_stamp = 0
+
+    def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
+        """Baseline (or resync) chunks, in the order they apply (larger aux last); `blocks`:
+        per chunk its state per 4 KiB (entropy.block_states) or None."""
+        sector = np.asarray(sector, np.int64)
+        nbytes = np.asarray(nbytes, np.int64)
+        st = state_of(randomness)
+        st[(np.asarray(flags, np.int64) & record.F_ZERO) != 0] = ZERO
+        if blocks is None:
+            blocks = [None] * len(sector)
+        starts, lens, vals = [], [], []
+        for i, bl in enumerate(blocks):
+            off = int(sector[i]) * 512
+            if bl is None or len(bl) == 0:
+                starts.append(np.array([off]))
+                lens.append(np.array([int(nbytes[i])]))
+                vals.append(np.array([st[i]], np.uint8))
+                continue
+            k = len(bl)
+            a = off + np.arange(k, dtype=np.int64) * entropy.BLOCK
+            starts.append(a)
+            lens.append(np.minimum(entropy.BLOCK, off + int(nbytes[i]) - a))
+            vals.append(np.frombuffer(bytes(bl), np.uint8))
+        if starts:
+            self.map.apply(np.concatenate(starts), np.concatenate(lens), np.concatenate(vals))
+
+    def feed(self, c: dict) -> None:
+        """Write pieces in stamp order: numpy columns stamp, time_ns, sector, offset, len,
+        bio_size, op, randomness, cgroup_id, tgid, comm (object array)."""
+        n = len(c["stamp"])
+        if n == 0:
+            return
+        op = np.asarray(c["op"], np.int64)
+        ln = np.asarray(c["len"], np.int64)
+        zeroing = np.isin(op, list(record.ZEROING_OPS))
+        data = (op == record.OP_WRITE) & (ln > 0)
+        keep = np.nonzero(data | zeroing)[0]
+        if len(keep) == 0:
+            self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+            return
+        sector = np.asarray(c["sector"], np.int64)[keep]
+        start = sector * 512 + np.where(zeroing[keep], 0, np.asarray(c["offset"], np.int64)[keep])
+        length = np.where(zeroing[keep], np.asarray(c["bio_size"], np.int64)[keep], ln[keep])
+        rnd = np.asarray(c["randomness"], np.float64)[keep]
+        val = state_of(rnd)
+        val[zeroing[keep]] = ZERO
+        blk, rows, prev = self.map.apply(start, length, val)
+        rnd_row = np.nan_to_num(rnd, nan=0.0) >= RANDOM_WRITE
+        rnd_row &= ~zeroing[keep]
+        if rnd_row.any():
+            r_blk = rnd_row[rows]
+            comp = r_blk & (prev <= int(COMPRESSIBLE * 100))
+            over = r_blk & (prev <= 100)              # existing data of any kind
+            nb = len(keep)
+            enc_blocks = np.bincount(rows[comp], minlength=nb)
+            over_blocks = np.bincount(rows[over], minlength=nb)
+            cand = np.nonzero(over_blocks > 0)[0]
+            self._episodes(c, keep, cand, enc_blocks, start, length)
+        # encryption into new files, then deletion: visible where deletions are discarded
+        z_blk = zeroing[keep][rows]
+        d_comp = np.bincount(rows[z_blk & (prev <= int(COMPRESSIBLE * 100))],
+                             minlength=len(keep))
+        f_rnd = np.bincount(rows[rnd_row[rows] & (prev >= ZERO)], minlength=len(keep)) \
+            if rnd_row.any() else np.zeros(len(keep), np.int64)
+        ev = np.nonzero((d_comp > 0) | (f_rnd > 0))[0]
+        if len(ev):
+            self._deletions(c, keep, ev, d_comp, f_rnd, start, length)
+        self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+
+    def _deletions(self, c, keep, ev, d_comp, f_rnd, start, length) -> None:
+        """Compressible data discarded (a deletion on a file system mounted with discard)
+        while one group writes about as much random data into free space: an episode of that
+        group (encrypting into new files and deleting the originals). Its ranges are the
+        deleted data (the originals, readable at the clean point)."""
+        stamp, tns, cg, tgid, comm = (c["stamp"], c["time_ns"], c["cgroup_id"], c["tgid"],
+                                      c["comm"])
+        bs = self.map.block
+        for k in ev.tolist():
+            i = int(keep[k])
+            s, t = int(stamp[i]), int(tns[i])
+            a, e = int(start[k]), int(start[k] + length[k])
+            dl = self.deleting
+            if dl is not None and t - dl.last_ns > self.window_ns:
+                dl = self.deleting = None
+            if d_comp[k] and dl is not None:    # the open episode's deletions go on
+                dl.bytes += min(int(d_comp[k]) * bs, e - a)
+                dl.add_range(a, e)
+                dl.last_stamp, dl.last_ns = s, t
+            elif d_comp[k]:
+                self.disc.append((t, s, min(int(d_comp[k]) * bs, e - a), "", a, e))
+            if f_rnd[k]:
+                g = _group(int(cg[i]), int(tgid[i]), comm[i])
+                self.fresh.setdefault(g, deque()).append(
+                    (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e))
+            while self.disc and self.disc[0][0] < t - self.window_ns:
+                self.disc.popleft()
+            for q in self.fresh.values():
+                while q and q[0][0] < t - self.window_ns:
+                    q.popleft()
+            if self.deleting is not None or not self.disc:
+                continue
+            dsum = sum(x[2] for x in self.disc)
+            for g, q in self.fresh.items():
+                if g in self.open:
+                    continue
+                f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
+                fsum = sum(x[2] for x in q)
+                if (dsum >= self.min_bytes * f_ and _places(self.disc) >= self.min_runs * f_
+                        and DELETE_RATIO[0] * dsum <= fsum <= DELETE_RATIO[1] * dsum):
+                    ep = Episode(self.session, self.dev, g, q[0][1], q[0][0], s, t, s, t)
+                    ep.kind = "encrypted into new files, originals deleted"
+                    ep.bytes = dsum
+                    ep.writes = len({x[1] for x in q})
+                    for x in q:
+                        ep.procs[x[3]] += x[2]
+                    for x in self.disc:
+                        ep.add_range(x[4], x[5])
+                    self.disc.clear()
+                    self.open[g] = ep
+                    self.deleting = ep
+                    self.episodes.append(ep)
+                    if self.on_episode is not None:
+                        self.on_episode(ep)
+                    break
+
+    def _episodes(self, c, keep, cand, enc_blocks, start, length) -> None:
+        stamp, tns, cg = c["stamp"], c["time_ns"], c["cgroup_id"]
+        tgid, comm = c["tgid"], c["comm"]
+        bs = self.map.block
+        for k in cand.tolist():
+            i = int(keep[k])
+            g, s, t = _group(int(cg[i]), int(tgid[i]), comm[i]), int(stamp[i]), int(tns[i])
+            enc = min(int(enc_blocks[k]) * bs, int(length[k]))
+            who = f"{comm[i]}[{int(tgid[i])}]"
+            touch = self.touch.setdefault(g, deque())
+            touch.append((t, s, who, int(start[k]), int(start[k] + length[k])))
+            while touch and touch[0][0] < t - self.window_ns:
+                touch.popleft()
+            ep = self.open.get(g)
+            if ep is not None and t - ep.last_ns > self.window_ns:
+                del self.open[g]
+                ep = None
+            if enc == 0:   # random over random: part of an open episode of its process
+                if ep is not None and who in ep.procs:
+                    ep.add_range(int(start[k]), int(start[k] + length[k]))
+                continue
+            if ep is not None:
+                ep.last_stamp, ep.last_ns = s, t
+                ep.bytes += enc
+                ep.writes += 1
+                ep.procs[who] += enc
+                ep.add_range(int(start[k]), int(start[k] + length[k]))
+                continue
+            rec = self.recent.setdefault(g, deque())
+            rec.append((t, s, enc, who, int(start[k]), int(start[k] + length[k])))
+            while rec and rec[0][0] < t - self.window_ns:
+                rec.popleft()
+            total = sum(x[2] for x in rec)
+            nwrites = len({x[1] for x in rec})
+            k_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
+            if (total >= self.min_bytes * k_ and nwrites >= self.min_writes
+                    and _places(rec) >= self.min_runs * k_):
+                whos = {x[3] for x in rec}   # its first random overwrite by these processes
+                mine = [x for x in touch if x[2] in whos]
+                t0, s0 = min([(x[0], x[1]) for x in mine] + [(rec[0][0], rec[0][1])],
+                             key=lambda x: x[1])
+                ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
+                for x in mine:
+                    ep.add_range(x[3], x[4])
+                for (_, _, e, w, a, b) in rec:
+                    ep.bytes += e
+                    ep.writes += 1
+                    ep.procs[w] += e
+                    ep.add_range(a, b)
+                rec.clear()
+                self.open[g] = ep
+                self.episodes.append(ep)
+                if self.on_episode is not None:
+                    self.on_episode(ep)
+
+
+def _group(cgroup: int, tgid: int, comm: str) -> tuple:
+    """What an episode is counted per: the submitting process in its cgroup; the flusher
+    threads (kworker/*) of a cgroup as one (buffered writes of any process of the cgroup)."""
+    if comm.startswith("kworker/"):
+        return (cgroup, 0, "kworker")
+    return (cgroup, tgid, comm)
+
+
+def _places(rec) -> int:
+    """How many separate places the encrypting writes (time, stamp, bytes, who, start, end),
+    in stamp order, went to: a write starts a new place unless it continues the previous one
+    (starts where it ended, or overlaps it) within PLACE_NS. Files next to each other
+    encrypted one a second are separate places; one file written sequentially is one."""
+    n, prev = 0, None
+    for t, _, _, _, a, e in rec:
+        if prev is None or t - prev[0] > PLACE_NS or not (prev[1] <= a <= prev[2]
+                                                          or a <= prev[1] < e):
+            n += 1
+        prev = (t, min(a, prev[1]) if prev and prev[1] <= a <= prev[2] else a, e)
+    return n
+
+
+# ------------------------------------------------------------------ reading a store
+COLS = ("stamp", "time_ns", "sector", "offset", "len", "bio_size", "op", "randomness",
+        "cgroup_id", "tgid", "comm")
+
+
+def _columns(con, sql: str, params) -> dict:
+    r = con.execute(sql, params).fetchnumpy()
+    out = {}
+    for name, col in r.items():
+        if isinstance(col, np.ma.MaskedArray):
+            if name == "randomness":
+                col = col.astype(np.float64).filled(np.nan)
+            elif name == "blocks":
+                col = np.array([None if m else v for v, m in
+                                zip(col.data.tolist(), np.ma.getmaskarray(col).tolist())], object)
+            else:
+                col = col.filled(0)
+        out[name] = np.asarray(col)
+    return out
+
+
+def _has_column(con, table: str, column: str) -> bool:
+    return bool(con.execute(
+        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND table_name = ? AND column_name = ?", [table, column]).fetchone()[0])
+
+
+def _con(store):
+    return getattr(store, "con", store)
+
+
+def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
+    """A Detector of (session, dev) with the session's baseline applied (store: a Store or a
+    DuckDB connection/cursor to the store's database)."""
+    con = _con(store)
+    det = Detector(session, dev, size_bytes, **kw)
+    has = _has_column(con, "base", "blocks")
+    rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
+    b = _columns(con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
+                 "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux", [session, dev])
+    if len(b.get("sector", [])):
+        det.feed_base(b["sector"], b["bio_size"], b["flags"],
+                      np.asarray(b["randomness"], np.float64), list(b["blocks"]))
+    return det
+
+
+def advance(store, det: Detector, upto: int | None = None) -> None:
+    """Feed the detector the records of its (session, dev) after its last stamp."""
+    con = _con(store)
+    has = _has_column(con, "records", "randomness")
+    rsel = "randomness" if has else "NULL::REAL AS randomness"
+    lo = det.last_stamp
+    while True:
+        sql = (f"SELECT stamp, time_ns, sector, \"offset\", len, bio_size, op, {rsel}, "
+               "cgroup_id, tgid, comm FROM records WHERE session = ? AND dev = ? AND stamp > ? "
+               + ("AND stamp <= ? " if upto is not None else "")
+               + "ORDER BY stamp, \"offset\" LIMIT ?")
+        params = [det.session, det.dev, lo] + ([upto] if upto is not None else []) + [CHUNK_ROWS]
+        c = _columns(con, sql, params)
+        n = len(c.get("stamp", []))
+        if n == 0:
+            return
+        if n == CHUNK_ROWS:   # do not split a stamp between two chunks
+            last = c["stamp"][-1]
+            cut = int(np.searchsorted(c["stamp"], last))
+            if cut > 0:
+                c = {k: v[:cut] for k, v in c.items()}
+        c["randomness"] = np.asarray(c["randomness"], np.float64)
+        det.feed(c)
+        lo = det.last_stamp
+        if n < CHUNK_ROWS:
+            return
+
+
+def scan(store, session: str, dev: int, size_bytes: int, upto: int | None = None,
+         **kw) -> list[Episode]:
+    det = start(store, session, dev, size_bytes, **kw)
+    advance(store, det, upto)
+    return det.episodes
+
+
+def scan_device(store, device: str) -> list[Episode]:
+    """Episodes of every session of a store device (host:name), oldest first."""
+    eps: list[Episode] = []
+    for session, dev, size in store.query(
+            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+            "JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
+        eps += scan(store, session, int(dev), int(size or 0))
+    return eps
+
+
+def episode_json(ep: Episode) -> str:
+    return json.dumps(ep.row(), sort_keys=True)
+
+
+def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]:
+    """(stamp, time_ns, mark name) of the last restorable point before the episode's first
+    write: the stamp just before it when restorable, else the end of the last restorable
+    interval before it; the newest restorable mark at or before that stamp (or None)."""
+    row = store.query_one(
+        "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
+        "AND from_stamp <= ?", [ep.first_stamp - 1, ep.session, ep.dev, ep.first_stamp - 1])
+    stamp = row[0] if row else None
+    if stamp is None:
+        return None, None, None
+    stamp = int(stamp)
+    t = store.query_one("SELECT max(time_ns) FROM (SELECT time_ns FROM records WHERE session = ? "
+                        "AND stamp = ? UNION ALL SELECT time_ns FROM marks WHERE session = ? "
+                        "AND stamp = ? UNION ALL SELECT time_ns FROM points WHERE session = ? "
+                        "AND stamp = ?)", [ep.session, stamp] * 3)
+    m = store.query_one(
+        "SELECT name FROM marks m WHERE session = ? AND stamp <= ? AND EXISTS (SELECT 1 FROM "
+        "restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
+        "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [ep.session, stamp, ep.dev])
+    return stamp, (int(t[0]) if t and t[0] is not None else None), (m[0] if m else None)
+
+
+class LockedCon:
+    """The store's own connection, one statement and its result at a time under the store's
+    mutex (as every other user of it): serve's detector reads between commits."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def execute(self, sql: str, params=None):
+        with self.store.mutex:
+            r = self.store.con.execute(sql, params or [])
+            return _Result(r.fetchnumpy() if r.description else None, r.description)
+
+
+class _Result:
+    def __init__(self, arrays, description):
+        self._a = arrays
+        self.description = description
+
+    def fetchnumpy(self):
+        return self._a
+
+    def _rows(self):
+        cols = [c.tolist() for c in self._a.values()] if self._a else []
+        return list(zip(*cols))
+
+    def fetchall(self):
+        return self._rows()
+
+    def fetchone(self):
+        r = self._rows()
+        return r[0] if r else None
+
+
+class Watch:
+    """Detectors of every (session, device) of a store, fed what was stored since the last
+    pass (serve runs one pass every couple of seconds). A device is watched once its baseline
+    is stored (its baseline_end point). New episodes go to on_episode(ep, device)."""
+
+    def __init__(self, con, on_episode=None):
+        self.con = con
+        self.on_episode = on_episode
+        self.dets: dict[tuple, Detector] = {}
+        self.devices: dict[tuple, str] = {}
+        self.episodes: list[tuple[str, Episode]] = []
+
+    def step(self) -> int:
+        """One pass; returns how many new episodes it found."""
+        new = 0
+        rows = self.con.execute(
+            "SELECT sd.session, sd.dev, sd.size_bytes, sd.device FROM session_devices sd "
+            "WHERE sd.baseline_end IS NOT NULL").fetchall()
+        for session, dev, size, device in rows:
+            key = (session, int(dev))
+            det = self.dets.get(key)
+            if det is None:
+                found: list[Episode] = []
+                det = start(self.con, session, int(dev), int(size or 0),
+                            on_episode=found.append)
+                self.dets[key] = det
+                self.devices[key] = device
+            before = len(det.episodes)
+            advance(self.con, det)
+            for ep in det.episodes[before:]:
+                self.episodes.append((device, ep))
+                new += 1
+                if self.on_episode is not None:
+                    self.on_episode(ep, device)
+        return new
+
+    def summary(self, limit: int = 20) -> list[dict]:
+        out = []
+        for device, ep in self.episodes[-limit:]:
+            r = ep.row()
+            r["device"] = device
+            r["group"] = list(ep.group)
+            out.append(r)
+        return out
+
+
+def describe(ep: Episode, device: str) -> str:
+    """One line about an episode (serve's log)."""
+    procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(3))
+    return (f"{device}: {procs} replaced {ep.bytes >> 10} KiB of compressible data with random "
+            f"data in {ep.writes} writes, {len(ep.merged_ranges())} places, since stamp "
+            f"{ep.first_stamp}; last clean point: stamp {ep.first_stamp - 1} or earlier "
+            f"(blkrewind suspects --device {device} lists it with the restore command)")

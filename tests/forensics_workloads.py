@@ -1,0 +1,169 @@
+"""Workloads of the detector's evaluation (tests/test_detector.py, bench/bench_detector.py): a
+file system with mixed content, attacks (AES in place, into new files then deleting the
+originals, slowly) and benign work (gzip/zstd of logs, copying media and archives, SQLite under
+load, fio writing random data). Each runs as a real process on a real mounted loop device."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+
+def syncfs(path) -> None:
+    """Write back the file system holding path (only it: a global sync waits for every file
+    system of the machine, a stuck one of another test included)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            raise OSError(ctypes.get_errno(), "syncfs failed")
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+WORDS = ("error warning info debug request response user session timeout retry connect "
+         "disk block write read flush commit journal inode page cache kernel device").split()
+
+ATTACK = r"""
+import os, sys, time
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+mode, delay, paths = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+key, nonce = os.urandom(32), os.urandom(16)
+for p in paths:
+    with open(p, "rb") as f:
+        data = f.read()
+    enc = Cipher(algorithms.AES(key), modes.CTR(nonce)).encryptor()
+    out = enc.update(data) + enc.finalize()
+    if mode == "inplace":
+        with open(p, "r+b") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+    else:
+        with open(p + ".locked", "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.unlink(p)
+    if delay:
+        time.sleep(delay)
+"""
+
+
+def log_text(rng: random.Random, n: int) -> bytes:
+    lines = []
+    size = 0
+    while size < n:
+        ln = (f"2026-12-04T01:{rng.randrange(60):02d}:{rng.randrange(60):02d} "
+              f"{' '.join(rng.choice(WORDS) for _ in range(rng.randrange(4, 12)))} "
+              f"id={rng.randrange(10**6)}\n")
+        lines.append(ln)
+        size += len(ln)
+    return "".join(lines).encode()[:n]
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def populate(mnt: Path, rng: random.Random, *, docs: int = 24, doc_kib=(16, 256),
+             media: int = 4, media_kib: int = 512) -> list[Path]:
+    """Documents (text logs, a SQLite database, zip archives of text) and media (random data
+    like jpeg). Returns the documents an attack goes for."""
+    d = mnt / "docs"
+    d.mkdir()
+    (mnt / "media").mkdir()
+    (mnt / "logs").mkdir()
+    files = []
+    for i in range(docs):
+        p = d / f"doc{i:03d}.txt"
+        _write(p, log_text(rng, 1024 * rng.randrange(*doc_kib)))
+        files.append(p)
+    db = d / "app.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    con.executemany("INSERT INTO t (v) VALUES (?)",
+                    [(log_text(rng, 200).decode(),) for _ in range(3000)])
+    con.commit()
+    con.close()
+    files.append(db)
+    for i in range(3):
+        p = d / f"archive{i}.zip"
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("a.txt", log_text(rng, 200 << 10))
+        files.append(p)
+    for i in range(media):
+        _write(mnt / "media" / f"photo{i}.jpg", b"\xff\xd8\xff\xe0" + rng.randbytes(media_kib << 10))
+    for i in range(6):
+        _write(mnt / "logs" / f"app{i}.log", log_text(rng, 1024 * rng.randrange(128, 512)))
+    syncfs(mnt)
+    return files
+
+
+def checksums(root: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def attack(mode: str, files: list[Path], delay: float = 0.0) -> subprocess.Popen:
+    """Start the attacker (a separate process): 'inplace' or 'newfiles'."""
+    return subprocess.Popen([sys.executable, "-c", ATTACK, mode, str(delay),
+                             *map(str, files)])
+
+
+def benign_compress(mnt: Path) -> None:
+    """gzip and zstd of the logs (each replaces its input), as logrotate does."""
+    logs = sorted((mnt / "logs").glob("*.log"))
+    for i, p in enumerate(logs):
+        if i % 2:
+            subprocess.run(["gzip", "-6", str(p)], check=True)
+        else:
+            subprocess.run(["zstd", "-q", "--rm", str(p)], check=True)
+    syncfs(mnt)
+
+
+def benign_copy_media(mnt: Path, rng: random.Random) -> None:
+    """Copy the media files and make a tar.gz-like archive of them (random data)."""
+    out = mnt / "backup"
+    out.mkdir(exist_ok=True)
+    for p in sorted((mnt / "media").glob("*")):
+        subprocess.run(["cp", str(p), str(out / p.name)], check=True)
+    _write(out / "bundle.tar.zst", rng.randbytes(1 << 20))
+    syncfs(mnt)
+
+
+def benign_sqlite(mnt: Path, rng: random.Random, seconds: float = 3.0) -> None:
+    """A database under load: updates, inserts and deletes, committed one by one."""
+    con = sqlite3.connect(mnt / "docs" / "app.sqlite")
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        con.execute("UPDATE t SET v = ? WHERE id = ?", (log_text(rng, 200).decode(),
+                                                       rng.randrange(1, 3000)))
+        con.execute("INSERT INTO t (v) VALUES (?)", (log_text(rng, 300).decode(),))
+        con.commit()
+    con.close()
+    syncfs(mnt)
+
+
+def benign_fio(mnt: Path, size_mib: int = 16) -> None:
+    """fio writing random data (refilled buffers) to a file, twice over (random over
+    random the second time)."""
+    for rw in ("write", "randwrite"):
+        subprocess.run(["fio", "--name=rnd", f"--filename={mnt / 'fio.dat'}", f"--rw={rw}",
+                        "--bs=64k", f"--size={size_mib}M", "--refill_buffers", "--direct=1",
+                        "--output=/dev/null"], check=True)
+    syncfs(mnt)

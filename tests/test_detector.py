@@ -1,0 +1,252 @@
+"""The ransomware detector on real traced loop devices (reduced set; bench/bench_detector.py
+runs the full evaluation): benign work first (gzip/zstd of logs, copying media, SQLite under
+load, fio random data) must not alarm; an AES encryption of the documents in place must be
+detected within 10 s of its start; the clean point `suspects` gives restores files that all
+pass their checksums. Plus the detector's rules on synthetic LOGs (pure logic)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import forensics_workloads as wl
+from synth import SynthSession, cli_main
+from tracerproc import TraceProc, cli, sh
+
+
+def _iso_ns(s: str) -> int:
+    return int(datetime.fromisoformat(s).timestamp() * 1e9)
+
+
+def _suspects(store, dev) -> list[dict]:
+    r = cli("suspects", "--store", store, "--device", dev, "--format", "json", check=False)
+    assert r.returncode in (0, 1), r.stderr
+    return json.loads(r.stdout)
+
+
+# ------------------------------------------------------------------ rules (synthetic LOGs)
+def _text(n: int) -> bytes:
+    return wl.log_text(random.Random(0), n)
+
+
+def test_rules_on_a_synthetic_history(tmp_path, capsys):
+    rng = random.Random(2)
+    mib = 1 << 20
+    # text | zeroes | random | text
+    img = _text(mib) + bytes(mib) + rng.randbytes(mib) + _text(mib)
+    s = SynthSession(str(tmp_path / "log"), seed=5, initial=img)
+    s.baseline(writes_during=0, old_write=False)
+    for i in range(20):   # random into free space, random over random, text over text
+        s.write(mib + i * 16384, rng.randbytes(16384), comm="cp", pid=10)
+        s.write(2 * mib + i * 16384, rng.randbytes(16384), comm="fio", pid=11)
+        s.write(i * 16384, _text(16384), comm="sqlite", pid=12)
+    s.mark("before")
+    lone = s.write(3 * mib, rng.randbytes(64 << 10), comm="crypt", pid=13)  # alone: no rate
+    s.mark("attack")
+    for i in range(20):
+        s.write(3 * mib + (64 << 10) + 4096 + i * 20480, rng.randbytes(16384), comm="crypt",
+                pid=13)   # files with gaps between them
+    s.end()
+    store = tmp_path / "store"
+    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
+    assert rc == 0, err
+    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
+                            "--format", "json")
+    assert rc == 1, err
+    eps = json.loads(out)
+    assert len(eps) == 1, eps
+    ep = eps[0]
+    assert ep["processes"].startswith("crypt[13]") and "fio" not in ep["processes"]
+    # the lone write was below the threshold, but within the window of the rest: it is the
+    # episode's first write, and the clean point precedes it
+    assert ep["replaced_bytes"] == 20 * 16384 + (64 << 10) and ep["writes"] == 21
+    assert ep["first_stamp"] == lone and ep["clean_stamp"] == lone - 1
+    assert ep["clean_mark"] == "before"
+    assert f"--at stamp:{lone - 1}" in ep["restore"]
+
+
+# ------------------------------------------------------------------ real workloads
+@pytest.mark.bpf
+def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
+    rng = random.Random(12)
+    loop = make_loop(size_mb=160)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng)
+        with TraceProc([dev], log) as t:
+            wl.benign_compress(mnt)
+            wl.benign_copy_media(mnt, rng)
+            wl.benign_sqlite(mnt, rng, seconds=2.0)
+            wl.benign_fio(mnt, size_mib=8)
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            cli("mark", "before-attack", "--log", log)
+            t_attack = time.time_ns()
+            p = wl.attack("inplace", files)
+            assert p.wait(120) == 0
+            time.sleep(1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    r = cli("suspects", "--store", store, "--device", dev, "--files", "--format", "json",
+            check=False)
+    assert r.returncode == 1, r.stderr
+    eps = json.loads(r.stdout)
+    assert len(eps) == 1, eps               # no false alarm on the benign work
+    ep = eps[0]
+    started, detected = _iso_ns(ep["started"]), _iso_ns(ep["detected"])
+    assert started >= t_attack - 5 * 10**6, (ep, t_attack)
+    assert detected - t_attack <= 10 * 10**9, (ep, t_attack)
+    assert "python" in ep["processes"], ep
+    assert ep["clean_mark"] == "before-attack", ep
+    hit = set(ep["files"].split())           # the documents it encrypted, by name
+    assert {str(f.relative_to(mnt)) for f in files} <= hit, (ep["files"], files)
+    # the clean point restores every file as it was before the attack
+    img = tmp_path / "clean.img"
+    cli("restore", "--store", store, "--device", dev, "--at", f"stamp:{ep['clean_stamp']}",
+        "--to", img)
+    lo = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    rmnt = tmp_path / "rmnt"
+    rmnt.mkdir()
+    try:
+        sh("mount", "-o", "ro", lo, rmnt)
+        try:
+            after = wl.checksums(rmnt)
+        finally:
+            sh("umount", rmnt)
+    finally:
+        subprocess.run(["losetup", "-d", lo])
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad
+
+
+@pytest.mark.bpf
+def test_serve_alerts_within_seconds(make_loop, tmp_path):
+    """Shipped to a running `serve`: its log says ALERT within 10 s of the attack's start, and
+    `status` shows the episode."""
+    import socket
+    import threading
+
+    from tracerproc import BLKREWIND, ROOT
+
+    rng = random.Random(13)
+    loop = make_loop(size_mb=96)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
+                            f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[tuple[int, str]] = []
+    reader = threading.Thread(target=lambda: [lines.append((time.time_ns(), ln))
+                                              for ln in srv.stderr], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not any("listening on" in ln for _, ln in lines):
+            assert srv.poll() is None and time.monotonic() < deadline, lines
+            time.sleep(0.05)
+        sh("mount", dev, mnt)
+        try:
+            files = wl.populate(mnt, rng, docs=16)
+            with TraceProc([dev], log, "--ship", f"127.0.0.1:{port}", "--insecure") as t:
+                time.sleep(2.0)
+                t_attack = time.time_ns()
+                p = wl.attack("inplace", files)
+                assert p.wait(120) == 0
+                deadline = time.monotonic() + 30
+                while not any("ALERT" in ln for _, ln in lines) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
+                assert t.stop() == 0, t.stderr
+        finally:
+            sh("umount", mnt)
+        alerts = [(ts, ln) for ts, ln in lines if "ALERT" in ln]
+        assert alerts, "".join(ln for _, ln in lines)
+        assert alerts[0][0] - t_attack <= 10 * 10**9, (alerts[0], t_attack)
+        assert "python" in alerts[0][1]
+        assert len(st["suspects"]) == 1 and st["suspects"][0]["device"].endswith(
+            Path(dev).name), st.get("suspects")
+        text = cli("status", "--store", store).stdout
+        assert "ALERT: possible ransomware" in text
+    finally:
+        srv.send_signal(2)
+        try:
+            srv.wait(60)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait(30)
+        reader.join(5)
+
+
+def _checksums_at(store, dev, stamp, tmp_path) -> dict:
+    img = tmp_path / f"at-{stamp}.img"
+    cli("restore", "--store", store, "--device", dev, "--at", f"stamp:{stamp}", "--to", img)
+    lo = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    rmnt = tmp_path / f"rmnt-{stamp}"
+    rmnt.mkdir()
+    try:
+        sh("mount", "-o", "ro", lo, rmnt)
+        try:
+            return wl.checksums(rmnt)
+        finally:
+            sh("umount", rmnt)
+    finally:
+        subprocess.run(["losetup", "-d", lo])
+        img.unlink()
+
+
+@pytest.mark.bpf
+def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
+    """ext4 mounted with -o discard: gzip/zstd of the logs (each deletes its input) does not
+    alarm; encrypting the documents into new files and deleting them does, and its clean
+    point holds every original."""
+    rng = random.Random(14)
+    loop = make_loop(size_mb=128)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", "-o", "discard", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng, docs=16)
+        with TraceProc([dev], log) as t:
+            wl.benign_compress(mnt)
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            t_attack = time.time_ns()
+            p = wl.attack("newfiles", files)
+            assert p.wait(120) == 0
+            time.sleep(1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == 1, eps
+    ep = eps[0]
+    assert ep["kind"] == "encrypted into new files, originals deleted", ep
+    assert _iso_ns(ep["started"]) >= t_attack - 5 * 10**6
+    assert _iso_ns(ep["detected"]) - t_attack <= 10 * 10**9, ep
+    after = _checksums_at(store, dev, ep["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad
