@@ -43,6 +43,10 @@ COMMANDS = {
     "demo": "Show the whole cycle on a scratch ext4 loop device (root).",
     "verify": "Compare a replica with the live device, or check the store's payload files.",
     "prune": "Fold history older than a duration into the base (frees space).",
+    "export": "Serve a device at a point over NBD at once, without restoring it (nbdkit).",
+    "mount": "Mount the file system of a device at a point, in one command (root).",
+    "umount": "Unmount what `blkrewind mount` mounted and tear it all down (root).",
+    "rewind": "Roll a device back (or forward) to a point by writing only what changed (root).",
     "tls": "Make a CA and per-host certificates for shipping (tls init DIR --hosts ...).",
 }
 

@@ -31,6 +31,18 @@ from blkrewind.errors import StoreError
 from replayer.rebuild import Plan, scatter
 
 CACHE_BYTES = 256 << 20
+RG_BYTES = 4 << 20      # about the payload bytes of a row group (replayer/ingest.py RG_BYTES)
+
+
+def auto_cache_bytes(row_groups: int) -> int:
+    """Room for every row group the image refers to (a sequential read of a history of random
+    small writes visits them all again and again: an LRU smaller than that thrashes), at most
+    an eighth of the machine's memory, at least CACHE_BYTES."""
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        total = 8 << 30
+    return max(CACHE_BYTES, min(row_groups * RG_BYTES + (RG_BYTES << 2), total // 8))
 
 
 class RowGroupCache:
@@ -45,7 +57,7 @@ class RowGroupCache:
         self.loading: dict = {}                 # (fid, rg) -> Event
         self.bytes = 0
         self.maps: dict = {}                    # fid -> mmap
-        self.pfs: dict = {}                     # fid -> ParquetFile
+        self.pfs: dict = {}                     # fid -> (ParquetFile, its lock)
         self.decoded = 0
         for fid in (paths if ids is None else ids):
             self._map(int(fid))
@@ -69,6 +81,7 @@ class RowGroupCache:
         return m
 
     def _parquet(self, fid: int):
+        """(ParquetFile, lock): a ParquetFile is not safe for concurrent reads."""
         pf = self.pfs.get(fid)
         if pf is None:
             path = self.paths[fid]
@@ -77,7 +90,7 @@ class RowGroupCache:
                                     page_checksum_verification=True)
             except (OSError, ValueError) as e:
                 raise StoreError(f"cannot read payload file {path}: {e}") from None
-            self.pfs[fid] = pf
+            pf = self.pfs[fid] = (pf, threading.Lock())
         return pf
 
     def get(self, fid: int, rg: int):
@@ -96,7 +109,8 @@ class RowGroupCache:
             ev.wait()
         try:
             try:
-                tbl = pf.read_row_group(rg, columns=["data"], use_threads=False)
+                with pf[1]:
+                    tbl = pf[0].read_row_group(rg, columns=["data"], use_threads=False)
             except (OSError, ValueError) as e:
                 raise StoreError(f"payload file {self.paths[fid]}, row group {rg}: {e} "
                                  f"(damaged? 'blkrewind verify --store' checks the store)") from None
@@ -135,7 +149,7 @@ class RowGroupCache:
 class Image:
     """The bytes of a device at a point, read at random (see the module docstring)."""
 
-    def __init__(self, p: Plan, *, cache_bytes: int = CACHE_BYTES):
+    def __init__(self, p: Plan, *, cache_bytes: int | None = None):
         self.size = p.size
         order = np.argsort(p.d_off, kind="stable")
         self.off = p.d_off[order].astype(np.int64)
@@ -152,6 +166,9 @@ class Image:
             self.run_end = self.end[np.concatenate([brk - 1, [len(self.off) - 1]])]
         else:
             self.run_off = self.run_end = np.zeros(0, np.int64)
+        self.row_groups = len(np.unique(self.key))
+        if cache_bytes is None:
+            cache_bytes = auto_cache_bytes(self.row_groups)
         self.cache = RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
         self.data_bytes = int((self.end - self.off).sum())
 

@@ -1,0 +1,7 @@
+"""placeholder"""
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    raise NotImplementedError
