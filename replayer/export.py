@@ -131,6 +131,8 @@ def nbdkit_argv(prep: Prepared, *, socket_path: str | None, listen: tuple | None
     argv = [exe, "--pidfile", os.path.join(prep.run_dir, "nbdkit.pid"), "--threads", str(threads)]
     if foreground:
         argv += ["--foreground", "--exit-with-parent"]
+    else:
+        argv += ["--log=stderr"]  # (a daemon nbdkit logs to syslog otherwise)
     if writable:
         argv += ["--filter=cow"]
     else:
@@ -191,6 +193,11 @@ def stop_pid(pid: int, timeout: float = 10) -> None:
         return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        try:  # our child (a failed mount's own nbdkit): reap it
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -36,6 +36,9 @@ def config_complete():
         if p not in sys.path:
             sys.path.insert(0, p)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
     from replayer.image import load_index
     mib = int(_cfg["cache_mib"])
     _image = load_index(_cfg["index"], cache_bytes=(mib << 20) if mib > 0 else None)
