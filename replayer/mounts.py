@@ -244,6 +244,30 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         raise
 
 
+STEPS = ("prepare", "nbdkit", "nbdfuse", "loop", "mount")
+
+
+def test_hook(spec: str | None):
+    """For tests ($BLKREWIND_MOUNT_TEST_HOOK): "fail:STEP" raises a UserError before STEP,
+    "pause:STEP" says "paused before STEP" on stderr and sleeps (a test sends SIGINT)."""
+    if not spec:
+        return None
+    how, _, step = spec.partition(":")
+    if how not in ("fail", "pause") or step not in STEPS:
+        raise UserError(f"BLKREWIND_MOUNT_TEST_HOOK={spec!r}: fail:STEP or pause:STEP, STEP one "
+                        f"of {', '.join(STEPS)}")
+
+    def hook(name: str) -> None:
+        if name != step:
+            return
+        if how == "fail":
+            raise UserError(f"failing before {name} (test hook)")
+        import sys
+        print(f"paused before {name}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    return hook
+
+
 def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
     """Undo the steps of a registry entry, newest first. A mounted file system that is busy
     stops it (UserError: nothing else is touched). Returns notes."""

@@ -60,7 +60,8 @@ def run(args) -> int:
         raise UserError("mount needs root (loop devices and mounts)")
     t0 = time.monotonic()
     reg = mounts.mount(args.store, args.device, args.at, args.mountpoint,
-                       writable=args.writable, fstype=args.fstype, options=args.options)
+                       writable=args.writable, fstype=args.fstype, options=args.options,
+                       step_hook=mounts.test_hook(os.environ.get("BLKREWIND_MOUNT_TEST_HOOK")))
     dt = time.monotonic() - t0
     print(reg["mountpoint"])
     print(f"mounted {reg['device']} at {reg['how']} (session {reg['session']}): {reg['fstype']} "
