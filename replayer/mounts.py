@@ -92,6 +92,30 @@ def _run(argv: list[str], what: str, timeout: float = 60) -> str:
     return p.stdout.strip()
 
 
+PR_SET_IO_FLUSHER = 57
+
+
+def _io_flusher() -> None:
+    """preexec_fn of nbdkit and nbdfuse: they are in the I/O path of the mounted file system.
+    PR_SET_IO_FLUSHER (kept across exec, inherited by their threads) makes their allocations
+    GFP_NOIO: reclaim never waits on the writeback of pages whose writeback waits on them (a
+    memory cgroup of the writer deadlocked nbdfuse in unix_stream_sendmsg -> memcg reclaim ->
+    folio_wait_writeback without it). They also leave the caller's memory cgroup for the root
+    one (the servers of a mount are not the writer's workload)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    for procs in ("/sys/fs/cgroup/memory/cgroup.procs", "/sys/fs/cgroup/unified/cgroup.procs",
+                  "/sys/fs/cgroup/cgroup.procs"):
+        try:
+            with open(procs, "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+
+
 def _wait_pidfile(proc: subprocess.Popen, pidfile: str, what: str, logf: str,
                   timeout: float = 60, daemon: bool = False) -> int:
     """The pid in `pidfile` once the program wrote it (it is ready). daemon: the program
@@ -177,7 +201,8 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         logf = os.path.join(prep.run_dir, "nbdkit.log")
         with open(logf, "wb") as lf:
             p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                 env=export.env_for(prep), start_new_session=True)
+                                 env=export.env_for(prep), start_new_session=True,
+                                 preexec_fn=_io_flusher)
         reg["steps"].append("nbdkit")
         _save(reg)
         reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(prep.run_dir, "nbdkit.pid"), "nbdkit",
@@ -197,7 +222,7 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         with open(flog, "wb") as lf:
             q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
                                   "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,
-                                 stderr=lf, start_new_session=True)
+                                 stderr=lf, start_new_session=True, preexec_fn=_io_flusher)
         reg["nbdfuse_pid"] = q.pid
         reg["fuse_dir"] = fdir
         reg["steps"].append("nbdfuse")
