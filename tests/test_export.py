@@ -203,3 +203,27 @@ def test_export_of_a_traced_file_system_equals_restore(fstype, tmp_path):
             want = h.copies[p] if p in h.copies else h.final
             assert subprocess.run(["cmp", out, want]).returncode == 0, f"export at {p} differs"
             out.unlink()
+
+
+def test_tls_export_needs_a_client_certificate_of_the_ca(synth_store, tmp_path):
+    """--listen with --tls: TLS 1.3 and a client certificate of the same CA (blkrewind tls
+    init); plain NBD and TLS without a client certificate are refused."""
+    s, store = synth_store
+    run_cli("tls", "init", tmp_path / "ca", "--hosts", "srv=127.0.0.1,cli")
+    cdir, nocert = tmp_path / "client", tmp_path / "nocert"
+    cdir.mkdir()
+    nocert.mkdir()
+    for src, dst in (("ca.pem", "ca-cert.pem"), ("cert.pem", "client-cert.pem"),
+                     ("key.pem", "client-key.pem")):
+        (cdir / dst).symlink_to(tmp_path / "ca" / "cli" / src)
+    (nocert / "ca-cert.pem").symlink_to(tmp_path / "ca" / "cli" / "ca.pem")
+    port = free_port()
+    with Export("--store", store, "--device", "loop7", "--at", "latest", "--listen",
+                f"127.0.0.1:{port}", "--tls", tmp_path / "ca" / "srv") as ex:
+        assert ex.uri == f"nbds://127.0.0.1:{port}"
+        out = tmp_path / "out.img"
+        nbdcopy(f"{ex.uri}/?tls-certificates={cdir}", out)
+        assert out.read_bytes() == bytes(s.image)
+        for uri in (f"nbd://127.0.0.1:{port}", f"{ex.uri}/?tls-certificates={nocert}"):
+            p = subprocess.run(["nbdinfo", "--no-content", uri], capture_output=True, timeout=30)
+            assert p.returncode != 0, uri
