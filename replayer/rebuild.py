@@ -22,10 +22,10 @@ How, with a cost that follows the device size rather than the history:
    pieces merge too.
 2. `execute`: read each needed Parquet row group once (a few threads, they
    release the GIL; files memory-mapped), and write each piece once: with
-   pwritev, runs of contiguous pieces in one call -- or, on a fresh image file
-   when the pieces are small (a history of small random writes), by copying
-   them into a shared mapping of the file faulted in per 1 GiB window with
-   MADV_POPULATE_WRITE, which saves a syscall per piece (`_choose`). Zero
+   pwritev, runs of contiguous pieces in one call -- or, when the pieces are
+   small (a history of small random writes), by scattering them into a buffer
+   of a 1 GiB window, one vectorised numpy copy per row group (`scatter`), and
+   writing the window's data runs with large sequential writes (`_choose`). Zero
    pieces are skipped on a freshly truncated (sparse) image file, and zeroed
    with BLKZEROOUT (fallback: written zeroes) on a block device. A helper
    thread starts writeback as the data goes out (sync_file_range), so the
@@ -522,9 +522,46 @@ def _read_row_group(path: str, rg: int):
     return offs, vals, arr
 
 
-MADV_POPULATE_WRITE = 23   # Linux 5.14: fault pages in writable, in one call
-MMAP_BELOW = 32 << 10      # mean pwritev call size under which the mmap path wins
+BUFFER_BELOW = 32 << 10    # mean pwritev call size under which the buffer path wins
 PAGE = mmap.PAGESIZE
+
+
+SCATTER_MIN_BLOCK = 256    # vectorised scatter only when pieces align to this many bytes
+
+
+def scatter(dst: np.ndarray, d_off: np.ndarray, src: np.ndarray, s_off: np.ndarray,
+            n: np.ndarray) -> None:
+    """dst[d_off[k]:d_off[k] + n[k]] = src[s_off[k]:s_off[k] + n[k]] for every k, in one
+    vectorised copy (uint8 arrays; the pieces must not overlap in dst).
+
+    B, the largest power of two dividing every offset and length, makes both arrays rows of B
+    bytes; each piece becomes n/B row indices, and one fancy-indexed assignment copies them all
+    (no Python work per piece: a history of 4 KiB writes has a million pieces per 4 GiB).
+    Pieces aligned to less than SCATTER_MIN_BLOCK bytes are copied one by one."""
+    k = len(n)
+    if k == 0:
+        return
+    if k < 4:
+        for a, b, m in zip(d_off.tolist(), s_off.tolist(), n.tolist()):
+            dst[a:a + m] = src[b:b + m]
+        return
+    g = int(np.bitwise_or.reduce(d_off | s_off | n))
+    blk = (g & -g) if g else 1 << 20
+    blk = min(blk, 1 << 16)
+    if blk < SCATTER_MIN_BLOCK:
+        for a, b, m in zip(d_off.tolist(), s_off.tolist(), n.tolist()):
+            dst[a:a + m] = src[b:b + m]
+        return
+    rows = n // blk
+    total = int(rows.sum())
+    d2 = dst[:len(dst) // blk * blk].reshape(-1, blk)
+    s2 = src[:len(src) // blk * blk].reshape(-1, blk)
+    if total == k:  # one row per piece (all pieces blk long)
+        d2[d_off // blk] = s2[s_off // blk]
+        return
+    first = np.cumsum(rows) - rows
+    j = np.arange(total, dtype=np.int64) - np.repeat(first, rows)
+    d2[np.repeat(d_off // blk, rows) + j] = s2[np.repeat(s_off // blk, rows) + j]
 
 
 def _bounds(*keys: np.ndarray) -> tuple[list, list]:
@@ -539,7 +576,7 @@ def _bounds(*keys: np.ndarray) -> tuple[list, list]:
 
 
 def _window_bytes() -> int:
-    """Device bytes the mmap path faults in at once: 1 GiB, less on a small machine."""
+    """Device bytes the buffer path holds at once: 1 GiB, less on a small machine."""
     avail = 0
     try:
         with open("/proc/meminfo") as f:
@@ -553,30 +590,29 @@ def _window_bytes() -> int:
 
 
 def _choose(p: Plan, t: Target, window: int) -> tuple[str, np.ndarray]:
-    """("mmap" | "pwritev", the order in which to take the data pieces).
+    """("buffer" | "pwritev", the order in which to take the data pieces).
 
-    pwritev writes each row group's pieces as they come, contiguous ones in one call:
-    right for block devices (a write fault on a mapped block device reads the page
-    first) and whenever the calls are big. A history of many small writes turns that
-    into one syscall per piece (~10 us each on a VM); on a fresh (sparse) image file
-    the mmap path instead copies the pieces into a shared mapping faulted in window by
-    window with MADV_POPULATE_WRITE -- no syscall per piece, at the price of the
-    kernel zero-filling every page first. Chosen when pwritev calls would average
-    under MMAP_BELOW bytes. It takes row groups per window, so a row group whose
-    pieces span several windows is read more than once: only when that costs little."""
+    pwritev writes each row group's pieces as they come, contiguous ones in one call: right
+    whenever the calls are big. A history of many small writes turns that into one syscall
+    per piece (~10 us each on a VM); the buffer path instead takes the pieces window by window
+    (row groups in order within a window), scatters each row group's pieces into an anonymous
+    buffer of the window with one vectorised copy (`scatter`), and writes the window's data
+    runs with large sequential writes (holes up to BRIDGE as zeroes). Chosen when pwritev
+    calls would average under BUFFER_BELOW bytes. A row group whose pieces span several
+    windows is read once per window: only when that costs little."""
     plain = np.arange(len(p.d_off))
-    if t.is_block or not t.sparse or len(p.d_off) == 0 or p.size == 0:
+    if len(p.d_off) == 0 or p.size == 0:
         return "pwritev", plain
     key = p.d_file * (1 << 32) + p.d_rg
     cont = (key[1:] == key[:-1]) & (p.d_off[1:] == (p.d_off + p.d_len)[:-1])
     calls = len(p.d_off) - int(cont.sum())
-    if p.data_bytes >= MMAP_BELOW * calls:
+    if p.data_bytes >= BUFFER_BELOW * calls:
         return "pwritev", plain
     win = p.d_off // window
     order = np.lexsort((p.d_off, p.d_rg, p.d_file, win))
     if len(_bounds(win[order], key[order])[0]) > 1.25 * len(_bounds(key)[0]) + 8:
         return "pwritev", plain
-    return "mmap", order
+    return "buffer", order
 
 
 def _read_ahead(p: Plan, order: np.ndarray, starts: list, ends: list, jobs: int):
@@ -605,16 +641,8 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
     if method is not None and method != how:
         how, order = method, (np.arange(len(p.d_off)) if method == "pwritev" else
                               np.lexsort((p.d_off, p.d_rg, p.d_file, p.d_off // window)))
-    mm = None
-    if how == "mmap":
-        try:
-            mm = mmap.mmap(t.fd, p.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            mm.madvise(MADV_POPULATE_WRITE, 0, PAGE)  # the kernel can (5.14+)?
-        except (OSError, ValueError):
-            if mm is not None:
-                mm.close()
-            mm = None
-            how, order = "pwritev", np.arange(len(p.d_off))
+        how = "buffer" if how == "mmap" else how  # (the buffer path's name before it)
+    buf = np.empty(min(window, p.size), np.uint8) if how == "buffer" else None
     bar = _Progress(p.data_bytes + (0 if t.sparse else p.zero_bytes), label, progress)
     zeros = memoryview(bytes(1 << 20))
     written = calls = 0
@@ -631,33 +659,36 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
         d_len = p.d_len[order]
         d_src, d_idx = p.d_src[order].tolist(), p.d_idx[order].tolist()
         key = (p.d_file * (1 << 32) + p.d_rg)[order]
-        if how == "mmap":
+        if how == "buffer":
             win = d_off // window
             starts, ends = _bounds(win, key)
         else:
             starts, ends = _bounds(key)
         offs_l, lens_l = d_off.tolist(), d_len.tolist()
         cur_win = -1
+        d_src_a, d_idx_a = p.d_src[order], p.d_idx[order]
+        win_a = 0  # first piece (in `order`) of the current window
         for a, e, offs, vals in _read_ahead(p, order, starts, ends, jobs):
-            rows = offs.tolist() if e - a > 64 else offs
-            if how == "mmap":
+            if how == "buffer":
                 w = offs_l[a] // window
                 if w != cur_win:
-                    if cur_win >= 0:  # (not per piece: pages written back mid-way get
-                        wb.done_with(cur_win * window, window)  # written twice)
-                    cur_win = w
-                    _populate(mm, d_off, d_len, w, window, p.size)
-                for k in range(a, e):
-                    row = d_idx[k]
-                    src = int(rows[row]) + d_src[k]
-                    n = lens_l[k]
-                    if src + n > int(rows[row + 1]):
-                        raise _short(p, order[a], row)
-                    o = offs_l[k]
-                    mm[o:o + n] = vals[src:src + n]
-                    written += n
-                    bar.advance(n)
+                    if cur_win >= 0:
+                        calls += _flush_window(t.fd, buf, cur_win * window, d_off[win_a:a],
+                                               d_len[win_a:a], wb)
+                    cur_win, win_a = w, a
+                    _clear_window(buf, w * window, d_off, d_len, win, w)
+                idx = d_idx_a[a:e]
+                src = offs[idx].astype(np.int64) + d_src_a[a:e]
+                ln = d_len[a:e]
+                bad = np.flatnonzero(src + ln > offs[idx + 1])
+                if len(bad):
+                    raise _short(p, int(order[a]), int(idx[bad[0]]))
+                scatter(buf, d_off[a:e] - w * window, np.frombuffer(vals, np.uint8), src, ln)
+                n = int(ln.sum())
+                written += n
+                bar.advance(n)
                 continue
+            rows = offs.tolist() if e - a > 64 else offs
             run: list = []
             run_off = run_end = -1
             run_bytes = 0
@@ -686,16 +717,14 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
                 wb.wrote(run_bytes)
                 calls += 1
             del run
-        if mm is not None:
-            mm.flush()
+        if how == "buffer" and cur_win >= 0:
+            calls += _flush_window(t.fd, buf, cur_win * window, d_off[win_a:], d_len[win_a:], wb)
         wb.stop()
         os.fsync(t.fd)
     finally:
         if gc_was:
             gc.enable()
         wb.stop()
-        if mm is not None:
-            mm.close()
         bar.close()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls, "method": how}
 
@@ -760,23 +789,42 @@ def _short(p: Plan, k: int, row: int) -> StoreError:
                       f"record says")
 
 
-def _populate(mm, d_off: np.ndarray, d_len: np.ndarray, w: int, window: int, size: int) -> None:
-    """Fault in, writable, the pages the data pieces of window w will be copied to:
-    one madvise per run of contiguous data (holes stay holes)."""
-    lo, hi = w * window, (w + 1) * window
-    sel = (d_off >= lo) & (d_off < hi)
-    o = np.sort(d_off[sel])
+BRIDGE = 64 << 10   # holes up to this long inside a window are written as zeroes
+
+
+def _window_runs(lo: int, d_off: np.ndarray, d_len: np.ndarray):
+    """Runs [a, e) (device offsets) covering a window's data pieces, bridging holes up to
+    BRIDGE bytes (written as zeroes: the target holds zeroes there anyway)."""
+    o = np.sort(d_off)
+    if len(o) == 0:
+        return o, o
+    en = np.sort(d_off + d_len)   # pieces do not overlap: sorted starts and ends pair up
+    brk = np.flatnonzero(o[1:] - en[:-1] > BRIDGE) + 1
+    return o[np.concatenate([[0], brk])], en[np.concatenate([brk - 1, [len(o) - 1]])]
+
+
+def _clear_window(buf: np.ndarray, lo: int, d_off, d_len, win, w: int) -> None:
+    """Zero the part of the buffer window w's runs will write, unless its pieces tile it."""
+    sel = win == w
+    o, ln = d_off[sel], d_len[sel]
     if len(o) == 0:
         return
-    e = np.sort((d_off + d_len)[sel])
-    # pieces do not overlap: sorted starts and ends pair up; runs break at gaps
-    gap = np.flatnonzero(o[1:] != e[:-1]) + 1
-    rs = np.concatenate([[0], gap])
-    re_ = np.concatenate([gap, [len(o)]]) - 1
-    for a, b in zip(o[rs].tolist(), e[re_].tolist()):
-        a0 = a - a % PAGE
-        b1 = min(size, -(-b // PAGE) * PAGE)
-        mm.madvise(MADV_POPULATE_WRITE, a0, b1 - a0)
+    a, e = int(o.min()), int((o + ln).max())
+    if int(ln.sum()) != e - a:  # holes inside: bridged ones must read as zeroes
+        buf[a - lo:e - lo] = 0
+
+
+def _flush_window(fd: int, buf: np.ndarray, lo: int, d_off, d_len, wb) -> int:
+    """Write the runs of one window from the buffer: large sequential writes."""
+    calls = 0
+    for a, e in zip(*(x.tolist() for x in _window_runs(lo, d_off, d_len))):
+        while a < e:
+            n = min(e - a, MAX_RUN)
+            _pwritev_all(fd, [memoryview(buf[a - lo:a - lo + n])], a)
+            wb.wrote(n)
+            calls += 1
+            a += n
+    return calls
 
 
 def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int = 2,

@@ -328,7 +328,7 @@ def test_multi_device_session(capsys, tmp_path):
 
 
 def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
-    """pwritev and mmap give the same image; on a target that is not freshly truncated
+    """pwritev and the window buffer give the same image; on a target that is not freshly truncated
     (as a block device) the zero pieces are written, not skipped."""
     from replayer.rebuild import Target, execute, open_target
 
@@ -338,7 +338,7 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
     ingest(capsys, log, store)
     pl = latest_plan(store)
     assert pl.zero_bytes > 0
-    for method in ("pwritev", "mmap"):
+    for method in ("pwritev", "buffer"):
         out = tmp_path / f"{method}.img"
         t = open_target(str(out), pl.size, False)
         try:

@@ -354,6 +354,26 @@ def _public(d: dict) -> dict:
     return d
 
 
+def _instant_mounts() -> list:
+    from replayer.mounts import registry
+    return [{k: m.get(k) for k in ("mountpoint", "device", "how", "at", "fstype", "loop",
+                                   "writable", "mounted", "store")} for m in registry()]
+
+
+def _mounts_table(ms: list):
+    from rich.table import Table
+    t = Table(title="mounted points (blkrewind mount)")
+    for c in ("mount point", "device", "point", "fs", "loop", "mode", "store"):
+        t.add_column(c)
+    for m in ms:
+        t.add_row(m["mountpoint"], str(m["device"]), str(m["how"] or m["at"]),
+                  str(m["fstype"] or "-"), str(m["loop"] or "-"),
+                  ("writable" if m["writable"] else "read-only")
+                  + ("" if m["mounted"] else " (incomplete: blkrewind umount cleans up)"),
+                  str(m["store"]))
+    return t
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -374,15 +394,20 @@ def _run(args) -> int:
 
     def collect() -> dict:
         if args.store:
-            return collect_store(args.store)
-        d = collect_tracers(prev, args.log, args.all)
-        for s in d["tracers"]:
-            if s.get("_kernel"):
-                prev[s["control"]] = {"kernel": s["_kernel"], "ns": d["now_ns"]}
+            d = collect_store(args.store)
+        else:
+            d = collect_tracers(prev, args.log, args.all)
+            for s in d["tracers"]:
+                if s.get("_kernel"):
+                    prev[s["control"]] = {"kernel": s["_kernel"], "ns": d["now_ns"]}
+        d["mounts"] = _instant_mounts()  # blkrewind mount (replayer/mounts.py)
         return d
 
     def renderables(d):
-        return _store_tables(d) if args.store else _tracer_table(d)
+        out = _store_tables(d) if args.store else _tracer_table(d)
+        if d["mounts"]:
+            out = [*(out if isinstance(out, (list, tuple)) else [out]), _mounts_table(d["mounts"])]
+        return out
 
     if not args.store:
         import os
@@ -390,7 +415,9 @@ def _run(args) -> int:
             raise UserError("must run as root to ask the tracers on this host (their control "
                             "sockets are root's); on the replayer host give --store DIR")
         d = collect()
-        if not d["tracers"] and not d["left_attached"]:
+        if not d["tracers"] and not d["left_attached"] and d["mounts"] and not args.log:
+            args.watch = False
+        elif not d["tracers"] and not d["left_attached"]:
             if args.log:
                 raise UserError(f"no running tracer writes the LOG {args.log}")
             raise UserError("no tracer is running on this host (give --store DIR on the "

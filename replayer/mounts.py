@@ -1,0 +1,365 @@
+"""`blkrewind mount`: a point's file system, mounted in one command, and torn down again.
+
+The chain, each link its own process or kernel object:
+
+    nbdkit (python plugin, replayer/image.py; + cow filter with --writable)
+      -> Unix socket -> nbdfuse (the export as one file, RUN/fuse/image)
+      -> loop device (direct I/O on that file) -> the file system at MOUNTPOINT
+
+Read-only mounts use `ro,noload` (ext4) or `ro,norecovery` (xfs): the journal is not replayed,
+the image is exactly the point. --writable mounts read-write on the overlay, so the kernel
+replays the journal of a crash-consistent point (the overlay is dropped at umount; the store
+never sees a write).
+
+The loop-over-FUSE hazard (a loop device writing back dirty pages to a FUSE file whose server
+needs memory to make progress, while reclaim waits for that writeback) is designed away: the
+loop device uses direct I/O (`losetup --direct-io=on`: its I/O bypasses the FUSE file's page
+cache, so no dirty FUSE pages exist to be written back under pressure), nbdfuse and nbdkit are
+separate processes from each other and from the caller, a read-only mount writes nothing, and
+the writable overlay is nbdkit's cow filter's file on a local file system (TMPDIR of the
+export), not behind FUSE. tests/test_mount.py writes through a writable mount inside a memory
+cgroup of 160 MiB.
+
+Every step is written to the mount's registry file (REG_DIR/<id>.json) before it is taken, so
+a failure or SIGINT at any step undoes exactly what was done (in reverse), and `blkrewind
+umount` can also tear down what a killed `mount` left.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+
+from blkrewind.errors import UserError
+
+REG_DIR = "/run/blkrewind/mounts"
+
+
+def _reg_path(mountpoint: str) -> str:
+    key = os.path.realpath(mountpoint).strip("/").replace("/", "_") or "_root"
+    return os.path.join(REG_DIR, key + ".json")
+
+
+def _save(reg: dict) -> None:
+    os.makedirs(REG_DIR, mode=0o700, exist_ok=True)
+    p = _reg_path(reg["mountpoint"])
+    tmp = p + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(reg, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+
+
+def registry() -> list[dict]:
+    out = []
+    try:
+        names = sorted(os.listdir(REG_DIR))
+    except FileNotFoundError:
+        return out
+    for n in names:
+        if not n.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(REG_DIR, n)) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def lookup(mountpoint: str) -> dict | None:
+    try:
+        with open(_reg_path(mountpoint)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _run(argv: list[str], what: str, timeout: float = 60) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise UserError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from None
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        raise UserError(f"{what}: {why}")
+    return p.stdout.strip()
+
+
+PR_SET_IO_FLUSHER = 57
+
+
+def _io_flusher() -> None:
+    """preexec_fn of nbdkit and nbdfuse: they are in the I/O path of the mounted file system.
+    PR_SET_IO_FLUSHER (kept across exec, inherited by their threads) makes their allocations
+    GFP_NOIO: reclaim never waits on the writeback of pages whose writeback waits on them (a
+    memory cgroup of the writer deadlocked nbdfuse in unix_stream_sendmsg -> memcg reclaim ->
+    folio_wait_writeback without it). They also leave the caller's memory cgroup for the root
+    one (the servers of a mount are not the writer's workload)."""
+    import ctypes
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    for procs in ("/sys/fs/cgroup/memory/cgroup.procs", "/sys/fs/cgroup/unified/cgroup.procs",
+                  "/sys/fs/cgroup/cgroup.procs"):
+        try:
+            with open(procs, "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+
+
+def _wait_pidfile(proc: subprocess.Popen, pidfile: str, what: str, logf: str,
+                  timeout: float = 60, daemon: bool = False) -> int:
+    """The pid in `pidfile` once the program wrote it (it is ready). daemon: the program
+    forks into the background, the process started exits 0 meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with open(pidfile) as f:
+                t = f.read().strip()
+            if t.isdigit():
+                return int(t)
+        except FileNotFoundError:
+            pass
+        rc = proc.poll()
+        if rc is not None and not (rc == 0 and daemon):
+            try:
+                with open(logf, errors="replace") as f:
+                    lines = [ln.strip() for ln in f if ln.strip()]
+            except OSError:
+                lines = []
+            from replayer.export import _nbdkit_error
+            raise UserError(f"{what} failed: {_nbdkit_error(chr(10).join(lines))}")
+        if time.monotonic() > deadline:
+            raise UserError(f"{what} did not start within {timeout:.0f} s")
+        time.sleep(0.01)
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def check_mountpoint(mp: str) -> str:
+    mp = os.path.abspath(mp)
+    if not os.path.isdir(mp):
+        raise UserError(f"{mp} is not a directory")
+    if os.path.ismount(mp):
+        raise UserError(f"{mp} is busy: something is mounted there already")
+    if lookup(mp) is not None:
+        raise UserError(f"{mp} is busy: 'blkrewind mount' set it up already "
+                        f"('blkrewind umount {mp}' tears it down)")
+    if os.listdir(mp):
+        raise UserError(f"{mp} is not empty; mount on an empty directory")
+    return mp
+
+
+def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool = False,
+          fstype: str | None = None, options: str | None = None, warn=None,
+          step_hook=None) -> dict:
+    """Set the chain up; returns the registry entry. On any failure (or KeyboardInterrupt)
+    what was set up is torn down before the exception goes on. `step_hook(name)` (tests) is
+    called before each step."""
+    from replayer import export
+
+    mp = check_mountpoint(mountpoint)
+    hook = step_hook or (lambda name: None)
+    reg: dict = {"mountpoint": mp, "store": os.path.abspath(store), "device": device, "at": at,
+                 "writable": writable, "pid": os.getpid(), "started_ns": time.time_ns(),
+                 "steps": []}
+    _save(reg)
+    try:
+        hook("prepare")
+        prep = export.prepare(store, device, at, warn=warn)
+        r = prep.resolved
+        reg.update(run_dir=prep.run_dir, device=prep.device.device, stamp=r.stamp,
+                   session=r.session, how=r.how, size=r.size_bytes)
+        reg["steps"].append("run_dir")
+        _save(reg)
+
+        hook("nbdkit")
+        sock = os.path.join(prep.run_dir, "nbd.sock")
+        # nbdkit daemonizes (it outlives this command): run in the foreground, it sets
+        # PR_SET_PDEATHSIG and would be stopped when this process exits
+        argv = export.nbdkit_argv(prep, socket_path=sock, listen=None, writable=writable,
+                                  tls_dir=None, foreground=False)
+        if os.environ.get("BLKREWIND_NBDKIT_VERBOSE"):
+            argv.insert(1, "--verbose")
+        logf = os.path.join(prep.run_dir, "nbdkit.log")
+        with open(logf, "wb") as lf:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                                 env=export.env_for(prep), start_new_session=True,
+                                 preexec_fn=_io_flusher)
+        reg["steps"].append("nbdkit")
+        _save(reg)
+        reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(prep.run_dir, "nbdkit.pid"), "nbdkit",
+                                          logf, daemon=True)
+        p.wait()
+        _save(reg)
+
+        hook("nbdfuse")
+        fdir = os.path.join(prep.run_dir, "fuse")
+        os.mkdir(fdir, 0o700)
+        img = os.path.join(fdir, "image")
+        exe = shutil.which("nbdfuse")
+        if exe is None:
+            raise UserError("nbdfuse is not installed (apt-get install nbdfuse)")
+        flog = os.path.join(prep.run_dir, "nbdfuse.log")
+        fpid = os.path.join(prep.run_dir, "nbdfuse.pid")
+        with open(flog, "wb") as lf:
+            q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
+                                  "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,
+                                 stderr=lf, start_new_session=True, preexec_fn=_io_flusher)
+        reg["nbdfuse_pid"] = q.pid
+        reg["fuse_dir"] = fdir
+        reg["steps"].append("nbdfuse")
+        _save(reg)
+        _wait_pidfile(q, fpid, "nbdfuse", flog)
+
+        hook("loop")
+        loop = _run(["losetup", "--find", "--show", "--direct-io=on",
+                     *([] if writable else ["--read-only"]), img], "losetup")
+        reg["loop"] = loop
+        reg["steps"].append("loop")
+        _save(reg)
+
+        hook("mount")
+        fs = fstype or _run(["blkid", "-p", "-o", "value", "-s", "TYPE", loop],
+                            "blkid (which file system?)") or None
+        if not fs:
+            raise UserError(f"no file system found on {reg['device']} at {r.how}")
+        opts = []
+        if not writable:
+            opts.append("ro")
+            if fs in ("ext4", "ext3"):
+                opts.append("noload")
+            elif fs == "xfs":
+                opts.append("norecovery")
+        if fs == "xfs":
+            opts.append("nouuid")  # the original (or another point) may be mounted too
+        if options:
+            opts.append(options)
+        reg["fstype"] = fs
+        reg["steps"].append("mount")
+        _save(reg)
+        _run(["mount", "-t", fs, *(["-o", ",".join(opts)] if opts else []), loop, mp],
+             f"mount {fs}")
+        reg["mounted"] = True
+        reg["pid"] = None
+        _save(reg)
+        return reg
+    except BaseException:
+        try:
+            teardown(reg, quiet=True)
+        except Exception:
+            pass
+        raise
+
+
+STEPS = ("prepare", "nbdkit", "nbdfuse", "loop", "mount")
+
+
+def test_hook(spec: str | None):
+    """For tests ($BLKREWIND_MOUNT_TEST_HOOK): "fail:STEP" raises a UserError before STEP,
+    "pause:STEP" says "paused before STEP" on stderr and sleeps (a test sends SIGINT)."""
+    if not spec:
+        return None
+    how, _, step = spec.partition(":")
+    if how not in ("fail", "pause") or step not in STEPS:
+        raise UserError(f"BLKREWIND_MOUNT_TEST_HOOK={spec!r}: fail:STEP or pause:STEP, STEP one "
+                        f"of {', '.join(STEPS)}")
+
+    def hook(name: str) -> None:
+        if name != step:
+            return
+        if how == "fail":
+            raise UserError(f"failing before {name} (test hook)")
+        import sys
+        print(f"paused before {name}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+    return hook
+
+
+def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
+    """Undo the steps of a registry entry, newest first. A mounted file system that is busy
+    stops it (UserError: nothing else is touched). Returns notes."""
+    notes: list[str] = []
+    steps = reg.get("steps", [])
+    mp = reg["mountpoint"]
+    if "mount" in steps and os.path.ismount(mp):
+        p = subprocess.run(["umount", mp], capture_output=True, text=True)
+        if p.returncode != 0 and os.path.ismount(mp):
+            why = (p.stderr.strip().splitlines() or ["failed"])[-1]
+            raise UserError(f"cannot unmount {mp}: {why} (close what uses it and try again)")
+    if reg.get("loop"):
+        _detach_loop(reg["loop"], os.path.join(reg.get("fuse_dir", ""), "image"), notes)
+    if reg.get("fuse_dir"):
+        fdir = reg["fuse_dir"]
+        if os.path.ismount(fdir):
+            subprocess.run(["fusermount3", "-u", fdir], capture_output=True)
+            if os.path.ismount(fdir):
+                subprocess.run(["umount", "-l", fdir], capture_output=True)
+        _wait_gone(reg.get("nbdfuse_pid"), 10)
+    if reg.get("nbdkit_pid"):
+        from replayer.export import stop_pid
+        if _alive(reg["nbdkit_pid"]) and _is_ours(reg["nbdkit_pid"], "nbdkit"):
+            stop_pid(reg["nbdkit_pid"])
+    if reg.get("run_dir"):
+        shutil.rmtree(reg["run_dir"], ignore_errors=True)
+    try:
+        os.unlink(_reg_path(mp))
+    except FileNotFoundError:
+        pass
+    return notes
+
+
+def _is_ours(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip() == name
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int | None, timeout: float) -> None:
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        try:  # our child, if this process started it: reap it
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.02)
+
+
+def _detach_loop(loop: str, backing: str, notes: list) -> None:
+    name = os.path.basename(loop)
+    bf = f"/sys/block/{name}/loop/backing_file"
+    try:
+        with open(bf) as f:
+            cur = f.read().strip()
+    except OSError:
+        return  # detached already
+    if os.path.realpath(cur) != os.path.realpath(backing) and cur != backing:
+        notes.append(f"{loop} backs {cur} now, not ours: left alone")
+        return
+    for _ in range(50):
+        p = subprocess.run(["losetup", "-d", loop], capture_output=True, text=True)
+        if p.returncode == 0 or not os.path.exists(bf):
+            return
+        time.sleep(0.1)
+    raise UserError(f"cannot detach {loop}: {p.stderr.strip()}")
