@@ -106,8 +106,11 @@ step_packages() {
     # it already: a minimal root (debootstrap --variant=minbase, a container image) has not.
     # ca-certificates: pip's TLS to PyPI; mount: losetup, mount; util-linux: fsfreeze, fstrim;
     # man-db, groff-base, bash-completion: the man page and completion installed in step 4.
+    # nbdkit, nbdkit-plugin-python, nbdfuse, fuse3: `export` and `mount` (instant access);
+    # libnbd-bin: nbdinfo/nbdcopy, NBD clients for an export.
     local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux mount fdisk python3-venv
-                kmod iproute2 ca-certificates man-db groff-base bash-completion)
+                kmod iproute2 ca-certificates man-db groff-base bash-completion
+                nbdkit nbdkit-plugin-python nbdfuse fuse3 libnbd-bin)
     # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
     # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py; zstd also
     # a benign workload of the ransomware detector's tests);
