@@ -106,11 +106,12 @@ step_packages() {
     # it already: a minimal root (debootstrap --variant=minbase, a container image) has not.
     # ca-certificates: pip's TLS to PyPI; mount: losetup, mount; util-linux: fsfreeze, fstrim;
     # man-db, groff-base, bash-completion: the man page and completion installed in step 4.
-    # nbdkit, nbdkit-plugin-python, nbdfuse, fuse3: `export` and `mount` (instant access);
-    # libnbd-bin: nbdinfo/nbdcopy, NBD clients for an export.
+    # nbdkit, nbdkit-plugin-python, fuse3: `export` and `mount` (instant access); libnbd-bin:
+    # nbdinfo/nbdcopy, NBD clients for an export, and nbdfuse (a package of its own where the
+    # distribution split it off: see need_nbdfuse).
     local want=(clang llvm libbpf-dev e2fsprogs xfsprogs fio util-linux mount fdisk python3-venv
                 kmod iproute2 ca-certificates man-db groff-base bash-completion
-                nbdkit nbdkit-plugin-python nbdfuse fuse3 libnbd-bin)
+                nbdkit nbdkit-plugin-python fuse3 libnbd-bin)
     # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
     # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py; zstd also
     # a benign workload of the ransomware detector's tests);
@@ -118,11 +119,13 @@ step_packages() {
     [ "$mode" = test ] && want+=(prometheus debootstrap zstd qemu-system-x86 busybox-static)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
-    local need_bpftool=0 need_python=0 clang_pkg
+    local need_bpftool=0 need_python=0 need_nbdfuse=0 clang_pkg
     bpftool_works || need_bpftool=1
     pick_python >/dev/null || need_python=1
+    command -v nbdfuse >/dev/null 2>&1 || need_nbdfuse=1
     clang_pkg=$(newer_clang)
-    if [ ${#missing[@]} -eq 0 ] && [ $need_bpftool -eq 0 ] && [ $need_python -eq 0 ] && [ -z "$clang_pkg" ]; then
+    if [ ${#missing[@]} -eq 0 ] && [ $need_bpftool -eq 0 ] && [ $need_python -eq 0 ] \
+        && [ $need_nbdfuse -eq 0 ] && [ -z "$clang_pkg" ]; then
         say "[1/5] packages: all present"
         return
     fi
@@ -135,6 +138,8 @@ step_packages() {
     if [ -n "$clang_pkg" ]; then missing+=("$clang_pkg"); fi
     # Debian (and newer Ubuntu) have a bpftool package; Ubuntu ships it in linux-tools-*.
     if [ $need_bpftool -eq 1 ] && has_candidate bpftool; then missing+=(bpftool); fi
+    # nbdfuse: in libnbd-bin (Debian 12), a package of its own elsewhere.
+    if [ $need_nbdfuse -eq 1 ] && has_candidate nbdfuse; then missing+=(nbdfuse); fi
     if [ ${#missing[@]} -gt 0 ]; then
         say "[1/5] packages: installing ${missing[*]}"
         quietly "${apt[@]}" install --no-install-recommends "${missing[@]}" \
@@ -149,6 +154,8 @@ step_packages() {
         fi
         bpftool_works || say "warning: bpftool is still missing or does not run for kernel $(uname -r); the BPF build needs it"
     fi
+    command -v nbdfuse >/dev/null 2>&1 \
+        || say "warning: nbdfuse is still missing: \`blkrewind mount\` needs it (export does not)"
     if [ $need_python -eq 1 ] && ! pick_python >/dev/null; then
         # Ubuntu 22.04's python3 is 3.10; its archive has python3.11 next to it.
         quietly "${apt[@]}" install --no-install-recommends python3.11 python3.11-venv || true
