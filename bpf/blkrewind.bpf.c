@@ -52,7 +52,10 @@ struct br_cfg {
 	__u32 calib_tgid;      /* capture any bio (reads too) of this tgid as R_CALIB */
 	__u32 piece;           /* payload bytes per record (<= BR_MAX_PIECE) */
 	__u32 dirty;           /* 1: keep the dirty map (the default; 0 only for benches) */
-	__u32 pad;
+	__u32 wake_bytes;      /* 0: submit as libbpf does (wake a consumer that caught up);
+				* else submit without a wake-up and force one when a record
+				* takes the unconsumed data past this many bytes (the
+				* consumer's poll timeout bounds the latency) */
 	__u64 dev_bloom;       /* bit dev_bit(d) set for every dev_t d in dev_map: a bio or
 				* request whose device and disk bits are both clear is not
 				* traced, known without a hash lookup */
@@ -319,6 +322,17 @@ static long piece_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+/* the submit flags of a record of len bytes already reserved (cfg.wake_bytes) */
+static __always_inline __u64 wake_flags(struct br_cfg *c, __u32 len)
+{
+	__u64 t = c->wake_bytes, avail;
+
+	if (!t)
+		return 0;
+	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
+	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 /* one record: header + up to w->piece bytes of payload */
 static long record_cb(__u64 i, void *ctx)
 {
@@ -370,7 +384,7 @@ static long record_cb(__u64 i, void *ctx)
 	}
 	if (w->remaining == 0)
 		r->flags |= BR_F_LAST;
-	bpf_ringbuf_submit_dynptr(&dp, 0);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flags(w->c, sizeof(struct br_rec) + want));
 	return w->remaining ? 0 : 1;
 }
 
@@ -464,7 +478,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		__builtin_memcpy(r, &w->h, sizeof(*r));
 		r->seq = next_seq(s);
 		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-		bpf_ringbuf_submit(r, 0);
+		bpf_ringbuf_submit(r, wake_flags(c, sizeof(*r)));
 		return;
 	}
 
@@ -713,7 +727,7 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit_dynptr(&dp, 0);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flags(c, sizeof(struct br_rec) + n * 8));
 	return 0;
 }
 
@@ -778,7 +792,7 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 	r->h.len = 8;
 	r->stamp = stamp;
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit(r, 0);
+	bpf_ringbuf_submit(r, wake_flags(c, sizeof(*r)));
 	return 0;
 }
 
