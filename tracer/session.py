@@ -51,6 +51,8 @@ from tracer.ringbuf import RingConsumer
 CONTROL_DIR = "/run/blkrewind"
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
 BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
+WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
+IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
 _LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
@@ -87,6 +89,10 @@ class TraceOptions:
     settle: float = 1.0
     queue_bytes: int = 512 << 20
     lz4_level: int = -10  # tracer/log.py encode_span: spans that hardly compress go faster
+    # records are submitted without waking the collector, but for the one that takes the
+    # ring's unconsumed data past wake_bytes (0: wake as libbpf does); the collector then
+    # polls every WAKE_POLL seconds while writes come, IDLE_POLL when none came for a second
+    wake_bytes: int = BATCH_BYTES
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None
@@ -221,6 +227,7 @@ class Tracer:
         attached = cap.attach()
         bases = calibrate.calibrate(cap, self.devs[0].path)
         cap.init_counters(stamp_base, 1)
+        cap.set_wake_bytes(o.wake_bytes)
         for d, r in zip(self.devs, regions):
             cap.add_device(d.kdev, d.part_start, r)
         self._pin(regions)
@@ -302,6 +309,7 @@ class Tracer:
         self._useq = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
         regions = [Regions(*r) for r in p.regions]
         self.capture = cap = Capture.adopt(p.pin_dir, p.ring_bytes, p.dirty_regions)
+        cap.set_wake_bytes(o.wake_bytes)
         p.pid = os.getpid()
         self.pinned = p
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
@@ -385,11 +393,14 @@ class Tracer:
         ring, cap = self.ring, self.capture
         next_check = 0.0
         pos = ring.consumed_pos()
+        last_data = 0.0
         encoding: deque = deque()  # (end position, encode future, written future) in order
         try:
             while True:
                 view, n, end = ring.peek(pos)
+                now = time.monotonic()
                 if view is not None:
+                    last_data = now
                     if self._watch_old or self.resync.watching:
                         self._scan_old(view)
                     # beyond half the ring held, copy: the writer's queue (queue_bytes)
@@ -414,7 +425,6 @@ class Tracer:
                 while encoding and _ring_done(encoding[0]):
                     ring.release(encoding.popleft()[0])
                     self._collected_pos = ring.consumed_pos()
-                now = time.monotonic()
                 if now >= next_check:
                     next_check = now + 0.5
                     self._check_loss(cap.counters())
@@ -428,8 +438,10 @@ class Tracer:
                             pass
                     elif self._stop_collect.is_set():
                         return
-                    else:
-                        ring.wait(0.05)
+                    elif not self.opts.wake_bytes:
+                        ring.wait(IDLE_POLL)
+                    else:  # no wake-up comes before wake_bytes wait: poll
+                        ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
                 elif view.nbytes < BATCH_BYTES:
                     # let records accumulate: one LOG frame per record would cost
                     # far more than the records (the ring holds ~60 ms at 2 GB/s)
