@@ -84,10 +84,16 @@ def child(log_dir: str, dev: str) -> int:
              for what, where in cap.attached.items()]
     done = threading.Event()
 
-    def janitor() -> None:  # a tmpfs LOG must not fill the memory
+    from tracer import log as tlog
+    retire = getattr(tlog, "retire_segment", None)  # recycling, where the checkout has it
+
+    def janitor() -> None:  # a tmpfs LOG must not fill the memory: as if shipped, acked
         while not done.wait(0.2):
             for f in sorted(Path(log_dir).glob("*.brlog"))[:-1]:
-                f.unlink(missing_ok=True)
+                try:
+                    retire(f) if retire else f.unlink()
+                except FileNotFoundError:
+                    pass
 
     jt = threading.Thread(target=janitor, daemon=True)
     jt.start()
