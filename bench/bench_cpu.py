@@ -66,7 +66,7 @@ def _task_stats() -> dict[int, tuple[float, int]]:
     return out
 
 
-def child(log_dir: str, dev: str) -> int:
+def child(log_dir: str, dev: str, log_mode: str = "") -> int:
     """Run a Tracer of dev (imported from the checkout on sys.path[0]); on stdin, "start"
     snapshots the counters, "stop" prints their deltas as one JSON line, "quit" ends."""
     import tracer
@@ -74,8 +74,12 @@ def child(log_dir: str, dev: str) -> int:
     from tracer.capture import ATTACH
     from tracer.session import TraceOptions, Tracer
     stats_fd = L.enable_run_stats()
-    t = Tracer(TraceOptions(devices=[dev], log_dir=log_dir, ring_bytes=128 << 20,
-                            baseline=False), say=lambda m: None)
+    opts = TraceOptions(devices=[dev], log_dir=log_dir, ring_bytes=128 << 20, baseline=False)
+    if log_mode:
+        if not hasattr(opts, "log_mode"):
+            raise SystemExit(f"{tracer.__file__}: this checkout has no log_mode")
+        opts.log_mode = log_mode
+    t = Tracer(opts, say=lambda m: None)
     t.start()
     t.run_baseline(None)
     t.resync.stop(finish=False)
@@ -149,12 +153,35 @@ def proc_ctxt() -> int:
     return 0
 
 
+def make_zram_fs(work: Path, size_mb: int = 2048) -> tuple[int, Path]:
+    """ext4 on a new zram device, mounted under work: (zram id, mount point)."""
+    n = int(Path("/sys/class/zram-control/hot_add").read_text())
+    mnt = work / "zram"
+    try:
+        Path(f"/sys/block/zram{n}/disksize").write_text(f"{size_mb}M")
+        subprocess.run(["mkfs.ext4", "-q", "-F", f"/dev/zram{n}"], check=True)
+        mnt.mkdir()
+        subprocess.run(["mount", f"/dev/zram{n}", str(mnt)], check=True)
+    except BaseException:
+        drop_zram(n, mnt)
+        raise
+    return n, mnt
+
+
+def drop_zram(n: int, mnt: Path) -> None:
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+    try:
+        Path("/sys/class/zram-control/hot_remove").write_text(str(n))
+    except OSError as e:
+        print(f"bench_cpu: cannot remove zram{n}: {e}", file=sys.stderr)
+
+
 class Child:
-    def __init__(self, tree: Path, dev: str, log_dir: Path):
+    def __init__(self, tree: Path, dev: str, log_dir: Path, log_mode: str = ""):
         py = tree / ".venv" / "bin" / "python"
         py = py if py.exists() else Path(sys.executable)
         code = (f"import sys; sys.path.insert(0, {str(tree)!r}); sys.path.insert(1, {str(HERE)!r});"
-                f" import bench_cpu; sys.exit(bench_cpu.child({str(log_dir)!r}, {dev!r}))")
+                f" import bench_cpu; sys.exit(bench_cpu.child({str(log_dir)!r}, {dev!r}, {log_mode!r}))")
         env = {**os.environ, "BLKREWIND_BPF_OBJECT": str(tree / "bpf/build/blkrewind.bpf.o")}
         self.p = subprocess.Popen([str(py), "-c", code], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(tree))
@@ -211,7 +238,10 @@ def traced(child: Child, dev: str, job: str, a, out: Path) -> dict:
     r = {"job": job, **f, "tracer_cpu_s": cpu, "tracer_ctx": ctx,
          "threads": c["threads"], "bpf": c["bpf"], "bios": c["bios"], "captured": c["bytes"],
          "drops": c["drops"],
-         "cpu_us_per_write": cpu / max(1, f["writes"]) * 1e6,
+         # per write captured (its payload reached the ring): a dropped write costs the
+         # tracer nothing and must not flatter the figure
+         "captured_writes": c["bytes"] / (f["bytes"] / max(1, f["writes"])),
+         "cpu_us_per_write": cpu / max(1, c["bytes"] / (f["bytes"] / max(1, f["writes"]))) * 1e6,
          "bpf_us_per_bio": bpf_ns / max(1, c["bios"]) / 1e3,
          "ctx_per_write": (f["fio_ctx"] + ctx) / max(1, f["writes"]),
          "sys_ctx_per_write": f["sys_ctx"] / max(1, f["writes"]),
@@ -223,9 +253,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
-    ap.add_argument("--tree", type=Path, action="append",
-                    help="a blkrewind checkout with a built BPF object (repeat to compare; "
-                         "default: this one)")
+    ap.add_argument("--tree", action="append",
+                    help="DIR[:LOG_MODE]: a blkrewind checkout with a built BPF object, and "
+                         "the tracer's log_mode (buffered, prealloc, direct; default: the "
+                         "checkout's) -- repeat to compare (default: this checkout)")
+    ap.add_argument("--log-fs", choices=["shm", "zram"], default="shm",
+                    help="the LOG's file system: a directory on /dev/shm (tmpfs), or ext4 on "
+                         "a zram device (a block device in memory: O_DIRECT means what it "
+                         "does on a second disk) (shm)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run (6)")
     ap.add_argument("--rate-iops", type=int, default=50000,
@@ -241,8 +276,12 @@ def main() -> int:
     if os.geteuid() != 0:
         print("bench_cpu: run as root", file=sys.stderr)
         return 2
-    trees = [t.resolve() for t in (a.tree or [ROOT])]
-    for t in trees:
+    variants = []
+    for spec in a.tree or [str(ROOT)]:
+        path, _, mode = spec.partition(":")
+        variants.append((Path(path).resolve(), mode))
+    trees = [Path(f"{p}:{m}") if m else p for p, m in variants]
+    for t, _ in variants:
         if not (t / "bpf/build/blkrewind.bpf.o").exists():
             print(f"bench_cpu: {t} has no BPF object (python bpf/build.py there)", file=sys.stderr)
             return 2
@@ -250,7 +289,11 @@ def main() -> int:
     from bench_capture import Workspace
     ws = Workspace(None)
     runs: list[dict] = []
-    logs = Path(tempfile.mkdtemp(prefix="blkrewind-cpu-", dir=SHM))
+    zram = None
+    if a.log_fs == "zram":
+        zram, logs = make_zram_fs(ws.dir)
+    else:
+        logs = Path(tempfile.mkdtemp(prefix="blkrewind-cpu-", dir=SHM))
     try:
         dev = ws.tmpfs_loop(a.size_mb << 20)
         with open("/proc/loadavg") as f:
@@ -265,7 +308,8 @@ def main() -> int:
             order = trees if rnd % 2 == 0 else trees[::-1]
             for i, tree in enumerate(order):
                 log = logs / f"log-{rnd}-{i}"
-                ch = Child(tree, dev, log)
+                path, mode = variants[trees.index(tree)]
+                ch = Child(path, dev, log, mode)
                 try:
                     for job in ("rand4k", "seq1m"):
                         r = traced(ch, dev, job, a, ws.dir / "fio.json")
@@ -286,6 +330,8 @@ def main() -> int:
             load1 = f.read().split()[:3]
     finally:
         shutil.rmtree(logs, ignore_errors=True)
+        if zram is not None:
+            drop_zram(zram, logs)
         ws.close()
     if a.json:
         a.json.write_text(json.dumps({"runs": runs, "load": [load0, load1]}, indent=1))
@@ -317,7 +363,7 @@ def report(runs: list[dict], trees: list[Path], load0, load1) -> str:
     row("tracer CPU per 4 KiB write, us", "rand4k", "cpu_us_per_write")
     for name in sorted({n for r in runs if r["job"] == "rand4k" and "threads" in r
                         for n in r["threads"]}):
-        cells = [_rng([r["threads"].get(name, [0, 0])[0] / max(1, r["writes"]) * 1e6
+        cells = [_rng([r["threads"].get(name, [0, 0])[0] / max(1, r["captured_writes"]) * 1e6
                        for r in runs if r["tree"] == str(t) and r["job"] == "rand4k"])
                  for t in trees]
         lines.append(f"| ... {name} thread | " + " | ".join(cells) + " |")

@@ -787,20 +787,25 @@ def test_enospc_creating_the_first_segment(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------ preallocated (O_DIRECT) and recycled segments
-def _direct_writer(log_dir, session="s1", **kw):
-    w = L.LogWriter(log_dir, session, host="h", fsync="never", **kw)
-    if not w._direct:
+MODES = pytest.mark.parametrize("mode", ["direct", "prealloc"])
+
+
+def _direct_writer(log_dir, session="s1", mode="direct", **kw):
+    """direct: O_DIRECT; prealloc: buffered writes into the preallocated / recycled file."""
+    w = L.LogWriter(log_dir, session, host="h", fsync="never", **{mode: True}, **kw)
+    if mode == "direct" and not w._direct:
         w.close()
         pytest.skip(f"{log_dir}: the file system refuses O_DIRECT")
     return w
 
 
-def test_preallocated_segment_reads_live_and_seals_to_its_end(tmp_path):
+@MODES
+def test_preallocated_segment_reads_live_and_seals_to_its_end(mode, tmp_path):
     """A live segment is preallocated: what follows its last frame reads as a zero-padded
     tail (not torn) after every append, whatever block boundary the frame ends near; a
     clean close cuts the file right after the SEAL."""
     rng = random.Random(5)
-    w = _direct_writer(tmp_path, segment_bytes=1 << 20)
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
     assert os.path.getsize(w.current_path) == 1 << 20
     spans = []
     for i in range(40):  # sizes that end frames on, just before and just after 4 KiB blocks
@@ -819,11 +824,12 @@ def test_preallocated_segment_reads_live_and_seals_to_its_end(tmp_path):
         assert r.size == r.good_end + L.FRAME_SIZE
 
 
-def test_recycled_segment_old_frames_are_never_read(tmp_path):
+@MODES
+def test_recycled_segment_old_frames_are_never_read(mode, tmp_path):
     """A spare (retire_segment) is reused by the next segment: its old frames (another seg_id)
     stay in the file beyond the new ones and are never read, live, after a crash, nor by
     repair; a torn frame over old content is a torn tail."""
-    w = _direct_writer(tmp_path, "s1", segment_bytes=1 << 20)
+    w = _direct_writer(tmp_path, "s1", segment_bytes=1 << 20, mode=mode)
     old = [rec(os.urandom(20000), stamp=i + 1) for i in range(30)]
     for s in old:
         w.append(s, 1, 0, 0)
@@ -833,7 +839,7 @@ def test_recycled_segment_old_frames_are_never_read(tmp_path):
     assert L.retire_segment(seg.path) is True
     assert L.list_segments(tmp_path) == [] and L.inventory(tmp_path) == []
     assert L.repair(tmp_path) == []  # a spare is no segment, nor an unfinished one
-    w = _direct_writer(tmp_path, "s2", segment_bytes=1 << 20)
+    w = _direct_writer(tmp_path, "s2", segment_bytes=1 << 20, mode=mode)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".spare")]
     new = [rec(os.urandom(3000), stamp=100 + i) for i in range(5)]
     for s in new:
@@ -864,8 +870,9 @@ def test_recycled_segment_old_frames_are_never_read(tmp_path):
     assert err is None and [f.data for f in got] == new[:-1] and r.torn_bytes == len(blob) - start
 
 
-def test_zeros_between_frames_of_a_preallocated_segment_are_corruption(tmp_path):
-    w = _direct_writer(tmp_path, segment_bytes=1 << 20)
+@MODES
+def test_zeros_between_frames_of_a_preallocated_segment_are_corruption(mode, tmp_path):
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
     for i in range(4):
         w.append(rec(os.urandom(5000), stamp=i + 1), 1, 0, 0)
     path = w.current_path
@@ -878,10 +885,11 @@ def test_zeros_between_frames_of_a_preallocated_segment_are_corruption(tmp_path)
     w.close()
 
 
-def test_seal_written_but_not_cut_is_the_end(tmp_path):
+@MODES
+def test_seal_written_but_not_cut_is_the_end(mode, tmp_path):
     """A crash between the SEAL and cutting the preallocated rest: the SEAL ends the segment,
     repair cuts the rest."""
-    w = _direct_writer(tmp_path, segment_bytes=1 << 20)
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
     spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
     for s in spans:
         w.append(s, 1, 0, 0)
@@ -895,8 +903,9 @@ def test_seal_written_but_not_cut_is_the_end(tmp_path):
     assert os.path.getsize(path) == size and L.SegmentReader(path).sealed
 
 
-def test_direct_write_failure_leaves_the_segment_readable(tmp_path, monkeypatch):
-    w = _direct_writer(tmp_path, segment_bytes=1 << 20)
+@MODES
+def test_direct_write_failure_leaves_the_segment_readable(mode, tmp_path, monkeypatch):
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
     spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
     w.append(spans[0], 1, 0, 0)
     real = os.pwritev

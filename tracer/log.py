@@ -54,7 +54,7 @@ renamed), so a bad HEADER is always corruption.
 
 Preallocated and recycled segments, zero-padded tails
 ------------------------------------------------------
-By default (LogWriter(direct=True), where the file system takes O_DIRECT) a segment file is
+With LogWriter(direct=True) (where the file system takes O_DIRECT; off by default) a segment file is
 preallocated to segment_bytes (fallocate) -- or is a spare, a retired segment kept for reuse
 (retire_segment(), as PostgreSQL recycles WAL segments) -- and frames are written with O_DIRECT
 from one reused aligned buffer: each append writes from the start of the 4 KiB block holding the
@@ -453,7 +453,8 @@ class LogWriter:
 
     def __init__(self, log_dir: str, session: str, *, host: str, segment_bytes: int = 64 << 20,
                  fsync: str = "interval", fsync_interval: float = 1.0,
-                 compression_level: int = 0, on_frame=None, direct: bool = True):
+                 compression_level: int = 0, on_frame=None, direct: bool = False,
+                 prealloc: bool = False):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
         if not SESSION_RE.fullmatch(session):
@@ -470,9 +471,16 @@ class LogWriter:
         self.on_frame = on_frame
         # direct: segments preallocated to segment_bytes (or spares reused, retire_segment())
         # and written with O_DIRECT from a reused aligned buffer, where the file system allows
-        # (else as buffered writes, as before): no page-cache page per 4 KiB of LOG
+        # (else as buffered writes): no page-cache page per 4 KiB of LOG. Off by default: with
+        # the LOG on a tmpfs (bench/bench_cpu.py) it dropped records at 50k 4 KiB writes/s
+        # that buffered writes kept (tmpfs's O_DIRECT is buffered I/O plus invalidation); not
+        # yet measured with the LOG on a second real disk, where it is meant to pay
+        # prealloc: segments preallocated / recycled as with direct, written through the page
+        # cache (over pages the file has: a tmpfs or the page cache allocates none)
         self.direct = direct
+        self.prealloc = prealloc or direct
         self._direct = False        # the current segment's fd is O_DIRECT
+        self._prealloc = False      # the current segment is preallocated: zero tail, cut at seal
         self._buf: mmap.mmap | None = None
         self._bufmv: memoryview | None = None
         self._tail = 0              # bytes of the current segment's last partial block (in _buf)
@@ -576,12 +584,17 @@ class LogWriter:
     def _write(self, bufs, size: int, what: str) -> None:
         if self._direct:
             return self._write_direct(bufs, size, what)
+        if self._prealloc:  # the next frame header position must read as zeros
+            bufs = (*bufs, ZERO_HEAD)
         try:
             _pwrite_all(self._fd, bufs, self._pos)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
-            try:
-                os.ftruncate(self._fd, self._pos)  # never leave a half frame behind
+            try:  # never leave a half frame behind
+                if self._prealloc:
+                    _pwrite_all(self._fd, (ZERO_HEAD,), self._pos)
+                else:
+                    os.ftruncate(self._fd, self._pos)
             except OSError as e2:
                 self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
@@ -658,7 +671,7 @@ class LogWriter:
         mono, real = _now()
         self._write((_head(K_SEAL, self._seg_id, self._frame_no, mono, real, self._seg_records,
                            0, 0),), FRAME_SIZE, "sealing")
-        if self._direct:  # the preallocated rest goes: a sealed segment ends with its SEAL
+        if self._prealloc:  # the preallocated rest goes: a sealed segment ends with its SEAL
             try:
                 os.ftruncate(self._fd, self._pos)
             except OSError as e:
@@ -682,7 +695,7 @@ class LogWriter:
         path = os.path.join(self.log_dir, name)
         tmp = os.path.join(self.log_dir, f".{name}.tmp")
         old_id = None
-        spare = _take_spare(self.log_dir, tmp) if self.direct else None
+        spare = _take_spare(self.log_dir, tmp) if self.prealloc else None
         if spare is not None:
             old_id = spare
         seg_id = int.from_bytes(os.urandom(4), "little")
@@ -711,11 +724,13 @@ class LogWriter:
                 self._tail = len(frame) & (BLOCK - 1)
                 if len(frame) >= BLOCK:
                     mv[:self._tail] = mv[len(frame) - self._tail:len(frame)]
-                self._direct = True
+                self._direct = self._prealloc = True
+            elif self.prealloc:
+                _preallocate(fd, self.segment_bytes)
+                self._direct, self._prealloc = False, True
+                _pwrite_all(fd, (frame, ZERO_HEAD), 0)
             else:
-                if spare is not None:
-                    os.ftruncate(fd, 0)
-                self._direct = False
+                self._direct = self._prealloc = False
                 _pwrite_all(fd, (frame,), 0)
             os.fsync(fd)
             if os.path.exists(path):

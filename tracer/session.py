@@ -93,6 +93,9 @@ class TraceOptions:
     # ring's unconsumed data past wake_bytes (0: wake as libbpf does); the collector then
     # polls every WAKE_POLL seconds while writes come, IDLE_POLL when none came for a second
     wake_bytes: int = BATCH_BYTES
+    # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
+    # preallocated, or recycled spares; buffered writes) or "direct" (... written O_DIRECT)
+    log_mode: str = "prealloc"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None
@@ -365,6 +368,7 @@ class Tracer:
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
+                             prealloc=o.log_mode == "prealloc", direct=o.log_mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
 
     def _start_threads(self) -> None:
