@@ -80,8 +80,7 @@ Writes and failures
 -------------------
 One frame is one ``pwritev`` of header + body at the end of the segment (direct: of the
 blocks holding it). When a write fails (ENOSPC, EIO, ...) the file is cut back to the last
-frame boundary (direct: the block holding it is written again with its zero padding, so the
-tail reads as zeros again; the file keeps its size) and LogFull / LogIOError is
+frame boundary (a preallocated one too: nothing is read beyond the end) and LogFull / LogIOError is
 raised: the segment stays readable, the span was not written, the writer can go on (e.g. once
 space is freed). If even the cut fails, or an fsync fails (the kernel may have dropped dirty
 pages), the writer refuses all further writes; the partial frame is a torn tail for readers.
@@ -330,15 +329,17 @@ def _open_direct(path: str, flags: int) -> tuple[int, bool]:
 
 def _preallocate(fd: int, nbytes: int) -> None:
     """Allocate the segment's blocks up front (a recycled file keeps its own): no block
-    allocation per write. A file system without fallocate just grows the file."""
+    allocation per write. Where that fails (no fallocate, or no room for a whole segment:
+    a nearly full LOG still takes frames until it is full) the file grows as written."""
+    had = os.fstat(fd).st_size
+    if had >= nbytes:
+        return
     try:
-        if os.fstat(fd).st_size < nbytes:
-            os.posix_fallocate(fd, 0, nbytes)
+        os.posix_fallocate(fd, 0, nbytes)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
+        os.ftruncate(fd, had)  # what a failed fallocate allocated goes back
 
 
 def _spares(log_dir: str) -> list[str]:
@@ -590,11 +591,9 @@ class LogWriter:
             _pwrite_all(self._fd, bufs, self._pos)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
-            try:  # never leave a half frame behind
-                if self._prealloc:
-                    _pwrite_all(self._fd, (ZERO_HEAD,), self._pos)
-                else:
-                    os.ftruncate(self._fd, self._pos)
+            try:  # never leave a half frame behind (a preallocated file too: beyond its
+                # end nothing is read; the blocks come back with the next segment)
+                os.ftruncate(self._fd, self._pos)
             except OSError as e2:
                 self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
@@ -640,12 +639,10 @@ class LogWriter:
             _pwrite_all(self._fd, (mv[:need],), start)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
-            undo = (tail + FRAME_SIZE + BLOCK - 1) & ~(BLOCK - 1)
-            mv[tail:undo] = _ZEROS[:undo - tail]
-            try:  # never leave a half frame behind: the tail reads as zeros again
-                _pwrite_all(self._fd, (mv[:undo],), start)
+            try:  # never leave a half frame behind (the partial block stays in the buffer)
+                os.ftruncate(self._fd, self._pos)
             except OSError as e2:
-                self._error = LogIOError(f"{err}; clearing the partial frame failed too "
+                self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
                 raise self._error from e
             raise err from e

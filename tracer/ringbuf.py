@@ -95,7 +95,7 @@ class RingConsumer:
             end, n = walk_py(self._words, self.mask, cons, limit)
         if end == cons:
             return None, 0, cons
-        view, start = self._view, cons & mask
+        view, start = self._view, cons & self.mask
         self.records += n
         self.bytes += end - cons
         return view[start:start + (end - cons)], n, end
