@@ -342,6 +342,17 @@ def _preallocate(fd: int, nbytes: int) -> None:
         os.ftruncate(fd, had)  # what a failed fallocate allocated goes back
 
 
+TMPFS_MAGIC = 0x01021994
+
+
+def on_tmpfs(path) -> bool:
+    """Is path on a tmpfs (statfs f_type)? Its O_DIRECT is page-cache I/O: no gain there."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if ctypes.CDLL(None, use_errno=True).statfs(os.fsencode(os.fspath(path)), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == TMPFS_MAGIC
+
+
 def _spares(log_dir: str) -> list[str]:
     return sorted(n for n in os.listdir(log_dir) if SPARE_RE.fullmatch(n))
 

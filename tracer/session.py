@@ -45,7 +45,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 from tracer.log import (FL_RAW, LogFull, LogLock, LogWriter, encode_span, kernel_seq,
-                        last_stamp, list_segments, repair, tail_kernel_seqs)
+                        last_stamp, list_segments, on_tmpfs, repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
@@ -89,13 +89,19 @@ class TraceOptions:
     settle: float = 1.0
     queue_bytes: int = 512 << 20
     lz4_level: int = -10  # tracer/log.py encode_span: spans that hardly compress go faster
-    # records are submitted without waking the collector, but for the one that takes the
-    # ring's unconsumed data past wake_bytes (0: wake as libbpf does); the collector then
-    # polls every WAKE_POLL seconds while writes come, IDLE_POLL when none came for a second
-    wake_bytes: int = BATCH_BYTES
+    # > 0: records are submitted without waking the collector, but for the one that takes
+    # the ring's unconsumed data past wake_bytes; the collector then polls every WAKE_POLL
+    # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
+    # wake as libbpf does -- the collector's own switches were already ~0.03 per 4 KiB write
+    # (it sleeps BATCH_WAIT between spans, so a wake-up comes once per span, not per write)
+    # and BATCH_BYTES measured no better (bench/bench_cpu.py, README "Costs")
+    wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
-    # preallocated, or recycled spares; buffered writes) or "direct" (... written O_DIRECT)
-    log_mode: str = "prealloc"
+    # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
+    # "auto": direct, but buffered on a tmpfs (bench/bench_cpu.py: with the LOG on ext4 over
+    # a block device direct cut the tracer's CPU per 4 KiB write by ~30 %; on a tmpfs, whose
+    # O_DIRECT is page-cache I/O, it did not pay)
+    log_mode: str = "auto"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None
@@ -365,10 +371,13 @@ class Tracer:
 
     def _open_log(self) -> None:
         o = self.opts
+        mode = o.log_mode
+        if mode == "auto":
+            mode = "buffered" if on_tmpfs(o.log_dir) else "direct"
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
-                             prealloc=o.log_mode == "prealloc", direct=o.log_mode == "direct",
+                             prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
 
     def _start_threads(self) -> None:
