@@ -90,6 +90,8 @@ def child(log_dir: str, dev: str, log_mode: str = "") -> int:
 
     from tracer import log as tlog
     retire = getattr(tlog, "retire_segment", None)  # recycling, where the checkout has it
+    if os.environ.get("BENCH_CPU_NO_RECYCLE"):
+        retire = None
 
     def janitor() -> None:  # a tmpfs LOG must not fill the memory: as if shipped, acked
         while not done.wait(0.2):
@@ -181,8 +183,12 @@ class Child:
         py = tree / ".venv" / "bin" / "python"
         py = py if py.exists() else Path(sys.executable)
         code = (f"import sys; sys.path.insert(0, {str(tree)!r}); sys.path.insert(1, {str(HERE)!r});"
-                f" import bench_cpu; sys.exit(bench_cpu.child({str(log_dir)!r}, {dev!r}, {log_mode!r}))")
+                f" import bench_cpu; sys.exit(bench_cpu.child({str(log_dir)!r}, {dev!r}, "
+                f"{log_mode.split('/')[0]!r}))")
         env = {**os.environ, "BLKREWIND_BPF_OBJECT": str(tree / "bpf/build/blkrewind.bpf.o")}
+        if log_mode.endswith("/norecycle"):
+            log_mode = log_mode[:-len("/norecycle")]
+            env["BENCH_CPU_NO_RECYCLE"] = "1"
         self.p = subprocess.Popen([str(py), "-c", code], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(tree))
         self.hello = self._read()
@@ -254,9 +260,10 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--tree", action="append",
-                    help="DIR[:LOG_MODE]: a blkrewind checkout with a built BPF object, and "
-                         "the tracer's log_mode (buffered, prealloc, direct; default: the "
-                         "checkout's) -- repeat to compare (default: this checkout)")
+                    help="DIR[:LOG_MODE[/norecycle]]: a blkrewind checkout with a built BPF "
+                         "object, and the tracer's log_mode (buffered, prealloc, direct; "
+                         "default: the checkout's; /norecycle: sealed segments are deleted, "
+                         "not retired as spares) -- repeat to compare (default: this checkout)")
     ap.add_argument("--log-fs", choices=["shm", "zram"], default="shm",
                     help="the LOG's file system: a directory on /dev/shm (tmpfs), or ext4 on "
                          "a zram device (a block device in memory: O_DIRECT means what it "
@@ -272,6 +279,8 @@ def main() -> int:
                          "rate, so CPU per GB counts every byte (600)")
     ap.add_argument("--size-mb", type=int, default=1024, help="the loop device (1024)")
     ap.add_argument("--json", type=Path, help="write every run as JSON here")
+    ap.add_argument("--no-recycle", action="store_true",
+                    help="delete sealed segments instead of retiring them as spares")
     a = ap.parse_args()
     if os.geteuid() != 0:
         print("bench_cpu: run as root", file=sys.stderr)
@@ -281,6 +290,8 @@ def main() -> int:
         path, _, mode = spec.partition(":")
         variants.append((Path(path).resolve(), mode))
     trees = [Path(f"{p}:{m}") if m else p for p, m in variants]
+    if a.no_recycle:
+        os.environ["BENCH_CPU_NO_RECYCLE"] = "1"
     for t, _ in variants:
         if not (t / "bpf/build/blkrewind.bpf.o").exists():
             print(f"bench_cpu: {t} has no BPF object (python bpf/build.py there)", file=sys.stderr)

@@ -98,10 +98,11 @@ class TraceOptions:
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
-    # "auto": direct, but buffered on a tmpfs (bench/bench_cpu.py: with the LOG on ext4 over
-    # a block device direct cut the tracer's CPU per 4 KiB write by ~30 %; on a tmpfs, whose
-    # O_DIRECT is page-cache I/O, it did not pay)
-    log_mode: str = "auto"
+    # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
+    # buffered: bench/bench_cpu.py measured no gain in the tracer's CPU from the others
+    # (README "Costs": LOG on ext4 over zram, 5.6 vs 5.2 us per 4 KiB write, 1.97 vs 2.06
+    # CPU-s per GB at 1 MiB; on a tmpfs they cost more)
+    log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None
