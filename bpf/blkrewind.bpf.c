@@ -52,7 +52,10 @@ struct br_cfg {
 	__u32 calib_tgid;      /* capture any bio (reads too) of this tgid as R_CALIB */
 	__u32 piece;           /* payload bytes per record (<= BR_MAX_PIECE) */
 	__u32 dirty;           /* 1: keep the dirty map (the default; 0 only for benches) */
-	__u32 pad;
+	__u32 wake_bytes;      /* 0: submit as libbpf does (wake a consumer that caught up);
+				* else submit without a wake-up and force one when a record
+				* takes the unconsumed data past this many bytes (the
+				* consumer's poll timeout bounds the latency) */
 	__u64 dev_bloom;       /* bit dev_bit(d) set for every dev_t d in dev_map: a bio or
 				* request whose device and disk bits are both clear is not
 				* traced, known without a hash lookup */
@@ -231,7 +234,7 @@ struct br_walk {
 	__u32 want;       /* the current record: payload bytes it holds */
 	__u32 filled;     /* the current record: payload bytes copied */
 	__u32 err;        /* the current record: a read failed */
-	__u32 pad;
+	__u32 wake_bytes; /* from cfg (wake_flags) */
 	struct br_rec h;  /* header template */
 	__u8 tmp[PIECE];  /* a partial piece on its way into the ring buffer */
 };
@@ -334,6 +337,17 @@ static long piece_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+/* the submit flags of a record of len bytes already reserved (t: cfg.wake_bytes) */
+static __always_inline __u64 wake_flags(__u64 t, __u32 len)
+{
+	__u64 avail;
+
+	if (!t)
+		return 0;
+	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
+	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
 /* one record: header + up to w->piece bytes of payload */
 static long record_cb(__u64 i, void *ctx)
 {
@@ -390,7 +404,7 @@ static long record_cb(__u64 i, void *ctx)
 	}
 	if (w->remaining == 0)
 		r->flags |= BR_F_LAST;
-	bpf_ringbuf_submit_dynptr(&dp, 0);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flags(w->wake_bytes, sizeof(struct br_rec) + want));
 	return w->remaining ? 0 : 1;
 }
 
@@ -504,7 +518,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		__builtin_memcpy(r, &w->h, sizeof(*r));
 		r->seq = next_seq(s);
 		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-		bpf_ringbuf_submit(r, 0);
+		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 		return;
 	}
 
@@ -518,6 +532,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 	w->seg_left = 0;
 	w->offset = 0;
 	w->piece = c->piece;
+	w->wake_bytes = c->wake_bytes;
 	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)
 		w->piece = BR_MAX_PIECE;
 	struct br_rec_ctx rc = { .w = w, .s = s };
@@ -766,7 +781,7 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit_dynptr(&dp, 0);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flags(c->wake_bytes, sizeof(struct br_rec) + n * 8));
 	return 0;
 }
 
@@ -831,7 +846,7 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 	r->h.len = 8;
 	r->stamp = stamp;
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit(r, 0);
+	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
 }
 

@@ -76,6 +76,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
     if not force and obj.exists() and stamp.exists() and stamp.read_text().strip() == digest:
         if not quiet:
             print(f"bpf: {_shown(obj)} is up to date")
+        build_native(out, None, quiet)
         return obj
 
     bpftool = find_tool("bpftool", "/usr/sbin/bpftool")
@@ -92,9 +93,22 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
         raise BuildError("clang failed:\n" + r.stderr)
     os.replace(tmp, obj)
     stamp.write_text(digest + "\n")
+    build_native(out, clang, quiet)
     if not quiet:
         print(f"bpf: built {_shown(obj)}")
     return obj
+
+
+def build_native(out: Path, clang: str | None, quiet: bool = False) -> None:
+    """The tracer's native hot loop (tracer/native.py) with the same clang."""
+    from tracer import native
+    clang = clang or find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
+    try:
+        lib = native.build(clang, out)
+    except RuntimeError as e:
+        raise BuildError(str(e)) from None
+    if not quiet:
+        print(f"native: {lib.relative_to(ROOT)}")
 
 
 def main() -> int:

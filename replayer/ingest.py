@@ -1125,8 +1125,12 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
     except (CorruptLog, FrameRejected) as e:
         error = error or (str(e) if isinstance(e, CorruptLog) else f"{reader.path}: {e}")
     res.torn_bytes = int(reader.torn_bytes or 0)
-    if res.torn_bytes and newer is not None and error is None:
-        error = (f"{reader.path}: ends in {res.torn_bytes} bytes of an incomplete frame, "
+    # An unsealed end (a torn frame, or zeros where the next frame would be: a zero-padded
+    # tail, tracer/log.py) is only the tail still being written of the LOG's newest segment: a
+    # tracer seals a segment before it starts the next one.
+    cut = res.torn_bytes or (0 if reader.sealed else int(reader.pad_bytes or 0))
+    if cut and newer is not None and error is None:
+        error = (f"{reader.path}: ends in {cut} bytes of an incomplete frame or zeros, "
                  f"but it is not the LOG's newest segment ({newer} follows): the segment was "
                  f"cut or damaged, not torn; the history after it is not restorable")
     res.error = error

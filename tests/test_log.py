@@ -263,8 +263,10 @@ def test_torn_seal_frame_is_cut_and_resealed(tmp_path):
             assert r2.sealed and len(list(r2.frames())) == 3
 
 
-def test_zeroes_after_the_last_frame_are_a_torn_tail(tmp_path):
-    """A crash can leave the file longer than what reached the disk, the rest zeroes."""
+def test_zeroes_after_the_last_frame_are_a_zero_padded_or_torn_tail(tmp_path):
+    """A crash can leave the file longer than what reached the disk, the rest zeroes. Zeroes
+    where the next frame header would be are a zero-padded tail (pad_bytes: what a
+    preallocated segment holds after its last frame); zeroes inside a frame a torn one."""
     path, written = one_segment(tmp_path)
     unseal(path)
     good = os.path.getsize(path)
@@ -273,7 +275,7 @@ def test_zeroes_after_the_last_frame_are_a_torn_tail(tmp_path):
         f.seek(good)
         f.write(bytes(5000))
     got, err, r = read_until_error(path)
-    assert err is None and len(got) == 6 and r.torn_bytes == 5000
+    assert err is None and len(got) == 6 and r.torn_bytes == 0 and r.pad_bytes == 5000
     with open(path, "r+b") as f:  # ... or inside the last frame's body, then more zeroes
         f.seek(start + L.FRAME_SIZE + 3)
         f.write(bytes(good - start))
@@ -621,7 +623,7 @@ class Disk:
 def test_enospc_in_append_leaves_a_readable_segment(tmp_path, monkeypatch, budget):
     rng = random.Random(budget)
     spans = [make_span(rng, 2, 2000, stamp0=10 * i + 1) for i in range(5)]
-    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never")
+    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never", direct=False)
     for s in spans[:3]:
         w.append(s, 2, 0, 0)
     size = os.path.getsize(w.current_path)
@@ -644,7 +646,8 @@ def test_enospc_in_append_leaves_a_readable_segment(tmp_path, monkeypatch, budge
 def test_enospc_while_rotating(tmp_path, monkeypatch, budget):
     """Budgets below 48 fail the old segment's SEAL; larger ones the new segment's header."""
     spans = [rec(os.urandom(3000), stamp=i + 1) for i in range(4)]
-    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never", segment_bytes=4096)
+    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never", segment_bytes=4096,
+                    direct=False)
     w.append(spans[0], 1, 0, 0)
     disk = Disk(monkeypatch, budget)
     with pytest.raises(L.LogFull):
@@ -662,7 +665,7 @@ def test_enospc_while_rotating(tmp_path, monkeypatch, budget):
 
 def test_failed_cut_stops_the_writer_and_repair_recovers(tmp_path, monkeypatch):
     spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
-    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never")
+    w = L.LogWriter(tmp_path, "s1", host="h", fsync="never", direct=False)
     w.append(spans[0], 1, 0, 0)
     Disk(monkeypatch, 1000, errno.EIO)
 
@@ -776,8 +779,159 @@ def test_append_with_a_body_encoded_elsewhere(tmp_path):
 def test_enospc_creating_the_first_segment(tmp_path, monkeypatch):
     disk = Disk(monkeypatch, 30)
     with pytest.raises(L.LogFull, match="creating segment"):
-        L.LogWriter(tmp_path, "s1", host="h")
+        L.LogWriter(tmp_path, "s1", host="h", direct=False)
     assert os.listdir(tmp_path) == []
     disk.budget = None
     write_spans(tmp_path, [rec(b"x", stamp=1)])
     assert [s.segno for s in L.list_segments(tmp_path)] == [0]
+
+
+# ------------------------------------------------ preallocated (O_DIRECT) and recycled segments
+MODES = pytest.mark.parametrize("mode", ["direct", "prealloc"])
+
+
+def _direct_writer(log_dir, session="s1", mode="direct", **kw):
+    """direct: O_DIRECT; prealloc: buffered writes into the preallocated / recycled file."""
+    w = L.LogWriter(log_dir, session, host="h", fsync="never", **{mode: True}, **kw)
+    if mode == "direct" and not w._direct:
+        w.close()
+        pytest.skip(f"{log_dir}: the file system refuses O_DIRECT")
+    return w
+
+
+@MODES
+def test_preallocated_segment_reads_live_and_seals_to_its_end(mode, tmp_path):
+    """A live segment is preallocated: what follows its last frame reads as a zero-padded
+    tail (not torn) after every append, whatever block boundary the frame ends near; a
+    clean close cuts the file right after the SEAL."""
+    rng = random.Random(5)
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
+    assert os.path.getsize(w.current_path) == 1 << 20
+    spans = []
+    for i in range(40):  # sizes that end frames on, just before and just after 4 KiB blocks
+        n = rng.choice([4096 - 48 - 4 - 8, 4096 - 48 - 4 - 8 - 20, 4096, 100, 9000]) \
+            + rng.randrange(0, 40) * 8
+        spans.append(rec(os.urandom(max(0, n - R.FRAME_PREFIX_SIZE - R.HEADER_SIZE)),
+                         stamp=i + 1))
+        w.append(spans[-1], 1, 0, 0)
+        with L.SegmentReader(w.current_path) as r:
+            got = [f.data for f in r.frames()]
+            assert got == spans and r.torn_bytes == 0 and not r.sealed
+            assert r.pad_bytes == r.size - r.good_end > 0
+    w.close()
+    with L.SegmentReader(L.list_segments(tmp_path)[0].path) as r:
+        assert r.sealed and [f.data for f in r.frames()] == spans and r.pad_bytes == 0
+        assert r.size == r.good_end + L.FRAME_SIZE
+
+
+@MODES
+def test_recycled_segment_old_frames_are_never_read(mode, tmp_path):
+    """A spare (retire_segment) is reused by the next segment: its old frames (another seg_id)
+    stay in the file beyond the new ones and are never read, live, after a crash, nor by
+    repair; a torn frame over old content is a torn tail."""
+    w = _direct_writer(tmp_path, "s1", segment_bytes=1 << 20, mode=mode)
+    old = [rec(os.urandom(20000), stamp=i + 1) for i in range(30)]
+    for s in old:
+        w.append(s, 1, 0, 0)
+    w.close()
+    seg = L.list_segments(tmp_path)[0]
+    old_bytes = open(seg.path, "rb").read()
+    assert L.retire_segment(seg.path) is True
+    assert L.list_segments(tmp_path) == [] and L.inventory(tmp_path) == []
+    assert L.repair(tmp_path) == []  # a spare is no segment, nor an unfinished one
+    w = _direct_writer(tmp_path, "s2", segment_bytes=1 << 20, mode=mode)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".spare")]
+    new = [rec(os.urandom(3000), stamp=100 + i) for i in range(5)]
+    for s in new:
+        w.append(s, 1, 0, 0)
+    path = w.current_path
+    data = open(path, "rb").read()
+    with L.SegmentReader(path) as r:
+        got = [f.data for f in r.frames()]
+        assert got == new and r.torn_bytes == 0 and r.pad_bytes > 0
+        cut = r.good_end
+    assert len(old_bytes) > 200000 and data[40000:len(old_bytes)] == old_bytes[40000:]  # old
+    # a crash (the writer just stops): repair cuts the zero-padded rest and seals
+    os.close(w._fd)
+    w._fd, w._closed = None, True
+    os.close(w._dirfd)
+    assert L.repair(tmp_path) == [f"sealed {path} (5 frames, 5 records)"]
+    with L.SegmentReader(path) as r:
+        assert r.sealed and [f.data for f in r.frames()] == new and r.size == cut + L.FRAME_SIZE
+    # the last frame's last block lost over old content: a torn tail, not corruption
+    p2 = tmp_path / "torn"
+    p2.mkdir()
+    torn = p2 / os.path.basename(path)
+    blob = bytearray(data)
+    start, end = offsets(path)[-1]  # the last data frame
+    blob[end - 1000:end] = old_bytes[end - 1000:end]
+    torn.write_bytes(bytes(blob))
+    got, err, r = read_until_error(torn)
+    assert err is None and [f.data for f in got] == new[:-1] and r.torn_bytes == len(blob) - start
+
+
+@MODES
+def test_zeros_between_frames_of_a_preallocated_segment_are_corruption(mode, tmp_path):
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
+    for i in range(4):
+        w.append(rec(os.urandom(5000), stamp=i + 1), 1, 0, 0)
+    path = w.current_path
+    start, end = offsets(path)[1]
+    with open(path, "r+b") as f:  # frame 2's header lost, frames 3, 4 after it
+        f.seek(start)
+        f.write(bytes(L.FRAME_SIZE))
+    got, err, r = read_until_error(path)
+    assert len(got) == 1 and isinstance(err, CorruptLog) and "zeros where a frame" in str(err)
+    w.close()
+
+
+@MODES
+def test_seal_written_but_not_cut_is_the_end(mode, tmp_path):
+    """A crash between the SEAL and cutting the preallocated rest: the SEAL ends the segment,
+    repair cuts the rest."""
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
+    spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
+    for s in spans:
+        w.append(s, 1, 0, 0)
+    path = w.current_path
+    w.close()
+    size = os.path.getsize(path)
+    os.truncate(path, 1 << 20)
+    got, err, r = read_until_error(path)
+    assert err is None and [f.data for f in got] == spans and r.pad_bytes == (1 << 20) - size
+    assert L.repair(tmp_path) == [f"sealed {path} (3 frames, 3 records)"]
+    assert os.path.getsize(path) == size and L.SegmentReader(path).sealed
+
+
+@MODES
+def test_direct_write_failure_leaves_the_segment_readable(mode, tmp_path, monkeypatch):
+    w = _direct_writer(tmp_path, segment_bytes=1 << 20, mode=mode)
+    spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
+    w.append(spans[0], 1, 0, 0)
+    real = os.pwritev
+    calls = []
+
+    def failing(fd, bufs, off):  # the frame's write fails after landing; the undo works
+        if not calls:
+            calls.append(1)
+            real(fd, bufs, off)
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, bufs, off)
+    monkeypatch.setattr(os, "pwritev", failing)
+    with pytest.raises(L.LogIOError, match="appending frame 2"):
+        w.append(spans[1], 1, 0, 0)
+    got, err, r = read_until_error(w.current_path)
+    assert err is None and [f.data for f in got] == spans[:1] and r.torn_bytes == 0
+    w.append(spans[2], 1, 0, 0)
+    w.close()
+    assert [f.data for f in read_all(tmp_path)] == [spans[0], spans[2]]
+
+
+def test_retire_keeps_at_most_the_spares_asked(tmp_path):
+    for session in ("a1", "a2", "a3"):
+        write_spans(tmp_path, [rec(b"x", stamp=1)], session=session)
+    segs = L.list_segments(tmp_path)
+    assert [L.retire_segment(s.path, keep=2) for s in segs] == [True, True, False]
+    assert sorted(os.listdir(tmp_path)) == [".spare-0.brlog", ".spare-1.brlog", "lock"] or \
+        sorted(n for n in os.listdir(tmp_path) if n != "lock") == [".spare-0.brlog",
+                                                                   ".spare-1.brlog"]

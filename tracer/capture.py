@@ -40,7 +40,8 @@ class Cfg(ctypes.Structure):
     _fields_ = [("page_offset_base", ctypes.c_uint64), ("vmemmap_base", ctypes.c_uint64),
                 ("enabled_ktime", ctypes.c_uint64), ("page_struct_size", ctypes.c_uint32),
                 ("enabled", ctypes.c_uint32), ("calib_tgid", ctypes.c_uint32),
-                ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32),
+                ("wake_bytes", ctypes.c_uint32),
                 ("dev_bloom", ctypes.c_uint64)]
 
 
@@ -394,6 +395,13 @@ class Capture:
 
     def init_counters(self, stamp_base: int, seq_base: int = 1) -> None:
         L.map_update(self.fd["state_map"], K0, State(stamp=stamp_base, seq=seq_base))
+
+    def set_wake_bytes(self, nbytes: int) -> None:
+        """0: every record is submitted as libbpf does (it wakes a consumer that has caught
+        up). Else records go without a wake-up, and the one that takes the unconsumed data
+        past nbytes forces one: the consumer must poll with a timeout (RingConsumer.wait)."""
+        self.cfg.wake_bytes = nbytes
+        self.push_cfg()
 
     def enable(self, on: bool = True) -> None:
         self.cfg.enabled = int(on)

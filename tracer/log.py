@@ -52,10 +52,35 @@ is **corruption**: CorruptLog, after every good frame before it. A segment file 
 name only once its HEADER frame is durable (written to a hidden ``.tmp`` file, fsynced,
 renamed), so a bad HEADER is always corruption.
 
+Preallocated and recycled segments, zero-padded tails
+------------------------------------------------------
+With LogWriter(direct=True) (where the file system takes O_DIRECT; off by default) a segment file is
+preallocated to segment_bytes (fallocate) -- or is a spare, a retired segment kept for reuse
+(retire_segment(), as PostgreSQL recycles WAL segments) -- and frames are written with O_DIRECT
+from one reused aligned buffer: each append writes from the start of the 4 KiB block holding the
+end of the previous frame (that partial block is kept in the buffer and written again) to a
+block boundary at least 48 bytes past the new frame, zero-filled. So the 48 bytes at the frame
+position after the last frame always read as zeros, even over a recycled file's old content,
+and the on_frame report comes after the write returned (the frame is on the file). A clean
+close writes the SEAL and cuts the file right after it, so a sealed segment looks as before.
+A recycled file's old frames carry the old seg_id (the new one is drawn different from it):
+they fail the seg_id check and are never read as frames of the new segment.
+
+Readers, in an unsealed segment, at the frame position after the last good frame:
+  - 48 zero bytes: a **zero-padded tail** -- the end of what was written (pad_bytes = the rest
+    of the file; torn_bytes = 0); unless a valid frame of this segment (same seg_id, frame_no
+    not lower) starts anywhere after it: then it is corruption (zeros where a frame should be).
+  - a SEAL followed by 48 zero bytes (or the end of the file): the end (sealed, the
+    preallocated rest not yet cut: a crash between SEAL and cut); repair() cuts it.
+  - anything else failing the checks: a torn tail or corruption, as below (a frame whose header
+    is good but whose body did not all reach the file is a torn tail).
+repair() cuts a zero-padded tail like a torn one and seals the segment.
+
 Writes and failures
 -------------------
-One frame is one ``pwritev`` of header + body at the end of the segment. When a write fails
-(ENOSPC, EIO, ...) the file is cut back to the last frame boundary and LogFull / LogIOError is
+One frame is one ``pwritev`` of header + body at the end of the segment (direct: of the
+blocks holding it). When a write fails (ENOSPC, EIO, ...) the file is cut back to the last
+frame boundary (a preallocated one too: nothing is read beyond the end) and LogFull / LogIOError is
 raised: the segment stays readable, the span was not written, the writer can go on (e.g. once
 space is freed). If even the cut fails, or an fsync fails (the kernel may have dropped dirty
 pages), the writer refuses all further writes; the partial frame is a torn tail for readers.
@@ -66,6 +91,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import struct
@@ -102,6 +128,10 @@ _SEGMENT_RE = re.compile(r"(" + SESSION_RE.pattern + r")\.(\d{6,})" + re.escape(
 STAMP_LOOKBACK = 16 << 20
 
 _monotonic = time.monotonic  # tests replace it
+BLOCK = 4096                 # O_DIRECT alignment of the writer's offsets, lengths and buffers
+ZERO_HEAD = bytes(FRAME_SIZE)
+SPARE_RE = re.compile(r"\.spare-(\d+)" + re.escape(SUFFIX))  # retire_segment(): for reuse
+SPARES = 2                   # retire_segment() keeps at most this many spare segment files
 
 
 class LogIOError(UserError):
@@ -284,6 +314,83 @@ def _tune_malloc() -> None:
     mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD (glibc's maximum): spans come from the heap
 
 
+_ZEROS = bytes(2 * BLOCK)
+
+
+def _open_direct(path: str, flags: int) -> tuple[int, bool]:
+    """(fd, True) opened with O_DIRECT, or (fd, False) where the file system refuses it."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags, 0o600), False
+
+
+def _preallocate(fd: int, nbytes: int) -> None:
+    """Allocate the segment's blocks up front (a recycled file keeps its own): no block
+    allocation per write. Where that fails (no fallocate, or no room for a whole segment:
+    a nearly full LOG still takes frames until it is full) the file grows as written."""
+    had = os.fstat(fd).st_size
+    if had >= nbytes:
+        return
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, had)  # what a failed fallocate allocated goes back
+
+
+TMPFS_MAGIC = 0x01021994
+
+
+def on_tmpfs(path) -> bool:
+    """Is path on a tmpfs (statfs f_type)? Its O_DIRECT is page-cache I/O: no gain there."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if ctypes.CDLL(None, use_errno=True).statfs(os.fsencode(os.fspath(path)), buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value == TMPFS_MAGIC
+
+
+def _spares(log_dir: str) -> list[str]:
+    return sorted(n for n in os.listdir(log_dir) if SPARE_RE.fullmatch(n))
+
+
+def _take_spare(log_dir: str, tmp: str) -> int | None:
+    """Move a spare segment file to tmp; returns the seg_id of its old HEADER (0 if it has
+    none), or None when there is no spare."""
+    for name in _spares(log_dir):
+        try:
+            os.rename(os.path.join(log_dir, name), tmp)
+        except FileNotFoundError:
+            continue
+        with open(tmp, "rb") as f:
+            h = _parse(f.read(FRAME_SIZE))
+        return 0 if isinstance(h, str) else h.seg_id
+    return None
+
+
+def retire_segment(path, keep: int = SPARES) -> bool:
+    """A segment that is no longer needed (shipped and acknowledged, or ingested): kept as a
+    spare for the next segment of a writer of this LOG (as PostgreSQL recycles WAL
+    segments: its blocks stay allocated, no page is allocated again) while fewer than keep
+    spares exist, else deleted. Returns True if it was kept. A spare is invisible to
+    readers (not a segment name); a writer that reuses one writes a new HEADER with a new
+    seg_id over it, so none of its old frames passes as a frame of the new segment."""
+    path = os.fspath(path)
+    log_dir = os.path.dirname(path) or "."
+    have = _spares(log_dir)
+    if len(have) < keep:
+        used = {int(SPARE_RE.fullmatch(n)[1]) for n in have}
+        n = next(i for i in range(keep + 1) if i not in used)
+        os.rename(path, os.path.join(log_dir, f".spare-{n}{SUFFIX}"))
+        _fsync_dir(log_dir)
+        return True
+    os.unlink(path)
+    return False
+
+
 # ------------------------------------------------------------------------------------ writing
 DEFAULT_LEVEL = -10          # lz4 acceleration 10: most of level 0's gain on file-system data
 FAST_LEVEL = -100            # spans that hardly compress: 2.1 -> 7.4 GB/s on fio's payload
@@ -358,7 +465,8 @@ class LogWriter:
 
     def __init__(self, log_dir: str, session: str, *, host: str, segment_bytes: int = 64 << 20,
                  fsync: str = "interval", fsync_interval: float = 1.0,
-                 compression_level: int = 0, on_frame=None):
+                 compression_level: int = 0, on_frame=None, direct: bool = False,
+                 prealloc: bool = False):
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
         if not SESSION_RE.fullmatch(session):
@@ -373,6 +481,21 @@ class LogWriter:
         # after each frame is written -- HEADER, DATA and SEAL (the SEAL is the one frame of
         # FRAME_SIZE bytes); the shipper's feed. Not yet fsynced when it is called.
         self.on_frame = on_frame
+        # direct: segments preallocated to segment_bytes (or spares reused, retire_segment())
+        # and written with O_DIRECT from a reused aligned buffer, where the file system allows
+        # (else as buffered writes): no page-cache page per 4 KiB of LOG. Off by default: with
+        # the LOG on a tmpfs (bench/bench_cpu.py) it dropped records at 50k 4 KiB writes/s
+        # that buffered writes kept (tmpfs's O_DIRECT is buffered I/O plus invalidation); not
+        # yet measured with the LOG on a second real disk, where it is meant to pay
+        # prealloc: segments preallocated / recycled as with direct, written through the page
+        # cache (over pages the file has: a tmpfs or the page cache allocates none)
+        self.direct = direct
+        self.prealloc = prealloc or direct
+        self._direct = False        # the current segment's fd is O_DIRECT
+        self._prealloc = False      # the current segment is preallocated: zero tail, cut at seal
+        self._buf: mmap.mmap | None = None
+        self._bufmv: memoryview | None = None
+        self._tail = 0              # bytes of the current segment's last partial block (in _buf)
         self.frames = 0             # data frames appended by this writer
         self.bytes_written = 0      # bytes written to segment files (headers and seals too)
         self.current_path = ""
@@ -455,6 +578,13 @@ class LogWriter:
                 os.close(self._fd)
                 self._fd = None
             os.close(self._dirfd)
+            if self._bufmv is not None:
+                try:
+                    self._bufmv.release()
+                    self._buf.close()
+                except BufferError:  # a view still held (a traceback): freed with it
+                    pass
+                self._buf = self._bufmv = None
 
     # -- internals
     def _check(self) -> None:
@@ -464,18 +594,75 @@ class LogWriter:
             raise ValueError("LogWriter is closed")
 
     def _write(self, bufs, size: int, what: str) -> None:
+        if self._direct:
+            return self._write_direct(bufs, size, what)
+        if self._prealloc:  # the next frame header position must read as zeros
+            bufs = (*bufs, ZERO_HEAD)
         try:
             _pwrite_all(self._fd, bufs, self._pos)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
-            try:
-                os.ftruncate(self._fd, self._pos)  # never leave a half frame behind
+            try:  # never leave a half frame behind (a preallocated file too: beyond its
+                # end nothing is read; the blocks come back with the next segment)
+                os.ftruncate(self._fd, self._pos)
             except OSError as e2:
                 self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
                 raise self._error from e
             raise err from e
         self._pos += size
+        self.bytes_written += size
+        self._dirty = True
+
+    def _buffer(self, need: int) -> memoryview:
+        """The aligned write buffer, at least need bytes (grown, keeping the partial block)."""
+        if self._buf is None or len(self._buf) < need:
+            cap = max(need + (need >> 2), 8 << 20) + BLOCK - 1 & ~(BLOCK - 1)
+            buf = mmap.mmap(-1, cap)  # page aligned, as O_DIRECT wants
+            if self._bufmv is not None:
+                buf[:self._tail] = self._bufmv[:self._tail]
+                try:
+                    self._bufmv.release()
+                    self._buf.close()
+                except BufferError:
+                    pass
+            self._buf, self._bufmv = buf, memoryview(buf)
+        return self._bufmv
+
+    def _write_direct(self, bufs, size: int, what: str) -> None:
+        """One O_DIRECT write of the frame in bufs at _pos: from the start of the block holding
+        _pos (its first _tail bytes, kept from the previous write, written again) to a block
+        boundary at least FRAME_SIZE zero bytes past the frame -- so that the frame header
+        position after the last frame always reads as zeros (a zero-padded tail, not a torn
+        one, even over a recycled segment's old content)."""
+        tail = self._tail
+        end = tail + size
+        need = (end + FRAME_SIZE + BLOCK - 1) & ~(BLOCK - 1)
+        mv = self._buffer(need)
+        at = tail
+        for b in bufs:
+            b = memoryview(b).cast("B")
+            mv[at:at + b.nbytes] = b
+            at += b.nbytes
+        mv[end:need] = _ZEROS[:need - end]
+        start = self._pos - tail
+        try:
+            _pwrite_all(self._fd, (mv[:need],), start)
+        except OSError as e:
+            err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
+            try:  # never leave a half frame behind (the partial block stays in the buffer)
+                os.ftruncate(self._fd, self._pos)
+            except OSError as e2:
+                self._error = LogIOError(f"{err}; cutting the partial frame failed too "
+                                         f"({e2.strerror}): the writer stops")
+                raise self._error from e
+            raise err from e
+        self._pos += size
+        ntail = self._pos & (BLOCK - 1)
+        src = end - ntail
+        if src:
+            mv[:ntail] = mv[src:end]
+        self._tail = ntail
         self.bytes_written += size
         self._dirty = True
 
@@ -492,6 +679,12 @@ class LogWriter:
         mono, real = _now()
         self._write((_head(K_SEAL, self._seg_id, self._frame_no, mono, real, self._seg_records,
                            0, 0),), FRAME_SIZE, "sealing")
+        if self._prealloc:  # the preallocated rest goes: a sealed segment ends with its SEAL
+            try:
+                os.ftruncate(self._fd, self._pos)
+            except OSError as e:
+                self._error = _io_error(e, self.log_dir, f"cutting {self.current_path}")
+                raise self._error from e
         self._report(self._frame_no, self._pos - FRAME_SIZE, FRAME_SIZE)
         self._fsync_file()
         os.close(self._fd)
@@ -503,10 +696,19 @@ class LogWriter:
         self._open_segment(self.segno + 1)
 
     def _open_segment(self, segno: int) -> None:
+        """Create segment segno: its HEADER frame written and fsynced in a hidden .tmp file,
+        which then gets the final name. direct: the file is a spare (retire_segment()) when
+        there is one, else new, preallocated to segment_bytes, and written with O_DIRECT."""
         name = segment_name(self.session, segno)
         path = os.path.join(self.log_dir, name)
         tmp = os.path.join(self.log_dir, f".{name}.tmp")
+        old_id = None
+        spare = _take_spare(self.log_dir, tmp) if self.prealloc else None
+        if spare is not None:
+            old_id = spare
         seg_id = int.from_bytes(os.urandom(4), "little")
+        while seg_id == old_id:  # a recycled file's old frames must never pass as ours
+            seg_id = int.from_bytes(os.urandom(4), "little")
         mono, real = _now()
         raw = json.dumps({"format": FORMAT_VERSION, "session": self.session, "segno": segno,
                           "host": self.host, "created_ns": real,
@@ -516,8 +718,28 @@ class LogWriter:
                                 body.flags), body.data, body.crc))
         fd = placed = None
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            _pwrite_all(fd, (frame,), 0)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (0 if spare is not None
+                                                               else os.O_TRUNC)
+            fd, direct = _open_direct(tmp, flags) if self.direct else (
+                os.open(tmp, flags, 0o600), False)
+            if direct:
+                _preallocate(fd, self.segment_bytes)
+                need = (len(frame) + FRAME_SIZE + BLOCK - 1) & ~(BLOCK - 1)
+                mv = self._buffer(need)
+                mv[:len(frame)] = frame
+                mv[len(frame):need] = _ZEROS[:need - len(frame)]
+                _pwrite_all(fd, (mv[:need],), 0)
+                self._tail = len(frame) & (BLOCK - 1)
+                if len(frame) >= BLOCK:
+                    mv[:self._tail] = mv[len(frame) - self._tail:len(frame)]
+                self._direct = self._prealloc = True
+            elif self.prealloc:
+                _preallocate(fd, self.segment_bytes)
+                self._direct, self._prealloc = False, True
+                _pwrite_all(fd, (frame, ZERO_HEAD), 0)
+            else:
+                self._direct = self._prealloc = False
+                _pwrite_all(fd, (frame,), 0)
             os.fsync(fd)
             if os.path.exists(path):
                 raise OSError(errno.EEXIST, "a segment of that name exists", path)
@@ -613,6 +835,7 @@ class SegmentReader:
         self.sealed = (not isinstance(tail, str) and tail.kind == K_SEAL
                        and tail.seg_id == self.seg_id)
         self.torn_bytes = 0
+        self.pad_bytes = 0
         self.good_end, self.last_frame, self.records = self.data_start, 0, 0
 
     def frames(self, start_frame: int = 0) -> Iterator[Frame]:
@@ -633,9 +856,18 @@ class SegmentReader:
         """(offset, header) of each data frame, checking headers only (bodies: read())."""
         fd = self._f.fileno()
         off, expect = self.data_start, 1
-        self.torn_bytes = 0
+        self.torn_bytes = self.pad_bytes = 0
         while off < self.size:
-            h = _parse(os.pread(fd, FRAME_SIZE, off))
+            raw = os.pread(fd, FRAME_SIZE, off)
+            if raw == ZERO_HEAD and not self.sealed:
+                # a zero-padded tail: the end of what a preallocated or recycled segment's
+                # writer wrote (it always leaves a zero frame header after its last frame)
+                if self._frame_after(off + 1, expect):
+                    raise self._corrupt(f"corrupt frame {expect} at offset {off}: zeros "
+                                        f"where a frame should be, frames of the segment after")
+                self.pad_bytes = self.size - off
+                return
+            h = _parse(raw)
             if isinstance(h, str):
                 return self._bad(off, expect, h, past_end=off + FRAME_SIZE > self.size)
             if h.seg_id != self.seg_id:
@@ -646,6 +878,12 @@ class SegmentReader:
             if end > self.size:
                 return self._bad(off, expect, "runs past the end of the file", past_end=True)
             if h.kind == K_SEAL:
+                if end != self.size and not self.sealed and \
+                        os.pread(fd, FRAME_SIZE, end) in (ZERO_HEAD, ZERO_HEAD[:self.size - end]):
+                    # a preallocated segment sealed, its zero-padded rest not yet cut: the
+                    # end (repair() cuts it)
+                    self.pad_bytes = self.size - end
+                    return
                 if end != self.size:
                     raise self._corrupt(f"corrupt frame {expect} at offset {off}: "
                                         f"{self.size - end} bytes after the SEAL")
@@ -876,7 +1114,7 @@ def repair(log_dir) -> list[str]:
         try:
             fd = os.open(seg.path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                if r.torn_bytes:
+                if r.size != r.good_end:  # a torn tail, or a zero-padded one
                     os.ftruncate(fd, r.good_end)
                 mono, real = _now()
                 _pwrite_all(fd, (_head(K_SEAL, r.seg_id, r.last_frame + 1, mono, real,

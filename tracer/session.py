@@ -45,12 +45,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 
 from tracer.log import (FL_RAW, LogFull, LogLock, LogWriter, encode_span, kernel_seq,
-                        last_stamp, list_segments, repair, tail_kernel_seqs)
+                        last_stamp, list_segments, on_tmpfs, repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
 BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
+WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
+IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
 _LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
@@ -87,6 +89,20 @@ class TraceOptions:
     settle: float = 1.0
     queue_bytes: int = 512 << 20
     lz4_level: int = -10  # tracer/log.py encode_span: spans that hardly compress go faster
+    # > 0: records are submitted without waking the collector, but for the one that takes
+    # the ring's unconsumed data past wake_bytes; the collector then polls every WAKE_POLL
+    # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
+    # wake as libbpf does -- the collector's own switches were already ~0.03 per 4 KiB write
+    # (it sleeps BATCH_WAIT between spans, so a wake-up comes once per span, not per write)
+    # and BATCH_BYTES measured no better (bench/bench_cpu.py, README "Costs")
+    wake_bytes: int = 0
+    # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
+    # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
+    # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
+    # buffered: bench/bench_cpu.py measured no gain in the tracer's CPU from the others
+    # (README "Costs": LOG on ext4 over zram, 5.6 vs 5.2 us per 4 KiB write, 1.97 vs 2.06
+    # CPU-s per GB at 1 MiB; on a tmpfs they cost more)
+    log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
     tls_dir: str | None = None
@@ -224,6 +240,7 @@ class Tracer:
         attached = cap.attach()
         bases = calibrate.calibrate(cap, self.devs[0].path)
         cap.init_counters(stamp_base, 1)
+        cap.set_wake_bytes(o.wake_bytes)
         for d, r in zip(self.devs, regions):
             cap.add_device(d.kdev, d.part_start, r)
         self._pin(regions)
@@ -305,6 +322,7 @@ class Tracer:
         self._useq = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
         regions = [Regions(*r) for r in p.regions]
         self.capture = cap = Capture.adopt(p.pin_dir, p.ring_bytes, p.dirty_regions)
+        cap.set_wake_bytes(o.wake_bytes)
         p.pid = os.getpid()
         self.pinned = p
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
@@ -357,9 +375,13 @@ class Tracer:
 
     def _open_log(self) -> None:
         o = self.opts
+        mode = o.log_mode
+        if mode == "auto":
+            mode = "buffered" if on_tmpfs(o.log_dir) else "direct"
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
+                             prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
 
     def _start_threads(self) -> None:
@@ -388,11 +410,14 @@ class Tracer:
         ring, cap = self.ring, self.capture
         next_check = 0.0
         pos = ring.consumed_pos()
+        last_data = 0.0
         encoding: deque = deque()  # (end position, encode future, written future) in order
         try:
             while True:
                 view, n, end = ring.peek(pos)
+                now = time.monotonic()
                 if view is not None:
+                    last_data = now
                     if self._watch_old or self.resync.watching:
                         self._scan_old(view)
                     # beyond half the ring held, copy: the writer's queue (queue_bytes)
@@ -417,7 +442,6 @@ class Tracer:
                 while encoding and _ring_done(encoding[0]):
                     ring.release(encoding.popleft()[0])
                     self._collected_pos = ring.consumed_pos()
-                now = time.monotonic()
                 if now >= next_check:
                     next_check = now + 0.5
                     self._check_loss(cap.counters())
@@ -431,8 +455,10 @@ class Tracer:
                             pass
                     elif self._stop_collect.is_set():
                         return
-                    else:
-                        ring.wait(0.05)
+                    elif not self.opts.wake_bytes:
+                        ring.wait(IDLE_POLL)
+                    else:  # no wake-up comes before wake_bytes wait: poll
+                        ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
                 elif view.nbytes < BATCH_BYTES:
                     # let records accumulate: one LOG frame per record would cost
                     # far more than the records (the ring holds ~60 ms at 2 GB/s)
