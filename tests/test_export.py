@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, need_root, run_cli
-from instant_hist import Export, free_port, fs_history, nbdcopy
+from instant_hist import Export, free_port, fs_history, nbdcopy, wait_until
 from synth import cli_main, history
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None and os.environ.get("CI") != "true",
@@ -281,7 +281,6 @@ def test_export_while_serve_ingests_a_shipping_tracer(make_loop, tmp_path):
                 nbdcopy(ex.uri, tmp_path / "export.img")
                 run_cli("restore", "--store", store, "--device", key, "--at", "m1", "--to",
                         tmp_path / "restored.img")
-                from instant_hist import wait_until
                 wait_until(lambda: records() > before, 30, "serve ingesting more records")
                 assert same_file(tmp_path / "export.img", tmp_path / "restored.img")
                 assert same_file(tmp_path / "export.img", tmp_path / "m1.img")

@@ -84,7 +84,7 @@ def test_rewind_of_a_traced_device_keeps_its_history_exact(make_loop, tmp_path):
     mark placed before the rewind still restores exactly."""
     import random
 
-    from tracerproc import TraceProc, cli, copy_device, direct_writes, same_file
+    from tracerproc import TraceProc, cli, copy_device, direct_writes
 
     loop = make_loop(size_mb=32)
     log, store = tmp_path / "log", tmp_path / "store"
