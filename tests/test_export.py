@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, need_root, run_cli
-from instant_hist import Export, free_port, fs_history, nbdcopy
+from instant_hist import Export, free_port, fs_history, nbdcopy, wait_until
 from synth import cli_main, history
 
 pytestmark = pytest.mark.skipif(shutil.which("nbdkit") is None and os.environ.get("CI") != "true",
@@ -227,3 +227,71 @@ def test_tls_export_needs_a_client_certificate_of_the_ca(synth_store, tmp_path):
         for uri in (f"nbd://127.0.0.1:{port}", f"{ex.uri}/?tls-certificates={nocert}"):
             p = subprocess.run(["nbdinfo", "--no-content", uri], capture_output=True, timeout=30)
             assert p.returncode != 0, uri
+
+
+@pytest.mark.bpf
+def test_export_while_serve_ingests_a_shipping_tracer(make_loop, tmp_path):
+    """A traced loop device ships its frames over mutual TLS to `serve`; a writer keeps
+    writing, so serve keeps ingesting, while the mark is exported and read with nbdcopy: the
+    export equals `restore` at the mark (through the server) and the copy taken at the mark."""
+    import time
+
+    from test_server import ServerProc
+    from tracerproc import TraceProc, copy_device, direct_writes, same_file
+
+    run_cli("tls", "init", tmp_path / "tls", "--hosts", "replayer=127.0.0.1,hosta")
+    store = tmp_path / "store"
+    loop = make_loop(size_mb=32)
+    key = f"hosta:{os.path.basename(loop.path)}"
+    srv = ServerProc(tmp_path, store, tmp_path / "tls" / "replayer")
+    stop = threading.Event()
+    writer = None
+    try:
+        with TraceProc([loop.path], tmp_path / "log", "--tls", tmp_path / "tls" / "hosta",
+                       "--ship", f"127.0.0.1:{srv.port}", "--segment-mb", "4") as t:
+            rng = random.Random(11)
+            direct_writes(loop.path, rng, 24, slots=512)
+            run_cli("mark", "m1", "--log", tmp_path / "log")
+            copy_device(loop.path, tmp_path / "m1.img")
+
+            def keep_writing():
+                wrng = random.Random(12)
+                while not stop.is_set():
+                    direct_writes(loop.path, wrng, 4, slots=512)
+                    time.sleep(0.05)
+
+            writer = threading.Thread(target=keep_writing)
+            writer.start()
+
+            def records() -> int:
+                return int(run_cli("sql", "--store", store, "--format", "csv",
+                                   "SELECT count(*) FROM records").stdout.split()[1])
+
+            deadline = time.monotonic() + 60
+            while True:   # the mark reaches the store when serve has ingested its frame
+                try:
+                    ex = Export("--store", store, "--device", key, "--at", "m1")
+                    break
+                except AssertionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            with ex:
+                before = records()
+                nbdcopy(ex.uri, tmp_path / "export.img")
+                run_cli("restore", "--store", store, "--device", key, "--at", "m1", "--to",
+                        tmp_path / "restored.img")
+                wait_until(lambda: records() > before, 30, "serve ingesting more records")
+                assert same_file(tmp_path / "export.img", tmp_path / "restored.img")
+                assert same_file(tmp_path / "export.img", tmp_path / "m1.img")
+                (tmp_path / "export.img").unlink()
+                nbdcopy(ex.uri, tmp_path / "export.img")   # again, after more was ingested
+                assert same_file(tmp_path / "export.img", tmp_path / "m1.img")
+            stop.set()
+            writer.join(30)
+            assert t.stop() == 0, t.stderr
+    finally:
+        stop.set()
+        if writer is not None:
+            writer.join(30)
+        srv.stop()

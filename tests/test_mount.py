@@ -79,6 +79,27 @@ def test_mount_at_each_mark_shows_its_files(ext4, tmp_path):
         assert not os.listdir(mp)
 
 
+def test_mount_of_an_xfs_history_at_a_mark(tmp_path):
+    """xfs, read-only: mounted ro,norecovery (the log is not replayed); the mark's files."""
+    need_root()
+    h = fs_history(tmp_path / "h", "xfs")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    before = _exports()
+    for mark in ("m2", "m4"):
+        run_cli("mount", "--store", h.store, "--device", h.name, "--at", mark, mp)
+        try:
+            fs, opts = subprocess.run(["findmnt", "-n", "-o", "FSTYPE,OPTIONS", "--mountpoint",
+                                       str(mp)], capture_output=True, text=True).stdout.split()
+            assert fs == "xfs" and {"ro", "norecovery"} <= set(opts.split(",")), (fs, opts)
+            assert h.files[mark]
+            assert tree_sums(mp) == h.files[mark], f"files at {mark} differ"
+        finally:
+            run_cli("umount", mp)
+        assert not _ours(before), _ours(before)
+        assert not os.listdir(mp)
+
+
 def test_writable_mount_replays_the_journal_and_leaves_the_store(ext4, tmp_path):
     """A stamp between two marks (the file system in use: its journal holds transactions)
     mounts with journal recovery on the overlay; writes there never reach the store."""

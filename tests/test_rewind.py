@@ -75,3 +75,42 @@ def test_rewind_refuses_a_mounted_device_and_bad_input(hist, make_loop, tmp_path
     cp = run_cli("rewind", "--store", hist.store, "--device", hist.name, "--at", "nosuch",
                  "--to", loop.path, check=False)
     assert_one_line_error(cp, "nosuch")
+
+
+@pytest.mark.bpf
+def test_rewind_of_a_traced_device_keeps_its_history_exact(make_loop, tmp_path):
+    """The device is still traced while it is rolled back: the rewind's writes are captured
+    like any other, so afterwards `restore --at latest` equals the device (O_DIRECT) and the
+    mark placed before the rewind still restores exactly."""
+    import random
+
+    from tracerproc import TraceProc, cli, copy_device, direct_writes
+
+    loop = make_loop(size_mb=32)
+    log, store = tmp_path / "log", tmp_path / "store"
+    rng = random.Random(59)
+    with TraceProc([loop.path], log, "--segment-mb", "4") as t:
+        direct_writes(loop.path, rng, 24, slots=512)
+        cli("mark", "m1", "--log", log)
+        copy_device(loop.path, tmp_path / "m1.img")
+        direct_writes(loop.path, rng, 24, slots=512)
+        cli("mark", "m2", "--log", log)       # everything before it is in the LOG
+        copy_device(loop.path, tmp_path / "m2.img")
+        assert not _same(tmp_path / "m1.img", tmp_path / "m2.img")
+        cli("ingest", "--log", log, "--store", store)   # the live LOG, up to m2
+        name = os.path.basename(loop.path)
+        r = run_cli("rewind", "--store", store, "--device", name, "--at", "m1", "--from", "m2",
+                    "--to", loop.path)
+        assert "bytes written" in r.stderr, r.stderr
+        copy_device(loop.path, tmp_path / "now.img")
+        assert _same(tmp_path / "now.img", tmp_path / "m1.img")
+        assert t.stop() == 0, t.stderr
+    cli("ingest", "--log", log, "--store", store)
+    for at, want in (("latest", tmp_path / "now.img"), ("m1", tmp_path / "m1.img"),
+                     ("m2", tmp_path / "m2.img")):
+        out = tmp_path / f"restored-{at}.img"
+        run_cli("restore", "--store", store, "--device", name, "--at", at, "--to", out)
+        assert _same(out, want), f"restore at {at} differs"
+    v = run_cli("verify", "--store", store, "--device", name, "--at", "latest", "--live",
+                loop.path)
+    assert v.stdout.startswith("equal"), v.stdout
