@@ -74,9 +74,9 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
     digest = h.hexdigest()
     stamp = out / "inputs.sha256"
     if not force and obj.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        if not quiet:
-            print(f"bpf: {_shown(obj)} is up to date")
         build_native(out, None, quiet)
+        if not quiet:  # last: bootstrap shows the last line
+            print(f"bpf: {_shown(obj)} is up to date")
         return obj
 
     bpftool = find_tool("bpftool", "/usr/sbin/bpftool")
