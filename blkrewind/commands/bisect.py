@@ -40,13 +40,12 @@ import os
 import subprocess
 import sys
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
+    cliargs.store_and_device(p)
     p.add_argument("--good", required=True, metavar="POINT",
                    help="a point known good (required)")
     p.add_argument("--bad", required=True, metavar="POINT",

@@ -18,19 +18,15 @@ Exit status:
 """
 from __future__ import annotations
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
-    p.add_argument("--from", dest="a", required=True, metavar="POINT",
-                   help="the earlier point (required)")
-    p.add_argument("--to", dest="b", required=True, metavar="POINT",
-                   help="the later point (required)")
+    cliargs.store_and_device(p)
+    cliargs.between(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--path", metavar="FILE",
                    help="a file, relative to the file system's root (this or --range is required)")

@@ -25,19 +25,15 @@ from __future__ import annotations
 
 import sys
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
-    p.add_argument("--from", dest="a", required=True, metavar="POINT",
-                   help="the earlier point (required)")
-    p.add_argument("--to", dest="b", required=True, metavar="POINT",
-                   help="the later point (required)")
+    cliargs.store_and_device(p)
+    cliargs.between(p)
     p.add_argument("--ranges-only", action="store_true",
                    help="only the byte ranges, no file system read (default: off)")
     p.add_argument("--format", choices=FORMATS, default="table",

@@ -48,15 +48,13 @@ import signal
 import subprocess
 import sys
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (/dev/loop3) (required)")
-    p.add_argument("--at", required=True, metavar="POINT",
-                   help="latest | STAMP | ISO-8601 time | mark name (required)")
+    cliargs.store_and_device(p)
+    cliargs.at(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--socket", metavar="PATH",
                    help="Unix socket to serve on (default: RUNDIR/nbd.sock unless --listen)")

@@ -20,15 +20,13 @@ import os
 import shutil
 import sys
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
-    p.add_argument("--at", required=True, metavar="POINT",
-                   help="latest | STAMP | ISO-8601 time | mark name (required)")
+    cliargs.store_and_device(p)
+    cliargs.at(p)
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="files or directories, relative to the file system's root")
     p.add_argument("--out", required=True, metavar="DIR",

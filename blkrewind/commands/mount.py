@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import sys
 
+from blkrewind import cliargs
+
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (/dev/loop3) (required)")
-    p.add_argument("--at", required=True, metavar="POINT",
-                   help="latest | STAMP | ISO-8601 time | mark name (required)")
+    cliargs.store_and_device(p)
+    cliargs.at(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory (required)")
     p.add_argument("--writable", action="store_true",
                    help="read-write on a throw-away overlay (default: read-only)")

@@ -19,13 +19,12 @@ Exit status:
 """
 from __future__ import annotations
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
+    cliargs.store_and_device(p)
     p.add_argument("--from", dest="t_from", metavar="POINT",
                    help="start of the time axis (default: the first write)")
     p.add_argument("--to", dest="t_to", metavar="POINT",

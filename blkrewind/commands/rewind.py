@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import sys
 
+from blkrewind import cliargs
+
 
 def add_arguments(p):
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (required)")
+    cliargs.store_and_device(p)
     p.add_argument("--at", required=True, metavar="POINT", help="the point to go to (required)")
     p.add_argument("--to", required=True, metavar="PATH", help="the device to roll (required)")
     p.add_argument("--from", dest="from_", default="latest", metavar="POINT",

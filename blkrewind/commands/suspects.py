@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import sys
 
+from blkrewind import cliargs
 from blkrewind.errors import UserError  # noqa: F401  (raised by the store layer)
 
 
 def add_arguments(p):
     from analytics.output import FORMATS
 
-    p.add_argument("--store", required=True, metavar="DIR", help="the store (required)")
-    p.add_argument("--device", required=True, metavar="DEV",
-                   help="host:name, name (loop3) or traced path (/dev/loop3) (required)")
+    cliargs.store_and_device(p)
     p.add_argument("--files", action="store_true",
                    help="also name the files (ext4, xfs) each episode overwrote, read from the "
                         "file system at its clean point (rebuilds a temporary image per "
