@@ -128,6 +128,8 @@ def test_files_large_sparse_device_no_rebuild(make_loop, tmp_path, monkeypatch):
            dev)
         sh("mount", dev, mnt)
         try:
+            wl_syncfs(mnt)
+            cli("mark", "m0", "--log", log)
             (mnt / "d").mkdir()
             _write(mnt / "d" / "f", data)
             wl_syncfs(mnt)
@@ -175,3 +177,28 @@ def test_files_large_sparse_device_no_rebuild(make_loop, tmp_path, monkeypatch):
     assert seen, "files did not read the point through an export"
     assert not runs() & seen, runs()
     print(f"files on a 4 GiB device: {took:.1f} s")
+
+    # SIGINT while a point is open (bisect's CHECK runs on its mount): everything undone
+    import signal
+    import subprocess
+    from tracerproc import BLKREWIND, ROOT
+    p = subprocess.Popen([*BLKREWIND, "bisect", "--store", str(store), "--device", dev,
+                          "--good", "m0", "--bad", "m1", "--", "sh", "-c",
+                          'echo "ready $BLKREWIND_MOUNT"; exec sleep 60'],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("ready "), line + p.stderr.read()
+        mp = line.split(None, 1)[1].strip()
+        assert os.path.ismount(mp) and runs()
+        p.send_signal(signal.SIGINT)
+        rc = p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    err = p.stderr.read()
+    assert rc != 0 and "Traceback" not in err, err
+    assert not os.path.exists(mp) and not runs(), (mp, runs())
+    assert not [ln for ln in open("/proc/self/mountinfo") if f"_{name}-" in ln]
+    assert not [b for b in sh("losetup", "-a").splitlines() if f"_{name}-" in b]
