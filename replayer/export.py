@@ -60,14 +60,22 @@ def _run_dir(name: str) -> str:
 
 def prepare(store_path: str, device_spec: str, at: str, *, warn=None) -> Prepared:
     """Resolve the point and write its index into a new runtime directory."""
-    from replayer import image, points, rebuild
+    from replayer import points
     from replayer.query import open_for_reading
 
     point = points.parse_point(at)
     with open_for_reading(store_path) as store:
         device = store.find_device(device_spec)
         r = points.resolve(store, device, point, warn=warn)
-        pl = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
+        return prepare_resolved(store, device, r)
+
+
+def prepare_resolved(store, device, r) -> Prepared:
+    """`prepare` for a point already resolved (points.Resolved) in a store the caller has
+    open (replayer/pointimage.py)."""
+    from replayer import image, rebuild
+
+    pl = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     d = _run_dir(f"{device.device.replace(':', '_').replace('/', '_')}-{r.stamp}-{os.getpid()}")
     try:
         idx = os.path.join(d, "index.npz")

@@ -190,44 +190,7 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         reg["steps"].append("run_dir")
         _save(reg)
 
-        hook("nbdkit")
-        sock = os.path.join(prep.run_dir, "nbd.sock")
-        # nbdkit daemonizes (it outlives this command): run in the foreground, it sets
-        # PR_SET_PDEATHSIG and would be stopped when this process exits
-        argv = export.nbdkit_argv(prep, socket_path=sock, listen=None, writable=writable,
-                                  tls_dir=None, foreground=False)
-        if os.environ.get("BLKREWIND_NBDKIT_VERBOSE"):
-            argv.insert(1, "--verbose")
-        logf = os.path.join(prep.run_dir, "nbdkit.log")
-        with open(logf, "wb") as lf:
-            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                                 env=export.env_for(prep), start_new_session=True,
-                                 preexec_fn=_io_flusher)
-        reg["steps"].append("nbdkit")
-        _save(reg)
-        reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(prep.run_dir, "nbdkit.pid"), "nbdkit",
-                                          logf, daemon=True)
-        p.wait()
-        _save(reg)
-
-        hook("nbdfuse")
-        fdir = os.path.join(prep.run_dir, "fuse")
-        os.mkdir(fdir, 0o700)
-        img = os.path.join(fdir, "image")
-        exe = shutil.which("nbdfuse")
-        if exe is None:
-            raise UserError("nbdfuse is not installed (apt-get install nbdfuse)")
-        flog = os.path.join(prep.run_dir, "nbdfuse.log")
-        fpid = os.path.join(prep.run_dir, "nbdfuse.pid")
-        with open(flog, "wb") as lf:
-            q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
-                                  "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,
-                                 stderr=lf, start_new_session=True, preexec_fn=_io_flusher)
-        reg["nbdfuse_pid"] = q.pid
-        reg["fuse_dir"] = fdir
-        reg["steps"].append("nbdfuse")
-        _save(reg)
-        _wait_pidfile(q, fpid, "nbdfuse", flog)
+        img = serve_file(reg, prep, writable=writable, hook=hook, save=_save)
 
         hook("loop")
         loop = _run(["losetup", "--find", "--show", "--direct-io=on",
@@ -269,6 +232,55 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         raise
 
 
+def serve_file(reg: dict, prep, *, writable: bool, hook=lambda name: None,
+               save=lambda reg: None) -> str:
+    """The nbdkit and nbdfuse steps: the prepared point as one image file (returned), each
+    step recorded in `reg` (and `save`d) before it is taken, for `teardown`. Used by `mount`
+    and by replayer/pointimage.py (forensics commands reading a point)."""
+    from replayer import export
+
+    hook("nbdkit")
+    sock = os.path.join(prep.run_dir, "nbd.sock")
+    # nbdkit daemonizes (it outlives this command): run in the foreground, it sets
+    # PR_SET_PDEATHSIG and would be stopped when this process exits
+    argv = export.nbdkit_argv(prep, socket_path=sock, listen=None, writable=writable,
+                              tls_dir=None, foreground=False)
+    if os.environ.get("BLKREWIND_NBDKIT_VERBOSE"):
+        argv.insert(1, "--verbose")
+    logf = os.path.join(prep.run_dir, "nbdkit.log")
+    with open(logf, "wb") as lf:
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                             env=export.env_for(prep), start_new_session=True,
+                             preexec_fn=_io_flusher)
+    reg["steps"].append("nbdkit")
+    save(reg)
+    reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(prep.run_dir, "nbdkit.pid"), "nbdkit",
+                                      logf, daemon=True)
+    p.wait()
+    save(reg)
+
+    hook("nbdfuse")
+    fdir = os.path.join(prep.run_dir, "fuse")
+    os.mkdir(fdir, 0o700)
+    img = os.path.join(fdir, "image")
+    exe = shutil.which("nbdfuse")
+    if exe is None:
+        raise UserError("nbdfuse is not installed (apt-get install nbdfuse)")
+    flog = os.path.join(prep.run_dir, "nbdfuse.log")
+    fpid = os.path.join(prep.run_dir, "nbdfuse.pid")
+    with open(flog, "wb") as lf:
+        q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
+                              "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,
+                             stderr=lf, start_new_session=True, preexec_fn=_io_flusher)
+    reg["nbdfuse_pid"] = q.pid
+    reg["fuse_dir"] = fdir
+    reg["steps"].append("nbdfuse")
+    save(reg)
+    _wait_pidfile(q, fpid, "nbdfuse", flog)
+
+    return img
+
+
 STEPS = ("prepare", "nbdkit", "nbdfuse", "loop", "mount")
 
 
@@ -298,8 +310,8 @@ def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
     stops it (UserError: nothing else is touched). Returns notes."""
     notes: list[str] = []
     steps = reg.get("steps", [])
-    mp = reg["mountpoint"]
-    if "mount" in steps and os.path.ismount(mp):
+    mp = reg.get("mountpoint")
+    if mp and "mount" in steps and os.path.ismount(mp):
         p = subprocess.run(["umount", mp], capture_output=True, text=True)
         if p.returncode != 0 and os.path.ismount(mp):
             why = (p.stderr.strip().splitlines() or ["failed"])[-1]
@@ -319,10 +331,11 @@ def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
             stop_pid(reg["nbdkit_pid"])
     if reg.get("run_dir"):
         shutil.rmtree(reg["run_dir"], ignore_errors=True)
-    try:
-        os.unlink(_reg_path(mp))
-    except FileNotFoundError:
-        pass
+    if mp:
+        try:
+            os.unlink(_reg_path(mp))
+        except FileNotFoundError:
+            pass
     return notes
 
 
