@@ -506,7 +506,9 @@ def _read_row_group(path: str, rg: int):
         if len(cache) > 16:
             cache.clear()
         try:
-            pf = cache[path] = pq.ParquetFile(path, memory_map=True,
+            # read, not memory-mapped: a column chunk comes in with one pread instead of a
+            # page fault per 4 KiB (0.39 s instead of 0.55 s of CPU for 768 MiB)
+            pf = cache[path] = pq.ParquetFile(path, memory_map=False,
                                               page_checksum_verification=True)
         except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
             raise StoreError(f"cannot read payload file {path}: {e}") from None
@@ -515,7 +517,9 @@ def _read_row_group(path: str, rg: int):
     except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
         raise StoreError(f"payload file {path}, row group {rg}: {e} (damaged? "
                          f"'blkrewind verify --store' checks the store)") from None
-    arr = tbl.column("data").combine_chunks()
+    col = tbl.column("data")
+    # combine_chunks copies even a single chunk (~6 ms per 4 MiB row group: fresh pages)
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     bufs = arr.buffers()
     offs = np.frombuffer(bufs[1], np.int32)[arr.offset:arr.offset + len(arr) + 1]
     vals = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")
@@ -554,8 +558,10 @@ def scatter(dst: np.ndarray, d_off: np.ndarray, src: np.ndarray, s_off: np.ndarr
         return
     rows = n // blk
     total = int(rows.sum())
-    d2 = dst[:len(dst) // blk * blk].reshape(-1, blk)
-    s2 = src[:len(src) // blk * blk].reshape(-1, blk)
+    # rows as one void item each: numpy copies an item with one memcpy (a 2-D uint8 view
+    # goes byte-loop by byte-loop: half the speed)
+    d2 = dst[:len(dst) // blk * blk].view(f"V{blk}")
+    s2 = src[:len(src) // blk * blk].view(f"V{blk}")
     if total == k:  # one row per piece (all pieces blk long)
         d2[d_off // blk] = s2[s_off // blk]
         return
@@ -573,6 +579,23 @@ def _bounds(*keys: np.ndarray) -> tuple[list, list]:
         change |= k[1:] != k[:-1]
     brk = np.flatnonzero(change) + 1
     return [0, *brk.tolist()], [*brk.tolist(), len(keys[0])]
+
+
+def _window_buffer(n: int) -> np.ndarray:
+    """An anonymous buffer of n bytes (zeroes) for the buffer path, in transparent huge pages
+    where the kernel gives them (MADV_HUGEPAGE): first touching 256 MiB of 4 KiB pages costs
+    ~0.9 s of page faults on a VM, of 2 MiB pages ~0.07 s."""
+    if n <= 0:
+        return np.zeros(0, np.uint8)
+    try:
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError):
+        return np.zeros(n, np.uint8)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return np.frombuffer(m, np.uint8)  # the array keeps the mapping; unmapped with it
 
 
 def _window_bytes() -> int:
@@ -642,7 +665,7 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
         how, order = method, (np.arange(len(p.d_off)) if method == "pwritev" else
                               np.lexsort((p.d_off, p.d_rg, p.d_file, p.d_off // window)))
         how = "buffer" if how == "mmap" else how  # (the buffer path's name before it)
-    buf = np.empty(min(window, p.size), np.uint8) if how == "buffer" else None
+    buf = _window_buffer(min(window, p.size)) if how == "buffer" else None
     bar = _Progress(p.data_bytes + (0 if t.sparse else p.zero_bytes), label, progress)
     zeros = memoryview(bytes(1 << 20))
     written = calls = 0
