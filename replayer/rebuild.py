@@ -539,8 +539,9 @@ def scatter(dst: np.ndarray, d_off: np.ndarray, src: np.ndarray, s_off: np.ndarr
     vectorised copy (uint8 arrays; the pieces must not overlap in dst).
 
     B, the largest power of two dividing every offset and length, makes both arrays rows of B
-    bytes; each piece becomes n/B row indices, and one fancy-indexed assignment copies them all
-    (no Python work per piece: a history of 4 KiB writes has a million pieces per 4 GiB).
+    bytes (one void item each); each piece becomes n/B row indices, and one take into a reused
+    scratch buffer plus one fancy-indexed assignment copy them all (no Python work per piece: a
+    history of 4 KiB writes has a million pieces per 4 GiB).
     Pieces aligned to less than SCATTER_MIN_BLOCK bytes are copied one by one."""
     k = len(n)
     if k == 0:
