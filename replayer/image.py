@@ -114,7 +114,8 @@ class RowGroupCache:
             except (OSError, ValueError) as e:
                 raise StoreError(f"payload file {self.paths[fid]}, row group {rg}: {e} "
                                  f"(damaged? 'blkrewind verify --store' checks the store)") from None
-            arr = tbl.column("data").combine_chunks()
+            col = tbl.column("data")  # combine_chunks would copy even a single chunk
+            arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
             bufs = arr.buffers()
             offs = np.frombuffer(bufs[1], np.int32)[arr.offset:arr.offset + len(arr) + 1] \
                 .astype(np.int64)
