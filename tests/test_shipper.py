@@ -25,7 +25,7 @@ import synth
 from blkrewind import tlsconf
 from tracer import log as tlog
 from tracer.session import ask
-from tracer.shipper import SHIPPED_JSON, Ranges, Shipper
+from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Ranges, Shipper
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
@@ -168,6 +168,23 @@ def test_ranges():
     assert r.count() == 5
     assert Ranges([(0, 10)]).difference(r).as_list() == [[1, 6]]
     assert r.intersection(0, 8).as_list() == [[0, 1], [6, 8]]
+
+
+def test_full_gate_one_episode_per_fill():
+    """The LOG-full rule: a big span refused while the LOG is below the low-water mark, then
+    small spans that would fit: still the same episode (CI saw two "LOG FULL" episodes when a
+    2 MB span was refused at 6.5 of 8 MB and the next 4 KiB span ended the episode)."""
+    mb = 1 << 20
+    free = FullGate(8 * mb)
+    assert free.admit(6 * mb, 2 * mb) == (True, True)
+    assert free.admit(6 * mb + mb // 2, 2 * mb) == (False, False)     # episode begins at 6.5 MB
+    full = FullGate(8 * mb, full_level=6 * mb + mb // 2)
+    assert full.admit(6 * mb + mb // 2, 4096) == (False, True)        # reserve, still full
+    assert full.admit(5 * mb + 3 * mb // 4, 4096) == (False, True)    # not a gap freed yet
+    assert full.admit(5 * mb, 4096) == (True, True)                   # 1/8 freed: resumes
+    assert full.need(6 * mb + mb // 2, 4096) == mb + 4096
+    assert full.admit(8 * mb + RESERVE_BYTES, SMALL_SPAN)[1] is False  # reserve used up
+    assert full.admit(6 * mb, SMALL_SPAN + 1)[1] is False              # not small: dropped
 
 
 def test_log_inventory_and_raw_frames(tmp_path):

@@ -132,6 +132,30 @@ class Ranges:
 
 
 # ------------------------------------------------------------------------------ state
+
+class FullGate:
+    """The LOG-full rule of room_for, as pure arithmetic. Not full: a span fits when the LOG
+    stays within the limit. Full (an episode began at LOG size full_level): appending resumes
+    only when the span fits below a low-water mark AND retention freed a low-water gap since
+    the episode began, so a refused big span followed by small ones that would fit is one
+    episode, not a flapping series. Small spans (control records: R_END, marks, loss notes)
+    may always use RESERVE_BYTES past the limit."""
+
+    def __init__(self, limit: int, full_level: int | None = None):
+        gap = max(limit // 8, 4 * SMALL_SPAN)
+        self.limit = limit
+        self.target = limit if full_level is None else min(limit, full_level) - gap
+
+    def need(self, level: int, nbytes: int) -> int:
+        """Bytes retention should free for this span to fit."""
+        return level + nbytes - self.target
+
+    def admit(self, level: int, nbytes: int) -> tuple[bool, bool]:
+        """(fits, ok): fits below the target; ok: may be appended (fits, or a small span
+        within the reserve)."""
+        fits = level + nbytes <= self.target
+        return fits, fits or (nbytes <= SMALL_SPAN and level + nbytes <= self.limit + RESERVE_BYTES)
+
 @dataclass
 class _Seg:
     session: str
@@ -246,6 +270,7 @@ class Shipper:
         self.last_error: str | None = None
         self.server: str | None = None
         self._full = False
+        self._full_level = 0           # LOG bytes when the current LOG-full episode began
         self.full_episodes = 0
         self.full_refusals = 0
         self._lags: deque = deque(maxlen=LAG_SAMPLES)
@@ -357,16 +382,11 @@ class Shipper:
         limit = self.log_max_bytes
         with self._lock:
             was_full = self._full
-            # once full, appending resumes only below a low-water mark (no flapping between
-            # full and not at the limit); small spans (control records: R_END, marks, loss
-            # notes) may always use a reserve past the limit
-            target = limit - max(limit // 8, 4 * SMALL_SPAN) if was_full and not probe \
-                else limit
-            if self._log_bytes + nbytes > target:
-                self._retain_locked(self._log_bytes + nbytes - target)
-            fits = self._log_bytes + nbytes <= target
-            ok = fits or (nbytes <= SMALL_SPAN
-                          and self._log_bytes + nbytes <= limit + RESERVE_BYTES)
+            gate = FullGate(limit, self._full_level if was_full and not probe else None)
+            need = gate.need(self._log_bytes, nbytes)
+            if need > 0:
+                self._retain_locked(need)
+            fits, ok = gate.admit(self._log_bytes, nbytes)
             if probe:
                 return ok
             if not ok:
@@ -375,6 +395,7 @@ class Shipper:
             log_bytes, unacked = self._log_bytes, None
             if not ok and not was_full:
                 self.full_episodes += 1
+                self._full_level = self._log_bytes
                 unacked = sum(s.n - s.acked.intersection(0, s.n).count()
                               for s in self._segs.values())
         if not ok and not was_full:
