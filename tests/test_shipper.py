@@ -426,3 +426,33 @@ def test_log_full_with_server_down(tmp_path, make_loop, run_cli, assert_one_line
     run_cli("ingest", "--log", log_dir, "--store", store)
     restore_matches(store, f"{socket.gethostname()}:{os.path.basename(dev.path)}", "before",
                     tmp_path / "before.img")
+
+
+@pytest.mark.bpf
+def test_log_full_ends_when_server_returns(tmp_path, make_loop, serve):
+    """The LOG fills while the server is down (one episode); the server comes back: acked
+    segments are deleted, the tracer says "room again" once, the resync repairs what was
+    dropped, and the mark after it and latest restore exactly from the server's store."""
+    log_dir, store, port = tmp_path / "log", tmp_path / "store", free_port()
+    dev = make_loop(64)
+    with TraceProc([dev], log_dir, "--ship", f"127.0.0.1:{port}", "--insecure",
+                   "--segment-mb", "1", "--log-max-mb", "8") as tr:
+        write_random(dev, 16, seed=22)
+        wait_until(lambda: status(tr)["log_full_drops"], 30, "LOG full")
+        srv = serve(store, port=port)
+        wait_until(lambda: status(tr)["shipper"]["frames_unacked"] == 0, 60, "catch-up")
+        write_random(dev, 2, seed=23)   # the next span finds room: the episode ends
+        wait_until(lambda: not status(tr)["shipper"]["log_full"], 30, "room again")
+        wait_until(lambda: "resync of" in tr.stderr
+                   and " done" in tr.stderr.split("resync of")[-1], 60, "the resync")
+        run_cli("mark", "after", "--log", log_dir)
+        copy_device(dev, tmp_path / "after.img")
+        st = status(tr)
+        assert st["shipper"]["log_full_episodes"] == 1, tr.stderr
+        assert tr.stop() == 0, tr.stderr
+    assert tr.stderr.count("LOG FULL") == 1, tr.stderr
+    assert tr.stderr.count("LOG has room again") == 1, tr.stderr
+    srv.stop()
+    key = f"{socket.gethostname()}:{os.path.basename(dev.path)}"
+    restore_matches(store, key, "after", tmp_path / "after.img")
+    restore_matches(store, key, "latest", dev.path)

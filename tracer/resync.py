@@ -123,6 +123,7 @@ class Resync:
         self.devs = {d.kdev: d for d in tracer.devs}
         self.interval = interval
         self.readers = readers
+        self._admit = threading.Lock()   # read(): one reader at a time waits for LOG room
         self.chunk_bytes = tracer.opts.chunk_bytes
         self.settle = tracer.opts.settle
         self.watching = False          # the collector hands completions to scan()
@@ -471,6 +472,9 @@ class Resync:
         before = self._prev
         est = sum(len(self._plan(p, k, self.cap.dirty()[r.base:r.base + r.count])) * self.chunk_bytes
                   for k, r in self.regions.items())
+        shipper = getattr(self.t, "shipper", None)
+        if shipper is not None:  # retention frees acked segments as the resync goes (read())
+            est = min(est, shipper.log_max_bytes // 4)
         said = False
         while not self._room(est):
             if not said:
@@ -484,7 +488,7 @@ class Resync:
                     self.running = None
                 raise Aborted()
         if said:
-            self.t.say("the LOG has room again: resync starts")
+            self.t.say("the LOG has room for the resync: it starts")
         try:
             for kdev in self.regions:
                 self._resync_device(p, kdev)
@@ -610,8 +614,10 @@ class Resync:
                                          bio_size=c.n, aux=aux, flags=flags, ktime_ns=c.read_at)
             finally:
                 view.release()
-            self._queue_room(len(rec))
-            self.t._user_records([rec])
+            with self._admit:
+                self._log_room(len(rec))
+                self._queue_room(len(rec))
+                self.t._user_records([rec])
             prog.add(c.n)
             return c.n
 
@@ -642,6 +648,22 @@ class Resync:
             prog.finish()
             self.progress = None
         return total, rereads
+
+    def _log_room(self, nbytes: int) -> None:
+        """With --log-max-mb (a shipper): wait until the LOG has room for what the writer's
+        queue holds, this chunk and one in the writer's hands (at most a quarter of the limit, so
+        that it can fit), and half of the limit left to the writes going on, so that a resync larger than the LOG's limit goes at the pace of the
+        replayer's acks instead of waiting for room for all of it (forever) or filling the LOG
+        and losing records again. The readers are admitted one at a time (call with
+        self._admit held until the record is queued)."""
+        shipper = getattr(self.t, "shipper", None)
+        if shipper is None:
+            return
+        limit = shipper.log_max_bytes
+        while not shipper.room_for(min(2 * nbytes, limit // 4) + self.t._queue.size + limit // 2,
+                                   probe=True):
+            if self._stop.wait(0.05) or self.t.failure:
+                raise Aborted()
 
     def _queue_room(self, nbytes: int) -> None:
         """Leave most of the writer's queue to the collector: a resync that filled it would
