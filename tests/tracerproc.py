@@ -22,7 +22,7 @@ def cli(*args, check=True, timeout=300, input=None) -> subprocess.CompletedProce
 
 
 class TraceProc:
-    def __init__(self, devices, log, *extra, wait_for="baseline"):
+    def __init__(self, devices, log, *extra, wait_for="baseline", start_timeout=120.0):
         args = [*BLKREWIND, "trace"]
         for d in devices:
             args += ["--device", str(d)]
@@ -35,11 +35,16 @@ class TraceProc:
         self._reader.start()
         want = len(self.devices) if wait_for == "baseline" else 1
         key = "baseline of" if wait_for == "baseline" else "capture live"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + start_timeout
         while sum(key in ln for ln in self.lines) < want:
-            if self.p.poll() is not None or time.monotonic() > deadline:
+            if self.p.poll() is not None:
+                self._reader.join(5)
+                raise AssertionError(f"tracer did not start (exit {self.p.returncode}):\n"
+                                     + self.stderr)
+            if time.monotonic() > deadline:
                 self.kill()
-                raise AssertionError("tracer did not start:\n" + self.stderr)
+                raise AssertionError(f"tracer did not start within {start_timeout:.0f} s "
+                                     f"(killed):\n" + self.stderr)
             time.sleep(0.02)
 
     def _read(self):

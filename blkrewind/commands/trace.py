@@ -195,11 +195,15 @@ def _already_traced(paths: list[str]) -> None:
 
 
 def run(args) -> int:
-    from tracer.session import TraceOptions, Tracer
-
     check_options(args)
     if os.geteuid() != 0:
         raise UserError("must run as root (it loads BPF programs and reads block devices)")
+    from tracer.features import missing_feature  # only the libbpf binding: an old kernel is
+    missing = missing_feature()                  # refused before the tracer's heavy imports
+    if missing:
+        raise UserError(missing)
+    from tracer.session import TraceOptions, Tracer
+
     cmd = list(args.child)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
