@@ -3,6 +3,7 @@ and 64 GiB beside `restore` of the same point, and `restore` of a history of 4 K
 against dd.
 
     .venv/bin/python bench/bench_instant.py [--dir DIR] [--sizes-gib 1,16,64] [--small-mib 512]
+                                            [--rewind-gib 8] [--read-gib 2]
 
 1. Per size: a LOG (bench_store.make_log) whose baseline covers the first 64 MiB (the rest
    never written: a sparse history), then 64 MiB of random writes of 4..1024 KiB; ingest.
@@ -12,11 +13,20 @@ against dd.
 2. A 1:1 history of --small-mib of 4 KiB writes over a device of --small-mib (baseline
    random): `restore` against `dd if=/dev/zero bs=1M conv=fsync` of the same size, alternating,
    2 rounds each; the ratio of medians.
+3. (--rewind-gib N, 0 to skip) A history of a fully written N GiB device (random baseline,
+   then N/8 GiB of random writes of 4..1024 KiB): for 1 % and 10 % of the device written
+   after a point P (found in `writes`), `restore --at latest` to an image, then `rewind --at
+   P` of that image timed against `restore --at P --to` a new image, and both images
+   compared (cmp). Goal: rewind of 1 % >= 20x faster than the full restore.
+4. (--read-gib N, 0 to skip) On a fully written N GiB history: `nbdcopy` of `export --at
+   latest` to /dev/null (sequential reads through nbdkit's plugin) against `restore` of the
+   same point to a file, alternating, 2 rounds each. Goal: export reads >= 0.5x restore.
 Everything is made under --dir and removed at the end.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -54,16 +64,100 @@ def ttfb(store: str) -> float:
     return dt
 
 
+def timed(*args) -> float:
+    t0 = time.monotonic()
+    run(*args)
+    return time.monotonic() - t0
+
+
+def same(a: str, b: str) -> bool:
+    return subprocess.run(["cmp", "-s", a, b]).returncode == 0
+
+
+def point_before_last(store: str, nbytes: int) -> tuple[int, int]:
+    """The stamp P after which the history's writes add up to at least nbytes, and their sum."""
+    q = ("SELECT stamp, sum(length) OVER (ORDER BY stamp DESC) AS after FROM writes "
+         "WHERE op = 'write' ORDER BY stamp DESC")
+    rows = json.loads(run("sql", "--store", store, q, "--format", "json").stdout)
+    for r in rows:
+        if r["after"] >= nbytes:
+            return int(r["stamp"]) - 1, int(r["after"])
+    raise SystemExit(f"the history holds fewer than {nbytes} bytes of writes")
+
+
+def bench_rewind(base: str, gib: int) -> None:
+    d = os.path.join(base, "rewind")
+    size = gib << 30
+    make_log(os.path.join(d, "log"), size, size // 8)
+    store = os.path.join(d, "store")
+    run("ingest", "--log", os.path.join(d, "log"), "--store", store)
+    shutil.rmtree(os.path.join(d, "log"))
+    cur, full = os.path.join(d, "cur.img"), os.path.join(d, "full.img")
+    for pct in (1, 10):
+        at, changed = point_before_last(store, size * pct // 100)
+        run("restore", "--store", store, "--device", "bench0", "--at", "latest", "--to", cur)
+        t_rewind = timed("rewind", "--store", store, "--device", "bench0", "--at", at,
+                         "--to", cur)
+        t_full = timed("restore", "--store", store, "--device", "bench0", "--at", at,
+                       "--to", full)
+        ok = same(cur, full)
+        print(f"rewind of {pct:2d} % changed ({changed >> 20} MiB written after the point, "
+              f"{gib} GiB device): rewind {t_rewind:.2f} s, full restore {t_full:.2f} s: "
+              f"{t_full / t_rewind:.1f}x; images equal: {ok}", flush=True)
+        os.unlink(cur)
+        os.unlink(full)
+    shutil.rmtree(d)
+
+
+def nbdcopy_export(store: str) -> float:
+    t0 = time.monotonic()
+    p = subprocess.Popen([*CLI, "export", "--store", store, "--device", "bench0", "--at",
+                          "latest"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        uri = p.stdout.readline().strip()
+        subprocess.run(["nbdcopy", uri, "null:"], check=True, capture_output=True)
+        return time.monotonic() - t0
+    finally:
+        p.send_signal(2)
+        p.wait(30)
+
+
+def bench_read(base: str, gib: int) -> None:
+    d = os.path.join(base, "read")
+    size = gib << 30
+    make_log(os.path.join(d, "log"), size, size // 8)
+    store = os.path.join(d, "store")
+    run("ingest", "--log", os.path.join(d, "log"), "--store", store)
+    shutil.rmtree(os.path.join(d, "log"))
+    img = os.path.join(d, "r.img")
+    es, rs = [], []
+    for _ in range(2):
+        es.append(nbdcopy_export(store))
+        rs.append(timed("restore", "--store", store, "--device", "bench0", "--at", "latest",
+                        "--to", img))
+        os.unlink(img)
+    e, r = sorted(es)[0], sorted(rs)[0]
+    mb = size / 1e6
+    print(f"sequential read of a {gib} GiB point: export (nbdcopy to null:, start-up included) "
+          f"{mb / e:.0f} MB/s (runs {', '.join(f'{x:.2f}' for x in es)} s), restore "
+          f"{mb / r:.0f} MB/s (runs {', '.join(f'{x:.2f}' for x in rs)} s): export/restore = "
+          f"{r / e:.2f} (best of 2 each)", flush=True)
+    shutil.rmtree(d)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir")
     ap.add_argument("--sizes-gib", default="1,16,64")
-    ap.add_argument("--small-mib", type=int, default=512)
+    ap.add_argument("--small-mib", type=int, default=512, help="0 skips")
+    ap.add_argument("--rewind-gib", type=int, default=8, help="0 skips")
+    ap.add_argument("--read-gib", type=int, default=2, help="0 skips")
     a = ap.parse_args()
     base = a.dir or tempfile.mkdtemp(prefix="bench-instant-")
     os.makedirs(base, exist_ok=True)
     try:
-        for gib in [int(x) for x in a.sizes_gib.split(",")]:
+        for gib in [int(x) for x in a.sizes_gib.split(",") if x.strip() and int(x)]:
             d = os.path.join(base, f"g{gib}")
             make_log(os.path.join(d, "log"), gib << 30, 64 << 20, baseline_bytes=64 << 20)
             run("ingest", "--log", os.path.join(d, "log"), "--store", os.path.join(d, "store"))
@@ -75,7 +169,13 @@ def main() -> None:
             print(f"{gib:3d} GiB sparse: export first byte {t_first:.2f} s; restore "
                   f"{t_restore:.2f} s", flush=True)
             shutil.rmtree(d)
+        if a.rewind_gib:
+            bench_rewind(base, a.rewind_gib)
+        if a.read_gib:
+            bench_read(base, a.read_gib)
         n = a.small_mib
+        if not n:
+            return
         d = os.path.join(base, "small")
         make_log(os.path.join(d, "log"), n << 20, n << 20, write_kib=(4,))
         run("ingest", "--log", os.path.join(d, "log"), "--store", os.path.join(d, "store"))
