@@ -52,6 +52,12 @@ def test_option_values_that_make_no_sense_are_refused(store, tmp_path):
          ("--fsync-interval",)),
         (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--fsync-interval", "nan"),
          ("--fsync-interval",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", "/nonexistent"),
+         ("cannot run /nonexistent: no such file",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", "/etc/passwd"),
+         ("cannot run /etc/passwd: not executable",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", str(tmp_path)),
+         (f"cannot run {tmp_path}: a directory",)),
         (("status", "--interval", "0"), ("--interval",)),
         (("status", "--store", store, "--all"), ("--all",)),
     ]:

@@ -163,7 +163,8 @@ def _check_command(cmd: list[str]) -> None:
     exe = cmd[0]
     if os.sep in exe:
         if not os.path.isfile(exe):
-            raise UserError(f"cannot run {exe}: no such file")
+            raise UserError(f"cannot run {exe}: "
+                            f"{'a directory' if os.path.isdir(exe) else 'no such file'}")
         if not os.access(exe, os.X_OK):
             raise UserError(f"cannot run {exe}: not executable")
     elif shutil.which(exe) is None:
