@@ -171,14 +171,12 @@ def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
 
 def _pruned_mark(store, name: str, sessions: set) -> tuple | None:
     """(stamp, time_ns) of the newest mark `name` of `sessions` a prune deleted, or None
-    (also for a store whose format predates the pruned_marks table)."""
-    import duckdb
-
-    try:
-        rows = store.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
-                           "ORDER BY stamp", [name])
-    except duckdb.CatalogException:
+    (also for a store no writer of this version opened: it has no pruned_marks table)."""
+    if not store.query_one("SELECT count(*) FROM duckdb_tables() WHERE database_name = "
+                           "current_database() AND table_name = 'pruned_marks'")[0]:
         return None
+    rows = store.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
+                       "ORDER BY stamp", [name])
     rows = [r[1:] for r in rows if r[0] in sessions]
     return rows[-1] if rows else None
 
