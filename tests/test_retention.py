@@ -13,13 +13,19 @@ from synth import SynthSession
 from tracerproc import TraceProc, cli, copy_device, direct_writes, same_file
 
 
+def _synth_log(log, seed: int, writes: int, marks: int) -> SynthSession:
+    """A 2 MiB device's history in 128 KiB LOG segments (many of them), ended cleanly."""
+    s = SynthSession(str(log), seed=seed, size=2 << 20, segment_bytes=128 << 10,
+                     chunk=128 << 10, piece=16 << 10)
+    s.baseline()
+    s.workload(writes, marks=marks, snapshots=0)
+    s.end()
+    return s
+
+
 def test_delete_ingested_keeps_what_the_store_lacks(tmp_path):
     log, store = tmp_path / "log", tmp_path / "store"
-    s = SynthSession(str(log), seed=51, size=2 << 20, segment_bytes=128 << 10, chunk=128 << 10,
-                     piece=16 << 10)
-    s.baseline()
-    s.workload(40, marks=2, snapshots=0)
-    s.end()
+    _synth_log(log, 51, 40, marks=2)
     segs = sorted(log.glob("*.brlog"))
     assert len(segs) > 10
     victim = segs[len(segs) // 2]
@@ -35,11 +41,7 @@ def test_delete_ingested_keeps_what_the_store_lacks(tmp_path):
     assert r.returncode == 3 and "already in the store" in r.stdout
     # a whole LOG: only its newest segment stays, and the points restore exactly
     log2, store2 = tmp_path / "log2", tmp_path / "store2"
-    s2 = SynthSession(str(log2), seed=52, size=2 << 20, segment_bytes=128 << 10,
-                      chunk=128 << 10, piece=16 << 10)
-    s2.baseline()
-    s2.workload(40, marks=2, snapshots=0)
-    s2.end()
+    s2 = _synth_log(log2, 52, 40, marks=2)
     n = len(list(log2.glob("*.brlog")))
     r = cli("ingest", "--log", log2, "--store", store2, "--delete-ingested")
     assert f"deleted {n - 1} LOG segment(s)" in r.stdout, r.stdout
@@ -134,11 +136,7 @@ def test_the_deployment_without_shipping(tmp_path):
                                       "8"], out
     # ingest@: its command with the example env file's variables pointed at a LOG here
     log, store = tmp_path / "log", tmp_path / "store"
-    s = SynthSession(str(log), seed=53, size=2 << 20, segment_bytes=128 << 10,
-                     chunk=128 << 10, piece=16 << 10)
-    s.baseline()
-    s.workload(30, marks=1, snapshots=0)
-    s.end()
+    s = _synth_log(log, 53, 30, marks=1)
     n = len(list(log.glob("*.brlog")))
     example = open(os.path.join(SYSTEMD, "ingest.env.example")).read()
     assert "LOG=" in example and "STORE=" in example and "INGEST_OPTS=" in example
