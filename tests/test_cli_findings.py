@@ -42,8 +42,10 @@ def test_option_values_that_make_no_sense_are_refused(store, tmp_path):
     out = tmp_path / "x.img"
     for args, words in [
         (("restore", "--store", store, "--device", "loop7", "--at", "latest", "--to", out,
-          "--jobs", "0"), ("--jobs",)),
+          "--jobs", "0"), ("--jobs must be 1..64, not 0",)),
         (("verify", "--store", store, "--device", "loop7", "--jobs", "0"), ("--jobs",)),
+        (("ingest", "--log", tmp_path / "l", "--store", tmp_path / "s", "--jobs", "0"),
+         ("--jobs must be 1..64, not 0",)),
         (("prune", "--store", store, "--device", "loop7", "--keep", "1d", "--jobs", "-1"),
          ("--jobs",)),
         (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--segment-mb", "0"),

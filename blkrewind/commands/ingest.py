@@ -147,8 +147,8 @@ def run(args) -> int:
     from replayer.ingest import ingest
     from replayer.store import Store
 
-    if args.jobs < 1:
-        raise UserError("--jobs must be at least 1")
+    if not 1 <= args.jobs <= 64:
+        raise UserError(f"--jobs must be 1..64, not {args.jobs}")
     try:
         is_dir = stat.S_ISDIR(os.stat(args.log).st_mode)
     except PermissionError:
