@@ -1133,6 +1133,11 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
         error = (f"{reader.path}: ends in {cut} bytes of an incomplete frame or zeros, "
                  f"but it is not the LOG's newest segment ({newer} follows): the segment was "
                  f"cut or damaged, not torn; the history after it is not restorable")
+    elif complete and not reader.sealed and newer is not None and error is None:
+        # whole frames and then nothing: cut at a frame boundary (no torn bytes to see)
+        error = (f"{reader.path}: ends after frame {last} without its SEAL, but it is not the "
+                 f"LOG's newest segment ({newer} follows): the segment was cut or damaged; "
+                 f"the history after it is not restorable")
     res.error = error
     with store.mutex:
         cur = led.segs.get(key)

@@ -169,6 +169,18 @@ def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
             for r in rows]
 
 
+def _pruned_mark(store, name: str, sessions: set) -> tuple | None:
+    """(stamp, time_ns) of the newest mark `name` of `sessions` a prune deleted, or None
+    (also for a store no writer of this version opened: it has no pruned_marks table)."""
+    if not store.query_one("SELECT count(*) FROM duckdb_tables() WHERE database_name = "
+                           "current_database() AND table_name = 'pruned_marks'")[0]:
+        return None
+    rows = store.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
+                       "ORDER BY stamp", [name])
+    rows = [r[1:] for r in rows if r[0] in sessions]
+    return rows[-1] if rows else None
+
+
 def _oldest(sessions: list[_Sess], device: StoreDevice) -> str:
     for s in sessions:
         if s.intervals:
@@ -357,6 +369,13 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
             raise NotRestorable(f"mark {name!r} is not in a session that traced {device.device}")
         shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
         pruned = [x.pruned[0] for x in sessions if x.pruned and x.pruned[0] is not None]
+        gone = _pruned_mark(store, name, names)
+        if gone is not None:
+            raise NotRestorable(
+                f"mark {name!r} (stamp {gone[0]}, {fmt_time(gone[1])}) was pruned"
+                + (f" with the history of {device.device} up to stamp {max(pruned)}"
+                   if pruned else "")
+                + f"; the oldest restorable point is {_oldest(sessions, device)}")
         if pruned:
             raise NotRestorable(
                 f"no mark named {name!r}; marks: {shown or 'none'}; the history of "

@@ -512,8 +512,7 @@ def _forget_marks(con, sessions) -> None:
             continue  # a device of the session is not pruned: every mark may matter to it
         below = min((1 << 63) if whole else int(st) for _, st, whole, _ in devs)
         kept = sorted({int(x) for _, _, _, k in devs for x in (k or [])})
-        if kept:
-            con.execute("DELETE FROM marks WHERE session = ? AND stamp < ? AND NOT "
-                        "list_contains(?, stamp)", [s, below, kept])
-        else:
-            con.execute("DELETE FROM marks WHERE session = ? AND stamp < ?", [s, below])
+        cond, args = "session = ? AND stamp < ? AND NOT list_contains(?, stamp)", [s, below, kept]
+        con.execute(f"INSERT INTO pruned_marks SELECT session, stamp, time_ns, name FROM marks "
+                    f"WHERE {cond}", args)
+        con.execute(f"DELETE FROM marks WHERE {cond}", args)

@@ -178,6 +178,9 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS pruned (
         session VARCHAR, dev UINTEGER, stamp UBIGINT, time_ns BIGINT, whole BOOLEAN,
         kept UBIGINT[], batch INTEGER, PRIMARY KEY (session, dev))""",
+    # ... and the marks a prune deleted (restore --at NAME then says it was pruned)
+    """CREATE TABLE IF NOT EXISTS pruned_marks (
+        session VARCHAR, stamp UBIGINT, time_ns BIGINT, name VARCHAR)""",
 ]
 
 # Columns added to tables of this format after stores were made with it: every writer applies

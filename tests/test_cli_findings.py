@@ -42,8 +42,10 @@ def test_option_values_that_make_no_sense_are_refused(store, tmp_path):
     out = tmp_path / "x.img"
     for args, words in [
         (("restore", "--store", store, "--device", "loop7", "--at", "latest", "--to", out,
-          "--jobs", "0"), ("--jobs",)),
+          "--jobs", "0"), ("--jobs must be 1..64, not 0",)),
         (("verify", "--store", store, "--device", "loop7", "--jobs", "0"), ("--jobs",)),
+        (("ingest", "--log", tmp_path / "l", "--store", tmp_path / "s", "--jobs", "0"),
+         ("--jobs must be 1..64, not 0",)),
         (("prune", "--store", store, "--device", "loop7", "--keep", "1d", "--jobs", "-1"),
          ("--jobs",)),
         (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--segment-mb", "0"),
@@ -52,6 +54,12 @@ def test_option_values_that_make_no_sense_are_refused(store, tmp_path):
          ("--fsync-interval",)),
         (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--fsync-interval", "nan"),
          ("--fsync-interval",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", "/nonexistent"),
+         ("cannot run /nonexistent: no such file",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", "/etc/passwd"),
+         ("cannot run /etc/passwd: not executable",)),
+        (("trace", "--device", "/dev/null", "--log", tmp_path / "l", "--", str(tmp_path)),
+         (f"cannot run {tmp_path}: a directory",)),
         (("status", "--interval", "0"), ("--interval",)),
         (("status", "--store", store, "--all"), ("--all",)),
     ]:
@@ -104,8 +112,15 @@ def test_prune_dry_run_and_a_pruned_mark(tmp_path):
     r = cli("prune", "--store", st, "--device", "loop7", "--keep", "1h")
     assert f"up to stamp {k} " in r.stderr, r.stderr
     err = one_line_error(cli("restore", "--store", st, "--device", "loop7", "--at", "old",
-                             "--to", tmp_path / "p.img", check=False), 5, "no mark named 'old'")
-    assert "was pruned" in err and "oldest restorable point" in err, err
+                             "--to", tmp_path / "p.img", check=False), 5)
+    assert err.startswith("blkrewind restore: error: mark 'old' (stamp ") and "no mark named" \
+        not in err, err
+    assert f"was pruned with the history of synth:loop7 up to stamp {k}; the oldest " \
+        f"restorable point is stamp {k} (" in err, err
+    # a name that never was a mark is still "no mark named", with the pruning said
+    err = one_line_error(cli("restore", "--store", st, "--device", "loop7", "--at", "nosuch",
+                             "--to", tmp_path / "p.img", check=False), 5, "no mark named")
+    assert "was pruned" in err, err
     cli("restore", "--store", st, "--device", "loop7", "--at", "new", "--to", tmp_path / "n.img")
 
 
@@ -132,7 +147,8 @@ def test_a_failed_ingest_leaves_no_store_and_a_second_one_says_it_waits(store, t
 def test_a_user_who_may_not_read_the_store_is_told_so(store):
     if os.geteuid() != 0:
         pytest.skip("needs root to run a command as another user")
-    env = dict(os.environ, HOME="/tmp")
+    # (cwd "/": PYTHONPATH makes it this checkout's code, not an installed one's)
+    env = dict(os.environ, HOME="/tmp", PYTHONPATH=str(ROOT))
     for args in (("sql", "--store", store, "SELECT 1"), ("status", "--store", store)):
         r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                             *BLKREWIND, *map(str, args)], capture_output=True, text=True,
@@ -144,6 +160,13 @@ def test_a_user_who_may_not_read_the_store_is_told_so(store):
                             *BLKREWIND, *args], capture_output=True, text=True, cwd="/",
                            env=env, timeout=60)
         one_line_error(r, 2, "must run as root")
+    # a LOG it may not read: said, no internal error (a PermissionError before)
+    log = os.path.join(os.path.dirname(str(store)), "log")
+    for where in (log, "/root/log"):
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            *BLKREWIND, "ingest", "--log", where, "--store", "/tmp/never"],
+                           capture_output=True, text=True, cwd="/", env=env, timeout=60)
+        one_line_error(r, 2, "permission denied", "root")
 
 
 @pytest.mark.bpf

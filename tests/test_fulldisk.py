@@ -54,6 +54,10 @@ def test_log_file_system_fills_then_recovers(make_loop, mkfs, mount_fs, tmp_path
                         "--size=32m", "--io_size=96m", "--randrepeat=0",
                         "--output=/dev/null"], check=True, timeout=300)
         _wait(lambda: "records are DROPPED" in t.stderr, "the LOG-full warning", t)
+        # without --ship: said at the start and in the warning how the LOG is trimmed
+        warning = next(ln for ln in t.lines if "records are DROPPED" in ln)
+        assert f"ingest --log {log} --store DIR --delete-ingested" in warning, warning
+        assert "note: without --ship nothing deletes the LOG" in t.stderr, t.stderr
         os.unlink(filler)  # space again: the regions written meanwhile are read back
         _wait(lambda: "resync of" in t.stderr and " done" in t.stderr.split("resync of")[-1],
               "the resync", t, timeout=60, where=mnt)

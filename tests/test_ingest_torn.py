@@ -43,7 +43,14 @@ def test_a_cut_rotated_segment_is_damage_and_latest_says_the_history_goes_on(tmp
     st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
     dev = st["hosts"][0]["devices"][0]
     assert dev["gap"] is not None and dev["stamps_after_gap"] > 0
-    assert "history goes on past it" in cli("status", "--store", store).stdout
+    out = cli("status", "--store", store).stdout
+    assert "history goes on past it" in out
+    # the note column wraps at words: its cells joined again are the whole note
+    rows = [ln.split("│") for ln in out.splitlines() if ln.startswith("│")]
+    note = " ".join(r[-2].strip() for r in rows if r[-2].strip())
+    assert note.endswith(f"; gap: {dev['gap_reason']}; the history goes on past it "
+                         f"({dev['stamps_after_gap']} later stamp(s) stored, not restorable)"), out
+    assert len(rows) > 1, out   # (it did wrap)
 
 
 def test_a_torn_tail_at_the_end_of_the_newest_segment_is_a_note(tmp_path):
@@ -57,3 +64,31 @@ def test_a_torn_tail_at_the_end_of_the_newest_segment_is_a_note(tmp_path):
     with LogLock(tmp_path / "log"):
         r = cli("ingest", "--log", tmp_path / "log", "--store", store)
     assert f"(the tracer (pid {os.getpid()}) is still writing it)" in r.stdout, r.stdout
+
+
+def test_a_rotated_segment_cut_at_a_frame_boundary_is_damage(tmp_path):
+    """No incomplete frame to see: whole frames, then the file ends without its SEAL."""
+    from tracer.log import SegmentReader
+
+    segs = _log(tmp_path, 33)
+    victim = segs[len(segs) // 2]
+    with SegmentReader(victim) as r:
+        spans = list(r.frame_spans())   # (frame_no, offset, size); the last is the SEAL
+    assert len(spans) >= 3
+    os.truncate(victim, spans[-2][1])   # the last data frame and the SEAL go
+    store = tmp_path / "store"
+    r = cli("ingest", "--log", tmp_path / "log", "--store", store, check=False)
+    assert r.returncode == 3, r
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert victim.name in err and "without its SEAL" in err and "not the LOG's newest" in err
+    r = cli("restore", "--store", store, "--device", "loop7", "--at", "latest", "--to",
+            tmp_path / "x.img")
+    assert "the history goes on past a gap" in r.stderr, r.stderr
+    # the newest segment without its SEAL (a tracer killed) is no damage
+    segs = _log(tmp_path / "b", 34)
+    with SegmentReader(segs[-1]) as r:
+        spans = list(r.frame_spans())
+    os.truncate(segs[-1], spans[-1][1])   # the SEAL goes
+    r = cli("ingest", "--log", tmp_path / "b" / "log", "--store", tmp_path / "b" / "store")
+    assert r.returncode == 0 and not r.stderr.strip(), r

@@ -28,7 +28,7 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
             pr = ask(sock, {"op": "status"}, timeout=10).get("progress")
             if pr:
                 seen.append(pr)
-                if not table:  # what a user sees in `status` meanwhile
+                if not table and pr["done_bytes"]:  # what a user sees in `status` meanwhile
                     table.append(cli("status", "--log", log).stdout)
             time.sleep(0.05)
         assert any("baseline of" in ln for ln in tr.lines), tr.stderr
@@ -40,7 +40,9 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
     for m in lines:
         assert m[1] == str(dev) and m[4] == "384" and 0 <= int(m[2]) <= 100
     assert seen
-    if "baseline of" not in table[0]:  # finished before that status' second sample
+    if not table:  # every sample said 0 bytes (on a loaded machine the baseline may be
+        pass       # done before the next one): the log lines below show it advance
+    elif "baseline of" not in table[0]:  # finished before that status' second sample
         assert "ok" in table[0]
     else:
         assert re.search(r"baseline of \S+: \d+% at [\d.]+ MiB/s, ETA", table[0]), table[0]
@@ -51,7 +53,8 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
             assert pr["rate_Bps"] > 0 and pr["eta_s"] is not None
     # and it advances
     assert [pr["done_bytes"] for pr in seen] == sorted(pr["done_bytes"] for pr in seen)
-    assert seen[-1]["done_bytes"] > 0
+    assert seen[-1]["done_bytes"] > 0 or (not table and any(int(m[3]) > 0 for m in lines)), \
+        (seen, tr.stderr)
 
 
 @pytest.mark.bpf
@@ -59,32 +62,12 @@ def test_baseline_progress_on_a_terminal_is_one_line_rewritten(make_loop, tmp_pa
     """On a terminal the progress line is rewritten in place (CR, erase line) every second,
     and cleared before the next message."""
     import os
-    import pty
-    import subprocess
 
-    from tracerproc import BLKREWIND, ROOT
+    from tracerproc import run_on_pty
 
     dev = make_loop(384, fill="random", dio=True)  # read from the disk: a few seconds
-    master, slave = pty.openpty()
-    p = subprocess.Popen([*BLKREWIND, "trace", "--device", str(dev), "--log",
-                          str(tmp_path / "log"), "--", "true"], cwd=ROOT, stdin=subprocess.DEVNULL,
-                         stdout=slave, stderr=slave, env=dict(os.environ,
-                                                              BLKREWIND_PROGRESS_S="100"))
-    os.close(slave)
-    out = b""
-    try:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:   # EIO: the other side closed
-                break
-            if not chunk:
-                break
-            out += chunk
-    finally:
-        assert p.wait(120) == 0, out
-        os.close(master)
-    text = out.decode(errors="replace")
+    text = run_on_pty(["trace", "--device", dev, "--log", tmp_path / "log", "--", "true"],
+                      env=dict(os.environ, BLKREWIND_PROGRESS_S="100"))
     assert "baseline of" in text, text
     ticks = re.findall(r"\r\x1b\[Kblkrewind trace: baseline progress \S+: \d+%", text)
     if "in 0." not in text.split("baseline of", 1)[1][:80]:  # it took a second or more

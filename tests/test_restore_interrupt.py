@@ -160,3 +160,25 @@ def test_an_interrupted_restore_onto_a_device_says_so_and_marks_it(history, make
     assert "INTERRUPTED" not in cli("status", "--store", store).stdout
     assert cli("verify", "--store", store, "--device", "loop7", "--live", dev).returncode == 0
     _flush(dev)
+
+
+def test_the_progress_bar_and_the_summary_use_the_same_units(history, tmp_path):
+    """On a terminal restore shows a bar in MiB and MiB/s, the units of its summary line."""
+    import re
+
+    from tracerproc import run_on_pty
+
+    store, image = history
+    out = run_on_pty(["restore", "--store", store, "--device", "loop7", "--at", "latest",
+                      "--to", tmp_path / "bar.img"],
+                     env=dict(os.environ, TERM="xterm", COLUMNS="160"))
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
+    summary = [ln for ln in re.split(r"[\r\n]+", text) if ln.startswith("restored ")]
+    assert len(summary) == 1 and re.search(r"\d MiB \([\d.]+ MiB of data\) in [\d.]+ s "
+                                           r"\(\d+ MiB/s\)", summary[0]), text
+    bar = [ln for ln in re.split(r"[\r\n]+", text) if "loop7 @" in ln and "restored" not in ln]
+    assert bar, text   # the bar was drawn at least once
+    assert all(re.search(r"[\d.]+/[\d.]+ MiB", ln) for ln in bar), bar
+    assert any("MiB/s" in ln for ln in bar), bar
+    assert not re.search(r"\d ?(kB|MB|GB)\b|[kMG]B/s", text), text  # no decimal units
+    assert (tmp_path / "bar.img").read_bytes() == image

@@ -65,9 +65,12 @@ def points(store, what):
     return sql(store, f"SELECT * FROM points WHERE what = '{what}' ORDER BY stamp")
 
 
-def test_ring_overflow_is_reported_resynced_and_latest_is_exact(make_loop, tmp_path):
+def test_ring_overflow_is_reported_resynced_and_latest_is_exact(make_loop, tmp_path,
+                                                                monkeypatch):
     """Heavy 1 MiB writes overflow a 1 MiB ring; then lighter random writes go on while the
-    resync reads the dirty regions (its stale-read care is exercised); `latest` is exact."""
+    resync reads the dirty regions (its stale-read care is exercised); `latest` is exact.
+    The resync says its progress (percent, rate, ETA) like the baseline."""
+    monkeypatch.setenv("BLKREWIND_PROGRESS_S", "0.05")
     loop = make_loop(size_mb=256, fill="random", dio=True)
     dev = loop.path
     log, store = tmp_path / "log", tmp_path / "store"
@@ -82,6 +85,10 @@ def test_ring_overflow_is_reported_resynced_and_latest_is_exact(make_loop, tmp_p
     assert "WARNING: records lost (ring full" in err, err
     assert re.search(r"resync of \S+ done: .* restorable again from stamp \d+", err), err
     assert "session ends" not in err, err
+    took = [float(x) for x in re.findall(r"resync of \S+ done: .* in ([\d.]+) s \(", err)]
+    if max(took) >= 0.3:   # (a quicker one may end before its first progress line)
+        assert re.search(r"resync progress \S+: \d+% \(\d+ MiB of \d+ MiB\) at \d+ MiB/s, "
+                         r"ETA ", err), err
     cli("ingest", "--log", log, "--store", store)
     restore_latest_equals(store, dev, tmp_path)
     # the LOG says what was lost and why, and the resync points are there

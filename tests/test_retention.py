@@ -13,13 +13,19 @@ from synth import SynthSession
 from tracerproc import TraceProc, cli, copy_device, direct_writes, same_file
 
 
+def _synth_log(log, seed: int, writes: int, marks: int) -> SynthSession:
+    """A 2 MiB device's history in 128 KiB LOG segments (many of them), ended cleanly."""
+    s = SynthSession(str(log), seed=seed, size=2 << 20, segment_bytes=128 << 10,
+                     chunk=128 << 10, piece=16 << 10)
+    s.baseline()
+    s.workload(writes, marks=marks, snapshots=0)
+    s.end()
+    return s
+
+
 def test_delete_ingested_keeps_what_the_store_lacks(tmp_path):
     log, store = tmp_path / "log", tmp_path / "store"
-    s = SynthSession(str(log), seed=51, size=2 << 20, segment_bytes=128 << 10, chunk=128 << 10,
-                     piece=16 << 10)
-    s.baseline()
-    s.workload(40, marks=2, snapshots=0)
-    s.end()
+    _synth_log(log, 51, 40, marks=2)
     segs = sorted(log.glob("*.brlog"))
     assert len(segs) > 10
     victim = segs[len(segs) // 2]
@@ -35,11 +41,7 @@ def test_delete_ingested_keeps_what_the_store_lacks(tmp_path):
     assert r.returncode == 3 and "already in the store" in r.stdout
     # a whole LOG: only its newest segment stays, and the points restore exactly
     log2, store2 = tmp_path / "log2", tmp_path / "store2"
-    s2 = SynthSession(str(log2), seed=52, size=2 << 20, segment_bytes=128 << 10,
-                      chunk=128 << 10, piece=16 << 10)
-    s2.baseline()
-    s2.workload(40, marks=2, snapshots=0)
-    s2.end()
+    s2 = _synth_log(log2, 52, 40, marks=2)
     n = len(list(log2.glob("*.brlog")))
     r = cli("ingest", "--log", log2, "--store", store2, "--delete-ingested")
     assert f"deleted {n - 1} LOG segment(s)" in r.stdout, r.stdout
@@ -81,3 +83,77 @@ def test_delete_ingested_beside_a_running_tracer(make_loop, tmp_path):
     out = tmp_path / "x.img"
     cli("restore", "--store", store, "--device", dev, "--at", "latest", "--to", out)
     assert same_file(out, tmp_path / "final.img")
+
+
+SYSTEMD = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "systemd")
+
+
+def _exec_start(unit: str) -> str:
+    """The unit's ExecStart= command line, its continuation lines joined."""
+    text = open(os.path.join(SYSTEMD, unit)).read().replace("\\\n", " ")
+    return next(ln.split("=", 1)[1] for ln in text.splitlines() if ln.startswith("ExecStart="))
+
+
+def test_the_deployment_without_shipping(tmp_path):
+    """The units for a tracer that does not ship: trace@NAME without --ship when SHIP is
+    empty, and ingest@NAME(.timer) running `ingest --delete-ingested` as documented; the units
+    pass `systemd-analyze verify`, and the ingest unit's command, run as systemd runs it
+    with its env file, trims the LOG."""
+    import shlex
+    import shutil
+    import subprocess
+
+    from tracerproc import BLKREWIND, ROOT
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("no systemd-analyze")
+    units = tmp_path / "units"
+    units.mkdir()
+    names = {"blkrewind-ingest@.service": "blkrewind-ingest@data.service",
+             "blkrewind-ingest@.timer": "blkrewind-ingest@data.timer",
+             "blkrewind-trace@.service": "blkrewind-trace@data.service",
+             "blkrewind-serve.service": "blkrewind-serve.service"}
+    for src, dst in names.items():  # (verify wants the binary to exist)
+        text = open(os.path.join(SYSTEMD, src)).read()
+        (units / dst).write_text(text.replace("/usr/local/sbin/blkrewind", "/bin/true"))
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        *[str(units / n) for n in names.values()]],
+                       capture_output=True, text=True, env=dict(os.environ,
+                                                                SYSTEMD_LOG_LEVEL="notice"))
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+    # trace@: SHIP and TLS empty -> no --ship, no --tls (the sh line, with echo for exec)
+    cmd = shlex.split(_exec_start("blkrewind-trace@.service").replace("$$", "$"))
+    assert cmd[:2] == ["/bin/sh", "-c"]
+    line = cmd[2].replace("exec /usr/local/sbin/blkrewind", "echo")
+    env = {"PATH": os.environ["PATH"], "DEVICES": "/dev/a /dev/b", "LOG": "/l", "SHIP": "",
+           "TLS": "", "TRACE_OPTS": "--segment-mb 8"}
+    out = subprocess.run(["/bin/sh", "-c", line], env=env, capture_output=True, text=True)
+    assert out.stdout.split() == ["trace", "--device", "/dev/a", "--device", "/dev/b", "--log",
+                                  "/l", "--segment-mb", "8"], out
+    env.update(SHIP="r:7420", TLS="/etc/t")
+    out = subprocess.run(["/bin/sh", "-c", line], env=env, capture_output=True, text=True)
+    assert out.stdout.split()[7:] == ["--ship", "r:7420", "--tls", "/etc/t", "--segment-mb",
+                                      "8"], out
+    # ingest@: its command with the example env file's variables pointed at a LOG here
+    log, store = tmp_path / "log", tmp_path / "store"
+    s = _synth_log(log, 53, 30, marks=1)
+    n = len(list(log.glob("*.brlog")))
+    example = open(os.path.join(SYSTEMD, "ingest.env.example")).read()
+    assert "LOG=" in example and "STORE=" in example and "INGEST_OPTS=" in example
+    argv = []
+    for w in _exec_start("blkrewind-ingest@.service").split():
+        w = {"${LOG}": str(log), "${STORE}": str(store)}.get(w, w)
+        if w == "$INGEST_OPTS":
+            argv += ["--jobs", "1"]
+        elif w == "/usr/local/sbin/blkrewind":
+            argv += BLKREWIND
+        else:
+            assert "$" not in w, w
+            argv.append(w)
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r
+    assert f"deleted {n - 1} LOG segment(s)" in r.stdout, r.stdout
+    assert len(list(log.glob("*.brlog"))) == 1
+    out = tmp_path / "x.img"
+    cli("restore", "--store", store, "--device", "loop7", "--at", "latest", "--to", out)
+    assert out.read_bytes() == bytes(s.image)

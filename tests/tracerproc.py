@@ -121,3 +121,29 @@ def same_file(a, b) -> bool:
 
 def first_difference(a, b) -> str:
     return subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True).stdout.strip()
+
+
+def run_on_pty(args, env=None, timeout=120) -> str:
+    """Run `blkrewind ARGS` with stdout and stderr on a pseudo-terminal (as a user at a
+    terminal sees it); asserts it exits 0; returns everything it wrote there."""
+    import os
+    import pty
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([*BLKREWIND, *map(str, args)], cwd=ROOT, stdin=subprocess.DEVNULL,
+                         stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:   # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        assert p.wait(timeout) == 0, out
+        os.close(master)
+    return out.decode(errors="replace")

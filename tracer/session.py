@@ -542,8 +542,12 @@ class Tracer:
         st.log_full_bytes += memoryview(span).nbytes
         if not getattr(self, "_enospc", False):
             self._enospc = True
+            hint = ("" if self.opts.ship else
+                    f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
+                    f"{self.opts.log_dir} --store DIR --delete-ingested` deletes what a store "
+                    f"holds")
             self.say(f"WARNING: {e}: records are DROPPED and counted as lost until there is "
-                     f"space again (then the regions written meanwhile are read again)")
+                     f"space again (then the regions written meanwhile are read again){hint}")
 
     def _room_for(self, span, nrec: int, body_len: int) -> bool:
         """Retention (--log-max-mb, tracer/shipper.py): may this span be appended? When the

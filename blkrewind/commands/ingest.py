@@ -6,13 +6,16 @@ STORE/meta.duckdb and their payload to Parquet files under STORE/payload.
 Ingesting the same LOG again, a part of it, or its segments in another order
 gives the same store. Afterwards it reports, per device, what is restorable
 (stamps and times), the first gap in the history and the records the kernel
-lost. A torn tail (a tracer still writing, or killed) is a note; a corrupt
-frame stops its segment after everything good before it is stored, and the
-command exits non-zero.
+lost. A torn tail (a tracer still writing, or killed) is a note, and only at
+the end of the LOG's newest segment; a corrupt frame, or a segment that is not
+the newest and ends in an incomplete frame or without its SEAL (cut or
+damaged), stops that segment after everything good before it is stored, and
+the command exits 3.
 """
 from __future__ import annotations
 
 import os
+import stat
 import sys
 
 from blkrewind.errors import CorruptLog, UserError
@@ -131,16 +134,37 @@ def _refuse_if_shipped(log_dir: str) -> None:
                         f"(--log-max-mb), not with --delete-ingested")
 
 
+def _owner(path: str) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.stat(path).st_uid).pw_name
+    except (OSError, KeyError):
+        return "another user"
+
+
 def run(args) -> int:
     from replayer.ingest import ingest
     from replayer.store import Store
 
-    if args.jobs < 1:
-        raise UserError("--jobs must be at least 1")
-    if not os.path.isdir(args.log):
+    if not 1 <= args.jobs <= 64:
+        raise UserError(f"--jobs must be 1..64, not {args.jobs}")
+    try:
+        is_dir = stat.S_ISDIR(os.stat(args.log).st_mode)
+    except PermissionError:
+        raise UserError(f"{args.log}: permission denied (run as the LOG's owner or root)") \
+            from None
+    except OSError:
+        is_dir = False
+    if not is_dir:
         raise UserError(f"no LOG directory at {args.log}")
     from tracer.log import list_segments
-    if not list_segments(args.log):
+    try:
+        segs = list_segments(args.log)
+    except PermissionError:
+        raise UserError(f"{args.log}: permission denied: the LOG belongs to "
+                        f"{_owner(args.log)}; run as root") from None
+    if not segs:
         raise UserError(f"{args.log} holds no LOG segments (*.brlog)")
     if args.delete_ingested:
         _refuse_if_shipped(args.log)

@@ -242,7 +242,7 @@ def run(args) -> int:
     from replayer.query import open_for_reading
 
     if args.jobs < 1 or args.jobs > 64:
-        raise UserError("--jobs must be between 1 and 64")
+        raise UserError(f"--jobs must be 1..64, not {args.jobs}")
     point = points.parse_point(args.at)
     with open_for_reading(args.store) as store:  # through the server while one holds it
         device = store.find_device(args.device)

@@ -163,7 +163,8 @@ def _check_command(cmd: list[str]) -> None:
     exe = cmd[0]
     if os.sep in exe:
         if not os.path.isfile(exe):
-            raise UserError(f"cannot run {exe}: no such file")
+            raise UserError(f"cannot run {exe}: "
+                            f"{'a directory' if os.path.isdir(exe) else 'no such file'}")
         if not os.access(exe, os.X_OK):
             raise UserError(f"cannot run {exe}: not executable")
     elif shutil.which(exe) is None:
@@ -241,6 +242,10 @@ def run(args) -> int:
         from blkrewind import metrics  # bound first: a taken port fails before any capture
         endpoint = metrics.start(args.metrics, metrics.TracerCollector(tracer, say), say)
         tracer.start()
+        if not args.ship and not cmd:  # a LOG nothing trims: say how to (issue 13)
+            say(f"note: without --ship nothing deletes the LOG: it grows until its file system "
+                f"is full; `blkrewind ingest --log {args.log} --store DIR --delete-ingested` "
+                f"(blkrewind-ingest@.timer) deletes what a store holds (docs/operations.md)")
         tracer.run_baseline(stop)
         if cmd and not stop.is_set():
             try:
