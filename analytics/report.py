@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 
 TIME_BINS = 120
 LBA_BINS = 128

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blkrewind import record  # noqa: E402
+from blkrewind.formats import record  # noqa: E402
 from tracer import log  # noqa: E402
 
 

@@ -40,7 +40,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blkrewind import record, wire  # noqa: E402
+from blkrewind.formats import record, wire  # noqa: E402
 import bench_store  # noqa: E402  (its LOG generator)
 
 DEV = record.kdev(7, 98)

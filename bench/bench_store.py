@@ -34,7 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blkrewind import record  # noqa: E402
+from blkrewind.formats import record  # noqa: E402
 from tracer.log import LogWriter  # noqa: E402
 
 SPAN = 4 << 20

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from replayer import entropy
 
 BLOCK = 4096

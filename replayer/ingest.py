@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import CorruptLog, StoreError, UserError
 from blkrewind.osutil import crc32
 from blkrewind.osutil import fsync_dir as _fsync_dir

@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import StoreError
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark

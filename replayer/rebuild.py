@@ -55,7 +55,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import StoreError, UserError
 from replayer.store import HELD_POINT, Store
 

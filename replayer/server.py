@@ -35,7 +35,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from blkrewind import __version__, wire
+from blkrewind import __version__
+
+from blkrewind.formats import wire
 from blkrewind.errors import StoreError, UserError
 
 

@@ -50,7 +50,7 @@ import threading
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from replayer.store import Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step

@@ -19,7 +19,7 @@ import random
 import secrets
 from dataclasses import dataclass
 
-from blkrewind import record
+from blkrewind.formats import record
 from tracer.log import LogWriter
 
 REAL0 = 1_764_000_000 * 10**9     # wall clock at MONO0

@@ -17,7 +17,7 @@ import lz4.frame
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from blkrewind import record as R
+from blkrewind.formats import record as R
 from blkrewind.errors import CorruptLog, UserError
 from tracer import log as L
 

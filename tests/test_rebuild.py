@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pytest
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import NotRestorable, UserError
 from conftest import assert_one_line_error, run_cli
 from replayer import points

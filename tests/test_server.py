@@ -1,6 +1,6 @@
 """The replayer service (replayer/server.py, `blkrewind serve`): real TLS sockets on 127.0.0.1,
 certificates made here, a real store, a `blkrewind serve` process; a minimal client built on
-blkrewind/wire.py plays the tracer's shipper."""
+blkrewind/formats/wire.py plays the tracer's shipper."""
 from __future__ import annotations
 
 import datetime as dt
@@ -20,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from blkrewind import tlsconf, wire
+from blkrewind import tlsconf
+
+from blkrewind.formats import wire
 from conftest import cli_command, run_cli, assert_one_line_error
 from synth import history
 from tracer import log

@@ -606,7 +606,7 @@ ATTACKER = r'''
 """Hostile clients of `blkrewind serve`, run as a process inside a network namespace.
 argv[1]: JSON config. Prints a JSON summary on stdout."""
 import json, os, random, socket, ssl, struct, sys, threading, time, zlib
-from blkrewind import wire
+from blkrewind.formats import wire
 from blkrewind.errors import CorruptLog
 from tracer import log as L
 

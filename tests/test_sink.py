@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from blkrewind import record
+from blkrewind.formats import record
 from replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
 from replayer.store import Store
 from synth import SynthSession, cli_main, history

@@ -10,7 +10,7 @@ from datetime import datetime
 import pytest
 
 from analytics import views
-from blkrewind import record
+from blkrewind.formats import record
 from conftest import assert_one_line_error, run_cli
 from synth import SynthSession, cli_main
 

@@ -1,4 +1,4 @@
-"""The wire protocol (blkrewind/wire.py): framing, limits, validation, fuzzing."""
+"""The wire protocol (blkrewind/formats/wire.py): framing, limits, validation, fuzzing."""
 from __future__ import annotations
 
 import io
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blkrewind import wire
+from blkrewind.formats import wire
 from synth import history
 from tracer import log
 

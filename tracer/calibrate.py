@@ -30,7 +30,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import UserError
 from tracer.capture import Capture
 from tracer.ringbuf import RingConsumer

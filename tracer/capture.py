@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import UserError
 from tracer import btfcheck
 from tracer.features import missing_feature

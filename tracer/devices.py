@@ -7,7 +7,7 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import UserError
 from blkrewind.osutil import mount_of
 

@@ -102,7 +102,9 @@ from typing import Iterator, NamedTuple
 
 import lz4.frame
 
-from blkrewind import __version__, record
+from blkrewind import __version__
+
+from blkrewind.formats import record
 from blkrewind.errors import CorruptLog, UserError
 from blkrewind.osutil import crc32
 from blkrewind.osutil import fsync_dir as _fsync_dir

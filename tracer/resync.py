@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from tracer import devices
 from tracer.capture import Regions
 

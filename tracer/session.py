@@ -36,7 +36,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from blkrewind import __version__, record
+from blkrewind import __version__
+
+from blkrewind.formats import record
 from blkrewind.errors import UserError
 from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout

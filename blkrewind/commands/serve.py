@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import signal
 
-from blkrewind import wire
+from blkrewind.formats import wire
 from blkrewind.errors import UserError
 
 

@@ -19,7 +19,7 @@ import datetime as _dt
 import json
 import time
 
-from blkrewind import record
+from blkrewind.formats import record
 from blkrewind.errors import UserError
 
 RATE_WINDOW_S = 60

@@ -104,7 +104,7 @@ def _ship_host(args) -> str | None:
     if not 1 <= args.ship_timeout <= 3600:
         raise UserError(f"--ship-timeout must be 1..3600 seconds, not {args.ship_timeout}")
     if args.host is not None:
-        from blkrewind.wire import HOST_RE
+        from blkrewind.formats.wire import HOST_RE
         if not HOST_RE.fullmatch(args.host):
             raise UserError(f"--host {args.host!r}: use letters, digits, '.', '_' and '-'")
     if args.tls:
