@@ -100,7 +100,7 @@ class TracerCollector:
 
     def _collect(self):
         from tracer import pins
-        from tracer.log import list_segments
+        from blkrewind.formats.logframe import list_segments
         from tracer.resync import _LOSS_COUNTERS  # counter -> cause, as R_LOSS names them
 
         t = self.t

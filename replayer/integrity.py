@@ -136,7 +136,8 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
     they touched below the smallest stamp dropped and recompute their watermarks and intervals.
     Returns what is lost now, per host: {host: [{"session","segno","ranges":[[a,e],...]}]}."""
     from replayer import watermark
-    from replayer.ingest import ledger, merge
+    from blkrewind.formats.ranges import merge
+    from replayer.ingest import ledger
 
     if not batches:
         return {}

@@ -25,7 +25,7 @@ from blkrewind import tlsconf
 from blkrewind.formats import wire
 from conftest import cli_command, run_cli, assert_one_line_error
 from synth import history
-from tracer import log
+from blkrewind.formats import logframe
 
 TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", "1",
             "--store-retry", "0.5"]
@@ -35,15 +35,15 @@ TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", 
 def log_segments(log_dir) -> list[tuple[str, int, int, list[bytes]]]:
     """(session, segno, seg_id, raw frames) of every segment of a LOG directory."""
     out = []
-    for sg in log.list_segments(log_dir):
+    for sg in logframe.list_segments(log_dir):
         data = open(sg.path, "rb").read()
         frames, off, seg_id = [], 0, None
         while off < len(data):
-            h = log._parse(data[off:off + log.FRAME_SIZE])
+            h = logframe.parse_header(data[off:off + logframe.FRAME_SIZE])
             assert not isinstance(h, str), h
             seg_id = h.seg_id
-            frames.append(data[off:off + log.FRAME_SIZE + h.stored_len])
-            off += log.FRAME_SIZE + h.stored_len
+            frames.append(data[off:off + logframe.FRAME_SIZE + h.stored_len])
+            off += logframe.FRAME_SIZE + h.stored_len
         out.append((sg.session, sg.segno, seg_id, frames))
     return out
 

@@ -608,7 +608,7 @@ argv[1]: JSON config. Prints a JSON summary on stdout."""
 import json, os, random, socket, ssl, struct, sys, threading, time, zlib
 from blkrewind.formats import wire
 from blkrewind.errors import CorruptLog
-from tracer import log as L
+from blkrewind.formats import logframe
 
 cfg = json.loads(sys.argv[1])
 ADDR, PORT = cfg["addr"], cfg["port"]
@@ -677,11 +677,11 @@ def seg_frames(path):
     """The raw frames of a LOG segment file, with its session/segno/seg_id."""
     data = open(path, "rb").read()
     frames, off = [], 0
-    while off + L.FRAME_SIZE <= len(data):
-        h = L._parse(memoryview(data)[off:off + L.FRAME_SIZE])
+    while off + logframe.FRAME_SIZE <= len(data):
+        h = logframe.parse_header(memoryview(data)[off:off + logframe.FRAME_SIZE])
         if isinstance(h, str):
             break
-        n = L.FRAME_SIZE + h.stored_len
+        n = logframe.FRAME_SIZE + h.stored_len
         frames.append(data[off:off + n])
         off += n
     return frames, h
@@ -741,7 +741,7 @@ def fuzz_message(rng, seg, before_hello):
         meta = {"session": session, "segno": segno, "seg_id": seg_id, "first": first, "id": 1}
         try:   # an lz4 stream can change without changing what it decodes to (a match
             # offset into a run of zeroes): then it is the same frame, stored already -> ACK
-            L.decode_raw_frame(bytes(fs[v]), seg_id=seg_id, frame_no=first + v)
+            logframe.decode_raw_frame(bytes(fs[v]), seg_id=seg_id, frame_no=first + v)
             kind = "equivalent LOG frame"
         except CorruptLog:
             kind = "corrupt LOG frame"

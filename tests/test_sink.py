@@ -17,7 +17,8 @@ from replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
 from replayer.store import Store
 from synth import SynthSession, cli_main, history
 from test_store import check_points, store_content
-from tracer.log import LogWriter, SegmentReader, list_segments
+from tracer.log import LogWriter
+from blkrewind.formats.logframe import SegmentReader, list_segments
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -317,11 +318,11 @@ def test_a_corrupted_frame_rejects_the_whole_call(tmp_path):
         assert sum(n for _, _, n in sink.store("synth", all_groups(segs))) == \
             sum(len(x["frames"]) for x in segs)
         # a well-formed frame past the SEAL the store knows: rejected
-        from tracer.log import K_DATA, _head, encode_span
+        from blkrewind.formats.logframe import K_DATA, pack_header, encode_span
         span = record.make_record(b"", rtype=record.R_LOSS, seq=99)
         body = encode_span(span)
-        late = _head(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), body.stored_len,
-                     body.flags) + body.data + body.crc
+        late = pack_header(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), body.stored_len,
+                         body.flags) + body.data + body.crc
         with pytest.raises(FrameRejected, match="past its SEAL"):
             sink.store("synth", [group([late], first=len(frames))])
     finally:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from blkrewind import __version__
 
 from blkrewind.formats import record
+from blkrewind.formats.logframe import FL_RAW, FRAME_SIZE, encode_span, list_segments
 from blkrewind.errors import UserError
 from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout
@@ -46,8 +47,8 @@ from tracer.resync import Resync
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
 
-from tracer.log import (FL_RAW, LogFull, LogLock, LogWriter, encode_span, kernel_seq,
-                        last_stamp, list_segments, on_tmpfs, repair, tail_kernel_seqs)
+from tracer.log import (LogFull, LogLock, LogWriter, kernel_seq, last_stamp, on_tmpfs, repair,
+                        tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"
@@ -56,7 +57,6 @@ BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
-_LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
 
 def mono_ns() -> int:
@@ -560,7 +560,7 @@ class Tracer:
                 "cause": "log full", "log_full_spans": n[0], "log_full_records": n[1],
                 "log_full_bytes": n[2]}, seq=self._next_useq())
         extra = len(note) + 256 if note else 0
-        if not self.shipper.room_for(body_len + _LOG_FRAME + extra):
+        if not self.shipper.room_for(body_len + FRAME_SIZE + extra):
             st = self.stats
             st.log_full_drops += 1
             st.log_full_records += nrec

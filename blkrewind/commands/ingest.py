@@ -139,7 +139,7 @@ def run(args) -> int:
         raise UserError("--jobs must be at least 1")
     if not os.path.isdir(args.log):
         raise UserError(f"no LOG directory at {args.log}")
-    from tracer.log import list_segments
+    from blkrewind.formats.logframe import list_segments
     if not list_segments(args.log):
         raise UserError(f"{args.log} holds no LOG segments (*.brlog)")
     if args.delete_ingested:
