@@ -174,9 +174,9 @@ def figures(d: dict) -> dict[str, str]:
 
     # 2. LBA x time heatmap
     grid = np.zeros((LBA_BINS, nb))
-    for b, l, n in d["heat"]:
+    for b, lba, n in d["heat"]:
         if 0 <= int(b) < nb:
-            grid[int(l), int(b)] += float(n or 0)
+            grid[int(lba), int(b)] += float(n or 0)
     fig, ax = plt.subplots(figsize=(11, 3.8))
     mib = d["lba_w"] * np.arange(LBA_BINS + 1) / 2**20
     masked = np.ma.masked_less_equal(grid, 0)

@@ -429,6 +429,7 @@ def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> 
     cancels: the mean on/off ratio and its 95 % confidence interval say what `what` costs,
     and whether that is measurable at all."""
     import statistics
+
     from tracer import libbpf as L
     log = ws.new_log()
     out = ws.dir / f"fio-{job}-interleaved.json"
@@ -551,7 +552,8 @@ def table(rows: list[dict]) -> str:
         return "-".rjust(width) if v is None else format(v, fmt)
     head = (f"{'mode':8} {'backing':7} {'job':15} {'untraced1':>9} {'untraced2':>9} {'mean':>9} "
             f"{'disk:unt':>9} {'disk:trc':>9} "
-            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5} {'cores:u':>7} {'cores:t':>7}")
+            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5} "
+            f"{'cores:u':>7} {'cores:t':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

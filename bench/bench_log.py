@@ -22,8 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blkrewind.formats import record  # noqa: E402
-from blkrewind.formats import logframe
+from blkrewind.formats import (
+    logframe,
+    record,  # noqa: E402
+)
 from tracer import log  # noqa: E402
 
 

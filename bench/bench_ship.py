@@ -40,8 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blkrewind.formats import record, wire  # noqa: E402
 import bench_store  # noqa: E402  (its LOG generator)
+
+from blkrewind.formats import record, wire  # noqa: E402
 
 DEV = record.kdev(7, 98)
 HOST = "bench"

@@ -36,10 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from synth import SynthSession  # noqa: E402
+
+from blkrewind.formats.logframe import SegmentReader, list_segments  # noqa: E402
 from replayer.ingest import FrameGroup, FrameSink, ingest  # noqa: E402
 from replayer.store import Store  # noqa: E402
-from synth import SynthSession  # noqa: E402
-from blkrewind.formats.logframe import SegmentReader, list_segments  # noqa: E402
 
 
 def make_log(log: str, device_mib: int, writes_mib: int) -> SynthSession:

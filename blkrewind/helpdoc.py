@@ -218,7 +218,7 @@ def manpage(parser: argparse.ArgumentParser, date: str | None = None) -> str:
     fmt = HelpFormatter(parser.prog)
     out = [f'.TH BLKREWIND 1 "{date}" "blkrewind {__version__}" "User Commands"',
            ".SH NAME", "blkrewind \\- continuous data protection for Linux block devices",
-           ".SH SYNOPSIS", f"\\fBblkrewind\\fR \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
+           ".SH SYNOPSIS", "\\fBblkrewind\\fR \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
            ".SH DESCRIPTION", _paragraphs(parser.description or ""),
            ".SH COMMANDS"]
     for path, sp, help_ in leaf_parsers(parser):

@@ -8,7 +8,6 @@ import os
 # wire message bodies and payload files are checksummed with it
 from zlib_ng.zlib_ng import crc32  # noqa: F401
 
-
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
 _trim_threshold = 0
 

@@ -50,9 +50,8 @@ from blkrewind.errors import CorruptLog, StoreError, UserError
 from blkrewind.formats import record
 from blkrewind.formats.logframe import valid_session
 from blkrewind.formats.ranges import merge, subtract
-from blkrewind.osutil import crc32
+from blkrewind.osutil import crc32, tune_malloc
 from blkrewind.osutil import fsync_dir as _fsync_dir
-from blkrewind.osutil import tune_malloc
 from replayer import entropy
 from replayer.store import Store
 from replayer.watermark import devices_changed, finalize

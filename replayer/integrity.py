@@ -135,8 +135,8 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
     """Drop every metadata row of `batches` in ONE transaction, reset the scan of the sessions
     they touched below the smallest stamp dropped and recompute their watermarks and intervals.
     Returns what is lost now, per host: {host: [{"session","segno","ranges":[[a,e],...]}]}."""
-    from replayer import watermark
     from blkrewind.formats.ranges import merge
+    from replayer import watermark
     from replayer.ingest import ledger
 
     if not batches:

@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blkrewind.formats import record
 from blkrewind.errors import StoreError
+from blkrewind.formats import record
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark
 from replayer.store import Store, StoreDevice

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from blkrewind.formats import record
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import record
 from replayer.store import HELD_POINT, Store
 
 BLKGETSIZE64 = 0x80081272
@@ -371,8 +371,14 @@ class _Progress:
         self.p = None
         if self.enabled and total > 0:
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
-                                       TextColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             from rich.text import Text
 
             class MiBps(ProgressColumn):  # MiB and MiB/s: the units of restore's summary

@@ -36,9 +36,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from blkrewind import __version__
-
-from blkrewind.formats import wire
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import wire
 
 
 @dataclass

@@ -2,10 +2,10 @@
 torn tails at every byte, corruption anywhere, bounded allocation, the directory lock, fsync
 policies, a full disk, last_stamp, and a property test."""
 import errno
-import struct
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import lz4.frame
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from blkrewind.formats import record as R
 from blkrewind.errors import CorruptLog, UserError
 from blkrewind.formats import logframe
+from blkrewind.formats import record as R
 from tracer import log as L
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from blkrewind.formats import record as R
 from tracer import btfcheck

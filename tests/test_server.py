@@ -19,13 +19,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, cli_command, run_cli
+from synth import history
 
 from blkrewind import tlsconf
-
-from blkrewind.formats import wire
-from conftest import cli_command, run_cli, assert_one_line_error
-from synth import history
-from blkrewind.formats import logframe
+from blkrewind.formats import logframe, wire
 
 TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", "1",
             "--store-retry", "0.5"]

@@ -24,12 +24,12 @@ import threading
 import time
 from pathlib import Path
 
+import netlab as _netlab
 import pytest
+from conftest import umount
+from tracerproc import copy_device, direct_writes, first_difference, same_file, sh, write_file
 
 from blkrewind import tlsconf
-from conftest import umount
-import netlab as _netlab
-from tracerproc import copy_device, direct_writes, first_difference, same_file, sh, write_file
 
 pytestmark = [pytest.mark.bpf]
 netlab = _netlab.netlab                          # the network lab's fixtures
@@ -920,9 +920,10 @@ def test_hostile_clients_are_refused_and_store_nothing(lab, tmp_path):
     """Clients without a valid certificate, host A sending host B's frames, a connection
     flood and thousands of fuzzed messages: all refused, the service keeps running, nothing is
     stored; a legitimate tracer ships normally afterwards."""
+    import datetime as dt
+
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    import datetime as dt
 
     from tracer.log import inventory
     a, b = lab.hosts

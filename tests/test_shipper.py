@@ -17,16 +17,15 @@ import time
 from pathlib import Path
 
 import pytest
-
+import synth
 from conftest import ROOT, need_root, run_cli
 from tracerproc import TraceProc, copy_device, first_difference, same_file
 
-import synth
 from blkrewind import tlsconf
 from blkrewind.formats import logframe
+from blkrewind.formats.ranges import Ranges
 from tracer import log as tlog
 from tracer.session import ask
-from blkrewind.formats.ranges import Ranges
 from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Shipper
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]

@@ -15,11 +15,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, assert_one_line_error, run_cli
+from synth import SynthSession, cli_main, history
+from synth import restored as restore_bytes
 
 from blkrewind.errors import UserError
-from conftest import ROOT, assert_one_line_error, run_cli
 from replayer.store import Store
-from synth import SynthSession, cli_main, history, restored as restore_bytes
 
 
 # ----------------------------------------------------------------------------- helpers

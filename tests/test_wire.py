@@ -15,10 +15,9 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from blkrewind.formats import wire
 from synth import history
-from blkrewind.formats import logframe
+
+from blkrewind.formats import logframe, wire
 
 
 def segment_frames(path) -> tuple[int, list[bytes]]:

@@ -30,8 +30,8 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from blkrewind.formats import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 from tracer.capture import Capture
 from tracer.ringbuf import RingConsumer
 

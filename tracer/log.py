@@ -43,9 +43,24 @@ from blkrewind import __version__
 from blkrewind.errors import CorruptLog, UserError
 from blkrewind.formats import record
 from blkrewind.formats.logframe import (
-    FORMAT_VERSION, FRAME_SIZE, K_DATA, K_HEADER, K_SEAL, MAX_RAW, SUFFIX, ZERO_HEAD, FrameHead,
-    SegmentInfo, SegmentReader, encode_span, list_segments, pack_header, parse_header,
-    segment_name, valid_session)
+    FORMAT_VERSION,
+    FRAME_SIZE,
+    K_DATA,
+    K_HEADER,
+    K_SEAL,
+    MAX_RAW,
+    SUFFIX,
+    ZERO_HEAD,
+    FrameHead,
+    SegmentInfo,
+    SegmentReader,
+    encode_span,
+    list_segments,
+    pack_header,
+    parse_header,
+    segment_name,
+    valid_session,
+)
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from blkrewind.osutil import tune_malloc
 

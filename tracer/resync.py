@@ -652,10 +652,11 @@ class Resync:
     def _log_room(self, nbytes: int) -> None:
         """With --log-max-mb (a shipper): wait until the LOG has room for what the writer's
         queue holds, this chunk and one in the writer's hands (at most a quarter of the limit, so
-        that it can fit), and half of the limit left to the writes going on, so that a resync larger than the LOG's limit goes at the pace of the
-        replayer's acks instead of waiting for room for all of it (forever) or filling the LOG
-        and losing records again. The readers are admitted one at a time (call with
-        self._admit held until the record is queued)."""
+        that it can fit), and half of the limit left to the writes going on, so that a resync
+        larger than the LOG's limit goes at the pace of the replayer's acks instead of waiting
+        for room for all of it (forever) or filling the LOG and losing records again. The
+        readers are admitted one at a time (call with self._admit held until the record is
+        queued)."""
         shipper = getattr(self.t, "shipper", None)
         if shipper is None:
             return

@@ -34,21 +34,28 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from blkrewind import __version__
-
+from blkrewind.errors import UserError
 from blkrewind.formats import record
 from blkrewind.formats.logframe import FL_RAW, FRAME_SIZE, encode_span, list_segments
-from blkrewind.errors import UserError
 from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout
+from tracer.log import (
+    LogFull,
+    LogLock,
+    LogWriter,
+    kernel_seq,
+    last_stamp,
+    on_tmpfs,
+    repair,
+    tail_kernel_seqs,
+)
 from tracer.resync import Resync
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
-
-from tracer.log import (LogFull, LogLock, LogWriter, kernel_seq, last_stamp, on_tmpfs, repair,
-                        tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
 
 CONTROL_DIR = "/run/blkrewind"

@@ -17,7 +17,6 @@ import sys
 
 from blkrewind.errors import CorruptLog, UserError
 
-
 EXAMPLES = """\
   blkrewind ingest --log /var/lib/blkrewind/log --store /srv/blkrewind
   # a LOG copied from another host, 2 segments at a time

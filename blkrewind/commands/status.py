@@ -19,8 +19,8 @@ import datetime as _dt
 import json
 import time
 
-from blkrewind.formats import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 
 RATE_WINDOW_S = 60
 

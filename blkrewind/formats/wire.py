@@ -37,11 +37,10 @@ import struct
 import time
 from typing import Any, NamedTuple
 
-from blkrewind.osutil import crc32
-
 # The LOG frame header (48 bytes: magic, CRC, lengths) and the session-id rule have one
 # definition: blkrewind/formats/logframe.py.
 from blkrewind.formats import logframe
+from blkrewind.osutil import crc32
 
 PROTO_VERSION = 1
 MAGIC = b"BRW1"

@@ -33,8 +33,9 @@ sys.path.insert(0, str(HERE.parent))
 
 sys.path.insert(0, str(HERE.parents[1]))
 
-from blkrewind import cli as blkrewind_cli  # noqa: E402
 from tracerproc import TraceProc, copy_device, direct_writes, sh, write_file  # noqa: E402
+
+from blkrewind import cli as blkrewind_cli  # noqa: E402
 
 DEV_MB = 32
 RING_MB = 8  # holds any bio of the workload; the burst (32 MiB in flight) overflows it
