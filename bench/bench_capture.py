@@ -60,10 +60,10 @@ def say(msg: str) -> None:
 
 
 def sh(*cmd, check=True, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [str(c) for c in cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    argv = [str(c) for c in cmd]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
     return p
 
 
@@ -151,9 +151,9 @@ class Workspace:
         problems = []
         for dev, backing in reversed(self.loops):
             if loop_backing(dev) == backing:  # still ours
-                p = sh("losetup", "-d", dev, check=False)
-                if p.returncode != 0:
-                    problems.append(f"losetup -d {dev}: {p.stderr.strip()}")
+                cp = sh("losetup", "-d", dev, check=False)
+                if cp.returncode != 0:
+                    problems.append(f"losetup -d {dev}: {cp.stderr.strip()}")
         self.loops.clear()
         if self.tmpfs is not None and str(self.tmpfs) in mount_points():
             if sh("umount", self.tmpfs, check=False).returncode != 0:

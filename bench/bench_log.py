@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -80,7 +81,7 @@ def main() -> None:
                           segment_bytes=a.segment_mib << 20, fsync=a.fsync,
                           fsync_interval=a.fsync_interval, compression_level=a.level)
         nframes = -(-target // len(pool[0][0]))
-        spans = (pool[i % len(pool)] for i in range(nframes))
+        spans: Iterator[Any] = (pool[i % len(pool)] for i in range(nframes))
         if a.pipeline:  # what a collector thread could do before queueing the span
             q: queue.Queue = queue.Queue(2)
 

@@ -83,8 +83,8 @@ def read_calls(log: str, call_bytes: int) -> list[list[FrameGroup]]:
 def payload_of(store_dir: str) -> tuple[int, int]:
     st = Store.open(store_dir)
     try:
-        return tuple(int(x or 0) for x in st.query_one(
-            "SELECT sum(payload_bytes), count(*) FROM payload_files"))
+        nbytes, nfiles = st.query_one("SELECT sum(payload_bytes), count(*) FROM payload_files")
+        return int(nbytes or 0), int(nfiles or 0)
     finally:
         st.close()
 

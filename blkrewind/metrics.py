@@ -313,7 +313,7 @@ class Endpoint:
             raise UserError(f"--metrics {addr}: {e.strerror or e}") from None
         a = self.httpd.server_address
         self.address = (a[0], a[1])
-        self.url = f"http://{_fmt(a[0], a[1])}/metrics"
+        self.url = f"http://{_fmt(str(a[0]), a[1])}/metrics"
 
     def close(self) -> None:
         self.httpd.shutdown()

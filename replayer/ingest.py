@@ -651,6 +651,14 @@ class Ledger:
                 self.writing.discard(n)
 
 
+def put_back(d: dict, key, value) -> None:
+    """Restore a ledger entry saved before a failed transaction (None: there was none)."""
+    if value is None:
+        d.pop(key, None)
+    else:
+        d[key] = value
+
+
 def ledger(store: Store) -> Ledger:
     """The store's ledger (made on first use)."""
     with store.mutex:
@@ -757,17 +765,11 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
                 devices_changed(store)
         except BaseException as e:
             for k in keys:
-                for d, v in ((led.ranges, old[0][k]), (led.segs, old[1][k])):
-                    if v is None:
-                        d.pop(k, None)
-                    else:
-                        d[k] = v
+                put_back(led.ranges, k, old[0][k])
+                put_back(led.segs, k, old[1][k])
             for s in sessions:
-                for d, v in ((led.hosts, old[2][s]), (led.prefix, old[3][s])):
-                    if v is None:
-                        d.pop(s, None)
-                    else:
-                        d[s] = v
+                put_back(led.hosts, s, old[2][s])
+                put_back(led.prefix, s, old[3][s])
             if isinstance(e, duckdb.Error):
                 raise _db_error(e) from None
             raise

@@ -307,7 +307,7 @@ def wait_shipped(store: Path, hosts, timeout: float = 90) -> None:
     names = {h.name for h in hosts}
     want_marks = {m for h in hosts for m in h.copies}
     deadline = time.monotonic() + timeout
-    last = None
+    last: object = None
     while True:
         try:
             sess = sql(store, "SELECT session, host, clean, first_gap, watermark, end_stamp "

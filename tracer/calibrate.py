@@ -29,6 +29,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from blkrewind.errors import UserError
 from blkrewind.formats import record
@@ -139,7 +140,7 @@ def _captured_read(cap: Capture, dev: str) -> tuple[_PatternPage, list[tuple[rec
             os.close(fd)
             cap.cfg.calib_tgid = 0
             cap.enable(False)
-        recs = []
+        recs: list[tuple[record.Header, bytes]] = []
         deadline = time.monotonic() + 2
         while not recs and time.monotonic() < deadline:
             span, _ = ring.take()
@@ -180,7 +181,8 @@ def verify(cap: Capture, dev: str, b: Bases) -> tuple[bool, str]:
                                 f"{'equals' if ok_data else 'DIFFERS from'} the pattern"
 
 
-METHODS = {"ksym": by_ksym, "vmcoreinfo": by_vmcoreinfo, "pagemap": by_pagemap}
+METHODS: dict[str, Callable[[Capture, str], Bases | None]] = {
+    "ksym": by_ksym, "vmcoreinfo": by_vmcoreinfo, "pagemap": by_pagemap}
 
 
 def calibrate(cap: Capture, dev: str, methods=("ksym", "vmcoreinfo", "pagemap")) -> Bases:

@@ -51,6 +51,7 @@ from blkrewind.formats.logframe import (
     MAX_RAW,
     SUFFIX,
     ZERO_HEAD,
+    Body,
     FrameHead,
     SegmentInfo,
     SegmentReader,
@@ -253,7 +254,7 @@ class LogWriter:
 
     # -- public
     def append(self, span, nrec: int, mono_ns: int, real_ns: int, *,
-               body: bytes | None = None) -> int:
+               body: Body | None = None) -> int:
         """Write span as one frame (rotating first if the segment would outgrow segment_bytes;
         a frame larger than that gets a segment of its own). Returns the frame's size.
         body: encode_span(span) if the caller made it already (in another thread)."""
@@ -700,11 +701,11 @@ def last_stamp(log_dir) -> int:
             if lookback is not None:
                 lookback -= h.raw_len
             try:
-                s = _span_max_stamp(f.data)
+                stamp = _span_max_stamp(f.data)
             except record.CorruptRecords as e:
                 raise CorruptLog(f"{reader.path}: frame {f.frame_no} holds bad records: {e}")
-            if s > best:
-                best = s
+            if stamp > best:
+                best = stamp
                 if lookback is None:
                     lookback = STAMP_LOOKBACK
         if best:

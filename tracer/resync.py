@@ -31,12 +31,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blkrewind.formats import record
 from tracer import devices
 from tracer.capture import Regions
+
+if TYPE_CHECKING:
+    from tracer.progress import ReadProgress
 
 CHECKPOINT_EVERY = 1.0
 FINISH_ROUNDS = 3            # stop(): resyncs it still runs before giving up
@@ -130,7 +134,7 @@ class Resync:
         self.resyncs = 0               # resyncs completed (all devices)
         self.last: dict | None = None  # the last device resync: bytes, seconds, ranges...
         self.resync_bytes = 0
-        self.progress = None           # tracer/progress.py while a device is read
+        self.progress: ReadProgress | None = None  # while a device is read
         self.running: dict | None = None
         self._lock = threading.Lock()
         self._seq_lock = threading.Lock()   # the tracer's running record number
@@ -604,6 +608,7 @@ class Resync:
                 if got != c.n:
                     raise OSError(f"{d.path}: short read at byte {c.off} ({got} of {c.n})")
                 flags = record.F_RESYNC
+                payload: bytes | memoryview
                 if view == zero[:c.n]:
                     flags |= record.F_ZERO
                     payload = b""

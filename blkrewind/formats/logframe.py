@@ -160,14 +160,15 @@ def parse_header(buf) -> FrameHead | str:
     """The frame header at the start of buf, or why it is not one."""
     if len(buf) < FRAME_SIZE:
         return "incomplete frame header"
-    magic, version, kind, flags, *rest = _HEAD.unpack_from(buf)
+    (magic, version, kind, flags, seg_id, frame_no, mono_ns, real_ns, nrec, raw_len,
+     stored_len) = _HEAD.unpack_from(buf)
     if magic != MAGIC:
         return "bad magic"
     if zlib.crc32(memoryview(buf)[:_HEAD.size]) != _CRC.unpack_from(buf, _HEAD.size)[0]:
         return "header checksum mismatch"
     if version != FORMAT_VERSION:
         return f"unsupported frame version {version}"
-    h = FrameHead(kind, *rest, flags)
+    h = FrameHead(kind, seg_id, frame_no, mono_ns, real_ns, nrec, raw_len, stored_len, flags)
     if flags & ~(FL_BODY_CRC | FL_RAW) or kind not in (K_HEADER, K_DATA, K_SEAL) or (
             kind == K_SEAL and flags) or (flags & FL_RAW and not flags & FL_BODY_CRC):
         return f"bad kind {kind} / flags {flags}"
@@ -431,11 +432,12 @@ class SegmentReader:
             self._buf = bytearray(n)
         body = memoryview(self._buf)[:n]
         if os.preadv(self._f.fileno(), [body], off + FRAME_SIZE) != n:
-            return self._bad(off, h.frame_no, "the file shrank", past_end=True)
+            self._bad(off, h.frame_no, "the file shrank", past_end=True)
+            return None
         data = _decode(body, h.raw_len, h.flags)
         if isinstance(data, str):
-            return self._bad(off, h.frame_no, data,
-                             past_end=off + FRAME_SIZE + n >= self.size)
+            self._bad(off, h.frame_no, data, past_end=off + FRAME_SIZE + n >= self.size)
+            return None
         return Frame(self.session, self.segno, h.frame_no, off, h.mono_ns, h.real_ns, h.nrec,
                      data)
 

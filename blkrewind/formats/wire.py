@@ -395,7 +395,7 @@ def expect(obj, fields: dict, *, what: str = "message") -> dict:
     ones). Raises ProtocolError naming the first bad field."""
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
-    out = {}
+    out: dict[str, Any] = {}
     for name, spec in fields.items():
         f = spec if isinstance(spec, Field) else _default_field(spec)
         v = obj.get(name)
@@ -519,7 +519,7 @@ def unpack_frames(body) -> tuple[dict, list[memoryview]]:
                   FRAMES_META, what="FRAMES meta")
     if meta["first"] + meta["n"] > MAX_FRAME_NO + 1:
         raise ProtocolError("FRAMES meta: frame numbers past 2**32")
-    frames = []
+    frames: list[memoryview] = []
     off, end = 4 + mlen, len(mv)
     fs = logframe.FRAME_SIZE
     while off < end:

@@ -101,10 +101,10 @@ def main(out: Path) -> int:
         mark("m1")
         sh("fallocate", "-l", "2M", mnt / "direct.bin")
         direct_writes(mnt / "direct.bin", rng, 16, 32)
-        with open(mnt / "f0.bin", "r+b") as f:
-            f.seek(12345)
-            f.write(rng.randbytes(70001))
-            os.fsync(f.fileno())
+        with open(mnt / "f0.bin", "r+b") as g:
+            g.seek(12345)
+            g.write(rng.randbytes(70001))
+            os.fsync(g.fileno())
         mark("m2")
         (mnt / "f1.bin").unlink()
         (mnt / "d").mkdir()
