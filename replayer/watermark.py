@@ -546,10 +546,6 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
         con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?", newly)
 
 
-def update_devices(con, session: str) -> None:
-    """(Kept for callers of the old API: update_watermark does it all now.)"""
-
-
 def finalize(store: Store) -> list[str]:
     """Recompute what changed: scan and intervals of dirty sessions, the `devices` table (when
     session_devices may have changed: the first run on this Store object, or a commit stored

@@ -3,7 +3,7 @@
 The capture program reads a bio's payload through the direct map:
     va(page) = page_offset_base + (page - vmemmap_base) / sizeof(struct page) * 4096
 Both bases are randomised (KASLR) and are not BTF variables. Tried in order
-(capture.md):
+(docs/design.md, "Reading the payload"):
   1. ksym        the kallsyms data symbols, when the kernel exports them
                  (CONFIG_KALLSYMS_ALL), read with bpf_probe_read_kernel;
   2. vmcoreinfo  /sys/kernel/vmcoreinfo gives the physical address of the

@@ -10,7 +10,7 @@ use, so the span goes to the LOG as is.
 
 consumer_pos must be published with one aligned 8-byte store (a ctypes
 c_uint64 at the mapped address): a byte-wise store lets the kernel see a
-torn position and drop records (capture.md).
+torn position and drop records (docs/design.md, "Cost").
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Threads
               `blkrewind mark` talks to.
   main        starts everything, reads the baseline, waits for the end.
 
-The baseline (architecture.md, invariant 6). Capture is enabled *before* the
+The baseline (docs/design.md, invariant 6). Capture is enabled *before* the
 device is read, so every write submitted later is in the LOG and a rebuild
 applies it on top of the baseline, whatever the read saw. What the LOG cannot
 contain are writes queued before capture began and completed after a chunk was

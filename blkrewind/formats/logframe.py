@@ -243,8 +243,8 @@ def decode_raw_frame(raw, *, seg_id: int | None,
 
 # ------------------------------------------------------------------------------------ writing
 DEFAULT_LEVEL = -10          # lz4 acceleration 10: most of level 0's gain on file-system data
-FAST_LEVEL = -100            # spans that hardly compress: 2.1 -> 7.4 GB/s on fio's payload
-SAMPLE = 256 << 10           # the sample that decides (~30-70 us): a 16th of the span, ...
+FAST_LEVEL = -100            # spans that hardly compress: several times faster, nearly as small
+SAMPLE = 256 << 10           # the sample that decides: a 16th of the span, ...
 SAMPLE_FLOOR = 4 << 10       # ... 4-256 KiB, ...
 SAMPLE_MIN = 16 << 10        # ... of a span of at least this (smaller ones: lz4 as asked)
 SAMPLE_KEEPS = 0.9           # ... a sample that lz4 cannot shrink below this: FAST_LEVEL
@@ -285,9 +285,9 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
 
     copy=False: a span stored as is is not copied; the body is a view of it (the tracer then
     keeps the span's ring buffer space until the frame is written)."""
-    # 4 MiB blocks: half the per-block overhead of the 64 KiB default (measured 0.95 -> 1.9
-    # GB/s on random payload, one core). No lz4 content checksum: its xxh32 cost 4x the
-    # compression (1.4 -> 6-8 GB/s without it); zlib-ng's CRC-32 of the body runs at ~35 GB/s.
+    # 4 MiB blocks: less per-block overhead than the 64 KiB default. No lz4 content checksum:
+    # its xxh32 cost more than the compression; zlib-ng's CRC-32 of the body is far cheaper
+    # (figures: README, "Costs", the LOG).
     # The CRC is written from its own buffer: appending it to data would realloc (copy) it.
     mv = memoryview(span).cast("B")
     level = compression_level
