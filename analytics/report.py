@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 
 TIME_BINS = 120
 LBA_BINS = 128
@@ -162,8 +162,9 @@ def figures(d: dict) -> dict[str, str]:
             series[c][int(b)] += float(n)
     fig, ax = plt.subplots(figsize=(11, 3.4))
     if names:
-        ax.stackplot(t_mid, *[series[n] / (width / 1e9) / 1e6 for n in names], labels=names,
-                     step="mid", alpha=0.85)
+        # datetimes on x: matplotlib converts them; its stubs type x as numbers only
+        ax.stackplot(t_mid, *[series[n] / (width / 1e9) / 1e6 for n in names],  # type: ignore[arg-type]
+                     labels=names, step="mid", alpha=0.85)
         ax.legend(loc="upper left", fontsize=8, ncol=min(len(names), 4))
     ax.set_ylabel("MB/s written")
     ax.set_title("write rate by process")
@@ -174,9 +175,9 @@ def figures(d: dict) -> dict[str, str]:
 
     # 2. LBA x time heatmap
     grid = np.zeros((LBA_BINS, nb))
-    for b, l, n in d["heat"]:
+    for b, lba, n in d["heat"]:
         if 0 <= int(b) < nb:
-            grid[int(l), int(b)] += float(n or 0)
+            grid[int(lba), int(b)] += float(n or 0)
     fig, ax = plt.subplots(figsize=(11, 3.8))
     mib = d["lba_w"] * np.arange(LBA_BINS + 1) / 2**20
     masked = np.ma.masked_less_equal(grid, 0)
@@ -200,7 +201,7 @@ def figures(d: dict) -> dict[str, str]:
             r[int(b)] = float(v)
     fig, ax = plt.subplots(figsize=(11, 2.8))
     ok = ~np.isnan(r)
-    ax.plot([t for t, k in zip(t_mid, ok) if k], r[ok], marker=".", ms=4, lw=0.8,
+    ax.plot([t for t, k in zip(t_mid, ok) if k], r[ok], marker=".", ms=4, lw=0.8,  # type: ignore[arg-type]
             color="tab:purple")
     ax.set_ylim(-0.02, 1.05)
     ax.set_ylabel("randomness (0..1)")

@@ -103,7 +103,7 @@ points -- internal stamped points (R_POINT), e.g. baseline_end
 """
 from __future__ import annotations
 
-from blkrewind import record
+from blkrewind.formats import record
 
 _FLAG_TEXT = [(record.F_FUA, "FUA"), (record.F_PREFLUSH, "PREFLUSH"), (record.F_SYNC, "SYNC"),
               (record.F_META, "META"), (record.F_READERR, "READERR"), (record.F_TRUNC, "TRUNC")]

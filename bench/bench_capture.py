@@ -60,10 +60,10 @@ def say(msg: str) -> None:
 
 
 def sh(*cmd, check=True, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [str(c) for c in cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    argv = [str(c) for c in cmd]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
     return p
 
 
@@ -151,9 +151,9 @@ class Workspace:
         problems = []
         for dev, backing in reversed(self.loops):
             if loop_backing(dev) == backing:  # still ours
-                p = sh("losetup", "-d", dev, check=False)
-                if p.returncode != 0:
-                    problems.append(f"losetup -d {dev}: {p.stderr.strip()}")
+                cp = sh("losetup", "-d", dev, check=False)
+                if cp.returncode != 0:
+                    problems.append(f"losetup -d {dev}: {cp.stderr.strip()}")
         self.loops.clear()
         if self.tmpfs is not None and str(self.tmpfs) in mount_points():
             if sh("umount", self.tmpfs, check=False).returncode != 0:
@@ -429,6 +429,7 @@ def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> 
     cancels: the mean on/off ratio and its 95 % confidence interval say what `what` costs,
     and whether that is measurable at all."""
     import statistics
+
     from tracer import libbpf as L
     log = ws.new_log()
     out = ws.dir / f"fio-{job}-interleaved.json"
@@ -551,7 +552,8 @@ def table(rows: list[dict]) -> str:
         return "-".rjust(width) if v is None else format(v, fmt)
     head = (f"{'mode':8} {'backing':7} {'job':15} {'untraced1':>9} {'untraced2':>9} {'mean':>9} "
             f"{'disk:unt':>9} {'disk:trc':>9} "
-            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5} {'cores:u':>7} {'cores:t':>7}")
+            f"{'traced':>9} {'ratio':>6} {'delivered':>9} {'captured':>8} {'drops':>8} {'CPU%':>5} "
+            f"{'cores:u':>7} {'cores:t':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

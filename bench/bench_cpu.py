@@ -122,7 +122,7 @@ def child(log_dir: str, dev: str, log_mode: str = "") -> int:
                 t.wait_collected(30)
                 s1 = snap()
                 names = {th.native_id: th.name for th in threading.enumerate()}
-                threads = {}
+                threads: dict = {}
                 for tid, (cpu, ctx) in s1["tasks"].items():
                     if tid in skip:
                         continue

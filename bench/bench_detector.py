@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -62,7 +62,7 @@ def run_one(fs: str, name: str, base: Path) -> dict:
                          text=True, check=True).stdout.strip()
     mnt, log, store = d / "mnt", d / "log", d / "store"
     mnt.mkdir()
-    res = {"fs": fs, "scenario": name, "kind": "attack" if name in ATTACKS else "benign"}
+    res: dict[str, Any] = {"fs": fs, "scenario": name, "kind": "attack" if name in ATTACKS else "benign"}
     try:
         sh(f"mkfs.{fs}", "-q", "-f" if fs == "xfs" else "-F", dev)
         sh("mount", *(["-o", "discard"] if name.endswith("_discard") else []), dev, mnt)

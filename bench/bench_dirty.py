@@ -42,8 +42,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_capture import (JOBS, RESULTS, Workspace, fio_args, fio_result,  # noqa: E402
-                           interleaved_run, machine, queue_prog, say, sh, start_tracer)
+from bench_capture import (  # noqa: E402
+    JOBS,
+    RESULTS,
+    Workspace,
+    fio_args,
+    fio_result,
+    interleaved_run,
+    machine,
+    queue_prog,
+    say,
+    sh,
+    start_tracer,
+)
+
 from tracer import libbpf as L  # noqa: E402
 
 MB = 1e6

@@ -19,10 +19,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from blkrewind import record  # noqa: E402
+from blkrewind.formats import (
+    logframe,
+    record,  # noqa: E402
+)
 from tracer import log  # noqa: E402
 
 
@@ -51,7 +55,7 @@ def main() -> None:
     ap.add_argument("--fsync-interval", type=float, default=1.0)
     ap.add_argument("--level", type=int, default=0, help="lz4 compression level")
     ap.add_argument("--pipeline", action="store_true",
-                    help="encode spans in a second thread (log.encode_span) while writing")
+                    help="encode spans in a second thread (logframe.encode_span) while writing")
     ap.add_argument("--cold", action="store_true", help="read back from disk, not page cache")
     ap.add_argument("--keep", action="store_true", help="keep the LOG afterwards")
     a = ap.parse_args()
@@ -77,13 +81,13 @@ def main() -> None:
                           segment_bytes=a.segment_mib << 20, fsync=a.fsync,
                           fsync_interval=a.fsync_interval, compression_level=a.level)
         nframes = -(-target // len(pool[0][0]))
-        spans = (pool[i % len(pool)] for i in range(nframes))
+        spans: Iterator[Any] = (pool[i % len(pool)] for i in range(nframes))
         if a.pipeline:  # what a collector thread could do before queueing the span
             q: queue.Queue = queue.Queue(2)
 
             def encoder(source):
                 for span, nrec in source:
-                    q.put((span, nrec, log.encode_span(span, a.level)))
+                    q.put((span, nrec, logframe.encode_span(span, a.level)))
                 q.put(None)
             encoder_thread = threading.Thread(target=encoder, args=(spans,), daemon=True)
             spans = iter(q.get, None)
@@ -101,13 +105,13 @@ def main() -> None:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     os.fsync = real_fsync
     mb = payload / 1e6
-    print(f"write: {mb:.0f} MB payload in {i} frames, {len(log.list_segments(d))} segments, "
+    print(f"write: {mb:.0f} MB payload in {i} frames, {len(logframe.list_segments(d))} segments, "
           f"{w.bytes_written / payload:.4f} bytes on disk per payload byte")
     print(f"write: {wall:.2f} s wall = {mb / wall:.0f} MB/s; CPU {cpu:.2f} s "
           f"({cpu / (payload / 1e9):.2f} CPU s/GB, {mb / cpu:.0f} MB/s per core); "
           f"fsync={a.fsync}: {fsync_s[1]} fsyncs took {fsync_s[0]:.2f} s")
 
-    segs = log.list_segments(d)
+    segs = logframe.list_segments(d)
     if a.cold:
         for s in segs:
             fd = os.open(s.path, os.O_RDONLY)
@@ -116,7 +120,7 @@ def main() -> None:
     got = nrec_got = 0
     c0, t0 = time.process_time(), time.perf_counter()
     for s in segs:
-        with log.SegmentReader(s.path) as r:
+        with logframe.SegmentReader(s.path) as r:
             for f in r.frames():
                 got += len(f.data)
                 nrec_got += f.nrec

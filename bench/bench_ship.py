@@ -40,8 +40,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blkrewind import record, wire  # noqa: E402
 import bench_store  # noqa: E402  (its LOG generator)
+
+from blkrewind.formats import record, wire  # noqa: E402
 
 DEV = record.kdev(7, 98)
 HOST = "bench"
@@ -240,7 +241,7 @@ def throughput(args, base: str) -> list[dict]:
             while f.read(8 << 20):
                 pass
     srv_tls, cli_tls = tls_dirs(base)
-    rows = []
+    rows: list[dict] = []
     kinds = (("tls", "TLS 1.3", "tls"), ("plain", "plain TCP (--insecure)", None),
              ("discard-tls", "discard receiver, TLS (shipper ceiling)", "discard-tls"),
              ("discard", "discard receiver, plain (shipper ceiling)", "discard"))
@@ -349,8 +350,8 @@ def rpo(args, base: str) -> dict:
             tr.wait()
         srv.stop()
         subprocess.run(["losetup", "-d", loop])
-    with open(stats_json) as f:
-        stats = json.load(f)
+    with open(stats_json) as sf:
+        stats = json.load(sf)
     ages.sort()
     lag = final["shipper"]
 

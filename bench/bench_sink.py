@@ -36,10 +36,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from synth import SynthSession  # noqa: E402
+
+from blkrewind.formats.logframe import SegmentReader, list_segments  # noqa: E402
 from replayer.ingest import FrameGroup, FrameSink, ingest  # noqa: E402
 from replayer.store import Store  # noqa: E402
-from synth import SynthSession  # noqa: E402
-from tracer.log import SegmentReader, list_segments  # noqa: E402
 
 
 def make_log(log: str, device_mib: int, writes_mib: int) -> SynthSession:
@@ -82,8 +83,8 @@ def read_calls(log: str, call_bytes: int) -> list[list[FrameGroup]]:
 def payload_of(store_dir: str) -> tuple[int, int]:
     st = Store.open(store_dir)
     try:
-        return tuple(int(x or 0) for x in st.query_one(
-            "SELECT sum(payload_bytes), count(*) FROM payload_files"))
+        nbytes, nfiles = st.query_one("SELECT sum(payload_bytes), count(*) FROM payload_files")
+        return int(nbytes or 0), int(nfiles or 0)
     finally:
         st.close()
 

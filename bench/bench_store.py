@@ -34,7 +34,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from blkrewind import record  # noqa: E402
+from blkrewind.formats import record  # noqa: E402
 from tracer.log import LogWriter  # noqa: E402
 
 SPAN = 4 << 20
@@ -220,7 +220,7 @@ def main() -> None:
 
 def randomness_ab(a, log: str, store: str, info: dict) -> None:
     """Ingest the LOG into a new store with BLKREWIND_RANDOMNESS=0 and =1, alternating."""
-    res = {"0": [], "1": []}
+    res: dict[str, list[tuple[float, float]]] = {"0": [], "1": []}
     for _ in range(a.rounds):
         for k in ("0", "1"):
             shutil.rmtree(store, ignore_errors=True)
@@ -232,9 +232,9 @@ def randomness_ab(a, log: str, store: str, info: dict) -> None:
         print(f"ingest {name} randomness: MB/s {ts}; CPU s "
               f"{' '.join(f'{c:.1f}' for _, c in res[k])}")
     med = {k: sorted(v)[len(v) // 2] for k, v in res.items()}
-    cpu = {k: sorted(c for _, c in v)[len(v) // 2] for k, v in res.items()}
+    cpus = {k: sorted(c for _, c in v)[len(v) // 2] for k, v in res.items()}
     print(f"with / without: wall {med['1'][0] / med['0'][0]:.3f}, "
-          f"CPU {cpu['1'] / cpu['0']:.3f} (medians of {a.rounds})")
+          f"CPU {cpus['1'] / cpus['0']:.3f} (medians of {a.rounds})")
 
 
 if __name__ == "__main__":

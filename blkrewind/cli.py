@@ -6,29 +6,16 @@ import importlib
 import os
 import sys
 
+from blkrewind import __version__
+from blkrewind.errors import UserError
+from blkrewind.osutil import tune_malloc
+
 # numpy's BLAS threads only steal CPU from the tracer (we do no linear algebra)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-
-def _one_malloc_arena() -> None:
-    """`serve` stores frames from many threads: glibc gives each its own malloc arena, whose
-    heaps are unmapped when empty and faulted in again for the next batch (~200k page faults
-    per GB stored). One arena (as MALLOC_ARENA_MAX=1 would), set before any thread exists,
-    measured 230-280 -> 290-310 MB/s (bench/bench_ship.py)."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 if len(sys.argv) > 1 and sys.argv[1] == "serve":
-    _one_malloc_arena()
-
-from blkrewind import __version__
-from blkrewind.errors import UserError
+    # `serve` stores frames from many threads: one malloc arena, set before any thread exists
+    tune_malloc(one_arena=True)
 
 # subcommand -> module in blkrewind.commands; each module has add_arguments(parser) and run(args)
 COMMANDS = {

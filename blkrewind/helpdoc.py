@@ -196,9 +196,14 @@ def _paragraphs(text: str) -> str:
     return "\n".join(out)
 
 
+def _metavar(a: argparse.Action) -> str:
+    """The action's metavar (a str: no action here has a tuple metavar), else its dest."""
+    return a.metavar if isinstance(a.metavar, str) and a.metavar else (a.dest or "")
+
+
 def _invocation(a: argparse.Action, fmt: HelpFormatter) -> str:
     if not a.option_strings:
-        return "\\fI" + _opt(a.metavar or a.dest) + "\\fR"
+        return "\\fI" + _opt(_metavar(a)) + "\\fR"
     if a.nargs == 0:
         return ", ".join("\\fB" + _opt(o) + "\\fR" for o in a.option_strings)
     mv = fmt._format_args(a, a.dest.upper())
@@ -218,7 +223,7 @@ def manpage(parser: argparse.ArgumentParser, date: str | None = None) -> str:
     fmt = HelpFormatter(parser.prog)
     out = [f'.TH BLKREWIND 1 "{date}" "blkrewind {__version__}" "User Commands"',
            ".SH NAME", "blkrewind \\- continuous data protection for Linux block devices",
-           ".SH SYNOPSIS", f"\\fBblkrewind\\fR \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
+           ".SH SYNOPSIS", "\\fBblkrewind\\fR \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
            ".SH DESCRIPTION", _paragraphs(parser.description or ""),
            ".SH COMMANDS"]
     for path, sp, help_ in leaf_parsers(parser):
@@ -281,7 +286,7 @@ def _sections(epilog_text: str) -> list[tuple[str, str]]:
 def _value_kind(a: argparse.Action) -> str:
     if a.choices:
         return "words:" + " ".join(map(str, a.choices))
-    mv = (a.metavar or a.dest or "").upper()
+    mv = _metavar(a).upper()
     if "DIR" in mv:
         return "dirs"
     if mv in ("DEV", "DEVICE") and "block device" in (a.help or ""):

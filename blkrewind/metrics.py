@@ -18,6 +18,7 @@ import time
 from blkrewind import __version__
 from blkrewind.errors import UserError
 
+
 def cause_label(cause: str) -> str:
     """A loss cause of tracer/resync.py ("ring full", "BPF run skipped") as a label value
     ("ring_full", "bpf_run_skipped"): new causes get theirs without a table here."""
@@ -99,8 +100,8 @@ class TracerCollector:
         yield from _guarded(self)
 
     def _collect(self):
+        from blkrewind.formats.logframe import list_segments
         from tracer import pins
-        from tracer.log import list_segments
         from tracer.resync import _LOSS_COUNTERS  # counter -> cause, as R_LOSS names them
 
         t = self.t
@@ -312,7 +313,7 @@ class Endpoint:
             raise UserError(f"--metrics {addr}: {e.strerror or e}") from None
         a = self.httpd.server_address
         self.address = (a[0], a[1])
-        self.url = f"http://{_fmt(a[0], a[1])}/metrics"
+        self.url = f"http://{_fmt(str(a[0]), a[1])}/metrics"
 
     def close(self) -> None:
         self.httpd.shutdown()

@@ -1,11 +1,42 @@
 """Small OS helpers both sides use."""
 from __future__ import annotations
 
+import ctypes
 import os
 
-# the CRC-32 of zlib (same values), computed by zlib-ng's SIMD code: ~5x zlib's speed here;
+# the CRC-32 of zlib (same values), computed by zlib-ng's SIMD code, several times faster;
 # wire message bodies and payload files are checksummed with it
 from zlib_ng.zlib_ng import crc32  # noqa: F401
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # glibc's mallopt parameters
+_trim_threshold = 0
+
+
+def _mallopt(param: int, value: int) -> None:
+    try:
+        ctypes.CDLL(None).mallopt(param, value)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def tune_malloc(trim_threshold: int = 0, *, one_arena: bool = False) -> None:
+    """Tune glibc's malloc, process-wide, for multi-MiB buffers (spans, frames, columns).
+
+    trim_threshold: keep up to this many freed bytes at the top of the heap for reuse, and
+    take buffers of up to 32 MiB (glibc's maximum mmap threshold) from the heap. With glibc's
+    defaults each freed buffer goes back to the kernel and is faulted in again on the next
+    allocation. Only ever raised: the largest threshold asked for in the process holds.
+
+    one_arena: one malloc arena for every thread (as MALLOC_ARENA_MAX=1 does), unless the
+    environment sets MALLOC_ARENA_MAX: per-thread arenas' heaps are unmapped when empty and
+    faulted in again. Call it before any thread exists."""
+    global _trim_threshold
+    if one_arena and "MALLOC_ARENA_MAX" not in os.environ:
+        _mallopt(_M_ARENA_MAX, 1)
+    if trim_threshold > _trim_threshold:
+        _trim_threshold = trim_threshold
+        _mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+        _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
 def fsync_dir(path) -> None:

@@ -436,7 +436,7 @@ def check_insecure_addr(host: str) -> None:
             infos = socket.getaddrinfo(h, None, proto=socket.IPPROTO_TCP)
         except (socket.gaierror, UnicodeError) as e:
             raise UserError(f"--insecure: cannot resolve {host!r}: {_one_line(e)}") from None
-        ips = [ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos]
+        ips = [ipaddress.ip_address(str(i[4][0]).split("%")[0]) for i in infos]
         if not ips:
             raise UserError(f"--insecure: {host!r} resolves to no address")
     bad = [str(i) for i in ips if not _allowed(i)]

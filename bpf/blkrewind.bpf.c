@@ -6,7 +6,7 @@
  * CO-RE C, compiled by bpf/build.py against the running kernel's BTF
  * (vmlinux.h) and loaded through libbpf (tracer/libbpf.py). The record layout
  * (struct br_rec, BR_* constants) comes from record.h, which build.py
- * generates from blkrewind/record.py: the one definition.
+ * generates from blkrewind/formats/record.py: the one definition.
  *
  * Programs
  *   capture_btf / capture_raw   tp_btf (raw_tp fallback) block_bio_queue: one

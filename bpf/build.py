@@ -2,7 +2,7 @@
 """Build the BPF object: bpf/build/blkrewind.bpf.o.
 
 CO-RE: vmlinux.h is dumped from the running kernel's BTF with bpftool (never
-committed), record.h is generated from blkrewind/record.py (the one
+committed), record.h is generated from blkrewind/formats/record.py (the one
 definition of the record layout), then clang compiles blkrewind.bpf.c.
 Rebuilds only when an input changed (a hash of the sources, the generated
 header and the kernel BTF is kept next to the object).
@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from blkrewind.record import CLayout  # noqa: E402
+from blkrewind.formats.record import CLayout  # noqa: E402
 
 SOURCES = [HERE / "blkrewind.bpf.c"]
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")

@@ -12,7 +12,7 @@ nearest neighbour inside the interval is checked instead.
 """
 from __future__ import annotations
 
-from blkrewind import record
+from blkrewind.formats import record
 
 LEVELS = ("marks", "flush", "any")
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from replayer import entropy
 
 BLOCK = 4096
@@ -400,7 +400,7 @@ def _columns(con, sql: str, params) -> dict:
     for name, col in r.items():
         if isinstance(col, np.ma.MaskedArray):
             if name == "randomness":
-                col = col.astype(np.float64).filled(np.nan)
+                col = np.ma.filled(col.astype(np.float64), np.nan)
             elif name == "blocks":
                 col = np.array([None if m else v for v, m in
                                 zip(col.data.tolist(), np.ma.getmaskarray(col).tolist())], object)

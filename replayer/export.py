@@ -28,8 +28,13 @@ import subprocess
 import sysconfig
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blkrewind.errors import UserError
+
+if TYPE_CHECKING:
+    from replayer.points import Resolved
+    from replayer.store import StoreDevice
 
 RUN_DIR = "/run/blkrewind/exports"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,8 +44,8 @@ DEFAULT_PORT = 10809
 
 @dataclass
 class Prepared:
-    device: object        # StoreDevice
-    resolved: object      # points.Resolved
+    device: StoreDevice
+    resolved: Resolved
     run_dir: str
     index: str
     data_bytes: int

@@ -26,7 +26,7 @@ import struct
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 1

@@ -29,7 +29,6 @@ hosts, session binding, seg_id) and raises FrameRejected with nothing of the cal
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import mmap
@@ -47,9 +46,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from blkrewind import record
 from blkrewind.errors import CorruptLog, StoreError, UserError
-from blkrewind.osutil import crc32
+from blkrewind.formats import record
+from blkrewind.formats.logframe import valid_session
+from blkrewind.formats.ranges import merge, subtract
+from blkrewind.osutil import crc32, tune_malloc
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import entropy
 from replayer.store import Store
@@ -72,7 +73,6 @@ ALL_FRAMES = 1 << 31         # "to the end of the segment" in a reservation
 HS = record.HEADER_SIZE
 _STAMPED_BAD = record.F_READERR | record.F_TRUNC
 _U64 = (1 << 64) - 1
-_SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 _BATCH_RE = re.compile(r"\.b(\d+)\.parquet")
 
 PAYLOAD_SCHEMA = pa.schema([
@@ -362,18 +362,6 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
     return b
 
 
-def tune_malloc() -> None:
-    """Keep freed multi-MiB buffers (frames, columns) in the heap for reuse. With
-    glibc's defaults each one is returned to the kernel and faulted back in on the
-    next batch, which costs a third of the ingest rate on a VM. Process-wide."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(-1, 512 << 20)  # M_TRIM_THRESHOLD
-    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD (glibc's maximum)
-
-
 # ============================================================ payload files
 def payload_rel(session: str, segno: int, first: int, end: int, batch: int) -> str:
     return os.path.join("payload", session, f"{segno:06d}-{first:06d}-{end:06d}.b{batch}.parquet")
@@ -563,36 +551,6 @@ class SegState:
     error: str | None = None
 
 
-def merge(ranges) -> list[list[int]]:
-    """Sorted, merged [a, e) ranges."""
-    out: list[list[int]] = []
-    for a, e in sorted((r[0], r[1]) for r in ranges):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([a, e])
-    return out
-
-
-def subtract(a: int, e: int, held) -> list[list[int]]:
-    """The parts of [a, e) not covered by the merged ranges `held`."""
-    out = []
-    pos = a
-    for ha, he in held:
-        if he <= pos:
-            continue
-        if ha >= e:
-            break
-        if ha > pos:
-            out.append([pos, ha])
-        pos = max(pos, he)
-        if pos >= e:
-            break
-    if pos < e:
-        out.append([pos, e])
-    return out
-
-
 class Ledger:
     """What the store holds, frame by frame, mirrored in memory; one per open Store (ledger()).
     Every use is under store.mutex (`cond` waits on it): sessions' hosts, segments, the frame
@@ -691,6 +649,14 @@ class Ledger:
         if n is not None:
             with self.ids:
                 self.writing.discard(n)
+
+
+def put_back(d: dict, key, value) -> None:
+    """Restore a ledger entry saved before a failed transaction (None: there was none)."""
+    if value is None:
+        d.pop(key, None)
+    else:
+        d[key] = value
 
 
 def ledger(store: Store) -> Ledger:
@@ -799,17 +765,11 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
                 devices_changed(store)
         except BaseException as e:
             for k in keys:
-                for d, v in ((led.ranges, old[0][k]), (led.segs, old[1][k])):
-                    if v is None:
-                        d.pop(k, None)
-                    else:
-                        d[k] = v
+                put_back(led.ranges, k, old[0][k])
+                put_back(led.segs, k, old[1][k])
             for s in sessions:
-                for d, v in ((led.hosts, old[2][s]), (led.prefix, old[3][s])):
-                    if v is None:
-                        d.pop(s, None)
-                    else:
-                        d[s] = v
+                put_back(led.hosts, s, old[2][s])
+                put_back(led.prefix, s, old[3][s])
             if isinstance(e, duckdb.Error):
                 raise _db_error(e) from None
             raise
@@ -1004,7 +964,7 @@ def ingest_segment(store: Store, led: Ledger, seg, on_batch=None,
     error) if they changed. `newer`: a later segment of the LOG (its file name) when this is
     not the LOG's newest: an incomplete last frame is then damage, not a torn tail (a tracer
     seals a segment before it starts the next, and seals what a dead one left, at start)."""
-    from tracer.log import SegmentReader
+    from blkrewind.formats.logframe import SegmentReader
 
     res = SegmentResult(seg.path, seg.session, seg.segno)
     key = (seg.session, seg.segno)
@@ -1147,11 +1107,11 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
 
 def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> IngestResult:
     """Ingest every segment of `log_dir` not yet fully in `store`; then finalize."""
-    from tracer.log import list_segments
+    from blkrewind.formats.logframe import list_segments
 
     if not os.path.isdir(log_dir):
         raise UserError(f"no LOG directory {log_dir}")
-    tune_malloc()
+    tune_malloc(512 << 20)  # frames and columns are reused, not faulted in again
     t0 = time.monotonic()
     c0 = time.process_time()
     led = ledger(store)
@@ -1199,7 +1159,7 @@ def delete_ingested(store: Store, log_dir: str) -> tuple[list[str], int]:
     made the store's metadata durable (payload files are fsynced before their commit). The
     LOG's newest segment always stays (a tracer continuing its session reads it), and so does
     anything unsealed, torn, damaged or not fully stored. Returns (names deleted, bytes)."""
-    from tracer.log import SegmentReader, list_segments
+    from blkrewind.formats.logframe import SegmentReader, list_segments
 
     segs = list_segments(log_dir)
     if not segs:
@@ -1259,7 +1219,7 @@ class FrameSink:
             raise StoreError(f"{store.path}: a FrameSink needs the store open for writing")
         self.st = store   # (not self.store: that is the method)
         self.on_lost = on_lost
-        tune_malloc()
+        tune_malloc(512 << 20)  # frames and columns are reused, not faulted in again
         self.led = ledger(store)
         self.orphans = remove_orphans(store)
 
@@ -1358,7 +1318,7 @@ class FrameSink:
     def _decode_group(self, host: str, g) -> tuple:
         """Check the shape of a group and decode its frames: (group, [(FrameHead, Frame|None,
         header JSON|None, raw size)])."""
-        from tracer.log import K_HEADER, K_SEAL, decode_raw_frame
+        from blkrewind.formats.logframe import K_HEADER, K_SEAL, decode_raw_frame
 
         name = f"{g.session}.{g.segno:06d}"
         out = []
@@ -1410,7 +1370,7 @@ class FrameSink:
 def _check_shape(g) -> None:
     if not isinstance(g, FrameGroup):
         raise FrameRejected("not a FrameGroup")
-    if not isinstance(g.session, str) or not _SESSION_RE.fullmatch(g.session):
+    if not valid_session(g.session):
         raise FrameRejected(f"bad session id {str(g.session)[:80]!r}")
     for name, v, hi in (("segno", g.segno, 1 << 31), ("seg_id", g.seg_id, 1 << 32),
                         ("first", g.first, 1 << 31)):
@@ -1422,7 +1382,7 @@ def _check_shape(g) -> None:
 
 def _check_against(g: FrameGroup, frames: list, st: SegState) -> None:
     """A group's decoded frames against what the store knows of their segment."""
-    from tracer.log import K_SEAL
+    from blkrewind.formats.logframe import K_SEAL
 
     name = f"{g.session}.{g.segno:06d}"
     if st.seg_id is not None and st.seg_id != g.seg_id:
@@ -1439,7 +1399,7 @@ def _check_against(g: FrameGroup, frames: list, st: SegState) -> None:
 
 def _runs(frames: list, host: str):
     """Runs (batches of about BATCH_BYTES) of consecutive decoded frames."""
-    from tracer.log import K_HEADER, K_SEAL
+    from blkrewind.formats.logframe import K_HEADER, K_SEAL
 
     run = None
     for h, fr, meta, _size in frames:
@@ -1464,7 +1424,7 @@ def _inventory_item(it) -> tuple[str, int, int, int]:
     if not isinstance(it, dict):
         raise FrameRejected("an inventory item is not an object")
     s, n, sid, fr = it.get("session"), it.get("segno"), it.get("seg_id"), it.get("frames")
-    if not isinstance(s, str) or not _SESSION_RE.fullmatch(s):
+    if not valid_session(s):
         raise FrameRejected(f"inventory: bad session id {str(s)[:80]!r}")
     for name, v, hi in (("segno", n, 1 << 31), ("seg_id", sid, 1 << 32), ("frames", fr, 1 << 31)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:

@@ -135,8 +135,9 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
     """Drop every metadata row of `batches` in ONE transaction, reset the scan of the sessions
     they touched below the smallest stamp dropped and recompute their watermarks and intervals.
     Returns what is lost now, per host: {host: [{"session","segno","ranges":[[a,e],...]}]}."""
+    from blkrewind.formats.ranges import merge
     from replayer import watermark
-    from replayer.ingest import ledger, merge
+    from replayer.ingest import ledger, put_back
 
     if not batches:
         return {}
@@ -198,15 +199,9 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                 raise
         except BaseException as e:
             for k, v in saved[0].items():
-                if v is None:
-                    led.ranges.pop(k, None)
-                else:
-                    led.ranges[k] = v
-            for s, v in saved[1].items():
-                if v is None:
-                    led.prefix.pop(s, None)
-                else:
-                    led.prefix[s] = v
+                put_back(led.ranges, k, v)
+            for s, pv in saved[1].items():
+                put_back(led.prefix, s, pv)
             if isinstance(e, duckdb.Error):
                 raise StoreError(f"dropping damaged batches failed: "
                                  f"{str(e).splitlines()[0]}") from None
@@ -219,8 +214,8 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
         hosts = {s: h for s, h in con.execute(
             "SELECT session, host FROM sessions").fetchall() if s in sessions}
     lost: dict[str, dict] = {}
-    for _b, s, n, a, e in ranges:
-        lost.setdefault(hosts.get(s) or "", {}).setdefault((s, n), []).append((a, e))
+    for _b, s, n, a, end in ranges:
+        lost.setdefault(hosts.get(s) or "", {}).setdefault((s, n), []).append((a, end))
     return {h: [{"session": s, "segno": n, "ranges": merge(rs)}
                 for (s, n), rs in sorted(per.items())] for h, per in lost.items()}
 

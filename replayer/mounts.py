@@ -54,7 +54,7 @@ def _save(reg: dict) -> None:
 
 
 def registry() -> list[dict]:
-    out = []
+    out: list[dict] = []
     try:
         names = sorted(os.listdir(REG_DIR))
     except FileNotFoundError:

@@ -5,8 +5,9 @@ replayer/export.py:
 
     nbdkit ... python replayer/nbd_plugin.py index=INDEX.npz pypath=DIR[:DIR...] [cache_mib=N]
 
-`cache_mib` bounds the decoded row groups kept (0: image.auto_cache_bytes). `pypath` puts the venv's site-packages and the checkout first on sys.path (numpy, pyarrow and
-this project import from there; both Pythons are 3.11). The index is the point's visible data
+`cache_mib` bounds the decoded row groups kept (0: image.auto_cache_bytes). `pypath` puts the
+venv's site-packages and the checkout first on sys.path (numpy, pyarrow and this project import
+from there; both Pythons are 3.11). The index is the point's visible data
 pieces (export.py wrote it with image.save_index after resolving the point against the store),
 so this process never opens the store's database: it reads payload files only, mapped at start.
 Read-only: writes, if allowed, are nbdkit's cow filter's (they never reach this plugin).

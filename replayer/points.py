@@ -34,7 +34,7 @@ from replayer.store import Store, StoreDevice
 @dataclass(frozen=True)
 class Point:
     kind: str            # "latest" | "stamp" | "time" | "mark"
-    value: object        # None | stamp int | time in ns since the epoch | mark name
+    value: int | str | None  # None | stamp int | time in ns since the epoch | mark name
     text: str
 
 
@@ -165,7 +165,9 @@ def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
           store.query("SELECT p.session, p.dev, p.stamp, p.whole FROM pruned p "
                       "JOIN session_devices sd USING (session, dev) WHERE sd.device = ?",
                       [device.device])}
-    return [_Sess(*r, ivs.get((r[0], r[1]), []), wins.get((r[0], r[1]), []), pr.get((r[0], r[1])))
+    # a row's columns, then its intervals, windows and pruned point
+    return [_Sess(*(tuple(r) + (ivs.get((r[0], r[1]), []), wins.get((r[0], r[1]), []),
+                                pr.get((r[0], r[1])))))
             for r in rows]
 
 

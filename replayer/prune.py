@@ -47,8 +47,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from blkrewind import record
 from blkrewind.errors import StoreError
+from blkrewind.formats import record
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark
 from replayer.store import Store, StoreDevice
@@ -144,7 +144,7 @@ class _PayloadWriter:
 
     def __init__(self, path: str):
         self.path = path
-        self.w = None
+        self.w: pq.ParquetWriter | None = None
         self.rows: list = []
         self.bytes = 0
         self.rg = 0
@@ -226,7 +226,7 @@ def _layer(pw: _PayloadWriter, pl: rebuild.Plan, stamp: int, zeros_too: bool, se
     for x, y in chunks:
         if x % 512 or (y % 512 and y != pl.size):
             raise StoreError(f"prune: a piece at byte {x}..{y} is not sector aligned; refusing")
-    rows = []
+    rows: list[tuple[int, int, int, int, int, int | None, int | None]] = []
     k = 0
     seq = seq0
     if not chunks:

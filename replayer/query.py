@@ -29,6 +29,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -363,7 +364,7 @@ class RemoteResult:
         return rows
 
     def fetchnumpy(self) -> dict:
-        out = {}
+        out: dict[str, Any] = {}
         t = self._table
         if t is None:
             return out

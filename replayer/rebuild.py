@@ -55,8 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.parquet as pq
 
-from blkrewind import record
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import record
 from replayer.store import HELD_POINT, Store
 
 BLKGETSIZE64 = 0x80081272
@@ -371,8 +371,14 @@ class _Progress:
         self.p = None
         if self.enabled and total > 0:
             from rich.console import Console
-            from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
-                                       TextColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                ProgressColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
             from rich.text import Text
 
             class MiBps(ProgressColumn):  # MiB and MiB/s: the units of restore's summary
@@ -786,13 +792,13 @@ def iter_image(p: Plan, *, window: int = 64 << 20, jobs: int = 2, cache_rgs: int
                 for k, (offs, vals, arr) in zip(need, ex.map(
                         lambda k: _read_row_group(p.files[k[0]], k[1]), need)):
                     cache[k] = (offs, vals if vals.format == "B" else vals.cast("B"), arr)
-                for k in range(a, e):
-                    offs, vals, _arr = cache[(int(d_file[k]), int(d_rg[k]))]
-                    row = int(d_idx[k])
-                    src0 = int(offs[row]) + int(d_src[k])
-                    o, oe = int(d_off[k]), int(d_end[k])
+                for j in range(a, e):
+                    offs, vals, _arr = cache[(int(d_file[j]), int(d_rg[j]))]
+                    row = int(d_idx[j])
+                    src0 = int(offs[row]) + int(d_src[j])
+                    o, oe = int(d_off[j]), int(d_end[j])
                     if src0 + (oe - o) > int(offs[row + 1]):
-                        raise _short(p, int(order[k]), row)
+                        raise _short(p, int(order[j]), row)
                     ca, ce = max(o, lo), min(oe, hi)
                     view[ca - lo:ce - lo] = vals[src0 + ca - o:src0 + ce - o]
                 if len(cache) > max(cache_rgs, len(keys)):
@@ -849,7 +855,7 @@ def _flush_window(fd: int, buf: np.ndarray, lo: int, d_off, d_len, wb) -> int:
     for a, e in zip(*(x.tolist() for x in _window_runs(lo, d_off, d_len))):
         while a < e:
             n = min(e - a, MAX_RUN)
-            _pwritev_all(fd, [memoryview(buf[a - lo:a - lo + n])], a)
+            _pwritev_all(fd, [buf[a - lo:a - lo + n].data], a)
             wb.wrote(n)
             calls += 1
             a += n

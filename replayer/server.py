@@ -34,9 +34,17 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from blkrewind import __version__, wire
+from blkrewind import __version__
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import wire
+
+if TYPE_CHECKING:
+    from replayer.detector import Watch
+    from replayer.ingest import FrameSink
+    from replayer.query import QueryServer
+    from replayer.store import Store
 
 
 @dataclass
@@ -142,9 +150,9 @@ class Server:
         self.log = log or Logger()
         self.server_id = server_id or f"{socket.gethostname()}:{os.getpid()}"
         self.ctx: ssl.SSLContext | None = None
-        self.store = None
-        self.sink = None
-        self.query = None
+        self.store: Store | None = None
+        self.sink: FrameSink | None = None
+        self.query: QueryServer | None = None
         self._lsock: socket.socket | None = None
         self.address: tuple[str, int] | None = None
         self._conns: dict[int, Conn] = {}
@@ -169,7 +177,7 @@ class Server:
         self.store_errors = 0
         self.restores: dict[str, list] = {}         # device -> [restores, bytes, seconds]
         self._check_state = "not started"
-        self.watch = None   # replayer/detector.Watch, made by the detector thread
+        self.watch: Watch | None = None   # made by the detector thread
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

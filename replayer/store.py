@@ -95,6 +95,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import duckdb
 
@@ -212,8 +213,13 @@ class Store:
     from several threads goes through `self.mutex`.
     """
 
-    def __init__(self, path: str, con: duckdb.DuckDBPyConnection, writable: bool,
-                 lock_fd: int | None):
+    # state other modules keep with the open store (read with getattr and a default)
+    _ledger: Any                 # replayer.ingest.ledger(): the frame ledger of a writable store
+    _wm_devices_changed: bool    # replayer.watermark: refresh `devices` at the next finalize
+
+    def __init__(self, path: str, con: Any, writable: bool, lock_fd: int | None):
+        """con: a duckdb.DuckDBPyConnection, or replayer.query's RemoteConnection for a
+        RemoteStore."""
         self.path = path
         self.con = con
         self.writable = writable

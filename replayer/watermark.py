@@ -50,7 +50,7 @@ import threading
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from replayer.store import Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step
@@ -204,7 +204,7 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
         # first run, or the complete prefix was reset by someone: start from complete_to
         con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
         scanned = ct if ct is not None and ct >= stamp_base - 1 else stamp_base - 1
-        runs = []
+        runs: list[tuple[int, int, str | None, bool]] = []
     else:
         scanned = int(row[0])
         runs = [(int(a), int(b), r, bool(s)) for a, b, r, s in con.execute(
@@ -212,7 +212,7 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
             [session]).fetchall()]
     # runs not settled: what is still missing in them (late frames fill them)
     changed = False
-    kept = []
+    kept: list[tuple[int, int, str | None, bool]] = []
     for a, b, reason, settled in runs:
         if settled:
             kept.append((a, b, reason, settled))
@@ -255,7 +255,7 @@ def device_windows(runs, resyncs: list[dict], after: int | None) -> list[tuple]:
     ending with the first uncovered gap (resumed None). Gap stamps <= `after` are ignored."""
     done = [r for r in resyncs if r["end"] is not None]
     cuts = sorted({r["since"] for r in done} | {r["start"] for r in done})
-    out = []
+    out: list[tuple[int, int | None, int, dict | None]] = []
     for lo, hi, _reason, _s in runs:
         if after is not None:
             if hi <= after:
@@ -544,10 +544,6 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
     newly = [(session, lo) for k, (lo, hi, _, s) in enumerate(runs) if settled[k] and not s]
     if newly:
         con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?", newly)
-
-
-def update_devices(con, session: str) -> None:
-    """(Kept for callers of the old API: update_watermark does it all now.)"""
 
 
 def finalize(store: Store) -> list[str]:

@@ -118,10 +118,10 @@ def pytest_runtest_setup(item):
 
 # --------------------------------------------------------------------------- small helpers
 def sh(*cmd, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    cmd = [os.fspath(c) if isinstance(c, os.PathLike) else str(c) for c in cmd]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    argv = [os.fspath(c) if isinstance(c, os.PathLike) else str(c) for c in cmd]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
+        raise AssertionError(f"{' '.join(argv)} exited {p.returncode}: {(p.stderr or p.stdout).strip()}")
     return p
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from conftest import detach_loop
-from tracerproc import TraceProc, cli, copy_device, sh
 from test_e2e import FS_SIZE_MB, Marker, fs_workload
+from tracerproc import TraceProc, cli, copy_device, sh
 
 
 @dataclass

@@ -243,9 +243,9 @@ class NetLab:
                 except ProcessLookupError:
                     pass
             if ns.name in netns_list():
-                p = _ip("netns", "del", ns.name, check=False)
-                if p.returncode != 0:
-                    problems.append(f"ip netns del {ns.name}: {p.stderr.strip()}")
+                cp = _ip("netns", "del", ns.name, check=False)
+                if cp.returncode != 0:
+                    problems.append(f"ip netns del {ns.name}: {cp.stderr.strip()}")
             if ns.veth in links():
                 _ip("link", "del", ns.veth, check=False)
         if self.bridge in links():

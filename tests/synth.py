@@ -19,7 +19,7 @@ import random
 import secrets
 from dataclasses import dataclass
 
-from blkrewind import record
+from blkrewind.formats import record
 from tracer.log import LogWriter
 
 REAL0 = 1_764_000_000 * 10**9     # wall clock at MONO0
@@ -230,7 +230,7 @@ class SynthSession:
         chunks with stamp = Rs, then resync_end (Re). `between(self)` runs after the
         start point (writes during the resync land after Rs, on top of the chunks: the
         chunks hold the device as of Rs). From Re on the model is what the device holds."""
-        dirty = set()
+        dirty: set[int] = set()
         for stamp, op, sector, n in self.bios:
             if stamp >= since and (op == record.OP_WRITE or op in record.ZEROING_OPS) and n:
                 dirty.update(range(sector * 512 // region, (sector * 512 + n - 1) // region + 1))

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from tracerproc import ROOT, cli, copy_device
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -157,7 +156,8 @@ def test_a_log_on_the_traced_device_is_refused(make_loop, mount_fs, mkfs, tmp_pa
     """Its own writes would be captured into it without end: refused before anything is
     loaded, also when the LOG's file system sits on a loop device whose backing file lies on
     the traced device, or on a partition of the traced disk."""
-    from conftest import detach_loop, sh as csh
+    from conftest import detach_loop
+    from conftest import sh as csh
     outer = make_loop(size_mb=64)
     mkfs(outer.path)
     mnt = mount_fs(outer.path)

@@ -11,7 +11,6 @@ import subprocess
 import time
 
 import pytest
-
 from synth import SynthSession
 from tracerproc import BLKREWIND, ROOT, TraceProc, cli
 

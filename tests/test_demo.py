@@ -4,7 +4,6 @@ device through the running replayer) and leave nothing behind."""
 from __future__ import annotations
 
 import pytest
-
 from tracerproc import cli
 
 pytestmark = [pytest.mark.bpf]

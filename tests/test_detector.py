@@ -12,9 +12,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import pytest
-
 import forensics_workloads as wl
+import pytest
 from synth import SynthSession, cli_main
 from tracerproc import TraceProc, cli, sh
 

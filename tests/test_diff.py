@@ -9,7 +9,6 @@ import random
 import time
 
 import pytest
-
 from forensics_workloads import syncfs as wl_syncfs
 from tracerproc import TraceProc, cli, sh
 
@@ -181,6 +180,7 @@ def test_files_large_sparse_device_no_rebuild(make_loop, tmp_path, monkeypatch):
     # SIGINT while a point is open (bisect's CHECK runs on its mount): everything undone
     import signal
     import subprocess
+
     from tracerproc import BLKREWIND, ROOT
     p = subprocess.Popen([*BLKREWIND, "bisect", "--store", str(store), "--device", dev,
                           "--good", "m0", "--bad", "m1", "--", "sh", "-c",

@@ -17,9 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tracerproc import (TraceProc, cli, copy_device, direct_writes, first_difference, same_file,
-                        sh, write_file)
+from tracerproc import (
+    TraceProc,
+    cli,
+    copy_device,
+    direct_writes,
+    first_difference,
+    same_file,
+    sh,
+    write_file,
+)
 
 pytestmark = [pytest.mark.bpf]
 

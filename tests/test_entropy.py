@@ -10,10 +10,10 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+from synth import SynthSession, cli_main
 
 from replayer import entropy
 from replayer.store import Store
-from tests.synth import SynthSession, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

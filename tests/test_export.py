@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, need_root, run_cli
 from instant_hist import Export, free_port, fs_history, nbdcopy, wait_until
 from synth import cli_main, history

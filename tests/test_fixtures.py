@@ -10,9 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import conftest as C
+import pytest
 
 HERE = Path(__file__).resolve().parent
 

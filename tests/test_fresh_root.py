@@ -36,9 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import debmirror
+import pytest
 from conftest import ROOT, _is_under, _unavailable, attached_loops, detach_loop, mounts, umount
 
 pytestmark = [pytest.mark.slow]
@@ -325,7 +324,8 @@ def test_bootstrap_demo_on_fresh_debian(suite, tmp_path):
         facts = [line for line in out.splitlines()
                  if line.split(" ", 1)[0] in ("TIMES", "PYTHON", "CLANG", "BPFTOOL")]
         say(f"{suite}: root {t_tar - t_start:.0f} s, unpack+copy {t_ready - t_tar:.0f} s, "
-            f"bootstrap+demo+test {t_ran - t_ready:.0f} s, teardown {t_end - t_ran:.0f} s, total {t_end - t_start:.0f} s; root {used / 2**30:.1f} GiB; "
+            f"bootstrap+demo+test {t_ran - t_ready:.0f} s, teardown {t_end - t_ran:.0f} s, "
+            f"total {t_end - t_start:.0f} s; root {used / 2**30:.1f} GiB; "
             + "; ".join(facts))
         if p is None or p.returncode != 0:
             pytest.fail(f"bootstrap in a fresh {suite} root exited {p.returncode if p else '?'} "

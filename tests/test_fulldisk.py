@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-
 from tracerproc import TraceProc, cli, copy_device, first_difference, same_file
 
 pytestmark = [pytest.mark.bpf]

@@ -10,6 +10,7 @@ import os
 
 from synth import SynthSession
 from tracerproc import cli
+
 from tracer.log import LogLock
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +142,7 @@ def test_programs_verify_with_every_clang(clang, tmp_path):
     _need(f"{clang} is missing", shutil.which(clang) is not None)
     sys.path.insert(0, str(ROOT / "bpf"))
     import build
+
     from tracer import libbpf as L
     obj = build.build(tmp_path, force=True, quiet=True, clang=clang)
     t0 = time.monotonic()
@@ -157,7 +157,7 @@ BROKEN = r"""
 #include <bpf/bpf_helpers.h>
 char LICENSE[] SEC("license") = "GPL";
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
-	 __type(key, __u32); __type(value, __u8[64]); } m SEC(".maps");
+     __type(key, __u32); __type(value, __u8[64]); } m SEC(".maps");
 SEC("raw_tp")
 int broken(__u64 *ctx)
 {

@@ -2,10 +2,10 @@
 torn tails at every byte, corruption anywhere, bounded allocation, the directory lock, fsync
 policies, a full disk, last_stamp, and a property test."""
 import errno
-import struct
 import os
 import random
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,10 +15,12 @@ from pathlib import Path
 
 import lz4.frame
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from blkrewind import record as R
 from blkrewind.errors import CorruptLog, UserError
+from blkrewind.formats import logframe
+from blkrewind.formats import record as R
 from tracer import log as L
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +58,9 @@ def write_spans(log_dir, spans, session="s1", close=True, **kw):
 
 def read_all(log_dir, session=None):
     frames = []
-    for s in L.list_segments(log_dir):
+    for s in logframe.list_segments(log_dir):
         if session is None or s.session == session:
-            with L.SegmentReader(s.path) as r:
+            with logframe.SegmentReader(s.path) as r:
                 frames += list(r.frames())
     return frames
 
@@ -66,7 +68,7 @@ def read_all(log_dir, session=None):
 def read_until_error(path):
     """(frames yielded, exception or None, reader)."""
     got = []
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         try:
             for f in r.frames():
                 got.append(f)
@@ -76,22 +78,22 @@ def read_until_error(path):
 
 
 def offsets(path):
-    with L.SegmentReader(path) as r:
-        return [(off, off + L.FRAME_SIZE + h.stored_len) for off, h in r.index()]
+    with logframe.SegmentReader(path) as r:
+        return [(off, off + logframe.FRAME_SIZE + h.stored_len) for off, h in r.index()]
 
 
 def unseal(path):
     """Remove the SEAL frame: what a crash right after the last append leaves."""
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         assert r.sealed
-    os.truncate(path, os.path.getsize(path) - L.FRAME_SIZE)
+    os.truncate(path, os.path.getsize(path) - logframe.FRAME_SIZE)
 
 
 def one_segment(tmp_path, nspans=6, seed=1, **kw):
     rng = random.Random(seed)
     spans = [make_span(rng, rng.randrange(1, 4), 600, stamp0=100 * i + 1) for i in range(nspans)]
     written, w = write_spans(tmp_path / "log", spans, **kw)
-    (seg,) = L.list_segments(tmp_path / "log")
+    (seg,) = logframe.list_segments(tmp_path / "log")
     return Path(seg.path), written
 
 
@@ -109,13 +111,13 @@ def test_round_trip_many_frames_with_rotation(tmp_path):
     spans.append(b"".join(rec(bytes(R.MAX_PIECE), stamp=10**6 + i) for i in range(4)))  # big
     d = tmp_path / "log"
     written, w = write_spans(d, spans, segment_bytes=64 << 10)
-    segs = L.list_segments(d)
+    segs = logframe.list_segments(d)
     assert [s.segno for s in segs] == list(range(len(segs))) and len(segs) > 5
     assert w.frames == len(spans) and w.segno == segs[-1].segno
     assert w.bytes_written == sum(s.size for s in segs)
     frames = []
     for s in segs:
-        with L.SegmentReader(s.path) as r:
+        with logframe.SegmentReader(s.path) as r:
             assert (r.session, r.segno, r.host, r.sealed) == ("s1", s.segno, "h1", True)
             fs = list(r.frames())
             assert [f.frame_no for f in fs] == list(range(1, len(fs) + 1)) and fs
@@ -123,7 +125,7 @@ def test_round_trip_many_frames_with_rotation(tmp_path):
             assert s.size <= 64 << 10 or len(fs) == 1  # only a lone big frame outgrows it
             frames += fs
     assert [(f.data, f.nrec, f.mono_ns, f.real_ns) for f in frames] == written
-    assert all(f.session == "s1" and f.offset >= L.FRAME_SIZE for f in frames)
+    assert all(f.session == "s1" and f.offset >= logframe.FRAME_SIZE for f in frames)
     got = [(h, bytes(p)) for f in frames for h, p in R.iter_records(f.data)]
     want = [(h, bytes(p)) for span in spans for h, p in R.iter_records(span)]
     assert got == want
@@ -137,15 +139,15 @@ def _as_written_before_body_crcs(path: Path) -> None:
     data = path.read_bytes()
     out, pos = bytearray(), 0
     while pos < len(data):
-        f = list(L._HEAD.unpack_from(data, pos))
+        f = list(logframe._HEAD.unpack_from(data, pos))
         n = f[-1]
-        body = data[pos + L.FRAME_SIZE: pos + L.FRAME_SIZE + n]
+        body = data[pos + logframe.FRAME_SIZE: pos + logframe.FRAME_SIZE + n]
         if n:
             body = lz4.frame.compress(lz4.frame.decompress(body[:-4]), content_checksum=True)
         f[3], f[-1] = 0, len(body)
-        h = L._HEAD.pack(*f)
+        h = logframe._HEAD.pack(*f)
         out += h + struct.pack("<I", zlib.crc32(h)) + body
-        pos += L.FRAME_SIZE + n
+        pos += logframe.FRAME_SIZE + n
     path.write_bytes(bytes(out))
 
 
@@ -156,10 +158,10 @@ def test_a_log_written_before_body_crcs_reads_the_same(tmp_path):
     _as_written_before_body_crcs(path)
     frames = read_all(tmp_path / "log")
     assert [f.data for f in frames] == [w[0] for w in written]
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         assert r.sealed
         for _, off, size in r.frame_spans():
-            h, f = L.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
+            h, f = logframe.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
             assert h.flags == 0
     (a, b), = offsets(path)[1:2]
     data = bytearray(path.read_bytes())
@@ -173,7 +175,7 @@ def test_frames_from_start_frame_and_live_reading(tmp_path):
     rng = random.Random(3)
     spans = [make_span(rng, 2, stamp0=10 * i + 1) for i in range(10)]
     written, w = write_spans(tmp_path, spans, close=False, fsync="never")
-    with L.SegmentReader(w.current_path) as r:  # the tracer is still writing it
+    with logframe.SegmentReader(w.current_path) as r:  # the tracer is still writing it
         assert not r.sealed
         assert [f.data for f in r.frames()] == spans and r.torn_bytes == 0
         assert [f.frame_no for f in r.frames(start_frame=8)] == [8, 9, 10]
@@ -196,11 +198,11 @@ def test_new_writer_continues_the_session_and_new_sessions_sort(tmp_path):
     write_spans(tmp_path, [make_span(rng, 1)], session="20230101T000000Z-bbbb")
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / ".20240101T000000Z-aaaa.000009.brlog.tmp").write_bytes(b"")
-    got = [(s.session, s.segno) for s in L.list_segments(tmp_path)]
+    got = [(s.session, s.segno) for s in logframe.list_segments(tmp_path)]
     assert got == [("20230101T000000Z-bbbb", 0), ("20240101T000000Z-aaaa", 0),
                    ("20240101T000000Z-aaaa", 1)]
     with pytest.raises(UserError, match="no LOG directory"):
-        L.list_segments(tmp_path / "nope")
+        logframe.list_segments(tmp_path / "nope")
 
 
 def test_bad_arguments(tmp_path):
@@ -214,12 +216,12 @@ def test_bad_arguments(tmp_path):
 def test_unsealed_segment_reads_whole_and_repair_seals_it(tmp_path):
     path, written = one_segment(tmp_path)
     unseal(path)
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         assert not r.sealed
         assert [f.data for f in r.frames()] == [w[0] for w in written] and r.torn_bytes == 0
     msgs = L.repair(path.parent)
     assert msgs == [f"sealed {path} (6 frames, {sum(w[1] for w in written)} records)"]
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         assert r.sealed and len(list(r.frames())) == 6
     assert L.repair(path.parent) == []
 
@@ -240,7 +242,7 @@ def test_torn_tail_at_every_byte_of_the_last_frame(tmp_path):
         if cut > start:
             assert msgs[0] == f"cut torn tail of {p}: {cut - start} bytes after frame 4"
         assert msgs[-1].startswith(f"sealed {p} (4 frames")
-        assert os.path.getsize(p) == start + L.FRAME_SIZE
+        assert os.path.getsize(p) == start + logframe.FRAME_SIZE
         # a new tracer continues in the same directory
         more = [rec(b"more", stamp=999)]
         write_spans(d, more, session="s1")
@@ -252,14 +254,14 @@ def test_torn_tail_at_every_byte_of_the_last_frame(tmp_path):
 def test_torn_seal_frame_is_cut_and_resealed(tmp_path):
     path, written = one_segment(tmp_path, nspans=3)
     size = os.path.getsize(path)
-    for cut in range(size - L.FRAME_SIZE + 1, size):
+    for cut in range(size - logframe.FRAME_SIZE + 1, size):
         p = fresh_copy(path, tmp_path / f"c{cut}")
         os.truncate(p, cut)
         got, err, r = read_until_error(p)
-        assert err is None and len(got) == 3 and r.torn_bytes == cut - (size - L.FRAME_SIZE)
+        assert err is None and len(got) == 3 and r.torn_bytes == cut - (size - logframe.FRAME_SIZE)
         L.repair(p.parent)
-        assert p.read_bytes()[:size - L.FRAME_SIZE] == path.read_bytes()[:size - L.FRAME_SIZE]
-        with L.SegmentReader(p) as r2:
+        assert p.read_bytes()[:size - logframe.FRAME_SIZE] == path.read_bytes()[:size - logframe.FRAME_SIZE]
+        with logframe.SegmentReader(p) as r2:
             assert r2.sealed and len(list(r2.frames())) == 3
 
 
@@ -277,13 +279,13 @@ def test_zeroes_after_the_last_frame_are_a_zero_padded_or_torn_tail(tmp_path):
     got, err, r = read_until_error(path)
     assert err is None and len(got) == 6 and r.torn_bytes == 0 and r.pad_bytes == 5000
     with open(path, "r+b") as f:  # ... or inside the last frame's body, then more zeroes
-        f.seek(start + L.FRAME_SIZE + 3)
+        f.seek(start + logframe.FRAME_SIZE + 3)
         f.write(bytes(good - start))
     got, err, r = read_until_error(path)
     assert err is None and len(got) == 5 and r.torn_bytes == good + 5000 - start
     assert L.repair(path.parent)[0] == f"cut torn tail of {path}: {good + 5000 - start} " \
                                        f"bytes after frame 5"
-    assert os.path.getsize(path) == start + L.FRAME_SIZE
+    assert os.path.getsize(path) == start + logframe.FRAME_SIZE
 
 
 def test_repair_removes_unfinished_segment_files(tmp_path):
@@ -317,7 +319,7 @@ def test_flipped_byte_anywhere_in_an_early_frame_is_corruption(tmp_path, sealed)
             continue
         assert [f.data for f in got] == [written[0][0]], pos  # the good frame before it
         assert str(err).startswith(f"{path}: corrupt frame 2 at offset {start}: "), (pos, err)
-    lz4_header_end = start + L.FRAME_SIZE + 15
+    lz4_header_end = start + logframe.FRAME_SIZE + 15
     assert all(p >= lz4_header_end for p in benign) and len(benign) < (end - start) // 50
     path.write_bytes(orig)
 
@@ -329,22 +331,22 @@ def test_spans_that_do_not_compress_are_stored_as_is(tmp_path):
     rng = random.Random(7)
     noise = b"".join(rec(rng.randbytes(64 << 10), stamp=i + 1, seq=i + 1) for i in range(24))
     text = b"".join(rec(b"blkrewind " * 6000, stamp=100 + i, seq=100 + i) for i in range(24))
-    assert L.encode_span(noise).flags == L.FL_BODY_CRC | L.FL_RAW
-    assert L.encode_span(text).flags == L.FL_BODY_CRC
-    assert L.encode_span(noise, adaptive=False).flags == L.FL_BODY_CRC  # always lz4
+    assert logframe.encode_span(noise).flags == logframe.FL_BODY_CRC | logframe.FL_RAW
+    assert logframe.encode_span(text).flags == logframe.FL_BODY_CRC
+    assert logframe.encode_span(noise, adaptive=False).flags == logframe.FL_BODY_CRC  # always lz4
     written, _ = write_spans(tmp_path / "log", [noise, text])
-    (seg,) = L.list_segments(tmp_path / "log")
+    (seg,) = logframe.list_segments(tmp_path / "log")
     path = Path(seg.path)
     assert [f.data for f in read_all(tmp_path / "log")] == [noise, text]
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         heads = [h for _, h in r.index()]
         for _, off, size in r.frame_spans():
-            L.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
-    assert heads[0].flags == L.FL_BODY_CRC | L.FL_RAW and heads[0].stored_len == len(noise) + 4
-    assert heads[1].flags == L.FL_BODY_CRC and heads[1].stored_len < len(text) // 10
+            logframe.decode_raw_frame(r.read_raw(off, size), seg_id=r.seg_id, frame_no=None)
+    assert heads[0].flags == logframe.FL_BODY_CRC | logframe.FL_RAW and heads[0].stored_len == len(noise) + 4
+    assert heads[1].flags == logframe.FL_BODY_CRC and heads[1].stored_len < len(text) // 10
     start, end = offsets(path)[0]
     orig = path.read_bytes()
-    for pos in list(range(start, start + L.FRAME_SIZE + 64)) + rng.sample(range(start, end), 300):
+    for pos in list(range(start, start + logframe.FRAME_SIZE + 64)) + rng.sample(range(start, end), 300):
         data = bytearray(orig)
         data[pos] ^= 0x10
         path.write_bytes(data)
@@ -358,13 +360,13 @@ def test_a_raw_frame_whose_lengths_disagree_is_corrupt(tmp_path):
     either is refused by its header alone (even with a valid header CRC)."""
     span = rec(b"x" * 100, stamp=1)
     crc = struct.pack("<I", zlib.crc32(span))
-    for raw_len, flags in ((len(span) + 1, L.FL_BODY_CRC | L.FL_RAW), (len(span), L.FL_RAW)):
-        frame = L._head(L.K_DATA, 1, 1, 0, 0, 1, raw_len, len(span) + 4, flags) + span + crc
+    for raw_len, flags in ((len(span) + 1, logframe.FL_BODY_CRC | logframe.FL_RAW), (len(span), logframe.FL_RAW)):
+        frame = logframe.pack_header(logframe.K_DATA, 1, 1, 0, 0, 1, raw_len, len(span) + 4, flags) + span + crc
         with pytest.raises(CorruptLog, match="raw body|flags"):
-            L.decode_raw_frame(frame, seg_id=1, frame_no=1)
-    ok = L._head(L.K_DATA, 1, 1, 0, 0, 1, len(span), len(span) + 4,
-                 L.FL_BODY_CRC | L.FL_RAW) + span + crc
-    assert L.decode_raw_frame(ok, seg_id=1, frame_no=1)[1].data == span
+            logframe.decode_raw_frame(frame, seg_id=1, frame_no=1)
+    ok = logframe.pack_header(logframe.K_DATA, 1, 1, 0, 0, 1, len(span), len(span) + 4,
+                 logframe.FL_BODY_CRC | logframe.FL_RAW) + span + crc
+    assert logframe.decode_raw_frame(ok, seg_id=1, frame_no=1)[1].data == span
 
 
 def test_flipped_byte_in_the_last_frame(tmp_path):
@@ -402,7 +404,7 @@ def test_bad_segment_header_and_data_after_seal(tmp_path):
         data[pos] ^= 0x80
         path.write_bytes(data)
         with pytest.raises(CorruptLog, match="bad segment header"):
-            L.SegmentReader(path)
+            logframe.SegmentReader(path)
     path.write_bytes(orig + b"x" * 100)
     got, err, _ = read_until_error(path)
     assert len(got) == 2 and "100 bytes after the SEAL" in str(err)
@@ -410,30 +412,30 @@ def test_bad_segment_header_and_data_after_seal(tmp_path):
     path.write_bytes(orig)
     path.rename(renamed)
     with pytest.raises(CorruptLog, match="header names segment s1.000000.brlog"):
-        L.SegmentReader(renamed)
+        logframe.SegmentReader(renamed)
 
 
 def test_newer_format_is_refused_not_called_corrupt(tmp_path):
     path, _ = one_segment(tmp_path, nspans=1)
     data = bytearray(path.read_bytes())
-    head = bytearray(data[:L._HEAD.size])
-    head[4:6] = (L.FORMAT_VERSION + 1).to_bytes(2, "little")
-    data[:L.FRAME_SIZE] = bytes(head) + L._CRC.pack(__import__("zlib").crc32(head))
+    head = bytearray(data[:logframe._HEAD.size])
+    head[4:6] = (logframe.FORMAT_VERSION + 1).to_bytes(2, "little")
+    data[:logframe.FRAME_SIZE] = bytes(head) + logframe._CRC.pack(__import__("zlib").crc32(head))
     path.write_bytes(data)
     with pytest.raises(UserError, match="newer than this blkrewind reads") as e:
-        L.SegmentReader(path)
+        logframe.SegmentReader(path)
     assert not isinstance(e.value, CorruptLog)
 
 
 def _segment_with(tmp_path, build, sealed: bool) -> tuple[Path, int]:
     """A segment whose only data frame is build(seg_id) (header + body, made by hand)."""
     path, _ = one_segment(tmp_path, nspans=0)
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         seg_id, start = r.seg_id, r.data_start
     frame = build(seg_id)
     data = path.read_bytes()[:start] + frame
     if sealed:
-        data += L._head(L.K_SEAL, seg_id, 2, 0, 0, 0, 0, 0)
+        data += logframe.pack_header(logframe.K_SEAL, seg_id, 2, 0, 0, 0, 0, 0)
     path.write_bytes(data)
     return path, len(frame)
 
@@ -461,9 +463,9 @@ def test_garbage_lengths_do_not_allocate(tmp_path, case, sealed):
 
     def build(seg_id):
         def head(raw_len, stored_len):
-            return L._head(L.K_DATA, seg_id, 1, 0, 0, 1, raw_len, stored_len)
+            return logframe.pack_header(logframe.K_DATA, seg_id, 1, 0, 0, 1, raw_len, stored_len)
         return {  # valid CRC, lengths at the maxima, 50 bytes of body on disk
-                "huge-past-eof": head(L.MAX_RAW, L.MAX_STORED) + body,
+                "huge-past-eof": head(logframe.MAX_RAW, logframe.MAX_STORED) + body,
                 "over-max": head(0xFFFFFFFF, 0xFFFFFFF0) + body,
                 "lz4-claims-4GiB": head(len(real), len(evil)) + evil,
                 "raw-mismatch": head(len(real) + 1, len(body)) + body}[case]
@@ -597,7 +599,7 @@ def test_rotation_seals_and_syncs(tmp_path, monkeypatch, clock):
     w.append(rec(os.urandom(3000), stamp=2), 1, 0, 0)  # rotates
     assert c.take() == (2, 1) and w.segno == 1 and w.current_path.endswith("s1.000001.brlog")
     w.close()
-    assert [L.SegmentReader(s.path).sealed for s in L.list_segments(tmp_path)] == [True, True]
+    assert [logframe.SegmentReader(s.path).sealed for s in logframe.list_segments(tmp_path)] == [True, True]
 
 
 # ------------------------------------------------------------------------------- disk full
@@ -657,10 +659,10 @@ def test_enospc_while_rotating(tmp_path, monkeypatch, budget):
     disk.budget = None
     w.append(spans[2], 1, 0, 0)
     w.close()
-    segs = L.list_segments(tmp_path)
+    segs = logframe.list_segments(tmp_path)
     assert [s.segno for s in segs] == [0, 1]
     assert [f.data for f in read_all(tmp_path)] == [spans[0], spans[2]]
-    assert all(L.SegmentReader(s.path).sealed for s in segs)
+    assert all(logframe.SegmentReader(s.path).sealed for s in segs)
 
 
 def test_failed_cut_stops_the_writer_and_repair_recovers(tmp_path, monkeypatch):
@@ -732,12 +734,12 @@ def test_last_stamp_reads_only_the_last_frames(tmp_path, monkeypatch):
              for i in range(200)]
     write_spans(tmp_path, spans, segment_bytes=256 << 10)
     reads = []
-    real_read = L.SegmentReader.read
+    real_read = logframe.SegmentReader.read
 
     def read(self, off, h):
         reads.append(h.frame_no)
         return real_read(self, off, h)
-    monkeypatch.setattr(L.SegmentReader, "read", read)
+    monkeypatch.setattr(logframe.SegmentReader, "read", read)
     monkeypatch.setattr(L, "STAMP_LOOKBACK", 100 << 10)
     assert L.last_stamp(tmp_path) == 100 * 199 + 8
     assert 3 <= len(reads) <= 5
@@ -771,7 +773,7 @@ def test_append_with_a_body_encoded_elsewhere(tmp_path):
     spans = [make_span(random.Random(i), 3, stamp0=10 * i + 1) for i in range(4)]
     w = L.LogWriter(tmp_path, "s1", host="h")
     for s in spans:
-        w.append(s, 3, 0, 0, body=L.encode_span(s))
+        w.append(s, 3, 0, 0, body=logframe.encode_span(s))
     w.close()
     assert [f.data for f in read_all(tmp_path)] == spans
 
@@ -783,7 +785,7 @@ def test_enospc_creating_the_first_segment(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     disk.budget = None
     write_spans(tmp_path, [rec(b"x", stamp=1)])
-    assert [s.segno for s in L.list_segments(tmp_path)] == [0]
+    assert [s.segno for s in logframe.list_segments(tmp_path)] == [0]
 
 
 # ------------------------------------------------ preallocated (O_DIRECT) and recycled segments
@@ -814,14 +816,14 @@ def test_preallocated_segment_reads_live_and_seals_to_its_end(mode, tmp_path):
         spans.append(rec(os.urandom(max(0, n - R.FRAME_PREFIX_SIZE - R.HEADER_SIZE)),
                          stamp=i + 1))
         w.append(spans[-1], 1, 0, 0)
-        with L.SegmentReader(w.current_path) as r:
+        with logframe.SegmentReader(w.current_path) as r:
             got = [f.data for f in r.frames()]
             assert got == spans and r.torn_bytes == 0 and not r.sealed
             assert r.pad_bytes == r.size - r.good_end > 0
     w.close()
-    with L.SegmentReader(L.list_segments(tmp_path)[0].path) as r:
+    with logframe.SegmentReader(logframe.list_segments(tmp_path)[0].path) as r:
         assert r.sealed and [f.data for f in r.frames()] == spans and r.pad_bytes == 0
-        assert r.size == r.good_end + L.FRAME_SIZE
+        assert r.size == r.good_end + logframe.FRAME_SIZE
 
 
 @MODES
@@ -834,10 +836,10 @@ def test_recycled_segment_old_frames_are_never_read(mode, tmp_path):
     for s in old:
         w.append(s, 1, 0, 0)
     w.close()
-    seg = L.list_segments(tmp_path)[0]
+    seg = logframe.list_segments(tmp_path)[0]
     old_bytes = open(seg.path, "rb").read()
     assert L.retire_segment(seg.path) is True
-    assert L.list_segments(tmp_path) == [] and L.inventory(tmp_path) == []
+    assert logframe.list_segments(tmp_path) == [] and L.inventory(tmp_path) == []
     assert L.repair(tmp_path) == []  # a spare is no segment, nor an unfinished one
     w = _direct_writer(tmp_path, "s2", segment_bytes=1 << 20, mode=mode)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".spare")]
@@ -846,7 +848,7 @@ def test_recycled_segment_old_frames_are_never_read(mode, tmp_path):
         w.append(s, 1, 0, 0)
     path = w.current_path
     data = open(path, "rb").read()
-    with L.SegmentReader(path) as r:
+    with logframe.SegmentReader(path) as r:
         got = [f.data for f in r.frames()]
         assert got == new and r.torn_bytes == 0 and r.pad_bytes > 0
         cut = r.good_end
@@ -856,8 +858,8 @@ def test_recycled_segment_old_frames_are_never_read(mode, tmp_path):
     w._fd, w._closed = None, True
     os.close(w._dirfd)
     assert L.repair(tmp_path) == [f"sealed {path} (5 frames, 5 records)"]
-    with L.SegmentReader(path) as r:
-        assert r.sealed and [f.data for f in r.frames()] == new and r.size == cut + L.FRAME_SIZE
+    with logframe.SegmentReader(path) as r:
+        assert r.sealed and [f.data for f in r.frames()] == new and r.size == cut + logframe.FRAME_SIZE
     # the last frame's last block lost over old content: a torn tail, not corruption
     p2 = tmp_path / "torn"
     p2.mkdir()
@@ -879,7 +881,7 @@ def test_zeros_between_frames_of_a_preallocated_segment_are_corruption(mode, tmp
     start, end = offsets(path)[1]
     with open(path, "r+b") as f:  # frame 2's header lost, frames 3, 4 after it
         f.seek(start)
-        f.write(bytes(L.FRAME_SIZE))
+        f.write(bytes(logframe.FRAME_SIZE))
     got, err, r = read_until_error(path)
     assert len(got) == 1 and isinstance(err, CorruptLog) and "zeros where a frame" in str(err)
     w.close()
@@ -900,7 +902,7 @@ def test_seal_written_but_not_cut_is_the_end(mode, tmp_path):
     got, err, r = read_until_error(path)
     assert err is None and [f.data for f in got] == spans and r.pad_bytes == (1 << 20) - size
     assert L.repair(tmp_path) == [f"sealed {path} (3 frames, 3 records)"]
-    assert os.path.getsize(path) == size and L.SegmentReader(path).sealed
+    assert os.path.getsize(path) == size and logframe.SegmentReader(path).sealed
 
 
 @MODES
@@ -930,7 +932,7 @@ def test_direct_write_failure_leaves_the_segment_readable(mode, tmp_path, monkey
 def test_retire_keeps_at_most_the_spares_asked(tmp_path):
     for session in ("a1", "a2", "a3"):
         write_spans(tmp_path, [rec(b"x", stamp=1)], session=session)
-    segs = L.list_segments(tmp_path)
+    segs = logframe.list_segments(tmp_path)
     assert [L.retire_segment(s.path, keep=2) for s in segs] == [True, True, False]
     assert sorted(os.listdir(tmp_path)) == [".spare-0.brlog", ".spare-1.brlog", "lock"] or \
         sorted(n for n in os.listdir(tmp_path) if n != "lock") == [".spare-0.brlog",

@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from tracerproc import BLKREWIND, ROOT, TraceProc, cli, direct_writes
 
 RULES = ROOT / "deploy" / "prometheus" / "blkrewind-alerts.yml"
@@ -280,9 +279,10 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
     it at start (integrity problems 1) and counts the connections it refuses, by reason."""
     import os
 
-    from replayer.store import Store
     from synth import history
     from test_store import ingest
+
+    from replayer.store import Store
 
     history(tmp_path / "log", seed=7, nbios=120, segment_bytes=128 << 10)
     store = tmp_path / "store"

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, attached_loops, cli_command, mounts, need_root, run_cli
 from instant_hist import fs_history, tree_sums, wait_until
 

@@ -7,7 +7,6 @@ import re
 import time
 
 import pytest
-
 from tracerproc import TraceProc, cli
 
 LINE = re.compile(r"baseline progress (\S+): (\d+)% \((\d+) MiB of (\d+) MiB\) at (\d+) MiB/s, "

@@ -12,7 +12,6 @@ import subprocess
 import time
 
 import pytest
-
 from synth import MONO0, REAL0, SynthSession, cli_main
 from tracerproc import BLKREWIND, ROOT, TraceProc, cli
 
@@ -352,7 +351,7 @@ def test_a_damaged_page_of_a_prune_layer_is_an_error_never_wrong_bytes(capsys, t
 
     now = time.time_ns()
     log, store = tmp_path / "log", tmp_path / "store"
-    s = _phased(log, 93, 3, now=now, nbios=10)
+    _phased(log, 93, 3, now=now, nbios=10)
     ingest(capsys, log, store)
     rc, _, err = cli_main(capsys, "prune", "--store", store, "--device", "loop7", "--keep",
                           "1h30m")

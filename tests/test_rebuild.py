@@ -10,14 +10,14 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pytest
-
-from blkrewind import record
-from blkrewind.errors import NotRestorable, UserError
 from conftest import assert_one_line_error, run_cli
+from synth import SynthSession, cli_main, history, restored
+
+from blkrewind.errors import NotRestorable, UserError
+from blkrewind.formats import record
 from replayer import points
 from replayer.rebuild import _range_max, plan, scatter, visible_pieces
 from replayer.store import Store
-from synth import SynthSession, cli_main, history, restored
 
 
 def ingest(capsys, log, store):

@@ -4,9 +4,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from blkrewind import record as R
+from blkrewind.formats import record as R
 from tracer import btfcheck
 
 OBJ = Path(__file__).resolve().parents[1] / "bpf" / "build" / "blkrewind.bpf.o"

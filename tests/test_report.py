@@ -6,9 +6,8 @@ import base64
 import random
 import re
 
-from synth import SynthSession, cli_main
-
 import forensics_workloads as wl
+from synth import SynthSession, cli_main
 
 
 def _history(tmp_path):

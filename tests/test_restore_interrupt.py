@@ -12,7 +12,6 @@ import subprocess
 import time
 
 import pytest
-
 from synth import SynthSession
 from tracerproc import BLKREWIND, ROOT, cli
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from conftest import detach_loop, mounts, sh as csh, umount
+from conftest import detach_loop, mounts, umount
+from conftest import sh as csh
 from tracerproc import TraceProc, cli, copy_device, first_difference, same_file
 
 pytestmark = [pytest.mark.bpf]

@@ -8,7 +8,6 @@ import os
 import random
 
 import pytest
-
 from synth import SynthSession
 from tracerproc import TraceProc, cli, copy_device, direct_writes, same_file
 

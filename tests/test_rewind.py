@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, need_root, run_cli, sh
 from instant_hist import fs_history
 

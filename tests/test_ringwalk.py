@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from blkrewind.record import RB_BUSY, RB_DISCARD
+from blkrewind.formats.record import RB_BUSY, RB_DISCARD
 from tracer import native
 from tracer.ringbuf import walk_py
 

@@ -1,6 +1,6 @@
 """The replayer service (replayer/server.py, `blkrewind serve`): real TLS sockets on 127.0.0.1,
 certificates made here, a real store, a `blkrewind serve` process; a minimal client built on
-blkrewind/wire.py plays the tracer's shipper."""
+blkrewind/formats/wire.py plays the tracer's shipper."""
 from __future__ import annotations
 
 import datetime as dt
@@ -19,11 +19,11 @@ import zlib
 from pathlib import Path
 
 import pytest
-
-from blkrewind import tlsconf, wire
-from conftest import cli_command, run_cli, assert_one_line_error
+from conftest import assert_one_line_error, cli_command, run_cli
 from synth import history
-from tracer import log
+
+from blkrewind import tlsconf
+from blkrewind.formats import logframe, wire
 
 TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", "1",
             "--store-retry", "0.5"]
@@ -33,15 +33,15 @@ TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", 
 def log_segments(log_dir) -> list[tuple[str, int, int, list[bytes]]]:
     """(session, segno, seg_id, raw frames) of every segment of a LOG directory."""
     out = []
-    for sg in log.list_segments(log_dir):
+    for sg in logframe.list_segments(log_dir):
         data = open(sg.path, "rb").read()
         frames, off, seg_id = [], 0, None
         while off < len(data):
-            h = log._parse(data[off:off + log.FRAME_SIZE])
+            h = logframe.parse_header(data[off:off + logframe.FRAME_SIZE])
             assert not isinstance(h, str), h
             seg_id = h.seg_id
-            frames.append(data[off:off + log.FRAME_SIZE + h.stored_len])
-            off += log.FRAME_SIZE + h.stored_len
+            frames.append(data[off:off + logframe.FRAME_SIZE + h.stored_len])
+            off += logframe.FRAME_SIZE + h.stored_len
         out.append((sg.session, sg.segno, seg_id, frames))
     return out
 

@@ -24,12 +24,12 @@ import threading
 import time
 from pathlib import Path
 
+import netlab as _netlab
 import pytest
+from conftest import umount
+from tracerproc import copy_device, direct_writes, first_difference, same_file, sh, write_file
 
 from blkrewind import tlsconf
-from conftest import umount
-import netlab as _netlab
-from tracerproc import copy_device, direct_writes, first_difference, same_file, sh, write_file
 
 pytestmark = [pytest.mark.bpf]
 netlab = _netlab.netlab                          # the network lab's fixtures
@@ -307,7 +307,7 @@ def wait_shipped(store: Path, hosts, timeout: float = 90) -> None:
     names = {h.name for h in hosts}
     want_marks = {m for h in hosts for m in h.copies}
     deadline = time.monotonic() + timeout
-    last = None
+    last: object = None
     while True:
         try:
             sess = sql(store, "SELECT session, host, clean, first_gap, watermark, end_stamp "
@@ -606,9 +606,9 @@ ATTACKER = r'''
 """Hostile clients of `blkrewind serve`, run as a process inside a network namespace.
 argv[1]: JSON config. Prints a JSON summary on stdout."""
 import json, os, random, socket, ssl, struct, sys, threading, time, zlib
-from blkrewind import wire
+from blkrewind.formats import wire
 from blkrewind.errors import CorruptLog
-from tracer import log as L
+from blkrewind.formats import logframe
 
 cfg = json.loads(sys.argv[1])
 ADDR, PORT = cfg["addr"], cfg["port"]
@@ -677,11 +677,11 @@ def seg_frames(path):
     """The raw frames of a LOG segment file, with its session/segno/seg_id."""
     data = open(path, "rb").read()
     frames, off = [], 0
-    while off + L.FRAME_SIZE <= len(data):
-        h = L._parse(memoryview(data)[off:off + L.FRAME_SIZE])
+    while off + logframe.FRAME_SIZE <= len(data):
+        h = logframe.parse_header(memoryview(data)[off:off + logframe.FRAME_SIZE])
         if isinstance(h, str):
             break
-        n = L.FRAME_SIZE + h.stored_len
+        n = logframe.FRAME_SIZE + h.stored_len
         frames.append(data[off:off + n])
         off += n
     return frames, h
@@ -741,7 +741,7 @@ def fuzz_message(rng, seg, before_hello):
         meta = {"session": session, "segno": segno, "seg_id": seg_id, "first": first, "id": 1}
         try:   # an lz4 stream can change without changing what it decodes to (a match
             # offset into a run of zeroes): then it is the same frame, stored already -> ACK
-            L.decode_raw_frame(bytes(fs[v]), seg_id=seg_id, frame_no=first + v)
+            logframe.decode_raw_frame(bytes(fs[v]), seg_id=seg_id, frame_no=first + v)
             kind = "equivalent LOG frame"
         except CorruptLog:
             kind = "corrupt LOG frame"
@@ -920,9 +920,10 @@ def test_hostile_clients_are_refused_and_store_nothing(lab, tmp_path):
     """Clients without a valid certificate, host A sending host B's frames, a connection
     flood and thousands of fuzzed messages: all refused, the service keeps running, nothing is
     stored; a legitimate tracer ships normally afterwards."""
+    import datetime as dt
+
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
-    import datetime as dt
 
     from tracer.log import inventory
     a, b = lab.hosts

@@ -17,15 +17,16 @@ import time
 from pathlib import Path
 
 import pytest
-
+import synth
 from conftest import ROOT, need_root, run_cli
 from tracerproc import TraceProc, copy_device, first_difference, same_file
 
-import synth
 from blkrewind import tlsconf
+from blkrewind.formats import logframe
+from blkrewind.formats.ranges import Ranges
 from tracer import log as tlog
 from tracer.session import ask
-from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Ranges, Shipper
+from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Shipper
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
@@ -153,7 +154,7 @@ def restorable_to(store, device_key: str) -> int | None:
 
 
 def log_size(log_dir) -> int:
-    return sum(s.size for s in tlog.list_segments(log_dir))
+    return sum(s.size for s in logframe.list_segments(log_dir))
 
 
 # ------------------------------------------------------------------------------ no BPF
@@ -203,7 +204,7 @@ def test_log_inventory_and_raw_frames(tmp_path):
         assert [a[2] for a in mine] == list(range(it["frames"]))
         assert [a[3] for a in mine] == it["offsets"][:-1]
         assert it["offsets"][-1] == it["size"] == os.path.getsize(it["path"])
-        with tlog.SegmentReader(it["path"]) as r:
+        with logframe.SegmentReader(it["path"]) as r:
             raw = b"".join(b for _, b in r.raw_frames())
         assert raw == Path(it["path"]).read_bytes()
     # a torn tail is not counted

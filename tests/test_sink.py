@@ -11,13 +11,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-from blkrewind import record
-from replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
-from replayer.store import Store
 from synth import SynthSession, cli_main, history
 from test_store import check_points, store_content
-from tracer.log import LogWriter, SegmentReader, list_segments
+
+from blkrewind.formats import record
+from blkrewind.formats.logframe import SegmentReader, list_segments
+from replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
+from replayer.store import Store
+from tracer.log import LogWriter
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -295,7 +296,8 @@ def test_a_corrupted_frame_rejects_the_whole_call(tmp_path):
 
         body_len = len(frames[k]) - 48
         bad_calls = {
-            "body byte (lz4 content checksum)": [group(frames[:k] + [flip(frames[k], 48 + body_len // 2)] + frames[k + 1:])],
+            "body byte (lz4 content checksum)":
+                [group(frames[:k] + [flip(frames[k], 48 + body_len // 2)] + frames[k + 1:])],
             "header byte (header CRC)": [group(frames[:k] + [flip(frames[k], 20)] + frames[k + 1:])],
             "truncated frame": [group(frames[:k] + [frames[k][:-1]])],
             "frame numbers off by one": [group(frames[1:], first=0)],
@@ -317,11 +319,11 @@ def test_a_corrupted_frame_rejects_the_whole_call(tmp_path):
         assert sum(n for _, _, n in sink.store("synth", all_groups(segs))) == \
             sum(len(x["frames"]) for x in segs)
         # a well-formed frame past the SEAL the store knows: rejected
-        from tracer.log import K_DATA, _head, encode_span
+        from blkrewind.formats.logframe import K_DATA, encode_span, pack_header
         span = record.make_record(b"", rtype=record.R_LOSS, seq=99)
         body = encode_span(span)
-        late = _head(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), body.stored_len,
-                     body.flags) + body.data + body.crc
+        late = pack_header(K_DATA, seg["seg_id"], len(frames), 1, 1, 1, len(span), body.stored_len,
+                         body.flags) + body.data + body.crc
         with pytest.raises(FrameRejected, match="past its SEAL"):
             sink.store("synth", [group([late], first=len(frames))])
     finally:

@@ -8,11 +8,11 @@ import json
 from datetime import datetime
 
 import pytest
-
-from analytics import views
-from blkrewind import record
 from conftest import assert_one_line_error, run_cli
 from synth import SynthSession, cli_main
+
+from analytics import views
+from blkrewind.formats import record
 
 COLUMNS = {
     "devices": ["device", "host", "name", "path", "size_bytes", "sessions", "first_time",

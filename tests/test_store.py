@@ -15,11 +15,12 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT, assert_one_line_error, run_cli
+from synth import SynthSession, cli_main, history
+from synth import restored as restore_bytes
 
 from blkrewind.errors import UserError
-from conftest import ROOT, assert_one_line_error, run_cli
 from replayer.store import Store
-from synth import SynthSession, cli_main, history, restored as restore_bytes
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -366,7 +367,7 @@ def test_segment_zero_missing_means_not_restorable_yet(capsys, tmp_path):
 def test_frame_ranges_cover_every_frame_once(capsys, tmp_path):
     """The store's bookkeeping after LOG ingest: per segment its seg_id, host, seal, and
     frame ranges that cover [0, nframes) exactly once (HEADER and SEAL included)."""
-    from tracer.log import SegmentReader
+    from blkrewind.formats.logframe import SegmentReader
 
     log = tmp_path / "log"
     history(log, seed=24, nbios=80, segment_bytes=128 << 10)

@@ -13,13 +13,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error, run_cli
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from blkrewind import tlsconf
 from blkrewind.errors import UserError
-from conftest import assert_one_line_error, run_cli
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 
 @pytest.fixture(scope="module")

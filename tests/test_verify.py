@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from synth import SynthSession, cli_main
 from tracerproc import TraceProc, cli
 

@@ -10,12 +10,12 @@ import random
 import shutil
 
 import pytest
+from synth import SynthSession, cli_main, restored
 
 from blkrewind.errors import NotRestorable
 from replayer import points
 from replayer.store import Store
 from replayer.watermark import _intervals, device_windows
-from synth import SynthSession, cli_main, restored
 
 
 # ------------------------------------------------------------ the rule, brute force

@@ -1,4 +1,4 @@
-"""The wire protocol (blkrewind/wire.py): framing, limits, validation, fuzzing."""
+"""The wire protocol (blkrewind/formats/wire.py): framing, limits, validation, fuzzing."""
 from __future__ import annotations
 
 import io
@@ -15,10 +15,9 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from blkrewind import wire
 from synth import history
-from tracer import log
+
+from blkrewind.formats import logframe, wire
 
 
 def segment_frames(path) -> tuple[int, list[bytes]]:
@@ -27,10 +26,10 @@ def segment_frames(path) -> tuple[int, list[bytes]]:
     frames, off = [], 0
     seg_id = None
     while off < len(data):
-        h = log._parse(data[off:off + log.FRAME_SIZE])
+        h = logframe.parse_header(data[off:off + logframe.FRAME_SIZE])
         assert not isinstance(h, str), h
         seg_id = h.seg_id if seg_id is None else seg_id
-        n = log.FRAME_SIZE + h.stored_len
+        n = logframe.FRAME_SIZE + h.stored_len
         frames.append(data[off:off + n])
         off += n
     return seg_id, frames
@@ -40,7 +39,7 @@ def segment_frames(path) -> tuple[int, list[bytes]]:
 def seg(tmp_path_factory):
     d = tmp_path_factory.mktemp("wirelog")
     s = history(d, seed=3, nbios=60, segment_bytes=1 << 20)
-    segs = log.list_segments(d)
+    segs = logframe.list_segments(d)
     seg_id, frames = segment_frames(segs[0].path)
     return s.session, segs[0].segno, seg_id, frames
 

@@ -1,7 +1,7 @@
 """Check that the compiled BPF object lays out records as Python decodes them.
 
-The BPF programs write `struct br_rec`; Python decodes blkrewind.record.HEADER.
-Both come from blkrewind/record.py, but a stale object, another compiler or a
+The BPF programs write `struct br_rec`; Python decodes blkrewind.formats.record.HEADER.
+Both come from blkrewind/formats/record.py, but a stale object, another compiler or a
 hand edit could still disagree, and then every record would be misread. So
 before loading, the loader reads the object's BTF (the .BTF ELF section, read
 with pyelftools) and compares struct br_rec member by member: name, byte
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from elftools.elf.elffile import ELFFile
 
-from blkrewind import record
+from blkrewind.formats import record
 
 BTF_MAGIC = 0xEB9F
 # kinds
@@ -126,5 +126,5 @@ def check_record_layout(path: str) -> None:
         diffs = [f"{g} != {w}" for g, w in zip(got, want) if g != w]
         if len(got) != len(want):
             diffs.append(f"{len(got)} members in the object, {len(want)} in record.py")
-        raise LayoutMismatch("the BPF object's struct br_rec does not match blkrewind/record.py: "
+        raise LayoutMismatch("the BPF object's struct br_rec does not match blkrewind/formats/record.py: "
                              + "; ".join(diffs[:3]) + " (rebuild with: python bpf/build.py --force)")

@@ -3,7 +3,7 @@
 The capture program reads a bio's payload through the direct map:
     va(page) = page_offset_base + (page - vmemmap_base) / sizeof(struct page) * 4096
 Both bases are randomised (KASLR) and are not BTF variables. Tried in order
-(capture.md):
+(docs/design.md, "Reading the payload"):
   1. ksym        the kallsyms data symbols, when the kernel exports them
                  (CONFIG_KALLSYMS_ALL), read with bpf_probe_read_kernel;
   2. vmcoreinfo  /sys/kernel/vmcoreinfo gives the physical address of the
@@ -29,9 +29,10 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from blkrewind import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 from tracer.capture import Capture
 from tracer.ringbuf import RingConsumer
 
@@ -139,7 +140,7 @@ def _captured_read(cap: Capture, dev: str) -> tuple[_PatternPage, list[tuple[rec
             os.close(fd)
             cap.cfg.calib_tgid = 0
             cap.enable(False)
-        recs = []
+        recs: list[tuple[record.Header, bytes]] = []
         deadline = time.monotonic() + 2
         while not recs and time.monotonic() < deadline:
             span, _ = ring.take()
@@ -180,7 +181,8 @@ def verify(cap: Capture, dev: str, b: Bases) -> tuple[bool, str]:
                                 f"{'equals' if ok_data else 'DIFFERS from'} the pattern"
 
 
-METHODS = {"ksym": by_ksym, "vmcoreinfo": by_vmcoreinfo, "pagemap": by_pagemap}
+METHODS: dict[str, Callable[[Capture, str], Bases | None]] = {
+    "ksym": by_ksym, "vmcoreinfo": by_vmcoreinfo, "pagemap": by_pagemap}
 
 
 def calibrate(cap: Capture, dev: str, methods=("ksym", "vmcoreinfo", "pagemap")) -> Bases:

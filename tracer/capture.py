@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from blkrewind import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 from tracer import btfcheck
-from tracer.features import missing_feature
 from tracer import libbpf as L
+from tracer.features import missing_feature
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OBJECT = ROOT / "bpf" / "build" / "blkrewind.bpf.o"

@@ -7,8 +7,8 @@ import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from blkrewind import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 from blkrewind.osutil import mount_of
 
 

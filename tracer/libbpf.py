@@ -3,7 +3,7 @@
 Only what blkrewind needs: open/load an object, set map sizes and program
 autoload, attach programs, map lookups/updates, and BPF_PROG_TEST_RUN. libbpf
 objects are opaque pointers. Errors become BpfError with libbpf's errno.
-(capture.md: bcc cannot compile without kernel headers and the only PyPI
+(docs/design.md, "Toolchain": bcc cannot compile without kernel headers and the only PyPI
 binding is not production ready, so this module is the whole dependency.)
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The tracer's small native hot loops (tracer/ringwalk.c), built and loaded here.
 
 bpf/build.py calls build() after the BPF object (same clang, same output directory); the
-record-prefix constants are passed from blkrewind/record.py (one definition of the format).
+record-prefix constants are passed from blkrewind/formats/record.py (one definition of the format).
 ring_walk() is None when the library is not built: callers then use their Python loop.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from blkrewind import record
+from blkrewind.formats import record
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path(__file__).resolve().parent / "ringwalk.c"

@@ -96,7 +96,7 @@ def save(p: Pinned) -> None:
 
 
 def load_all() -> list[Pinned]:
-    out = []
+    out: list[Pinned] = []
     try:
         names = sorted(os.listdir(REG_DIR))
     except FileNotFoundError:

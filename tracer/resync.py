@@ -31,12 +31,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from blkrewind import record
+from blkrewind.formats import record
 from tracer import devices
 from tracer.capture import Regions
+
+if TYPE_CHECKING:
+    from tracer.progress import ReadProgress
 
 CHECKPOINT_EVERY = 1.0
 FINISH_ROUNDS = 3            # stop(): resyncs it still runs before giving up
@@ -130,7 +134,7 @@ class Resync:
         self.resyncs = 0               # resyncs completed (all devices)
         self.last: dict | None = None  # the last device resync: bytes, seconds, ranges...
         self.resync_bytes = 0
-        self.progress = None           # tracer/progress.py while a device is read
+        self.progress: ReadProgress | None = None  # while a device is read
         self.running: dict | None = None
         self._lock = threading.Lock()
         self._seq_lock = threading.Lock()   # the tracer's running record number
@@ -604,6 +608,7 @@ class Resync:
                 if got != c.n:
                     raise OSError(f"{d.path}: short read at byte {c.off} ({got} of {c.n})")
                 flags = record.F_RESYNC
+                payload: bytes | memoryview
                 if view == zero[:c.n]:
                     flags |= record.F_ZERO
                     payload = b""
@@ -652,10 +657,11 @@ class Resync:
     def _log_room(self, nbytes: int) -> None:
         """With --log-max-mb (a shipper): wait until the LOG has room for what the writer's
         queue holds, this chunk and one in the writer's hands (at most a quarter of the limit, so
-        that it can fit), and half of the limit left to the writes going on, so that a resync larger than the LOG's limit goes at the pace of the
-        replayer's acks instead of waiting for room for all of it (forever) or filling the LOG
-        and losing records again. The readers are admitted one at a time (call with
-        self._admit held until the record is queued)."""
+        that it can fit), and half of the limit left to the writes going on, so that a resync
+        larger than the LOG's limit goes at the pace of the replayer's acks instead of waiting
+        for room for all of it (forever) or filling the LOG and losing records again. The
+        readers are admitted one at a time (call with self._admit held until the record is
+        queued)."""
         shipper = getattr(self.t, "shipper", None)
         if shipper is None:
             return

@@ -4,12 +4,13 @@ The ring buffer is mmapped (consumer page read-write, producer page and the
 double-mapped data area read-only). `peek()` walks the record prefixes from a
 position to the first record still being written (BUSY) and returns that whole
 committed span as a view into the mapping (no copy); `release()` hands the
-space back by storing the new consumer_pos; `take()` does both with a copy. Records keep the ring buffer's own 8-byte framing, which is the
-framing blkrewind.record and the LOG use, so the span goes to the LOG as is.
+space back by storing the new consumer_pos; `take()` does both with a copy. Records keep the
+ring buffer's own 8-byte framing, which is the framing blkrewind.formats.record and the LOG
+use, so the span goes to the LOG as is.
 
 consumer_pos must be published with one aligned 8-byte store (a ctypes
 c_uint64 at the mapped address): a byte-wise store lets the kernel see a
-torn position and drop records (capture.md).
+torn position and drop records (docs/design.md, "Cost").
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import ctypes
 import mmap
 import select
 
-from blkrewind.record import RB_BUSY, RB_DISCARD, RB_LEN_MASK
+from blkrewind.formats.record import RB_BUSY, RB_DISCARD, RB_LEN_MASK
 from tracer import native
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -1,14 +1,14 @@
 /* The ring buffer consumer's hot loop (tracer/ringbuf.py RingConsumer.peek), native.
  *
  * Built by bpf/build.py (tracer/native.py) with the clang that builds the BPF object; the
- * ring buffer's record-prefix bits come from blkrewind/record.py as -D flags (the format has
+ * ring buffer's record-prefix bits come from blkrewind/formats/record.py as -D flags (the format has
  * one definition). Loaded with ctypes; without it, peek() walks in Python (the same loop).
  */
 #include <stdint.h>
 
 #if !defined(BR_RB_BUSY) || !defined(BR_RB_DISCARD) || !defined(BR_RB_LEN_MASK) || \
     !defined(BR_RB_PREFIX)
-#error "build with tracer/native.py (the constants come from blkrewind/record.py)"
+#error "build with tracer/native.py (the constants come from blkrewind/formats/record.py)"
 #endif
 
 /* Walk the record prefixes of the ring's data area from cons to the first record still

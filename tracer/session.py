@@ -13,7 +13,7 @@ Threads
               `blkrewind mark` talks to.
   main        starts everything, reads the baseline, waits for the end.
 
-The baseline (architecture.md, invariant 6). Capture is enabled *before* the
+The baseline (docs/design.md, invariant 6). Capture is enabled *before* the
 device is read, so every write submitted later is in the LOG and a rebuild
 applies it on top of the baseline, whatever the read saw. What the LOG cannot
 contain are writes queued before capture began and completed after a chunk was
@@ -34,19 +34,33 @@ import secrets
 import socket
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
 
-from blkrewind import __version__, record
+from blkrewind import __version__
 from blkrewind.errors import UserError
+from blkrewind.formats import record
+from blkrewind.formats.logframe import FL_RAW, FRAME_SIZE, Body, encode_span, list_segments
 from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout
+from tracer.log import (
+    LogFull,
+    LogLock,
+    LogWriter,
+    kernel_seq,
+    last_stamp,
+    on_tmpfs,
+    repair,
+    tail_kernel_seqs,
+)
 from tracer.resync import Resync
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor, TimeoutError as FutureTimeout
-
-from tracer.log import (FL_RAW, LogFull, LogLock, LogWriter, encode_span, kernel_seq,
-                        last_stamp, list_segments, on_tmpfs, repair, tail_kernel_seqs)
 from tracer.ringbuf import RingConsumer
+
+if TYPE_CHECKING:
+    from tracer.progress import ReadProgress
 
 CONTROL_DIR = "/run/blkrewind"
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
@@ -54,7 +68,6 @@ BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
-_LOG_FRAME = 48  # tracer.log.FRAME_SIZE: a frame's header
 
 
 def mono_ns() -> int:
@@ -208,11 +221,12 @@ class Tracer:
         self._control: socket.socket | None = None
         self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
         self.end_state: dict | None = None
-        self.pinned = None          # tracer/pins.py: the capture is pinned (outlives us)
+        self.pinned: pins.Pinned | None = None  # the capture is pinned (outlives us)
         self.continued: int | None = None  # the pid of the dead tracer whose session goes on
         self._marks_set: dict[str, int] = {}  # mark name -> its stamp (a name set again: said)
-        self.progress = None        # tracer/progress.py: the baseline or resync read going on
-        self.progress_tty = None    # set by `trace` on a terminal: rewrites its status line
+        self.progress: ReadProgress | None = None  # the baseline or resync read going on
+        # set by `trace` on a terminal: rewrites its status line
+        self.progress_tty: Callable[[str | None], None] | None = None
         self._pin_problem: str | None = None
 
     # ------------------------------------------------------------------ start
@@ -423,12 +437,12 @@ class Tracer:
                     # beyond half the ring held, copy: the writer's queue (queue_bytes)
                     # then buffers what a slow LOG disk cannot take yet, not the ring
                     copy = ring.pending() > ring.size // 2
-                    written = None if copy else Future()
+                    written: Future | None = None if copy else Future()
                     if view.nbytes < BATCH_BYTES:
                         # a small span is encoded here: handing it to an encoder thread
                         # and back costs two wake-ups, more than lz4 on it (at 50k 4 KiB
                         # writes a second: ~500 such spans)
-                        fut = Future()
+                        fut: Future[Body] = Future()
                         fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
                         fut = self._encoders.submit(encode_span, view, self.opts.lz4_level,
@@ -466,7 +480,7 @@ class Tracer:
         except Exception as e:  # a dead collector must not go unnoticed
             self._fail(f"collector stopped: {e}")
 
-    def _scan_old(self, span: bytes) -> None:
+    def _scan_old(self, span: bytes | memoryview) -> None:
         for h, _ in record.iter_records(span):
             if h.rtype == record.R_COMPLETE and self.resync.watching:
                 self.resync.scan(h, _)
@@ -562,7 +576,7 @@ class Tracer:
                 "cause": "log full", "log_full_spans": n[0], "log_full_records": n[1],
                 "log_full_bytes": n[2]}, seq=self._next_useq())
         extra = len(note) + 256 if note else 0
-        if not self.shipper.room_for(body_len + _LOG_FRAME + extra):
+        if not self.shipper.room_for(body_len + FRAME_SIZE + extra):
             st = self.stats
             st.log_full_drops += 1
             st.log_full_records += nrec

@@ -27,7 +27,6 @@ unlink segment files).
 """
 from __future__ import annotations
 
-import bisect
 import json
 import os
 import select
@@ -39,8 +38,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from blkrewind import __version__, wire
+from blkrewind import __version__
 from blkrewind.errors import UserError
+from blkrewind.formats import logframe, wire
+from blkrewind.formats.ranges import Ranges
 from tracer import log as _log
 
 SHIPPED_JSON = "shipped.json"
@@ -54,81 +55,8 @@ SAVE_EVERY = 1.0
 INVENTORY_PAGE = 5000          # segments per INVENTORY message (well under MAX_JSON_LIST)
 LAG_SAMPLES = 4096             # per-frame shipping lags kept for status() percentiles
 _REAL_NS = struct.Struct("<Q")
-_REAL_AT = 24                  # real_ns in the LOG frame header
 _SEG_ID = struct.Struct("<I")
-_SEG_ID_AT = 8
 _U32 = struct.Struct("<I")
-
-
-# ------------------------------------------------------------------------------ range sets
-class Ranges:
-    """A set of non-negative ints as sorted, disjoint, non-adjacent [a, e) ranges."""
-
-    __slots__ = ("r",)
-
-    def __init__(self, ranges=()):
-        self.r: list[list[int]] = []
-        for a, e in ranges:
-            self.add(a, e)
-
-    def add(self, a: int, e: int) -> None:
-        if a >= e:
-            return
-        r = self.r
-        i = bisect.bisect_left(r, [a])
-        if i and r[i - 1][1] >= a:
-            i -= 1
-        j = i
-        while j < len(r) and r[j][0] <= e:
-            a, e = min(a, r[j][0]), max(e, r[j][1])
-            j += 1
-        r[i:j] = [[a, e]]
-
-    def remove(self, a: int, e: int) -> None:
-        if a >= e:
-            return
-        out = []
-        for x, y in self.r:
-            if y <= a or x >= e:
-                out.append([x, y])
-                continue
-            if x < a:
-                out.append([x, a])
-            if y > e:
-                out.append([e, y])
-        self.r = out
-
-    def update(self, other: Ranges) -> None:
-        for a, e in other.r:
-            self.add(a, e)
-
-    def difference(self, other: Ranges) -> Ranges:
-        out = Ranges()
-        out.r = [list(x) for x in self.r]
-        for a, e in other.r:
-            out.remove(a, e)
-        return out
-
-    def intersection(self, a: int, e: int) -> Ranges:
-        out = Ranges()
-        out.r = [[max(x, a), min(y, e)] for x, y in self.r if y > a and x < e]
-        return out
-
-    def covers(self, a: int, e: int) -> bool:
-        i = bisect.bisect_right(self.r, [a, float("inf")]) - 1
-        return a >= e or (i >= 0 and self.r[i][0] <= a and self.r[i][1] >= e)
-
-    def count(self) -> int:
-        return sum(e - a for a, e in self.r)
-
-    def first(self) -> int | None:
-        return self.r[0][0] if self.r else None
-
-    def __bool__(self) -> bool:
-        return bool(self.r)
-
-    def as_list(self) -> list[list[int]]:
-        return [list(x) for x in self.r]
 
 
 # ------------------------------------------------------------------------------ state
@@ -355,7 +283,7 @@ class Shipper:
                     if seg is not None:  # a new segment under an old name: forget the old
                         self._forget_locked(seg)
                     seg = _Seg(session, segno,
-                               os.path.join(self.log_dir, _log.segment_name(session, segno)),
+                               os.path.join(self.log_dir, logframe.segment_name(session, segno)),
                                live=True)
                     self._segs[key] = seg
                 if frame_no != seg.n or (seg.bounds and offset != seg.bounds[-1]):
@@ -365,7 +293,7 @@ class Shipper:
                     seg.bounds = [0, size]
                 else:
                     seg.bounds.append(offset + size)
-                if frame_no > 0 and size == _log.FRAME_SIZE:
+                if frame_no > 0 and size == logframe.FRAME_SIZE:
                     seg.sealed, seg.live = True, False
                 seg.queued.add(frame_no, frame_no + 1)
                 self._ready.add(key)
@@ -494,10 +422,10 @@ class Shipper:
         """real_ns of a frame (from its LOG header); for the oldest unacked frame."""
         try:
             fd = self._fd_locked(seg)
-            h = os.pread(fd, _log.FRAME_SIZE, seg.bounds[no])
+            h = os.pread(fd, logframe.FRAME_SIZE, seg.bounds[no])
         except (OSError, IndexError):
             return None
-        return _REAL_NS.unpack_from(h, _REAL_AT)[0] if len(h) == _log.FRAME_SIZE else None
+        return _REAL_NS.unpack_from(h, logframe.REAL_NS_AT)[0] if len(h) == logframe.FRAME_SIZE else None
 
     def _fd_locked(self, seg: _Seg) -> int:
         if seg.fd is None:
@@ -636,7 +564,7 @@ class Shipper:
                 if s.seg_id is None:
                     try:
                         s.seg_id = _SEG_ID.unpack_from(
-                            os.pread(self._fd_locked(s), _log.FRAME_SIZE, 0), _SEG_ID_AT)[0]
+                            os.pread(self._fd_locked(s), logframe.FRAME_SIZE, 0), logframe.SEG_ID_AT)[0]
                     except (OSError, struct.error):
                         continue
                 items.append({"session": s.session, "segno": s.segno, "seg_id": s.seg_id,
@@ -807,9 +735,9 @@ class Shipper:
                 if n != msg.nbytes:
                     raise OSError(f"{msg.seg.path}: short read at {off}")
                 rel = msg.seg.bounds
-                msg.real_ns = [_REAL_NS.unpack_from(view, rel[i] - off + _REAL_AT)[0]
+                msg.real_ns = [_REAL_NS.unpack_from(view, rel[i] - off + logframe.REAL_NS_AT)[0]
                                for i in range(msg.first, msg.end)]
-                seg_id = _SEG_ID.unpack_from(view, _SEG_ID_AT)[0]
+                seg_id = _SEG_ID.unpack_from(view, logframe.SEG_ID_AT)[0]
                 if msg.seg.seg_id is None:
                     msg.seg.seg_id = seg_id
                 meta = wire.dump_json({"session": msg.seg.session, "segno": msg.seg.segno,

@@ -13,13 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 import sys
 import tempfile
+import threading
 import time
 
 from blkrewind.errors import UserError
-
 
 EXAMPLES = """\
   sudo blkrewind demo

@@ -14,7 +14,6 @@ import os
 
 from blkrewind.errors import UserError
 
-
 EXAMPLES = """\
   blkrewind detach                                  # list captures left attached
   blkrewind detach --log /var/lib/blkrewind/log     # give that one up
@@ -24,7 +23,9 @@ EXAMPLES = """\
 
 def add_arguments(p):
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--log", metavar="DIR", help="detach the capture left by the dead tracer of this LOG directory (default: only list)")
+    g.add_argument("--log", metavar="DIR",
+                   help="detach the capture left by the dead tracer of this LOG directory "
+                        "(default: only list)")
     g.add_argument("--all", action="store_true", help="detach every capture left attached on this host")
 
 

@@ -20,7 +20,6 @@ import sys
 
 from blkrewind.errors import CorruptLog, UserError
 
-
 EXAMPLES = """\
   blkrewind ingest --log /var/lib/blkrewind/log --store /srv/blkrewind
   # a LOG copied from another host, 2 segments at a time
@@ -158,7 +157,7 @@ def run(args) -> int:
         is_dir = False
     if not is_dir:
         raise UserError(f"no LOG directory at {args.log}")
-    from tracer.log import list_segments
+    from blkrewind.formats.logframe import list_segments
     try:
         segs = list_segments(args.log)
     except PermissionError:

@@ -58,8 +58,9 @@ def add_arguments(p):
                    help="latest | STAMP | ISO-8601 time (local unless it names a zone) | mark name "
                         "(prefixes stamp:, time:, mark: make it explicit)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--to", metavar="PATH", help="write the device's image to this new file (or, with --force, an existing file "
-                        "or an unmounted block device at least as large)")
+    g.add_argument("--to", metavar="PATH",
+                   help="write the device's image to this new file (or, with --force, an existing "
+                        "file or an unmounted block device at least as large)")
     g.add_argument("--loop", action="store_true",
                    help="write an image under STORE/restores and attach it to a loop device")
     p.add_argument("--force", action="store_true",

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import signal
 
-from blkrewind import wire
 from blkrewind.errors import UserError
-
+from blkrewind.formats import wire
 
 EXAMPLES = """\
   blkrewind serve --store /srv/blkrewind --listen 0.0.0.0:7420 \\
@@ -35,7 +34,8 @@ def add_arguments(p):
                    help="address to listen on, e.g. 0.0.0.0:7420 or [::]:7420 (port 0: any "
                         "free port, logged)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tls", metavar="DIR", help="this server's TLS directory: ca.pem, cert.pem, key.pem (`blkrewind tls init`)")
+    g.add_argument("--tls", metavar="DIR",
+                   help="this server's TLS directory: ca.pem, cert.pem, key.pem (`blkrewind tls init`)")
     g.add_argument("--insecure", action="store_true",
                    help="no TLS (only on loopback / private addresses; hosts are not "
                         "authenticated)")

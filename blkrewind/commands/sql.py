@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from blkrewind.errors import UserError
 
-
 EXAMPLES = """\
   blkrewind sql --store S "SELECT * FROM devices"
   blkrewind sql --store S "SELECT comm, count(*), sum(length) FROM writes GROUP BY comm"

@@ -18,9 +18,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
+from typing import Any
 
-from blkrewind import record
 from blkrewind.errors import UserError
+from blkrewind.formats import record
 
 RATE_WINDOW_S = 60
 
@@ -151,7 +152,7 @@ def store_hosts(store, now_ns: int, rates: bool = True) -> dict[str, dict]:
         "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
         "ORDER BY sd.host, sd.device")
     since = now_ns - RATE_WINDOW_S * 10**9
-    rates = {(s, d): int(b) for s, d, b in store.query(
+    rate = {(s, d): int(b) for s, d, b in store.query(
         f"SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? "
         f"AND op = {record.OP_WRITE} GROUP BY ALL", [since])} if rates else {}
     gaps = dict(store.query("SELECT session, count(*) FROM sessions "
@@ -167,7 +168,7 @@ def store_hosts(store, now_ns: int, rates: bool = True) -> dict[str, dict]:
             else round(max(0, now_ns - wm_ns) / 1e9, 3),
             "ended": _iso(end_ns), "clean": clean,
             "restorable_to": r_to, "restorable_to_ns": to_ns, "restorable_to_time": _iso(to_ns),
-            "write_rate_Bps": rates.get((session, dev), 0) / RATE_WINDOW_S,
+            "write_rate_Bps": rate.get((session, dev), 0) / RATE_WINDOW_S,
             "gap": first_gap, "gap_reason": gap_reason, "gaps": gaps.get(session, 0),
             "stamps_after_gap": after_gap or 0,
             "drops": drops,
@@ -189,7 +190,7 @@ def _with_server(path, hosts: dict, server: dict | None, now_ns: int) -> dict:
     for host, h in hosts.items():
         h["connections"] = conns.get(host, 0) if server is not None else None
     from blkrewind.commands.restore import unfinished
-    out = {"store": str(path), "now_ns": now_ns, "now": _iso(now_ns),
+    out: dict[str, Any] = {"store": str(path), "now_ns": now_ns, "now": _iso(now_ns),
            "served": server is not None, "hosts": [hosts[h] for h in sorted(hosts)],
            "unfinished_restores": unfinished(str(path))}
     if server is not None:
@@ -263,15 +264,15 @@ def _store_tables(d: dict):
     hosts = Table(title=title, title_justify="left")
     for col in ("host", "conns", "capture", "LOG", "unacked", "oldest unacked", "drops",
                 "status age", "state"):
-        hosts.add_column(col, justify="left" if col in ("host", "state") else "right",
-                         **({"max_width": 60, "overflow": "fold"} if col == "state" else {}))
+        wide: dict[str, Any] = {"max_width": 60, "overflow": "fold"} if col == "state" else {}
+        hosts.add_column(col, justify="left" if col in ("host", "state") else "right", **wide)
     devs = Table(title="devices", title_justify="left")
+    note_width: dict[str, Any] = {"min_width": 30, "max_width": 70, "overflow": "fold"}
     for col in ("device", "session", "watermark", "watermark time", "lag", "rate (1 min)",
                 "gaps", "note"):
         devs.add_column(col, justify="left" if col in ("device", "session", "watermark time",
                                                         "note") else "right",
-                        **({"min_width": 30, "max_width": 70, "overflow": "fold"}
-                           if col == "note" else {}))
+                        **(note_width if col == "note" else {}))
     for h in d["hosts"]:
         t = h.get("tracer")
         if t is not None:
@@ -296,7 +297,7 @@ def _store_tables(d: dict):
             devs.add_row(v["device"], v["session"], str(v["watermark"] or "-"),
                          v["watermark_time"] or "-", _age(v["lag_s"]),
                          _rate(v["write_rate_Bps"]), str(v["gaps"]), note)
-    out = [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
+    out: list[Any] = [hosts, devs] if (d.get("served") or any(h.get("tracer") for h in d["hosts"])) \
         else [devs]
     for e in d.get("suspects") or []:
         procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in list(e["procs"].items())[:3])
@@ -318,7 +319,8 @@ def _tracer_table(d: dict):
     t = Table(title=f"tracers on this host at {d['now']}", title_justify="left")
     for col in ("pid", "host", "session", "devices", "capture", "LOG", "unacked",
                 "oldest unacked", "ship conns", "drops", "state"):
-        t.add_column(col, **({"max_width": 60, "overflow": "fold"} if col == "state" else {}))
+        wide: dict[str, Any] = {"max_width": 60, "overflow": "fold"} if col == "state" else {}
+        t.add_column(col, **wide)
     for s in d["tracers"]:
         if "error" in s:
             t.add_row("?", "-", "-", s["control"], "-", "-", "-", "-", "-", "-", str(s["error"]))
@@ -338,7 +340,7 @@ def _tracer_table(d: dict):
                   _age(s["oldest_unacked_age_s"]) if s["ship_to"] else "-",
                   str(s.get("ship_connections_up") if s["ship_to"] else "-"),
                   str(s["drops"] or 0), str(state))
-    out = [t] if d["tracers"] else []
+    out: list[Any] = [t] if d["tracers"] else []
     for x in d.get("left_attached", []):
         out.append(f"capture left attached by a dead tracer (pid {x['dead_pid']}): session "
                    f"{x['session']}, {', '.join(x['devices'])}, LOG {x['log']}: start `blkrewind "

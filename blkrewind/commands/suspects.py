@@ -95,7 +95,8 @@ def run(args) -> int:
         if args.files:
             for r in rows:
                 r["files"] = episode_files(store, device, r)
-    cols = [c for c in rows[0] if not c.startswith("_")] if rows else ["started", "first_stamp", "detected", "after_s", "last", "processes", "cgroup",
+    cols = [c for c in rows[0] if not c.startswith("_")] if rows else [
+              "started", "first_stamp", "detected", "after_s", "last", "processes", "cgroup",
               "replaced_bytes", "writes", "ranges", "session", "clean_stamp", "clean_time",
               "clean_mark", "restore"]
     write_rows(cols, [tuple(r[c] for c in cols) for r in rows], args.format)

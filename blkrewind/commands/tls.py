@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-
 EXAMPLES = """\
   blkrewind tls init /root/blkrewind-ca --hosts replayer=10.0.0.5,db1,db2=10.0.0.7
   scp -r /root/blkrewind-ca/db1 db1:/etc/blkrewind/tls     # each host gets its directory

@@ -19,7 +19,6 @@ import threading
 
 from blkrewind.errors import UserError
 
-
 EXAMPLES = """\
   # protect /dev/sdb, shipping to a replayer over mutual TLS (the usual deployment)
   blkrewind trace --device /dev/sdb --log /var/lib/blkrewind/log \\
@@ -29,7 +28,9 @@ EXAMPLES = """\
   # trace while a command runs; its exit status is trace's
   blkrewind trace --device /dev/loop0 --log /tmp/log -- fio job.fio
 """
-EXIT_STATUS = {1: 'the tracer failed (it says why: LOG not writable, capture broken, ...)', 0: "stopped by SIGINT/SIGTERM after a clean flush; with -- COMMAND: COMMAND's exit status (128+N when signal N ended it)"}
+EXIT_STATUS = {1: 'the tracer failed (it says why: LOG not writable, capture broken, ...)',
+               0: "stopped by SIGINT/SIGTERM after a clean flush; with -- COMMAND: COMMAND's exit "
+                  "status (128+N when signal N ended it)"}
 
 
 def add_arguments(p):
@@ -55,7 +56,8 @@ def add_arguments(p):
     p.add_argument("--settle", type=float, default=1.0, metavar="SEC",
                    help="baseline: seconds a write queued before capture started may still be "
                         "completing (default 1)")
-    p.add_argument("--stats-json", metavar="FILE", help="write capture statistics (JSON) to FILE on exit (default: none)")
+    p.add_argument("--stats-json", metavar="FILE",
+                   help="write capture statistics (JSON) to FILE on exit (default: none)")
     g = p.add_argument_group("shipping to a replayer (`blkrewind serve`; docs/protocol.md)")
     g.add_argument("--ship", metavar="ADDR:PORT",
                    help="stream the LOG to the replayer listening there (the LOG stays the "
@@ -104,7 +106,7 @@ def _ship_host(args) -> str | None:
     if not 1 <= args.ship_timeout <= 3600:
         raise UserError(f"--ship-timeout must be 1..3600 seconds, not {args.ship_timeout}")
     if args.host is not None:
-        from blkrewind.wire import HOST_RE
+        from blkrewind.formats.wire import HOST_RE
         if not HOST_RE.fullmatch(args.host):
             raise UserError(f"--host {args.host!r}: use letters, digits, '.', '_' and '-'")
     if args.tls:

@@ -32,7 +32,8 @@ EXAMPLES = """\
   blkrewind verify --store S --device db1:sdb --at frozen-1 --live /dev/sdb
   blkrewind verify --store /srv/blkrewind          # payload files against their checksums
 """
-EXIT_STATUS = {1: 'the replica differs from the device (the ranges are printed), or a payload file is damaged or missing'}
+EXIT_STATUS = {1: 'the replica differs from the device (the ranges are printed), or a payload '
+                  'file is damaged or missing'}
 
 
 def add_arguments(p):

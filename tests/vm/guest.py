@@ -33,8 +33,9 @@ sys.path.insert(0, str(HERE.parent))
 
 sys.path.insert(0, str(HERE.parents[1]))
 
-from blkrewind import cli as blkrewind_cli  # noqa: E402
 from tracerproc import TraceProc, copy_device, direct_writes, sh, write_file  # noqa: E402
+
+from blkrewind import cli as blkrewind_cli  # noqa: E402
 
 DEV_MB = 32
 RING_MB = 8  # holds any bio of the workload; the burst (32 MiB in flight) overflows it
@@ -100,10 +101,10 @@ def main(out: Path) -> int:
         mark("m1")
         sh("fallocate", "-l", "2M", mnt / "direct.bin")
         direct_writes(mnt / "direct.bin", rng, 16, 32)
-        with open(mnt / "f0.bin", "r+b") as f:
-            f.seek(12345)
-            f.write(rng.randbytes(70001))
-            os.fsync(f.fileno())
+        with open(mnt / "f0.bin", "r+b") as g:
+            g.seek(12345)
+            g.write(rng.randbytes(70001))
+            os.fsync(g.fileno())
         mark("m2")
         (mnt / "f1.bin").unlink()
         (mnt / "d").mkdir()

@@ -216,7 +216,7 @@ def kill_all() -> None:
 
 
 def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
-              memory: str = "1G", cpus: int = 2, extra: list[str] = ()) -> subprocess.CompletedProcess:
+              memory: str = "1G", cpus: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """Boot kimg, run guest_cmd (as root, cwd = this checkout), power off. OUT is shared
     read-write; the console goes to OUT.console. qemu is killed on timeout or error (its
     own process group), so no VM outlives this call."""

@@ -37,11 +37,10 @@ import struct
 import time
 from typing import Any, NamedTuple
 
+# The LOG frame header (48 bytes: magic, CRC, lengths) and the session-id rule have one
+# definition: blkrewind/formats/logframe.py.
+from blkrewind.formats import logframe
 from blkrewind.osutil import crc32
-
-# The LOG frame header (48 bytes: magic, CRC, lengths) has one definition: tracer/log.py. It is
-# pure Python (struct, zlib, lz4) and imports nothing of the BPF side.
-from tracer import log as _log
 
 PROTO_VERSION = 1
 MAGIC = b"BRW1"
@@ -79,12 +78,12 @@ TYPE_MAX_BODY = {T_HELLO: MAX_JSON_SMALL, T_WELCOME: MAX_JSON_SMALL,
 MAX_SEGMENTS = 100_000         # items in one INVENTORY / LACKS message
 MAX_RANGES = 1 << 20           # ranges of one segment in a LACKS message
 MAX_FRAME_NO = (1 << 32) - 1   # LOG frame numbers are u32
-MAX_SEGNO = (1 << 31) - 1      # the store's progress.segno is an INTEGER
+MAX_SEGNO = (1 << 31) - 1      # the store keeps segno as an INTEGER (segments, frame_ranges)
 U32 = (1 << 32) - 1
 I63 = (1 << 63) - 1
 HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")   # no ':' (device keys are host:name)
-SESSION_RE = _log.SESSION_RE
-MAX_SESSION = 128
+SESSION_RE = logframe.SESSION_RE
+MAX_SESSION = logframe.MAX_SESSION
 
 # limits and timeouts of the server (docs/protocol.md); the shipper pings every PING_EVERY
 MAX_CONNS = 64
@@ -396,7 +395,7 @@ def expect(obj, fields: dict, *, what: str = "message") -> dict:
     ones). Raises ProtocolError naming the first bad field."""
     if not isinstance(obj, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(obj).__name__}")
-    out = {}
+    out: dict[str, Any] = {}
     for name, spec in fields.items():
         f = spec if isinstance(spec, Field) else _default_field(spec)
         v = obj.get(name)
@@ -437,7 +436,7 @@ INVENTORY_ITEM = {"session": F_SESSION, "segno": F_SEGNO, "seg_id": F_SEG_ID,
 LACKS_ITEM = {"session": F_SESSION, "segno": F_SEGNO,
               "ranges": Field(list, maxlen=MAX_RANGES)}
 FRAMES_META = {"session": F_SESSION, "segno": F_SEGNO, "seg_id": F_SEG_ID, "first": F_FRAME,
-               "n": Field(int, 1, MAX_BODY // _log.FRAME_SIZE), "id": F_ID}
+               "n": Field(int, 1, MAX_BODY // logframe.FRAME_SIZE), "id": F_ID}
 ACK = {"id": F_ID, "session": F_SESSION, "segno": F_SEGNO, "first": F_FRAME, "end": F_END}
 ERROR = {"reason": Field(str, maxlen=1024, minlen=0)}
 PING = {"t": Field(int, 0, I63)}
@@ -520,14 +519,14 @@ def unpack_frames(body) -> tuple[dict, list[memoryview]]:
                   FRAMES_META, what="FRAMES meta")
     if meta["first"] + meta["n"] > MAX_FRAME_NO + 1:
         raise ProtocolError("FRAMES meta: frame numbers past 2**32")
-    frames = []
+    frames: list[memoryview] = []
     off, end = 4 + mlen, len(mv)
-    fs = _log.FRAME_SIZE
+    fs = logframe.FRAME_SIZE
     while off < end:
         k = len(frames)
         if k >= meta["n"]:
             raise ProtocolError(f"FRAMES: {end - off} bytes after the {meta['n']} frames")
-        h = _log._parse(mv[off:off + fs])
+        h = logframe.parse_header(mv[off:off + fs])
         if isinstance(h, str):
             raise ProtocolError(f"FRAMES: frame {k} (no. {meta['first'] + k}): {h}")
         if h.seg_id != meta["seg_id"]:

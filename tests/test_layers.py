@@ -1,0 +1,181 @@
+"""The packages' layers (docs/internals.md, "Map"): every import, read from the source (ast,
+imports inside functions included), goes down or sideways, never up, and no modules import each
+other in a circle.
+
+    floor      blkrewind (its __init__), blkrewind.formats.*, blkrewind.errors, blkrewind.osutil,
+               blkrewind.tlsconf: the formats both sides share and small OS helpers
+    tracer     tracer.*: capture, LOG writer, shipper
+    replayer   replayer.*: server, ingest, store, rebuild, export
+    analytics  analytics.*: views, report, output formats
+    cli        blkrewind.cli, blkrewind.cliargs, blkrewind.helpdoc, blkrewind.metrics,
+               blkrewind.commands.*
+
+tracer and replayer are the two sides of the wire: they meet in the floor only (neither
+imports the other). Tests, bench/ and bpf/build.py sit above everything and are not checked.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("blkrewind", "tracer", "replayer", "analytics")
+FLOOR, TRACER, REPLAYER, ANALYTICS, CLI = range(5)
+LAYER_NAMES = ("floor", "tracer", "replayer", "analytics", "cli")
+CLI_MODULES = {"blkrewind.cli", "blkrewind.cliargs", "blkrewind.helpdoc", "blkrewind.metrics"}
+
+# Import edges that break a rule today, each with why it is not fixed yet. An entry that no
+# longer exists fails the test (remove it).
+KNOWN_CYCLES: dict[frozenset[str], str] = {
+    frozenset({"replayer.ingest", "replayer.integrity"}):
+        "integrity drops damaged ranges through ingest's Ledger, and FrameSink.check() calls "
+        "integrity.check(); cut when ingest becomes a package (issue 15, item 3)",
+    frozenset({"blkrewind.cli", "blkrewind.helpdoc"}):
+        "cli builds its parser with helpdoc's formatter; `python -m blkrewind.helpdoc` (bootstrap.sh) "
+        "writes the man page from cli's parser: both in the cli layer, inside functions",
+}
+KNOWN_UP_EDGES: dict[tuple[str, str], str] = {
+    ("replayer.query", "analytics.views"):
+        "the query server installs analytics' SQL views on a client's request (`blkrewind sql` "
+        "through a running server); inverting it means passing define_views from `serve` down "
+        "through replayer.server",
+}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            parts = p.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join(parts)] = p
+    return out
+
+
+def layer(mod: str) -> int:
+    top = mod.split(".")[0]
+    if top == "tracer":
+        return TRACER
+    if top == "replayer":
+        return REPLAYER
+    if top == "analytics":
+        return ANALYTICS
+    if mod in CLI_MODULES or mod == "blkrewind.commands" or mod.startswith("blkrewind.commands."):
+        return CLI
+    return FLOOR
+
+
+def imports(mod: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules `mod` imports, anywhere in its source."""
+    is_pkg = path.name == "__init__.py"
+    out = set()
+
+    def add(name: str) -> None:
+        # the longest known module that name is, or is inside (a name imported from it)
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name and name != mod:
+            out.add(name)
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                add(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                base = base[:len(base) - (node.level - 1)]
+                src = ".".join(base + ([node.module] if node.module else []))
+            else:
+                src = node.module or ""
+            if src.split(".")[0] not in PACKAGES:
+                continue
+            for a in node.names:
+                add(f"{src}.{a.name}" if f"{src}.{a.name}" in known else src)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {m: imports(m, p, known) for m, p in known.items()}
+
+
+def cycles(g: dict[str, set[str]]) -> list[frozenset[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out = []
+    for root in sorted(g):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(g[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(g[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = set()
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.add(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        out.append(frozenset(comp))
+    return out
+
+
+def test_the_graph_is_read():
+    g = graph()
+    assert "blkrewind.formats.logframe" in g["tracer.log"]
+    assert "blkrewind.formats.logframe" in g["replayer.ingest"]  # imported inside functions too
+    assert layer("blkrewind.formats.wire") == FLOOR and layer("blkrewind.commands.trace") == CLI
+
+
+def test_no_import_goes_up_a_layer():
+    bad = []
+    for mod, deps in sorted(graph().items()):
+        for dep in sorted(deps):
+            up = layer(dep) > layer(mod)
+            across = {layer(mod), layer(dep)} == {TRACER, REPLAYER}
+            if (up or across) and (mod, dep) not in KNOWN_UP_EDGES:
+                bad.append(f"{mod} ({LAYER_NAMES[layer(mod)]}) imports {dep} "
+                           f"({LAYER_NAMES[layer(dep)]})")
+    assert not bad, "imports against the layers:\n  " + "\n  ".join(bad)
+    g = graph()
+    stale = [e for e in KNOWN_UP_EDGES if e[1] not in g.get(e[0], ())]
+    assert not stale, f"KNOWN_UP_EDGES lists edges that are gone: {stale}"
+
+
+def test_no_import_cycles():
+    found = set(cycles(graph()))
+    new = [sorted(c) for c in found if c not in KNOWN_CYCLES]
+    assert not new, f"import cycles: {new}"
+    stale = [sorted(c) for c in KNOWN_CYCLES if c not in found]
+    assert not stale, f"KNOWN_CYCLES lists cycles that are gone: {stale}"
+
+
+def test_the_floor_imports_only_the_floor():
+    """blkrewind.formats is imported by both sides: it reaches nothing but the floor (which
+    test_no_import_goes_up_a_layer checks) and the standard library and third-party packages."""
+    for mod, deps in graph().items():
+        if mod.startswith("blkrewind.formats"):
+            assert all(layer(d) == FLOOR for d in deps), (mod, deps)
