@@ -271,6 +271,10 @@ class Tracer:
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
                  + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
+        if "dirtier" not in attached:
+            why = (cap.optional_error or "").splitlines()[:1]
+            self.say("the dirtier of buffered writes is not recorded on this kernel (writes "
+                     "show the flusher that submitted them)" + (f": {why[0]}" if why else ""))
 
     # ------------------------------------------------- surviving a crash (tracer/pins.py)
     def _pin(self, regions) -> None:
