@@ -46,6 +46,7 @@ def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, 
              "d.bin": "writer_dd"}
     how = {"a.bin": "buffered", "b.bin": "buffered", "c.bin": "fsync", "d.bin": "direct"}
     with TraceProc([loop.path], log) as t:
+        cli("mark", "m0", "--log", log)
         procs = {f: subprocess.Popen([sys.executable, "-c", WRITER, comm, str(mnt / f),
                                       str(FILE_MB), how[f]], stdout=subprocess.PIPE, text=True)
                  for f, comm in names.items()}
@@ -86,3 +87,10 @@ def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, 
             assert {(r["comm"], r["pid"]) for r in rows} == {(comm, pids[f])}, rows
         else:  # submitted by someone else: a flusher thread (kworker) or sync
             assert all(r["comm"] != comm for r in rows), rows
+
+    # blame: the file's bytes by submitter and dirtier
+    a = extents["a.bin"][0]
+    b = json.loads(cli("blame", "--store", store, "--device", loop.path, "--from", "m0", "--to",
+                       "latest", "--range", f"{a[0]}+{a[1] - a[0]}", "--format", "json").stdout)
+    assert [(x["dirty_comm"], x["dirty_pid"]) for x in b] == [("writer_aa", pids["a.bin"])], b
+    assert sum(x["bytes"] for x in b) == a[1] - a[0] and b[0]["comm"] != "writer_aa", b
