@@ -600,10 +600,18 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = folio->index };
-	struct br_dirtier v;
 	__u64 pt = bpf_get_current_pid_tgid();
+	__u64 now = bpf_ktime_get_ns();
+	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
+	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
+		/* dirtied again by the same thread (the common case: a file rewritten): only the
+		 * time, in place -- an update would take a new LRU node (and may evict) */
+		old->ktime_ns = now;
+		return 0;
+	}
+	struct br_dirtier v;
 	v.cgroup_id = bpf_get_current_cgroup_id();
-	v.ktime_ns = bpf_ktime_get_ns();
+	v.ktime_ns = now;
 	v.tgid = pt >> 32;
 	v.tid = (__u32)pt;
 	bpf_get_current_comm(v.comm, sizeof(v.comm));
