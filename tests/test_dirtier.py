@@ -12,9 +12,10 @@ import sys
 import pytest
 
 from replayer import fsmap
+from blkrewind import record
+from synth import SynthSession
 from tracerproc import TraceProc, cli, sh
 
-pytestmark = [pytest.mark.bpf]
 
 FILE_MB = 8
 
@@ -37,6 +38,7 @@ print(os.getpid(), flush=True)
 """
 
 
+@pytest.mark.bpf
 def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, tmp_path):
     loop = make_loop(128)
     mkfs(loop.path)
@@ -94,3 +96,28 @@ def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, 
                        "latest", "--range", f"{a[0]}+{a[1] - a[0]}", "--format", "json").stdout)
     assert [(x["dirty_comm"], x["dirty_pid"]) for x in b] == [("writer_aa", pids["a.bin"])], b
     assert sum(x["bytes"] for x in b) == a[1] - a[0] and b[0]["comm"] != "writer_aa", b
+
+
+def test_dirtier_columns_from_records(tmp_path):
+    """Ingest and the views, from synthetic records: R_DIRTY (here after its bio's records,
+    the bio in several pieces), F_DIRTYSELF, neither."""
+    s = SynthSession(str(tmp_path / "log"), seed=12, size=2 << 20)
+    s.baseline()
+    flushed = s.write(0, s.rng.randbytes(200 << 10), pid=70, comm="kworker/u8:1")
+    s.dirtier(flushed, pid=555, comm="app")
+    own = s.write(1 << 20, b"\x01" * 8192, pid=888, comm="selfw", flags=record.F_DIRTYSELF)
+    direct = s.write(1 << 19, b"\x02" * 4096, pid=999, comm="directw")
+    s.end()
+    cli("ingest", "--log", tmp_path / "log", "--store", tmp_path / "store")
+    rows = json.loads(cli("sql", "--store", tmp_path / "store",
+                          "SELECT stamp, pid, comm, dirty_pid, dirty_tid, dirty_comm, "
+                          "dirty_cgroup_id, dirty_time IS NOT NULL AS dt, captured FROM writes "
+                          "WHERE op = 'write' ORDER BY stamp", "--format", "json").stdout)
+    by = {r["stamp"]: r for r in rows}
+    assert (by[flushed]["pid"], by[flushed]["comm"]) == (70, "kworker/u8:1")
+    assert (by[flushed]["dirty_pid"], by[flushed]["dirty_tid"], by[flushed]["dirty_comm"],
+            by[flushed]["dirty_cgroup_id"], by[flushed]["dt"]) == (555, 556, "app", 88, True)
+    assert by[flushed]["captured"] == 200 << 10  # one row per bio: the join adds none
+    assert (by[own]["dirty_pid"], by[own]["dirty_tid"], by[own]["dirty_comm"],
+            by[own]["dirty_cgroup_id"]) == (888, 889, "selfw", 77)
+    assert by[direct]["dirty_pid"] is None and by[direct]["dirty_comm"] is None
