@@ -373,6 +373,20 @@ static __always_inline __u64 wake_flags(__u64 t, __u32 len)
 	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
+/* a record of the header template alone, with its own seq (NULL: dropped, counted) */
+static __always_inline struct br_rec *header_rec(struct br_state *s, struct br_walk *w)
+{
+	struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
+
+	if (!r) {
+		count_drop(s, 0);
+		return 0;
+	}
+	__builtin_memcpy(r, &w->h, sizeof(*r));
+	r->seq = next_seq(s);
+	return r;
+}
+
 /* one record: header + up to w->piece bytes of payload */
 static long record_cb(__u64 i, void *ctx)
 {
@@ -535,13 +549,9 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 	int has_data = (w->h.op == BR_OP_WRITE || w->h.rtype == BR_R_CALIB) && size > 0;
 	if (!has_data) {
 		/* flush, discard, write-zeroes, secure erase, empty PREFLUSH */
-		struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
-		if (!r) {
-			count_drop(s, 0);
+		struct br_rec *r = header_rec(s, w);
+		if (!r)
 			return;
-		}
-		__builtin_memcpy(r, &w->h, sizeof(*r));
-		r->seq = next_seq(s);
 		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
 		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 		return;
@@ -654,13 +664,9 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 		w->h.flags |= BR_F_DIRTYSELF;
 		return;
 	}
-	struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
-	if (!r) {
-		count_drop(s, 0);
+	struct br_rec *r = header_rec(s, w);
+	if (!r)
 		return;
-	}
-	__builtin_memcpy(r, &w->h, sizeof(*r));
-	r->seq = next_seq(s);
 	r->rtype = BR_R_DIRTY;
 	r->flags = BR_F_NODATA;
 	r->len = 0;
