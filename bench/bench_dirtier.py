@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -39,9 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_capture import (RESULTS, Workspace, device_written, drop_sealed_segments,  # noqa: E402
-                           machine, queue_prog, say, sh, start_tracer, t95)
-from tracer import libbpf as L  # noqa: E402
+from bench_capture import (RESULTS, Workspace, device_written, interleaved_tracer,  # noqa: E402
+                           machine, queue_prog, say, sh, t95)
 
 MB = 1e6
 JOBS = {"bufseq64k": dict(rw="write", bs="64k"), "bufrand4k": dict(rw="randwrite", bs="4k")}
@@ -76,56 +73,45 @@ def pair_ratios(windows: list[dict], key: str) -> list[float]:
 
 
 def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
-    log = ws.new_log()
     out = ws.dir / f"fio-{job}.json"
     path = mnt / f"{job}.dat"
     sh("fallocate", "-l", f"{a.file_mb}M", path)
-    stats_fd = L.enable_run_stats()
-    t = start_tracer(dev, log, a.ring_mb)
     windows: list[dict] = []
-    done = threading.Event()
-    janitor = threading.Thread(target=drop_sealed_segments, args=(log, done), daemon=True)
-    janitor.start()
     try:
-        t.resync.stop(finish=False)
-        cap = t.capture
-        if "dirtier" not in cap.attached:
-            raise RuntimeError(f"dirtier_btf is not attached: {cap.optional_error}")
-        qprog = queue_prog(t)
-        p = subprocess.Popen(fio_args(path, job, a.runtime, a.file_mb, out),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(2.0)  # fio starts, the page cache fills to the dirty limits
-        on = False
-        cap.set_dirtier(on)
-
-        def sample():
-            return (time.monotonic(), wchar(p.pid), device_written(dev),
-                    cap.prog_stats("dirtier_btf"), cap.prog_stats(qprog))
-        s0 = sample()
-        end = s0[0] + a.runtime - 3.0
-        while time.monotonic() + a.window <= end and p.poll() is None:
-            time.sleep(a.window)
-            s1 = sample()
-            dt = s1[0] - s0[0]
-            druns = s1[3][1] - s0[3][1]
-            qruns = s1[4][1] - s0[4][1]
-            windows.append({
-                "on": on, "seconds": dt, "fio_mb_s": (s1[1] - s0[1]) / dt / MB,
-                "dev_mb_s": (s1[2] - s0[2]) / dt / MB,
-                "dirtier_runs": druns, "dirtier_ns_per_run": (s1[3][0] - s0[3][0]) / max(1, druns),
-                "dirtier_cpu": (s1[3][0] - s0[3][0]) / (dt * 1e9),
-                "queue_runs": qruns, "queue_ns_per_run": (s1[4][0] - s0[4][0]) / max(1, qruns)})
-            on = not on
+        with interleaved_tracer(ws, dev, a.ring_mb) as t:
+            cap = t.capture
+            if "dirtier" not in cap.attached:
+                raise RuntimeError(f"dirtier_btf is not attached: {cap.optional_error}")
+            qprog = queue_prog(t)
+            p = subprocess.Popen(fio_args(path, job, a.runtime, a.file_mb, out),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(2.0)  # fio starts, the page cache fills to the dirty limits
+            on = False
             cap.set_dirtier(on)
-            s0 = s1
-        p.wait(a.runtime + 120)
-        st = cap.state().as_dict()
+
+            def sample():
+                return (time.monotonic(), wchar(p.pid), device_written(dev),
+                        cap.prog_stats("dirtier_btf"), cap.prog_stats(qprog))
+            s0 = sample()
+            end = s0[0] + a.runtime - 3.0
+            while time.monotonic() + a.window <= end and p.poll() is None:
+                time.sleep(a.window)
+                s1 = sample()
+                dt = s1[0] - s0[0]
+                druns = s1[3][1] - s0[3][1]
+                qruns = s1[4][1] - s0[4][1]
+                windows.append({
+                    "on": on, "seconds": dt, "fio_mb_s": (s1[1] - s0[1]) / dt / MB,
+                    "dev_mb_s": (s1[2] - s0[2]) / dt / MB,
+                    "dirtier_runs": druns, "dirtier_ns_per_run": (s1[3][0] - s0[3][0]) / max(1, druns),
+                    "dirtier_cpu": (s1[3][0] - s0[3][0]) / (dt * 1e9),
+                    "queue_runs": qruns, "queue_ns_per_run": (s1[4][0] - s0[4][0]) / max(1, qruns)})
+                on = not on
+                cap.set_dirtier(on)
+                s0 = s1
+            p.wait(a.runtime + 120)
+            st = cap.state().as_dict()
     finally:
-        t.stop()
-        done.set()
-        janitor.join()
-        os.close(stats_fd)
-        shutil.rmtree(log, ignore_errors=True)
         try:
             os.unlink(path)
         except OSError:
