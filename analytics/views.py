@@ -45,7 +45,8 @@ writes -- one row per bio (not per payload piece)
                       Only the first page's dirtier and, per page, the first task that dirtied
                       it since its last writeback (docs/internals.md, "The dirtier of a
                       buffered write")
-    dirty_time        when that page went dirty (NULL with the dirtier)
+    dirty_time        when that page went dirty (NULL when the dirtier is unknown or is the
+                      submitter)
 
 marks -- named points set with `blkrewind mark`
     name, time, stamp, session
