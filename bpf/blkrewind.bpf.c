@@ -629,6 +629,35 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	return 0;
 }
 
+/* folio->flags: unsigned long up to 6.17, memdesc_flags_t (a struct holding it) from 6.18.
+ * CO-RE does not match a field of another kind, so one flavour per kind; the other one's
+ * branch is dead code to the verifier (its relocation fails harmlessly). */
+struct br_memdesc_flags {
+	unsigned long f;
+};
+
+struct folio___memdesc {
+	struct br_memdesc_flags flags;
+} __attribute__((preserve_access_index));
+
+struct folio___ulong {
+	unsigned long flags;
+} __attribute__((preserve_access_index));
+
+/* 0 where neither is known (the caller then gives up) */
+static __always_inline __u64 folio_flags(void *folio)
+{
+	struct folio___ulong *fu = folio;
+	struct folio___memdesc *fm = folio;
+	__u64 v = 0;
+
+	if (bpf_core_field_exists(fu->flags))
+		bpf_core_read(&v, sizeof(v), &fu->flags);
+	else if (bpf_core_field_exists(fm->flags))
+		bpf_core_read(&v, sizeof(v), &fm->flags);
+	return v;
+}
+
 /* A write bio with data: if its first page is a page-cache folio under writeback whose
  * dirtier is known, either flag the bio (the submitter dirtied it: F_DIRTYSELF) or emit an
  * R_DIRTY record with the bio's stamp and the dirtier (before the bio's records). O_DIRECT
@@ -641,17 +670,17 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 	struct page *page = BPF_CORE_READ(bv, bv_page);
 	struct folio *folio = (struct folio *)page;
 
-	if (!page)
+	/* everything CO-RE relocates here is checked first: a kernel that lacks a field or
+	 * flag loses the attribution, never the capture program */
+	if (!page || !bpf_core_field_exists(folio->mapping) || !bpf_core_field_exists(folio->index)
+	    || !bpf_core_enum_value_exists(enum pageflags, PG_writeback))
 		return;
 	if (bpf_core_field_exists(page->compound_head)) {
 		__u64 head = BPF_CORE_READ(page, compound_head);
 		if (head & 1)  /* a tail page: its folio is the head */
 			folio = (struct folio *)(head - 1);
 	}
-	__u64 fflags = 0;
-	if (bpf_core_read(&fflags, sizeof(fflags), &folio->flags))
-		return;
-	if (!(fflags & (1ULL << bpf_core_enum_value(enum pageflags, PG_writeback))))
+	if (!(folio_flags(folio) & (1ULL << bpf_core_enum_value(enum pageflags, PG_writeback))))
 		return;
 	struct br_dkey key = { .mapping = (__u64)BPF_CORE_READ(folio, mapping),
 			       .index = BPF_CORE_READ(folio, index) };

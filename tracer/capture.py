@@ -300,6 +300,9 @@ class Capture:
             else:
                 if what in required:
                     raise UserError(f"cannot attach to the block layer ({'; '.join(errors)})")
+        if "dirtier" not in self.attached and self.cfg.dirtier:
+            self.cfg.dirtier = 0  # no dirtier is recorded: bios need not look one up
+            self.push_cfg()
         return self.attached
 
     # -- configuration ------------------------------------------------------
