@@ -12,8 +12,12 @@ overwritten for --runtime seconds: the flusher writes the pages back and they ar
 again, so the tracepoint fires and the writeback bios look their dirtier up all along. The
 dirtier is switched off/on every --window seconds (Capture.set_dirtier: the cfg switch, same
 object, same process), the interleaved method of bench_dirty.py: each "on" window is compared
-with the mean of the "off" windows around it. Per window: fio's write rate (its wchar,
-/proc/PID/io: what the writer got through the page cache), the device's completed writes
+with the mean of the "off" windows around it. Per window: fio's CPU time per KiB written
+(its threads' schedstat run time over its wchar: the dirtier_btf runs are in the writer's
+context; throttling pauses cost no CPU, so this is the steadiest figure with buffered
+writes; windows with less than 1 MiB written are left out of the pairs; the off/on columns
+are ratios of sums), fio's write rate (its wchar, /proc/PID/io: what the writer got through the page
+cache; bursty: balance_dirty_pages pauses the writer), the device's completed writes
 (/sys/block/X/stat: the writeback), and kernel BPF stats (BPF_ENABLE_STATS) of dirtier_btf
 (runs, ns per run) and of the block_bio_queue program (ns per run: the lookup is in it).
 Reports both on/off ratios with their 95 % confidence intervals (an interval that holds 1.0:
@@ -60,6 +64,18 @@ def wchar(pid: int) -> int:
     raise RuntimeError(f"no wchar in /proc/{pid}/io")
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time (ns) the threads of process pid ran: the sum of their schedstat run times."""
+    n = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{t}/schedstat") as f:
+                n += int(f.read().split()[0])
+        except (OSError, ValueError):
+            pass
+    return n
+
+
 def ci(ratios: list[float]) -> tuple[float, float, float]:
     mean = statistics.mean(ratios)
     half = t95(len(ratios)) * statistics.stdev(ratios) / len(ratios) ** 0.5
@@ -69,7 +85,13 @@ def ci(ratios: list[float]) -> tuple[float, float, float]:
 def pair_ratios(windows: list[dict], key: str) -> list[float]:
     return [w[key] / ((windows[i - 1][key] + windows[i + 1][key]) / 2)
             for i, w in enumerate(windows[1:-1], 1)
-            if w["on"] and windows[i - 1][key] + windows[i + 1][key] > 0]
+            if w["on"] and None not in (w[key], windows[i - 1][key], windows[i + 1][key])
+            and windows[i - 1][key] + windows[i + 1][key] > 0]
+
+
+def cpu_per_kib(ws: list[dict]) -> float:
+    """fio's CPU ns per KiB written over windows (ratio of the sums)."""
+    return sum(w["fio_cpu_ns"] for w in ws) * 1024 / max(1, sum(w["fio_bytes"] for w in ws))
 
 
 def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
@@ -91,7 +113,7 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
 
             def sample():
                 return (time.monotonic(), wchar(p.pid), device_written(dev),
-                        cap.prog_stats("dirtier_btf"), cap.prog_stats(qprog))
+                        cap.prog_stats("dirtier_btf"), cap.prog_stats(qprog), cpu_ns(p.pid))
             s0 = sample()
             end = s0[0] + a.runtime - 3.0
             while time.monotonic() + a.window <= end and p.poll() is None:
@@ -103,6 +125,7 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
                 windows.append({
                     "on": on, "seconds": dt, "fio_mb_s": (s1[1] - s0[1]) / dt / MB,
                     "dev_mb_s": (s1[2] - s0[2]) / dt / MB,
+                    "fio_cpu_ns": s1[5] - s0[5], "fio_bytes": s1[1] - s0[1],
                     "dirtier_runs": druns, "dirtier_ns_per_run": (s1[3][0] - s0[3][0]) / max(1, druns),
                     "dirtier_cpu": (s1[3][0] - s0[3][0]) / (dt * 1e9),
                     "queue_runs": qruns, "queue_ns_per_run": (s1[4][0] - s0[4][0]) / max(1, qruns)})
@@ -118,12 +141,17 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
             pass
     if p.returncode != 0:
         raise RuntimeError(f"fio: {(p.stderr.read() if p.stderr else '').strip()[-300:]}")
+    for w in windows:  # a window the writer spent paused (throttled) says nothing per KiB
+        w["fio_cpu_ns_per_kib"] = (w["fio_cpu_ns"] * 1024 / w["fio_bytes"]
+                                   if w["fio_bytes"] >= 1 << 20 else None)
     on_w = [w for w in windows if w["on"]]
     off_w = [w for w in windows if not w["on"]]
     fio_r, dev_r = ci(pair_ratios(windows, "fio_mb_s")), ci(pair_ratios(windows, "dev_mb_s"))
+    cpu_r = ci(pair_ratios(windows, "fio_cpu_ns_per_kib"))
     runs = sum(w["dirtier_runs"] for w in on_w)
     r = {"job": job, "pairs": len(pair_ratios(windows, "fio_mb_s")), "window_s": a.window,
-         "fio_ratio": fio_r, "dev_ratio": dev_r,
+         "fio_ratio": fio_r, "dev_ratio": dev_r, "cpu_ratio": cpu_r,
+         "fio_cpu_ns_per_kib_off": cpu_per_kib(off_w), "fio_cpu_ns_per_kib_on": cpu_per_kib(on_w),
          "fio_off_mb_s": statistics.mean(w["fio_mb_s"] for w in off_w),
          "fio_on_mb_s": statistics.mean(w["fio_mb_s"] for w in on_w),
          "dev_off_mb_s": statistics.mean(w["dev_mb_s"] for w in off_w),
@@ -138,7 +166,8 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
          "queue_ns_per_run_off": statistics.mean(w["queue_ns_per_run"] for w in off_w),
          "queue_ns_per_run_on": statistics.mean(w["queue_ns_per_run"] for w in on_w),
          "drops": st["drops"], "loadavg_after": os.getloadavg(), "windows": windows}
-    say(f"  {job}: fio on/off {fio_r[0]:.4f} ({fio_r[1]:.4f}..{fio_r[2]:.4f}), device on/off "
+    say(f"  {job}: fio CPU per KiB on/off {cpu_r[0]:.4f} ({cpu_r[1]:.4f}..{cpu_r[2]:.4f}), "
+        f"fio on/off {fio_r[0]:.4f} ({fio_r[1]:.4f}..{fio_r[2]:.4f}), device on/off "
         f"{dev_r[0]:.4f} ({dev_r[1]:.4f}..{dev_r[2]:.4f}), dirtier_btf "
         f"{r['dirtier_ns_per_run_on']:.0f} ns/run x {r['dirtier_runs_per_s_on']:.0f}/s on, "
         f"queue {r['queue_ns_per_run_off']:.0f} -> {r['queue_ns_per_run_on']:.0f} ns/run")
@@ -191,12 +220,15 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
-    print("| job | pairs | fio MB/s off | on | on/off (95 % CI) | device MB/s off | on | "
-          "on/off (95 % CI) | dirtier_btf ns/run | runs/s | CPU | queue ns/run off | on |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| job | pairs | fio CPU ns/KiB off | on | on/off (95 % CI) | fio MB/s off | on | "
+          "on/off (95 % CI) | device MB/s off | on | on/off (95 % CI) | dirtier_btf ns/run | "
+          "runs/s | CPU | queue ns/run off | on |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        f, d = r["fio_ratio"], r["dev_ratio"]
-        print(f"| {r['job']} | {r['pairs']} x {r['window_s']} s | {r['fio_off_mb_s']:.1f} | "
+        f, d, c = r["fio_ratio"], r["dev_ratio"], r["cpu_ratio"]
+        print(f"| {r['job']} | {r['pairs']} x {r['window_s']} s | "
+              f"{r['fio_cpu_ns_per_kib_off']:.0f} | {r['fio_cpu_ns_per_kib_on']:.0f} | "
+              f"{c[0]:.4f} ({c[1]:.4f}..{c[2]:.4f}) | {r['fio_off_mb_s']:.1f} | "
               f"{r['fio_on_mb_s']:.1f} | {f[0]:.4f} ({f[1]:.4f}..{f[2]:.4f}) | "
               f"{r['dev_off_mb_s']:.1f} | {r['dev_on_mb_s']:.1f} | {d[0]:.4f} ({d[1]:.4f}.."
               f"{d[2]:.4f}) | {r['dirtier_ns_per_run_on']:.0f} | {r['dirtier_runs_per_s_on']:.0f} | "
