@@ -121,3 +121,17 @@ def test_dirtier_columns_from_records(tmp_path):
     assert (by[own]["dirty_pid"], by[own]["dirty_tid"], by[own]["dirty_comm"],
             by[own]["dirty_cgroup_id"]) == (888, 889, "selfw", 77)
     assert by[direct]["dirty_pid"] is None and by[direct]["dirty_comm"] is None
+
+    # a store made before the dirtiers table: read-only, the views show NULL; a writer adds it
+    import duckdb
+    con = duckdb.connect(str(tmp_path / "store" / "meta.duckdb"))
+    con.execute("DROP TABLE dirtiers")
+    con.close()
+    q = "SELECT dirty_pid, dirty_comm FROM writes WHERE stamp = " + str(flushed)
+    assert json.loads(cli("sql", "--store", tmp_path / "store", q, "--format", "json").stdout) \
+        == [{"dirty_pid": None, "dirty_comm": None}]
+    cli("ingest", "--log", tmp_path / "log", "--store", tmp_path / "store")
+    con = duckdb.connect(str(tmp_path / "store" / "meta.duckdb"), read_only=True)
+    # the table is back (empty: frames are stored once; an older tracer emitted no R_DIRTY)
+    assert con.execute("SELECT count(*) FROM dirtiers").fetchone() == (0,)
+    con.close()
