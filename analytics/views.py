@@ -34,6 +34,19 @@ writes -- one row per bio (not per payload piece)
     randomness        fraction in [0, 1] of the payload's sampled 256-byte segments that look
                       random (ciphertext, compressed data); NULL without payload or for rows
                       ingested before it was computed (replayer/entropy.py)
+    dirty_pid, dirty_tid, dirty_comm, dirty_cgroup_id
+                      the process that dirtied the bio's first page in the page cache: for
+                      buffered writes, which a flusher (kworker, jbd2, sync) submits, the real
+                      writer; the submitter itself when it dirtied the page (fsync, or a
+                      process writing back its own pages). NULL when not known: O_DIRECT and
+                      other bios of pages not from the page cache (the submitter is the writer),
+                      journal writes, pages dirtied before tracing began, kernels without the
+                      writeback_dirty_folio tracepoint, sessions recorded before it existed.
+                      Only the first page's dirtier and, per page, the first task that dirtied
+                      it since its last writeback (docs/internals.md, "The dirtier of a
+                      buffered write")
+    dirty_time        when that page went dirty (NULL when the dirtier is unknown or is the
+                      submitter)
 
 marks -- named points set with `blkrewind mark`
     name, time, stamp, session
@@ -123,10 +136,30 @@ def _flags_text(expr: str) -> str:
     return f"concat_ws(',', {parts})"
 
 
-def view_sql(db: str, randomness: bool = True) -> dict[str, str]:
+def view_sql(db: str, randomness: bool = True, dirtiers: bool = True) -> dict[str, str]:
     """name -> SELECT defining the view; `db` is the catalog of the store's tables
-    (randomness=False: a store whose records have no randomness column yet)."""
+    (randomness=False: a store whose records have no randomness column yet; dirtiers=False:
+    nor a dirtiers table)."""
     t = f"{db}.main"
+    self_ = f"(bit_or(r.flags) & {record.F_DIRTYSELF}) != 0"
+    if dirtiers:
+        dj = (f"LEFT JOIN {t}.dirtiers dz ON dz.session = r.session AND dz.stamp = r.stamp "
+              f"AND dz.dev = r.dev")
+        dcols = (f"CASE WHEN {self_} THEN any_value(r.tgid) ELSE any_value(dz.tgid) END "
+                 f"AS dirty_pid, "
+                 f"CASE WHEN {self_} THEN any_value(r.tid) ELSE any_value(dz.tid) END "
+                 f"AS dirty_tid, "
+                 f"CASE WHEN {self_} THEN any_value(r.comm) ELSE any_value(dz.comm) END "
+                 f"AS dirty_comm, "
+                 f"CASE WHEN {self_} THEN any_value(r.cgroup_id) ELSE any_value(dz.cgroup_id) "
+                 f"END AS dirty_cgroup_id, "
+                 f"CASE WHEN {self_} THEN NULL ELSE {_ts('any_value(dz.time_ns)')} END "
+                 f"AS dirty_time")
+    else:
+        dj = ""
+        dcols = ("CAST(NULL AS UINTEGER) AS dirty_pid, CAST(NULL AS UINTEGER) AS dirty_tid, "
+                 "CAST(NULL AS VARCHAR) AS dirty_comm, CAST(NULL AS UBIGINT) AS dirty_cgroup_id, "
+                 "CAST(NULL AS TIMESTAMPTZ) AS dirty_time")
     rnd = ("CAST(sum(r.randomness * r.len) / nullif(sum(CASE WHEN r.randomness IS NOT NULL "
            "THEN r.len END), 0) AS REAL)" if randomness else "CAST(NULL AS REAL)")
     bad = record.F_READERR | record.F_TRUNC
@@ -142,9 +175,10 @@ def view_sql(db: str, randomness: bool = True) -> dict[str, str]:
                      OR (bit_or(r.flags) & {record.F_FIRST | record.F_LAST}) =
                         {record.F_FIRST | record.F_LAST} AND sum(r.len) = any_value(r.bio_size))
                      AS complete,
-                   {rnd} AS randomness
+                   {rnd} AS randomness, {dcols}
               FROM {t}.records r
               LEFT JOIN {t}.session_devices sd ON sd.session = r.session AND sd.dev = r.dev
+              {dj}
              GROUP BY r.session, r.stamp""",
         "marks": f"""
             SELECT m.name, {_ts('m.time_ns')} AS time, m.stamp, m.session,
@@ -232,7 +266,9 @@ def define_views(con) -> list[str]:
     db = con.execute("SELECT current_database()").fetchone()[0]
     has = con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = ? AND "
                       "table_name = 'records' AND column_name = 'randomness'", [db]).fetchone()[0]
-    views = view_sql(f'"{db}"', randomness=bool(has))
+    dirt = con.execute("SELECT count(*) FROM duckdb_tables() WHERE database_name = ? AND "
+                       "table_name = 'dirtiers'", [db]).fetchone()[0]
+    views = view_sql(f'"{db}"', randomness=bool(has), dirtiers=bool(dirt))
     for name, sql in views.items():
         con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {sql}")
     return list(views)

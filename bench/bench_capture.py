@@ -41,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -377,12 +378,12 @@ def quiet(_msg: str) -> None:
     pass
 
 
-def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet):
+def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet, dirtier: bool = False):
     """An in-process Tracer (tracer/session.py) of dev, no baseline, LOG in log."""
     sys.path.insert(0, str(ROOT))
     from tracer.session import TraceOptions, Tracer
     t = Tracer(TraceOptions(devices=[dev], log_dir=str(log), ring_bytes=ring_mb << 20,
-                            baseline=False), say=say_fn)
+                            baseline=False, dirtier=dirtier), say=say_fn)
     t.start()
     t.run_baseline(None)
     return t
@@ -420,6 +421,29 @@ def drop_sealed_segments(log: Path, done: threading.Event) -> None:
             f.unlink(missing_ok=True)
 
 
+@contextmanager
+def interleaved_tracer(ws: Workspace, dev: str, ring_mb: int, dirtier: bool = False):
+    """An in-process tracer of dev for an interleaved run: kernel BPF stats on, resync and
+    checkpoints stopped, sealed LOG segments deleted as it goes; stopped, its LOG removed,
+    at the end."""
+    from tracer import libbpf as L
+    log = ws.new_log()
+    stats_fd = L.enable_run_stats()
+    t = start_tracer(dev, log, ring_mb, dirtier=dirtier)
+    done = threading.Event()
+    janitor = threading.Thread(target=drop_sealed_segments, args=(log, done), daemon=True)
+    janitor.start()
+    try:
+        t.resync.stop(finish=False)
+        yield t
+    finally:
+        t.stop()
+        done.set()
+        janitor.join()
+        os.close(stats_fd)
+        shutil.rmtree(log, ignore_errors=True)
+
+
 def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> dict:
     """One fio run of a.interleaved_runtime seconds under one in-process tracer (resync and
     checkpoints stopped); switch(tracer, on) turns `what` off and on every a.window seconds.
@@ -429,18 +453,9 @@ def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> 
     cancels: the mean on/off ratio and its 95 % confidence interval say what `what` costs,
     and whether that is measurable at all."""
     import statistics
-
-    from tracer import libbpf as L
-    log = ws.new_log()
     out = ws.dir / f"fio-{job}-interleaved.json"
-    stats_fd = L.enable_run_stats()
-    t = start_tracer(dev, log, a.ring_mb)
     windows: list[dict] = []
-    done = threading.Event()
-    janitor = threading.Thread(target=drop_sealed_segments, args=(log, done), daemon=True)
-    janitor.start()
-    try:
-        t.resync.stop(finish=False)
+    with interleaved_tracer(ws, dev, a.ring_mb) as t:
         cap = t.capture
         prog = queue_prog(t)
         p = subprocess.Popen(fio_args(dev, job, a.interleaved_runtime, out),
@@ -464,12 +479,6 @@ def interleaved_run(a, ws: Workspace, dev: str, job: str, what: str, switch) -> 
             t0, s0, ns0, c0, b0 = t1, s1, ns1, c1, b1
         p.wait(a.interleaved_runtime + 120)
         st = t.capture.state().as_dict()
-    finally:
-        t.stop()
-        done.set()
-        janitor.join()
-        os.close(stats_fd)
-        shutil.rmtree(log, ignore_errors=True)
     if p.returncode != 0:
         raise RuntimeError(f"fio: {(p.stderr.read() if p.stderr else '').strip()[-300:]}")
     ratios = [w["mb_s"] / ((windows[i - 1]["mb_s"] + windows[i + 1]["mb_s"]) / 2)

@@ -13,6 +13,8 @@
  *                               stamp per bio; header + payload records
  *   rqdone_btf / rqdone_raw     block_rq_complete (blk-mq devices): R_COMPLETE
  *   biodone_btf                 block_bio_complete (bio-based devices: dm, md)
+ *   dirtier_btf                 tp_btf writeback_dirty_folio (optional): who made a
+ *                               folio of a traced device dirty, for R_DIRTY
  *   point                       run by the tracer (BPF_PROG_TEST_RUN): R_MARK /
  *                               R_POINT with a stamp from the same counter
  *   reader                      run by the tracer: reads kernel memory for the
@@ -59,6 +61,10 @@ struct br_cfg {
 	__u64 dev_bloom;       /* bit dev_bit(d) set for every dev_t d in dev_map: a bio or
 				* request whose device and disk bits are both clear is not
 				* traced, known without a hash lookup */
+	__u32 dirtier;         /* 1: record who dirties page-cache folios of traced devices
+				* and emit R_DIRTY for writeback bios (the default; 0 only
+				* for benches) */
+	__u32 pad;
 };
 
 struct br_state {
@@ -140,6 +146,25 @@ struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
 	 __type(key, __u32); __type(value, struct br_grace); } grace_map SEC(".maps");
 struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, BR_ERR_SLOTS);
 	 __type(key, __u32); __type(value, struct br_err); } err_map SEC(".maps");
+
+/* Who dirtied a page-cache folio (dirtier_btf), keyed by (mapping, folio index): read when
+ * a bio another task submits writes the folio back (R_DIRTY). LRU: a folio whose entry was
+ * evicted before its writeback (more than max_entries folios dirtied since) has no dirtier. */
+struct br_dkey {
+	__u64 mapping;         /* struct address_space * */
+	__u64 index;           /* folio->index (in pages) */
+};
+
+struct br_dirtier {
+	__u64 cgroup_id;
+	__u64 ktime_ns;        /* when the folio went dirty */
+	__u32 tgid;
+	__u32 tid;
+	char comm[16];
+};
+
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 131072);
+	 __type(key, struct br_dkey); __type(value, struct br_dirtier); } dirtier_map SEC(".maps");
 
 /* kallsyms data symbols: resolved by libbpf when the kernel exports them
  * (CONFIG_KALLSYMS_ALL); 0 otherwise. Read by the reader program. */
@@ -348,6 +373,20 @@ static __always_inline __u64 wake_flags(__u64 t, __u32 len)
 	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
+/* a record of the header template alone, with its own seq (NULL: dropped, counted) */
+static __always_inline struct br_rec *header_rec(struct br_state *s, struct br_walk *w)
+{
+	struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
+
+	if (!r) {
+		count_drop(s, 0);
+		return 0;
+	}
+	__builtin_memcpy(r, &w->h, sizeof(*r));
+	r->seq = next_seq(s);
+	return r;
+}
+
 /* one record: header + up to w->piece bytes of payload */
 static long record_cb(__u64 i, void *ctx)
 {
@@ -510,13 +549,9 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 	int has_data = (w->h.op == BR_OP_WRITE || w->h.rtype == BR_R_CALIB) && size > 0;
 	if (!has_data) {
 		/* flush, discard, write-zeroes, secure erase, empty PREFLUSH */
-		struct br_rec *r = bpf_ringbuf_reserve(&rb, sizeof(struct br_rec), 0);
-		if (!r) {
-			count_drop(s, 0);
+		struct br_rec *r = header_rec(s, w);
+		if (!r)
 			return;
-		}
-		__builtin_memcpy(r, &w->h, sizeof(*r));
-		r->seq = next_seq(s);
 		r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
 		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 		return;
@@ -539,6 +574,138 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 	bpf_loop(size / PIECE + 2, record_cb, &rc, 0);
 	if (w->remaining)
 		__sync_fetch_and_add(&s->truncs, 1);
+}
+
+/* ------------------------------------------------------------------------ */
+/* the dirtier of a bio's pages (buffered writes, written back by another task) */
+
+#define BR_S_IFMT 0170000
+#define BR_S_IFBLK 0060000
+
+/* A folio of a traced device went clean -> dirty (folio_account_dirtied, in the dirtying
+ * task's context, with the mapping's xa_lock held): remember who. Plain BTF loads only;
+ * folios of devices the bloom rules out cost a few loads. */
+SEC("tp_btf/writeback_dirty_folio")
+int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
+{
+	__u32 k = 0;
+	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
+
+	if (!c || !c->enabled || !c->dirtier || !mapping)
+		return 0;
+	struct inode *host = mapping->host;
+	if (!host)
+		return 0;
+	__u32 dev, disk;
+	if ((host->i_mode & BR_S_IFMT) == BR_S_IFBLK) {
+		/* the block device's own page cache (buffer heads: file-system metadata) */
+		dev = host->i_rdev;
+		disk = dev;
+	} else {
+		struct super_block *sb = host->i_sb;
+		struct block_device *sbdev = sb->s_bdev;
+		dev = sb->s_dev;
+		disk = sbdev ? sbdev->bd_disk->part0->bd_dev : dev;
+	}
+	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
+		return 0;
+	struct br_dkey key = { .mapping = (__u64)mapping, .index = folio->index };
+	__u64 pt = bpf_get_current_pid_tgid();
+	__u64 now = bpf_ktime_get_ns();
+	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
+	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
+		/* dirtied again by the same thread (the common case: a file rewritten): only the
+		 * time, in place -- an update would take a new LRU node (and may evict) */
+		old->ktime_ns = now;
+		return 0;
+	}
+	struct br_dirtier v;
+	v.cgroup_id = bpf_get_current_cgroup_id();
+	v.ktime_ns = now;
+	v.tgid = pt >> 32;
+	v.tid = (__u32)pt;
+	bpf_get_current_comm(v.comm, sizeof(v.comm));
+	bpf_map_update_elem(&dirtier_map, &key, &v, BPF_ANY);
+	return 0;
+}
+
+/* folio->flags: unsigned long up to 6.17, memdesc_flags_t (a struct holding it) from 6.18.
+ * CO-RE does not match a field of another kind, so one flavour per kind; the other one's
+ * branch is dead code to the verifier (its relocation fails harmlessly). */
+struct br_memdesc_flags {
+	unsigned long f;
+};
+
+struct folio___memdesc {
+	struct br_memdesc_flags flags;
+} __attribute__((preserve_access_index));
+
+struct folio___ulong {
+	unsigned long flags;
+} __attribute__((preserve_access_index));
+
+/* 0 where neither is known (the caller then gives up) */
+static __always_inline __u64 folio_flags(void *folio)
+{
+	struct folio___ulong *fu = folio;
+	struct folio___memdesc *fm = folio;
+	__u64 v = 0;
+
+	if (bpf_core_field_exists(fu->flags))
+		bpf_core_read(&v, sizeof(v), &fu->flags);
+	else if (bpf_core_field_exists(fm->flags))
+		bpf_core_read(&v, sizeof(v), &fm->flags);
+	return v;
+}
+
+/* A write bio with data: if its first page is a page-cache folio under writeback whose
+ * dirtier is known, either flag the bio (the submitter dirtied it: F_DIRTYSELF) or emit an
+ * R_DIRTY record with the bio's stamp and the dirtier (before the bio's records). O_DIRECT
+ * bios carry user pages, not under writeback: the submitter is the writer, nothing added. */
+static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, struct br_state *s,
+					 struct br_walk *w)
+{
+	struct bio_vec *bv = (struct bio_vec *)((__u64)BPF_CORE_READ(bio, bi_io_vec) +
+		(__u64)BPF_CORE_READ(bio, bi_iter.bi_idx) * bpf_core_type_size(struct bio_vec));
+	struct page *page = BPF_CORE_READ(bv, bv_page);
+	struct folio *folio = (struct folio *)page;
+
+	/* everything CO-RE relocates here is checked first: a kernel that lacks a field or
+	 * flag loses the attribution, never the capture program */
+	if (!page || !bpf_core_field_exists(folio->mapping) || !bpf_core_field_exists(folio->index)
+	    || !bpf_core_enum_value_exists(enum pageflags, PG_writeback))
+		return;
+	if (bpf_core_field_exists(page->compound_head)) {
+		__u64 head = BPF_CORE_READ(page, compound_head);
+		if (head & 1)  /* a tail page: its folio is the head */
+			folio = (struct folio *)(head - 1);
+	}
+	if (!(folio_flags(folio) & (1ULL << bpf_core_enum_value(enum pageflags, PG_writeback))))
+		return;
+	struct br_dkey key = { .mapping = (__u64)BPF_CORE_READ(folio, mapping),
+			       .index = BPF_CORE_READ(folio, index) };
+	if (!key.mapping || (key.mapping & 3))  /* none, or anon / movable_ops */
+		return;
+	struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &key);
+	if (!d)
+		return;
+	if (d->tgid == w->h.tgid && d->tid == w->h.tid) {
+		w->h.flags |= BR_F_DIRTYSELF;
+		return;
+	}
+	struct br_rec *r = header_rec(s, w);
+	if (!r)
+		return;
+	r->rtype = BR_R_DIRTY;
+	r->flags = BR_F_NODATA;
+	r->len = 0;
+	r->aux = key.index;
+	r->ktime_ns = d->ktime_ns;
+	r->cgroup_id = d->cgroup_id;
+	r->tgid = d->tgid;
+	r->tid = d->tid;
+	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
+	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 }
 
 /* bdev: bio->bi_bdev, dev: its dev_t, disk: its disk's (read by the caller: plain loads in
@@ -611,6 +778,8 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 	w->h.op = op;
 	w->h.flags = flags | norm_flags(opf);
 	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
+		emit_dirtier(bio, c, s, w);
 	emit_bio(bio, c, s, w, size);
 	grace_exit(g);
 	return 0;

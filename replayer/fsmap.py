@@ -8,7 +8,8 @@ changed (from the file systems at both points), and who wrote a file.
   physical extents (FIEMAP, the kernel's own answer for ext4 and xfs) as device byte ranges.
 - `diff_files(map_a, mnt_a, map_b, mnt_b, ranges)`: created / deleted / modified (appended,
   truncated or rewritten) regular files, each with the bytes of it the history wrote.
-- `writers(store, session, dev, a, b, ranges)`: which processes wrote into byte ranges between
+- `writers(store, session, dev, a, b, ranges)`: which processes wrote (submitted, and dirtied in
+  the page cache where known) into byte ranges between
   two points, when, how many bytes.
 
 Limits: only regular files are listed (directories, symlinks and metadata blocks change with
@@ -184,19 +185,33 @@ def diff_files(map_a: dict, mnt_a: str, map_b: dict, mnt_b: str, ranges) -> list
 
 
 def writers(store, session: str, dev: int, a: int, b: int, ranges) -> list[tuple]:
-    """(comm, pid, first time ns, last time ns, writes, bytes) of the processes that wrote into
-    the byte ranges [[s, e)] with stamps in (a, b], most bytes first."""
+    """(comm, pid, dirty_comm, dirty_pid, first time ns, last time ns, writes, bytes) of the
+    processes that wrote into the byte ranges [[s, e)] with stamps in (a, b], most bytes first.
+    comm/pid submitted the bios; dirty_comm/dirty_pid dirtied their (first) page in the page
+    cache (buffered writes a flusher submitted), None when not known (O_DIRECT, journal)."""
     if not ranges:
         return []
     vals = ", ".join(f"({int(s)}, {int(e)})" for s, e in ranges)
     zero = ", ".join(str(o) for o in record.ZEROING_OPS)
+    self_ = f"(r.flags & {record.F_DIRTYSELF}) != 0"
+    if store.has_column("dirtiers", "tgid"):
+        dcols = (f"CASE WHEN {self_} THEN r.comm ELSE dz.comm END AS dcomm, "
+                 f"CASE WHEN {self_} THEN r.tgid ELSE dz.tgid END AS dpid")
+        dj = ("LEFT JOIN dirtiers dz ON dz.session = r.session AND dz.dev = r.dev "
+              "AND dz.stamp = r.stamp")
+    else:  # a store no writer opened since the table was added
+        dcols = (f"CASE WHEN {self_} THEN r.comm END AS dcomm, "
+                 f"CASE WHEN {self_} THEN r.tgid END AS dpid")
+        dj = ""
     return store.query(
-        f"WITH x(xs, xe) AS (VALUES {vals}), w AS (SELECT stamp, time_ns, comm, tgid, "
-        f"CASE WHEN op IN ({zero}) THEN sector * 512 ELSE sector * 512 + \"offset\" END AS s, "
-        f"CASE WHEN op IN ({zero}) THEN bio_size ELSE len END AS n FROM records "
-        f"WHERE session = ? AND dev = ? AND stamp > ? AND stamp <= ? "
-        f"AND (op IN ({zero}) OR (op = {record.OP_WRITE} AND len > 0))) "
-        f"SELECT comm, tgid, min(time_ns), max(time_ns), count(DISTINCT stamp), "
+        f"WITH x(xs, xe) AS (VALUES {vals}), w AS (SELECT r.stamp, r.time_ns, r.comm, r.tgid, "
+        f"{dcols}, "
+        f"CASE WHEN r.op IN ({zero}) THEN r.sector * 512 ELSE r.sector * 512 + r.\"offset\" END "
+        f"AS s, CASE WHEN r.op IN ({zero}) THEN r.bio_size ELSE r.len END AS n FROM records r "
+        f"{dj} WHERE r.session = ? AND r.dev = ? AND r.stamp > ? AND r.stamp <= ? "
+        f"AND (r.op IN ({zero}) OR (r.op = {record.OP_WRITE} AND r.len > 0))) "
+        f"SELECT comm, tgid, dcomm, dpid, min(time_ns), max(time_ns), count(DISTINCT stamp), "
         f"sum(least(s + n, xe) - greatest(s, xs)) FROM w JOIN x "
-        f"ON w.s < x.xe AND w.s + w.n > x.xs GROUP BY comm, tgid ORDER BY 6 DESC, 1",
+        f"ON w.s < x.xe AND w.s + w.n > x.xs GROUP BY comm, tgid, dcomm, dpid "
+        f"ORDER BY 8 DESC, 1, 3",
         [session, dev, a, b])

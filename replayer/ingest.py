@@ -119,6 +119,7 @@ class Batch:
     records: pa.Table | None = None       # -> records (without pfile)
     base: pa.Table | None = None          # -> base (without pfile)
     completions: pa.Table | None = None
+    dirtiers: pa.Table | None = None      # R_DIRTY
     payload: pa.Table | None = None       # rows of the Parquet file
     rg_bounds: list[int] = field(default_factory=list)
     marks: list[tuple] = field(default_factory=list)
@@ -301,8 +302,18 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
             "aux": _col(hc["aux"]), "error": _col(hc["error"]), "flags": _col(hc["flags"]),
             "stamps": stamps})
 
+    is_dirty = rtype == record.R_DIRTY
+    di = np.nonzero(is_dirty)[0]
+    if len(di):
+        hd = h[di]
+        b.dirtiers = pa.table({
+            "session": sess_col(len(di)), "dev": _col(hd["dev"]), "stamp": _col(hd["stamp"]),
+            "seq": _col(hd["seq"]), "time_ns": _col(time_ns[di]),
+            "cgroup_id": _col(hd["cgroup_id"]), "aux": _col(hd["aux"]), "tgid": _col(hd["tgid"]),
+            "tid": _col(hd["tid"]), "comm": _comm_array(hd["comm"])})
+
     # the rare record types, one by one
-    other = np.nonzero(~(is_bio | is_base | (rtype == record.R_COMPLETE)))[0]
+    other = np.nonzero(~(is_bio | is_base | is_dirty | (rtype == record.R_COMPLETE)))[0]
     for k in other.tolist():
         hk = h[k]
         f = int(fidx[k])
@@ -787,7 +798,7 @@ def _insert_batches(con, batches: list[Batch], now: int) -> None:
             [v for b in files for v in (b.batch_id, b.pfile_rel, b.session, b.segno,
                                         b.first_frame, b.end_frame, len(b.payload),
                                         b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)])
-    for table in ("records", "base", "completions"):
+    for table in ("records", "base", "completions", "dirtiers"):
         tbls = [getattr(b, table) for b in batches if getattr(b, table) is not None]
         if not tbls:
             continue
@@ -808,13 +819,13 @@ def _insert_batches(con, batches: list[Batch], now: int) -> None:
 def tag_batch(b: Batch) -> None:
     """Give the bulk tables of a batch their batch and pfile columns (payload written)."""
     bid = b.batch_id
-    for name in ("records", "base", "completions"):
+    for name in ("records", "base", "completions", "dirtiers"):
         t = getattr(b, name)
         if t is None:
             continue
         n = len(t)
         t = t.append_column("batch", pa.array(np.full(n, bid, np.int32)))
-        if name != "completions":
+        if name in ("records", "base"):
             has = t.column("prg").is_valid()
             pf = pa.array(np.full(n, bid if b.pfile_rel is not None else 0, np.int32))
             t = t.append_column("pfile", pc.if_else(has, pf, pa.scalar(None, pa.int32())))

@@ -8,7 +8,7 @@ error, never wrong bytes (replayer/rebuild.py).
 `check(store, full)` -- quick: every payload file exists with its recorded size; full: also its
 CRC, and its Parquet footer reads with the recorded row count. A file that fails is moved aside
 to STORE/damaged/<session>/ (evidence is never deleted), then ONE transaction drops every
-metadata row of its batch (records, base, marks, points, completions, loss, payload_files,
+metadata row of its batch (records, base, marks, points, completions, loss, dirtiers, payload_files,
 frame_ranges rows with that batch id): the frames of the batch read as missing -- `lacks()`
 reports them, a tracer or `blkrewind ingest --log` stores them again -- and the affected
 sessions are rescanned from below the smallest stamp dropped (replayer.watermark.forget_scan),
@@ -33,8 +33,8 @@ from replayer.store import Store
 # deletes must never be taken for a missing one
 MAINTENANCE = threading.Lock()
 
-_TABLES = ("records", "base", "marks", "points", "completions", "loss", "payload_files",
-           "frame_ranges")
+_TABLES = ("records", "base", "marks", "points", "completions", "loss", "dirtiers",
+           "payload_files", "frame_ranges")
 
 
 @dataclass

@@ -480,6 +480,7 @@ def _fold_rows(con, f: _Fold, rows: list, batch: int | None, res: Result) -> Non
     res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d "
                                "AND stamp <= $k", p).fetchone()[0]
     con.execute("DELETE FROM records WHERE session = $s AND dev = $d AND stamp <= $k", p)
+    con.execute("DELETE FROM dirtiers WHERE session = $s AND dev = $d AND stamp <= $k", p)
     con.execute("DELETE FROM points WHERE session = $s AND dev = $d AND stamp <= $k", p)
     con.execute("DELETE FROM completions WHERE session = $s AND dev = $d AND aux <= $k + 1", p)
     con.execute("INSERT INTO pruned VALUES (?, ?, ?, ?, FALSE, ?, ?) ON CONFLICT (session, dev) "
@@ -494,7 +495,7 @@ def _drop_rows(con, session: str, dev: int, res: Result) -> None:
                                       p).fetchone()[0]
     res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d",
                                p).fetchone()[0]
-    for t in ("base", "records", "points", "completions"):
+    for t in ("base", "records", "points", "completions", "dirtiers"):
         con.execute(f"DELETE FROM {t} WHERE session = $s AND dev = $d", p)
     con.execute("INSERT INTO pruned VALUES (?, ?, NULL, NULL, TRUE, [], NULL) ON CONFLICT "
                 "(session, dev) DO UPDATE SET stamp = NULL, time_ns = NULL, whole = TRUE, "

@@ -69,6 +69,12 @@ the batch (commit) a row came from)::
     completions(session, seq, time_ns, dev, sector, bio_size, aux, error, flags,
                 stamps UBIGINT[], batch)      -- R_COMPLETE: which bios a request completed
     loss(session, seq, time_ns, drops, drop_bytes, read_errs, truncs, counters JSON, batch)
+    dirtiers(session, dev, stamp, seq, time_ns, cgroup_id, aux, tgid, tid, comm, batch)
+                                              -- R_DIRTY: the task that dirtied the first page
+                                              -- of the bio `stamp` (submitted by another task:
+                                              -- writeback), when it did (time_ns), the page's
+                                              -- folio index (aux); no row: not known, or the
+                                              -- submitter itself (records.flags F_DIRTYSELF)
     segments(session, segno, seg_id, host, sealed, nframes, torn_bytes, error, PK(session, segno))
                                               -- seg_id from its first stored frame, host from its
                                               -- HEADER (frame 0), nframes = SEAL's frame_no + 1
@@ -193,6 +199,11 @@ MIGRATIONS = [
     "ALTER TABLE base ADD COLUMN IF NOT EXISTS randomness REAL",
     # ... and a state per 4 KiB block of a baseline chunk (entropy.block_states)
     "ALTER TABLE base ADD COLUMN IF NOT EXISTS blocks BLOB",
+    # R_DIRTY: who dirtied the first page of a bio another task (a flusher) submitted
+    """CREATE TABLE IF NOT EXISTS dirtiers (
+        session VARCHAR, dev UINTEGER, stamp UBIGINT, seq UBIGINT, time_ns BIGINT,
+        cgroup_id UBIGINT, aux UBIGINT, tgid UINTEGER, tid UINTEGER, comm VARCHAR,
+        batch INTEGER)""",
 ]
 
 

@@ -163,6 +163,15 @@ class SynthSession:
         self.bios.append((stamp, record.OP_WRITE, offset // 512, n))
         return stamp
 
+    def dirtier(self, stamp: int, *, pid: int, comm: str, cgroup_id: int = 88) -> None:
+        """An R_DIRTY for the bio `stamp` (the kernel's goes just before the bio's records):
+        process pid (thread pid + 1) dirtied its first page."""
+        self._kernel(record.make_record(b"", rtype=record.R_DIRTY, stamp=stamp,
+                                        seq=self._kseq(), ktime_ns=self.tick(), dev=self.dev,
+                                        flags=record.F_NODATA, op=record.OP_WRITE, tgid=pid,
+                                        tid=pid + 1, comm=comm.encode()[:15],
+                                        cgroup_id=cgroup_id, aux=7))
+
     def random_write(self, **kw) -> int:
         n = 512 * self.rng.choice([1, 3, 7, 8, 16, 100, 128, 129, 256, 1024, 2048])
         n = min(n, self.size)

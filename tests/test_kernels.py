@@ -118,6 +118,12 @@ def test_kernel_matrix(series, guests, tmp_path):
     loss = json.loads(cli("sql", "--store", store, "SELECT * FROM loss", "--format",
                           "json").stdout)
     assert loss and max(x["drops"] for x in loss) > 0, loss
+    # who dirtied buffered writes (issue 12): dirtier_btf attached, and the flusher's or
+    # fsfreeze's writeback bios name the guest's writer
+    dirtied = json.loads(cli("sql", "--store", store, "SELECT count(*) AS n FROM writes WHERE "
+                             "dirty_pid IS NOT NULL AND dirty_pid != pid", "--format",
+                             "json").stdout)[0]["n"]
+    assert dirtied > 0, f"{release}: no write attributed to its dirtier"
     for name, copy in res["copies"].items():
         img = tmp_path / f"restored-{name}.img"
         cli("restore", "--store", store, "--device", res["device"], "--at", name, "--to", img,
@@ -147,7 +153,8 @@ def test_programs_verify_with_every_clang(clang, tmp_path):
     obj = build.build(tmp_path, force=True, quiet=True, clang=clang)
     t0 = time.monotonic()
     with L.BpfObject(str(obj), max_entries={"rb": 1 << 20}) as o:
-        for p in ("capture_btf", "capture_raw", "rqdone_btf", "rqdone_raw", "point", "reader"):
+        for p in ("capture_btf", "capture_raw", "rqdone_btf", "rqdone_raw", "point", "reader",
+                  "dirtier_btf"):
             assert o.prog_fd(p) >= 0
     assert time.monotonic() - t0 < 60
 

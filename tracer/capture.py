@@ -43,7 +43,8 @@ class Cfg(ctypes.Structure):
                 ("enabled", ctypes.c_uint32), ("calib_tgid", ctypes.c_uint32),
                 ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32),
                 ("wake_bytes", ctypes.c_uint32),
-                ("dev_bloom", ctypes.c_uint64)]
+                ("dev_bloom", ctypes.c_uint64), ("dirtier", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32)]
 
 
 def dev_bit(kdev: int) -> int:
@@ -150,7 +151,14 @@ ATTACH = {  # what: [(program, where), ...] in order of preference
     "rq_complete": [("rqdone_btf", "tp_btf/block_rq_complete"),
                     ("rqdone_raw", "raw_tp/block_rq_complete")],
     "bio_complete": [("biodone_btf", "tp_btf/block_bio_complete")],
+    "dirtier": [("dirtier_btf", "tp_btf/writeback_dirty_folio")],
 }
+# Loaded and attached when the kernel takes them, else left out (the capture works without):
+# dirtier_btf records who dirtied page-cache folios (R_DIRTY). A kernel without the
+# tracepoint (before 5.17: writeback_dirty_page) or whose verifier refuses it loads the rest.
+OPTIONAL_PROGS = ("dirtier_btf",)
+# attached programs whose skipped runs lose nothing a resync must repair (missed_runs)
+NOT_MISSABLE = ("dirtier_btf",)
 K0 = ctypes.c_uint32(0)
 # The program variants loaded: the tp_btf ones first (plain BTF loads, cheaper); when the
 # kernel refuses one of them, the raw_tp ones (bpf_program__set_autoload picks at load).
@@ -185,18 +193,24 @@ class Capture:
         if missing:
             raise UserError(missing)
         sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
-        for i, variant in enumerate(VARIANTS):
+        self.optional_error: str | None = None  # why the optional programs are not loaded
+        attempts = [(v, opt) for v in VARIANTS for opt in (OPTIONAL_PROGS, ())]
+        for i, (variant, opt) in enumerate(attempts):
             try:
-                self.obj = L.BpfObject(path, autoload={*variant, *PROGS}, max_entries=sizes)
-                self.loaded = set(variant) | set(PROGS)
+                self.obj = L.BpfObject(path, autoload={*variant, *PROGS, *opt},
+                                       max_entries=sizes)
+                self.loaded = set(variant) | set(PROGS) | set(opt)
                 break
             except L.BpfError as e:
                 rejected = e.verifier[0] if e.verifier else None
-                if i + 1 == len(VARIANTS) or (rejected is not None and rejected not in variant):
+                if opt:  # the same variant without the optional programs next
+                    self.optional_error = load_error(e)
+                    continue
+                if i + 1 == len(attempts) or (rejected is not None and rejected not in variant):
                     raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
-        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1)
+        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1, dirtier=1)
         self.fd = {m: self.obj.map_fd(m) for m in MAPS}
         self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
         self._owned_fds: list[int] = []
@@ -236,8 +250,10 @@ class Capture:
                 if name.startswith("link_"):
                     link = L.obj_get(os.path.join(pin_dir, name))
                     try:
-                        self._run_fds.append(L.link_prog_fd(link))
-                        self._owned_fds.append(self._run_fds[-1])
+                        fd = L.link_prog_fd(link)
+                        self._owned_fds.append(fd)
+                        if L.prog_name(fd) not in NOT_MISSABLE:
+                            self._run_fds.append(fd)
                     finally:
                         os.close(link)
         except L.BpfError as e:
@@ -266,7 +282,8 @@ class Capture:
         self._owned_fds = []
 
     # -- attach -------------------------------------------------------------
-    def attach(self, required=("queue", "rq_complete"), optional=("bio_complete",)) -> dict[str, str]:
+    def attach(self, required=("queue", "rq_complete"),
+               optional=("bio_complete", "dirtier")) -> dict[str, str]:
         for what in list(required) + list(optional):
             errors = []
             for prog, where in ATTACH[what]:
@@ -275,13 +292,17 @@ class Capture:
                 try:
                     self.obj.attach(prog)
                     self.attached[what] = where
-                    self._run_fds.append(self.obj.prog_fd(prog))
+                    if prog not in NOT_MISSABLE:
+                        self._run_fds.append(self.obj.prog_fd(prog))
                     break
                 except L.BpfError as e:
                     errors.append(f"{where}: {e.strerror}")
             else:
                 if what in required:
                     raise UserError(f"cannot attach to the block layer ({'; '.join(errors)})")
+        if "dirtier" not in self.attached and self.cfg.dirtier:
+            self.cfg.dirtier = 0  # no dirtier is recorded: bios need not look one up
+            self.push_cfg()
         return self.attached
 
     # -- configuration ------------------------------------------------------
@@ -314,6 +335,12 @@ class Capture:
         L.map_lookup(self.fd["dev_map"], ctypes.c_uint32(kdev), dev)
         dev.traced = int(on)
         L.map_update(self.fd["dev_map"], ctypes.c_uint32(kdev), dev)
+
+    def set_dirtier(self, on: bool) -> None:
+        """Who dirtied page-cache folios is recorded by default (when dirtier_btf is
+        attached); off only to measure what it costs."""
+        self.cfg.dirtier = int(on)
+        self.push_cfg()
 
     def set_dirty_tracking(self, on: bool) -> None:
         """The dirty map is kept by default; off only to measure what it costs."""

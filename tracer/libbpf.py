@@ -341,6 +341,15 @@ def prog_misses(prog_fd: int) -> int:
     return int.from_bytes(raw[_PROG_INFO_MISSES:_PROG_INFO_MISSES + 8], sys.byteorder)
 
 
+_PROG_INFO_NAME = 64  # struct bpf_prog_info.name (char[16])
+
+
+def prog_name(prog_fd: int) -> str:
+    """A loaded program's name (the kernel keeps its first 15 bytes)."""
+    raw, _ = _info(prog_fd, 256)
+    return raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0", 1)[0].decode("ascii", "replace")
+
+
 def link_prog_fd(link_fd: int) -> int:
     """An fd for the program a (pinned) link attaches."""
     raw, _ = _info(link_fd, 64)

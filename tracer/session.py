@@ -98,6 +98,7 @@ class TraceOptions:
     fsync: str = "interval"
     fsync_interval: float = 1.0
     baseline: bool = True
+    dirtier: bool = False  # record who dirtied buffered writes' pages (dirtier_btf, R_DIRTY)
     chunk_bytes: int = 1 << 20
     settle: float = 1.0
     queue_bytes: int = 512 << 20
@@ -251,7 +252,8 @@ class Tracer:
         regions = region_layout([(d.kdev, d.size_bytes) for d in self.devs])
         self.capture = cap = Capture(ring_bytes=o.ring_bytes,
                                      dirty_regions=sum(r.count for r in regions))
-        attached = cap.attach()
+        attached = cap.attach(optional=("bio_complete", "dirtier") if o.dirtier
+                              else ("bio_complete",))
         bases = calibrate.calibrate(cap, self.devs[0].path)
         cap.init_counters(stamp_base, 1)
         cap.set_wake_bytes(o.wake_bytes)
@@ -285,6 +287,10 @@ class Tracer:
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
                  + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
+        if "dirtier" not in attached and o.dirtier:
+            why = (cap.optional_error or "").splitlines()[:1]
+            self.say("the dirtier of buffered writes is not recorded on this kernel (writes "
+                     "show the flusher that submitted them)" + (f": {why[0]}" if why else ""))
 
     # ------------------------------------------------- surviving a crash (tracer/pins.py)
     def _pin(self, regions) -> None:

@@ -5,8 +5,12 @@ deleted by then; ext4 or xfs, through a temporary image as `diff` does); --range
 device byte offsets, no image needed. Then the history's writes into those bytes with stamps
 in (--from, --to] are grouped by process: first and last write, writes, bytes.
 
-Buffered writes are submitted by the kernel's flusher threads (kworker/*, jbd2/*), which is
-what the history records for them; O_DIRECT and fsync'd writes show the writing process.
+comm/pid is the process that submitted the bios. Buffered writes are submitted by the
+kernel's flusher threads (kworker/*) or by an fsync; dirty_comm/dirty_pid is then the process
+that dirtied the pages in the page cache: the real writer (empty when not known: O_DIRECT
+writes, where the submitter is the writer; journal writes of jbd2/*; pages dirtied before
+tracing began; a kernel without the writeback_dirty_folio tracepoint). A bio gets its first
+page's dirtier, a page the first process that dirtied it since its last writeback.
 
 Examples:
   blkrewind blame --store /srv/cdp --device db1:sdb --from m1 --to latest --path var/lib/app.db
@@ -74,7 +78,8 @@ def run(args) -> int:
                 raise UserError(f"{args.path}: no such regular file at {rb.how} nor {ra.how}")
             ranges = fsmap.merge_extents(ext)
         rows = fsmap.writers(store, ra.session, ra.dev, ra.stamp, rb.stamp, ranges)
-    write_rows(["comm", "pid", "first_write", "last_write", "writes", "bytes"],
-               [(c, p, points.fmt_time(t0), points.fmt_time(t1), w, int(n))
-                for c, p, t0, t1, w, n in rows], args.format)
+    write_rows(["comm", "pid", "dirty_comm", "dirty_pid", "first_write", "last_write", "writes",
+                "bytes"],
+               [(c, p, dc, dp, points.fmt_time(t0), points.fmt_time(t1), w, int(n))
+                for c, p, dc, dp, t0, t1, w, n in rows], args.format)
     return 0

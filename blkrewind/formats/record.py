@@ -102,6 +102,9 @@ R_COMPLETE = 2   # a request (blk-mq) or bio (bio-based) completed; payload: u64
 R_MARK = 3       # a user's named point; payload: the name (utf-8)
 R_POINT = 4      # an internal stamped point; payload: JSON {"what": ..., ...}
 R_CALIB = 5      # calibration read (never written to the LOG)
+R_DIRTY = 6      # who dirtied the first page of a bio another task submitted (writeback):
+                 # the bio's stamp, dev and sector; tgid/tid/comm/cgroup_id of the dirtier,
+                 # ktime_ns when the page went dirty, aux its folio index; no payload
 # written by the tracer (seq is the tracer's own running number)
 R_SESSION = 16   # payload JSON: the session (host, stamp base, tracer version, ...)
 R_DEVICE = 17    # payload JSON: one traced device (path, name, dev, size, ...)
@@ -111,7 +114,7 @@ R_LOSS = 19      # payload JSON: loss counters as the kernel reported them
 R_END = 20       # payload JSON: the session ended cleanly (last stamp, last seq, counters)
 
 RTYPE_NAMES = {R_BIO: "bio", R_COMPLETE: "complete", R_MARK: "mark", R_POINT: "point",
-               R_CALIB: "calib", R_SESSION: "session", R_DEVICE: "device", R_BASE: "base",
+               R_CALIB: "calib", R_DIRTY: "dirty", R_SESSION: "session", R_DEVICE: "device", R_BASE: "base",
                R_LOSS: "loss", R_END: "end"}
 
 # ---- flags ---------------------------------------------------------------
@@ -128,11 +131,12 @@ F_PREFLUSH = 1 << 9   # the bio had REQ_PREFLUSH
 F_SYNC = 1 << 10      # the bio had REQ_SYNC
 F_META = 1 << 11      # the bio had REQ_META
 F_RESYNC = 1 << 12    # BASE: a resync chunk (stamp = the resync's Rs, docs/internals.md)
+F_DIRTYSELF = 1 << 13 # BIO: the submitter itself dirtied the bio's first page (no R_DIRTY)
 
 FLAG_NAMES = [(F_FUA, "FUA"), (F_PREFLUSH, "PREFLUSH"), (F_SYNC, "SYNC"), (F_META, "META"),
               (F_NODATA, "NODATA"), (F_READERR, "READERR"), (F_TRUNC, "TRUNC"),
               (F_ZERO, "ZERO"), (F_OLD, "OLD"), (F_FIRST, "FIRST"), (F_LAST, "LAST"),
-              (F_RESYNC, "RESYNC")]
+              (F_RESYNC, "RESYNC"), (F_DIRTYSELF, "DIRTYSELF")]
 
 # ---- normalised operations (op) ---------------------------------------------
 # Numbered as Linux numbers enum req_op; the BPF side maps the running kernel's

@@ -88,7 +88,8 @@ def main(out: Path) -> int:
         try:
             # under software emulation, beside another guest, Python's start alone can take
             # a minute: the start is bounded only by the guest's own timeout
-            tracer = TraceProc([loop], log, "--ring-mb", str(RING_MB), "--fsync-interval", "0.2",
+            tracer = TraceProc([loop], log, "--dirtier", "--ring-mb", str(RING_MB),
+                               "--fsync-interval", "0.2",
                                "--stats-json", stats, start_timeout=600)
         except AssertionError as e:  # did not start: the kernel may be refused on purpose
             if "(exit " in str(e).split("\n", 1)[0]:
