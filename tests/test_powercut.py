@@ -342,7 +342,7 @@ def test_power_cut(i, moments, tmp_path):
                     "guest_s": round(m.seconds, 1), "host_s": round(time.monotonic() - t0, 1)})
     finally:
         if tracer is not None:
-            tracer.kill()
+            tracer.__exit__(None, None, None)  # SIGINT (the capture detaches), else SIGKILL
         problems = umount(str(mnt)) if mounted else []
         problems += detach_loop(log_loop, str(m.log_img))
         assert not problems, problems
