@@ -306,11 +306,23 @@ def test_power_cut(i, moments, tmp_path):
         missing = [n for n in names if n not in in_store]
         assert not missing, f"{ctx}: marks fsynced before the cut are gone: {missing}"
         device = f"{info['hostname']}:{os.path.basename(m.loop)}"
-        checked = []
+        # records the guest's capture lost (under emulation the kernel sometimes skips the BPF
+        # program: "BPF run skipped") make the points from the loss to the end of its resync
+        # not restorable: `restore` refuses them (exit 5), never gives other bytes
+        losses = json.loads(cli("sql", "--store", store, "SELECT session, counters FROM loss",
+                                "--format", "json").stdout)
+        checked, refused = [], []
         for name in in_store + ["latest"]:
             img = tmp_path / f"restored-{name}.img"
-            cli("restore", "--store", store, "--device", device, "--at", name, "--to", img,
-                timeout=600)
+            r = cli("restore", "--store", store, "--device", device, "--at", name, "--to", img,
+                    timeout=600, check=False)
+            if r.returncode == 5 and "past the consistent watermark" in r.stderr \
+                    and name not in ("after-cut", "latest") \
+                    and any(x["session"] == before[old[0]]["session"] for x in losses):
+                refused.append(name)
+                continue
+            assert r.returncode == 0, f"{ctx}: restore at {name} exited {r.returncode}: " \
+                f"{r.stderr}\nloss: {losses}"
             if name == "after-cut":
                 want = after_copy
             elif name == "latest":
@@ -332,6 +344,9 @@ def test_power_cut(i, moments, tmp_path):
                     "unfinished": unfinished, "frames_kept": sum(v["frames"] for v in before.values()),
                     "last_segment": {k: last[k] for k in ("frames", "records", "torn", "pad")},
                     "restored_exact": checked,
+                    "refused_in_a_loss_window": refused,
+                    "losses": [json.loads(x["counters"]).get("cause") if isinstance(
+                        x["counters"], str) else x["counters"].get("cause") for x in losses],
                     "guest_uptime_at_start_s": info.get("uptime_at_start_s"),
                     "guest_imports_s": info.get("imports_s"),
                     "guest_trace_started_s": info.get("trace_started_s"),
