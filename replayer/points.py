@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from blkrewind.cliargs import LOOKS_LIKE_TIME  # a date, valid or not
 from blkrewind.errors import NotRestorable, UserError
 from replayer.store import Store, StoreDevice
 
@@ -39,7 +40,6 @@ class Point:
 
 
 _FRACTION = re.compile(r"[.,](\d+)")
-LOOKS_LIKE_TIME = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([T ]|$)")  # a date, valid or not
 
 
 def parse_time(text: str) -> int:

@@ -39,7 +39,7 @@ def check_name(name: str) -> None:
         raise UserError("a mark name has no control characters and no surrounding spaces")
     if name in RESERVED or name.isdigit() or name.split(":", 1)[0] in ("stamp", "time", "mark"):
         raise UserError(f"{name!r} would read as another kind of point; pick another name")
-    from replayer.points import LOOKS_LIKE_TIME
+    from blkrewind.cliargs import LOOKS_LIKE_TIME
     try:
         datetime.fromisoformat(name)
     except ValueError:
@@ -80,12 +80,19 @@ def run(args) -> int:
     comm = os.path.basename(sys.argv[0])[:15] if sys.argv else "blkrewind"
     done = 0
     errors = []
+    unasked = []  # --log: tracers that did not answer, so not known to write that LOG
     for path in socks:
-        try:
-            if args.log:
+        if args.log:
+            try:
                 st = ask(path, {"op": "status"}, timeout=10)
-                if os.path.realpath(st.get("log", "")) != os.path.realpath(args.log):
-                    continue
+            except (OSError, ValueError) as e:
+                # a tracer that is stopped, hung or dying (its socket refuses): not an error
+                # of this mark if the tracer of the LOG named is another one
+                unasked.append(f"{path}: {e}")
+                continue
+            if os.path.realpath(st.get("log", "")) != os.path.realpath(args.log):
+                continue
+        try:
             r = ask(path, {"op": "mark", "name": args.name, "pid": os.getpid(), "comm": comm})
         except (OSError, ValueError) as e:
             errors.append(f"{path}: {e}")
@@ -102,5 +109,6 @@ def run(args) -> int:
     if errors:
         raise UserError("; ".join(errors))
     if not done:
-        raise UserError(f"no running tracer writes the LOG {args.log}")
+        raise UserError(f"no running tracer writes the LOG {args.log}"
+                        + (f" (no answer from {'; '.join(unasked)})" if unasked else ""))
     return 0

@@ -216,10 +216,12 @@ def kill_all() -> None:
 
 
 def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
-              memory: str = "1G", cpus: int = 2, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+              memory: str = "1G", cpus: int = 2, extra: tuple[str, ...] = (),
+              on_start=None) -> subprocess.CompletedProcess:
     """Boot kimg, run guest_cmd (as root, cwd = this checkout), power off. OUT is shared
     read-write; the console goes to OUT.console. qemu is killed on timeout or error (its
-    own process group), so no VM outlives this call."""
+    own process group), so no VM outlives this call. on_start(pgid): called once vng (and
+    qemu, in its process group) started; os.killpg(pgid, SIGKILL) is a power cut."""
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     cmd = [vng(), "--run", str(kimg), "--disable-kvm", "--force-9p", "--cpus", str(cpus),
@@ -231,6 +233,8 @@ def run_guest(kimg: Path, out: Path, guest_cmd: list[str], timeout: float = 900,
                              env=env, cwd=ROOT, start_new_session=True)
         _RUNNING.add(p.pid)
         try:
+            if on_start is not None:
+                on_start(p.pid)
             rc = p.wait(timeout)
         except BaseException:
             os.killpg(p.pid, signal.SIGKILL)
