@@ -41,8 +41,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_capture import (RESULTS, Workspace, device_written, interleaved_tracer,  # noqa: E402
-                           machine, queue_prog, say, sh, t95)
+from bench_capture import (  # noqa: E402
+    RESULTS,
+    Workspace,
+    device_written,
+    interleaved_tracer,
+    machine,
+    queue_prog,
+    say,
+    sh,
+    t95,
+)
 
 MB = 1e6
 JOBS = {"bufseq64k": dict(rw="write", bs="64k"), "bufrand4k": dict(rw="randwrite", bs="4k")}

@@ -1,15 +1,8 @@
 """Options that many subcommands share, defined once: which store, which device, which points."""
 from __future__ import annotations
 
-import re
-
 DEVICE_HELP = "host:name, name (loop3) or traced path (/dev/loop3) (required)"
 POINT_HELP = "latest | STAMP | ISO-8601 time | mark name (required)"
-# a date, valid or not: such a point is a time (replayer/points.py), never a mark's name
-# (`mark` refuses it; here, not in replayer/points.py, so that `mark`, which runs while a file
-# system may be frozen, does not import the store and DuckDB: ~0.3 s here, ~1 min in a guest
-# under software emulation)
-LOOKS_LIKE_TIME = re.compile(r"\d{4}-\d{1,2}-\d{1,2}([T ]|$)")
 
 
 def store_and_device(p) -> None:

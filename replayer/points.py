@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from blkrewind.cliargs import LOOKS_LIKE_TIME  # a date, valid or not
 from blkrewind.errors import NotRestorable, UserError
+from blkrewind.formats.pointname import LOOKS_LIKE_TIME  # a date, valid or not
 from replayer.store import Store, StoreDevice
 
 

@@ -10,12 +10,11 @@ import subprocess
 import sys
 
 import pytest
-
-from replayer import fsmap
-from blkrewind import record
 from synth import SynthSession
 from tracerproc import TraceProc, cli, sh
 
+from blkrewind.formats import record
+from replayer import fsmap
 
 FILE_MB = 8
 

@@ -39,7 +39,7 @@ def check_name(name: str) -> None:
         raise UserError("a mark name has no control characters and no surrounding spaces")
     if name in RESERVED or name.isdigit() or name.split(":", 1)[0] in ("stamp", "time", "mark"):
         raise UserError(f"{name!r} would read as another kind of point; pick another name")
-    from blkrewind.cliargs import LOOKS_LIKE_TIME
+    from blkrewind.formats.pointname import LOOKS_LIKE_TIME
     try:
         datetime.fromisoformat(name)
     except ValueError:

@@ -109,6 +109,7 @@ def main(out: Path, loop: str, log: str, seed: int, tracer_pid: int) -> int:
                 mark(n // MARK_EVERY)
             if time.monotonic() - t_heavy > HEAVY_MAX:
                 raise AssertionError(f"no power cut within {HEAVY_MAX:.0f} s of heavy writes")
+        raise AssertionError("the heavy plan ended before a power cut")
     except BaseException as e:  # noqa: BLE001 - everything goes to result.json
         res["error"] = f"{type(e).__name__}: {e}"
         res["traceback"] = traceback.format_exc()[-4000:]
