@@ -48,20 +48,26 @@ def run(*args, **kw):
                           text=True, **kw)
 
 
-def ttfb(store: str) -> float:
+def through_export(store: str, client: list[str]) -> float:
+    """Seconds from `export --at latest` starting to the client (URI in place of "{uri}")
+    having finished."""
     t0 = time.monotonic()
     p = subprocess.Popen([*CLI, "export", "--store", store, "--device", "bench0", "--at",
                           "latest"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
     try:
         uri = p.stdout.readline().strip()
-        # nbdinfo reads the export's first sectors to say what it holds ("content:")
-        subprocess.run(["nbdinfo", "--content", uri], check=True, capture_output=True)
-        dt = time.monotonic() - t0
+        subprocess.run([uri if a == "{uri}" else a for a in client], check=True,
+                       capture_output=True)
+        return time.monotonic() - t0
     finally:
         p.send_signal(2)
         p.wait(30)
-    return dt
+
+
+def ttfb(store: str) -> float:
+    # nbdinfo reads the export's first sectors to say what it holds ("content:")
+    return through_export(store, ["nbdinfo", "--content", "{uri}"])
 
 
 def timed(*args) -> float:
@@ -85,13 +91,20 @@ def point_before_last(store: str, nbytes: int) -> tuple[int, int]:
     raise SystemExit(f"the history holds fewer than {nbytes} bytes of writes")
 
 
-def bench_rewind(base: str, gib: int) -> None:
-    d = os.path.join(base, "rewind")
-    size = gib << 30
+def full_history(d: str, size: int) -> str:
+    """A store under d of a fully written device of size bytes (random baseline, then size/8
+    of random writes of 4..1024 KiB); returns its path."""
     make_log(os.path.join(d, "log"), size, size // 8)
     store = os.path.join(d, "store")
     run("ingest", "--log", os.path.join(d, "log"), "--store", store)
     shutil.rmtree(os.path.join(d, "log"))
+    return store
+
+
+def bench_rewind(base: str, gib: int) -> None:
+    d = os.path.join(base, "rewind")
+    size = gib << 30
+    store = full_history(d, size)
     cur, full = os.path.join(d, "cur.img"), os.path.join(d, "full.img")
     for pct in (1, 10):
         at, changed = point_before_last(store, size * pct // 100)
@@ -109,31 +122,14 @@ def bench_rewind(base: str, gib: int) -> None:
     shutil.rmtree(d)
 
 
-def nbdcopy_export(store: str) -> float:
-    t0 = time.monotonic()
-    p = subprocess.Popen([*CLI, "export", "--store", store, "--device", "bench0", "--at",
-                          "latest"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
-    try:
-        uri = p.stdout.readline().strip()
-        subprocess.run(["nbdcopy", uri, "null:"], check=True, capture_output=True)
-        return time.monotonic() - t0
-    finally:
-        p.send_signal(2)
-        p.wait(30)
-
-
 def bench_read(base: str, gib: int) -> None:
     d = os.path.join(base, "read")
     size = gib << 30
-    make_log(os.path.join(d, "log"), size, size // 8)
-    store = os.path.join(d, "store")
-    run("ingest", "--log", os.path.join(d, "log"), "--store", store)
-    shutil.rmtree(os.path.join(d, "log"))
+    store = full_history(d, size)
     img = os.path.join(d, "r.img")
     es, rs = [], []
     for _ in range(2):
-        es.append(nbdcopy_export(store))
+        es.append(through_export(store, ["nbdcopy", "{uri}", "null:"]))
         rs.append(timed("restore", "--store", store, "--device", "bench0", "--at", "latest",
                         "--to", img))
         os.unlink(img)
