@@ -62,8 +62,8 @@ struct br_cfg {
 				* request whose device and disk bits are both clear is not
 				* traced, known without a hash lookup */
 	__u32 dirtier;         /* 1: record who dirties page-cache folios of traced devices
-				* and emit R_DIRTY for writeback bios (the default; 0 only
-				* for benches) */
+				* and emit R_DIRTY for writeback bios (trace --dirtier;
+				* benches switch it) */
 	__u32 pad;
 };
 

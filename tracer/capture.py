@@ -178,7 +178,10 @@ def check_layouts(path: str) -> None:
 
 class Capture:
     def __init__(self, ring_bytes: int = 64 << 20, obj_path: str | None = None,
-                 dirty_regions: int = 1):
+                 dirty_regions: int = 1, dirtier: bool = True):
+        """dirtier=False: dirtier_btf is not loaded and its LRU map (15.7 MB of kernel
+        memory, preallocated) is created with one entry: a tracer without --dirtier pays
+        neither the verifier's time nor the memory."""
         path = str(obj_path or object_path())
         if not os.path.exists(path):
             raise UserError(f"BPF object {path} is missing: build it with 'python bpf/build.py' "
@@ -193,8 +196,11 @@ class Capture:
         if missing:
             raise UserError(missing)
         sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
+        if not dirtier:
+            sizes["dirtier_map"] = 1
         self.optional_error: str | None = None  # why the optional programs are not loaded
-        attempts = [(v, opt) for v in VARIANTS for opt in (OPTIONAL_PROGS, ())]
+        attempts = [(v, opt) for v in VARIANTS
+                    for opt in ((OPTIONAL_PROGS, ()) if dirtier else ((),))]
         for i, (variant, opt) in enumerate(attempts):
             try:
                 self.obj = L.BpfObject(path, autoload={*variant, *PROGS, *opt},
@@ -210,7 +216,8 @@ class Capture:
                     raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
-        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1, dirtier=1)
+        self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1,
+                       dirtier=int(dirtier))
         self.fd = {m: self.obj.map_fd(m) for m in MAPS}
         self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
         self._owned_fds: list[int] = []
@@ -337,8 +344,8 @@ class Capture:
         L.map_update(self.fd["dev_map"], ctypes.c_uint32(kdev), dev)
 
     def set_dirtier(self, on: bool) -> None:
-        """Who dirtied page-cache folios is recorded by default (when dirtier_btf is
-        attached); off only to measure what it costs."""
+        """Switch recording who dirtied page-cache folios (when dirtier_btf is attached)
+        off and on: benches measure its cost this way."""
         self.cfg.dirtier = int(on)
         self.push_cfg()
 

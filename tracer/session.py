@@ -251,7 +251,8 @@ class Tracer:
 
         regions = region_layout([(d.kdev, d.size_bytes) for d in self.devs])
         self.capture = cap = Capture(ring_bytes=o.ring_bytes,
-                                     dirty_regions=sum(r.count for r in regions))
+                                     dirty_regions=sum(r.count for r in regions),
+                                     dirtier=o.dirtier)
         attached = cap.attach(optional=("bio_complete", "dirtier") if o.dirtier
                               else ("bio_complete",))
         bases = calibrate.calibrate(cap, self.devs[0].path)
