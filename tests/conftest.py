@@ -116,6 +116,42 @@ def pytest_runtest_setup(item):
         need_root_bpf()
 
 
+# --------------------------------------------------------------------------- guests in the background
+def _is_vm_item(item) -> bool:
+    return item.get_closest_marker("vm") is not None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    # the VM tests last: their guests boot in the background from the session's start
+    # (tests/vm/background.py) while the other tests run
+    items[:] = [i for i in items if not _is_vm_item(i)] + [i for i in items if _is_vm_item(i)]
+
+
+@pytest.fixture(scope="session")
+def vm_background(request, tmp_path_factory, _no_leaked_loops_or_mounts):
+    """The guests of the selected VM tests, queued at the session's start (see
+    tests/vm/background.py); closed (guests killed, their loop devices detached) before the
+    leak check at the session's end."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
+    import background
+    items = request.session.items
+    vm_items = [i for i in items if _is_vm_item(i)]
+    bg = background.Background(background.workers(len(vm_items) == len(items)))
+    for module in dict.fromkeys(i.module for i in vm_items):
+        module.submit_vm_jobs(bg, tmp_path_factory)
+    yield bg
+    problems = bg.close()
+    if problems:
+        pytest.fail("guests' cleanup:\n  " + "\n  ".join(problems), pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_vm_guests(request):
+    """Starts the background guests at the first test when VM tests are selected."""
+    if any(_is_vm_item(i) for i in request.session.items):
+        request.getfixturevalue("vm_background")
+
+
 # --------------------------------------------------------------------------- small helpers
 def sh(*cmd, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     argv = [os.fspath(c) if isinstance(c, os.PathLike) else str(c) for c in cmd]

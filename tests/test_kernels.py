@@ -55,43 +55,46 @@ def _record(series: str, release: str, result: str, seconds: float) -> None:
     f.write_text(json.dumps(rows, indent=1))
 
 
-PARALLEL = int(os.environ.get("BLKREWIND_VM_PARALLEL", "2"))  # guests booted at once
-
-
-@pytest.fixture(scope="module")
-def guests(tmp_path_factory):
-    """Every series' guest run, PARALLEL at a time (software emulation is CPU-bound and
-    mostly one vCPU busy per guest): {series: Future of (kimg, out, CompletedProcess, s)}."""
-    from concurrent.futures import ThreadPoolExecutor
-    _need("qemu-system-x86_64 is missing", shutil.which("qemu-system-x86_64") is not None)
+def submit_vm_jobs(bg, tmp_path_factory) -> None:
+    """Queues every series' guest (tests/vm/background.py): {series: (kimg, out,
+    CompletedProcess, seconds)} once done."""
+    if shutil.which("qemu-system-x86_64") is None:
+        bg.unavailable(__name__, "qemu-system-x86_64 is missing")
+        return
     try:
         vm.vng()
     except vm.VmError as e:
-        _need(str(e), False)
-    kimgs = {s: vm.fetch(s, log=lambda m: None) for s in vm.SERIES}  # one apt at a time
+        bg.unavailable(__name__, str(e))
+        return
     base = tmp_path_factory.mktemp("guests")
 
     def run(series):
+        kimg = bg.kernel(series)
         t0 = time.monotonic()
         out = base / series
-        r = vm.run_guest(kimgs[series], out, [sys.executable, "tests/vm/guest.py", str(out)],
+        r = vm.run_guest(kimg, out, [sys.executable, "tests/vm/guest.py", str(out)],
                          timeout=GUEST_TIMEOUT)
-        return kimgs[series], out, r, time.monotonic() - t0
+        return kimg, out, r, time.monotonic() - t0
 
-    pool = ThreadPoolExecutor(max_workers=max(1, PARALLEL))
-    futures = {s: pool.submit(run, s) for s in vm.SERIES}
-    try:
-        yield futures
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        vm.kill_all()
+    for s in vm.SERIES:
+        bg.submit(f"kernel-{s}", run, s)
+
+
+@pytest.fixture(scope="module")
+def guests(vm_background):
+    why = vm_background.unavailable(__name__)
+    _need(why or "", why is None)
+    return vm_background
 
 
 @pytest.mark.bpf
 @pytest.mark.slow
+@pytest.mark.vm
 @pytest.mark.parametrize("series", vm.SERIES)
 def test_kernel_matrix(series, guests, tmp_path):
-    kimg, out, r, guest_s = guests[series].result(GUEST_TIMEOUT + 120)
+    # queued behind the guests before it (one at a time beside the suite)
+    kimg, out, r, guest_s = guests.result(f"kernel-{series}",
+                                          (GUEST_TIMEOUT + 120) * len(vm.SERIES))
     t0 = time.monotonic()  # the host's part (ingest, restores) comes on top of guest_s
     release = kimg.name.removeprefix("vmlinuz-")
     res_file = out / "result.json"

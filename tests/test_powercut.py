@@ -1,6 +1,6 @@
 """A power cut of the traced host (issue 10): QEMU SIGKILLed in the middle of heavy writes, the
 LOG recovered by the next `trace`, restores exact at every mark from before the cut and at the
-new `latest`. MOMENTS (5) random moments, one guest each, PARALLEL (2) guests at a time.
+new `latest`. MOMENTS (5) random moments, one guest each, booted in the background (tests/vm/background.py).
 
 The guest (tests/vm/powercut_guest.{sh,py}; Debian's 6.12 under software emulation, booted by
 tests/vm/kernels.py) has two virtio-blk disks, raw image files here: log.img (an ext4 made here
@@ -57,7 +57,6 @@ from tracerproc import TraceProc, cli, copy_device, direct_writes, first_differe
 
 SERIES = os.environ.get("BLKREWIND_POWERCUT_SERIES", "6.12")
 MOMENTS = int(os.environ.get("BLKREWIND_POWERCUT_MOMENTS", "5"))
-PARALLEL = int(os.environ.get("BLKREWIND_VM_PARALLEL", "2"))
 SEED = int(os.environ.get("BLKREWIND_POWERCUT_SEED", str(random.SystemRandom().randrange(1 << 30))))
 GUEST_TIMEOUT = 900
 CUT_AFTER = (0.5, 6.0)  # seconds after OUT/heavy
@@ -156,34 +155,46 @@ class Moment:
         return detach_loop(self.loop, str(self.dev_img)) if self.loop else []
 
 
-@pytest.fixture(scope="module")
-def moments(tmp_path_factory):
-    from concurrent.futures import ThreadPoolExecutor
-    _need = _unavailable
+def submit_vm_jobs(bg, tmp_path_factory) -> None:
+    """Queues the MOMENTS guests (tests/vm/background.py); each moment's loop device is
+    detached at the session's end."""
+    reason = None
     if os.geteuid() != 0:
-        _need("needs root (loop devices, mounts, BPF)")
-    if shutil.which("qemu-system-x86_64") is None:
-        _need("qemu-system-x86_64 is missing")
-    try:
-        vm.vng()
-    except vm.VmError as e:
-        _need(str(e))
-    kimg = vm.fetch(SERIES, log=lambda m: None)
+        reason = "needs root (loop devices, mounts, BPF)"
+    elif shutil.which("qemu-system-x86_64") is None:
+        reason = "qemu-system-x86_64 is missing"
+    else:
+        try:
+            vm.vng()
+        except vm.VmError as e:
+            reason = str(e)
+    if reason:
+        bg.unavailable(__name__, reason)
+        return
     base = tmp_path_factory.mktemp("powercut")
     ms = [Moment(base, i) for i in range(MOMENTS)]
-    pool = ThreadPoolExecutor(max_workers=max(1, PARALLEL))
-    t0 = time.monotonic()
-    futures = [pool.submit(m.run, kimg) for m in ms]
-    try:
-        yield list(zip(ms, futures)), t0
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-        vm.kill_all()
+    bg.data["moments"] = ms
+
+    def run(m: Moment) -> None:
+        m.run(bg.kernel(SERIES))
+
+    for m in ms:
+        bg.submit(f"powercut-{m.i}", run, m)
+
+    def cleanup() -> list[str]:
         problems = []
         for m in ms:
             problems += m.cleanup()
-        if problems:
-            pytest.fail("power-cut cleanup:\n  " + "\n  ".join(problems), pytrace=False)
+        return problems
+    bg.on_close(cleanup)
+
+
+@pytest.fixture(scope="module")
+def moments(vm_background):
+    why = vm_background.unavailable(__name__)
+    if why:
+        _unavailable(why)
+    return vm_background
 
 
 def _cpu_seconds(pgid: int) -> float:
@@ -229,10 +240,12 @@ def _record(i: int, row: dict) -> None:
 
 @pytest.mark.bpf
 @pytest.mark.slow
+@pytest.mark.vm
 @pytest.mark.parametrize("i", range(MOMENTS))
 def test_power_cut(i, moments, tmp_path):
-    m, fut = moments[0][i]
-    fut.result(GUEST_TIMEOUT + 120)
+    m = moments.data["moments"][i]
+    # queued behind the kernel matrix's guests and the moments before it
+    moments.result(f"powercut-{i}", (GUEST_TIMEOUT + 120) * (MOMENTS + 4))
     t0 = time.monotonic()
     ctx = f"moment {i} (seed {m.seed})"
     heavy = m.out / "heavy"
