@@ -10,7 +10,9 @@ the guest flushed: fsync -> FLUSH -> fdatasync, and whatever else it already wro
 host's page cache and survives QEMU's death; what sits in the guest's memory (its page cache,
 ext4's uncommitted journal, the tracer's ring and queue) is lost -- a power cut of a machine
 whose disks honour FLUSH. The guest traces the device (`trace`, default LOG settings but 16
-MiB segments), marks m0 on the zeros, then writes heavily: a seeded plan of O_DIRECT writes
+MiB segments and, by turns, `--log-mode buffered` (the page cache; segments grow as written)
+and `direct` (O_DIRECT into preallocated segments: the cut leaves a zero-padded tail or a
+torn frame)), marks m0 on the zeros, then writes heavily: a seeded plan of O_DIRECT writes
 of 4 KiB-1 MiB, a mark after every 4 of them (so the device at every mark is known without a
 copy); once it says so (OUT/heavy) this host waits a random 0.5-6 s and SIGKILLs QEMU.
 
@@ -60,6 +62,7 @@ MOMENTS = int(os.environ.get("BLKREWIND_POWERCUT_MOMENTS", "5"))
 SEED = int(os.environ.get("BLKREWIND_POWERCUT_SEED", str(random.SystemRandom().randrange(1 << 30))))
 GUEST_TIMEOUT = 900
 CUT_AFTER = (0.5, 6.0)  # seconds after OUT/heavy
+LOG_MODES = ("buffered", "direct")
 
 
 class Moment:
@@ -68,6 +71,9 @@ class Moment:
     def __init__(self, base: Path, i: int):
         self.i = i
         self.seed = SEED + i
+        # the LOG's write modes by turn: page cache (segments grow) and O_DIRECT into
+        # preallocated segments (a zero-padded tail after the cut)
+        self.log_mode = LOG_MODES[i % len(LOG_MODES)]
         self.dir = base / f"moment{i}"
         self.out = self.dir / "out"
         self.out.mkdir(parents=True)
@@ -140,7 +146,8 @@ class Moment:
 
         for attempt in (1, 2):
             r = vm.run_guest(kimg, self.out, ["sh", "tests/vm/powercut_guest.sh", str(self.out),
-                                              self.loop[len("/dev/loop"):], str(self.seed)],
+                                              self.loop[len("/dev/loop"):], str(self.seed),
+                                              self.log_mode],
                              timeout=GUEST_TIMEOUT, extra=self.qemu_opts(), on_start=cutter)
             # software emulation's rare boot crash (an int3 Oops while the kernel patches its
             # own code on another vCPU): before the guest ran anything; boot again, once
@@ -282,13 +289,16 @@ def test_power_cut(i, moments, tmp_path):
         # /dev/loopN may hold blocks read before the guest wrote them: dropped)
         sh("blockdev", "--flushbufs", m.loop)
         tracer = TraceProc([m.loop], log, "--host", info["hostname"], "--segment-mb",
-                           str(pg.SEGMENT_MB), start_timeout=300)
+                           str(pg.SEGMENT_MB), "--log-mode", m.log_mode, start_timeout=300)
         said = tracer.stderr
         for name in unfinished:
             assert f"removed unfinished segment file {name}" in said, f"{ctx}: {said}"
             assert not (log / name).exists()
         for seg in unsealed:
             assert f"sealed {log / seg}" in said, f"{ctx}: {seg} not sealed:\n{said}"
+            if m.log_mode == "direct":  # preallocated: the frames end before the file does,
+                # in zeros or in a frame the cut tore
+                assert before[seg]["pad"] + before[seg]["torn"] > 0, f"{ctx}: {seg}: {before[seg]}"
             if before[seg]["torn"]:
                 assert f"cut torn tail of {log / seg}: {before[seg]['torn']} bytes" in said, said
         after = {k: v for k, v in _log_state(log).items() if k in before}
@@ -348,7 +358,7 @@ def test_power_cut(i, moments, tmp_path):
             checked.append(name)
             img.unlink()
         last = before[(unsealed or list(before))[-1]]
-        _record(i, {"seed": m.seed, "cut_after_s": m.cut_after,
+        _record(i, {"seed": m.seed, "log_mode": m.log_mode, "cut_after_s": m.cut_after,
                     "marks_durable": len(names),
                     "marks_in_log": len(in_store) - 1,
                     "torn_bytes": sum(v["torn"] for v in before.values()),

@@ -46,6 +46,13 @@ def add_arguments(p):
                         "on stop), always (after every append), never (on stop only)")
     p.add_argument("--fsync-interval", type=float, default=1.0, metavar="SEC",
                    help="seconds between fsyncs of the LOG with --fsync interval (default 1)")
+    p.add_argument("--log-mode", choices=["buffered", "prealloc", "direct", "auto"],
+                   default="buffered",
+                   help="how LOG segments are written: buffered (default: through the page "
+                        "cache, segments grow as written), prealloc (segments preallocated, or "
+                        "recycled spares), direct (preallocated and written with O_DIRECT: the "
+                        "LOG does not evict the server's page cache), auto (direct, buffered on "
+                        "a tmpfs)")
     p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
                    help="LOG compression: lz4 level (0..16: higher compresses more, slower; "
                         "negative = lz4's acceleration, faster; default -10). Spans whose "
@@ -224,7 +231,7 @@ def run(args) -> int:
     opts = TraceOptions(devices=args.device, log_dir=args.log, ring_bytes=ring,
                         segment_bytes=args.segment_mb << 20, fsync=args.fsync,
                         fsync_interval=args.fsync_interval, baseline=not args.no_baseline,
-                        dirtier=args.dirtier,
+                        dirtier=args.dirtier, log_mode=args.log_mode,
                         settle=args.settle, lz4_level=args.lz4_level, host=host,
                         ship=args.ship, tls_dir=args.tls, insecure=args.insecure,
                         ship_conns=args.ship_conns,

@@ -2,9 +2,9 @@
 # The power-cut guest's first steps (tests/vm/powercut_guest.py has the rest): under software
 # emulation a Python start costs ~20 s and the tracer's ~50 s, so the tracer starts here, in
 # the background, while the writer's Python starts.
-#   sh tests/vm/powercut_guest.sh OUT LOOPNO SEED
+#   sh tests/vm/powercut_guest.sh OUT LOOPNO SEED [LOGMODE]
 set -eu
-OUT=$1 LOOPNO=$2 SEED=$3
+OUT=$1 LOOPNO=$2 SEED=$3 LOGMODE=${4:-buffered}
 PY=$(dirname "$0")/../../.venv/bin/python
 fail() { printf '{"error": "%s"}\n' "$*" > "$OUT/result.json"; exit 1; }
 for m in virtio_blk loop ext4; do modprobe "$m" 2>/dev/null || true; done
@@ -25,5 +25,5 @@ LOOP=/dev/loop$LOOPNO
 losetup --direct-io=on "$LOOP" "$DEVDISK" || fail "losetup $LOOP $DEVDISK failed"
 LOG=/tmp/powercut/logfs/log
 "$PY" -m blkrewind.cli trace --device "$LOOP" --log "$LOG" --ring-mb 32 --segment-mb 16 \
-    2> "$OUT/trace.stderr" &
+    --log-mode "$LOGMODE" 2> "$OUT/trace.stderr" &
 exec "$PY" "$(dirname "$0")/powercut_guest.py" "$OUT" "$LOOP" "$LOG" "$SEED" $!
