@@ -47,6 +47,20 @@ for p in paths:
             f.write(out)
             f.flush()
             os.fsync(f.fileno())
+    elif mode == "buffered":     # in place through the page cache: the flusher writes back
+        with open(p, "r+b") as f:
+            f.write(out)
+    elif mode == "truncate":     # truncated and written again (cat tmp > file)
+        with open(p, "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+    elif mode == "viatmp":       # a new file renamed over the original
+        with open(p + ".tmp", "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(p + ".tmp", p)
     else:
         with open(p + ".locked", "wb") as f:
             f.write(out)
@@ -120,7 +134,9 @@ def checksums(root: Path) -> dict[str, str]:
 
 
 def attack(mode: str, files: list[Path], delay: float = 0.0) -> subprocess.Popen:
-    """Start the attacker (a separate process): 'inplace' or 'newfiles'."""
+    """Start the attacker (a separate process): 'inplace', 'buffered' (in place, no fsync:
+    written back by the flusher), 'truncate' (truncate and write), 'viatmp' (a new file
+    renamed over the original) or 'newfiles' (FILE.locked, the original deleted)."""
     return subprocess.Popen([sys.executable, "-c", ATTACK, mode, str(delay),
                              *map(str, files)])
 

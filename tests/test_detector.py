@@ -249,3 +249,62 @@ def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
     after = _checksums_at(store, dev, ep["clean_stamp"], tmp_path)
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
+
+
+@pytest.mark.bpf
+def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
+    """ext4 mounted without discard, traced with --dirtier; four attackers, one after the
+    other, each its own set of documents: AES in place through the page cache without fsync
+    (the flusher writes it back: grouped by the dirtier, the attacker), into new files with
+    the originals deleted, truncate and write (`cat tmp > file`), and a new file renamed
+    over each original. Each is one episode of its own process, detected within 10 s of its
+    start; the first's clean point holds every original."""
+    rng = random.Random(15)
+    loop = make_loop(size_mb=128)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    modes = ("buffered", "newfiles", "truncate", "viatmp")
+    sh("mount", dev, mnt)
+    try:
+        wl.populate(mnt, rng, docs=0, media=2)
+        sets = {}
+        for m in modes:
+            d = mnt / m
+            d.mkdir()
+            sets[m] = []
+            for i in range(8):
+                p = d / f"doc{i}.txt"
+                p.write_bytes(wl.log_text(rng, 1024 * rng.randrange(24, 96)))
+                sets[m].append(p)
+        wl.syncfs(mnt)
+        started = {}
+        with TraceProc([dev], log, "--dirtier") as t:
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            for m in modes:
+                started[m] = time.time_ns()
+                p = wl.attack(m, sets[m])
+                assert p.wait(120) == 0
+                if m == "buffered":
+                    wl.syncfs(mnt)   # written back by the flusher, not by the attacker
+                started[m] = (started[m], p.pid)
+                time.sleep(1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == len(modes), eps
+    for m, ep in zip(modes, eps):
+        t0, pid = started[m]
+        assert f"[{pid}]" in ep["processes"], (m, ep)
+        assert _iso_ns(ep["started"]) >= t0 - 5 * 10**6, (m, ep)
+        assert _iso_ns(ep["detected"]) - t0 <= 10 * 10**9, (m, ep)
+        if m == "newfiles":   # (the others reuse blocks the ones before them freed)
+            assert ep["kind"] == "encrypted into new files, originals deleted or rewritten", ep
+    after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad
