@@ -1,6 +1,6 @@
 """The ransomware detector on real traced loop devices (reduced set; bench/bench_detector.py
 runs the full evaluation): benign work first (gzip/zstd of logs, copying media, SQLite under
-load, fio random data) must not alarm; an AES encryption of the documents in place must be
+load, fio random data, apt unpacking packages, PostgreSQL under pgbench) must not alarm; an AES encryption of the documents in place must be
 detected within 10 s of its start; the clean point `suspects` gives restores files that all
 pass their checksums. Plus the detector's rules on synthetic LOGs (pure logic)."""
 from __future__ import annotations
@@ -87,6 +87,8 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
             wl.benign_copy_media(mnt, rng)
             wl.benign_sqlite(mnt, rng, seconds=2.0)
             wl.benign_fio(mnt, size_mib=8)
+            wl.benign_apt(mnt, wl.apt_debs())
+            wl.benign_postgres(mnt, seconds=2.0, scale=1)
             time.sleep(1.0)
             before = wl.checksums(mnt)
             cli("mark", "before-attack", "--log", log)
