@@ -61,6 +61,7 @@ runs it over a whole session.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -618,11 +619,15 @@ def scan_device(store, device: str, files: bool = True) -> list[Episode]:
     without the file-level check (no point is mounted)."""
     eps: list[Episode] = []
     check = FileCheck(store, device) if files else None
-    for session, dev, size in store.query(
-            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
-            "JOIN sessions s USING (session) WHERE sd.device = ? "
-            "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
-        eps += scan(store, session, int(dev), int(size or 0), check=check)
+    try:
+        for session, dev, size in store.query(
+                "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+                "JOIN sessions s USING (session) WHERE sd.device = ? "
+                "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
+            eps += scan(store, session, int(dev), int(size or 0), check=check)
+    finally:
+        if check is not None:
+            check.close()
     return eps
 
 
@@ -688,7 +693,9 @@ class FileCheck:
         self.store = store
         self.device = device
         self.checks = 0
+        self.disabled: str | None = None
         self._dev = None
+        self._a: tuple | None = None     # the point before the streak, mounted: _side_a
 
     def _store(self):
         return getattr(self.store, "store", self.store)   # LockedCon -> its Store
@@ -713,11 +720,42 @@ class FileCheck:
         return points.Resolved(self._dev, det.session, det.dev, stamp, det.size_bytes,
                                None, f"stamp:{stamp}")
 
+    def _side_a(self, det: Detector, a_stamp: int):
+        """(mount, file map, {path: randomness}) of the point before a streak, kept mounted
+        for the streak's next checks (close() unmounts it)."""
+        from replayer import fsmap
+        from replayer.pointimage import mounted, open_point_image
+
+        key = (det.session, det.dev, a_stamp)
+        if self._a is not None and self._a[0] == key:
+            return self._a[1:4]
+        self.close()
+        st = self._store()
+        if self._dev is None:
+            self._dev = st.find_device(self.device)
+        stack = contextlib.ExitStack()
+        try:
+            img, _ = stack.enter_context(open_point_image(st, self._dev, self._point(det, a_stamp)))
+            mnt, _ = stack.enter_context(mounted(img))
+            m = fsmap.file_map(mnt)
+        except BaseException:
+            stack.close()
+            raise
+        self._a = (key, mnt, m, {}, stack)
+        return mnt, m, self._a[3]
+
+    def close(self) -> None:
+        a, self._a = self._a, None
+        if a is not None:
+            a[4].close()
+
     def __call__(self, det: Detector, sk: Streak):
         from blkrewind.errors import UserError
         from replayer import fsmap
         from replayer.pointimage import mounted, open_point_image
 
+        if self.disabled:
+            return None
         a_stamp, b_stamp = sk.first_stamp - 1, sk.last_stamp
         for x in (b_stamp, a_stamp):
             ok = self._restorable(det, x)
@@ -728,19 +766,19 @@ class FileCheck:
         ranges = sk.merged_ranges()
         self.checks += 1
         try:
-            with open_point_image(st, self._dev or st.find_device(self.device),
-                                  self._point(det, a_stamp)) as (img_a, _), \
-                    mounted(img_a) as (mnt_a, _), \
-                    open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
+            mnt_a, ma, rnd_a = self._side_a(det, a_stamp)
+            with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
                     mounted(img_b) as (mnt_b, _):
-                ma, mb = fsmap.file_map(mnt_a), fsmap.file_map(mnt_b)
+                mb = fsmap.file_map(mnt_b)
                 lost, gained = {}, {}
                 for p, fa in ma.items():
                     fb = mb.get(p)
                     if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
                                                  and fb["extents"] == fa["extents"]):
                         continue
-                    if file_randomness(os.path.join(mnt_a, p), fa["size"]) <= COMPRESSIBLE:
+                    if p not in rnd_a:
+                        rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
+                    if rnd_a[p] <= COMPRESSIBLE:
                         lost[p] = fa["size"]
                 for p, fb in mb.items():
                     fa = ma.get(p)
@@ -754,7 +792,12 @@ class FileCheck:
                         gained[p] = fb["size"]
                 pairs = pair_files(lost, gained)
                 old = [ma[p] for p, _ in pairs]
-        except (UserError, OSError) as e:
+        except UserError as e:     # no ext4/xfs, no loop device...: said once
+            self.disabled = str(e)
+            print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
+                  file=sys.stderr)
+            return None
+        except OSError as e:
             print(f"blkrewind: detector: the file-level check at stamps {a_stamp}..{b_stamp} "
                   f"failed: {e}", file=sys.stderr)
             return None
@@ -866,6 +909,8 @@ class Watch:
             advance(self.con, det, check=check)
             if check is not None and det.pending:   # candidates whose points were not
                 det.run_checks(check)               # restorable yet
+            if check is not None and not det.pending:
+                check.close()
             for ep in det.episodes[before:]:
                 self.episodes.append((device, ep))
                 new += 1

@@ -69,6 +69,34 @@ def test_rules_on_a_synthetic_history(tmp_path, capsys):
     assert f"--at stamp:{lone - 1}" in ep["restore"]
 
 
+def test_buffered_writes_grouped_by_their_dirtier(tmp_path, capsys):
+    """Writes a flusher submitted are counted for the process that dirtied their pages (an
+    R_DIRTY: trace --dirtier): two processes' buffered writes through one kworker are two
+    groups, and the encrypting one is the episode, named by its own pid."""
+    rng = random.Random(3)
+    mib = 1 << 20
+    img = _text(2 * mib) + bytes(2 * mib)
+    s = SynthSession(str(tmp_path / "log"), seed=7, initial=img)
+    s.baseline(writes_during=0, old_write=False)
+    s.mark("before")
+    for i in range(20):
+        st = s.write(i * 40960, rng.randbytes(16384), comm="kworker/u8:1", pid=9)
+        s.dirtier(st, pid=13, comm="crypt")
+        st = s.write(2 * mib + i * 40960, rng.randbytes(16384), comm="kworker/u8:1", pid=9)
+        s.dirtier(st, pid=14, comm="cp")
+    s.end()
+    store = tmp_path / "store"
+    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
+    assert rc == 0, err
+    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
+                            "--format", "json")
+    assert rc == 1, err
+    eps = json.loads(out)
+    assert len(eps) == 1, eps
+    assert eps[0]["processes"] == "crypt[13] 320 KiB", eps
+    assert eps[0]["clean_mark"] == "before"
+
+
 # ------------------------------------------------------------------ real workloads
 @pytest.mark.bpf
 def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
