@@ -37,7 +37,7 @@ DELETE_RATIO (0.5-2) times as much random data into free space is an episode of 
 Without discard (the default mount of ext4 and xfs) the deletion is not seen at the block
 level; then the file systems are asked (FileCheck). A group writing random data into new
 places (over zeroes, unknown or non-random blocks; a *streak* with no WINDOW_NS pause) of at
-least MIN_BYTES at MIN_RUNS places is a *candidate*, again each time its bytes double; the
+least MIN_BYTES at MIN_RUNS + 2 places is a *candidate*, again each time its bytes double; the
 check reads the file system (ext4, xfs) at the point before the streak and at the candidate's
 last write: files holding compressible data that are gone or whose blocks changed (deleted,
 renamed over, truncated and rewritten) against files holding random data that the group
@@ -65,6 +65,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ MIN_WRITES = 4
 MIN_RUNS = 3                  # separate places (_places)
 PLACE_NS = 500 * 10**6
 DELETE_RATIO = (0.5, 2.0)     # random bytes into free space per compressible byte discarded
+RANDOM_SHARE = 0.5            # an episode's group wrote at least this share of random data
 FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places (1 MiB, 24)
 CHUNK_ROWS = 200_000
 NEWFILES = "encrypted into new files, originals deleted or rewritten"
@@ -259,6 +261,7 @@ class Detector:
         self.deleting: Episode | None = None           # the open deletion episode
         self.streaks: dict[tuple, Streak] = {}          # random data into new places
         self.pending: list[Streak] = []                # candidates for newfiles_check
+        self.vol: dict[tuple, list] = {}               # per group: random_share's data
         self.last_stamp = 0
 
     def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
@@ -307,6 +310,7 @@ class Detector:
         val = state_of(rnd)
         val[zeroing[keep]] = ZERO
         blk, rows, prev = self.map.apply(start, length, val)
+        self._volumes(c, keep, length, rnd, zeroing[keep])
         rnd_row = np.nan_to_num(rnd, nan=0.0) >= RANDOM_WRITE
         rnd_row &= ~zeroing[keep]
         if rnd_row.any():
@@ -350,9 +354,9 @@ class Detector:
             s, t = int(stamp[i]), int(tns[i])
             a, e = int(start[k]), int(start[k] + length[k])
             ep = self.open.get(g)
-            if ep is not None and t - ep.last_ns <= self.window_ns:
+            if ep is not None and ep.detect_stamp <= s and t - ep.last_ns <= self.window_ns:
                 if ep.kind == NEWFILES:   # the episode goes on
-                    ep.last_stamp, ep.last_ns = s, t
+                    ep.last_stamp, ep.last_ns = max(ep.last_stamp, s), max(ep.last_ns, t)
                     ep.writes += 1
                 continue
             st = self.streaks.get(g)
@@ -361,9 +365,55 @@ class Detector:
             st.add(s, t, min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
             f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
             if (st.bytes >= max(st.next_check, self.min_bytes * f_)
-                    and st.places >= self.min_runs * f_):
+                    and st.places >= (self.min_runs + NEW_PLACES_MORE) * f_):
                 st.next_check = 2 * st.bytes
                 self.pending.append(st.snapshot())
+
+    def _volumes(self, c, keep, length, rnd, zeroing) -> None:
+        """Per group, the times and sizes of its data writes and of its random ones (for
+        random_share), the last WINDOW_NS kept."""
+        data = ~zeroing
+        if not data.any():
+            return
+        idx = keep[data]
+        cg = np.asarray(c["cgroup_id"], np.uint64)[idx]
+        tg = np.asarray(c["tgid"], np.int64)[idx]
+        comm = c["comm"][idx]
+        kw = np.array([str(x).startswith("kworker/") for x in comm], bool)
+        tg = np.where(kw, -1, tg)
+        t = np.asarray(c["time_ns"], np.int64)[idx]
+        n = length[data].astype(np.int64)
+        r = np.where(np.nan_to_num(rnd[data], nan=0.0) >= RANDOM_WRITE, n, 0)
+        pairs = np.stack([cg.astype(np.int64), tg], axis=1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        inv = np.asarray(inv).reshape(-1)
+        t_end = int(t.max())
+        for j in range(len(uniq)):
+            sel = inv == j
+            i0 = int(np.argmax(sel))
+            g = _group(int(cg[i0]), int(tg[i0]) if tg[i0] >= 0 else 0,
+                       "kworker/" if kw[i0] else comm[i0])
+            o = np.argsort(t[sel], kind="stable")
+            ts = t[sel][o]
+            v = self.vol.setdefault(g, [])
+            v.append((ts, np.cumsum(n[sel][o]), np.cumsum(r[sel][o])))
+        for g, v in list(self.vol.items()):
+            v[:] = [x for x in v if x[0][-1] >= t_end - self.window_ns]
+            if not v:
+                del self.vol[g]
+
+    def random_share(self, g: tuple, t: int) -> float:
+        """The share of random data in what group g wrote in (t - WINDOW_NS, t]: ransomware
+        writes ciphertext and little else; a process unpacking or copying files that reuses
+        freed blocks of compressible data writes mostly compressible data itself."""
+        tot = rn = 0
+        for ts, cn, cr in self.vol.get(g, []):
+            a = int(np.searchsorted(ts, t - self.window_ns, side="right"))
+            b = int(np.searchsorted(ts, t, side="right"))
+            if b > a:
+                tot += int(cn[b - 1]) - (int(cn[a - 1]) if a else 0)
+                rn += int(cr[b - 1]) - (int(cr[a - 1]) if a else 0)
+        return rn / tot if tot else 1.0
 
     def run_checks(self, check) -> None:
         """The file-level check of the pending candidates: check(det, streak) returns an
@@ -371,12 +421,25 @@ class Detector:
         later = []
         for st in self.pending:
             ep = self.open.get(st.group)
-            if ep is not None and st.last_ns - ep.last_ns <= self.window_ns:
-                continue
+            if ep is not None and ep.detect_stamp <= st.last_stamp \
+                    and st.last_ns - ep.last_ns <= self.window_ns:
+                continue          # already an episode at that point
             r = check(self, st)
             if r is RETRY:
                 later.append(st)
             elif r is not None:
+                if ep is not None and ep.detect_stamp > r.detect_stamp \
+                        and ep.first_ns - r.last_ns <= self.window_ns:
+                    # an episode the rules in place found later in the same chunk of
+                    # history: the same attack, found earlier by the check
+                    if ep.first_stamp < r.first_stamp:
+                        r.first_stamp, r.first_ns = ep.first_stamp, ep.first_ns
+                    r.bytes += ep.bytes
+                    r.writes += ep.writes
+                    r.procs.update(ep.procs)
+                    r.ranges += ep.ranges
+                    r.last_stamp, r.last_ns = ep.last_stamp, ep.last_ns
+                    self.episodes.remove(ep)
                 self.open[st.group] = r
                 self.episodes.append(r)
                 if self.on_episode is not None:
@@ -475,7 +538,8 @@ class Detector:
             nwrites = len({x[1] for x in rec})
             k_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
             if (total >= self.min_bytes * k_ and nwrites >= self.min_writes
-                    and _places(rec) >= self.min_runs * k_):
+                    and _places(rec) >= self.min_runs * k_
+                    and self.random_share(g, t) >= RANDOM_SHARE):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 mine = [x for x in touch if x[2] in whos]
                 t0, s0 = min([(x[0], x[1]) for x in mine] + [(rec[0][0], rec[0][1])],
@@ -636,6 +700,9 @@ SAMPLE = 4096                 # bytes per sample of a file's content ...
 SAMPLES = 32                  # ... and how many, spread over the file
 MIN_FILE = 1024               # smaller files are not counted
 PAIR_SLACK = (4096, 0.1)      # a new file pairs an old one within 4 KiB or 10 % of its size
+NEW_PLACES_MORE = 2           # a candidate has MIN_RUNS + 2 places: the deletion of a file
+                              # reaches the journal with the next file's fsync, so a check at
+                              # MIN_RUNS places would find too few pairs and cost a second one
 
 
 def file_randomness(path: str, size: int) -> float:
@@ -765,6 +832,7 @@ class FileCheck:
         f_ = FLUSHER_FACTOR if sk.group[2] == "kworker" else 1
         ranges = sk.merged_ranges()
         self.checks += 1
+        t0 = time.monotonic()
         try:
             mnt_a, ma, rnd_a = self._side_a(det, a_stamp)
             with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
@@ -802,6 +870,11 @@ class FileCheck:
                   f"failed: {e}", file=sys.stderr)
             return None
         nbytes = sum(f["size"] for f in old)
+        if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
+            print(f"blkrewind: detector: file-level check {self.checks} of {sk.group[2]}"
+                  f"[{sk.group[1]}] at stamps {a_stamp}..{b_stamp} ({sk.bytes >> 10} KiB at "
+                  f"{sk.places} places): {len(lost)} lost, {len(gained)} gained, {len(pairs)} "
+                  f"pairs, {time.monotonic() - t0:.1f} s", file=sys.stderr)
         if len(pairs) < det.min_runs * f_ or nbytes < det.min_bytes * f_:
             return None
         ep = Episode(det.session, det.dev, sk.group, sk.first_stamp, sk.first_ns, sk.last_stamp,
