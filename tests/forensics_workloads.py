@@ -187,8 +187,10 @@ def benign_fio(mnt: Path, size_mib: int = 16) -> None:
     syncfs(mnt)
 
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-DEB_CACHE = Path("/var/cache/blkrewind-test/apt-bookworm")
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/lib/postgresql/15/bin"),
+             key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+DEB_CACHE = Path("/var/cache/blkrewind-test/apt-bookworm")   # bootstrap's package cache
+DEB_DOWNLOAD = Path("/var/cache/blkrewind-test/apt-detector")
 APT_SMALL = ("libssl3_", "binutils-common_", "linux-libc-dev_")
 APT_FULL = APT_SMALL + ("libpython3.11-stdlib_", "libc6-dev_", "iso-codes_")
 
@@ -245,12 +247,21 @@ def benign_postgres(mnt: Path, seconds: float = 5.0, scale: int = 2) -> None:
 
 
 def apt_debs(names=APT_SMALL) -> list[Path]:
-    """The cached Debian packages whose file names start with these prefixes."""
+    """Debian packages whose file names start with these prefixes: from the test cache, apt's
+    own cache, or else fetched once with `apt-get download` (the distribution's versions)."""
     out = []
     for pre in names:
-        hit = sorted(DEB_CACHE.glob(f"{pre}*.deb"))
-        if hit:
-            out.append(hit[-1])
+        hit = sorted([*DEB_CACHE.glob(f"{pre}*.deb"), *DEB_DOWNLOAD.glob(f"{pre}*.deb"),
+                      *Path("/var/cache/apt/archives").glob(f"{pre}*.deb")])
+        if not hit:
+            DEB_DOWNLOAD.mkdir(parents=True, exist_ok=True)
+            pkg = pre.rstrip("_")
+            if pkg == "libpython3.11-stdlib":   # the newest python's on other releases
+                pkg = "libpython3-stdlib"
+            subprocess.run(["apt-get", "download", pkg], cwd=DEB_DOWNLOAD, check=True,
+                           capture_output=True)
+            hit = sorted(DEB_DOWNLOAD.glob("*.deb"), key=lambda p: p.stat().st_mtime)[-1:]
+        out.append(hit[-1])
     return out
 
 
