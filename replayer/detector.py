@@ -542,7 +542,11 @@ class Detector:
                     and self.random_share(g, t) >= RANDOM_SHARE):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 mine = [x for x in touch if x[2] in whos]
-                t0, s0 = min([(x[0], x[1]) for x in mine] + [(rec[0][0], rec[0][1])],
+                # and by the flushers of its cgroup whose writes no dirtier names (a bio's
+                # later pages, pages the dirtier map missed): they may be its own
+                fl = self.touch.get((g[0], 0, "kworker")) if g[2] != "kworker" else None
+                early = [(x[0], x[1]) for x in fl or () if x[0] >= t - self.window_ns]
+                t0, s0 = min([(x[0], x[1]) for x in mine] + early + [(rec[0][0], rec[0][1])],
                              key=lambda x: x[1])
                 ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
                 for x in mine:
