@@ -65,6 +65,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ class Detector:
         self.pending: list[Streak] = []                # candidates for newfiles_check
         self.vol: dict[tuple, list] = {}               # per group: random_share's data
         self.last_stamp = 0
+        self.last_ns = 0                              # time of the newest write fed
 
     def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
         """Baseline (or resync) chunks, in the order they apply (larger aux last); `blocks`:
@@ -295,6 +297,7 @@ class Detector:
         n = len(c["stamp"])
         if n == 0:
             return
+        self.last_ns = max(self.last_ns, int(np.max(c["time_ns"])))
         op = np.asarray(c["op"], np.int64)
         ln = np.asarray(c["len"], np.int64)
         zeroing = np.isin(op, list(record.ZEROING_OPS))
@@ -837,11 +840,34 @@ class FileCheck:
         ranges = sk.merged_ranges()
         self.checks += 1
         t0 = time.monotonic()
+        if self._dev is None:
+            self._dev = st.find_device(self.device)
+        # the two points are made readable side by side (nbdkit, FUSE and the mounts mostly
+        # wait): the point before the streak in a thread unless it is mounted already
+        side: dict = {}
+
+        def mount_a():
+            try:
+                side["a"] = self._side_a(det, a_stamp)
+            except BaseException as e:   # handed to the caller
+                side["e"] = e
+
+        th = None
+        if self._a is not None and self._a[0] == (det.session, det.dev, a_stamp):
+            mount_a()
+        else:
+            th = threading.Thread(target=mount_a, name="detector-point-a", daemon=True)
+            th.start()
         try:
-            mnt_a, ma, rnd_a = self._side_a(det, a_stamp)
             with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
                     mounted(img_b) as (mnt_b, _):
                 mb = fsmap.file_map(mnt_b)
+                if th is not None:
+                    th.join()
+                    th = None
+                if "e" in side:
+                    raise side["e"]
+                mnt_a, ma, rnd_a = side["a"]
                 lost, gained = {}, {}
                 for p, fa in ma.items():
                     fb = mb.get(p)
@@ -873,6 +899,9 @@ class FileCheck:
             print(f"blkrewind: detector: the file-level check at stamps {a_stamp}..{b_stamp} "
                   f"failed: {e}", file=sys.stderr)
             return None
+        finally:
+            if th is not None:   # B failed first: A's mount is kept (close() undoes it)
+                th.join()
         nbytes = sum(f["size"] for f in old)
         if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
             print(f"blkrewind: detector: file-level check {self.checks} of {sk.group[2]}"
@@ -986,14 +1015,40 @@ class Watch:
             advance(self.con, det, check=check)
             if check is not None and det.pending:   # candidates whose points were not
                 det.run_checks(check)               # restorable yet
-            if check is not None and not det.pending:
-                check.close()
+            if check is not None:
+                self._prepare(det, check)
             for ep in det.episodes[before:]:
                 self.episodes.append((device, ep))
                 new += 1
                 if self.on_episode is not None:
                     self.on_episode(ep, device)
         return new
+
+    @staticmethod
+    def _prepare(det: Detector, check: FileCheck) -> None:
+        """Mount the point before a live streak of MIN_BYTES ahead of its check (the check
+        then mounts only its last write's point: about half the time to an alert), and
+        unmount it once no streak is live."""
+        live = [sk for sk in det.streaks.values()
+                if sk.bytes >= det.min_bytes and det.last_ns - sk.last_ns <= det.window_ns
+                and sk.group not in det.open]
+        if not live:
+            if not det.pending:
+                check.close()
+            return
+        sk = max(live, key=lambda x: x.bytes)
+        if check.disabled or check._restorable(det, sk.first_stamp - 1) is not True:
+            return
+        from blkrewind.errors import UserError
+        try:
+            check._side_a(det, sk.first_stamp - 1)
+        except UserError as e:
+            check.disabled = str(e)
+            print(f"blkrewind: detector: no file-level check on {check.device}: {e}",
+                  file=sys.stderr)
+        except OSError as e:
+            print(f"blkrewind: detector: cannot read {check.device} at stamp "
+                  f"{sk.first_stamp - 1}: {e}", file=sys.stderr)
 
     def summary(self, limit: int = 20) -> list[dict]:
         out = []
