@@ -319,11 +319,11 @@ class Detector:
         if rnd_row.any():
             r_blk = rnd_row[rows]
             comp = r_blk & (prev <= int(COMPRESSIBLE * 100))
-            over = r_blk & (prev <= 100)              # existing data of any kind
             nb = len(keep)
             enc_blocks = np.bincount(rows[comp], minlength=nb)
-            over_blocks = np.bincount(rows[over], minlength=nb)
-            cand = np.nonzero(over_blocks > 0)[0]
+            # every random write goes by (_episodes' touch: where an episode starts), also
+            # into blocks read as zeroes (sparse or freed pages of a database file)
+            cand = np.nonzero(rnd_row)[0]
             self._episodes(c, keep, cand, enc_blocks, start, length)
         # encryption into new files, then deletion: visible where deletions are discarded
         z_blk = zeroing[keep][rows]
@@ -786,6 +786,17 @@ class FileCheck:
             return RETRY
         return False
 
+    def point_before(self, det, stamp: int) -> int:
+        """The point before a streak starting at `stamp`, and before the metadata writes
+        right before it (the journal commit that may hold the truncation or deletion of its
+        first file: ext4 committed `open(O_TRUNC)` before the first ciphertext reached the
+        device): the last stamp before `stamp` that is not a metadata write (F_META)."""
+        row = self._store().query_one(
+            f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
+            f"AND stamp >= ? AND (flags & {record.F_META}) = 0",
+            [det.session, det.dev, stamp, stamp - 100_000])
+        return int(row[0]) if row and row[0] is not None else stamp - 1
+
     def _point(self, det, stamp: int):
         from replayer import points
         st = self._store()
@@ -830,7 +841,7 @@ class FileCheck:
 
         if self.disabled:
             return None
-        a_stamp, b_stamp = sk.first_stamp - 1, sk.last_stamp
+        a_stamp, b_stamp = self.point_before(det, sk.first_stamp), sk.last_stamp
         for x in (b_stamp, a_stamp):
             ok = self._restorable(det, x)
             if ok is not True:
@@ -910,9 +921,14 @@ class FileCheck:
                   f"pairs, {time.monotonic() - t0:.1f} s", file=sys.stderr)
         if len(pairs) < det.min_runs * f_ or nbytes < det.min_bytes * f_:
             return None
-        ep = Episode(det.session, det.dev, sk.group, sk.first_stamp, sk.first_ns, sk.last_stamp,
-                     sk.last_ns, sk.last_stamp, sk.last_ns, bytes=nbytes, writes=sk.writes,
-                     procs=Counter(sk.procs), kind=NEWFILES)
+        # it starts after the point the check read as clean (its clean point is that one)
+        t_a = self._store().query_one(
+            "SELECT min(time_ns) FROM records WHERE session = ? AND dev = ? AND stamp > ?",
+            [det.session, det.dev, a_stamp])
+        ep = Episode(det.session, det.dev, sk.group, a_stamp + 1,
+                     int(t_a[0]) if t_a and t_a[0] is not None else sk.first_ns,
+                     sk.last_stamp, sk.last_ns, sk.last_stamp, sk.last_ns, bytes=nbytes,
+                     writes=sk.writes, procs=Counter(sk.procs), kind=NEWFILES)
         for f in old:
             for ph, ln in f["extents"]:
                 ep.add_range(ph, ph + ln)
@@ -1037,11 +1053,12 @@ class Watch:
                 check.close()
             return
         sk = max(live, key=lambda x: x.bytes)
-        if check.disabled or check._restorable(det, sk.first_stamp - 1) is not True:
+        a = check.point_before(det, sk.first_stamp)
+        if check.disabled or check._restorable(det, a) is not True:
             return
         from blkrewind.errors import UserError
         try:
-            check._side_a(det, sk.first_stamp - 1)
+            check._side_a(det, a)
         except UserError as e:
             check.disabled = str(e)
             print(f"blkrewind: detector: no file-level check on {check.device}: {e}",
