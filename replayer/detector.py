@@ -157,10 +157,15 @@ class Streak:
     _prev: tuple | None = None
 
     def add(self, s: int, t: int, n: int, who: str, a: int, e: int) -> None:
+        """A random write; a new place unless it continues the previous one on the device,
+        within PLACE_NS, with no other write between them (a file system allocating new
+        files one after the other, xfs, has them contiguous: the fsync's log write between
+        two files separates them)."""
         p = self._prev
-        if p is None or t - p[0] > PLACE_NS or not (p[1] <= a <= p[2] or a <= p[1] < e):
+        if (p is None or t - p[0] > PLACE_NS or s > p[3] + 1
+                or not (p[1] <= a <= p[2] or a <= p[1] < e)):
             self.places += 1
-        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e)
+        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s)
         if s != self.last_stamp:
             self.writes += 1
         self.last_stamp, self.last_ns = s, t
