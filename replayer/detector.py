@@ -111,6 +111,7 @@ class Episode:
     ranges: list = field(default_factory=list)        # [start, end) byte ranges its processes
                                                       # overwrote with random data
     files: list = field(default_factory=list)         # file-level check: "old -> new" pairs
+    before: int | None = None       # the clean point when not first_stamp - 1 (the check's)
 
     def add_range(self, a: int, e: int) -> None:
         r = self.ranges
@@ -442,6 +443,7 @@ class Detector:
                     # history: the same attack, found earlier by the check
                     if ep.first_stamp < r.first_stamp:
                         r.first_stamp, r.first_ns = ep.first_stamp, ep.first_ns
+                        r.before = min(r.before or ep.first_stamp - 1, ep.first_stamp - 1)
                     r.bytes += ep.bytes
                     r.writes += ep.writes
                     r.procs.update(ep.procs)
@@ -926,14 +928,11 @@ class FileCheck:
                   f"pairs, {time.monotonic() - t0:.1f} s", file=sys.stderr)
         if len(pairs) < det.min_runs * f_ or nbytes < det.min_bytes * f_:
             return None
-        # it starts after the point the check read as clean (its clean point is that one)
-        t_a = self._store().query_one(
-            "SELECT min(time_ns) FROM records WHERE session = ? AND dev = ? AND stamp > ?",
-            [det.session, det.dev, a_stamp])
-        ep = Episode(det.session, det.dev, sk.group, a_stamp + 1,
-                     int(t_a[0]) if t_a and t_a[0] is not None else sk.first_ns,
+        # its clean point is the point the check read as clean (before the journal commit
+        # that may hold the first truncation or deletion)
+        ep = Episode(det.session, det.dev, sk.group, sk.first_stamp, sk.first_ns,
                      sk.last_stamp, sk.last_ns, sk.last_stamp, sk.last_ns, bytes=nbytes,
-                     writes=sk.writes, procs=Counter(sk.procs), kind=NEWFILES)
+                     writes=sk.writes, procs=Counter(sk.procs), kind=NEWFILES, before=a_stamp)
         for f in old:
             for ph, ln in f["extents"]:
                 ep.add_range(ph, ph + ln)
@@ -947,11 +946,12 @@ def episode_json(ep: Episode) -> str:
 
 def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]:
     """(stamp, time_ns, mark name) of the last restorable point before the episode's first
-    write: the stamp just before it when restorable, else the end of the last restorable
+    write (or its `before`): the stamp just before it when restorable, else the end of the last restorable
     interval before it; the newest restorable mark at or before that stamp (or None)."""
+    before = ep.before if ep.before is not None else ep.first_stamp - 1
     row = store.query_one(
         "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
-        "AND from_stamp <= ?", [ep.first_stamp - 1, ep.session, ep.dev, ep.first_stamp - 1])
+        "AND from_stamp <= ?", [before, ep.session, ep.dev, before])
     stamp = row[0] if row else None
     if stamp is None:
         return None, None, None
