@@ -802,7 +802,15 @@ class FileCheck:
             f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
             f"AND stamp >= ? AND (flags & {record.F_META}) = 0",
             [det.session, det.dev, stamp, stamp - 100_000])
-        return int(row[0]) if row and row[0] is not None else stamp - 1
+        a = int(row[0]) if row and row[0] is not None else stamp - 1
+        # not before the restorable interval holding stamp - 1 (an attack right after the
+        # baseline: the commit before it is the baseline's)
+        iv = self._store().query_one(
+            "SELECT max(from_stamp) FROM restorable WHERE session = ? AND dev = ? "
+            "AND ? BETWEEN from_stamp AND to_stamp", [det.session, det.dev, stamp - 1])
+        if iv and iv[0] is not None:
+            a = max(a, int(iv[0]))
+        return min(a, stamp - 1)
 
     def _point(self, det, stamp: int):
         from replayer import points
