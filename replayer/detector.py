@@ -136,7 +136,7 @@ class Episode:
                 "detect_stamp": self.detect_stamp, "detect_ns": self.detect_ns,
                 "last_stamp": self.last_stamp, "last_ns": self.last_ns, "bytes": self.bytes,
                 "writes": self.writes, "procs": dict(self.procs.most_common(10)),
-                "kind": self.kind, "files": self.files,
+                "kind": self.kind, "files": self.files, "before": self.before,
                 "ranges": self.merged_ranges()}
 
 
