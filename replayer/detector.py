@@ -18,7 +18,10 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   starts when, within WINDOW_NS, at least MIN_BYTES were
   encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (a write that
   does not continue the previous one, or continues it after more than PLACE_NS: files; a new
-  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place).
+  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place),
+  and at least RANDOM_SHARE of all the group wrote in that window was random (random_share:
+  a process unpacking files over the freed blocks of older ones writes mostly compressible
+  data beside its few compressed files; ransomware writes ciphertext).
   The flusher group (kworker/*: buffered writes of every process of the cgroup, e.g. the
   outputs of a log rotation landing on the freed blocks of the logs it deleted) needs
   FLUSHER_FACTOR times the bytes and places (seen in tests/test_detector.py: 580 KiB of
