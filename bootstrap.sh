@@ -114,9 +114,10 @@ step_packages() {
                 nbdkit nbdkit-plugin-python fuse3 libnbd-bin)
     # Only what the test suite needs besides (`bootstrap.sh test`): prometheus (the metrics
     # test scrapes with a real server); debootstrap, zstd (tests/test_fresh_root.py; zstd also
-    # a benign workload of the ransomware detector's tests);
+    # a benign workload of the ransomware detector's tests; postgresql: another, PostgreSQL
+    # under pgbench, tests/forensics_workloads.py);
     # qemu-system-x86, busybox-static: the kernel matrix (tests/test_kernels.py, virtme-ng).
-    [ "$mode" = test ] && want+=(prometheus debootstrap zstd qemu-system-x86 busybox-static)
+    [ "$mode" = test ] && want+=(prometheus debootstrap zstd postgresql qemu-system-x86 busybox-static)
     local missing=() p
     for p in "${want[@]}"; do installed "$p" || missing+=("$p"); done
     local need_bpftool=0 need_python=0 need_nbdfuse=0 clang_pkg

@@ -2,14 +2,15 @@
 data URIs, inline CSS; nothing to fetch), made with matplotlib's Agg backend.
 
 Figures (time on the x axis, marks as dashed lines, gap windows grey, suspect episodes red):
-  1. write rate by process (MB/s, stacked, the top processes and "other")
+  1. write rate by process (MB/s, stacked, the top processes and "other"; a write counts for
+     the process that dirtied its pages when known, else its submitter)
   2. where the writes went: LBA (MiB into the device) x time, bytes per cell (log colour)
   3. randomness of the data written (byte-weighted mean per time bin, 0..1)
-Tables: top writers, most written regions (or files when a file map is given), suspect
-episodes, marks, gaps.
+Tables: top writers (submitter and dirtier side by side), most written regions (or files
+when a file map is given), suspect episodes, marks, gaps.
 
-Everything is aggregated in DuckDB (time x process and time x LBA bins), so the cost follows
-the number of bins, not the number of writes.
+Everything is aggregated in DuckDB (time x process and time x LBA bins) over the public
+`writes` view (analytics/views.py; one row per bio), restricted to the device's sessions.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import os
 from datetime import datetime, timezone
 
 import numpy as np
-
-from blkrewind.formats import record
 
 TIME_BINS = 120
 LBA_BINS = 128
@@ -61,15 +60,22 @@ def _table(title: str, cols: list[str], rows: list[tuple], cls: str) -> str:
 
 
 def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
-    """What the page shows, from the store (a Store or RemoteStore)."""
+    """What the page shows, from the store (a Store or RemoteStore). Writes are read through
+    the public `writes` view (analytics/views.py: one row per bio, its submitter and, for a
+    buffered write traced with --dirtier, the process that dirtied its pages)."""
+    from analytics.views import view_of
+
     sess = store.query("SELECT session, dev FROM session_devices WHERE device = ?",
                        [device.device])
     if not sess:
         return {"empty": True}
-    keys = " OR ".join(["(r.session = ? AND r.dev = ?)"] * len(sess))
-    kp = [v for s, d in sess for v in (s, int(d))]
-    lo, hi = store.query_one(
-        f"SELECT min(time_ns), max(time_ns) FROM records r WHERE ({keys})", kp)
+    sk = ", ".join("?" * len(sess))
+    sp = [s for s, _ in sess]
+    wv = (f"WITH w AS (SELECT *, epoch_us(time) * 1000 AS time_ns, "
+          f"coalesce(dirty_comm, comm) AS writer FROM ({view_of(store, 'writes')}) "
+          f"WHERE session IN ({sk}) AND device = ?) ")
+    wp0 = [*sp, device.device]
+    lo, hi = store.query_one(wv + "SELECT min(time_ns), max(time_ns) FROM w", wp0)
     if lo is None:
         return {"empty": True}
     lo = int(t_from if t_from is not None else lo)
@@ -77,50 +83,55 @@ def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
     if hi <= lo:
         hi = lo + 1
     width = max(1, -(-(hi - lo) // TIME_BINS))
-    w = f"({keys}) AND r.time_ns BETWEEN ? AND ?"
-    wp = kp + [lo, hi]
-    ops = f"r.op = {record.OP_WRITE}"
+    w = "w.time_ns BETWEEN ? AND ?"
+    wp = [*wp0, lo, hi]
+    ops = "w.op = 'write'"
+    # top writers: the submitter and, beside it, the process that dirtied the pages
     procs = store.query(
-        f"SELECT r.comm, any_value(r.tgid), sum(r.len), count(DISTINCT (r.session, r.stamp)), "
-        f"avg(r.randomness) FROM records r WHERE {w} AND {ops} GROUP BY r.comm "
-        f"ORDER BY 3 DESC", wp)
-    top = [p[0] for p in procs[:TOP_PROCS]]
+        wv + f"SELECT w.comm, any_value(w.pid), w.dirty_comm, any_value(w.dirty_pid), "
+        f"sum(w.captured), count(*), sum(w.randomness * w.captured) / "
+        f"nullif(sum(CASE WHEN w.randomness IS NOT NULL THEN w.captured END), 0) "
+        f"FROM w WHERE {w} AND {ops} GROUP BY w.comm, w.dirty_comm ORDER BY 5 DESC", wp)
+    writers = store.query(
+        wv + f"SELECT w.writer, sum(w.captured) FROM w WHERE {w} AND {ops} GROUP BY 1 "
+        f"ORDER BY 2 DESC", wp)
+    top = [p[0] for p in writers[:TOP_PROCS]]
     rate = store.query(
-        f"SELECT (r.time_ns - ?) // ? AS b, CASE WHEN r.comm IN ({','.join(['?'] * len(top)) or 'NULL'}) "
-        f"THEN r.comm ELSE 'other' END AS c, sum(r.len) FROM records r WHERE {w} AND {ops} "
-        f"GROUP BY ALL", [lo, width, *top, *wp])
+        wv + f"SELECT (w.time_ns - ?) // ? AS b, CASE WHEN w.writer IN "
+        f"({','.join(['?'] * len(top)) or 'NULL'}) THEN w.writer ELSE 'other' END AS c, "
+        f"sum(w.captured) FROM w WHERE {w} AND {ops} GROUP BY ALL",
+        [*wp0, lo, width, *top, lo, hi])
     size = max(int(device.size_bytes or 1), 1)
     lba_w = max(1, -(-size // LBA_BINS))
     heat = store.query(
-        f"SELECT (r.time_ns - ?) // ? AS b, least((r.sector * 512 + r.\"offset\") // ?, ?) AS l, "
-        f"sum(greatest(r.len, CASE WHEN r.op IN {tuple(record.ZEROING_OPS)} THEN r.bio_size "
-        f"ELSE 0 END)) FROM records r WHERE {w} AND r.op != {record.OP_FLUSH} GROUP BY ALL",
-        [lo, width, lba_w, LBA_BINS - 1, *wp])
-    has_rnd = store.query_one(
-        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() AND "
-        "table_name = 'records' AND column_name = 'randomness'")[0]
+        wv + f"SELECT (w.time_ns - ?) // ? AS b, least(w.sector * 512 // ?, ?) AS l, "
+        f"sum(CASE WHEN w.op = 'write' THEN w.captured ELSE w.length END) FROM w "
+        f"WHERE {w} AND w.op NOT IN ('flush', 'none') GROUP BY ALL",
+        [*wp0, lo, width, lba_w, LBA_BINS - 1, lo, hi])
     rnd = store.query(
-        f"SELECT (r.time_ns - ?) // ? AS b, sum(r.randomness * r.len) / sum(r.len), "
-        f"sum(r.len) FROM records r WHERE {w} AND {ops} AND r.randomness IS NOT NULL "
-        f"GROUP BY ALL", [lo, width, *wp]) if has_rnd else []
+        wv + f"SELECT (w.time_ns - ?) // ? AS b, sum(w.randomness * w.captured) / "
+        f"sum(w.captured), sum(w.captured) FROM w WHERE {w} AND {ops} "
+        f"AND w.randomness IS NOT NULL AND w.captured > 0 GROUP BY ALL",
+        [*wp0, lo, width, lo, hi])
     regions = store.query(
-        f"SELECT (r.sector * 512 + r.\"offset\") // 1048576 AS mib, sum(r.len), "
-        f"count(DISTINCT (r.session, r.stamp)), string_agg(DISTINCT r.comm, ', ') "
-        f"FROM records r WHERE {w} AND {ops} GROUP BY ALL ORDER BY 2 DESC LIMIT 15", wp)
-    mkeys = " OR ".join(["m.session = ?"] * len(sess))
+        wv + f"SELECT w.sector * 512 // 1048576 AS mib, sum(w.captured), count(*), "
+        f"string_agg(DISTINCT w.writer, ', ') FROM w WHERE {w} AND {ops} GROUP BY ALL "
+        f"ORDER BY 2 DESC LIMIT 15", wp)
     marks = store.query(
-        f"SELECT m.name, m.time_ns, m.stamp FROM marks m WHERE ({mkeys}) "
-        f"AND m.time_ns BETWEEN ? AND ? ORDER BY m.stamp", [s for s, _ in sess] + [lo, hi])
-    gkeys = " OR ".join(["(g.session = ? AND g.dev = ?)"] * len(sess))
+        f"SELECT name, epoch_us(time) * 1000, stamp FROM ({view_of(store, 'marks')}) "
+        f"WHERE session IN ({sk}) AND epoch_us(time) * 1000 BETWEEN ? AND ? ORDER BY stamp",
+        [*sp, lo, hi])
     gaps = store.query(
-        f"SELECT g.from_ns, coalesce(g.resumed_ns, ?), g.from_stamp, g.resumed, g.cause, "
-        f"g.stamps FROM gap_windows g WHERE ({gkeys}) AND coalesce(g.resumed_ns, ?) >= ? "
-        f"AND g.from_ns <= ? ORDER BY g.from_stamp", [hi, *kp, hi, lo, hi])
+        f"SELECT epoch_us(time) * 1000, coalesce(epoch_us(resumed_time) * 1000, ?), stamp, "
+        f"resumed, cause, missing FROM ({view_of(store, 'gaps')}) WHERE session IN ({sk}) "
+        f"AND device = ? AND coalesce(epoch_us(resumed_time) * 1000, ?) >= ? "
+        f"AND epoch_us(time) * 1000 <= ? ORDER BY stamp", [hi, *sp, device.device, hi, lo, hi])
     from replayer import detector
     eps = [e for e in detector.scan_device(store, device.device)
            if e.last_ns >= lo and e.first_ns <= hi]
     clean = [detector.clean_point(store, e) for e in eps]
     return {"empty": False, "lo": lo, "hi": hi, "width": width, "procs": procs, "top": top,
+            "writers": writers,
             "rate": rate, "heat": heat, "lba_w": lba_w, "rnd": rnd, "regions": regions,
             "marks": marks, "gaps": gaps, "episodes": list(zip(eps, clean)), "size": size}
 
@@ -231,20 +242,28 @@ def render(store, device, t_from: int | None = None, t_to: int | None = None,
                 f"<p>No writes in this range.</p></body></html>")
     figs = figures(d)
     span = f"{_dt(d['lo']).isoformat(timespec='seconds')} .. {_dt(d['hi']).isoformat(timespec='seconds')}"
-    total = sum(int(p[2] or 0) for p in d["procs"])
+    total = sum(int(p[4] or 0) for p in d["procs"])
     parts = [f"<h1>{_esc(title)}</h1><p>{_esc(span)}; {_size(total)} written by "
-             f"{len(d['procs'])} process names; {len(d['marks'])} marks, {len(d['gaps'])} gaps, "
+             f"{len(d['writers'])} process names; {len(d['marks'])} marks, {len(d['gaps'])} gaps, "
              f"{len(d['episodes'])} suspect episodes.</p>",
              '<p class="legend">Dashed blue: marks. Grey: gaps (not restorable). Red: suspect '
              'episodes (compressible data overwritten with random data).</p>']
     for k, alt in (("rate", "write rate by process"), ("heatmap", "LBA x time heatmap"),
                    ("randomness", "randomness over time")):
         parts.append(f'<img class="figure" id="fig-{k}" alt="{alt}" src="{figs[k]}">')
-    parts.append(_table("top writers", ["process", "pid (one of)", "bytes", "writes",
-                                        "share", "mean randomness"],
-                        [(c, pid, _size(n), w, f"{100 * (n or 0) / max(total, 1):.1f} %",
+    parts.append(_table("top writers", ["submitted by", "pid (one of)", "dirtied by",
+                                        "pid (one of)", "bytes", "writes", "share",
+                                        "mean randomness"],
+                        [(c, pid, dc, dpid, _size(n), w,
+                          f"{100 * (n or 0) / max(total, 1):.1f} %",
                           "" if rr is None else f"{rr:.2f}")
-                         for c, pid, n, w, rr in d["procs"][:15]], "writers"))
+                         for c, pid, dc, dpid, n, w, rr in d["procs"][:15]], "writers"))
+    parts.append('<p class="legend">"submitted by": the process that sent the writes to the '
+                 'device (a flusher such as kworker or jbd2 for buffered writes); "dirtied '
+                 'by": the process that wrote the data into the page cache, when the tracer '
+                 'recorded it (trace --dirtier; empty when unknown: O_DIRECT, journal, '
+                 'tracing without it). The figures count each write for its dirtier when '
+                 'known, else its submitter.</p>')
     if files:
         parts.append(_table("most written files", ["path", "bytes", "writes", "processes"],
                             files, "files"))

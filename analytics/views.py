@@ -261,6 +261,18 @@ def view_sql(db: str, randomness: bool = True, dirtiers: bool = True) -> dict[st
     }
 
 
+def view_of(store, name: str) -> str:
+    """The SELECT of one view for a store opened without the views (a Store or RemoteStore,
+    through its query/query_one): to use it as a subquery beside the tables, whose names
+    some views share."""
+    db, has, dirt = store.query_one(
+        "SELECT current_database(), (SELECT count(*) FROM duckdb_columns() WHERE "
+        "database_name = current_database() AND table_name = 'records' AND "
+        "column_name = 'randomness'), (SELECT count(*) FROM duckdb_tables() WHERE "
+        "database_name = current_database() AND table_name = 'dirtiers')")
+    return view_sql(f'"{db}"', randomness=bool(has), dirtiers=bool(dirt))[name]
+
+
 def define_views(con) -> list[str]:
     """Create the TEMP views on a connection to the store's database; returns their names."""
     db = con.execute("SELECT current_database()").fetchone()[0]

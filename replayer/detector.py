@@ -12,11 +12,16 @@ write or baseline chunk that covered it) and looks at what each write replaces:
 - a write is *random* when its randomness >= RANDOM_WRITE;
 - a random write *encrypts* the blocks whose previous state was compressible data (randomness
   <= COMPRESSIBLE, not zeroes: new files in free space replace zeroes; not unknown);
-- per group (the submitting process in its cgroup; the flusher threads, which submit
-  buffered writes, as one group per cgroup), an episode starts when, within WINDOW_NS, at least MIN_BYTES were
+- per group (the process in its cgroup that dirtied the pages of a buffered write when the
+  tracer recorded it -- `trace --dirtier`, `dirtiers` -- else the submitting process; the
+  flusher threads, which submit buffered writes, as one group per cgroup), an episode
+  starts when, within WINDOW_NS, at least MIN_BYTES were
   encrypted by at least MIN_WRITES writes in at least MIN_RUNS separate places (a write that
   does not continue the previous one, or continues it after more than PLACE_NS: files; a new
-  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place).
+  file written over the freed blocks of deleted text -- gzip and then a copy -- is one place),
+  and at least RANDOM_SHARE of all the group wrote in that window was random (random_share:
+  a process unpacking files over the freed blocks of older ones writes mostly compressible
+  data beside its few compressed files; ransomware writes ciphertext).
   The flusher group (kworker/*: buffered writes of every process of the cgroup, e.g. the
   outputs of a log rotation landing on the freed blocks of the logs it deleted) needs
   FLUSHER_FACTOR times the bytes and places (seen in tests/test_detector.py: 580 KiB of
@@ -32,19 +37,39 @@ discarded (at least MIN_BYTES at MIN_RUNS places within WINDOW_NS) while one gro
 DELETE_RATIO (0.5-2) times as much random data into free space is an episode of that group
 (gzip + delete writes a fifth of what it deletes; deleting media discards random data).
 
-What it cannot see: the same without discard (the default mount of ext4 and xfs; fstrim
-later shows the discards too late), unless the new files reuse blocks that held compressible
-data;
-data encrypted by a process that writes through the page cache without fsync reaches the device
+Without discard (the default mount of ext4 and xfs) the deletion is not seen at the block
+level; then the file systems are asked (FileCheck). A group writing random data into new
+places (over zeroes, unknown or non-random blocks; a *streak* with no WINDOW_NS pause) of at
+least MIN_BYTES at MIN_RUNS + 2 places is a *candidate*, again each time its bytes double; the
+check reads the file system (ext4, xfs) at the point before the streak and at the candidate's
+last write: files holding compressible data that are gone or whose blocks changed (deleted,
+renamed over, truncated and rewritten) against files holding random data that the group
+wrote, created or changed since. At least MIN_RUNS such pairs of about the same size
+(encryption keeps a file's size, compression does not; copying media deletes nothing) for
+MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). Each
+check mounts two points (~2-3 s each); a point not restorable yet is checked again at the
+next pass.
+
+What it cannot see: data encrypted by a process that writes through the page cache without fsync reaches the device
 at writeback (up to dirty_expire_centisecs, 30 s by default), so the alert follows the
-writeback, not the encryption; and the group of buffered writes is the flusher's.
+writeback, not the encryption; without `trace --dirtier` (or for pages the dirtier
+misses, docs/internals.md) the group of buffered writes is the flusher's; an attack spread
+over many processes (a shell loop: `openssl enc` then `cat tmp > file` per file) has no
+group with MIN_RUNS places; the file-level check needs ext4 or xfs, and pairs files by size
+(a process that copies random files while others delete compressible ones of the same sizes
+would pair).
 
 `Detector` is incremental (serve feeds it the writes stored since its last pass); `scan()`
 runs it over a whole session.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+import threading
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -64,8 +89,11 @@ MIN_WRITES = 4
 MIN_RUNS = 3                  # separate places (_places)
 PLACE_NS = 500 * 10**6
 DELETE_RATIO = (0.5, 2.0)     # random bytes into free space per compressible byte discarded
+RANDOM_SHARE = 0.5            # an episode's group wrote at least this share of random data
 FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places (1 MiB, 24)
 CHUNK_ROWS = 200_000
+NEWFILES = "encrypted into new files, originals deleted or rewritten"
+RETRY = "retry"
 
 
 @dataclass
@@ -85,6 +113,8 @@ class Episode:
     kind: str = "overwrote compressible data with random data"
     ranges: list = field(default_factory=list)        # [start, end) byte ranges its processes
                                                       # overwrote with random data
+    files: list = field(default_factory=list)         # file-level check: "old -> new" pairs
+    before: int | None = None       # the clean point when not first_stamp - 1 (the check's)
 
     def add_range(self, a: int, e: int) -> None:
         r = self.ranges
@@ -109,8 +139,61 @@ class Episode:
                 "detect_stamp": self.detect_stamp, "detect_ns": self.detect_ns,
                 "last_stamp": self.last_stamp, "last_ns": self.last_ns, "bytes": self.bytes,
                 "writes": self.writes, "procs": dict(self.procs.most_common(10)),
-                "kind": self.kind,
+                "kind": self.kind, "files": self.files, "before": self.before,
                 "ranges": self.merged_ranges()}
+
+
+@dataclass
+class Streak:
+    """A group's random writes into new places (over zeroes, unknown or non-random data),
+    without a pause of WINDOW_NS: new files, or files rewritten into new blocks."""
+    group: tuple
+    first_stamp: int
+    first_ns: int
+    last_stamp: int = 0
+    last_ns: int = 0
+    bytes: int = 0
+    writes: int = 0
+    places: int = 0
+    next_check: int = 0
+    procs: Counter = field(default_factory=Counter)
+    ranges: list = field(default_factory=list)    # [start, end), merged when adjacent
+    _prev: tuple | None = None
+
+    def add(self, s: int, t: int, n: int, who: str, a: int, e: int) -> None:
+        """A random write; a new place unless it continues the previous one on the device,
+        within PLACE_NS, with no other write between them (a file system allocating new
+        files one after the other, xfs, has them contiguous: the fsync's log write between
+        two files separates them)."""
+        p = self._prev
+        if (p is None or t - p[0] > PLACE_NS or s > p[3] + 1
+                or not (p[1] <= a <= p[2] or a <= p[1] < e)):
+            self.places += 1
+        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s)
+        if s != self.last_stamp:
+            self.writes += 1
+        self.last_stamp, self.last_ns = s, t
+        self.bytes += n
+        self.procs[who] += n
+        r = self.ranges
+        if r and a <= r[-1][1] and e >= r[-1][0]:
+            r[-1][0], r[-1][1] = min(r[-1][0], a), max(r[-1][1], e)
+        else:
+            r.append([a, e])
+
+    def snapshot(self) -> Streak:
+        return Streak(self.group, self.first_stamp, self.first_ns, self.last_stamp,
+                      self.last_ns, self.bytes, self.writes, self.places, self.next_check,
+                      Counter(self.procs), [list(x) for x in self.ranges])
+
+    def merged_ranges(self) -> list[list[int]]:
+        out: list[list[int]] = []
+        for a, e in sorted(self.ranges):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], e)
+            else:
+                out.append([a, e])
+        return out
 
 
 class BlockMap:
@@ -174,6 +257,7 @@ class Detector:
                  min_writes: int = MIN_WRITES, min_runs: int = MIN_RUNS):
         self.session, self.dev = session, dev
         self.map = BlockMap(size_bytes)
+        self.size_bytes = size_bytes
         self.window_ns, self.min_bytes, self.min_writes = window_ns, min_bytes, min_writes
         self.min_runs = min_runs
         self.on_episode = on_episode
@@ -185,7 +269,11 @@ class Detector:
         self.disc: deque = deque()                     # compressible data discarded
         self.fresh: dict[tuple, deque] = {}            # random data written into free space
         self.deleting: Episode | None = None           # the open deletion episode
+        self.streaks: dict[tuple, Streak] = {}          # random data into new places
+        self.pending: list[Streak] = []                # candidates for newfiles_check
+        self.vol: dict[tuple, list] = {}               # per group: random_share's data
         self.last_stamp = 0
+        self.last_ns = 0                              # time of the newest write fed
 
     def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
         """Baseline (or resync) chunks, in the order they apply (larger aux last); `blocks`:
@@ -218,6 +306,7 @@ class Detector:
         n = len(c["stamp"])
         if n == 0:
             return
+        self.last_ns = max(self.last_ns, int(np.max(c["time_ns"])))
         op = np.asarray(c["op"], np.int64)
         ln = np.asarray(c["len"], np.int64)
         zeroing = np.isin(op, list(record.ZEROING_OPS))
@@ -233,16 +322,17 @@ class Detector:
         val = state_of(rnd)
         val[zeroing[keep]] = ZERO
         blk, rows, prev = self.map.apply(start, length, val)
+        self._volumes(c, keep, length, rnd, zeroing[keep])
         rnd_row = np.nan_to_num(rnd, nan=0.0) >= RANDOM_WRITE
         rnd_row &= ~zeroing[keep]
         if rnd_row.any():
             r_blk = rnd_row[rows]
             comp = r_blk & (prev <= int(COMPRESSIBLE * 100))
-            over = r_blk & (prev <= 100)              # existing data of any kind
             nb = len(keep)
             enc_blocks = np.bincount(rows[comp], minlength=nb)
-            over_blocks = np.bincount(rows[over], minlength=nb)
-            cand = np.nonzero(over_blocks > 0)[0]
+            # every random write goes by (_episodes' touch: where an episode starts), also
+            # into blocks read as zeroes (sparse or freed pages of a database file)
+            cand = np.nonzero(rnd_row)[0]
             self._episodes(c, keep, cand, enc_blocks, start, length)
         # encryption into new files, then deletion: visible where deletions are discarded
         z_blk = zeroing[keep][rows]
@@ -253,7 +343,121 @@ class Detector:
         ev = np.nonzero((d_comp > 0) | (f_rnd > 0))[0]
         if len(ev):
             self._deletions(c, keep, ev, d_comp, f_rnd, start, length)
+        # random data over anything but random data: new files (or files rewritten through
+        # new blocks), candidates for the file-level check (newfiles_check)
+        if rnd_row.any():
+            new_blk = rnd_row[rows] & ((prev < int(RANDOM_WRITE * 100)) | (prev >= ZERO))
+            nw = np.bincount(rows[new_blk], minlength=len(keep))
+            ev = np.nonzero(nw > 0)[0]
+            if len(ev):
+                self._new_data(c, keep, ev, nw, start, length)
         self.last_stamp = max(self.last_stamp, int(c["stamp"][-1]))
+
+    def _new_data(self, c, keep, ev, nw, start, length) -> None:
+        """Per group, a streak of random writes into new places (no WINDOW_NS pause); once it
+        holds MIN_BYTES at MIN_RUNS places it is a candidate (`pending`), and again each time
+        its bytes double: the file-level check (newfiles_check) decides."""
+        stamp, tns, cg, tgid, comm = (c["stamp"], c["time_ns"], c["cgroup_id"], c["tgid"],
+                                      c["comm"])
+        bs = self.map.block
+        for k in ev.tolist():
+            i = int(keep[k])
+            g = _group(int(cg[i]), int(tgid[i]), comm[i])
+            s, t = int(stamp[i]), int(tns[i])
+            a, e = int(start[k]), int(start[k] + length[k])
+            ep = self.open.get(g)
+            if ep is not None and ep.detect_stamp <= s and t - ep.last_ns <= self.window_ns:
+                if ep.kind == NEWFILES:   # the episode goes on
+                    ep.last_stamp, ep.last_ns = max(ep.last_stamp, s), max(ep.last_ns, t)
+                    ep.writes += 1
+                continue
+            st = self.streaks.get(g)
+            if st is None or t - st.last_ns > self.window_ns:
+                st = self.streaks[g] = Streak(g, s, t)
+            st.add(s, t, min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
+            f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
+            if (st.bytes >= max(st.next_check, self.min_bytes * f_)
+                    and st.places >= (self.min_runs + NEW_PLACES_MORE) * f_):
+                st.next_check = 2 * st.bytes
+                self.pending.append(st.snapshot())
+
+    def _volumes(self, c, keep, length, rnd, zeroing) -> None:
+        """Per group, the times and sizes of its data writes and of its random ones (for
+        random_share), the last WINDOW_NS kept."""
+        data = ~zeroing
+        if not data.any():
+            return
+        idx = keep[data]
+        cg = np.asarray(c["cgroup_id"], np.uint64)[idx]
+        tg = np.asarray(c["tgid"], np.int64)[idx]
+        comm = c["comm"][idx]
+        kw = np.array([str(x).startswith("kworker/") for x in comm], bool)
+        tg = np.where(kw, -1, tg)
+        t = np.asarray(c["time_ns"], np.int64)[idx]
+        n = length[data].astype(np.int64)
+        r = np.where(np.nan_to_num(rnd[data], nan=0.0) >= RANDOM_WRITE, n, 0)
+        pairs = np.stack([cg.astype(np.int64), tg], axis=1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        inv = np.asarray(inv).reshape(-1)
+        t_end = int(t.max())
+        for j in range(len(uniq)):
+            sel = inv == j
+            i0 = int(np.argmax(sel))
+            g = _group(int(cg[i0]), int(tg[i0]) if tg[i0] >= 0 else 0,
+                       "kworker/" if kw[i0] else comm[i0])
+            o = np.argsort(t[sel], kind="stable")
+            ts = t[sel][o]
+            v = self.vol.setdefault(g, [])
+            v.append((ts, np.cumsum(n[sel][o]), np.cumsum(r[sel][o])))
+        for g, v in list(self.vol.items()):
+            v[:] = [x for x in v if x[0][-1] >= t_end - self.window_ns]
+            if not v:
+                del self.vol[g]
+
+    def random_share(self, g: tuple, t: int) -> float:
+        """The share of random data in what group g wrote in (t - WINDOW_NS, t]: ransomware
+        writes ciphertext and little else; a process unpacking or copying files that reuses
+        freed blocks of compressible data writes mostly compressible data itself."""
+        tot = rn = 0
+        for ts, cn, cr in self.vol.get(g, []):
+            a = int(np.searchsorted(ts, t - self.window_ns, side="right"))
+            b = int(np.searchsorted(ts, t, side="right"))
+            if b > a:
+                tot += int(cn[b - 1]) - (int(cn[a - 1]) if a else 0)
+                rn += int(cr[b - 1]) - (int(cr[a - 1]) if a else 0)
+        return rn / tot if tot else 1.0
+
+    def run_checks(self, check) -> None:
+        """The file-level check of the pending candidates: check(det, streak) returns an
+        Episode, None (not one) or RETRY (its points are not restorable yet)."""
+        later = []
+        for st in self.pending:
+            ep = self.open.get(st.group)
+            if ep is not None and ep.detect_stamp <= st.last_stamp \
+                    and st.last_ns - ep.last_ns <= self.window_ns:
+                continue          # already an episode at that point
+            r = check(self, st)
+            if r is RETRY:
+                later.append(st)
+            elif r is not None:
+                if ep is not None and ep.detect_stamp > r.detect_stamp \
+                        and ep.first_ns - r.last_ns <= self.window_ns:
+                    # an episode the rules in place found later in the same chunk of
+                    # history: the same attack, found earlier by the check
+                    if ep.first_stamp < r.first_stamp:
+                        r.first_stamp, r.first_ns = ep.first_stamp, ep.first_ns
+                        r.before = min(r.before or ep.first_stamp - 1, ep.first_stamp - 1)
+                    r.bytes += ep.bytes
+                    r.writes += ep.writes
+                    r.procs.update(ep.procs)
+                    r.ranges += ep.ranges
+                    r.last_stamp, r.last_ns = ep.last_stamp, ep.last_ns
+                    self.episodes.remove(ep)
+                self.open[st.group] = r
+                self.episodes.append(r)
+                if self.on_episode is not None:
+                    self.on_episode(r)
+        self.pending = later
 
     def _deletions(self, c, keep, ev, d_comp, f_rnd, start, length) -> None:
         """Compressible data discarded (a deletion on a file system mounted with discard)
@@ -347,10 +551,15 @@ class Detector:
             nwrites = len({x[1] for x in rec})
             k_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
             if (total >= self.min_bytes * k_ and nwrites >= self.min_writes
-                    and _places(rec) >= self.min_runs * k_):
+                    and _places(rec) >= self.min_runs * k_
+                    and self.random_share(g, t) >= RANDOM_SHARE):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 mine = [x for x in touch if x[2] in whos]
-                t0, s0 = min([(x[0], x[1]) for x in mine] + [(rec[0][0], rec[0][1])],
+                # and by the flushers of its cgroup whose writes no dirtier names (a bio's
+                # later pages, pages the dirtier map missed): they may be its own
+                fl = self.touch.get((g[0], 0, "kworker")) if g[2] != "kworker" else None
+                early = [(x[0], x[1]) for x in fl or () if x[0] >= t - self.window_ns]
+                t0, s0 = min([(x[0], x[1]) for x in mine] + early + [(rec[0][0], rec[0][1])],
                              key=lambda x: x[1])
                 ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
                 for x in mine:
@@ -435,18 +644,32 @@ def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
     return det
 
 
-def advance(store, det: Detector, upto: int | None = None) -> None:
-    """Feed the detector the records of its (session, dev) after its last stamp."""
+def advance(store, det: Detector, upto: int | None = None, check=None) -> None:
+    """Feed the detector the records of its (session, dev) after its last stamp; `check`:
+    the file-level check of its candidates (FileCheck), or None (no check)."""
     con = _con(store)
     has = _has_column(con, "records", "randomness")
-    rsel = "randomness" if has else "NULL::REAL AS randomness"
+    rsel = "r.randomness" if has else "NULL::REAL AS randomness"
+    # the process a write is counted for: the one that dirtied its pages when the tracer
+    # recorded it (trace --dirtier: R_DIRTY, `dirtiers`), else the submitter (with
+    # F_DIRTYSELF the submitter is the dirtier)
+    if _has_column(con, "dirtiers", "tgid"):
+        who = ("CASE WHEN dz.tgid IS NULL THEN r.cgroup_id ELSE dz.cgroup_id END AS cgroup_id, "
+               "coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm")
+        dj = ("LEFT JOIN (SELECT stamp, any_value(tgid) AS tgid, any_value(comm) AS comm, "
+              "any_value(cgroup_id) AS cgroup_id FROM dirtiers WHERE session = ? AND dev = ? "
+              "AND stamp > ? GROUP BY stamp) dz ON dz.stamp = r.stamp ")
+    else:
+        who, dj = "r.cgroup_id, r.tgid, r.comm", ""
     lo = det.last_stamp
     while True:
-        sql = (f"SELECT stamp, time_ns, sector, \"offset\", len, bio_size, op, {rsel}, "
-               "cgroup_id, tgid, comm FROM records WHERE session = ? AND dev = ? AND stamp > ? "
-               + ("AND stamp <= ? " if upto is not None else "")
-               + "ORDER BY stamp, \"offset\" LIMIT ?")
-        params = [det.session, det.dev, lo] + ([upto] if upto is not None else []) + [CHUNK_ROWS]
+        sql = (f"SELECT r.stamp, r.time_ns, r.sector, r.\"offset\", r.len, r.bio_size, r.op, "
+               f"{rsel}, {who} FROM records r {dj}"
+               "WHERE r.session = ? AND r.dev = ? AND r.stamp > ? "
+               + ("AND r.stamp <= ? " if upto is not None else "")
+               + "ORDER BY r.stamp, r.\"offset\" LIMIT ?")
+        params = (([det.session, det.dev, lo] if dj else []) + [det.session, det.dev, lo]
+                  + ([upto] if upto is not None else []) + [CHUNK_ROWS])
         c = _columns(con, sql, params)
         n = len(c.get("stamp", []))
         if n == 0:
@@ -458,27 +681,274 @@ def advance(store, det: Detector, upto: int | None = None) -> None:
                 c = {k: v[:cut] for k, v in c.items()}
         c["randomness"] = np.asarray(c["randomness"], np.float64)
         det.feed(c)
+        if check is not None and det.pending:
+            det.run_checks(check)
         lo = det.last_stamp
         if n < CHUNK_ROWS:
             return
 
 
 def scan(store, session: str, dev: int, size_bytes: int, upto: int | None = None,
-         **kw) -> list[Episode]:
+         check=None, **kw) -> list[Episode]:
     det = start(store, session, dev, size_bytes, **kw)
-    advance(store, det, upto)
-    return det.episodes
+    advance(store, det, upto, check)
+    return sorted(det.episodes, key=lambda e: e.first_stamp)
 
 
-def scan_device(store, device: str) -> list[Episode]:
-    """Episodes of every session of a store device (host:name), oldest first."""
+def scan_device(store, device: str, files: bool = True) -> list[Episode]:
+    """Episodes of every session of a store device (host:name), oldest first; files=False:
+    without the file-level check (no point is mounted)."""
     eps: list[Episode] = []
-    for session, dev, size in store.query(
-            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
-            "JOIN sessions s USING (session) WHERE sd.device = ? "
-            "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
-        eps += scan(store, session, int(dev), int(size or 0))
+    check = FileCheck(store, device) if files else None
+    try:
+        for session, dev, size in store.query(
+                "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+                "JOIN sessions s USING (session) WHERE sd.device = ? "
+                "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
+            eps += scan(store, session, int(dev), int(size or 0), check=check)
+    finally:
+        if check is not None:
+            check.close()
     return eps
+
+
+# ------------------------------------------------------------------ the file-level check
+SAMPLE = 4096                 # bytes per sample of a file's content ...
+SAMPLES = 32                  # ... and how many, spread over the file
+MIN_FILE = 1024               # smaller files are not counted
+PAIR_SLACK = (4096, 0.1)      # a new file pairs an old one within 4 KiB or 10 % of its size
+NEW_PLACES_MORE = 2           # a candidate has MIN_RUNS + 2 places: the deletion of a file
+                              # reaches the journal with the next file's fsync, so a check at
+                              # MIN_RUNS places would find too few pairs and cost a second one
+
+
+def file_randomness(path: str, size: int) -> float:
+    """randomness() of up to SAMPLES pieces of SAMPLE bytes spread over a file (one sampled
+    segment per piece), their mean."""
+    pieces = []
+    with open(path, "rb") as f:
+        if size <= SAMPLE * SAMPLES:
+            data = f.read(SAMPLE * SAMPLES)
+            pieces = [data[i:i + SAMPLE] for i in range(0, len(data), SAMPLE)]
+        else:
+            for i in range(SAMPLES):
+                f.seek(i * (size - SAMPLE) // (SAMPLES - 1))
+                pieces.append(f.read(SAMPLE))
+    pieces = [x for x in pieces if x]
+    if not pieces:
+        return 0.0
+    buf = b"".join(pieces)
+    off = np.cumsum([0] + [len(x) for x in pieces]).astype(np.int64)
+    return float(np.mean(entropy.randomness(buf, off)))
+
+
+def pair_files(lost: dict, gained: dict) -> list[tuple[str, str]]:
+    """(old path, new path) pairs: a path in both (rewritten), then by size (greedy, the
+    sizes in order) within PAIR_SLACK. lost, gained: path -> size."""
+    pairs = [(p, p) for p in lost if p in gained]
+    a = sorted((n, p) for p, n in lost.items() if p not in gained)
+    b = sorted((n, p) for p, n in gained.items() if p not in lost)
+    i = j = 0
+    while i < len(a) and j < len(b):
+        na, nb = a[i][0], b[j][0]
+        if abs(na - nb) <= max(PAIR_SLACK[0], PAIR_SLACK[1] * na):
+            pairs.append((a[i][1], b[j][1]))
+            i += 1
+            j += 1
+        elif nb < na:
+            j += 1
+        else:
+            i += 1
+    return pairs
+
+
+class FileCheck:
+    """The file-level check of a candidate streak (Detector.pending): the file system is
+    read at the point before the streak (A) and at its last write (B) (ext4, xfs:
+    replayer/pointimage.py, replayer/fsmap.py). Files of A holding compressible data that
+    are gone at B, or whose blocks changed (deleted, replaced by a rename, truncated and
+    rewritten) are *lost*; files of B holding random data, created or changed since A, at
+    least half of whose blocks the streak's group wrote, are *gained*. When at least
+    MIN_RUNS lost files pair with gained ones of about their size (pair_files; encryption
+    keeps sizes, compression does not) for at least MIN_BYTES of lost data, the streak is an
+    episode: its ranges are the lost files' blocks at A. A point not restorable yet: RETRY."""
+
+    def __init__(self, store, device: str):
+        self.store = store
+        self.device = device
+        self.checks = 0
+        self.disabled: str | None = None
+        self._dev = None
+        self._a: tuple | None = None     # the point before the streak, mounted: _side_a
+
+    def _store(self):
+        return getattr(self.store, "store", self.store)   # LockedCon -> its Store
+
+    def _restorable(self, det, stamp: int):
+        """True, False (never: a gap, before the baseline) or RETRY (not yet)."""
+        st = self._store()
+        row = st.query_one(
+            "SELECT count(*) FILTER (WHERE ? BETWEEN from_stamp AND to_stamp), max(to_stamp) "
+            "FROM restorable WHERE session = ? AND dev = ?", [stamp, det.session, det.dev])
+        if row and row[0]:
+            return True
+        if row is None or row[1] is None or stamp > int(row[1]):
+            return RETRY
+        return False
+
+    def point_before(self, det, stamp: int) -> int:
+        """The point before a streak starting at `stamp`, and before the metadata writes
+        right before it (the journal commit that may hold the truncation or deletion of its
+        first file: ext4 committed `open(O_TRUNC)` before the first ciphertext reached the
+        device): the last stamp before `stamp` that is not a metadata write (F_META)."""
+        row = self._store().query_one(
+            f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
+            f"AND stamp >= ? AND (flags & {record.F_META}) = 0",
+            [det.session, det.dev, stamp, stamp - 100_000])
+        a = int(row[0]) if row and row[0] is not None else stamp - 1
+        # not before the restorable interval holding stamp - 1 (an attack right after the
+        # baseline: the commit before it is the baseline's)
+        iv = self._store().query_one(
+            "SELECT max(from_stamp) FROM restorable WHERE session = ? AND dev = ? "
+            "AND ? BETWEEN from_stamp AND to_stamp", [det.session, det.dev, stamp - 1])
+        if iv and iv[0] is not None:
+            a = max(a, int(iv[0]))
+        return min(a, stamp - 1)
+
+    def _point(self, det, stamp: int):
+        from replayer import points
+        st = self._store()
+        if self._dev is None:
+            self._dev = st.find_device(self.device)
+        return points.Resolved(self._dev, det.session, det.dev, stamp, det.size_bytes,
+                               None, f"stamp:{stamp}")
+
+    def _side_a(self, det: Detector, a_stamp: int):
+        """(mount, file map, {path: randomness}) of the point before a streak, kept mounted
+        for the streak's next checks (close() unmounts it)."""
+        from replayer import fsmap
+        from replayer.pointimage import mounted, open_point_image
+
+        key = (det.session, det.dev, a_stamp)
+        if self._a is not None and self._a[0] == key:
+            return self._a[1:4]
+        self.close()
+        st = self._store()
+        if self._dev is None:
+            self._dev = st.find_device(self.device)
+        stack = contextlib.ExitStack()
+        try:
+            img, _ = stack.enter_context(open_point_image(st, self._dev, self._point(det, a_stamp)))
+            mnt, _ = stack.enter_context(mounted(img))
+            m = fsmap.file_map(mnt)
+        except BaseException:
+            stack.close()
+            raise
+        self._a = (key, mnt, m, {}, stack)
+        return mnt, m, self._a[3]
+
+    def close(self) -> None:
+        a, self._a = self._a, None
+        if a is not None:
+            a[4].close()
+
+    def __call__(self, det: Detector, sk: Streak):
+        from blkrewind.errors import UserError
+        from replayer import fsmap
+        from replayer.pointimage import mounted, open_point_image
+
+        if self.disabled:
+            return None
+        a_stamp, b_stamp = self.point_before(det, sk.first_stamp), sk.last_stamp
+        for x in (b_stamp, a_stamp):
+            ok = self._restorable(det, x)
+            if ok is not True:
+                return ok if ok is RETRY else None
+        st = self._store()
+        f_ = FLUSHER_FACTOR if sk.group[2] == "kworker" else 1
+        ranges = sk.merged_ranges()
+        self.checks += 1
+        t0 = time.monotonic()
+        if self._dev is None:
+            self._dev = st.find_device(self.device)
+        # the two points are made readable side by side (nbdkit, FUSE and the mounts mostly
+        # wait): the point before the streak in a thread unless it is mounted already
+        side: dict = {}
+
+        def mount_a():
+            try:
+                side["a"] = self._side_a(det, a_stamp)
+            except BaseException as e:   # handed to the caller
+                side["e"] = e
+
+        th = None
+        if self._a is not None and self._a[0] == (det.session, det.dev, a_stamp):
+            mount_a()
+        else:
+            th = threading.Thread(target=mount_a, name="detector-point-a", daemon=True)
+            th.start()
+        try:
+            with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
+                    mounted(img_b) as (mnt_b, _):
+                mb = fsmap.file_map(mnt_b)
+                if th is not None:
+                    th.join()
+                    th = None
+                if "e" in side:
+                    raise side["e"]
+                mnt_a, ma, rnd_a = side["a"]
+                lost, gained = {}, {}
+                for p, fa in ma.items():
+                    fb = mb.get(p)
+                    if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
+                                                 and fb["extents"] == fa["extents"]):
+                        continue
+                    if p not in rnd_a:
+                        rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
+                    if rnd_a[p] <= COMPRESSIBLE:
+                        lost[p] = fa["size"]
+                for p, fb in mb.items():
+                    fa = ma.get(p)
+                    if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
+                                                 and fa["extents"] == fb["extents"]):
+                        continue
+                    own = sum(n for _, n in fb["extents"])
+                    if own == 0 or 2 * fsmap.overlap(fb["extents"], ranges) < min(own, fb["size"]):
+                        continue    # not written by this group in the streak
+                    if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
+                        gained[p] = fb["size"]
+                pairs = pair_files(lost, gained)
+                old = [ma[p] for p, _ in pairs]
+        except UserError as e:     # no ext4/xfs, no loop device...: said once
+            self.disabled = str(e)
+            print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
+                  file=sys.stderr)
+            return None
+        except OSError as e:
+            print(f"blkrewind: detector: the file-level check at stamps {a_stamp}..{b_stamp} "
+                  f"failed: {e}", file=sys.stderr)
+            return None
+        finally:
+            if th is not None:   # B failed first: A's mount is kept (close() undoes it)
+                th.join()
+        nbytes = sum(f["size"] for f in old)
+        if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
+            print(f"blkrewind: detector: file-level check {self.checks} of {sk.group[2]}"
+                  f"[{sk.group[1]}] at stamps {a_stamp}..{b_stamp} ({sk.bytes >> 10} KiB at "
+                  f"{sk.places} places): {len(lost)} lost, {len(gained)} gained, {len(pairs)} "
+                  f"pairs, {time.monotonic() - t0:.1f} s", file=sys.stderr)
+        if len(pairs) < det.min_runs * f_ or nbytes < det.min_bytes * f_:
+            return None
+        # its clean point is the point the check read as clean (before the journal commit
+        # that may hold the first truncation or deletion)
+        ep = Episode(det.session, det.dev, sk.group, sk.first_stamp, sk.first_ns,
+                     sk.last_stamp, sk.last_ns, sk.last_stamp, sk.last_ns, bytes=nbytes,
+                     writes=sk.writes, procs=Counter(sk.procs), kind=NEWFILES, before=a_stamp)
+        for f in old:
+            for ph, ln in f["extents"]:
+                ep.add_range(ph, ph + ln)
+        ep.files = [f"{a} -> {b}" if a != b else a for a, b in pairs]
+        return ep
 
 
 def episode_json(ep: Episode) -> str:
@@ -487,11 +957,12 @@ def episode_json(ep: Episode) -> str:
 
 def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]:
     """(stamp, time_ns, mark name) of the last restorable point before the episode's first
-    write: the stamp just before it when restorable, else the end of the last restorable
+    write (or its `before`): the stamp just before it when restorable, else the end of the last restorable
     interval before it; the newest restorable mark at or before that stamp (or None)."""
+    before = ep.before if ep.before is not None else ep.first_stamp - 1
     row = store.query_one(
         "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
-        "AND from_stamp <= ?", [ep.first_stamp - 1, ep.session, ep.dev, ep.first_stamp - 1])
+        "AND from_stamp <= ?", [before, ep.session, ep.dev, before])
     stamp = row[0] if row else None
     if stamp is None:
         return None, None, None
@@ -545,8 +1016,10 @@ class Watch:
     pass (serve runs one pass every couple of seconds). A device is watched once its baseline
     is stored (its baseline_end point). New episodes go to on_episode(ep, device)."""
 
-    def __init__(self, con, on_episode=None):
+    def __init__(self, con, on_episode=None, files: bool = True):
         self.con = con
+        self.files = files            # run the file-level check (FileCheck)
+        self.checks: dict[str, FileCheck] = {}
         self.on_episode = on_episode
         self.dets: dict[tuple, Detector] = {}
         self.devices: dict[tuple, str] = {}
@@ -568,13 +1041,47 @@ class Watch:
                 self.dets[key] = det
                 self.devices[key] = device
             before = len(det.episodes)
-            advance(self.con, det)
+            check = self.checks.get(device)
+            if check is None and self.files:
+                check = self.checks[device] = FileCheck(self.con, device)
+            advance(self.con, det, check=check)
+            if check is not None and det.pending:   # candidates whose points were not
+                det.run_checks(check)               # restorable yet
+            if check is not None:
+                self._prepare(det, check)
             for ep in det.episodes[before:]:
                 self.episodes.append((device, ep))
                 new += 1
                 if self.on_episode is not None:
                     self.on_episode(ep, device)
         return new
+
+    @staticmethod
+    def _prepare(det: Detector, check: FileCheck) -> None:
+        """Mount the point before a live streak of MIN_BYTES ahead of its check (the check
+        then mounts only its last write's point: about half the time to an alert), and
+        unmount it once no streak is live."""
+        live = [sk for sk in det.streaks.values()
+                if sk.bytes >= det.min_bytes and det.last_ns - sk.last_ns <= det.window_ns
+                and sk.group not in det.open]
+        if not live:
+            if not det.pending:
+                check.close()
+            return
+        sk = max(live, key=lambda x: x.bytes)
+        a = check.point_before(det, sk.first_stamp)
+        if check.disabled or check._restorable(det, a) is not True:
+            return
+        from blkrewind.errors import UserError
+        try:
+            check._side_a(det, a)
+        except UserError as e:
+            check.disabled = str(e)
+            print(f"blkrewind: detector: no file-level check on {check.device}: {e}",
+                  file=sys.stderr)
+        except OSError as e:
+            print(f"blkrewind: detector: cannot read {check.device} at stamp "
+                  f"{sk.first_stamp - 1}: {e}", file=sys.stderr)
 
     def summary(self, limit: int = 20) -> list[dict]:
         out = []
@@ -589,7 +1096,10 @@ class Watch:
 def describe(ep: Episode, device: str) -> str:
     """One line about an episode (serve's log)."""
     procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(3))
-    return (f"{device}: {procs} replaced {ep.bytes >> 10} KiB of compressible data with random "
-            f"data in {ep.writes} writes, {len(ep.merged_ranges())} places, since stamp "
+    what = (f"replaced {ep.bytes >> 10} KiB of compressible data with random data"
+            if ep.kind != NEWFILES else
+            f"encrypted {len(ep.files)} files ({ep.bytes >> 10} KiB) into new files, the "
+            f"originals deleted or rewritten,")
+    return (f"{device}: {procs} {what} in {ep.writes} writes, {len(ep.merged_ranges())} places, since stamp "
             f"{ep.first_stamp}; last clean point: stamp {ep.first_stamp - 1} or earlier "
             f"(blkrewind suspects --device {device} lists it with the restore command)")

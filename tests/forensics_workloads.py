@@ -8,9 +8,11 @@ import ctypes
 import hashlib
 import os
 import random
+import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -47,6 +49,20 @@ for p in paths:
             f.write(out)
             f.flush()
             os.fsync(f.fileno())
+    elif mode == "buffered":     # in place through the page cache: the flusher writes back
+        with open(p, "r+b") as f:
+            f.write(out)
+    elif mode == "truncate":     # truncated and written again (cat tmp > file)
+        with open(p, "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+    elif mode == "viatmp":       # a new file renamed over the original
+        with open(p + ".tmp", "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(p + ".tmp", p)
     else:
         with open(p + ".locked", "wb") as f:
             f.write(out)
@@ -120,7 +136,9 @@ def checksums(root: Path) -> dict[str, str]:
 
 
 def attack(mode: str, files: list[Path], delay: float = 0.0) -> subprocess.Popen:
-    """Start the attacker (a separate process): 'inplace' or 'newfiles'."""
+    """Start the attacker (a separate process): 'inplace', 'buffered' (in place, no fsync:
+    written back by the flusher), 'truncate' (truncate and write), 'viatmp' (a new file
+    renamed over the original) or 'newfiles' (FILE.locked, the original deleted)."""
     return subprocess.Popen([sys.executable, "-c", ATTACK, mode, str(delay),
                              *map(str, files)])
 
@@ -166,4 +184,103 @@ def benign_fio(mnt: Path, size_mib: int = 16) -> None:
         subprocess.run(["fio", "--name=rnd", f"--filename={mnt / 'fio.dat'}", f"--rw={rw}",
                         "--bs=64k", f"--size={size_mib}M", "--refill_buffers", "--direct=1",
                         "--output=/dev/null"], check=True)
+    syncfs(mnt)
+
+
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/lib/postgresql/15/bin"),
+             key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+DEB_CACHE = Path("/var/cache/blkrewind-test/apt-bookworm")   # bootstrap's package cache
+DEB_DOWNLOAD = Path("/var/cache/blkrewind-test/apt-detector")
+APT_SMALL = ("libssl3_", "binutils-common_", "linux-libc-dev_")
+APT_FULL = APT_SMALL + ("libpython3.11-stdlib_", "libc6-dev_", "iso-codes_")
+
+
+def have_postgres() -> bool:
+    return (PG_BIN / "postgres").exists() and shutil.which("runuser") is not None and \
+        _user_exists("postgres")
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+    try:
+        pwd.getpwnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+def benign_postgres(mnt: Path, seconds: float = 5.0, scale: int = 2) -> None:
+    """PostgreSQL under load: a cluster on the traced file system (initdb), pgbench's tables
+    (pgbench -i) and its TPC-B-like transactions from 2 clients for `seconds`."""
+    (mnt / "pg").mkdir()
+    shutil.chown(mnt / "pg", "postgres", "postgres")
+    # the mount point may sit in a directory only root can enter (pytest's tmp_path): the
+    # cluster's directory is bound where the postgres user reaches it
+    sock = Path(tempfile.mkdtemp(prefix="pg-"))
+    os.chmod(sock, 0o755)
+    data = sock / "data"
+    data.mkdir()
+    subprocess.run(["mount", "--bind", str(mnt / "pg"), str(data)], check=True)
+    shutil.chown(sock, "postgres", "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    pg = [*as_pg, str(PG_BIN / "pg_ctl"), "-D", str(data)]
+    try:
+        subprocess.run([*as_pg, str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U",
+                        "postgres"], check=True, capture_output=True)
+        subprocess.run([*pg, "-w", "-l", str(sock / "log"), "-o",
+                        f"-k {sock} -c listen_addresses='' -p 5432", "start"], check=True,
+                       capture_output=True)
+        try:
+            bench = [*as_pg, str(PG_BIN / "pgbench"), "-h", str(sock), "-p", "5432",
+                     "-U", "postgres"]
+            subprocess.run([*bench, "-q", "-i", "-s", str(scale), "postgres"], check=True,
+                           capture_output=True)
+            subprocess.run([*bench, "-c", "2", "-T", str(max(1, round(seconds))), "postgres"],
+                           check=True, capture_output=True)
+        finally:
+            subprocess.run([*pg, "-m", "fast", "-w", "stop"], capture_output=True)
+    finally:
+        subprocess.run(["umount", str(data)], capture_output=True)
+        if not os.path.ismount(data):
+            shutil.rmtree(sock, ignore_errors=True)
+    syncfs(mnt)
+
+
+def apt_debs(names=APT_SMALL) -> list[Path]:
+    """Debian packages whose file names start with these prefixes: from the test cache, apt's
+    own cache, or else fetched once with `apt-get download` (the distribution's versions)."""
+    out = []
+    for pre in names:
+        hit = sorted([*DEB_CACHE.glob(f"{pre}*.deb"), *DEB_DOWNLOAD.glob(f"{pre}*.deb"),
+                      *Path("/var/cache/apt/archives").glob(f"{pre}*.deb")])
+        if not hit:
+            DEB_DOWNLOAD.mkdir(parents=True, exist_ok=True)
+            pkg = pre.rstrip("_")
+            if pkg == "libpython3.11-stdlib":   # the newest python's on other releases
+                pkg = "libpython3-stdlib"
+            subprocess.run(["apt-get", "download", pkg], cwd=DEB_DOWNLOAD, check=True,
+                           capture_output=True)
+            hit = sorted(DEB_DOWNLOAD.glob("*.deb"), key=lambda p: p.stat().st_mtime)[-1:]
+        out.append(hit[-1])
+    return out
+
+
+def benign_apt(mnt: Path, debs: list[Path]) -> None:
+    """What apt does when it installs packages: the .deb files downloaded into its cache
+    (compressed: random data in new files), each unpacked into the root (dpkg-deb -x:
+    binaries, headers, scripts, compressed docs), unpacked again over itself (a reinstall:
+    every file replaced), then the cache cleaned (apt clean)."""
+    cache = mnt / "var" / "cache" / "apt" / "archives"
+    root = mnt / "sysroot"
+    cache.mkdir(parents=True)
+    root.mkdir()
+    for d in debs:
+        shutil.copyfile(d, cache / d.name)
+    syncfs(mnt)
+    for _ in range(2):
+        for d in debs:
+            subprocess.run(["dpkg-deb", "-x", str(cache / d.name), str(root)], check=True)
+        syncfs(mnt)
+    for d in debs:
+        (cache / d.name).unlink()
     syncfs(mnt)

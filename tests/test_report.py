@@ -1,5 +1,6 @@
 """`blkrewind report` writes one self-contained HTML page: its three figures as PNG data URIs,
-its tables (writers, regions, episodes, marks, gaps), nothing fetched from elsewhere."""
+its tables (writers with the process that dirtied their pages beside the submitter, regions,
+episodes, marks, gaps), nothing fetched from elsewhere."""
 from __future__ import annotations
 
 import base64
@@ -18,6 +19,9 @@ def _history(tmp_path):
     s.baseline(writes_during=0, old_write=False)
     for i in range(30):
         s.write(2 * mib + i * 8192, wl.log_text(rng, 8192), comm="postgres", pid=40)
+    for i in range(4):   # buffered writes: the flusher submitted them, "editor" dirtied them
+        st = s.write(3 * mib + i * 8192, wl.log_text(rng, 8192), comm="kworker/u8:1", pid=77)
+        s.dirtier(st, pid=50, comm="editor")
     s.mark("before-crypt")
     for i in range(24):
         s.write(i * 40960, rng.randbytes(16384), comm="crypt", pid=41)
@@ -46,6 +50,8 @@ def test_report_has_its_figures_and_tables(tmp_path, capsys):
         assert f'<table class="{cls}">' in page
     assert "<td>crypt</td>" in page and "<td>postgres</td>" in page
     assert "<td>before-crypt</td>" in page
+    # the dirtier beside the submitter
+    assert "<td>kworker/u8:1</td><td>77</td><td>editor</td><td>50</td>" in page
     ep = page.split('<table class="episodes">', 1)[1].split("</table>", 1)[0]
     assert "crypt[41]" in ep                    # the episode is in its table
     assert not re.search(r'(src|href)="(?!data:)', page)   # nothing to fetch

@@ -303,8 +303,13 @@ def _store_tables(d: dict):
         procs = ", ".join(f"{k} {v >> 10} KiB" for k, v in list(e["procs"].items())[:3])
         out.append(f"ALERT: possible ransomware on {e['device']} since {e['first_time']} "
                    f"(detected {e['detect_time']}, last write {e['last_time']}): {procs} "
-                   f"replaced {e['bytes'] >> 10} KiB of compressible data with random data; "
-                   f"last clean point before stamp {e['first_stamp']}: blkrewind suspects "
+                   + (f"replaced {e['bytes'] >> 10} KiB of compressible data with random data"
+                      if not e.get("files") else
+                      f"encrypted {len(e['files'])} files ({e['bytes'] >> 10} KiB) into new "
+                      f"files, the originals deleted or rewritten")
+                   + f"; last clean point before stamp "
+                   f"{(e['before'] + 1) if e.get('before') is not None else e['first_stamp']}: "
+                   f"blkrewind suspects "
                    f"--store {d['store']} --device {e['device']}")
     for u in d.get("unfinished_restores") or []:
         state = "in progress" if u["running"] else "INTERRUPTED: the device is INCOMPLETE"

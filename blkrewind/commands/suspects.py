@@ -5,8 +5,13 @@ Each write's payload has a randomness (the fraction of sampled 128-byte segments
 random, computed at ingest: `writes.randomness`). Random data alone does not alarm (media,
 archives, encrypted volumes, fio); a write alarms when it replaces blocks whose previous
 content -- known from the history: the baseline or an earlier write -- was compressible. An
-episode starts when one cgroup did so for at least 128 KiB in 4 writes within 10 s
-(replayer/detector.py has the rules and what they cannot see).
+episode starts when one process (the one that dirtied the pages of a buffered write when the
+tracer ran with --dirtier, else the submitter; the flushers of a cgroup as one) did so for at
+least 128 KiB in 4 writes at 3 places within 10 s. Encryption into new files (the originals
+deleted, renamed over, or truncated and rewritten) is found by reading the file system (ext4,
+xfs) before and after a process's run of random writes into new places: compressible files
+gone or changed, paired with random files of their sizes it wrote (each such check mounts two
+points, 2-3 s each). replayer/detector.py has the rules and what they cannot see.
 
 For each episode: when it started and was detected, the processes (comm[pid]) and their
 bytes, the byte ranges (and, where `blkrewind diff` can read the file system, the files),
@@ -57,7 +62,10 @@ def episodes(store, device) -> list[dict]:
             "after_s": round((ep.detect_ns - ep.first_ns) / 1e9, 3),
             "last": points.fmt_time(ep.last_ns),
             "processes": ", ".join(f"{k} {v >> 10} KiB" for k, v in ep.procs.most_common(4)),
-            "kind": ep.kind, "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
+            "kind": ep.kind, "encrypted_files": "; ".join(ep.files[:6])
+                                                 + (f" (+{len(ep.files) - 6} more)"
+                                                    if len(ep.files) > 6 else ""),
+            "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
             "ranges": " ".join(f"{a}+{e - a}" for a, e in rng[:6])
                       + (f" (+{len(rng) - 6} more)" if len(rng) > 6 else ""),
             "session": ep.session,
