@@ -27,6 +27,9 @@ import duckdb
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
+from blkrewind.formats.ranges import merge
+from blkrewind.osutil import file_crc32
+from replayer import watermark
 from replayer.store import Store
 
 # held by check() and by a prune run inside the server (replayer/query.py): a file a prune
@@ -55,8 +58,6 @@ class Damage:
 
 
 def _check_file(store: Store, row: tuple, full: bool) -> Damage | None:
-    from replayer.ingest import file_crc32
-
     pfile, rel, session, segno, first, end, rows, size, crc, batch = row
     path = store.payload_path(rel)
 
@@ -135,13 +136,9 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
     """Drop every metadata row of `batches` in ONE transaction, reset the scan of the sessions
     they touched below the smallest stamp dropped and recompute their watermarks and intervals.
     Returns what is lost now, per host: {host: [{"session","segno","ranges":[[a,e],...]}]}."""
-    from blkrewind.formats.ranges import merge
-    from replayer import watermark
-    from replayer.ingest import ledger, put_back
-
     if not batches:
         return {}
-    led = ledger(store)
+    led = store.ledger
     ids = sorted(set(int(b) for b in batches))
     with store.mutex:
         con = store.con
@@ -163,7 +160,7 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                                  [s]).fetchone()
         # the ledger's view without those batches (restored if the transaction fails)
         keys = {(r[1], r[2]) for r in ranges}
-        saved = ({k: led.ranges.get(k) for k in keys}, {s: led.prefix.get(s) for s in sessions})
+        saved = led.saved(keys, sessions)
         for k in keys:
             led.ranges[k] = [x for x in led.ranges.get(k, []) if x[2] not in set(ids)]
         for s in sessions:
@@ -198,10 +195,7 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                 con.execute("ROLLBACK")
                 raise
         except BaseException as e:
-            for k, v in saved[0].items():
-                put_back(led.ranges, k, v)
-            for s, pv in saved[1].items():
-                put_back(led.prefix, s, pv)
+            led.restore(saved)
             if isinstance(e, duckdb.Error):
                 raise StoreError(f"dropping damaged batches failed: "
                                  f"{str(e).splitlines()[0]}") from None

@@ -49,6 +49,7 @@ import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.formats import record
+from blkrewind.osutil import file_crc32
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark
 from replayer.store import Store, StoreDevice
@@ -309,7 +310,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
     """Fold the history of `device` older than now - keep_ns (see the module docstring).
     `store` is open for writing. `hook(stage)` is called between stages (tests)."""
-    from replayer.ingest import ledger, remove_orphans
+    from replayer.ingest.payload import remove_orphans
 
     hook = hook or (lambda stage: None)
     res = Result()
@@ -353,7 +354,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
             else:
                 drops.append((sess, int(dev)))
         # from the ledger: a server storing frames in this process allocates from it too
-        led = ledger(store)
+        led = store.ledger
         batch = led.alloc_batch()
     try:
         return _prune_rest(store, res, hook, folds, drops, batch, sess_k, dev_k, k, jobs)
@@ -396,7 +397,6 @@ def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_
         con.execute("BEGIN")
         try:
             if has_file:
-                from replayer.ingest import file_crc32
                 crc, nbytes = file_crc32(final)
                 con.execute("INSERT INTO payload_files (id, path, session, segno, first_frame, "
                             "end_frame, rows, payload_bytes, file_bytes, crc32, batch) "

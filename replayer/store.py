@@ -106,6 +106,7 @@ from typing import Any
 import duckdb
 
 from blkrewind.errors import StoreError, UserError
+from replayer.ledger import Ledger
 
 FORMAT_VERSION = "2"
 META = "meta.duckdb"
@@ -225,7 +226,6 @@ class Store:
     """
 
     # state other modules keep with the open store (read with getattr and a default)
-    _ledger: Any                 # replayer.ingest.ledger(): the frame ledger of a writable store
     _wm_devices_changed: bool    # replayer.watermark: refresh `devices` at the next finalize
 
     def __init__(self, path: str, con: Any, writable: bool, lock_fd: int | None):
@@ -236,6 +236,7 @@ class Store:
         self.writable = writable
         self._lock_fd = lock_fd
         self.mutex = threading.RLock()
+        self._ledger: Ledger | None = None
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -340,6 +341,32 @@ class Store:
 
     def __exit__(self, *exc):
         self.close()
+
+    # ---------------------------------------------------------------- ledger
+    @property
+    def ledger(self) -> Ledger:
+        """The frames this writable store holds and is storing (replayer/ledger.py), made on
+        first use."""
+        with self.mutex:
+            if self._ledger is None:
+                if not self.writable:
+                    raise StoreError(f"{self.path}: the frame ledger needs the store open for "
+                                     f"writing")
+                self._ledger = Ledger(self.mutex, self._ledger_rows)
+            return self._ledger
+
+    def _ledger_rows(self):
+        con = self.con
+        ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
+                             "frame_ranges ORDER BY session, segno, first_frame").fetchall()
+        segs = con.execute("SELECT session, segno, seg_id, host, sealed, nframes, torn_bytes, "
+                           "error FROM segments").fetchall()
+        sessions = con.execute("SELECT session, host, held_segno, held_frame "
+                               "FROM sessions").fetchall()
+        hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
+        top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
+                          "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
+        return ranges, segs, sessions, max(int(top), int(hwm[0]) if hwm else 0) + 1
 
     # ----------------------------------------------------------------- paths
     @property
