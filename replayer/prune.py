@@ -23,7 +23,7 @@ newest one instead); K's session is folded at K; later sessions are untouched.
 
 Crash safety (kill -9 at any moment). 1. The layers' payload goes to one new Parquet
 file: temp name, fsync, rename, fsync of the directory; a kill before the commit leaves
-an unreferenced file, removed by the next prune or ingest (ingest.remove_orphans).
+an unreferenced file, removed by the next prune or ingest (replayer.ingest.payload.remove_orphans).
 2. ONE DuckDB transaction: drop the device's base chunks with stamp <= K, insert the
 new ones (their payload file in `payload_files`, checksummed like ingest's), delete the
 device's records, points and completions up to K, the marks nobody can restore any

@@ -18,7 +18,7 @@ stored lz4-compressed when a sample of the batch shrinks (file-system data:
 ~3x), plain when it does not (random data: lz4 would only cost time).
 
 Crash safety. A batch (a run of consecutive frames of one LOG segment, from
-`blkrewind ingest --log` or from the network, replayer/ingest.py) is stored by
+`blkrewind ingest --log` or from the network, replayer/ingest/) is stored by
 writing its Parquet file under a temporary name (O_DIRECT where possible),
 fdatasyncing it, recording its size and checksum, renaming it to its final
 name (which holds the batch id; fsync of the directory), then ONE DuckDB
