@@ -101,8 +101,10 @@ class QueryServer:
     """The server side: accepts local connections on STORE/serve.sock, one thread each."""
 
     def __init__(self, store: Store, *, status=None, log=print, max_clients: int = 16,
-                 on_restored=None):
+                 on_restored=None, views=None):
         self.store = store
+        self.views = views              # (cursor) -> ..., for {"views": true}: the SQL views
+                                        # (analytics.views.define_views, given by `serve`)
         self.path = sock_path(store.path)
         self.status = status            # () -> dict, for {"op": "status"}
         self.on_restored = on_restored  # (device, nbytes, seconds): a restore's note (metrics)
@@ -289,8 +291,9 @@ class QueryServer:
         try:
             try:
                 if req.get("views"):
-                    from analytics.views import define_views
-                    define_views(cur)
+                    if self.views is None:
+                        raise UserError("SQL: this server does not define the SQL views")
+                    self.views(cur)
                 cur.execute("BEGIN TRANSACTION READ ONLY")
                 rel = cur.sql(sql, params=params) if params else cur.sql(sql)
                 desc = rel.description if rel is not None else None
@@ -298,6 +301,9 @@ class QueryServer:
                 first = next(iter(reader), None) if reader is not None else None
             except duckdb.Error as e:
                 _try_send(conn, {"ok": False, "error": f"SQL: {one_line(e)}"})
+                return
+            except UserError as e:
+                _try_send(conn, {"ok": False, "error": str(e)})
                 return
             head = {"ok": True,
                     "description": None if desc is None else [[d[0], str(d[1])] for d in desc]}
@@ -389,8 +395,9 @@ class RemoteResult:
 
 
 class RemoteConnection:
-    """Forwards execute() to the server's query socket. `views=True` installs the analytics
-    views (analytics/views.py) on the server's cursor before each statement."""
+    """Forwards execute() to the server's query socket. `views=True` has the server install
+    its SQL views (those `serve` gave it: analytics/views.py) on its cursor before each
+    statement."""
 
     def __init__(self, path: str, views: bool = False, timeout: float | None = None):
         self.path = path
@@ -516,10 +523,12 @@ def server_running(path) -> str | None:
         s.close()
 
 
-def open_for_reading(path, *, views: bool = False, wait: float | None = None) -> Store:
+def open_for_reading(path, *, views=None, wait: float | None = None) -> Store:
     """The store at path for reading: a RemoteStore when a server holds it (its query socket
     answers), else Store.open(path) read-only. A server starting or stopping meanwhile is
-    waited for up to `wait` seconds ($BLKREWIND_STORE_WAIT, default 10)."""
+    waited for up to `wait` seconds ($BLKREWIND_STORE_WAIT, default 10). views: a function
+    (connection) -> ... that defines SQL views (analytics.views.define_views): run on the
+    local store's connection, or the server runs its own (`serve` gives it the same)."""
     if wait is None:
         wait = default_wait()
     path = os.path.abspath(os.fspath(path))
@@ -529,7 +538,7 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
     while True:
         sp = server_running(path)
         if sp is not None:
-            return RemoteStore(path, RemoteConnection(sp, views=views))
+            return RemoteStore(path, RemoteConnection(sp, views=views is not None))
         left = deadline - time.monotonic()
         try:
             st = Store.open(path, wait=min(max(left, 0.0), 0.5))
@@ -537,7 +546,6 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
             if "busy" not in str(e) or left <= 0:
                 raise
             continue
-        if views:
-            from analytics.views import define_views
-            define_views(st.con)
+        if views is not None:
+            views(st.con)
         return st

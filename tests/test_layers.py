@@ -31,12 +31,7 @@ KNOWN_CYCLES: dict[frozenset[str], str] = {
         "cli builds its parser with helpdoc's formatter; `python -m blkrewind.helpdoc` (bootstrap.sh) "
         "writes the man page from cli's parser: both in the cli layer, inside functions",
 }
-KNOWN_UP_EDGES: dict[tuple[str, str], str] = {
-    ("replayer.query", "analytics.views"):
-        "the query server installs analytics' SQL views on a client's request (`blkrewind sql` "
-        "through a running server); inverting it means passing define_views from `serve` down "
-        "through replayer.server",
-}
+KNOWN_UP_EDGES: dict[tuple[str, str], str] = {}
 
 
 def modules() -> dict[str, Path]:

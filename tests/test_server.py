@@ -329,12 +329,13 @@ def test_good_path_restore_equals_ingest(served, good_log, tmp_path):
     other = tmp_path / "ingested"
     run_cli("ingest", "--log", log_dir, "--store", other)
     assert restore_image(other, tmp_path / "ingested.img") == img
+    from analytics.views import define_views
     from replayer.query import RemoteStore, open_for_reading
     q = "SELECT count(*), sum(length), max(stamp), count(DISTINCT session) FROM writes"
-    with open_for_reading(srv.store, views=True) as st:
+    with open_for_reading(srv.store, views=define_views) as st:
         assert isinstance(st, RemoteStore)
         a = st.query(q)
-    with open_for_reading(other, views=True) as st:
+    with open_for_reading(other, views=define_views) as st:
         assert not isinstance(st, RemoteStore)
         b = st.query(q)
     assert a == b and a[0][0] > 100

@@ -58,11 +58,12 @@ def run(args) -> int:
     import duckdb
 
     from analytics.output import write_rows
+    from analytics.views import define_views
     from replayer.query import one_line, open_for_reading
 
     check_query(args.query)
     # a served store is queried through its server (read-only statements, no file access)
-    with open_for_reading(args.store, views=True) as store:
+    with open_for_reading(args.store, views=define_views) as store:
         con = store.con
         if not getattr(store, "remote", False):
             con.execute("SET enable_external_access = false")
