@@ -210,8 +210,7 @@ class Server:
                      f"{time.monotonic() - t0:.2f} s, {len(damage)} problem(s)")
             # the full check reads what was stored before this start (later files were
             # checksummed as they were written)
-            self._check_upto = int(self.store.query_one(
-                "SELECT coalesce(max(id), 0) FROM payload_files")[0])
+            self._check_upto = self.store.last_payload_file()
             # sessions a crash left with new frames but an old watermark (`dirty` in the store)
             self.sink.finalize()
             self.query = QueryServer(self.store, status=self.status, log=self.log,

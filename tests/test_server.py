@@ -359,10 +359,9 @@ def test_query_socket_is_read_only(served):
             with pytest.raises(UserError, match="SQL: "):
                 st.query(q)
         assert st.query_one("SELECT count(*) FROM records")[0] == n
-        r = st.con.execute("SELECT stamp, len FROM records WHERE len > $m ORDER BY stamp",
-                           {"m": 0})
-        assert [d[0] for d in r.description] == ["stamp", "len"]
-        a = r.fetchnumpy()
+        cols, _ = st.user_query("SELECT stamp, len FROM records WHERE len > 0 LIMIT 1")
+        assert cols == ["stamp", "len"]
+        a = st.numpy("SELECT stamp, len FROM records WHERE len > $m ORDER BY stamp", {"m": 0})
         assert len(a["stamp"]) > 0 and (a["len"] > 0).all()
     cp = run_cli("sql", "--store", srv.store, "DELETE FROM records", check=False)
     assert "only queries are allowed" in assert_one_line_error(cp)

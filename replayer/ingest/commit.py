@@ -4,11 +4,9 @@ checking under the store's mutex what only the store knows; the ledger follows t
 entries are put back when it fails). A run of frames becomes a batch with prepare()."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,11 +30,6 @@ from replayer.watermark import devices_changed
 
 BATCH_BYTES = 24 << 20       # frame bytes per batch (one Parquet file, one commit); its column
                              # buffers stay below glibc's mmap threshold, so they are reused
-
-
-def _db_error(e: Exception) -> StoreError:
-    return StoreError(f"storing in the store's database failed: {str(e).splitlines()[0]}; "
-                      f"nothing of the batch was stored")
 
 
 def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
@@ -90,71 +83,36 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
         for s in sessions:
             led.hosts[s] = host
             led.prefix[s] = led.compute_prefix(s, led.prefix.get(s, (0, 0)))
-        con = store.con
         now = time.time_ns()
-        try:
-            con.execute("BEGIN")
-            try:
-                for s in sessions:
-                    ps, pf = led.prefix[s]
-                    if s in known_sessions:
-                        con.execute("UPDATE sessions SET dirty = TRUE, held_segno = ?, "
-                                    "held_frame = ? WHERE session = ?", [ps, pf, s])
-                    else:
-                        con.execute("INSERT INTO sessions (session, host, dirty, held_segno, "
-                                    "held_frame) VALUES (?, ?, TRUE, ?, ?)", [s, host, ps, pf])
-                for k in keys:
-                    st = led.segs[k]
-                    vals = [st.seg_id, st.host, st.sealed, st.nframes, st.torn_bytes, st.error]
-                    if k in known_segs:
-                        con.execute("UPDATE segments SET seg_id = ?, host = ?, sealed = ?, "
-                                    "nframes = ?, torn_bytes = ?, error = ? "
-                                    "WHERE session = ? AND segno = ?", [*vals, *k])
-                    else:
-                        con.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                    [*k, *vals])
-                _insert_batches(con, batches, now)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            if any(b.devices for b in batches):
-                devices_changed(store)
-        except BaseException as e:
-            led.restore(old)
-            if isinstance(e, duckdb.Error):
-                raise _db_error(e) from None
-            raise
+        with store.transaction(undo=lambda: led.restore(old),
+                               failed="storing in the store's database failed: {}; nothing of "
+                                      "the batch was stored"):
+            for s in sessions:
+                store.put_session(s, host, led.prefix[s], new=s not in known_sessions)
+            for k in keys:
+                store.put_segment(k, led.segs[k], new=k not in known_segs)
+            _insert_batches(store, batches, now)
+        if any(b.devices for b in batches):
+            devices_changed(store)
         for b in batches:
             led.forget_batch(b.batch_id)
 
 
-def _insert_batches(con, batches: list[Batch], now: int) -> None:
+def _insert_batches(store: Store, batches: list[Batch], now: int) -> None:
     """The rows of the batches (inside the caller's transaction): one statement per table
     for the bulk tables (their batch/pfile columns were added by tag_batch)."""
-    files = [b for b in batches if b.pfile_rel is not None]
-    if files:
-        con.execute("INSERT INTO payload_files VALUES " + ", ".join(
-            ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(files)),
-            [v for b in files for v in (b.batch_id, b.pfile_rel, b.session, b.segno,
-                                        b.first_frame, b.end_frame, len(b.payload),
-                                        b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)])
-    for table in ("records", "base", "completions", "dirtiers"):
+    store.add_payload_files([
+        (b.batch_id, b.pfile_rel, b.session, b.segno, b.first_frame, b.end_frame,
+         len(b.payload), b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)
+        for b in batches if b.pfile_rel is not None])
+    for table in store.BULK_TABLES:
         tbls = [getattr(b, table) for b in batches if getattr(b, table) is not None]
-        if not tbls:
-            continue
-        con.register("_batch", tbls[0] if len(tbls) == 1 else pa.concat_tables(tbls))
-        try:
-            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
-        finally:
-            con.unregister("_batch")
+        if tbls:
+            store.append_rows(table, tbls[0] if len(tbls) == 1 else pa.concat_tables(tbls))
     for b in batches:
-        _insert_small(con, b)
-    if batches:
-        con.execute("INSERT INTO frame_ranges VALUES " + ", ".join(
-            ["(?, ?, ?, ?, ?, ?, ?)"] * len(batches)),
-            [v for b in batches for v in (b.batch_id, b.session, b.segno, b.first_frame,
-                                          b.end_frame, b.source, now)])
+        _insert_small(store, b)
+    store.add_frame_ranges([(b.batch_id, b.session, b.segno, b.first_frame, b.end_frame,
+                             b.source, now) for b in batches])
 
 
 def tag_batch(b: Batch) -> None:
@@ -173,45 +131,26 @@ def tag_batch(b: Batch) -> None:
         setattr(b, name, t)
 
 
-def _insert_small(con, b: Batch) -> None:
+def _insert_small(store: Store, b: Batch) -> None:
     """The rare rows of one batch."""
     bid = b.batch_id
-    if b.marks:
-        con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(*m, bid) for m in b.marks])
-    if b.points:
-        con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(*p, bid) for p in b.points])
-    if b.loss:
-        con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(*x, bid) for x in b.loss])
+    store.add_marks([(*m, bid) for m in b.marks])
+    store.add_points([(*p, bid) for p in b.points])
+    store.add_loss([(*x, bid) for x in b.loss])
     if b.session_info:
         obj, t = b.session_info
-        con.execute("UPDATE sessions SET stamp_base = ?, seq_base = ?, version = ?, "
-                    "boot_id = ?, kernel = ?, start_ns = ?, info = ? WHERE session = ?",
-                    [nat(obj, "stamp_base"), nat(obj, "seq_base", 1),
-                     _text(obj.get("version")), _text(obj.get("boot_id")),
-                     _text(obj.get("kernel")), t, json.dumps(obj, sort_keys=True), b.session])
+        store.set_session_start(b.session, obj, nat(obj, "stamp_base"), nat(obj, "seq_base", 1), t)
     if b.end_info:
         obj, t = b.end_info
-        con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
-                    "WHERE session = ?",
-                    [nat(obj, "end_stamp"), nat(obj, "end_seq"),
-                     obj.get("clean") is True, t, b.session])
+        store.set_session_end(b.session, nat(obj, "end_stamp"), nat(obj, "end_seq"),
+                              obj.get("clean") is True, t)
     for d in b.devices:
-        host = d.get("host") or b.host
-        con.execute(
-            "INSERT INTO session_devices (session, dev, device, host, name, path, size_bytes, "
-            "logical_block_size, physical_block_size, part_start, info) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [b.session, nat(d, "dev"), f"{host}:{d['name']}", host, d["name"],
-             _text(d.get("path")), nat(d, "size_bytes"), nat(d, "logical_block_size", 512),
-             nat(d, "physical_block_size", 512), nat(d, "part_start"),
-             json.dumps(d, sort_keys=True)])
-
-
-def _text(v) -> str | None:
-    return None if v is None else str(v)
+        path = d.get("path")
+        store.add_session_device(
+            b.session, nat(d, "dev"), d.get("host") or b.host, d["name"],
+            None if path is None else str(path), nat(d, "size_bytes"),
+            nat(d, "logical_block_size", 512), nat(d, "physical_block_size", 512),
+            nat(d, "part_start"), d)
 
 
 @dataclass

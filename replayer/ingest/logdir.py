@@ -262,8 +262,7 @@ def delete_ingested(store: Store, log_dir: str) -> tuple[list[str], int]:
         return [], 0
     newest = max(segs, key=lambda s: (s.session, s.segno))
     led = store.ledger
-    with store.mutex:
-        store.con.execute("CHECKPOINT")
+    store.checkpoint()
     gone, freed = [], 0
     for seg in segs:
         if seg is newest:

@@ -1,9 +1,9 @@
-"""Payload files: a batch's payload rows into one Parquet file (page checksums on), written
-durably under a temporary name and renamed to a name holding the batch id; the files no commit
-refers to (a crash before the commit) removed."""
+"""A batch's payload rows into one Parquet payload file (replayer/payloadstore.py: the format
+and where files live): encoded in memory into this thread's aligned scratch buffer, compressed
+when a sample of it shrinks, put durably under a name holding the batch id; and the files no
+commit refers to (a crash before the commit) removed."""
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import re
@@ -11,12 +11,9 @@ import threading
 
 import lz4.block
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from blkrewind.errors import StoreError
-from blkrewind.osutil import crc32
-from blkrewind.osutil import fsync_dir as _fsync_dir
-from replayer.ingest.columns import PAYLOAD_SCHEMA, Batch
+from replayer.ingest.columns import Batch
+from replayer.payloadstore import ALIGN, parquet_writer
 from replayer.store import Store
 
 COMPRESSION = "lz4"          # file-system data ~3x smaller ...
@@ -35,44 +32,19 @@ def payload_rel(session: str, segno: int, first: int, end: int, batch: int) -> s
 
 
 def write_payload(store: Store, b: Batch) -> None:
-    """Write the batch's payload rows to their Parquet file (page checksums on): encoded in
-    memory, CRC of the file's bytes, written to a temp name (O_DIRECT where the file system
-    takes it: on this kind of VM the page cache takes new file data at a third of the disk's
-    rate), fdatasync, rename, fsync of the directory. Needs b.batch_id."""
+    """Write the batch's payload rows to their payload file: encoded in memory, put (durable,
+    its CRC-32 recorded in the batch) by the store's PayloadStore. Needs b.batch_id."""
     if b.payload is None:
         return
     rel = payload_rel(b.session, b.segno, b.first_frame, b.end_frame, b.batch_id)
-    final = store.payload_path(rel)
-    d = os.path.dirname(final)
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    tmp = f"{final}.tmp"   # the batch id makes it unique
     codec = COMPRESSION if _compressible(b.payload.column("data").chunk(0)) else "none"
-    try:
-        buf, n = _encode(b, codec)
-        view = memoryview(buf)[:n]
-        b.crc32, b.file_bytes = crc32(view), n
-        _write_file(tmp, buf, n)
-        del view
-        os.rename(tmp, final)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(e, OSError):
-            raise StoreError(f"writing {final} failed: {e.strerror or e}; the store keeps "
-                             f"everything stored before") from None
-        raise
+    buf, n = _encode(b, codec)
+    b.crc32 = store.payload.put(rel, buf, n)
+    b.file_bytes = n
     b.pfile_rel = rel
-    try:
-        _fsync_dir(d)
-    except OSError as e:
-        unlink_payload(store, b)
-        raise StoreError(f"fsync of {d} failed: {e.strerror or e}") from None
 
 
 _tls = threading.local()
-_ALIGN = 4096
 
 
 def _scratch(n: int) -> mmap.mmap:
@@ -82,13 +54,12 @@ def _scratch(n: int) -> mmap.mmap:
     if m is None or len(m) < n:
         if m is not None:
             m.close()
-        m = _tls.scratch = mmap.mmap(-1, max(n + (n >> 2), 8 << 20) + _ALIGN - 1 & ~(_ALIGN - 1))
+        m = _tls.scratch = mmap.mmap(-1, max(n + (n >> 2), 8 << 20) + ALIGN - 1 & ~(ALIGN - 1))
     return m
 
 
 def _parquet(sink, b: Batch, codec: str) -> None:
-    with pq.ParquetWriter(sink, PAYLOAD_SCHEMA, compression=codec, use_dictionary=False,
-                          write_statistics=False, write_page_checksum=True) as w:
+    with parquet_writer(sink, codec) as w:
         for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
             w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
 
@@ -110,54 +81,10 @@ def _encode(b: Batch, codec: str) -> tuple:
         return m, data.size
 
 
-def _write_file(path: str, buf, n: int) -> None:
-    """buf[:n] (an aligned buffer) to a new file, durable (fdatasync) when this returns."""
-    padded = (n + _ALIGN - 1) & ~(_ALIGN - 1)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-    fd = None
-    if getattr(os, "O_DIRECT", 0):
-        try:
-            fd = os.open(path, flags | os.O_DIRECT, 0o600)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-    try:
-        mv = memoryview(buf)
-        if fd is not None:
-            try:
-                _write_all(fd, mv[:padded])
-                os.ftruncate(fd, n)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                os.close(fd)
-                fd = None
-                os.unlink(path)
-        if fd is None:   # no O_DIRECT here (tmpfs, ...): through the page cache
-            fd = os.open(path, flags, 0o600)
-            _write_all(fd, mv[:n])
-        os.fdatasync(fd)
-    finally:
-        if fd is not None:
-            os.close(fd)
-
-
-def _write_all(fd: int, mv: memoryview) -> None:
-    pos = 0
-    while pos < len(mv):
-        k = os.write(fd, mv[pos:])
-        if k <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        pos += k
-
-
 def unlink_payload(store: Store, b: Batch) -> None:
-    """Remove the Parquet file of a batch that will not be committed."""
+    """Remove the payload file of a batch that will not be committed."""
     if b.pfile_rel is not None:
-        try:
-            os.unlink(store.payload_path(b.pfile_rel))
-        except FileNotFoundError:
-            pass
+        store.payload.delete([b.pfile_rel])
         b.pfile_rel = None
 
 
@@ -176,20 +103,15 @@ def _compressible(data: pa.Array, samples: int = 16, size: int = 16 << 10) -> bo
 
 
 def remove_orphans(store: Store) -> int:
-    """Delete Parquet files no commit refers to (left by a crash before a commit), except
+    """Delete payload files no commit refers to (left by a crash before a commit), except
     those of batches being stored right now in this process."""
     led = store.ledger
     with store.mutex, led.ids:  # no batch id is handed out meanwhile (alloc_batch)
-        known = {p for (p,) in store.con.execute("SELECT path FROM payload_files").fetchall()}
+        known = set(store.payload_file_paths())
         busy = set(led.writing)
-        n = 0
-        for root, _dirs, files in os.walk(store.payload_dir):
-            for name in files:
-                full = os.path.join(root, name)
-                rel = os.path.relpath(full, store.path)
-                m = _BATCH_RE.search(name)
-                if rel in known or (m and int(m[1]) in busy):
-                    continue
-                os.unlink(full)
-                n += 1
-    return n
+
+        def keep(rel: str) -> bool:
+            m = _BATCH_RE.search(os.path.basename(rel))
+            return rel in known or bool(m and int(m[1]) in busy)
+
+        return store.payload.delete(store.payload.orphans(keep))
