@@ -39,6 +39,18 @@ def tune_malloc(trim_threshold: int = 0, *, one_arena: bool = False) -> None:
         _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
 
 
+def file_crc32(path: str, bufsize: int = 8 << 20) -> tuple[int, int]:
+    """(zlib.crc32, size) of a file's bytes."""
+    crc = n = 0
+    buf = bytearray(bufsize)
+    mv = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while k := f.readinto(buf):
+            crc = crc32(mv[:k], crc)
+            n += k
+    return crc, n
+
+
 def fsync_dir(path) -> None:
     """fsync a directory: makes a rename or a new file in it durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

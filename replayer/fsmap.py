@@ -105,13 +105,13 @@ def merge_extents(extents) -> list[list[int]]:
 def written_ranges(store, session: str, dev: int, a: int, b: int) -> list[list[int]]:
     """Merged [start, end) device byte ranges written by stamps in (a, b]."""
     zero = ", ".join(str(o) for o in record.ZEROING_OPS)
-    r = store.con.execute(
+    r = store.numpy(
         f"SELECT CASE WHEN op IN ({zero}) THEN sector * 512 ELSE sector * 512 + \"offset\" END "
         f"AS s, CASE WHEN op IN ({zero}) THEN bio_size ELSE len END AS n FROM records "
         f"WHERE session = ? AND dev = ? AND stamp > ? AND stamp <= ? "
         f"AND (op IN ({zero}) OR (op = {record.OP_WRITE} AND len > 0)) "
         f"UNION ALL SELECT sector * 512, bio_size FROM base WHERE session = ? AND dev = ? "
-        f"AND stamp > ? AND stamp <= ?", [session, dev, a, b] * 2).fetchnumpy()
+        f"AND stamp > ? AND stamp <= ?", [session, dev, a, b] * 2)
     s = np.asarray(r["s"], np.int64)
     n = np.asarray(r["n"], np.int64)
     return _merge(s, s + n)

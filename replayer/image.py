@@ -31,7 +31,7 @@ from blkrewind.errors import StoreError
 from replayer.rebuild import Plan, scatter
 
 CACHE_BYTES = 256 << 20
-RG_BYTES = 4 << 20      # about the payload bytes of a row group (replayer/ingest.py RG_BYTES)
+RG_BYTES = 4 << 20      # about the payload bytes of a row group (replayer/ingest/columns.py RG_BYTES)
 
 
 def auto_cache_bytes(row_groups: int) -> int:

@@ -23,19 +23,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import duckdb
-import pyarrow.parquet as pq
-
 from blkrewind.errors import StoreError
+from blkrewind.formats.ranges import merge
+from replayer import watermark
 from replayer.store import Store
 
 # held by check() and by a prune run inside the server (replayer/query.py): a file a prune
 # deletes must never be taken for a missing one
 MAINTENANCE = threading.Lock()
-
-_TABLES = ("records", "base", "marks", "points", "completions", "loss", "dirtiers",
-           "payload_files", "frame_ranges")
-
 
 @dataclass
 class Damage:
@@ -55,33 +50,30 @@ class Damage:
 
 
 def _check_file(store: Store, row: tuple, full: bool) -> Damage | None:
-    from replayer.ingest import file_crc32
-
     pfile, rel, session, segno, first, end, rows, size, crc, batch = row
-    path = store.payload_path(rel)
 
     def bad(why: str) -> Damage:
         return Damage(int(pfile), int(batch if batch is not None else pfile), rel, session,
                       int(segno), int(first), int(end), why)
 
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return bad("missing")
+        got_size = store.payload.stat(rel)
     except OSError as e:
         return bad(f"cannot stat: {e.strerror}")
-    if st.st_size != size:
-        return bad(f"{st.st_size} bytes, {size} recorded")
+    if got_size is None:
+        return bad("missing")
+    if got_size != size:
+        return bad(f"{got_size} bytes, {size} recorded")
     if not full:
         return None
     try:
-        got, _ = file_crc32(path)
+        got, _ = store.payload.checksum(rel)
     except OSError as e:
         return bad(f"unreadable: {e.strerror}")
     if crc is not None and got != crc:
         return bad(f"checksum {got:08x}, {int(crc):08x} recorded")
     try:
-        n = pq.ParquetFile(path).metadata.num_rows
+        n = store.payload.open(rel).metadata.num_rows
     except (OSError, ValueError) as e:
         return bad(f"not a readable Parquet file: {str(e).splitlines()[0]}")
     if n != rows:
@@ -92,9 +84,7 @@ def _check_file(store: Store, row: tuple, full: bool) -> Damage | None:
 def scan(store: Store, full: bool, *, jobs: int = 2, upto: int | None = None) -> list[Damage]:
     """The payload files that are missing or damaged (nothing is changed); upto: only those
     with an id <= upto."""
-    rows = store.query("SELECT id, path, session, segno, first_frame, end_frame, rows, "
-                       "file_bytes, crc32, batch FROM payload_files WHERE id <= ? ORDER BY id",
-                       [(1 << 62) if upto is None else upto])
+    rows = store.payload_files_upto(upto)
     if not rows:
         return []
     with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="verify") as ex:
@@ -107,81 +97,31 @@ def verify_store(store: Store) -> list[str]:
     return [d.line for d in scan(store, True)]
 
 
-def _move_aside(store: Store, d: Damage) -> str | None:
-    """Move a damaged file to STORE/damaged/<session>/ (never over another); its new path."""
-    src = store.payload_path(d.path)
-    if not os.path.exists(src):
-        return None
-    dst_dir = os.path.join(store.damaged_dir, d.session)
-    os.makedirs(dst_dir, mode=0o700, exist_ok=True)
-    base = os.path.join(dst_dir, os.path.basename(src))
-    dst, k = base, 1
-    while os.path.exists(dst):
-        dst, k = f"{base}.{k}", k + 1
-    try:
-        os.rename(src, dst)
-        fd = os.open(dst_dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        raise StoreError(f"cannot move the damaged payload file {src} aside: "
-                         f"{e.strerror}") from None
-    return dst
-
-
 def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
     """Drop every metadata row of `batches` in ONE transaction, reset the scan of the sessions
     they touched below the smallest stamp dropped and recompute their watermarks and intervals.
     Returns what is lost now, per host: {host: [{"session","segno","ranges":[[a,e],...]}]}."""
-    from blkrewind.formats.ranges import merge
-    from replayer import watermark
-    from replayer.ingest import ledger, put_back
-
     if not batches:
         return {}
-    led = ledger(store)
+    led = store.ledger
     ids = sorted(set(int(b) for b in batches))
     with store.mutex:
-        con = store.con
-        con.execute("CREATE OR REPLACE TEMP TABLE _drop (batch INTEGER)")
-        con.executemany("INSERT INTO _drop VALUES (?)", [(b,) for b in ids])
-        ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
-                             "frame_ranges WHERE batch IN (SELECT batch FROM _drop)").fetchall()
-        lowest = dict(con.execute(
-            "SELECT session, min(stamp) FROM ("
-            "SELECT session, stamp FROM records WHERE batch IN (SELECT batch FROM _drop) "
-            "UNION ALL SELECT session, stamp FROM marks WHERE batch IN (SELECT batch FROM _drop) "
-            "UNION ALL SELECT session, stamp FROM points WHERE batch IN (SELECT batch FROM _drop) "
-            "UNION ALL SELECT session, stamp FROM base WHERE batch IN (SELECT batch FROM _drop) "
-            "AND stamp > 0) GROUP BY session").fetchall())
-        sessions = sorted({r[1] for r in ranges} | set(lowest))
-        old = {}
-        for s in sessions:
-            old[s] = con.execute("SELECT complete_to, stamp_base FROM sessions WHERE session = ?",
-                                 [s]).fetchone()
-        # the ledger's view without those batches (restored if the transaction fails)
-        keys = {(r[1], r[2]) for r in ranges}
-        saved = ({k: led.ranges.get(k) for k in keys}, {s: led.prefix.get(s) for s in sessions})
-        for k in keys:
-            led.ranges[k] = [x for x in led.ranges.get(k, []) if x[2] not in set(ids)]
-        for s in sessions:
-            led.prefix[s] = led.compute_prefix(s)
         try:
-            con.execute("BEGIN")
-            try:
-                for t in _TABLES:
-                    col = "id" if t == "payload_files" else "batch"
-                    con.execute(f"DELETE FROM {t} WHERE {col} IN (SELECT batch FROM _drop)")
-                hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
-                top = max(ids[-1], int(hwm[0]) if hwm else 0)
-                con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) "
-                            "DO UPDATE SET value = excluded.value", [str(top)])
+            ranges, lowest, old = store.batches_to_drop(ids)
+            sessions = sorted(old)
+            # the ledger's view without those batches (restored if the transaction fails)
+            keys = {(r[1], r[2]) for r in ranges}
+            saved = led.saved(keys, sessions)
+            for k in keys:
+                led.ranges[k] = [x for x in led.ranges.get(k, []) if x[2] not in set(ids)]
+            for s in sessions:
+                led.prefix[s] = led.compute_prefix(s)
+            with store.transaction(undo=lambda: led.restore(saved),
+                                   failed="dropping damaged batches failed: {}") as con:
+                store.drop_batch_rows()
+                store.raise_batch_hwm(ids[-1])
                 for s in sessions:
-                    ps, pf = led.prefix[s]
-                    con.execute("UPDATE sessions SET held_segno = ?, held_frame = ? "
-                                "WHERE session = ?", [ps, pf, s])
+                    store.set_session_held(s, led.prefix[s])
                     row = old[s]
                     if row is None:
                         continue
@@ -193,26 +133,9 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                     # redo the scan from ct (gap runs, resynced windows too), moved or not
                     watermark.forget_scan(con, s, None if ct is None else int(ct))
                     watermark.update_watermark(con, s)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-        except BaseException as e:
-            for k, v in saved[0].items():
-                put_back(led.ranges, k, v)
-            for s, pv in saved[1].items():
-                put_back(led.prefix, s, pv)
-            if isinstance(e, duckdb.Error):
-                raise StoreError(f"dropping damaged batches failed: "
-                                 f"{str(e).splitlines()[0]}") from None
-            raise
         finally:
-            try:
-                con.execute("DROP TABLE IF EXISTS _drop")
-            except duckdb.Error:
-                pass
-        hosts = {s: h for s, h in con.execute(
-            "SELECT session, host FROM sessions").fetchall() if s in sessions}
+            store.forget_batches_to_drop()
+        hosts = {s: h for s, h in store.session_hosts().items() if s in sessions}
     lost: dict[str, dict] = {}
     for _b, s, n, a, end in ranges:
         lost.setdefault(hosts.get(s) or "", {}).setdefault((s, n), []).append((a, end))
@@ -236,7 +159,7 @@ def _check(store: Store, full: bool, on_lost, upto: int | None) -> list[str]:
         return []
     lines = []
     for d in damages:
-        moved = _move_aside(store, d)
+        moved = store.payload.quarantine(d.path, d.session)
         lines.append(d.line + (f"; moved to {os.path.relpath(moved, store.path)}" if moved
                                else "") + "; its frames are dropped (stored again when shipped "
                                           "or ingested)")

@@ -23,7 +23,7 @@ newest one instead); K's session is folded at K; later sessions are untouched.
 
 Crash safety (kill -9 at any moment). 1. The layers' payload goes to one new Parquet
 file: temp name, fsync, rename, fsync of the directory; a kill before the commit leaves
-an unreferenced file, removed by the next prune or ingest (ingest.remove_orphans).
+an unreferenced file, removed by the next prune or ingest (replayer.ingest.payload.remove_orphans).
 2. ONE DuckDB transaction: drop the device's base chunks with stamp <= K, insert the
 new ones (their payload file in `payload_files`, checksummed like ingest's), delete the
 device's records, points and completions up to K, the marks nobody can restore any
@@ -45,13 +45,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.formats import record
-from blkrewind.osutil import fsync_dir as _fsync_dir
 from replayer import rebuild, watermark
-from replayer.store import Store, StoreDevice
+from replayer.payloadstore import PAYLOAD_SCHEMA
+from replayer.store import Store, StoreDevice, StoreReader
 
 CHUNK = 1 << 20              # bytes per new base chunk (at most)
 RG_BYTES = 4 << 20           # payload bytes per row group
@@ -85,40 +84,40 @@ class _Fold:
 
 
 # ---------------------------------------------------------------- choosing K
-def _intervals(con, device: str):
+def _intervals(store: StoreReader, device: str):
     """[(session, dev, size, from, to, from_ns, to_ns)] of the device, oldest first."""
-    return con.execute(
+    return store.query(
         "SELECT r.session, r.dev, sd.size_bytes, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns "
         "FROM restorable r JOIN session_devices sd USING (session, dev) "
         "JOIN sessions s USING (session) WHERE sd.device = ? "
-        "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device]).fetchall()
+        "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device])
 
 
-def _open_resyncs(con, session: str, dev: int) -> list[tuple[int, int | None]]:
+def _open_resyncs(store: StoreReader, session: str, dev: int) -> list[tuple[int, int | None]]:
     out = []
-    ends = rebuild.resync_ends(con, session, dev)
-    for (rs,) in con.execute("SELECT stamp FROM points WHERE session = ? AND dev = ? AND "
-                             "what = 'resync_start'", [session, dev]).fetchall():
+    ends = rebuild.resync_ends(store, session, dev)
+    for (rs,) in store.query("SELECT stamp FROM points WHERE session = ? AND dev = ? AND "
+                             "what = 'resync_start'", [session, dev]):
         out.append((int(rs), ends.get(int(rs))))
     return out
 
 
-def choose_point(con, device: str, cutoff_ns: int):
+def choose_point(store: StoreReader, device: str, cutoff_ns: int):
     """(session, dev, size, K) or None."""
-    ivs = [iv for iv in _intervals(con, device) if iv[5] is not None and iv[5] <= cutoff_ns]
+    ivs = [iv for iv in _intervals(store, device) if iv[5] is not None and iv[5] <= cutoff_ns]
     for sess, dev, size, a, b, fn, tn in reversed(ivs):
         a, b = int(a), int(b)
         if tn is not None and tn <= cutoff_ns:
             k = b
         else:
-            row = con.execute(
+            row = store.query_one(
                 "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
                 "AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns FROM marks "
                 "WHERE session = $s AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns "
                 "FROM points WHERE session = $s AND stamp BETWEEN $a AND $b) "
-                "WHERE time_ns <= $t", {"s": sess, "a": a, "b": b, "t": cutoff_ns}).fetchone()
+                "WHERE time_ns <= $t", {"s": sess, "a": a, "b": b, "t": cutoff_ns})
             k = max(a, int(row[0])) if row and row[0] is not None else a
-        for rs, re_ in sorted(_open_resyncs(con, sess, dev), reverse=True):
+        for rs, re_ in sorted(_open_resyncs(store, sess, dev), reverse=True):
             if rs <= k and (re_ is None or k < re_):
                 k = rs - 1
         if k >= a:
@@ -126,25 +125,20 @@ def choose_point(con, device: str, cutoff_ns: int):
     return None
 
 
-def _restorable_marks(con, session: str, dev: int, below: int) -> list[int]:
-    return [int(s) for (s,) in con.execute(
+def _restorable_marks(store: StoreReader, session: str, dev: int, below: int) -> list[int]:
+    return [int(s) for (s,) in store.query(
         "SELECT DISTINCT m.stamp FROM marks m JOIN restorable r ON r.session = m.session "
         "AND r.dev = ? AND m.stamp BETWEEN r.from_stamp AND r.to_stamp "
-        "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below]).fetchall()]
+        "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below])]
 
 
 # ------------------------------------------------------------ materializing
 class _PayloadWriter:
-    """Rows of R_BASE payload into one Parquet file, row groups of about RG_BYTES."""
+    """Rows of R_BASE payload into one payload file (a PayloadStore sink: the one Parquet
+    payload format, replayer/payloadstore.py), row groups of about RG_BYTES."""
 
-    PAYLOAD_SCHEMA = pa.schema([
-        ("rtype", pa.uint16()), ("stamp", pa.uint64()), ("seq", pa.uint64()),
-        ("offset", pa.uint32()), ("data", pa.binary()),
-    ])
-
-    def __init__(self, path: str):
-        self.path = path
-        self.w: pq.ParquetWriter | None = None
+    def __init__(self, sink):
+        self.sink = sink
         self.rows: list = []
         self.bytes = 0
         self.rg = 0
@@ -152,20 +146,16 @@ class _PayloadWriter:
         self.nrows = 0
 
     def add(self, stamp: int, seq: int, data: bytes) -> tuple[int, int]:
-        if self.w is None:
-            self.w = pq.ParquetWriter(self.path, self.PAYLOAD_SCHEMA, compression="lz4",
-                                      use_dictionary=False, write_statistics=False,
-                                      write_page_checksum=True)
         ref = (self.rg, len(self.rows))
         self.rows.append((stamp, seq, data))
         self.bytes += len(data)
         self.total += len(data)
         self.nrows += 1
         if self.bytes >= RG_BYTES:
-            self._flush()
+            self.flush()
         return ref
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         if not self.rows:
             return
         n = len(self.rows)
@@ -175,24 +165,11 @@ class _PayloadWriter:
             "seq": pa.array([r[1] for r in self.rows], pa.uint64()),
             "offset": pa.array([0] * n, pa.uint32()),
             "data": pa.array([r[2] for r in self.rows], pa.binary())},
-            schema=self.PAYLOAD_SCHEMA)
-        self.w.write_table(t, row_group_size=n)
+            schema=PAYLOAD_SCHEMA)
+        self.sink.write_table(t, row_group_size=n)
         self.rows = []
         self.bytes = 0
         self.rg += 1
-
-    def close(self) -> bool:
-        """Finish the file; False when nothing was written (no file)."""
-        if self.w is None:
-            return False
-        self._flush()
-        self.w.close()
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
 
 
 def _chunks(a: np.ndarray, e: np.ndarray) -> list[tuple[int, int]]:
@@ -268,37 +245,37 @@ def _materialize(store: Store, f: _Fold, pw: _PayloadWriter, seq0: int, jobs: in
 
 # ------------------------------------------------------------------ the prune
 
-def dry_run(con, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
+def dry_run(store: StoreReader, device: StoreDevice, *, keep_ns: int, keep_marks: bool = False,
             now_ns: int | None = None) -> Result:
     """What prune would do, read only (SELECTs: works through a server's query socket too):
     the prune point, the records and base chunks it would fold away, the older sessions it
     would drop, and the marks it would keep; nothing is changed."""
     res = Result()
     now_ns = time.time_ns() if now_ns is None else now_ns
-    got = choose_point(con, device.device, now_ns - keep_ns)
+    got = choose_point(store, device.device, now_ns - keep_ns)
     if got is None:
         res.note = f"{device.device} has no restorable point older than the cutoff"
         return res
     sess_k, dev_k, _size, k = got
-    prev = con.execute("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
-                       [sess_k, dev_k]).fetchone()
+    prev = store.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                           [sess_k, dev_k])
     if prev is not None and prev[0] is not None and int(prev[0]) >= k:
         res.note = (f"{device.device} is pruned up to stamp {int(prev[0])} already (the "
                     f"cutoff gives stamp {k})")
         return res
     res.point, res.session = k, sess_k
-    res.point_ns = _point_time(con, sess_k, dev_k, k)
-    for sess, dev in con.execute(
+    res.point_ns = _point_time(store, sess_k, dev_k, k)
+    for sess, dev in store.query(
             "SELECT sd.session, sd.dev FROM session_devices sd JOIN sessions s USING (session) "
             "WHERE sd.device = ? ORDER BY coalesce(s.stamp_base, 0), sd.session",
-            [device.device]).fetchall():
+            [device.device]):
         upto = k if sess == sess_k else (1 << 63)
-        res.records += int(con.execute("SELECT count(*) FROM records WHERE session = ? AND "
-                                       "dev = ? AND stamp <= ?", [sess, dev, upto]).fetchone()[0])
-        res.chunks_dropped += int(con.execute("SELECT count(*) FROM base WHERE session = ? AND "
-                                              "dev = ?", [sess, dev]).fetchone()[0])
+        res.records += int(store.query_one("SELECT count(*) FROM records WHERE session = ? AND "
+                                           "dev = ? AND stamp <= ?", [sess, dev, upto])[0])
+        res.chunks_dropped += int(store.query_one("SELECT count(*) FROM base WHERE session = ? "
+                                                  "AND dev = ?", [sess, dev])[0])
         if keep_marks:
-            res.kept_marks += _restorable_marks(con, sess, dev, upto)
+            res.kept_marks += _restorable_marks(store, sess, dev, upto)
         if sess == sess_k:
             break
         res.sessions_dropped += 1
@@ -309,7 +286,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
     """Fold the history of `device` older than now - keep_ns (see the module docstring).
     `store` is open for writing. `hook(stage)` is called between stages (tests)."""
-    from replayer.ingest import ledger, remove_orphans
+    from replayer.ingest.payload import remove_orphans
 
     hook = hook or (lambda stage: None)
     res = Result()
@@ -318,7 +295,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
     cutoff = now_ns - keep_ns
     con = store.con
     with store.mutex:
-        got = choose_point(con, device.device, cutoff)
+        got = choose_point(store, device.device, cutoff)
         if got is None:
             res.note = (f"{device.device} has no restorable point older than the cutoff")
             return res
@@ -337,23 +314,23 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
         drops: list[tuple[str, int]] = []
         for sess, dev, size in sessions:
             if sess == sess_k:
-                kept = _restorable_marks(con, sess, dev, k) if keep_marks else []
+                kept = _restorable_marks(store, sess, dev, k) if keep_marks else []
                 folds.append(_Fold(sess, int(dev), k, kept,
-                                   _point_time(con, sess, dev, k), int(size)))
+                                   _point_time(store, sess, dev, k), int(size)))
                 break
             pr = con.execute("SELECT whole FROM pruned WHERE session = ? AND dev = ?",
                              [sess, dev]).fetchone()
             if pr is not None and pr[0]:
                 continue
-            marks = _restorable_marks(con, sess, dev, 1 << 63) if keep_marks else []
+            marks = _restorable_marks(store, sess, dev, 1 << 63) if keep_marks else []
             if marks:
                 pk = marks[-1]
                 folds.append(_Fold(sess, int(dev), pk, marks[:-1],
-                                   _point_time(con, sess, dev, pk), int(size)))
+                                   _point_time(store, sess, dev, pk), int(size)))
             else:
                 drops.append((sess, int(dev)))
         # from the ledger: a server storing frames in this process allocates from it too
-        led = ledger(store)
+        led = store.ledger
         batch = led.alloc_batch()
     try:
         return _prune_rest(store, res, hook, folds, drops, batch, sess_k, dev_k, k, jobs)
@@ -363,100 +340,66 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
 
 def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_k: str,
                 dev_k: int, k: int, jobs: int) -> Result:
-    con = store.con
     hook("planned")
     # 1. the new base layers: payload written, fsynced, renamed before anything else
     rel = os.path.join("payload", sess_k, f"prune-{dev_k}-{k}.b{batch}.parquet")
-    final = store.payload_path(rel)
-    os.makedirs(os.path.dirname(final), mode=0o700, exist_ok=True)
-    tmp = f"{final}.tmp{os.getpid()}"
-    pw = _PayloadWriter(tmp)
     base_rows: dict[tuple[str, int], list] = {}
-    try:
+    with store.payload.create(rel) as sink:
+        pw = _PayloadWriter(sink)
         seq = 0
         for f in folds:
             rows = _materialize(store, f, pw, seq, jobs)
             seq += len(rows) + 1
             base_rows[(f.session, f.dev)] = rows
-        has_file = pw.close()
-        if has_file:
-            os.rename(tmp, final)
-            _fsync_dir(os.path.dirname(final))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+        pw.flush()
+    has_file = sink.rows > 0
     res.written_bytes = pw.total
     hook("written")
     # 2. one transaction
     doomed: list[str] = []
-    with store.mutex:
-        con.execute("BEGIN")
-        try:
-            if has_file:
-                from replayer.ingest import file_crc32
-                crc, nbytes = file_crc32(final)
-                con.execute("INSERT INTO payload_files (id, path, session, segno, first_frame, "
-                            "end_frame, rows, payload_bytes, file_bytes, crc32, batch) "
-                            "VALUES (?, ?, ?, -1, 0, 0, ?, ?, ?, ?, ?)",
-                            [batch, rel, sess_k, pw.nrows, pw.total, nbytes, crc, batch])
-            con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) DO "
-                        "UPDATE SET value = CAST(greatest(CAST(store_info.value AS BIGINT), "
-                        "CAST(excluded.value AS BIGINT)) AS VARCHAR)", [str(batch)])
-            touched = set()
-            for f in folds:
-                _fold_rows(con, f, base_rows[(f.session, f.dev)], batch if has_file else None,
-                           res)
-                touched.add(f.session)
-            for sess, dev in drops:
-                _drop_rows(con, sess, dev, res)
-                touched.add(sess)
-                res.sessions_dropped += 1
-            _forget_marks(con, touched)
-            # payload files no row refers to any more
-            ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
-                   "SELECT pfile FROM base WHERE pfile IS NOT NULL")
-            marks = ", ".join("?" * len(touched))
-            for pid, path, fb in con.execute(
-                    f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
-                    f"AND id NOT IN ({ref})", sorted(touched)).fetchall():
-                doomed.append(path)
-                res.freed_bytes += int(fb or 0)
-                con.execute("DELETE FROM payload_files WHERE id = ?", [pid])
-            for s in sorted(touched):
-                watermark.update_watermark(con, s)
-            hook("commit")
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
+    with store.transaction() as con:
+        if has_file:
+            store.add_payload_files([(batch, rel, sess_k, -1, 0, 0, pw.nrows, pw.total,
+                                      sink.size, sink.crc32, batch)])
+        store.raise_batch_hwm(batch)
+        touched = set()
+        for f in folds:
+            _fold_rows(con, f, base_rows[(f.session, f.dev)], batch if has_file else None,
+                       res)
+            touched.add(f.session)
+        for sess, dev in drops:
+            _drop_rows(con, sess, dev, res)
+            touched.add(sess)
+            res.sessions_dropped += 1
+        _forget_marks(con, touched)
+        # payload files no row refers to any more
+        ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
+               "SELECT pfile FROM base WHERE pfile IS NOT NULL")
+        marks = ", ".join("?" * len(touched))
+        for pid, path, fb in con.execute(
+                f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
+                f"AND id NOT IN ({ref})", sorted(touched)).fetchall():
+            doomed.append(path)
+            res.freed_bytes += int(fb or 0)
+            con.execute("DELETE FROM payload_files WHERE id = ?", [pid])
+        for s in sorted(touched):
+            watermark.update_watermark(con, s)
+        hook("commit")
     hook("committed")
-    with store.mutex:
-        watermark.refresh_devices(con)
+    watermark.refresh_devices(store)
     # 3. the payload nobody refers to
-    dirs = set()
-    for path in doomed:
-        try:
-            os.unlink(store.payload_path(path))
-            res.files_deleted += 1
-            dirs.add(os.path.dirname(store.payload_path(path)))
-        except FileNotFoundError:
-            pass
-    for d in dirs:
-        _fsync_dir(d)
+    res.files_deleted += store.payload.delete(doomed)
     res.point, res.session = k, sess_k
     res.point_ns = folds[-1].time_ns
     res.kept_marks = list(folds[-1].kept)
     return res
 
 
-def _point_time(con, session: str, dev: int, stamp: int) -> int | None:
-    t = watermark._time_of_stamp(con, session, stamp)
+def _point_time(store: StoreReader, session: str, dev: int, stamp: int) -> int | None:
+    t = store.stamp_time(stamp, [session])
     if t is None:  # a point a previous prune kept: its time is in `restorable`
-        row = con.execute("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
-                          "from_stamp = ?", [session, dev, stamp]).fetchone()
+        row = store.query_one("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
+                              "from_stamp = ?", [session, dev, stamp])
         t = row[0] if row else None
     return t
 

@@ -3,10 +3,10 @@
 DuckDB lets one process write a database file, and a writer excludes every reader. While the
 server runs, it listens on ``STORE/serve.sock`` (0600, in the 0700 store directory; removed on
 exit). `sql`, `restore`, `status` and `verify` open a store with `open_for_reading(path)`: the
-normal read-only `Store` when no server runs, else a `RemoteStore` whose ``con.execute(sql,
-params)`` is run by the server on its own DuckDB cursor, inside a READ ONLY transaction, and
-comes back as an Arrow IPC stream (so ``fetchall``, ``fetchone``, ``fetchnumpy``,
-``description`` work as with DuckDB). Payload (Parquet) files are read directly by the client.
+normal read-only `Store` when no server runs, else a `RemoteStore`: both offer the reading
+interface of replayer/store.py (StoreReader); a RemoteStore's queries are run by the server on
+its own DuckDB cursor, inside a READ ONLY transaction, and come back as an Arrow IPC stream.
+Payload (Parquet) files are read directly by the client.
 
 Only one statement per request, and only SELECT-like statements (SELECT, WITH ... SELECT,
 DESCRIBE, SHOW, SUMMARIZE: duckdb.extract_statements type SELECT); file access is off in the
@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from blkrewind.errors import StoreError, UserError
-from replayer.store import Store, default_wait
+from replayer.store import Store, StoreReader, default_wait
 
 SOCK = "serve.sock"
 _U32 = struct.Struct("<I")
@@ -101,8 +101,10 @@ class QueryServer:
     """The server side: accepts local connections on STORE/serve.sock, one thread each."""
 
     def __init__(self, store: Store, *, status=None, log=print, max_clients: int = 16,
-                 on_restored=None):
+                 on_restored=None, views=None):
         self.store = store
+        self.views = views              # (cursor) -> ..., for {"views": true}: the SQL views
+                                        # (analytics.views.define_views, given by `serve`)
         self.path = sock_path(store.path)
         self.status = status            # () -> dict, for {"op": "status"}
         self.on_restored = on_restored  # (device, nbytes, seconds): a restore's note (metrics)
@@ -289,8 +291,9 @@ class QueryServer:
         try:
             try:
                 if req.get("views"):
-                    from analytics.views import define_views
-                    define_views(cur)
+                    if self.views is None:
+                        raise UserError("SQL: this server does not define the SQL views")
+                    self.views(cur)
                 cur.execute("BEGIN TRANSACTION READ ONLY")
                 rel = cur.sql(sql, params=params) if params else cur.sql(sql)
                 desc = rel.description if rel is not None else None
@@ -298,6 +301,9 @@ class QueryServer:
                 first = next(iter(reader), None) if reader is not None else None
             except duckdb.Error as e:
                 _try_send(conn, {"ok": False, "error": f"SQL: {one_line(e)}"})
+                return
+            except UserError as e:
+                _try_send(conn, {"ok": False, "error": str(e)})
                 return
             head = {"ok": True,
                     "description": None if desc is None else [[d[0], str(d[1])] for d in desc]}
@@ -330,8 +336,7 @@ def _try_send(conn, obj: dict) -> None:
 
 # ------------------------------------------------------------------------------ client
 class RemoteResult:
-    """A query result fetched from the server: the subset of DuckDB's cursor API the commands
-    use (description, fetchall, fetchone, fetchmany, fetchnumpy, arrow)."""
+    """A query result fetched from the server (RemoteStore's primitives read it)."""
 
     def __init__(self, description, table: pa.Table | None):
         self.description = description
@@ -389,8 +394,10 @@ class RemoteResult:
 
 
 class RemoteConnection:
-    """Forwards execute() to the server's query socket. `views=True` installs the analytics
-    views (analytics/views.py) on the server's cursor before each statement."""
+    """The client of the server's query socket (RemoteStore's): execute() a query, prune,
+    status. `views=True` has the server install
+    its SQL views (those `serve` gave it: analytics/views.py) on its cursor before each
+    statement."""
 
     def __init__(self, path: str, views: bool = False, timeout: float | None = None):
         self.path = path
@@ -444,9 +451,6 @@ class RemoteConnection:
             f.close()
             s.close()
 
-    def cursor(self) -> "RemoteConnection":
-        return self
-
     def prune(self, device: str, keep_ns: int, keep_marks: bool, jobs: int) -> tuple[str, dict]:
         """Prune run by the server: (device key, replayer.prune.Result as a dict)."""
         head, f, s = self.request({"op": "prune", "device": device, "keep_ns": keep_ns,
@@ -469,17 +473,34 @@ class RemoteConnection:
         pass
 
 
-class RemoteStore(Store):
-    """A store held by a running server, read through its query socket. Same reading API as
-    Store (query, query_one, devices, find_device, payload_path, restores_dir, con.execute)."""
+class RemoteStore(StoreReader):
+    """A store held by a running server, read through its query socket: the reading interface
+    of every store (replayer/store.py StoreReader), each query one request (a READ ONLY
+    transaction on the server's cursor); payload files are read directly."""
 
     remote = True
 
-    def __init__(self, path: str, con: RemoteConnection):
-        super().__init__(path, con, False, None)
+    def __init__(self, path: str, conn: RemoteConnection):
+        self.path = path
+        self._conn = conn
+
+    def query(self, sql: str, params=None) -> list[tuple]:
+        return self._conn.execute(sql, params).fetchall()
+
+    def query_one(self, sql: str, params=None):
+        return self._conn.execute(sql, params).fetchone()
+
+    def numpy(self, sql: str, params=None) -> dict:
+        return self._conn.execute(sql, params).fetchnumpy()
+
+    def user_query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        r = self._conn.execute(sql)
+        if r.description is None:
+            raise UserError("the statement returned no rows (only queries are allowed)")
+        return [d[0] for d in r.description], r.fetchall()
 
     def server_status(self) -> dict:
-        return self.con.status()
+        return self._conn.status()
 
 
 def note_restored(path, device: str, nbytes: int, seconds: float) -> None:
@@ -516,10 +537,12 @@ def server_running(path) -> str | None:
         s.close()
 
 
-def open_for_reading(path, *, views: bool = False, wait: float | None = None) -> Store:
+def open_for_reading(path, *, views=None, wait: float | None = None) -> StoreReader:
     """The store at path for reading: a RemoteStore when a server holds it (its query socket
     answers), else Store.open(path) read-only. A server starting or stopping meanwhile is
-    waited for up to `wait` seconds ($BLKREWIND_STORE_WAIT, default 10)."""
+    waited for up to `wait` seconds ($BLKREWIND_STORE_WAIT, default 10). views: a function
+    (connection) -> ... that defines SQL views (analytics.views.define_views): run on the
+    local store's connection, or the server runs its own (`serve` gives it the same)."""
     if wait is None:
         wait = default_wait()
     path = os.path.abspath(os.fspath(path))
@@ -529,7 +552,7 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
     while True:
         sp = server_running(path)
         if sp is not None:
-            return RemoteStore(path, RemoteConnection(sp, views=views))
+            return RemoteStore(path, RemoteConnection(sp, views=views is not None))
         left = deadline - time.monotonic()
         try:
             st = Store.open(path, wait=min(max(left, 0.0), 0.5))
@@ -537,7 +560,6 @@ def open_for_reading(path, *, views: bool = False, wait: float | None = None) ->
             if "busy" not in str(e) or left <= 0:
                 raise
             continue
-        if views:
-            from analytics.views import define_views
-            define_views(st.con)
+        if views is not None:
+            views(st.con)
         return st

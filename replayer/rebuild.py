@@ -57,7 +57,7 @@ import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.formats import record
-from replayer.store import HELD_POINT, Store
+from replayer.store import HELD_POINT, Store, StoreReader
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
@@ -166,14 +166,14 @@ class Extents:
                        self.act[k], self.pos[k], self.files)
 
 
-def resync_ends(con, session: str, dev: int) -> dict[int, int]:
+def resync_ends(store: StoreReader, session: str, dev: int) -> dict[int, int]:
     """Rs -> Re of the finished resyncs of (session, dev)."""
     out: dict[int, int] = {}
-    for re_, start in con.execute(
+    for re_, start in store.query(
             "SELECT stamp, json_extract(payload, '$.start')::UBIGINT FROM points "
             f"WHERE session = ? AND dev = ? AND what = 'resync_end' AND {HELD_POINT} "
             "ORDER BY stamp",
-            [session, dev]).fetchall():
+            [session, dev]):
         if start is not None:
             out.setdefault(int(start), int(re_))
     return out
@@ -189,15 +189,14 @@ def extents(store: Store, session: str, dev: int, stamp: int) -> Extents:
     write tried to write, for instance); a chunk `blkrewind prune` wrote (stamp <= the
     `pruned` stamp of (session, dev)) applies from its stamp on."""
     zero_ops = ", ".join(str(o) for o in record.ZEROING_OPS)
-    with store.mutex:
-        con = store.con
-        base = con.execute(
+    with store.reading():
+        base = store.numpy(
             f"SELECT coalesce(stamp, 0) AS p, aux AS a, seq AS q, sector * 512 AS s, "
             f"bio_size AS n, coalesce(pfile, -1) AS f, coalesce(prg, -1) AS g, "
             f"coalesce(pidx, -1) AS i, (flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
             f"FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $p",
-            {"s": session, "d": dev, "p": stamp}).fetchnumpy()
-        bios = con.execute(
+            {"s": session, "d": dev, "p": stamp})
+        bios = store.numpy(
             f"SELECT stamp AS p, \"offset\" AS a, sector * 512 + \"offset\" AS s, len AS n, "
             f" pfile AS f, prg AS g, pidx AS i, FALSE AS z FROM records "
             f" WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
@@ -206,11 +205,11 @@ def extents(store: Store, session: str, dev: int, stamp: int) -> Extents:
             f" SELECT stamp, 0, sector * 512, bio_size, -1, -1, -1, TRUE FROM records "
             f" WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
             f" AND \"offset\" = 0 AND bio_size > 0",
-            {"s": session, "d": dev, "p": stamp}).fetchnumpy()
-        ends = resync_ends(con, session, dev)
-        pr = con.execute("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
-                         [session, dev]).fetchone()
-        files = dict(con.execute("SELECT id, path FROM payload_files").fetchall())
+            {"s": session, "d": dev, "p": stamp})
+        ends = resync_ends(store, session, dev)
+        pr = store.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                             [session, dev])
+        files = dict(store.query("SELECT id, path FROM payload_files"))
     pruned_to = int(pr[0]) if pr and pr[0] is not None else 0
 
     def col(t, k, dt):

@@ -142,7 +142,9 @@ def _fmt_addr(a) -> str:
 
 class Server:
     def __init__(self, store_dir, listen: tuple[str, int], *, tls_dir=None,
-                 limits: Limits | None = None, log=None, server_id: str | None = None):
+                 limits: Limits | None = None, log=None, server_id: str | None = None,
+                 views=None):
+        self.views = views   # (cursor) -> ...: SQL views for the query socket (QueryServer)
         self.store_dir = os.path.abspath(os.fspath(store_dir))
         self.listen_addr = listen
         self.tls_dir = tls_dir
@@ -208,12 +210,11 @@ class Server:
                      f"{time.monotonic() - t0:.2f} s, {len(damage)} problem(s)")
             # the full check reads what was stored before this start (later files were
             # checksummed as they were written)
-            self._check_upto = int(self.store.query_one(
-                "SELECT coalesce(max(id), 0) FROM payload_files")[0])
+            self._check_upto = self.store.last_payload_file()
             # sessions a crash left with new frames but an old watermark (`dirty` in the store)
             self.sink.finalize()
             self.query = QueryServer(self.store, status=self.status, log=self.log,
-                                     on_restored=self._restored)
+                                     on_restored=self._restored, views=self.views)
             self.query.start()
             self._lsock = self._bind()
         except BaseException:

@@ -18,7 +18,7 @@ stored lz4-compressed when a sample of the batch shrinks (file-system data:
 ~3x), plain when it does not (random data: lz4 would only cost time).
 
 Crash safety. A batch (a run of consecutive frames of one LOG segment, from
-`blkrewind ingest --log` or from the network, replayer/ingest.py) is stored by
+`blkrewind ingest --log` or from the network, replayer/ingest/) is stored by
 writing its Parquet file under a temporary name (O_DIRECT where possible),
 fdatasyncing it, recording its size and checksum, renaming it to its final
 name (which holds the batch id; fsync of the directory), then ONE DuckDB
@@ -87,6 +87,18 @@ the batch (commit) a row came from)::
                   payload_bytes, file_bytes, crc32, batch)
                                               -- id == batch; crc32: zlib.crc32 of the file bytes
 
+The interface. `StoreReader` is what every reader uses, a local `Store` or a `RemoteStore`
+(replayer/query.py: the store a running server holds): query/query_one/numpy (SELECTs),
+reading() (several reads of one state), the devices, and named reads per table family
+(sessions, records and marks, restorable intervals, payload files). `Store` adds the writer's
+side: transaction(undo=..., failed=...) (ONE DuckDB transaction; on failure ROLLBACK, the
+caller's in-memory state put back, a database error made a StoreError), named writes per table
+family (sessions, segments and frame ranges, rows of batches, payload files, dropping batches),
+the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
+(`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
+The DuckDB connection and its lock are not part of the interface: the store layer's own
+modules (replayer/watermark.py, prune, rebuild, points, detector) still run their SQL on it.
+
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
 stamp order. The user-facing SQL views over these tables are in
@@ -96,16 +108,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import duckdb
 
 from blkrewind.errors import StoreError, UserError
+from replayer.ledger import Ledger, SegState
+from replayer.payloadstore import LocalPayloadStore, PayloadStore
 
 FORMAT_VERSION = "2"
 META = "meta.duckdb"
@@ -217,7 +234,199 @@ class StoreDevice:
     size_bytes: int
 
 
-class Store:
+class StoreReader:
+    """What every reader of a store uses: the local `Store` (DuckDB in this process) and
+    `RemoteStore` (replayer/query.py: the store a running server holds, through its query
+    socket) both implement it. Everything here is built on the primitives query(),
+    query_one() and numpy() (SELECTs) and reading(); the named reads per table family
+    follow. No DuckDB connection or lock is part of it."""
+
+    path: str
+    writable = False
+    remote = False
+
+    # ------------------------------------------------------------ primitives
+    def query(self, sql: str, params=None) -> list[tuple]:
+        raise NotImplementedError
+
+    def query_one(self, sql: str, params=None):
+        raise NotImplementedError
+
+    def numpy(self, sql: str, params=None) -> dict:
+        """The result's columns as numpy arrays, by name."""
+        raise NotImplementedError
+
+    def user_query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        """A user's query (`blkrewind sql`: no file access): (column names, rows).
+        UserError when it is not a query; duckdb.Error when it fails."""
+        raise NotImplementedError
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Several reads that see one state of the store (in this process)."""
+        yield
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ----------------------------------------------------------------- paths
+    @property
+    def payload_dir(self) -> str:
+        return os.path.join(self.path, "payload")
+
+    @property
+    def restores_dir(self) -> str:
+        return os.path.join(self.path, "restores")
+
+    @property
+    def damaged_dir(self) -> str:
+        return os.path.join(self.path, "damaged")
+
+    def payload_path(self, rel: str) -> str:
+        return os.path.join(self.path, rel)
+
+    # --------------------------------------------------------------- queries
+    def has_column(self, table: str, column: str) -> bool:
+        return bool(self.query_one(
+            "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
+            "AND table_name = ? AND column_name = ?", [table, column])[0])
+
+
+    def devices(self) -> list[StoreDevice]:
+        return [StoreDevice(*r) for r in self.query(
+            "SELECT device, host, name, path, size_bytes FROM devices ORDER BY device")]
+
+    def find_device(self, spec: str) -> StoreDevice:
+        """A store device named by `host:name`, `name` or a recorded path
+        (also: a path that resolves to a recorded path or to a device named
+        like its kernel name). Unknown or ambiguous -> StoreError listing them."""
+        devs = self.devices()
+        if not devs:
+            raise StoreError(f"the store {self.path} holds no device yet (ingest a LOG first)")
+        by_key = [d for d in devs if d.device == spec]
+        if by_key:
+            return by_key[0]
+        paths = {d.device: {p for (p,) in self.query(
+            "SELECT DISTINCT path FROM session_devices WHERE device = ? AND path IS NOT NULL",
+            [d.device])} | {d.path} for d in devs}
+        real = os.path.realpath(spec) if spec.startswith("/") else None
+        cands = [d for d in devs if d.name == spec or spec in paths[d.device]
+                 or (real is not None and (real in paths[d.device]
+                                           or os.path.basename(real) == d.name))]
+        if len(cands) == 1:
+            return cands[0]
+        known = ", ".join(f"{d.device} ({d.path})" for d in devs)
+        if not cands:
+            raise StoreError(f"no device {spec!r} in the store; known: {known}")
+        raise StoreError(f"{spec!r} names several devices ({', '.join(d.device for d in cands)}): "
+                         f"name one as host:name")
+
+
+    # -------------------------------------------------------------- sessions
+    def session_states(self, sessions: list[str]) -> list[tuple]:
+        """Per device of these sessions: (device, session, restorable_from, restorable_to,
+        from_ns, to_ns, baseline_end, stamp_base, first_gap, gap_reason, after_gap, kernel
+        drops, kernel drop bytes), by device and session."""
+        marks = ", ".join("?" * len(sessions))
+        return self.query(
+            f"SELECT sd.device, sd.session, sd.restorable_from, sd.restorable_to, sd.from_ns, "
+            f"sd.to_ns, sd.baseline_end, s.stamp_base, s.first_gap, s.gap_reason, s.after_gap, "
+            f"(SELECT max(drops) FROM loss l WHERE l.session = s.session), "
+            f"(SELECT max(drop_bytes) FROM loss l WHERE l.session = s.session) "
+            f"FROM session_devices sd JOIN sessions s USING (session) "
+            f"WHERE sd.session IN ({marks}) ORDER BY sd.device, sd.session", sessions)
+
+    def latest_device_states(self) -> list[tuple]:
+        """Per device, its newest session's state: (host, device, name, session, dev,
+        watermark, watermark_ns, end_ns, clean, first_gap, gap_reason, after_gap,
+        restorable_to, to_ns, kernel drops), by host and device."""
+        return self.query(
+            "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
+            "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, s.after_gap, "
+            "       sd.restorable_to, sd.to_ns, "
+            "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
+            "  FROM session_devices sd JOIN sessions s USING (session) "
+            "QUALIFY row_number() OVER (PARTITION BY sd.device "
+            "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
+            "ORDER BY sd.host, sd.device")
+
+    def gap_counts(self) -> dict[str, int]:
+        """Sessions with a gap: {session: 1}."""
+        return dict(self.query("SELECT session, count(*) FROM sessions "
+                               "WHERE first_gap IS NOT NULL GROUP BY ALL"))
+
+    def sessions_of_device(self, device: str) -> list[str]:
+        return [s for (s,) in self.query("SELECT session FROM session_devices "
+                                         "WHERE device = ?", [device])]
+
+    # ---------------------------------------------------- records and marks
+    def write_rates(self, since_ns: int, op: int) -> dict[tuple[str, int], int]:
+        """{(session, dev): bytes} that `op` records of time >= since_ns wrote."""
+        return {(s, d): int(b) for s, d, b in self.query(
+            "SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? AND op = ? "
+            "GROUP BY ALL", [since_ns, op])}
+
+    def mark_time(self, name: str, sessions: list[str]) -> int | None:
+        """The newest time of a mark `name` in these sessions."""
+        marks = ", ".join("?" * len(sessions)) or "NULL"
+        row = self.query_one(f"SELECT max(time_ns) FROM marks WHERE name = ? AND session IN "
+                             f"({marks})", [name, *sessions])
+        return None if not row or row[0] is None else int(row[0])
+
+    def stamp_time(self, stamp: int, sessions: list[str]) -> int | None:
+        """The time of a stamp (its records, marks, points) in these sessions."""
+        marks = ", ".join("?" * len(sessions)) or "NULL"
+        row = self.query_one(
+            f"SELECT min(time_ns) FROM (SELECT time_ns FROM records WHERE stamp = ? AND "
+            f"session IN ({marks}) UNION ALL SELECT time_ns FROM marks WHERE stamp = ? AND "
+            f"session IN ({marks}) UNION ALL SELECT time_ns FROM points WHERE stamp = ? AND "
+            f"session IN ({marks}))", [stamp, *sessions] * 3)
+        return None if not row or row[0] is None else int(row[0])
+
+    # -------------------------------------------------- restorable intervals
+    def restorable_intervals(self, session: str, device: str) -> list[tuple]:
+        """(from_stamp, to_stamp, from_ns, to_ns) of the device in the session."""
+        return self.query(
+            "SELECT r.from_stamp, r.to_stamp, r.from_ns, r.to_ns FROM restorable r "
+            "JOIN session_devices sd ON sd.session = r.session AND sd.dev = r.dev "
+            "WHERE r.session = ? AND sd.device = ? ORDER BY r.from_stamp", [session, device])
+
+    def gap_windows(self, session: str, device: str) -> list[tuple]:
+        """(from_stamp, resumed, cause, reason) of the device's gap windows in the session."""
+        return self.query(
+            "SELECT w.from_stamp, w.resumed, w.cause, w.reason FROM gap_windows w "
+            "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
+            "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
+
+    # ------------------------------------------------------------ payload files
+    def payload_file_paths(self) -> list[str]:
+        return [p for (p,) in self.query("SELECT path FROM payload_files")]
+
+    def payload_file_count(self) -> int:
+        return int(self.query_one("SELECT count(*) FROM payload_files")[0])
+
+    def last_payload_file(self) -> int:
+        """The largest payload file id (0: none)."""
+        return int(self.query_one("SELECT coalesce(max(id), 0) FROM payload_files")[0])
+
+    def payload_files_upto(self, upto: int | None = None) -> list[tuple]:
+        """(id, path, session, segno, first_frame, end_frame, rows, file_bytes, crc32, batch)
+        of every payload file with id <= upto (all: None), by id."""
+        return self.query("SELECT id, path, session, segno, first_frame, end_frame, rows, "
+                          "file_bytes, crc32, batch FROM payload_files WHERE id <= ? ORDER BY id",
+                          [(1 << 62) if upto is None else upto])
+
+    def session_hosts(self) -> dict[str, str]:
+        return dict(self.query("SELECT session, host FROM sessions"))
+
+
+class Store(StoreReader):
     """An open store. Writers hold DIR/lock; readers open the database read-only.
 
     DuckDB connections are not safe for concurrent use: every use of `con`
@@ -225,7 +434,6 @@ class Store:
     """
 
     # state other modules keep with the open store (read with getattr and a default)
-    _ledger: Any                 # replayer.ingest.ledger(): the frame ledger of a writable store
     _wm_devices_changed: bool    # replayer.watermark: refresh `devices` at the next finalize
 
     def __init__(self, path: str, con: Any, writable: bool, lock_fd: int | None):
@@ -236,6 +444,8 @@ class Store:
         self.writable = writable
         self._lock_fd = lock_fd
         self.mutex = threading.RLock()
+        self._ledger: Ledger | None = None
+        self.payload: PayloadStore = LocalPayloadStore(path)   # where payload files live
 
     # ------------------------------------------------------------------ open
     @classmethod
@@ -325,6 +535,33 @@ class Store:
                              f"supported (this blkrewind reads format {FORMAT_VERSION}; there is "
                              f"no migration: ingest the LOGs into a new store)")
 
+    # ------------------------------------------------------------ primitives
+    def query(self, sql: str, params=None) -> list[tuple]:
+        with self.mutex:
+            return self.con.execute(sql, params or []).fetchall()
+
+    def query_one(self, sql: str, params=None):
+        with self.mutex:
+            return self.con.execute(sql, params or []).fetchone()
+
+    def numpy(self, sql: str, params=None) -> dict:
+        with self.mutex:
+            return self.con.execute(sql, params or []).fetchnumpy()
+
+    def user_query(self, sql: str) -> tuple[list[str], list[tuple]]:
+        with self.mutex:
+            self.con.execute("SET enable_external_access = false")
+            self.con.execute("SET lock_configuration = true")
+            cur = self.con.execute(sql)
+            if cur.description is None:
+                raise UserError("the statement returned no rows (only queries are allowed)")
+            return [d[0] for d in cur.description], cur.fetchall()
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self.mutex:
+            yield
+
     def close(self) -> None:
         if self.con is not None:
             try:
@@ -335,70 +572,196 @@ class Store:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    # ----------------------------------------------------------------- paths
-    @property
-    def payload_dir(self) -> str:
-        return os.path.join(self.path, "payload")
-
-    @property
-    def restores_dir(self) -> str:
-        return os.path.join(self.path, "restores")
-
-    @property
-    def damaged_dir(self) -> str:
-        return os.path.join(self.path, "damaged")
-
-    def payload_path(self, rel: str) -> str:
-        return os.path.join(self.path, rel)
-
-    # --------------------------------------------------------------- queries
-    def has_column(self, table: str, column: str) -> bool:
-        return bool(self.query_one(
-            "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
-            "AND table_name = ? AND column_name = ?", [table, column])[0])
-
-    def query(self, sql: str, params=None) -> list[tuple]:
+    def checkpoint(self) -> None:
+        """Make every committed change durable in the database file."""
         with self.mutex:
-            return self.con.execute(sql, params or []).fetchall()
+            self.con.execute("CHECKPOINT")
 
-    def query_one(self, sql: str, params=None):
+    # ---------------------------------------------------------------- ledger
+    @property
+    def ledger(self) -> Ledger:
+        """The frames this writable store holds and is storing (replayer/ledger.py), made on
+        first use."""
         with self.mutex:
-            return self.con.execute(sql, params or []).fetchone()
+            if self._ledger is None:
+                if not self.writable:
+                    raise StoreError(f"{self.path}: the frame ledger needs the store open for "
+                                     f"writing")
+                self._ledger = Ledger(self.mutex, self._ledger_rows)
+            return self._ledger
 
-    def devices(self) -> list[StoreDevice]:
-        return [StoreDevice(*r) for r in self.query(
-            "SELECT device, host, name, path, size_bytes FROM devices ORDER BY device")]
+    def _ledger_rows(self):
+        con = self.con
+        ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
+                             "frame_ranges ORDER BY session, segno, first_frame").fetchall()
+        segs = con.execute("SELECT session, segno, seg_id, host, sealed, nframes, torn_bytes, "
+                           "error FROM segments").fetchall()
+        sessions = con.execute("SELECT session, host, held_segno, held_frame "
+                               "FROM sessions").fetchall()
+        hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
+        top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
+                          "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
+        return ranges, segs, sessions, max(int(top), int(hwm[0]) if hwm else 0) + 1
 
-    def find_device(self, spec: str) -> StoreDevice:
-        """A store device named by `host:name`, `name` or a recorded path
-        (also: a path that resolves to a recorded path or to a device named
-        like its kernel name). Unknown or ambiguous -> StoreError listing them."""
-        devs = self.devices()
-        if not devs:
-            raise StoreError(f"the store {self.path} holds no device yet (ingest a LOG first)")
-        by_key = [d for d in devs if d.device == spec]
-        if by_key:
-            return by_key[0]
-        paths = {d.device: {p for (p,) in self.query(
-            "SELECT DISTINCT path FROM session_devices WHERE device = ? AND path IS NOT NULL",
-            [d.device])} | {d.path} for d in devs}
-        real = os.path.realpath(spec) if spec.startswith("/") else None
-        cands = [d for d in devs if d.name == spec or spec in paths[d.device]
-                 or (real is not None and (real in paths[d.device]
-                                           or os.path.basename(real) == d.name))]
-        if len(cands) == 1:
-            return cands[0]
-        known = ", ".join(f"{d.device} ({d.path})" for d in devs)
-        if not cands:
-            raise StoreError(f"no device {spec!r} in the store; known: {known}")
-        raise StoreError(f"{spec!r} names several devices ({', '.join(d.device for d in cands)}): "
-                         f"name one as host:name")
+    # ----------------------------------------------------------- transactions
+    @contextmanager
+    def transaction(self, undo: Callable[[], None] | None = None,
+                    failed: str | None = None) -> Iterator[Any]:
+        """ONE DuckDB transaction, under the store's mutex: COMMIT at a clean exit; on any
+        error ROLLBACK, then undo() (the caller puts back its in-memory state, e.g. the
+        ledger's), and a database error becomes StoreError(failed, its `{}` the error's first
+        line). Yields the connection for the store layer's own modules (replayer/watermark.py);
+        the named operations below run inside it."""
+        with self.mutex:
+            con = self.con
+            try:
+                con.execute("BEGIN")
+                try:
+                    yield con
+                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+            except BaseException as e:
+                if undo is not None:
+                    undo()
+                if failed is not None and isinstance(e, duckdb.Error):
+                    raise StoreError(failed.format(str(e).splitlines()[0])) from None
+                raise
+
+    # ------------------------------------------------- sessions (in a transaction)
+    def put_session(self, session: str, host: str, held: tuple[int, int], new: bool) -> None:
+        """A session received frames: bound to `host` (new) and dirty (its watermark is
+        recomputed by the next finalize); every frame before `held` (segno, frame) is stored."""
+        if new:
+            self.con.execute("INSERT INTO sessions (session, host, dirty, held_segno, "
+                             "held_frame) VALUES (?, ?, TRUE, ?, ?)", [session, host, *held])
+        else:
+            self.con.execute("UPDATE sessions SET dirty = TRUE, held_segno = ?, held_frame = ? "
+                             "WHERE session = ?", [*held, session])
+
+    def set_session_held(self, session: str, held: tuple[int, int]) -> None:
+        self.con.execute("UPDATE sessions SET held_segno = ?, held_frame = ? WHERE session = ?",
+                         [*held, session])
+
+    def set_session_start(self, session: str, info: dict, stamp_base: int, seq_base: int,
+                          start_ns: int) -> None:
+        """From its R_SESSION record."""
+        self.con.execute(
+            "UPDATE sessions SET stamp_base = ?, seq_base = ?, version = ?, boot_id = ?, "
+            "kernel = ?, start_ns = ?, info = ? WHERE session = ?",
+            [stamp_base, seq_base, _text(info.get("version")), _text(info.get("boot_id")),
+             _text(info.get("kernel")), start_ns, json.dumps(info, sort_keys=True), session])
+
+    def set_session_end(self, session: str, end_stamp: int, end_seq: int, clean: bool,
+                        end_ns: int) -> None:
+        """From its R_END record."""
+        self.con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
+                         "WHERE session = ?", [end_stamp, end_seq, clean, end_ns, session])
+
+    def add_session_device(self, session: str, dev: int, host: str, name: str,
+                           path: str | None, size_bytes: int, logical_block_size: int,
+                           physical_block_size: int, part_start: int, info: dict) -> None:
+        """From an R_DEVICE record (the first description of `dev` in the session holds)."""
+        self.con.execute(
+            "INSERT INTO session_devices (session, dev, device, host, name, path, size_bytes, "
+            "logical_block_size, physical_block_size, part_start, info) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [session, dev, f"{host}:{name}", host, name, path, size_bytes, logical_block_size,
+             physical_block_size, part_start, json.dumps(info, sort_keys=True)])
+
+    # ------------------------------------ segments and frame ranges (in a transaction)
+    def put_segment(self, key: tuple[str, int], st: SegState, new: bool) -> None:
+        vals = [st.seg_id, st.host, st.sealed, st.nframes, st.torn_bytes, st.error]
+        if new:
+            self.con.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [*key, *vals])
+        else:
+            self.con.execute("UPDATE segments SET seg_id = ?, host = ?, sealed = ?, nframes = ?, "
+                             "torn_bytes = ?, error = ? WHERE session = ? AND segno = ?",
+                             [*vals, *key])
+
+    def add_frame_ranges(self, rows: list[tuple]) -> None:
+        """(batch, session, segno, first_frame, end_frame, source, stored_ns) rows."""
+        if rows:
+            self.con.execute("INSERT INTO frame_ranges VALUES " + ", ".join(
+                ["(?, ?, ?, ?, ?, ?, ?)"] * len(rows)), [v for r in rows for v in r])
+
+    # ------------------------------------------------ rows of batches (in a transaction)
+    BULK_TABLES = ("records", "base", "completions", "dirtiers")
+
+    def append_rows(self, table: str, rows) -> None:
+        """An Arrow table of rows for one of BULK_TABLES, by column name."""
+        if table not in self.BULK_TABLES:
+            raise ValueError(f"not a bulk table: {table}")
+        self.con.register("_batch", rows)
+        try:
+            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+        finally:
+            self.con.unregister("_batch")
+
+    def add_marks(self, rows: list[tuple]) -> None:
+        if rows:
+            self.con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_points(self, rows: list[tuple]) -> None:
+        if rows:
+            self.con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def add_loss(self, rows: list[tuple]) -> None:
+        if rows:
+            self.con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def raise_batch_hwm(self, batch: int) -> None:
+        """No batch id up to `batch` is handed out again (a dropped or pruned batch's)."""
+        self.con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) DO "
+                         "UPDATE SET value = CAST(greatest(CAST(store_info.value AS BIGINT), "
+                         "CAST(excluded.value AS BIGINT)) AS VARCHAR)", [str(batch)])
+
+    # ------------------------------------------------------------ payload files
+    def add_payload_files(self, rows: list[tuple]) -> None:
+        """(id, path, session, segno, first_frame, end_frame, rows, payload_bytes,
+        file_bytes, crc32, batch) rows (in a transaction)."""
+        if rows:
+            self.con.execute("INSERT INTO payload_files VALUES " + ", ".join(
+                ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows)), [v for r in rows for v in r])
+
+
+    # ------------------------------------------------ dropping batches (integrity)
+    DROP_TABLES = ("records", "base", "marks", "points", "completions", "loss", "dirtiers",
+                   "payload_files", "frame_ranges")
+
+    def batches_to_drop(self, ids: list[int]) -> tuple[list[tuple], dict, dict]:
+        """What dropping the batches `ids` takes away (under the mutex, before the drop):
+        their frame_ranges rows (batch, session, segno, first, end), the smallest stamp they
+        hold per session, and per session touched (session, complete_to, stamp_base)."""
+        con = self.con
+        con.execute("CREATE OR REPLACE TEMP TABLE _drop (batch INTEGER)")
+        con.executemany("INSERT INTO _drop VALUES (?)", [(b,) for b in ids])
+        ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
+                             "frame_ranges WHERE batch IN (SELECT batch FROM _drop)").fetchall()
+        lowest = dict(con.execute(
+            "SELECT session, min(stamp) FROM ("
+            "SELECT session, stamp FROM records WHERE batch IN (SELECT batch FROM _drop) "
+            "UNION ALL SELECT session, stamp FROM marks WHERE batch IN (SELECT batch FROM _drop) "
+            "UNION ALL SELECT session, stamp FROM points WHERE batch IN (SELECT batch FROM _drop) "
+            "UNION ALL SELECT session, stamp FROM base WHERE batch IN (SELECT batch FROM _drop) "
+            "AND stamp > 0) GROUP BY session").fetchall())
+        sessions = sorted({r[1] for r in ranges} | set(lowest))
+        scans = {s: con.execute("SELECT complete_to, stamp_base FROM sessions "
+                                "WHERE session = ?", [s]).fetchone() for s in sessions}
+        return ranges, lowest, scans
+
+    def drop_batch_rows(self) -> None:
+        """Delete every row of the batches batches_to_drop() named (in a transaction)."""
+        for t in self.DROP_TABLES:
+            col = "id" if t == "payload_files" else "batch"
+            self.con.execute(f"DELETE FROM {t} WHERE {col} IN (SELECT batch FROM _drop)")
+
+    def forget_batches_to_drop(self) -> None:
+        try:
+            self.con.execute("DROP TABLE IF EXISTS _drop")
+        except duckdb.Error:
+            pass
 
 
 # ---------------------------------------------------------------------- helpers
@@ -481,3 +844,7 @@ def _connect(meta: str, *, read_only: bool, wait: float, path: str) -> duckdb.Du
             raise StoreError(f"cannot open {meta}: {str(e).splitlines()[0]}") from None
         except duckdb.Error as e:
             raise StoreError(f"cannot open {meta}: {str(e).splitlines()[0]}") from None
+
+
+def _text(v) -> str | None:
+    return None if v is None else str(v)

@@ -557,16 +557,11 @@ def finalize(store: Store) -> list[str]:
         if not dirty:
             return dirty
         devices = getattr(store, "_wm_devices_changed", True)
-        con.execute("BEGIN")
-        try:
+        with store.transaction():
             for s in dirty:
                 update_watermark(con, s, clear_dirty=True)
             if devices:
                 _refresh_devices(con)
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
         if devices:
             store._wm_devices_changed = False
         return dirty
@@ -585,11 +580,7 @@ def _refresh_devices(con) -> None:
                 "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
 
 
-def refresh_devices(con) -> None:
-    con.execute("BEGIN")
-    try:
+def refresh_devices(store: Store) -> None:
+    """The `devices` table from session_devices, in a transaction of its own."""
+    with store.transaction() as con:
         _refresh_devices(con)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise

@@ -329,12 +329,13 @@ def test_good_path_restore_equals_ingest(served, good_log, tmp_path):
     other = tmp_path / "ingested"
     run_cli("ingest", "--log", log_dir, "--store", other)
     assert restore_image(other, tmp_path / "ingested.img") == img
+    from analytics.views import define_views
     from replayer.query import RemoteStore, open_for_reading
     q = "SELECT count(*), sum(length), max(stamp), count(DISTINCT session) FROM writes"
-    with open_for_reading(srv.store, views=True) as st:
+    with open_for_reading(srv.store, views=define_views) as st:
         assert isinstance(st, RemoteStore)
         a = st.query(q)
-    with open_for_reading(other, views=True) as st:
+    with open_for_reading(other, views=define_views) as st:
         assert not isinstance(st, RemoteStore)
         b = st.query(q)
     assert a == b and a[0][0] > 100
@@ -358,10 +359,9 @@ def test_query_socket_is_read_only(served):
             with pytest.raises(UserError, match="SQL: "):
                 st.query(q)
         assert st.query_one("SELECT count(*) FROM records")[0] == n
-        r = st.con.execute("SELECT stamp, len FROM records WHERE len > $m ORDER BY stamp",
-                           {"m": 0})
-        assert [d[0] for d in r.description] == ["stamp", "len"]
-        a = r.fetchnumpy()
+        cols, _ = st.user_query("SELECT stamp, len FROM records WHERE len > 0 LIMIT 1")
+        assert cols == ["stamp", "len"]
+        a = st.numpy("SELECT stamp, len FROM records WHERE len > $m ORDER BY stamp", {"m": 0})
         assert len(a["stamp"]) > 0 and (a["len"] > 0).all()
     cp = run_cli("sql", "--store", srv.store, "DELETE FROM records", check=False)
     assert "only queries are allowed" in assert_one_line_error(cp)

@@ -1,4 +1,4 @@
-"""FrameSink (replayer/ingest.py): LOG frames received from the network, stored with the same
+"""FrameSink (replayer/ingest/sink.py): LOG frames received from the network, stored with the same
 bookkeeping as `blkrewind ingest --log`. Real LOGs (tests/synth.py writes them with
 tracer.log.LogWriter), their raw frames exactly as in the segment files, a real DuckDB file and
 real Parquet files; several threads at once, any order."""

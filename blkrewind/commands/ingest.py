@@ -70,19 +70,9 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
                   f"incomplete frame ({why}); not ingested", file=out)
     if not res.sessions:
         return
-    marks = ", ".join("?" * len(res.sessions))
-    rows = store.query(
-        f"SELECT sd.device, sd.session, sd.restorable_from, sd.restorable_to, sd.from_ns, sd.to_ns, "
-        f"sd.baseline_end, s.stamp_base, s.first_gap, s.gap_reason, s.after_gap, "
-        f"(SELECT max(drops) FROM loss l WHERE l.session = s.session), "
-        f"(SELECT max(drop_bytes) FROM loss l WHERE l.session = s.session) "
-        f"FROM session_devices sd JOIN sessions s USING (session) "
-        f"WHERE sd.session IN ({marks}) ORDER BY sd.device, sd.session", res.sessions)
+    rows = store.session_states(res.sessions)
     for (device, session, rf, rt, fns, tns, be, base, gap, why, after, drops, dbytes) in rows:
-        ivs = store.query(
-            "SELECT r.from_stamp, r.to_stamp, r.from_ns, r.to_ns FROM restorable r "
-            "JOIN session_devices sd ON sd.session = r.session AND sd.dev = r.dev "
-            "WHERE r.session = ? AND sd.device = ? ORDER BY r.from_stamp", [session, device])
+        ivs = store.restorable_intervals(session, device)
         if ivs:
             state = "restorable stamps " + ", ".join(
                 f"{a}..{b} ({fmt_time(fa)} .. {fmt_time(fb)})" for a, b, fa, fb in ivs)
@@ -93,10 +83,7 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
         else:
             state = "not restorable: the history stops before its baseline finished"
         print(f"{device} session {session}: {state}", file=out)
-        wins = store.query(
-            "SELECT w.from_stamp, w.resumed, w.cause, w.reason FROM gap_windows w "
-            "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
-            "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
+        wins = store.gap_windows(session, device)
         for a, resumed, cause, reason in wins:
             tail = f"restorable again from stamp {resumed}" if resumed is not None else \
                 "not restorable after it (yet)"

@@ -79,7 +79,7 @@ def run(args) -> int:
 
         with open_for_reading(args.store) as store:
             device = store.find_device(args.device)
-            res = dry_run(store.con, device, keep_ns=keep, keep_marks=args.keep_marks)
+            res = dry_run(store, device, keep_ns=keep, keep_marks=args.keep_marks)
         if res.point is None:
             print(f"nothing to prune: {res.note}", file=sys.stderr)
             return 0

@@ -40,27 +40,20 @@ def point_time(store, device, text: str | None) -> int | None:
     if text is None:
         return None
     pt = points.parse_point(text)
-    sess = [s for (s,) in store.query("SELECT session FROM session_devices WHERE device = ?",
-                                      [device.device])]
+    sess = store.sessions_of_device(device.device)
     if pt.kind == "latest":
         return None
     if pt.kind == "time":
         return int(pt.value)
-    marks = ", ".join("?" * len(sess)) or "NULL"
     if pt.kind == "mark":
-        row = store.query_one(f"SELECT max(time_ns) FROM marks WHERE name = ? AND session IN "
-                              f"({marks})", [pt.value, *sess])
-        if not row or row[0] is None:
+        t = store.mark_time(str(pt.value), sess)
+        if t is None:
             raise UserError(f"no mark {pt.value!r} in the history of {device.device}")
-        return int(row[0])
-    row = store.query_one(
-        f"SELECT min(time_ns) FROM (SELECT time_ns FROM records WHERE stamp = ? AND session IN "
-        f"({marks}) UNION ALL SELECT time_ns FROM marks WHERE stamp = ? AND session IN ({marks}) "
-        f"UNION ALL SELECT time_ns FROM points WHERE stamp = ? AND session IN ({marks}))",
-        [pt.value, *sess] * 3)
-    if not row or row[0] is None:
+        return t
+    t = store.stamp_time(int(pt.value), sess)
+    if t is None:
         raise UserError(f"stamp {pt.value} is not in the history of {device.device}")
-    return int(row[0])
+    return t
 
 
 def run(args) -> int:

@@ -72,8 +72,9 @@ def run(args) -> int:
     limits = Limits(max_conns=args.max_conns, idle_timeout=args.idle_timeout,
                     message_timeout=args.message_timeout, hello_timeout=args.hello_timeout,
                     handshake_timeout=args.hello_timeout, store_retry=max(0.0, args.store_retry))
+    from analytics.views import define_views
     srv = Server(args.store, (host, port), tls_dir=None if args.insecure else args.tls,
-                 limits=limits)
+                 limits=limits, views=define_views)
 
     def on_signal(signum, frame):
         srv.request_stop()

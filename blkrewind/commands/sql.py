@@ -58,21 +58,14 @@ def run(args) -> int:
     import duckdb
 
     from analytics.output import write_rows
+    from analytics.views import define_views
     from replayer.query import one_line, open_for_reading
 
     check_query(args.query)
     # a served store is queried through its server (read-only statements, no file access)
-    with open_for_reading(args.store, views=True) as store:
-        con = store.con
-        if not getattr(store, "remote", False):
-            con.execute("SET enable_external_access = false")
-            con.execute("SET lock_configuration = true")
+    with open_for_reading(args.store, views=define_views) as store:
         try:
-            cur = con.execute(args.query)
-            if cur.description is None:
-                raise UserError("the statement returned no rows (only queries are allowed)")
-            cols = [d[0] for d in cur.description]
-            rows = cur.fetchall()
+            cols, rows = store.user_query(args.query)
         except duckdb.Error as e:
             raise UserError(f"SQL: {one_line(e)}") from None
     write_rows(cols, rows, args.format)

@@ -142,21 +142,10 @@ def store_hosts(store, now_ns: int, rates: bool = True) -> dict[str, dict]:
     """Per host, its devices' watermark, lag, gaps (the newest session of each device) from a
     store (Store or RemoteStore); rates: the write rate over the last RATE_WINDOW_S (a scan of
     the newest records). Also the metrics of `serve` (blkrewind/metrics.py)."""
-    rows = store.query(
-        "SELECT sd.host, sd.device, sd.name, sd.session, sd.dev, s.watermark, "
-        "       s.watermark_ns, s.end_ns, s.clean, s.first_gap, s.gap_reason, s.after_gap, "
-        "       sd.restorable_to, sd.to_ns, "
-        "       coalesce((SELECT max(l.drops) FROM loss l WHERE l.session = s.session), 0) "
-        "  FROM session_devices sd JOIN sessions s USING (session) "
-        "QUALIFY row_number() OVER (PARTITION BY sd.device "
-        "        ORDER BY s.start_ns DESC NULLS LAST, sd.session DESC) = 1 "
-        "ORDER BY sd.host, sd.device")
+    rows = store.latest_device_states()
     since = now_ns - RATE_WINDOW_S * 10**9
-    rate = {(s, d): int(b) for s, d, b in store.query(
-        f"SELECT session, dev, sum(len) FROM records WHERE time_ns >= ? "
-        f"AND op = {record.OP_WRITE} GROUP BY ALL", [since])} if rates else {}
-    gaps = dict(store.query("SELECT session, count(*) FROM sessions "
-                            "WHERE first_gap IS NOT NULL GROUP BY ALL"))
+    rate = store.write_rates(since, record.OP_WRITE) if rates else {}
+    gaps = store.gap_counts()
     hosts: dict[str, dict] = {}
     for (host, device, name, session, dev, wm, wm_ns, end_ns, clean, first_gap, gap_reason,
          after_gap, r_to, to_ns, drops) in rows:

@@ -76,7 +76,7 @@ def run(args) -> int:
             raise UserError("--at and --live need --device")
         from replayer.integrity import verify_store
         with _open(args.store) as store:
-            nfiles = store.query_one("SELECT count(*) FROM payload_files")[0]
+            nfiles = store.payload_file_count()
             damage = verify_store(store)
         for line in damage:
             print(line)

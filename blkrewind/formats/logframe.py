@@ -2,7 +2,7 @@
 
 The one definition of the LOG frame, shared by the tracer (tracer/log.py writes segments,
 tracer/shipper.py ships raw frames), the wire (blkrewind/formats/wire.py) and the replayer
-(replayer/ingest.py decodes received frames and reads LOG directories).
+(replayer/ingest/ decodes received frames and reads LOG directories).
 A LOG directory holds segment files ``<session>.<segno:06d>.brlog``.
 
 Segment file, format version 1
