@@ -15,8 +15,9 @@ cannot read files either.
 
 Socket protocol (local, one request per connection): request ``u32 length, JSON`` --
 ``{"op": "sql", "sql": S, "params": list|dict|null, "views": bool}``, ``{"op": "status"}`` or
-``{"op": "prune", "device", "keep_ns", "keep_marks", "jobs"}`` (the one writing request: run
-by the server with its own store, answered with the result);
+``{"op": "prune", "device", "keep_ns", "keep_marks", "jobs", "now_ns"}`` (the one writing
+request: run by the server with its own store, answered with the result; the cutoff is
+now_ns - keep_ns, now_ns the client's time of asking, never later than the server's clock);
 answer ``u32 length, JSON {"ok": bool, "error": str, ...}`` and, for a successful sql request,
 an Arrow IPC stream of the result until the end of the connection.
 """
@@ -242,8 +243,10 @@ class QueryServer:
 
         dev, keep_ns = req.get("device"), req.get("keep_ns")
         keep_marks, jobs = req.get("keep_marks", False), req.get("jobs", 2)
+        now_ns = req.get("now_ns", time.time_ns())
         if not (isinstance(dev, str) and isinstance(keep_ns, int) and keep_ns >= 0
-                and isinstance(keep_marks, bool) and isinstance(jobs, int) and 1 <= jobs <= 64):
+                and isinstance(keep_marks, bool) and isinstance(jobs, int) and 1 <= jobs <= 64
+                and isinstance(now_ns, int)):
             _try_send(conn, {"ok": False, "error": "bad prune request"})
             return
         from replayer.integrity import MAINTENANCE
@@ -253,7 +256,9 @@ class QueryServer:
             return
         try:
             device = self.store.find_device(dev)
-            res = prune(self.store, device, keep_ns=keep_ns, keep_marks=keep_marks, jobs=jobs)
+            # "keep the last DURATION" as of the request, however long it waited for the lock
+            res = prune(self.store, device, keep_ns=keep_ns, keep_marks=keep_marks, jobs=jobs,
+                        now_ns=min(now_ns, time.time_ns()))
         except (UserError, StoreError) as e:
             _try_send(conn, {"ok": False, "error": str(e)})
             return
@@ -451,10 +456,13 @@ class RemoteConnection:
             f.close()
             s.close()
 
-    def prune(self, device: str, keep_ns: int, keep_marks: bool, jobs: int) -> tuple[str, dict]:
-        """Prune run by the server: (device key, replayer.prune.Result as a dict)."""
+    def prune(self, device: str, keep_ns: int, keep_marks: bool, jobs: int,
+              now_ns: int | None = None) -> tuple[str, dict]:
+        """Prune run by the server: (device key, replayer.prune.Result as a dict); the history
+        older than now_ns (default: now) - keep_ns goes."""
         head, f, s = self.request({"op": "prune", "device": device, "keep_ns": keep_ns,
-                                   "keep_marks": keep_marks, "jobs": jobs})
+                                   "keep_marks": keep_marks, "jobs": jobs,
+                                   "now_ns": time.time_ns() if now_ns is None else now_ns})
         f.close()
         s.close()
         if not head.get("ok"):

@@ -252,8 +252,8 @@ def _three_phases_a_cut_and_one(phase) -> float:
         phase(i)
         time.sleep(1.0)
     cut = time.time()
-    # the prune's own "now" comes after `keep` is computed: seconds later on a loaded machine
-    # (a 1 s margin let it fold w2 away once, with the load at 7 on 2 cores)
+    # `prune --keep` counts from the moment it is asked (the CLI sends its time to a server):
+    # the margin only covers the CLI's start before it reads the clock
     time.sleep(4.0)
     phase(3)
     return cut

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 
 from blkrewind.errors import UserError
 
@@ -70,6 +71,7 @@ def run(args) -> int:
     from replayer.store import Store
 
     keep = parse_duration(args.keep)
+    asked_ns = time.time_ns()  # "the last DURATION" as of now, however long the store's lock takes
     if not 1 <= args.jobs <= 64:
         raise UserError(f"--jobs must be 1..64, not {args.jobs}")
     jobs = args.jobs
@@ -93,13 +95,15 @@ def run(args) -> int:
         return 0
     sock = server_running(os.path.abspath(args.store))
     if sock is not None:  # a running server holds the store: it prunes, and goes on serving
-        name, r = RemoteConnection(sock).prune(args.device, keep, args.keep_marks, jobs)
+        name, r = RemoteConnection(sock).prune(args.device, keep, args.keep_marks, jobs,
+                                               now_ns=asked_ns)
         res = Result(**r)
     else:
         with Store.open(args.store, write=True) as store:
             device = store.find_device(args.device)
             name = device.device
-            res = prune(store, device, keep_ns=keep, keep_marks=args.keep_marks, jobs=jobs)
+            res = prune(store, device, keep_ns=keep, keep_marks=args.keep_marks, jobs=jobs,
+                        now_ns=asked_ns)
     if res.point is None:
         print(f"nothing to prune: {res.note}", file=sys.stderr)
         return 0
