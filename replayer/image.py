@@ -28,9 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
+from replayer.payload import PayloadFile, copy_pieces
 from replayer.rebuild import Plan, scatter
 
 CACHE_BYTES = 256 << 20
+UNKNOWN, DECODE = -2, -1  # Image.abs: row group not looked at yet / decoded by pyarrow
 RG_BYTES = 4 << 20      # about the payload bytes of a row group (replayer/ingest.py RG_BYTES)
 
 
@@ -58,6 +60,7 @@ class RowGroupCache:
         self.bytes = 0
         self.maps: dict = {}                    # fid -> mmap
         self.pfs: dict = {}                     # fid -> (ParquetFile, its lock)
+        self.direct: dict = {}                  # fid -> payload.PayloadFile on the mapping
         self.decoded = 0
         for fid in (paths if ids is None else ids):
             self._map(int(fid))
@@ -79,6 +82,16 @@ class RowGroupCache:
             os.close(fd)
         self.maps[fid] = m
         return m
+
+    def payload(self, fid: int) -> PayloadFile:
+        """The file's direct reader (replayer/payload.py), on the mapping made at open."""
+        pf = self.direct.get(fid)
+        if pf is None:
+            with self.lock:
+                pf = self.direct.get(fid)
+                if pf is None:
+                    pf = self.direct[fid] = PayloadFile(self.paths[fid], self._map(fid))
+        return pf
 
     def _parquet(self, fid: int):
         """(ParquetFile, lock): a ParquetFile is not safe for concurrent reads."""
@@ -138,6 +151,9 @@ class RowGroupCache:
     def close(self) -> None:
         self.lru.clear()
         self.pfs.clear()
+        for pf in self.direct.values():
+            pf.view.release()
+        self.direct.clear()
         for m in self.maps.values():
             if isinstance(m, mmap.mmap):
                 try:
@@ -172,6 +188,15 @@ class Image:
             cache_bytes = auto_cache_bytes(self.row_groups)
         self.cache = RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
         self.data_bytes = int((self.end - self.off).sum())
+        # direct reads (replayer/payload.py): per piece, the file offset of its first byte
+        # (UNKNOWN until its row group is first read, DECODE when pyarrow must decode it)
+        self.abs = np.full(len(self.off), UNKNOWN, np.int64)
+        self.by_key = np.argsort(self.key, kind="stable")
+        self.keys_sorted = self.key[self.by_key]
+        ufid = np.unique(self.fid)
+        self.slot = np.searchsorted(ufid, self.fid)   # per piece: its file's place in views
+        self.slot_fid = ufid.tolist()
+        self.views: list = [None] * len(ufid)
 
     @classmethod
     def from_arrays(cls, size: int, arrays: dict, files: dict, **kw) -> "Image":
@@ -179,6 +204,23 @@ class Image:
                  d_file=arrays["d_file"], d_rg=arrays["d_rg"], d_idx=arrays["d_idx"],
                  z_off=np.zeros(0, np.int64), z_len=np.zeros(0, np.int64), files=files)
         return cls(p, **kw)
+
+    def _resolve(self, keys) -> None:
+        """Fill self.abs for every piece of the row groups `keys` (their pages verified)."""
+        for k in keys:
+            fid, rg = k >> 32, k & 0xFFFFFFFF
+            a, e = np.searchsorted(self.keys_sorted, [k, k + 1])
+            members = self.by_key[a:e]
+            pf = self.cache.payload(fid)
+            pos = pf.place(rg, self.idx[members], self.src[members],
+                           self.end[members] - self.off[members])
+            if pos is None:
+                self.abs[members] = DECODE
+                continue
+            j = int(self.slot[members[0]])
+            if self.views[j] is None:
+                self.views[j] = pf.view
+            self.abs[members] = pos
 
     def read_into(self, out, offset: int) -> None:
         """Fill `out` (a writable buffer) with the image's bytes from `offset`."""
@@ -189,24 +231,36 @@ class Image:
         end = offset + n
         a = int(np.searchsorted(self.end, offset, side="right"))
         e = int(np.searchsorted(self.off, end, side="left"))
-        buf[:] = 0
         if e <= a:
+            buf[:] = 0
             return
         lo = np.maximum(self.off[a:e], offset)
         hi = np.minimum(self.end[a:e], end)
-        delta = self.src[a:e] + (lo - self.off[a:e])
-        keys = self.key[a:e]
-        if e - a == 1 or (keys[0] == keys).all():
-            groups = [(0, e - a)]
-        else:
-            o = np.argsort(keys, kind="stable")
-            lo, hi, delta, keys = lo[o], hi[o], delta[o], keys[o]
-            a_idx = self.idx[a:e][o]
-            brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-            groups = list(zip([0, *brk.tolist()], [*brk.tolist(), e - a]))
-            self._scatter_groups(buf, offset, lo, hi, delta, keys, a_idx, groups)
+        if int((hi - lo).sum()) != n:   # holes: zeroes there
+            buf[:] = 0
+        ab = self.abs[a:e]
+        if (ab == UNKNOWN).any():
+            self._resolve(np.unique(self.key[a:e][ab == UNKNOWN]).tolist())
+            ab = self.abs[a:e]
+        delta = lo - self.off[a:e]
+        direct = ab >= 0
+        if direct.all():
+            copy_pieces(buf, lo - offset, self.views, self.slot[a:e], ab + delta, hi - lo)
             return
-        self._scatter_groups(buf, offset, lo, hi, delta, keys, self.idx[a:e], groups)
+        if direct.any():
+            copy_pieces(buf, lo[direct] - offset, self.views, self.slot[a:e][direct],
+                        ab[direct] + delta[direct], (hi - lo)[direct])
+        d = ~direct
+        lo, hi, delta = lo[d], hi[d], (self.src[a:e] + delta)[d]
+        keys, idx = self.key[a:e][d], self.idx[a:e][d]
+        if len(keys) == 1 or (keys[0] == keys).all():
+            self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, [(0, len(keys))])
+            return
+        o = np.argsort(keys, kind="stable")
+        lo, hi, delta, keys, idx = lo[o], hi[o], delta[o], keys[o], idx[o]
+        brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        groups = list(zip([0, *brk.tolist()], [*brk.tolist(), len(keys)]))
+        self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, groups)
 
     def _scatter_groups(self, buf, offset, lo, hi, delta, keys, idx, groups) -> None:
         for ga, ge in groups:
