@@ -136,7 +136,9 @@ class Rows:
 class PayloadFile:
     """One payload file, mapped: its row groups' row places (built lazily, thread-safe)."""
 
-    def __init__(self, path: str, mapping=None):
+    def __init__(self, path: str, mapping=None, *, populate: bool = False):
+        """populate: map every page at once (MAP_POPULATE: a restore reads most of the file;
+        one call instead of a page fault per 64 KiB)."""
         self.path = path
         if mapping is None:
             try:
@@ -146,7 +148,8 @@ class PayloadFile:
                                  f"meanwhile? try again)") from None
             try:
                 size = os.fstat(fd).st_size
-                mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) if size else b""
+                flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+                mapping = mmap.mmap(fd, size, flags, mmap.PROT_READ) if size else b""
             finally:
                 os.close(fd)
         self.map = mapping
