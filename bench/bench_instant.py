@@ -38,7 +38,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_store import make_log  # noqa: E402
+from bench_store import DEV, REAL0, SPAN, make_log  # noqa: E402
+
+from blkrewind.formats import record  # noqa: E402
+from tracer.log import LogWriter  # noqa: E402
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
@@ -68,6 +71,106 @@ def through_export(store: str, client: list[str]) -> float:
 def ttfb(store: str) -> float:
     # nbdinfo reads the export's first sectors to say what it holds ("content:")
     return through_export(store, ["nbdinfo", "--content", "{uri}"])
+
+
+def fs_log(log_dir: str, image: str, size: int) -> int:
+    """A LOG whose baseline holds the data extents of `image` (a sparse file holding a file
+    system; holes are never written: a sparse history) in 1 MiB chunks. Returns its bytes."""
+    w = LogWriter(log_dir, "20261125T120000Z-benchfs1", host="bench", segment_bytes=64 << 20,
+                  fsync="never")
+    mono, seq, total = 10**12, 0, 0
+    span: list[bytes] = []
+
+    def flush() -> None:
+        nonlocal mono, span
+        if span:
+            mono += 1_000_000
+            w.append(b"".join(span), len(span), mono, mono + REAL0 - 10**12)
+            span = []
+
+    def emit(rec: bytes) -> None:
+        span.append(rec)
+        if sum(map(len, span)) >= SPAN:
+            flush()
+
+    def js(rtype, obj, **kw) -> None:
+        nonlocal seq
+        seq += 1
+        emit(record.json_record(rtype, obj, seq=seq, **kw))
+
+    js(record.R_SESSION, {"session": "20261125T120000Z-benchfs1", "host": "bench",
+                          "stamp_base": REAL0, "seq_base": 1, "version": "bench"})
+    js(record.R_DEVICE, {"name": "bench0", "path": "/dev/bench0", "dev": DEV,
+                         "size_bytes": size, "host": "bench"}, dev=DEV)
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        off = 0
+        while True:
+            try:
+                off = os.lseek(fd, off, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, off, os.SEEK_HOLE)
+            off -= off % (1 << 20)
+            while off < end:
+                n = min(1 << 20, size - off)
+                seq += 1
+                emit(record.make_record(os.pread(fd, n, off), rtype=record.R_BASE, seq=seq,
+                                        dev=DEV, sector=off // 512, bio_size=n, aux=seq,
+                                        ktime_ns=mono))
+                total += n
+                off += n
+    finally:
+        os.close(fd)
+    seq += 1
+    emit(record.make_record(f'{{"dev": {DEV}, "what": "baseline_end"}}'.encode(),
+                            rtype=record.R_POINT, stamp=REAL0, seq=seq, ktime_ns=mono))
+    js(record.R_END, {"end_stamp": REAL0 + 1, "end_seq": seq, "clean": True})
+    flush()
+    w.close()
+    return total
+
+
+def bench_mount(base: str, gib: int) -> None:
+    """Time to a mounted file system (`blkrewind mount` returning: nbdkit, nbdfuse, loop,
+    mount; first reads of the superblock and root directory included) and to its first file
+    read, on a sparse ext4 history of gib GiB, beside `restore` of the same point."""
+    d = os.path.join(base, f"m{gib}")
+    os.makedirs(d)
+    size = gib << 30
+    img = os.path.join(d, "fs.img")
+    with open(img, "wb") as f:
+        f.truncate(size)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=1,lazy_journal_init=1",
+                    img], check=True)
+    mnt = os.path.join(d, "mnt")
+    os.makedirs(mnt)
+    subprocess.run(["mount", "-o", "loop", img, mnt], check=True)
+    try:
+        with open(os.path.join(mnt, "hello.txt"), "w") as f:
+            f.write("hello\n" * 1000)
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+    data = fs_log(os.path.join(d, "log"), img, size)
+    os.unlink(img)
+    store = os.path.join(d, "store")
+    run("ingest", "--log", os.path.join(d, "log"), "--store", store)
+    shutil.rmtree(os.path.join(d, "log"))
+    t0 = time.monotonic()
+    run("mount", "--store", store, "--device", "bench0", "--at", "latest", mnt)
+    t_mount = time.monotonic() - t0
+    try:
+        with open(os.path.join(mnt, "hello.txt")) as f:
+            ok = f.read() == "hello\n" * 1000
+        t_file = time.monotonic() - t0
+    finally:
+        run("umount", mnt)
+    t_restore = timed("restore", "--store", store, "--device", "bench0", "--at", "latest",
+                      "--to", os.path.join(d, "r.img"))
+    print(f"{gib:3d} GiB sparse ext4 ({data >> 20} MiB of data): mount {t_mount:.2f} s, first "
+          f"file read {t_file:.2f} s (content right: {ok}); restore {t_restore:.2f} s",
+          flush=True)
+    shutil.rmtree(d)
 
 
 def timed(*args) -> float:
@@ -146,6 +249,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir")
     ap.add_argument("--sizes-gib", default="1,16,64")
+    ap.add_argument("--mount-gib", default="1,16,64", help="'' skips")
     ap.add_argument("--small-mib", type=int, default=512, help="0 skips")
     ap.add_argument("--rewind-gib", type=int, default=8, help="0 skips")
     ap.add_argument("--read-gib", type=int, default=2, help="0 skips")
@@ -165,6 +269,8 @@ def main() -> None:
             print(f"{gib:3d} GiB sparse: export first byte {t_first:.2f} s; restore "
                   f"{t_restore:.2f} s", flush=True)
             shutil.rmtree(d)
+        for gib in [int(x) for x in a.mount_gib.split(",") if x.strip() and int(x)]:
+            bench_mount(base, gib)
         if a.rewind_gib:
             bench_rewind(base, a.rewind_gib)
         if a.read_gib:

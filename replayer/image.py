@@ -22,6 +22,8 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +31,9 @@ import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from replayer.payload import PayloadFile, copy_pieces
-from replayer.rebuild import Plan, scatter
+
+if TYPE_CHECKING:
+    from replayer.rebuild import Plan
 
 CACHE_BYTES = 256 << 20
 UNKNOWN, DECODE = -2, -1  # Image.abs: row group not looked at yet / decoded by pyarrow
@@ -166,7 +170,7 @@ class RowGroupCache:
 class Image:
     """The bytes of a device at a point, read at random (see the module docstring)."""
 
-    def __init__(self, p: Plan, *, cache_bytes: int | None = None):
+    def __init__(self, p: Plan | SimpleNamespace, *, cache_bytes: int | None = None):
         self.size = p.size
         order = np.argsort(p.d_off, kind="stable")
         self.off = p.d_off[order].astype(np.int64)
@@ -200,9 +204,9 @@ class Image:
 
     @classmethod
     def from_arrays(cls, size: int, arrays: dict, files: dict, **kw) -> "Image":
-        p = Plan(size=size, d_off=arrays["d_off"], d_len=arrays["d_len"], d_src=arrays["d_src"],
-                 d_file=arrays["d_file"], d_rg=arrays["d_rg"], d_idx=arrays["d_idx"],
-                 z_off=np.zeros(0, np.int64), z_len=np.zeros(0, np.int64), files=files)
+        # (not rebuild.Plan: the export's plugin does not import rebuild, its store, duckdb)
+        p = SimpleNamespace(size=size, files=files, **{k: arrays[k] for k in (
+            "d_off", "d_len", "d_src", "d_file", "d_rg", "d_idx")})
         return cls(p, **kw)
 
     def _resolve(self, keys) -> None:
@@ -263,6 +267,7 @@ class Image:
         self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, groups)
 
     def _scatter_groups(self, buf, offset, lo, hi, delta, keys, idx, groups) -> None:
+        from replayer.rebuild import scatter
         for ga, ge in groups:
             k = int(keys[ga])
             fid, rg = k >> 32, k & 0xFFFFFFFF

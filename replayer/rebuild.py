@@ -672,7 +672,7 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
     window = _window_bytes()
     src = None
     if method in (None, "direct") and len(p.d_off):
-        src = _DirectSources.build(p)   # None: some row group must be decoded (lz4)
+        src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
     if src is not None:
         return _execute_with(p, t, src, jobs, progress, label)
     if method == "direct":
@@ -932,31 +932,33 @@ class _DirectSources:
         self.slot, self.pos, self.gpage, self.pages = slot, pos, gpage, pages
 
     @classmethod
-    def build(cls, p: Plan) -> "_DirectSources | None":
+    def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
         from replayer.payload import PayloadFile
         n = len(p.d_off)
         ufid = np.unique(p.d_file)
         files: list = []
         try:
             for fid in ufid.tolist():
-                files.append(PayloadFile(p.files[int(fid)], populate=True))
+                files.append(PayloadFile(p.files[int(fid)]))
             slot = np.searchsorted(ufid, p.d_file)
             pos = np.empty(n, np.int64)
             gpage = np.empty(n, np.int64)
             pages: list = []    # global page -> (PayloadFile, Rows, page)
             key = p.d_file * (1 << 32) + p.d_rg
             order = np.argsort(key, kind="stable")
-            ks = key[order]
-            starts, ends = _bounds(ks)
-            for a, e in zip(starts, ends):
+            starts, ends = _bounds(key[order])
+            groups = [(files[int(slot[order[a]])], int(p.d_rg[order[a]]), a, e)
+                      for a, e in zip(starts, ends)]
+            # the row places, on `jobs` threads: walking the pages faults the files in (a
+            # payload file written with O_DIRECT is not in the page cache yet)
+            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-index") as ex:
+                found = list(ex.map(lambda g: g[0].rows(g[1]), groups))
+            if any(r is None for r in found):
+                for f in files:
+                    f.close()
+                return None
+            for (pf, rg, a, e), r in zip(groups, found):
                 mem = order[a:e]
-                j = int(slot[mem[0]])
-                pf, rg = files[j], int(p.d_rg[mem[0]])
-                r = pf.rows(rg)
-                if r is None:
-                    for f in files:
-                        f.close()
-                    return None
                 idx = p.d_idx[mem]
                 if int(idx.min()) < 0 or int(idx.max()) >= len(r.pos) or \
                         bool((p.d_src[mem] + p.d_len[mem] > r.ln[idx]).any()):
