@@ -20,7 +20,14 @@ How, with a cost that follows the device size rather than the history:
    (`_range_max`), O((n + m) log m) in numpy, no Python loop per extent.
    Adjacent intervals of one extent merge into one piece; adjacent zero
    pieces merge too.
-2. `execute`: read each needed Parquet row group once (a few threads, they
+2. `execute`, when every row group it needs is stored uncompressed (random data:
+   replayer/payload.py) -- the direct path (`_execute_direct`): the pieces in device order,
+   window by window (32 MiB), each copied straight out of its payload file's mapping into an
+   aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
+   window's data runs written with large O_DIRECT writes by a writer thread while the next
+   window fills; every page a window uses has its CRC checked first, a window ahead, on a few
+   threads. Otherwise (lz4 row groups):
+   read each needed Parquet row group once (a few threads, they
    release the GIL; files memory-mapped), and write each piece once: with
    pwritev, runs of contiguous pieces in one call -- or, when the pieces are
    small (a history of small random writes), by scattering them into a buffer
