@@ -200,7 +200,10 @@ class PayloadFile:
         if end > len(b):
             raise StoreError(f"payload file {self.path} is shorter than its row group {rg} "
                              f"(damaged? 'blkrewind verify --store' checks the store)")
-        pos_parts, len_parts, page_parts, spans = [], [], [], []
+        pos_parts: list = []
+        len_parts: list = []
+        page_parts: list = []
+        spans: list[tuple[int, int, int]] = []
         while left > 0 and p < end:
             h, body = _struct(b, p, _PAGE_HEADER)
             size = h.get(3, -1)

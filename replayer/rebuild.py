@@ -58,6 +58,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -1031,7 +1032,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     free: deque = deque(range(nbuf))
     cv = threading.Condition()
     jobs_q: deque = deque()
-    state = {"err": None, "calls": 0, "stop": False, "direct": direct}
+    state: dict[str, Any] = {"err": None, "calls": 0, "stop": False, "direct": direct}
 
     def write_runs(b: mmap.mmap, lo: int, runs) -> None:
         mv = memoryview(b)
