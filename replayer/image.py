@@ -230,6 +230,24 @@ class Image:
                 self.views[j] = pf.view
             self.abs[members] = pos
 
+    def prefetch(self, starts, ends) -> None:
+        """Start reading in (asynchronously) the payload of the pieces that overlap the byte
+        ranges [starts[i], ends[i]): a caller that knows what it will read (rewind) gets
+        the disk reading all of it at once instead of one synchronous fault at a time."""
+        starts = np.asarray(starts, np.int64)
+        ends = np.asarray(ends, np.int64)
+        if len(starts) == 0 or len(self.off) == 0:
+            return
+        a = np.searchsorted(self.end, starts, side="right")
+        e = np.searchsorted(self.off, ends, side="left")
+        n = np.maximum(e - a, 0)
+        if int(n.sum()) == 0:
+            return
+        idx = np.repeat(a, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+        todo = self.abs[idx] == UNKNOWN
+        for k in np.unique(self.key[idx][todo]).tolist():
+            self.cache.payload(k >> 32).willneed(k & 0xFFFFFFFF)
+
     def read_into(self, out, offset: int) -> None:
         """Fill `out` (a writable buffer) with the image's bytes from `offset`."""
         buf = np.frombuffer(out, np.uint8) if not isinstance(out, np.ndarray) else out

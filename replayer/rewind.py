@@ -109,10 +109,12 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
             spots.append(a + rng.randrange(0, max(1, (e - a) // ALIGN)) * ALIGN)
     while len(spots) < samples and size > 0:
         spots.append(rng.randrange(0, max(1, size // ALIGN)) * ALIGN)
+    spots = sorted(set(spots))
+    img.prefetch(spots, [x + SAMPLE for x in spots])
     buf = _aligned(SAMPLE)
     want = bytearray(SAMPLE)
     try:
-        for off in sorted(set(spots)):
+        for off in spots:
             n = min(SAMPLE, size - off)
             n -= n % 512
             if n <= 0:
@@ -171,6 +173,8 @@ def _apply(img_to, img_from, starts, ends, target, size, samples, check_only) ->
     t0 = time.monotonic()
     fd, _ = open_device(target, size)
     try:
+        if not check_only:
+            img_to.prefetch(starts, ends)   # read in while the check runs
         n = check_at(fd, img_from, starts, ends, size, samples=samples)
         if check_only:
             return Result(len(starts), 0, n, time.monotonic() - t0)
