@@ -244,9 +244,16 @@ class Image:
         if int(n.sum()) == 0:
             return
         idx = np.repeat(a, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-        todo = self.abs[idx] == UNKNOWN
-        for k in np.unique(self.key[idx][todo]).tolist():
-            self.cache.payload(k >> 32).willneed(k & 0xFFFFFFFF)
+        idx = idx[self.abs[idx] == UNKNOWN]
+        if len(idx) == 0:
+            return
+        o = np.argsort(self.key[idx], kind="stable")
+        idx = idx[o]
+        ks = self.key[idx]
+        brk = np.flatnonzero(ks[1:] != ks[:-1]) + 1
+        for ga, ge in zip([0, *brk.tolist()], [*brk.tolist(), len(idx)]):
+            k = int(ks[ga])
+            self.cache.payload(k >> 32).willneed_rows(k & 0xFFFFFFFF, self.idx[idx[ga:ge]])
 
     def read_into(self, out, offset: int) -> None:
         """Fill `out` (a writable buffer) with the image's bytes from `offset`."""

@@ -253,6 +253,23 @@ class PayloadFile:
         except (OSError, ValueError, StoreError):
             pass    # only a hint
 
+    def willneed_rows(self, rg: int, idx: np.ndarray) -> None:
+        """Read-ahead of just the pages that hold rows idx of row group rg (their places found
+        first: the page headers are read, not the rows)."""
+        r = self.rows(rg)
+        if r is None:
+            self.willneed(rg)
+            return
+        if not isinstance(self.map, mmap.mmap) or len(idx) == 0:
+            return
+        for pg in np.unique(r.page[idx]).tolist():
+            a, e, _crc = r.spans[pg]
+            a -= a % mmap.PAGESIZE
+            try:
+                self.map.madvise(mmap.MADV_WILLNEED, a, e - a)
+            except (OSError, ValueError):
+                return
+
     def verify(self, r: Rows, pages) -> None:
         """Check the CRC of the given pages of r (each once)."""
         for pg in pages:
