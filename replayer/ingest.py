@@ -59,8 +59,8 @@ from replayer.watermark import devices_changed, finalize
 BATCH_BYTES = 24 << 20       # frame bytes per batch (one Parquet file, one commit); its column
                              # buffers stay below glibc's mmap threshold, so they are reused
 RG_BYTES = 4 << 20           # payload bytes per Parquet row group (the restore's read unit)
-PAGE_BYTES = 64 << 10        # payload bytes per data page (at least one row): the unit of a
-                             # direct read's checksum check (replayer/payload.py)
+PAGE_BYTES = 64 << 10        # payload bytes per data page (about; at least one row): the
+                             # unit of a direct read's checksum check (replayer/payload.py)
 COMPRESSION = "lz4"          # file-system data ~3x smaller ...
 INCOMPRESSIBLE = 0.5         # ... but a batch whose sample lz4 cannot shrink below this is
                              # stored plain: lz4 costs ~1 CPU-s per GB it compresses (the
@@ -447,7 +447,11 @@ def _scratch(n: int) -> mmap.mmap:
 def _parquet(sink, b: Batch, codec: str) -> None:
     with pq.ParquetWriter(sink, PAYLOAD_SCHEMA, compression=codec, use_dictionary=False,
                           write_statistics=False, write_page_checksum=True,
-                          data_page_size=PAGE_BYTES, write_batch_size=1) as w:
+                          data_page_size=PAGE_BYTES,
+                          # Arrow checks the page size after each write batch: one batch per
+                          # page's worth of the mean row (1 for each row costs ~10 us a row)
+                          write_batch_size=max(1, min(1024, PAGE_BYTES * len(b.payload)
+                                                      // max(1, b.payload_bytes)))) as w:
         for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
             w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
 
