@@ -927,7 +927,6 @@ def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int
 # ============================================================ direct path
 DIRECT_WINDOW = 32 << 20    # device bytes per window of the direct path
 DIRECT_ALIGN = 4096         # O_DIRECT: offsets, lengths and buffer addresses aligned to this
-WILLNEED_RGS = 512          # row groups (~2 GiB) asked to be read ahead at once
 
 
 class _DirectSources:
@@ -960,8 +959,6 @@ class _DirectSources:
                       for a, e in zip(starts, ends)]
             # the row places, on `jobs` threads: walking the pages faults the files in (a
             # payload file written with O_DIRECT is not in the page cache yet)
-            for pf, rg, _a, _e in groups[:WILLNEED_RGS]:
-                pf.willneed(rg)   # the disk reads ahead while the pages are walked
             with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-index") as ex:
                 found = list(ex.map(lambda g: g[0].rows(g[1]), groups))
             if any(r is None for r in found):
