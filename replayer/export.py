@@ -63,8 +63,10 @@ def _run_dir(name: str) -> str:
             path, k = f"{base}.{k}", k + 1
 
 
-def prepare(store_path: str, device_spec: str, at: str, *, warn=None) -> Prepared:
-    """Resolve the point and write its index into a new runtime directory."""
+def prepare(store_path: str, device_spec: str, at: str, *, warn=None,
+            run_dir: str | None = None) -> Prepared:
+    """Resolve the point and write its index into a new runtime directory (or into
+    `run_dir`, made by the caller: replayer/mounts.py starts nbdkit there first)."""
     from replayer import points
     from replayer.query import open_for_reading
 
@@ -72,21 +74,23 @@ def prepare(store_path: str, device_spec: str, at: str, *, warn=None) -> Prepare
     with open_for_reading(store_path) as store:
         device = store.find_device(device_spec)
         r = points.resolve(store, device, point, warn=warn)
-        return prepare_resolved(store, device, r)
+        return prepare_resolved(store, device, r, run_dir=run_dir)
 
 
-def prepare_resolved(store, device, r) -> Prepared:
+def prepare_resolved(store, device, r, *, run_dir: str | None = None) -> Prepared:
     """`prepare` for a point already resolved (points.Resolved) in a store the caller has
     open (replayer/pointimage.py)."""
     from replayer import image, rebuild
 
     pl = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
-    d = _run_dir(f"{device.device.replace(':', '_').replace('/', '_')}-{r.stamp}-{os.getpid()}")
+    d = run_dir or _run_dir(f"{device.device.replace(':', '_').replace('/', '_')}-{r.stamp}-"
+                            f"{os.getpid()}")
     try:
         idx = os.path.join(d, "index.npz")
         image.save_index(idx, pl)
     except BaseException:
-        shutil.rmtree(d, ignore_errors=True)
+        if run_dir is None:
+            shutil.rmtree(d, ignore_errors=True)
         raise
     return Prepared(device, r, d, idx, pl.data_bytes)
 

@@ -6,10 +6,14 @@ extent count, not the device size: a sparse 64 GiB device is as quick as a 1 GiB
 the data pieces sorted by device offset; a read of [offset, offset + n) is
 
   1. two binary searches (numpy searchsorted) for the pieces that overlap it,
-  2. per payload row group among them: the decoded row group (from a byte-bounded LRU cache,
-     `RowGroupCache`, decoded once even when several threads want it at once) and one
+  2. for pieces in uncompressed row groups (random data; replayer/payload.py): a copy of just
+     their bytes straight out of the payload file's mapping -- the row places of a row group
+     are found once (its page headers walked), each page's CRC checked once, before any of its
+     bytes are used; a 4 KiB read costs a 64 KiB page check, not a 4 MiB decode,
+  3. for pieces in compressed (lz4) row groups: the decoded row group (from a byte-bounded LRU
+     cache, `RowGroupCache`, decoded once even when several threads want it at once) and one
      vectorised scatter of its pieces into the caller's buffer (rebuild.scatter),
-  3. zeroes wherever no data piece lies (holes, discards, never-written bytes).
+  4. zeroes wherever no data piece lies (holes, discards, never-written bytes).
 
 Payload files are memory-mapped when the image is opened and read from those mappings only, so
 a `prune` (or anything else) deleting or replacing files later cannot change what an open image
@@ -22,15 +26,21 @@ import mmap
 import os
 import threading
 from collections import OrderedDict
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
-from replayer.rebuild import Plan, scatter
+from replayer.payload import PayloadFile, copy_pieces
+
+if TYPE_CHECKING:
+    from replayer.rebuild import Plan
 
 CACHE_BYTES = 256 << 20
+UNKNOWN, DECODE = -2, -1  # Image.abs: row group not looked at yet / decoded by pyarrow
 RG_BYTES = 4 << 20      # about the payload bytes of a row group (replayer/ingest/columns.py RG_BYTES)
 
 
@@ -58,6 +68,7 @@ class RowGroupCache:
         self.bytes = 0
         self.maps: dict = {}                    # fid -> mmap
         self.pfs: dict = {}                     # fid -> (ParquetFile, its lock)
+        self.direct: dict = {}                  # fid -> payload.PayloadFile on the mapping
         self.decoded = 0
         for fid in (paths if ids is None else ids):
             self._map(int(fid))
@@ -79,6 +90,16 @@ class RowGroupCache:
             os.close(fd)
         self.maps[fid] = m
         return m
+
+    def payload(self, fid: int) -> PayloadFile:
+        """The file's direct reader (replayer/payload.py), on the mapping made at open."""
+        pf = self.direct.get(fid)
+        if pf is None:
+            with self.lock:
+                pf = self.direct.get(fid)
+                if pf is None:
+                    pf = self.direct[fid] = PayloadFile(self.paths[fid], self._map(fid))
+        return pf
 
     def _parquet(self, fid: int):
         """(ParquetFile, lock): a ParquetFile is not safe for concurrent reads."""
@@ -138,6 +159,9 @@ class RowGroupCache:
     def close(self) -> None:
         self.lru.clear()
         self.pfs.clear()
+        for pf in self.direct.values():
+            pf.view.release()
+        self.direct.clear()
         for m in self.maps.values():
             if isinstance(m, mmap.mmap):
                 try:
@@ -150,7 +174,7 @@ class RowGroupCache:
 class Image:
     """The bytes of a device at a point, read at random (see the module docstring)."""
 
-    def __init__(self, p: Plan, *, cache_bytes: int | None = None):
+    def __init__(self, p: Plan | SimpleNamespace, *, cache_bytes: int | None = None):
         self.size = p.size
         order = np.argsort(p.d_off, kind="stable")
         self.off = p.d_off[order].astype(np.int64)
@@ -172,13 +196,64 @@ class Image:
             cache_bytes = auto_cache_bytes(self.row_groups)
         self.cache = RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
         self.data_bytes = int((self.end - self.off).sum())
+        # direct reads (replayer/payload.py): per piece, the file offset of its first byte
+        # (UNKNOWN until its row group is first read, DECODE when pyarrow must decode it)
+        self.abs = np.full(len(self.off), UNKNOWN, np.int64)
+        self.by_key = np.argsort(self.key, kind="stable")
+        self.keys_sorted = self.key[self.by_key]
+        ufid = np.unique(self.fid)
+        self.slot = np.searchsorted(ufid, self.fid)   # per piece: its file's place in views
+        self.slot_fid = ufid.tolist()
+        self.views: list = [None] * len(ufid)
 
     @classmethod
     def from_arrays(cls, size: int, arrays: dict, files: dict, **kw) -> "Image":
-        p = Plan(size=size, d_off=arrays["d_off"], d_len=arrays["d_len"], d_src=arrays["d_src"],
-                 d_file=arrays["d_file"], d_rg=arrays["d_rg"], d_idx=arrays["d_idx"],
-                 z_off=np.zeros(0, np.int64), z_len=np.zeros(0, np.int64), files=files)
+        # (not rebuild.Plan: the export's plugin does not import rebuild, its store, duckdb)
+        p = SimpleNamespace(size=size, files=files, **{k: arrays[k] for k in (
+            "d_off", "d_len", "d_src", "d_file", "d_rg", "d_idx")})
         return cls(p, **kw)
+
+    def _resolve(self, keys) -> None:
+        """Fill self.abs for every piece of the row groups `keys` (their pages verified)."""
+        for k in keys:
+            fid, rg = k >> 32, k & 0xFFFFFFFF
+            a, e = np.searchsorted(self.keys_sorted, [k, k + 1])
+            members = self.by_key[a:e]
+            pf = self.cache.payload(fid)
+            pos = pf.place(rg, self.idx[members], self.src[members],
+                           self.end[members] - self.off[members])
+            if pos is None:
+                self.abs[members] = DECODE
+                continue
+            j = int(self.slot[members[0]])
+            if self.views[j] is None:
+                self.views[j] = pf.view
+            self.abs[members] = pos
+
+    def prefetch(self, starts, ends) -> None:
+        """Start reading in (asynchronously) the payload of the pieces that overlap the byte
+        ranges [starts[i], ends[i]): a caller that knows what it will read (rewind) gets
+        the disk reading all of it at once instead of one synchronous fault at a time."""
+        starts = np.asarray(starts, np.int64)
+        ends = np.asarray(ends, np.int64)
+        if len(starts) == 0 or len(self.off) == 0:
+            return
+        a = np.searchsorted(self.end, starts, side="right")
+        e = np.searchsorted(self.off, ends, side="left")
+        n = np.maximum(e - a, 0)
+        if int(n.sum()) == 0:
+            return
+        idx = np.repeat(a, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+        idx = idx[self.abs[idx] == UNKNOWN]
+        if len(idx) == 0:
+            return
+        o = np.argsort(self.key[idx], kind="stable")
+        idx = idx[o]
+        ks = self.key[idx]
+        brk = np.flatnonzero(ks[1:] != ks[:-1]) + 1
+        for ga, ge in zip([0, *brk.tolist()], [*brk.tolist(), len(idx)]):
+            k = int(ks[ga])
+            self.cache.payload(k >> 32).willneed_rows(k & 0xFFFFFFFF, self.idx[idx[ga:ge]])
 
     def read_into(self, out, offset: int) -> None:
         """Fill `out` (a writable buffer) with the image's bytes from `offset`."""
@@ -189,26 +264,39 @@ class Image:
         end = offset + n
         a = int(np.searchsorted(self.end, offset, side="right"))
         e = int(np.searchsorted(self.off, end, side="left"))
-        buf[:] = 0
         if e <= a:
+            buf[:] = 0
             return
         lo = np.maximum(self.off[a:e], offset)
         hi = np.minimum(self.end[a:e], end)
-        delta = self.src[a:e] + (lo - self.off[a:e])
-        keys = self.key[a:e]
-        if e - a == 1 or (keys[0] == keys).all():
-            groups = [(0, e - a)]
-        else:
-            o = np.argsort(keys, kind="stable")
-            lo, hi, delta, keys = lo[o], hi[o], delta[o], keys[o]
-            a_idx = self.idx[a:e][o]
-            brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
-            groups = list(zip([0, *brk.tolist()], [*brk.tolist(), e - a]))
-            self._scatter_groups(buf, offset, lo, hi, delta, keys, a_idx, groups)
+        if int((hi - lo).sum()) != n:   # holes: zeroes there
+            buf[:] = 0
+        ab = self.abs[a:e]
+        if (ab == UNKNOWN).any():
+            self._resolve(np.unique(self.key[a:e][ab == UNKNOWN]).tolist())
+            ab = self.abs[a:e]
+        delta = lo - self.off[a:e]
+        direct = ab >= 0
+        if direct.all():
+            copy_pieces(buf, lo - offset, self.views, self.slot[a:e], ab + delta, hi - lo)
             return
-        self._scatter_groups(buf, offset, lo, hi, delta, keys, self.idx[a:e], groups)
+        if direct.any():
+            copy_pieces(buf, lo[direct] - offset, self.views, self.slot[a:e][direct],
+                        ab[direct] + delta[direct], (hi - lo)[direct])
+        d = ~direct
+        lo, hi, delta = lo[d], hi[d], (self.src[a:e] + delta)[d]
+        keys, idx = self.key[a:e][d], self.idx[a:e][d]
+        if len(keys) == 1 or (keys[0] == keys).all():
+            self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, [(0, len(keys))])
+            return
+        o = np.argsort(keys, kind="stable")
+        lo, hi, delta, keys, idx = lo[o], hi[o], delta[o], keys[o], idx[o]
+        brk = np.flatnonzero(keys[1:] != keys[:-1]) + 1
+        groups = list(zip([0, *brk.tolist()], [*brk.tolist(), len(keys)]))
+        self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, groups)
 
     def _scatter_groups(self, buf, offset, lo, hi, delta, keys, idx, groups) -> None:
+        from replayer.rebuild import scatter
         for ga, ge in groups:
             k = int(keys[ga])
             fid, rg = k >> 32, k & 0xFFFFFFFF

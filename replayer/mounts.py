@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import time
+from types import SimpleNamespace
 
 from blkrewind.errors import UserError
 
@@ -181,16 +182,26 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
                  "writable": writable, "pid": os.getpid(), "started_ns": time.time_ns(),
                  "steps": []}
     _save(reg)
+    early = None
     try:
         hook("prepare")
-        prep = export.prepare(store, device, at, warn=warn)
-        r = prep.resolved
-        reg.update(run_dir=prep.run_dir, device=prep.device.device, stamp=r.stamp,
-                   session=r.session, how=r.how, size=r.size_bytes)
+        run_dir = export._run_dir(f"mount-{os.getpid()}-{time.time_ns()}")
+        reg.update(run_dir=run_dir)
         reg["steps"].append("run_dir")
         _save(reg)
-
-        img = serve_file(reg, prep, writable=writable, hook=hook, save=_save)
+        # nbdkit first: its Python plugin's start-up (numpy, pyarrow) overlaps this process
+        # resolving the point and writing its index, which the plugin waits for
+        hook("nbdkit")
+        early = _start_nbdkit(reg, run_dir, os.path.join(run_dir, "index.npz"),
+                              writable=writable, save=_save)
+        prep = export.prepare(store, device, at, warn=warn, run_dir=run_dir)
+        r = prep.resolved
+        reg.update(device=prep.device.device, stamp=r.stamp, session=r.session, how=r.how,
+                   size=r.size_bytes)
+        _save(reg)
+        _nbdkit_ready(reg, early, run_dir, save=_save)
+        early = None
+        img = _nbdfuse(reg, run_dir, writable=writable, hook=hook, save=_save)
 
         hook("loop")
         loop = _run(["losetup", "--find", "--show", "--direct-io=on",
@@ -225,6 +236,9 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
         _save(reg)
         return reg
     except BaseException:
+        if early is not None and early.poll() is None:   # still waiting for the index
+            early.kill()
+            early.wait()
         try:
             teardown(reg, quiet=True)
         except Exception:
@@ -237,37 +251,57 @@ def serve_file(reg: dict, prep, *, writable: bool, hook=lambda name: None,
     """The nbdkit and nbdfuse steps: the prepared point as one image file (returned), each
     step recorded in `reg` (and `save`d) before it is taken, for `teardown`. Used by `mount`
     and by replayer/pointimage.py (forensics commands reading a point)."""
+    hook("nbdkit")
+    p = _start_nbdkit(reg, prep.run_dir, prep.index, writable=writable, save=save)
+    _nbdkit_ready(reg, p, prep.run_dir, save=save)
+    return _nbdfuse(reg, prep.run_dir, writable=writable, hook=hook, save=save)
+
+
+def _start_nbdkit(reg: dict, run_dir: str, index: str, *, writable: bool,
+                  save=lambda reg: None) -> subprocess.Popen:
+    """Start nbdkit serving `index` on run_dir/nbd.sock (the index may come later: the plugin
+    waits for it, see nbd_plugin._wait_index)."""
+
     from replayer import export
 
-    hook("nbdkit")
-    sock = os.path.join(prep.run_dir, "nbd.sock")
+    where = SimpleNamespace(run_dir=run_dir, index=index)
+    sock = os.path.join(run_dir, "nbd.sock")
     # nbdkit daemonizes (it outlives this command): run in the foreground, it sets
     # PR_SET_PDEATHSIG and would be stopped when this process exits
-    argv = export.nbdkit_argv(prep, socket_path=sock, listen=None, writable=writable,
-                              tls_dir=None, foreground=False)
+    argv = export.nbdkit_argv(where, socket_path=sock, listen=None,  # type: ignore[arg-type]
+                              writable=writable, tls_dir=None, foreground=False)
     if os.environ.get("BLKREWIND_NBDKIT_VERBOSE"):
         argv.insert(1, "--verbose")
-    logf = os.path.join(prep.run_dir, "nbdkit.log")
+    logf = os.path.join(run_dir, "nbdkit.log")
     with open(logf, "wb") as lf:
         p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                             env=export.env_for(prep), start_new_session=True,
-                             preexec_fn=_io_flusher)
+                             env=export.env_for(where),  # type: ignore[arg-type]
+                             start_new_session=True, preexec_fn=_io_flusher)
     reg["steps"].append("nbdkit")
     save(reg)
-    reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(prep.run_dir, "nbdkit.pid"), "nbdkit",
-                                      logf, daemon=True)
+    return p
+
+
+def _nbdkit_ready(reg: dict, p: subprocess.Popen, run_dir: str, *, save=lambda reg: None) -> None:
+    reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(run_dir, "nbdkit.pid"), "nbdkit",
+                                      os.path.join(run_dir, "nbdkit.log"), daemon=True)
     p.wait()
     save(reg)
 
+
+def _nbdfuse(reg: dict, run_dir: str, *, writable: bool, hook=lambda name: None,
+             save=lambda reg: None) -> str:
+    """nbdfuse showing the export on run_dir/nbd.sock as run_dir/fuse/image (returned)."""
+    sock = os.path.join(run_dir, "nbd.sock")
     hook("nbdfuse")
-    fdir = os.path.join(prep.run_dir, "fuse")
+    fdir = os.path.join(run_dir, "fuse")
     os.mkdir(fdir, 0o700)
     img = os.path.join(fdir, "image")
     exe = shutil.which("nbdfuse")
     if exe is None:
         raise UserError("nbdfuse is not installed (apt-get install nbdfuse)")
-    flog = os.path.join(prep.run_dir, "nbdfuse.log")
-    fpid = os.path.join(prep.run_dir, "nbdfuse.pid")
+    flog = os.path.join(run_dir, "nbdfuse.log")
+    fpid = os.path.join(run_dir, "nbdfuse.pid")
     with open(flog, "wb") as lf:
         q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
                               "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,

@@ -41,8 +41,22 @@ def config_complete():
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
     from replayer.image import load_index
+    _wait_index(_cfg["index"])
     mib = int(_cfg["cache_mib"])
     _image = load_index(_cfg["index"], cache_bytes=(mib << 20) if mib > 0 else None)
+
+
+def _wait_index(path):
+    """`blkrewind mount` starts nbdkit before the point's index is written (this start-up --
+    numpy, pyarrow -- overlaps the CLI resolving the point): wait for it, as long as the
+    process that started nbdkit lives (it kills nbdkit if it fails; this is for a SIGKILL)."""
+    import time
+    parent = os.getppid()
+    deadline = time.monotonic() + 600
+    while not os.path.exists(path):
+        if os.getppid() != parent or time.monotonic() > deadline:
+            raise RuntimeError(f"the index {path} never came")
+        time.sleep(0.005)
 
 
 def thread_model():

@@ -34,12 +34,20 @@ PAYLOAD_SCHEMA = pa.schema([
 ALIGN = 4096                 # O_DIRECT buffers and sizes
 
 
-def parquet_writer(sink, compression: str) -> pq.ParquetWriter:
+PAGE_BYTES = 64 << 10   # payload bytes per data page (at least one row): the unit of a direct
+                        # read's checksum check (replayer/payload.py)
+
+
+def parquet_writer(sink, compression: str, mean_row_bytes: int = 0) -> pq.ParquetWriter:
     """A writer of payload rows to `sink` (a path or an Arrow output stream): PAYLOAD_SCHEMA,
-    page checksums on (a damaged page is an error, never wrong bytes), no dictionaries or
-    statistics (payload bytes have none worth keeping)."""
+    data pages of about PAGE_BYTES, page checksums on (a damaged page is an error, never wrong
+    bytes), no dictionaries or statistics (payload bytes have none worth keeping).
+    mean_row_bytes (when known): Arrow checks the page size after each write batch, so one
+    batch per page's worth of rows (a batch of 1 row costs ~10 us a row)."""
+    batch = max(1, min(1024, PAGE_BYTES // mean_row_bytes)) if mean_row_bytes > 0 else 64
     return pq.ParquetWriter(sink, PAYLOAD_SCHEMA, compression=compression, use_dictionary=False,
-                            write_statistics=False, write_page_checksum=True)
+                            write_statistics=False, write_page_checksum=True,
+                            data_page_size=PAGE_BYTES, write_batch_size=batch)
 
 
 class PayloadSink(Protocol):

@@ -20,7 +20,14 @@ How, with a cost that follows the device size rather than the history:
    (`_range_max`), O((n + m) log m) in numpy, no Python loop per extent.
    Adjacent intervals of one extent merge into one piece; adjacent zero
    pieces merge too.
-2. `execute`: read each needed Parquet row group once (a few threads, they
+2. `execute`, when every row group it needs is stored uncompressed (random data:
+   replayer/payload.py) -- the direct path (`_execute_direct`): the pieces in device order,
+   window by window (32 MiB), each copied straight out of its payload file's mapping into an
+   aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
+   window's data runs written with large O_DIRECT writes by a writer thread while the next
+   window fills; every page a window uses has its CRC checked first, a window ahead, on a few
+   threads. Otherwise (lz4 row groups):
+   read each needed Parquet row group once (a few threads, they
    release the GIL; files memory-mapped), and write each piece once: with
    pwritev, runs of contiguous pieces in one call -- or, when the pieces are
    small (a history of small random writes), by scattering them into a buffer
@@ -51,6 +58,7 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -669,6 +677,13 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
             label: str = "restore", method: str | None = None) -> dict:
     """Write the plan onto the target, fsync it; returns counters."""
     window = _window_bytes()
+    src = None
+    if method in (None, "direct") and len(p.d_off):
+        src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
+    if src is not None:
+        return _execute_with(p, t, src, jobs, progress, label)
+    if method == "direct":
+        method = None
     how, order = _choose(p, t, window)
     if method is not None and method != how:
         how, order = method, (np.arange(len(p.d_off)) if method == "pwritev" else
@@ -761,6 +776,32 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
         wb.stop()
         bar.close()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls, "method": how}
+
+
+def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress, label) -> dict:
+    """execute() by the direct path (see _execute_direct)."""
+    bar = _Progress(p.data_bytes + (0 if t.sparse else p.zero_bytes), label, progress)
+    zeros = memoryview(bytes(1 << 20))
+    wb = _Writeback(t.fd)
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        for off, n in zip(p.z_off.tolist(), p.z_len.tolist()):
+            _zero_range(t, off, n, zeros)
+            if not t.sparse:
+                bar.advance(n)
+                wb.wrote(n)
+        written, calls = _execute_direct(p, t, src, bar, wb, jobs)
+        wb.stop()
+        os.fsync(t.fd)
+    finally:
+        if gc_was:
+            gc.enable()
+        wb.stop()
+        bar.close()
+        src.close()
+    return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls,
+            "method": "direct"}
 
 
 def iter_image(p: Plan, *, window: int = 64 << 20, jobs: int = 2, cache_rgs: int = 8):
@@ -880,3 +921,213 @@ def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int
     stats["extents"] = pl.extents
     stats["size"] = size
     return stats
+
+
+# ============================================================ direct path
+DIRECT_WINDOW = 32 << 20    # device bytes per window of the direct path
+DIRECT_ALIGN = 4096         # O_DIRECT: offsets, lengths and buffer addresses aligned to this
+
+
+class _DirectSources:
+    """Per data piece of a plan, the file offset of its first byte in its payload file's
+    mapping (replayer/payload.py) and the global number of the page it lies in; None from
+    `build` when some row group must be decoded (compressed): the other paths do that."""
+
+    def __init__(self, files: list, slot, pos, gpage, pages: list):
+        self.files = files      # PayloadFile per slot
+        self.views = [f.view for f in files]
+        self.slot, self.pos, self.gpage, self.pages = slot, pos, gpage, pages
+
+    @classmethod
+    def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
+        from replayer.payload import PayloadFile
+        n = len(p.d_off)
+        ufid = np.unique(p.d_file)
+        files: list = []
+        try:
+            for fid in ufid.tolist():
+                files.append(PayloadFile(p.files[int(fid)]))
+            slot = np.searchsorted(ufid, p.d_file)
+            pos = np.empty(n, np.int64)
+            gpage = np.empty(n, np.int64)
+            pages: list = []    # global page -> (PayloadFile, Rows, page)
+            key = p.d_file * (1 << 32) + p.d_rg
+            order = np.argsort(key, kind="stable")
+            starts, ends = _bounds(key[order])
+            groups = [(files[int(slot[order[a]])], int(p.d_rg[order[a]]), a, e)
+                      for a, e in zip(starts, ends)]
+            # the row places, on `jobs` threads: walking the pages faults the files in (a
+            # payload file written with O_DIRECT is not in the page cache yet)
+            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-index") as ex:
+                found = list(ex.map(lambda g: g[0].rows(g[1]), groups))
+            if any(r is None for r in found):
+                for f in files:
+                    f.close()
+                return None
+            for (pf, rg, a, e), r in zip(groups, found):
+                mem = order[a:e]
+                idx = p.d_idx[mem]
+                if int(idx.min()) < 0 or int(idx.max()) >= len(r.pos) or \
+                        bool((p.d_src[mem] + p.d_len[mem] > r.ln[idx]).any()):
+                    raise _short(p, int(mem[0]), int(idx[0]))
+                pos[mem] = r.pos[idx] + p.d_src[mem]
+                gpage[mem] = len(pages) + r.page[idx]
+                pages.extend((pf, r, k) for k in range(len(r.spans)))
+        except BaseException:
+            for f in files:
+                f.close()
+            raise
+        return cls(files, slot, pos, gpage, pages)
+
+    def verify(self, gpages) -> None:
+        for g in gpages:
+            pf, r, k = self.pages[g]
+            if not r.ok[k]:
+                pf.verify(r, [k])
+
+    def close(self) -> None:
+        self.views = []
+        for f in self.files:
+            f.close()
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    try:
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, (fl | os.O_DIRECT) if on else (fl & ~os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int) -> tuple:
+    """The direct path: pieces in device order, window by window copied straight from the
+    payload files' mappings into an aligned buffer (one memcpy per piece, no decode), the
+    window's data runs written with large O_DIRECT writes by a writer thread while the next
+    window is filled; the pages a window needs are checked (CRC) one window ahead on `jobs`
+    threads. (written, calls)."""
+    from replayer.payload import copy_pieces
+    order = np.argsort(p.d_off, kind="stable")
+    d_off, d_len = p.d_off[order], p.d_len[order]
+    slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]
+    # pieces that cross a window's bound are cut there
+    first = d_off // DIRECT_WINDOW
+    cuts = (d_off + d_len - 1) // DIRECT_WINDOW - first + 1
+    if len(cuts) and int(cuts.max()) > 1:
+        k = np.repeat(np.arange(len(d_off)), cuts)
+        j = np.arange(len(k)) - np.repeat(np.cumsum(cuts) - cuts, cuts)
+        w0 = (first[k] + j) * DIRECT_WINDOW
+        a = np.maximum(d_off[k], w0)
+        e = np.minimum(d_off[k] + d_len[k], w0 + DIRECT_WINDOW)
+        pos = pos[k] + (a - d_off[k])
+        slot, gpage = slot[k], gpage[k]
+        d_off, d_len = a, e - a
+    win = d_off // DIRECT_WINDOW
+    starts, ends = _bounds(win)
+    direct = _set_direct(t.fd, True)
+    size = p.size
+    nbuf = 3
+    bufs = [mmap.mmap(-1, DIRECT_WINDOW) for _ in range(nbuf)]
+    free: deque = deque(range(nbuf))
+    cv = threading.Condition()
+    jobs_q: deque = deque()
+    state: dict[str, Any] = {"err": None, "calls": 0, "stop": False, "direct": direct}
+
+    def write_runs(b: mmap.mmap, lo: int, runs) -> None:
+        mv = memoryview(b)
+        try:
+            for a, e in runs:
+                while a < e:
+                    n = min(e - a, MAX_RUN)
+                    if state["direct"] and (a % DIRECT_ALIGN or n % DIRECT_ALIGN):
+                        _set_direct(t.fd, False)
+                        state["direct"] = False
+                    try:
+                        _pwritev_all(t.fd, [mv[a - lo:a - lo + n]], a)
+                    except OSError as ex:
+                        if not state["direct"] or ex.errno != errno.EINVAL:
+                            raise
+                        _set_direct(t.fd, False)   # a file system without O_DIRECT
+                        state["direct"] = False
+                        continue
+                    if not state["direct"]:
+                        wb.wrote(n)
+                    state["calls"] += 1
+                    a += n
+        finally:
+            mv.release()
+
+    def writer() -> None:
+        while True:
+            with cv:
+                while not jobs_q and not state["stop"]:
+                    cv.wait()
+                if not jobs_q:
+                    return
+                i, lo, runs = jobs_q.popleft()
+            try:
+                if state["err"] is None:
+                    write_runs(bufs[i], lo, runs)
+            except BaseException as ex:  # noqa: BLE001 (handed to the main thread)
+                state["err"] = ex
+            with cv:
+                free.append(i)
+                cv.notify_all()
+
+    def pages_of(wi: int):
+        return np.unique(gpage[starts[wi]:ends[wi]]).tolist()
+
+    th = threading.Thread(target=writer, name="restore-direct-write", daemon=True)
+    th.start()
+    written = 0
+    try:
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex:
+            def check(wi: int):
+                pg = pages_of(wi)
+                k = max(1, len(pg) // max(1, jobs))
+                return [ex.submit(src.verify, pg[c:c + k]) for c in range(0, len(pg), k)]
+            pending = check(0) if starts else []
+            for wi, (a, e) in enumerate(zip(starts, ends)):
+                nxt = check(wi + 1) if wi + 1 < len(starts) else []
+                for f in pending:
+                    f.result()
+                pending = nxt
+                with cv:
+                    while not free and state["err"] is None:
+                        cv.wait()
+                    if state["err"] is not None:
+                        raise state["err"]
+                    i = free.popleft()
+                lo = int(win[a]) * DIRECT_WINDOW
+                o, ln = d_off[a:e], d_len[a:e]
+                ro, re_ = _window_runs(lo, o, ln)
+                # aligned out: the bytes added are the image's too (the buffer holds zeroes
+                # wherever no piece lies), within the window (its bounds are aligned)
+                ro = ro // DIRECT_ALIGN * DIRECT_ALIGN
+                re_ = np.minimum(-(-re_ // DIRECT_ALIGN) * DIRECT_ALIGN, min(size, lo + DIRECT_WINDOW))
+                bv = np.frombuffer(bufs[i], np.uint8)
+                if int(ln.sum()) != int((re_ - ro).sum()):
+                    for x, y in zip(ro.tolist(), re_.tolist()):
+                        bv[x - lo:y - lo] = 0
+                del bv
+                copy_pieces(bufs[i], o - lo, src.views, slot[a:e], pos[a:e], ln)
+                n = int(ln.sum())
+                written += n
+                bar.advance(n)
+                with cv:
+                    jobs_q.append((i, lo, list(zip(ro.tolist(), re_.tolist()))))
+                    cv.notify_all()
+            for f in pending:
+                f.result()
+    finally:
+        with cv:
+            state["stop"] = True
+            cv.notify_all()
+        th.join()
+        if state["direct"]:
+            _set_direct(t.fd, False)
+        for b in bufs:
+            b.close()
+    if state["err"] is not None:
+        raise state["err"]
+    return written, state["calls"]

@@ -109,10 +109,12 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
             spots.append(a + rng.randrange(0, max(1, (e - a) // ALIGN)) * ALIGN)
     while len(spots) < samples and size > 0:
         spots.append(rng.randrange(0, max(1, size // ALIGN)) * ALIGN)
+    spots = sorted(set(spots))
+    img.prefetch(spots, [x + SAMPLE for x in spots])
     buf = _aligned(SAMPLE)
     want = bytearray(SAMPLE)
     try:
-        for off in sorted(set(spots)):
+        for off in spots:
             n = min(SAMPLE, size - off)
             n -= n % 512
             if n <= 0:
@@ -131,25 +133,68 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
 
 
 def rewind(fd: int, img_to: Image, starts, ends, *, progress=None) -> tuple[int, int]:
-    """Write img_to over the ranges; fsync. (ranges, bytes written)."""
-    buf = _aligned(CHUNK)
+    """Write img_to over the ranges; fsync. (ranges, bytes written). A writer thread writes
+    one CHUNK while the next is read (O_DIRECT writes wait for the disk)."""
+    import threading
+    from collections import deque
+
+    bufs = [_aligned(CHUNK) for _ in range(3)]
+    free = deque(range(len(bufs)))
+    todo: deque = deque()
+    cv = threading.Condition()
+    state: dict = {"err": None, "stop": False}
+
+    def writer() -> None:
+        while True:
+            with cv:
+                while not todo and not state["stop"]:
+                    cv.wait()
+                if not todo:
+                    return
+                i, off, n = todo.popleft()
+            try:
+                if state["err"] is None:
+                    with memoryview(bufs[i]) as v:
+                        w = os.pwritev(fd, [v[:n]], off)  # (ALIGN-aligned; the end: the size's)
+                    if w != n:
+                        raise UserError(f"short write at byte {off}")
+            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
+                state["err"] = e
+            with cv:
+                free.append(i)
+                cv.notify_all()
+
+    th = threading.Thread(target=writer, name="rewind-write", daemon=True)
+    th.start()
     total = 0
     try:
-        view = memoryview(buf)
         for a, e in zip(starts.tolist(), ends.tolist()):
             off = a
             while off < e:
                 n = min(CHUNK, e - off)
-                img_to.read_into(view[:n], off)
-                w = os.pwritev(fd, [view[:n]], off)  # (ALIGN-aligned; the end: the size's)
-                if w != n:
-                    raise UserError(f"short write at byte {off}")
+                with cv:
+                    while not free and state["err"] is None:
+                        cv.wait()
+                    if state["err"] is not None:
+                        raise state["err"]
+                    i = free.popleft()
+                with memoryview(bufs[i]) as v:
+                    img_to.read_into(v[:n], off)
+                with cv:
+                    todo.append((i, off, n))
+                    cv.notify_all()
                 off += n
                 total += n
-        os.fsync(fd)
     finally:
-        del view
-        buf.close()
+        with cv:
+            state["stop"] = True
+            cv.notify_all()
+        th.join()
+        for b in bufs:
+            b.close()
+    if state["err"] is not None:
+        raise state["err"]
+    os.fsync(fd)
     return len(starts), total
 
 
@@ -171,6 +216,8 @@ def _apply(img_to, img_from, starts, ends, target, size, samples, check_only) ->
     t0 = time.monotonic()
     fd, _ = open_device(target, size)
     try:
+        if not check_only:
+            img_to.prefetch(starts, ends)   # read in while the check runs
         n = check_at(fd, img_from, starts, ends, size, samples=samples)
         if check_only:
             return Result(len(starts), 0, n, time.monotonic() - t0)

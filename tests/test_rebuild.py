@@ -328,8 +328,8 @@ def test_multi_device_session(capsys, tmp_path):
 
 
 def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
-    """pwritev and the window buffer give the same image; on a target that is not freshly truncated
-    (as a block device) the zero pieces are written, not skipped."""
+    """The direct path, pwritev and the window buffer give the same image; on a target that is
+    not freshly truncated (as a block device) the zero pieces are written, not skipped."""
     from replayer.rebuild import Target, execute, open_target
 
     log = tmp_path / "log"
@@ -338,7 +338,7 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
     ingest(capsys, log, store)
     pl = latest_plan(store)
     assert pl.zero_bytes > 0
-    for method in ("pwritev", "buffer"):
+    for method in ("direct", "pwritev", "buffer"):
         out = tmp_path / f"{method}.img"
         t = open_target(str(out), pl.size, False)
         try:
@@ -346,15 +346,17 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
         finally:
             os.close(t.fd)
         assert out.read_bytes() == bytes(s.image), method
-    old = tmp_path / "old.img"
-    old.write_bytes(b"\xEE" * pl.size)
-    fd = os.open(old, os.O_RDWR)
-    try:
-        res = execute(pl, Target(str(old), fd, is_block=False, created=False, sparse=False))
-    finally:
-        os.close(fd)
-    assert res["method"] == "pwritev"
-    assert old.read_bytes() == bytes(s.image)
+    for method in (None, "pwritev"):
+        old = tmp_path / "old.img"
+        old.write_bytes(b"\xEE" * pl.size)
+        fd = os.open(old, os.O_RDWR)
+        try:
+            res = execute(pl, Target(str(old), fd, is_block=False, created=False, sparse=False),
+                          method=method)
+        finally:
+            os.close(fd)
+        assert res["method"] == (method or "direct")
+        assert old.read_bytes() == bytes(s.image)
 
 
 # ------------------------------------------------------------ resync chunks, write errors

@@ -59,7 +59,7 @@ def _scratch(n: int) -> mmap.mmap:
 
 
 def _parquet(sink, b: Batch, codec: str) -> None:
-    with parquet_writer(sink, codec) as w:
+    with parquet_writer(sink, codec, b.payload_bytes // max(1, len(b.payload))) as w:
         for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
             w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
 
