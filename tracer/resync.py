@@ -296,7 +296,7 @@ class Resync:
     def _counters(self) -> tuple[_Counters, dict]:
         st = self.cap.counters()
         with self._lock:
-            logd = self._log_drops + getattr(self.t.stats, "log_full_drops", 0)
+            logd = self._log_drops + self.t.writer.dropped.spans
         return _Counters.of(st, logd), st
 
     def _wait_written(self) -> None:
@@ -308,8 +308,7 @@ class Resync:
             if self._stop.is_set() or self.t.failure:
                 raise Aborted()
             time.sleep(0.002)
-        ev = threading.Event()
-        self.t._queue.put(("fence", ev), 0)
+        ev = self.t.writer.fence()
         while not ev.wait(0.1):
             if self._stop.is_set() or self.t.failure:
                 raise Aborted()
@@ -666,7 +665,7 @@ class Resync:
         if shipper is None:
             return
         limit = shipper.log_max_bytes
-        while not shipper.room_for(min(2 * nbytes, limit // 4) + self.t._queue.size + limit // 2,
+        while not shipper.room_for(min(2 * nbytes, limit // 4) + self.t.writer.queue.size + limit // 2,
                                    probe=True):
             if self._stop.wait(0.05) or self.t.failure:
                 raise Aborted()
@@ -674,13 +673,10 @@ class Resync:
     def _queue_room(self, nbytes: int) -> None:
         """Leave most of the writer's queue to the collector: a resync that filled it would
         stall the collector, overflow the ring buffer and so restart itself."""
-        q = self.t._queue
-        share = max(q.limit // 4, nbytes)
-        with q.cv:
-            while q.size and q.size + nbytes > share:
-                if self._stop.is_set() or self.t.failure:
-                    raise Aborted()
-                q.cv.wait(0.1)
+        q = self.t.writer.queue
+        if not q.wait_room(nbytes, max(q.limit // 4, nbytes),
+                           lambda: self._stop.is_set() or bool(self.t.failure)):
+            raise Aborted()
 
     def _wait_drained(self, d: devices.BlockDevice) -> None:
         """No write with a stamp < Rs can still land: the disk's write in-flight count was

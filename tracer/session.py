@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -43,11 +43,10 @@ from typing import TYPE_CHECKING, Callable
 from blkrewind import __version__
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from blkrewind.formats.logframe import FL_RAW, FRAME_SIZE, Body, encode_span, list_segments
+from blkrewind.formats.logframe import FL_RAW, Body, encode_span, list_segments
 from tracer import calibrate, devices, pins
 from tracer.capture import Capture, Regions, region_layout
 from tracer.log import (
-    LogFull,
     LogLock,
     LogWriter,
     kernel_seq,
@@ -58,6 +57,7 @@ from tracer.log import (
 )
 from tracer.resync import Resync
 from tracer.ringbuf import RingConsumer
+from tracer.writer import RecordSeq, Writer
 
 if TYPE_CHECKING:
     from tracer.progress import ReadProgress
@@ -127,33 +127,6 @@ class TraceOptions:
     ship_timeout: float = 30.0    # a replayer silent this long: drop the connection, reconnect
 
 
-class _ByteQueue:
-    """A FIFO bounded by the bytes it holds (one item may exceed the bound)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.size = 0
-        self.items: list = []
-        self.cv = threading.Condition()
-
-    def put(self, item, nbytes: int) -> None:
-        with self.cv:
-            while self.size and self.size + nbytes > self.limit:
-                self.cv.wait()
-            self.items.append((item, nbytes))
-            self.size += nbytes
-            self.cv.notify_all()
-
-    def get(self, timeout: float):
-        with self.cv:
-            if not self.items and not self.cv.wait_for(lambda: self.items, timeout):
-                return None
-            item, nbytes = self.items.pop(0)
-            self.size -= nbytes
-            self.cv.notify_all()
-            return item
-
-
 @dataclass
 class _Old:
     dev: int
@@ -168,9 +141,6 @@ class Stats:
     cpu0: float = field(default_factory=lambda: _cpu_seconds())
     baseline_bytes: int = 0
     baseline_rereads: int = 0
-    log_full_drops: int = 0       # spans dropped because the LOG was full (--log-max-mb)
-    log_full_records: int = 0
-    log_full_bytes: int = 0
 
 
 def _cpu_seconds() -> float:
@@ -198,9 +168,8 @@ class Tracer:
                                    log_max_bytes=opts.log_max_bytes, say=say,
                                    dead_after=opts.ship_timeout,
                                    extra_status=lambda: self.status(shipper=False))
-        self._full_note: list | None = None  # [spans, records, bytes] dropped, not noted yet
-        self._useq = 0
-        self._queue = _ByteQueue(opts.queue_bytes)
+        self.seq = RecordSeq()   # the records the tracer writes itself
+        self.writer: Writer | None = None  # the LOG writer thread and its queue (_open_log)
         self._stop_collect = threading.Event()
         self._collected_pos = 0
         self._watch_old = False
@@ -216,9 +185,6 @@ class Tracer:
         self.loglock: LogLock | None = None
         self.ring: RingConsumer | None = None
         self._threads: list[threading.Thread] = []
-        # lz4 releases the GIL: spans are compressed here, in parallel, while
-        # the writer writes the previous ones (in order: it waits on each future)
-        self._encoders = ThreadPoolExecutor(2, thread_name_prefix="encoder")
         self._control: socket.socket | None = None
         self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
         self.end_state: dict | None = None
@@ -226,6 +192,8 @@ class Tracer:
         self.continued: int | None = None  # the pid of the dead tracer whose session goes on
         self._marks_set: dict[str, int] = {}  # mark name -> its stamp (a name set again: said)
         self.progress: ReadProgress | None = None  # the baseline or resync read going on
+        self.resync: Resync | None = None  # checkpoints and resyncs (start)
+        self._enable_mono = 0   # when capture was enabled (mono ns)
         # set by `trace` on a terminal: rewrites its status line
         self.progress_tty: Callable[[str | None], None] | None = None
         self._pin_problem: str | None = None
@@ -308,7 +276,7 @@ class Tracer:
             devices=[{"path": d.path, "kdev": d.kdev, "size": d.size_bytes,
                       "part_start": d.part_start} for d in self.devs],
             regions=[[r.kdev, r.base, r.shift, r.count] for r in regions],
-            ring_bytes=cap.ring_bytes, dirty_regions=cap.dirty_regions, useq=self._useq)
+            ring_bytes=cap.ring_bytes, dirty_regions=cap.dirty_regions, useq=self.seq.value)
         try:
             pins.save(p)  # first: pins without a record are a tracer that died starting
             cap.pin(p.pin_dir)
@@ -325,9 +293,9 @@ class Tracer:
         if p is None:
             return
         state = (safe, full, baseline_done)
-        if state == (p.safe, p.full, p.baseline_done) and self._useq - p.useq < 1000:
+        if state == (p.safe, p.full, p.baseline_done) and self.seq.value - p.useq < 1000:
             return
-        p.safe, p.full, p.baseline_done, p.useq = safe, full, baseline_done, self._useq
+        p.safe, p.full, p.baseline_done, p.useq = safe, full, baseline_done, self.seq.value
         try:
             pins.save(p)
         except OSError as e:
@@ -340,7 +308,7 @@ class Tracer:
         o = self.opts
         self.session = p.session
         self.continued = p.pid
-        self._useq = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
+        self.seq.value = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
         regions = [Regions(*r) for r in p.regions]
         self.capture = cap = Capture.adopt(p.pin_dir, p.ring_bytes, p.dirty_regions)
         cap.set_wake_bytes(o.wake_bytes)
@@ -404,23 +372,24 @@ class Tracer:
                              fsync_interval=o.fsync_interval,
                              prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
+        hint = ("" if o.ship else
+                f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
+                f"{o.log_dir} --store DIR --delete-ingested` deletes what a store holds")
+        self.writer = Writer(self.log, queue_bytes=o.queue_bytes, lz4_level=o.lz4_level,
+                             shipper=self.shipper, seq=self.seq, fail=self._fail, say=self.say,
+                             enospc_hint=hint)
 
     def _start_threads(self) -> None:
-        for target, name in ((self._collect, "collector"), (self._write, "writer")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._collect, name="collector", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.writer.start()
 
     def _next_useq(self) -> int:
-        self._useq += 1
-        return self._useq
+        return self.seq.next()
 
     def _user_records(self, recs: list[bytes]) -> None:
-        self._queue_span(b"".join(recs), len(recs))
-
-    def _queue_span(self, span: bytes, nrec: int) -> None:
-        body = self._encoders.submit(encode_span, span, self.opts.lz4_level)
-        self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body, None), len(span))
+        self.writer.add_records(recs)
 
     # -------------------------------------------------------------- collector
     def _collect(self) -> None:
@@ -428,7 +397,8 @@ class Tracer:
         their ring space is given back (in order) once encoded; a span stored as is (FL_RAW)
         is not even copied while less than half the ring is held: the writer writes it from
         the mapping and the space is given back once it is written."""
-        ring, cap = self.ring, self.capture
+        ring, cap, writer, resync = self.ring, self.capture, self.writer, self.resync
+        assert ring is not None and cap is not None and writer is not None and resync is not None
         next_check = 0.0
         pos = ring.consumed_pos()
         last_data = 0.0
@@ -439,7 +409,7 @@ class Tracer:
                 now = time.monotonic()
                 if view is not None:
                     last_data = now
-                    if self._watch_old or self.resync.watching:
+                    if self._watch_old or resync.watching:
                         self._scan_old(view)
                     # beyond half the ring held, copy: the writer's queue (queue_bytes)
                     # then buffers what a slow LOG disk cannot take yet, not the ring
@@ -452,12 +422,9 @@ class Tracer:
                         fut: Future[Body] = Future()
                         fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
-                        fut = self._encoders.submit(encode_span, view, self.opts.lz4_level,
-                                                    copy=copy)
-                    # the writer uses the view for its size, and writes a FL_RAW body that
-                    # is a view of it before `written` is set
-                    self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut, written),
-                                    view.nbytes)
+                        fut = writer.encoders.submit(encode_span, view, self.opts.lz4_level,
+                                                     copy=copy)
+                    writer.put_span(view, n, fut, written)
                     encoding.append((end, fut, written))
                     pos = end
                 while encoding and _ring_done(encoding[0]):
@@ -512,97 +479,9 @@ class Tracer:
                 return
             time.sleep(0.002)
 
-    # ----------------------------------------------------------------- writer
-    def _write(self) -> None:
-        log = self.log
-        while True:
-            item = self._queue.get(timeout=0.1)
-            try:
-                if item is None:
-                    log.maybe_sync()
-                    continue
-                kind = item[0]
-                if kind == "span":
-                    _, span, nrec, mono, real, body, written = item
-                    try:
-                        body = body.result()
-                        if not self._room_for(span, nrec, body.stored_len):
-                            continue
-                        try:
-                            log.append(span, nrec, mono, real, body=body)
-                        except LogFull as e:  # ENOSPC: drop, count, go on (resync repairs)
-                            self._log_enospc(span, nrec, e)
-                            continue
-                    finally:
-                        if written is not None:  # its ring space may go back now
-                            written.set_result(None)
-                    self._enospc = False
-                    log.maybe_sync()
-                elif kind == "barrier":
-                    log.sync()
-                    item[1].set()
-                elif kind == "fence":  # resync checkpoints: everything before is handled
-                    item[1].set()
-                elif kind == "close":
-                    log.close()
-                    item[1].set()
-                    return
-            except Exception as e:
-                self._fail(f"writing the LOG failed: {e}")
-                if item and item[0] in ("barrier", "close"):
-                    item[1].set()
-                if item and item[0] == "close":
-                    return
-
-    def _log_enospc(self, span, nrec: int, e: Exception) -> None:
-        """A span the LOG's file system had no space for: counted with the retention drops
-        (stats.log_full_*), said once per episode; the resync thread repairs the loss."""
-        st = self.stats
-        st.log_full_drops += 1
-        st.log_full_records += nrec
-        st.log_full_bytes += memoryview(span).nbytes
-        if not getattr(self, "_enospc", False):
-            self._enospc = True
-            hint = ("" if self.opts.ship else
-                    f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
-                    f"{self.opts.log_dir} --store DIR --delete-ingested` deletes what a store "
-                    f"holds")
-            self.say(f"WARNING: {e}: records are DROPPED and counted as lost until there is "
-                     f"space again (then the regions written meanwhile are read again){hint}")
-
-    def _room_for(self, span, nrec: int, body_len: int) -> bool:
-        """Retention (--log-max-mb, tracer/shipper.py): may this span be appended? When the
-        LOG is full the span is dropped and counted (stats.log_full_*); once there is room
-        again an R_LOSS record {"cause": "log full", ...} notes what was dropped."""
-        if self.shipper is None:
-            return True
-        note = None
-        if self._full_note is not None:
-            n = self._full_note
-            note = record.json_record(record.R_LOSS, {
-                "cause": "log full", "log_full_spans": n[0], "log_full_records": n[1],
-                "log_full_bytes": n[2]}, seq=self._next_useq())
-        extra = len(note) + 256 if note else 0
-        if not self.shipper.room_for(body_len + FRAME_SIZE + extra):
-            st = self.stats
-            st.log_full_drops += 1
-            st.log_full_records += nrec
-            st.log_full_bytes += memoryview(span).nbytes
-            n = self._full_note = self._full_note or [0, 0, 0]
-            n[0] += 1
-            n[1] += nrec
-            n[2] += memoryview(span).nbytes
-            return False
-        if note is not None:
-            self.log.append(note, 1, mono_ns(), time.time_ns())
-            self._full_note = None
-        return True
-
     def durable(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is fsynced in the LOG."""
-        ev = threading.Event()
-        self._queue.put(("barrier", ev), 0)
-        return ev.wait(timeout) and self.failure is None
+        return self.writer.durable(timeout) and self.failure is None
 
     def _fail(self, why: str) -> None:
         if self.failure is None:
@@ -658,14 +537,16 @@ class Tracer:
                 if got != n:
                     raise UserError(f"{d.path}: short read at byte {off} ({got} of {n})")
                 if view == zero[:n]:
-                    rec = record.make_record(b"", rtype=record.R_BASE, seq=self._next_useq(),
+                    seq = self._next_useq()
+                    rec = record.make_record(b"", rtype=record.R_BASE, seq=seq,
                                              dev=d.kdev, sector=off // 512, bio_size=n,
-                                             aux=self._useq, flags=record.F_ZERO,
+                                             aux=seq, flags=record.F_ZERO,
                                              ktime_ns=read_at[i])
                 else:
-                    rec = record.make_record(view, rtype=record.R_BASE, seq=self._next_useq(),
+                    seq = self._next_useq()
+                    rec = record.make_record(view, rtype=record.R_BASE, seq=seq,
                                              dev=d.kdev, sector=off // 512, bio_size=n,
-                                             aux=self._useq, ktime_ns=read_at[i])
+                                             aux=seq, ktime_ns=read_at[i])
                 view.release()
                 self._user_records([rec])
                 total += n
@@ -711,7 +592,7 @@ class Tracer:
 
     # ------------------------------------------------------------------ marks
     def mark(self, name: str, pid: int = 0, comm: str = "") -> dict:
-        full0 = self.stats.log_full_drops
+        full0 = self.writer.dropped.spans
         stamp, ok = self.capture.point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
                                        comm=comm.encode()[:15])
         if not ok:
@@ -719,7 +600,7 @@ class Tracer:
         self.wait_collected()
         if not self.durable():
             raise UserError(f"mark {name!r} could not be made durable: {self.failure}")
-        if self.stats.log_full_drops != full0:
+        if self.writer.dropped.spans != full0:
             raise UserError(f"mark {name!r} may have been lost: the LOG is full "
                             f"(--log-max-mb; the replayer has not acknowledged enough)")
         again = self._marks_set.get(name)
@@ -775,11 +656,8 @@ class Tracer:
                "continued_from_pid": self.continued,
                "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
                "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
-               "log_full_drops": self.stats.log_full_drops,
-               "log_full_records": self.stats.log_full_records,
-               "log_full_bytes": self.stats.log_full_bytes,
-               "failure": self.failure}
-        resync = getattr(self, "resync", None)
+               **self._dropped(), "failure": self.failure}
+        resync = self.resync
         prog = self.progress or (resync.progress if resync is not None else None)
         out["progress"] = prog.status() if prog is not None else None
         if shipper and self.shipper is not None:
@@ -789,7 +667,7 @@ class Tracer:
     def stop(self) -> dict:
         """Disable capture, drain, write R_END, seal the LOG; returns the stats."""
         cap = self.capture
-        if getattr(self, "resync", None) is not None:
+        if self.resync is not None:
             self.resync.stop()
         if self._control is not None:
             self._control.close()
@@ -817,9 +695,7 @@ class Tracer:
                     record.json_record(record.R_END, {"end_stamp": st["stamp"], "end_seq": st["seq"],
                                                       "clean": self.failure is None},
                                        seq=self._next_useq())])
-                ev = threading.Event()
-                self._queue.put(("close", ev), 0)
-                ev.wait(60)
+                self.writer.close(60)
             elif self.log is not None:  # failed before the threads started
                 self.log.close()
             self.end_state = st
@@ -833,18 +709,21 @@ class Tracer:
                      "log_bytes": self.log.bytes_written if self.log else 0,
                      "baseline_bytes": self.stats.baseline_bytes,
                      "baseline_rereads": self.stats.baseline_rereads,
-                     "log_full_drops": self.stats.log_full_drops,
-                     "log_full_records": self.stats.log_full_records,
-                     "log_full_bytes": self.stats.log_full_bytes,
-                     "failure": self.failure}
+                     **self._dropped(), "failure": self.failure}
         if self.shipper is not None:  # the LOG is sealed: wait (bounded) for the last acks
             stats["shipper"] = self.shipper.stop(self.opts.ship_drain)
             self.shipper = None
         self.close()
         return stats
 
+    def _dropped(self) -> dict:
+        d = self.writer.dropped if self.writer is not None else None
+        return {"log_full_drops": d.spans if d else 0, "log_full_records": d.records if d else 0,
+                "log_full_bytes": d.bytes if d else 0}
+
     def close(self) -> None:
-        self._encoders.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.shutdown()
         if self.ring is not None:
             self.ring.close()
             self.ring = None
