@@ -297,7 +297,7 @@ def throughput(args, base: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------ RPO
 def rpo(args, base: str) -> dict:
-    from tracer.session import ask
+    from tracer.control import ask
     srv_tls, cli_tls = tls_dirs(base)
     img = os.path.join(base, "rpo.img")
     with open(img, "wb") as f:

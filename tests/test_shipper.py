@@ -25,7 +25,7 @@ from blkrewind import tlsconf
 from blkrewind.formats import logframe
 from blkrewind.formats.ranges import Ranges
 from tracer import log as tlog
-from tracer.session import ask
+from tracer.control import ask
 from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Shipper
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
