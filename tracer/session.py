@@ -37,7 +37,7 @@ from blkrewind.formats import record
 from blkrewind.formats.logframe import FL_RAW, Body, encode_span
 from tracer import calibrate, devices, pins
 from tracer.baseline import Baseline
-from tracer.capture import Capture, region_layout
+from tracer.capture import Capture, Regions, region_layout
 from tracer.continuation import Continuation, skip_logged
 from tracer.control import ControlSocket
 from tracer.log import (
@@ -153,7 +153,7 @@ class Tracer:
         self._collected_pos = 0
         self.baseline = Baseline(self.devs, chunk_bytes=opts.chunk_bytes, settle=opts.settle,
                                  add_records=self._user_records, seq=self.seq,
-                                 wait_collected=self.wait_collected, say=say, fail=self._fail)
+                                 wait_collected=self.wait_collected, say=say, fail=self.fail)
         self.failure: str | None = None
         self.baseline_done = threading.Event()
         self.capture: Capture | None = None
@@ -197,9 +197,8 @@ class Tracer:
         for d, r in zip(self.devs, regions):
             cap.add_device(d.kdev, d.part_start, r)
         self.continuation.pin(self.session, cap, regions, self.seq.value)
-        self.resync = Resync(self, regions, stamp_base)  # docs/internals.md "Gaps and resync"
-
         self._open_log()
+        self.resync = self._new_resync(regions, stamp_base)
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         while self.ring.take()[1]:  # calibration leftovers
             pass
@@ -250,7 +249,7 @@ class Tracer:
         skipped = skip_logged(self.ring, tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
         self._open_log()
         self._collected_pos = self.ring.consumed_pos()
-        self.resync = Resync(self, regions, p.safe)
+        self.resync = self._new_resync(regions, p.safe)
         waiting = self.ring.pending()
         self.resync.continue_after_crash(p.safe, p.full, dead_pid=dead_pid,
                                          ring_bytes_waiting=waiting, skipped=skipped)
@@ -282,8 +281,16 @@ class Tracer:
                 f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
                 f"{o.log_dir} --store DIR --delete-ingested` deletes what a store holds")
         self.writer = Writer(self.log, queue_bytes=o.queue_bytes, lz4_level=o.lz4_level,
-                             shipper=self.shipper, seq=self.seq, fail=self._fail, say=self.say,
+                             shipper=self.shipper, seq=self.seq, fail=self.fail, say=self.say,
                              enospc_hint=hint)
+
+    def _new_resync(self, regions: list[Regions], stamp_base: int) -> Resync:
+        """The checkpoint/resync thread (docs/internals.md "Gaps and resync")."""
+        assert self.capture is not None and self.writer is not None
+        o = self.opts
+        return Resync(self, self.capture, self.writer, self.seq, self.devs, regions, stamp_base,
+                      chunk_bytes=o.chunk_bytes, settle=o.settle, log_dir=o.log_dir,
+                      shipper=self.shipper)
 
     def _start_threads(self) -> None:
         t = threading.Thread(target=self._collect, name="collector", daemon=True)
@@ -359,7 +366,7 @@ class Tracer:
                     # far more than the records (the ring holds ~60 ms at 2 GB/s)
                     time.sleep(BATCH_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
-            self._fail(f"collector stopped: {e}")
+            self.fail(f"collector stopped: {e}")
 
     def _scan_completions(self, span: bytes | memoryview) -> None:
         """Completions go to the resync while it watches, and those of writes queued before
@@ -379,13 +386,23 @@ class Tracer:
         thread (tracer/resync.py) reports each loss episode and repairs it."""
         self.resync.note_counters(st, final)
 
+    def caught_up(self, abort: Callable[[], bool]) -> bool:
+        """Return once the collector has taken everything committed before now; False:
+        abort() said to stop first (for the resync's checkpoints)."""
+        target = self.ring.producer_pos()
+        while self._collected_pos < target:
+            if abort():
+                return False
+            time.sleep(0.002)
+        return True
+
     def wait_collected(self, timeout: float = 10.0) -> None:
         """Return once the collector has taken everything committed before now."""
         target = self.ring.producer_pos()
         deadline = time.monotonic() + timeout
         while self._collected_pos < target:
             if time.monotonic() > deadline or self.failure:
-                self._fail(f"the collector fell {target - self._collected_pos} bytes behind "
+                self.fail(f"the collector fell {target - self._collected_pos} bytes behind "
                            f"for {timeout:.0f} s")
                 return
             time.sleep(0.002)
@@ -394,7 +411,7 @@ class Tracer:
         """Wait until everything queued so far is fsynced in the LOG."""
         return self.writer.durable(timeout) and self.failure is None
 
-    def _fail(self, why: str) -> None:
+    def fail(self, why: str) -> None:
         if self.failure is None:
             self.failure = why
             self.say(f"ERROR: {why}")
