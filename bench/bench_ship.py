@@ -197,7 +197,8 @@ def tls_dirs(base: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ throughput
 def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
               conns: int) -> dict:
-    from tracer.shipper import SHIPPED_JSON, Shipper
+    from tracer.shipper import Shipper
+    from tracer.shipstate import SHIPPED_JSON
     try:
         os.unlink(os.path.join(log_dir, SHIPPED_JSON))
     except FileNotFoundError:

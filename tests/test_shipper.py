@@ -26,7 +26,8 @@ from blkrewind.formats import logframe
 from blkrewind.formats.ranges import Ranges
 from tracer import log as tlog
 from tracer.control import ask
-from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Shipper
+from tracer.shipper import Shipper
+from tracer.shipstate import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
