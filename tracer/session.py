@@ -95,16 +95,15 @@ class TraceOptions:
     # > 0: records are submitted without waking the collector, but for the one that takes
     # the ring's unconsumed data past wake_bytes; the collector then polls every WAKE_POLL
     # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
-    # wake as libbpf does -- the collector's own switches were already ~0.03 per 4 KiB write
-    # (it sleeps BATCH_WAIT between spans, so a wake-up comes once per span, not per write)
-    # and BATCH_BYTES measured no better (bench/bench_cpu.py, README "Costs")
+    # wake as libbpf does -- the collector sleeps BATCH_WAIT between spans, so a wake-up
+    # comes once per span, not per write, and a wake_bytes of BATCH_BYTES did not lower the
+    # tracer's CPU (bench/bench_cpu.py; the figures are in README "Costs")
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
     # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
-    # buffered: bench/bench_cpu.py measured no gain in the tracer's CPU from the others
-    # (README "Costs": LOG on ext4 over zram, 5.6 vs 5.2 us per 4 KiB write, 1.97 vs 2.06
-    # CPU-s per GB at 1 MiB; on a tmpfs they cost more)
+    # buffered: the others did not lower the tracer's CPU (bench/bench_cpu.py; the figures
+    # are in README "Costs")
     log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
@@ -331,8 +330,7 @@ class Tracer:
                     written: Future | None = None if copy else Future()
                     if view.nbytes < BATCH_BYTES:
                         # a small span is encoded here: handing it to an encoder thread
-                        # and back costs two wake-ups, more than lz4 on it (at 50k 4 KiB
-                        # writes a second: ~500 such spans)
+                        # and back costs two wake-ups, more than lz4 on it
                         fut: Future[Body] = Future()
                         fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
@@ -363,7 +361,7 @@ class Tracer:
                         ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
                 elif view.nbytes < BATCH_BYTES:
                     # let records accumulate: one LOG frame per record would cost
-                    # far more than the records (the ring holds ~60 ms at 2 GB/s)
+                    # far more than the records
                     time.sleep(BATCH_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
             self.fail(f"collector stopped: {e}")
