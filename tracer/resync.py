@@ -9,7 +9,7 @@ checkpoint  every CHECKPOINT_EVERY seconds: read the stamp counter (C), wait for
             (a "fence" through its queue), then read the loss counters. Counters that moved
             since the previous checkpoint mean lost stamps, all >= the previous checkpoint's C.
 loss        kernel ring drops, payload read errors and truncated bios (kernel counters),
-            spans the LOG could not take (log_dropped(), called by the writer), dirty-map
+            spans the LOG could not take (the writer's count, tracer/writer.py), dirty-map
             updates given up (dirty_races): reported once per episode on stderr and as R_LOSS
             {"cause", "since", counters...}; the resync follows.
 write error a write-type completion with an error (err_map, read through Capture.errors()):
@@ -185,9 +185,6 @@ class Resync:
         self._episode = False
         self._said_restart = False
         self.restarts = 0
-        self._log_drops = 0
-        self._log_drop_bytes = 0
-        self._log_drops_in_baseline = False
         self._baseline_at_prev = False
         self._reported: dict[str, int] = {}
         # completions seen while watching: (dev, start byte, end byte, ktime, min stamp)
@@ -228,15 +225,6 @@ class Resync:
         """Take the next checkpoint now rather than at the next interval."""
         self._wake.set()
 
-    def log_dropped(self, nrec: int, nbytes: int, why: str = "log full") -> None:
-        """Called by the LOG writer when it drops a span (the LOG is full)."""
-        with self._lock:
-            self._log_drops += 1
-            self._log_drop_bytes += nbytes
-            if not self.host.baseline_done.is_set():
-                self._log_drops_in_baseline = True
-        self._wake.set()
-
     def note_counters(self, st: dict, final: bool = False) -> None:
         """The collector's periodic look at the kernel counters: record each change of the
         loss counters in the LOG (R_LOSS) and wake the checkpoint thread."""
@@ -251,7 +239,7 @@ class Resync:
         if final and self._thread is None:
             with self._lock:
                 prev, pending = self._prev, self._pending
-            now = _Counters.of(st, self._log_drops)
+            now = _Counters.of(st, self.writer.dropped.spans)
             lost = now.causes_since(prev)
             if lost and pending is None and not self.running:
                 self.host.say(f"WARNING: records lost at the end of the session ({', '.join(lost)}: "
@@ -288,15 +276,16 @@ class Resync:
             return {"checkpoint": self.last_checkpoint, "checkpoints": self.checkpoints,
                     "resyncs": self.resyncs, "restarts": self.restarts,
                     "resync_bytes": self.resync_bytes,
-                    "log_drops": self._log_drops, "pending": None if p is None else
+                    "log_drops": self.writer.dropped.spans, "pending": None if p is None else
                     {"since": p.since, "causes": p.causes}, "running": self.running}
 
     # ---------------------------------------------------------------- internals
     def _loss_record(self, cause: str, st: dict, **extra) -> None:
         """R_LOSS in the LOG. Never called with self._lock held: the queue may block on the
-        writer, and the writer calls log_dropped()."""
-        body = {**st, "cause": cause, "log_drops": self._log_drops,
-                "log_drop_bytes": self._log_drop_bytes, **extra}
+        writer."""
+        dropped = self.writer.dropped
+        body = {**st, "cause": cause, "log_drops": dropped.spans,
+                "log_drop_bytes": dropped.bytes, **extra}
         with self._seq_lock:
             seq = self.seq.next()
         self.writer.add_records([record.json_record(record.R_LOSS, body, seq=seq)])
@@ -328,9 +317,7 @@ class Resync:
 
     def _counters(self) -> tuple[_Counters, dict]:
         st = self.cap.counters()
-        with self._lock:
-            logd = self._log_drops + self.writer.dropped.spans
-        return _Counters.of(st, logd), st
+        return _Counters.of(st, self.writer.dropped.spans), st
 
     def _wait_written(self) -> None:
         """Everything committed to the ring so far is collected, and everything queued for
@@ -396,8 +383,7 @@ class Resync:
                     # writes queued before capture (not in the dirty map): read it all
                     p.full = True
                 if now.dirty_races != self._prev.dirty_races or (
-                        "log full" in causes and (self._log_drops_in_baseline
-                                                  or not self._baseline_at_prev)):
+                        "log full" in causes and not self._baseline_at_prev):
                     # baseline chunks may be among the spans lost: read everything
                     p.full = True
                 if now.missed != self._prev.missed:
@@ -421,7 +407,7 @@ class Resync:
                     say.append(
                         f"WARNING: records lost ({', '.join(causes)}: {st['drops']} records, "
                         f"{st['drop_bytes']} bytes of payload dropped by the kernel, "
-                        f"{self._log_drops} spans refused by the LOG so far): every region "
+                        f"{now.log_drops} spans refused by the LOG so far): every region "
                         f"written since stamp {p.since} is read again from the device (resync); "
                         f"until it ends nothing after stamp {p.since - 1} is restorable")
                 since = p.since
