@@ -71,6 +71,7 @@ class Connection:
         self.sock = sock
         self.waker = waker
         self.inflight: dict[int, Msg] = {}   # FRAMES sent, not acked yet, by message id
+        self.up = False                      # WELCOMEd: counted in the shipper's connections_up
         self.inv = _InventoryRound()
         self.lacks_acc: list = []            # the LACKS sequence being received
         self.frames_max = 0                  # bytes of frames per FRAMES message
@@ -171,6 +172,7 @@ class Connection:
         max_body = min(w["max_body"], wire.MAX_BODY)
         self.frames_max = max(64 << 10, min(wire.MAX_FRAMES_MSG, max_body - wire.MAX_META - 64))
         again, said = sh.connected(k, w["server"])
+        self.up = True
         if k == 0 or said:
             sh.say(f"shipping: connected to {sh.addr} (server {w['server']}, "
                    f"{'TLS' if sh.tls else 'plain TCP'}, connection {k})"

@@ -210,7 +210,7 @@ class Shipper:
                              f"(the LOG keeps everything meanwhile)")
                     self._outage_said = True
             finally:
-                if t_up is not None:
+                if conn is not None and conn.up:
                     with self._lock:
                         self._conns_up -= 1
                 if conn is not None and conn.inflight:
