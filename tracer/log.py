@@ -234,6 +234,13 @@ class LogWriter:
         self.current_path = ""
         self.last_sync_monotonic = _monotonic()
         self._fd: int | None = None
+        # the current segment (set by _open_segment): its id, write position, next frame
+        # number, records so far, and whether it has writes not yet fsynced
+        self._seg_id = 0
+        self._pos = 0
+        self._frame_no = 0
+        self._seg_records = 0
+        self._dirty = False
         self._error: LogIOError | None = None  # sticky: the writer can no longer be trusted
         self._closed = False
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
