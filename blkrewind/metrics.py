@@ -120,7 +120,7 @@ class TracerCollector:
         o.gauge("blkrewind_baseline_done", "1 once every device's baseline is in the LOG "
                 "(points are restorable from then on).", int(bool(st.get("baseline_done"))))
         o.counter("blkrewind_baseline_bytes", "Bytes read from the devices for the baseline.",
-                  t.stats.baseline_bytes)
+                  t.baseline.bytes)
         o.counter("blkrewind_capture_bytes", "Bytes of writes captured by the kernel side.",
                   k.get("bytes"))
         o.counter("blkrewind_capture_bios", "Write bios captured by the kernel side.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 
@@ -57,6 +58,11 @@ def test_log_file_system_fills_then_recovers(make_loop, mkfs, mount_fs, tmp_path
         warning = next(ln for ln in t.lines if "records are DROPPED" in ln)
         assert f"ingest --log {log} --store DIR --delete-ingested" in warning, warning
         assert "note: without --ship nothing deletes the LOG" in t.stderr, t.stderr
+        # the loss report counts the spans the writer dropped
+        _wait(lambda: "spans refused by the LOG so far" in t.stderr, "the loss report", t)
+        lost = next(ln for ln in t.lines if "spans refused by the LOG so far" in ln)
+        refused = re.search(r"(\d+) spans refused by the LOG so far", lost)
+        assert refused and int(refused.group(1)) > 0, lost
         os.unlink(filler)  # space again: the regions written meanwhile are read back
         _wait(lambda: "resync of" in t.stderr and " done" in t.stderr.split("resync of")[-1],
               "the resync", t, timeout=60, where=mnt)

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from blkrewind import cli
-from tracer import session
+from tracer import control
 
 
 def _fake_tracer(path: str, log: str, got: list) -> socket.socket:
@@ -40,7 +40,7 @@ def _fake_tracer(path: str, log: str, got: list) -> socket.socket:
 def test_mark_log_beside_a_tracer_that_does_not_answer(tmp_path, monkeypatch, capsys):
     ctl = tmp_path / "ctl"
     ctl.mkdir()
-    monkeypatch.setattr(session, "CONTROL_DIR", str(ctl))
+    monkeypatch.setattr(control, "CONTROL_DIR", str(ctl))
     dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     dead.bind(str(ctl / f"trace-{os.getppid()}.sock"))  # bound, not listening: refused
     got: list = []

@@ -25,8 +25,9 @@ from blkrewind import tlsconf
 from blkrewind.formats import logframe
 from blkrewind.formats.ranges import Ranges
 from tracer import log as tlog
-from tracer.session import ask
-from tracer.shipper import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate, Shipper
+from tracer.control import ask
+from tracer.shipper import Shipper
+from tracer.shipstate import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
@@ -252,6 +253,39 @@ def test_old_sessions_shipped_and_restart_reinventories(tmp_path, serve):
         img = tmp_path / f"{s.name}.expected"
         img.write_bytes(s.image)
         restore_matches(store, key, "latest", img)
+
+
+def test_connections_up_counts_only_welcomed_connections(tmp_path):
+    """A peer that accepts TCP connections and closes them before any WELCOME: the shipper
+    keeps reconnecting and connections_up stays 0 (a connection that never got its WELCOME
+    was counted down all the same, and the count went negative)."""
+    log_dir = tmp_path / "log"
+    synth.history(log_dir, seed=5, nbios=10, host="h1", name="loop7")
+    lsn = socket.socket()
+    lsn.bind(("127.0.0.1", 0))
+    lsn.listen(16)
+    accepted: list[int] = []
+
+    def accept_and_close():
+        while True:
+            try:
+                c, _ = lsn.accept()
+            except OSError:
+                return
+            c.close()
+            accepted.append(1)
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    sh = Shipper(log_dir, f"127.0.0.1:{lsn.getsockname()[1]}", insecure=True, host="h1",
+                 say=lambda m: None)
+    sh.start()
+    try:
+        wait_until(lambda: len(accepted) >= 6, 60, "reconnects")
+        time.sleep(0.5)   # the last closes reach the shipper
+        assert sh.status()["connections_up"] == 0
+    finally:
+        sh.stop(0)
+        lsn.close()
 
 
 def test_ship_refuses_bad_options(tmp_path, run_cli, assert_one_line_error):

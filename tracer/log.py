@@ -217,9 +217,9 @@ class LogWriter:
         # direct: segments preallocated to segment_bytes (or spares reused, retire_segment())
         # and written with O_DIRECT from a reused aligned buffer, where the file system allows
         # (else as buffered writes): no page-cache page per 4 KiB of LOG. Off by default: with
-        # the LOG on a tmpfs (bench/bench_cpu.py) it dropped records at 50k 4 KiB writes/s
-        # that buffered writes kept (tmpfs's O_DIRECT is buffered I/O plus invalidation); not
-        # yet measured with the LOG on a second real disk, where it is meant to pay
+        # the LOG on a tmpfs it dropped records that buffered writes kept (tmpfs's O_DIRECT is
+        # buffered I/O plus invalidation; bench/bench_cpu.py, README "Costs"); not yet
+        # measured with the LOG on a second real disk, where it is meant to pay
         # prealloc: segments preallocated / recycled as with direct, written through the page
         # cache (over pages the file has: a tmpfs or the page cache allocates none)
         self.direct = direct
@@ -234,6 +234,13 @@ class LogWriter:
         self.current_path = ""
         self.last_sync_monotonic = _monotonic()
         self._fd: int | None = None
+        # the current segment (set by _open_segment): its id, write position, next frame
+        # number, records so far, and whether it has writes not yet fsynced
+        self._seg_id = 0
+        self._pos = 0
+        self._frame_no = 0
+        self._seg_records = 0
+        self._dirty = False
         self._error: LogIOError | None = None  # sticky: the writer can no longer be trusted
         self._closed = False
         os.makedirs(self.log_dir, mode=0o700, exist_ok=True)

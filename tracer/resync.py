@@ -9,7 +9,7 @@ checkpoint  every CHECKPOINT_EVERY seconds: read the stamp counter (C), wait for
             (a "fence" through its queue), then read the loss counters. Counters that moved
             since the previous checkpoint mean lost stamps, all >= the previous checkpoint's C.
 loss        kernel ring drops, payload read errors and truncated bios (kernel counters),
-            spans the LOG could not take (log_dropped(), called by the writer), dirty-map
+            spans the LOG could not take (the writer's count, tracer/writer.py), dirty-map
             updates given up (dirty_races): reported once per episode on stderr and as R_LOSS
             {"cause", "since", counters...}; the resync follows.
 write error a write-type completion with an error (err_map, read through Capture.errors()):
@@ -31,16 +31,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 
 from blkrewind.formats import record
 from tracer import devices
-from tracer.capture import Regions
+from tracer.capture import Capture, Regions
 
 if TYPE_CHECKING:
     from tracer.progress import ReadProgress
+    from tracer.shipper import Shipper
+    from tracer.writer import RecordSeq, Writer
 
 CHECKPOINT_EVERY = 1.0
 FINISH_ROUNDS = 3            # stop(): resyncs it still runs before giving up
@@ -116,20 +118,51 @@ class Aborted(Exception):
     pass
 
 
-class Resync:
-    """Owns the checkpoint/resync thread of one Tracer (tracer/session.py)."""
+class ResyncHost(Protocol):
+    """What Resync needs of its tracer (tracer/session.py Tracer), and nothing else."""
+    baseline_done: threading.Event   # set once every device's baseline is in the LOG
+    failure: str | None              # the tracer failed (it stops)
+    progress_tty: Callable[[str | None], None] | None  # the terminal's status line, if any
 
-    def __init__(self, tracer, regions: list[Regions], stamp_base: int,
+    def say(self, msg: str) -> None: ...
+
+    def fail(self, why: str) -> None: ...
+
+    def caught_up(self, abort: Callable[[], bool]) -> bool:
+        """Return once the collector took everything committed to the ring buffer so far;
+        False: abort() said to stop first."""
+        ...
+
+    def checkpointed(self, safe: int, full: bool, baseline_done: bool) -> None:
+        """A checkpoint: every stamp < safe is in the LOG or covered (tracer/continuation.py)."""
+        ...
+
+
+class Resync:
+    """Owns the checkpoint/resync thread of one Tracer (tracer/session.py).
+
+    host: the tracer (ResyncHost). cap: its capture (counters, stamps, dirty map, grace
+    periods, points). writer: the LOG writer (records, fences, its queue's room, its drops);
+    seq: numbers the records. shipper: retention (--log-max-mb), None without; then the room
+    in the LOG is the free space of log_dir's file system."""
+
+    def __init__(self, host: ResyncHost, cap: Capture, writer: Writer, seq: RecordSeq,
+                 devs: list[devices.BlockDevice], regions: list[Regions], stamp_base: int, *,
+                 chunk_bytes: int, settle: float, log_dir: str, shipper: Shipper | None,
                  interval: float = CHECKPOINT_EVERY, readers: int = READERS):
-        self.t = tracer
-        self.cap = tracer.capture
+        self.host = host
+        self.cap = cap
+        self.writer = writer
+        self.seq = seq
+        self.shipper = shipper
+        self.log_dir = log_dir
         self.regions = {r.kdev: r for r in regions}
-        self.devs = {d.kdev: d for d in tracer.devs}
+        self.devs = {d.kdev: d for d in devs}
         self.interval = interval
         self.readers = readers
         self._admit = threading.Lock()   # read(): one reader at a time waits for LOG room
-        self.chunk_bytes = tracer.opts.chunk_bytes
-        self.settle = tracer.opts.settle
+        self.chunk_bytes = chunk_bytes
+        self.settle = settle
         self.watching = False          # the collector hands completions to scan()
         self.resyncs = 0               # resyncs completed (all devices)
         self.last: dict | None = None  # the last device resync: bytes, seconds, ranges...
@@ -152,9 +185,6 @@ class Resync:
         self._episode = False
         self._said_restart = False
         self.restarts = 0
-        self._log_drops = 0
-        self._log_drop_bytes = 0
-        self._log_drops_in_baseline = False
         self._baseline_at_prev = False
         self._reported: dict[str, int] = {}
         # completions seen while watching: (dev, start byte, end byte, ktime, min stamp)
@@ -173,7 +203,7 @@ class Resync:
         most FINISH_ROUNDS, once the baseline is done), so that a clean stop after a loss
         still ends restorable. Otherwise a resync in progress is abandoned (its resync_start
         without a resync_end covers nothing). Says so when the session ends inside a gap."""
-        if finish and self._thread is not None and not self.t.failure:
+        if finish and self._thread is not None and not self.host.failure:
             self._finish.set()
             self._wake.set()
             self._thread.join()
@@ -188,20 +218,11 @@ class Resync:
             since = min(x for x in (p.since if p else None,
                                     self.running["since"] if self.running else None)
                         if x is not None)
-            self.t.say(f"WARNING: the session ends before the resync after a loss could finish: "
-                       f"nothing after stamp {since - 1} of this session is restorable")
+            self.host.say(f"WARNING: the session ends before the resync after a loss could finish: "
+                          f"nothing after stamp {since - 1} of this session is restorable")
 
     def checkpoint_soon(self) -> None:
         """Take the next checkpoint now rather than at the next interval."""
-        self._wake.set()
-
-    def log_dropped(self, nrec: int, nbytes: int, why: str = "log full") -> None:
-        """Called by the LOG writer when it drops a span (the LOG is full)."""
-        with self._lock:
-            self._log_drops += 1
-            self._log_drop_bytes += nbytes
-            if not self.t.baseline_done.is_set():
-                self._log_drops_in_baseline = True
         self._wake.set()
 
     def note_counters(self, st: dict, final: bool = False) -> None:
@@ -218,12 +239,12 @@ class Resync:
         if final and self._thread is None:
             with self._lock:
                 prev, pending = self._prev, self._pending
-            now = _Counters.of(st, self._log_drops)
+            now = _Counters.of(st, self.writer.dropped.spans)
             lost = now.causes_since(prev)
             if lost and pending is None and not self.running:
-                self.t.say(f"WARNING: records lost at the end of the session ({', '.join(lost)}: "
-                           f"{st['drops']} records lost in all): nothing after stamp "
-                           f"{self._prev_c - 1} of this session is restorable")
+                self.host.say(f"WARNING: records lost at the end of the session ({', '.join(lost)}: "
+                              f"{st['drops']} records lost in all): nothing after stamp "
+                              f"{self._prev_c - 1} of this session is restorable")
 
     def scan(self, h: record.Header, payload) -> None:
         """A completion seen by the collector while a resync runs (watching)."""
@@ -255,18 +276,19 @@ class Resync:
             return {"checkpoint": self.last_checkpoint, "checkpoints": self.checkpoints,
                     "resyncs": self.resyncs, "restarts": self.restarts,
                     "resync_bytes": self.resync_bytes,
-                    "log_drops": self._log_drops, "pending": None if p is None else
+                    "log_drops": self.writer.dropped.spans, "pending": None if p is None else
                     {"since": p.since, "causes": p.causes}, "running": self.running}
 
     # ---------------------------------------------------------------- internals
     def _loss_record(self, cause: str, st: dict, **extra) -> None:
         """R_LOSS in the LOG. Never called with self._lock held: the queue may block on the
-        writer, and the writer calls log_dropped()."""
-        body = {**st, "cause": cause, "log_drops": self._log_drops,
-                "log_drop_bytes": self._log_drop_bytes, **extra}
+        writer."""
+        dropped = self.writer.dropped
+        body = {**st, "cause": cause, "log_drops": dropped.spans,
+                "log_drop_bytes": dropped.bytes, **extra}
         with self._seq_lock:
-            seq = self.t._next_useq()
-        self.t._user_records([record.json_record(record.R_LOSS, body, seq=seq)])
+            seq = self.seq.next()
+        self.writer.add_records([record.json_record(record.R_LOSS, body, seq=seq)])
 
     def _run(self) -> None:
         rounds = 0
@@ -279,40 +301,36 @@ class Resync:
                     return
                 self._checkpoint()
                 with self._lock:
-                    ready = self._pending is not None and self.t.baseline_done.is_set()
+                    ready = self._pending is not None and self.host.baseline_done.is_set()
                 if ready and (not self._finish.is_set() or rounds < FINISH_ROUNDS):
                     if self._finish.is_set():
                         rounds += 1
                         if rounds == 1:
-                            self.t.say("stopping: the resync after the loss runs first")
+                            self.host.say("stopping: the resync after the loss runs first")
                     self._resync()
                 elif self._finish.is_set():
                     return
         except Aborted:
             return
         except Exception as e:  # a dead resync thread must not go unnoticed
-            self.t._fail(f"resync stopped: {type(e).__name__}: {e}")
+            self.host.fail(f"resync stopped: {type(e).__name__}: {e}")
 
     def _counters(self) -> tuple[_Counters, dict]:
         st = self.cap.counters()
-        with self._lock:
-            logd = self._log_drops + getattr(self.t.stats, "log_full_drops", 0)
-        return _Counters.of(st, logd), st
+        return _Counters.of(st, self.writer.dropped.spans), st
 
     def _wait_written(self) -> None:
         """Everything committed to the ring so far is collected, and everything queued for
         the writer so far is written or dropped."""
-        ring = self.t.ring
-        target = ring.producer_pos()
-        while self.t._collected_pos < target:
-            if self._stop.is_set() or self.t.failure:
-                raise Aborted()
-            time.sleep(0.002)
-        ev = threading.Event()
-        self.t._queue.put(("fence", ev), 0)
+        if not self.host.caught_up(self._aborting):
+            raise Aborted()
+        ev = self.writer.fence()
         while not ev.wait(0.1):
-            if self._stop.is_set() or self.t.failure:
+            if self._aborting():
                 raise Aborted()
+
+    def _aborting(self) -> bool:
+        return self._stop.is_set() or bool(self.host.failure)
 
     def continue_after_crash(self, since: int, full: bool, dead_pid: int,
                              ring_bytes_waiting: int, skipped: int) -> None:
@@ -332,14 +350,14 @@ class Resync:
             self.last_checkpoint = since
         self._loss_record("tracer restart", st, since=since, dead_pid=dead_pid,
                           ring_bytes_waiting=ring_bytes_waiting, skipped_logged=skipped)
-        self.t.say(f"WARNING: the tracer (pid {dead_pid}) died: records it had taken from the "
-                   f"ring buffer may be lost, and {st['drops']} records were dropped in all; "
-                   f"every region written since stamp {since} is read again from the device "
-                   f"(resync); until it ends nothing after stamp {since - 1} is restorable")
+        self.host.say(f"WARNING: the tracer (pid {dead_pid}) died: records it had taken from the "
+                      f"ring buffer may be lost, and {st['drops']} records were dropped in all; "
+                      f"every region written since stamp {since} is read again from the device "
+                      f"(resync); until it ends nothing after stamp {since - 1} is restorable")
 
     def _checkpoint(self) -> int:
         """One checkpoint; queues a resync when something was lost. Returns its C."""
-        baseline_done = self.t.baseline_done.is_set()  # before C: baseline_end is then < C
+        baseline_done = self.host.baseline_done.is_set()  # before C: baseline_end is then < C
         c = self.cap.state().stamp
         if not self.cap.grace():
             raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")
@@ -360,13 +378,12 @@ class Resync:
                 for x in causes:
                     if x not in p.causes:
                         p.causes.append(x)
-                if causes and not self.t.baseline_done.is_set():
+                if causes and not self.host.baseline_done.is_set():
                     # the baseline's own stale-read care may have lost completions of
                     # writes queued before capture (not in the dirty map): read it all
                     p.full = True
                 if now.dirty_races != self._prev.dirty_races or (
-                        "log full" in causes and (self._log_drops_in_baseline
-                                                  or not self._baseline_at_prev)):
+                        "log full" in causes and not self._baseline_at_prev):
                     # baseline chunks may be among the spans lost: read everything
                     p.full = True
                 if now.missed != self._prev.missed:
@@ -390,7 +407,7 @@ class Resync:
                     say.append(
                         f"WARNING: records lost ({', '.join(causes)}: {st['drops']} records, "
                         f"{st['drop_bytes']} bytes of payload dropped by the kernel, "
-                        f"{self._log_drops} spans refused by the LOG so far): every region "
+                        f"{now.log_drops} spans refused by the LOG so far): every region "
                         f"written since stamp {p.since} is read again from the device (resync); "
                         f"until it ends nothing after stamp {p.since - 1} is restorable")
                 since = p.since
@@ -398,7 +415,7 @@ class Resync:
                 self.last_checkpoint = c
             self._prev, self._prev_c = now, c
             self._errs_seen = total
-            self._baseline_at_prev = self.t.baseline_done.is_set()
+            self._baseline_at_prev = self.host.baseline_done.is_set()
             # what a tracer continuing this session after our death must read again
             safe, full = c, False
             if self._pending is not None:
@@ -411,8 +428,8 @@ class Resync:
             self._loss_record("write error", st, dev=e.dev, sector=e.sector, bytes=e.bytes,
                               error=e.error)
         for m in say:
-            self.t.say(m)
-        self.t.checkpointed(safe, full, baseline_done)
+            self.host.say(m)
+        self.host.checkpointed(safe, full, baseline_done)
         return c
 
     def _error_range(self, p: _Pending, e) -> str:
@@ -431,10 +448,9 @@ class Resync:
 
     # ------------------------------------------------------------------ resync
     def _room(self, nbytes: int) -> bool:
-        shipper = getattr(self.t, "shipper", None)
-        if shipper is not None and hasattr(shipper, "room_for"):
-            return shipper.room_for(nbytes, probe=True)
-        st = os.statvfs(self.t.opts.log_dir)
+        if self.shipper is not None:
+            return self.shipper.room_for(nbytes, probe=True)
+        st = os.statvfs(self.log_dir)
         # room for the resync plus a margin for the records that keep coming meanwhile
         # (smaller on a small file system, or a small LOG disk would never resync)
         margin = min(ROOM_MARGIN, max(4 << 20, st.f_blocks * st.f_frsize // 16))
@@ -476,15 +492,15 @@ class Resync:
         before = self._prev
         est = sum(len(self._plan(p, k, self.cap.dirty()[r.base:r.base + r.count])) * self.chunk_bytes
                   for k, r in self.regions.items())
-        shipper = getattr(self.t, "shipper", None)
+        shipper = self.shipper
         if shipper is not None:  # retention frees acked segments as the resync goes (read())
             est = min(est, shipper.log_max_bytes // 4)
         said = False
         while not self._room(est):
             if not said:
                 said = True
-                self.t.say(f"the LOG has no room for the resync ({est / 1e6:.0f} MB): waiting "
-                           f"for space before reading the regions again")
+                self.host.say(f"the LOG has no room for the resync ({est / 1e6:.0f} MB): waiting "
+                              f"for space before reading the regions again")
             if self._finish.is_set() or self._stop.wait(1.0):
                 # stopping with no room: give up, the gap stays reported (stop() says so)
                 with self._lock:
@@ -492,7 +508,7 @@ class Resync:
                     self.running = None
                 raise Aborted()
         if said:
-            self.t.say("the LOG has room for the resync: it starts")
+            self.host.say("the LOG has room for the resync: it starts")
         try:
             for kdev in self.regions:
                 self._resync_device(p, kdev)
@@ -516,9 +532,9 @@ class Resync:
                 self.restarts += 1
                 if not self._said_restart:  # once per episode
                     self._said_restart = True
-                    self.t.say(f"more records were lost during the resync "
-                               f"({', '.join(lost_again)}): it starts again from stamp "
-                               f"{self._pending.since} (and again as long as records are lost)")
+                    self.host.say(f"more records were lost during the resync "
+                                  f"({', '.join(lost_again)}): it starts again from stamp "
+                                  f"{self._pending.since} (and again as long as records are lost)")
             else:
                 self.resyncs += 1
                 if self._pending is None:
@@ -576,9 +592,9 @@ class Resync:
         nerr = sum(1 for k, _, _ in p.errors if k == kdev)
         if nerr:
             what += f", {nerr} failed write ranges"
-        self.t.say(f"resync of {d.path} done: {nbytes / 1e6:.1f} MB in {len(chunks)} chunks "
-                   f"({what}) in {dt:.1f} s ({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s, "
-                   f"{rereads} chunks read again), restorable again from stamp {re_}")
+        self.host.say(f"resync of {d.path} done: {nbytes / 1e6:.1f} MB in {len(chunks)} chunks "
+                      f"({what}) in {dt:.1f} s ({nbytes / max(dt, 1e-9) / 1e6:.0f} MB/s, "
+                      f"{rereads} chunks read again), restorable again from stamp {re_}")
 
     def _read_chunks(self, d: devices.BlockDevice, rs: int, chunks: list[_Chunk]) -> tuple[int, int]:
         from tracer.progress import ReadProgress
@@ -588,19 +604,19 @@ class Resync:
         if not chunks:
             return 0, 0
         prog = self.progress = ReadProgress("resync", d.path, sum(c.n for c in chunks),
-                                            self.t.say, self.t.progress_tty)
+                                            self.host.say, self.host.progress_tty)
         local = threading.local()
         zero = bytes(self.chunk_bytes)
         fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
 
         def read(c: _Chunk) -> int:
-            if self._stop.is_set() or self.t.failure:
+            if self._aborting():
                 raise Aborted()
             buf = getattr(local, "buf", None)
             if buf is None:
                 buf = local.buf = mmap.mmap(-1, self.chunk_bytes)
             with self._seq_lock:  # aux = read order: a re-read gets a larger one
-                aux = self.t._next_useq()
+                aux = self.seq.next()
                 c.read_at = mono_ns()
             view = memoryview(buf)[:c.n]
             try:
@@ -622,7 +638,7 @@ class Resync:
             with self._admit:
                 self._log_room(len(rec))
                 self._queue_room(len(rec))
-                self.t._user_records([rec])
+                self.writer.add_records([rec])
             prog.add(c.n)
             return c.n
 
@@ -662,32 +678,28 @@ class Resync:
         for room for all of it (forever) or filling the LOG and losing records again. The
         readers are admitted one at a time (call with self._admit held until the record is
         queued)."""
-        shipper = getattr(self.t, "shipper", None)
+        shipper = self.shipper
         if shipper is None:
             return
         limit = shipper.log_max_bytes
-        while not shipper.room_for(min(2 * nbytes, limit // 4) + self.t._queue.size + limit // 2,
+        while not shipper.room_for(min(2 * nbytes, limit // 4) + self.writer.queue.size + limit // 2,
                                    probe=True):
-            if self._stop.wait(0.05) or self.t.failure:
+            if self._stop.wait(0.05) or self.host.failure:
                 raise Aborted()
 
     def _queue_room(self, nbytes: int) -> None:
         """Leave most of the writer's queue to the collector: a resync that filled it would
         stall the collector, overflow the ring buffer and so restart itself."""
-        q = self.t._queue
-        share = max(q.limit // 4, nbytes)
-        with q.cv:
-            while q.size and q.size + nbytes > share:
-                if self._stop.is_set() or self.t.failure:
-                    raise Aborted()
-                q.cv.wait(0.1)
+        q = self.writer.queue
+        if not q.wait_room(nbytes, max(q.limit // 4, nbytes), self._aborting):
+            raise Aborted()
 
     def _wait_drained(self, d: devices.BlockDevice) -> None:
         """No write with a stamp < Rs can still land: the disk's write in-flight count was
         seen at 0, or no completion of such a write arrived for `settle` seconds."""
         settle_ns = int(self.settle * 1e9)
         while True:
-            if self._stop.is_set() or self.t.failure:
+            if self._aborting():
                 raise Aborted()
             if devices.write_inflight(d) == 0:
                 return

@@ -1,56 +1,48 @@
 """One tracing session: capture -> ring buffer -> collector -> LOG, plus the baseline.
 
-Threads
-  collector   takes committed spans out of the ring buffer (tracer/ringbuf.py)
-              and queues them for the writer; watches the kernel's loss
-              counters; during the baseline, picks out completions of writes
-              that were queued before capture began.
-  writer      appends each span to the LOG as one frame (tracer/log.py) and
-              fsyncs on the chosen policy. A bounded queue sits between the
-              two: if the LOG cannot keep up, the ring buffer fills and the
-              kernel counts drops -- loss is never silent.
-  control     a unix socket (/run/blkrewind/trace-PID.sock) that
-              `blkrewind mark` talks to.
-  main        starts everything, reads the baseline, waits for the end.
+Tracer starts and stops a session and runs its collector; the other parts are its own modules:
 
-The baseline (docs/design.md, invariant 6). Capture is enabled *before* the
-device is read, so every write submitted later is in the LOG and a rebuild
-applies it on top of the baseline, whatever the read saw. What the LOG cannot
-contain are writes queued before capture began and completed after a chunk was
-read: the completion program flags requests holding such bios (F_OLD), the
-collector collects them, and every chunk whose read started before such a
-completion (compared in kernel ktime) is read again. The baseline ends -- and a
-stamped R_POINT "baseline_end" opens the restorable history -- when no such
-write can still be in flight: the disk's write in-flight count was seen at 0,
-or no flagged completion arrived for `settle` seconds.
+  collector   (here) takes committed spans out of the ring buffer (tracer/ringbuf.py) and
+              queues them for the writer; watches the kernel's loss counters; hands
+              completions to the baseline (writes queued before capture began) and to the
+              resync while they watch.
+  writer      tracer/writer.py: appends each span to the LOG as one frame (tracer/log.py)
+              and fsyncs on the chosen policy. A bounded queue sits between the two: if the
+              LOG cannot keep up, the ring buffer fills and the kernel counts drops -- loss
+              is never silent.
+  baseline    tracer/baseline.py: reads the devices whole (main thread, run_baseline).
+  resync      tracer/resync.py: checkpoints, loss reports, regions read again after a loss.
+  control     tracer/control.py: a unix socket (/run/blkrewind/trace-PID.sock) that
+              `blkrewind mark` and `blkrewind status` talk to.
+  continuation tracer/continuation.py: the capture pinned so that it outlives a crash, and
+              a dead tracer's session continued (_start_continued).
+  main        starts everything, reads the baseline, waits for the end.
 """
 from __future__ import annotations
 
-import json
-import mmap
 import os
 import resource
 import secrets
-import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from blkrewind import __version__
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from blkrewind.formats.logframe import FL_RAW, FRAME_SIZE, Body, encode_span, list_segments
+from blkrewind.formats.logframe import FL_RAW, Body, encode_span
 from tracer import calibrate, devices, pins
+from tracer.baseline import Baseline
 from tracer.capture import Capture, Regions, region_layout
+from tracer.continuation import Continuation, skip_logged
+from tracer.control import ControlSocket
 from tracer.log import (
-    LogFull,
     LogLock,
     LogWriter,
-    kernel_seq,
     last_stamp,
     on_tmpfs,
     repair,
@@ -58,11 +50,8 @@ from tracer.log import (
 )
 from tracer.resync import Resync
 from tracer.ringbuf import RingConsumer
+from tracer.writer import RecordSeq, Writer
 
-if TYPE_CHECKING:
-    from tracer.progress import ReadProgress
-
-CONTROL_DIR = "/run/blkrewind"
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
 BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
@@ -106,16 +95,15 @@ class TraceOptions:
     # > 0: records are submitted without waking the collector, but for the one that takes
     # the ring's unconsumed data past wake_bytes; the collector then polls every WAKE_POLL
     # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
-    # wake as libbpf does -- the collector's own switches were already ~0.03 per 4 KiB write
-    # (it sleeps BATCH_WAIT between spans, so a wake-up comes once per span, not per write)
-    # and BATCH_BYTES measured no better (bench/bench_cpu.py, README "Costs")
+    # wake as libbpf does -- the collector sleeps BATCH_WAIT between spans, so a wake-up
+    # comes once per span, not per write, and a wake_bytes of BATCH_BYTES did not lower the
+    # tracer's CPU (bench/bench_cpu.py; the figures are in README "Costs")
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
     # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
-    # buffered: bench/bench_cpu.py measured no gain in the tracer's CPU from the others
-    # (README "Costs": LOG on ext4 over zram, 5.6 vs 5.2 us per 4 KiB write, 1.97 vs 2.06
-    # CPU-s per GB at 1 MiB; on a tmpfs they cost more)
+    # buffered: the others did not lower the tracer's CPU (bench/bench_cpu.py; the figures
+    # are in README "Costs")
     log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
@@ -127,50 +115,10 @@ class TraceOptions:
     ship_timeout: float = 30.0    # a replayer silent this long: drop the connection, reconnect
 
 
-class _ByteQueue:
-    """A FIFO bounded by the bytes it holds (one item may exceed the bound)."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.size = 0
-        self.items: list = []
-        self.cv = threading.Condition()
-
-    def put(self, item, nbytes: int) -> None:
-        with self.cv:
-            while self.size and self.size + nbytes > self.limit:
-                self.cv.wait()
-            self.items.append((item, nbytes))
-            self.size += nbytes
-            self.cv.notify_all()
-
-    def get(self, timeout: float):
-        with self.cv:
-            if not self.items and not self.cv.wait_for(lambda: self.items, timeout):
-                return None
-            item, nbytes = self.items.pop(0)
-            self.size -= nbytes
-            self.cv.notify_all()
-            return item
-
-
-@dataclass
-class _Old:
-    dev: int
-    sector: int
-    nbytes: int
-    ktime: int
-
-
 @dataclass
 class Stats:
     started: float = field(default_factory=time.monotonic)
     cpu0: float = field(default_factory=lambda: _cpu_seconds())
-    baseline_bytes: int = 0
-    baseline_rereads: int = 0
-    log_full_drops: int = 0       # spans dropped because the LOG was full (--log-max-mb)
-    log_full_records: int = 0
-    log_full_bytes: int = 0
 
 
 def _cpu_seconds() -> float:
@@ -198,17 +146,13 @@ class Tracer:
                                    log_max_bytes=opts.log_max_bytes, say=say,
                                    dead_after=opts.ship_timeout,
                                    extra_status=lambda: self.status(shipper=False))
-        self._full_note: list | None = None  # [spans, records, bytes] dropped, not noted yet
-        self._useq = 0
-        self._queue = _ByteQueue(opts.queue_bytes)
+        self.seq = RecordSeq()   # the records the tracer writes itself
+        self.writer: Writer | None = None  # the LOG writer thread and its queue (_open_log)
         self._stop_collect = threading.Event()
         self._collected_pos = 0
-        self._watch_old = False
-        self._old: list[_Old] = []
-        self._last_old_mono = 0
-        self._lock = threading.Lock()
-        self._last_drops = 0
-        self._last_loss_say = 0.0
+        self.baseline = Baseline(self.devs, chunk_bytes=opts.chunk_bytes, settle=opts.settle,
+                                 add_records=self._user_records, seq=self.seq,
+                                 wait_collected=self.wait_collected, say=say, fail=self.fail)
         self.failure: str | None = None
         self.baseline_done = threading.Event()
         self.capture: Capture | None = None
@@ -216,19 +160,13 @@ class Tracer:
         self.loglock: LogLock | None = None
         self.ring: RingConsumer | None = None
         self._threads: list[threading.Thread] = []
-        # lz4 releases the GIL: spans are compressed here, in parallel, while
-        # the writer writes the previous ones (in order: it waits on each future)
-        self._encoders = ThreadPoolExecutor(2, thread_name_prefix="encoder")
-        self._control: socket.socket | None = None
-        self.control_path = os.path.join(CONTROL_DIR, f"trace-{os.getpid()}.sock")
+        self.control = ControlSocket(self.mark, self.status)
         self.end_state: dict | None = None
-        self.pinned: pins.Pinned | None = None  # the capture is pinned (outlives us)
-        self.continued: int | None = None  # the pid of the dead tracer whose session goes on
+        self.continuation = Continuation(opts.log_dir, self.devs, self.host, say)
         self._marks_set: dict[str, int] = {}  # mark name -> its stamp (a name set again: said)
-        self.progress: ReadProgress | None = None  # the baseline or resync read going on
+        self.resync: Resync | None = None  # checkpoints and resyncs (start)
         # set by `trace` on a terminal: rewrites its status line
         self.progress_tty: Callable[[str | None], None] | None = None
-        self._pin_problem: str | None = None
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
@@ -240,13 +178,10 @@ class Tracer:
             self.say(f"LOG: {msg}")
         if self.shipper is not None:
             self.shipper.start()
-        self._pin_problem = pins.bpffs_problem()
-        if self._pin_problem is None:
-            newest = max((s.session for s in list_segments(o.log_dir)), default=None)
-            left = pins.find_adoptable(o.log_dir, self.devs, self.host, newest, self.say)
-            if left is not None:
-                self._start_continued(left)
-                return
+        left = self.continuation.find()
+        if left is not None:
+            self._start_continued(left)
+            return
         stamp_base = max(time.time_ns(), last_stamp(o.log_dir) + 1)
 
         regions = region_layout([(d.kdev, d.size_bytes) for d in self.devs])
@@ -260,10 +195,9 @@ class Tracer:
         cap.set_wake_bytes(o.wake_bytes)
         for d, r in zip(self.devs, regions):
             cap.add_device(d.kdev, d.part_start, r)
-        self._pin(regions)
-        self.resync = Resync(self, regions, stamp_base)  # docs/internals.md "Gaps and resync"
-
+        self.continuation.pin(self.session, cap, regions, self.seq.value)
         self._open_log()
+        self.resync = self._new_resync(regions, stamp_base)
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         while self.ring.take()[1]:  # calibration leftovers
             pass
@@ -280,11 +214,11 @@ class Tracer:
             for d in self.devs])
 
         self._start_threads()
-        self._watch_old = o.baseline
+        self.baseline.watching = o.baseline
         cap.enable(True)
-        self._enable_mono = mono_ns()
+        self.baseline.enable_mono = mono_ns()
         self.resync.start()
-        self._start_control()
+        self.control.start()
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
                  + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
@@ -293,45 +227,10 @@ class Tracer:
             self.say("the dirtier of buffered writes is not recorded on this kernel (writes "
                      "show the flusher that submitted them)" + (f": {why[0]}" if why else ""))
 
-    # ------------------------------------------------- surviving a crash (tracer/pins.py)
-    def _pin(self, regions) -> None:
-        """Pin the capture, so that it goes on (dirty map, stamps, ring) if this process dies
-        and the next tracer on this LOG can continue the session."""
-        cap = self.capture
-        if self._pin_problem is not None:
-            self.say(f"WARNING: {self._pin_problem}: the capture cannot outlive this process "
-                     f"(after a crash the next tracer reads the devices whole)")
-            return
-        p = pins.Pinned(
-            session=self.session, log_dir=os.path.realpath(self.opts.log_dir), host=self.host,
-            boot_id=pins.boot_id(), pid=os.getpid(),
-            devices=[{"path": d.path, "kdev": d.kdev, "size": d.size_bytes,
-                      "part_start": d.part_start} for d in self.devs],
-            regions=[[r.kdev, r.base, r.shift, r.count] for r in regions],
-            ring_bytes=cap.ring_bytes, dirty_regions=cap.dirty_regions, useq=self._useq)
-        try:
-            pins.save(p)  # first: pins without a record are a tracer that died starting
-            cap.pin(p.pin_dir)
-        except OSError as e:
-            pins.release_dir(self.session)
-            self.say(f"WARNING: cannot pin the capture in {p.pin_dir} ({e}): it cannot outlive "
-                     f"this process (after a crash the next tracer reads the devices whole)")
-            return
-        self.pinned = p
-
+    # ------------------------------------------------- surviving a crash (tracer/continuation.py)
     def checkpointed(self, safe: int, full: bool, baseline_done: bool) -> None:
         """Called by each resync checkpoint: every stamp < safe is in the LOG or covered."""
-        p = self.pinned
-        if p is None:
-            return
-        state = (safe, full, baseline_done)
-        if state == (p.safe, p.full, p.baseline_done) and self._useq - p.useq < 1000:
-            return
-        p.safe, p.full, p.baseline_done, p.useq = safe, full, baseline_done, self._useq
-        try:
-            pins.save(p)
-        except OSError as e:
-            self.say(f"WARNING: cannot record the checkpoint in {pins.REG_DIR}: {e}")
+        self.continuation.checkpointed(safe, full, baseline_done, self.seq.value)
 
     def _start_continued(self, p: "pins.Pinned") -> None:
         """Continue the session of a tracer that died (its capture stayed attached): same
@@ -339,60 +238,33 @@ class Tracer:
         last checkpoint it recorded read again (docs/internals.md, "Tracer restart")."""
         o = self.opts
         self.session = p.session
-        self.continued = p.pid
-        self._useq = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
-        regions = [Regions(*r) for r in p.regions]
-        self.capture = cap = Capture.adopt(p.pin_dir, p.ring_bytes, p.dirty_regions)
+        self.seq.value = p.useq + 1_000_000  # past whatever it numbered after its checkpoint
+        cap, regions = self.continuation.adopt(p)
+        self.capture = cap
         cap.set_wake_bytes(o.wake_bytes)
-        p.pid = os.getpid()
-        self.pinned = p
+        dead_pid = self.continuation.continued
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         # records the dead collector had handed to the LOG but not yet released
-        skipped = self._skip_logged(tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
+        skipped = skip_logged(self.ring, tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
         self._open_log()
         self._collected_pos = self.ring.consumed_pos()
-        self.resync = Resync(self, regions, p.safe)
+        self.resync = self._new_resync(regions, p.safe)
         waiting = self.ring.pending()
-        self.resync.continue_after_crash(p.safe, p.full, dead_pid=self.continued,
+        self.resync.continue_after_crash(p.safe, p.full, dead_pid=dead_pid,
                                          ring_bytes_waiting=waiting, skipped=skipped)
         self._start_threads()
-        self._watch_old = False
-        self._enable_mono = mono_ns()
+        self.baseline.enable_mono = mono_ns()
         self.baseline_done.set()
-        pins.save(p)
+        self.continuation.save()
         self.resync.start()
-        self._start_control()
+        self.control.start()
         st = cap.state()
         self.say(f"capture live: session {self.session} continued (its tracer, pid "
-                 f"{self.continued}, died; the capture stayed attached: {waiting >> 20} MiB "
+                 f"{dead_pid}, died; the capture stayed attached: {waiting >> 20} MiB "
                  f"waiting in the ring buffer, {st.drops} records dropped in all), "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
                  + f", LOG {o.log_dir}; the regions written since stamp {p.safe} are read "
                    f"again" + (" (all of them)" if p.full else ""))
-
-    def _skip_logged(self, seqs: set[int]) -> int:
-        """Release the ring buffer's leading records whose sequence numbers the LOG holds."""
-        ring, skipped = self.ring, 0
-        while seqs:
-            start = ring.consumed_pos()
-            view, _, end = ring.peek()
-            if view is None:
-                break
-            cut = None
-            for off, _ in record.iter_framed(view):
-                seq = kernel_seq(view, off)
-                if seq is not None and seq in seqs:
-                    skipped += 1
-                    continue
-                cut = off - record.FRAME_PREFIX_SIZE
-                break
-            view.release()
-            if cut is None:
-                ring.release(end)
-                continue
-            ring.release(start + cut)
-            break
-        return skipped
 
     def _open_log(self) -> None:
         o = self.opts
@@ -404,23 +276,32 @@ class Tracer:
                              fsync_interval=o.fsync_interval,
                              prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
+        hint = ("" if o.ship else
+                f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
+                f"{o.log_dir} --store DIR --delete-ingested` deletes what a store holds")
+        self.writer = Writer(self.log, queue_bytes=o.queue_bytes, lz4_level=o.lz4_level,
+                             shipper=self.shipper, seq=self.seq, fail=self.fail, say=self.say,
+                             enospc_hint=hint)
+
+    def _new_resync(self, regions: list[Regions], stamp_base: int) -> Resync:
+        """The checkpoint/resync thread (docs/internals.md "Gaps and resync")."""
+        assert self.capture is not None and self.writer is not None
+        o = self.opts
+        return Resync(self, self.capture, self.writer, self.seq, self.devs, regions, stamp_base,
+                      chunk_bytes=o.chunk_bytes, settle=o.settle, log_dir=o.log_dir,
+                      shipper=self.shipper)
 
     def _start_threads(self) -> None:
-        for target, name in ((self._collect, "collector"), (self._write, "writer")):
-            t = threading.Thread(target=target, name=name, daemon=True)
-            t.start()
-            self._threads.append(t)
+        t = threading.Thread(target=self._collect, name="collector", daemon=True)
+        t.start()
+        self._threads.append(t)
+        self.writer.start()
 
     def _next_useq(self) -> int:
-        self._useq += 1
-        return self._useq
+        return self.seq.next()
 
     def _user_records(self, recs: list[bytes]) -> None:
-        self._queue_span(b"".join(recs), len(recs))
-
-    def _queue_span(self, span: bytes, nrec: int) -> None:
-        body = self._encoders.submit(encode_span, span, self.opts.lz4_level)
-        self._queue.put(("span", span, nrec, mono_ns(), time.time_ns(), body, None), len(span))
+        self.writer.add_records(recs)
 
     # -------------------------------------------------------------- collector
     def _collect(self) -> None:
@@ -428,7 +309,9 @@ class Tracer:
         their ring space is given back (in order) once encoded; a span stored as is (FL_RAW)
         is not even copied while less than half the ring is held: the writer writes it from
         the mapping and the space is given back once it is written."""
-        ring, cap = self.ring, self.capture
+        ring, cap, writer, resync = self.ring, self.capture, self.writer, self.resync
+        baseline = self.baseline
+        assert ring is not None and cap is not None and writer is not None and resync is not None
         next_check = 0.0
         pos = ring.consumed_pos()
         last_data = 0.0
@@ -439,25 +322,21 @@ class Tracer:
                 now = time.monotonic()
                 if view is not None:
                     last_data = now
-                    if self._watch_old or self.resync.watching:
-                        self._scan_old(view)
+                    if baseline.watching or resync.watching:
+                        self._scan_completions(view)
                     # beyond half the ring held, copy: the writer's queue (queue_bytes)
                     # then buffers what a slow LOG disk cannot take yet, not the ring
                     copy = ring.pending() > ring.size // 2
                     written: Future | None = None if copy else Future()
                     if view.nbytes < BATCH_BYTES:
                         # a small span is encoded here: handing it to an encoder thread
-                        # and back costs two wake-ups, more than lz4 on it (at 50k 4 KiB
-                        # writes a second: ~500 such spans)
+                        # and back costs two wake-ups, more than lz4 on it
                         fut: Future[Body] = Future()
                         fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
-                        fut = self._encoders.submit(encode_span, view, self.opts.lz4_level,
-                                                    copy=copy)
-                    # the writer uses the view for its size, and writes a FL_RAW body that
-                    # is a view of it before `written` is set
-                    self._queue.put(("span", view, n, mono_ns(), time.time_ns(), fut, written),
-                                    view.nbytes)
+                        fut = writer.encoders.submit(encode_span, view, self.opts.lz4_level,
+                                                     copy=copy)
+                    writer.put_span(view, n, fut, written)
                     encoding.append((end, fut, written))
                     pos = end
                 while encoding and _ring_done(encoding[0]):
@@ -482,24 +361,38 @@ class Tracer:
                         ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
                 elif view.nbytes < BATCH_BYTES:
                     # let records accumulate: one LOG frame per record would cost
-                    # far more than the records (the ring holds ~60 ms at 2 GB/s)
+                    # far more than the records
                     time.sleep(BATCH_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
-            self._fail(f"collector stopped: {e}")
+            self.fail(f"collector stopped: {e}")
 
-    def _scan_old(self, span: bytes | memoryview) -> None:
-        for h, _ in record.iter_records(span):
-            if h.rtype == record.R_COMPLETE and self.resync.watching:
-                self.resync.scan(h, _)
-            if h.rtype == record.R_COMPLETE and h.flags & record.F_OLD and self._watch_old:
-                with self._lock:
-                    self._old.append(_Old(h.dev, h.sector, h.bio_size, h.ktime_ns))
-                    self._last_old_mono = mono_ns()
+    def _scan_completions(self, span: bytes | memoryview) -> None:
+        """Completions go to the resync while it watches, and those of writes queued before
+        capture (F_OLD) to the baseline while it watches."""
+        resync, baseline = self.resync, self.baseline
+        assert resync is not None
+        for h, payload in record.iter_records(span):
+            if h.rtype != record.R_COMPLETE:
+                continue
+            if resync.watching:
+                resync.scan(h, payload)
+            if h.flags & record.F_OLD and baseline.watching:
+                baseline.old_completion(h)
 
     def _check_loss(self, st: dict, final: bool = False) -> None:
         """Record every change of the loss counters in the LOG (R_LOSS); the resync
         thread (tracer/resync.py) reports each loss episode and repairs it."""
         self.resync.note_counters(st, final)
+
+    def caught_up(self, abort: Callable[[], bool]) -> bool:
+        """Return once the collector has taken everything committed before now; False:
+        abort() said to stop first (for the resync's checkpoints)."""
+        target = self.ring.producer_pos()
+        while self._collected_pos < target:
+            if abort():
+                return False
+            time.sleep(0.002)
+        return True
 
     def wait_collected(self, timeout: float = 10.0) -> None:
         """Return once the collector has taken everything committed before now."""
@@ -507,211 +400,38 @@ class Tracer:
         deadline = time.monotonic() + timeout
         while self._collected_pos < target:
             if time.monotonic() > deadline or self.failure:
-                self._fail(f"the collector fell {target - self._collected_pos} bytes behind "
+                self.fail(f"the collector fell {target - self._collected_pos} bytes behind "
                            f"for {timeout:.0f} s")
                 return
             time.sleep(0.002)
 
-    # ----------------------------------------------------------------- writer
-    def _write(self) -> None:
-        log = self.log
-        while True:
-            item = self._queue.get(timeout=0.1)
-            try:
-                if item is None:
-                    log.maybe_sync()
-                    continue
-                kind = item[0]
-                if kind == "span":
-                    _, span, nrec, mono, real, body, written = item
-                    try:
-                        body = body.result()
-                        if not self._room_for(span, nrec, body.stored_len):
-                            continue
-                        try:
-                            log.append(span, nrec, mono, real, body=body)
-                        except LogFull as e:  # ENOSPC: drop, count, go on (resync repairs)
-                            self._log_enospc(span, nrec, e)
-                            continue
-                    finally:
-                        if written is not None:  # its ring space may go back now
-                            written.set_result(None)
-                    self._enospc = False
-                    log.maybe_sync()
-                elif kind == "barrier":
-                    log.sync()
-                    item[1].set()
-                elif kind == "fence":  # resync checkpoints: everything before is handled
-                    item[1].set()
-                elif kind == "close":
-                    log.close()
-                    item[1].set()
-                    return
-            except Exception as e:
-                self._fail(f"writing the LOG failed: {e}")
-                if item and item[0] in ("barrier", "close"):
-                    item[1].set()
-                if item and item[0] == "close":
-                    return
-
-    def _log_enospc(self, span, nrec: int, e: Exception) -> None:
-        """A span the LOG's file system had no space for: counted with the retention drops
-        (stats.log_full_*), said once per episode; the resync thread repairs the loss."""
-        st = self.stats
-        st.log_full_drops += 1
-        st.log_full_records += nrec
-        st.log_full_bytes += memoryview(span).nbytes
-        if not getattr(self, "_enospc", False):
-            self._enospc = True
-            hint = ("" if self.opts.ship else
-                    f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
-                    f"{self.opts.log_dir} --store DIR --delete-ingested` deletes what a store "
-                    f"holds")
-            self.say(f"WARNING: {e}: records are DROPPED and counted as lost until there is "
-                     f"space again (then the regions written meanwhile are read again){hint}")
-
-    def _room_for(self, span, nrec: int, body_len: int) -> bool:
-        """Retention (--log-max-mb, tracer/shipper.py): may this span be appended? When the
-        LOG is full the span is dropped and counted (stats.log_full_*); once there is room
-        again an R_LOSS record {"cause": "log full", ...} notes what was dropped."""
-        if self.shipper is None:
-            return True
-        note = None
-        if self._full_note is not None:
-            n = self._full_note
-            note = record.json_record(record.R_LOSS, {
-                "cause": "log full", "log_full_spans": n[0], "log_full_records": n[1],
-                "log_full_bytes": n[2]}, seq=self._next_useq())
-        extra = len(note) + 256 if note else 0
-        if not self.shipper.room_for(body_len + FRAME_SIZE + extra):
-            st = self.stats
-            st.log_full_drops += 1
-            st.log_full_records += nrec
-            st.log_full_bytes += memoryview(span).nbytes
-            n = self._full_note = self._full_note or [0, 0, 0]
-            n[0] += 1
-            n[1] += nrec
-            n[2] += memoryview(span).nbytes
-            return False
-        if note is not None:
-            self.log.append(note, 1, mono_ns(), time.time_ns())
-            self._full_note = None
-        return True
-
     def durable(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is fsynced in the LOG."""
-        ev = threading.Event()
-        self._queue.put(("barrier", ev), 0)
-        return ev.wait(timeout) and self.failure is None
+        return self.writer.durable(timeout) and self.failure is None
 
-    def _fail(self, why: str) -> None:
+    def fail(self, why: str) -> None:
         if self.failure is None:
             self.failure = why
             self.say(f"ERROR: {why}")
 
     # --------------------------------------------------------------- baseline
     def run_baseline(self, stop: threading.Event) -> None:
+        """Read the baseline of every device (tracer/baseline.py), unless the session is
+        continued or runs without one; then baseline_done."""
         if self.baseline_done.is_set():  # a continued session (_start_continued)
             return
         if not self.opts.baseline:
             self.baseline_done.set()
             return
-        for d in self.devs:
-            t0 = time.monotonic()
-            rereads0 = self.stats.baseline_rereads
-            nbytes = self._baseline_device(d, stop)
-            if stop.is_set():
-                return
-            stamp, ok = self.capture.point(record.R_POINT, json.dumps(
-                {"what": "baseline_end", "dev": d.kdev}).encode())
-            if not ok:
-                self._fail(f"the baseline end of {d.path} was lost (ring buffer full)")
-            dt = time.monotonic() - t0
-            self.say(f"baseline of {d.path} done: {nbytes >> 20} MiB in {dt:.1f} s "
-                     f"({nbytes / max(dt, 1e-9) / (1 << 20):.0f} MiB/s, "
-                     f"{self.stats.baseline_rereads - rereads0} chunks read again after writes "
-                     f"queued before capture completed), restorable from stamp {stamp}")
-        self._watch_old = False
+        self.baseline.progress_tty = self.progress_tty
+        if not self.baseline.run(self.capture, stop):
+            return
         self.baseline_done.set()
         self.resync.checkpoint_soon()  # records baseline_done for a tracer continuing after us
 
-    def _baseline_device(self, d: devices.BlockDevice, stop: threading.Event) -> int:
-        from tracer.progress import ReadProgress
-
-        chunk = self.opts.chunk_bytes
-        nchunks = (d.size_bytes + chunk - 1) // chunk
-        prog = self.progress = ReadProgress("baseline", d.path, d.size_bytes, self.say,
-                                            self.progress_tty)
-        read_at = [0] * nchunks  # ktime before each chunk's latest read
-        buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT wants
-        zero = bytes(chunk)
-        total = 0
-        fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
-        try:
-            def read_chunk(i: int) -> None:
-                nonlocal total
-                off = i * chunk
-                n = min(chunk, d.size_bytes - off)
-                read_at[i] = mono_ns()
-                view = memoryview(buf)[:n]
-                got = os.preadv(fd, [view], off)
-                if got != n:
-                    raise UserError(f"{d.path}: short read at byte {off} ({got} of {n})")
-                if view == zero[:n]:
-                    rec = record.make_record(b"", rtype=record.R_BASE, seq=self._next_useq(),
-                                             dev=d.kdev, sector=off // 512, bio_size=n,
-                                             aux=self._useq, flags=record.F_ZERO,
-                                             ktime_ns=read_at[i])
-                else:
-                    rec = record.make_record(view, rtype=record.R_BASE, seq=self._next_useq(),
-                                             dev=d.kdev, sector=off // 512, bio_size=n,
-                                             aux=self._useq, ktime_ns=read_at[i])
-                view.release()
-                self._user_records([rec])
-                total += n
-                prog.add(n)
-
-            for i in range(nchunks):
-                if stop.is_set():
-                    return total
-                read_chunk(i)
-            while not stop.is_set():
-                self._wait_old_drained(d, stop)
-                self.wait_collected()
-                with self._lock:
-                    old = [o for o in self._old if o.dev == d.kdev]
-                stale = sorted({i for o in old
-                                for i in range(o.sector * 512 // chunk,
-                                               min(nchunks, (o.sector * 512 + max(o.nbytes, 1) - 1)
-                                                   // chunk + 1))
-                                if o.ktime >= read_at[i]})
-                if not stale:
-                    break
-                self.stats.baseline_rereads += len(stale)
-                for i in stale:
-                    read_chunk(i)
-        finally:
-            os.close(fd)
-            buf.close()
-            prog.finish()
-            self.progress = None
-        self.stats.baseline_bytes += total
-        return total
-
-    def _wait_old_drained(self, d: devices.BlockDevice, stop: threading.Event) -> None:
-        settle_ns = int(self.opts.settle * 1e9)
-        while not stop.is_set():
-            if devices.write_inflight(d) == 0:
-                return
-            with self._lock:
-                last = max(self._last_old_mono, self._enable_mono)
-            if mono_ns() - last >= settle_ns:
-                return
-            time.sleep(0.01)
-
     # ------------------------------------------------------------------ marks
     def mark(self, name: str, pid: int = 0, comm: str = "") -> dict:
-        full0 = self.stats.log_full_drops
+        full0 = self.writer.dropped.spans
         stamp, ok = self.capture.point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
                                        comm=comm.encode()[:15])
         if not ok:
@@ -719,7 +439,7 @@ class Tracer:
         self.wait_collected()
         if not self.durable():
             raise UserError(f"mark {name!r} could not be made durable: {self.failure}")
-        if self.stats.log_full_drops != full0:
+        if self.writer.dropped.spans != full0:
             raise UserError(f"mark {name!r} may have been lost: the LOG is full "
                             f"(--log-max-mb; the replayer has not acknowledged enough)")
         again = self._marks_set.get(name)
@@ -727,60 +447,17 @@ class Tracer:
         return {"ok": True, "stamp": stamp, "session": self.session, "log": self.opts.log_dir,
                 "baseline_done": self.baseline_done.is_set(), "again": again}
 
-    def _start_control(self) -> None:
-        os.makedirs(CONTROL_DIR, mode=0o700, exist_ok=True)
-        try:
-            os.unlink(self.control_path)
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(self.control_path)
-        os.chmod(self.control_path, 0o600)
-        s.listen(16)
-        self._control = s
-        t = threading.Thread(target=self._serve_control, name="control", daemon=True)
-        t.start()
-
-    def _serve_control(self) -> None:
-        while True:
-            try:
-                conn, _ = self._control.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.settimeout(30)
-                    req = json.loads(conn.makefile("rb").readline(4096) or b"{}")
-                    if req.get("op") == "mark":
-                        resp = self.mark(str(req["name"]), int(req.get("pid", 0)),
-                                         str(req.get("comm", "")))
-                    elif req.get("op") == "status":
-                        resp = {"ok": True, **self.status()}
-                    else:
-                        resp = {"ok": False, "error": f"unknown request {req.get('op')!r}"}
-                except UserError as e:
-                    resp = {"ok": False, "error": str(e)}
-                except Exception as e:
-                    resp = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                try:
-                    conn.sendall(json.dumps(resp).encode() + b"\n")
-                except OSError:
-                    pass
-
     # ------------------------------------------------------------------- stop
     def status(self, shipper: bool = True) -> dict:
         st = self.capture.counters() if self.capture else {}
         out = {"session": self.session, "log": self.opts.log_dir, "pid": os.getpid(),
-               "host": self.host, "pinned": self.pinned is not None,
-               "continued_from_pid": self.continued,
+               "host": self.host, "pinned": self.continuation.pinned is not None,
+               "continued_from_pid": self.continuation.continued,
                "devices": [d.path for d in self.devs], "baseline_done": self.baseline_done.is_set(),
                "kernel": st, "log_bytes": self.log.bytes_written if self.log else 0,
-               "log_full_drops": self.stats.log_full_drops,
-               "log_full_records": self.stats.log_full_records,
-               "log_full_bytes": self.stats.log_full_bytes,
-               "failure": self.failure}
-        resync = getattr(self, "resync", None)
-        prog = self.progress or (resync.progress if resync is not None else None)
+               **self._dropped(), "failure": self.failure}
+        resync = self.resync
+        prog = self.baseline.progress or (resync.progress if resync is not None else None)
         out["progress"] = prog.status() if prog is not None else None
         if shipper and self.shipper is not None:
             out["shipper"] = self.shipper.status()
@@ -789,14 +466,9 @@ class Tracer:
     def stop(self) -> dict:
         """Disable capture, drain, write R_END, seal the LOG; returns the stats."""
         cap = self.capture
-        if getattr(self, "resync", None) is not None:
+        if self.resync is not None:
             self.resync.stop()
-        if self._control is not None:
-            self._control.close()
-            try:
-                os.unlink(self.control_path)
-            except FileNotFoundError:
-                pass
+        self.control.close()
         stats: dict = {}
         if cap is not None:
             cap.enable(False)
@@ -817,9 +489,7 @@ class Tracer:
                     record.json_record(record.R_END, {"end_stamp": st["stamp"], "end_seq": st["seq"],
                                                       "clean": self.failure is None},
                                        seq=self._next_useq())])
-                ev = threading.Event()
-                self._queue.put(("close", ev), 0)
-                ev.wait(60)
+                self.writer.close(60)
             elif self.log is not None:  # failed before the threads started
                 self.log.close()
             self.end_state = st
@@ -831,20 +501,23 @@ class Tracer:
                      "consumer_cpu_s": round(_cpu_seconds() - self.stats.cpu0, 3),
                      "wall_s": round(wall, 3),
                      "log_bytes": self.log.bytes_written if self.log else 0,
-                     "baseline_bytes": self.stats.baseline_bytes,
-                     "baseline_rereads": self.stats.baseline_rereads,
-                     "log_full_drops": self.stats.log_full_drops,
-                     "log_full_records": self.stats.log_full_records,
-                     "log_full_bytes": self.stats.log_full_bytes,
-                     "failure": self.failure}
+                     "baseline_bytes": self.baseline.bytes,
+                     "baseline_rereads": self.baseline.rereads,
+                     **self._dropped(), "failure": self.failure}
         if self.shipper is not None:  # the LOG is sealed: wait (bounded) for the last acks
             stats["shipper"] = self.shipper.stop(self.opts.ship_drain)
             self.shipper = None
         self.close()
         return stats
 
+    def _dropped(self) -> dict:
+        d = self.writer.dropped if self.writer is not None else None
+        return {"log_full_drops": d.spans if d else 0, "log_full_records": d.records if d else 0,
+                "log_full_bytes": d.bytes if d else 0}
+
     def close(self) -> None:
-        self._encoders.shutdown(wait=True)
+        if self.writer is not None:
+            self.writer.shutdown()
         if self.ring is not None:
             self.ring.close()
             self.ring = None
@@ -854,38 +527,3 @@ class Tracer:
         if self.loglock is not None:
             self.loglock.release()
             self.loglock = None
-
-
-def find_tracers() -> list[str]:
-    try:
-        names = sorted(os.listdir(CONTROL_DIR))
-    except FileNotFoundError:
-        return []
-    out = []
-    for n in names:
-        if not (n.startswith("trace-") and n.endswith(".sock")):
-            continue
-        path = os.path.join(CONTROL_DIR, n)
-        pid = n[len("trace-"):-len(".sock")]
-        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-            try:  # left behind by a tracer that was killed
-                os.unlink(path)
-            except OSError:
-                pass
-            continue
-        out.append(path)
-    return out
-
-
-def ask(path: str, req: dict, timeout: float = 60.0) -> dict:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        line = s.makefile("rb").readline(1 << 20)
-    finally:
-        s.close()
-    if not line:
-        raise OSError("no answer")
-    return json.loads(line)

@@ -103,8 +103,8 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
 def _refuse_if_shipped(log_dir: str) -> None:
     """--delete-ingested beside a tracer that ships this LOG would delete segments its
     replayer may still lack: refused (the shipper has its own retention, --log-max-mb)."""
+    from tracer.control import CONTROL_DIR, ask
     from tracer.log import log_in_use
-    from tracer.session import CONTROL_DIR, ask
 
     pid = log_in_use(log_dir)
     if pid is None:

@@ -200,7 +200,7 @@ def collect_tracers(prev: dict | None = None, log: str | None = None,
     import os
 
     from blkrewind.commands.mark import several_need_all
-    from tracer.session import ask, find_tracers
+    from tracer.control import ask, find_tracers
 
     now_ns = time.time_ns()
     tracers = []

@@ -187,7 +187,7 @@ def _check_command(cmd: list[str]) -> None:
 
 def _already_traced(paths: list[str]) -> None:
     """Refuse a device another running tracer on this host traces already."""
-    from tracer.session import ask, find_tracers
+    from tracer.control import ask, find_tracers
 
     def rdev(p):
         try:

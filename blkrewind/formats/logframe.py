@@ -94,7 +94,7 @@ MAX_RAW = 256 << 20                       # a span; the tracer's are 1-8 MiB
 MAX_STORED = MAX_RAW + (MAX_RAW >> 8) + 4096  # lz4 worst case: raw blocks + 4 bytes per 64 KiB
 MAX_HEADER_BODY = 64 << 10
 SUFFIX = ".brlog"
-# Header field offsets, for readers of one field of a raw frame (tracer/shipper.py).
+# Header field offsets, for readers of one field of a raw frame (tracer/shipconn.py, shipstate.py).
 SEG_ID_AT = struct.calcsize("<4sHBB")            # 8
 REAL_NS_AT = struct.calcsize("<4sHBBIIQ")        # 24
 ZERO_HEAD = bytes(FRAME_SIZE)
