@@ -442,3 +442,14 @@ def run_cli_fixture():
 @pytest.fixture(name="assert_one_line_error")
 def assert_one_line_error_fixture():
     return assert_one_line_error
+
+
+# --------------------------------------------------------------------------- BPF variants
+@pytest.fixture(params=["modern", "legacy"])
+def bpf_variant(request, monkeypatch):
+    """Both variants of the capture programs: the legacy one (bpf/legacy.h, for kernels
+    without fetch-and-add, bpf_loop or ring buffer dynptrs) forced on this kernel too
+    (BLKREWIND_BPF_VARIANT, inherited by the tracers the test starts), so that it is
+    exercised here and not only in the kernel matrix's 5.10 guest."""
+    monkeypatch.setenv("BLKREWIND_BPF_VARIANT", request.param)
+    return request.param

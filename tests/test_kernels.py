@@ -26,8 +26,11 @@ from conftest import in_ci  # noqa: E402
 from tracerproc import cli, first_difference, same_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# series -> words of the one-line refusal where the capture is refused (else it must work)
-EXPECT_REFUSAL = {"5.10": "the oldest kernel that has them is 5.19"}
+# series -> words of the one-line refusal where the capture is refused (else it must work):
+# none since the legacy programs (bpf/legacy.h) run where the modern ones cannot (5.10)
+EXPECT_REFUSAL: dict[str, str] = {}
+# series -> the program variant its guest must load (tracer/features.py variant())
+EXPECT_VARIANT = {"5.10": "legacy"}
 GUEST_TIMEOUT = 900
 
 
@@ -59,16 +62,20 @@ PARALLEL = int(os.environ.get("BLKREWIND_VM_PARALLEL", "2"))  # guests booted at
 
 
 @pytest.fixture(scope="module")
-def guests(tmp_path_factory):
-    """Every series' guest run, PARALLEL at a time (software emulation is CPU-bound and
-    mostly one vCPU busy per guest): {series: Future of (kimg, out, CompletedProcess, s)}."""
+def guests(tmp_path_factory, request):
+    """The guest run of every series selected (-k), PARALLEL at a time (software emulation
+    is CPU-bound and mostly one vCPU busy per guest): {series: Future of (kimg, out,
+    CompletedProcess, s)}."""
     from concurrent.futures import ThreadPoolExecutor
     _need("qemu-system-x86_64 is missing", shutil.which("qemu-system-x86_64") is not None)
     try:
         vm.vng()
     except vm.VmError as e:
         _need(str(e), False)
-    kimgs = {s: vm.fetch(s, log=lambda m: None) for s in vm.SERIES}  # one apt at a time
+    selected = {it.callspec.params["series"] for it in request.session.items
+                if getattr(it, "originalname", "") == "test_kernel_matrix"}
+    series = [s for s in vm.SERIES if s in selected] or vm.SERIES
+    kimgs = {s: vm.fetch(s, log=lambda m: None) for s in series}  # one apt at a time
     base = tmp_path_factory.mktemp("guests")
 
     def run(series):
@@ -79,7 +86,7 @@ def guests(tmp_path_factory):
         return kimgs[series], out, r, time.monotonic() - t0
 
     pool = ThreadPoolExecutor(max_workers=max(1, PARALLEL))
-    futures = {s: pool.submit(run, s) for s in vm.SERIES}
+    futures = {s: pool.submit(run, s) for s in series}
     try:
         yield futures
     finally:
@@ -111,6 +118,8 @@ def test_kernel_matrix(series, guests, tmp_path):
                       f"tracer:\n{res.get('trace_stderr', '')}"
     stats = res["trace_stats"]
     assert stats["drops"] > 0, f"{release}: the ring never overflowed: {stats}"
+    variant = "legacy" if "legacy programs" in res.get("trace_head", "") else "modern"
+    assert variant == EXPECT_VARIANT.get(series, "modern"), res["trace_stderr"]
     assert "records lost" in res["trace_stderr"], res["trace_stderr"]
     # the host side: ingest the guest's LOG, restore at every mark and latest
     store = tmp_path / "store"
@@ -131,7 +140,8 @@ def test_kernel_matrix(series, guests, tmp_path):
         assert same_file(img, out / copy), \
             f"{release}: restore at {name} differs: {first_difference(img, out / copy)}"
         img.unlink()
-    _record(series, release, f"pass (marks {', '.join(k for k in res['copies'] if k != 'latest')}"
+    _record(series, release, f"pass, {variant} programs (marks "
+            f"{', '.join(k for k in res['copies'] if k != 'latest')}"
             f", latest; {stats['drops']} records lost and resynced)",
             guest_s + time.monotonic() - t0)
 
@@ -156,7 +166,33 @@ def test_programs_verify_with_every_clang(clang, tmp_path):
         for p in ("capture_btf", "capture_raw", "rqdone_btf", "rqdone_raw", "point", "reader",
                   "dirtier_btf"):
             assert o.prog_fd(p) >= 0
-    assert time.monotonic() - t0 < 60
+    # the legacy variant (bpf/legacy.h): dirtier_page_raw is for kernels before 5.17 and
+    # does nothing here, but it loads
+    with L.BpfObject(str(tmp_path / build.LEGACY_NAME), max_entries={"rb": 1 << 20}) as o:
+        for p in ("capture_raw", "capture_raw_q", "rqdone_raw", "biodone_raw", "point",
+                  "reader", "dirtier_folio_raw", "dirtier_page_raw"):
+            assert o.prog_fd(p) >= 0
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.bpf
+def test_the_variant_follows_the_kernel_and_the_legacy_one_can_be_forced(monkeypatch):
+    """features.variant() loads the modern programs where the kernel has what they use (as
+    this one does); BLKREWIND_BPF_VARIANT=legacy loads the legacy ones here too (the tests
+    that take the bpf_variant fixture run both), whose block_bio_queue program is the one
+    the tracepoint's arity takes: (bio) from 5.11 on."""
+    from tracer import capture, features
+    monkeypatch.delenv(features.VARIANT_ENV, raising=False)
+    assert features.variant() == ("modern", "") and features.modern_missing() == []
+    assert features.missing_feature() is None
+    monkeypatch.setenv(features.VARIANT_ENV, "legacy")
+    assert features.variant()[0] == "legacy"
+    with capture.Capture(ring_bytes=1 << 20, dirty_regions=4) as cap:
+        assert cap.variant == "legacy" and "claim_map" in cap.fd
+        assert cap.path.endswith("blkrewind-legacy.bpf.o")
+        cap.attach()
+        assert cap.attached_progs["queue"] == "capture_raw", cap.attached_progs
+        assert cap.counters()["unstamped"] == 0
 
 
 BROKEN = r"""
