@@ -42,6 +42,7 @@
 #define BR_CLAIM_STAMP 0
 #define BR_CLAIM_SEQ 1
 #define BR_CLAIM_ERR 2
+#define BR_SEQ_BLOCK 4096       /* seq numbers one claim of the seq counter gives (>= BR_LREC_MAX + 1) */
 #define BR_EEXIST 17
 
 struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 3 * BR_CLAIM_KEEP + 4096);
@@ -62,6 +63,9 @@ struct br_lwalk {
 	__u32 seg_left;
 	__u32 offset;
 	__u32 wake_bytes;
+	__u32 filled;     /* br_lgather: bytes gathered into tmp */
+	__u32 err;        /* br_lgather: a read failed */
+	__u64 seq;        /* the next seq of the bio's block of them */
 	struct br_rec h;
 	__u8 tmp[2 * BR_LPIECE];
 };
@@ -83,7 +87,9 @@ struct br_lrec_small {
 /* claims: numbers without a fetch-and-add                                  */
 
 /* Claim the next number of counter `which` (stamp, seq, write_errs); 0 when none could be
- * claimed (unstamped counted). A global function: verified once, not at every call. */
+ * claimed (unstamped counted). A global function: verified once, not at every call.
+ * The seq counter goes in blocks of BR_SEQ_BLOCK: a claim owns c .. c + BR_SEQ_BLOCK - 1
+ * (one claim per bio, not per record; seq numbers need only be unique, docs/internals.md). */
 __noinline __u64 br_claim(__u32 which)
 {
 	__u32 k = 0;
@@ -95,6 +101,7 @@ __noinline __u64 br_claim(__u32 which)
 	__u64 *ctr = which == BR_CLAIM_STAMP ? &s->stamp : which == BR_CLAIM_SEQ ? &s->seq
 		: &s->write_errs;
 	__u64 space = (__u64)which << 62;
+	__u64 step = which == BR_CLAIM_SEQ ? BR_SEQ_BLOCK : 1;
 	__u64 c = *(volatile __u64 *)ctr;
 
 	for (int i = 0; i < BR_CLAIM_TRIES; i++) {
@@ -102,14 +109,14 @@ __noinline __u64 br_claim(__u32 which)
 		long r = bpf_map_update_elem(&claim_map, &key, &one, BPF_NOEXIST);
 
 		if (r == 0) {
-			key = (c - BR_CLAIM_KEEP) ^ space;
+			key = (c - BR_CLAIM_KEEP * step) ^ space;
 			bpf_map_delete_elem(&claim_map, &key);
 			if (*(volatile __u64 *)ctr <= c)
-				*(volatile __u64 *)ctr = c + 1;
+				*(volatile __u64 *)ctr = c + step;
 			return c;
 		}
 		if (r == -BR_EEXIST)
-			c++;
+			c += step;
 		/* else the bucket is busy (a program interrupted on this CPU holds it): again */
 	}
 	__sync_fetch_and_add(&s->unstamped, 1);
@@ -270,15 +277,23 @@ static __always_inline __u64 lwake_flags(__u64 t, __u32 len)
 /* ------------------------------------------------------------------------ */
 /* the dirty map                                                            */
 
-/* dirty_map[key] = max(dirty_map[key], stamp), without cmpxchg (see the top) */
-__noinline int br_ldirty(__u32 key, __u64 stamp)
-{
-	__u64 *v = bpf_map_lookup_elem(&dirty_map, &key);
+/* dirty_map[key + i] = max(dirty_map[key + i], stamp) for i < min(n, BR_LRUN), without
+ * cmpxchg (see the top). Loops come in runs of BR_LRUN inside global functions: the
+ * verifier walks each loop iteration by iteration, a run once, not at every call. */
+#define BR_LRUN 64
 
-	if (!v)
-		return 1;
-	if (*(volatile __u64 *)v < stamp)
-		*(volatile __u64 *)v = stamp;
+__noinline int br_ldirty_run(__u32 key, __u32 n, __u64 stamp)
+{
+	for (__u32 i = 0; i < BR_LRUN; i++) {
+		if (i >= n)
+			return 0;
+		__u32 k = key + i;
+		__u64 *v = bpf_map_lookup_elem(&dirty_map, &k);
+		if (!v)
+			return 1;
+		if (*(volatile __u64 *)v < stamp)
+			*(volatile __u64 *)v = stamp;
+	}
 	return 0;
 }
 
@@ -302,10 +317,10 @@ static __always_inline void lmark_dirty(struct br_state *s, struct br_dev *d, __
 		__sync_fetch_and_add(&s->dirty_races, 1);
 		n = BR_LDIRTY_MAX;
 	}
-	for (__u32 i = 0; i < BR_LDIRTY_MAX; i++) {
-		if (i >= n)
+	for (__u32 i = 0; i < BR_LDIRTY_MAX / BR_LRUN; i++) {
+		if (i * BR_LRUN >= n)
 			break;
-		if (br_ldirty(base + i, stamp))
+		if (br_ldirty_run(base + i * BR_LRUN, n - i * BR_LRUN, stamp))
 			break;
 	}
 }
@@ -347,16 +362,22 @@ static __always_inline int lload_seg(struct br_lwalk *w)
 	return 1;
 }
 
-/* Gather up to `want` bytes of the walk into the record's data (cap bytes, constant):
- * straight from kernel memory when one segment holds the whole record, else through the
- * walk's scratch. Returns the bytes gathered; *err on a failed read. */
-static __always_inline __u32 lgather(struct br_lwalk *w, __u8 *data, __u32 cap, __u32 want,
-				     __u32 *err)
+/* Gather up to `want` (<= 4 KiB) bytes of the walk into its scratch (w->tmp); returns the
+ * bytes gathered, w->err set on a failed read. A global function whose state lives in the
+ * map value, reloaded at every step: unknown scalars to the verifier, so the states of its
+ * loop converge (the 5.10 verifier took longer than 15 min under emulation on a version
+ * that kept the count in a register and gathered into the record itself). */
+__noinline int br_lgather(__u32 want)
 {
-	__u32 filled = 0;
-	int scratch = 0;
+	__u32 k = 0;
+	struct br_lwalk *w = bpf_map_lookup_elem(&walk_map, &k);
 
+	if (!w)
+		return 0;
+	w->filled = 0;
+	w->err = 0;
 	for (int i = 0; i < BR_LSEGS; i++) {
+		__u32 filled = w->filled;
 		if (filled >= want || !lload_seg(w))
 			break;
 		if (w->seg_left == 0)
@@ -364,29 +385,24 @@ static __always_inline __u32 lgather(struct br_lwalk *w, __u8 *data, __u32 cap, 
 		__u32 n = w->seg_left;
 		if (n > want - filled)
 			n = want - filled;
-		if (filled == 0 && n == cap) {
-			if (bpf_probe_read_kernel(data, cap, (void *)w->seg_va))
-				*err = 1;
-		} else {
-			__u32 at = filled & (BR_LPIECE - 1);
-			/* redundant to clang (n <= want <= cap), which would drop it, not to
-			 * the verifier: at + n stays inside tmp */
-			barrier_var(n);
-			if (n > BR_LPIECE)
-				n = BR_LPIECE;
-			if (bpf_probe_read_kernel(w->tmp + at, n, (void *)w->seg_va))
-				*err = 1;
-			scratch = 1;
-		}
-		filled += n;
+		/* the mask and the bound are redundant to clang, which would drop them, not to
+		 * the verifier (5.10: 'R1 max value is outside of the allowed memory range'):
+		 * at + n stays inside tmp */
+		__u32 at = filled;
+		barrier_var(at);
+		at &= BR_LPIECE - 1;
+		barrier_var(n);
+		if (n > BR_LPIECE)
+			n = BR_LPIECE;
+		if (bpf_probe_read_kernel(w->tmp + at, n, (void *)w->seg_va))
+			w->err = 1;
+		w->filled = filled + n;
 		w->seg_left -= n;
 		w->seg_va += n;
 		w->remaining -= n;
 		w->offset += n;
 	}
-	if (scratch && bpf_probe_read_kernel(data, cap, w->tmp))
-		*err = 1;
-	return filled;
+	return w->filled;
 }
 
 /* the header of a data record, the payload gathered: flags, len, counters */
@@ -394,7 +410,7 @@ static __always_inline void lfinish(struct br_state *s, struct br_lwalk *w, stru
 				    __u32 offset, __u64 page, __u32 filled, __u32 err)
 {
 	__builtin_memcpy(r, &w->h, sizeof(*r));
-	r->seq = br_claim(BR_CLAIM_SEQ);
+	r->seq = w->seq++;
 	r->offset = offset;
 	r->aux = page;
 	if (offset == 0)
@@ -434,7 +450,9 @@ __noinline int br_lrecord(__u32 unused)
 		}
 		/* a record more fragmented than BR_LSEGS segments ends short: the next one
 		 * goes on at its end (records are pieces at their offset) */
-		__u32 filled = lgather(w, r->data, BR_LPIECE, BR_LPIECE, &err);
+		__u32 filled = br_lgather(BR_LPIECE);
+		if (bpf_probe_read_kernel(r->data, BR_LPIECE, w->tmp) || w->err)
+			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
 		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
 	} else {
@@ -445,11 +463,23 @@ __noinline int br_lrecord(__u32 unused)
 			w->remaining = 0;
 			return 1;
 		}
-		__u32 filled = lgather(w, r->data, BR_LSMALL, want, &err);
+		__u32 filled = br_lgather(want);
+		if (bpf_probe_read_kernel(r->data, BR_LSMALL, w->tmp) || w->err)
+			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
 		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
 	}
 	return w->remaining ? 0 : 1;
+}
+
+/* BR_LRUN records of the bio (br_lrecord); 1 when the bio is done */
+__noinline int br_lrecords(__u32 unused)
+{
+	for (int i = 0; i < BR_LRUN; i++) {
+		if (br_lrecord(0))
+			return 1;
+	}
+	return 0;
 }
 
 /* a record of the header template alone (NULL: dropped, counted) */
@@ -462,7 +492,7 @@ static __always_inline struct br_rec *lheader_rec(struct br_state *s, struct br_
 		return 0;
 	}
 	__builtin_memcpy(r, &w->h, sizeof(*r));
-	r->seq = br_claim(BR_CLAIM_SEQ);
+	r->seq = w->seq++;
 	return r;
 }
 
@@ -671,6 +701,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		lgrace_exit(g);
 		return 0;
 	}
+	w->seq = br_claim(BR_CLAIM_SEQ);  /* the bio's records: R_DIRTY, then its pieces */
 	__builtin_memset(&w->h, 0, sizeof(w->h));
 	w->h.stamp = stamp;
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
@@ -716,8 +747,8 @@ static __always_inline int lhandle_bio(struct bio *bio)
 	w->seg_left = 0;
 	w->offset = 0;
 	w->wake_bytes = c->wake_bytes;
-	for (int i = 0; i < BR_LREC_MAX; i++) {
-		if (br_lrecord(0))
+	for (int i = 0; i < BR_LREC_MAX / BR_LRUN; i++) {
+		if (br_lrecords(0))
 			break;
 	}
 	if (w->remaining)
@@ -743,6 +774,29 @@ int BPF_PROG(capture_raw_q, struct request_queue *q, struct bio *bio)
 
 /* ------------------------------------------------------------------------ */
 /* completions                                                              */
+
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_chain_ctx); } chain_map SEC(".maps");
+
+/* chain_cb over the request's bios into chain_map (global: its loop verified once, on
+ * map-value state) */
+__noinline int br_lchain(__u64 bio, __u32 left)
+{
+	__u32 k = 0;
+	struct br_chain_ctx *cc = bpf_map_lookup_elem(&chain_map, &k);
+
+	if (!cc)
+		return 0;
+	cc->bio = bio;
+	cc->left = left;
+	cc->n = 0;
+	cc->flags = 0;
+	for (int i = 0; i < BR_MAX_COMPLETE_BIOS; i++) {
+		if (chain_cb(i, cc))
+			break;
+	}
+	return 0;
+}
 
 struct br_done1 {
 	struct br_rec h;
@@ -770,6 +824,26 @@ static __always_inline void lnote_error(__u32 dev, __u64 sector, __u32 bytes, __
 	e->error = error;
 	barrier();
 	*(volatile __u64 *)&e->n = n + 1;  /* last: the slot is complete */
+}
+
+static __always_inline void lcomplete_hdr(struct br_rec *h, __u64 aux, __u64 sector,
+					  __u64 part_start, __u32 dev, __u32 opf, __u8 op,
+					  __u32 nr_bytes, int error, __u32 flags, __u32 n)
+{
+	__builtin_memset(h, 0, sizeof(*h));
+	h->seq = br_claim(BR_CLAIM_SEQ);
+	h->ktime_ns = bpf_ktime_get_ns();
+	h->aux = aux;
+	h->sector = sector;
+	h->part_start = part_start;
+	h->dev = dev;
+	h->opf = opf;
+	h->op = op;
+	h->bio_size = nr_bytes;
+	h->error = (__u16)error;
+	h->rtype = BR_R_COMPLETE;
+	h->flags = flags;
+	h->len = n * 8;
 }
 
 static __always_inline int lhandle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
@@ -812,56 +886,40 @@ static __always_inline int lhandle_rq_done(struct request *rq, int error, unsign
 	if (error)
 		lnote_error(dev, sector >= part_start ? sector - part_start : 0,
 			    nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
-	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
-	for (int i = 0; i < BR_MAX_COMPLETE_BIOS; i++) {
-		if (chain_cb(i, &cc))
-			break;
-	}
-	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
-	struct br_rec *h;
-	__u32 rsize;
-	struct br_doneN *rn = 0;
-	struct br_done1 *r1 = 0;
-	if (n <= 1) {
-		r1 = bpf_ringbuf_reserve(&rb, sizeof(*r1), 0);
-		h = r1 ? &r1->h : 0;
-		rsize = sizeof(*r1);
-	} else {
-		rn = bpf_ringbuf_reserve(&rb, sizeof(*rn), 0);
-		h = rn ? &rn->h : 0;
-		rsize = sizeof(*rn);
-	}
-	if (!h) {
-		lcount_drop(s, 0);
+	br_lchain(bio, nr_bytes);
+	struct br_chain_ctx *ccp = bpf_map_lookup_elem(&chain_map, &k);
+	if (!ccp)
 		return 0;
-	}
-	__builtin_memset(h, 0, sizeof(*h));
-	h->seq = br_claim(BR_CLAIM_SEQ);
-	h->ktime_ns = bpf_ktime_get_ns();
-	h->aux = *(volatile __u64 *)&s->stamp;
-	h->sector = sector >= part_start ? sector - part_start : 0;
-	h->part_start = part_start;
-	h->dev = dev;
-	h->opf = opf;
-	h->op = op;
-	h->bio_size = nr_bytes;
-	h->error = (__u16)error;
-	h->rtype = BR_R_COMPLETE;
-	h->flags = norm_flags(opf) | cc.flags;
-	h->len = n * 8;
-	if (r1) {
-		r1->stamp = n ? cc.stamps[0] : 0;
-	} else if (rn) {
+	struct br_chain_ctx cc = *ccp;
+	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
+	/* two separate paths, one reservation each: the 5.10 verifier loses track of a
+	 * reservation reached through an alias ('Unreleased reference') */
+	__u64 aux = *(volatile __u64 *)&s->stamp;
+	__u64 rel = sector >= part_start ? sector - part_start : 0;
+	__u32 fl = norm_flags(opf) | cc.flags;
+	if (n <= 1) {
+		struct br_done1 *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
+		if (!r) {
+			lcount_drop(s, 0);
+			return 0;
+		}
+		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
+		r->stamp = n ? cc.stamps[0] : 0;
+		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+	} else {
+		struct br_doneN *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
+		if (!r) {
+			lcount_drop(s, 0);
+			return 0;
+		}
+		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
 		for (int i = 0; i < BR_MAX_COMPLETE_BIOS; i++)
-			rn->stamps[i] = cc.stamps[i];
+			r->stamps[i] = cc.stamps[i];
+		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
 	}
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
 	__sync_fetch_and_add(&s->completes, 1);
-	if (r1)
-		bpf_ringbuf_submit(r1, lwake_flags(c->wake_bytes, rsize));
-	else if (rn)
-		bpf_ringbuf_submit(rn, lwake_flags(c->wake_bytes, rsize));
 	return 0;
 }
 
