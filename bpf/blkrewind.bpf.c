@@ -80,6 +80,8 @@ struct br_state {
 	__u64 old_bios;        /* completed bios queued before capture began */
 	__u64 write_errs;      /* write-type completions with an error (slots in err_map) */
 	__u64 dirty_races;     /* dirty map updates given up after BR_DIRTY_TRIES cmpxchg */
+	__u64 unstamped;       /* legacy variant: bios and points that could claim no stamp
+				* (bpf/legacy.h; the modern programs never count it) */
 };
 
 struct br_dev {
@@ -232,6 +234,7 @@ static __always_inline int surely_untraced(struct br_cfg *c, __u32 dev, __u32 di
 	return !c->calib_tgid && !(c->dev_bloom & (dev_bit(dev) | dev_bit(disk)));
 }
 
+#ifndef BR_LEGACY
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
 
@@ -515,6 +518,8 @@ static __always_inline void grace_exit(struct br_grace *g)
 		__sync_fetch_and_add(&g->quiet, 1);
 }
 
+#endif /* !BR_LEGACY */
+
 /* Bytes of bvec[bi_idx] the bio's iterator has consumed: bi_iter.bi_bvec_done up to 6.x,
  * bi_iter.bi_offset from 7.x (Debian's 7.3) -- the same field renamed. CO-RE picks the one
  * the running kernel has (the other branch is dead code to the verifier). */
@@ -535,6 +540,7 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	return BPF_CORE_READ(b7, bi_iter.bi_offset);
 }
 
+#ifndef BR_LEGACY
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
 				     struct br_walk *w, __u32 size)
@@ -579,9 +585,12 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 /* ------------------------------------------------------------------------ */
 /* the dirtier of a bio's pages (buffered writes, written back by another task) */
 
+#endif /* !BR_LEGACY */
+
 #define BR_S_IFMT 0170000
 #define BR_S_IFBLK 0060000
 
+#ifndef BR_LEGACY
 /* A folio of a traced device went clean -> dirty (folio_account_dirtied, in the dirtying
  * task's context, with the mapping's xa_lock held): remember who. Plain BTF loads only;
  * folios of devices the bloom rules out cost a few loads. */
@@ -629,6 +638,8 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	return 0;
 }
 
+#endif /* !BR_LEGACY */
+
 /* folio->flags: unsigned long up to 6.17, memdesc_flags_t (a struct holding it) from 6.18.
  * CO-RE does not match a field of another kind, so one flavour per kind; the other one's
  * branch is dead code to the verifier (its relocation fails harmlessly). */
@@ -658,6 +669,7 @@ static __always_inline __u64 folio_flags(void *folio)
 	return v;
 }
 
+#ifndef BR_LEGACY
 /* A write bio with data: if its first page is a page-cache folio under writeback whose
  * dirtier is known, either flag the bio (the submitter dirtied it: F_DIRTYSELF) or emit an
  * R_DIRTY record with the bio's stamp and the dirtier (before the bio's records). O_DIRECT
@@ -802,14 +814,19 @@ int BPF_PROG(capture_raw, struct bio *bio)
 			  BPF_CORE_READ(bdev, bd_disk, part0, bd_dev));
 }
 
+#endif /* !BR_LEGACY */
+
 /* ------------------------------------------------------------------------ */
 /* completions                                                              */
 
+#ifndef BR_LEGACY
 /* a bio-based device's completion: one bio, one stamp (blk-mq requests: handle_rq_done) */
 struct br_done1 {
 	struct br_rec h;
 	__u64 stamp;
 };
+
+#endif /* !BR_LEGACY */
 
 struct br_chain_ctx {
 	__u64 stamps[BR_MAX_COMPLETE_BIOS];
@@ -852,6 +869,7 @@ static long chain_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+#ifndef BR_LEGACY
 /* a write-type completion with an error: remember its range (before any
  * reservation, so it is known even when the record is dropped) */
 static __always_inline void note_error(struct br_state *s, __u32 dev, __u64 sector,
@@ -1056,6 +1074,12 @@ int point(void *ctx)
 	p->ok = 1;
 	return 0;
 }
+
+#endif /* !BR_LEGACY */
+
+#ifdef BR_LEGACY
+#include "legacy.h"
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* kernel memory reader for the direct-map discovery (BPF_PROG_TEST_RUN)

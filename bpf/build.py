@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Build the BPF object: bpf/build/blkrewind.bpf.o.
+"""Build the BPF objects: bpf/build/blkrewind.bpf.o and its legacy variant
+bpf/build/blkrewind-legacy.bpf.o (the same source with -DBR_LEGACY: bpf/legacy.h, for
+kernels without fetch-and-add, bpf_loop or ring buffer dynptrs; tracer/capture.py picks).
 
 CO-RE: vmlinux.h is dumped from the running kernel's BTF with bpftool (never
 committed), record.h is generated from blkrewind/formats/record.py (the one
@@ -28,10 +30,11 @@ sys.path.insert(0, str(ROOT))
 
 from blkrewind.formats.record import CLayout  # noqa: E402
 
-SOURCES = [HERE / "blkrewind.bpf.c"]
+SOURCES = [HERE / "blkrewind.bpf.c", HERE / "legacy.h"]
 VMLINUX_BTF = Path("/sys/kernel/btf/vmlinux")
 DEFAULT_OUT = HERE / "build"
 OBJECT_NAME = "blkrewind.bpf.o"
+LEGACY_NAME = "blkrewind-legacy.bpf.o"
 
 
 class BuildError(Exception):
@@ -73,7 +76,9 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
     h.update(f"{clang}\n{ver}".encode())
     digest = h.hexdigest()
     stamp = out / "inputs.sha256"
-    if not force and obj.exists() and stamp.exists() and stamp.read_text().strip() == digest:
+    legacy = out / LEGACY_NAME
+    if (not force and obj.exists() and legacy.exists() and stamp.exists()
+            and stamp.read_text().strip() == digest):
         build_native(out, None, quiet)
         if not quiet:  # last: bootstrap shows the last line
             print(f"bpf: {_shown(obj)} is up to date")
@@ -85,13 +90,15 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
         subprocess.run([bpftool, "btf", "dump", "file", str(VMLINUX_BTF), "format", "c"],
                        stdout=f, check=True)
     (out / "record.h").write_text(header)
-    tmp = out / (OBJECT_NAME + ".tmp")
-    cmd = [clang, "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86",
-           "-Wall", "-Wno-unused-function", "-I", str(out), "-c", str(SOURCES[0]), "-o", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise BuildError("clang failed:\n" + r.stderr)
-    os.replace(tmp, obj)
+    for target, extra in ((obj, []), (legacy, ["-DBR_LEGACY"])):
+        tmp = out / (target.name + ".tmp")
+        cmd = [clang, "-O2", "-g", "-target", "bpf", "-mcpu=v3", "-D__TARGET_ARCH_x86", *extra,
+               "-Wall", "-Wno-unused-function", "-I", str(out), "-c", str(SOURCES[0]),
+               "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise BuildError("clang failed:\n" + r.stderr)
+        os.replace(tmp, target)
     stamp.write_text(digest + "\n")
     build_native(out, clang, quiet)
     if not quiet:

@@ -138,7 +138,7 @@ def vm_background(request, tmp_path_factory, _no_leaked_loops_or_mounts):
     vm_items = [i for i in items if _is_vm_item(i)]
     bg = background.Background(background.workers(len(vm_items) == len(items)))
     for module in dict.fromkeys(i.module for i in vm_items):
-        module.submit_vm_jobs(bg, tmp_path_factory)
+        module.submit_vm_jobs(bg, tmp_path_factory, [i for i in vm_items if i.module is module])
     yield bg
     problems = bg.close()
     if problems:
@@ -478,3 +478,14 @@ def run_cli_fixture():
 @pytest.fixture(name="assert_one_line_error")
 def assert_one_line_error_fixture():
     return assert_one_line_error
+
+
+# --------------------------------------------------------------------------- BPF variants
+@pytest.fixture(params=["modern", "legacy"])
+def bpf_variant(request, monkeypatch):
+    """Both variants of the capture programs: the legacy one (bpf/legacy.h, for kernels
+    without fetch-and-add, bpf_loop or ring buffer dynptrs) forced on this kernel too
+    (BLKREWIND_BPF_VARIANT, inherited by the tracers the test starts), so that it is
+    exercised here and not only in the kernel matrix's 5.10 guest."""
+    monkeypatch.setenv("BLKREWIND_BPF_VARIANT", request.param)
+    return request.param

@@ -114,7 +114,7 @@ def check_store(store: Path, dev: str, marker: Marker, final: Path, tmp: Path, n
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
-def test_filesystem_history_restores_byte_exact(fstype, make_loop, tmp_path):
+def test_filesystem_history_restores_byte_exact(fstype, bpf_variant, make_loop, tmp_path):
     rng = random.Random(fstype)
     loop = make_loop(size_mb=FS_SIZE_MB[fstype])
     dev = loop.path
@@ -279,7 +279,7 @@ def test_trace_with_command_returns_its_status(make_loop, tmp_path):
     assert stats["drops"] == 0 and stats["bytes"] >= 1 << 20 and stats["bios"] >= 16
 
 
-def test_lost_records_are_reported_and_never_exposed(make_loop, tmp_path):
+def test_lost_records_are_reported_and_never_exposed(bpf_variant, make_loop, tmp_path):
     """A 1 MiB ring buffer under 1 MiB writes overflows: the tracer says so, the LOG
     records the loss, no restorable interval reaches into a gap window, and the
     resync makes `latest` equal the device again."""
@@ -307,7 +307,7 @@ def test_lost_records_are_reported_and_never_exposed(make_loop, tmp_path):
     assert same_file(out, loop.path), first_difference(out, loop.path)
 
 
-def test_odd_bio_shapes_are_captured_exactly(make_loop, tmp_path):
+def test_odd_bio_shapes_are_captured_exactly(bpf_variant, make_loop, tmp_path):
     """O_DIRECT from buffers that straddle pages (bvecs of a few hundred bytes),
     from a THP-backed buffer (multi-page bvecs), 512-byte writes, 4 MiB writes."""
     import ctypes
@@ -343,7 +343,7 @@ def test_odd_bio_shapes_are_captured_exactly(make_loop, tmp_path):
     assert same_file(out, final), first_difference(out, final)
 
 
-def test_a_partition_and_a_disk_traced_together(make_loop, tmp_path):
+def test_a_partition_and_a_disk_traced_together(bpf_variant, make_loop, tmp_path):
     """One session, two devices: partition 2 of one loop disk and another whole
     loop disk. Writes to partition 1 are not traced; each restore equals its device."""
     disk = make_loop(size_mb=64)

@@ -26,8 +26,11 @@ from conftest import in_ci  # noqa: E402
 from tracerproc import cli, first_difference, same_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# series -> words of the one-line refusal where the capture is refused (else it must work)
-EXPECT_REFUSAL = {"5.10": "the oldest kernel that has them is 5.19"}
+# series -> words of the one-line refusal where the capture is refused (else it must work):
+# none since the legacy programs (bpf/legacy.h) run where the modern ones cannot (5.10)
+EXPECT_REFUSAL: dict[str, str] = {}
+# series -> the program variant its guest must load (tracer/features.py variant())
+EXPECT_VARIANT = {"5.10": "legacy"}
 GUEST_TIMEOUT = 900
 
 
@@ -55,9 +58,9 @@ def _record(series: str, release: str, result: str, seconds: float) -> None:
     f.write_text(json.dumps(rows, indent=1))
 
 
-def submit_vm_jobs(bg, tmp_path_factory) -> None:
-    """Queues every series' guest (tests/vm/background.py): {series: (kimg, out,
-    CompletedProcess, seconds)} once done."""
+def submit_vm_jobs(bg, tmp_path_factory, items) -> None:
+    """Queues the guest of every series selected (items: this module's tests in the session;
+    tests/vm/background.py): (kimg, out, CompletedProcess, seconds) once done."""
     if shutil.which("qemu-system-x86_64") is None:
         bg.unavailable(__name__, "qemu-system-x86_64 is missing")
         return
@@ -76,8 +79,11 @@ def submit_vm_jobs(bg, tmp_path_factory) -> None:
                          timeout=GUEST_TIMEOUT)
         return kimg, out, r, time.monotonic() - t0
 
+    selected = {it.callspec.params["series"] for it in items
+                if getattr(it, "originalname", "") == "test_kernel_matrix"}
     for s in vm.SERIES:
-        bg.submit(f"kernel-{s}", run, s)
+        if s in selected:
+            bg.submit(f"kernel-{s}", run, s)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +120,8 @@ def test_kernel_matrix(series, guests, tmp_path):
                       f"tracer:\n{res.get('trace_stderr', '')}"
     stats = res["trace_stats"]
     assert stats["drops"] > 0, f"{release}: the ring never overflowed: {stats}"
+    variant = "legacy" if "legacy programs" in res.get("trace_head", "") else "modern"
+    assert variant == EXPECT_VARIANT.get(series, "modern"), res["trace_stderr"]
     assert "records lost" in res["trace_stderr"], res["trace_stderr"]
     # the host side: ingest the guest's LOG, restore at every mark and latest
     store = tmp_path / "store"
@@ -134,7 +142,8 @@ def test_kernel_matrix(series, guests, tmp_path):
         assert same_file(img, out / copy), \
             f"{release}: restore at {name} differs: {first_difference(img, out / copy)}"
         img.unlink()
-    _record(series, release, f"pass (marks {', '.join(k for k in res['copies'] if k != 'latest')}"
+    _record(series, release, f"pass, {variant} programs (marks "
+            f"{', '.join(k for k in res['copies'] if k != 'latest')}"
             f", latest; {stats['drops']} records lost and resynced)",
             guest_s + time.monotonic() - t0)
 
@@ -159,7 +168,33 @@ def test_programs_verify_with_every_clang(clang, tmp_path):
         for p in ("capture_btf", "capture_raw", "rqdone_btf", "rqdone_raw", "point", "reader",
                   "dirtier_btf"):
             assert o.prog_fd(p) >= 0
-    assert time.monotonic() - t0 < 60
+    # the legacy variant (bpf/legacy.h): dirtier_page_raw is for kernels before 5.17 and
+    # does nothing here, but it loads
+    with L.BpfObject(str(tmp_path / build.LEGACY_NAME), max_entries={"rb": 1 << 20}) as o:
+        for p in ("capture_raw", "capture_raw_q", "rqdone_raw", "biodone_raw", "point",
+                  "reader", "dirtier_folio_raw", "dirtier_page_raw"):
+            assert o.prog_fd(p) >= 0
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.bpf
+def test_the_variant_follows_the_kernel_and_the_legacy_one_can_be_forced(monkeypatch):
+    """features.variant() loads the modern programs where the kernel has what they use (as
+    this one does); BLKREWIND_BPF_VARIANT=legacy loads the legacy ones here too (the tests
+    that take the bpf_variant fixture run both), whose block_bio_queue program is the one
+    the tracepoint's arity takes: (bio) from 5.11 on."""
+    from tracer import capture, features
+    monkeypatch.delenv(features.VARIANT_ENV, raising=False)
+    assert features.variant() == ("modern", "") and features.modern_missing() == []
+    assert features.missing_feature() is None
+    monkeypatch.setenv(features.VARIANT_ENV, "legacy")
+    assert features.variant()[0] == "legacy"
+    with capture.Capture(ring_bytes=1 << 20, dirty_regions=4) as cap:
+        assert cap.variant == "legacy" and "claim_map" in cap.fd
+        assert cap.path.endswith("blkrewind-legacy.bpf.o")
+        cap.attach()
+        assert cap.attached_progs["queue"] == "capture_raw", cap.attached_progs
+        assert cap.counters()["unstamped"] == 0
 
 
 BROKEN = r"""

@@ -65,7 +65,7 @@ def points(store, what):
     return sql(store, f"SELECT * FROM points WHERE what = '{what}' ORDER BY stamp")
 
 
-def test_ring_overflow_is_reported_resynced_and_latest_is_exact(make_loop, tmp_path,
+def test_ring_overflow_is_reported_resynced_and_latest_is_exact(bpf_variant, make_loop, tmp_path,
                                                                 monkeypatch):
     """Heavy 1 MiB writes overflow a 1 MiB ring; then lighter random writes go on while the
     resync reads the dirty regions (its stale-read care is exercised); `latest` is exact.
@@ -127,7 +127,7 @@ def link_alive(link_id: int) -> bool:
                           capture_output=True).returncode == 0
 
 
-def test_tracer_killed_then_restarted_continues_the_session(make_loop, tmp_path):
+def test_tracer_killed_then_restarted_continues_the_session(bpf_variant, make_loop, tmp_path):
     """SIGKILL in the middle of random writes: the capture stays attached (pinned), the 4 MiB
     ring overflows while no tracer reads it. A new tracer on the same devices and LOG
     continues the same session, keeps the records waiting in the ring, reports the gap
@@ -256,7 +256,7 @@ def full_tmpfs_loop(tmp_path):
         assert not problems, problems
 
 
-def test_write_error_is_recorded_and_its_range_read_back(full_tmpfs_loop, tmp_path):
+def test_write_error_is_recorded_and_its_range_read_back(bpf_variant, full_tmpfs_loop, tmp_path):
     import mmap
     dev, _ = full_tmpfs_loop
     log, store = tmp_path / "log", tmp_path / "store"

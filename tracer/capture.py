@@ -25,15 +25,17 @@ import numpy as np
 
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from tracer import btfcheck
+from tracer import btfcheck, features
 from tracer import libbpf as L
-from tracer.features import missing_feature
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OBJECT = ROOT / "bpf" / "build" / "blkrewind.bpf.o"
+LEGACY_OBJECT = ROOT / "bpf" / "build" / "blkrewind-legacy.bpf.o"
 
 
-def object_path() -> Path:
+def object_path(legacy: bool = False) -> Path:
+    if legacy:
+        return Path(os.environ.get("BLKREWIND_BPF_LEGACY_OBJECT", LEGACY_OBJECT))
     return Path(os.environ.get("BLKREWIND_BPF_OBJECT", DEFAULT_OBJECT))
 
 
@@ -53,7 +55,7 @@ def dev_bit(kdev: int) -> int:
 
 
 STATE_FIELDS = ("stamp", "seq", "drops", "drop_bytes", "bios", "bytes", "read_errs", "truncs",
-                "completes", "old_bios", "write_errs", "dirty_races")
+                "completes", "old_bios", "write_errs", "dirty_races", "unstamped")
 
 
 class State(ctypes.Structure):
@@ -145,24 +147,36 @@ _CHECKED_STRUCTS = {"br_cfg": Cfg, "br_state": State, "br_dev": Dev, "br_point":
 
 MAPS = ("cfg_map", "state_map", "dev_map", "point_map", "rd_map", "rb", "inflight_map",
         "dirty_map", "grace_map", "err_map")
+LEGACY_MAPS = ("claim_map",)  # the legacy variant's claims (bpf/legacy.h)
 PROGS = ("point", "reader")
-ATTACH = {  # what: [(program, where), ...] in order of preference
-    "queue": [("capture_btf", "tp_btf/block_bio_queue"), ("capture_raw", "raw_tp/block_bio_queue")],
+ATTACH = {  # what: [(program, where), ...] in order of preference (those loaded)
+    # capture_raw_q (legacy: block_bio_queue(q, bio) before 5.11) cannot attach where the
+    # tracepoint has one argument, so it goes before capture_raw
+    "queue": [("capture_btf", "tp_btf/block_bio_queue"), ("capture_raw_q", "raw_tp/block_bio_queue"),
+              ("capture_raw", "raw_tp/block_bio_queue")],
     "rq_complete": [("rqdone_btf", "tp_btf/block_rq_complete"),
                     ("rqdone_raw", "raw_tp/block_rq_complete")],
-    "bio_complete": [("biodone_btf", "tp_btf/block_bio_complete")],
-    "dirtier": [("dirtier_btf", "tp_btf/writeback_dirty_folio")],
+    "bio_complete": [("biodone_btf", "tp_btf/block_bio_complete"),
+                     ("biodone_raw", "raw_tp/block_bio_complete")],
+    "dirtier": [("dirtier_btf", "tp_btf/writeback_dirty_folio"),
+                ("dirtier_folio_raw", "raw_tp/writeback_dirty_folio"),
+                ("dirtier_page_raw", "raw_tp/writeback_dirty_page")],
 }
 # Loaded and attached when the kernel takes them, else left out (the capture works without):
 # dirtier_btf records who dirtied page-cache folios (R_DIRTY). A kernel without the
 # tracepoint (before 5.17: writeback_dirty_page) or whose verifier refuses it loads the rest.
 OPTIONAL_PROGS = ("dirtier_btf",)
+LEGACY_OPTIONAL_PROGS = ("dirtier_folio_raw", "dirtier_page_raw")
 # attached programs whose skipped runs lose nothing a resync must repair (missed_runs)
-NOT_MISSABLE = ("dirtier_btf",)
+NOT_MISSABLE = ("dirtier_btf", "dirtier_folio_raw", "dirtier_page_raw")
 K0 = ctypes.c_uint32(0)
 # The program variants loaded: the tp_btf ones first (plain BTF loads, cheaper); when the
 # kernel refuses one of them, the raw_tp ones (bpf_program__set_autoload picks at load).
 VARIANTS = [("capture_btf", "rqdone_btf", "biodone_btf"), ("capture_raw", "rqdone_raw")]
+# the legacy object (bpf/legacy.h): raw_tp programs only, both arities of block_bio_queue
+LEGACY_VARIANTS = [("capture_raw_q", "capture_raw", "rqdone_raw", "biodone_raw")]
+
+
 def check_layouts(path: str) -> None:
     """Refuse an object whose record or control structs differ from what Python uses."""
     btfcheck.check_record_layout(path)
@@ -181,8 +195,13 @@ class Capture:
                  dirty_regions: int = 1, dirtier: bool = True):
         """dirtier=False: dirtier_btf is not loaded and its LRU map (15.7 MB of kernel
         memory, preallocated) is created with one entry: a tracer without --dirtier pays
-        neither the verifier's time nor the memory."""
-        path = str(obj_path or object_path())
+        neither the verifier's time nor the memory.
+
+        The programs are the modern variant where the kernel has what they use, else the
+        legacy one (tracer/features.py variant(); BLKREWIND_BPF_VARIANT forces one)."""
+        self.variant, self.variant_why = features.variant()
+        legacy = self.variant == "legacy"
+        path = str(obj_path or object_path(legacy))
         if not os.path.exists(path):
             raise UserError(f"BPF object {path} is missing: build it with 'python bpf/build.py' "
                             f"(./bootstrap.sh does)")
@@ -192,36 +211,45 @@ class Capture:
             check_layouts(path)
         except btfcheck.LayoutMismatch as e:
             raise UserError(str(e)) from None
-        missing = missing_feature()
+        missing = features.missing_feature()
         if missing:
             raise UserError(missing)
         sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
         if not dirtier:
             sizes["dirtier_map"] = 1
         self.optional_error: str | None = None  # why the optional programs are not loaded
-        attempts = [(v, opt) for v in VARIANTS
-                    for opt in ((OPTIONAL_PROGS, ()) if dirtier else ((),))]
-        for i, (variant, opt) in enumerate(attempts):
-            try:
-                self.obj = L.BpfObject(path, autoload={*variant, *PROGS, *opt},
-                                       max_entries=sizes)
-                self.loaded = set(variant) | set(PROGS) | set(opt)
+        optional = LEGACY_OPTIONAL_PROGS if legacy else OPTIONAL_PROGS
+        variants = LEGACY_VARIANTS if legacy else VARIANTS
+        loaded = False
+        for i, variant in enumerate(variants):
+            opt = list(optional) if dirtier else []
+            while not loaded:
+                try:
+                    self.obj = L.BpfObject(path, autoload={*variant, *PROGS, *opt},
+                                           max_entries=sizes)
+                    self.loaded = set(variant) | set(PROGS) | set(opt)
+                    loaded = True
+                except L.BpfError as e:
+                    rejected = e.verifier[0] if e.verifier else None
+                    if opt:  # the same variant without that optional program (or all) next
+                        self.optional_error = load_error(e)
+                        opt = [p for p in opt if p != rejected] if rejected in opt else []
+                        continue
+                    if i + 1 == len(variants) or (rejected is not None and rejected not in variant):
+                        raise UserError(load_error(e)) from None
+                    break
+            if loaded:
                 break
-            except L.BpfError as e:
-                rejected = e.verifier[0] if e.verifier else None
-                if opt:  # the same variant without the optional programs next
-                    self.optional_error = load_error(e)
-                    continue
-                if i + 1 == len(attempts) or (rejected is not None and rejected not in variant):
-                    raise UserError(load_error(e)) from None
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1,
                        dirtier=int(dirtier))
-        self.fd = {m: self.obj.map_fd(m) for m in MAPS}
+        self.maps = MAPS + LEGACY_MAPS if legacy else MAPS
+        self.fd = {m: self.obj.map_fd(m) for m in self.maps}
         self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
         self._owned_fds: list[int] = []
         self.attached: dict[str, str] = {}
+        self.attached_progs: dict[str, str] = {}  # what: the program attached there
         self._run_fds: list[int] = []  # the attached programs (missed_runs)
         self.dirty_regions = max(1, dirty_regions)
         self._ncpu = _possible_cpus()
@@ -242,10 +270,14 @@ class Capture:
         self._dirty_mm = None
         self._owned_fds = []
         self.attached = {}
+        self.attached_progs = {}
         self.pin_dir = pin_dir
+        legacy = os.path.exists(os.path.join(pin_dir, LEGACY_MAPS[0]))
+        self.variant, self.variant_why = ("legacy" if legacy else "modern"), "pinned"
+        self.maps = MAPS + LEGACY_MAPS if legacy else MAPS
         try:
             self.fd = {}
-            for m in MAPS:
+            for m in self.maps:
                 self.fd[m] = L.obj_get(os.path.join(pin_dir, m))
                 self._owned_fds.append(self.fd[m])
             self._progs = {}
@@ -272,7 +304,7 @@ class Capture:
     def pin(self, pin_dir: str) -> None:
         """Pin maps, programs and links in pin_dir (a new directory on a bpffs)."""
         os.makedirs(pin_dir, mode=0o700)
-        self.obj.pin(pin_dir, list(MAPS), list(PROGS))
+        self.obj.pin(pin_dir, list(self.maps), list(PROGS))
         self.pin_dir = pin_dir
 
     def prog_fd(self, name: str) -> int:
@@ -299,6 +331,7 @@ class Capture:
                 try:
                     self.obj.attach(prog)
                     self.attached[what] = where
+                    self.attached_progs[what] = prog
                     if prog not in NOT_MISSABLE:
                         self._run_fds.append(self.obj.prog_fd(prog))
                     break
@@ -428,7 +461,9 @@ class Capture:
         program was already running on that CPU (an interrupt reached the same tracepoint).
         A skipped queue run is a bio without stamp, record or dirty-map mark: only a resync
         of the whole device repairs it (tracer/resync.py). Never seen in the benches."""
-        return sum(L.prog_misses(fd) for fd in self._run_fds) + _injected_misses()
+        # the legacy programs' bios and points that could claim no stamp: unseen alike
+        return (sum(L.prog_misses(fd) for fd in self._run_fds) + _injected_misses()
+                + int(self.state().unstamped))
 
     def counters(self) -> dict[str, int]:
         """The loss and progress counters: state() and missed_runs() ("missed")."""

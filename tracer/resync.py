@@ -178,6 +178,9 @@ class Resync:
         # checkpoints: counters at the previous checkpoint and its stamp
         self._prev = _Counters()
         self._prev_c = stamp_base
+        # the checkpoints' C, in order: the legacy programs' dirty map (dirty_floor)
+        self._cs: list[int] = []
+        self._legacy = getattr(self.cap, "variant", "modern") == "legacy"
         self.checkpoints = 0
         self.last_checkpoint = stamp_base
         self._errs_seen = 0
@@ -361,6 +364,8 @@ class Resync:
         c = self.cap.state().stamp
         if not self.cap.grace():
             raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")
+        self._cs.append(c)
+        del self._cs[:-100_000]
         self._wait_written()
         now, st = self._counters()
         errs, total, complete = self.cap.errors(self._errs_seen)
@@ -456,14 +461,28 @@ class Resync:
         margin = min(ROOM_MARGIN, max(4 << 20, st.f_blocks * st.f_frsize // 16))
         return st.f_bavail * st.f_frsize >= nbytes + margin
 
+    def dirty_floor(self, since: int) -> int:
+        """The dirty-map value from which a region may hold a write with a stamp >= since.
+        The modern programs keep an exact maximum: since itself. The legacy ones (no
+        cmpxchg, bpf/legacy.h) can see a program that took an older stamp overwrite a newer
+        one with its own; that program was running when the newer stamp was stored, after
+        the checkpoint C_j = since was read, so it had not finished before the grace period
+        of the checkpoint before: its stamp is >= that checkpoint's C. A since no checkpoint
+        of this tracer precedes (a continued session's): every region written (>= 1)."""
+        if not self._legacy:
+            return since
+        below = [c for c in self._cs if c < since]
+        return max(below) if below else 1
+
     def _plan(self, p: _Pending, kdev: int, dirty: np.ndarray | None) -> list[_Chunk]:
-        """The chunks to read: every region with a stamp >= since, every failed range."""
+        """The chunks to read: every region with a stamp >= since (dirty_floor), every
+        failed range."""
         reg, d = self.regions[kdev], self.devs[kdev]
         sel = np.zeros(reg.count, bool)
         if p.full:
             sel[:] = True
         elif dirty is not None:
-            sel |= dirty >= p.since
+            sel |= dirty >= self.dirty_floor(p.since)
         for k, start, end in p.errors:
             if k == kdev and end > start:
                 sel[start >> reg.shift: ((end - 1) >> reg.shift) + 1] = True
@@ -577,7 +596,8 @@ class Resync:
             raise RuntimeError("no grace period within 10 s (a BPF program did not finish)")
         dirty = np.array(self.cap.dirty()[reg.base:reg.base + reg.count])
         chunks = self._plan(p, kdev, dirty)
-        regions = int(np.count_nonzero(dirty >= p.since)) if not p.full else reg.count
+        regions = (int(np.count_nonzero(dirty >= self.dirty_floor(p.since))) if not p.full
+                   else reg.count)
         self.running.update(dev=d.path, chunks=len(chunks), rs=rs)
         nbytes, rereads = self._read_chunks(d, rs, chunks)
         re_ = self._point({"what": "resync_end", "dev": kdev, "start": rs, "since": p.since,

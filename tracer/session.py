@@ -132,6 +132,11 @@ class Tracer:
         self.say = say
         self.devs = [devices.inspect(p) for p in opts.devices]
         devices.check_no_overlap(self.devs)
+        from tracer.features import partition_refusal
+        for d in self.devs:
+            why = partition_refusal(d.path, d.disk) if d.is_partition else None
+            if why:
+                raise UserError(why)
         warn = devices.check_log_location(opts.log_dir, self.devs)
         if warn:
             say(f"WARNING: {warn}")
@@ -208,6 +213,7 @@ class Tracer:
             "kernel": os.uname().release, "attach": attached,
             "direct_map": {"method": bases.method, **bases.details},
             "ring_bytes": cap.ring_bytes, "devices": [d.name for d in self.devs],
+            "bpf_variant": cap.variant,
         }, seq=self._next_useq())] + [
             record.json_record(record.R_DEVICE, {**d.info(), "host": self.host},
                                seq=self._next_useq(), dev=d.kdev)
@@ -221,7 +227,9 @@ class Tracer:
         self.control.start()
         self.say(f"capture live: session {self.session}, "
                  + ", ".join(f"{d.path} ({d.size_bytes >> 20} MiB)" for d in self.devs)
-                 + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']})")
+                 + f", LOG {o.log_dir} (direct map by {bases.method}, {attached['queue']}"
+                 + (f"; legacy programs: {cap.variant_why}" if cap.variant == "legacy" else "")
+                 + ")")
         if "dirtier" not in attached and o.dirtier:
             why = (cap.optional_error or "").splitlines()[:1]
             self.say("the dirtier of buffered writes is not recorded on this kernel (writes "

@@ -127,6 +127,7 @@ def main(out: Path) -> int:
         t0 = time.monotonic()
         rc = tracer.stop(timeout=600)
         res["trace_stderr"] = tracer.stderr[-3000:]
+        res["trace_head"] = tracer.stderr[:2000]  # "capture live ...": the programs loaded
         tracer = None
         assert rc == 0, f"trace exited {rc}:\n{res['trace_stderr']}"
         res["trace_stats"] = json.loads(stats.read_text())
