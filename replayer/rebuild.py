@@ -1007,6 +1007,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     window is filled; the pages a window needs are checked (CRC) one window ahead on `jobs`
     threads. (written, calls)."""
     from replayer.payload import copy_pieces
+    from replayer.writebehind import WriteBehind
     order = np.argsort(p.d_off, kind="stable")
     d_off, d_len = p.d_off[order], p.d_len[order]
     slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]
@@ -1028,10 +1029,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     size = p.size
     nbuf = 3
     bufs = [mmap.mmap(-1, DIRECT_WINDOW) for _ in range(nbuf)]
-    free: deque = deque(range(nbuf))
-    cv = threading.Condition()
-    jobs_q: deque = deque()
-    state: dict[str, Any] = {"err": None, "calls": 0, "stop": False, "direct": direct}
+    state: dict[str, Any] = {"calls": 0, "direct": direct}
 
     def write_runs(b: mmap.mmap, lo: int, runs) -> None:
         mv = memoryview(b)
@@ -1057,31 +1055,13 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
         finally:
             mv.release()
 
-    def writer() -> None:
-        while True:
-            with cv:
-                while not jobs_q and not state["stop"]:
-                    cv.wait()
-                if not jobs_q:
-                    return
-                i, lo, runs = jobs_q.popleft()
-            try:
-                if state["err"] is None:
-                    write_runs(bufs[i], lo, runs)
-            except BaseException as ex:  # noqa: BLE001 (handed to the main thread)
-                state["err"] = ex
-            with cv:
-                free.append(i)
-                cv.notify_all()
-
     def pages_of(wi: int):
         return np.unique(gpage[starts[wi]:ends[wi]]).tolist()
 
-    th = threading.Thread(target=writer, name="restore-direct-write", daemon=True)
-    th.start()
     written = 0
     try:
-        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex:
+        with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex, \
+                WriteBehind(bufs, write_runs, "restore-direct-write") as wbh:
             def check(wi: int):
                 pg = pages_of(wi)
                 k = max(1, len(pg) // max(1, jobs))
@@ -1092,12 +1072,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                 for f in pending:
                     f.result()
                 pending = nxt
-                with cv:
-                    while not free and state["err"] is None:
-                        cv.wait()
-                    if state["err"] is not None:
-                        raise state["err"]
-                    i = free.popleft()
+                i = wbh.take()
                 lo = int(win[a]) * DIRECT_WINDOW
                 o, ln = d_off[a:e], d_len[a:e]
                 ro, re_ = _window_runs(lo, o, ln)
@@ -1114,20 +1089,12 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                 n = int(ln.sum())
                 written += n
                 bar.advance(n)
-                with cv:
-                    jobs_q.append((i, lo, list(zip(ro.tolist(), re_.tolist()))))
-                    cv.notify_all()
+                wbh.put(i, lo, list(zip(ro.tolist(), re_.tolist())))
             for f in pending:
                 f.result()
     finally:
-        with cv:
-            state["stop"] = True
-            cv.notify_all()
-        th.join()
         if state["direct"]:
             _set_direct(t.fd, False)
         for b in bufs:
             b.close()
-    if state["err"] is not None:
-        raise state["err"]
     return written, state["calls"]

@@ -135,65 +135,31 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
 def rewind(fd: int, img_to: Image, starts, ends, *, progress=None) -> tuple[int, int]:
     """Write img_to over the ranges; fsync. (ranges, bytes written). A writer thread writes
     one CHUNK while the next is read (O_DIRECT writes wait for the disk)."""
-    import threading
-    from collections import deque
+    from replayer.writebehind import WriteBehind
+
+    def write(buf, off: int, n: int) -> None:
+        with memoryview(buf) as v:
+            w = os.pwritev(fd, [v[:n]], off)  # (ALIGN-aligned; the end: the size's)
+        if w != n:
+            raise UserError(f"short write at byte {off}")
 
     bufs = [_aligned(CHUNK) for _ in range(3)]
-    free = deque(range(len(bufs)))
-    todo: deque = deque()
-    cv = threading.Condition()
-    state: dict = {"err": None, "stop": False}
-
-    def writer() -> None:
-        while True:
-            with cv:
-                while not todo and not state["stop"]:
-                    cv.wait()
-                if not todo:
-                    return
-                i, off, n = todo.popleft()
-            try:
-                if state["err"] is None:
-                    with memoryview(bufs[i]) as v:
-                        w = os.pwritev(fd, [v[:n]], off)  # (ALIGN-aligned; the end: the size's)
-                    if w != n:
-                        raise UserError(f"short write at byte {off}")
-            except BaseException as e:  # noqa: BLE001 (handed to the main thread)
-                state["err"] = e
-            with cv:
-                free.append(i)
-                cv.notify_all()
-
-    th = threading.Thread(target=writer, name="rewind-write", daemon=True)
-    th.start()
     total = 0
     try:
-        for a, e in zip(starts.tolist(), ends.tolist()):
-            off = a
-            while off < e:
-                n = min(CHUNK, e - off)
-                with cv:
-                    while not free and state["err"] is None:
-                        cv.wait()
-                    if state["err"] is not None:
-                        raise state["err"]
-                    i = free.popleft()
-                with memoryview(bufs[i]) as v:
-                    img_to.read_into(v[:n], off)
-                with cv:
-                    todo.append((i, off, n))
-                    cv.notify_all()
-                off += n
-                total += n
+        with WriteBehind(bufs, write, "rewind-write") as wb:
+            for a, e in zip(starts.tolist(), ends.tolist()):
+                off = a
+                while off < e:
+                    n = min(CHUNK, e - off)
+                    i = wb.take()
+                    with memoryview(bufs[i]) as v:
+                        img_to.read_into(v[:n], off)
+                    wb.put(i, off, n)
+                    off += n
+                    total += n
     finally:
-        with cv:
-            state["stop"] = True
-            cv.notify_all()
-        th.join()
         for b in bufs:
             b.close()
-    if state["err"] is not None:
-        raise state["err"]
     os.fsync(fd)
     return len(starts), total
 
