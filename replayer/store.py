@@ -404,6 +404,83 @@ class StoreReader:
             "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
             "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
 
+    # ------------------------------------------- restore points (replayer/points.py)
+    def session_gap(self, session: str) -> tuple | None:
+        """(first_gap, gap_reason, after_gap, end_stamp) of the session, None: unknown."""
+        return self.query_one("SELECT first_gap, gap_reason, after_gap, end_stamp FROM sessions "
+                              "WHERE session = ?", [session])
+
+    def device_sessions(self, device: str) -> list[tuple]:
+        """Per session that traced the device: (session, dev, size_bytes, stamp_base,
+        baseline_end, watermark, first_gap, gap_reason, end_stamp, start_ns), oldest first."""
+        return self.query(
+            "SELECT sd.session, sd.dev, sd.size_bytes, s.stamp_base, sd.baseline_end, "
+            "s.watermark, s.first_gap, s.gap_reason, s.end_stamp, s.start_ns "
+            "FROM session_devices sd JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY coalesce(s.stamp_base, 0), sd.session", [device])
+
+    def device_intervals(self, device: str) -> list[tuple]:
+        """(session, dev, from_stamp, to_stamp, from_ns, to_ns) of the device's restorable
+        intervals in every session, by from_stamp."""
+        return self.query(
+            "SELECT r.session, r.dev, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns "
+            "FROM restorable r JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
+            "ORDER BY r.from_stamp", [device])
+
+    def device_gap_windows(self, device: str) -> list[tuple]:
+        """(session, dev, from_stamp, last_stamp, resumed, cause, reason) of the device's gap
+        windows in every session, by from_stamp."""
+        return self.query(
+            "SELECT w.session, w.dev, w.from_stamp, w.last_stamp, w.resumed, w.cause, w.reason "
+            "FROM gap_windows w JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
+            "ORDER BY w.from_stamp", [device])
+
+    def device_pruned(self, device: str) -> list[tuple]:
+        """(session, dev, stamp, whole) of the device's pruned history in every session."""
+        return self.query("SELECT p.session, p.dev, p.stamp, p.whole FROM pruned p "
+                          "JOIN session_devices sd USING (session, dev) WHERE sd.device = ?",
+                          [device])
+
+    def has_table(self, table: str) -> bool:
+        return bool(self.query_one(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND table_name = ?", [table])[0])
+
+    def pruned_marks(self, name: str) -> list[tuple]:
+        """(session, stamp, time_ns) of the marks `name` a prune deleted, by stamp (none for a
+        store no writer of this version opened: it has no pruned_marks table)."""
+        if not self.has_table("pruned_marks"):
+            return []
+        return self.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
+                          "ORDER BY stamp", [name])
+
+    def last_stamp_at(self, session: str, first: int, last: int, time_ns: int) -> int | None:
+        """The largest stamp in [first, last] of the session (records, marks, points) whose
+        time is <= time_ns."""
+        row = self.query_one(
+            "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b "
+            "UNION ALL SELECT stamp, time_ns FROM marks WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b "
+            "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b) WHERE time_ns <= $t",
+            {"s": session, "t": time_ns, "a": first, "b": last})
+        return int(row[0]) if row and row[0] is not None else None
+
+    def marks_named(self, name: str) -> list[tuple]:
+        """(session, stamp, time_ns) of every mark `name`, by stamp."""
+        return self.query("SELECT session, stamp, time_ns FROM marks WHERE name = ? "
+                          "ORDER BY stamp", [name])
+
+    def device_mark_names(self, device: str) -> list[str]:
+        """The names of the marks of sessions that traced the device, oldest first."""
+        return [n for (n,) in self.query(
+            "SELECT name FROM marks WHERE session IN (SELECT session FROM session_devices "
+            "WHERE device = ?) GROUP BY name ORDER BY min(stamp)", [device])]
+
+    def mark_count(self, name: str) -> int:
+        return int(self.query_one("SELECT count(*) FROM marks WHERE name = ?", [name])[0])
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
