@@ -121,6 +121,7 @@ from typing import Any
 import duckdb
 
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import record
 from replayer.ledger import Ledger, SegState
 from replayer.payloadstore import LocalPayloadStore, PayloadStore
 
@@ -480,6 +481,48 @@ class StoreReader:
 
     def mark_count(self, name: str) -> int:
         return int(self.query_one("SELECT count(*) FROM marks WHERE name = ?", [name])[0])
+
+    # ------------------------------------------- written ranges (replayer/fsmap.py)
+    def written_extents(self, session: str, dev: int, a: int, b: int) -> dict:
+        """{'s': device byte offsets, 'n': lengths} (numpy) of what stamps in (a, b] of the
+        session's `dev` wrote: data writes, discards/write-zeroes, resync chunks; unmerged."""
+        zero = ", ".join(str(o) for o in record.ZEROING_OPS)
+        return self.numpy(
+            f"SELECT CASE WHEN op IN ({zero}) THEN sector * 512 ELSE sector * 512 + \"offset\" END "
+            f"AS s, CASE WHEN op IN ({zero}) THEN bio_size ELSE len END AS n FROM records "
+            f"WHERE session = ? AND dev = ? AND stamp > ? AND stamp <= ? "
+            f"AND (op IN ({zero}) OR (op = {record.OP_WRITE} AND len > 0)) "
+            f"UNION ALL SELECT sector * 512, bio_size FROM base WHERE session = ? AND dev = ? "
+            f"AND stamp > ? AND stamp <= ?", [session, dev, a, b] * 2)
+
+    def range_writers(self, session: str, dev: int, a: int, b: int, ranges) -> list[tuple]:
+        """(comm, pid, dirty_comm, dirty_pid, first time ns, last time ns, writes, bytes) of the
+        tasks that wrote into the merged byte ranges [[s, e)] (not empty) with stamps in (a, b],
+        most bytes first (replayer/fsmap.py writers())."""
+        vals = ", ".join(f"({int(s)}, {int(e)})" for s, e in ranges)
+        zero = ", ".join(str(o) for o in record.ZEROING_OPS)
+        self_ = f"(r.flags & {record.F_DIRTYSELF}) != 0"
+        if self.has_column("dirtiers", "tgid"):
+            dcols = (f"CASE WHEN {self_} THEN r.comm ELSE dz.comm END AS dcomm, "
+                     f"CASE WHEN {self_} THEN r.tgid ELSE dz.tgid END AS dpid")
+            dj = ("LEFT JOIN dirtiers dz ON dz.session = r.session AND dz.dev = r.dev "
+                  "AND dz.stamp = r.stamp")
+        else:  # a store no writer opened since the table was added
+            dcols = (f"CASE WHEN {self_} THEN r.comm END AS dcomm, "
+                     f"CASE WHEN {self_} THEN r.tgid END AS dpid")
+            dj = ""
+        return self.query(
+            f"WITH x(xs, xe) AS (VALUES {vals}), w AS (SELECT r.stamp, r.time_ns, r.comm, r.tgid, "
+            f"{dcols}, "
+            f"CASE WHEN r.op IN ({zero}) THEN r.sector * 512 ELSE r.sector * 512 + r.\"offset\" END "
+            f"AS s, CASE WHEN r.op IN ({zero}) THEN r.bio_size ELSE r.len END AS n FROM records r "
+            f"{dj} WHERE r.session = ? AND r.dev = ? AND r.stamp > ? AND r.stamp <= ? "
+            f"AND (r.op IN ({zero}) OR (r.op = {record.OP_WRITE} AND r.len > 0))) "
+            f"SELECT comm, tgid, dcomm, dpid, min(time_ns), max(time_ns), count(DISTINCT stamp), "
+            f"sum(least(s + n, xe) - greatest(s, xs)) FROM w JOIN x "
+            f"ON w.s < x.xe AND w.s + w.n > x.xs GROUP BY comm, tgid, dcomm, dpid "
+            f"ORDER BY 8 DESC, 1, 3",
+            [session, dev, a, b])
 
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
