@@ -524,9 +524,55 @@ class StoreReader:
             f"ORDER BY 8 DESC, 1, 3",
             [session, dev, a, b])
 
+    # ---------------------------------------------- extents (replayer/rebuild.py)
+    def resync_end_points(self, session: str, dev: int) -> list[tuple]:
+        """(stamp, start stamp or None) of the resync_end points of (session, dev) that may
+        open an interval (HELD_POINT), by stamp."""
+        return self.query(
+            "SELECT stamp, json_extract(payload, '$.start')::UBIGINT FROM points "
+            f"WHERE session = ? AND dev = ? AND what = 'resync_end' AND {HELD_POINT} "
+            "ORDER BY stamp",
+            [session, dev])
+
+    def base_extents(self, session: str, dev: int, stamp: int) -> dict:
+        """The baseline/resync/prune chunks of (session, dev) at a stamp <= `stamp`, as numpy
+        columns: p (stamp, 0: baseline), a (aux), q (seq), s (byte offset), n (length), f, g, i
+        (payload file, row group, row; -1: none), z (reads as zeroes)."""
+        return self.numpy(
+            f"SELECT coalesce(stamp, 0) AS p, aux AS a, seq AS q, sector * 512 AS s, "
+            f"bio_size AS n, coalesce(pfile, -1) AS f, coalesce(prg, -1) AS g, "
+            f"coalesce(pidx, -1) AS i, (flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
+            f"FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $p",
+            {"s": session, "d": dev, "p": stamp})
+
+    def bio_extents(self, session: str, dev: int, stamp: int) -> dict:
+        """The write pieces (with payload) and zeroing bios of (session, dev) with stamps <=
+        `stamp`, as numpy columns p (stamp), a (offset in the bio), s, n, f, g, i, z."""
+        zero_ops = ", ".join(str(o) for o in record.ZEROING_OPS)
+        return self.numpy(
+            f"SELECT stamp AS p, \"offset\" AS a, sector * 512 + \"offset\" AS s, len AS n, "
+            f" pfile AS f, prg AS g, pidx AS i, FALSE AS z FROM records "
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
+            f" AND len > 0 AND pfile IS NOT NULL"
+            f" UNION ALL"
+            f" SELECT stamp, 0, sector * 512, bio_size, -1, -1, -1, TRUE FROM records "
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
+            f" AND \"offset\" = 0 AND bio_size > 0",
+            {"s": session, "d": dev, "p": stamp})
+
+    def pruned_stamp(self, session: str, dev: int) -> int | None:
+        """The stamp up to which `blkrewind prune` folded the history of (session, dev)."""
+        row = self.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                             [session, dev])
+        return int(row[0]) if row and row[0] is not None else None
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
+
+    def payload_file_map(self) -> dict[int, str]:
+        """{id: path} of every payload file."""
+        return dict(self.query("SELECT id, path FROM payload_files"))
 
     def payload_file_count(self) -> int:
         return int(self.query_one("SELECT count(*) FROM payload_files")[0])
