@@ -566,6 +566,103 @@ class StoreReader:
                              [session, dev])
         return int(row[0]) if row and row[0] is not None else None
 
+    # -------------------------------------------- the detector (replayer/detector.py)
+    def baseline_chunks(self, session: str, dev: int) -> dict:
+        """The baseline chunks (stamp 0) of (session, dev) by aux, as numpy columns sector,
+        bio_size, flags, randomness, blocks (NULL where the store has no such column)."""
+        has = self.has_column("base", "blocks")
+        rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
+        return self.numpy(f"SELECT sector, bio_size, flags, {rsel} FROM base "
+                          "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux",
+                          [session, dev])
+
+    def detector_records(self, session: str, dev: int, after: int, upto: int | None,
+                         limit: int) -> dict:
+        """At most `limit` records of (session, dev) with stamps in (after, upto] by stamp and
+        offset, as numpy columns stamp, time_ns, sector, offset, len, bio_size, op, randomness,
+        cgroup_id, tgid, comm; the process is the one that dirtied the pages where the tracer
+        recorded it (trace --dirtier: `dirtiers`), else the submitter (with F_DIRTYSELF the
+        submitter is the dirtier)."""
+        has = self.has_column("records", "randomness")
+        rsel = "r.randomness" if has else "NULL::REAL AS randomness"
+        if self.has_column("dirtiers", "tgid"):
+            who = ("CASE WHEN dz.tgid IS NULL THEN r.cgroup_id ELSE dz.cgroup_id END AS "
+                   "cgroup_id, coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm")
+            dj = ("LEFT JOIN (SELECT stamp, any_value(tgid) AS tgid, any_value(comm) AS comm, "
+                  "any_value(cgroup_id) AS cgroup_id FROM dirtiers WHERE session = ? AND dev = ? "
+                  "AND stamp > ? GROUP BY stamp) dz ON dz.stamp = r.stamp ")
+        else:
+            who, dj = "r.cgroup_id, r.tgid, r.comm", ""
+        sql = (f"SELECT r.stamp, r.time_ns, r.sector, r.\"offset\", r.len, r.bio_size, r.op, "
+               f"{rsel}, {who} FROM records r {dj}"
+               "WHERE r.session = ? AND r.dev = ? AND r.stamp > ? "
+               + ("AND r.stamp <= ? " if upto is not None else "")
+               + "ORDER BY r.stamp, r.\"offset\" LIMIT ?")
+        params = (([session, dev, after] if dj else []) + [session, dev, after]
+                  + ([upto] if upto is not None else []) + [limit])
+        return self.numpy(sql, params)
+
+    def device_session_sizes(self, device: str) -> list[tuple]:
+        """(session, dev, size_bytes) of every session that traced the device, oldest first."""
+        return self.query("SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+                          "JOIN sessions s USING (session) WHERE sd.device = ? "
+                          "ORDER BY s.start_ns NULLS LAST, sd.session", [device])
+
+    def baselined_devices(self) -> list[tuple]:
+        """(session, dev, size_bytes, device) of every device whose baseline is stored."""
+        return self.query("SELECT sd.session, sd.dev, sd.size_bytes, sd.device "
+                          "FROM session_devices sd WHERE sd.baseline_end IS NOT NULL")
+
+    def restorable_at(self, session: str, dev: int, stamp: int) -> tuple[bool, int | None]:
+        """(whether a restorable interval of (session, dev) holds `stamp`, the end of its
+        last interval or None)."""
+        row = self.query_one(
+            "SELECT count(*) FILTER (WHERE ? BETWEEN from_stamp AND to_stamp), max(to_stamp) "
+            "FROM restorable WHERE session = ? AND dev = ?", [stamp, session, dev])
+        if row is None:
+            return False, None
+        return bool(row[0]), None if row[1] is None else int(row[1])
+
+    def last_data_stamp(self, session: str, dev: int, lo: int, before: int) -> int | None:
+        """The largest stamp in [lo, before) of (session, dev) that is not a metadata write
+        (F_META)."""
+        row = self.query_one(
+            f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
+            f"AND stamp >= ? AND (flags & {record.F_META}) = 0", [session, dev, before, lo])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def interval_start(self, session: str, dev: int, stamp: int) -> int | None:
+        """The start of the restorable interval of (session, dev) holding `stamp`."""
+        row = self.query_one(
+            "SELECT max(from_stamp) FROM restorable WHERE session = ? AND dev = ? "
+            "AND ? BETWEEN from_stamp AND to_stamp", [session, dev, stamp])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def last_restorable_upto(self, session: str, dev: int, stamp: int) -> int | None:
+        """The last restorable stamp of (session, dev) at or before `stamp`."""
+        row = self.query_one(
+            "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
+            "AND from_stamp <= ?", [stamp, session, dev, stamp])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def stamp_last_time(self, session: str, stamp: int) -> int | None:
+        """The newest time of a stamp (its records, marks, points) in the session."""
+        row = self.query_one(
+            "SELECT max(time_ns) FROM (SELECT time_ns FROM records WHERE session = ? "
+            "AND stamp = ? UNION ALL SELECT time_ns FROM marks WHERE session = ? "
+            "AND stamp = ? UNION ALL SELECT time_ns FROM points WHERE session = ? "
+            "AND stamp = ?)", [session, stamp] * 3)
+        return int(row[0]) if row and row[0] is not None else None
+
+    def restorable_mark_upto(self, session: str, dev: int, stamp: int) -> str | None:
+        """The newest mark of the session at or before `stamp` inside a restorable interval
+        of (session, dev)."""
+        row = self.query_one(
+            "SELECT name FROM marks m WHERE session = ? AND stamp <= ? AND EXISTS (SELECT 1 "
+            "FROM restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
+            "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [session, stamp, dev])
+        return row[0] if row else None
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
