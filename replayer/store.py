@@ -96,8 +96,10 @@ caller's in-memory state put back, a database error made a StoreError), named wr
 family (sessions, segments and frame ranges, rows of batches, payload files, dropping batches),
 the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
 (`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
-The DuckDB connection and its lock are not part of the interface: the store layer's own
-modules (replayer/watermark.py, prune, rebuild, points, detector) still run their SQL on it.
+The named reads for restore points (replayer/points.py), written ranges (fsmap.py), the
+rebuild's extents (rebuild.py) and the detector (detector.py) are here too. The DuckDB
+connection and its lock are not part of the interface: replayer/watermark.py and prune.py's
+writes still run their SQL on it (through transaction()).
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
