@@ -140,6 +140,13 @@ HELD_POINT = ("(points.segno IS NULL OR EXISTS (SELECT 1 FROM sessions hs "
               "WHERE hs.session = points.session AND (points.segno < hs.held_segno "
               "OR (points.segno = hs.held_segno AND points.frame_no < hs.held_frame))))")
 
+# The store's internal tables: no module but this one runs SQL on them (tests/test_layers.py
+# checks; the user-facing SQL is analytics/views.py's views).
+INTERNAL_TABLES = ("store_info", "sessions", "devices", "session_devices", "records", "base",
+                   "marks", "points", "completions", "loss", "dirtiers", "segments",
+                   "frame_ranges", "payload_files", "scan_state", "gap_runs", "restorable",
+                   "gap_windows", "pruned", "pruned_marks")
+
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS sessions (
