@@ -603,8 +603,8 @@ COLS = ("stamp", "time_ns", "sector", "offset", "len", "bio_size", "op", "random
         "cgroup_id", "tgid", "comm")
 
 
-def _columns(con, sql: str, params) -> dict:
-    r = con.execute(sql, params).fetchnumpy()
+def _columns(r: dict) -> dict:
+    """Columns read from the store as plain numpy arrays (NULL: 0, NaN, None)."""
     out = {}
     for name, col in r.items():
         if isinstance(col, np.ma.MaskedArray):
@@ -619,25 +619,11 @@ def _columns(con, sql: str, params) -> dict:
     return out
 
 
-def _has_column(con, table: str, column: str) -> bool:
-    return bool(con.execute(
-        "SELECT count(*) FROM duckdb_columns() WHERE database_name = current_database() "
-        "AND table_name = ? AND column_name = ?", [table, column]).fetchone()[0])
-
-
-def _con(store):
-    return getattr(store, "con", store)
-
-
 def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
     """A Detector of (session, dev) with the session's baseline applied (store: a Store or a
-    DuckDB connection/cursor to the store's database)."""
-    con = _con(store)
+    RemoteStore: a StoreReader)."""
     det = Detector(session, dev, size_bytes, **kw)
-    has = _has_column(con, "base", "blocks")
-    rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
-    b = _columns(con, f"SELECT sector, bio_size, flags, {rsel} FROM base "
-                 "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux", [session, dev])
+    b = _columns(store.baseline_chunks(session, dev))
     if len(b.get("sector", [])):
         det.feed_base(b["sector"], b["bio_size"], b["flags"],
                       np.asarray(b["randomness"], np.float64), list(b["blocks"]))
@@ -647,30 +633,9 @@ def start(store, session: str, dev: int, size_bytes: int, **kw) -> Detector:
 def advance(store, det: Detector, upto: int | None = None, check=None) -> None:
     """Feed the detector the records of its (session, dev) after its last stamp; `check`:
     the file-level check of its candidates (FileCheck), or None (no check)."""
-    con = _con(store)
-    has = _has_column(con, "records", "randomness")
-    rsel = "r.randomness" if has else "NULL::REAL AS randomness"
-    # the process a write is counted for: the one that dirtied its pages when the tracer
-    # recorded it (trace --dirtier: R_DIRTY, `dirtiers`), else the submitter (with
-    # F_DIRTYSELF the submitter is the dirtier)
-    if _has_column(con, "dirtiers", "tgid"):
-        who = ("CASE WHEN dz.tgid IS NULL THEN r.cgroup_id ELSE dz.cgroup_id END AS cgroup_id, "
-               "coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm")
-        dj = ("LEFT JOIN (SELECT stamp, any_value(tgid) AS tgid, any_value(comm) AS comm, "
-              "any_value(cgroup_id) AS cgroup_id FROM dirtiers WHERE session = ? AND dev = ? "
-              "AND stamp > ? GROUP BY stamp) dz ON dz.stamp = r.stamp ")
-    else:
-        who, dj = "r.cgroup_id, r.tgid, r.comm", ""
     lo = det.last_stamp
     while True:
-        sql = (f"SELECT r.stamp, r.time_ns, r.sector, r.\"offset\", r.len, r.bio_size, r.op, "
-               f"{rsel}, {who} FROM records r {dj}"
-               "WHERE r.session = ? AND r.dev = ? AND r.stamp > ? "
-               + ("AND r.stamp <= ? " if upto is not None else "")
-               + "ORDER BY r.stamp, r.\"offset\" LIMIT ?")
-        params = (([det.session, det.dev, lo] if dj else []) + [det.session, det.dev, lo]
-                  + ([upto] if upto is not None else []) + [CHUNK_ROWS])
-        c = _columns(con, sql, params)
+        c = _columns(store.detector_records(det.session, det.dev, lo, upto, CHUNK_ROWS))
         n = len(c.get("stamp", []))
         if n == 0:
             return
@@ -701,10 +666,7 @@ def scan_device(store, device: str, files: bool = True) -> list[Episode]:
     eps: list[Episode] = []
     check = FileCheck(store, device) if files else None
     try:
-        for session, dev, size in store.query(
-                "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
-                "JOIN sessions s USING (session) WHERE sd.device = ? "
-                "ORDER BY s.start_ns NULLS LAST, sd.session", [device]):
+        for session, dev, size in store.device_session_sizes(device):
             eps += scan(store, session, int(dev), int(size or 0), check=check)
     finally:
         if check is not None:
@@ -781,18 +743,12 @@ class FileCheck:
         self._dev = None
         self._a: tuple | None = None     # the point before the streak, mounted: _side_a
 
-    def _store(self):
-        return getattr(self.store, "store", self.store)   # LockedCon -> its Store
-
     def _restorable(self, det, stamp: int):
         """True, False (never: a gap, before the baseline) or RETRY (not yet)."""
-        st = self._store()
-        row = st.query_one(
-            "SELECT count(*) FILTER (WHERE ? BETWEEN from_stamp AND to_stamp), max(to_stamp) "
-            "FROM restorable WHERE session = ? AND dev = ?", [stamp, det.session, det.dev])
-        if row and row[0]:
+        inside, last = self.store.restorable_at(det.session, det.dev, stamp)
+        if inside:
             return True
-        if row is None or row[1] is None or stamp > int(row[1]):
+        if last is None or stamp > last:
             return RETRY
         return False
 
@@ -801,23 +757,18 @@ class FileCheck:
         right before it (the journal commit that may hold the truncation or deletion of its
         first file: ext4 committed `open(O_TRUNC)` before the first ciphertext reached the
         device): the last stamp before `stamp` that is not a metadata write (F_META)."""
-        row = self._store().query_one(
-            f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
-            f"AND stamp >= ? AND (flags & {record.F_META}) = 0",
-            [det.session, det.dev, stamp, stamp - 100_000])
-        a = int(row[0]) if row and row[0] is not None else stamp - 1
+        found = self.store.last_data_stamp(det.session, det.dev, stamp - 100_000, stamp)
+        a = found if found is not None else stamp - 1
         # not before the restorable interval holding stamp - 1 (an attack right after the
         # baseline: the commit before it is the baseline's)
-        iv = self._store().query_one(
-            "SELECT max(from_stamp) FROM restorable WHERE session = ? AND dev = ? "
-            "AND ? BETWEEN from_stamp AND to_stamp", [det.session, det.dev, stamp - 1])
-        if iv and iv[0] is not None:
-            a = max(a, int(iv[0]))
+        iv = self.store.interval_start(det.session, det.dev, stamp - 1)
+        if iv is not None:
+            a = max(a, iv)
         return min(a, stamp - 1)
 
     def _point(self, det, stamp: int):
         from replayer import points
-        st = self._store()
+        st = self.store
         if self._dev is None:
             self._dev = st.find_device(self.device)
         return points.Resolved(self._dev, det.session, det.dev, stamp, det.size_bytes,
@@ -833,7 +784,7 @@ class FileCheck:
         if self._a is not None and self._a[0] == key:
             return self._a[1:4]
         self.close()
-        st = self._store()
+        st = self.store
         if self._dev is None:
             self._dev = st.find_device(self.device)
         stack = contextlib.ExitStack()
@@ -864,7 +815,7 @@ class FileCheck:
             ok = self._restorable(det, x)
             if ok is not True:
                 return ok if ok is RETRY else None
-        st = self._store()
+        st = self.store
         f_ = FLUSHER_FACTOR if sk.group[2] == "kworker" else 1
         ranges = sk.merged_ranges()
         self.checks += 1
@@ -960,55 +911,11 @@ def clean_point(store, ep: Episode) -> tuple[int | None, int | None, str | None]
     write (or its `before`): the stamp just before it when restorable, else the end of the last restorable
     interval before it; the newest restorable mark at or before that stamp (or None)."""
     before = ep.before if ep.before is not None else ep.first_stamp - 1
-    row = store.query_one(
-        "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
-        "AND from_stamp <= ?", [before, ep.session, ep.dev, before])
-    stamp = row[0] if row else None
+    stamp = store.last_restorable_upto(ep.session, ep.dev, before)
     if stamp is None:
         return None, None, None
-    stamp = int(stamp)
-    t = store.query_one("SELECT max(time_ns) FROM (SELECT time_ns FROM records WHERE session = ? "
-                        "AND stamp = ? UNION ALL SELECT time_ns FROM marks WHERE session = ? "
-                        "AND stamp = ? UNION ALL SELECT time_ns FROM points WHERE session = ? "
-                        "AND stamp = ?)", [ep.session, stamp] * 3)
-    m = store.query_one(
-        "SELECT name FROM marks m WHERE session = ? AND stamp <= ? AND EXISTS (SELECT 1 FROM "
-        "restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
-        "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [ep.session, stamp, ep.dev])
-    return stamp, (int(t[0]) if t and t[0] is not None else None), (m[0] if m else None)
-
-
-class LockedCon:
-    """The store's own connection, one statement and its result at a time under the store's
-    mutex (as every other user of it): serve's detector reads between commits."""
-
-    def __init__(self, store):
-        self.store = store
-
-    def execute(self, sql: str, params=None):
-        with self.store.mutex:
-            r = self.store.con.execute(sql, params or [])
-            return _Result(r.fetchnumpy() if r.description else None, r.description)
-
-
-class _Result:
-    def __init__(self, arrays, description):
-        self._a = arrays
-        self.description = description
-
-    def fetchnumpy(self):
-        return self._a
-
-    def _rows(self):
-        cols = [c.tolist() for c in self._a.values()] if self._a else []
-        return list(zip(*cols))
-
-    def fetchall(self):
-        return self._rows()
-
-    def fetchone(self):
-        r = self._rows()
-        return r[0] if r else None
+    return (stamp, store.stamp_last_time(ep.session, stamp),
+            store.restorable_mark_upto(ep.session, ep.dev, stamp))
 
 
 class Watch:
@@ -1016,8 +923,8 @@ class Watch:
     pass (serve runs one pass every couple of seconds). A device is watched once its baseline
     is stored (its baseline_end point). New episodes go to on_episode(ep, device)."""
 
-    def __init__(self, con, on_episode=None, files: bool = True):
-        self.con = con
+    def __init__(self, store, on_episode=None, files: bool = True):
+        self.store = store            # a Store (serve: its reads run between commits)
         self.files = files            # run the file-level check (FileCheck)
         self.checks: dict[str, FileCheck] = {}
         self.on_episode = on_episode
@@ -1028,23 +935,21 @@ class Watch:
     def step(self) -> int:
         """One pass; returns how many new episodes it found."""
         new = 0
-        rows = self.con.execute(
-            "SELECT sd.session, sd.dev, sd.size_bytes, sd.device FROM session_devices sd "
-            "WHERE sd.baseline_end IS NOT NULL").fetchall()
+        rows = self.store.baselined_devices()
         for session, dev, size, device in rows:
             key = (session, int(dev))
             det = self.dets.get(key)
             if det is None:
                 found: list[Episode] = []
-                det = start(self.con, session, int(dev), int(size or 0),
+                det = start(self.store, session, int(dev), int(size or 0),
                             on_episode=found.append)
                 self.dets[key] = det
                 self.devices[key] = device
             before = len(det.episodes)
             check = self.checks.get(device)
             if check is None and self.files:
-                check = self.checks[device] = FileCheck(self.con, device)
-            advance(self.con, det, check=check)
+                check = self.checks[device] = FileCheck(self.store, device)
+            advance(self.store, det, check=check)
             if check is not None and det.pending:   # candidates whose points were not
                 det.run_checks(check)               # restorable yet
             if check is not None:

@@ -27,8 +27,6 @@ import struct
 
 import numpy as np
 
-from blkrewind.formats import record
-
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 1
 FIEMAP_EXTENT_LAST = 1
@@ -104,14 +102,7 @@ def merge_extents(extents) -> list[list[int]]:
 
 def written_ranges(store, session: str, dev: int, a: int, b: int) -> list[list[int]]:
     """Merged [start, end) device byte ranges written by stamps in (a, b]."""
-    zero = ", ".join(str(o) for o in record.ZEROING_OPS)
-    r = store.numpy(
-        f"SELECT CASE WHEN op IN ({zero}) THEN sector * 512 ELSE sector * 512 + \"offset\" END "
-        f"AS s, CASE WHEN op IN ({zero}) THEN bio_size ELSE len END AS n FROM records "
-        f"WHERE session = ? AND dev = ? AND stamp > ? AND stamp <= ? "
-        f"AND (op IN ({zero}) OR (op = {record.OP_WRITE} AND len > 0)) "
-        f"UNION ALL SELECT sector * 512, bio_size FROM base WHERE session = ? AND dev = ? "
-        f"AND stamp > ? AND stamp <= ?", [session, dev, a, b] * 2)
+    r = store.written_extents(session, dev, a, b)
     s = np.asarray(r["s"], np.int64)
     n = np.asarray(r["n"], np.int64)
     return _merge(s, s + n)
@@ -191,27 +182,4 @@ def writers(store, session: str, dev: int, a: int, b: int, ranges) -> list[tuple
     cache (buffered writes a flusher submitted), None when not known (O_DIRECT, journal)."""
     if not ranges:
         return []
-    vals = ", ".join(f"({int(s)}, {int(e)})" for s, e in ranges)
-    zero = ", ".join(str(o) for o in record.ZEROING_OPS)
-    self_ = f"(r.flags & {record.F_DIRTYSELF}) != 0"
-    if store.has_column("dirtiers", "tgid"):
-        dcols = (f"CASE WHEN {self_} THEN r.comm ELSE dz.comm END AS dcomm, "
-                 f"CASE WHEN {self_} THEN r.tgid ELSE dz.tgid END AS dpid")
-        dj = ("LEFT JOIN dirtiers dz ON dz.session = r.session AND dz.dev = r.dev "
-              "AND dz.stamp = r.stamp")
-    else:  # a store no writer opened since the table was added
-        dcols = (f"CASE WHEN {self_} THEN r.comm END AS dcomm, "
-                 f"CASE WHEN {self_} THEN r.tgid END AS dpid")
-        dj = ""
-    return store.query(
-        f"WITH x(xs, xe) AS (VALUES {vals}), w AS (SELECT r.stamp, r.time_ns, r.comm, r.tgid, "
-        f"{dcols}, "
-        f"CASE WHEN r.op IN ({zero}) THEN r.sector * 512 ELSE r.sector * 512 + r.\"offset\" END "
-        f"AS s, CASE WHEN r.op IN ({zero}) THEN r.bio_size ELSE r.len END AS n FROM records r "
-        f"{dj} WHERE r.session = ? AND r.dev = ? AND r.stamp > ? AND r.stamp <= ? "
-        f"AND (r.op IN ({zero}) OR (r.op = {record.OP_WRITE} AND r.len > 0))) "
-        f"SELECT comm, tgid, dcomm, dpid, min(time_ns), max(time_ns), count(DISTINCT stamp), "
-        f"sum(least(s + n, xe) - greatest(s, xs)) FROM w JOIN x "
-        f"ON w.s < x.xe AND w.s + w.n > x.xs GROUP BY comm, tgid, dcomm, dpid "
-        f"ORDER BY 8 DESC, 1, 3",
-        [session, dev, a, b])
+    return store.range_writers(session, dev, a, b, ranges)

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 from blkrewind.errors import NotRestorable, UserError
 from blkrewind.formats.pointname import LOOKS_LIKE_TIME  # a date, valid or not
-from replayer.store import Store, StoreDevice
+from replayer.store import StoreDevice, StoreReader
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,10 @@ def fmt_time(ns: int | None) -> str:
     return dt.isoformat(timespec="milliseconds")
 
 
-def past_gap(store: Store, session: str) -> str | None:
+def past_gap(store: StoreReader, session: str) -> str | None:
     """'the history goes on past a gap ...' when the store holds stamps of the session
     after its first gap (the watermark stops there), else None."""
-    row = store.query_one("SELECT first_gap, gap_reason, after_gap, end_stamp FROM sessions "
-                          "WHERE session = ?", [session])
+    row = store.session_gap(session)
     if not row or row[0] is None or not row[2]:
         return None
     gap, why, after, end = row
@@ -143,28 +142,16 @@ class _Sess:
         return self.intervals[-1][1] if self.intervals else None
 
 
-def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
-    rows = store.query(
-        "SELECT sd.session, sd.dev, sd.size_bytes, s.stamp_base, sd.baseline_end, s.watermark, "
-        "s.first_gap, s.gap_reason, s.end_stamp, s.start_ns "
-        "FROM session_devices sd JOIN sessions s USING (session) WHERE sd.device = ? "
-        "ORDER BY coalesce(s.stamp_base, 0), sd.session", [device.device])
+def _sessions(store: StoreReader, device: StoreDevice) -> list[_Sess]:
+    rows = store.device_sessions(device.device)
     ivs: dict = {}
-    for sess, dev, a, b, fn, tn in store.query(
-            "SELECT r.session, r.dev, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns FROM restorable r "
-            "JOIN session_devices sd USING (session, dev) WHERE sd.device = ? ORDER BY r.from_stamp",
-            [device.device]):
+    for sess, dev, a, b, fn, tn in store.device_intervals(device.device):
         ivs.setdefault((sess, dev), []).append((int(a), int(b), fn, tn))
     wins: dict = {}
-    for sess, dev, a, last, resumed, cause, reason in store.query(
-            "SELECT w.session, w.dev, w.from_stamp, w.last_stamp, w.resumed, w.cause, w.reason "
-            "FROM gap_windows w JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
-            "ORDER BY w.from_stamp", [device.device]):
+    for sess, dev, a, last, resumed, cause, reason in store.device_gap_windows(device.device):
         wins.setdefault((sess, dev), []).append((int(a), last, resumed, cause, reason))
     pr = {(sess, dev): (None if st is None else int(st), bool(whole)) for sess, dev, st, whole in
-          store.query("SELECT p.session, p.dev, p.stamp, p.whole FROM pruned p "
-                      "JOIN session_devices sd USING (session, dev) WHERE sd.device = ?",
-                      [device.device])}
+          store.device_pruned(device.device)}
     # a row's columns, then its intervals, windows and pruned point
     return [_Sess(*(tuple(r) + (ivs.get((r[0], r[1]), []), wins.get((r[0], r[1]), []),
                                 pr.get((r[0], r[1])))))
@@ -174,11 +161,7 @@ def _sessions(store: Store, device: StoreDevice) -> list[_Sess]:
 def _pruned_mark(store, name: str, sessions: set) -> tuple | None:
     """(stamp, time_ns) of the newest mark `name` of `sessions` a prune deleted, or None
     (also for a store no writer of this version opened: it has no pruned_marks table)."""
-    if not store.query_one("SELECT count(*) FROM duckdb_tables() WHERE database_name = "
-                           "current_database() AND table_name = 'pruned_marks'")[0]:
-        return None
-    rows = store.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
-                       "ORDER BY stamp", [name])
+    rows = store.pruned_marks(name)
     rows = [r[1:] for r in rows if r[0] in sessions]
     return rows[-1] if rows else None
 
@@ -260,7 +243,7 @@ def _intervals(sessions: list[_Sess]) -> str:
     return "; ".join(shown) if out else "none"
 
 
-def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resolved:
+def resolve(store: StoreReader, device: StoreDevice, point: Point, warn=None) -> Resolved:
     """(session, stamp) of `point` for `device`, or NotRestorable."""
     warn = warn or (lambda msg: print(msg, file=sys.stderr))
     sessions = _sessions(store, device)
@@ -268,12 +251,7 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
         raise NotRestorable(f"{device.device} has no session in the store")
 
     def done(s: _Sess, stamp: int, how: str) -> Resolved:
-        t = store.query_one(
-            "SELECT min(time_ns) FROM (SELECT time_ns FROM records WHERE session = $s AND stamp = $t "
-            "UNION ALL SELECT time_ns FROM marks WHERE session = $s AND stamp = $t "
-            "UNION ALL SELECT time_ns FROM points WHERE session = $s AND stamp = $t)",
-            {"s": s.session, "t": stamp})
-        tn = None if not t or t[0] is None else int(t[0])
+        tn = store.stamp_time(stamp, [s.session])
         if tn is None:  # a pruned point keeps its time in `restorable`
             tn = next((fn for a, _, fn, _ in s.intervals if a == stamp), None)
         return Resolved(device, s.session, s.dev, stamp, s.size_bytes, tn, how)
@@ -311,16 +289,8 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
             for a, b, fn, tn in reversed(s.intervals):
                 if fn is None or tn is None or not fn <= t <= tn:
                     continue
-                row = store.query_one(
-                    "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
-                    "AND stamp BETWEEN $a AND $b "
-                    "UNION ALL SELECT stamp, time_ns FROM marks WHERE session = $s "
-                    "AND stamp BETWEEN $a AND $b "
-                    "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s "
-                    "AND stamp BETWEEN $a AND $b) WHERE time_ns <= $t",
-                    {"s": s.session, "t": t, "a": a, "b": b})
-                stamp = int(row[0]) if row and row[0] is not None else a
-                stamp = max(stamp, a)
+                found = store.last_stamp_at(s.session, a, b, t)
+                stamp = max(a if found is None else found, a)
                 return done(s, stamp, f"{when} (stamp {stamp})")
         # why not: find the session the time falls in
         inside = [s for s in sessions if s.start_ns is not None and s.start_ns <= t]
@@ -360,13 +330,10 @@ def resolve(store: Store, device: StoreDevice, point: Point, warn=None) -> Resol
     # a mark
     name = str(point.value)
     names = {x.session for x in sessions}
-    rows = [r for r in store.query("SELECT session, stamp, time_ns FROM marks WHERE name = ? "
-                                   "ORDER BY stamp", [name]) if r[0] in names]
+    rows = [r for r in store.marks_named(name) if r[0] in names]
     if not rows:
-        known = [n for (n,) in store.query(
-            "SELECT name FROM marks WHERE session IN (SELECT session FROM session_devices "
-            "WHERE device = ?) GROUP BY name ORDER BY min(stamp)", [device.device])]
-        elsewhere = store.query_one("SELECT count(*) FROM marks WHERE name = ?", [name])[0]
+        known = store.device_mark_names(device.device)
+        elsewhere = store.mark_count(name)
         if elsewhere:
             raise NotRestorable(f"mark {name!r} is not in a session that traced {device.device}")
         shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")

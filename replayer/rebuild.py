@@ -64,8 +64,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError, UserError
-from blkrewind.formats import record
-from replayer.store import HELD_POINT, Store, StoreReader
+from replayer.store import Store, StoreReader
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
@@ -177,11 +176,7 @@ class Extents:
 def resync_ends(store: StoreReader, session: str, dev: int) -> dict[int, int]:
     """Rs -> Re of the finished resyncs of (session, dev)."""
     out: dict[int, int] = {}
-    for re_, start in store.query(
-            "SELECT stamp, json_extract(payload, '$.start')::UBIGINT FROM points "
-            f"WHERE session = ? AND dev = ? AND what = 'resync_end' AND {HELD_POINT} "
-            "ORDER BY stamp",
-            [session, dev]):
+    for re_, start in store.resync_end_points(session, dev):
         if start is not None:
             out.setdefault(int(start), int(re_))
     return out
@@ -196,29 +191,12 @@ def extents(store: Store, session: str, dev: int, stamp: int) -> Extents:
     resync's end Re on (until then the range holds what the bios wrote: what a failed
     write tried to write, for instance); a chunk `blkrewind prune` wrote (stamp <= the
     `pruned` stamp of (session, dev)) applies from its stamp on."""
-    zero_ops = ", ".join(str(o) for o in record.ZEROING_OPS)
     with store.reading():
-        base = store.numpy(
-            f"SELECT coalesce(stamp, 0) AS p, aux AS a, seq AS q, sector * 512 AS s, "
-            f"bio_size AS n, coalesce(pfile, -1) AS f, coalesce(prg, -1) AS g, "
-            f"coalesce(pidx, -1) AS i, (flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
-            f"FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $p",
-            {"s": session, "d": dev, "p": stamp})
-        bios = store.numpy(
-            f"SELECT stamp AS p, \"offset\" AS a, sector * 512 + \"offset\" AS s, len AS n, "
-            f" pfile AS f, prg AS g, pidx AS i, FALSE AS z FROM records "
-            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
-            f" AND len > 0 AND pfile IS NOT NULL"
-            f" UNION ALL"
-            f" SELECT stamp, 0, sector * 512, bio_size, -1, -1, -1, TRUE FROM records "
-            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
-            f" AND \"offset\" = 0 AND bio_size > 0",
-            {"s": session, "d": dev, "p": stamp})
+        base = store.base_extents(session, dev, stamp)
+        bios = store.bio_extents(session, dev, stamp)
         ends = resync_ends(store, session, dev)
-        pr = store.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
-                             [session, dev])
-        files = dict(store.query("SELECT id, path FROM payload_files"))
-    pruned_to = int(pr[0]) if pr and pr[0] is not None else 0
+        pruned_to = store.pruned_stamp(session, dev) or 0
+        files = store.payload_file_map()
 
     def col(t, k, dt):
         return np.asarray(t[k], dtype=dt)

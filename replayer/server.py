@@ -382,7 +382,7 @@ class Server:
         new episode is an ALERT line in the log and in status."""
         from replayer import detector
 
-        self.watch = detector.Watch(detector.LockedCon(self.store),
+        self.watch = detector.Watch(self.store,
                                     on_episode=lambda ep, device: self.log(
                                         f"ALERT: possible ransomware: "
                                         f"{detector.describe(ep, device)}"))

@@ -96,8 +96,10 @@ caller's in-memory state put back, a database error made a StoreError), named wr
 family (sessions, segments and frame ranges, rows of batches, payload files, dropping batches),
 the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
 (`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
-The DuckDB connection and its lock are not part of the interface: the store layer's own
-modules (replayer/watermark.py, prune, rebuild, points, detector) still run their SQL on it.
+The named reads for restore points (replayer/points.py), written ranges (fsmap.py), the
+rebuild's extents (rebuild.py) and the detector (detector.py) are here too. The DuckDB
+connection and its lock are not part of the interface: replayer/watermark.py and prune.py's
+writes still run their SQL on it (through transaction()).
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
@@ -121,6 +123,7 @@ from typing import Any
 import duckdb
 
 from blkrewind.errors import StoreError, UserError
+from blkrewind.formats import record
 from replayer.ledger import Ledger, SegState
 from replayer.payloadstore import LocalPayloadStore, PayloadStore
 
@@ -136,6 +139,13 @@ SUBDIRS = ("payload", "restores", "damaged")
 HELD_POINT = ("(points.segno IS NULL OR EXISTS (SELECT 1 FROM sessions hs "
               "WHERE hs.session = points.session AND (points.segno < hs.held_segno "
               "OR (points.segno = hs.held_segno AND points.frame_no < hs.held_frame))))")
+
+# The store's internal tables: no module but this one runs SQL on them (tests/test_layers.py
+# checks; the user-facing SQL is analytics/views.py's views).
+INTERNAL_TABLES = ("store_info", "sessions", "devices", "session_devices", "records", "base",
+                   "marks", "points", "completions", "loss", "dirtiers", "segments",
+                   "frame_ranges", "payload_files", "scan_state", "gap_runs", "restorable",
+                   "gap_windows", "pruned", "pruned_marks")
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS store_info (key VARCHAR PRIMARY KEY, value VARCHAR)""",
@@ -404,9 +414,271 @@ class StoreReader:
             "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
             "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
 
+    # ------------------------------------------- restore points (replayer/points.py)
+    def session_gap(self, session: str) -> tuple | None:
+        """(first_gap, gap_reason, after_gap, end_stamp) of the session, None: unknown."""
+        return self.query_one("SELECT first_gap, gap_reason, after_gap, end_stamp FROM sessions "
+                              "WHERE session = ?", [session])
+
+    def device_sessions(self, device: str) -> list[tuple]:
+        """Per session that traced the device: (session, dev, size_bytes, stamp_base,
+        baseline_end, watermark, first_gap, gap_reason, end_stamp, start_ns), oldest first."""
+        return self.query(
+            "SELECT sd.session, sd.dev, sd.size_bytes, s.stamp_base, sd.baseline_end, "
+            "s.watermark, s.first_gap, s.gap_reason, s.end_stamp, s.start_ns "
+            "FROM session_devices sd JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY coalesce(s.stamp_base, 0), sd.session", [device])
+
+    def device_intervals(self, device: str) -> list[tuple]:
+        """(session, dev, from_stamp, to_stamp, from_ns, to_ns) of the device's restorable
+        intervals in every session, by from_stamp."""
+        return self.query(
+            "SELECT r.session, r.dev, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns "
+            "FROM restorable r JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
+            "ORDER BY r.from_stamp", [device])
+
+    def device_gap_windows(self, device: str) -> list[tuple]:
+        """(session, dev, from_stamp, last_stamp, resumed, cause, reason) of the device's gap
+        windows in every session, by from_stamp."""
+        return self.query(
+            "SELECT w.session, w.dev, w.from_stamp, w.last_stamp, w.resumed, w.cause, w.reason "
+            "FROM gap_windows w JOIN session_devices sd USING (session, dev) WHERE sd.device = ? "
+            "ORDER BY w.from_stamp", [device])
+
+    def device_pruned(self, device: str) -> list[tuple]:
+        """(session, dev, stamp, whole) of the device's pruned history in every session."""
+        return self.query("SELECT p.session, p.dev, p.stamp, p.whole FROM pruned p "
+                          "JOIN session_devices sd USING (session, dev) WHERE sd.device = ?",
+                          [device])
+
+    def has_table(self, table: str) -> bool:
+        return bool(self.query_one(
+            "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND table_name = ?", [table])[0])
+
+    def pruned_marks(self, name: str) -> list[tuple]:
+        """(session, stamp, time_ns) of the marks `name` a prune deleted, by stamp (none for a
+        store no writer of this version opened: it has no pruned_marks table)."""
+        if not self.has_table("pruned_marks"):
+            return []
+        return self.query("SELECT session, stamp, time_ns FROM pruned_marks WHERE name = ? "
+                          "ORDER BY stamp", [name])
+
+    def last_stamp_at(self, session: str, first: int, last: int, time_ns: int) -> int | None:
+        """The largest stamp in [first, last] of the session (records, marks, points) whose
+        time is <= time_ns."""
+        row = self.query_one(
+            "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b "
+            "UNION ALL SELECT stamp, time_ns FROM marks WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b "
+            "UNION ALL SELECT stamp, time_ns FROM points WHERE session = $s "
+            "AND stamp BETWEEN $a AND $b) WHERE time_ns <= $t",
+            {"s": session, "t": time_ns, "a": first, "b": last})
+        return int(row[0]) if row and row[0] is not None else None
+
+    def marks_named(self, name: str) -> list[tuple]:
+        """(session, stamp, time_ns) of every mark `name`, by stamp."""
+        return self.query("SELECT session, stamp, time_ns FROM marks WHERE name = ? "
+                          "ORDER BY stamp", [name])
+
+    def device_mark_names(self, device: str) -> list[str]:
+        """The names of the marks of sessions that traced the device, oldest first."""
+        return [n for (n,) in self.query(
+            "SELECT name FROM marks WHERE session IN (SELECT session FROM session_devices "
+            "WHERE device = ?) GROUP BY name ORDER BY min(stamp)", [device])]
+
+    def mark_count(self, name: str) -> int:
+        return int(self.query_one("SELECT count(*) FROM marks WHERE name = ?", [name])[0])
+
+    # ------------------------------------------- written ranges (replayer/fsmap.py)
+    def written_extents(self, session: str, dev: int, a: int, b: int) -> dict:
+        """{'s': device byte offsets, 'n': lengths} (numpy) of what stamps in (a, b] of the
+        session's `dev` wrote: data writes, discards/write-zeroes, resync chunks; unmerged."""
+        zero = ", ".join(str(o) for o in record.ZEROING_OPS)
+        return self.numpy(
+            f"SELECT CASE WHEN op IN ({zero}) THEN sector * 512 ELSE sector * 512 + \"offset\" END "
+            f"AS s, CASE WHEN op IN ({zero}) THEN bio_size ELSE len END AS n FROM records "
+            f"WHERE session = ? AND dev = ? AND stamp > ? AND stamp <= ? "
+            f"AND (op IN ({zero}) OR (op = {record.OP_WRITE} AND len > 0)) "
+            f"UNION ALL SELECT sector * 512, bio_size FROM base WHERE session = ? AND dev = ? "
+            f"AND stamp > ? AND stamp <= ?", [session, dev, a, b] * 2)
+
+    def range_writers(self, session: str, dev: int, a: int, b: int, ranges) -> list[tuple]:
+        """(comm, pid, dirty_comm, dirty_pid, first time ns, last time ns, writes, bytes) of the
+        tasks that wrote into the merged byte ranges [[s, e)] (not empty) with stamps in (a, b],
+        most bytes first (replayer/fsmap.py writers())."""
+        vals = ", ".join(f"({int(s)}, {int(e)})" for s, e in ranges)
+        zero = ", ".join(str(o) for o in record.ZEROING_OPS)
+        self_ = f"(r.flags & {record.F_DIRTYSELF}) != 0"
+        if self.has_column("dirtiers", "tgid"):
+            dcols = (f"CASE WHEN {self_} THEN r.comm ELSE dz.comm END AS dcomm, "
+                     f"CASE WHEN {self_} THEN r.tgid ELSE dz.tgid END AS dpid")
+            dj = ("LEFT JOIN dirtiers dz ON dz.session = r.session AND dz.dev = r.dev "
+                  "AND dz.stamp = r.stamp")
+        else:  # a store no writer opened since the table was added
+            dcols = (f"CASE WHEN {self_} THEN r.comm END AS dcomm, "
+                     f"CASE WHEN {self_} THEN r.tgid END AS dpid")
+            dj = ""
+        return self.query(
+            f"WITH x(xs, xe) AS (VALUES {vals}), w AS (SELECT r.stamp, r.time_ns, r.comm, r.tgid, "
+            f"{dcols}, "
+            f"CASE WHEN r.op IN ({zero}) THEN r.sector * 512 ELSE r.sector * 512 + r.\"offset\" END "
+            f"AS s, CASE WHEN r.op IN ({zero}) THEN r.bio_size ELSE r.len END AS n FROM records r "
+            f"{dj} WHERE r.session = ? AND r.dev = ? AND r.stamp > ? AND r.stamp <= ? "
+            f"AND (r.op IN ({zero}) OR (r.op = {record.OP_WRITE} AND r.len > 0))) "
+            f"SELECT comm, tgid, dcomm, dpid, min(time_ns), max(time_ns), count(DISTINCT stamp), "
+            f"sum(least(s + n, xe) - greatest(s, xs)) FROM w JOIN x "
+            f"ON w.s < x.xe AND w.s + w.n > x.xs GROUP BY comm, tgid, dcomm, dpid "
+            f"ORDER BY 8 DESC, 1, 3",
+            [session, dev, a, b])
+
+    # ---------------------------------------------- extents (replayer/rebuild.py)
+    def resync_end_points(self, session: str, dev: int) -> list[tuple]:
+        """(stamp, start stamp or None) of the resync_end points of (session, dev) that may
+        open an interval (HELD_POINT), by stamp."""
+        return self.query(
+            "SELECT stamp, json_extract(payload, '$.start')::UBIGINT FROM points "
+            f"WHERE session = ? AND dev = ? AND what = 'resync_end' AND {HELD_POINT} "
+            "ORDER BY stamp",
+            [session, dev])
+
+    def base_extents(self, session: str, dev: int, stamp: int) -> dict:
+        """The baseline/resync/prune chunks of (session, dev) at a stamp <= `stamp`, as numpy
+        columns: p (stamp, 0: baseline), a (aux), q (seq), s (byte offset), n (length), f, g, i
+        (payload file, row group, row; -1: none), z (reads as zeroes)."""
+        return self.numpy(
+            f"SELECT coalesce(stamp, 0) AS p, aux AS a, seq AS q, sector * 512 AS s, "
+            f"bio_size AS n, coalesce(pfile, -1) AS f, coalesce(prg, -1) AS g, "
+            f"coalesce(pidx, -1) AS i, (flags & {record.F_ZERO}) != 0 OR pfile IS NULL AS z "
+            f"FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $p",
+            {"s": session, "d": dev, "p": stamp})
+
+    def bio_extents(self, session: str, dev: int, stamp: int) -> dict:
+        """The write pieces (with payload) and zeroing bios of (session, dev) with stamps <=
+        `stamp`, as numpy columns p (stamp), a (offset in the bio), s, n, f, g, i, z."""
+        zero_ops = ", ".join(str(o) for o in record.ZEROING_OPS)
+        return self.numpy(
+            f"SELECT stamp AS p, \"offset\" AS a, sector * 512 + \"offset\" AS s, len AS n, "
+            f" pfile AS f, prg AS g, pidx AS i, FALSE AS z FROM records "
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op = {record.OP_WRITE} "
+            f" AND len > 0 AND pfile IS NOT NULL"
+            f" UNION ALL"
+            f" SELECT stamp, 0, sector * 512, bio_size, -1, -1, -1, TRUE FROM records "
+            f" WHERE session = $s AND dev = $d AND stamp <= $p AND op IN ({zero_ops}) "
+            f" AND \"offset\" = 0 AND bio_size > 0",
+            {"s": session, "d": dev, "p": stamp})
+
+    def pruned_stamp(self, session: str, dev: int) -> int | None:
+        """The stamp up to which `blkrewind prune` folded the history of (session, dev)."""
+        row = self.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
+                             [session, dev])
+        return int(row[0]) if row and row[0] is not None else None
+
+    # -------------------------------------------- the detector (replayer/detector.py)
+    def baseline_chunks(self, session: str, dev: int) -> dict:
+        """The baseline chunks (stamp 0) of (session, dev) by aux, as numpy columns sector,
+        bio_size, flags, randomness, blocks (NULL where the store has no such column)."""
+        has = self.has_column("base", "blocks")
+        rsel = "randomness, blocks" if has else "NULL::REAL AS randomness, NULL::BLOB AS blocks"
+        return self.numpy(f"SELECT sector, bio_size, flags, {rsel} FROM base "
+                          "WHERE session = ? AND dev = ? AND stamp = 0 ORDER BY aux",
+                          [session, dev])
+
+    def detector_records(self, session: str, dev: int, after: int, upto: int | None,
+                         limit: int) -> dict:
+        """At most `limit` records of (session, dev) with stamps in (after, upto] by stamp and
+        offset, as numpy columns stamp, time_ns, sector, offset, len, bio_size, op, randomness,
+        cgroup_id, tgid, comm; the process is the one that dirtied the pages where the tracer
+        recorded it (trace --dirtier: `dirtiers`), else the submitter (with F_DIRTYSELF the
+        submitter is the dirtier)."""
+        has = self.has_column("records", "randomness")
+        rsel = "r.randomness" if has else "NULL::REAL AS randomness"
+        if self.has_column("dirtiers", "tgid"):
+            who = ("CASE WHEN dz.tgid IS NULL THEN r.cgroup_id ELSE dz.cgroup_id END AS "
+                   "cgroup_id, coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm")
+            dj = ("LEFT JOIN (SELECT stamp, any_value(tgid) AS tgid, any_value(comm) AS comm, "
+                  "any_value(cgroup_id) AS cgroup_id FROM dirtiers WHERE session = ? AND dev = ? "
+                  "AND stamp > ? GROUP BY stamp) dz ON dz.stamp = r.stamp ")
+        else:
+            who, dj = "r.cgroup_id, r.tgid, r.comm", ""
+        sql = (f"SELECT r.stamp, r.time_ns, r.sector, r.\"offset\", r.len, r.bio_size, r.op, "
+               f"{rsel}, {who} FROM records r {dj}"
+               "WHERE r.session = ? AND r.dev = ? AND r.stamp > ? "
+               + ("AND r.stamp <= ? " if upto is not None else "")
+               + "ORDER BY r.stamp, r.\"offset\" LIMIT ?")
+        params = (([session, dev, after] if dj else []) + [session, dev, after]
+                  + ([upto] if upto is not None else []) + [limit])
+        return self.numpy(sql, params)
+
+    def device_session_sizes(self, device: str) -> list[tuple]:
+        """(session, dev, size_bytes) of every session that traced the device, oldest first."""
+        return self.query("SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd "
+                          "JOIN sessions s USING (session) WHERE sd.device = ? "
+                          "ORDER BY s.start_ns NULLS LAST, sd.session", [device])
+
+    def baselined_devices(self) -> list[tuple]:
+        """(session, dev, size_bytes, device) of every device whose baseline is stored."""
+        return self.query("SELECT sd.session, sd.dev, sd.size_bytes, sd.device "
+                          "FROM session_devices sd WHERE sd.baseline_end IS NOT NULL")
+
+    def restorable_at(self, session: str, dev: int, stamp: int) -> tuple[bool, int | None]:
+        """(whether a restorable interval of (session, dev) holds `stamp`, the end of its
+        last interval or None)."""
+        row = self.query_one(
+            "SELECT count(*) FILTER (WHERE ? BETWEEN from_stamp AND to_stamp), max(to_stamp) "
+            "FROM restorable WHERE session = ? AND dev = ?", [stamp, session, dev])
+        if row is None:
+            return False, None
+        return bool(row[0]), None if row[1] is None else int(row[1])
+
+    def last_data_stamp(self, session: str, dev: int, lo: int, before: int) -> int | None:
+        """The largest stamp in [lo, before) of (session, dev) that is not a metadata write
+        (F_META)."""
+        row = self.query_one(
+            f"SELECT max(stamp) FROM records WHERE session = ? AND dev = ? AND stamp < ? "
+            f"AND stamp >= ? AND (flags & {record.F_META}) = 0", [session, dev, before, lo])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def interval_start(self, session: str, dev: int, stamp: int) -> int | None:
+        """The start of the restorable interval of (session, dev) holding `stamp`."""
+        row = self.query_one(
+            "SELECT max(from_stamp) FROM restorable WHERE session = ? AND dev = ? "
+            "AND ? BETWEEN from_stamp AND to_stamp", [session, dev, stamp])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def last_restorable_upto(self, session: str, dev: int, stamp: int) -> int | None:
+        """The last restorable stamp of (session, dev) at or before `stamp`."""
+        row = self.query_one(
+            "SELECT max(least(to_stamp, ?)) FROM restorable WHERE session = ? AND dev = ? "
+            "AND from_stamp <= ?", [stamp, session, dev, stamp])
+        return int(row[0]) if row and row[0] is not None else None
+
+    def stamp_last_time(self, session: str, stamp: int) -> int | None:
+        """The newest time of a stamp (its records, marks, points) in the session."""
+        row = self.query_one(
+            "SELECT max(time_ns) FROM (SELECT time_ns FROM records WHERE session = ? "
+            "AND stamp = ? UNION ALL SELECT time_ns FROM marks WHERE session = ? "
+            "AND stamp = ? UNION ALL SELECT time_ns FROM points WHERE session = ? "
+            "AND stamp = ?)", [session, stamp] * 3)
+        return int(row[0]) if row and row[0] is not None else None
+
+    def restorable_mark_upto(self, session: str, dev: int, stamp: int) -> str | None:
+        """The newest mark of the session at or before `stamp` inside a restorable interval
+        of (session, dev)."""
+        row = self.query_one(
+            "SELECT name FROM marks m WHERE session = ? AND stamp <= ? AND EXISTS (SELECT 1 "
+            "FROM restorable r WHERE r.session = m.session AND r.dev = ? AND m.stamp BETWEEN "
+            "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [session, stamp, dev])
+        return row[0] if row else None
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
+
+    def payload_file_map(self) -> dict[int, str]:
+        """{id: path} of every payload file."""
+        return dict(self.query("SELECT id, path FROM payload_files"))
 
     def payload_file_count(self) -> int:
         return int(self.query_one("SELECT count(*) FROM payload_files")[0])
