@@ -274,6 +274,7 @@ class Detector:
         self.vol: dict[tuple, list] = {}               # per group: random_share's data
         self.last_stamp = 0
         self.last_ns = 0                              # time of the newest write fed
+        self.dirtier_seen = False                     # a dirtier named a write (trace --dirtier)
 
     def feed_base(self, sector, nbytes, flags, randomness, blocks=None) -> None:
         """Baseline (or resync) chunks, in the order they apply (larger aux last); `blocks`:
@@ -555,9 +556,12 @@ class Detector:
                     and self.random_share(g, t) >= RANDOM_SHARE):
                 whos = {x[3] for x in rec}   # its first random overwrite by these processes
                 mine = [x for x in touch if x[2] in whos]
-                # and by the flushers of its cgroup whose writes no dirtier names (a bio's
-                # later pages, pages the dirtier map missed): they may be its own
-                fl = self.touch.get((g[0], 0, "kworker")) if g[2] != "kworker" else None
+                # and, where the tracer records dirtiers, by the flushers of its cgroup whose
+                # writes no dirtier names (a bio's later pages, pages the dirtier map missed):
+                # they may be its own (without dirtiers every flushed write is unnamed: other
+                # processes' random data flushed before the attack is not its start)
+                fl = self.touch.get((g[0], 0, "kworker")) \
+                    if g[2] != "kworker" and self.dirtier_seen else None
                 early = [(x[0], x[1]) for x in fl or () if x[0] >= t - self.window_ns]
                 t0, s0 = min([(x[0], x[1]) for x in mine] + early + [(rec[0][0], rec[0][1])],
                              key=lambda x: x[1])
@@ -645,6 +649,8 @@ def advance(store, det: Detector, upto: int | None = None, check=None) -> None:
             if cut > 0:
                 c = {k: v[:cut] for k, v in c.items()}
         c["randomness"] = np.asarray(c["randomness"], np.float64)
+        if not det.dirtier_seen and c["named"].any():
+            det.dirtier_seen = True
         det.feed(c)
         if check is not None and det.pending:
             det.run_checks(check)

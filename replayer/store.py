@@ -589,19 +589,20 @@ class StoreReader:
                          limit: int) -> dict:
         """At most `limit` records of (session, dev) with stamps in (after, upto] by stamp and
         offset, as numpy columns stamp, time_ns, sector, offset, len, bio_size, op, randomness,
-        cgroup_id, tgid, comm; the process is the one that dirtied the pages where the tracer
-        recorded it (trace --dirtier: `dirtiers`), else the submitter (with F_DIRTYSELF the
-        submitter is the dirtier)."""
+        cgroup_id, tgid, comm, named; the process is the one that dirtied the pages where the
+        tracer recorded it (trace --dirtier: `dirtiers`; named: true), else the submitter (with
+        F_DIRTYSELF the submitter is the dirtier)."""
         has = self.has_column("records", "randomness")
         rsel = "r.randomness" if has else "NULL::REAL AS randomness"
         if self.has_column("dirtiers", "tgid"):
             who = ("CASE WHEN dz.tgid IS NULL THEN r.cgroup_id ELSE dz.cgroup_id END AS "
-                   "cgroup_id, coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm")
+                   "cgroup_id, coalesce(dz.tgid, r.tgid) AS tgid, coalesce(dz.comm, r.comm) AS comm, "
+                   "(dz.tgid IS NOT NULL) AS named")
             dj = ("LEFT JOIN (SELECT stamp, any_value(tgid) AS tgid, any_value(comm) AS comm, "
                   "any_value(cgroup_id) AS cgroup_id FROM dirtiers WHERE session = ? AND dev = ? "
                   "AND stamp > ? GROUP BY stamp) dz ON dz.stamp = r.stamp ")
         else:
-            who, dj = "r.cgroup_id, r.tgid, r.comm", ""
+            who, dj = "r.cgroup_id, r.tgid, r.comm, FALSE AS named", ""
         sql = (f"SELECT r.stamp, r.time_ns, r.sector, r.\"offset\", r.len, r.bio_size, r.op, "
                f"{rsel}, {who} FROM records r {dj}"
                "WHERE r.session = ? AND r.dev = ? AND r.stamp > ? "
