@@ -234,6 +234,28 @@ static __always_inline int surely_untraced(struct br_cfg *c, __u32 dev, __u32 di
 	return !c->calib_tgid && !(c->dev_bloom & (dev_bit(dev) | dev_bit(disk)));
 }
 
+/* the submit flags of a record of len bytes already reserved (t: cfg.wake_bytes) */
+static __always_inline __u64 wake_flags(__u64 t, __u32 len)
+{
+	__u64 avail;
+
+	if (!t)
+		return 0;
+	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
+	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+/* a program in flight: see grace_map (grace_exit: the modern and the legacy one differ) */
+static __always_inline struct br_grace *grace_enter(void)
+{
+	__u32 k = 0;
+	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
+
+	if (g)
+		__sync_fetch_and_add(&g->active, 1);
+	return g;
+}
+
 #ifndef BR_LEGACY
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
@@ -365,17 +387,6 @@ static long piece_cb(__u64 i, void *ctx)
 	return 0;
 }
 
-/* the submit flags of a record of len bytes already reserved (t: cfg.wake_bytes) */
-static __always_inline __u64 wake_flags(__u64 t, __u32 len)
-{
-	__u64 avail;
-
-	if (!t)
-		return 0;
-	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
-	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
-
 /* a record of the header template alone, with its own seq (NULL: dropped, counted) */
 static __always_inline struct br_rec *header_rec(struct br_state *s, struct br_walk *w)
 {
@@ -500,16 +511,6 @@ static __always_inline void mark_dirty(struct br_state *s, struct br_dev *d, __u
 		return;
 	}
 	bpf_loop((__u32)(last - first + 1), dirty_cb, &dc, 0);
-}
-
-static __always_inline struct br_grace *grace_enter(void)
-{
-	__u32 k = 0;
-	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
-
-	if (g)
-		__sync_fetch_and_add(&g->active, 1);
-	return g;
 }
 
 static __always_inline void grace_exit(struct br_grace *g)

@@ -233,17 +233,7 @@ static __always_inline void rq_dev(struct request *rq, __u32 *pdev, __u64 *pstar
 }
 
 /* ------------------------------------------------------------------------ */
-/* grace period, counters                                                   */
-
-static __always_inline struct br_grace *lgrace_enter(void)
-{
-	__u32 k = 0;
-	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
-
-	if (g)
-		__sync_fetch_and_add(&g->active, 1);
-	return g;
-}
+/* grace period (grace_enter: blkrewind.bpf.c), counters                 */
 
 /* per CPU: a program nested on this CPU runs to its end before this one goes on, so the
  * value read after the decrement is exact */
@@ -262,16 +252,6 @@ static __always_inline void lcount_drop(struct br_state *s, __u64 bytes)
 	/* not for a constant 0: LLVM turns an atomic add of 0 into an atomic or (5.12) */
 	if (bytes)
 		__sync_fetch_and_add(&s->drop_bytes, bytes);
-}
-
-static __always_inline __u64 lwake_flags(__u64 t, __u32 len)
-{
-	__u64 avail;
-
-	if (!t)
-		return 0;
-	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
-	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -459,7 +439,7 @@ __noinline int br_lrecord(__u32 unused)
 		if (bpf_probe_read_kernel(r->data, BR_LPIECE, w->tmp) || w->err)
 			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
-		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(w->wake_bytes, sizeof(*r)));
 	} else {
 		__u32 want = w->remaining < BR_LSMALL ? w->remaining : BR_LSMALL;
 		struct br_lrec_small *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
@@ -472,7 +452,7 @@ __noinline int br_lrecord(__u32 unused)
 		if (bpf_probe_read_kernel(r->data, BR_LSMALL, w->tmp) || w->err)
 			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
-		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(w->wake_bytes, sizeof(*r)));
 	}
 	return w->remaining ? 0 : 1;
 }
@@ -586,7 +566,7 @@ static __always_inline void lemit_dirtier(struct bio *bio, struct br_cfg *c, str
 	r->tgid = d->tgid;
 	r->tid = d->tid;
 	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
-	bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 }
 
 /* who dirtied a page-cache page (folio) of a traced device: index is the page's (folio's) */
@@ -700,7 +680,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 	if (!w)
 		return 0;
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
-	struct br_grace *g = lgrace_enter();
+	struct br_grace *g = grace_enter();
 	__u64 stamp = br_claim(BR_CLAIM_STAMP);
 	if (!stamp) {  /* counted (unstamped): the tracer reads the devices whole */
 		lgrace_exit(g);
@@ -737,7 +717,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		struct br_rec *r = lheader_rec(s, w);
 		if (r) {
 			r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-			bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+			bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 		}
 		lgrace_exit(g);
 		return 0;
@@ -910,7 +890,7 @@ static __always_inline int lhandle_rq_done(struct request *rq, int error, unsign
 		}
 		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
 		r->stamp = n ? cc.stamps[0] : 0;
-		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	} else {
 		struct br_doneN *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
 		if (!r) {
@@ -920,7 +900,7 @@ static __always_inline int lhandle_rq_done(struct request *rq, int error, unsign
 		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
 		for (int i = 0; i < BR_MAX_COMPLETE_BIOS; i++)
 			r->stamps[i] = cc.stamps[i];
-		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	}
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
@@ -976,7 +956,7 @@ int BPF_PROG(biodone_raw, struct request_queue *q, struct bio *bio)
 	r->h.len = 8;
 	r->stamp = stamp;
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
 }
 
