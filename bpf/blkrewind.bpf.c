@@ -541,6 +541,25 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	return BPF_CORE_READ(b7, bi_iter.bi_offset);
 }
 
+/* the header template of a bio's records (after its stamp and dirty map: they come first).
+ * A macro, not a function: the arguments are read where the fields are stored, as written
+ * out in place (a function's by-value arguments moved the loads: other instructions). */
+#define BIO_HEADER(hdr, sector_, part_start_, dev_, opf_, size_, pt_, rtype_, op_, flags_) do {	\
+	(hdr).ktime_ns = bpf_ktime_get_ns();						\
+	(hdr).sector = (sector_);							\
+	(hdr).part_start = (part_start_);						\
+	(hdr).cgroup_id = bpf_get_current_cgroup_id();					\
+	(hdr).dev = (dev_);								\
+	(hdr).opf = (opf_);								\
+	(hdr).bio_size = (size_);							\
+	(hdr).tgid = (pt_) >> 32;							\
+	(hdr).tid = (__u32)(pt_);							\
+	(hdr).rtype = (rtype_);								\
+	(hdr).op = (op_);								\
+	(hdr).flags = (flags_) | norm_flags(opf_);					\
+	bpf_get_current_comm(&(hdr).comm, sizeof((hdr).comm));				\
+} while (0)
+
 #ifndef BR_LEGACY
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
@@ -778,19 +797,7 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 	/* the dirty map first: before any reservation can fail */
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
 		mark_dirty(s, d, w->h.stamp, sector, size);
-	w->h.ktime_ns = bpf_ktime_get_ns();
-	w->h.sector = sector;
-	w->h.part_start = part_start;
-	w->h.cgroup_id = bpf_get_current_cgroup_id();
-	w->h.dev = dev;
-	w->h.opf = opf;
-	w->h.bio_size = size;
-	w->h.tgid = pt >> 32;
-	w->h.tid = (__u32)pt;
-	w->h.rtype = rtype;
-	w->h.op = op;
-	w->h.flags = flags | norm_flags(opf);
-	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	BIO_HEADER(w->h, sector, part_start, dev, opf, size, pt, rtype, op, flags);
 	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
 		emit_dirtier(bio, c, s, w);
 	emit_bio(bio, c, s, w, size);

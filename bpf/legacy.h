@@ -691,19 +691,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 	w->h.stamp = stamp;
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
 		lmark_dirty(s, d, stamp, sector, size);
-	w->h.ktime_ns = bpf_ktime_get_ns();
-	w->h.sector = sector;
-	w->h.part_start = part_start;
-	w->h.cgroup_id = bpf_get_current_cgroup_id();
-	w->h.dev = dev;
-	w->h.opf = opf;
-	w->h.bio_size = size;
-	w->h.tgid = pt >> 32;
-	w->h.tid = (__u32)pt;
-	w->h.rtype = rtype;
-	w->h.op = op;
-	w->h.flags = flags | norm_flags(opf);
-	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	BIO_HEADER(w->h, sector, part_start, dev, opf, size, pt, rtype, op, flags);
 	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
 		lemit_dirtier(bio, c, s, w);
 
