@@ -541,6 +541,25 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	return BPF_CORE_READ(b7, bi_iter.bi_offset);
 }
 
+/* The traced device d of a bio (not a calibration read): a traced partition (or disk), its
+ * sectors made relative to it, or the traced disk of a partition (dev becomes the disk's),
+ * sectors absolute. d NULL: neither traced. A macro: see BIO_HEADER. */
+#define BIO_TARGET(d, dev, disk, part_start, sector) do {		\
+	d = bpf_map_lookup_elem(&dev_map, &(dev));			\
+	if (d && d->traced == 1) {					\
+		if ((sector) >= (part_start))				\
+			(sector) -= (part_start);			\
+		else							\
+			(sector) = 0;					\
+	} else {							\
+		d = bpf_map_lookup_elem(&dev_map, &(disk));		\
+		if (!d || d->traced != 1)				\
+			d = 0;						\
+		else							\
+			(dev) = (disk);					\
+	}								\
+} while (0)
+
 /* the header template of a bio's records (after its stamp and dirty map: they come first).
  * A macro, not a function: the arguments are read where the fields are stored, as written
  * out in place (a function's by-value arguments moved the loads: other instructions). */
@@ -768,20 +787,9 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 		flags = BR_F_CALIB;
 		op = BR_OP_NONE;
 	} else {
-		d = bpf_map_lookup_elem(&dev_map, &dev);
-		if (d && d->traced == 1) {
-			/* a traced partition (or disk): sectors relative to it */
-			if (sector >= part_start)
-				sector -= part_start;
-			else
-				sector = 0;
-		} else {
-			/* a partition of a traced disk: sectors stay absolute */
-			d = bpf_map_lookup_elem(&dev_map, &disk);
-			if (!d || d->traced != 1)
-				return 0;
-			dev = disk;
-		}
+		BIO_TARGET(d, dev, disk, part_start, sector);
+		if (!d)
+			return 0;
 		op = norm_op(opf);
 		if (op == BR_OP_NONE)
 			return 0;

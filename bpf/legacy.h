@@ -659,18 +659,9 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		flags = BR_F_CALIB;
 		op = BR_OP_NONE;
 	} else {
-		d = bpf_map_lookup_elem(&dev_map, &dev);
-		if (d && d->traced == 1) {
-			if (sector >= part_start)
-				sector -= part_start;
-			else
-				sector = 0;
-		} else {
-			d = bpf_map_lookup_elem(&dev_map, &disk);
-			if (!d || d->traced != 1)
-				return 0;
-			dev = disk;
-		}
+		BIO_TARGET(d, dev, disk, part_start, sector);
+		if (!d)
+			return 0;
 		op = lnorm_op(opf);
 		if (op == BR_OP_NONE)
 			return 0;
