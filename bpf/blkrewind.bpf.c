@@ -579,6 +579,20 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	bpf_get_current_comm(&(hdr).comm, sizeof((hdr).comm));				\
 } while (0)
 
+/* the walk (struct br_walk, or the legacy br_lwalk) at the start of bio's size bytes. A macro:
+ * the two walks are two types. */
+#define WALK_START(w, c, bio, size) do {					\
+	(w)->page_offset_base = (c)->page_offset_base;				\
+	(w)->vmemmap_base = (c)->vmemmap_base;					\
+	(w)->page_struct_size = (c)->page_struct_size;				\
+	(w)->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);			\
+	(w)->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);				\
+	(w)->done = bvec_done(bio);						\
+	(w)->remaining = (size);						\
+	(w)->seg_left = 0;							\
+	(w)->offset = 0;							\
+} while (0)
+
 #ifndef BR_LEGACY
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
@@ -602,15 +616,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		return;
 	}
 
-	w->page_offset_base = c->page_offset_base;
-	w->vmemmap_base = c->vmemmap_base;
-	w->page_struct_size = c->page_struct_size;
-	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
-	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = bvec_done(bio);
-	w->remaining = size;
-	w->seg_left = 0;
-	w->offset = 0;
+	WALK_START(w, c, bio, size);
 	w->piece = c->piece;
 	w->wake_bytes = c->wake_bytes;
 	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)

@@ -701,15 +701,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		lgrace_exit(g);
 		return 0;
 	}
-	w->page_offset_base = c->page_offset_base;
-	w->vmemmap_base = c->vmemmap_base;
-	w->page_struct_size = c->page_struct_size;
-	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
-	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = bvec_done(bio);
-	w->remaining = size;
-	w->seg_left = 0;
-	w->offset = 0;
+	WALK_START(w, c, bio, size);
 	w->wake_bytes = c->wake_bytes;
 	for (int i = 0; i < BR_LREC_MAX / BR_LRUN; i++) {
 		if (br_lrecords(0))
