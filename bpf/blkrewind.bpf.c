@@ -256,6 +256,44 @@ static __always_inline struct br_grace *grace_enter(void)
 	return g;
 }
 
+/* The walk's segment functions for a walk type T (struct br_walk, or the legacy br_lwalk):
+ * page_va, the direct-map address of a struct page; load_seg, make sure there is a current
+ * segment (0 when the bio is exhausted). */
+#define WALK_FNS(T, page_va, load_seg)							\
+static __always_inline __u64 page_va(struct T *w, __u64 page)				\
+{											\
+	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;			\
+											\
+	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86); \
+}											\
+											\
+static __always_inline int load_seg(struct T *w)					\
+{											\
+	if (w->remaining == 0)								\
+		return 0;								\
+	if (w->seg_left)								\
+		return 1;								\
+	struct bio_vec *bv = (struct bio_vec *)(w->iovec +				\
+		(__u64)w->idx * bpf_core_type_size(struct bio_vec));			\
+	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);					\
+	__u32 bvlen = BPF_CORE_READ(bv, bv_len);					\
+	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);					\
+											\
+	w->idx++;									\
+	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */		\
+		w->done = 0;								\
+		return 1;								\
+	}										\
+	__u32 l = bvlen - w->done;							\
+	if (l > w->remaining)								\
+		l = w->remaining;							\
+	w->seg_left = l;								\
+	w->seg_va = page_va(w, page) + bvoff + w->done;					\
+	w->seg_page = page;								\
+	w->done = 0;									\
+	return 1;									\
+}
+
 #ifndef BR_LEGACY
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
@@ -303,40 +341,7 @@ struct br_piece_ctx {
 	struct bpf_dynptr *dp;
 };
 
-static __always_inline __u64 page_va(struct br_walk *w, __u64 page)
-{
-	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;
-
-	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86);
-}
-
-/* Make sure there is a current segment; 0 when the bio is exhausted. */
-static __always_inline int load_seg(struct br_walk *w)
-{
-	if (w->remaining == 0)
-		return 0;
-	if (w->seg_left)
-		return 1;
-	struct bio_vec *bv = (struct bio_vec *)(w->iovec +
-		(__u64)w->idx * bpf_core_type_size(struct bio_vec));
-	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);
-	__u32 bvlen = BPF_CORE_READ(bv, bv_len);
-	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);
-
-	w->idx++;
-	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */
-		w->done = 0;
-		return 1;
-	}
-	__u32 l = bvlen - w->done;
-	if (l > w->remaining)
-		l = w->remaining;
-	w->seg_left = l;
-	w->seg_va = page_va(w, page) + bvoff + w->done;
-	w->seg_page = page;
-	w->done = 0;
-	return 1;
-}
+WALK_FNS(br_walk, page_va, load_seg)
 
 /* copy one <= 4 KiB piece of the current segment into the record */
 static long piece_cb(__u64 i, void *ctx)

@@ -308,39 +308,7 @@ static __always_inline void lmark_dirty(struct br_state *s, struct br_dev *d, __
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
 
-static __always_inline __u64 lpage_va(struct br_lwalk *w, __u64 page)
-{
-	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;
-
-	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86);
-}
-
-static __always_inline int lload_seg(struct br_lwalk *w)
-{
-	if (w->remaining == 0)
-		return 0;
-	if (w->seg_left)
-		return 1;
-	struct bio_vec *bv = (struct bio_vec *)(w->iovec +
-		(__u64)w->idx * bpf_core_type_size(struct bio_vec));
-	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);
-	__u32 bvlen = BPF_CORE_READ(bv, bv_len);
-	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);
-
-	w->idx++;
-	if (bvlen <= w->done) {
-		w->done = 0;
-		return 1;
-	}
-	__u32 l = bvlen - w->done;
-	if (l > w->remaining)
-		l = w->remaining;
-	w->seg_left = l;
-	w->seg_va = lpage_va(w, page) + bvoff + w->done;
-	w->seg_page = page;
-	w->done = 0;
-	return 1;
-}
+WALK_FNS(br_lwalk, lpage_va, lload_seg)
 
 /* Gather up to `want` (<= 4 KiB) bytes of the walk into its scratch (w->tmp); returns the
  * bytes gathered, w->err set on a failed read. A global function whose state lives in the
