@@ -640,6 +640,28 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 #define BR_S_IFMT 0170000
 #define BR_S_IFBLK 0060000
 
+/* the current thread dirtied the page-cache folio (page) key. A macro: as an always_inline
+ * function (key by pointer) the stack slots moved, other instructions. */
+#define REMEMBER_DIRTIER(key) do {							\
+	__u64 pt = bpf_get_current_pid_tgid();						\
+	__u64 now = bpf_ktime_get_ns();							\
+	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &(key));		\
+	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {		\
+		/* dirtied again by the same thread (the common case: a file		\
+		 * rewritten): only the time, in place -- an update would take a new	\
+		 * LRU node (and may evict) */						\
+		old->ktime_ns = now;							\
+	} else {									\
+		struct br_dirtier v;							\
+		v.cgroup_id = bpf_get_current_cgroup_id();				\
+		v.ktime_ns = now;							\
+		v.tgid = pt >> 32;							\
+		v.tid = (__u32)pt;							\
+		bpf_get_current_comm(v.comm, sizeof(v.comm));				\
+		bpf_map_update_elem(&dirtier_map, &(key), &v, BPF_ANY);			\
+	}										\
+} while (0)
+
 #ifndef BR_LEGACY
 /* A folio of a traced device went clean -> dirty (folio_account_dirtied, in the dirtying
  * task's context, with the mapping's xa_lock held): remember who. Plain BTF loads only;
@@ -669,22 +691,7 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = folio->index };
-	__u64 pt = bpf_get_current_pid_tgid();
-	__u64 now = bpf_ktime_get_ns();
-	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
-		/* dirtied again by the same thread (the common case: a file rewritten): only the
-		 * time, in place -- an update would take a new LRU node (and may evict) */
-		old->ktime_ns = now;
-		return 0;
-	}
-	struct br_dirtier v;
-	v.cgroup_id = bpf_get_current_cgroup_id();
-	v.ktime_ns = now;
-	v.tgid = pt >> 32;
-	v.tid = (__u32)pt;
-	bpf_get_current_comm(v.comm, sizeof(v.comm));
-	bpf_map_update_elem(&dirtier_map, &key, &v, BPF_ANY);
+	REMEMBER_DIRTIER(key);
 	return 0;
 }
 

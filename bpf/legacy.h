@@ -561,20 +561,7 @@ static __always_inline int ldirtier(__u64 index, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = index };
-	__u64 pt = bpf_get_current_pid_tgid();
-	__u64 now = bpf_ktime_get_ns();
-	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
-		old->ktime_ns = now;
-		return 0;
-	}
-	struct br_dirtier v;
-	v.cgroup_id = bpf_get_current_cgroup_id();
-	v.ktime_ns = now;
-	v.tgid = pt >> 32;
-	v.tid = (__u32)pt;
-	bpf_get_current_comm(v.comm, sizeof(v.comm));
-	bpf_map_update_elem(&dirtier_map, &key, &v, BPF_ANY);
+	REMEMBER_DIRTIER(key);
 	return 0;
 }
 
