@@ -726,6 +726,34 @@ static __always_inline __u64 folio_flags(void *folio)
 	return v;
 }
 
+/* The end of emit_dirtier (both variants; header_rec: the variant's): the dirtier of the
+ * folio (page) key under writeback either flags the bio (the submitter dirtied it:
+ * F_DIRTYSELF) or goes out as an R_DIRTY record. A macro: the walks are two types. */
+#define DIRTIER_REC(c, s, w, key, header_rec) do {					\
+	if ((key).mapping && !((key).mapping & 3)) {  /* none, or anon / movable_ops */	\
+		struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &(key));	\
+		if (!d)									\
+			break;								\
+		if (d->tgid == (w)->h.tgid && d->tid == (w)->h.tid) {			\
+			(w)->h.flags |= BR_F_DIRTYSELF;					\
+			break;								\
+		}									\
+		struct br_rec *r = header_rec(s, w);					\
+		if (!r)									\
+			break;								\
+		r->rtype = BR_R_DIRTY;							\
+		r->flags = BR_F_NODATA;							\
+		r->len = 0;								\
+		r->aux = (key).index;							\
+		r->ktime_ns = d->ktime_ns;						\
+		r->cgroup_id = d->cgroup_id;						\
+		r->tgid = d->tgid;							\
+		r->tid = d->tid;							\
+		__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));			\
+		bpf_ringbuf_submit(r, wake_flags((c)->wake_bytes, sizeof(*r)));	\
+	}										\
+} while (0)
+
 #ifndef BR_LEGACY
 /* A write bio with data: if its first page is a page-cache folio under writeback whose
  * dirtier is known, either flag the bio (the submitter dirtied it: F_DIRTYSELF) or emit an
@@ -753,28 +781,7 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 		return;
 	struct br_dkey key = { .mapping = (__u64)BPF_CORE_READ(folio, mapping),
 			       .index = BPF_CORE_READ(folio, index) };
-	if (!key.mapping || (key.mapping & 3))  /* none, or anon / movable_ops */
-		return;
-	struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (!d)
-		return;
-	if (d->tgid == w->h.tgid && d->tid == w->h.tid) {
-		w->h.flags |= BR_F_DIRTYSELF;
-		return;
-	}
-	struct br_rec *r = header_rec(s, w);
-	if (!r)
-		return;
-	r->rtype = BR_R_DIRTY;
-	r->flags = BR_F_NODATA;
-	r->len = 0;
-	r->aux = key.index;
-	r->ktime_ns = d->ktime_ns;
-	r->cgroup_id = d->cgroup_id;
-	r->tgid = d->tgid;
-	r->tid = d->tid;
-	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
-	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
+	DIRTIER_REC(c, s, w, key, header_rec);
 }
 
 /* bdev: bio->bi_bdev, dev: its dev_t, disk: its disk's (read by the caller: plain loads in

@@ -513,28 +513,7 @@ static __always_inline void lemit_dirtier(struct bio *bio, struct br_cfg *c, str
 	}
 	if (!(flags & (1ULL << bpf_core_enum_value(enum pageflags, PG_writeback))))
 		return;
-	if (!key.mapping || (key.mapping & 3))
-		return;
-	struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (!d)
-		return;
-	if (d->tgid == w->h.tgid && d->tid == w->h.tid) {
-		w->h.flags |= BR_F_DIRTYSELF;
-		return;
-	}
-	struct br_rec *r = lheader_rec(s, w);
-	if (!r)
-		return;
-	r->rtype = BR_R_DIRTY;
-	r->flags = BR_F_NODATA;
-	r->len = 0;
-	r->aux = key.index;
-	r->ktime_ns = d->ktime_ns;
-	r->cgroup_id = d->cgroup_id;
-	r->tgid = d->tgid;
-	r->tid = d->tid;
-	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
-	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
+	DIRTIER_REC(c, s, w, key, lheader_rec);
 }
 
 /* who dirtied a page-cache page (folio) of a traced device: index is the page's (folio's) */
