@@ -910,6 +910,38 @@ static long chain_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+/* the completion record of one bio (struct br_done1 r; seq, aux: the variant's); a macro:
+ * the arguments are evaluated where they are stored, as written out in place */
+#define DONE1_REC(r, seq_, aux_, dev_, opf_, op_, error_, stamp_) do {	\
+	__builtin_memset(r, 0, sizeof(*(r)));				\
+	(r)->h.seq = (seq_);						\
+	(r)->h.ktime_ns = bpf_ktime_get_ns();				\
+	(r)->h.aux = (aux_);						\
+	(r)->h.dev = (dev_);						\
+	(r)->h.opf = (opf_);						\
+	(r)->h.op = (op_);						\
+	(r)->h.error = (error_);					\
+	(r)->h.rtype = BR_R_COMPLETE;					\
+	(r)->h.flags = norm_flags(opf_);				\
+	(r)->h.len = 8;							\
+	(r)->stamp = (stamp_);						\
+} while (0)
+
+/* a point's record (struct br_pointrec r, reserved) from the request p, submitted; seq: the
+ * variant's, evaluated after the stamp is stored */
+#define POINT_REC(r, p, stamp_, seq_) do {				\
+	__builtin_memcpy(&(r)->h, &(p)->h, sizeof((r)->h));		\
+	(r)->h.stamp = (stamp_);					\
+	(r)->h.seq = (seq_);						\
+	(r)->h.ktime_ns = bpf_ktime_get_ns();				\
+	if ((r)->h.len > BR_MAX_POINT_PAYLOAD)				\
+		(r)->h.len = BR_MAX_POINT_PAYLOAD;			\
+	(r)->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;		\
+	__builtin_memcpy((r)->data, (p)->data, sizeof((r)->data));	\
+	bpf_ringbuf_submit(r, 0);					\
+	(p)->ok = 1;							\
+} while (0)
+
 #ifndef BR_LEGACY
 /* a write-type completion with an error: remember its range (before any
  * reservation, so it is known even when the record is dropped) */
@@ -1061,18 +1093,8 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 		count_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->h.seq = next_seq(s);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	r->h.aux = s->stamp;
-	r->h.dev = BPF_CORE_READ(bdev, bd_dev);
-	r->h.opf = opf;
-	r->h.op = norm_op(opf);
-	r->h.error = bstatus;
-	r->h.rtype = BR_R_COMPLETE;
-	r->h.flags = norm_flags(opf);
-	r->h.len = 8;
-	r->stamp = stamp;
+	DONE1_REC(r, next_seq(s), s->stamp, BPF_CORE_READ(bdev, bd_dev), opf, norm_op(opf),
+		  bstatus, stamp);
 	__sync_fetch_and_add(&s->completes, 1);
 	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
@@ -1103,16 +1125,7 @@ int point(void *ctx)
 		count_drop(s, 0);
 		return 1;
 	}
-	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
-	r->h.stamp = stamp;
-	r->h.seq = next_seq(s);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	if (r->h.len > BR_MAX_POINT_PAYLOAD)
-		r->h.len = BR_MAX_POINT_PAYLOAD;
-	r->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-	__builtin_memcpy(r->data, p->data, sizeof(r->data));
-	bpf_ringbuf_submit(r, 0);
-	p->ok = 1;
+	POINT_REC(r, p, stamp, next_seq(s));
 	return 0;
 }
 

@@ -848,18 +848,8 @@ int BPF_PROG(biodone_raw, struct request_queue *q, struct bio *bio)
 		lcount_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->h.seq = br_claim(BR_CLAIM_SEQ);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	r->h.aux = *(volatile __u64 *)&s->stamp;
-	r->h.dev = dev;
-	r->h.opf = opf;
-	r->h.op = op;
-	r->h.error = bstatus;
-	r->h.rtype = BR_R_COMPLETE;
-	r->h.flags = norm_flags(opf);
-	r->h.len = 8;
-	r->stamp = stamp;
+	DONE1_REC(r, br_claim(BR_CLAIM_SEQ), *(volatile __u64 *)&s->stamp, dev, opf, op, bstatus,
+		  stamp);
 	__sync_fetch_and_add(&s->completes, 1);
 	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
@@ -892,15 +882,6 @@ int point(void *ctx)
 		lcount_drop(s, 0);
 		return 1;
 	}
-	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
-	r->h.stamp = stamp;
-	r->h.seq = br_claim(BR_CLAIM_SEQ);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	if (r->h.len > BR_MAX_POINT_PAYLOAD)
-		r->h.len = BR_MAX_POINT_PAYLOAD;
-	r->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-	__builtin_memcpy(r->data, p->data, sizeof(r->data));
-	bpf_ringbuf_submit(r, 0);
-	p->ok = 1;
+	POINT_REC(r, p, stamp, br_claim(BR_CLAIM_SEQ));
 	return 0;
 }
