@@ -294,6 +294,26 @@ static __always_inline int load_seg(struct T *w)					\
 	return 1;									\
 }
 
+/* the regions [first, last] of d a write of size bytes at sector touches; 0: none (no
+ * dirty map for d, or past its end) */
+static __always_inline int dirty_regions(struct br_dev *d, __u64 sector, __u32 size,
+					 __u64 *pfirst, __u64 *plast)
+{
+	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
+		return 0;
+	__u64 start = sector << 9;
+	__u64 end = start + (size ? size : 1) - 1;
+	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+
+	if (first >= d->nregions)
+		return 0;
+	if (last >= d->nregions)
+		last = d->nregions - 1;
+	*pfirst = first;
+	*plast = last;
+	return 1;
+}
+
 #ifndef BR_LEGACY
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
@@ -500,16 +520,10 @@ static long dirty_cb(__u64 i, void *ctx)
 static __always_inline void mark_dirty(struct br_state *s, struct br_dev *d, __u64 stamp,
 				       __u64 sector, __u32 size)
 {
-	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
-		return;
-	__u64 start = sector << 9;
-	__u64 end = start + (size ? size : 1) - 1;
-	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+	__u64 first, last;
 
-	if (first >= d->nregions)
+	if (!dirty_regions(d, sector, size, &first, &last))
 		return;
-	if (last >= d->nregions)
-		last = d->nregions - 1;
 	struct br_dirty_ctx dc = { .s = s, .stamp = stamp, .first = d->region_base + (__u32)first };
 	if (first == last) {
 		dirty_cb(0, &dc);

@@ -280,16 +280,10 @@ __noinline int br_ldirty_run(__u32 key, __u32 n, __u64 stamp)
 static __always_inline void lmark_dirty(struct br_state *s, struct br_dev *d, __u64 stamp,
 					__u64 sector, __u32 size)
 {
-	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
-		return;
-	__u64 start = sector << 9;
-	__u64 end = start + (size ? size : 1) - 1;
-	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+	__u64 first, last;
 
-	if (first >= d->nregions)
+	if (!dirty_regions(d, sector, size, &first, &last))
 		return;
-	if (last >= d->nregions)
-		last = d->nregions - 1;
 	__u32 n = (__u32)(last - first + 1), base = d->region_base + (__u32)first;
 
 	if (n > BR_LDIRTY_MAX) {
