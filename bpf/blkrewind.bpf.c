@@ -924,6 +924,26 @@ static long chain_cb(__u64 i, void *ctx)
 	return 0;
 }
 
+/* the header of a request's completion record (seq, aux: the variant's); a macro: the
+ * arguments are evaluated where they are stored, as written out in place */
+#define COMPLETE_HDR(h, seq_, aux_, sector_, part_start_, dev_, opf_, op_, bytes_, error_,	\
+		     flags_, len_) do {							\
+	__builtin_memset(h, 0, sizeof(*(h)));						\
+	(h)->seq = (seq_);								\
+	(h)->ktime_ns = bpf_ktime_get_ns();						\
+	(h)->aux = (aux_);								\
+	(h)->sector = (sector_);							\
+	(h)->part_start = (part_start_);						\
+	(h)->dev = (dev_);								\
+	(h)->opf = (opf_);								\
+	(h)->op = (op_);								\
+	(h)->bio_size = (bytes_);							\
+	(h)->error = (__u16)(error_);							\
+	(h)->rtype = BR_R_COMPLETE;							\
+	(h)->flags = (flags_);								\
+	(h)->len = (len_);								\
+} while (0)
+
 /* the completion record of one bio (struct br_done1 r; seq, aux: the variant's); a macro:
  * the arguments are evaluated where they are stored, as written out in place */
 #define DONE1_REC(r, seq_, aux_, dev_, opf_, op_, error_, stamp_) do {	\
@@ -940,6 +960,12 @@ static long chain_cb(__u64 i, void *ctx)
 	(r)->h.len = 8;							\
 	(r)->stamp = (stamp_);						\
 } while (0)
+
+/* a point's record: its request's header, then its payload */
+struct br_pointrec {
+	struct br_rec h;
+	__u8 data[BR_MAX_POINT_PAYLOAD];
+};
 
 /* a point's record (struct br_pointrec r, reserved) from the request p, submitted; seq: the
  * variant's, evaluated after the stamp is stored */
@@ -1036,20 +1062,8 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 		count_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(h, 0, sizeof(*h));
-	h->seq = next_seq(s);
-	h->ktime_ns = bpf_ktime_get_ns();
-	h->aux = s->stamp;
-	h->sector = sector >= part_start ? sector - part_start : 0;
-	h->part_start = part_start;
-	h->dev = dev;
-	h->opf = opf;
-	h->op = op;
-	h->bio_size = nr_bytes;
-	h->error = (__u16)error;
-	h->rtype = BR_R_COMPLETE;
-	h->flags = norm_flags(opf) | cc.flags;
-	h->len = len;
+	COMPLETE_HDR(h, next_seq(s), s->stamp, sector >= part_start ? sector - part_start : 0,
+		     part_start, dev, opf, op, nr_bytes, error, norm_flags(opf) | cc.flags, len);
 	if (len && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, len, 0))
 		h->len = 0;  /* never: the reservation has room for n stamps */
 	if (cc.flags & BR_F_OLD)
@@ -1116,11 +1130,6 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 
 /* ------------------------------------------------------------------------ */
 /* points and marks: a stamp from the same counter as the writes           */
-
-struct br_pointrec {
-	struct br_rec h;
-	__u8 data[BR_MAX_POINT_PAYLOAD];
-};
 
 SEC("raw_tp")
 int point(void *ctx)

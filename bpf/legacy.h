@@ -714,20 +714,8 @@ static __always_inline void lcomplete_hdr(struct br_rec *h, __u64 aux, __u64 sec
 					  __u64 part_start, __u32 dev, __u32 opf, __u8 op,
 					  __u32 nr_bytes, int error, __u32 flags, __u32 n)
 {
-	__builtin_memset(h, 0, sizeof(*h));
-	h->seq = br_claim(BR_CLAIM_SEQ);
-	h->ktime_ns = bpf_ktime_get_ns();
-	h->aux = aux;
-	h->sector = sector;
-	h->part_start = part_start;
-	h->dev = dev;
-	h->opf = opf;
-	h->op = op;
-	h->bio_size = nr_bytes;
-	h->error = (__u16)error;
-	h->rtype = BR_R_COMPLETE;
-	h->flags = flags;
-	h->len = n * 8;
+	COMPLETE_HDR(h, br_claim(BR_CLAIM_SEQ), aux, sector, part_start, dev, opf, op, nr_bytes,
+		     error, flags, n * 8);
 }
 
 static __always_inline int lhandle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
@@ -851,11 +839,6 @@ int BPF_PROG(biodone_raw, struct request_queue *q, struct bio *bio)
 
 /* ------------------------------------------------------------------------ */
 /* points and marks                                                         */
-
-struct br_pointrec {
-	struct br_rec h;
-	__u8 data[BR_MAX_POINT_PAYLOAD];
-};
 
 SEC("raw_tp")
 int point(void *ctx)
