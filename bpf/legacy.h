@@ -30,6 +30,11 @@
  *                        the loader attaches the first the kernel takes. bio->bi_bdev or
  *                        bi_disk (before 5.12), hd_struct (5.10), enum req_opf (before 6.0),
  *                        rq->rq_disk or q->disk, writeback_dirty_page (before 5.17): CO-RE.
+ *
+ * What both variants do alike is written once in blkrewind.bpf.c and used here: wake_flags,
+ * grace_enter, dirty_regions, the walk's WALK_FNS / WALK_START, BIO_TARGET, BIO_HEADER,
+ * REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where a function
+ * compiled to other instructions). This file holds only what differs.
  */
 
 #define BR_LPIECE 4096          /* payload bytes of a full record */
