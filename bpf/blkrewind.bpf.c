@@ -234,6 +234,86 @@ static __always_inline int surely_untraced(struct br_cfg *c, __u32 dev, __u32 di
 	return !c->calib_tgid && !(c->dev_bloom & (dev_bit(dev) | dev_bit(disk)));
 }
 
+/* the submit flags of a record of len bytes already reserved (t: cfg.wake_bytes) */
+static __always_inline __u64 wake_flags(__u64 t, __u32 len)
+{
+	__u64 avail;
+
+	if (!t)
+		return 0;
+	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
+	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+/* a program in flight: see grace_map (grace_exit: the modern and the legacy one differ) */
+static __always_inline struct br_grace *grace_enter(void)
+{
+	__u32 k = 0;
+	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
+
+	if (g)
+		__sync_fetch_and_add(&g->active, 1);
+	return g;
+}
+
+/* The walk's segment functions for a walk type T (struct br_walk, or the legacy br_lwalk):
+ * page_va, the direct-map address of a struct page; load_seg, make sure there is a current
+ * segment (0 when the bio is exhausted). */
+#define WALK_FNS(T, page_va, load_seg)							\
+static __always_inline __u64 page_va(struct T *w, __u64 page)				\
+{											\
+	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;			\
+											\
+	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86); \
+}											\
+											\
+static __always_inline int load_seg(struct T *w)					\
+{											\
+	if (w->remaining == 0)								\
+		return 0;								\
+	if (w->seg_left)								\
+		return 1;								\
+	struct bio_vec *bv = (struct bio_vec *)(w->iovec +				\
+		(__u64)w->idx * bpf_core_type_size(struct bio_vec));			\
+	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);					\
+	__u32 bvlen = BPF_CORE_READ(bv, bv_len);					\
+	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);					\
+											\
+	w->idx++;									\
+	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */		\
+		w->done = 0;								\
+		return 1;								\
+	}										\
+	__u32 l = bvlen - w->done;							\
+	if (l > w->remaining)								\
+		l = w->remaining;							\
+	w->seg_left = l;								\
+	w->seg_va = page_va(w, page) + bvoff + w->done;					\
+	w->seg_page = page;								\
+	w->done = 0;									\
+	return 1;									\
+}
+
+/* the regions [first, last] of d a write of size bytes at sector touches; 0: none (no
+ * dirty map for d, or past its end) */
+static __always_inline int dirty_regions(struct br_dev *d, __u64 sector, __u32 size,
+					 __u64 *pfirst, __u64 *plast)
+{
+	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
+		return 0;
+	__u64 start = sector << 9;
+	__u64 end = start + (size ? size : 1) - 1;
+	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+
+	if (first >= d->nregions)
+		return 0;
+	if (last >= d->nregions)
+		last = d->nregions - 1;
+	*pfirst = first;
+	*plast = last;
+	return 1;
+}
+
 #ifndef BR_LEGACY
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
@@ -281,40 +361,7 @@ struct br_piece_ctx {
 	struct bpf_dynptr *dp;
 };
 
-static __always_inline __u64 page_va(struct br_walk *w, __u64 page)
-{
-	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;
-
-	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86);
-}
-
-/* Make sure there is a current segment; 0 when the bio is exhausted. */
-static __always_inline int load_seg(struct br_walk *w)
-{
-	if (w->remaining == 0)
-		return 0;
-	if (w->seg_left)
-		return 1;
-	struct bio_vec *bv = (struct bio_vec *)(w->iovec +
-		(__u64)w->idx * bpf_core_type_size(struct bio_vec));
-	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);
-	__u32 bvlen = BPF_CORE_READ(bv, bv_len);
-	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);
-
-	w->idx++;
-	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */
-		w->done = 0;
-		return 1;
-	}
-	__u32 l = bvlen - w->done;
-	if (l > w->remaining)
-		l = w->remaining;
-	w->seg_left = l;
-	w->seg_va = page_va(w, page) + bvoff + w->done;
-	w->seg_page = page;
-	w->done = 0;
-	return 1;
-}
+WALK_FNS(br_walk, page_va, load_seg)
 
 /* copy one <= 4 KiB piece of the current segment into the record */
 static long piece_cb(__u64 i, void *ctx)
@@ -363,17 +410,6 @@ static long piece_cb(__u64 i, void *ctx)
 	w->remaining -= n;
 	w->offset += n;
 	return 0;
-}
-
-/* the submit flags of a record of len bytes already reserved (t: cfg.wake_bytes) */
-static __always_inline __u64 wake_flags(__u64 t, __u32 len)
-{
-	__u64 avail;
-
-	if (!t)
-		return 0;
-	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
-	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 /* a record of the header template alone, with its own seq (NULL: dropped, counted) */
@@ -484,32 +520,16 @@ static long dirty_cb(__u64 i, void *ctx)
 static __always_inline void mark_dirty(struct br_state *s, struct br_dev *d, __u64 stamp,
 				       __u64 sector, __u32 size)
 {
-	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
-		return;
-	__u64 start = sector << 9;
-	__u64 end = start + (size ? size : 1) - 1;
-	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+	__u64 first, last;
 
-	if (first >= d->nregions)
+	if (!dirty_regions(d, sector, size, &first, &last))
 		return;
-	if (last >= d->nregions)
-		last = d->nregions - 1;
 	struct br_dirty_ctx dc = { .s = s, .stamp = stamp, .first = d->region_base + (__u32)first };
 	if (first == last) {
 		dirty_cb(0, &dc);
 		return;
 	}
 	bpf_loop((__u32)(last - first + 1), dirty_cb, &dc, 0);
-}
-
-static __always_inline struct br_grace *grace_enter(void)
-{
-	__u32 k = 0;
-	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
-
-	if (g)
-		__sync_fetch_and_add(&g->active, 1);
-	return g;
 }
 
 static __always_inline void grace_exit(struct br_grace *g)
@@ -540,6 +560,58 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	return BPF_CORE_READ(b7, bi_iter.bi_offset);
 }
 
+/* The traced device d of a bio (not a calibration read): a traced partition (or disk), its
+ * sectors made relative to it, or the traced disk of a partition (dev becomes the disk's),
+ * sectors absolute. d NULL: neither traced. A macro: see BIO_HEADER. */
+#define BIO_TARGET(d, dev, disk, part_start, sector) do {		\
+	d = bpf_map_lookup_elem(&dev_map, &(dev));			\
+	if (d && d->traced == 1) {					\
+		if ((sector) >= (part_start))				\
+			(sector) -= (part_start);			\
+		else							\
+			(sector) = 0;					\
+	} else {							\
+		d = bpf_map_lookup_elem(&dev_map, &(disk));		\
+		if (!d || d->traced != 1)				\
+			d = 0;						\
+		else							\
+			(dev) = (disk);					\
+	}								\
+} while (0)
+
+/* the header template of a bio's records (after its stamp and dirty map: they come first).
+ * A macro, not a function: the arguments are read where the fields are stored, as written
+ * out in place (a function's by-value arguments moved the loads: other instructions). */
+#define BIO_HEADER(hdr, sector_, part_start_, dev_, opf_, size_, pt_, rtype_, op_, flags_) do {	\
+	(hdr).ktime_ns = bpf_ktime_get_ns();						\
+	(hdr).sector = (sector_);							\
+	(hdr).part_start = (part_start_);						\
+	(hdr).cgroup_id = bpf_get_current_cgroup_id();					\
+	(hdr).dev = (dev_);								\
+	(hdr).opf = (opf_);								\
+	(hdr).bio_size = (size_);							\
+	(hdr).tgid = (pt_) >> 32;							\
+	(hdr).tid = (__u32)(pt_);							\
+	(hdr).rtype = (rtype_);								\
+	(hdr).op = (op_);								\
+	(hdr).flags = (flags_) | norm_flags(opf_);					\
+	bpf_get_current_comm(&(hdr).comm, sizeof((hdr).comm));				\
+} while (0)
+
+/* the walk (struct br_walk, or the legacy br_lwalk) at the start of bio's size bytes. A macro:
+ * the two walks are two types. */
+#define WALK_START(w, c, bio, size) do {					\
+	(w)->page_offset_base = (c)->page_offset_base;				\
+	(w)->vmemmap_base = (c)->vmemmap_base;					\
+	(w)->page_struct_size = (c)->page_struct_size;				\
+	(w)->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);			\
+	(w)->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);				\
+	(w)->done = bvec_done(bio);						\
+	(w)->remaining = (size);						\
+	(w)->seg_left = 0;							\
+	(w)->offset = 0;							\
+} while (0)
+
 #ifndef BR_LEGACY
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
@@ -563,15 +635,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		return;
 	}
 
-	w->page_offset_base = c->page_offset_base;
-	w->vmemmap_base = c->vmemmap_base;
-	w->page_struct_size = c->page_struct_size;
-	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
-	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = bvec_done(bio);
-	w->remaining = size;
-	w->seg_left = 0;
-	w->offset = 0;
+	WALK_START(w, c, bio, size);
 	w->piece = c->piece;
 	w->wake_bytes = c->wake_bytes;
 	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)
@@ -589,6 +653,28 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 
 #define BR_S_IFMT 0170000
 #define BR_S_IFBLK 0060000
+
+/* the current thread dirtied the page-cache folio (page) key. A macro: as an always_inline
+ * function (key by pointer) the stack slots moved, other instructions. */
+#define REMEMBER_DIRTIER(key) do {							\
+	__u64 pt = bpf_get_current_pid_tgid();						\
+	__u64 now = bpf_ktime_get_ns();							\
+	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &(key));		\
+	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {		\
+		/* dirtied again by the same thread (the common case: a file		\
+		 * rewritten): only the time, in place -- an update would take a new	\
+		 * LRU node (and may evict) */						\
+		old->ktime_ns = now;							\
+	} else {									\
+		struct br_dirtier v;							\
+		v.cgroup_id = bpf_get_current_cgroup_id();				\
+		v.ktime_ns = now;							\
+		v.tgid = pt >> 32;							\
+		v.tid = (__u32)pt;							\
+		bpf_get_current_comm(v.comm, sizeof(v.comm));				\
+		bpf_map_update_elem(&dirtier_map, &(key), &v, BPF_ANY);			\
+	}										\
+} while (0)
 
 #ifndef BR_LEGACY
 /* A folio of a traced device went clean -> dirty (folio_account_dirtied, in the dirtying
@@ -619,22 +705,7 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = folio->index };
-	__u64 pt = bpf_get_current_pid_tgid();
-	__u64 now = bpf_ktime_get_ns();
-	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
-		/* dirtied again by the same thread (the common case: a file rewritten): only the
-		 * time, in place -- an update would take a new LRU node (and may evict) */
-		old->ktime_ns = now;
-		return 0;
-	}
-	struct br_dirtier v;
-	v.cgroup_id = bpf_get_current_cgroup_id();
-	v.ktime_ns = now;
-	v.tgid = pt >> 32;
-	v.tid = (__u32)pt;
-	bpf_get_current_comm(v.comm, sizeof(v.comm));
-	bpf_map_update_elem(&dirtier_map, &key, &v, BPF_ANY);
+	REMEMBER_DIRTIER(key);
 	return 0;
 }
 
@@ -669,6 +740,34 @@ static __always_inline __u64 folio_flags(void *folio)
 	return v;
 }
 
+/* The end of emit_dirtier (both variants; header_rec: the variant's): the dirtier of the
+ * folio (page) key under writeback either flags the bio (the submitter dirtied it:
+ * F_DIRTYSELF) or goes out as an R_DIRTY record. A macro: the walks are two types. */
+#define DIRTIER_REC(c, s, w, key, header_rec) do {					\
+	if ((key).mapping && !((key).mapping & 3)) {  /* none, or anon / movable_ops */	\
+		struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &(key));	\
+		if (!d)									\
+			break;								\
+		if (d->tgid == (w)->h.tgid && d->tid == (w)->h.tid) {			\
+			(w)->h.flags |= BR_F_DIRTYSELF;					\
+			break;								\
+		}									\
+		struct br_rec *r = header_rec(s, w);					\
+		if (!r)									\
+			break;								\
+		r->rtype = BR_R_DIRTY;							\
+		r->flags = BR_F_NODATA;							\
+		r->len = 0;								\
+		r->aux = (key).index;							\
+		r->ktime_ns = d->ktime_ns;						\
+		r->cgroup_id = d->cgroup_id;						\
+		r->tgid = d->tgid;							\
+		r->tid = d->tid;							\
+		__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));			\
+		bpf_ringbuf_submit(r, wake_flags((c)->wake_bytes, sizeof(*r)));	\
+	}										\
+} while (0)
+
 #ifndef BR_LEGACY
 /* A write bio with data: if its first page is a page-cache folio under writeback whose
  * dirtier is known, either flag the bio (the submitter dirtied it: F_DIRTYSELF) or emit an
@@ -696,28 +795,7 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 		return;
 	struct br_dkey key = { .mapping = (__u64)BPF_CORE_READ(folio, mapping),
 			       .index = BPF_CORE_READ(folio, index) };
-	if (!key.mapping || (key.mapping & 3))  /* none, or anon / movable_ops */
-		return;
-	struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (!d)
-		return;
-	if (d->tgid == w->h.tgid && d->tid == w->h.tid) {
-		w->h.flags |= BR_F_DIRTYSELF;
-		return;
-	}
-	struct br_rec *r = header_rec(s, w);
-	if (!r)
-		return;
-	r->rtype = BR_R_DIRTY;
-	r->flags = BR_F_NODATA;
-	r->len = 0;
-	r->aux = key.index;
-	r->ktime_ns = d->ktime_ns;
-	r->cgroup_id = d->cgroup_id;
-	r->tgid = d->tgid;
-	r->tid = d->tid;
-	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
-	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
+	DIRTIER_REC(c, s, w, key, header_rec);
 }
 
 /* bdev: bio->bi_bdev, dev: its dev_t, disk: its disk's (read by the caller: plain loads in
@@ -748,20 +826,9 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 		flags = BR_F_CALIB;
 		op = BR_OP_NONE;
 	} else {
-		d = bpf_map_lookup_elem(&dev_map, &dev);
-		if (d && d->traced == 1) {
-			/* a traced partition (or disk): sectors relative to it */
-			if (sector >= part_start)
-				sector -= part_start;
-			else
-				sector = 0;
-		} else {
-			/* a partition of a traced disk: sectors stay absolute */
-			d = bpf_map_lookup_elem(&dev_map, &disk);
-			if (!d || d->traced != 1)
-				return 0;
-			dev = disk;
-		}
+		BIO_TARGET(d, dev, disk, part_start, sector);
+		if (!d)
+			return 0;
 		op = norm_op(opf);
 		if (op == BR_OP_NONE)
 			return 0;
@@ -777,19 +844,7 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 	/* the dirty map first: before any reservation can fail */
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
 		mark_dirty(s, d, w->h.stamp, sector, size);
-	w->h.ktime_ns = bpf_ktime_get_ns();
-	w->h.sector = sector;
-	w->h.part_start = part_start;
-	w->h.cgroup_id = bpf_get_current_cgroup_id();
-	w->h.dev = dev;
-	w->h.opf = opf;
-	w->h.bio_size = size;
-	w->h.tgid = pt >> 32;
-	w->h.tid = (__u32)pt;
-	w->h.rtype = rtype;
-	w->h.op = op;
-	w->h.flags = flags | norm_flags(opf);
-	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	BIO_HEADER(w->h, sector, part_start, dev, opf, size, pt, rtype, op, flags);
 	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
 		emit_dirtier(bio, c, s, w);
 	emit_bio(bio, c, s, w, size);
@@ -868,6 +923,64 @@ static long chain_cb(__u64 i, void *ctx)
 	cc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
 	return 0;
 }
+
+/* the header of a request's completion record (seq, aux: the variant's); a macro: the
+ * arguments are evaluated where they are stored, as written out in place */
+#define COMPLETE_HDR(h, seq_, aux_, sector_, part_start_, dev_, opf_, op_, bytes_, error_,	\
+		     flags_, len_) do {							\
+	__builtin_memset(h, 0, sizeof(*(h)));						\
+	(h)->seq = (seq_);								\
+	(h)->ktime_ns = bpf_ktime_get_ns();						\
+	(h)->aux = (aux_);								\
+	(h)->sector = (sector_);							\
+	(h)->part_start = (part_start_);						\
+	(h)->dev = (dev_);								\
+	(h)->opf = (opf_);								\
+	(h)->op = (op_);								\
+	(h)->bio_size = (bytes_);							\
+	(h)->error = (__u16)(error_);							\
+	(h)->rtype = BR_R_COMPLETE;							\
+	(h)->flags = (flags_);								\
+	(h)->len = (len_);								\
+} while (0)
+
+/* the completion record of one bio (struct br_done1 r; seq, aux: the variant's); a macro:
+ * the arguments are evaluated where they are stored, as written out in place */
+#define DONE1_REC(r, seq_, aux_, dev_, opf_, op_, error_, stamp_) do {	\
+	__builtin_memset(r, 0, sizeof(*(r)));				\
+	(r)->h.seq = (seq_);						\
+	(r)->h.ktime_ns = bpf_ktime_get_ns();				\
+	(r)->h.aux = (aux_);						\
+	(r)->h.dev = (dev_);						\
+	(r)->h.opf = (opf_);						\
+	(r)->h.op = (op_);						\
+	(r)->h.error = (error_);					\
+	(r)->h.rtype = BR_R_COMPLETE;					\
+	(r)->h.flags = norm_flags(opf_);				\
+	(r)->h.len = 8;							\
+	(r)->stamp = (stamp_);						\
+} while (0)
+
+/* a point's record: its request's header, then its payload */
+struct br_pointrec {
+	struct br_rec h;
+	__u8 data[BR_MAX_POINT_PAYLOAD];
+};
+
+/* a point's record (struct br_pointrec r, reserved) from the request p, submitted; seq: the
+ * variant's, evaluated after the stamp is stored */
+#define POINT_REC(r, p, stamp_, seq_) do {				\
+	__builtin_memcpy(&(r)->h, &(p)->h, sizeof((r)->h));		\
+	(r)->h.stamp = (stamp_);					\
+	(r)->h.seq = (seq_);						\
+	(r)->h.ktime_ns = bpf_ktime_get_ns();				\
+	if ((r)->h.len > BR_MAX_POINT_PAYLOAD)				\
+		(r)->h.len = BR_MAX_POINT_PAYLOAD;			\
+	(r)->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;		\
+	__builtin_memcpy((r)->data, (p)->data, sizeof((r)->data));	\
+	bpf_ringbuf_submit(r, 0);					\
+	(p)->ok = 1;							\
+} while (0)
 
 #ifndef BR_LEGACY
 /* a write-type completion with an error: remember its range (before any
@@ -949,20 +1062,8 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 		count_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(h, 0, sizeof(*h));
-	h->seq = next_seq(s);
-	h->ktime_ns = bpf_ktime_get_ns();
-	h->aux = s->stamp;
-	h->sector = sector >= part_start ? sector - part_start : 0;
-	h->part_start = part_start;
-	h->dev = dev;
-	h->opf = opf;
-	h->op = op;
-	h->bio_size = nr_bytes;
-	h->error = (__u16)error;
-	h->rtype = BR_R_COMPLETE;
-	h->flags = norm_flags(opf) | cc.flags;
-	h->len = len;
+	COMPLETE_HDR(h, next_seq(s), s->stamp, sector >= part_start ? sector - part_start : 0,
+		     part_start, dev, opf, op, nr_bytes, error, norm_flags(opf) | cc.flags, len);
 	if (len && bpf_dynptr_write(&dp, sizeof(struct br_rec), cc.stamps, len, 0))
 		h->len = 0;  /* never: the reservation has room for n stamps */
 	if (cc.flags & BR_F_OLD)
@@ -1020,18 +1121,8 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 		count_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->h.seq = next_seq(s);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	r->h.aux = s->stamp;
-	r->h.dev = BPF_CORE_READ(bdev, bd_dev);
-	r->h.opf = opf;
-	r->h.op = norm_op(opf);
-	r->h.error = bstatus;
-	r->h.rtype = BR_R_COMPLETE;
-	r->h.flags = norm_flags(opf);
-	r->h.len = 8;
-	r->stamp = stamp;
+	DONE1_REC(r, next_seq(s), s->stamp, BPF_CORE_READ(bdev, bd_dev), opf, norm_op(opf),
+		  bstatus, stamp);
 	__sync_fetch_and_add(&s->completes, 1);
 	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
@@ -1039,11 +1130,6 @@ int BPF_PROG(biodone_btf, struct request_queue *q, struct bio *bio)
 
 /* ------------------------------------------------------------------------ */
 /* points and marks: a stamp from the same counter as the writes           */
-
-struct br_pointrec {
-	struct br_rec h;
-	__u8 data[BR_MAX_POINT_PAYLOAD];
-};
 
 SEC("raw_tp")
 int point(void *ctx)
@@ -1062,16 +1148,7 @@ int point(void *ctx)
 		count_drop(s, 0);
 		return 1;
 	}
-	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
-	r->h.stamp = stamp;
-	r->h.seq = next_seq(s);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	if (r->h.len > BR_MAX_POINT_PAYLOAD)
-		r->h.len = BR_MAX_POINT_PAYLOAD;
-	r->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-	__builtin_memcpy(r->data, p->data, sizeof(r->data));
-	bpf_ringbuf_submit(r, 0);
-	p->ok = 1;
+	POINT_REC(r, p, stamp, next_seq(s));
 	return 0;
 }
 

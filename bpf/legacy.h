@@ -30,6 +30,11 @@
  *                        the loader attaches the first the kernel takes. bio->bi_bdev or
  *                        bi_disk (before 5.12), hd_struct (5.10), enum req_opf (before 6.0),
  *                        rq->rq_disk or q->disk, writeback_dirty_page (before 5.17): CO-RE.
+ *
+ * What both variants do alike is written once in blkrewind.bpf.c and used here: wake_flags,
+ * grace_enter, dirty_regions, the walk's WALK_FNS / WALK_START, BIO_TARGET, BIO_HEADER,
+ * REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where a function
+ * compiled to other instructions). This file holds only what differs.
  */
 
 #define BR_LPIECE 4096          /* payload bytes of a full record */
@@ -233,17 +238,7 @@ static __always_inline void rq_dev(struct request *rq, __u32 *pdev, __u64 *pstar
 }
 
 /* ------------------------------------------------------------------------ */
-/* grace period, counters                                                   */
-
-static __always_inline struct br_grace *lgrace_enter(void)
-{
-	__u32 k = 0;
-	struct br_grace *g = bpf_map_lookup_elem(&grace_map, &k);
-
-	if (g)
-		__sync_fetch_and_add(&g->active, 1);
-	return g;
-}
+/* grace period (grace_enter: blkrewind.bpf.c), counters                 */
 
 /* per CPU: a program nested on this CPU runs to its end before this one goes on, so the
  * value read after the decrement is exact */
@@ -262,16 +257,6 @@ static __always_inline void lcount_drop(struct br_state *s, __u64 bytes)
 	/* not for a constant 0: LLVM turns an atomic add of 0 into an atomic or (5.12) */
 	if (bytes)
 		__sync_fetch_and_add(&s->drop_bytes, bytes);
-}
-
-static __always_inline __u64 lwake_flags(__u64 t, __u32 len)
-{
-	__u64 avail;
-
-	if (!t)
-		return 0;
-	avail = bpf_ringbuf_query(&rb, BPF_RB_AVAIL_DATA);
-	return avail >= t && avail < t + len ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -300,16 +285,10 @@ __noinline int br_ldirty_run(__u32 key, __u32 n, __u64 stamp)
 static __always_inline void lmark_dirty(struct br_state *s, struct br_dev *d, __u64 stamp,
 					__u64 sector, __u32 size)
 {
-	if (!d->nregions || d->region_shift < 16 || d->region_shift > 40)
-		return;
-	__u64 start = sector << 9;
-	__u64 end = start + (size ? size : 1) - 1;
-	__u64 first = start >> d->region_shift, last = end >> d->region_shift;
+	__u64 first, last;
 
-	if (first >= d->nregions)
+	if (!dirty_regions(d, sector, size, &first, &last))
 		return;
-	if (last >= d->nregions)
-		last = d->nregions - 1;
 	__u32 n = (__u32)(last - first + 1), base = d->region_base + (__u32)first;
 
 	if (n > BR_LDIRTY_MAX) {
@@ -328,39 +307,7 @@ static __always_inline void lmark_dirty(struct br_state *s, struct br_dev *d, __
 /* ------------------------------------------------------------------------ */
 /* walking a bio's payload                                                  */
 
-static __always_inline __u64 lpage_va(struct br_lwalk *w, __u64 page)
-{
-	__u64 sz = w->page_struct_size ? w->page_struct_size : 64;
-
-	return w->page_offset_base + (((page - w->vmemmap_base) / sz) << PAGE_SHIFT_X86);
-}
-
-static __always_inline int lload_seg(struct br_lwalk *w)
-{
-	if (w->remaining == 0)
-		return 0;
-	if (w->seg_left)
-		return 1;
-	struct bio_vec *bv = (struct bio_vec *)(w->iovec +
-		(__u64)w->idx * bpf_core_type_size(struct bio_vec));
-	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);
-	__u32 bvlen = BPF_CORE_READ(bv, bv_len);
-	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);
-
-	w->idx++;
-	if (bvlen <= w->done) {
-		w->done = 0;
-		return 1;
-	}
-	__u32 l = bvlen - w->done;
-	if (l > w->remaining)
-		l = w->remaining;
-	w->seg_left = l;
-	w->seg_va = lpage_va(w, page) + bvoff + w->done;
-	w->seg_page = page;
-	w->done = 0;
-	return 1;
-}
+WALK_FNS(br_lwalk, lpage_va, lload_seg)
 
 /* Gather up to `want` (<= 4 KiB) bytes of the walk into its scratch (w->tmp); returns the
  * bytes gathered, w->err set on a failed read. A global function whose state lives in the
@@ -459,7 +406,7 @@ __noinline int br_lrecord(__u32 unused)
 		if (bpf_probe_read_kernel(r->data, BR_LPIECE, w->tmp) || w->err)
 			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
-		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(w->wake_bytes, sizeof(*r)));
 	} else {
 		__u32 want = w->remaining < BR_LSMALL ? w->remaining : BR_LSMALL;
 		struct br_lrec_small *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
@@ -472,7 +419,7 @@ __noinline int br_lrecord(__u32 unused)
 		if (bpf_probe_read_kernel(r->data, BR_LSMALL, w->tmp) || w->err)
 			err = 1;
 		lfinish(s, w, &r->h, offset, page, filled, err);
-		bpf_ringbuf_submit(r, lwake_flags(w->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(w->wake_bytes, sizeof(*r)));
 	}
 	return w->remaining ? 0 : 1;
 }
@@ -565,28 +512,7 @@ static __always_inline void lemit_dirtier(struct bio *bio, struct br_cfg *c, str
 	}
 	if (!(flags & (1ULL << bpf_core_enum_value(enum pageflags, PG_writeback))))
 		return;
-	if (!key.mapping || (key.mapping & 3))
-		return;
-	struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (!d)
-		return;
-	if (d->tgid == w->h.tgid && d->tid == w->h.tid) {
-		w->h.flags |= BR_F_DIRTYSELF;
-		return;
-	}
-	struct br_rec *r = lheader_rec(s, w);
-	if (!r)
-		return;
-	r->rtype = BR_R_DIRTY;
-	r->flags = BR_F_NODATA;
-	r->len = 0;
-	r->aux = key.index;
-	r->ktime_ns = d->ktime_ns;
-	r->cgroup_id = d->cgroup_id;
-	r->tgid = d->tgid;
-	r->tid = d->tid;
-	__builtin_memcpy(r->comm, d->comm, sizeof(r->comm));
-	bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+	DIRTIER_REC(c, s, w, key, lheader_rec);
 }
 
 /* who dirtied a page-cache page (folio) of a traced device: index is the page's (folio's) */
@@ -613,20 +539,7 @@ static __always_inline int ldirtier(__u64 index, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = index };
-	__u64 pt = bpf_get_current_pid_tgid();
-	__u64 now = bpf_ktime_get_ns();
-	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &key);
-	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {
-		old->ktime_ns = now;
-		return 0;
-	}
-	struct br_dirtier v;
-	v.cgroup_id = bpf_get_current_cgroup_id();
-	v.ktime_ns = now;
-	v.tgid = pt >> 32;
-	v.tid = (__u32)pt;
-	bpf_get_current_comm(v.comm, sizeof(v.comm));
-	bpf_map_update_elem(&dirtier_map, &key, &v, BPF_ANY);
+	REMEMBER_DIRTIER(key);
 	return 0;
 }
 
@@ -679,18 +592,9 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		flags = BR_F_CALIB;
 		op = BR_OP_NONE;
 	} else {
-		d = bpf_map_lookup_elem(&dev_map, &dev);
-		if (d && d->traced == 1) {
-			if (sector >= part_start)
-				sector -= part_start;
-			else
-				sector = 0;
-		} else {
-			d = bpf_map_lookup_elem(&dev_map, &disk);
-			if (!d || d->traced != 1)
-				return 0;
-			dev = disk;
-		}
+		BIO_TARGET(d, dev, disk, part_start, sector);
+		if (!d)
+			return 0;
 		op = lnorm_op(opf);
 		if (op == BR_OP_NONE)
 			return 0;
@@ -700,7 +604,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 	if (!w)
 		return 0;
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
-	struct br_grace *g = lgrace_enter();
+	struct br_grace *g = grace_enter();
 	__u64 stamp = br_claim(BR_CLAIM_STAMP);
 	if (!stamp) {  /* counted (unstamped): the tracer reads the devices whole */
 		lgrace_exit(g);
@@ -711,19 +615,7 @@ static __always_inline int lhandle_bio(struct bio *bio)
 	w->h.stamp = stamp;
 	if (rtype == BR_R_BIO && op != BR_OP_FLUSH && c->dirty && d)
 		lmark_dirty(s, d, stamp, sector, size);
-	w->h.ktime_ns = bpf_ktime_get_ns();
-	w->h.sector = sector;
-	w->h.part_start = part_start;
-	w->h.cgroup_id = bpf_get_current_cgroup_id();
-	w->h.dev = dev;
-	w->h.opf = opf;
-	w->h.bio_size = size;
-	w->h.tgid = pt >> 32;
-	w->h.tid = (__u32)pt;
-	w->h.rtype = rtype;
-	w->h.op = op;
-	w->h.flags = flags | norm_flags(opf);
-	bpf_get_current_comm(&w->h.comm, sizeof(w->h.comm));
+	BIO_HEADER(w->h, sector, part_start, dev, opf, size, pt, rtype, op, flags);
 	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
 		lemit_dirtier(bio, c, s, w);
 
@@ -737,20 +629,12 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		struct br_rec *r = lheader_rec(s, w);
 		if (r) {
 			r->flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-			bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+			bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 		}
 		lgrace_exit(g);
 		return 0;
 	}
-	w->page_offset_base = c->page_offset_base;
-	w->vmemmap_base = c->vmemmap_base;
-	w->page_struct_size = c->page_struct_size;
-	w->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);
-	w->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	w->done = bvec_done(bio);
-	w->remaining = size;
-	w->seg_left = 0;
-	w->offset = 0;
+	WALK_START(w, c, bio, size);
 	w->wake_bytes = c->wake_bytes;
 	for (int i = 0; i < BR_LREC_MAX / BR_LRUN; i++) {
 		if (br_lrecords(0))
@@ -835,20 +719,8 @@ static __always_inline void lcomplete_hdr(struct br_rec *h, __u64 aux, __u64 sec
 					  __u64 part_start, __u32 dev, __u32 opf, __u8 op,
 					  __u32 nr_bytes, int error, __u32 flags, __u32 n)
 {
-	__builtin_memset(h, 0, sizeof(*h));
-	h->seq = br_claim(BR_CLAIM_SEQ);
-	h->ktime_ns = bpf_ktime_get_ns();
-	h->aux = aux;
-	h->sector = sector;
-	h->part_start = part_start;
-	h->dev = dev;
-	h->opf = opf;
-	h->op = op;
-	h->bio_size = nr_bytes;
-	h->error = (__u16)error;
-	h->rtype = BR_R_COMPLETE;
-	h->flags = flags;
-	h->len = n * 8;
+	COMPLETE_HDR(h, br_claim(BR_CLAIM_SEQ), aux, sector, part_start, dev, opf, op, nr_bytes,
+		     error, flags, n * 8);
 }
 
 static __always_inline int lhandle_rq_done(struct request *rq, int error, unsigned int nr_bytes)
@@ -910,7 +782,7 @@ static __always_inline int lhandle_rq_done(struct request *rq, int error, unsign
 		}
 		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
 		r->stamp = n ? cc.stamps[0] : 0;
-		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	} else {
 		struct br_doneN *r = bpf_ringbuf_reserve(&rb, sizeof(*r), 0);
 		if (!r) {
@@ -920,7 +792,7 @@ static __always_inline int lhandle_rq_done(struct request *rq, int error, unsign
 		lcomplete_hdr(&r->h, aux, rel, part_start, dev, opf, op, nr_bytes, error, fl, n);
 		for (int i = 0; i < BR_MAX_COMPLETE_BIOS; i++)
 			r->stamps[i] = cc.stamps[i];
-		bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+		bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	}
 	if (cc.flags & BR_F_OLD)
 		__sync_fetch_and_add(&s->old_bios, 1);
@@ -963,30 +835,15 @@ int BPF_PROG(biodone_raw, struct request_queue *q, struct bio *bio)
 		lcount_drop(s, 0);
 		return 0;
 	}
-	__builtin_memset(r, 0, sizeof(*r));
-	r->h.seq = br_claim(BR_CLAIM_SEQ);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	r->h.aux = *(volatile __u64 *)&s->stamp;
-	r->h.dev = dev;
-	r->h.opf = opf;
-	r->h.op = op;
-	r->h.error = bstatus;
-	r->h.rtype = BR_R_COMPLETE;
-	r->h.flags = norm_flags(opf);
-	r->h.len = 8;
-	r->stamp = stamp;
+	DONE1_REC(r, br_claim(BR_CLAIM_SEQ), *(volatile __u64 *)&s->stamp, dev, opf, op, bstatus,
+		  stamp);
 	__sync_fetch_and_add(&s->completes, 1);
-	bpf_ringbuf_submit(r, lwake_flags(c->wake_bytes, sizeof(*r)));
+	bpf_ringbuf_submit(r, wake_flags(c->wake_bytes, sizeof(*r)));
 	return 0;
 }
 
 /* ------------------------------------------------------------------------ */
 /* points and marks                                                         */
-
-struct br_pointrec {
-	struct br_rec h;
-	__u8 data[BR_MAX_POINT_PAYLOAD];
-};
 
 SEC("raw_tp")
 int point(void *ctx)
@@ -1007,15 +864,6 @@ int point(void *ctx)
 		lcount_drop(s, 0);
 		return 1;
 	}
-	__builtin_memcpy(&r->h, &p->h, sizeof(r->h));
-	r->h.stamp = stamp;
-	r->h.seq = br_claim(BR_CLAIM_SEQ);
-	r->h.ktime_ns = bpf_ktime_get_ns();
-	if (r->h.len > BR_MAX_POINT_PAYLOAD)
-		r->h.len = BR_MAX_POINT_PAYLOAD;
-	r->h.flags |= BR_F_FIRST | BR_F_LAST | BR_F_NODATA;
-	__builtin_memcpy(r->data, p->data, sizeof(r->data));
-	bpf_ringbuf_submit(r, 0);
-	p->ok = 1;
+	POINT_REC(r, p, stamp, br_claim(BR_CLAIM_SEQ));
 	return 0;
 }
