@@ -63,7 +63,7 @@ def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
     """What the page shows, from the store (a Store or RemoteStore). Writes are read through
     the public `writes` view (analytics/views.py: one row per bio, its submitter and, for a
     buffered write traced with --dirtier, the process that dirtied its pages)."""
-    from analytics.views import view_of
+    from blkrewind.analytics.views import view_of
 
     sess = store.query("SELECT session, dev FROM session_devices WHERE device = ?",
                        [device.device])
@@ -126,7 +126,7 @@ def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
         f"resumed, cause, missing FROM ({view_of(store, 'gaps')}) WHERE session IN ({sk}) "
         f"AND device = ? AND coalesce(epoch_us(resumed_time) * 1000, ?) >= ? "
         f"AND epoch_us(time) * 1000 <= ? ORDER BY stamp", [hi, *sp, device.device, hi, lo, hi])
-    from replayer import detector
+    from blkrewind.replayer import detector
     eps = [e for e in detector.scan_device(store, device.device)
            if e.last_ns >= lo and e.first_ns <= hi]
     clean = [detector.clean_point(store, e) for e in eps]

@@ -381,7 +381,7 @@ def quiet(_msg: str) -> None:
 def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet, dirtier: bool = False):
     """An in-process Tracer (tracer/session.py) of dev, no baseline, LOG in log."""
     sys.path.insert(0, str(ROOT))
-    from tracer.session import TraceOptions, Tracer
+    from blkrewind.tracer.session import TraceOptions, Tracer
     t = Tracer(TraceOptions(devices=[dev], log_dir=str(log), ring_bytes=ring_mb << 20,
                             baseline=False, dirtier=dirtier), say=say_fn)
     t.start()
@@ -390,7 +390,7 @@ def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet, dirtier: bool 
 
 
 def queue_prog(t) -> str:
-    from tracer.capture import ATTACH
+    from blkrewind.tracer.capture import ATTACH
     where = t.capture.attached["queue"]
     return next(p for p, w in ATTACH["queue"] if w == where)
 
@@ -426,7 +426,7 @@ def interleaved_tracer(ws: Workspace, dev: str, ring_mb: int, dirtier: bool = Fa
     """An in-process tracer of dev for an interleaved run: kernel BPF stats on, resync and
     checkpoints stopped, sealed LOG segments deleted as it goes; stopped, its LOG removed,
     at the end."""
-    from tracer import libbpf as L
+    from blkrewind.tracer import libbpf as L
     log = ws.new_log()
     stats_fd = L.enable_run_stats()
     t = start_tracer(dev, log, ring_mb, dirtier=dirtier)

@@ -22,9 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tracer import calibrate, devices  # noqa: E402
-from tracer.capture import Capture  # noqa: E402
-from tracer.ringbuf import RingConsumer  # noqa: E402
+from blkrewind.tracer import calibrate, devices  # noqa: E402
+from blkrewind.tracer.capture import Capture  # noqa: E402
+from blkrewind.tracer.ringbuf import RingConsumer  # noqa: E402
 
 
 def sh(*cmd: str) -> str:

@@ -69,10 +69,10 @@ def _task_stats() -> dict[int, tuple[float, int]]:
 def child(log_dir: str, dev: str, log_mode: str = "") -> int:
     """Run a Tracer of dev (imported from the checkout on sys.path[0]); on stdin, "start"
     snapshots the counters, "stop" prints their deltas as one JSON line, "quit" ends."""
-    import tracer
-    from tracer import libbpf as L
-    from tracer.capture import ATTACH
-    from tracer.session import TraceOptions, Tracer
+    from blkrewind import tracer
+    from blkrewind.tracer import libbpf as L
+    from blkrewind.tracer.capture import ATTACH
+    from blkrewind.tracer.session import TraceOptions, Tracer
     stats_fd = L.enable_run_stats()
     opts = TraceOptions(devices=[dev], log_dir=log_dir, ring_bytes=128 << 20, baseline=False)
     if log_mode:
@@ -88,7 +88,7 @@ def child(log_dir: str, dev: str, log_mode: str = "") -> int:
              for what, where in cap.attached.items()]
     done = threading.Event()
 
-    from tracer import log as tlog
+    from blkrewind.tracer import log as tlog
     retire = getattr(tlog, "retire_segment", None)  # recycling, where the checkout has it
     if os.environ.get("BENCH_CPU_NO_RECYCLE"):
         retire = None

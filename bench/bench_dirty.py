@@ -56,7 +56,7 @@ from bench_capture import (  # noqa: E402
     start_tracer,
 )
 
-from tracer import libbpf as L  # noqa: E402
+from blkrewind.tracer import libbpf as L  # noqa: E402
 
 MB = 1e6
 

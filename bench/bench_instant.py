@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 from bench_store import DEV, REAL0, SPAN, make_log  # noqa: E402
 
 from blkrewind.formats import record  # noqa: E402
-from tracer.log import LogWriter  # noqa: E402
+from blkrewind.tracer.log import LogWriter  # noqa: E402
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 CUR = {"root": ROOT}        # the checkout whose CLI runs (--before: an older one in turns)

@@ -27,7 +27,7 @@ from blkrewind.formats import (
     logframe,
     record,  # noqa: E402
 )
-from tracer import log  # noqa: E402
+from blkrewind.tracer import log  # noqa: E402
 
 
 def make_pool(n: int, span_bytes: int, rec_bytes: int) -> list[tuple[bytes, int]]:

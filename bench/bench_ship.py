@@ -197,8 +197,8 @@ def tls_dirs(base: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ throughput
 def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
               conns: int) -> dict:
-    from tracer.shipper import Shipper
-    from tracer.shipstate import SHIPPED_JSON
+    from blkrewind.tracer.shipper import Shipper
+    from blkrewind.tracer.shipstate import SHIPPED_JSON
     try:
         os.unlink(os.path.join(log_dir, SHIPPED_JSON))
     except FileNotFoundError:
@@ -298,7 +298,7 @@ def throughput(args, base: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------ RPO
 def rpo(args, base: str) -> dict:
-    from tracer.control import ask
+    from blkrewind.tracer.control import ask
     srv_tls, cli_tls = tls_dirs(base)
     img = os.path.join(base, "rpo.img")
     with open(img, "wb") as f:

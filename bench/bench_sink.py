@@ -39,8 +39,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from synth import SynthSession  # noqa: E402
 
 from blkrewind.formats.logframe import SegmentReader, list_segments  # noqa: E402
-from replayer.ingest import FrameGroup, FrameSink, ingest  # noqa: E402
-from replayer.store import Store  # noqa: E402
+from blkrewind.replayer.ingest import FrameGroup, FrameSink, ingest  # noqa: E402
+from blkrewind.replayer.store import Store  # noqa: E402
 
 
 def make_log(log: str, device_mib: int, writes_mib: int) -> SynthSession:

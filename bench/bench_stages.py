@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_capture import Workspace, fio_args, fio_result  # noqa: E402
 
 from blkrewind.formats.logframe import encode_span  # noqa: E402
-from tracer import calibrate, devices  # noqa: E402
-from tracer.capture import Capture  # noqa: E402
-from tracer.ringbuf import RingConsumer  # noqa: E402
+from blkrewind.tracer import calibrate, devices  # noqa: E402
+from blkrewind.tracer.capture import Capture  # noqa: E402
+from blkrewind.tracer.ringbuf import RingConsumer  # noqa: E402
 
 STAGES = ("off", "attached", "capture", "copy", "lz4", "write-new", "write-over")
 SHM = Path("/dev/shm")

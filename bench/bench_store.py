@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from blkrewind.formats import record  # noqa: E402
-from tracer.log import LogWriter  # noqa: E402
+from blkrewind.tracer.log import LogWriter  # noqa: E402
 
 SPAN = 4 << 20
 DEV = record.kdev(7, 99)

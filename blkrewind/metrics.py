@@ -101,8 +101,8 @@ class TracerCollector:
 
     def _collect(self):
         from blkrewind.formats.logframe import list_segments
-        from tracer import pins
-        from tracer.resync import _LOSS_COUNTERS  # counter -> cause, as R_LOSS names them
+        from blkrewind.tracer import pins
+        from blkrewind.tracer.resync import _LOSS_COUNTERS  # counter -> cause, as R_LOSS names them
 
         t = self.t
         st = t.status()

@@ -108,7 +108,7 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
 
 def build_native(out: Path, clang: str | None, quiet: bool = False) -> None:
     """The tracer's native hot loop (tracer/native.py) with the same clang."""
-    from tracer import native
+    from blkrewind.tracer import native
     clang = clang or find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
     try:
         lib = native.build(clang, out)

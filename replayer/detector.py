@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from blkrewind.formats import record
-from replayer import entropy
+from blkrewind.replayer import entropy
 
 BLOCK = 4096
 MAX_BLOCKS = 1 << 26          # larger devices get larger blocks (64 MiB of state at most)
@@ -773,7 +773,7 @@ class FileCheck:
         return min(a, stamp - 1)
 
     def _point(self, det, stamp: int):
-        from replayer import points
+        from blkrewind.replayer import points
         st = self.store
         if self._dev is None:
             self._dev = st.find_device(self.device)
@@ -783,8 +783,8 @@ class FileCheck:
     def _side_a(self, det: Detector, a_stamp: int):
         """(mount, file map, {path: randomness}) of the point before a streak, kept mounted
         for the streak's next checks (close() unmounts it)."""
-        from replayer import fsmap
-        from replayer.pointimage import mounted, open_point_image
+        from blkrewind.replayer import fsmap
+        from blkrewind.replayer.pointimage import mounted, open_point_image
 
         key = (det.session, det.dev, a_stamp)
         if self._a is not None and self._a[0] == key:
@@ -811,8 +811,8 @@ class FileCheck:
 
     def __call__(self, det: Detector, sk: Streak):
         from blkrewind.errors import UserError
-        from replayer import fsmap
-        from replayer.pointimage import mounted, open_point_image
+        from blkrewind.replayer import fsmap
+        from blkrewind.replayer.pointimage import mounted, open_point_image
 
         if self.disabled:
             return None

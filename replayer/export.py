@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING
 from blkrewind.errors import UserError
 
 if TYPE_CHECKING:
-    from replayer.points import Resolved
-    from replayer.store import StoreDevice
+    from blkrewind.replayer.points import Resolved
+    from blkrewind.replayer.store import StoreDevice
 
 RUN_DIR = "/run/blkrewind/exports"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 PLUGIN = os.path.join(ROOT, "replayer", "nbd_plugin.py")
 DEFAULT_PORT = 10809
 
@@ -67,8 +67,8 @@ def prepare(store_path: str, device_spec: str, at: str, *, warn=None,
             run_dir: str | None = None) -> Prepared:
     """Resolve the point and write its index into a new runtime directory (or into
     `run_dir`, made by the caller: replayer/mounts.py starts nbdkit there first)."""
-    from replayer import points
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import points
+    from blkrewind.replayer.query import open_for_reading
 
     point = points.parse_point(at)
     with open_for_reading(store_path) as store:
@@ -80,7 +80,7 @@ def prepare(store_path: str, device_spec: str, at: str, *, warn=None,
 def prepare_resolved(store, device, r, *, run_dir: str | None = None) -> Prepared:
     """`prepare` for a point already resolved (points.Resolved) in a store the caller has
     open (replayer/pointimage.py)."""
-    from replayer import image, rebuild
+    from blkrewind.replayer import image, rebuild
 
     pl = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     d = run_dir or _run_dir(f"{device.device.replace(':', '_').replace('/', '_')}-{r.stamp}-"

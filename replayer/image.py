@@ -34,10 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
-from replayer.payload import PayloadFile, copy_pieces
+from blkrewind.replayer.payload import PayloadFile, copy_pieces
 
 if TYPE_CHECKING:
-    from replayer.rebuild import Plan
+    from blkrewind.replayer.rebuild import Plan
 
 CACHE_BYTES = 256 << 20
 UNKNOWN, DECODE = -2, -1  # Image.abs: row group not looked at yet / decoded by pyarrow
@@ -296,7 +296,7 @@ class Image:
         self._scatter_groups(buf, offset, lo, hi, delta, keys, idx, groups)
 
     def _scatter_groups(self, buf, offset, lo, hi, delta, keys, idx, groups) -> None:
-        from replayer.rebuild import scatter
+        from blkrewind.replayer.rebuild import scatter
         for ga, ge in groups:
             k = int(keys[ga])
             fid, rg = k >> 32, k & 0xFFFFFFFF

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from blkrewind.errors import StoreError
 from blkrewind.formats.ranges import merge
-from replayer import watermark
-from replayer.store import Store
+from blkrewind.replayer import watermark
+from blkrewind.replayer.store import Store
 
 # held by check() and by a prune run inside the server (replayer/query.py): a file a prune
 # deletes must never be taken for a missing one

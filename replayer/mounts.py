@@ -137,7 +137,7 @@ def _wait_pidfile(proc: subprocess.Popen, pidfile: str, what: str, logf: str,
                     lines = [ln.strip() for ln in f if ln.strip()]
             except OSError:
                 lines = []
-            from replayer.export import _nbdkit_error
+            from blkrewind.replayer.export import _nbdkit_error
             raise UserError(f"{what} failed: {_nbdkit_error(chr(10).join(lines))}")
         if time.monotonic() > deadline:
             raise UserError(f"{what} did not start within {timeout:.0f} s")
@@ -174,7 +174,7 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
     """Set the chain up; returns the registry entry. On any failure (or KeyboardInterrupt)
     what was set up is torn down before the exception goes on. `step_hook(name)` (tests) is
     called before each step."""
-    from replayer import export
+    from blkrewind.replayer import export
 
     mp = check_mountpoint(mountpoint)
     hook = step_hook or (lambda name: None)
@@ -262,7 +262,7 @@ def _start_nbdkit(reg: dict, run_dir: str, index: str, *, writable: bool,
     """Start nbdkit serving `index` on run_dir/nbd.sock (the index may come later: the plugin
     waits for it, see nbd_plugin._wait_index)."""
 
-    from replayer import export
+    from blkrewind.replayer import export
 
     where = SimpleNamespace(run_dir=run_dir, index=index)
     sock = os.path.join(run_dir, "nbd.sock")
@@ -360,7 +360,7 @@ def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
                 subprocess.run(["umount", "-l", fdir], capture_output=True)
         _wait_gone(reg.get("nbdfuse_pid"), 10)
     if reg.get("nbdkit_pid"):
-        from replayer.export import stop_pid
+        from blkrewind.replayer.export import stop_pid
         if _alive(reg["nbdkit_pid"]) and _is_ours(reg["nbdkit_pid"], "nbdkit"):
             stop_pid(reg["nbdkit_pid"])
     if reg.get("run_dir"):

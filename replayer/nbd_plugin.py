@@ -40,7 +40,7 @@ def config_complete():
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: every thread's stack
-    from replayer.image import load_index
+    from blkrewind.replayer.image import load_index
     _wait_index(_cfg["index"])
     mib = int(_cfg["cache_mib"])
     _image = load_index(_cfg["index"], cache_bytes=(mib << 20) if mib > 0 else None)

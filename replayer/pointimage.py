@@ -60,7 +60,7 @@ def _instant_missing() -> str | None:
 def open_point_image(store, device, point, *, jobs: int = 2):
     """Yield (image path, Resolved) of `device` (a StoreDevice) at `point` (a points.Point or
     Resolved). The store stays usable by the caller."""
-    from replayer import points
+    from blkrewind.replayer import points
 
     r = point if isinstance(point, points.Resolved) else points.resolve(store, device, point)
     why = _instant_missing()
@@ -76,7 +76,7 @@ def open_point_image(store, device, point, *, jobs: int = 2):
 
 @contextlib.contextmanager
 def _served(store, device, r):
-    from replayer import export, mounts
+    from blkrewind.replayer import export, mounts
 
     reg: dict = {"steps": []}
     path = None
@@ -94,7 +94,7 @@ def _served(store, device, r):
 
 @contextlib.contextmanager
 def _rebuilt(store, device, r, jobs: int):
-    from replayer import rebuild
+    from blkrewind.replayer import rebuild
 
     plan = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     d = tempfile.mkdtemp(prefix="blkrewind-point-", dir=_tmpdir())

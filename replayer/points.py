@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 
 from blkrewind.errors import NotRestorable, UserError
 from blkrewind.formats.pointname import LOOKS_LIKE_TIME  # a date, valid or not
-from replayer.store import StoreDevice, StoreReader
+from blkrewind.replayer.store import StoreDevice, StoreReader
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,9 @@ import pyarrow as pa
 
 from blkrewind.errors import StoreError
 from blkrewind.formats import record
-from replayer import rebuild, watermark
-from replayer.payloadstore import PAYLOAD_SCHEMA
-from replayer.store import Store, StoreDevice, StoreReader
+from blkrewind.replayer import rebuild, watermark
+from blkrewind.replayer.payloadstore import PAYLOAD_SCHEMA
+from blkrewind.replayer.store import Store, StoreDevice, StoreReader
 
 CHUNK = 1 << 20              # bytes per new base chunk (at most)
 RG_BYTES = 4 << 20           # payload bytes per row group
@@ -286,7 +286,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
           jobs: int = 2, now_ns: int | None = None, hook=None) -> Result:
     """Fold the history of `device` older than now - keep_ns (see the module docstring).
     `store` is open for writing. `hook(stage)` is called between stages (tests)."""
-    from replayer.ingest.payload import remove_orphans
+    from blkrewind.replayer.ingest.payload import remove_orphans
 
     hook = hook or (lambda stage: None)
     res = Result()

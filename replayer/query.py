@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from blkrewind.errors import StoreError, UserError
-from replayer.store import Store, StoreReader, default_wait
+from blkrewind.replayer.store import Store, StoreReader, default_wait
 
 SOCK = "serve.sock"
 _U32 = struct.Struct("<I")
@@ -239,7 +239,7 @@ class QueryServer:
         payload integrity check (replayer/integrity.py MAINTENANCE)."""
         from dataclasses import asdict
 
-        from replayer.prune import prune
+        from blkrewind.replayer.prune import prune
 
         dev, keep_ns = req.get("device"), req.get("keep_ns")
         keep_marks, jobs = req.get("keep_marks", False), req.get("jobs", 2)
@@ -249,7 +249,7 @@ class QueryServer:
                 and isinstance(now_ns, int)):
             _try_send(conn, {"ok": False, "error": "bad prune request"})
             return
-        from replayer.integrity import MAINTENANCE
+        from blkrewind.replayer.integrity import MAINTENANCE
         if not MAINTENANCE.acquire(timeout=3600):
             _try_send(conn, {"ok": False, "error": "the store's integrity check or another "
                                                    "prune did not finish within an hour"})
@@ -554,7 +554,7 @@ def open_for_reading(path, *, views=None, wait: float | None = None) -> StoreRea
     if wait is None:
         wait = default_wait()
     path = os.path.abspath(os.fspath(path))
-    from replayer.store import check_access
+    from blkrewind.replayer.store import check_access
     check_access(path)
     deadline = time.monotonic() + wait
     while True:

@@ -64,7 +64,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError, UserError
-from replayer.store import Store, StoreReader
+from blkrewind.replayer.store import Store, StoreReader
 
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
@@ -918,7 +918,7 @@ class _DirectSources:
 
     @classmethod
     def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
-        from replayer.payload import PayloadFile
+        from blkrewind.replayer.payload import PayloadFile
         n = len(p.d_off)
         ufid = np.unique(p.d_file)
         files: list = []
@@ -984,8 +984,8 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     window's data runs written with large O_DIRECT writes by a writer thread while the next
     window is filled; the pages a window needs are checked (CRC) one window ahead on `jobs`
     threads. (written, calls)."""
-    from replayer.payload import copy_pieces
-    from replayer.writebehind import WriteBehind
+    from blkrewind.replayer.payload import copy_pieces
+    from blkrewind.replayer.writebehind import WriteBehind
     order = np.argsort(p.d_off, kind="stable")
     d_off, d_len = p.d_off[order], p.d_len[order]
     slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]

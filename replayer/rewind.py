@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from blkrewind.errors import UserError
-from replayer import rebuild
-from replayer.image import Image
+from blkrewind.replayer import rebuild
+from blkrewind.replayer.image import Image
 
 ALIGN = 4096
 CHUNK = 4 << 20
@@ -135,7 +135,7 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
 def rewind(fd: int, img_to: Image, starts, ends, *, progress=None) -> tuple[int, int]:
     """Write img_to over the ranges; fsync. (ranges, bytes written). A writer thread writes
     one CHUNK while the next is read (O_DIRECT writes wait for the disk)."""
-    from replayer.writebehind import WriteBehind
+    from blkrewind.replayer.writebehind import WriteBehind
 
     def write(buf, off: int, n: int) -> None:
         with memoryview(buf) as v:

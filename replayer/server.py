@@ -41,10 +41,10 @@ from blkrewind.errors import StoreError, UserError
 from blkrewind.formats import wire
 
 if TYPE_CHECKING:
-    from replayer.detector import Watch
-    from replayer.ingest import FrameSink
-    from replayer.query import QueryServer
-    from replayer.store import Store
+    from blkrewind.replayer.detector import Watch
+    from blkrewind.replayer.ingest import FrameSink
+    from blkrewind.replayer.query import QueryServer
+    from blkrewind.replayer.store import Store
 
 
 @dataclass
@@ -183,9 +183,9 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        from replayer.ingest import FrameSink
-        from replayer.query import QueryServer
-        from replayer.store import Store
+        from blkrewind.replayer.ingest import FrameSink
+        from blkrewind.replayer.query import QueryServer
+        from blkrewind.replayer.store import Store
 
         if self.tls_dir is not None:
             from blkrewind import tlsconf
@@ -380,7 +380,7 @@ class Server:
         """Every detect_every s: the detector over what was stored since, one query at a time
         under the store's mutex (between commits; at most detector.CHUNK_ROWS rows each). A
         new episode is an ALERT line in the log and in status."""
-        from replayer import detector
+        from blkrewind.replayer import detector
 
         self.watch = detector.Watch(self.store,
                                     on_episode=lambda ep, device: self.log(
@@ -633,7 +633,7 @@ class Server:
                     "kernel": _kernel_counters(prev["status"])}}
 
     def _inventory(self, c: Conn, m: wire.Message) -> None:
-        from replayer.ingest import FrameRejected
+        from blkrewind.replayer.ingest import FrameRejected
 
         d = wire.parse_json(m)
         self._check_store()
@@ -677,7 +677,7 @@ class Server:
     def _frames(self, c: Conn, first: wire.Message) -> wire.Message | None:
         """Store FRAMES messages: first, plus the FRAMES that follow it without waiting more
         than batch_wait (up to batch_bytes). Returns a non-FRAMES message read meanwhile."""
-        from replayer.ingest import FrameGroup
+        from blkrewind.replayer.ingest import FrameGroup
 
         lim = self.limits
         t0 = time.monotonic()
@@ -739,7 +739,7 @@ class Server:
         raise StoreUnavailable(f"store unavailable ({why}); retry later") from None
 
     def _store(self, c: Conn, groups: list, metas: list[dict]) -> None:
-        from replayer.ingest import FrameRejected
+        from blkrewind.replayer.ingest import FrameRejected
 
         self._check_store()
         try:

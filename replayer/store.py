@@ -124,8 +124,8 @@ import duckdb
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.formats import record
-from replayer.ledger import Ledger, SegState
-from replayer.payloadstore import LocalPayloadStore, PayloadStore
+from blkrewind.replayer.ledger import Ledger, SegState
+from blkrewind.replayer.payloadstore import LocalPayloadStore, PayloadStore
 
 FORMAT_VERSION = "2"
 META = "meta.duckdb"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from blkrewind.errors import UserError
-from replayer.rebuild import BLKGETSIZE64, Plan, iter_image
+from blkrewind.replayer.rebuild import BLKGETSIZE64, Plan, iter_image
 
 CHUNK = 1 << 20
 WINDOW = 32 << 20

@@ -51,7 +51,7 @@ import threading
 import numpy as np
 
 from blkrewind.formats import record
-from replayer.store import Store
+from blkrewind.replayer.store import Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step
 _STAMPED_BAD = record.F_READERR | record.F_TRUNC

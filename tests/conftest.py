@@ -396,7 +396,7 @@ def _release_pinned_captures(request):
     """A tracer pins its capture in bpffs (tracer/pins.py) so that it outlives a crash; a test
     that kills a tracer and does not start it again leaves it attached. Detach every capture
     pinned during the test (programs, maps, links), passed or failed."""
-    from tracer import pins
+    from blkrewind.tracer import pins
     before = set(pins.pin_dirs())
     yield
     base = request.config._tmp_path_factory.getbasetemp().resolve()

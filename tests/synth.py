@@ -20,7 +20,7 @@ import secrets
 from dataclasses import dataclass
 
 from blkrewind.formats import record
-from tracer.log import LogWriter
+from blkrewind.tracer.log import LogWriter
 
 REAL0 = 1_764_000_000 * 10**9     # wall clock at MONO0
 MONO0 = 10**12

@@ -13,7 +13,7 @@ import time
 import pytest
 from tracerproc import TraceProc, cli, sh
 
-from replayer.bisect import search
+from blkrewind.replayer.bisect import search
 
 CHECK = ("import os, struct, sys; d = open(os.path.join(os.environ['BLKREWIND_MOUNT'], "
          "'state.bin'), 'rb').read(8); v = struct.unpack('<Q', d)[0]; "

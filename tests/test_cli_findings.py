@@ -130,7 +130,7 @@ def test_a_failed_ingest_leaves_no_store_and_a_second_one_says_it_waits(store, t
                    "no LOG segments")
     assert not (tmp_path / "new").exists()
     # a store held by another writer: the second ingest says that it waits, then gives up
-    from replayer.store import Store
+    from blkrewind.replayer.store import Store
     log = store.parent / "log"
     with Store.open(store, write=True):
         env = dict(os.environ, BLKREWIND_STORE_WAIT="2")

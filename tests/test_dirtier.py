@@ -14,7 +14,7 @@ from synth import SynthSession
 from tracerproc import TraceProc, cli, sh
 
 from blkrewind.formats import record
-from replayer import fsmap
+from blkrewind.replayer import fsmap
 
 FILE_MB = 8
 

@@ -12,8 +12,8 @@ import duckdb
 import numpy as np
 from synth import SynthSession, cli_main
 
-from replayer import entropy
-from replayer.store import Store
+from blkrewind.replayer import entropy
+from blkrewind.replayer.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 

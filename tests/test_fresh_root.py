@@ -159,10 +159,14 @@ def copy_checkout(dest: Path) -> None:
     if (ROOT / ".git").exists() and shutil.which("git"):
         out = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True,
                              check=True, stdin=subprocess.DEVNULL).stdout
-        files = [f for f in out.decode().split("\0") if f and (ROOT / f).is_file()]
+        files = [f for f in out.decode().split("\0")
+                 if f and ((ROOT / f).is_symlink() or (ROOT / f).is_file())]
         for f in files:
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
+            if (ROOT / f).is_symlink():  # blkrewind/tracer -> ../tracer, ...
+                os.symlink(os.readlink(ROOT / f), dest / f)
+            else:
+                shutil.copy2(ROOT / f, dest / f)
     else:
         shutil.copytree(ROOT, dest, dirs_exist_ok=True, symlinks=True, ignore=shutil.ignore_patterns(
             ".venv", "build", "__pycache__", "*.egg-info", ".git", ".pytest_cache"))

@@ -11,7 +11,7 @@ import os
 from synth import SynthSession
 from tracerproc import cli
 
-from tracer.log import LogLock
+from blkrewind.tracer.log import LogLock
 
 
 def _log(tmp_path, seed):
@@ -69,7 +69,7 @@ def test_a_torn_tail_at_the_end_of_the_newest_segment_is_a_note(tmp_path):
 
 def test_a_rotated_segment_cut_at_a_frame_boundary_is_damage(tmp_path):
     """No incomplete frame to see: whole frames, then the file ends without its SEAL."""
-    from tracer.log import SegmentReader
+    from blkrewind.tracer.log import SegmentReader
 
     segs = _log(tmp_path, 33)
     victim = segs[len(segs) // 2]

@@ -13,9 +13,9 @@ from synth import SynthSession, cli_main, history
 from test_sink import inventory, raw_segments
 from test_store import check_points, ingest, restore_bytes, sql
 
-from replayer.ingest import FrameGroup, FrameSink
-from replayer.integrity import verify_store
-from replayer.store import Store
+from blkrewind.replayer.ingest import FrameGroup, FrameSink
+from blkrewind.replayer.integrity import verify_store
+from blkrewind.replayer.store import Store
 
 
 def open_sink(store_dir, **kw):

@@ -161,7 +161,7 @@ def test_programs_verify_with_every_clang(clang, tmp_path):
     sys.path.insert(0, str(ROOT / "bpf"))
     import build
 
-    from tracer import libbpf as L
+    from blkrewind.tracer import libbpf as L
     obj = build.build(tmp_path, force=True, quiet=True, clang=clang)
     t0 = time.monotonic()
     with L.BpfObject(str(obj), max_entries={"rb": 1 << 20}) as o:
@@ -183,7 +183,7 @@ def test_the_variant_follows_the_kernel_and_the_legacy_one_can_be_forced(monkeyp
     this one does); BLKREWIND_BPF_VARIANT=legacy loads the legacy ones here too (the tests
     that take the bpf_variant fixture run both), whose block_bio_queue program is the one
     the tracepoint's arity takes: (bio) from 5.11 on."""
-    from tracer import capture, features
+    from blkrewind.tracer import capture, features
     monkeypatch.delenv(features.VARIANT_ENV, raising=False)
     assert features.variant() == ("modern", "") and features.modern_missing() == []
     assert features.missing_feature() is None
@@ -217,8 +217,8 @@ int broken(__u64 *ctx)
 
 @pytest.mark.bpf
 def test_rejected_program_shows_the_verifier_log(tmp_path):
-    from tracer import capture
-    from tracer import libbpf as L
+    from blkrewind.tracer import capture
+    from blkrewind.tracer import libbpf as L
     vmlinux_h = ROOT / "bpf" / "build" / "vmlinux.h"
     assert vmlinux_h.exists()
     src = tmp_path / "broken.bpf.c"

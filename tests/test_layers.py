@@ -4,9 +4,9 @@ other in a circle.
 
     floor      blkrewind (its __init__), blkrewind.formats.*, blkrewind.errors, blkrewind.osutil,
                blkrewind.tlsconf: the formats both sides share and small OS helpers
-    tracer     tracer.*: capture, LOG writer, shipper
-    replayer   replayer.*: server, ingest, store, rebuild, export
-    analytics  analytics.*: views, report, output formats
+    tracer     blkrewind.tracer.*: capture, LOG writer, shipper
+    replayer   blkrewind.replayer.*: server, ingest, store, rebuild, export
+    analytics  blkrewind.analytics.*: views, report, output formats
     cli        blkrewind.cli, blkrewind.cliargs, blkrewind.helpdoc, blkrewind.metrics,
                blkrewind.commands.*
 
@@ -19,7 +19,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("blkrewind", "tracer", "replayer", "analytics")
+PACKAGES = ("blkrewind",)
+# the folders of the design card, at the top of the repository: blkrewind.X
+SUBPACKAGES = ("tracer", "replayer", "analytics")
 FLOOR, TRACER, REPLAYER, ANALYTICS, CLI = range(5)
 LAYER_NAMES = ("floor", "tracer", "replayer", "analytics", "cli")
 CLI_MODULES = {"blkrewind.cli", "blkrewind.cliargs", "blkrewind.helpdoc", "blkrewind.metrics"}
@@ -36,9 +38,11 @@ KNOWN_UP_EDGES: dict[tuple[str, str], str] = {}
 
 def modules() -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
+    for pkg in PACKAGES + SUBPACKAGES:
         for p in sorted((ROOT / pkg).rglob("*.py")):
             parts = p.relative_to(ROOT).with_suffix("").parts
+            if pkg in SUBPACKAGES:
+                parts = ("blkrewind",) + parts
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out[".".join(parts)] = p
@@ -46,7 +50,7 @@ def modules() -> dict[str, Path]:
 
 
 def layer(mod: str) -> int:
-    top = mod.split(".")[0]
+    top = mod.split(".")[1] if mod.count(".") else ""
     if top == "tracer":
         return TRACER
     if top == "replayer":
@@ -137,10 +141,10 @@ def cycles(g: dict[str, set[str]]) -> list[frozenset[str]]:
 
 def test_the_graph_is_read():
     g = graph()
-    assert "blkrewind.formats.logframe" in g["tracer.log"]
-    assert "blkrewind.formats.logframe" in g["replayer.ingest.sink"]
-    assert "replayer.integrity" in g["replayer.ingest.sink"]  # and integrity imports no ingest
-    assert not any(d.startswith("replayer.ingest") for d in g["replayer.integrity"])
+    assert "blkrewind.formats.logframe" in g["blkrewind.tracer.log"]
+    assert "blkrewind.formats.logframe" in g["blkrewind.replayer.ingest.sink"]
+    assert "blkrewind.replayer.integrity" in g["blkrewind.replayer.ingest.sink"]  # and integrity imports no ingest
+    assert not any(d.startswith("blkrewind.replayer.ingest") for d in g["blkrewind.replayer.integrity"])
     assert layer("blkrewind.formats.wire") == FLOOR and layer("blkrewind.commands.trace") == CLI
 
 
@@ -194,7 +198,7 @@ def sql_on_internal_tables(path: Path) -> list[str]:
     FROM/JOIN/INTO/UPDATE/TABLE."""
     import re
 
-    from replayer.store import INTERNAL_TABLES
+    from blkrewind.replayer.store import INTERNAL_TABLES
     pat = re.compile(r"\b(?:FROM|JOIN|INTO|UPDATE|TABLE)\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?(?:%s)\b"
                      % "|".join(INTERNAL_TABLES))
     tree = ast.parse(path.read_text())
@@ -215,3 +219,22 @@ def test_no_sql_on_internal_tables_outside_the_store():
     assert set(found) - set(KNOWN_SQL) == set(), {k: v for k, v in found.items()
                                                  if k not in KNOWN_SQL}
     assert set(KNOWN_SQL) - set(found) == set()   # moved: remove its entry
+
+
+def test_our_folders_are_imported_by_their_installed_names():
+    """tracer/, replayer/ and analytics/ are blkrewind.tracer, ... (pyproject.toml): an import
+    of a top-level `tracer` would load a second copy of its modules from a checkout and fail
+    where the wheel is installed."""
+    bad = []
+    for p in sorted(ROOT.glob("**/*.py")):
+        rel = p.relative_to(ROOT)
+        if rel.parts[0] in (".venv", "build") or rel.parts[:2] == ("bpf", "build") \
+                or rel.parts[0] == "blkrewind" and len(rel.parts) > 1 and rel.parts[1] in SUBPACKAGES:
+            continue
+        for node in ast.walk(ast.parse(p.read_text(), str(p))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            bad += [f"{rel}:{node.lineno}: {n}" for n in names if n.split(".")[0] in SUBPACKAGES]
+    assert not bad, "import blkrewind.X instead:\n" + "\n".join(bad)
+    for sub in SUBPACKAGES:
+        assert (ROOT / "blkrewind" / sub).resolve() == (ROOT / sub).resolve()

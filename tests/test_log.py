@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from blkrewind.errors import CorruptLog, UserError
 from blkrewind.formats import logframe
 from blkrewind.formats import record as R
-from tracer import log as L
+from blkrewind.tracer import log as L
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -489,7 +489,7 @@ def test_lock_excludes_other_processes(tmp_path):
     assert L.log_in_use(d) is None
     child = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from tracer.log import LogLock\n"
+         "import sys; from blkrewind.tracer.log import LogLock\n"
          f"l = LogLock({str(d)!r}).acquire(blocking=False); print('held', flush=True)\n"
          "sys.stdin.read()"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

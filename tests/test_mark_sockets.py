@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from blkrewind import cli
-from tracer import control
+from blkrewind.tracer import control
 
 
 def _fake_tracer(path: str, log: str, got: list) -> socket.socket:

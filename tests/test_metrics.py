@@ -282,7 +282,7 @@ def test_serve_metrics_count_damage_and_refusals(tmp_path, capsys):
     from synth import history
     from test_store import ingest
 
-    from replayer.store import Store
+    from blkrewind.replayer.store import Store
 
     history(tmp_path / "log", seed=7, nbios=120, segment_bytes=128 << 10)
     store = tmp_path / "store"

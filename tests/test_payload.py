@@ -16,11 +16,11 @@ from synth import cli_main, history
 from test_rebuild import ingest, latest_plan, restore
 
 from blkrewind.errors import StoreError
-from replayer import rebuild
-from replayer.image import Image
-from replayer.ingest import payload as ingest_payload
-from replayer.payload import PayloadFile
-from replayer.payloadstore import PAYLOAD_SCHEMA
+from blkrewind.replayer import rebuild
+from blkrewind.replayer.image import Image
+from blkrewind.replayer.ingest import payload as ingest_payload
+from blkrewind.replayer.payload import PayloadFile
+from blkrewind.replayer.payloadstore import PAYLOAD_SCHEMA
 
 
 def _table(rows: list[bytes]) -> pa.Table:

@@ -221,7 +221,7 @@ def _cpu_seconds(pgid: int) -> float:
 
 def _log_state(log_dir: Path) -> dict:
     """{segment file: {sealed, frames, records, torn, pad, size}} of a LOG, read only."""
-    from tracer import log as L
+    from blkrewind.tracer import log as L
     state = {}
     for s in L.list_segments(log_dir):
         with L.SegmentReader(s.path) as r:

@@ -18,7 +18,7 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
     dev = make_loop(384, fill="random")
     monkeypatch.setenv("BLKREWIND_PROGRESS_S", "0.1")
     log = tmp_path / "log"
-    from tracer.control import ask
+    from blkrewind.tracer.control import ask
     seen, table = [], []
     with TraceProc([dev], log, wait_for="live") as tr:
         sock = f"/run/blkrewind/trace-{tr.p.pid}.sock"

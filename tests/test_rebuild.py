@@ -15,9 +15,9 @@ from synth import SynthSession, cli_main, history, restored
 
 from blkrewind.errors import NotRestorable, UserError
 from blkrewind.formats import record
-from replayer import points
-from replayer.rebuild import _range_max, plan, scatter, visible_pieces
-from replayer.store import Store
+from blkrewind.replayer import points
+from blkrewind.replayer.rebuild import _range_max, plan, scatter, visible_pieces
+from blkrewind.replayer.store import Store
 
 
 def ingest(capsys, log, store):
@@ -330,7 +330,7 @@ def test_multi_device_session(capsys, tmp_path):
 def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
     """The direct path, pwritev and the window buffer give the same image; on a target that is
     not freshly truncated (as a block device) the zero pieces are written, not skipped."""
-    from replayer.rebuild import Target, execute, open_target
+    from blkrewind.replayer.rebuild import Target, execute, open_target
 
     log = tmp_path / "log"
     s = history(log, seed=48, nbios=300, size=3 << 20, piece=1536)

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blkrewind.formats import record as R
-from tracer import btfcheck
+from blkrewind.tracer import btfcheck
 
 OBJ = Path(__file__).resolve().parents[1] / "bpf" / "build" / "blkrewind.bpf.o"
 

@@ -111,7 +111,7 @@ def resync_lines(err: str) -> list[tuple[float, str]]:
 
 
 def link_ids(session: str) -> list[int]:
-    from tracer import pins
+    from blkrewind.tracer import pins
     d = Path(pins.PIN_ROOT) / session
     out = []
     for p in sorted(d.glob("link_*")):
@@ -134,7 +134,7 @@ def test_tracer_killed_then_restarted_continues_the_session(bpf_variant, make_lo
     ("tracer restart") and reads again only the regions written since the dead tracer's last
     checkpoint, not the whole device. `latest` is exact; the points before the crash still
     restore; nothing stays attached after the clean stop."""
-    from tracer import pins
+    from blkrewind.tracer import pins
     loop = make_loop(size_mb=512, fill="random", dio=True)
     dev = loop.path
     log, store = tmp_path / "log", tmp_path / "store"
@@ -196,7 +196,7 @@ def test_restart_with_other_devices_starts_a_new_session(make_loop, tmp_path, ru
     """The capture a killed tracer left attached is continued only by a tracer of the same
     LOG and devices: with one more device it is detached (said), and a new session reads
     both devices whole. `detach` lists and detaches a capture left attached."""
-    from tracer import pins
+    from blkrewind.tracer import pins
     a, b = make_loop(size_mb=32, fill="random"), make_loop(size_mb=32, fill="random")
     log = tmp_path / "log"
     first = TraceProc([a.path], log)

@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from blkrewind.formats.record import RB_BUSY, RB_DISCARD
-from tracer import native
-from tracer.ringbuf import walk_py
+from blkrewind.tracer import native
+from blkrewind.tracer.ringbuf import walk_py
 
 
 def need_native():

@@ -223,7 +223,7 @@ class Client:
 
 
 def store_counts(store: Path, session: str) -> tuple:
-    from replayer.query import open_for_reading
+    from blkrewind.replayer.query import open_for_reading
 
     with open_for_reading(store) as st:
         return (st.query_one("SELECT count(*) FROM frame_ranges WHERE session = ?", [session])[0],
@@ -329,8 +329,8 @@ def test_good_path_restore_equals_ingest(served, good_log, tmp_path):
     other = tmp_path / "ingested"
     run_cli("ingest", "--log", log_dir, "--store", other)
     assert restore_image(other, tmp_path / "ingested.img") == img
-    from analytics.views import define_views
-    from replayer.query import RemoteStore, open_for_reading
+    from blkrewind.analytics.views import define_views
+    from blkrewind.replayer.query import RemoteStore, open_for_reading
     q = "SELECT count(*), sum(length), max(stamp), count(DISTINCT session) FROM writes"
     with open_for_reading(srv.store, views=define_views) as st:
         assert isinstance(st, RemoteStore)
@@ -347,7 +347,7 @@ def test_good_path_restore_equals_ingest(served, good_log, tmp_path):
 def test_query_socket_is_read_only(served):
     srv, _, _ = served
     from blkrewind.errors import UserError
-    from replayer.query import RemoteStore, open_for_reading
+    from blkrewind.replayer.query import RemoteStore, open_for_reading
 
     with open_for_reading(srv.store) as st:
         assert isinstance(st, RemoteStore)
@@ -887,8 +887,8 @@ def test_damage_found_at_start_is_sent_as_lacks(tmp_path, pki):
     connected owner; once it resends them the store restores exactly again."""
     import io
 
-    from replayer.server import Limits, Logger, Server
-    from replayer.store import Store
+    from blkrewind.replayer.server import Limits, Logger, Server
+    from blkrewind.replayer.store import Store
 
     s = history(tmp_path / "log", seed=101, nbios=80, host="synth")
     segs = log_segments(tmp_path / "log")

@@ -557,7 +557,7 @@ def test_damaged_store_files_are_fetched_again_from_the_logs(lab):
 def test_network_cut_longer_than_timeouts_loses_nothing(lab):
     """Cut host a's link (down) and host b's (100 % loss) for longer than the connection
     timeouts while both write; the tracers keep logging and catch up; restores are exact."""
-    from tracer.shipper import CONNECT_TIMEOUT
+    from blkrewind.tracer.shipper import CONNECT_TIMEOUT
     dead_after = 6.0
     lab.start("--ship-timeout", dead_after)
     works = [Workload(h.mnt, 100 + i, pace=0.05) for i, h in enumerate(lab.hosts)]
@@ -925,7 +925,7 @@ def test_hostile_clients_are_refused_and_store_nothing(lab, tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from tracer.log import inventory
+    from blkrewind.tracer.log import inventory
     a, b = lab.hosts
     lab.start()
     for h in lab.hosts:

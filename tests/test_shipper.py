@@ -24,10 +24,10 @@ from tracerproc import TraceProc, copy_device, first_difference, same_file
 from blkrewind import tlsconf
 from blkrewind.formats import logframe
 from blkrewind.formats.ranges import Ranges
-from tracer import log as tlog
-from tracer.control import ask
-from tracer.shipper import Shipper
-from tracer.shipstate import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate
+from blkrewind.tracer import log as tlog
+from blkrewind.tracer.control import ask
+from blkrewind.tracer.shipper import Shipper
+from blkrewind.tracer.shipstate import RESERVE_BYTES, SHIPPED_JSON, SMALL_SPAN, FullGate
 
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 
@@ -376,7 +376,7 @@ def test_shipping_tracer_killed_and_started_again_continues_its_session(tmp_path
     first = TraceProc([dev], log_dir, *ship)
     try:
         write_random(dev, 6, seed=40)
-        from tracer import pins
+        from blkrewind.tracer import pins
         wait_until(lambda: [p for p in pins.load_all() if p.baseline_done and p.safe], 10,
                    "a checkpoint after the baseline")
         first.p.send_signal(signal.SIGKILL)

@@ -16,9 +16,9 @@ from test_store import check_points, store_content
 
 from blkrewind.formats import record
 from blkrewind.formats.logframe import SegmentReader, list_segments
-from replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
-from replayer.store import Store
-from tracer.log import LogWriter
+from blkrewind.replayer.ingest import FrameGroup, FrameRejected, FrameSink, NotYourSession
+from blkrewind.replayer.store import Store
+from blkrewind.tracer.log import LogWriter
 
 
 # ----------------------------------------------------------------------------- helpers

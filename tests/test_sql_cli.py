@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_one_line_error, run_cli
 from synth import SynthSession, cli_main
 
-from analytics import views
+from blkrewind.analytics import views
 from blkrewind.formats import record
 
 COLUMNS = {

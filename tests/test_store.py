@@ -20,7 +20,7 @@ from synth import SynthSession, cli_main, history
 from synth import restored as restore_bytes
 
 from blkrewind.errors import UserError
-from replayer.store import Store
+from blkrewind.replayer.store import Store
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -13,9 +13,9 @@ import pytest
 from synth import SynthSession, cli_main, restored
 
 from blkrewind.errors import NotRestorable
-from replayer import points
-from replayer.store import Store
-from replayer.watermark import _intervals, device_windows
+from blkrewind.replayer import points
+from blkrewind.replayer.store import Store
+from blkrewind.replayer.watermark import _intervals, device_windows
 
 
 # ------------------------------------------------------------ the rule, brute force
@@ -236,7 +236,7 @@ def test_late_frames_and_incremental_scans(capsys, tmp_path):
 
 def test_growing_session_is_scanned_incrementally(capsys, tmp_path):
     """A session still being written: each ingest scans only the new stamps."""
-    from replayer import watermark
+    from blkrewind.replayer import watermark
     log, store = tmp_path / "log", tmp_path / "store"
     s = SynthSession(str(log), seed=65, size=1 << 20, chunk=64 << 10)
     s.baseline()

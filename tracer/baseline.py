@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable
 
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from tracer import devices
+from blkrewind.tracer import devices
 
 if TYPE_CHECKING:
-    from tracer.capture import Capture
-    from tracer.progress import ReadProgress
-    from tracer.writer import RecordSeq
+    from blkrewind.tracer.capture import Capture
+    from blkrewind.tracer.progress import ReadProgress
+    from blkrewind.tracer.writer import RecordSeq
 
 
 def mono_ns() -> int:
@@ -102,7 +102,7 @@ class Baseline:
         return True
 
     def _read_device(self, d: devices.BlockDevice, stop: threading.Event) -> int:
-        from tracer.progress import ReadProgress
+        from blkrewind.tracer.progress import ReadProgress
 
         chunk = self.chunk_bytes
         nchunks = (d.size_bytes + chunk - 1) // chunk

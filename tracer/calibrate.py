@@ -33,8 +33,8 @@ from typing import Callable
 
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from tracer.capture import Capture
-from tracer.ringbuf import RingConsumer
+from blkrewind.tracer.capture import Capture
+from blkrewind.tracer.ringbuf import RingConsumer
 
 GiB = 1 << 30
 PAGE = 4096

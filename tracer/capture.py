@@ -25,8 +25,8 @@ import numpy as np
 
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from tracer import btfcheck, features
-from tracer import libbpf as L
+from blkrewind.tracer import btfcheck, features
+from blkrewind.tracer import libbpf as L
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OBJECT = ROOT / "bpf" / "build" / "blkrewind.bpf.o"
@@ -535,7 +535,7 @@ class Capture:
                     pass
                 self._dirty_mm = None
             if self.pin_dir is not None:
-                from tracer import pins
+                from blkrewind.tracer import pins
                 pins.release_dir(os.path.basename(self.pin_dir))
                 self.pin_dir = None
             if self.obj is not None:

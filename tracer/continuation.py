@@ -14,10 +14,10 @@ from typing import Callable
 
 from blkrewind.formats import record
 from blkrewind.formats.logframe import list_segments
-from tracer import devices, pins
-from tracer.capture import Capture, Regions
-from tracer.log import kernel_seq
-from tracer.ringbuf import RingConsumer
+from blkrewind.tracer import devices, pins
+from blkrewind.tracer.capture import Capture, Regions
+from blkrewind.tracer.log import kernel_seq
+from blkrewind.tracer.ringbuf import RingConsumer
 
 
 class Continuation:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 
-from tracer import libbpf as L
+from blkrewind.tracer import libbpf as L
 
 # what the modern programs use: (helper id or None for the atomic, name, what, first kernel)
 MODERN_FEATURES = [

@@ -146,7 +146,7 @@ def release_dir(session: str) -> None:
 
 def owner_alive(p: Pinned) -> bool:
     """A tracer still holds p's LOG (its lock): p is not left behind."""
-    from tracer.log import log_in_use
+    from blkrewind.tracer.log import log_in_use
     try:
         pid = log_in_use(p.log_dir)
     except OSError:

@@ -36,13 +36,13 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 
 from blkrewind.formats import record
-from tracer import devices
-from tracer.capture import Capture, Regions
+from blkrewind.tracer import devices
+from blkrewind.tracer.capture import Capture, Regions
 
 if TYPE_CHECKING:
-    from tracer.progress import ReadProgress
-    from tracer.shipper import Shipper
-    from tracer.writer import RecordSeq, Writer
+    from blkrewind.tracer.progress import ReadProgress
+    from blkrewind.tracer.shipper import Shipper
+    from blkrewind.tracer.writer import RecordSeq, Writer
 
 CHECKPOINT_EVERY = 1.0
 FINISH_ROUNDS = 3            # stop(): resyncs it still runs before giving up
@@ -617,7 +617,7 @@ class Resync:
                       f"{rereads} chunks read again), restorable again from stamp {re_}")
 
     def _read_chunks(self, d: devices.BlockDevice, rs: int, chunks: list[_Chunk]) -> tuple[int, int]:
-        from tracer.progress import ReadProgress
+        from blkrewind.tracer.progress import ReadProgress
 
         total = 0
         rereads = 0

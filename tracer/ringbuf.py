@@ -19,7 +19,7 @@ import mmap
 import select
 
 from blkrewind.formats.record import RB_BUSY, RB_DISCARD, RB_LEN_MASK
-from tracer import native
+from blkrewind.tracer import native
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p

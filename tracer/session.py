@@ -35,12 +35,12 @@ from blkrewind import __version__
 from blkrewind.errors import UserError
 from blkrewind.formats import record
 from blkrewind.formats.logframe import FL_RAW, Body, encode_span
-from tracer import calibrate, devices, pins
-from tracer.baseline import Baseline
-from tracer.capture import Capture, Regions, region_layout
-from tracer.continuation import Continuation, skip_logged
-from tracer.control import ControlSocket
-from tracer.log import (
+from blkrewind.tracer import calibrate, devices, pins
+from blkrewind.tracer.baseline import Baseline
+from blkrewind.tracer.capture import Capture, Regions, region_layout
+from blkrewind.tracer.continuation import Continuation, skip_logged
+from blkrewind.tracer.control import ControlSocket
+from blkrewind.tracer.log import (
     LogLock,
     LogWriter,
     last_stamp,
@@ -48,9 +48,9 @@ from tracer.log import (
     repair,
     tail_kernel_seqs,
 )
-from tracer.resync import Resync
-from tracer.ringbuf import RingConsumer
-from tracer.writer import RecordSeq, Writer
+from blkrewind.tracer.resync import Resync
+from blkrewind.tracer.ringbuf import RingConsumer
+from blkrewind.tracer.writer import RecordSeq, Writer
 
 BATCH_BYTES = 1 << 20   # a span smaller than this ...
 BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
@@ -132,7 +132,7 @@ class Tracer:
         self.say = say
         self.devs = [devices.inspect(p) for p in opts.devices]
         devices.check_no_overlap(self.devs)
-        from tracer.features import partition_refusal
+        from blkrewind.tracer.features import partition_refusal
         for d in self.devs:
             why = partition_refusal(d.path, d.disk) if d.is_partition else None
             if why:
@@ -145,7 +145,7 @@ class Tracer:
         self.stats = Stats()
         self.shipper = None
         if opts.ship:
-            from tracer.shipper import Shipper
+            from blkrewind.tracer.shipper import Shipper
             self.shipper = Shipper(opts.log_dir, opts.ship, tls_dir=opts.tls_dir,
                                    insecure=opts.insecure, host=self.host, conns=opts.ship_conns,
                                    log_max_bytes=opts.log_max_bytes, say=say,

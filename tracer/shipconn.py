@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 
 from blkrewind import __version__
 from blkrewind.formats import logframe, wire
-from tracer.shipstate import REAL_NS, SEG_ID, Msg, ShipState
+from blkrewind.tracer.shipstate import REAL_NS, SEG_ID, Msg, ShipState
 
 STATUS_EVERY = 1.0
 INVENTORY_PAGE = 5000          # segments per INVENTORY message (well under MAX_JSON_LIST)

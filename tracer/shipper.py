@@ -28,8 +28,8 @@ import time
 
 from blkrewind.errors import UserError
 from blkrewind.formats import wire
-from tracer.shipconn import Connection, ShipperStopped
-from tracer.shipstate import ShipState
+from blkrewind.tracer.shipconn import Connection, ShipperStopped
+from blkrewind.tracer.shipstate import ShipState
 
 DEAD_AFTER = 30.0              # no PONG/ACK for this long while waiting for one: drop
 CONNECT_TIMEOUT = 10.0

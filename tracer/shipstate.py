@@ -30,7 +30,7 @@ from typing import Callable
 
 from blkrewind.formats import logframe
 from blkrewind.formats.ranges import Ranges
-from tracer import log as _log
+from blkrewind.tracer import log as _log
 
 SHIPPED_JSON = "shipped.json"
 RESERVE_BYTES = 1 << 20        # small spans (control records) may use this much past the limit

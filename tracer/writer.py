@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from blkrewind.formats import record
 from blkrewind.formats.logframe import FRAME_SIZE, Body, encode_span
-from tracer.log import LogFull, LogWriter
+from blkrewind.tracer.log import LogFull, LogWriter
 
 if TYPE_CHECKING:
-    from tracer.shipper import Shipper
+    from blkrewind.tracer.shipper import Shipper
 
 
 def mono_ns() -> int:

@@ -64,9 +64,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from blkrewind.commands.diff import resolve_pair
-    from replayer import bisect, points
-    from replayer.pointimage import mounted, open_point_image
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import bisect, points
+    from blkrewind.replayer.pointimage import mounted, open_point_image
+    from blkrewind.replayer.query import open_for_reading
 
     cmd = args.check[1:] if args.check[:1] == ["--"] else args.check
     if not cmd:

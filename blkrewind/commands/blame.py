@@ -27,7 +27,7 @@ from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    from analytics.output import FORMATS
+    from blkrewind.analytics.output import FORMATS
 
     cliargs.store_and_device(p)
     cliargs.between(p)
@@ -51,11 +51,11 @@ def _bytes(s: str) -> int:
 
 
 def run(args) -> int:
-    from analytics.output import write_rows
+    from blkrewind.analytics.output import write_rows
     from blkrewind.commands.diff import resolve_pair
-    from replayer import fsmap, points
-    from replayer.pointimage import mounted, open_point_image
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import fsmap, points
+    from blkrewind.replayer.pointimage import mounted, open_point_image
+    from blkrewind.replayer.query import open_for_reading
 
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)

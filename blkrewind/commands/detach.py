@@ -30,7 +30,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from tracer import pins
+    from blkrewind.tracer import pins
 
     if os.geteuid() != 0:
         raise UserError("must run as root (it reads and removes pins in /sys/fs/bpf)")

@@ -30,7 +30,7 @@ from blkrewind.errors import UserError
 
 
 def add_arguments(p):
-    from analytics.output import FORMATS
+    from blkrewind.analytics.output import FORMATS
 
     cliargs.store_and_device(p)
     cliargs.between(p)
@@ -42,7 +42,7 @@ def add_arguments(p):
 
 def resolve_pair(store, device, a: str, b: str):
     """Resolved points A and B of one session, A <= B."""
-    from replayer import points
+    from blkrewind.replayer import points
 
     ra = points.resolve(store, device, points.parse_point(a))
     rb = points.resolve(store, device, points.parse_point(b))
@@ -55,8 +55,8 @@ def resolve_pair(store, device, a: str, b: str):
 
 
 def file_changes(store, device, ra, rb, ranges) -> list[dict]:
-    from replayer import fsmap
-    from replayer.pointimage import mounted, open_point_image
+    from blkrewind.replayer import fsmap
+    from blkrewind.replayer.pointimage import mounted, open_point_image
 
     with open_point_image(store, device, ra) as (img_a, _), \
             open_point_image(store, device, rb) as (img_b, _):
@@ -66,9 +66,9 @@ def file_changes(store, device, ra, rb, ranges) -> list[dict]:
 
 
 def run(args) -> int:
-    from analytics.output import write_rows
-    from replayer import fsmap
-    from replayer.query import open_for_reading
+    from blkrewind.analytics.output import write_rows
+    from blkrewind.replayer import fsmap
+    from blkrewind.replayer.query import open_for_reading
 
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)

@@ -69,7 +69,7 @@ def add_arguments(p):
 
 
 def check_listen(args):
-    from replayer.export import is_loopback, parse_listen
+    from blkrewind.replayer.export import is_loopback, parse_listen
     if args.listen is None:
         return None
     host, port = parse_listen(args.listen)
@@ -80,7 +80,7 @@ def check_listen(args):
 
 
 def run(args) -> int:
-    from replayer import export, points
+    from blkrewind.replayer import export, points
 
     listen = check_listen(args)
     if args.tls and not os.path.isdir(args.tls):

@@ -41,9 +41,9 @@ def _inside(root: str, rel: str) -> str:
 
 
 def run(args) -> int:
-    from replayer import points
-    from replayer.pointimage import mounted, open_point_image
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import points
+    from blkrewind.replayer.pointimage import mounted, open_point_image
+    from blkrewind.replayer.query import open_for_reading
 
     out = os.path.abspath(args.out)
     for rel in args.paths:

@@ -45,7 +45,7 @@ def _mib(n: int) -> str:
 
 
 def report(store, res, out=None, log_dir: str | None = None) -> None:
-    from replayer.points import fmt_time
+    from blkrewind.replayer.points import fmt_time
 
     out = out or sys.stdout
     done = [s for s in res.segments if not s.skipped]
@@ -60,7 +60,7 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
               file=out)
     holder = None
     if any(s.torn_bytes and not s.error for s in res.segments):
-        from tracer.log import log_in_use
+        from blkrewind.tracer.log import log_in_use
         holder = log_in_use(log_dir) if log_dir else None
     for s in res.segments:
         if s.torn_bytes and not s.error:
@@ -103,8 +103,8 @@ def report(store, res, out=None, log_dir: str | None = None) -> None:
 def _refuse_if_shipped(log_dir: str) -> None:
     """--delete-ingested beside a tracer that ships this LOG would delete segments its
     replayer may still lack: refused (the shipper has its own retention, --log-max-mb)."""
-    from tracer.control import CONTROL_DIR, ask
-    from tracer.log import log_in_use
+    from blkrewind.tracer.control import CONTROL_DIR, ask
+    from blkrewind.tracer.log import log_in_use
 
     pid = log_in_use(log_dir)
     if pid is None:
@@ -130,8 +130,8 @@ def _owner(path: str) -> str:
 
 
 def run(args) -> int:
-    from replayer.ingest import ingest
-    from replayer.store import Store
+    from blkrewind.replayer.ingest import ingest
+    from blkrewind.replayer.store import Store
 
     if not 1 <= args.jobs <= 64:
         raise UserError(f"--jobs must be 1..64, not {args.jobs}")
@@ -160,7 +160,7 @@ def run(args) -> int:
             res = ingest(store, args.log, jobs=args.jobs)
             report(store, res, log_dir=args.log)
             if args.delete_ingested:
-                from replayer.ingest import delete_ingested
+                from blkrewind.replayer.ingest import delete_ingested
                 gone, freed = delete_ingested(store, args.log)
                 print(f"deleted {len(gone)} LOG segment(s) the store holds whole "
                       f"({_mib(freed)} freed)", file=sys.stdout)

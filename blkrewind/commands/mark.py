@@ -65,7 +65,7 @@ def several_need_all(socks: list[str], all_: bool, ask) -> list[str]:
 
 
 def run(args) -> int:
-    from tracer.control import ask, find_tracers
+    from blkrewind.tracer.control import ask, find_tracers
 
     check_name(args.name)
     if os.geteuid() != 0:

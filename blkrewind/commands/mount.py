@@ -53,7 +53,7 @@ def run(args) -> int:
     import time
 
     from blkrewind.errors import UserError
-    from replayer import mounts
+    from blkrewind.replayer import mounts
 
     if os.geteuid() != 0:
         raise UserError("mount needs root (loop devices and mounts)")

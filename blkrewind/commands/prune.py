@@ -65,10 +65,10 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from replayer.points import fmt_time
-    from replayer.prune import Result, prune
-    from replayer.query import RemoteConnection, server_running
-    from replayer.store import Store
+    from blkrewind.replayer.points import fmt_time
+    from blkrewind.replayer.prune import Result, prune
+    from blkrewind.replayer.query import RemoteConnection, server_running
+    from blkrewind.replayer.store import Store
 
     keep = parse_duration(args.keep)
     asked_ns = time.time_ns()  # "the last DURATION" as of now, however long the store's lock takes
@@ -76,8 +76,8 @@ def run(args) -> int:
         raise UserError(f"--jobs must be 1..64, not {args.jobs}")
     jobs = args.jobs
     if args.dry_run:
-        from replayer.prune import dry_run
-        from replayer.query import open_for_reading
+        from blkrewind.replayer.prune import dry_run
+        from blkrewind.replayer.query import open_for_reading
 
         with open_for_reading(args.store) as store:
             device = store.find_device(args.device)

@@ -35,7 +35,7 @@ def add_arguments(p):
 
 def point_time(store, device, text: str | None) -> int | None:
     """Wall time (ns) of a point of the device's history, restorable or not."""
-    from replayer import points
+    from blkrewind.replayer import points
 
     if text is None:
         return None
@@ -57,8 +57,8 @@ def point_time(store, device, text: str | None) -> int | None:
 
 
 def run(args) -> int:
-    from analytics import report
-    from replayer.query import open_for_reading
+    from blkrewind.analytics import report
+    from blkrewind.replayer.query import open_for_reading
 
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)

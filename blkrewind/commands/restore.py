@@ -144,7 +144,7 @@ def unfinished(store_path: str) -> list[dict]:
 def _write_file(plan, target: str, size: int, args, label: str) -> dict:
     """Temp name beside the target, fsync, rename, fsync the directory."""
     from blkrewind.osutil import fsync_dir
-    from replayer import rebuild
+    from blkrewind.replayer import rebuild
 
     _remove_stale_temps(target)
     tmp = _tmp_name(target, os.getpid())
@@ -165,7 +165,7 @@ def _write_file(plan, target: str, size: int, args, label: str) -> dict:
 
 def _write_device(plan, target: str, size: int, args, label: str, info: dict) -> dict:
     """In place, its first MARK_BYTES holding a marker until everything else is durable."""
-    from replayer import rebuild
+    from blkrewind.replayer import rebuild
 
     head_n = min(MARK_BYTES, size)
     head, body = rebuild.split_plan(plan, head_n)
@@ -239,8 +239,8 @@ def _image_path(store, device: str, stamp: int) -> str:
 
 
 def run(args) -> int:
-    from replayer import points, rebuild
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import points, rebuild
+    from blkrewind.replayer.query import open_for_reading
 
     if args.jobs < 1 or args.jobs > 64:
         raise UserError(f"--jobs must be 1..64, not {args.jobs}")
@@ -275,7 +275,7 @@ def run(args) -> int:
           f"{r.size_bytes / (1 << 20):.1f} MiB ({stats['data_bytes'] / (1 << 20):.1f} MiB of data) "
           f"in {dt:.2f} s ({r.size_bytes / max(dt, 1e-9) / (1 << 20):.0f} MiB/s) -> {target}",
           file=sys.stderr)
-    from replayer.query import note_restored
+    from blkrewind.replayer.query import note_restored
     note_restored(args.store, device.device, r.size_bytes, dt)   # for serve's metrics
     if args.loop:
         try:

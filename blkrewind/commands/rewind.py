@@ -48,8 +48,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     from blkrewind.errors import UserError
-    from replayer import points, rewind
-    from replayer.query import open_for_reading
+    from blkrewind.replayer import points, rewind
+    from blkrewind.replayer.query import open_for_reading
 
     if args.samples < 1:
         raise UserError("--samples must be at least 1")

@@ -58,7 +58,7 @@ def add_arguments(p):
 
 def run(args) -> int:
     from blkrewind import tlsconf
-    from replayer.server import Limits, Server
+    from blkrewind.replayer.server import Limits, Server
 
     # port 0: any free port (the log says which); parse_addr wants 1..65535
     any_port = args.listen.strip().endswith(":0")
@@ -72,7 +72,7 @@ def run(args) -> int:
     limits = Limits(max_conns=args.max_conns, idle_timeout=args.idle_timeout,
                     message_timeout=args.message_timeout, hello_timeout=args.hello_timeout,
                     handshake_timeout=args.hello_timeout, store_retry=max(0.0, args.store_retry))
-    from analytics.views import define_views
+    from blkrewind.analytics.views import define_views
     srv = Server(args.store, (host, port), tls_dir=None if args.insecure else args.tls,
                  limits=limits, views=define_views)
 

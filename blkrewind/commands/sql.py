@@ -21,7 +21,7 @@ EXAMPLES = """\
 
 
 def add_arguments(p):
-    from analytics.output import FORMATS
+    from blkrewind.analytics.output import FORMATS
 
     p.add_argument("--store", required=True, metavar="DIR",
                    help="the store to query (through `serve` while it runs)")
@@ -35,7 +35,7 @@ def check_query(query: str) -> None:
     """One query (SELECT, WITH, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN), or UserError."""
     import duckdb
 
-    from replayer.query import one_line
+    from blkrewind.replayer.query import one_line
 
     if not query.strip():
         raise UserError("SQL: an empty query (give one SQL statement, e.g. "
@@ -57,9 +57,9 @@ def check_query(query: str) -> None:
 def run(args) -> int:
     import duckdb
 
-    from analytics.output import write_rows
-    from analytics.views import define_views
-    from replayer.query import one_line, open_for_reading
+    from blkrewind.analytics.output import write_rows
+    from blkrewind.analytics.views import define_views
+    from blkrewind.replayer.query import one_line, open_for_reading
 
     check_query(args.query)
     # a served store is queried through its server (read-only statements, no file access)

@@ -129,7 +129,7 @@ def _host_summary(host: str, st: dict, received_ns: int | None, now_ns: int,
 
 # ------------------------------------------------------------------------------ collect
 def collect_store(path) -> dict:
-    from replayer.query import open_for_reading
+    from blkrewind.replayer.query import open_for_reading
 
     now_ns = time.time_ns()
     with open_for_reading(path) as store:
@@ -200,7 +200,7 @@ def collect_tracers(prev: dict | None = None, log: str | None = None,
     import os
 
     from blkrewind.commands.mark import several_need_all
-    from tracer.control import ask, find_tracers
+    from blkrewind.tracer.control import ask, find_tracers
 
     now_ns = time.time_ns()
     tracers = []
@@ -229,7 +229,7 @@ def collect_tracers(prev: dict | None = None, log: str | None = None,
                   "progress": tr.get("progress"),
                   "_kernel": tr.get("kernel")})
         tracers.append(s)
-    from tracer import pins
+    from blkrewind.tracer import pins
     left = [{"session": p.session, "log": p.log_dir, "devices": [x["path"] for x in p.devices],
              "dead_pid": p.pid, "baseline_done": p.baseline_done, "resume_from_stamp": p.safe}
             for p in pins.orphans()]
@@ -322,7 +322,7 @@ def _tracer_table(d: dict):
         state = "LOG FULL" if s["log_full"] else (s.get("failure") or s.get("ship_error") or "ok")
         pr = s.get("progress")
         if pr:
-            from tracer.progress import _eta
+            from blkrewind.tracer.progress import _eta
             pct = "?" if pr.get("percent") is None else f"{pr['percent']:.0f}%"
             rate = "?" if not pr.get("rate_Bps") else _rate(pr["rate_Bps"])
             state = (f"{pr.get('what')} of {pr.get('device')}: {pct} at {rate}, ETA "
@@ -351,7 +351,7 @@ def _public(d: dict) -> dict:
 
 
 def _instant_mounts() -> list:
-    from replayer.mounts import registry
+    from blkrewind.replayer.mounts import registry
     return [{k: m.get(k) for k in ("mountpoint", "device", "how", "at", "fstype", "loop",
                                    "writable", "mounted", "store")} for m in registry()]
 

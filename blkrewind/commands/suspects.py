@@ -36,7 +36,7 @@ from blkrewind.errors import UserError  # noqa: F401  (raised by the store layer
 
 
 def add_arguments(p):
-    from analytics.output import FORMATS
+    from blkrewind.analytics.output import FORMATS
 
     cliargs.store_and_device(p)
     p.add_argument("--files", action="store_true",
@@ -49,7 +49,7 @@ def add_arguments(p):
 
 def episodes(store, device) -> list[dict]:
     """Every episode of a store device with its clean point and restore command."""
-    from replayer import detector, points
+    from blkrewind.replayer import detector, points
 
     out = []
     for ep in detector.scan_device(store, device.device):
@@ -80,8 +80,8 @@ def episodes(store, device) -> list[dict]:
 
 def episode_files(store, device, row: dict) -> str:
     """The files at the episode's clean point whose blocks it overwrote."""
-    from replayer import fsmap, points
-    from replayer.pointimage import mounted, open_point_image
+    from blkrewind.replayer import fsmap, points
+    from blkrewind.replayer.pointimage import mounted, open_point_image
 
     ep = row["_episode"]
     if row["clean_stamp"] is None:
@@ -94,8 +94,8 @@ def episode_files(store, device, row: dict) -> str:
 
 
 def run(args) -> int:
-    from analytics.output import write_rows
-    from replayer.query import open_for_reading
+    from blkrewind.analytics.output import write_rows
+    from blkrewind.replayer.query import open_for_reading
 
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)

@@ -187,7 +187,7 @@ def _check_command(cmd: list[str]) -> None:
 
 def _already_traced(paths: list[str]) -> None:
     """Refuse a device another running tracer on this host traces already."""
-    from tracer.control import ask, find_tracers
+    from blkrewind.tracer.control import ask, find_tracers
 
     def rdev(p):
         try:
@@ -213,11 +213,13 @@ def run(args) -> int:
     check_options(args)
     if os.geteuid() != 0:
         raise UserError("must run as root (it loads BPF programs and reads block devices)")
-    from tracer.features import missing_feature  # only the libbpf binding: an old kernel is
+    from blkrewind.tracer.features import (
+        missing_feature,  # only the libbpf binding: an old kernel is
+    )
     missing = missing_feature()                  # refused before the tracer's heavy imports
     if missing:
         raise UserError(missing)
-    from tracer.session import TraceOptions, Tracer
+    from blkrewind.tracer.session import TraceOptions, Tracer
 
     cmd = list(args.child)
     if cmd and cmd[0] == "--":

@@ -32,7 +32,7 @@ def run(args) -> int:
     import os
 
     from blkrewind.errors import UserError
-    from replayer import mounts
+    from blkrewind.replayer import mounts
 
     if os.geteuid() != 0:
         raise UserError("umount needs root")

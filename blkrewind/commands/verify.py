@@ -53,9 +53,9 @@ def add_arguments(p):
 
 def _open(path):
     try:
-        from replayer.query import open_for_reading
+        from blkrewind.replayer.query import open_for_reading
     except ImportError:  # no server support in this build
-        from replayer.store import Store
+        from blkrewind.replayer.store import Store
         return Store.open(path)
     return open_for_reading(path)
 
@@ -66,7 +66,7 @@ def _mib(n: int) -> str:
 
 def run(args) -> int:
     from blkrewind.errors import UserError
-    from replayer import points, rebuild
+    from blkrewind.replayer import points, rebuild
 
     if not 1 <= args.jobs <= 64:
         raise UserError(f"--jobs must be 1..64, not {args.jobs}")
@@ -74,7 +74,7 @@ def run(args) -> int:
     if args.device is None:
         if args.live or args.at != "latest":
             raise UserError("--at and --live need --device")
-        from replayer.integrity import verify_store
+        from blkrewind.replayer.integrity import verify_store
         with _open(args.store) as store:
             nfiles = store.payload_file_count()
             damage = verify_store(store)
@@ -86,7 +86,7 @@ def run(args) -> int:
         print(f"{nfiles} payload file(s) checked: all match their checksums", file=sys.stderr)
         return 0
 
-    from replayer.verify import compare
+    from blkrewind.replayer.verify import compare
 
     point = points.parse_point(args.at)
     with _open(args.store) as store:

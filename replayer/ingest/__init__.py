@@ -41,9 +41,9 @@ before the damage is stored; the other segments are ingested; the caller exits n
 Network: FrameSink.store validates everything first (frames decoded and checked, records parsed,
 hosts, session binding, seg_id) and raises FrameRejected with nothing of the call stored.
 """
-from replayer.ingest.checks import FrameRejected, NotYourSession
-from replayer.ingest.logdir import IngestResult, SegmentResult, delete_ingested, ingest
-from replayer.ingest.sink import FrameGroup, FrameSink
+from blkrewind.replayer.ingest.checks import FrameRejected, NotYourSession
+from blkrewind.replayer.ingest.logdir import IngestResult, SegmentResult, delete_ingested, ingest
+from blkrewind.replayer.ingest.sink import FrameGroup, FrameSink
 
 __all__ = ["FrameGroup", "FrameRejected", "FrameSink", "IngestResult", "NotYourSession",
            "SegmentResult", "delete_ingested", "ingest"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from replayer.ledger import SegState
+from blkrewind.replayer.ledger import SegState
 
 
 class FrameRejected(Exception):

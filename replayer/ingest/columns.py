@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from blkrewind.errors import CorruptLog
 from blkrewind.formats import record
-from replayer import entropy
+from blkrewind.replayer import entropy
 
 RG_BYTES = 4 << 20           # payload bytes per Parquet row group (the restore's read unit)
 RANDOMNESS = os.environ.get("BLKREWIND_RANDOMNESS", "1") != "0"  # per-row randomness

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from blkrewind.errors import StoreError
 from blkrewind.formats.ranges import merge, subtract
-from replayer.ingest.checks import (
+from blkrewind.replayer.ingest.checks import (
     FrameRejected,
     check_before_seal,
     check_host,
@@ -22,11 +22,11 @@ from replayer.ingest.checks import (
     host_error,
     segment_name,
 )
-from replayer.ingest.columns import Batch, nat, parse_frames
-from replayer.ingest.payload import unlink_payload, write_payload
-from replayer.ledger import Ledger, SegState
-from replayer.store import Store
-from replayer.watermark import devices_changed
+from blkrewind.replayer.ingest.columns import Batch, nat, parse_frames
+from blkrewind.replayer.ingest.payload import unlink_payload, write_payload
+from blkrewind.replayer.ledger import Ledger, SegState
+from blkrewind.replayer.store import Store
+from blkrewind.replayer.watermark import devices_changed
 
 BATCH_BYTES = 24 << 20       # frame bytes per batch (one Parquet file, one commit); its column
                              # buffers stay below glibc's mmap threshold, so they are reused

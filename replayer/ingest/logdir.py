@@ -13,13 +13,20 @@ from blkrewind.errors import CorruptLog, UserError
 from blkrewind.formats.logframe import SegmentReader, list_segments
 from blkrewind.osutil import fsync_dir as _fsync_dir
 from blkrewind.osutil import tune_malloc
-from replayer.ingest.checks import FrameRejected, check_host, check_seg_id, segment_name
-from replayer.ingest.columns import parse_frames
-from replayer.ingest.commit import BATCH_BYTES, Batch, Run, commit_batches, discard, prepare
-from replayer.ingest.payload import remove_orphans
-from replayer.ledger import Ledger
-from replayer.store import Store
-from replayer.watermark import finalize
+from blkrewind.replayer.ingest.checks import FrameRejected, check_host, check_seg_id, segment_name
+from blkrewind.replayer.ingest.columns import parse_frames
+from blkrewind.replayer.ingest.commit import (
+    BATCH_BYTES,
+    Batch,
+    Run,
+    commit_batches,
+    discard,
+    prepare,
+)
+from blkrewind.replayer.ingest.payload import remove_orphans
+from blkrewind.replayer.ledger import Ledger
+from blkrewind.replayer.store import Store
+from blkrewind.replayer.watermark import finalize
 
 ALL_FRAMES = 1 << 31         # "to the end of the segment" in a reservation
 

@@ -12,9 +12,9 @@ import threading
 import lz4.block
 import pyarrow as pa
 
-from replayer.ingest.columns import Batch
-from replayer.payloadstore import ALIGN, parquet_writer
-from replayer.store import Store
+from blkrewind.replayer.ingest.columns import Batch
+from blkrewind.replayer.payloadstore import ALIGN, parquet_writer
+from blkrewind.replayer.store import Store
 
 COMPRESSION = "lz4"          # file-system data ~3x smaller ...
 INCOMPRESSIBLE = 0.5         # ... but a batch whose sample lz4 cannot shrink below this is

@@ -10,8 +10,8 @@ from blkrewind.errors import CorruptLog, StoreError
 from blkrewind.formats.logframe import K_HEADER, K_SEAL, decode_raw_frame, valid_session
 from blkrewind.formats.ranges import merge, subtract
 from blkrewind.osutil import tune_malloc
-from replayer import integrity
-from replayer.ingest.checks import (
+from blkrewind.replayer import integrity
+from blkrewind.replayer.ingest.checks import (
     FrameRejected,
     check_before_seal,
     check_header,
@@ -20,12 +20,12 @@ from replayer.ingest.checks import (
     check_seg_id,
     segment_name,
 )
-from replayer.ingest.columns import Batch
-from replayer.ingest.commit import BATCH_BYTES, Run, commit_batches, discard, prepare
-from replayer.ingest.payload import remove_orphans
-from replayer.ledger import SegState
-from replayer.store import Store
-from replayer.watermark import finalize
+from blkrewind.replayer.ingest.columns import Batch
+from blkrewind.replayer.ingest.commit import BATCH_BYTES, Run, commit_batches, discard, prepare
+from blkrewind.replayer.ingest.payload import remove_orphans
+from blkrewind.replayer.ledger import SegState
+from blkrewind.replayer.store import Store
+from blkrewind.replayer.watermark import finalize
 
 
 @dataclass

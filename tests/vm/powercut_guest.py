@@ -70,7 +70,7 @@ def main(out: Path, loop: str, log: str, seed: int, tracer_pid: int) -> int:
         # `blkrewind mark` runs in this process (a new Python costs ~20 s under emulation):
         # its parser and imports are made while the tracer starts
         from blkrewind import cli as blkrewind_cli
-        from tracer import session as _  # noqa: F401  (what `mark` asks the tracer with)
+        from blkrewind.tracer import session as _  # noqa: F401  (what `mark` asks the tracer with)
         parser = blkrewind_cli.build_parser()
         res["imports_s"] = round(time.monotonic() - t_start, 2)
         while "baseline of" not in stderr.read_text(errors="replace"):
