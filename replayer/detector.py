@@ -994,6 +994,11 @@ class Watch:
             print(f"blkrewind: detector: cannot read {check.device} at stamp "
                   f"{sk.first_stamp - 1}: {e}", file=sys.stderr)
 
+    def close(self) -> None:
+        """Unmount what the file-level checks keep mounted (the point before a live streak)."""
+        for check in self.checks.values():
+            check.close()
+
     def summary(self, limit: int = 20) -> list[dict]:
         out = []
         for device, ep in self.episodes[-limit:]:

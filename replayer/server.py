@@ -386,11 +386,14 @@ class Server:
                                     on_episode=lambda ep, device: self.log(
                                         f"ALERT: possible ransomware: "
                                         f"{detector.describe(ep, device)}"))
-        while not self._stopping.wait(self.limits.detect_every):
-            try:
-                self.watch.step()
-            except Exception as e:   # never the end of the server
-                self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
+        try:
+            while not self._stopping.wait(self.limits.detect_every):
+                try:
+                    self.watch.step()
+                except Exception as e:   # never the end of the server
+                    self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
+        finally:   # the point a file-level check keeps mounted (nbdkit, FUSE, loop, mount)
+            self.watch.close()
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import forensics_workloads as wl
 import pytest
+from conftest import mounts
 from synth import SynthSession, cli_main
 from tracerproc import TraceProc, cli, sh
 
@@ -182,6 +183,12 @@ def test_serve_alerts_within_seconds(make_loop, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    def points_mounted() -> set[str]:   # what the file-level checks mount (nbdkit, FUSE, loop)
+        exports = Path("/run/blkrewind/exports")
+        return ({mp for _, mp in mounts() if mp.startswith("/tmp/blkrewind-mnt-")}
+                | ({str(p) for p in exports.iterdir()} if exports.is_dir() else set()))
+
+    mounted_before = points_mounted()
     srv = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
                             f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -244,6 +251,8 @@ def test_serve_alerts_within_seconds(make_loop, tmp_path):
             srv.kill()
             srv.wait(30)
         reader.join(5)
+    # a stopped server leaves no point mounted (its checks kept one mounted across passes)
+    assert points_mounted() <= mounted_before, points_mounted() - mounted_before
 
 
 def _checksums_at(store, dev, stamp, tmp_path) -> dict:
