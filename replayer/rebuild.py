@@ -57,6 +57,7 @@ import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -670,18 +671,8 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
     # (plain pages: MADV_HUGEPAGE cut the first-touch faults of a warm process but cost up to
     # 1.5 s of direct compaction in a fresh one with a full page cache: restore/dd 0.30 -> 0.16)
     buf = np.empty(min(window, p.size), np.uint8) if how == "buffer" else None
-    bar = _Progress(p.data_bytes + (0 if t.sparse else p.zero_bytes), label, progress)
-    zeros = memoryview(bytes(1 << 20))
     written = calls = 0
-    wb = _Writeback(t.fd)
-    gc_was = gc.isenabled()
-    gc.disable()  # a view per piece, no cycles: the collector would only scan them
-    try:
-        for off, n in zip(p.z_off.tolist(), p.z_len.tolist()):
-            _zero_range(t, off, n, zeros)
-            if not t.sparse:
-                bar.advance(n)
-                wb.wrote(n)
+    with _writing(p, t, label, progress) as (bar, wb):
         d_off = p.d_off[order]
         d_len = p.d_len[order]
         d_src, d_idx = p.d_src[order].tolist(), p.d_idx[order].tolist()
@@ -746,30 +737,26 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
             del run
         if how == "buffer" and cur_win >= 0:
             calls += _flush_window(t.fd, buf, cur_win * window, d_off[win_a:], d_len[win_a:], wb)
-        wb.stop()
-        os.fsync(t.fd)
-    finally:
-        if gc_was:
-            gc.enable()
-        wb.stop()
-        bar.close()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls, "method": how}
 
 
-def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress, label) -> dict:
-    """execute() by the direct path (see _execute_direct)."""
+@contextmanager
+def _writing(p: Plan, t: Target, label: str, progress):
+    """The frame of every write path: (progress bar, writeback pacing), the collector off (a
+    view per piece, no cycles: it would only scan them), the plan's zero ranges written first;
+    on success the writeback drained and the target fsynced."""
     bar = _Progress(p.data_bytes + (0 if t.sparse else p.zero_bytes), label, progress)
-    zeros = memoryview(bytes(1 << 20))
     wb = _Writeback(t.fd)
     gc_was = gc.isenabled()
     gc.disable()
     try:
+        zeros = memoryview(bytes(1 << 20))
         for off, n in zip(p.z_off.tolist(), p.z_len.tolist()):
             _zero_range(t, off, n, zeros)
             if not t.sparse:
                 bar.advance(n)
                 wb.wrote(n)
-        written, calls = _execute_direct(p, t, src, bar, wb, jobs)
+        yield bar, wb
         wb.stop()
         os.fsync(t.fd)
     finally:
@@ -777,6 +764,14 @@ def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress
             gc.enable()
         wb.stop()
         bar.close()
+
+
+def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress, label) -> dict:
+    """execute() by the direct path (see _execute_direct)."""
+    try:
+        with _writing(p, t, label, progress) as (bar, wb):
+            written, calls = _execute_direct(p, t, src, bar, wb, jobs)
+    finally:
         src.close()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls,
             "method": "direct"}
