@@ -23,6 +23,9 @@ processes are killed, its mounts die with its mount namespace (and anything left
 root on the host is unmounted, deepest first), loop devices backed by files in the root are
 detached (the demo detaches its own: one left fails the test), BPF pins its tracer left go with
 the namespace's bpffs; then the root's tmpfs is unmounted.
+
+The runs are queued in the background at the session's start (tests/vm/background.py, behind
+nothing: the guests of the kernel matrix follow them); the tests, run last, check their outcome.
 """
 from __future__ import annotations
 
@@ -204,7 +207,8 @@ def root_pids(root: Path) -> list[int]:
     return out
 
 
-def run_in_root(root: Path, suite: str, script: str, log: Path) -> subprocess.CompletedProcess:
+def run_in_root(root: Path, suite: str, script: str, log: Path) -> tuple[int, str]:
+    """(exit status, output) of SCRIPT run in the root."""
     apt = CACHE / f"apt-{suite}"
     pip = CACHE / "pip"
     apt.mkdir(parents=True, exist_ok=True)
@@ -216,6 +220,7 @@ def run_in_root(root: Path, suite: str, script: str, log: Path) -> subprocess.Co
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
+        _running[suite] = proc
         try:
             rc = proc.wait(timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -228,7 +233,9 @@ def run_in_root(root: Path, suite: str, script: str, log: Path) -> subprocess.Co
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
-    return subprocess.CompletedProcess(cmd, rc, log.read_text(errors="replace"), "")
+        finally:
+            _running.pop(suite, None)
+    return rc, log.read_text(errors="replace")
 
 
 def teardown(root: Path) -> list[str]:
@@ -282,30 +289,46 @@ echo "BPFTOOL $(bpftool version | head -n 1)"
 """
 
 
-@pytest.mark.parametrize("suite", SUITES)
-def test_bootstrap_demo_on_fresh_debian(suite, tmp_path):
-    r = reason()
-    if r:
-        _unavailable(r)
+class Outcome:
+    """What one suite's run left for its test: the log's text, the exit status (None: never
+    started), what teardown had to clean, a line of timings."""
+
+    def __init__(self) -> None:
+        self.out = ""
+        self.returncode: int | None = None
+        self.problems: list[str] = []
+        self.log: Path | None = None
+        self.summary = ""
+
+
+_running: dict[str, subprocess.Popen] = {}  # suite -> the root's process (killed at close)
+
+
+def run_suite(suite: str, base: Path) -> Outcome:
+    """Unpacks the cached root on a tmpfs, copies the checkout in, runs SCRIPT inside, tears it
+    all down (whatever happens)."""
+    o = Outcome()
     t_start = time.monotonic()
     with Locked(suite):
         tar = root_tarball(suite)
         t_tar = time.monotonic()
-        root = (tmp_path / f"{suite}-root").resolve()
+        root = (base / f"{suite}-root").resolve()
         root.mkdir()
-        problems: list[str] = []
-        log = tmp_path / f"{suite}.log"
-        p = None
+        o.log = base / f"{suite}.log"
+        t_ready = t_ran = time.monotonic()
         # The root on a tmpfs: dpkg's fsyncs cost nothing, and the root goes with one umount
         # (deleting a root of ~1.5 GB took 10-70 s on this shared disk).
         subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={ROOT_TMPFS},mode=0755",
                         "blkrewind-fresh-root", str(root)], check=True, stdin=subprocess.DEVNULL)
+        used = 0
         try:
             subprocess.run(["tar", "--zstd", "--numeric-owner", "-C", str(root), "-xpf", str(tar)],
                            check=True, stdin=subprocess.DEVNULL)
             ca = root / CA_IN_ROOT.lstrip("/")
             ca.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ca_bundle(), ca)
+            bundle = ca_bundle()
+            assert bundle is not None
+            shutil.copyfile(bundle, ca)
             resolv = root / "etc" / "resolv.conf"
             if resolv.is_symlink() or resolv.exists():
                 resolv.unlink()
@@ -313,37 +336,88 @@ def test_bootstrap_demo_on_fresh_debian(suite, tmp_path):
             copy_checkout(root / SRC_IN_ROOT.lstrip("/"))
             assert not (root / SRC_IN_ROOT.lstrip("/") / ".venv").exists()
             t_ready = time.monotonic()
-            p = run_in_root(root, suite, SCRIPT, log)
+            o.returncode, o.out = run_in_root(root, suite, SCRIPT, o.log)
         finally:
             t_ran = time.monotonic()
             used = shutil.disk_usage(root).used
-            problems = teardown(root)
-            problems += umount(str(root))
+            o.problems = teardown(root)
+            o.problems += umount(str(root))
             if not [mp for _, mp in mounts() if _is_under(mp, root)]:
                 root.rmdir()
             else:
-                problems.append(f"{root} not deleted: mounts are left under it")
-        t_end = time.monotonic()
-        out = p.stdout if p else ""
-        facts = [line for line in out.splitlines()
-                 if line.split(" ", 1)[0] in ("TIMES", "PYTHON", "CLANG", "BPFTOOL")]
-        say(f"{suite}: root {t_tar - t_start:.0f} s, unpack+copy {t_ready - t_tar:.0f} s, "
-            f"bootstrap+demo+test {t_ran - t_ready:.0f} s, teardown {t_end - t_ran:.0f} s, "
-            f"total {t_end - t_start:.0f} s; root {used / 2**30:.1f} GiB; "
-            + "; ".join(facts))
-        if p is None or p.returncode != 0:
-            pytest.fail(f"bootstrap in a fresh {suite} root exited {p.returncode if p else '?'} "
-                        f"(log: {log}):\n{out[-6000:]}", pytrace=False)
-        if problems:
-            pytest.fail("the fresh root left things behind:\n  " + "\n  ".join(problems), pytrace=False)
-        # The demo ran to its end (it says so) and bootstrap installed a clang that builds an
-        # object this kernel loads (the demo traced with it).
-        assert "done: the earlier content is back" in out, out[-4000:]
-        # The second command found everything done (bootstrap is idempotent); `test` then
-        # installs only the test suite's own packages besides and runs pytest.
-        again = out.split("\n==> again")[-1].split("\n==> test")[0]
-        for line in ("packages: all present", "venv: .venv up to date", "is up to date"):
-            assert line in again, f"the second bootstrap redid work: {line!r} missing"
-        assert " passed" in out.split("\n==> test")[-1], out[-2000:]
-        clang = next((f.split()[1] for f in facts if f.startswith("CLANG")), "")
-        assert clang and int(clang.split("-")[1]) >= 16, f"no clang >= 16 in the {suite} root: {facts}"
+                o.problems.append(f"{root} not deleted: mounts are left under it")
+    t_end = time.monotonic()
+    facts = [line for line in o.out.splitlines()
+             if line.split(" ", 1)[0] in ("TIMES", "PYTHON", "CLANG", "BPFTOOL")]
+    o.summary = (f"{suite}: root {t_tar - t_start:.0f} s, unpack+copy {t_ready - t_tar:.0f} s, "
+                 f"bootstrap+demo+test {t_ran - t_ready:.0f} s, teardown {t_end - t_ran:.0f} s, "
+                 f"total {t_end - t_start:.0f} s; root {used / 2**30:.1f} GiB; " + "; ".join(facts))
+    return o
+
+
+def submit_vm_jobs(bg, tmp_path_factory, items) -> None:
+    """Queues each selected suite's run in the background (tests/vm/background.py): the run is
+    mostly waiting on apt, pip and the disk, so it overlaps the rest of the suite."""
+    r = reason()
+    if r:
+        bg.unavailable(__name__, r)
+        return
+    selected = [it.callspec.params["suite"] for it in items
+                if getattr(it, "originalname", "") == "test_bootstrap_demo_on_fresh_debian"]
+    for suite in SUITES:
+        if suite in selected:
+            bg.submit(f"fresh-{suite}", run_suite, suite, tmp_path_factory.mktemp(f"fresh-{suite}"))
+
+    def stop() -> list[str]:
+        # the session ends with a run still going (an interrupted session): kill the root's
+        # processes; the job's own teardown then unmounts and detaches
+        problems = []
+        for suite, proc in list(_running.items()):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                bg.result(f"fresh-{suite}", 120)
+            except BaseException as e:  # noqa: BLE001 - reported, the session is ending
+                problems.append(f"fresh root {suite}: {e}")
+        return problems
+
+    bg.on_close(stop)
+
+
+@pytest.fixture(scope="module")
+def roots(vm_background):
+    why = vm_background.unavailable(__name__)
+    if why:
+        _unavailable(why)
+    return vm_background
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("suite", SUITES)
+def test_bootstrap_demo_on_fresh_debian(suite, roots):
+    # queued at the session's start, run beside the other tests; the empty cache adds a
+    # debootstrap per suite (see README, Requirements)
+    o: Outcome = roots.result(f"fresh-{suite}", 2 * TIMEOUT + 1800)
+    say(o.summary)
+    out = o.out
+    if o.returncode != 0:
+        pytest.fail(f"bootstrap in a fresh {suite} root exited {o.returncode} "
+                    f"(log: {o.log}):\n{out[-6000:]}", pytrace=False)
+    if o.problems:
+        pytest.fail("the fresh root left things behind:\n  " + "\n  ".join(o.problems),
+                    pytrace=False)
+    facts = [line for line in out.splitlines()
+             if line.split(" ", 1)[0] in ("TIMES", "PYTHON", "CLANG", "BPFTOOL")]
+    # The demo ran to its end (it says so) and bootstrap installed a clang that builds an
+    # object this kernel loads (the demo traced with it).
+    assert "done: the earlier content is back" in out, out[-4000:]
+    # The second command found everything done (bootstrap is idempotent); `test` then
+    # installs only the test suite's own packages besides and runs pytest.
+    again = out.split("\n==> again")[-1].split("\n==> test")[0]
+    for line in ("packages: all present", "venv: .venv up to date", "is up to date"):
+        assert line in again, f"the second bootstrap redid work: {line!r} missing"
+    assert " passed" in out.split("\n==> test")[-1], out[-2000:]
+    clang = next((f.split()[1] for f in facts if f.startswith("CLANG")), "")
+    assert clang and int(clang.split("-")[1]) >= 16, f"no clang >= 16 in the {suite} root: {facts}"

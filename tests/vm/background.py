@@ -1,9 +1,10 @@
-"""Guests under software emulation booted in the background while the rest of the suite runs.
+"""Long jobs run in the background while the rest of the suite runs: guests under software
+emulation, and the fresh Debian roots of tests/test_fresh_root.py (mostly apt, pip and disk).
 
 A guest keeps one core busy for minutes (QEMU without KVM) while most of the suite waits on
 loop devices, fsyncs and sockets: CI's two cores sat half idle (37 min of CPU in a 37 min
-run). So the guests of the VM tests (tests marked `vm`: the kernel matrix, the power cut)
-are started when the session starts, one at a time beside the other tests, and the VM tests
+run). So the jobs of the tests marked `vm` (the fresh roots, the kernel matrix, the power
+cut) are started when the session starts, one at a time beside the other tests, and the VM tests
 run last, each taking its guest's result and doing the host's part (ingest, restores).
 
 A VM test module defines
