@@ -110,7 +110,6 @@ class Baseline:
                                             self.progress_tty)
         read_at = [0] * nchunks  # ktime before each chunk's latest read
         buf = mmap.mmap(-1, chunk)  # page aligned, as O_DIRECT wants
-        zero = bytes(chunk)
         total = 0
         fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
         try:
@@ -124,7 +123,7 @@ class Baseline:
                 if got != n:
                     raise UserError(f"{d.path}: short read at byte {off} ({got} of {n})")
                 seq = self.seq.next()
-                if view == zero[:n]:
+                if devices.all_zero(view):
                     rec = record.make_record(b"", rtype=record.R_BASE, seq=seq,
                                              dev=d.kdev, sector=off // 512, bio_size=n,
                                              aux=seq, flags=record.F_ZERO,

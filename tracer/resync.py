@@ -626,7 +626,6 @@ class Resync:
         prog = self.progress = ReadProgress("resync", d.path, sum(c.n for c in chunks),
                                             self.host.say, self.host.progress_tty)
         local = threading.local()
-        zero = bytes(self.chunk_bytes)
         fd = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
 
         def read(c: _Chunk) -> int:
@@ -645,7 +644,7 @@ class Resync:
                     raise OSError(f"{d.path}: short read at byte {c.off} ({got} of {c.n})")
                 flags = record.F_RESYNC
                 payload: bytes | memoryview
-                if view == zero[:c.n]:
+                if devices.all_zero(view):
                     flags |= record.F_ZERO
                     payload = b""
                 else:
