@@ -383,10 +383,11 @@ def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_
             res.freed_bytes += int(fb or 0)
             con.execute("DELETE FROM payload_files WHERE id = ?", [pid])
         for s in sorted(touched):
-            watermark.update_watermark(con, s)
+            watermark.update_watermark(store, s)
         hook("commit")
     hook("committed")
-    watermark.refresh_devices(store)
+    with store.transaction():
+        store.refresh_devices()
     # 3. the payload nobody refers to
     res.files_deleted += store.payload.delete(doomed)
     res.point, res.session = k, sess_k

@@ -97,9 +97,10 @@ family (sessions, segments and frame ranges, rows of batches, payload files, dro
 the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
 (`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
 The named reads for restore points (replayer/points.py), written ranges (fsmap.py), the
-rebuild's extents (rebuild.py) and the detector (detector.py) are here too. The DuckDB
-connection and its lock are not part of the interface: replayer/watermark.py and prune.py's
-writes still run their SQL on it (through transaction()).
+rebuild's extents (rebuild.py) and the detector (detector.py) are here too, and the scan's
+reads and writes of the restorable intervals (replayer/watermark.py: the rule; here: its
+tables). The DuckDB connection and its lock are not part of the interface: prune.py's writes
+still run their SQL on it (through transaction()).
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
@@ -118,7 +119,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -139,6 +140,21 @@ SUBDIRS = ("payload", "restores", "damaged")
 HELD_POINT = ("(points.segno IS NULL OR EXISTS (SELECT 1 FROM sessions hs "
               "WHERE hs.session = points.session AND (points.segno < hs.held_segno "
               "OR (points.segno = hs.held_segno AND points.frame_no < hs.held_frame))))")
+
+# Store.stamp_states: per stamp in ($a, $b] of session $s, whether it is complete and its time.
+_STAMP_BAD = record.F_READERR | record.F_TRUNC
+_STAMP_STATES = f"""
+SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete, min(t) AS time_ns FROM (
+    SELECT stamp,
+           NOT bool_or(flags & {_STAMP_BAD} != 0)
+           AND (bool_or(flags & {record.F_NODATA} != 0)
+                OR (bool_or(flags & {record.F_FIRST} != 0) AND bool_or(flags & {record.F_LAST} != 0)
+                    AND sum(len) = max(bio_size))) AS ok, min(time_ns) AS t
+      FROM records WHERE session = $s AND stamp > $a AND stamp <= $b GROUP BY stamp
+    UNION ALL SELECT stamp, TRUE, time_ns FROM marks WHERE session = $s AND stamp > $a AND stamp <= $b
+    UNION ALL SELECT stamp, TRUE, time_ns FROM points WHERE session = $s AND stamp > $a AND stamp <= $b
+) GROUP BY stamp ORDER BY stamp
+"""
 
 # The store's internal tables: no module but this one runs SQL on them (tests/test_layers.py
 # checks; the user-facing SQL is analytics/views.py's views).
@@ -242,6 +258,17 @@ class StoreDevice:
     name: str
     path: str
     size_bytes: int
+
+
+class SessionScan(NamedTuple):
+    """Where the scan of one session goes on from (Store.session_scan)."""
+    stamp_base: int | None
+    end_stamp: int | None
+    end_ns: int | None
+    state: tuple          # (complete_to, watermark, watermark_ns, first_gap, gap_reason, after_gap)
+    dirty: bool
+    held: tuple           # (held_segno, held_frame)
+    scan: tuple | None    # its scan_state (scanned_to, prefix); None: no row yet
 
 
 class StoreReader:
@@ -883,7 +910,7 @@ class Store(StoreReader):
         """ONE DuckDB transaction, under the store's mutex: COMMIT at a clean exit; on any
         error ROLLBACK, then undo() (the caller puts back its in-memory state, e.g. the
         ledger's), and a database error becomes StoreError(failed, its `{}` the error's first
-        line). Yields the connection for the store layer's own modules (replayer/watermark.py);
+        line). Yields the connection for the store layer's own modules (replayer/prune.py);
         the named operations below run inside it."""
         with self.mutex:
             con = self.con
@@ -1035,6 +1062,175 @@ class Store(StoreReader):
             self.con.execute("DROP TABLE IF EXISTS _drop")
         except duckdb.Error:
             pass
+
+    # ------------------------- restorable intervals: the scan's tables (replayer/watermark.py)
+    # The watermark runs these under the store's mutex, inside a transaction (finalize, prune,
+    # dropping batches): the reads see the transaction's own writes.
+    def dirty_sessions(self) -> list[str]:
+        """The sessions that received rows since their watermark was computed."""
+        return [s for (s,) in self.con.execute(
+            "SELECT session FROM sessions WHERE dirty ORDER BY session").fetchall()]
+
+    def session_scan(self, session: str) -> SessionScan:
+        """What the scan of the session goes on from (its sessions and scan_state rows)."""
+        row = self.con.execute(
+            "SELECT s.stamp_base, s.end_stamp, s.end_ns, s.complete_to, s.watermark, "
+            "s.watermark_ns, s.first_gap, s.gap_reason, s.after_gap, s.dirty, s.held_segno, "
+            "s.held_frame, ss.session IS NOT NULL, ss.scanned_to, ss.prefix FROM sessions s "
+            "LEFT JOIN scan_state ss ON ss.session = s.session WHERE s.session = ?",
+            [session]).fetchone()
+        return SessionScan(row[0], row[1], row[2], tuple(row[3:9]), row[9], (row[10], row[11]),
+                           (row[13], row[14]) if row[12] else None)
+
+    def stamp_states(self, session: str, lo: int, hi: int) -> dict:
+        """Every stamp in (lo, hi] the session holds, by stamp, as numpy columns stamp,
+        complete, time_ns (the stamp's first time). A stamp is complete when it is one mark or
+        one point, or the pieces of one bio with neither a read error nor a truncation that
+        are a no-data bio or run from its first piece to its last and add up to its size."""
+        return self.con.execute(_STAMP_STATES, {"s": session, "a": lo, "b": hi}).fetchnumpy()
+
+    def stamp_pieces(self, session: str, stamp: int) -> tuple[int | None, int | None, int | None,
+                                                              int]:
+        """(bytes captured, bio size, flags of all pieces, pieces) of the records of a stamp."""
+        got, size, flags, n = self.con.execute(
+            "SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
+            "WHERE session = ? AND stamp = ?", [session, stamp]).fetchone()
+        return got, size, flags, int(n)
+
+    def newest_stamp(self, session: str, after: int) -> int | None:
+        """The largest stamp of the session's records, marks and points above `after`."""
+        row = self.con.execute(
+            "SELECT max(m) FROM (SELECT max(stamp) AS m FROM records WHERE session = $s "
+            "AND stamp > $a UNION ALL SELECT max(stamp) FROM marks WHERE session = $s "
+            "AND stamp > $a UNION ALL SELECT max(stamp) FROM points WHERE session = $s "
+            "AND stamp > $a)", {"s": session, "a": after}).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def gap_runs(self, session: str) -> list[tuple[int, int, str | None, bool]]:
+        """(lo, hi, reason, settled) of the session's gap runs, by lo."""
+        return [(int(a), int(b), r, bool(s)) for a, b, r, s in self.con.execute(
+            "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
+            [session]).fetchall()]
+
+    def replace_gap_runs(self, session: str, runs: list[tuple]) -> None:
+        """The session's gap runs become `runs`: (lo, hi, reason, settled)."""
+        self.con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
+        if runs:
+            self.con.executemany("INSERT INTO gap_runs VALUES (?, ?, ?, ?, ?)",
+                                 [(session, *r) for r in runs])
+
+    def settle_gap_runs(self, session: str, los: list[int]) -> None:
+        """The gap runs of the session starting at `los` are settled."""
+        if los:
+            self.con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?",
+                                 [(session, lo) for lo in los])
+
+    def put_scan_progress(self, session: str, scanned_to: int, prefix: int, new: bool) -> None:
+        """scan_state of the session: scanned up to `scanned_to`, complete up to `prefix`."""
+        if new:
+            self.con.execute("INSERT INTO scan_state VALUES (?, ?, ?)", [session, scanned_to,
+                                                                         prefix])
+        else:
+            self.con.execute("UPDATE scan_state SET scanned_to = ?, prefix = ? WHERE session = ?",
+                             [scanned_to, prefix, session])
+
+    def reset_scan(self, session: str, complete_to: int | None) -> None:
+        """The next finalize scans the session again from complete_to + 1 (stamp_base when
+        None): for code that removed stored rows (replayer/integrity.py)."""
+        self.con.execute("UPDATE sessions SET complete_to = ?, dirty = TRUE WHERE session = ?",
+                         [complete_to, session])
+        self.con.execute("DELETE FROM scan_state WHERE session = ?", [session])
+
+    def set_watermark(self, session: str, state: tuple, clear_dirty: bool) -> None:
+        """The session's (complete_to, watermark, watermark_ns, first_gap, gap_reason,
+        after_gap); clear_dirty: and it is not dirty any more."""
+        self.con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
+                         "first_gap = ?, gap_reason = ?, after_gap = ?" +
+                         (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
+                         [*state, session])
+
+    def set_no_watermark(self, session: str, reason: str, clear_dirty: bool) -> None:
+        """The session has no watermark (gap_reason: why) and nothing restorable."""
+        self.con.execute("UPDATE sessions SET watermark = NULL, watermark_ns = NULL, "
+                         "first_gap = NULL, gap_reason = ?, after_gap = NULL" +
+                         (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
+                         [reason, session])
+        self.con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        self.con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+
+    def interval_points(self, session: str) -> list[tuple]:
+        """(stamp, what, dev, payload, time_ns, segno, frame_no) of the session's
+        resync_start, resync_end and baseline_end points, by stamp."""
+        return self.con.execute(
+            "SELECT stamp, what, dev, payload, time_ns, segno, frame_no FROM points "
+            "WHERE session = ? AND what IN ('resync_start', 'resync_end', 'baseline_end') "
+            "ORDER BY stamp", [session]).fetchall()
+
+    def session_pruned(self, session: str) -> list[tuple]:
+        """(dev, stamp, time_ns, whole, kept, batch) of the session's `pruned` rows."""
+        return self.con.execute("SELECT dev, stamp, time_ns, whole, kept, batch FROM pruned "
+                                "WHERE session = ?", [session]).fetchall()
+
+    def payload_files_present(self, ids: list[int]) -> set[int]:
+        """Those of the payload file ids `ids` (not empty) the store holds."""
+        return {int(i) for (i,) in self.con.execute(
+            "SELECT id FROM payload_files WHERE id IN (" + ", ".join("?" * len(ids)) + ")",
+            ids).fetchall()}
+
+    def session_drops(self, session: str):
+        """The most records the kernel reported lost in the session (None: no report)."""
+        return self.con.execute("SELECT max(drops) FROM loss WHERE session = ?",
+                                [session]).fetchone()[0]
+
+    def session_restorable(self, session: str) -> list[tuple]:
+        """The session's `restorable` rows (session, dev, from_stamp, to_stamp, from_ns,
+        to_ns), by dev and from_stamp."""
+        return [tuple(r) for r in self.con.execute(
+            "SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
+            [session]).fetchall()]
+
+    def session_gap_windows(self, session: str) -> list[tuple]:
+        """The session's `gap_windows` rows (session, dev, from_stamp, last_stamp, resumed,
+        from_ns, resumed_ns, stamps, cause, reason), by dev and from_stamp."""
+        return [tuple(w) for w in self.con.execute(
+            "SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
+            [session]).fetchall()]
+
+    def replace_restorable(self, session: str, rows: list[tuple]) -> None:
+        """The session's restorable intervals become `rows` (as session_restorable)."""
+        self.con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        if rows:
+            self.con.executemany("INSERT INTO restorable VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def replace_gap_windows(self, session: str, rows: list[tuple]) -> None:
+        """The session's gap windows become `rows` (as session_gap_windows)."""
+        self.con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+        if rows:
+            self.con.executemany("INSERT INTO gap_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 rows)
+
+    def session_device_intervals(self, session: str) -> list[tuple]:
+        """(dev, baseline_end, baseline_end_ns, restorable_from, restorable_to, from_ns, to_ns)
+        of the session's devices, by dev."""
+        return self.con.execute(
+            "SELECT dev, baseline_end, baseline_end_ns, restorable_from, restorable_to, "
+            "from_ns, to_ns FROM session_devices WHERE session = ? ORDER BY dev",
+            [session]).fetchall()
+
+    def set_device_intervals(self, session: str, dev: int, vals: list) -> None:
+        """(baseline_end, baseline_end_ns, restorable_from, restorable_to, from_ns, to_ns) of
+        the session's device `dev`."""
+        self.con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
+                         "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
+                         "WHERE session = ? AND dev = ?", [*vals, session, dev])
+
+    def refresh_devices(self) -> None:
+        """The `devices` table from session_devices: each device's description in its newest
+        session (in a transaction)."""
+        self.con.execute("DELETE FROM devices")
+        self.con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
+                         "arg_max(name, session), arg_max(path, session), "
+                         "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
 
 
 # ---------------------------------------------------------------------- helpers
