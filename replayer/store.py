@@ -97,10 +97,10 @@ family (sessions, segments and frame ranges, rows of batches, payload files, dro
 the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
 (`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
 The named reads for restore points (replayer/points.py), written ranges (fsmap.py), the
-rebuild's extents (rebuild.py) and the detector (detector.py) are here too, and the scan's
-reads and writes of the restorable intervals (replayer/watermark.py: the rule; here: its
-tables). The DuckDB connection and its lock are not part of the interface: prune.py's writes
-still run their SQL on it (through transaction()).
+rebuild's extents (rebuild.py) and the detector (detector.py) are here too, and the reads and
+writes of the scan and the restorable intervals (replayer/watermark.py holds the rule) and of
+pruning (replayer/prune.py). No other module runs SQL on these tables (tests/test_layers.py);
+the DuckDB connection and its lock are not part of the interface.
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
@@ -602,6 +602,59 @@ class StoreReader:
                              [session, dev])
         return int(row[0]) if row and row[0] is not None else None
 
+    # --------------------------------------------------------- pruning (replayer/prune.py)
+    def device_restorable(self, device: str) -> list[tuple]:
+        """(session, dev, size_bytes, from_stamp, to_stamp, from_ns, to_ns) of the device's
+        restorable intervals, oldest session first, by from_stamp."""
+        return self.query(
+            "SELECT r.session, r.dev, sd.size_bytes, r.from_stamp, r.to_stamp, r.from_ns, "
+            "r.to_ns FROM restorable r JOIN session_devices sd USING (session, dev) "
+            "JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device])
+
+    def resync_starts(self, session: str, dev: int) -> list[int]:
+        """The stamps of the resync_start points of (session, dev)."""
+        return [int(rs) for (rs,) in self.query(
+            "SELECT stamp FROM points WHERE session = ? AND dev = ? AND what = 'resync_start'",
+            [session, dev])]
+
+    def restorable_mark_stamps(self, session: str, dev: int, below: int) -> list[int]:
+        """The stamps below `below` of the session's marks inside a restorable interval of
+        (session, dev), in order."""
+        return [int(s) for (s,) in self.query(
+            "SELECT DISTINCT m.stamp FROM marks m JOIN restorable r ON r.session = m.session "
+            "AND r.dev = ? AND m.stamp BETWEEN r.from_stamp AND r.to_stamp "
+            "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below])]
+
+    def restorable_from_ns(self, session: str, dev: int, stamp: int) -> int | None:
+        """The time of the restorable interval of (session, dev) that starts at `stamp` (a
+        point a previous prune kept has no row of its own)."""
+        row = self.query_one("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
+                             "from_stamp = ?", [session, dev, stamp])
+        return row[0] if row else None
+
+    def pruned_state(self, session: str, dev: int) -> tuple[int | None, bool] | None:
+        """(stamp, whole) of the pruned history of (session, dev); None: never pruned."""
+        row = self.query_one("SELECT stamp, whole FROM pruned WHERE session = ? AND dev = ?",
+                             [session, dev])
+        return None if row is None else (None if row[0] is None else int(row[0]), bool(row[1]))
+
+    def record_count(self, session: str, dev: int, upto: int | None = None) -> int:
+        """The records of (session, dev) with stamps <= upto (None: all)."""
+        if upto is None:
+            return int(self.query_one("SELECT count(*) FROM records WHERE session = ? AND "
+                                      "dev = ?", [session, dev])[0])
+        return int(self.query_one("SELECT count(*) FROM records WHERE session = ? AND dev = ? "
+                                  "AND stamp <= ?", [session, dev, upto])[0])
+
+    def base_chunk_count(self, session: str, dev: int, upto: int | None = None) -> int:
+        """The base chunks of (session, dev) at stamps <= upto (None: all)."""
+        if upto is None:
+            return int(self.query_one("SELECT count(*) FROM base WHERE session = ? AND dev = ?",
+                                      [session, dev])[0])
+        return int(self.query_one("SELECT count(*) FROM base WHERE session = ? AND dev = ? "
+                                  "AND coalesce(stamp, 0) <= ?", [session, dev, upto])[0])
+
     # -------------------------------------------- the detector (replayer/detector.py)
     def baseline_chunks(self, session: str, dev: int) -> dict:
         """The baseline chunks (stamp 0) of (session, dev) by aux, as numpy columns sector,
@@ -906,18 +959,17 @@ class Store(StoreReader):
     # ----------------------------------------------------------- transactions
     @contextmanager
     def transaction(self, undo: Callable[[], None] | None = None,
-                    failed: str | None = None) -> Iterator[Any]:
+                    failed: str | None = None) -> Iterator[None]:
         """ONE DuckDB transaction, under the store's mutex: COMMIT at a clean exit; on any
         error ROLLBACK, then undo() (the caller puts back its in-memory state, e.g. the
         ledger's), and a database error becomes StoreError(failed, its `{}` the error's first
-        line). Yields the connection for the store layer's own modules (replayer/prune.py);
-        the named operations below run inside it."""
+        line). The named operations marked "in a transaction" run inside it."""
         with self.mutex:
             con = self.con
             try:
                 con.execute("BEGIN")
                 try:
-                    yield con
+                    yield
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
@@ -1231,6 +1283,87 @@ class Store(StoreReader):
         self.con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
                          "arg_max(name, session), arg_max(path, session), "
                          "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
+
+    # ------------------------------------- pruning (replayer/prune.py; in a transaction)
+    def delete_base_chunks(self, session: str, dev: int, upto: int | None = None) -> None:
+        """The base chunks of (session, dev) at stamps <= upto (None: all) go."""
+        if upto is None:
+            self.con.execute("DELETE FROM base WHERE session = ? AND dev = ?", [session, dev])
+        else:
+            self.con.execute("DELETE FROM base WHERE session = ? AND dev = ? "
+                             "AND coalesce(stamp, 0) <= ?", [session, dev, upto])
+
+    def add_base_chunks(self, rows: list[tuple]) -> None:
+        """(session, dev, stamp, seq, aux, time_ns, sector, bio_size, flags, pfile, prg, pidx,
+        batch) rows of new base chunks."""
+        if rows:
+            self.con.executemany(
+                "INSERT INTO base (session, dev, stamp, seq, aux, time_ns, sector, bio_size, "
+                "flags, pfile, prg, pidx, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows)
+
+    def delete_history(self, session: str, dev: int, upto: int | None = None) -> None:
+        """The records, dirtiers, points and completions of (session, dev) up to stamp upto
+        (None: all) go (a completion's aux is the stamp of its request + 1)."""
+        if upto is None:
+            for t in ("records", "points", "completions", "dirtiers"):
+                self.con.execute(f"DELETE FROM {t} WHERE session = ? AND dev = ?",
+                                 [session, dev])
+            return
+        p = {"s": session, "d": dev, "k": upto}
+        self.con.execute("DELETE FROM records WHERE session = $s AND dev = $d AND stamp <= $k", p)
+        self.con.execute("DELETE FROM dirtiers WHERE session = $s AND dev = $d AND stamp <= $k",
+                         p)
+        self.con.execute("DELETE FROM points WHERE session = $s AND dev = $d AND stamp <= $k", p)
+        self.con.execute("DELETE FROM completions WHERE session = $s AND dev = $d "
+                         "AND aux <= $k + 1", p)
+
+    def set_pruned(self, session: str, dev: int, stamp: int, time_ns: int | None,
+                   kept: list[int], batch: int | None) -> None:
+        """The history of (session, dev) is folded up to `stamp` (its time time_ns), the marks
+        `kept` below it kept, the layers in payload file `batch` (None: no payload)."""
+        self.con.execute(
+            "INSERT INTO pruned VALUES (?, ?, ?, ?, FALSE, ?, ?) ON CONFLICT (session, dev) "
+            "DO UPDATE SET stamp = excluded.stamp, time_ns = excluded.time_ns, "
+            "whole = FALSE, kept = excluded.kept, batch = excluded.batch",
+            [session, dev, stamp, time_ns, kept, batch])
+
+    def set_pruned_whole(self, session: str, dev: int) -> None:
+        """The whole history of (session, dev) is pruned."""
+        self.con.execute("INSERT INTO pruned VALUES (?, ?, NULL, NULL, TRUE, [], NULL) ON CONFLICT "
+                         "(session, dev) DO UPDATE SET stamp = NULL, time_ns = NULL, whole = TRUE, "
+                         "kept = [], batch = NULL", [session, dev])
+
+    def session_device_pruning(self, session: str) -> list[tuple]:
+        """(dev, pruned stamp, whole, kept) of every device of the session (NULLs: not
+        pruned)."""
+        return self.con.execute("SELECT sd.dev, p.stamp, p.whole, p.kept FROM session_devices sd "
+                                "LEFT JOIN pruned p USING (session, dev) WHERE sd.session = ?",
+                                [session]).fetchall()
+
+    def prune_marks(self, session: str, below: int, kept: list[int]) -> None:
+        """The marks of the session below `below` but those at stamps `kept` go; their names
+        stay in pruned_marks (restore --at NAME says it was pruned)."""
+        cond, args = "session = ? AND stamp < ? AND NOT list_contains(?, stamp)", [session,
+                                                                                   below, kept]
+        self.con.execute(f"INSERT INTO pruned_marks SELECT session, stamp, time_ns, name "
+                         f"FROM marks WHERE {cond}", args)
+        self.con.execute(f"DELETE FROM marks WHERE {cond}", args)
+
+    def unreferenced_payload_files(self, sessions: list[str]) -> list[tuple]:
+        """(id, path, file_bytes) of the payload files of these sessions (not empty) that no
+        record and no base chunk refers to."""
+        ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
+               "SELECT pfile FROM base WHERE pfile IS NOT NULL")
+        marks = ", ".join("?" * len(sessions))
+        return self.con.execute(
+            f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
+            f"AND id NOT IN ({ref})", sessions).fetchall()
+
+    def delete_payload_files(self, ids: list[int]) -> None:
+        """The payload_files rows `ids` go (the files are the caller's: Store.payload)."""
+        for i in ids:
+            self.con.execute("DELETE FROM payload_files WHERE id = ?", [i])
 
 
 # ---------------------------------------------------------------------- helpers
