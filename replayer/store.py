@@ -753,6 +753,36 @@ class StoreReader:
             "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [session, stamp, dev])
         return row[0] if row else None
 
+    # ------------------------------------------------ bisection (replayer/bisect.py)
+    def restorable_ranges(self, session: str, dev: int) -> list[tuple[int, int]]:
+        """(from_stamp, to_stamp) of the restorable intervals of (session, dev), in order."""
+        return [(int(a), int(b)) for a, b in self.query(
+            "SELECT from_stamp, to_stamp FROM restorable WHERE session = ? AND dev = ? "
+            "AND from_stamp IS NOT NULL ORDER BY from_stamp", [session, dev])]
+
+    def marks_between(self, session: str, after: int, before: int) -> list[tuple[int, str]]:
+        """(stamp, name) of the session's marks with stamps in (after, before), in order."""
+        return [(int(s), n) for s, n in self.query(
+            "SELECT stamp, name FROM marks WHERE session = ? AND stamp > ? AND stamp < ? "
+            "ORDER BY stamp", [session, after, before])]
+
+    def flush_stamps(self, session: str, dev: int, after: int,
+                     before: int) -> list[tuple[int, int, int]]:
+        """(stamp, its records' flags OR'ed, its op) of the flush bios and the writes with FUA
+        or PREFLUSH of (session, dev) with stamps in (after, before), in order."""
+        fl = record.F_FUA | record.F_PREFLUSH
+        return [(int(s), int(f), int(o)) for s, f, o in self.query(
+            f"SELECT stamp, bit_or(flags), any_value(op) FROM records WHERE session = ? "
+            f"AND dev = ? AND stamp > ? AND stamp < ? GROUP BY stamp "
+            f"HAVING bit_or(flags) & {fl} != 0 OR any_value(op) = {record.OP_FLUSH} "
+            f"ORDER BY stamp", [session, dev, after, before])]
+
+    def write_stamps(self, session: str, dev: int, after: int, before: int) -> list[int]:
+        """The stamps of the records of (session, dev) in (after, before), in order."""
+        return [int(s) for (s,) in self.query(
+            "SELECT DISTINCT stamp FROM records WHERE session = ? AND dev = ? AND stamp > ? "
+            "AND stamp < ? ORDER BY stamp", [session, dev, after, before])]
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
