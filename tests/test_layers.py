@@ -184,7 +184,6 @@ def test_the_floor_imports_only_the_floor():
 # each with why; everything else goes through StoreReader/Store's named operations. An entry
 # that no longer holds SQL fails the test (remove it).
 KNOWN_SQL: dict[str, str] = {
-    "analytics/report.py": "not moved yet: one read of session_devices (or use the views)",
     "blkrewind/commands/sql.py": "help text: example user queries for `blkrewind sql`",
     "blkrewind/metrics.py": "not moved yet: gap_windows read",
 }
