@@ -441,6 +441,12 @@ class StoreReader:
             "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
             "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
 
+    def gap_window_counts(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """{(session, dev): (its gap windows, those of them not closed by a resync)}."""
+        return {(s, d): (int(n), int(o)) for s, d, n, o in self.query(
+            "SELECT session, dev, count(*), count(*) FILTER (WHERE resumed IS NULL) "
+            "FROM gap_windows GROUP BY ALL")}
+
     # ------------------------------------------- restore points (replayer/points.py)
     def session_gap(self, session: str) -> tuple | None:
         """(first_gap, gap_reason, after_gap, end_stamp) of the session, None: unknown."""

@@ -185,7 +185,6 @@ def test_the_floor_imports_only_the_floor():
 # that no longer holds SQL fails the test (remove it).
 KNOWN_SQL: dict[str, str] = {
     "blkrewind/commands/sql.py": "help text: example user queries for `blkrewind sql`",
-    "blkrewind/metrics.py": "not moved yet: gap_windows read",
 }
 
 
