@@ -105,7 +105,7 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
         return {}
     led = store.ledger
     ids = sorted(set(int(b) for b in batches))
-    with store.mutex:
+    with store.locked():
         try:
             ranges, lowest, old = store.batches_to_drop(ids)
             sessions = sorted(old)

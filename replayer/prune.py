@@ -263,7 +263,7 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
     remove_orphans(store)
     now_ns = time.time_ns() if now_ns is None else now_ns
     cutoff = now_ns - keep_ns
-    with store.mutex:
+    with store.locked():
         got = choose_point(store, device.device, cutoff)
         if got is None:
             res.note = (f"{device.device} has no restorable point older than the cutoff")

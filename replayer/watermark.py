@@ -459,7 +459,7 @@ def finalize(store: Store) -> list[str]:
     """Recompute what changed: scan and intervals of dirty sessions, the `devices` table (when
     session_devices may have changed: the first run on this Store object, or a commit stored
     R_DEVICE rows since: `devices_changed`). One transaction."""
-    with store.mutex:
+    with store.locked():
         dirty = store.dirty_sessions()
         if not dirty:
             return dirty
