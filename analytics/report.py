@@ -65,12 +65,10 @@ def collect(store, device, t_from: int | None, t_to: int | None) -> dict:
     buffered write traced with --dirtier, the process that dirtied its pages)."""
     from blkrewind.analytics.views import view_of
 
-    sess = store.query("SELECT session, dev FROM session_devices WHERE device = ?",
-                       [device.device])
-    if not sess:
+    sp = store.sessions_of_device(device.device)
+    if not sp:
         return {"empty": True}
-    sk = ", ".join("?" * len(sess))
-    sp = [s for s, _ in sess]
+    sk = ", ".join("?" * len(sp))
     wv = (f"WITH w AS (SELECT *, epoch_us(time) * 1000 AS time_ns, "
           f"coalesce(dirty_comm, comm) AS writer FROM ({view_of(store, 'writes')}) "
           f"WHERE session IN ({sk}) AND device = ?) ")

@@ -265,9 +265,7 @@ class ServerCollector:
             yield from o.families()
             return
         hosts = store_hosts(store, now_ns, rates=False)
-        gw = {(s, d): (n, open_) for s, d, n, open_ in store.query(
-            "SELECT session, dev, count(*), count(*) FILTER (WHERE resumed IS NULL) "
-            "FROM gap_windows GROUP BY ALL")}
+        gw = store.gap_window_counts()
         for host, h in sorted(hosts.items()):
             for d in h["devices"]:
                 lab = {"host": host, "device": str(d["device"])}

@@ -13,41 +13,30 @@ nearest neighbour inside the interval is checked instead.
 from __future__ import annotations
 
 from blkrewind.formats import record
+from blkrewind.replayer.store import StoreReader
 
 LEVELS = ("marks", "flush", "any")
 
 
-def _restorable(store, session: str, dev: int) -> list[tuple[int, int]]:
-    return [(int(a), int(b)) for a, b in store.query(
-        "SELECT from_stamp, to_stamp FROM restorable WHERE session = ? AND dev = ? "
-        "AND from_stamp IS NOT NULL ORDER BY from_stamp", [session, dev])]
-
-
-def candidates(store, session: str, dev: int, good: int, bad: int, level: str) -> list[tuple]:
+def candidates(store: StoreReader, session: str, dev: int, good: int, bad: int,
+               level: str) -> list[tuple]:
     """(stamp, label) of the restorable candidates of `level` in (good, bad), in order."""
-    ivs = _restorable(store, session, dev)
+    ivs = store.restorable_ranges(session, dev)
 
     def ok(s: int) -> bool:
         return any(a <= s <= b for a, b in ivs)
 
     if level == "marks":
-        rows = store.query("SELECT stamp, 'mark ' || name FROM marks WHERE session = ? "
-                           "AND stamp > ? AND stamp < ? ORDER BY stamp", [session, good, bad])
+        rows = [(s, f"mark {name}") for s, name in store.marks_between(session, good, bad)]
     elif level == "flush":
-        fl = record.F_FUA | record.F_PREFLUSH
-        rows = store.query(
-            f"SELECT stamp, CASE WHEN bit_or(flags) & {record.F_FUA} != 0 THEN 'FUA write' "
-            f"WHEN any_value(op) = {record.OP_FLUSH} THEN 'flush' ELSE 'PREFLUSH write' END "
-            f"FROM records WHERE session = ? AND dev = ? AND stamp > ? AND stamp < ? "
-            f"GROUP BY stamp HAVING bit_or(flags) & {fl} != 0 OR any_value(op) = "
-            f"{record.OP_FLUSH} ORDER BY stamp", [session, dev, good, bad])
+        rows = [(s, "FUA write" if flags & record.F_FUA else
+                 "flush" if op == record.OP_FLUSH else "PREFLUSH write")
+                for s, flags, op in store.flush_stamps(session, dev, good, bad)]
     elif level == "any":
-        rows = store.query("SELECT DISTINCT stamp, 'write' FROM records WHERE session = ? "
-                           "AND dev = ? AND stamp > ? AND stamp < ? ORDER BY stamp",
-                           [session, dev, good, bad])
+        rows = [(s, "write") for s in store.write_stamps(session, dev, good, bad)]
     else:
         raise ValueError(level)
-    return [(int(s), lbl) for s, lbl in rows if ok(int(s))]
+    return [(s, lbl) for s, lbl in rows if ok(s)]
 
 
 def search(cands: list, check) -> tuple[int, int, int, list]:

@@ -11,7 +11,7 @@ to STORE/damaged/<session>/ (evidence is never deleted), then ONE transaction dr
 metadata row of its batch (records, base, marks, points, completions, loss, dirtiers, payload_files,
 frame_ranges rows with that batch id): the frames of the batch read as missing -- `lacks()`
 reports them, a tracer or `blkrewind ingest --log` stores them again -- and the affected
-sessions are rescanned from below the smallest stamp dropped (replayer.watermark.forget_scan),
+sessions are rescanned from below the smallest stamp dropped (Store.reset_scan),
 in the same transaction, so no watermark or restorable interval ever covers data that is gone.
 
 `verify_store(store)` is the full check without dropping anything (`blkrewind verify --store`).
@@ -105,7 +105,7 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
         return {}
     led = store.ledger
     ids = sorted(set(int(b) for b in batches))
-    with store.mutex:
+    with store.locked():
         try:
             ranges, lowest, old = store.batches_to_drop(ids)
             sessions = sorted(old)
@@ -117,7 +117,7 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
             for s in sessions:
                 led.prefix[s] = led.compute_prefix(s)
             with store.transaction(undo=lambda: led.restore(saved),
-                                   failed="dropping damaged batches failed: {}") as con:
+                                   failed="dropping damaged batches failed: {}"):
                 store.drop_batch_rows()
                 store.raise_batch_hwm(ids[-1])
                 for s in sessions:
@@ -131,8 +131,8 @@ def drop_batches(store: Store, batches: list[int]) -> dict[str, list[dict]]:
                         ct = int(lowest[s]) - 1
                         ct = ct if base is None or ct >= int(base) else None
                     # redo the scan from ct (gap runs, resynced windows too), moved or not
-                    watermark.forget_scan(con, s, None if ct is None else int(ct))
-                    watermark.update_watermark(con, s)
+                    store.reset_scan(s, None if ct is None else int(ct))
+                    watermark.update_watermark(store, s)
         finally:
             store.forget_batches_to_drop()
         hosts = {s: h for s, h in store.session_hosts().items() if s in sessions}

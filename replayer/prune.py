@@ -84,52 +84,28 @@ class _Fold:
 
 
 # ---------------------------------------------------------------- choosing K
-def _intervals(store: StoreReader, device: str):
-    """[(session, dev, size, from, to, from_ns, to_ns)] of the device, oldest first."""
-    return store.query(
-        "SELECT r.session, r.dev, sd.size_bytes, r.from_stamp, r.to_stamp, r.from_ns, r.to_ns "
-        "FROM restorable r JOIN session_devices sd USING (session, dev) "
-        "JOIN sessions s USING (session) WHERE sd.device = ? "
-        "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device])
-
-
 def _open_resyncs(store: StoreReader, session: str, dev: int) -> list[tuple[int, int | None]]:
-    out = []
     ends = rebuild.resync_ends(store, session, dev)
-    for (rs,) in store.query("SELECT stamp FROM points WHERE session = ? AND dev = ? AND "
-                             "what = 'resync_start'", [session, dev]):
-        out.append((int(rs), ends.get(int(rs))))
-    return out
+    return [(rs, ends.get(rs)) for rs in store.resync_starts(session, dev)]
 
 
 def choose_point(store: StoreReader, device: str, cutoff_ns: int):
     """(session, dev, size, K) or None."""
-    ivs = [iv for iv in _intervals(store, device) if iv[5] is not None and iv[5] <= cutoff_ns]
+    ivs = [iv for iv in store.device_restorable(device)
+           if iv[5] is not None and iv[5] <= cutoff_ns]
     for sess, dev, size, a, b, fn, tn in reversed(ivs):
         a, b = int(a), int(b)
         if tn is not None and tn <= cutoff_ns:
             k = b
         else:
-            row = store.query_one(
-                "SELECT max(stamp) FROM (SELECT stamp, time_ns FROM records WHERE session = $s "
-                "AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns FROM marks "
-                "WHERE session = $s AND stamp BETWEEN $a AND $b UNION ALL SELECT stamp, time_ns "
-                "FROM points WHERE session = $s AND stamp BETWEEN $a AND $b) "
-                "WHERE time_ns <= $t", {"s": sess, "a": a, "b": b, "t": cutoff_ns})
-            k = max(a, int(row[0])) if row and row[0] is not None else a
+            last = store.last_stamp_at(sess, a, b, cutoff_ns)
+            k = a if last is None else max(a, last)
         for rs, re_ in sorted(_open_resyncs(store, sess, dev), reverse=True):
             if rs <= k and (re_ is None or k < re_):
                 k = rs - 1
         if k >= a:
             return sess, int(dev), int(size), k
     return None
-
-
-def _restorable_marks(store: StoreReader, session: str, dev: int, below: int) -> list[int]:
-    return [int(s) for (s,) in store.query(
-        "SELECT DISTINCT m.stamp FROM marks m JOIN restorable r ON r.session = m.session "
-        "AND r.dev = ? AND m.stamp BETWEEN r.from_stamp AND r.to_stamp "
-        "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below])]
 
 
 # ------------------------------------------------------------ materializing
@@ -257,25 +233,19 @@ def dry_run(store: StoreReader, device: StoreDevice, *, keep_ns: int, keep_marks
         res.note = f"{device.device} has no restorable point older than the cutoff"
         return res
     sess_k, dev_k, _size, k = got
-    prev = store.query_one("SELECT stamp FROM pruned WHERE session = ? AND dev = ?",
-                           [sess_k, dev_k])
-    if prev is not None and prev[0] is not None and int(prev[0]) >= k:
-        res.note = (f"{device.device} is pruned up to stamp {int(prev[0])} already (the "
+    prev = store.pruned_stamp(sess_k, dev_k)
+    if prev is not None and prev >= k:
+        res.note = (f"{device.device} is pruned up to stamp {prev} already (the "
                     f"cutoff gives stamp {k})")
         return res
     res.point, res.session = k, sess_k
     res.point_ns = _point_time(store, sess_k, dev_k, k)
-    for sess, dev in store.query(
-            "SELECT sd.session, sd.dev FROM session_devices sd JOIN sessions s USING (session) "
-            "WHERE sd.device = ? ORDER BY coalesce(s.stamp_base, 0), sd.session",
-            [device.device]):
+    for sess, dev, *_ in store.device_sessions(device.device):
         upto = k if sess == sess_k else (1 << 63)
-        res.records += int(store.query_one("SELECT count(*) FROM records WHERE session = ? AND "
-                                           "dev = ? AND stamp <= ?", [sess, dev, upto])[0])
-        res.chunks_dropped += int(store.query_one("SELECT count(*) FROM base WHERE session = ? "
-                                                  "AND dev = ?", [sess, dev])[0])
+        res.records += store.record_count(sess, dev, upto)
+        res.chunks_dropped += store.base_chunk_count(sess, dev)
         if keep_marks:
-            res.kept_marks += _restorable_marks(store, sess, dev, upto)
+            res.kept_marks += store.restorable_mark_stamps(sess, dev, upto)
         if sess == sess_k:
             break
         res.sessions_dropped += 1
@@ -293,36 +263,30 @@ def prune(store: Store, device: StoreDevice, *, keep_ns: int, keep_marks: bool =
     remove_orphans(store)
     now_ns = time.time_ns() if now_ns is None else now_ns
     cutoff = now_ns - keep_ns
-    con = store.con
-    with store.mutex:
+    with store.locked():
         got = choose_point(store, device.device, cutoff)
         if got is None:
             res.note = (f"{device.device} has no restorable point older than the cutoff")
             return res
         sess_k, dev_k, size_k, k = got
-        sessions = [tuple(r) for r in con.execute(
-            "SELECT sd.session, sd.dev, sd.size_bytes FROM session_devices sd JOIN sessions s "
-            "USING (session) WHERE sd.device = ? ORDER BY coalesce(s.stamp_base, 0), sd.session",
-            [device.device]).fetchall()]
-        prev = con.execute("SELECT stamp, whole FROM pruned WHERE session = ? AND dev = ?",
-                           [sess_k, dev_k]).fetchone()
-        if prev is not None and prev[0] is not None and int(prev[0]) >= k:
-            res.note = (f"{device.device} is pruned up to stamp {int(prev[0])} already (the "
+        sessions = [tuple(r[:3]) for r in store.device_sessions(device.device)]
+        prev = store.pruned_state(sess_k, dev_k)
+        if prev is not None and prev[0] is not None and prev[0] >= k:
+            res.note = (f"{device.device} is pruned up to stamp {prev[0]} already (the "
                         f"cutoff gives stamp {k})")
             return res
         folds: list[_Fold] = []
         drops: list[tuple[str, int]] = []
         for sess, dev, size in sessions:
             if sess == sess_k:
-                kept = _restorable_marks(store, sess, dev, k) if keep_marks else []
+                kept = store.restorable_mark_stamps(sess, dev, k) if keep_marks else []
                 folds.append(_Fold(sess, int(dev), k, kept,
                                    _point_time(store, sess, dev, k), int(size)))
                 break
-            pr = con.execute("SELECT whole FROM pruned WHERE session = ? AND dev = ?",
-                             [sess, dev]).fetchone()
-            if pr is not None and pr[0]:
+            pr = store.pruned_state(sess, dev)
+            if pr is not None and pr[1]:
                 continue
-            marks = _restorable_marks(store, sess, dev, 1 << 63) if keep_marks else []
+            marks = store.restorable_mark_stamps(sess, dev, 1 << 63) if keep_marks else []
             if marks:
                 pk = marks[-1]
                 folds.append(_Fold(sess, int(dev), pk, marks[:-1],
@@ -357,36 +321,33 @@ def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_
     hook("written")
     # 2. one transaction
     doomed: list[str] = []
-    with store.transaction() as con:
+    with store.transaction():
         if has_file:
             store.add_payload_files([(batch, rel, sess_k, -1, 0, 0, pw.nrows, pw.total,
                                       sink.size, sink.crc32, batch)])
         store.raise_batch_hwm(batch)
         touched = set()
         for f in folds:
-            _fold_rows(con, f, base_rows[(f.session, f.dev)], batch if has_file else None,
+            _fold_rows(store, f, base_rows[(f.session, f.dev)], batch if has_file else None,
                        res)
             touched.add(f.session)
         for sess, dev in drops:
-            _drop_rows(con, sess, dev, res)
+            _drop_rows(store, sess, dev, res)
             touched.add(sess)
             res.sessions_dropped += 1
-        _forget_marks(con, touched)
+        _forget_marks(store, touched)
         # payload files no row refers to any more
-        ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
-               "SELECT pfile FROM base WHERE pfile IS NOT NULL")
-        marks = ", ".join("?" * len(touched))
-        for pid, path, fb in con.execute(
-                f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
-                f"AND id NOT IN ({ref})", sorted(touched)).fetchall():
+        gone = store.unreferenced_payload_files(sorted(touched))
+        for _pid, path, fb in gone:
             doomed.append(path)
             res.freed_bytes += int(fb or 0)
-            con.execute("DELETE FROM payload_files WHERE id = ?", [pid])
+        store.delete_payload_files([pid for pid, _, _ in gone])
         for s in sorted(touched):
-            watermark.update_watermark(con, s)
+            watermark.update_watermark(store, s)
         hook("commit")
     hook("committed")
-    watermark.refresh_devices(store)
+    with store.transaction():
+        store.refresh_devices()
     # 3. the payload nobody refers to
     res.files_deleted += store.payload.delete(doomed)
     res.point, res.session = k, sess_k
@@ -398,65 +359,39 @@ def _prune_rest(store: Store, res: Result, hook, folds, drops, batch: int, sess_
 def _point_time(store: StoreReader, session: str, dev: int, stamp: int) -> int | None:
     t = store.stamp_time(stamp, [session])
     if t is None:  # a point a previous prune kept: its time is in `restorable`
-        row = store.query_one("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
-                              "from_stamp = ?", [session, dev, stamp])
-        t = row[0] if row else None
+        t = store.restorable_from_ns(session, dev, stamp)
     return t
 
 
-def _fold_rows(con, f: _Fold, rows: list, batch: int | None, res: Result) -> None:
+def _fold_rows(store: Store, f: _Fold, rows: list, batch: int | None, res: Result) -> None:
     k = f.point
-    p = {"s": f.session, "d": f.dev, "k": k}
-    res.chunks_dropped += con.execute(
-        "SELECT count(*) FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $k",
-        p).fetchone()[0]
-    con.execute("DELETE FROM base WHERE session = $s AND dev = $d AND coalesce(stamp, 0) <= $k", p)
+    res.chunks_dropped += store.base_chunk_count(f.session, f.dev, k)
+    store.delete_base_chunks(f.session, f.dev, k)
     t = f.time_ns or 0
-    if rows:
-        con.executemany(
-            "INSERT INTO base (session, dev, stamp, seq, aux, time_ns, sector, bio_size, flags, "
-            "pfile, prg, pidx, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(f.session, f.dev, st, seq, seq, t, sector, n, fl,
-              batch if rg is not None else None, rg, idx, batch)
-             for st, seq, sector, n, fl, rg, idx in rows])
+    store.add_base_chunks([(f.session, f.dev, st, seq, seq, t, sector, n, fl,
+                            batch if rg is not None else None, rg, idx, batch)
+                           for st, seq, sector, n, fl, rg, idx in rows])
     res.chunks_written += len(rows)
-    res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d "
-                               "AND stamp <= $k", p).fetchone()[0]
-    con.execute("DELETE FROM records WHERE session = $s AND dev = $d AND stamp <= $k", p)
-    con.execute("DELETE FROM dirtiers WHERE session = $s AND dev = $d AND stamp <= $k", p)
-    con.execute("DELETE FROM points WHERE session = $s AND dev = $d AND stamp <= $k", p)
-    con.execute("DELETE FROM completions WHERE session = $s AND dev = $d AND aux <= $k + 1", p)
-    con.execute("INSERT INTO pruned VALUES (?, ?, ?, ?, FALSE, ?, ?) ON CONFLICT (session, dev) "
-                "DO UPDATE SET stamp = excluded.stamp, time_ns = excluded.time_ns, "
-                "whole = FALSE, kept = excluded.kept, batch = excluded.batch",
-                [f.session, f.dev, k, f.time_ns, sorted(f.kept), batch])
+    res.records += store.record_count(f.session, f.dev, k)
+    store.delete_history(f.session, f.dev, k)
+    store.set_pruned(f.session, f.dev, k, f.time_ns, sorted(f.kept), batch)
 
 
-def _drop_rows(con, session: str, dev: int, res: Result) -> None:
-    p = {"s": session, "d": dev}
-    res.chunks_dropped += con.execute("SELECT count(*) FROM base WHERE session = $s AND dev = $d",
-                                      p).fetchone()[0]
-    res.records += con.execute("SELECT count(*) FROM records WHERE session = $s AND dev = $d",
-                               p).fetchone()[0]
-    for t in ("base", "records", "points", "completions", "dirtiers"):
-        con.execute(f"DELETE FROM {t} WHERE session = $s AND dev = $d", p)
-    con.execute("INSERT INTO pruned VALUES (?, ?, NULL, NULL, TRUE, [], NULL) ON CONFLICT "
-                "(session, dev) DO UPDATE SET stamp = NULL, time_ns = NULL, whole = TRUE, "
-                "kept = [], batch = NULL", [session, dev])
+def _drop_rows(store: Store, session: str, dev: int, res: Result) -> None:
+    res.chunks_dropped += store.base_chunk_count(session, dev)
+    res.records += store.record_count(session, dev)
+    store.delete_base_chunks(session, dev)
+    store.delete_history(session, dev)
+    store.set_pruned_whole(session, dev)
 
 
-def _forget_marks(con, sessions) -> None:
+def _forget_marks(store: Store, sessions) -> None:
     """Delete the marks of `sessions` no device of the session can restore any more: below
     the pruned stamp of every device (all of them for a whole prune) and not kept."""
     for s in sessions:
-        devs = con.execute("SELECT sd.dev, p.stamp, p.whole, p.kept FROM session_devices sd "
-                           "LEFT JOIN pruned p USING (session, dev) WHERE sd.session = ?",
-                           [s]).fetchall()
+        devs = store.session_device_pruning(s)
         if any(st is None and not whole for _, st, whole, _ in devs):
             continue  # a device of the session is not pruned: every mark may matter to it
         below = min((1 << 63) if whole else int(st) for _, st, whole, _ in devs)
         kept = sorted({int(x) for _, _, _, k in devs for x in (k or [])})
-        cond, args = "session = ? AND stamp < ? AND NOT list_contains(?, stamp)", [s, below, kept]
-        con.execute(f"INSERT INTO pruned_marks SELECT session, stamp, time_ns, name FROM marks "
-                    f"WHERE {cond}", args)
-        con.execute(f"DELETE FROM marks WHERE {cond}", args)
+        store.prune_marks(s, below, kept)

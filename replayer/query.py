@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,9 @@ import pyarrow.ipc
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.replayer.store import Store, StoreReader, default_wait
+
+if TYPE_CHECKING:
+    import duckdb
 
 SOCK = "serve.sock"
 _U32 = struct.Struct("<I")
@@ -112,17 +115,14 @@ class QueryServer:
         self.log = log
         self._sem = threading.BoundedSemaphore(max_clients)
         self._sock: socket.socket | None = None
-        self._root = None
+        self._root: duckdb.DuckDBPyConnection | None = None   # Store.query_cursor()
         self._root_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = False
 
     def start(self) -> None:
-        with self.store.mutex:
-            # no file access for anything run in this database from now on (global setting;
-            # the store's own writes go through registered Arrow tables, not files)
-            self.store.con.execute("SET enable_external_access = false")
-            self._root = self.store.con.cursor()
+        # no file access for anything run in this database from now on (global setting)
+        self._root = self.store.query_cursor()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -569,5 +569,5 @@ def open_for_reading(path, *, views=None, wait: float | None = None) -> StoreRea
                 raise
             continue
         if views is not None:
-            views(st.con)
+            st.define_views(views)
         return st

@@ -300,7 +300,7 @@ class Server:
     def _close_store(self) -> None:
         st, self.store = self.store, None
         if st is not None:
-            with st.mutex:
+            with st.locked():
                 st.close()
 
     # ------------------------------------------------------------------ status

@@ -88,18 +88,22 @@ the batch (commit) a row came from)::
                                               -- id == batch; crc32: zlib.crc32 of the file bytes
 
 The interface. `StoreReader` is what every reader uses, a local `Store` or a `RemoteStore`
-(replayer/query.py: the store a running server holds): query/query_one/numpy (SELECTs),
-reading() (several reads of one state), the devices, and named reads per table family
-(sessions, records and marks, restorable intervals, payload files). `Store` adds the writer's
-side: transaction(undo=..., failed=...) (ONE DuckDB transaction; on failure ROLLBACK, the
-caller's in-memory state put back, a database error made a StoreError), named writes per table
-family (sessions, segments and frame ranges, rows of batches, payload files, dropping batches),
-the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
+(replayer/query.py: the store a running server holds): the devices, named reads per table
+family (sessions, records and marks, restorable intervals, restore points, written ranges,
+the rebuild's extents, the detector, pruning, bisection, payload files), reading() (several
+reads of one state), and the SELECT primitives query/query_one/numpy they are built on (the
+analytics run their SQL on the public views of analytics/views.py through them). `Store` adds
+the writer's side: transaction(undo=..., failed=...) (ONE DuckDB transaction; on failure
+ROLLBACK, the caller's in-memory state put back, a database error made a StoreError), named
+writes per table family (sessions, segments and frame ranges, rows of batches, payload files,
+dropping batches, the scan and the restorable intervals -- replayer/watermark.py holds the
+rule --, pruning), the frame ledger (`Store.ledger`, replayer/ledger.py) and the payload files
 (`Store.payload`, a PayloadStore: replayer/payloadstore.py, the local directory backend).
-The named reads for restore points (replayer/points.py), written ranges (fsmap.py), the
-rebuild's extents (rebuild.py) and the detector (detector.py) are here too. The DuckDB
-connection and its lock are not part of the interface: replayer/watermark.py and prune.py's
-writes still run their SQL on it (through transaction()).
+No other module runs SQL on these tables, and the DuckDB connection and its lock are private
+(`_con`, `_mutex`; tests/test_layers.py checks both): `Store.locked()` holds the lock across
+several operations (the ledger is kept under it), `user_query(sql)` runs a user's query
+(`blkrewind sql`), `query_cursor()` gives the query socket its cursor (replayer/query.py) and
+`define_views(define)` installs the SQL views.
 
 The rebuild reads `records`/`base` of one (session, dev) filtered by stamp;
 DuckDB's zone maps make that a range scan because ingest appends in roughly
@@ -118,7 +122,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import duckdb
 
@@ -139,6 +143,21 @@ SUBDIRS = ("payload", "restores", "damaged")
 HELD_POINT = ("(points.segno IS NULL OR EXISTS (SELECT 1 FROM sessions hs "
               "WHERE hs.session = points.session AND (points.segno < hs.held_segno "
               "OR (points.segno = hs.held_segno AND points.frame_no < hs.held_frame))))")
+
+# Store.stamp_states: per stamp in ($a, $b] of session $s, whether it is complete and its time.
+_STAMP_BAD = record.F_READERR | record.F_TRUNC
+_STAMP_STATES = f"""
+SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete, min(t) AS time_ns FROM (
+    SELECT stamp,
+           NOT bool_or(flags & {_STAMP_BAD} != 0)
+           AND (bool_or(flags & {record.F_NODATA} != 0)
+                OR (bool_or(flags & {record.F_FIRST} != 0) AND bool_or(flags & {record.F_LAST} != 0)
+                    AND sum(len) = max(bio_size))) AS ok, min(time_ns) AS t
+      FROM records WHERE session = $s AND stamp > $a AND stamp <= $b GROUP BY stamp
+    UNION ALL SELECT stamp, TRUE, time_ns FROM marks WHERE session = $s AND stamp > $a AND stamp <= $b
+    UNION ALL SELECT stamp, TRUE, time_ns FROM points WHERE session = $s AND stamp > $a AND stamp <= $b
+) GROUP BY stamp ORDER BY stamp
+"""
 
 # The store's internal tables: no module but this one runs SQL on them (tests/test_layers.py
 # checks; the user-facing SQL is analytics/views.py's views).
@@ -242,6 +261,17 @@ class StoreDevice:
     name: str
     path: str
     size_bytes: int
+
+
+class SessionScan(NamedTuple):
+    """Where the scan of one session goes on from (Store.session_scan)."""
+    stamp_base: int | None
+    end_stamp: int | None
+    end_ns: int | None
+    state: tuple          # (complete_to, watermark, watermark_ns, first_gap, gap_reason, after_gap)
+    dirty: bool
+    held: tuple           # (held_segno, held_frame)
+    scan: tuple | None    # its scan_state (scanned_to, prefix); None: no row yet
 
 
 class StoreReader:
@@ -414,6 +444,12 @@ class StoreReader:
             "JOIN session_devices sd ON sd.session = w.session AND sd.dev = w.dev "
             "WHERE w.session = ? AND sd.device = ? ORDER BY w.from_stamp", [session, device])
 
+    def gap_window_counts(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """{(session, dev): (its gap windows, those of them not closed by a resync)}."""
+        return {(s, d): (int(n), int(o)) for s, d, n, o in self.query(
+            "SELECT session, dev, count(*), count(*) FILTER (WHERE resumed IS NULL) "
+            "FROM gap_windows GROUP BY ALL")}
+
     # ------------------------------------------- restore points (replayer/points.py)
     def session_gap(self, session: str) -> tuple | None:
         """(first_gap, gap_reason, after_gap, end_stamp) of the session, None: unknown."""
@@ -575,6 +611,59 @@ class StoreReader:
                              [session, dev])
         return int(row[0]) if row and row[0] is not None else None
 
+    # --------------------------------------------------------- pruning (replayer/prune.py)
+    def device_restorable(self, device: str) -> list[tuple]:
+        """(session, dev, size_bytes, from_stamp, to_stamp, from_ns, to_ns) of the device's
+        restorable intervals, oldest session first, by from_stamp."""
+        return self.query(
+            "SELECT r.session, r.dev, sd.size_bytes, r.from_stamp, r.to_stamp, r.from_ns, "
+            "r.to_ns FROM restorable r JOIN session_devices sd USING (session, dev) "
+            "JOIN sessions s USING (session) WHERE sd.device = ? "
+            "ORDER BY coalesce(s.stamp_base, 0), r.session, r.from_stamp", [device])
+
+    def resync_starts(self, session: str, dev: int) -> list[int]:
+        """The stamps of the resync_start points of (session, dev)."""
+        return [int(rs) for (rs,) in self.query(
+            "SELECT stamp FROM points WHERE session = ? AND dev = ? AND what = 'resync_start'",
+            [session, dev])]
+
+    def restorable_mark_stamps(self, session: str, dev: int, below: int) -> list[int]:
+        """The stamps below `below` of the session's marks inside a restorable interval of
+        (session, dev), in order."""
+        return [int(s) for (s,) in self.query(
+            "SELECT DISTINCT m.stamp FROM marks m JOIN restorable r ON r.session = m.session "
+            "AND r.dev = ? AND m.stamp BETWEEN r.from_stamp AND r.to_stamp "
+            "WHERE m.session = ? AND m.stamp < ? ORDER BY m.stamp", [dev, session, below])]
+
+    def restorable_from_ns(self, session: str, dev: int, stamp: int) -> int | None:
+        """The time of the restorable interval of (session, dev) that starts at `stamp` (a
+        point a previous prune kept has no row of its own)."""
+        row = self.query_one("SELECT from_ns FROM restorable WHERE session = ? AND dev = ? AND "
+                             "from_stamp = ?", [session, dev, stamp])
+        return row[0] if row else None
+
+    def pruned_state(self, session: str, dev: int) -> tuple[int | None, bool] | None:
+        """(stamp, whole) of the pruned history of (session, dev); None: never pruned."""
+        row = self.query_one("SELECT stamp, whole FROM pruned WHERE session = ? AND dev = ?",
+                             [session, dev])
+        return None if row is None else (None if row[0] is None else int(row[0]), bool(row[1]))
+
+    def record_count(self, session: str, dev: int, upto: int | None = None) -> int:
+        """The records of (session, dev) with stamps <= upto (None: all)."""
+        if upto is None:
+            return int(self.query_one("SELECT count(*) FROM records WHERE session = ? AND "
+                                      "dev = ?", [session, dev])[0])
+        return int(self.query_one("SELECT count(*) FROM records WHERE session = ? AND dev = ? "
+                                  "AND stamp <= ?", [session, dev, upto])[0])
+
+    def base_chunk_count(self, session: str, dev: int, upto: int | None = None) -> int:
+        """The base chunks of (session, dev) at stamps <= upto (None: all)."""
+        if upto is None:
+            return int(self.query_one("SELECT count(*) FROM base WHERE session = ? AND dev = ?",
+                                      [session, dev])[0])
+        return int(self.query_one("SELECT count(*) FROM base WHERE session = ? AND dev = ? "
+                                  "AND coalesce(stamp, 0) <= ?", [session, dev, upto])[0])
+
     # -------------------------------------------- the detector (replayer/detector.py)
     def baseline_chunks(self, session: str, dev: int) -> dict:
         """The baseline chunks (stamp 0) of (session, dev) by aux, as numpy columns sector,
@@ -673,6 +762,36 @@ class StoreReader:
             "r.from_stamp AND r.to_stamp) ORDER BY stamp DESC LIMIT 1", [session, stamp, dev])
         return row[0] if row else None
 
+    # ------------------------------------------------ bisection (replayer/bisect.py)
+    def restorable_ranges(self, session: str, dev: int) -> list[tuple[int, int]]:
+        """(from_stamp, to_stamp) of the restorable intervals of (session, dev), in order."""
+        return [(int(a), int(b)) for a, b in self.query(
+            "SELECT from_stamp, to_stamp FROM restorable WHERE session = ? AND dev = ? "
+            "AND from_stamp IS NOT NULL ORDER BY from_stamp", [session, dev])]
+
+    def marks_between(self, session: str, after: int, before: int) -> list[tuple[int, str]]:
+        """(stamp, name) of the session's marks with stamps in (after, before), in order."""
+        return [(int(s), n) for s, n in self.query(
+            "SELECT stamp, name FROM marks WHERE session = ? AND stamp > ? AND stamp < ? "
+            "ORDER BY stamp", [session, after, before])]
+
+    def flush_stamps(self, session: str, dev: int, after: int,
+                     before: int) -> list[tuple[int, int, int]]:
+        """(stamp, its records' flags OR'ed, its op) of the flush bios and the writes with FUA
+        or PREFLUSH of (session, dev) with stamps in (after, before), in order."""
+        fl = record.F_FUA | record.F_PREFLUSH
+        return [(int(s), int(f), int(o)) for s, f, o in self.query(
+            f"SELECT stamp, bit_or(flags), any_value(op) FROM records WHERE session = ? "
+            f"AND dev = ? AND stamp > ? AND stamp < ? GROUP BY stamp "
+            f"HAVING bit_or(flags) & {fl} != 0 OR any_value(op) = {record.OP_FLUSH} "
+            f"ORDER BY stamp", [session, dev, after, before])]
+
+    def write_stamps(self, session: str, dev: int, after: int, before: int) -> list[int]:
+        """The stamps of the records of (session, dev) in (after, before), in order."""
+        return [int(s) for (s,) in self.query(
+            "SELECT DISTINCT stamp FROM records WHERE session = ? AND dev = ? AND stamp > ? "
+            "AND stamp < ? ORDER BY stamp", [session, dev, after, before])]
+
     # ------------------------------------------------------------ payload files
     def payload_file_paths(self) -> list[str]:
         return [p for (p,) in self.query("SELECT path FROM payload_files")]
@@ -702,21 +821,23 @@ class StoreReader:
 class Store(StoreReader):
     """An open store. Writers hold DIR/lock; readers open the database read-only.
 
-    DuckDB connections are not safe for concurrent use: every use of `con`
-    from several threads goes through `self.mutex`.
+    The DuckDB connection (`_con`) and its lock (`_mutex`, an RLock) are this module's: a
+    DuckDB connection is not safe for concurrent use, so every use of it goes through the
+    lock. Other modules hold the lock across several operations with `locked()` and reach the
+    database through the named operations only (user SQL: user_query; the query socket:
+    query_cursor; the SQL views: define_views).
     """
 
     # state other modules keep with the open store (read with getattr and a default)
     _wm_devices_changed: bool    # replayer.watermark: refresh `devices` at the next finalize
 
-    def __init__(self, path: str, con: Any, writable: bool, lock_fd: int | None):
-        """con: a duckdb.DuckDBPyConnection, or replayer.query's RemoteConnection for a
-        RemoteStore."""
+    def __init__(self, path: str, con: duckdb.DuckDBPyConnection, writable: bool,
+                 lock_fd: int | None):
         self.path = path
-        self.con = con
+        self._con = con
         self.writable = writable
         self._lock_fd = lock_fd
-        self.mutex = threading.RLock()
+        self._mutex = threading.RLock()
         self._ledger: Ledger | None = None
         self.payload: PayloadStore = LocalPayloadStore(path)   # where payload files live
 
@@ -777,7 +898,7 @@ class Store(StoreReader):
         return st
 
     def _init_schema(self) -> None:
-        con = self.con
+        con = self._con
         names = {n for (n,) in con.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
         ).fetchall()}
@@ -800,7 +921,7 @@ class Store(StoreReader):
 
     def _check_format(self) -> None:
         try:
-            row = self.con.execute("SELECT value FROM store_info WHERE key = 'format'").fetchone()
+            row = self._con.execute("SELECT value FROM store_info WHERE key = 'format'").fetchone()
         except duckdb.Error:
             raise StoreError(f"{self.path} is not a blkrewind store (no store_info)") from None
         if not row or row[0] != FORMAT_VERSION:
@@ -810,61 +931,83 @@ class Store(StoreReader):
 
     # ------------------------------------------------------------ primitives
     def query(self, sql: str, params=None) -> list[tuple]:
-        with self.mutex:
-            return self.con.execute(sql, params or []).fetchall()
+        with self._mutex:
+            return self._con.execute(sql, params or []).fetchall()
 
     def query_one(self, sql: str, params=None):
-        with self.mutex:
-            return self.con.execute(sql, params or []).fetchone()
+        with self._mutex:
+            return self._con.execute(sql, params or []).fetchone()
 
     def numpy(self, sql: str, params=None) -> dict:
-        with self.mutex:
-            return self.con.execute(sql, params or []).fetchnumpy()
+        with self._mutex:
+            return self._con.execute(sql, params or []).fetchnumpy()
 
     def user_query(self, sql: str) -> tuple[list[str], list[tuple]]:
-        with self.mutex:
-            self.con.execute("SET enable_external_access = false")
-            self.con.execute("SET lock_configuration = true")
-            cur = self.con.execute(sql)
+        with self._mutex:
+            self._con.execute("SET enable_external_access = false")
+            self._con.execute("SET lock_configuration = true")
+            cur = self._con.execute(sql)
             if cur.description is None:
                 raise UserError("the statement returned no rows (only queries are allowed)")
             return [d[0] for d in cur.description], cur.fetchall()
 
     @contextmanager
     def reading(self) -> Iterator[None]:
-        with self.mutex:
+        with self._mutex:
             yield
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """The store's lock held (reentrant): the operations run inside see no other thread's
+        operation or transaction in between; the frame ledger (`ledger`) is kept under it."""
+        with self._mutex:
+            yield
+
+    def query_cursor(self) -> duckdb.DuckDBPyConnection:
+        """A cursor of the store's database for the query socket (replayer/query.py: it runs
+        read-only user queries on cursors of it); file access is turned off for the whole
+        database first (the store's own writes go through registered Arrow tables, not
+        files)."""
+        with self._mutex:
+            self._con.execute("SET enable_external_access = false")
+            return self._con.cursor()
+
+    def define_views(self, define: Callable[[Any], Any]) -> None:
+        """define(connection): the SQL views of user queries on this store's connection
+        (analytics.views.define_views: TEMP views, nothing of the store changes)."""
+        with self._mutex:
+            define(self._con)
+
     def close(self) -> None:
-        if self.con is not None:
+        if self._con is not None:
             try:
-                self.con.close()
+                self._con.close()
             finally:
-                self.con = None
+                self._con = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
     def checkpoint(self) -> None:
         """Make every committed change durable in the database file."""
-        with self.mutex:
-            self.con.execute("CHECKPOINT")
+        with self._mutex:
+            self._con.execute("CHECKPOINT")
 
     # ---------------------------------------------------------------- ledger
     @property
     def ledger(self) -> Ledger:
         """The frames this writable store holds and is storing (replayer/ledger.py), made on
         first use."""
-        with self.mutex:
+        with self._mutex:
             if self._ledger is None:
                 if not self.writable:
                     raise StoreError(f"{self.path}: the frame ledger needs the store open for "
                                      f"writing")
-                self._ledger = Ledger(self.mutex, self._ledger_rows)
+                self._ledger = Ledger(self._mutex, self._ledger_rows)
             return self._ledger
 
     def _ledger_rows(self):
-        con = self.con
+        con = self._con
         ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
                              "frame_ranges ORDER BY session, segno, first_frame").fetchall()
         segs = con.execute("SELECT session, segno, seg_id, host, sealed, nframes, torn_bytes, "
@@ -879,18 +1022,17 @@ class Store(StoreReader):
     # ----------------------------------------------------------- transactions
     @contextmanager
     def transaction(self, undo: Callable[[], None] | None = None,
-                    failed: str | None = None) -> Iterator[Any]:
+                    failed: str | None = None) -> Iterator[None]:
         """ONE DuckDB transaction, under the store's mutex: COMMIT at a clean exit; on any
         error ROLLBACK, then undo() (the caller puts back its in-memory state, e.g. the
         ledger's), and a database error becomes StoreError(failed, its `{}` the error's first
-        line). Yields the connection for the store layer's own modules (replayer/watermark.py);
-        the named operations below run inside it."""
-        with self.mutex:
-            con = self.con
+        line). The named operations marked "in a transaction" run inside it."""
+        with self._mutex:
+            con = self._con
             try:
                 con.execute("BEGIN")
                 try:
-                    yield con
+                    yield
                     con.execute("COMMIT")
                 except BaseException:
                     con.execute("ROLLBACK")
@@ -907,20 +1049,20 @@ class Store(StoreReader):
         """A session received frames: bound to `host` (new) and dirty (its watermark is
         recomputed by the next finalize); every frame before `held` (segno, frame) is stored."""
         if new:
-            self.con.execute("INSERT INTO sessions (session, host, dirty, held_segno, "
+            self._con.execute("INSERT INTO sessions (session, host, dirty, held_segno, "
                              "held_frame) VALUES (?, ?, TRUE, ?, ?)", [session, host, *held])
         else:
-            self.con.execute("UPDATE sessions SET dirty = TRUE, held_segno = ?, held_frame = ? "
+            self._con.execute("UPDATE sessions SET dirty = TRUE, held_segno = ?, held_frame = ? "
                              "WHERE session = ?", [*held, session])
 
     def set_session_held(self, session: str, held: tuple[int, int]) -> None:
-        self.con.execute("UPDATE sessions SET held_segno = ?, held_frame = ? WHERE session = ?",
+        self._con.execute("UPDATE sessions SET held_segno = ?, held_frame = ? WHERE session = ?",
                          [*held, session])
 
     def set_session_start(self, session: str, info: dict, stamp_base: int, seq_base: int,
                           start_ns: int) -> None:
         """From its R_SESSION record."""
-        self.con.execute(
+        self._con.execute(
             "UPDATE sessions SET stamp_base = ?, seq_base = ?, version = ?, boot_id = ?, "
             "kernel = ?, start_ns = ?, info = ? WHERE session = ?",
             [stamp_base, seq_base, _text(info.get("version")), _text(info.get("boot_id")),
@@ -929,14 +1071,14 @@ class Store(StoreReader):
     def set_session_end(self, session: str, end_stamp: int, end_seq: int, clean: bool,
                         end_ns: int) -> None:
         """From its R_END record."""
-        self.con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
+        self._con.execute("UPDATE sessions SET end_stamp = ?, end_seq = ?, clean = ?, end_ns = ? "
                          "WHERE session = ?", [end_stamp, end_seq, clean, end_ns, session])
 
     def add_session_device(self, session: str, dev: int, host: str, name: str,
                            path: str | None, size_bytes: int, logical_block_size: int,
                            physical_block_size: int, part_start: int, info: dict) -> None:
         """From an R_DEVICE record (the first description of `dev` in the session holds)."""
-        self.con.execute(
+        self._con.execute(
             "INSERT INTO session_devices (session, dev, device, host, name, path, size_bytes, "
             "logical_block_size, physical_block_size, part_start, info) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
@@ -947,16 +1089,16 @@ class Store(StoreReader):
     def put_segment(self, key: tuple[str, int], st: SegState, new: bool) -> None:
         vals = [st.seg_id, st.host, st.sealed, st.nframes, st.torn_bytes, st.error]
         if new:
-            self.con.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [*key, *vals])
+            self._con.execute("INSERT INTO segments VALUES (?, ?, ?, ?, ?, ?, ?, ?)", [*key, *vals])
         else:
-            self.con.execute("UPDATE segments SET seg_id = ?, host = ?, sealed = ?, nframes = ?, "
+            self._con.execute("UPDATE segments SET seg_id = ?, host = ?, sealed = ?, nframes = ?, "
                              "torn_bytes = ?, error = ? WHERE session = ? AND segno = ?",
                              [*vals, *key])
 
     def add_frame_ranges(self, rows: list[tuple]) -> None:
         """(batch, session, segno, first_frame, end_frame, source, stored_ns) rows."""
         if rows:
-            self.con.execute("INSERT INTO frame_ranges VALUES " + ", ".join(
+            self._con.execute("INSERT INTO frame_ranges VALUES " + ", ".join(
                 ["(?, ?, ?, ?, ?, ?, ?)"] * len(rows)), [v for r in rows for v in r])
 
     # ------------------------------------------------ rows of batches (in a transaction)
@@ -966,27 +1108,27 @@ class Store(StoreReader):
         """An Arrow table of rows for one of BULK_TABLES, by column name."""
         if table not in self.BULK_TABLES:
             raise ValueError(f"not a bulk table: {table}")
-        self.con.register("_batch", rows)
+        self._con.register("_batch", rows)
         try:
-            self.con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+            self._con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
         finally:
-            self.con.unregister("_batch")
+            self._con.unregister("_batch")
 
     def add_marks(self, rows: list[tuple]) -> None:
         if rows:
-            self.con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._con.executemany("INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_points(self, rows: list[tuple]) -> None:
         if rows:
-            self.con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._con.executemany("INSERT INTO points VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_loss(self, rows: list[tuple]) -> None:
         if rows:
-            self.con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._con.executemany("INSERT INTO loss VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     def raise_batch_hwm(self, batch: int) -> None:
         """No batch id up to `batch` is handed out again (a dropped or pruned batch's)."""
-        self.con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) DO "
+        self._con.execute("INSERT INTO store_info VALUES ('batch_hwm', ?) ON CONFLICT (key) DO "
                          "UPDATE SET value = CAST(greatest(CAST(store_info.value AS BIGINT), "
                          "CAST(excluded.value AS BIGINT)) AS VARCHAR)", [str(batch)])
 
@@ -995,7 +1137,7 @@ class Store(StoreReader):
         """(id, path, session, segno, first_frame, end_frame, rows, payload_bytes,
         file_bytes, crc32, batch) rows (in a transaction)."""
         if rows:
-            self.con.execute("INSERT INTO payload_files VALUES " + ", ".join(
+            self._con.execute("INSERT INTO payload_files VALUES " + ", ".join(
                 ["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(rows)), [v for r in rows for v in r])
 
 
@@ -1007,7 +1149,7 @@ class Store(StoreReader):
         """What dropping the batches `ids` takes away (under the mutex, before the drop):
         their frame_ranges rows (batch, session, segno, first, end), the smallest stamp they
         hold per session, and per session touched (session, complete_to, stamp_base)."""
-        con = self.con
+        con = self._con
         con.execute("CREATE OR REPLACE TEMP TABLE _drop (batch INTEGER)")
         con.executemany("INSERT INTO _drop VALUES (?)", [(b,) for b in ids])
         ranges = con.execute("SELECT batch, session, segno, first_frame, end_frame FROM "
@@ -1028,13 +1170,263 @@ class Store(StoreReader):
         """Delete every row of the batches batches_to_drop() named (in a transaction)."""
         for t in self.DROP_TABLES:
             col = "id" if t == "payload_files" else "batch"
-            self.con.execute(f"DELETE FROM {t} WHERE {col} IN (SELECT batch FROM _drop)")
+            self._con.execute(f"DELETE FROM {t} WHERE {col} IN (SELECT batch FROM _drop)")
 
     def forget_batches_to_drop(self) -> None:
         try:
-            self.con.execute("DROP TABLE IF EXISTS _drop")
+            self._con.execute("DROP TABLE IF EXISTS _drop")
         except duckdb.Error:
             pass
+
+    # ------------------------- restorable intervals: the scan's tables (replayer/watermark.py)
+    # The watermark runs these under the store's mutex, inside a transaction (finalize, prune,
+    # dropping batches): the reads see the transaction's own writes.
+    def dirty_sessions(self) -> list[str]:
+        """The sessions that received rows since their watermark was computed."""
+        return [s for (s,) in self._con.execute(
+            "SELECT session FROM sessions WHERE dirty ORDER BY session").fetchall()]
+
+    def session_scan(self, session: str) -> SessionScan:
+        """What the scan of the session goes on from (its sessions and scan_state rows)."""
+        row = self._con.execute(
+            "SELECT s.stamp_base, s.end_stamp, s.end_ns, s.complete_to, s.watermark, "
+            "s.watermark_ns, s.first_gap, s.gap_reason, s.after_gap, s.dirty, s.held_segno, "
+            "s.held_frame, ss.session IS NOT NULL, ss.scanned_to, ss.prefix FROM sessions s "
+            "LEFT JOIN scan_state ss ON ss.session = s.session WHERE s.session = ?",
+            [session]).fetchone()
+        return SessionScan(row[0], row[1], row[2], tuple(row[3:9]), row[9], (row[10], row[11]),
+                           (row[13], row[14]) if row[12] else None)
+
+    def stamp_states(self, session: str, lo: int, hi: int) -> dict:
+        """Every stamp in (lo, hi] the session holds, by stamp, as numpy columns stamp,
+        complete, time_ns (the stamp's first time). A stamp is complete when it is one mark or
+        one point, or the pieces of one bio with neither a read error nor a truncation that
+        are a no-data bio or run from its first piece to its last and add up to its size."""
+        return self._con.execute(_STAMP_STATES, {"s": session, "a": lo, "b": hi}).fetchnumpy()
+
+    def stamp_pieces(self, session: str, stamp: int) -> tuple[int | None, int | None, int | None,
+                                                              int]:
+        """(bytes captured, bio size, flags of all pieces, pieces) of the records of a stamp."""
+        got, size, flags, n = self._con.execute(
+            "SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
+            "WHERE session = ? AND stamp = ?", [session, stamp]).fetchone()
+        return got, size, flags, int(n)
+
+    def newest_stamp(self, session: str, after: int) -> int | None:
+        """The largest stamp of the session's records, marks and points above `after`."""
+        row = self._con.execute(
+            "SELECT max(m) FROM (SELECT max(stamp) AS m FROM records WHERE session = $s "
+            "AND stamp > $a UNION ALL SELECT max(stamp) FROM marks WHERE session = $s "
+            "AND stamp > $a UNION ALL SELECT max(stamp) FROM points WHERE session = $s "
+            "AND stamp > $a)", {"s": session, "a": after}).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
+    def gap_runs(self, session: str) -> list[tuple[int, int, str | None, bool]]:
+        """(lo, hi, reason, settled) of the session's gap runs, by lo."""
+        return [(int(a), int(b), r, bool(s)) for a, b, r, s in self._con.execute(
+            "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
+            [session]).fetchall()]
+
+    def replace_gap_runs(self, session: str, runs: list[tuple]) -> None:
+        """The session's gap runs become `runs`: (lo, hi, reason, settled)."""
+        self._con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
+        if runs:
+            self._con.executemany("INSERT INTO gap_runs VALUES (?, ?, ?, ?, ?)",
+                                 [(session, *r) for r in runs])
+
+    def settle_gap_runs(self, session: str, los: list[int]) -> None:
+        """The gap runs of the session starting at `los` are settled."""
+        if los:
+            self._con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?",
+                                 [(session, lo) for lo in los])
+
+    def put_scan_progress(self, session: str, scanned_to: int, prefix: int, new: bool) -> None:
+        """scan_state of the session: scanned up to `scanned_to`, complete up to `prefix`."""
+        if new:
+            self._con.execute("INSERT INTO scan_state VALUES (?, ?, ?)", [session, scanned_to,
+                                                                         prefix])
+        else:
+            self._con.execute("UPDATE scan_state SET scanned_to = ?, prefix = ? WHERE session = ?",
+                             [scanned_to, prefix, session])
+
+    def reset_scan(self, session: str, complete_to: int | None) -> None:
+        """The next finalize scans the session again from complete_to + 1 (stamp_base when
+        None): for code that removed stored rows (replayer/integrity.py)."""
+        self._con.execute("UPDATE sessions SET complete_to = ?, dirty = TRUE WHERE session = ?",
+                         [complete_to, session])
+        self._con.execute("DELETE FROM scan_state WHERE session = ?", [session])
+
+    def set_watermark(self, session: str, state: tuple, clear_dirty: bool) -> None:
+        """The session's (complete_to, watermark, watermark_ns, first_gap, gap_reason,
+        after_gap); clear_dirty: and it is not dirty any more."""
+        self._con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
+                         "first_gap = ?, gap_reason = ?, after_gap = ?" +
+                         (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
+                         [*state, session])
+
+    def set_no_watermark(self, session: str, reason: str, clear_dirty: bool) -> None:
+        """The session has no watermark (gap_reason: why) and nothing restorable."""
+        self._con.execute("UPDATE sessions SET watermark = NULL, watermark_ns = NULL, "
+                         "first_gap = NULL, gap_reason = ?, after_gap = NULL" +
+                         (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
+                         [reason, session])
+        self._con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        self._con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+
+    def interval_points(self, session: str) -> list[tuple]:
+        """(stamp, what, dev, payload, time_ns, segno, frame_no) of the session's
+        resync_start, resync_end and baseline_end points, by stamp."""
+        return self._con.execute(
+            "SELECT stamp, what, dev, payload, time_ns, segno, frame_no FROM points "
+            "WHERE session = ? AND what IN ('resync_start', 'resync_end', 'baseline_end') "
+            "ORDER BY stamp", [session]).fetchall()
+
+    def session_pruned(self, session: str) -> list[tuple]:
+        """(dev, stamp, time_ns, whole, kept, batch) of the session's `pruned` rows."""
+        return self._con.execute("SELECT dev, stamp, time_ns, whole, kept, batch FROM pruned "
+                                "WHERE session = ?", [session]).fetchall()
+
+    def payload_files_present(self, ids: list[int]) -> set[int]:
+        """Those of the payload file ids `ids` (not empty) the store holds."""
+        return {int(i) for (i,) in self._con.execute(
+            "SELECT id FROM payload_files WHERE id IN (" + ", ".join("?" * len(ids)) + ")",
+            ids).fetchall()}
+
+    def session_drops(self, session: str):
+        """The most records the kernel reported lost in the session (None: no report)."""
+        return self._con.execute("SELECT max(drops) FROM loss WHERE session = ?",
+                                [session]).fetchone()[0]
+
+    def session_restorable(self, session: str) -> list[tuple]:
+        """The session's `restorable` rows (session, dev, from_stamp, to_stamp, from_ns,
+        to_ns), by dev and from_stamp."""
+        return [tuple(r) for r in self._con.execute(
+            "SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
+            [session]).fetchall()]
+
+    def session_gap_windows(self, session: str) -> list[tuple]:
+        """The session's `gap_windows` rows (session, dev, from_stamp, last_stamp, resumed,
+        from_ns, resumed_ns, stamps, cause, reason), by dev and from_stamp."""
+        return [tuple(w) for w in self._con.execute(
+            "SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
+            [session]).fetchall()]
+
+    def replace_restorable(self, session: str, rows: list[tuple]) -> None:
+        """The session's restorable intervals become `rows` (as session_restorable)."""
+        self._con.execute("DELETE FROM restorable WHERE session = ?", [session])
+        if rows:
+            self._con.executemany("INSERT INTO restorable VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def replace_gap_windows(self, session: str, rows: list[tuple]) -> None:
+        """The session's gap windows become `rows` (as session_gap_windows)."""
+        self._con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+        if rows:
+            self._con.executemany("INSERT INTO gap_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 rows)
+
+    def session_device_intervals(self, session: str) -> list[tuple]:
+        """(dev, baseline_end, baseline_end_ns, restorable_from, restorable_to, from_ns, to_ns)
+        of the session's devices, by dev."""
+        return self._con.execute(
+            "SELECT dev, baseline_end, baseline_end_ns, restorable_from, restorable_to, "
+            "from_ns, to_ns FROM session_devices WHERE session = ? ORDER BY dev",
+            [session]).fetchall()
+
+    def set_device_intervals(self, session: str, dev: int, vals: list) -> None:
+        """(baseline_end, baseline_end_ns, restorable_from, restorable_to, from_ns, to_ns) of
+        the session's device `dev`."""
+        self._con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
+                         "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
+                         "WHERE session = ? AND dev = ?", [*vals, session, dev])
+
+    def refresh_devices(self) -> None:
+        """The `devices` table from session_devices: each device's description in its newest
+        session (in a transaction)."""
+        self._con.execute("DELETE FROM devices")
+        self._con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
+                         "arg_max(name, session), arg_max(path, session), "
+                         "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
+
+    # ------------------------------------- pruning (replayer/prune.py; in a transaction)
+    def delete_base_chunks(self, session: str, dev: int, upto: int | None = None) -> None:
+        """The base chunks of (session, dev) at stamps <= upto (None: all) go."""
+        if upto is None:
+            self._con.execute("DELETE FROM base WHERE session = ? AND dev = ?", [session, dev])
+        else:
+            self._con.execute("DELETE FROM base WHERE session = ? AND dev = ? "
+                             "AND coalesce(stamp, 0) <= ?", [session, dev, upto])
+
+    def add_base_chunks(self, rows: list[tuple]) -> None:
+        """(session, dev, stamp, seq, aux, time_ns, sector, bio_size, flags, pfile, prg, pidx,
+        batch) rows of new base chunks."""
+        if rows:
+            self._con.executemany(
+                "INSERT INTO base (session, dev, stamp, seq, aux, time_ns, sector, bio_size, "
+                "flags, pfile, prg, pidx, batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows)
+
+    def delete_history(self, session: str, dev: int, upto: int | None = None) -> None:
+        """The records, dirtiers, points and completions of (session, dev) up to stamp upto
+        (None: all) go (a completion's aux is the stamp of its request + 1)."""
+        if upto is None:
+            for t in ("records", "points", "completions", "dirtiers"):
+                self._con.execute(f"DELETE FROM {t} WHERE session = ? AND dev = ?",
+                                 [session, dev])
+            return
+        p = {"s": session, "d": dev, "k": upto}
+        self._con.execute("DELETE FROM records WHERE session = $s AND dev = $d AND stamp <= $k", p)
+        self._con.execute("DELETE FROM dirtiers WHERE session = $s AND dev = $d AND stamp <= $k",
+                         p)
+        self._con.execute("DELETE FROM points WHERE session = $s AND dev = $d AND stamp <= $k", p)
+        self._con.execute("DELETE FROM completions WHERE session = $s AND dev = $d "
+                         "AND aux <= $k + 1", p)
+
+    def set_pruned(self, session: str, dev: int, stamp: int, time_ns: int | None,
+                   kept: list[int], batch: int | None) -> None:
+        """The history of (session, dev) is folded up to `stamp` (its time time_ns), the marks
+        `kept` below it kept, the layers in payload file `batch` (None: no payload)."""
+        self._con.execute(
+            "INSERT INTO pruned VALUES (?, ?, ?, ?, FALSE, ?, ?) ON CONFLICT (session, dev) "
+            "DO UPDATE SET stamp = excluded.stamp, time_ns = excluded.time_ns, "
+            "whole = FALSE, kept = excluded.kept, batch = excluded.batch",
+            [session, dev, stamp, time_ns, kept, batch])
+
+    def set_pruned_whole(self, session: str, dev: int) -> None:
+        """The whole history of (session, dev) is pruned."""
+        self._con.execute("INSERT INTO pruned VALUES (?, ?, NULL, NULL, TRUE, [], NULL) ON CONFLICT "
+                         "(session, dev) DO UPDATE SET stamp = NULL, time_ns = NULL, whole = TRUE, "
+                         "kept = [], batch = NULL", [session, dev])
+
+    def session_device_pruning(self, session: str) -> list[tuple]:
+        """(dev, pruned stamp, whole, kept) of every device of the session (NULLs: not
+        pruned)."""
+        return self._con.execute("SELECT sd.dev, p.stamp, p.whole, p.kept FROM session_devices sd "
+                                "LEFT JOIN pruned p USING (session, dev) WHERE sd.session = ?",
+                                [session]).fetchall()
+
+    def prune_marks(self, session: str, below: int, kept: list[int]) -> None:
+        """The marks of the session below `below` but those at stamps `kept` go; their names
+        stay in pruned_marks (restore --at NAME says it was pruned)."""
+        cond, args = "session = ? AND stamp < ? AND NOT list_contains(?, stamp)", [session,
+                                                                                   below, kept]
+        self._con.execute(f"INSERT INTO pruned_marks SELECT session, stamp, time_ns, name "
+                         f"FROM marks WHERE {cond}", args)
+        self._con.execute(f"DELETE FROM marks WHERE {cond}", args)
+
+    def unreferenced_payload_files(self, sessions: list[str]) -> list[tuple]:
+        """(id, path, file_bytes) of the payload files of these sessions (not empty) that no
+        record and no base chunk refers to."""
+        ref = ("SELECT pfile FROM records WHERE pfile IS NOT NULL UNION "
+               "SELECT pfile FROM base WHERE pfile IS NOT NULL")
+        marks = ", ".join("?" * len(sessions))
+        return self._con.execute(
+            f"SELECT id, path, file_bytes FROM payload_files WHERE session IN ({marks}) "
+            f"AND id NOT IN ({ref})", sessions).fetchall()
+
+    def delete_payload_files(self, ids: list[int]) -> None:
+        """The payload_files rows `ids` go (the files are the caller's: Store.payload)."""
+        for i in ids:
+            self._con.execute("DELETE FROM payload_files WHERE id = ?", [i])
 
 
 # ---------------------------------------------------------------------- helpers

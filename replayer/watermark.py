@@ -41,7 +41,10 @@ Rescan: the scan trusts `sessions.complete_to` as it last wrote it
 (`scan_state.prefix`). Code that removes stored rows (the integrity check
 dropping a damaged batch) sets `sessions.complete_to` to the last stamp it
 knows complete (or NULL) and `dirty = TRUE`; the next run then drops its gap
-runs and scans again from there (`forget_scan` does exactly that).
+runs and scans again from there (`Store.reset_scan` does exactly that).
+
+Every read and write of these tables is a named operation of the store (replayer/store.py,
+"restorable intervals: the scan's tables"); this module is the rule.
 """
 from __future__ import annotations
 
@@ -54,30 +57,15 @@ from blkrewind.formats import record
 from blkrewind.replayer.store import Store
 
 WM_CHUNK = 1 << 20           # stamps per watermark scan step
-_STAMPED_BAD = record.F_READERR | record.F_TRUNC
 
 
 # ============================================================ the scan
-_STAMP_SQL = f"""
-SELECT stamp, bool_and(ok) AND count(*) = 1 AS complete, min(t) AS time_ns FROM (
-    SELECT stamp,
-           NOT bool_or(flags & {_STAMPED_BAD} != 0)
-           AND (bool_or(flags & {record.F_NODATA} != 0)
-                OR (bool_or(flags & {record.F_FIRST} != 0) AND bool_or(flags & {record.F_LAST} != 0)
-                    AND sum(len) = max(bio_size))) AS ok, min(time_ns) AS t
-      FROM records WHERE session = $s AND stamp > $a AND stamp <= $b GROUP BY stamp
-    UNION ALL SELECT stamp, TRUE, time_ns FROM marks WHERE session = $s AND stamp > $a AND stamp <= $b
-    UNION ALL SELECT stamp, TRUE, time_ns FROM points WHERE session = $s AND stamp > $a AND stamp <= $b
-) GROUP BY stamp ORDER BY stamp
-"""
-
-
 class _Times:
-    """Times of stamps (the min time_ns of a stamp's records, as _time_of_stamp): known ones
+    """Times of stamps (the min time_ns of a stamp's records, marks and points): known ones
     (from the previous run's rows, from the scan's own result), else one query each."""
 
-    def __init__(self, con, session: str):
-        self.con, self.session = con, session
+    def __init__(self, store: Store, session: str):
+        self.store, self.session = store, session
         self.known: dict[int, int | None] = {}
         self.scanned: list[tuple] = []   # (stamps (sorted), times, NULL mask)
 
@@ -108,25 +96,14 @@ class _Times:
             return self.known[stamp]
         found, v = self._lookup(stamp)
         if not found:
-            v = _time_of_stamp(self.con, self.session, stamp)
+            v = self.store.stamp_time(stamp, [self.session])
         self.known[stamp] = v
         return v
 
 
-def _time_of_stamp(con, session: str, stamp: int) -> int | None:
-    row = con.execute(
-        "SELECT min(time_ns) FROM (SELECT time_ns FROM records WHERE session = $s AND stamp = $t "
-        "UNION ALL SELECT time_ns FROM marks WHERE session = $s AND stamp = $t "
-        "UNION ALL SELECT time_ns FROM points WHERE session = $s AND stamp = $t)",
-        {"s": session, "t": stamp}).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
-def _gap_reason(con, session: str, g: int) -> str:
-    row = con.execute(
-        "SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
-        "WHERE session = ? AND stamp = ?", [session, g]).fetchone()
-    if row is None or not row[3]:
+def _gap_reason(store: Store, session: str, g: int) -> str:
+    row = store.stamp_pieces(session, g)
+    if not row[3]:
         return f"stamp {g} is missing (a lost record, or a LOG frame not ingested yet)"
     got, size, flags, _ = row
     if flags & record.F_READERR:
@@ -139,7 +116,7 @@ def _gap_reason(con, session: str, g: int) -> str:
 _tl = threading.local()   # .times: the _Times of the update_watermark running in this thread
 
 
-def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
+def _bad_runs(store: Store, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
     """Runs [a, b] of stamps in (lo, hi] that are missing or incomplete (the times of the
     stamps seen go to the running update_watermark's _Times)."""
     times = getattr(_tl, "times", None)
@@ -148,7 +125,7 @@ def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     while lo < hi:
         top = min(hi, lo + WM_CHUNK)
-        r = con.execute(_STAMP_SQL, {"s": session, "a": lo, "b": top}).fetchnumpy()
+        r = store.stamp_states(session, lo, top)
         st = np.asarray(r["stamp"], np.uint64)
         ok = np.asarray(r["complete"], bool)
         good = np.zeros(top - lo, bool)
@@ -172,44 +149,19 @@ def _bad_runs(con, session: str, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def _newest_stamp(con, session: str, after: int) -> int | None:
-    row = con.execute(
-        "SELECT max(m) FROM (SELECT max(stamp) AS m FROM records WHERE session = $s AND stamp > $a "
-        "UNION ALL SELECT max(stamp) FROM marks WHERE session = $s AND stamp > $a "
-        "UNION ALL SELECT max(stamp) FROM points WHERE session = $s AND stamp > $a)",
-        {"s": session, "a": after}).fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
-def forget_scan(con, session: str, complete_to: int | None = None) -> None:
-    """Make the next finalize scan `session` again from complete_to + 1 (stamp_base when
-    None): for code that removed stored rows. Caller holds the mutex / a transaction."""
-    con.execute("UPDATE sessions SET complete_to = ?, dirty = TRUE WHERE session = ?",
-                [complete_to, session])
-    con.execute("DELETE FROM scan_state WHERE session = ?", [session])
-
-
-_NO_ROW = object()
-
-
-def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to,
-          row=_NO_ROW) -> tuple:
+def _scan(store: Store, session: str, stamp_base: int, end_stamp: int | None, complete_to,
+          row: tuple | None) -> tuple:
     """Advance the scan of one session; returns (scanned_to, gap runs [(lo, hi, reason, settled)]).
-    `row`: its scan_state (scanned_to, prefix), or None, when the caller read it already."""
-    if row is _NO_ROW:
-        row = con.execute("SELECT scanned_to, prefix FROM scan_state WHERE session = ?",
-                          [session]).fetchone()
+    `row`: its scan_state (scanned_to, prefix), None: none yet."""
     ct = None if complete_to is None else int(complete_to)
     if row is None or row[1] is None or ct is None or int(row[1]) != ct:
         # first run, or the complete prefix was reset by someone: start from complete_to
-        con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
+        store.replace_gap_runs(session, [])
         scanned = ct if ct is not None and ct >= stamp_base - 1 else stamp_base - 1
         runs: list[tuple[int, int, str | None, bool]] = []
     else:
         scanned = int(row[0])
-        runs = [(int(a), int(b), r, bool(s)) for a, b, r, s in con.execute(
-            "SELECT lo, hi, reason, settled FROM gap_runs WHERE session = ? ORDER BY lo",
-            [session]).fetchall()]
+        runs = store.gap_runs(session)
     # runs not settled: what is still missing in them (late frames fill them)
     changed = False
     kept: list[tuple[int, int, str | None, bool]] = []
@@ -217,7 +169,7 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
         if settled:
             kept.append((a, b, reason, settled))
             continue
-        sub = _bad_runs(con, session, a - 1, b)
+        sub = _bad_runs(store, session, a - 1, b)
         if sub != [(a, b)]:
             changed = True
         for x, y in sub:
@@ -226,10 +178,10 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
     if end_stamp is not None:
         top = int(end_stamp) - 1
     else:
-        top = _newest_stamp(con, session, scanned)
+        top = store.newest_stamp(session, scanned)
         top = scanned if top is None else top
     if top > scanned:
-        new = _bad_runs(con, session, scanned, top)
+        new = _bad_runs(store, session, scanned, top)
         if new:
             changed = True
             if kept and new[0][0] == kept[-1][1] + 1 and not kept[-1][3]:
@@ -239,13 +191,10 @@ def _scan(con, session: str, stamp_base: int, end_stamp: int | None, complete_to
                 new = new[1:]
             kept.extend((a, b, None, False) for a, b in new)
         scanned = top
-    kept = [(a, b, r if r is not None else _gap_reason(con, session, a), s)
+    kept = [(a, b, r if r is not None else _gap_reason(store, session, a), s)
             for a, b, r, s in kept]
     if changed:
-        con.execute("DELETE FROM gap_runs WHERE session = ?", [session])
-        if kept:
-            con.executemany("INSERT INTO gap_runs VALUES (?, ?, ?, ?, ?)",
-                            [(session, a, b, r, s) for a, b, r, s in kept])
+        store.replace_gap_runs(session, kept)
     return scanned, kept
 
 
@@ -291,34 +240,25 @@ def _intervals(start: int, top: int, windows: list[tuple]) -> list[tuple[int, in
     return [(a, b) for a, b in out if a <= b]
 
 
-def update_watermark(con, session: str, *, clear_dirty: bool = False) -> None:
-    """Scan, then recompute the intervals and windows of one session (caller holds the mutex
-    and, for finalize, the transaction). clear_dirty: also set sessions.dirty = FALSE.
+def update_watermark(store: Store, session: str, *, clear_dirty: bool = False) -> None:
+    """Scan, then recompute the intervals and windows of one session (in a transaction of the
+    store). clear_dirty: also mark the session not dirty.
 
     Cost: a steady stream of new stamps takes a dozen small statements; rows that did not
     change are not written again."""
-    row = con.execute(
-        "SELECT s.stamp_base, s.end_stamp, s.end_ns, s.complete_to, s.watermark, "
-        "s.watermark_ns, s.first_gap, s.gap_reason, s.after_gap, s.dirty, s.held_segno, "
-        "s.held_frame, ss.session IS NOT NULL, ss.scanned_to, ss.prefix FROM sessions s "
-        "LEFT JOIN scan_state ss ON ss.session = s.session WHERE s.session = ?",
-        [session]).fetchone()
-    stamp_base, end_stamp, end_ns, ct = row[:4]
-    old_state, dirty, held_at = tuple(row[3:9]), row[9], (row[10], row[11])
-    has_scan, scan_row = row[12], (row[13], row[14]) if row[12] else None
+    sc = store.session_scan(session)
+    stamp_base, end_stamp, end_ns, ct = sc.stamp_base, sc.end_stamp, sc.end_ns, sc.state[0]
+    old_state, dirty, held_at = sc.state, sc.dirty, sc.held
+    scan_row = sc.scan
     if stamp_base is None:
-        con.execute("UPDATE sessions SET watermark = NULL, watermark_ns = NULL, first_gap = NULL, "
-                    "gap_reason = 'the session record (segment 0) is not ingested yet', "
-                    "after_gap = NULL" + (", dirty = FALSE" if clear_dirty else "") +
-                    " WHERE session = ?", [session])
-        con.execute("DELETE FROM restorable WHERE session = ?", [session])
-        con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
+        store.set_no_watermark(session, "the session record (segment 0) is not ingested yet",
+                               clear_dirty)
         return
     stamp_base = int(stamp_base)
-    times = _Times(con, session)
+    times = _Times(store, session)
     _tl.times = times
     try:
-        scanned, runs = _scan(con, session, stamp_base, end_stamp, ct, scan_row)
+        scanned, runs = _scan(store, session, stamp_base, end_stamp, ct, scan_row)
     finally:
         _tl.times = None
     prefix = runs[0][0] - 1 if runs else scanned
@@ -335,27 +275,18 @@ def update_watermark(con, session: str, *, clear_dirty: bool = False) -> None:
         wm_ns = times(wm)
     state = (prefix, wm, wm_ns, first_gap, reason, after)
     if state != old_state or (clear_dirty and dirty):
-        con.execute("UPDATE sessions SET complete_to = ?, watermark = ?, watermark_ns = ?, "
-                    "first_gap = ?, gap_reason = ?, after_gap = ?" +
-                    (", dirty = FALSE" if clear_dirty else "") + " WHERE session = ?",
-                    [*state, session])
-    if not has_scan:
-        con.execute("INSERT INTO scan_state VALUES (?, ?, ?)", [session, scanned, prefix])
-    elif scan_row != (scanned, prefix):
-        con.execute("UPDATE scan_state SET scanned_to = ?, prefix = ? WHERE session = ?",
-                    [scanned, prefix, session])
-    _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns, times, held_at)
+        store.set_watermark(session, state, clear_dirty)
+    if scan_row != (scanned, prefix):
+        store.put_scan_progress(session, scanned, prefix, new=scan_row is None)
+    _update_devices(store, session, stamp_base, scanned, runs, end_stamp, end_ns, times, held_at)
 
 
-def _points(con, session: str, held_at) -> list[tuple]:
+def _points(store: Store, session: str, held_at) -> list[tuple]:
     """The session's resync and baseline_end points: (stamp, what, dev, payload, time_ns,
     held) -- held: replayer.store.HELD_POINT, from the session's (held_segno, held_frame)."""
     hs, hf = held_at
     out = []
-    for stamp, what, dev, payload, t, segno, frame_no in con.execute(
-            "SELECT stamp, what, dev, payload, time_ns, segno, frame_no FROM points "
-            "WHERE session = ? AND what IN ('resync_start', 'resync_end', 'baseline_end') "
-            "ORDER BY stamp", [session]).fetchall():
+    for stamp, what, dev, payload, t, segno, frame_no in store.interval_points(session):
         if segno is None:
             held = True
         elif hs is None:
@@ -395,43 +326,30 @@ def _resyncs_of(points: list[tuple]) -> dict[int, list[dict]]:
     return out
 
 
-def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
-                    times: _Times | None = None, held_at=None) -> None:
-    if times is None:
-        times = _Times(con, session)
-    if held_at is None:
-        held_at = con.execute("SELECT held_segno, held_frame FROM sessions WHERE session = ?",
-                              [session]).fetchone()
-    points = _points(con, session, held_at)
+def _update_devices(store: Store, session, stamp_base, scanned, runs, end_stamp, end_ns,
+                    times: _Times, held_at) -> None:
+    points = _points(store, session, held_at)
     resyncs = _resyncs_of(points)
     # (a prune layer whose payload file was dropped as damaged makes the device unrestorable)
-    prow = con.execute("SELECT dev, stamp, time_ns, whole, kept, batch FROM pruned "
-                       "WHERE session = ?", [session]).fetchall()
+    prow = store.session_pruned(session)
     lost_batches: set = set()
     pbatches = sorted({int(r[5]) for r in prow if r[5] is not None})
     if pbatches:
-        have = {int(i) for (i,) in con.execute(
-            "SELECT id FROM payload_files WHERE id IN (" + ", ".join("?" * len(pbatches)) + ")",
-            pbatches).fetchall()}
-        lost_batches = set(pbatches) - have
+        lost_batches = set(pbatches) - store.payload_files_present(pbatches)
     pruned = {int(d): (None if s is None else int(s), t, bool(w) or (b is not None and
                                                                       int(b) in lost_batches),
                        list(k or []))
               for d, s, t, w, k, b in prow}
-    drops = con.execute("SELECT max(drops) FROM loss WHERE session = ?", [session]).fetchone()[0]
+    drops = store.session_drops(session)
     # times of stamps known from the last run (a stamp's time never changes)
     cache = times.known
-    old_rows = [tuple(r) for r in con.execute(
-        "SELECT * FROM restorable WHERE session = ? ORDER BY dev, from_stamp",
-        [session]).fetchall()]
+    old_rows = store.session_restorable(session)
     for _s, _d, f, t, fn, tn in old_rows:
         cache.setdefault(int(f), fn)
         if end_stamp is None or int(t) != int(end_stamp) - 1:
             cache.setdefault(int(t), tn)
 
-    old_wins = [tuple(w) for w in con.execute(
-        "SELECT * FROM gap_windows WHERE session = ? ORDER BY dev, from_stamp",
-        [session]).fetchall()]
+    old_wins = store.session_gap_windows(session)
     wfrom = {}
     for w in old_wins:
         wfrom[int(w[2])] = w[5]
@@ -445,9 +363,7 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
             wfrom[g] = tns(g) or tns(g - 1)
         return wfrom[g]
 
-    devrows = con.execute("SELECT dev, baseline_end, baseline_end_ns, restorable_from, "
-                          "restorable_to, from_ns, to_ns FROM session_devices "
-                          "WHERE session = ? ORDER BY dev", [session]).fetchall()
+    devrows = store.session_device_intervals(session)
     devs = [int(r[0]) for r in devrows]
     rows, wins = [], []
     settled = [bool(devs)] * len(runs)
@@ -523,45 +439,36 @@ def _update_devices(con, session, stamp_base, scanned, runs, end_stamp, end_ns,
                 cause = "not resynced (yet)"
             wins.append((session, dev, g, last, resumed, wtns(g),
                          tns(resumed) if resumed is not None else None, nmiss, cause,
-                         run[2] if g == run[0] else _gap_reason(con, session, g)))
+                         run[2] if g == run[0] else _gap_reason(store, session, g)))
         mine = [r for r in rows if r[1] == dev]
         new_dev = [be_stamp, be_ns, mine[0][2] if mine else None, mine[-1][3] if mine else None,
                    mine[0][4] if mine else None, mine[-1][5] if mine else None]
         if new_dev != list(old_dev):
-            con.execute("UPDATE session_devices SET baseline_end = ?, baseline_end_ns = ?, "
-                        "restorable_from = ?, restorable_to = ?, from_ns = ?, to_ns = ? "
-                        "WHERE session = ? AND dev = ?", [*new_dev, session, dev])
+            store.set_device_intervals(session, dev, new_dev)
     rows.sort(key=lambda r: (r[1], r[2]))
     wins.sort(key=lambda w: (w[1], w[2]))
     if old_rows != rows:
-        con.execute("DELETE FROM restorable WHERE session = ?", [session])
-        if rows:
-            con.executemany("INSERT INTO restorable VALUES (?, ?, ?, ?, ?, ?)", rows)
+        store.replace_restorable(session, rows)
     if old_wins != wins:
-        con.execute("DELETE FROM gap_windows WHERE session = ?", [session])
-        if wins:
-            con.executemany("INSERT INTO gap_windows VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", wins)
-    newly = [(session, lo) for k, (lo, hi, _, s) in enumerate(runs) if settled[k] and not s]
-    if newly:
-        con.executemany("UPDATE gap_runs SET settled = TRUE WHERE session = ? AND lo = ?", newly)
+        store.replace_gap_windows(session, wins)
+    store.settle_gap_runs(session, [lo for k, (lo, _hi, _, s) in enumerate(runs)
+                                    if settled[k] and not s])
 
 
 def finalize(store: Store) -> list[str]:
     """Recompute what changed: scan and intervals of dirty sessions, the `devices` table (when
     session_devices may have changed: the first run on this Store object, or a commit stored
     R_DEVICE rows since: `devices_changed`). One transaction."""
-    with store.mutex:
-        con = store.con
-        dirty = [s for (s,) in con.execute(
-            "SELECT session FROM sessions WHERE dirty ORDER BY session").fetchall()]
+    with store.locked():
+        dirty = store.dirty_sessions()
         if not dirty:
             return dirty
         devices = getattr(store, "_wm_devices_changed", True)
         with store.transaction():
             for s in dirty:
-                update_watermark(con, s, clear_dirty=True)
+                update_watermark(store, s, clear_dirty=True)
             if devices:
-                _refresh_devices(con)
+                store.refresh_devices()
         if devices:
             store._wm_devices_changed = False
         return dirty
@@ -571,16 +478,3 @@ def devices_changed(store: Store) -> None:
     """session_devices rows were added or changed: the next finalize refreshes `devices`
     (caller holds the store's mutex)."""
     store._wm_devices_changed = True
-
-
-def _refresh_devices(con) -> None:
-    con.execute("DELETE FROM devices")
-    con.execute("INSERT INTO devices SELECT device, arg_max(host, session), "
-                "arg_max(name, session), arg_max(path, session), "
-                "arg_max(size_bytes, session) FROM session_devices GROUP BY device")
-
-
-def refresh_devices(store: Store) -> None:
-    """The `devices` table from session_devices, in a transaction of its own."""
-    with store.transaction() as con:
-        _refresh_devices(con)

@@ -184,12 +184,7 @@ def test_the_floor_imports_only_the_floor():
 # each with why; everything else goes through StoreReader/Store's named operations. An entry
 # that no longer holds SQL fails the test (remove it).
 KNOWN_SQL: dict[str, str] = {
-    "replayer/watermark.py": "not moved yet (issue 15 item 2): the watermark/interval scan",
-    "replayer/prune.py": "not moved yet (issue 15 item 2): prune's writes",
-    "replayer/bisect.py": "not moved yet (issue 15 item 2)",
-    "analytics/report.py": "not moved yet: one read of session_devices (or use the views)",
     "blkrewind/commands/sql.py": "help text: example user queries for `blkrewind sql`",
-    "blkrewind/metrics.py": "not moved yet: gap_windows read",
 }
 
 
@@ -221,16 +216,40 @@ def test_no_sql_on_internal_tables_outside_the_store():
     assert set(KNOWN_SQL) - set(found) == set()   # moved: remove its entry
 
 
-def test_our_folders_are_imported_by_their_installed_names():
-    """tracer/, replayer/ and analytics/ are blkrewind.tracer, ... (pyproject.toml): an import
-    of a top-level `tracer` would load a second copy of its modules from a checkout and fail
-    where the wheel is installed."""
-    bad = []
+def source_files() -> list[tuple[Path, Path]]:
+    """(path, path relative to ROOT) of every Python file of the checkout (tests, bench and
+    bpf/build.py too), each once (not through the blkrewind/X symlinks)."""
+    out = []
     for p in sorted(ROOT.glob("**/*.py")):
         rel = p.relative_to(ROOT)
         if rel.parts[0] in (".venv", "build") or rel.parts[:2] == ("bpf", "build") \
                 or rel.parts[0] == "blkrewind" and len(rel.parts) > 1 and rel.parts[1] in SUBPACKAGES:
             continue
+        out.append((p, rel))
+    return out
+
+
+def test_only_the_store_reaches_its_connection():
+    """Store's DuckDB connection and its lock are private to replayer/store.py (`_con`,
+    `_mutex`): no other module, test or bench reaches them (the named operations, locked(),
+    user_query(), query_cursor() and define_views() are the way in)."""
+    bad = []
+    for p, rel in source_files():
+        if rel.as_posix() == "replayer/store.py":
+            continue
+        bad += [f"{rel}:{node.lineno}: .{node.attr}"
+                for node in ast.walk(ast.parse(p.read_text(), str(p)))
+                if isinstance(node, ast.Attribute) and node.attr in ("con", "_con", "mutex",
+                                                                     "_mutex")]
+    assert not bad, "the store's connection or lock reached from outside:\n" + "\n".join(bad)
+
+
+def test_our_folders_are_imported_by_their_installed_names():
+    """tracer/, replayer/ and analytics/ are blkrewind.tracer, ... (pyproject.toml): an import
+    of a top-level `tracer` would load a second copy of its modules from a checkout and fail
+    where the wheel is installed."""
+    bad = []
+    for p, rel in source_files():
         for node in ast.walk(ast.parse(p.read_text(), str(p))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []

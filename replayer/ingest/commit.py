@@ -41,7 +41,7 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
     caller reserved them). Raises NotYourSession / FrameRejected / StoreError; on any error
     nothing is stored and the ledger is unchanged."""
     notes = notes or {}
-    with store.mutex:
+    with store.locked():
         # ---- checks
         keys = list(dict.fromkeys([(b.session, b.segno) for b in batches] + list(notes)))
         sessions = list(dict.fromkeys(k[0] for k in keys))

@@ -97,7 +97,7 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
                    newer: str | None = None) -> None:
     session, segno, host = reader.session, reader.segno, reader.host
     key = (session, segno)
-    with store.mutex:
+    with store.locked():
         bound = led.hosts.get(session)
         st = led.segs.get(key)
         held = led.held(key)
@@ -206,7 +206,7 @@ def _ingest_reader(store: Store, led: Ledger, reader, res: SegmentResult, on_bat
                  f"LOG's newest segment ({newer} follows): the segment was cut or damaged; "
                  f"the history after it is not restorable")
     res.error = error
-    with store.mutex:
+    with store.locked():
         cur = led.segs.get(key)
     if cur is None or (cur.torn_bytes, cur.error) != (res.torn_bytes, error):
         commit_batches(store, led, [], host, notes={key: (res.torn_bytes, error)})
@@ -235,7 +235,7 @@ def ingest(store: Store, log_dir: str, *, jobs: int = 2, on_batch=None) -> Inges
                                                f"{seg.segno} of session {seg.session}"))
             continue
         seen.add(key)
-        with store.mutex:
+        with store.locked():
             done = led.complete(key)
         if done:  # sealed and every frame stored
             results.append(SegmentResult(seg.path, seg.session, seg.segno, skipped=True))
@@ -275,7 +275,7 @@ def delete_ingested(store: Store, log_dir: str) -> tuple[list[str], int]:
         if seg is newest:
             continue
         key = (seg.session, seg.segno)
-        with store.mutex:
+        with store.locked():
             done = led.complete(key)
             st = led.segs.get(key)
         if not done or st is None:

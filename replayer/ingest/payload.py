@@ -106,7 +106,7 @@ def remove_orphans(store: Store) -> int:
     """Delete payload files no commit refers to (left by a crash before a commit), except
     those of batches being stored right now in this process."""
     led = store.ledger
-    with store.mutex, led.ids:  # no batch id is handed out meanwhile (alloc_batch)
+    with store.locked(), led.ids:  # no batch id is handed out meanwhile (alloc_batch)
         known = set(store.payload_file_paths())
         busy = set(led.writing)
 

@@ -62,7 +62,7 @@ class FrameSink:
         Raises NotYourSession for a session bound to another host."""
         items = [_inventory_item(it) for it in inventory]
         out = []
-        with self.st.mutex:
+        with self.st.locked():
             for session, segno, seg_id, n in items:
                 check_host(self.led.hosts.get(session), session, host)
                 st = self.led.segs.get((session, segno))
@@ -89,12 +89,12 @@ class FrameSink:
         for g in groups:
             _check_shape(g)
         led = self.led
-        with self.st.mutex:   # first: whose session is it (checked again at the commit)
+        with self.st.locked():   # first: whose session is it (checked again at the commit)
             for g in groups:
                 check_host(led.hosts.get(g.session), g.session, host)
         decoded = [self._decode_group(host, g) for g in groups]
         # what only the store knows, before the heavy work (checked again at the commit)
-        with self.st.mutex:
+        with self.st.locked():
             for g, frames in decoded:
                 st = led.segs.get((g.session, g.segno))
                 if st is not None:
@@ -105,7 +105,7 @@ class FrameSink:
         result = []
         led.reserve(wants)
         try:
-            with self.st.mutex:
+            with self.st.locked():
                 todo = []
                 claimed: dict[tuple, list] = {}
                 for g, frames in decoded:
