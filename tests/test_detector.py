@@ -367,3 +367,124 @@ def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
     after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
+
+
+# ------------------------------------------------------------------ a killed serve
+def _point_left(run_dir: str) -> list[str]:
+    """What is left of a point's runtime directory: the directory, mounts in it, loop devices
+    on its files, nbdkit/nbdfuse processes naming it."""
+    from conftest import attached_loops
+    left = [f"run dir {run_dir}"] if Path(run_dir).exists() else []
+    left += [f"mount {mp}" for _, mp in mounts() if mp == run_dir or mp.startswith(run_dir + "/")]
+    left += [f"loop {d} -> {b}" for d, b in attached_loops().items()
+             if b.startswith(run_dir + "/")]
+    return left + [f"{c}[{pid}]" for pid, c in _helpers(run_dir)]
+
+
+def _helpers(run_dir: str) -> list[tuple[int, str]]:
+    from blkrewind.replayer.mounts import _helpers_of
+    return _helpers_of(run_dir)
+
+
+def _serve_points(pid: int) -> list[dict]:
+    from blkrewind.replayer.mounts import owned_points
+    return [p for p in owned_points() if p["pid"] == pid and p["command"] == "blkrewind serve"]
+
+
+@pytest.mark.bpf
+def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
+    """`serve`'s detector keeps the point before a live streak of random new files mounted
+    (nbdkit, nbdfuse, a loop device, a mount). SIGKILL the server: nbdkit and nbdfuse die with
+    it (parent-death signal), `status` lists the point as stale, and the next `serve` on the
+    store removes all of it (mount, loop device, FUSE mount, run dir); `umount --stale` does
+    the same for the second server, killed too."""
+    import socket
+    import threading
+
+    from tracerproc import BLKREWIND, ROOT
+
+    rng = random.Random(16)
+    loop = make_loop(size_mb=64)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", dev, mnt)
+    try:
+        wl.populate(mnt, rng, docs=4, media=0)
+        with TraceProc([dev], log) as t:
+            time.sleep(0.5)
+            (mnt / "media").mkdir(exist_ok=True)
+            for i in range(6):   # random data into new files: a streak, the detector's candidate
+                p = mnt / "media" / f"new{i}.jpg"
+                p.write_bytes(rng.randbytes(96 << 10))
+                wl.syncfs(mnt)
+            time.sleep(0.5)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+
+    def serve():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        p = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
+                              f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True).start()
+        return p, lines
+
+    def point_of(p, lines) -> dict:
+        deadline = time.monotonic() + 90
+        while True:
+            pts = [x for x in _serve_points(p.pid) if x["loops"] and len(x["mounts"]) >= 2]
+            if pts:
+                return pts[0]
+            assert p.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+
+    servers = []
+    try:
+        p1, lines1 = serve()
+        servers.append(p1)
+        pt1 = point_of(p1, lines1)        # mounted by the detector (the streak is live)
+        d1 = pt1["run_dir"]
+        assert _helpers(d1), pt1
+        p1.kill()
+        p1.wait(30)
+        deadline = time.monotonic() + 10  # nbdkit and nbdfuse die with serve
+        while _helpers(d1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _helpers(d1), _helpers(d1)
+        assert _point_left(d1), "the kill left nothing: the test tests nothing"
+        st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
+        mine = [x for x in st["points"] if x["run_dir"] == d1]
+        assert mine and mine[0]["stale"], st["points"]
+        assert "STALE" in cli("status", "--store", store).stdout
+
+        p2, lines2 = serve()              # the next server on the store removes it
+        servers.append(p2)
+        deadline = time.monotonic() + 60
+        while not any("listening on" in ln for ln in lines2):
+            assert p2.poll() is None and time.monotonic() < deadline, "".join(lines2)
+            time.sleep(0.05)
+        assert not _point_left(d1), _point_left(d1)
+        assert any("removed a point left by a process that is gone" in ln and d1 in ln
+                   for ln in lines2), "".join(lines2)
+        pt2 = point_of(p2, lines2)        # its own detector mounts the point again
+        d2 = pt2["run_dir"]
+        p2.kill()
+        p2.wait(30)
+        r = cli("umount", "--stale")
+        assert f"removed {d2}" in r.stderr, r.stderr
+        assert not _point_left(d2), _point_left(d2)
+    finally:
+        for p in servers:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+        subprocess.run([*BLKREWIND, "umount", "--stale"], cwd=ROOT, capture_output=True)
+
