@@ -488,3 +488,84 @@ def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
                 p.wait(30)
         subprocess.run([*BLKREWIND, "umount", "--stale"], cwd=ROOT, capture_output=True)
 
+
+def test_attack_spread_over_processes_is_one_episode(tmp_path, capsys):
+    """Ten processes of one name in one cgroup (a parent's workers, `xargs -P`), each
+    encrypting two 16 KiB places in place (below the per-process thresholds: 3 places), are
+    one episode of their workers group; ten `cp` processes writing random data into free space
+    and two writing text are not."""
+    rng = random.Random(4)
+    mib = 1 << 20
+    img = _text(2 * mib) + bytes(2 * mib)
+    s = SynthSession(str(tmp_path / "log"), seed=9, initial=img)
+    s.baseline(writes_during=0, old_write=False)
+    for i in range(10):
+        s.write(2 * mib + i * 40960, rng.randbytes(16384), comm="cp", pid=40 + i)
+        s.write(i * 16384, _text(16384), comm="sqlite", pid=50 + i % 2)
+    s.mark("before")
+    first = None
+    for w in range(10):
+        for j in range(2):
+            st = s.write((w * 2 + j) * 65536 + 4096, rng.randbytes(16384), comm="crypt",
+                         pid=20 + w)
+            first = first or st
+    s.end()
+    store = tmp_path / "store"
+    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
+    assert rc == 0, err
+    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
+                            "--format", "json")
+    assert rc == 1, err
+    eps = json.loads(out)
+    assert len(eps) == 1, eps
+    ep = eps[0]
+    assert ep["processes"].startswith("crypt[") and "cp[" not in ep["processes"], ep
+    assert ep["processes"].count("crypt[") >= 3, ep
+    assert ep["first_stamp"] == first and ep["clean_mark"] == "before", ep
+
+
+@pytest.mark.bpf
+def test_attack_spread_over_processes_detected(make_loop, tmp_path):
+    """`xargs -P 4 -n 2` running one attacker process per two documents (each below the
+    per-process thresholds): in place, then (11 s later: one episode otherwise) into new files
+    with the originals deleted. Each is one episode of the workers (python, several pids),
+    detected within 10 s of its start; the first's clean point holds every original. (Benign
+    work running many processes of one name -- gzip/zstd per log, cp per media file, dpkg-deb
+    per package, PostgreSQL's backends -- is test_inplace_encryption_detected_benign_work_not's.)"""
+    rng = random.Random(17)
+    loop = make_loop(size_mb=128)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    modes = ("inplace", "newfiles")
+    sh("mount", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng, docs=24)
+        sets = {"inplace": files[:12], "newfiles": files[12:24]}
+        started = {}
+        with TraceProc([dev], log) as t:
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            for m in modes:
+                started[m] = time.time_ns()
+                p = wl.attack_workers(m, sets[m], per=2, parallel=4)
+                assert p.wait(120) == 0
+                time.sleep(11.0 if m == "inplace" else 1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == len(modes), eps
+    for m, ep in zip(modes, eps):
+        t0 = started[m]
+        assert ep["processes"].count("python[") >= 3, (m, ep)
+        assert _iso_ns(ep["started"]) >= t0 - 5 * 10**6, (m, ep)
+        assert _iso_ns(ep["detected"]) - t0 <= 10 * 10**9, (m, ep)
+        print(f"{m} by workers: detected {(_iso_ns(ep['detected']) - t0) / 1e9:.2f} s after "
+              f"the start ({ep['kind']}; {ep['processes']})")
+    after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad
