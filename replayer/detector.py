@@ -633,7 +633,10 @@ class Detector:
             return False
         touch = self.touch.get(g, ())
         whos = {x[3] for x in rec}   # its first random overwrite by these processes
-        mine = [x for x in touch if x[2] in whos]
+        # (a workers group: by any of its processes in the window -- the first workers may
+        # have written only into free space, ciphertext of files deleted after: xfs put the
+        # next workers' files over those blocks, and an episode from there missed 3 files)
+        mine = list(touch) if spread else [x for x in touch if x[2] in whos]
         # and, where the tracer records dirtiers, by the flushers of its cgroup whose
         # writes no dirtier names (a bio's later pages, pages the dirtier map missed):
         # they may be its own (without dirtiers every flushed write is unnamed: other
