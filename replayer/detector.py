@@ -183,12 +183,15 @@ class Streak:
         """A random write; a new place unless it continues the previous one on the device,
         within PLACE_NS, with no other write between them (a file system allocating new
         files one after the other, xfs, has them contiguous: the fsync's log write between
-        two files separates them)."""
+        two files separates them), or, in a workers group, by another process (each its own
+        file: one burst of writeback, syncfs, wrote xfs's contiguous files of 28 processes
+        as one run)."""
         p = self._prev
         if (p is None or t - p[0] > PLACE_NS or s > p[3] + 1
-                or not (p[1] <= a <= p[2] or a <= p[1] < e)):
+                or not (p[1] <= a <= p[2] or a <= p[1] < e)
+                or (self.group[1] == WORKERS and who != p[4])):
             self.places += 1
-        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s)
+        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s, who)
         if s != self.last_stamp:
             self.writes += 1
         self.last_stamp, self.last_ns = s, t
@@ -793,6 +796,7 @@ SAMPLE = 4096                 # bytes per sample of a file's content ...
 SAMPLES = 32                  # ... and how many, spread over the file
 MIN_FILE = 1024               # smaller files are not counted
 PAIR_SLACK = (4096, 0.1)      # a new file pairs an old one within 4 KiB or 10 % of its size
+SETTLE_NS = 2 * 10**9         # a journal commit follows a burst of writeback within this
 NEW_PLACES_MORE = 2           # a candidate has MIN_RUNS + 2 places: the deletion of a file
                               # reaches the journal with the next file's fsync, so a check at
                               # MIN_RUNS places would find too few pairs and cost a second one
@@ -953,37 +957,48 @@ class FileCheck:
             th = threading.Thread(target=mount_a, name="detector-point-a", daemon=True)
             th.start()
         try:
-            with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
-                    mounted(img_b) as (mnt_b, _):
-                mb = fsmap.file_map(mnt_b)
-                if th is not None:
-                    th.join()
-                    th = None
-                if "e" in side:
-                    raise side["e"]
-                mnt_a, ma, rnd_a = side["a"]
-                lost, gained = {}, {}
-                for p, fa in ma.items():
-                    fb = mb.get(p)
-                    if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
-                                                 and fb["extents"] == fa["extents"]):
-                        continue
-                    if p not in rnd_a:
-                        rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
-                    if rnd_a[p] <= COMPRESSIBLE:
-                        lost[p] = fa["size"]
-                for p, fb in mb.items():
-                    fa = ma.get(p)
-                    if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
-                                                 and fa["extents"] == fb["extents"]):
-                        continue
-                    own = sum(n for _, n in fb["extents"])
-                    if own == 0 or 2 * fsmap.overlap(fb["extents"], ranges) < min(own, fb["size"]):
-                        continue    # not written by this group in the streak
-                    if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
-                        gained[p] = fb["size"]
-                pairs = pair_files(lost, gained)
-                old = [ma[p] for p, _ in pairs]
+            for again in (False, True):
+                with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
+                        mounted(img_b) as (mnt_b, _):
+                    mb = fsmap.file_map(mnt_b)
+                    if th is not None:
+                        th.join()
+                        th = None
+                    if "e" in side:
+                        raise side["e"]
+                    mnt_a, ma, rnd_a = side["a"]
+                    lost, gained = {}, {}
+                    for p, fa in ma.items():
+                        fb = mb.get(p)
+                        if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
+                                                     and fb["extents"] == fa["extents"]):
+                            continue
+                        if p not in rnd_a:
+                            rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
+                        if rnd_a[p] <= COMPRESSIBLE:
+                            lost[p] = fa["size"]
+                    for p, fb in mb.items():
+                        fa = ma.get(p)
+                        if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
+                                                     and fa["extents"] == fb["extents"]):
+                            continue
+                        own = sum(n for _, n in fb["extents"])
+                        if own == 0 or 2 * fsmap.overlap(fb["extents"], ranges) < min(own, fb["size"]):
+                            continue    # not written by this group in the streak
+                        if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
+                            gained[p] = fb["size"]
+                    pairs = pair_files(lost, gained)
+                    old = [ma[p] for p, _ in pairs]
+                # nothing of it shows as files yet: a burst of writeback (syncfs, the flusher)
+                # writes the data first and the metadata at the journal commit right after it:
+                # once more at the last point within SETTLE_NS of the streak's last write
+                if gained or again:
+                    break
+                b2 = st.last_stamp_at(det.session, b_stamp + 1, max(det.last_stamp, b_stamp),
+                                      sk.last_ns + SETTLE_NS)
+                if b2 is None or b2 <= b_stamp or self._restorable(det, b2) is not True:
+                    break
+                b_stamp = b2
         except UserError as e:     # no ext4/xfs, no loop device...: said once
             self.disabled = str(e)
             print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
