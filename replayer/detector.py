@@ -58,7 +58,10 @@ last write: files holding compressible data that are gone or whose blocks change
 renamed over, truncated and rewritten) against files holding random data that the group
 wrote, created or changed since. At least MIN_RUNS such pairs of about the same size
 (encryption keeps a file's size, compression does not; copying media deletes nothing) for
-MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). Each
+MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). When
+none of the group's data shows as files at its last write yet (one burst of writeback writes
+the data, then commits the metadata), that point is read again at the journal commit within
+SETTLE_NS. Each
 check mounts two points (~2-3 s each); a point not restorable yet is checked again at the
 next pass.
 
