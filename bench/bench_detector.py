@@ -17,6 +17,12 @@ document with its checksum):
   viatmp     AES-CTR into DOC.tmp, fsync, renamed over the original
   buffered   inplace without fsync, written back by the flusher (traced with --dirtier: the
              episode is the attacker's, not the kworker's)
+  workers    inplace spread over processes: `xargs -P 4 -n 2`, one attacker process per two
+             documents (each below the per-process thresholds)
+  workers_newfiles  newfiles the same way
+  workers_shell  a shell loop under `xargs -P 4`: per document `openssl enc` into DOC.tmp,
+             `cat DOC.tmp > DOC` (through the page cache, written back by the flusher:
+             traced with --dirtier), rm DOC.tmp
 benign (must not alarm):
   compress   gzip / zstd of the logs (each replaces its input)
   media      copying media files and a random-data archive
@@ -52,7 +58,7 @@ from tracerproc import TraceProc, cli, sh  # noqa: E402
 
 SIZE_MB = {"ext4": 256, "xfs": 320}
 ATTACKS = ("inplace", "newfiles", "slow", "newfiles_discard", "newfiles_slow", "truncate",
-           "viatmp", "buffered")
+           "viatmp", "buffered", "workers", "workers_newfiles", "workers_shell")
 BENIGN = ("compress", "media", "sqlite", "fio", "compress_discard", "postgres", "apt")
 
 
@@ -77,11 +83,20 @@ def run_one(fs: str, name: str, base: Path) -> dict:
         sh("mount", *(["-o", "discard"] if name.endswith("_discard") else []), dev, mnt)
         try:
             files = wl.populate(mnt, rng)
-            with TraceProc([dev], log, *(["--dirtier"] if name == "buffered" else [])) as t:
+            with TraceProc([dev], log, *(["--dirtier"] if name in ("buffered", "workers_shell")
+                                         else [])) as t:
                 time.sleep(1.0)
                 before = wl.checksums(mnt)
                 t0 = time.time_ns()
-                if name in ATTACKS:
+                if name == "workers_shell":
+                    p = wl.attack_shell(files, parallel=4)
+                    assert p.wait(600) == 0
+                    wl.syncfs(mnt)
+                elif name.startswith("workers"):
+                    p = wl.attack_workers("newfiles" if name.endswith("newfiles") else "inplace",
+                                          files, per=2, parallel=4)
+                    assert p.wait(600) == 0
+                elif name in ATTACKS:
                     mode = ("newfiles" if name.startswith("newfiles") else
                             name if name in ("truncate", "viatmp", "buffered") else "inplace")
                     p = wl.attack(mode, files,

@@ -4,25 +4,28 @@ writeback_dirty_folio) and the R_DIRTY lookup of writeback bios, switched off an
 
   sudo .venv/bin/python bench/bench_dirtier.py [--runtime 60] [--window 0.5] [--size-mb 2048]
                                                [--file-mb 1024] [--jobs bufseq64k bufrand4k]
+                                               [--shift N | --compare-shift N]
 
-One traced ext4 on a loop device over a fully allocated file on the disk (direct I/O), an
-in-process Tracer (tracer/session.py, no baseline, checkpoints and resync stopped), one fio
-run per job of buffered writes (psync, no O_DIRECT, no fsync) into one --file-mb file on it,
+One traced ext4 on a loop device over a fully allocated file on the disk (direct I/O), an in-
+process Tracer (tracer/session.py, no baseline, checkpoints and resync stopped), one fio run
+per job of buffered writes (psync, no O_DIRECT, no fsync) into one --file-mb file on it,
 overwritten for --runtime seconds: the flusher writes the pages back and they are dirtied
 again, so the tracepoint fires and the writeback bios look their dirtier up all along. The
 dirtier is switched off/on every --window seconds (Capture.set_dirtier: the cfg switch, same
-object, same process), the interleaved method of bench_dirty.py: each "on" window is compared
-with the mean of the "off" windows around it. Per window: fio's CPU time per KiB written
-(its threads' schedstat run time over its wchar: the dirtier_btf runs are in the writer's
-context; throttling pauses cost no CPU, so this is the steadiest figure with buffered
-writes; windows with less than 1 MiB written are left out of the pairs; the off/on columns
-are ratios of sums), fio's write rate (its wchar, /proc/PID/io: what the writer got through the page
-cache; bursty: balance_dirty_pages pauses the writer), the device's completed writes
-(/sys/block/X/stat: the writeback), and kernel BPF stats (BPF_ENABLE_STATS) of dirtier_btf
-(runs, ns per run) and of the block_bio_queue program (ns per run: the lookup is in it).
-Reports both on/off ratios with their 95 % confidence intervals (an interval that holds 1.0:
-no measurable change at that resolution), and the dirtier program's CPU time as a share of
-one CPU. Prints a table and writes bench/results/dirtier-<date>.json. Asserts nothing.
+object, same process; --compare-shift N: kept on, switched between one entry per folio and one
+per 2^N pages of the file, Capture.set_dirtier_shift), the interleaved method of
+bench_dirty.py: each "on" window is compared with the mean of the "off" windows around it. Per
+window: fio's CPU time per KiB written (its threads' schedstat run time over its wchar: the
+dirtier_btf runs are in the writer's context; throttling pauses cost no CPU, so this is the
+steadiest figure with buffered writes; windows with less than 1 MiB written are left out of the
+pairs; the off/on columns are ratios of sums), fio's write rate (its wchar, /proc/PID/io: what
+the writer got through the page cache; bursty: balance_dirty_pages pauses the writer), the
+device's completed writes (/sys/block/X/stat: the writeback), and kernel BPF stats
+(BPF_ENABLE_STATS) of dirtier_btf (runs, ns per run) and of the block_bio_queue program (ns per
+run: the lookup is in it). Reports both on/off ratios with their 95 % confidence intervals (an
+interval that holds 1.0: no measurable change at that resolution), and the dirtier program's
+CPU time as a share of one CPU. Prints a table and writes bench/results/dirtier-<date>.json.
+Asserts nothing.
 Makes its own loop device and mount under /var/tmp/blkrewind-bench/run-*, removes them on exit.
 """
 from __future__ import annotations
@@ -118,7 +121,15 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(2.0)  # fio starts, the page cache fills to the dirty limits
             on = False
-            cap.set_dirtier(on)
+            if a.compare_shift is not None:   # "off": per folio, "on": per 2^shift pages
+                def switch(on: bool) -> None:
+                    cap.set_dirtier_shift(a.compare_shift if on else 0)
+                cap.set_dirtier(True)
+            else:
+                def switch(on: bool) -> None:
+                    cap.set_dirtier(on)
+                cap.set_dirtier_shift(a.shift)
+            switch(on)
 
             def sample():
                 return (time.monotonic(), wchar(p.pid), device_written(dev),
@@ -139,7 +150,7 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
                     "dirtier_cpu": (s1[3][0] - s0[3][0]) / (dt * 1e9),
                     "queue_runs": qruns, "queue_ns_per_run": (s1[4][0] - s0[4][0]) / max(1, qruns)})
                 on = not on
-                cap.set_dirtier(on)
+                switch(on)
                 s0 = s1
             p.wait(a.runtime + 120)
             st = cap.state().as_dict()
@@ -194,7 +205,16 @@ def main() -> int:
     ap.add_argument("--ring-mb", type=int, default=128)
     ap.add_argument("--jobs", nargs="+", choices=list(JOBS), default=list(JOBS))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--shift", type=int, default=None, metavar="N",
+                    help="the dirtier kept per 2^N pages (default: the tracer's, "
+                         "capture.DIRTIER_SHIFT)")
+    ap.add_argument("--compare-shift", type=int, default=None, metavar="N",
+                    help="keep the dirtier on and switch between per folio (\"off\") and per "
+                         "2^N pages (\"on\") instead of off and on")
     a = ap.parse_args()
+    if a.shift is None:
+        from blkrewind.tracer.capture import DIRTIER_SHIFT
+        a.shift = DIRTIER_SHIFT
     if os.geteuid() != 0:
         say("bench_dirtier: must run as root (loop devices, BPF)")
         return 2

@@ -64,7 +64,8 @@ struct br_cfg {
 	__u32 dirtier;         /* 1: record who dirties page-cache folios of traced devices
 				* and emit R_DIRTY for writeback bios (trace --dirtier;
 				* benches switch it) */
-	__u32 pad;
+	__u32 dirtier_shift;   /* the dirtier is kept per 2^dirtier_shift pages of a file
+				* (dirtier_map's key: the folio index >> it; 0: per folio) */
 };
 
 struct br_state {
@@ -654,9 +655,12 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 #define BR_S_IFMT 0170000
 #define BR_S_IFBLK 0060000
 
-/* the current thread dirtied the page-cache folio (page) key. A macro: as an always_inline
- * function (key by pointer) the stack slots moved, other instructions. */
-#define REMEMBER_DIRTIER(key) do {							\
+/* the current thread dirtied the page-cache folio (page) key: remembered for its range of
+ * 2^dirtier_shift pages (the same thread dirtying more of the range, the common case, then
+ * costs a lookup and a store, no new LRU node). A macro: as an always_inline function (key
+ * by pointer) the stack slots moved, other instructions. */
+#define REMEMBER_DIRTIER(c, key) do {							\
+	(key).index >>= ((c)->dirtier_shift & 31);					\
 	__u64 pt = bpf_get_current_pid_tgid();						\
 	__u64 now = bpf_ktime_get_ns();							\
 	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &(key));		\
@@ -705,7 +709,7 @@ int BPF_PROG(dirtier_btf, struct folio *folio, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = folio->index };
-	REMEMBER_DIRTIER(key);
+	REMEMBER_DIRTIER(c, key);
 	return 0;
 }
 
@@ -745,7 +749,9 @@ static __always_inline __u64 folio_flags(void *folio)
  * F_DIRTYSELF) or goes out as an R_DIRTY record. A macro: the walks are two types. */
 #define DIRTIER_REC(c, s, w, key, header_rec) do {					\
 	if ((key).mapping && !((key).mapping & 3)) {  /* none, or anon / movable_ops */	\
-		struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &(key));	\
+		struct br_dkey rk = { .mapping = (key).mapping,				\
+				      .index = (key).index >> ((c)->dirtier_shift & 31) };	\
+		struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &rk);		\
 		if (!d)									\
 			break;								\
 		if (d->tgid == (w)->h.tgid && d->tid == (w)->h.tid) {			\

@@ -539,7 +539,7 @@ static __always_inline int ldirtier(__u64 index, struct address_space *mapping)
 	if (!(c->dev_bloom & (dev_bit(dev) | dev_bit(disk))))
 		return 0;
 	struct br_dkey key = { .mapping = (__u64)mapping, .index = index };
-	REMEMBER_DIRTIER(key);
+	REMEMBER_DIRTIER(c, key);
 	return 0;
 }
 

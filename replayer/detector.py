@@ -29,6 +29,18 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   write over existing data (any randomness before: a jpeg encrypted first replaces random
   data) inside that window, so its clean point (the stamp before) precedes all of it; it lasts
   while encrypting writes follow each other within WINDOW_NS.
+- every process also counts in its *workers group*: all processes of its name (comm) in its
+  cgroup (`_workers`). An attack spread over processes -- a parent forking workers, `xargs
+  -P 4 -n 2`, each process encrypting two files: 2 places, below MIN_RUNS -- is an episode
+  of that group when the rules above hold for WORKERS_FACTOR times the bytes and places and
+  its writes are spread (`_spread`: at least WORKERS_PROCS processes, none with more than half
+  of the bytes: one attacker, or two one after the other, are their own groups'). The same
+  for the streaks of the file-level check and for the deletion rule (below). A process's
+  writes leave its workers group's count once an episode of its own opens; while a workers
+  episode is open, it takes the writes of every process of that name in the cgroup. (The
+  workers of a program are usually one name; the parent/child tree and the session are not
+  recorded, and a cgroup alone -- every process of a user's session or a service -- mixes
+  too much benign work: the test machine runs all of the benign set in one cgroup.)
 
 Encryption into new files, then deletion of the originals, replaces nothing in place: the
 ciphertext goes to free space and the deletion only writes metadata. Where the file system
@@ -46,16 +58,23 @@ last write: files holding compressible data that are gone or whose blocks change
 renamed over, truncated and rewritten) against files holding random data that the group
 wrote, created or changed since. At least MIN_RUNS such pairs of about the same size
 (encryption keeps a file's size, compression does not; copying media deletes nothing) for
-MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). Each
+MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). When
+none of the group's data shows as files at its last write yet (one burst of writeback writes
+the data, then commits the metadata), that point is read again at the journal commit within
+SETTLE_NS. Each
 check mounts two points (~2-3 s each); a point not restorable yet is checked again at the
 next pass.
 
 What it cannot see: data encrypted by a process that writes through the page cache without fsync reaches the device
 at writeback (up to dirty_expire_centisecs, 30 s by default), so the alert follows the
 writeback, not the encryption; without `trace --dirtier` (or for pages the dirtier
-misses, docs/internals.md) the group of buffered writes is the flusher's; an attack spread
-over many processes (a shell loop: `openssl enc` then `cat tmp > file` per file) has no
-group with MIN_RUNS places; the file-level check needs ext4 or xfs, and pairs files by size
+misses, docs/internals.md) the group of buffered writes is the flusher's (a shell loop
+running `openssl enc` then `cat tmp > file` per file writes through the page cache: its cat
+processes are a workers group only with --dirtier); an attack spread over processes of
+different names each below the thresholds (or over cgroups) is not seen; the workers group
+of a common name (python, sh) mixes an attacker's processes with benign ones of that name in
+the cgroup (their random data before the attack can move the episode's start, and so its
+clean point, earlier); the file-level check needs ext4 or xfs, and pairs files by size
 (a process that copies random files while others delete compressible ones of the same sizes
 would pair).
 
@@ -91,6 +110,9 @@ PLACE_NS = 500 * 10**6
 DELETE_RATIO = (0.5, 2.0)     # random bytes into free space per compressible byte discarded
 RANDOM_SHARE = 0.5            # an episode's group wrote at least this share of random data
 FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places (1 MiB, 24)
+WORKERS = -1                  # the tgid of a workers group (_workers)
+WORKERS_FACTOR = 2            # a workers group needs 2x the bytes and places, spread over
+WORKERS_PROCS = 3             # >= 3 processes, none with more than half of its bytes
 CHUNK_ROWS = 200_000
 NEWFILES = "encrypted into new files, originals deleted or rewritten"
 RETRY = "retry"
@@ -164,12 +186,15 @@ class Streak:
         """A random write; a new place unless it continues the previous one on the device,
         within PLACE_NS, with no other write between them (a file system allocating new
         files one after the other, xfs, has them contiguous: the fsync's log write between
-        two files separates them)."""
+        two files separates them), or, in a workers group, by another process (each its own
+        file: one burst of writeback, syncfs, wrote xfs's contiguous files of 28 processes
+        as one run)."""
         p = self._prev
         if (p is None or t - p[0] > PLACE_NS or s > p[3] + 1
-                or not (p[1] <= a <= p[2] or a <= p[1] < e)):
+                or not (p[1] <= a <= p[2] or a <= p[1] < e)
+                or (self.group[1] == WORKERS and who != p[4])):
             self.places += 1
-        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s)
+        self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s, who)
         if s != self.last_stamp:
             self.writes += 1
         self.last_stamp, self.last_ns = s, t
@@ -364,23 +389,44 @@ class Detector:
         for k in ev.tolist():
             i = int(keep[k])
             g = _group(int(cg[i]), int(tgid[i]), comm[i])
+            wg = _workers(g)
             s, t = int(stamp[i]), int(tns[i])
             a, e = int(start[k]), int(start[k] + length[k])
-            ep = self.open.get(g)
-            if ep is not None and ep.detect_stamp <= s and t - ep.last_ns <= self.window_ns:
+            ep = None
+            for x in (wg, g):
+                o = self.open.get(x) if x is not None else None
+                if o is not None and o.detect_stamp <= s and t - o.last_ns <= self.window_ns:
+                    ep = o
+                    break
+            if ep is not None:
                 if ep.kind == NEWFILES:   # the episode goes on
                     ep.last_stamp, ep.last_ns = max(ep.last_stamp, s), max(ep.last_ns, t)
                     ep.writes += 1
                 continue
-            st = self.streaks.get(g)
-            if st is None or t - st.last_ns > self.window_ns:
-                st = self.streaks[g] = Streak(g, s, t)
-            st.add(s, t, min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
-            f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
-            if (st.bytes >= max(st.next_check, self.min_bytes * f_)
-                    and st.places >= (self.min_runs + NEW_PLACES_MORE) * f_):
-                st.next_check = 2 * st.bytes
-                self.pending.append(st.snapshot())
+            n, who = min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]"
+            if self._streak(g, s, t, n, who, a, e, FLUSHER_FACTOR if g[2] == "kworker" else 1):
+                ws = self.streaks.get(wg) if wg is not None else None
+                if ws is not None and t - ws.last_ns <= self.window_ns:
+                    ws.next_check = 1 << 62   # its workers' streak: checked as this one
+            if wg is not None:
+                self._streak(wg, s, t, n, who, a, e, WORKERS_FACTOR, spread=True)
+
+    def _streak(self, g: tuple, s: int, t: int, n: int, who: str, a: int, e: int,
+                factor: int, spread: bool = False) -> bool:
+        """Add a random write into new places to group g's streak; a candidate for the
+        file-level check (factor x the bytes and places; spread: over processes, _spread):
+        True."""
+        st = self.streaks.get(g)
+        if st is None or t - st.last_ns > self.window_ns:
+            st = self.streaks[g] = Streak(g, s, t)
+        st.add(s, t, n, who, a, e)
+        if (st.bytes >= max(st.next_check, self.min_bytes * factor)
+                and st.places >= (self.min_runs + NEW_PLACES_MORE) * factor
+                and (not spread or _spread(st.procs))):
+            st.next_check = 2 * st.bytes
+            self.pending.append(st.snapshot())
+            return True
+        return False
 
     def _volumes(self, c, keep, length, rnd, zeroing) -> None:
         """Per group, the times and sizes of its data writes and of its random ones (for
@@ -408,8 +454,11 @@ class Detector:
                        "kworker/" if kw[i0] else comm[i0])
             o = np.argsort(t[sel], kind="stable")
             ts = t[sel][o]
-            v = self.vol.setdefault(g, [])
-            v.append((ts, np.cumsum(n[sel][o]), np.cumsum(r[sel][o])))
+            x = (ts, np.cumsum(n[sel][o]), np.cumsum(r[sel][o]))
+            self.vol.setdefault(g, []).append(x)
+            wg = _workers(g)
+            if wg is not None:
+                self.vol.setdefault(wg, []).append(x)
         for g, v in list(self.vol.items()):
             v[:] = [x for x in v if x[0][-1] >= t_end - self.window_ns]
             if not v:
@@ -456,6 +505,10 @@ class Detector:
                     self.episodes.remove(ep)
                 self.open[st.group] = r
                 self.episodes.append(r)
+                wg = _workers(st.group) if st.group[1] != WORKERS else None
+                q = self.recent.get(wg) if wg is not None else None
+                if q:   # its writes are its episode's, not its workers group's
+                    self.recent[wg] = deque(x for x in q if x[3] not in r.procs)
                 if self.on_episode is not None:
                     self.on_episode(r)
         self.pending = later
@@ -483,8 +536,10 @@ class Detector:
                 self.disc.append((t, s, min(int(d_comp[k]) * bs, e - a), "", a, e))
             if f_rnd[k]:
                 g = _group(int(cg[i]), int(tgid[i]), comm[i])
-                self.fresh.setdefault(g, deque()).append(
-                    (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e))
+                item = (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
+                for x in (g, _workers(g)):
+                    if x is not None:
+                        self.fresh.setdefault(x, deque()).append(item)
             while self.disc and self.disc[0][0] < t - self.window_ns:
                 self.disc.popleft()
             for q in self.fresh.values():
@@ -494,7 +549,7 @@ class Detector:
                 continue
             dsum = sum(x[2] for x in self.disc)
             for g, q in self.fresh.items():
-                if g in self.open:
+                if g in self.open or (g[1] == WORKERS and not _spread(_by_proc(q))):
                     continue
                 f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
                 fsum = sum(x[2] for x in q)
@@ -523,61 +578,94 @@ class Detector:
         for k in cand.tolist():
             i = int(keep[k])
             g, s, t = _group(int(cg[i]), int(tgid[i]), comm[i]), int(stamp[i]), int(tns[i])
+            wg = _workers(g)
             enc = min(int(enc_blocks[k]) * bs, int(length[k]))
             who = f"{comm[i]}[{int(tgid[i])}]"
-            touch = self.touch.setdefault(g, deque())
-            touch.append((t, s, who, int(start[k]), int(start[k] + length[k])))
-            while touch and touch[0][0] < t - self.window_ns:
-                touch.popleft()
-            ep = self.open.get(g)
-            if ep is not None and t - ep.last_ns > self.window_ns:
-                del self.open[g]
-                ep = None
+            a, e = int(start[k]), int(start[k] + length[k])
+            for x in (g, wg):
+                if x is None:
+                    continue
+                touch = self.touch.setdefault(x, deque())
+                touch.append((t, s, who, a, e))
+                while touch and touch[0][0] < t - self.window_ns:
+                    touch.popleft()
+            ep = None
+            for x in (wg, g):   # the workers' episode takes its members' writes
+                if x is None:
+                    continue
+                o = self.open.get(x)
+                if o is not None and t - o.last_ns > self.window_ns:
+                    del self.open[x]
+                    o = None
+                if ep is None:
+                    ep = o
             if enc == 0:   # random over random: part of an open episode of its process
                 if ep is not None and who in ep.procs:
-                    ep.add_range(int(start[k]), int(start[k] + length[k]))
+                    ep.add_range(a, e)
                 continue
             if ep is not None:
                 ep.last_stamp, ep.last_ns = s, t
                 ep.bytes += enc
                 ep.writes += 1
                 ep.procs[who] += enc
-                ep.add_range(int(start[k]), int(start[k] + length[k]))
+                ep.add_range(a, e)
                 continue
-            rec = self.recent.setdefault(g, deque())
-            rec.append((t, s, enc, who, int(start[k]), int(start[k] + length[k])))
-            while rec and rec[0][0] < t - self.window_ns:
-                rec.popleft()
-            total = sum(x[2] for x in rec)
-            nwrites = len({x[1] for x in rec})
-            k_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
-            if (total >= self.min_bytes * k_ and nwrites >= self.min_writes
-                    and _places(rec) >= self.min_runs * k_
-                    and self.random_share(g, t) >= RANDOM_SHARE):
-                whos = {x[3] for x in rec}   # its first random overwrite by these processes
-                mine = [x for x in touch if x[2] in whos]
-                # and, where the tracer records dirtiers, by the flushers of its cgroup whose
-                # writes no dirtier names (a bio's later pages, pages the dirtier map missed):
-                # they may be its own (without dirtiers every flushed write is unnamed: other
-                # processes' random data flushed before the attack is not its start)
-                fl = self.touch.get((g[0], 0, "kworker")) \
-                    if g[2] != "kworker" and self.dirtier_seen else None
-                early = [(x[0], x[1]) for x in fl or () if x[0] >= t - self.window_ns]
-                t0, s0 = min([(x[0], x[1]) for x in mine] + early + [(rec[0][0], rec[0][1])],
-                             key=lambda x: x[1])
-                ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
-                for x in mine:
-                    ep.add_range(x[3], x[4])
-                for (_, _, e, w, a, b) in rec:
-                    ep.bytes += e
-                    ep.writes += 1
-                    ep.procs[w] += e
-                    ep.add_range(a, b)
-                rec.clear()
-                self.open[g] = ep
-                self.episodes.append(ep)
-                if self.on_episode is not None:
-                    self.on_episode(ep)
+            item = (t, s, enc, who, a, e)
+            if self._inplace(g, item, 1):
+                if wg is not None:   # its writes are its episode's, not its workers group's
+                    q = self.recent.get(wg)
+                    if q:
+                        self.recent[wg] = deque(x for x in q if x[3] != who)
+                continue
+            if wg is not None:
+                self._inplace(wg, item, WORKERS_FACTOR, spread=True)
+
+    def _inplace(self, g: tuple, item: tuple, factor: int, spread: bool = False) -> bool:
+        """Count an encrypting write (time, stamp, bytes, who, start, end) for group g; open
+        its episode when the rule holds (factor x the bytes and places; spread: over
+        processes, _spread): True."""
+        t, s = item[0], item[1]
+        rec = self.recent.setdefault(g, deque())
+        rec.append(item)
+        while rec and rec[0][0] < t - self.window_ns:
+            rec.popleft()
+        total = sum(x[2] for x in rec)
+        nwrites = len({x[1] for x in rec})
+        k_ = FLUSHER_FACTOR if g[2] == "kworker" else factor
+        if not (total >= self.min_bytes * k_ and nwrites >= self.min_writes
+                and _places(rec) >= self.min_runs * k_
+                and (not spread or _spread(_by_proc(rec)))
+                and self.random_share(g, t) >= RANDOM_SHARE):
+            return False
+        touch = self.touch.get(g, ())
+        whos = {x[3] for x in rec}   # its first random overwrite by these processes
+        # (a workers group: by any of its processes in the window -- the first workers may
+        # have written only into free space, ciphertext of files deleted after: xfs put the
+        # next workers' files over those blocks, and an episode from there missed 3 files)
+        mine = list(touch) if spread else [x for x in touch if x[2] in whos]
+        # and, where the tracer records dirtiers, by the flushers of its cgroup whose
+        # writes no dirtier names (a bio's later pages, pages the dirtier map missed):
+        # they may be its own (without dirtiers every flushed write is unnamed: other
+        # processes' random data flushed before the attack is not its start)
+        fl = self.touch.get((g[0], 0, "kworker")) \
+            if g[2] != "kworker" and self.dirtier_seen else None
+        early = [(x[0], x[1]) for x in fl or () if x[0] >= t - self.window_ns]
+        t0, s0 = min([(x[0], x[1]) for x in mine] + early + [(rec[0][0], rec[0][1])],
+                     key=lambda x: x[1])
+        ep = Episode(self.session, self.dev, g, s0, t0, s, t, s, t)
+        for x in mine:
+            ep.add_range(x[3], x[4])
+        for (_, _, e, w, a, b) in rec:
+            ep.bytes += e
+            ep.writes += 1
+            ep.procs[w] += e
+            ep.add_range(a, b)
+        rec.clear()
+        self.open[g] = ep
+        self.episodes.append(ep)
+        if self.on_episode is not None:
+            self.on_episode(ep)
+        return True
 
 
 def _group(cgroup: int, tgid: int, comm: str) -> tuple:
@@ -586,6 +674,32 @@ def _group(cgroup: int, tgid: int, comm: str) -> tuple:
     if comm.startswith("kworker/"):
         return (cgroup, 0, "kworker")
     return (cgroup, tgid, comm)
+
+
+def _workers(g: tuple) -> tuple | None:
+    """The workers group a process group also counts in: every process of its name in its
+    cgroup (tgid WORKERS): an attack spread over processes (a parent forking workers,
+    `xargs -P`), each below the thresholds, is one there. None for the flushers (one group
+    per cgroup already)."""
+    if g[2] == "kworker":
+        return None
+    return (g[0], WORKERS, g[2])
+
+
+def _by_proc(rec) -> Counter:
+    """Bytes per process of (time, stamp, bytes, who, ...) items."""
+    c: Counter = Counter()
+    for x in rec:
+        c[x[3]] += x[2]
+    return c
+
+
+def _spread(procs: Counter) -> bool:
+    """A workers group's writes are spread over processes: at least WORKERS_PROCS of them,
+    none with more than half of the bytes (one process doing most of it, or two attackers
+    one after the other, are each their own group's)."""
+    tot = sum(procs.values())
+    return len(procs) >= WORKERS_PROCS and tot > 0 and 2 * max(procs.values()) <= tot
 
 
 def _places(rec) -> int:
@@ -685,6 +799,7 @@ SAMPLE = 4096                 # bytes per sample of a file's content ...
 SAMPLES = 32                  # ... and how many, spread over the file
 MIN_FILE = 1024               # smaller files are not counted
 PAIR_SLACK = (4096, 0.1)      # a new file pairs an old one within 4 KiB or 10 % of its size
+SETTLE_NS = 2 * 10**9         # a journal commit follows a burst of writeback within this
 NEW_PLACES_MORE = 2           # a candidate has MIN_RUNS + 2 places: the deletion of a file
                               # reaches the journal with the next file's fsync, so a check at
                               # MIN_RUNS places would find too few pairs and cost a second one
@@ -845,37 +960,48 @@ class FileCheck:
             th = threading.Thread(target=mount_a, name="detector-point-a", daemon=True)
             th.start()
         try:
-            with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
-                    mounted(img_b) as (mnt_b, _):
-                mb = fsmap.file_map(mnt_b)
-                if th is not None:
-                    th.join()
-                    th = None
-                if "e" in side:
-                    raise side["e"]
-                mnt_a, ma, rnd_a = side["a"]
-                lost, gained = {}, {}
-                for p, fa in ma.items():
-                    fb = mb.get(p)
-                    if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
-                                                 and fb["extents"] == fa["extents"]):
-                        continue
-                    if p not in rnd_a:
-                        rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
-                    if rnd_a[p] <= COMPRESSIBLE:
-                        lost[p] = fa["size"]
-                for p, fb in mb.items():
-                    fa = ma.get(p)
-                    if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
-                                                 and fa["extents"] == fb["extents"]):
-                        continue
-                    own = sum(n for _, n in fb["extents"])
-                    if own == 0 or 2 * fsmap.overlap(fb["extents"], ranges) < min(own, fb["size"]):
-                        continue    # not written by this group in the streak
-                    if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
-                        gained[p] = fb["size"]
-                pairs = pair_files(lost, gained)
-                old = [ma[p] for p, _ in pairs]
+            for again in (False, True):
+                with open_point_image(st, self._dev, self._point(det, b_stamp)) as (img_b, _), \
+                        mounted(img_b) as (mnt_b, _):
+                    mb = fsmap.file_map(mnt_b)
+                    if th is not None:
+                        th.join()
+                        th = None
+                    if "e" in side:
+                        raise side["e"]
+                    mnt_a, ma, rnd_a = side["a"]
+                    lost, gained = {}, {}
+                    for p, fa in ma.items():
+                        fb = mb.get(p)
+                        if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
+                                                     and fb["extents"] == fa["extents"]):
+                            continue
+                        if p not in rnd_a:
+                            rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
+                        if rnd_a[p] <= COMPRESSIBLE:
+                            lost[p] = fa["size"]
+                    for p, fb in mb.items():
+                        fa = ma.get(p)
+                        if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
+                                                     and fa["extents"] == fb["extents"]):
+                            continue
+                        own = sum(n for _, n in fb["extents"])
+                        if own == 0 or 2 * fsmap.overlap(fb["extents"], ranges) < min(own, fb["size"]):
+                            continue    # not written by this group in the streak
+                        if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
+                            gained[p] = fb["size"]
+                    pairs = pair_files(lost, gained)
+                    old = [ma[p] for p, _ in pairs]
+                # nothing of it shows as files yet: a burst of writeback (syncfs, the flusher)
+                # writes the data first and the metadata at the journal commit right after it:
+                # once more at the last point within SETTLE_NS of the streak's last write
+                if gained or again:
+                    break
+                b2 = st.last_stamp_at(det.session, b_stamp + 1, max(det.last_stamp, b_stamp),
+                                      sk.last_ns + SETTLE_NS)
+                if b2 is None or b2 <= b_stamp or self._restorable(det, b2) is not True:
+                    break
+                b_stamp = b2
         except UserError as e:     # no ext4/xfs, no loop device...: said once
             self.disabled = str(e)
             print(f"blkrewind: detector: no file-level check on {self.device}: {e}",

@@ -16,15 +16,21 @@ Anything beyond loopback needs TLS (nbdkit --tls=require --tls-verify-peer with 
 certificates `blkrewind tls init` makes: the CA signs both ends) or a Unix socket.
 
 Each export has a runtime directory RUN_DIR/<id>/ (index, pid file, socket, TLS links,
-overlay) removed when it stops.
+overlay) removed when it stops. A directory made for the process that makes it (`export`, and
+every point replayer/pointimage.py reads: diff, files, bisect, serve's detector...) holds
+OWNER_FILE from its first moment: that process's pid and start time, so that what a killed
+process left (its mounts, loop devices, nbdkit and nbdfuse) is known as stale and reaped
+(replayer/mounts.py `reap_stale`: serve's start, `blkrewind umount --stale`, listed by `status`).
 """
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -40,6 +46,7 @@ RUN_DIR = "/run/blkrewind/exports"
 ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 PLUGIN = os.path.join(ROOT, "replayer", "nbd_plugin.py")
 DEFAULT_PORT = 10809
+OWNER_FILE = "owner.json"
 
 
 @dataclass
@@ -51,16 +58,44 @@ class Prepared:
     data_bytes: int
 
 
-def _run_dir(name: str) -> str:
+def proc_start(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot, /proc/PID/stat field 22): it tells the
+    process from a later one given the same pid. None: no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            s = f.read()
+        return int(s.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _run_dir(name: str, owner: dict | None = None) -> str:
+    """A new runtime directory. owner: it belongs to this process (it goes when the process
+    does): OWNER_FILE is written into it before anything else, with this process's pid and
+    start time, its command and `owner`'s items."""
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
     base = os.path.join(RUN_DIR, name)
     path, k = base, 1
     while True:
         try:
             os.mkdir(path, 0o700)
-            return path
+            break
         except FileExistsError:
             path, k = f"{base}.{k}", k + 1
+    if owner is not None:
+        pid = os.getpid()
+        prog = os.path.basename(sys.argv[0]) if sys.argv else ""
+        command = (f"blkrewind {sys.argv[1]}" if prog in ("cli.py", "blkrewind")
+                   and len(sys.argv) > 1 else prog or "python")
+        rec = {"pid": pid, "start": proc_start(pid), "command": command, **owner}
+        try:
+            with open(os.path.join(path, OWNER_FILE + ".tmp"), "w") as f:
+                json.dump(rec, f)
+            os.replace(os.path.join(path, OWNER_FILE + ".tmp"), os.path.join(path, OWNER_FILE))
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+    return path
 
 
 def prepare(store_path: str, device_spec: str, at: str, *, warn=None,
@@ -84,7 +119,9 @@ def prepare_resolved(store, device, r, *, run_dir: str | None = None) -> Prepare
 
     pl = rebuild.plan(store, r.session, r.dev, r.stamp, r.size_bytes)
     d = run_dir or _run_dir(f"{device.device.replace(':', '_').replace('/', '_')}-{r.stamp}-"
-                            f"{os.getpid()}")
+                            f"{os.getpid()}",
+                            owner={"store": os.path.abspath(getattr(store, "path", "") or "."),
+                                   "device": device.device, "stamp": int(r.stamp)})
     try:
         idx = os.path.join(d, "index.npz")
         image.save_index(idx, pl)

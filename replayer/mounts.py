@@ -26,10 +26,14 @@ umount` can also tear down what a killed `mount` left.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from types import SimpleNamespace
 
@@ -247,50 +251,102 @@ def mount(store: str, device: str, at: str, mountpoint: str, *, writable: bool =
 
 
 def serve_file(reg: dict, prep, *, writable: bool, hook=lambda name: None,
-               save=lambda reg: None) -> str:
+               save=lambda reg: None, owned: bool = False) -> str:
     """The nbdkit and nbdfuse steps: the prepared point as one image file (returned), each
     step recorded in `reg` (and `save`d) before it is taken, for `teardown`. Used by `mount`
-    and by replayer/pointimage.py (forensics commands reading a point)."""
+    and by replayer/pointimage.py (forensics commands reading a point). owned: nbdkit and
+    nbdfuse die with this process (parent-death signal; `mount`'s outlive it)."""
     hook("nbdkit")
-    p = _start_nbdkit(reg, prep.run_dir, prep.index, writable=writable, save=save)
-    _nbdkit_ready(reg, p, prep.run_dir, save=save)
-    return _nbdfuse(reg, prep.run_dir, writable=writable, hook=hook, save=save)
+    p = _start_nbdkit(reg, prep.run_dir, prep.index, writable=writable, save=save, owned=owned)
+    _nbdkit_ready(reg, p, prep.run_dir, save=save, owned=owned)
+    return _nbdfuse(reg, prep.run_dir, writable=writable, hook=hook, save=save, owned=owned)
+
+
+PR_SET_PDEATHSIG = 1
+_spawn_q: queue.Queue | None = None
+_spawn_lock = threading.Lock()
+
+
+def _spawn(argv: list[str], **kw) -> subprocess.Popen:
+    """subprocess.Popen from a thread that lives as long as this process. The parent-death
+    signal (PR_SET_PDEATHSIG, _owned_preexec) is sent when the *thread* that started the
+    child ends, not the process: serve's detector mounts a point from a thread that ends
+    right after, which would kill the point's nbdkit with it."""
+    global _spawn_q
+    with _spawn_lock:
+        if _spawn_q is None:
+            _spawn_q = queue.Queue()
+            threading.Thread(target=_spawner, args=(_spawn_q,), name="blkrewind-spawner",
+                             daemon=True).start()
+        q = _spawn_q
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    q.put((fut, argv, kw))
+    return fut.result()
+
+
+def _spawner(q: queue.Queue) -> None:
+    while True:
+        fut, argv, kw = q.get()
+        try:
+            fut.set_result(subprocess.Popen(argv, **kw))
+        except BaseException as e:   # handed to the caller
+            fut.set_exception(e)
+
+
+def _owned_preexec(parent: int, sig: int):
+    """preexec_fn of the helpers of a point owned by this process: _io_flusher, and `sig`
+    when this process dies (a SIGKILLed serve: its detector's point must not keep running)."""
+    def pre() -> None:
+        _io_flusher()
+        import ctypes
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+        if os.getppid() != parent:   # it died before the prctl
+            os._exit(1)
+    return pre
 
 
 def _start_nbdkit(reg: dict, run_dir: str, index: str, *, writable: bool,
-                  save=lambda reg: None) -> subprocess.Popen:
+                  save=lambda reg: None, owned: bool = False) -> subprocess.Popen:
     """Start nbdkit serving `index` on run_dir/nbd.sock (the index may come later: the plugin
-    waits for it, see nbd_plugin._wait_index)."""
+    waits for it, see nbd_plugin._wait_index). owned: in the foreground, exiting with this
+    process (--exit-with-parent); else daemonized (`mount`: it outlives this command)."""
 
     from blkrewind.replayer import export
 
     where = SimpleNamespace(run_dir=run_dir, index=index)
     sock = os.path.join(run_dir, "nbd.sock")
-    # nbdkit daemonizes (it outlives this command): run in the foreground, it sets
-    # PR_SET_PDEATHSIG and would be stopped when this process exits
     argv = export.nbdkit_argv(where, socket_path=sock, listen=None,  # type: ignore[arg-type]
-                              writable=writable, tls_dir=None, foreground=False)
+                              writable=writable, tls_dir=None, foreground=owned)
     if os.environ.get("BLKREWIND_NBDKIT_VERBOSE"):
         argv.insert(1, "--verbose")
     logf = os.path.join(run_dir, "nbdkit.log")
     with open(logf, "wb") as lf:
-        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
-                             env=export.env_for(where),  # type: ignore[arg-type]
-                             start_new_session=True, preexec_fn=_io_flusher)
+        kw: dict = dict(stdin=subprocess.DEVNULL, stdout=lf, stderr=lf,
+                        env=export.env_for(where),  # type: ignore[arg-type]
+                        start_new_session=True)
+        if owned:
+            p = _spawn(argv, preexec_fn=_owned_preexec(os.getpid(), signal.SIGKILL), **kw)
+        else:
+            p = subprocess.Popen(argv, preexec_fn=_io_flusher, **kw)
     reg["steps"].append("nbdkit")
     save(reg)
     return p
 
 
-def _nbdkit_ready(reg: dict, p: subprocess.Popen, run_dir: str, *, save=lambda reg: None) -> None:
+def _nbdkit_ready(reg: dict, p: subprocess.Popen, run_dir: str, *, save=lambda reg: None,
+                  owned: bool = False) -> None:
     reg["nbdkit_pid"] = _wait_pidfile(p, os.path.join(run_dir, "nbdkit.pid"), "nbdkit",
-                                      os.path.join(run_dir, "nbdkit.log"), daemon=True)
-    p.wait()
+                                      os.path.join(run_dir, "nbdkit.log"), daemon=not owned)
+    if not owned:
+        p.wait()
     save(reg)
 
 
 def _nbdfuse(reg: dict, run_dir: str, *, writable: bool, hook=lambda name: None,
-             save=lambda reg: None) -> str:
+             save=lambda reg: None, owned: bool = False) -> str:
     """nbdfuse showing the export on run_dir/nbd.sock as run_dir/fuse/image (returned)."""
     sock = os.path.join(run_dir, "nbd.sock")
     hook("nbdfuse")
@@ -303,9 +359,12 @@ def _nbdfuse(reg: dict, run_dir: str, *, writable: bool, hook=lambda name: None,
     flog = os.path.join(run_dir, "nbdfuse.log")
     fpid = os.path.join(run_dir, "nbdfuse.pid")
     with open(flog, "wb") as lf:
-        q = subprocess.Popen([exe, "-P", fpid, *([] if writable else ["-r"]), img,
-                              "--unix", sock], stdin=subprocess.DEVNULL, stdout=lf,
-                             stderr=lf, start_new_session=True, preexec_fn=_io_flusher)
+        argv = [exe, "-P", fpid, *([] if writable else ["-r"]), img, "--unix", sock]
+        kw: dict = dict(stdin=subprocess.DEVNULL, stdout=lf, stderr=lf, start_new_session=True)
+        if owned:
+            q = _spawn(argv, preexec_fn=_owned_preexec(os.getpid(), signal.SIGKILL), **kw)
+        else:
+            q = subprocess.Popen(argv, preexec_fn=_io_flusher, **kw)
     reg["nbdfuse_pid"] = q.pid
     reg["fuse_dir"] = fdir
     reg["steps"].append("nbdfuse")
@@ -410,3 +469,155 @@ def _detach_loop(loop: str, backing: str, notes: list) -> None:
             return
         time.sleep(0.1)
     raise UserError(f"cannot detach {loop}: {p.stderr.strip()}")
+
+
+# ------------------------------------------------------------------ points of dead processes
+def _mountinfo() -> list[tuple[str, str]]:
+    """(source, mount point) of this mount namespace's mounts, in mount order."""
+    out: list[tuple[str, str]] = []
+
+    def unesc(x: str) -> str:
+        return x.encode().decode("unicode_escape") if "\\" in x else x
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for ln in f:
+                a, _, b = ln.partition(" - ")
+                fields = a.split()
+                if len(fields) > 4:
+                    out.append((unesc(b.split()[1]) if b.split()[1:] else "", unesc(fields[4])))
+    except OSError:
+        pass
+    return out
+
+
+def _loops_under(d: str) -> list[str]:
+    """Loop devices whose backing file is under directory d."""
+    out: list[str] = []
+    try:
+        names = os.listdir("/sys/block")
+    except OSError:
+        return out
+    for n in names:
+        if not n.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{n}/loop/backing_file") as f:
+                b = f.read().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            continue
+        if b.startswith(d + "/"):
+            out.append(f"/dev/{n}")
+    return sorted(out)
+
+
+def _helpers_of(d: str) -> list[tuple[int, str]]:
+    """(pid, comm) of the nbdkit and nbdfuse processes serving from directory d."""
+    out: list[tuple[int, str]] = []
+    key = (d + "/").encode()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            if comm not in ("nbdkit", "nbdfuse"):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if key in f.read():
+                    out.append((int(pid), comm))
+        except OSError:
+            continue
+    return out
+
+
+def owned_points() -> list[dict]:
+    """The points read by a process of their own (runtime directories with export.OWNER_FILE:
+    diff, files, bisect, suspects --files, serve's detector, export), each with `stale`
+    (its process is gone) and what it still holds: mounts, loops, helpers (nbdkit, nbdfuse)."""
+    from blkrewind.replayer import export
+
+    out: list[dict] = []
+    try:
+        names = sorted(os.listdir(export.RUN_DIR))
+    except OSError:   # none yet, or not root
+        return out
+    mi = None
+    for n in names:
+        d = os.path.join(export.RUN_DIR, n)
+        try:
+            with open(os.path.join(d, export.OWNER_FILE)) as f:
+                rec = json.load(f)
+            pid = int(rec["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if mi is None:
+            mi = _mountinfo()
+        start = export.proc_start(pid)
+        alive = start is not None and (rec.get("start") is None or start == rec["start"])
+        out.append({**rec, "run_dir": d, "stale": not alive,
+                    "mounts": [mp for _, mp in mi if mp == d or mp.startswith(d + "/")],
+                    "loops": _loops_under(d), "helpers": _helpers_of(d)})
+    return out
+
+
+def reap(pt: dict) -> list[str]:
+    """Tear down what a point of a dead process (owned_points) holds: its file system mounts,
+    loop devices, FUSE mount, nbdkit and nbdfuse, its runtime directory. Returns what was
+    done (and what could not be)."""
+    from blkrewind.replayer import export
+
+    d = pt["run_dir"]
+    done: list[str] = []
+    start = export.proc_start(int(pt["pid"]))
+    if start is not None and pt.get("start") in (None, start):   # its process is alive
+        return done
+    fdir = os.path.join(d, "fuse")
+    # the file systems (on the loop devices), deepest first, then the loop devices
+    fs = [mp for _, mp in _mountinfo() if mp.startswith(d + "/") and mp != fdir]
+    for mp in sorted(set(fs), key=len, reverse=True):
+        p = subprocess.run(["umount", mp], capture_output=True, text=True)
+        if p.returncode != 0:
+            p = subprocess.run(["umount", "-l", mp], capture_output=True, text=True)
+        done.append(f"unmounted {mp}" if p.returncode == 0 else
+                    f"cannot unmount {mp}: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+    for lo in _loops_under(d):
+        for _ in range(50):
+            p = subprocess.run(["losetup", "-d", lo], capture_output=True, text=True)
+            if p.returncode == 0 or not any(x == lo for x in _loops_under(d)):
+                break
+            time.sleep(0.1)
+        done.append(f"detached {lo}" if p.returncode == 0 else
+                    f"cannot detach {lo}: {p.stderr.strip()}")
+    if any(mp == fdir for _, mp in _mountinfo()):
+        subprocess.run(["fusermount3", "-u", fdir], capture_output=True)
+        if os.path.ismount(fdir):
+            subprocess.run(["umount", "-l", fdir], capture_output=True)
+        done.append(f"unmounted {fdir}" if not os.path.ismount(fdir)
+                    else f"cannot unmount {fdir}")
+    for pid, comm in _helpers_of(d):
+        export.stop_pid(pid)
+        done.append(f"stopped {comm} (pid {pid})")
+    left = [mp for _, mp in _mountinfo() if mp == d or mp.startswith(d + "/")]
+    if left:
+        done.append(f"{d} kept: {', '.join(left)} still mounted")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+        done.append(f"removed {d}")
+    return done
+
+
+def reap_stale(store: str | None = None) -> list[tuple[dict, list[str]]]:
+    """reap() every point whose process is gone (of `store` only, when given)."""
+    out = []
+    for pt in owned_points():
+        if not pt["stale"]:
+            continue
+        if store is not None and pt.get("store") != os.path.abspath(store):
+            continue
+        out.append((pt, reap(pt)))
+    return out
+
+
+def describe_point(pt: dict) -> str:
+    return (f"{pt.get('device')} at stamp {pt.get('stamp')} of {pt.get('store')}, read by "
+            f"{pt.get('command')} (pid {pt.get('pid')})")

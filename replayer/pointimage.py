@@ -13,7 +13,10 @@ the files of its last commits) lands in nbdkit's sparse overlay in the export's 
 directory (never behind FUSE, never in the store). Every step is torn down on exit, failure
 or SIGINT with mounts.py's `teardown`. The point was resolved by the caller in the store it
 has open (through `serve`'s query socket if a server holds it); nbdkit only reads payload
-files.
+files. The point belongs to this process: its runtime directory names it (export.OWNER_FILE),
+nbdkit and nbdfuse get a parent-death signal, and `mounted` mounts it inside that directory,
+so that what a killed process left is found and reaped (mounts.reap_stale: the next `serve`
+on the store, `blkrewind umount --stale`; `status` lists it).
 
 Without nbdkit or nbdfuse (or /dev/fuse) it says so in one line and falls back to restoring
 into a sparse temporary file with the rebuild API (cost follows the device's size) in
@@ -43,7 +46,8 @@ def _tmpdir() -> str:
     return os.environ.get("BLKREWIND_TMP") or tempfile.gettempdir()
 
 
-_FUSE_IMAGES: set[str] = set()   # image files open_point_image serves through nbdfuse
+_FUSE_IMAGES: dict[str, str] = {}   # image files open_point_image serves through nbdfuse:
+                                    # their runtime directories
 
 
 def _instant_missing() -> str | None:
@@ -83,12 +87,12 @@ def _served(store, device, r):
     try:
         prep = export.prepare_resolved(store, device, r)
         reg.update(run_dir=prep.run_dir, steps=["run_dir"])
-        path = mounts.serve_file(reg, prep, writable=True)
-        _FUSE_IMAGES.add(path)
+        path = mounts.serve_file(reg, prep, writable=True, owned=True)
+        _FUSE_IMAGES[path] = prep.run_dir
         yield path
     finally:
         if path is not None:
-            _FUSE_IMAGES.discard(path)
+            _FUSE_IMAGES.pop(path, None)
         mounts.teardown(reg, quiet=True)
 
 
@@ -129,13 +133,17 @@ def mounted(image: str, *, replay: bool = True, fstype: str | None = None):
         raise UserError(f"the image holds {fstype or 'no known file system'}; reading files "
                         f"needs ext4 or xfs")
     writable = replay and os.access(image, os.W_OK)
-    fuse = image in _FUSE_IMAGES
-    lo = _run(["losetup", "--find", "--show", *(["--direct-io=on"] if fuse else []),
+    run_dir = _FUSE_IMAGES.get(image)
+    lo = _run(["losetup", "--find", "--show", *(["--direct-io=on"] if run_dir else []),
                *([] if writable else ["--read-only"]), image])
     if lo.returncode != 0:
         raise UserError(f"losetup: {(lo.stderr.strip().splitlines() or ['failed'])[-1]}")
     loop = lo.stdout.strip()
-    mnt = tempfile.mkdtemp(prefix="blkrewind-mnt-", dir=_tmpdir())
+    # a served point is mounted inside its runtime directory: all it holds (the loop device
+    # on its FUSE file, this mount) is found from there if this process is killed
+    # (mounts.reap_stale)
+    mnt = tempfile.mkdtemp(prefix="mnt-", dir=run_dir) if run_dir else \
+        tempfile.mkdtemp(prefix="blkrewind-mnt-", dir=_tmpdir())
     mounted_ok = False
     try:
         opts = "ro"

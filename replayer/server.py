@@ -198,6 +198,7 @@ class Server:
                 raise StoreError(f"cannot create the store {self.store_dir}: {e.strerror}") from None
         self.store = Store.open(self.store_dir, write=True, create=True, wait=1.0)
         try:
+            self._reap_points()
             self.sink = FrameSink(self.store, on_lost=self._on_lost)
             t0 = time.monotonic()
             self._check_state = "quick check"
@@ -230,6 +231,19 @@ class Server:
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _reap_points(self) -> None:
+        """What a killed server (or another process reading this store's points) left: the
+        point its detector kept mounted (mounts, loop devices, nbdkit, nbdfuse, run dir)."""
+        from blkrewind.replayer import mounts
+        try:
+            reaped = mounts.reap_stale(self.store_dir)
+        except OSError as e:
+            self.log(f"cannot look for points left by killed processes: {e}")
+            return
+        for pt, done in reaped:
+            self.log(f"removed a point left by a process that is gone: "
+                     f"{mounts.describe_point(pt)}: {'; '.join(done)}")
 
     def _bind(self) -> socket.socket:
         host, port = self.listen_addr

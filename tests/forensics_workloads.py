@@ -143,6 +143,36 @@ def attack(mode: str, files: list[Path], delay: float = 0.0) -> subprocess.Popen
                              *map(str, files)])
 
 
+def attack_workers(mode: str, files: list[Path], *, per: int = 2, parallel: int = 4,
+                   delay: float = 0.0) -> subprocess.Popen:
+    """The attacker spread over processes: `xargs -P parallel -n per` runs one attacker
+    process (attack()'s script, `mode`) per `per` files, `parallel` at a time; each stays
+    below the detector's per-process thresholds."""
+    p = subprocess.Popen(["xargs", "-0", "-P", str(parallel), "-n", str(per), sys.executable,
+                          "-c", ATTACK, mode, str(delay)], stdin=subprocess.PIPE)
+    assert p.stdin is not None
+    p.stdin.write(b"".join(str(f).encode() + b"\0" for f in files))
+    p.stdin.close()
+    return p
+
+
+SHELL_ATTACK = ('openssl enc -aes-256-ctr -K "$KEY" -iv "$IV" -in "$1" -out "$1.tmp" '
+                '&& cat "$1.tmp" > "$1" && rm "$1.tmp"')
+
+
+def attack_shell(files: list[Path], *, parallel: int = 4) -> subprocess.Popen:
+    """The attacker as a shell loop over the files, `parallel` at a time (`xargs -P`): per
+    file `openssl enc` into FILE.tmp, `cat FILE.tmp > FILE` (truncated and written again,
+    through the page cache: no fsync), the temporary file removed."""
+    env = dict(os.environ, KEY=os.urandom(32).hex(), IV=os.urandom(16).hex())
+    p = subprocess.Popen(["xargs", "-0", "-P", str(parallel), "-n", "1", "sh", "-c",
+                          SHELL_ATTACK, "sh"], stdin=subprocess.PIPE, env=env)
+    assert p.stdin is not None
+    p.stdin.write(b"".join(str(f).encode() + b"\0" for f in files))
+    p.stdin.close()
+    return p
+
+
 def benign_compress(mnt: Path) -> None:
     """gzip and zstd of the logs (each replaces its input), as logrotate does."""
     logs = sorted((mnt / "logs").glob("*.log"))

@@ -367,3 +367,205 @@ def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
     after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
+
+
+# ------------------------------------------------------------------ a killed serve
+def _point_left(run_dir: str) -> list[str]:
+    """What is left of a point's runtime directory: the directory, mounts in it, loop devices
+    on its files, nbdkit/nbdfuse processes naming it."""
+    from conftest import attached_loops
+    left = [f"run dir {run_dir}"] if Path(run_dir).exists() else []
+    left += [f"mount {mp}" for _, mp in mounts() if mp == run_dir or mp.startswith(run_dir + "/")]
+    left += [f"loop {d} -> {b}" for d, b in attached_loops().items()
+             if b.startswith(run_dir + "/")]
+    return left + [f"{c}[{pid}]" for pid, c in _helpers(run_dir)]
+
+
+def _helpers(run_dir: str) -> list[tuple[int, str]]:
+    from blkrewind.replayer.mounts import _helpers_of
+    return _helpers_of(run_dir)
+
+
+def _serve_points(pid: int) -> list[dict]:
+    from blkrewind.replayer.mounts import owned_points
+    return [p for p in owned_points() if p["pid"] == pid and p["command"] == "blkrewind serve"]
+
+
+@pytest.mark.bpf
+def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
+    """`serve`'s detector keeps the point before a live streak of random new files mounted
+    (nbdkit, nbdfuse, a loop device, a mount). SIGKILL the server: nbdkit and nbdfuse die with
+    it (parent-death signal), `status` lists the point as stale, and the next `serve` on the
+    store removes all of it (mount, loop device, FUSE mount, run dir); `umount --stale` does
+    the same for the second server, killed too."""
+    import socket
+    import threading
+
+    from tracerproc import BLKREWIND, ROOT
+
+    rng = random.Random(16)
+    loop = make_loop(size_mb=64)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", dev, mnt)
+    try:
+        wl.populate(mnt, rng, docs=4, media=0)
+        with TraceProc([dev], log) as t:
+            time.sleep(0.5)
+            (mnt / "media").mkdir(exist_ok=True)
+            for i in range(6):   # random data into new files: a streak, the detector's candidate
+                p = mnt / "media" / f"new{i}.jpg"
+                p.write_bytes(rng.randbytes(96 << 10))
+                wl.syncfs(mnt)
+            time.sleep(0.5)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+
+    def serve():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        p = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
+                              f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True).start()
+        return p, lines
+
+    def point_of(p, lines) -> dict:
+        deadline = time.monotonic() + 90
+        while True:
+            pts = [x for x in _serve_points(p.pid) if x["loops"] and len(x["mounts"]) >= 2]
+            if pts:
+                return pts[0]
+            assert p.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+
+    servers = []
+    try:
+        p1, lines1 = serve()
+        servers.append(p1)
+        pt1 = point_of(p1, lines1)        # mounted by the detector (the streak is live)
+        d1 = pt1["run_dir"]
+        assert _helpers(d1), pt1
+        p1.kill()
+        p1.wait(30)
+        deadline = time.monotonic() + 10  # nbdkit and nbdfuse die with serve
+        while _helpers(d1) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _helpers(d1), _helpers(d1)
+        assert _point_left(d1), "the kill left nothing: the test tests nothing"
+        st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
+        mine = [x for x in st["points"] if x["run_dir"] == d1]
+        assert mine and mine[0]["stale"], st["points"]
+        assert "STALE" in cli("status", "--store", store).stdout
+
+        p2, lines2 = serve()              # the next server on the store removes it
+        servers.append(p2)
+        deadline = time.monotonic() + 60
+        while not any("listening on" in ln for ln in lines2):
+            assert p2.poll() is None and time.monotonic() < deadline, "".join(lines2)
+            time.sleep(0.05)
+        assert not _point_left(d1), _point_left(d1)
+        assert any("removed a point left by a process that is gone" in ln and d1 in ln
+                   for ln in lines2), "".join(lines2)
+        pt2 = point_of(p2, lines2)        # its own detector mounts the point again
+        d2 = pt2["run_dir"]
+        p2.kill()
+        p2.wait(30)
+        r = cli("umount", "--stale")
+        assert f"removed {d2}" in r.stderr, r.stderr
+        assert not _point_left(d2), _point_left(d2)
+    finally:
+        for p in servers:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
+        subprocess.run([*BLKREWIND, "umount", "--stale"], cwd=ROOT, capture_output=True)
+
+
+def test_attack_spread_over_processes_is_one_episode(tmp_path, capsys):
+    """Ten processes of one name in one cgroup (a parent's workers, `xargs -P`), each
+    encrypting two 16 KiB places in place (below the per-process thresholds: 3 places), are
+    one episode of their workers group; ten `cp` processes writing random data into free space
+    and two writing text are not."""
+    rng = random.Random(4)
+    mib = 1 << 20
+    img = _text(2 * mib) + bytes(2 * mib)
+    s = SynthSession(str(tmp_path / "log"), seed=9, initial=img)
+    s.baseline(writes_during=0, old_write=False)
+    for i in range(10):
+        s.write(2 * mib + i * 40960, rng.randbytes(16384), comm="cp", pid=40 + i)
+        s.write(i * 16384, _text(16384), comm="sqlite", pid=50 + i % 2)
+    s.mark("before")
+    first = None
+    for w in range(10):
+        for j in range(2):
+            st = s.write((w * 2 + j) * 65536 + 4096, rng.randbytes(16384), comm="crypt",
+                         pid=20 + w)
+            first = first or st
+    s.end()
+    store = tmp_path / "store"
+    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
+    assert rc == 0, err
+    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
+                            "--format", "json")
+    assert rc == 1, err
+    eps = json.loads(out)
+    assert len(eps) == 1, eps
+    ep = eps[0]
+    assert ep["processes"].startswith("crypt[") and "cp[" not in ep["processes"], ep
+    assert ep["processes"].count("crypt[") >= 3, ep
+    assert ep["first_stamp"] == first and ep["clean_mark"] == "before", ep
+
+
+@pytest.mark.bpf
+def test_attack_spread_over_processes_detected(make_loop, tmp_path):
+    """`xargs -P 4 -n 2` running one attacker process per two documents (each below the
+    per-process thresholds): in place, then (11 s later: one episode otherwise) into new files
+    with the originals deleted. Each is one episode of the workers (python, several pids),
+    detected within 10 s of its start; the first's clean point holds every original. (Benign
+    work running many processes of one name -- gzip/zstd per log, cp per media file, dpkg-deb
+    per package, PostgreSQL's backends -- is test_inplace_encryption_detected_benign_work_not's.)"""
+    rng = random.Random(17)
+    loop = make_loop(size_mb=128)
+    dev = loop.path
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    modes = ("inplace", "newfiles")
+    sh("mount", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng, docs=24)
+        sets = {"inplace": files[:12], "newfiles": files[12:24]}
+        started = {}
+        with TraceProc([dev], log) as t:
+            time.sleep(1.0)
+            before = wl.checksums(mnt)
+            for m in modes:
+                started[m] = time.time_ns()
+                p = wl.attack_workers(m, sets[m], per=2, parallel=4)
+                assert p.wait(120) == 0
+                time.sleep(11.0 if m == "inplace" else 1.0)
+            assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == len(modes), eps
+    for m, ep in zip(modes, eps):
+        t0 = started[m]
+        assert ep["processes"].count("python[") >= 3, (m, ep)
+        assert _iso_ns(ep["started"]) >= t0 - 5 * 10**6, (m, ep)
+        assert _iso_ns(ep["detected"]) - t0 <= 10 * 10**9, (m, ep)
+        print(f"{m} by workers: detected {(_iso_ns(ep['detected']) - t0) / 1e9:.2f} s after "
+              f"the start ({ep['kind']}; {ep['processes']})")
+    after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad

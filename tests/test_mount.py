@@ -32,13 +32,22 @@ def _ours(run_dirs_before: set) -> list[str]:
     FUSE mounts under them, nbdkit/nbdfuse processes naming them."""
     left = []
     exp = RUN / "exports"
-    now = set(os.listdir(exp)) if exp.exists() else set()
+    # `mount` names its run dirs mount-PID-NS (other commands' points, of tests running beside
+    # this one on the machine, are not this test's)
+    now = {d for d in os.listdir(exp) if d.startswith("mount-")} if exp.exists() else set()
     left += [f"run dir {d}" for d in now - run_dirs_before]
     reg = RUN / "mounts"
     if reg.exists():
         left += [f"registry {n}" for n in os.listdir(reg)]
-    left += [f"loop {d} -> {b}" for d, b in attached_loops().items() if str(exp) in b]
-    left += [f"mount {mp}" for _, mp in mounts() if mp.startswith(str(exp))]
+    def new(path: str) -> bool:   # under a run dir made since (what other runs left under
+        # theirs -- a killed serve's detector before a server reaped it -- is not this test's)
+        if not path.startswith(f"{exp}/"):
+            return False
+        d = path[len(str(exp)) + 1:].split("/")[0]
+        return d.startswith("mount-") and d not in run_dirs_before
+
+    left += [f"loop {d} -> {b}" for d, b in attached_loops().items() if new(b)]
+    left += [f"mount {mp}" for _, mp in mounts() if new(mp)]
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -67,7 +76,7 @@ def test_mount_at_each_mark_shows_its_files(ext4, tmp_path):
             assert r.stdout.strip() == str(mp)
             assert time.monotonic() - t0 < 60
             assert tree_sums(mp) == ext4.files[mark], f"files at {mark} differ"
-            st = run_cli("status")
+            st = run_cli("status", "--all")   # (--all: tracers of other tests may run)
             assert str(mp) in st.stdout and mark in st.stdout, st.stdout
             cp = run_cli("mount", "--store", ext4.store, "--device", ext4.name, "--at", "m2",
                          mp, check=False)

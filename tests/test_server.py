@@ -925,6 +925,9 @@ def test_damage_found_at_start_is_sent_as_lacks(tmp_path, pki):
         lacks = wire.parse_json(m)["segments"]
         assert [(x["session"], x["segno"]) for x in lacks] == [(session, segno)]
         assert any(x <= a and e <= y for x, y in lacks[0]["ranges"])
+        deadline = time.monotonic() + 10   # (logged once the check is done: after the LACKS)
+        while "DAMAGE (full check)" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "DAMAGE (full check)" in out.getvalue()
         assert "host synth: 1 segment(s) lost frames; sending LACKS to conn" in out.getvalue()
         c.ship(segs, lacks=lacks)

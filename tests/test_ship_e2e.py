@@ -95,6 +95,7 @@ class Server:
         self.r: Reader | None = None
         self.logs: list[str] = []   # the text of every finished run
         self.starts = 0
+        self.pids: list[int] = []   # of every run
 
     @property
     def listen(self) -> str:
@@ -108,6 +109,7 @@ class Server:
                                   stdin=subprocess.DEVNULL)
         self.r = Reader(self.p)
         self.starts += 1
+        self.pids.append(self.p.pid)
         self.r.wait_for("listening on", timeout=timeout)
         return self
 
@@ -137,10 +139,39 @@ class Server:
     def log(self) -> str:
         return "".join(self.logs) + (self.r.text if self.alive() else "")
 
+    def points_left(self) -> list[str]:
+        """What is left of the points any run of this server read (its detector's file-level
+        checks: runtime directories RUN_DIR/<device>-<stamp>-<pid>, the mounts in them, loop
+        devices on their files, nbdkit and nbdfuse naming them)."""
+        from conftest import attached_loops, mounts
+
+        from blkrewind.replayer.export import RUN_DIR
+        ends = tuple(f"-{pid}" for pid in self.pids)
+
+        def ours(path: str) -> bool:
+            if not path.startswith(RUN_DIR + "/"):
+                return False
+            d = path[len(RUN_DIR) + 1:].split("/")[0]
+            return d.split(".")[0].endswith(ends)
+        left = [f"run dir {d}" for d in (os.listdir(RUN_DIR) if os.path.isdir(RUN_DIR) else [])
+                if ours(f"{RUN_DIR}/{d}")]
+        left += [f"mount {mp}" for _, mp in mounts() if ours(mp)]
+        left += [f"loop {d} -> {b}" for d, b in attached_loops().items() if ours(b)]
+        for pid in os.listdir("/proc"):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if ("nbdkit" in cmd or "nbdfuse" in cmd) and any(
+                    ours(w) for w in cmd.split("\0") if w.startswith(RUN_DIR)):
+                left.append(f"process {pid}: {cmd[:100]}")
+        return left
+
 
 @pytest.fixture
 def servers():
-    """Server factory; every server is killed when the test ends, pass or fail."""
+    """Server factory; every server is stopped when the test ends, pass or fail (SIGINT, then
+    SIGKILL; what a killed one's detector left is removed by `blkrewind umount --stale`)."""
     made: list[Server] = []
 
     def make(*a) -> Server:
@@ -149,8 +180,17 @@ def servers():
         return s
 
     yield make
+    killed = False
     for s in made:
-        s.kill()
+        if s.p is None:
+            continue
+        try:
+            s.stop(timeout=60)
+        except subprocess.TimeoutExpired:
+            s.kill()
+            killed = True
+    if killed:
+        cli("umount", "--stale", check=False)
 
 
 def free_port(addr: str) -> int:
@@ -505,6 +545,12 @@ def test_replayer_crashes_lose_nothing(lab):
         restore(lab.store, dev, str(stamp), out)
         assert file_hash(out) == digest, f"seed {seed}: {dev} at {stamp} changed after crashes"
     assert lab.server.starts == 11
+    # each killed server left the point its detector kept mounted (when one was); the next
+    # start removed it, and a stopped server unmounts its own: nothing is left
+    assert lab.server.stop() in (0, 130), lab.server.log
+    assert not lab.server.points_left(), lab.server.points_left()
+    print(f"points left by killed servers, removed at the next start: "
+          f"{lab.server.log.count('removed a point left by a process that is gone')}")
     assert "Traceback" not in lab.server.log
 
 

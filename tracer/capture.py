@@ -33,6 +33,12 @@ DEFAULT_OBJECT = ROOT / "bpf" / "build" / "blkrewind.bpf.o"
 LEGACY_OBJECT = ROOT / "bpf" / "build" / "blkrewind-legacy.bpf.o"
 
 
+# the dirtier (trace --dirtier) is kept per range of 2^DIRTIER_SHIFT pages of a file: a writer
+# dirtying more of a range it dirtied already costs dirtier_btf a lookup and a store, no new
+# LRU node (bench/bench_dirtier.py --shift measures it)
+DIRTIER_SHIFT = 4
+
+
 def object_path(legacy: bool = False) -> Path:
     if legacy:
         return Path(os.environ.get("BLKREWIND_BPF_LEGACY_OBJECT", LEGACY_OBJECT))
@@ -46,7 +52,7 @@ class Cfg(ctypes.Structure):
                 ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32),
                 ("wake_bytes", ctypes.c_uint32),
                 ("dev_bloom", ctypes.c_uint64), ("dirtier", ctypes.c_uint32),
-                ("pad", ctypes.c_uint32)]
+                ("dirtier_shift", ctypes.c_uint32)]
 
 
 def dev_bit(kdev: int) -> int:
@@ -243,7 +249,7 @@ class Capture:
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1,
-                       dirtier=int(dirtier))
+                       dirtier=int(dirtier), dirtier_shift=DIRTIER_SHIFT)
         self.maps = MAPS + LEGACY_MAPS if legacy else MAPS
         self.fd = {m: self.obj.map_fd(m) for m in self.maps}
         self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
@@ -380,6 +386,11 @@ class Capture:
         """Switch recording who dirtied page-cache folios (when dirtier_btf is attached)
         off and on: benches measure its cost this way."""
         self.cfg.dirtier = int(on)
+        self.push_cfg()
+
+    def set_dirtier_shift(self, shift: int) -> None:
+        """The dirtier kept per 2^shift pages of a file (0: per folio; benches compare)."""
+        self.cfg.dirtier_shift = int(shift)
         self.push_cfg()
 
     def set_dirty_tracking(self, on: bool) -> None:

@@ -8,6 +8,9 @@ On the replayer host:  blkrewind status --store DIR
 On a tracer host:      blkrewind status
   asks the running tracer(s) over their control socket: the same numbers from the tracer's
   side (capture, LOG, shipping).
+Both list `blkrewind mount`'s mounts and the points other processes read (diff, files, bisect,
+serve's ransomware detector): STALE when that process is gone (killed; `blkrewind umount
+--stale` removes what it left, the next `serve` on its store does too).
 
 --watch refreshes (a live view on a terminal; with --format json one object per line), every
 --interval seconds. --format json gives one object for monitoring (sizes in bytes, times in
@@ -356,6 +359,30 @@ def _instant_mounts() -> list:
                                    "writable", "mounted", "store")} for m in registry()]
 
 
+def _points() -> list:
+    """Points read by processes of their own (diff, files, serve's detector...), stale ones
+    (their process is gone) included: replayer/mounts.py owned_points."""
+    from blkrewind.replayer.mounts import owned_points
+    return [{k: p.get(k) for k in ("run_dir", "command", "pid", "store", "device", "stamp",
+                                   "stale", "mounts", "loops")}
+            | {"helpers": [f"{c}[{pid}]" for pid, c in p.get("helpers", [])]}
+            for p in owned_points()]
+
+
+def _points_table(ps: list):
+    from rich.table import Table
+    t = Table(title="points read by processes (diff, files, bisect, serve's detector ...)")
+    for c in ("state", "process", "device", "stamp", "store", "holds"):
+        t.add_column(c)
+    for p in ps:
+        holds = [*p["mounts"], *p["loops"], *p["helpers"]]
+        t.add_row("STALE: its process is gone (blkrewind umount --stale removes it)"
+                  if p["stale"] else "in use",
+                  f"{p['command']} (pid {p['pid']})", str(p["device"]), str(p["stamp"]),
+                  str(p["store"]), ", ".join(holds) or p["run_dir"])
+    return t
+
+
 def _mounts_table(ms: list):
     from rich.table import Table
     t = Table(title="mounted points (blkrewind mount)")
@@ -397,12 +424,15 @@ def _run(args) -> int:
                 if s.get("_kernel"):
                     prev[s["control"]] = {"kernel": s["_kernel"], "ns": d["now_ns"]}
         d["mounts"] = _instant_mounts()  # blkrewind mount (replayer/mounts.py)
+        d["points"] = _points()
         return d
 
     def renderables(d):
         out = _store_tables(d) if args.store else _tracer_table(d)
         if d["mounts"]:
             out = [*(out if isinstance(out, (list, tuple)) else [out]), _mounts_table(d["mounts"])]
+        if d["points"]:
+            out = [*(out if isinstance(out, (list, tuple)) else [out]), _points_table(d["points"])]
         return out
 
     if not args.store:
@@ -411,7 +441,8 @@ def _run(args) -> int:
             raise UserError("must run as root to ask the tracers on this host (their control "
                             "sockets are root's); on the replayer host give --store DIR")
         d = collect()
-        if not d["tracers"] and not d["left_attached"] and d["mounts"] and not args.log:
+        if not d["tracers"] and not d["left_attached"] and (d["mounts"] or d["points"]) \
+                and not args.log:
             args.watch = False
         elif not d["tracers"] and not d["left_attached"]:
             if args.log:

@@ -7,7 +7,9 @@ archives, encrypted volumes, fio); a write alarms when it replaces blocks whose 
 content -- known from the history: the baseline or an earlier write -- was compressible. An
 episode starts when one process (the one that dirtied the pages of a buffered write when the
 tracer ran with --dirtier, else the submitter; the flushers of a cgroup as one) did so for at
-least 128 KiB in 4 writes at 3 places within 10 s. Encryption into new files (the originals
+least 128 KiB in 4 writes at 3 places within 10 s, or the processes of one name in one cgroup
+(a parent's workers, `xargs -P`) for twice that, spread over 3 or more of them, none with
+more than half. Encryption into new files (the originals
 deleted, renamed over, or truncated and rewritten) is found by reading the file system (ext4,
 xfs) before and after a process's run of random writes into new places: compressible files
 gone or changed, paired with random files of their sizes it wrote (each such check mounts two

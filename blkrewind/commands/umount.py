@@ -5,13 +5,20 @@ and removes the mount's runtime directory and registry entry (/run/blkrewind/mou
 cleans up what a killed `blkrewind mount` left half set up. A file system still in use is left
 mounted, and nothing else is touched (close what uses it and run umount again).
 
+--stale removes the points that killed processes left: a point that diff, files, bisect,
+suspects --files or serve's ransomware detector read (a mount and a loop device in its runtime
+directory under /run/blkrewind/exports/, nbdkit, nbdfuse) whose process is gone (`status`
+lists them as stale; the next `serve` on their store removes its store's).
+
 Options (defaults and units):
-  MOUNTPOINT   where `blkrewind mount` mounted (required)
-  --all        every mount `blkrewind status` lists (default: off)
+  MOUNTPOINT   where `blkrewind mount` mounted (required unless --all or --stale)
+  --all        every mount `blkrewind status` lists, and the stale points (default: off)
+  --stale      only the points of processes that are gone (default: off)
 
 Examples:
   blkrewind umount /mnt/then
   blkrewind umount --all
+  blkrewind umount --stale
 
 Exit status:
   0  torn down
@@ -25,7 +32,11 @@ import sys
 def add_arguments(p):
     p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
                    help="where blkrewind mount mounted (required unless --all)")
-    p.add_argument("--all", action="store_true", help="every blkrewind mount (default: off)")
+    p.add_argument("--all", action="store_true",
+                   help="every blkrewind mount, and the stale points (default: off)")
+    p.add_argument("--stale", action="store_true",
+                   help="the points that killed processes left (diff, files, serve's detector..."
+                        "; default: off)")
 
 
 def run(args) -> int:
@@ -36,11 +47,19 @@ def run(args) -> int:
 
     if os.geteuid() != 0:
         raise UserError("umount needs root")
+    if args.mountpoint and (args.all or args.stale):
+        raise UserError("give MOUNTPOINT, --all or --stale, not several")
+    if args.all or args.stale:
+        for pt, done in mounts.reap_stale():
+            print(f"removed a stale point: {mounts.describe_point(pt)}: {'; '.join(done)}",
+                  file=sys.stderr)
+    if args.stale:
+        return 0
     if args.all:
         regs = mounts.registry()
     else:
         if not args.mountpoint:
-            raise UserError("give MOUNTPOINT (or --all)")
+            raise UserError("give MOUNTPOINT (or --all, or --stale)")
         reg = mounts.lookup(args.mountpoint)
         if reg is None:
             raise UserError(f"{os.path.abspath(args.mountpoint)} is not a blkrewind mount "
