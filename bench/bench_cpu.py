@@ -152,6 +152,15 @@ def child(log_dir: str, dev: str, log_mode: str = "", options: dict | None = Non
 
 
 # ------------------------------------------------------------------------- the parent
+class Tree(str):
+    """A --tree spec; name: its directory's name and mode (a mode may hold a '/')."""
+
+    @property
+    def name(self) -> str:
+        path, sep, mode = self.partition(":")
+        return Path(path).name + sep + mode
+
+
 def proc_ctxt() -> int:
     with open("/proc/stat") as f:
         for line in f:
@@ -309,7 +318,7 @@ def main() -> int:
     for spec in a.tree or [str(ROOT)]:
         path, _, mode = spec.partition(":")
         variants.append((Path(path).resolve(), mode))
-    trees = [Path(f"{p}:{m}") if m else p for p, m in variants]
+    trees = [Tree(f"{p}:{m}" if m else str(p)) for p, m in variants]
     if a.no_recycle:
         os.environ["BENCH_CPU_NO_RECYCLE"] = "1"
     for t, _ in variants:
@@ -379,7 +388,7 @@ def _rng(xs, fmt="{:.2f}") -> str:
     return med if lo == hi else f"{med} ({lo}-{hi})"
 
 
-def report(runs: list[dict], trees: list[Path], load0, load1) -> str:
+def report(runs: list[dict], trees: list[Tree], load0, load1) -> str:
     unt = [r for r in runs if r["tree"] == "untraced"]
     lines = [f"load average {' '.join(load0)} at the start, {' '.join(load1)} at the end; "
              f"median (min-max) of {len(unt)} rounds", "",
