@@ -52,8 +52,13 @@ from blkrewind.tracer.resync import Resync
 from blkrewind.tracer.ringbuf import RingConsumer
 from blkrewind.tracer.writer import RecordSeq, Writer
 
-BATCH_BYTES = 1 << 20   # a span smaller than this ...
-BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
+# A span smaller than BATCH_BYTES is encoded in the collector (larger ones by the encoder
+# threads) and makes the collector wait BATCH_WAIT before the next one: each span costs the
+# collector and the writer a fixed amount of Python and a wake-up, paid per write at high
+# rates of small writes unless spans are large (bench/bench_cpu.py; README "Costs"). The wait
+# adds at most BATCH_WAIT to the time a record takes to reach the LOG.
+BATCH_BYTES = 4 << 20
+BATCH_WAIT = 0.02
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
