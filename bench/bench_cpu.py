@@ -66,9 +66,10 @@ def _task_stats() -> dict[int, tuple[float, int]]:
     return out
 
 
-def child(log_dir: str, dev: str, log_mode: str = "") -> int:
+def child(log_dir: str, dev: str, log_mode: str = "", options: dict | None = None) -> int:
     """Run a Tracer of dev (imported from the checkout on sys.path[0]); on stdin, "start"
-    snapshots the counters, "stop" prints their deltas as one JSON line, "quit" ends."""
+    snapshots the counters, "stop" prints their deltas as one JSON line, "quit" ends.
+    options: TraceOptions fields to set (e.g. wake_bytes)."""
     from blkrewind import tracer
     from blkrewind.tracer import libbpf as L
     from blkrewind.tracer.capture import ATTACH
@@ -79,6 +80,10 @@ def child(log_dir: str, dev: str, log_mode: str = "") -> int:
         if not hasattr(opts, "log_mode"):
             raise SystemExit(f"{tracer.__file__}: this checkout has no log_mode")
         opts.log_mode = log_mode
+    for k, v in (options or {}).items():
+        if not hasattr(opts, k):
+            raise SystemExit(f"{tracer.__file__}: this checkout's TraceOptions has no {k}")
+        setattr(opts, k, type(getattr(opts, k))(v))
     t = Tracer(opts, say=lambda m: None)
     t.start()
     t.run_baseline(None)
@@ -147,6 +152,15 @@ def child(log_dir: str, dev: str, log_mode: str = "") -> int:
 
 
 # ------------------------------------------------------------------------- the parent
+class Tree(str):
+    """A --tree spec; name: its directory's name and mode (a mode may hold a '/')."""
+
+    @property
+    def name(self) -> str:
+        path, sep, mode = self.partition(":")
+        return Path(path).name + sep + mode
+
+
 def proc_ctxt() -> int:
     with open("/proc/stat") as f:
         for line in f:
@@ -178,13 +192,26 @@ def drop_zram(n: int, mnt: Path) -> None:
         print(f"bench_cpu: cannot remove zram{n}: {e}", file=sys.stderr)
 
 
+def parse_mode(spec: str) -> tuple[str, dict]:
+    """LOG_MODE[/norecycle][,OPTION=VALUE...] -> (LOG_MODE[/norecycle], TraceOptions fields)"""
+    mode, *rest = spec.split(",")
+    opts = {}
+    for kv in rest:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"bench_cpu: {kv!r}: not OPTION=VALUE")
+        opts[k] = v
+    return mode, opts
+
+
 class Child:
     def __init__(self, tree: Path, dev: str, log_dir: Path, log_mode: str = ""):
+        log_mode, options = parse_mode(log_mode)
         py = tree / ".venv" / "bin" / "python"
         py = py if py.exists() else Path(sys.executable)
         code = (f"import sys; sys.path.insert(0, {str(tree)!r}); sys.path.insert(1, {str(HERE)!r});"
                 f" import bench_cpu; sys.exit(bench_cpu.child({str(log_dir)!r}, {dev!r}, "
-                f"{log_mode.split('/')[0]!r}))")
+                f"{log_mode.split('/')[0]!r}, {options!r}))")
         env = {**os.environ, "BLKREWIND_BPF_OBJECT": str(tree / "bpf/build/blkrewind.bpf.o")}
         if log_mode.endswith("/norecycle"):
             log_mode = log_mode[:-len("/norecycle")]
@@ -260,10 +287,12 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("--tree", action="append",
-                    help="DIR[:LOG_MODE[/norecycle]]: a blkrewind checkout with a built BPF "
-                         "object, and the tracer's log_mode (buffered, prealloc, direct; "
-                         "default: the checkout's; /norecycle: sealed segments are deleted, "
-                         "not retired as spares) -- repeat to compare (default: this checkout)")
+                    help="DIR[:LOG_MODE[/norecycle][,OPTION=VALUE...]]: a blkrewind checkout "
+                         "with a built BPF object, and the tracer's log_mode (buffered, "
+                         "prealloc, direct; empty: the checkout's; /norecycle: sealed segments "
+                         "are deleted, not retired as spares) and TraceOptions fields (e.g. "
+                         "DIR:,wake_bytes=1048576) -- repeat to compare (default: this "
+                         "checkout)")
     ap.add_argument("--log-fs", choices=["shm", "zram"], default="shm",
                     help="the LOG's file system: a directory on /dev/shm (tmpfs), or ext4 on "
                          "a zram device (a block device in memory: O_DIRECT means what it "
@@ -289,7 +318,7 @@ def main() -> int:
     for spec in a.tree or [str(ROOT)]:
         path, _, mode = spec.partition(":")
         variants.append((Path(path).resolve(), mode))
-    trees = [Path(f"{p}:{m}") if m else p for p, m in variants]
+    trees = [Tree(f"{p}:{m}" if m else str(p)) for p, m in variants]
     if a.no_recycle:
         os.environ["BENCH_CPU_NO_RECYCLE"] = "1"
     for t, _ in variants:
@@ -359,7 +388,7 @@ def _rng(xs, fmt="{:.2f}") -> str:
     return med if lo == hi else f"{med} ({lo}-{hi})"
 
 
-def report(runs: list[dict], trees: list[Path], load0, load1) -> str:
+def report(runs: list[dict], trees: list[Tree], load0, load1) -> str:
     unt = [r for r in runs if r["tree"] == "untraced"]
     lines = [f"load average {' '.join(load0)} at the start, {' '.join(load1)} at the end; "
              f"median (min-max) of {len(unt)} rounds", "",
@@ -386,6 +415,17 @@ def report(runs: list[dict], trees: list[Path], load0, load1) -> str:
         lines.append(f"| context switches per write, {name} thread | " + " | ".join(cells)
                      + " |")
     row("BPF programs per captured 4 KiB bio, us", "rand4k", "bpf_us_per_bio")
+    for prog in sorted({p for r in runs if r["job"] == "rand4k" and "bpf" in r
+                        for p in r["bpf"]}):
+        cells = [_rng([r["bpf"][prog][0] / max(1, r["bpf"][prog][1]) / 1e3
+                       for r in runs if r["tree"] == str(t) and r["job"] == "rand4k"
+                       and prog in r["bpf"]], "{:.3f}") + " / " +
+                 _rng([r["bpf"][prog][1] / max(1, r["bios"])
+                       for r in runs if r["tree"] == str(t) and r["job"] == "rand4k"
+                       and prog in r["bpf"]])
+                 for t in trees]
+        lines.append(f"| ... {prog}: us per run / runs per captured bio | "
+                     + " | ".join(cells) + " |")
     row("context switches per write (fio + tracer)", "rand4k", "ctx_per_write")
     row("... system-wide (/proc/stat ctxt)", "rand4k", "sys_ctx_per_write")
     row("rand 4 KiB IOPS traced / untraced (wall clock)", "rand4k", "iops_ratio")

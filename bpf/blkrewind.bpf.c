@@ -274,11 +274,20 @@ static __always_inline int load_seg(struct T *w)					\
 		return 0;								\
 	if (w->seg_left)								\
 		return 1;								\
-	struct bio_vec *bv = (struct bio_vec *)(w->iovec +				\
-		(__u64)w->idx * bpf_core_type_size(struct bio_vec));			\
-	__u64 page = (__u64)BPF_CORE_READ(bv, bv_page);					\
-	__u32 bvlen = BPF_CORE_READ(bv, bv_len);					\
-	__u32 bvoff = BPF_CORE_READ(bv, bv_offset);					\
+	/* the bvec read whole: one probe read instead of one per field */		\
+	__u64 bvb[4] = {};								\
+	__u32 bvsz = bpf_core_type_size(struct bio_vec);				\
+											\
+	if (bvsz > sizeof(bvb))								\
+		bvsz = sizeof(bvb);							\
+	bpf_probe_read_kernel(bvb, bvsz, (void *)(w->iovec +				\
+		(__u64)w->idx * bpf_core_type_size(struct bio_vec)));			\
+	__u64 page = *(__u64 *)((__u8 *)bvb +						\
+				bpf_core_field_offset(struct bio_vec, bv_page));	\
+	__u32 bvlen = *(__u32 *)((__u8 *)bvb +						\
+				 bpf_core_field_offset(struct bio_vec, bv_len));	\
+	__u32 bvoff = *(__u32 *)((__u8 *)bvb +						\
+				 bpf_core_field_offset(struct bio_vec, bv_offset));	\
 											\
 	w->idx++;									\
 	if (bvlen <= w->done) {  /* nothing left in this bvec: take the next */		\
@@ -804,10 +813,11 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 	DIRTIER_REC(c, s, w, key, header_rec);
 }
 
-/* bdev: bio->bi_bdev, dev: its dev_t, disk: its disk's (read by the caller: plain loads in
- * tp_btf) */
-static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev, __u32 dev,
-				      __u32 disk)
+/* dev: the dev_t of bio->bi_bdev, disk: its disk's; opf, sector, part_start (the bdev's
+ * bd_start_sect), size: the bio's (read by the caller: plain loads in tp_btf, a probe read
+ * each in raw_tp) */
+static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk, __u32 opf,
+				      __u64 sector, __u64 part_start, __u32 size)
 {
 	__u32 k = 0;
 	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
@@ -819,9 +829,6 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 		return 0;
 
 	__u64 pt = bpf_get_current_pid_tgid();
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	__u64 part_start = BPF_CORE_READ(bdev, bd_start_sect);
 	__u16 rtype = BR_R_BIO;
 	__u32 flags = 0;
 	struct br_dev *d = 0;
@@ -843,7 +850,6 @@ static __always_inline int handle_bio(struct bio *bio, struct block_device *bdev
 	struct br_walk *w = bpf_map_lookup_elem(&walk_map, &k);
 	if (!w)
 		return 0;
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
 	struct br_grace *g = grace_enter();  /* before the stamp: see grace_map */
 	__builtin_memset(&w->h, 0, sizeof(w->h));
 	w->h.stamp = __sync_fetch_and_add(&s->stamp, 1);
@@ -863,7 +869,8 @@ int BPF_PROG(capture_btf, struct bio *bio)
 {
 	struct block_device *bdev = bio->bi_bdev;  /* BTF pointers: plain loads */
 
-	return handle_bio(bio, bdev, bdev->bd_dev, bdev->bd_disk->part0->bd_dev);
+	return handle_bio(bio, bdev->bd_dev, bdev->bd_disk->part0->bd_dev, bio->bi_opf,
+			  bio->bi_iter.bi_sector, bdev->bd_start_sect, bio->bi_iter.bi_size);
 }
 
 SEC("raw_tp/block_bio_queue")
@@ -871,8 +878,10 @@ int BPF_PROG(capture_raw, struct bio *bio)
 {
 	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
 
-	return handle_bio(bio, bdev, BPF_CORE_READ(bdev, bd_dev),
-			  BPF_CORE_READ(bdev, bd_disk, part0, bd_dev));
+	return handle_bio(bio, BPF_CORE_READ(bdev, bd_dev),
+			  BPF_CORE_READ(bdev, bd_disk, part0, bd_dev), BPF_CORE_READ(bio, bi_opf),
+			  BPF_CORE_READ(bio, bi_iter.bi_sector), BPF_CORE_READ(bdev, bd_start_sect),
+			  BPF_CORE_READ(bio, bi_iter.bi_size));
 }
 
 #endif /* !BR_LEGACY */
@@ -1009,10 +1018,11 @@ static __always_inline void note_error(struct br_state *s, __u32 dev, __u64 sect
 }
 
 /* opf: rq->cmd_flags; part: rq->part, pdev: its dev_t (0 without part); disk: the dev_t of
- * the request queue's disk (read by the caller: plain loads in tp_btf) */
+ * the request queue's disk; bio: rq->bio, rsector: rq->__sector, pstart: the part's
+ * bd_start_sect (read by the caller: plain loads in tp_btf) */
 static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes,
 					  __u32 opf, struct block_device *part, __u32 pdev,
-					  __u32 disk)
+					  __u32 disk, __u64 bio, __u64 rsector, __u64 pstart)
 {
 	__u8 op = norm_op(opf);
 	if (op == BR_OP_NONE || op == BR_OP_FLUSH)
@@ -1024,7 +1034,6 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	struct br_state *s = bpf_map_lookup_elem(&state_map, &k);
 	if (!s)
 		return 0;
-	__u64 bio = (__u64)BPF_CORE_READ(rq, bio);
 	if (!bio)
 		return 0;
 	__u32 dev = 0;
@@ -1032,7 +1041,7 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 	struct br_dev *d = 0;
 	if (part) {
 		dev = pdev;
-		part_start = BPF_CORE_READ(part, bd_start_sect);
+		part_start = pstart;
 		d = bpf_map_lookup_elem(&dev_map, &dev);
 	}
 	if (!d || d->traced != 1) {
@@ -1042,7 +1051,7 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 		if (!d || d->traced != 1)
 			return 0;
 	}
-	__u64 sector = BPF_CORE_READ(rq, __sector);
+	__u64 sector = rsector;
 	if (error)
 		note_error(s, dev, sector >= part_start ? sector - part_start : 0,
 			   nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
@@ -1085,7 +1094,8 @@ int BPF_PROG(rqdone_btf, struct request *rq, blk_status_t error, unsigned int nr
 	struct block_device *part = rq->part;  /* BTF pointers: plain loads */
 
 	return handle_rq_done(rq, error, nr_bytes, rq->cmd_flags, part, part ? part->bd_dev : 0,
-			      rq->q->disk->part0->bd_dev);
+			      rq->q->disk->part0->bd_dev, (__u64)rq->bio, rq->__sector,
+			      part ? part->bd_start_sect : 0);
 }
 
 SEC("raw_tp/block_rq_complete")
@@ -1095,7 +1105,8 @@ int BPF_PROG(rqdone_raw, struct request *rq, blk_status_t error, unsigned int nr
 
 	return handle_rq_done(rq, error, nr_bytes, BPF_CORE_READ(rq, cmd_flags), part,
 			      part ? BPF_CORE_READ(part, bd_dev) : 0,
-			      BPF_CORE_READ(rq, q, disk, part0, bd_dev));
+			      BPF_CORE_READ(rq, q, disk, part0, bd_dev), (__u64)BPF_CORE_READ(rq, bio),
+			      BPF_CORE_READ(rq, __sector), part ? BPF_CORE_READ(part, bd_start_sect) : 0);
 }
 
 /* bio-based devices (dm, md) complete bios, not requests */

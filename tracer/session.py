@@ -52,8 +52,15 @@ from blkrewind.tracer.resync import Resync
 from blkrewind.tracer.ringbuf import RingConsumer
 from blkrewind.tracer.writer import RecordSeq, Writer
 
-BATCH_BYTES = 1 << 20   # a span smaller than this ...
-BATCH_WAIT = 0.002      # ... makes the collector wait this long before the next one
+# A span smaller than BATCH_BYTES is encoded in the collector (larger ones by the encoder
+# threads) and, while less than BATCH_BYTES wait in the ring, makes the collector wait
+# BATCH_WAIT before taking the next span: each span costs the collector and the writer a
+# fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
+# spans are large (bench/bench_cpu.py; README "Costs"). The wait adds at most BATCH_WAIT to
+# the time a record takes to reach the LOG.
+BATCH_BYTES = 4 << 20
+BATCH_WAIT = 0.02
+BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
@@ -369,8 +376,11 @@ class Tracer:
                         ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
                 elif view.nbytes < BATCH_BYTES:
                     # let records accumulate: one LOG frame per record would cost
-                    # far more than the records
-                    time.sleep(BATCH_WAIT)
+                    # far more than the records. Briefly when BATCH_BYTES wait already:
+                    # the span then ended at a record still being written (fast writes),
+                    # and a long wait would leave the ring filling up
+                    time.sleep(BATCH_WAIT if ring.producer_pos() - pos < BATCH_BYTES
+                               else BUSY_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
             self.fail(f"collector stopped: {e}")
 
