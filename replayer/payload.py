@@ -21,13 +21,13 @@ import mmap
 import os
 import struct
 import threading
-import zlib
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
+from blkrewind.osutil import crc32
 
 _I32 = struct.Struct("<i")
 
@@ -133,6 +133,90 @@ class Rows:
         self.ok = np.zeros(len(spans), bool)
 
 
+def _uvarint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+class _Template:
+    """The pages of a row group that ingest wrote alike -- the same header but for the CRC,
+    the same definition levels, n rows of one length each -- found by comparing bytes with
+    the first such page rather than parsing each header (thrift compact: identical bytes
+    around the CRC's varint parse to the identical fields); their rows' length words are
+    then checked at once. The CRC read here is the one checked before a page is used."""
+
+    __slots__ = ("pre", "suf", "skip", "size", "n", "len", "crc")
+
+    def __init__(self, pre: bytes, suf: bytes, skip: int, size: int, n: int, ln: int):
+        self.pre, self.suf, self.skip, self.size, self.n, self.len = pre, suf, skip, size, n, ln
+        self.crc = 0
+
+    @classmethod
+    def of(cls, b, h: dict, p: int, body: int, q: int, stop: int,
+           ln: np.ndarray) -> "_Template | None":
+        """From the page at p parsed the long way: h its header, its body at `body`, rows
+        from q to stop of lengths ln."""
+        n = len(ln)
+        if n == 0 or not bool((ln == ln[0]).all()) or q + n * (4 + int(ln[0])) != stop:
+            return None
+        # fields 1-3 (type, uncompressed and compressed size: i32 zigzag varints) then field
+        # 4's header byte; what follows the CRC's varint up to the first row, verbatim
+        pre = b"".join(b"\x15" + _uvarint(_zze(h[k])) for k in (1, 2, 3)) + b"\x15"
+        hdr = bytes(b[p:body])
+        crc = _uvarint(_zze(h[4]))
+        if not hdr.startswith(pre + crc):
+            return None
+        suf = hdr[len(pre) + len(crc):] + bytes(b[body:q])
+        return cls(pre, suf, q - body, stop - body, n, int(ln[0]))
+
+    def match(self, b, p: int) -> int:
+        """The body's start of the page at p if it is one of these, else -1 (self.crc: its
+        CRC)."""
+        lp = len(self.pre)
+        if b[p:p + lp] != self.pre:
+            return -1
+        q = p + lp
+        v = shift = 0
+        while True:
+            c = b[q]
+            q += 1
+            v |= (c & 0x7F) << shift
+            if c < 0x80:
+                break
+            shift += 7
+            if shift > 28:
+                return -1
+        e = q + len(self.suf)
+        if b[q:e] != self.suf:
+            return -1
+        self.crc = _zz(v) & 0xFFFFFFFF
+        return e - self.skip
+
+    def add(self, b, bodies: list, first_page: int, pos_parts: list, len_parts: list,
+            page_parts: list) -> None:
+        """The rows of these pages (bodies): their places, their length words checked."""
+        n, ln = self.n, self.len
+        rows = (np.asarray(bodies, np.int64) + self.skip + 4)[:, None] \
+            + np.arange(n, dtype=np.int64) * (4 + ln)
+        pos = rows.ravel()
+        u8 = np.frombuffer(b, np.uint8)
+        w = u8[(pos - 4)[:, None] + np.arange(4)]
+        if not bool((np.ascontiguousarray(w).view("<i4").ravel() == ln).all()):
+            raise _NotDirect("row lengths")
+        pos_parts.append(pos)
+        len_parts.append(np.full(len(pos), ln, np.int64))
+        page_parts.append(np.repeat(np.arange(first_page, first_page + len(bodies),
+                                              dtype=np.int32), n))
+
+
+def _zze(v: int) -> int:
+    return v << 1 if v >= 0 else ((-v) << 1) - 1
+
+
 class PayloadFile:
     """One payload file, mapped: its row groups' row places (built lazily, thread-safe)."""
 
@@ -204,7 +288,21 @@ class PayloadFile:
         len_parts: list = []
         page_parts: list = []
         spans: list[tuple[int, int, int]] = []
+        tmpl: _Template | None = None
+        run: list[int] = []         # bodies of the template's pages not yet added
         while left > 0 and p < end:
+            if tmpl is not None:
+                body = tmpl.match(b, p)
+                if body >= 0 and tmpl.n <= left and body + tmpl.size <= end:
+                    run.append(body)
+                    spans.append((body, body + tmpl.size, tmpl.crc))
+                    left -= tmpl.n
+                    p = body + tmpl.size
+                    continue
+                if run:
+                    tmpl.add(b, run, len(spans) - len(run), pos_parts, len_parts, page_parts)
+                    run = []
+            page_at = p
             h, body = _struct(b, p, _PAGE_HEADER)
             size = h.get(3, -1)
             dp = h.get(5)
@@ -218,8 +316,8 @@ class PayloadFile:
             # definition levels (max level 1): one RLE run of n ones = no null row
             (dl,) = _I32.unpack_from(b, body)
             q = body + 4
-            run, q2 = _varint(b, q)
-            if run & 1 or run >> 1 != n or q2 + 1 != q + dl or b[q2] != 1:
+            rl, q2 = _varint(b, q)
+            if rl & 1 or rl >> 1 != n or q2 + 1 != q + dl or b[q2] != 1:
                 raise _NotDirect("def levels")
             q = body + 4 + dl
             pos, ln = _values(b, q, stop, n)
@@ -229,6 +327,10 @@ class PayloadFile:
             spans.append((body, stop, h[4] & 0xFFFFFFFF))
             left -= n
             p = stop
+            if tmpl is None:
+                tmpl = _Template.of(b, h, page_at, body, q, stop, ln)
+        if run and tmpl is not None:
+            tmpl.add(b, run, len(spans) - len(run), pos_parts, len_parts, page_parts)
         if left != 0:
             raise _NotDirect("row count")
         return Rows(np.concatenate(pos_parts), np.concatenate(len_parts),
@@ -276,7 +378,7 @@ class PayloadFile:
             if r.ok[pg]:
                 continue
             a, e, crc = r.spans[pg]
-            if zlib.crc32(self.view[a:e]) & 0xFFFFFFFF != crc:
+            if crc32(self.view[a:e]) & 0xFFFFFFFF != crc:
                 raise StoreError(f"payload file {self.path}: a page fails its checksum "
                                  f"(damaged? 'blkrewind verify --store' checks the store)")
             r.ok[pg] = True
