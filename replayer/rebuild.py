@@ -22,8 +22,8 @@ How, with a cost that follows the device size rather than the history:
    pieces merge too.
 2. `execute`, when every row group it needs is stored uncompressed (random data:
    replayer/payload.py) -- the direct path (`_execute_direct`): the pieces in device order,
-   window by window (32 MiB), each copied straight out of its payload file's mapping into an
-   aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
+   window by window (1 MiB doubling to 8 MiB), each copied straight out of its payload
+   file's mapping into an aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
    window's data runs written with large O_DIRECT writes by a writer thread while the next
    window fills; every page a window uses has its CRC checked first, a window ahead, on a few
    threads. Otherwise (lz4 row groups):
@@ -897,8 +897,24 @@ def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int
 
 
 # ============================================================ direct path
-DIRECT_WINDOW = 32 << 20    # device bytes per window of the direct path
+DIRECT_WINDOW = 8 << 20     # device bytes per window of the direct path
+DIRECT_FIRST = 1 << 20      # the first window's: they double up to DIRECT_WINDOW
 DIRECT_ALIGN = 4096         # O_DIRECT: offsets, lengths and buffer addresses aligned to this
+
+
+def _direct_edges(size: int) -> np.ndarray:
+    """Window bounds of the direct path over [0, size]: small first windows (the first write
+    starts after a 1 MiB window's pages are checked and copied, not a whole window's, which
+    on a history of small writes touch most of the payload), doubling to DIRECT_WINDOW.
+    All but the last are multiples of DIRECT_ALIGN."""
+    out = [0]
+    step = max(DIRECT_ALIGN, min(DIRECT_FIRST, DIRECT_WINDOW))
+    while out[-1] < size and step < DIRECT_WINDOW:
+        out.append(min(size, out[-1] + step))
+        step *= 2
+    rest = np.arange(out[-1] + DIRECT_WINDOW, size, DIRECT_WINDOW, dtype=np.int64)
+    tail = [size] if out[-1] < size else []
+    return np.concatenate([np.asarray(out, np.int64), rest, np.asarray(tail, np.int64)])
 
 
 class _DirectSources:
@@ -985,22 +1001,22 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     d_off, d_len = p.d_off[order], p.d_len[order]
     slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]
     # pieces that cross a window's bound are cut there
-    first = d_off // DIRECT_WINDOW
-    cuts = (d_off + d_len - 1) // DIRECT_WINDOW - first + 1
+    edges = _direct_edges(p.size)
+    first = np.searchsorted(edges, d_off, "right") - 1
+    cuts = np.searchsorted(edges, d_off + d_len - 1, "right") - first
     if len(cuts) and int(cuts.max()) > 1:
         k = np.repeat(np.arange(len(d_off)), cuts)
         j = np.arange(len(k)) - np.repeat(np.cumsum(cuts) - cuts, cuts)
-        w0 = (first[k] + j) * DIRECT_WINDOW
-        a = np.maximum(d_off[k], w0)
-        e = np.minimum(d_off[k] + d_len[k], w0 + DIRECT_WINDOW)
+        w = first[k] + j
+        a = np.maximum(d_off[k], edges[w])
+        e = np.minimum(d_off[k] + d_len[k], edges[w + 1])
         pos = pos[k] + (a - d_off[k])
         slot, gpage = slot[k], gpage[k]
-        d_off, d_len = a, e - a
-    win = d_off // DIRECT_WINDOW
+        d_off, d_len, first = a, e - a, w
+    win = first
     starts, ends = _bounds(win)
     direct = _set_direct(t.fd, True)
-    size = p.size
-    nbuf = 3
+    nbuf = 4
     bufs = [mmap.mmap(-1, DIRECT_WINDOW) for _ in range(nbuf)]
     state: dict[str, Any] = {"calls": 0, "direct": direct}
 
@@ -1032,6 +1048,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
         return np.unique(gpage[starts[wi]:ends[wi]]).tolist()
 
     written = 0
+    closing: threading.Thread | None = None
     try:
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex, \
                 WriteBehind(bufs, write_runs, "restore-direct-write") as wbh:
@@ -1046,13 +1063,13 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                     f.result()
                 pending = nxt
                 i = wbh.take()
-                lo = int(win[a]) * DIRECT_WINDOW
+                lo, hi = int(edges[win[a]]), int(edges[win[a] + 1])
                 o, ln = d_off[a:e], d_len[a:e]
                 ro, re_ = _window_runs(lo, o, ln)
                 # aligned out: the bytes added are the image's too (the buffer holds zeroes
                 # wherever no piece lies), within the window (its bounds are aligned)
                 ro = ro // DIRECT_ALIGN * DIRECT_ALIGN
-                re_ = np.minimum(-(-re_ // DIRECT_ALIGN) * DIRECT_ALIGN, min(size, lo + DIRECT_WINDOW))
+                re_ = np.minimum(-(-re_ // DIRECT_ALIGN) * DIRECT_ALIGN, hi)
                 bv = np.frombuffer(bufs[i], np.uint8)
                 if int(ln.sum()) != int((re_ - ro).sum()):
                     for x, y in zip(ro.tolist(), re_.tolist()):
@@ -1065,7 +1082,12 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                 wbh.put(i, lo, list(zip(ro.tolist(), re_.tolist())))
             for f in pending:
                 f.result()
+            # unmapping the payload (~0.1 s per GB mapped) overlaps the last writes
+            closing = threading.Thread(target=src.close, name="restore-unmap", daemon=True)
+            closing.start()
     finally:
+        if closing is not None:
+            closing.join()
         if state["direct"]:
             _set_direct(t.fd, False)
         for b in bufs:
