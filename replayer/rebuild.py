@@ -926,6 +926,8 @@ class _DirectSources:
         self.files = files      # PayloadFile per slot
         self.views = [f.view for f in files]
         self.slot, self.pos, self.gpage, self.pages = slot, pos, gpage, pages
+        self._closing = threading.Lock()
+        self._closed = False
 
     @classmethod
     def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
@@ -945,10 +947,15 @@ class _DirectSources:
             starts, ends = _bounds(key[order])
             groups = [(files[int(slot[order[a]])], int(p.d_rg[order[a]]), a, e)
                       for a, e in zip(starts, ends)]
-            # the row places, on `jobs` threads: walking the pages faults the files in (a
-            # payload file written with O_DIRECT is not in the page cache yet)
-            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-index") as ex:
-                found = list(ex.map(lambda g: g[0].rows(g[1]), groups))
+            # the row places, walking the pages here (threads would only take turns holding
+            # the GIL), after asking for the read-ahead of every row group needed (a payload
+            # file written with O_DIRECT is not in the page cache yet)
+            per_file: dict = {}
+            for pf, rg, _a, _e in groups:
+                per_file.setdefault(id(pf), (pf, []))[1].append(rg)
+            for pf, rgs in per_file.values():
+                pf.willneed_all(rgs)
+            found = [g[0].rows(g[1]) for g in groups]
             if any(r is None for r in found):
                 for f in files:
                     f.close()
@@ -975,6 +982,11 @@ class _DirectSources:
                 pf.verify(r, [k])
 
     def close(self) -> None:
+        """Unmap the payload files (once: also from a thread while the caller goes on)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         self.views = []
         for f in self.files:
             f.close()
@@ -987,6 +999,11 @@ def _set_direct(fd: int, on: bool) -> bool:
         return True
     except OSError:
         return False
+
+
+def _close_all(objs) -> None:
+    for o in objs:
+        o.close()
 
 
 def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int) -> tuple:
@@ -1048,7 +1065,6 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
         return np.unique(gpage[starts[wi]:ends[wi]]).tolist()
 
     written = 0
-    closing: threading.Thread | None = None
     try:
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex, \
                 WriteBehind(bufs, write_runs, "restore-direct-write") as wbh:
@@ -1083,13 +1099,11 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
             for f in pending:
                 f.result()
             # unmapping the payload (~0.1 s per GB mapped) overlaps the last writes
-            closing = threading.Thread(target=src.close, name="restore-unmap", daemon=True)
-            closing.start()
+            threading.Thread(target=src.close, name="restore-unmap", daemon=True).start()
     finally:
-        if closing is not None:
-            closing.join()
         if state["direct"]:
             _set_direct(t.fd, False)
-        for b in bufs:
-            b.close()
+        # and the buffers' after them (nothing waits for it)
+        threading.Thread(target=_close_all, args=(bufs,), name="restore-unmap",
+                         daemon=True).start()
     return written, state["calls"]
