@@ -768,11 +768,16 @@ def _writing(p: Plan, t: Target, label: str, progress):
 
 def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress, label) -> dict:
     """execute() by the direct path (see _execute_direct)."""
+    unmapping: list[threading.Thread] = []
     try:
         with _writing(p, t, label, progress) as (bar, wb):
-            written, calls = _execute_direct(p, t, src, bar, wb, jobs)
+            written, calls = _execute_direct(p, t, src, bar, wb, jobs, unmapping)
     finally:
         src.close()
+        # the unmapping overlapped the last writes and the fsync; it ends here, not after
+        # the command said it is done (a signal then would kill a finished restore)
+        for th in unmapping:
+            th.join()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls,
             "method": "direct"}
 
@@ -1006,7 +1011,8 @@ def _close_all(objs) -> None:
         o.close()
 
 
-def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int) -> tuple:
+def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
+                    unmapping: list) -> tuple:
     """The direct path: pieces in device order, window by window copied straight from the
     payload files' mappings into an aligned buffer (one memcpy per piece, no decode), the
     window's data runs written with large O_DIRECT writes by a writer thread while the next
@@ -1099,11 +1105,14 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
             for f in pending:
                 f.result()
             # unmapping the payload (~0.1 s per GB mapped) overlaps the last writes
-            threading.Thread(target=src.close, name="restore-unmap", daemon=True).start()
+            unmapping.append(threading.Thread(target=src.close, name="restore-unmap",
+                                              daemon=True))
+            unmapping[-1].start()
     finally:
         if state["direct"]:
             _set_direct(t.fd, False)
-        # and the buffers' after them (nothing waits for it)
-        threading.Thread(target=_close_all, args=(bufs,), name="restore-unmap",
-                         daemon=True).start()
+        # and the buffers' after them, while the caller syncs (unmapping: to join)
+        unmapping.append(threading.Thread(target=_close_all, args=(bufs,),
+                                          name="restore-unmap", daemon=True))
+        unmapping[-1].start()
     return written, state["calls"]
