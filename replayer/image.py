@@ -174,7 +174,10 @@ class RowGroupCache:
 class Image:
     """The bytes of a device at a point, read at random (see the module docstring)."""
 
-    def __init__(self, p: Plan | SimpleNamespace, *, cache_bytes: int | None = None):
+    def __init__(self, p: Plan | SimpleNamespace, *, cache_bytes: int | None = None,
+                 cache: RowGroupCache | None = None):
+        """cache: another image's (of the same store: rewind's two points), whose mappings,
+        row places and checked pages this one then shares."""
         self.size = p.size
         order = np.argsort(p.d_off, kind="stable")
         self.off = p.d_off[order].astype(np.int64)
@@ -194,7 +197,8 @@ class Image:
         self.row_groups = len(np.unique(self.key))
         if cache_bytes is None:
             cache_bytes = auto_cache_bytes(self.row_groups)
-        self.cache = RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
+        self.cache = cache if cache is not None else \
+            RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
         self.data_bytes = int((self.end - self.off).sum())
         # direct reads (replayer/payload.py): per piece, the file offset of its first byte
         # (UNKNOWN until its row group is first read, DECODE when pyarrow must decode it)

@@ -22,8 +22,8 @@ How, with a cost that follows the device size rather than the history:
    pieces merge too.
 2. `execute`, when every row group it needs is stored uncompressed (random data:
    replayer/payload.py) -- the direct path (`_execute_direct`): the pieces in device order,
-   window by window (32 MiB), each copied straight out of its payload file's mapping into an
-   aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
+   window by window (1 MiB doubling to 8 MiB), each copied straight out of its payload
+   file's mapping into an aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
    window's data runs written with large O_DIRECT writes by a writer thread while the next
    window fills; every page a window uses has its CRC checked first, a window ahead, on a few
    threads. Otherwise (lz4 row groups):
@@ -768,11 +768,16 @@ def _writing(p: Plan, t: Target, label: str, progress):
 
 def _execute_with(p: Plan, t: Target, src: "_DirectSources", jobs: int, progress, label) -> dict:
     """execute() by the direct path (see _execute_direct)."""
+    unmapping: list[threading.Thread] = []
     try:
         with _writing(p, t, label, progress) as (bar, wb):
-            written, calls = _execute_direct(p, t, src, bar, wb, jobs)
+            written, calls = _execute_direct(p, t, src, bar, wb, jobs, unmapping)
     finally:
         src.close()
+        # the unmapping overlapped the last writes and the fsync; it ends here, not after
+        # the command said it is done (a signal then would kill a finished restore)
+        for th in unmapping:
+            th.join()
     return {"data_bytes": written, "zero_bytes": p.zero_bytes, "writes": calls,
             "method": "direct"}
 
@@ -897,8 +902,24 @@ def write_plan(pl: Plan, path: str, size: int, *, force: bool = False, jobs: int
 
 
 # ============================================================ direct path
-DIRECT_WINDOW = 32 << 20    # device bytes per window of the direct path
+DIRECT_WINDOW = 8 << 20     # device bytes per window of the direct path
+DIRECT_FIRST = 1 << 20      # the first window's: they double up to DIRECT_WINDOW
 DIRECT_ALIGN = 4096         # O_DIRECT: offsets, lengths and buffer addresses aligned to this
+
+
+def _direct_edges(size: int) -> np.ndarray:
+    """Window bounds of the direct path over [0, size]: small first windows (the first write
+    starts after a 1 MiB window's pages are checked and copied, not a whole window's, which
+    on a history of small writes touch most of the payload), doubling to DIRECT_WINDOW.
+    All but the last are multiples of DIRECT_ALIGN."""
+    out = [0]
+    step = max(DIRECT_ALIGN, min(DIRECT_FIRST, DIRECT_WINDOW))
+    while out[-1] < size and step < DIRECT_WINDOW:
+        out.append(min(size, out[-1] + step))
+        step *= 2
+    rest = np.arange(out[-1] + DIRECT_WINDOW, size, DIRECT_WINDOW, dtype=np.int64)
+    tail = [size] if out[-1] < size else []
+    return np.concatenate([np.asarray(out, np.int64), rest, np.asarray(tail, np.int64)])
 
 
 class _DirectSources:
@@ -910,6 +931,8 @@ class _DirectSources:
         self.files = files      # PayloadFile per slot
         self.views = [f.view for f in files]
         self.slot, self.pos, self.gpage, self.pages = slot, pos, gpage, pages
+        self._closing = threading.Lock()
+        self._closed = False
 
     @classmethod
     def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
@@ -929,10 +952,15 @@ class _DirectSources:
             starts, ends = _bounds(key[order])
             groups = [(files[int(slot[order[a]])], int(p.d_rg[order[a]]), a, e)
                       for a, e in zip(starts, ends)]
-            # the row places, on `jobs` threads: walking the pages faults the files in (a
-            # payload file written with O_DIRECT is not in the page cache yet)
-            with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-index") as ex:
-                found = list(ex.map(lambda g: g[0].rows(g[1]), groups))
+            # the row places, walking the pages here (threads would only take turns holding
+            # the GIL), after asking for the read-ahead of every row group needed (a payload
+            # file written with O_DIRECT is not in the page cache yet)
+            per_file: dict = {}
+            for pf, rg, _a, _e in groups:
+                per_file.setdefault(id(pf), (pf, []))[1].append(rg)
+            for pf, rgs in per_file.values():
+                pf.willneed_all(rgs)
+            found = [g[0].rows(g[1]) for g in groups]
             if any(r is None for r in found):
                 for f in files:
                     f.close()
@@ -959,6 +987,11 @@ class _DirectSources:
                 pf.verify(r, [k])
 
     def close(self) -> None:
+        """Unmap the payload files (once: also from a thread while the caller goes on)."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         self.views = []
         for f in self.files:
             f.close()
@@ -973,7 +1006,13 @@ def _set_direct(fd: int, on: bool) -> bool:
         return False
 
 
-def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int) -> tuple:
+def _close_all(objs) -> None:
+    for o in objs:
+        o.close()
+
+
+def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
+                    unmapping: list) -> tuple:
     """The direct path: pieces in device order, window by window copied straight from the
     payload files' mappings into an aligned buffer (one memcpy per piece, no decode), the
     window's data runs written with large O_DIRECT writes by a writer thread while the next
@@ -985,22 +1024,22 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
     d_off, d_len = p.d_off[order], p.d_len[order]
     slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]
     # pieces that cross a window's bound are cut there
-    first = d_off // DIRECT_WINDOW
-    cuts = (d_off + d_len - 1) // DIRECT_WINDOW - first + 1
+    edges = _direct_edges(p.size)
+    first = np.searchsorted(edges, d_off, "right") - 1
+    cuts = np.searchsorted(edges, d_off + d_len - 1, "right") - first
     if len(cuts) and int(cuts.max()) > 1:
         k = np.repeat(np.arange(len(d_off)), cuts)
         j = np.arange(len(k)) - np.repeat(np.cumsum(cuts) - cuts, cuts)
-        w0 = (first[k] + j) * DIRECT_WINDOW
-        a = np.maximum(d_off[k], w0)
-        e = np.minimum(d_off[k] + d_len[k], w0 + DIRECT_WINDOW)
+        w = first[k] + j
+        a = np.maximum(d_off[k], edges[w])
+        e = np.minimum(d_off[k] + d_len[k], edges[w + 1])
         pos = pos[k] + (a - d_off[k])
         slot, gpage = slot[k], gpage[k]
-        d_off, d_len = a, e - a
-    win = d_off // DIRECT_WINDOW
+        d_off, d_len, first = a, e - a, w
+    win = first
     starts, ends = _bounds(win)
     direct = _set_direct(t.fd, True)
-    size = p.size
-    nbuf = 3
+    nbuf = 4
     bufs = [mmap.mmap(-1, DIRECT_WINDOW) for _ in range(nbuf)]
     state: dict[str, Any] = {"calls": 0, "direct": direct}
 
@@ -1046,13 +1085,13 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                     f.result()
                 pending = nxt
                 i = wbh.take()
-                lo = int(win[a]) * DIRECT_WINDOW
+                lo, hi = int(edges[win[a]]), int(edges[win[a] + 1])
                 o, ln = d_off[a:e], d_len[a:e]
                 ro, re_ = _window_runs(lo, o, ln)
                 # aligned out: the bytes added are the image's too (the buffer holds zeroes
                 # wherever no piece lies), within the window (its bounds are aligned)
                 ro = ro // DIRECT_ALIGN * DIRECT_ALIGN
-                re_ = np.minimum(-(-re_ // DIRECT_ALIGN) * DIRECT_ALIGN, min(size, lo + DIRECT_WINDOW))
+                re_ = np.minimum(-(-re_ // DIRECT_ALIGN) * DIRECT_ALIGN, hi)
                 bv = np.frombuffer(bufs[i], np.uint8)
                 if int(ln.sum()) != int((re_ - ro).sum()):
                     for x, y in zip(ro.tolist(), re_.tolist()):
@@ -1065,9 +1104,15 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int)
                 wbh.put(i, lo, list(zip(ro.tolist(), re_.tolist())))
             for f in pending:
                 f.result()
+            # unmapping the payload (~0.1 s per GB mapped) overlaps the last writes
+            unmapping.append(threading.Thread(target=src.close, name="restore-unmap",
+                                              daemon=True))
+            unmapping[-1].start()
     finally:
         if state["direct"]:
             _set_direct(t.fd, False)
-        for b in bufs:
-            b.close()
+        # and the buffers' after them, while the caller syncs (unmapping: to join)
+        unmapping.append(threading.Thread(target=_close_all, args=(bufs,),
+                                          name="restore-unmap", daemon=True))
+        unmapping[-1].start()
     return written, state["calls"]

@@ -173,7 +173,9 @@ def run(store, device, r_to, r_from, target: str, *, samples: int = 64, check_on
     hi = max(r_to.stamp, r_from.stamp)
     ex = rebuild.extents(store, r_to.session, r_to.dev, hi)
     img_to = Image(rebuild.plan_extents(ex.upto(r_to.stamp), size))
-    img_from = Image(rebuild.plan_extents(ex.upto(r_from.stamp), size))
+    # one set of mappings, row places and checked pages for both points (their pieces
+    # mostly lie in the same row groups)
+    img_from = Image(rebuild.plan_extents(ex.upto(r_from.stamp), size), cache=img_to.cache)
     starts, ends = changed_ranges(ex, r_to.stamp, r_from.stamp, size)
     return _apply(img_to, img_from, starts, ends, target, size, samples, check_only)
 
@@ -190,6 +192,5 @@ def _apply(img_to, img_from, starts, ends, target, size, samples, check_only) ->
         k, total = rewind(fd, img_to, starts, ends)
     finally:
         os.close(fd)
-        img_to.close()
-        img_from.close()
+        img_to.close()      # (one cache: img_from's is the same)
     return Result(k, total, n, time.monotonic() - t0)
