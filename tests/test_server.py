@@ -236,7 +236,26 @@ def store_counts(store: Path, session: str) -> tuple:
 NOTHING = (0, 0, 0, 0)
 
 
+def settled(store: Path, timeout: float = 30) -> None:
+    """Waits (up to `timeout` s, then lets the caller's check speak) until the watermark of
+    every ended session without a gap reached its end: a running server computes
+    watermarks at most every finalize_every s (longer after a long run), so frames an
+    INVENTORY no longer lacks become restorable a moment later, not at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        cp = run_cli("sql", "--store", store, "--format", "json",
+                     "SELECT count(*) AS n FROM sessions WHERE end_stamp IS NOT NULL "
+                     "AND first_gap IS NULL AND coalesce(watermark + 1, 0) < end_stamp",
+                     check=False)
+        if cp.returncode != 0:  # a server started without the SQL views: nothing to wait on
+            return
+        if json.loads(cp.stdout)[0]["n"] == 0:
+            return
+        time.sleep(0.1)
+
+
 def restore_image(store: Path, out: Path, device: str = "synth:loop7", at: str = "latest") -> bytes:
+    settled(store)
     run_cli("restore", "--store", store, "--device", device, "--at", at, "--to", out, "--force",
             timeout=120)
     return out.read_bytes()
