@@ -350,6 +350,7 @@ class Bench:
         if r.error:
             say(f"  {r.backing:6} {r.job:6} {r.phase:10} error: {r.error}")
             return
+        assert r.fio is not None, "a run without an error has fio's result"
         s = f"  {r.backing:6} {r.job:6} {r.phase:10} {r.fio['mb_s']:9.1f} MB/s"
         if r.extra.get("disk_mb_s") is not None:
             s += f"  (disk wrote {r.extra['disk_mb_s']:7.1f} MB/s)"
@@ -385,7 +386,7 @@ def start_tracer(dev: str, log: Path, ring_mb: int, say_fn=quiet, dirtier: bool 
     t = Tracer(TraceOptions(devices=[dev], log_dir=str(log), ring_bytes=ring_mb << 20,
                             baseline=False, dirtier=dirtier), say=say_fn)
     t.start()
-    t.run_baseline(None)
+    t.run_baseline(threading.Event())   # not used: baseline=False
     return t
 
 

@@ -84,6 +84,7 @@ def through_export(store: str, client: list[str]) -> float:
     p = subprocess.Popen([*CLI, "export", "--store", store, "--device", "bench0", "--at",
                           "latest"], cwd=CUR["root"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env())
+    assert p.stdout is not None, "started with stdout=PIPE"
     try:
         uri = p.stdout.readline().strip()
         subprocess.run([uri if a == "{uri}" else a for a in client], check=True,

@@ -318,7 +318,9 @@ def rpo(args, base: str) -> dict:
                                "--stats-json", stats_json], cwd=ROOT,
                               stderr=subprocess.PIPE, text=True)
         lines: list[str] = []
-        threading.Thread(target=lambda: lines.extend(tr.stderr), daemon=True).start()
+        tr_err = tr.stderr
+        assert tr_err is not None, "started with stderr=PIPE"
+        threading.Thread(target=lambda: lines.extend(tr_err), daemon=True).start()
         deadline = time.monotonic() + 120
         while not any("baseline of" in ln for ln in lines):
             if tr.poll() is not None or time.monotonic() > deadline:
@@ -340,6 +342,7 @@ def rpo(args, base: str) -> dict:
             if time.monotonic() - t0 > 1.0:   # skip fio's start-up
                 ages.append(st["oldest_unacked_age_s"])
             time.sleep(0.1)
+        assert fio.stdout is not None, "started with stdout=PIPE"
         out = json.loads(fio.stdout.read())
         wrote = out["jobs"][0]["write"]["io_bytes"]
         final = ask(ctl, {"op": "status"})

@@ -91,11 +91,15 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from blkrewind.formats import record
 from blkrewind.replayer import entropy
+
+if TYPE_CHECKING:
+    from blkrewind.replayer.store import StoreDevice
 
 BLOCK = 4096
 MAX_BLOCKS = 1 << 26          # larger devices get larger blocks (64 MiB of state at most)
@@ -507,7 +511,7 @@ class Detector:
                 self.episodes.append(r)
                 wg = _workers(st.group) if st.group[1] != WORKERS else None
                 q = self.recent.get(wg) if wg is not None else None
-                if q:   # its writes are its episode's, not its workers group's
+                if q and wg is not None:   # its writes are its episode's, not its workers group's
                     self.recent[wg] = deque(x for x in q if x[3] not in r.procs)
                 if self.on_episode is not None:
                     self.on_episode(r)
@@ -861,7 +865,7 @@ class FileCheck:
         self.device = device
         self.checks = 0
         self.disabled: str | None = None
-        self._dev = None
+        self._dev: StoreDevice | None = None
         self._a: tuple | None = None     # the point before the streak, mounted: _side_a
 
     def _restorable(self, det, stamp: int):

@@ -194,6 +194,8 @@ def nbdkit_argv(prep: Prepared, *, socket_path: str | None, listen: tuple | None
     if socket_path is not None:
         argv += ["--unix", socket_path]
     else:
+        if listen is None:
+            raise ValueError("nbdkit_argv: neither socket_path nor listen")
         host, port = listen
         argv += ["--ipaddr", host, "--port", str(port)]
     if tls_dir is not None:
@@ -266,6 +268,8 @@ def stop_pid(pid: int, timeout: float = 10) -> None:
 def uri(socket_path: str | None, listen: tuple | None, tls: bool) -> str:
     if socket_path is not None:
         return f"nbd{'s' if tls else ''}+unix:///?socket={socket_path}"
+    if listen is None:
+        raise ValueError("uri: neither socket_path nor listen")
     host, port = listen
     h = f"[{host}]" if ":" in host else host
     return f"nbd{'s' if tls else ''}://{h}:{port}"

@@ -147,6 +147,7 @@ def diff_files(map_a: dict, mnt_a: str, map_b: dict, mnt_b: str, ranges) -> list
     for p in sorted(set(map_a) | set(map_b)):
         fa, fb = map_a.get(p), map_b.get(p)
         if fa is None:
+            assert fb is not None, "p is in one of the maps"
             out.append({"path": p, "inode": fb["ino"], "change": "created", "how": "",
                         "bytes": fb["size"], "size_from": None, "size_to": fb["size"],
                         "written": overlap(fb["extents"], ranges)})

@@ -38,6 +38,12 @@ class Point:
     value: int | str | None  # None | stamp int | time in ns since the epoch | mark name
     text: str
 
+    def number(self) -> int:
+        """The value of a "stamp" or "time" point."""
+        if not isinstance(self.value, int):
+            raise ValueError(f"point {self.text!r} ({self.kind}) has no stamp or time")
+        return self.value
+
 
 _FRACTION = re.compile(r"[.,](\d+)")
 
@@ -269,7 +275,7 @@ def resolve(store: StoreReader, device: StoreDevice, point: Point, warn=None) ->
         return r
 
     if point.kind == "stamp":
-        stamp = int(point.value)
+        stamp = point.number()
         cands = [s for s in sessions if s.stamp_base is not None and s.stamp_base <= stamp]
         if not cands:
             first = next((s.stamp_base for s in sessions if s.stamp_base is not None), None)
@@ -283,7 +289,7 @@ def resolve(store: StoreReader, device: StoreDevice, point: Point, warn=None) ->
         return done(s, stamp, f"stamp {stamp}")
 
     if point.kind == "time":
-        t = int(point.value)
+        t = point.number()
         when = f"time {fmt_time(t)}"
         for s in reversed(sessions):
             for a, b, fn, tn in reversed(s.intervals):

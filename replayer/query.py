@@ -162,9 +162,12 @@ class QueryServer:
             self._root = None
 
     def _accept(self) -> None:
+        sock = self._sock
+        if sock is None:   # closed before this thread ran
+            return
         while not self._closing:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
                 return
             if not self._allowed(conn):

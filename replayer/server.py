@@ -126,6 +126,12 @@ class Conn:
         h = self.host or self.auth_host or "?"
         return f"conn {self.id} peer {self.peer} host {h}"
 
+    def hello_host(self) -> str:
+        """The host HELLO named; _hello() sets it before any other message is read."""
+        if self.host is None:
+            raise Violation("message before HELLO")
+        return self.host
+
     def wake(self) -> None:
         try:
             os.write(self.wake_w, b"x")
@@ -336,11 +342,19 @@ class Server:
                 "connections": conns, "hosts": hosts, "totals": dict(self.totals),
                 "suspects": self.watch.summary() if self.watch is not None else []}
 
+    def _started_sink(self) -> FrameSink:
+        """The sink start() made; the threads and connections that use it run only after."""
+        if self.sink is None:
+            raise RuntimeError("server not started (no frame sink)")
+        return self.sink
+
     # ------------------------------------------------------------------ threads
     def _accept(self) -> None:
+        lsock = self._lsock
+        assert lsock is not None, "start() binds the socket before this thread runs"
         while not self._stopping.is_set():
             try:
-                raw, addr = self._lsock.accept()
+                raw, addr = lsock.accept()
             except OSError:
                 if self._stopping.is_set():
                     return
@@ -385,7 +399,7 @@ class Server:
 
     def _finalize_once(self) -> None:
         try:
-            self.sink.finalize()   # the sessions it updated: visible in `status`, not logged
+            self._started_sink().finalize()   # the sessions it updated: visible in `status`, not logged
         except Exception as e:
             self.log(f"STORE ERROR while computing watermarks: {type(e).__name__}: "
                      f"{' '.join(str(e).split())}")
@@ -415,7 +429,7 @@ class Server:
         self._check_state = "full check running"
         t0 = time.monotonic()
         try:
-            damage = self.sink.check(full=True, upto=self._check_upto)
+            damage = self._started_sink().check(full=True, upto=self._check_upto)
         except Exception as e:
             self._check_state = f"full check failed: {e}"
             if not self._stopping.is_set():
@@ -637,12 +651,13 @@ class Server:
     # ------------------------------------------------------------------ messages
     def _status_msg(self, c: Conn, m: wire.Message) -> None:
         obj = wire.parse_json(m)
+        host = c.hello_host()
         with self._status_lock:
-            if c.host not in self.statuses and len(self.statuses) >= self.limits.max_status_hosts:
+            if host not in self.statuses and len(self.statuses) >= self.limits.max_status_hosts:
                 oldest = min(self.statuses, key=lambda h: self.statuses[h]["received_ns"])
                 del self.statuses[oldest]
-            prev = self.statuses.get(c.host)
-            self.statuses[c.host] = {
+            prev = self.statuses.get(host)
+            self.statuses[host] = {
                 "status": obj, "received_ns": time.time_ns(), "peer": c.peer, "conn": c.id,
                 # the previous one's capture counters: rates for `blkrewind status`
                 "prev": None if prev is None else {
@@ -654,8 +669,9 @@ class Server:
 
         d = wire.parse_json(m)
         self._check_store()
+        sink, host = self._started_sink(), c.hello_host()
         try:
-            lacks = self.sink.lacks(c.host, d["segments"])
+            lacks = sink.lacks(host, d["segments"])
         except FrameRejected as e:
             raise Violation(f"INVENTORY: {e}") from None
         except Exception as e:
@@ -720,20 +736,21 @@ class Server:
             if time.monotonic() - t0 >= lim.batch_wait or not wire.data_waiting(c.sock, 0):
                 break
             try:
-                m = self._read(c, lim.message_timeout)
+                got = self._read(c, lim.message_timeout)
             except wire.ProtocolError as e:
                 err = e
                 break
-            if m is None:
+            if got is None:
                 err = wire.ConnectionClosed("closed by the peer", clean=True)
                 break
+            m = got
             if m.mtype != wire.T_FRAMES:
                 nxt = m
                 break
         if groups:
             self._store(c, groups, metas)
             with self._totals_lock:   # per stored batch, for the metrics
-                n = self.ingested.setdefault(c.host, [0, 0])
+                n = self.ingested.setdefault(c.hello_host(), [0, 0])
                 n[0] += sum(len(g.raw_frames) for g in groups)
                 n[1] += total
         if err is not None:
@@ -759,15 +776,16 @@ class Server:
         from blkrewind.replayer.ingest import FrameRejected
 
         self._check_store()
+        sink, host = self._started_sink(), c.hello_host()
         try:
-            res = self.sink.store(c.host, groups)
+            res = sink.store(host, groups)
         except FrameRejected as e:
             if len(groups) == 1:
                 raise Violation(f"FRAMES {_desc(metas[0])}: {e}") from None
             # a merged batch: store and acknowledge the good messages before the bad one
             for g, meta in zip(groups, metas):
                 try:
-                    r = self.sink.store(c.host, [g])
+                    r = sink.store(host, [g])
                 except FrameRejected as e1:
                     raise Violation(f"FRAMES {_desc(meta)}: {e1}") from None
                 except Exception as e1:

@@ -835,6 +835,7 @@ class Store(StoreReader):
                  lock_fd: int | None):
         self.path = path
         self._con = con
+        self._con_open = True
         self.writable = writable
         self._lock_fd = lock_fd
         self._mutex = threading.RLock()
@@ -938,6 +939,14 @@ class Store(StoreReader):
         with self._mutex:
             return self._con.execute(sql, params or []).fetchone()
 
+    def _row(self, sql: str, params: list, what: str) -> tuple:
+        """The row of a query that has one (an aggregate, or a row the caller knows is
+        there); StoreError when there is none."""
+        row = self._con.execute(sql, params).fetchone()
+        if row is None:
+            raise StoreError(f"the store has no {what}")
+        return row
+
     def numpy(self, sql: str, params=None) -> dict:
         with self._mutex:
             return self._con.execute(sql, params or []).fetchnumpy()
@@ -979,11 +988,9 @@ class Store(StoreReader):
             define(self._con)
 
     def close(self) -> None:
-        if self._con is not None:
-            try:
-                self._con.close()
-            finally:
-                self._con = None
+        if self._con_open:
+            self._con_open = False   # closed once (later uses fail: connection closed)
+            self._con.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -1188,12 +1195,12 @@ class Store(StoreReader):
 
     def session_scan(self, session: str) -> SessionScan:
         """What the scan of the session goes on from (its sessions and scan_state rows)."""
-        row = self._con.execute(
+        row = self._row(
             "SELECT s.stamp_base, s.end_stamp, s.end_ns, s.complete_to, s.watermark, "
             "s.watermark_ns, s.first_gap, s.gap_reason, s.after_gap, s.dirty, s.held_segno, "
             "s.held_frame, ss.session IS NOT NULL, ss.scanned_to, ss.prefix FROM sessions s "
             "LEFT JOIN scan_state ss ON ss.session = s.session WHERE s.session = ?",
-            [session]).fetchone()
+            [session], f"session {session}")
         return SessionScan(row[0], row[1], row[2], tuple(row[3:9]), row[9], (row[10], row[11]),
                            (row[13], row[14]) if row[12] else None)
 
@@ -1207,9 +1214,9 @@ class Store(StoreReader):
     def stamp_pieces(self, session: str, stamp: int) -> tuple[int | None, int | None, int | None,
                                                               int]:
         """(bytes captured, bio size, flags of all pieces, pieces) of the records of a stamp."""
-        got, size, flags, n = self._con.execute(
+        got, size, flags, n = self._row(
             "SELECT sum(len), max(bio_size), bit_or(flags), count(*) FROM records "
-            "WHERE session = ? AND stamp = ?", [session, stamp]).fetchone()
+            "WHERE session = ? AND stamp = ?", [session, stamp], "aggregate row")
         return got, size, flags, int(n)
 
     def newest_stamp(self, session: str, after: int) -> int | None:
@@ -1294,8 +1301,8 @@ class Store(StoreReader):
 
     def session_drops(self, session: str):
         """The most records the kernel reported lost in the session (None: no report)."""
-        return self._con.execute("SELECT max(drops) FROM loss WHERE session = ?",
-                                [session]).fetchone()[0]
+        return self._row("SELECT max(drops) FROM loss WHERE session = ?", [session],
+                         "aggregate row")[0]
 
     def session_restorable(self, session: str) -> list[tuple]:
         """The session's `restorable` rows (session, dev, from_stamp, to_stamp, from_ns,

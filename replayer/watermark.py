@@ -53,6 +53,7 @@ import threading
 
 import numpy as np
 
+from blkrewind.errors import StoreError
 from blkrewind.formats import record
 from blkrewind.replayer.store import Store
 
@@ -106,6 +107,8 @@ def _gap_reason(store: Store, session: str, g: int) -> str:
     if not row[3]:
         return f"stamp {g} is missing (a lost record, or a LOG frame not ingested yet)"
     got, size, flags, _ = row
+    if flags is None:   # bit_or over the stamp's records, which row[3] counted
+        raise StoreError(f"stamp {g}: records without flags")
     if flags & record.F_READERR:
         return f"bio {g}: its payload could not be read (read error)"
     if flags & record.F_TRUNC:
@@ -178,8 +181,8 @@ def _scan(store: Store, session: str, stamp_base: int, end_stamp: int | None, co
     if end_stamp is not None:
         top = int(end_stamp) - 1
     else:
-        top = store.newest_stamp(session, scanned)
-        top = scanned if top is None else top
+        newest = store.newest_stamp(session, scanned)
+        top = scanned if newest is None else newest
     if top > scanned:
         new = _bad_runs(store, session, scanned, top)
         if new:
@@ -382,11 +385,14 @@ def _update_devices(store: Store, session, stamp_base, scanned, runs, end_stamp,
             if pr[2]:  # the whole history of dev in this session is pruned
                 start = None
             else:
-                after = pr[0]
-                start = pr[0] if be_stamp is None else max(be_stamp, pr[0])
+                cut = pr[0]
+                if cut is None:   # Store.set_pruned() always writes one
+                    raise StoreError(f"session {session} device {dev}: pruned without a stamp")
+                after = cut
+                start = cut if be_stamp is None else max(be_stamp, cut)
                 kept = sorted(k for k in pr[3] if k < start)
                 if pr[1] is not None:
-                    cache[pr[0]] = pr[1]
+                    cache[cut] = pr[1]
         windows = device_windows(runs, resyncs.get(dev, []), after)
         # a loss no stamp shows (a write the kernel's queue program never saw, so it has no
         # stamp: tracer/resync.py SKIPPED): nothing in [since, resync_end) is restorable

@@ -126,6 +126,8 @@ class Moment:
     def run(self, kimg: Path) -> None:
         t0 = time.monotonic()
         self.prepare()
+        loop = self.loop
+        assert loop is not None, "prepare() attaches the loop device or raises"
         rng = random.Random(self.seed)
         self.cut_after = round(rng.uniform(*CUT_AFTER), 2)
         heavy = self.out / "heavy"
@@ -146,7 +148,7 @@ class Moment:
 
         for attempt in (1, 2):
             r = vm.run_guest(kimg, self.out, ["sh", "tests/vm/powercut_guest.sh", str(self.out),
-                                              self.loop[len("/dev/loop"):], str(self.seed),
+                                              loop[len("/dev/loop"):], str(self.seed),
                                               self.log_mode],
                              timeout=GUEST_TIMEOUT, extra=self.qemu_opts(), on_start=cutter)
             # software emulation's rare boot crash (an int3 Oops while the kernel patches its

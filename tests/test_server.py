@@ -30,8 +30,9 @@ TIMEOUTS = ["--idle-timeout", "3", "--message-timeout", "1", "--hello-timeout", 
 
 
 # ------------------------------------------------------------------------------ helpers
-def log_segments(log_dir) -> list[tuple[str, int, int, list[bytes]]]:
-    """(session, segno, seg_id, raw frames) of every segment of a LOG directory."""
+def log_segments(log_dir) -> list[tuple[str, int, int | None, list[bytes]]]:
+    """(session, segno, seg_id, raw frames) of every segment of a LOG directory (seg_id
+    None: no frames)."""
     out = []
     for sg in logframe.list_segments(log_dir):
         data = open(sg.path, "rb").read()
@@ -534,7 +535,8 @@ def _bad_message_case(srv, pki, tmp_path, seed: int, make, expect: str):
     g = Client(srv.port, client_ctx(pki["tls"], pki["tls"] / "synth"))
     g.hello()
     g.send(wire.encode_json(wire.T_PING, {"t": 1}))
-    assert g.recv().mtype == wire.T_PONG
+    pong = g.recv()
+    assert pong is not None and pong.mtype == wire.T_PONG
     g.close()
 
 

@@ -116,28 +116,36 @@ class Server:
     def alive(self) -> bool:
         return self.p is not None and self.p.poll() is None
 
+    def _proc(self) -> subprocess.Popen:
+        assert self.p is not None, "the server was never started"
+        return self.p
+
     def _done(self) -> None:
+        assert self.r is not None, "the server was never started"
         self.r._t.join(5)
         self.logs.append(self.r.text)
 
     def kill(self) -> None:
         if self.alive():
-            self.p.kill()
-            self.p.wait(30)
+            p = self._proc()
+            p.kill()
+            p.wait(30)
             self._done()
 
     def stop(self, timeout: float = 60) -> int:
+        p = self._proc()
         if self.alive():
-            self.p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGINT)
             try:
-                self.p.wait(timeout)
+                p.wait(timeout)
             finally:
                 self._done()
-        return self.p.returncode
+        return p.returncode
 
     @property
     def log(self) -> str:
-        return "".join(self.logs) + (self.r.text if self.alive() else "")
+        now = self.r.text if self.alive() and self.r is not None else ""   # r: with p
+        return "".join(self.logs) + now
 
     def points_left(self) -> list[str]:
         """What is left of the points any run of this server read (its detector's file-level
@@ -423,9 +431,11 @@ class Lab:
             h.mark("end")
             finals[h.name] = h.copies[f"{h.name}-end"]
         for h in self.hosts:
-            rc = h.tracer.stop()
-            assert rc == 0, h.tracer.stderr
-            assert " 0 records lost" in h.tracer.stderr, h.tracer.stderr
+            tr = h.tracer
+            assert tr is not None, f"{h.name} is not traced"
+            rc = tr.stop()
+            assert rc == 0, tr.stderr
+            assert " 0 records lost" in tr.stderr, tr.stderr
         wait_shipped(self.store, self.hosts)
         return finals
 

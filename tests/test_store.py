@@ -38,11 +38,15 @@ def sql(capsys, store, q):
 
 def check_points(capsys, store, s: SynthSession, tmp_path, device="loop7") -> None:
     """Every mark, every snapshot at or after the baseline end, and latest == the model."""
+    def after_baseline(stamp: int) -> bool:
+        assert s.baseline_end is not None, "the synthetic session has no baseline"
+        return stamp >= s.baseline_end
+
     for name, img in s.at_mark.items():
-        if s.marks[name][-1] >= s.baseline_end:
+        if after_baseline(s.marks[name][-1]):
             assert restore_bytes(capsys, store, name, tmp_path, device) == img, name
     for stamp, img in s.at_stamp.items():
-        if stamp >= s.baseline_end:
+        if after_baseline(stamp):
             assert restore_bytes(capsys, store, str(stamp), tmp_path, device) == img, stamp
     assert restore_bytes(capsys, store, "latest", tmp_path, device) == bytes(s.image)
 

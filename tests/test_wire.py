@@ -20,8 +20,9 @@ from synth import history
 from blkrewind.formats import logframe, wire
 
 
-def segment_frames(path) -> tuple[int, list[bytes]]:
-    """(seg_id, raw frames) of a segment file, walked with the LOG's header parser."""
+def segment_frames(path) -> tuple[int | None, list[bytes]]:
+    """(seg_id, raw frames) of a segment file, walked with the LOG's header parser (seg_id
+    None: no frames)."""
     data = open(path, "rb").read()
     frames, off = [], 0
     seg_id = None

@@ -64,10 +64,16 @@ class Btf:
         end = self.strings.index(b"\0", off)
         return self.strings[off:end].decode()
 
-    def resolve(self, tid: int) -> BtfType:
+    def type(self, tid: int) -> BtfType:
         t = self.types[tid]
+        if t is None:
+            raise LayoutMismatch("BTF type id 0 (void) where a type is expected")
+        return t
+
+    def resolve(self, tid: int) -> BtfType:
+        t = self.type(tid)
         while t.kind in (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG):
-            t = self.types[t.size_or_type]
+            t = self.type(t.size_or_type)
         return t
 
     def sizeof(self, tid: int) -> tuple[int, int]:
@@ -84,8 +90,8 @@ class Btf:
         raise LayoutMismatch(f"unexpected BTF kind {t.kind}")
 
     def find_struct(self, name: str) -> BtfType:
-        for t in self.types[1:]:
-            if t.kind == STRUCT and t.name == name:
+        for t in self.types[1:]:   # all set (only id 0 is None)
+            if t is not None and t.kind == STRUCT and t.name == name:
                 return t
         raise LayoutMismatch(f"struct {name} is not in the object's BTF")
 

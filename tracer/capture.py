@@ -226,6 +226,7 @@ class Capture:
         self.optional_error: str | None = None  # why the optional programs are not loaded
         optional = LEGACY_OPTIONAL_PROGS if legacy else OPTIONAL_PROGS
         variants = LEGACY_VARIANTS if legacy else VARIANTS
+        self.obj: L.BpfObject | None = None   # None: adopted (adopt()) or closed
         loaded = False
         for i, variant in enumerate(variants):
             opt = list(optional) if dirtier else []
@@ -251,8 +252,9 @@ class Capture:
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1,
                        dirtier=int(dirtier), dirtier_shift=DIRTIER_SHIFT)
         self.maps = MAPS + LEGACY_MAPS if legacy else MAPS
-        self.fd = {m: self.obj.map_fd(m) for m in self.maps}
-        self._progs = {p: self.obj.prog_fd(p) for p in PROGS}
+        obj = self._bpf()   # the loop above loaded a variant or raised
+        self.fd = {m: obj.map_fd(m) for m in self.maps}
+        self._progs = {p: obj.prog_fd(p) for p in PROGS}
         self._owned_fds: list[int] = []
         self.attached: dict[str, str] = {}
         self.attached_progs: dict[str, str] = {}  # what: the program attached there
@@ -309,9 +311,17 @@ class Capture:
 
     def pin(self, pin_dir: str) -> None:
         """Pin maps, programs and links in pin_dir (a new directory on a bpffs)."""
+        obj = self._bpf()
         os.makedirs(pin_dir, mode=0o700)
-        self.obj.pin(pin_dir, list(self.maps), list(PROGS))
+        obj.pin(pin_dir, list(self.maps), list(PROGS))
         self.pin_dir = pin_dir
+
+    def _bpf(self) -> L.BpfObject:
+        """The loaded BPF object (an adopted capture has none: its programs stay attached
+        through their pinned links)."""
+        if self.obj is None:
+            raise ValueError("no BPF object: the capture was adopted from its pins, or closed")
+        return self.obj
 
     def prog_fd(self, name: str) -> int:
         if name not in self._progs and self.obj is not None:
@@ -335,11 +345,11 @@ class Capture:
                 if prog not in self.loaded:
                     continue
                 try:
-                    self.obj.attach(prog)
+                    self._bpf().attach(prog)
                     self.attached[what] = where
                     self.attached_progs[what] = prog
                     if prog not in NOT_MISSABLE:
-                        self._run_fds.append(self.obj.prog_fd(prog))
+                        self._run_fds.append(self._bpf().prog_fd(prog))
                     break
                 except L.BpfError as e:
                     errors.append(f"{where}: {e.strerror}")

@@ -178,7 +178,7 @@ def retire_segment(path, keep: int = SPARES) -> bool:
     log_dir = os.path.dirname(path) or "."
     have = _spares(log_dir)
     if len(have) < keep:
-        used = {int(SPARE_RE.fullmatch(n)[1]) for n in have}
+        used = {int(m[1]) for n in have if (m := SPARE_RE.fullmatch(n))}  # all of them match
         n = next(i for i in range(keep + 1) if i not in used)
         os.rename(path, os.path.join(log_dir, f".spare-{n}{SUFFIX}"))
         _fsync_dir(log_dir)
@@ -318,15 +318,27 @@ class LogWriter:
                 os.close(self._fd)
                 self._fd = None
             os.close(self._dirfd)
-            if self._bufmv is not None:
-                try:
-                    self._bufmv.release()
-                    self._buf.close()
-                except BufferError:  # a view still held (a traceback): freed with it
-                    pass
-                self._buf = self._bufmv = None
+            self._release_buffer()
+            self._buf = self._bufmv = None
 
     # -- internals
+    def _release_buffer(self) -> None:
+        """Unmap the write buffer, if any."""
+        if self._bufmv is None or self._buf is None:
+            return
+        try:
+            self._bufmv.release()
+            self._buf.close()
+        except BufferError:  # a view still held (a traceback): freed with it
+            pass
+
+    def _segment_fd(self) -> int:
+        """The current segment's fd: _open_segment() sets it, _seal() closes it, and frames are
+        written only in between."""
+        if self._fd is None:
+            raise ValueError(f"LogWriter {self.log_dir}: no open segment (internal error)")
+        return self._fd
+
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
@@ -338,13 +350,14 @@ class LogWriter:
             return self._write_direct(bufs, size, what)
         if self._prealloc:  # the next frame header position must read as zeros
             bufs = (*bufs, ZERO_HEAD)
+        fd = self._segment_fd()
         try:
-            _pwrite_all(self._fd, bufs, self._pos)
+            _pwrite_all(fd, bufs, self._pos)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
             try:  # never leave a half frame behind (a preallocated file too: beyond its
                 # end nothing is read; the blocks come back with the next segment)
-                os.ftruncate(self._fd, self._pos)
+                os.ftruncate(fd, self._pos)
             except OSError as e2:
                 self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
@@ -356,18 +369,16 @@ class LogWriter:
 
     def _buffer(self, need: int) -> memoryview:
         """The aligned write buffer, at least need bytes (grown, keeping the partial block)."""
-        if self._buf is None or len(self._buf) < need:
+        mv = self._bufmv   # set together with _buf
+        if self._buf is None or mv is None or len(self._buf) < need:
             cap = max(need + (need >> 2), 8 << 20) + BLOCK - 1 & ~(BLOCK - 1)
             buf = mmap.mmap(-1, cap)  # page aligned, as O_DIRECT wants
-            if self._bufmv is not None:
-                buf[:self._tail] = self._bufmv[:self._tail]
-                try:
-                    self._bufmv.release()
-                    self._buf.close()
-                except BufferError:
-                    pass
-            self._buf, self._bufmv = buf, memoryview(buf)
-        return self._bufmv
+            if mv is not None:
+                buf[:self._tail] = mv[:self._tail]
+                self._release_buffer()
+            mv = memoryview(buf)
+            self._buf, self._bufmv = buf, mv
+        return mv
 
     def _write_direct(self, bufs, size: int, what: str) -> None:
         """One O_DIRECT write of the frame in bufs at _pos: from the start of the block holding
@@ -386,12 +397,13 @@ class LogWriter:
             at += b.nbytes
         mv[end:need] = _ZEROS[:need - end]
         start = self._pos - tail
+        fd = self._segment_fd()
         try:
-            _pwrite_all(self._fd, (mv[:need],), start)
+            _pwrite_all(fd, (mv[:need],), start)
         except OSError as e:
             err = _io_error(e, self.log_dir, f"{what} to {self.current_path}")
             try:  # never leave a half frame behind (the partial block stays in the buffer)
-                os.ftruncate(self._fd, self._pos)
+                os.ftruncate(fd, self._pos)
             except OSError as e2:
                 self._error = LogIOError(f"{err}; cutting the partial frame failed too "
                                          f"({e2.strerror}): the writer stops")
@@ -408,7 +420,7 @@ class LogWriter:
 
     def _fsync_file(self) -> None:
         try:
-            os.fsync(self._fd)
+            os.fsync(self._segment_fd())
         except OSError as e:
             self._error = _io_error(e, self.log_dir, f"fsync of {self.current_path}")
             raise self._error from e
@@ -421,13 +433,13 @@ class LogWriter:
                            0, 0),), FRAME_SIZE, "sealing")
         if self._prealloc:  # the preallocated rest goes: a sealed segment ends with its SEAL
             try:
-                os.ftruncate(self._fd, self._pos)
+                os.ftruncate(self._segment_fd(), self._pos)
             except OSError as e:
                 self._error = _io_error(e, self.log_dir, f"cutting {self.current_path}")
                 raise self._error from e
         self._report(self._frame_no, self._pos - FRAME_SIZE, FRAME_SIZE)
         self._fsync_file()
-        os.close(self._fd)
+        os.close(self._segment_fd())
         self._fd = None
 
     def _rotate(self) -> None:

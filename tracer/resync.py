@@ -506,6 +506,8 @@ class Resync:
     def _resync(self) -> None:
         with self._lock:
             p = self._pending
+            # only this (the worker) thread clears it, after seeing it set under the lock
+            assert p is not None, "_resync() runs only with a gap pending"
             self._pending = None
             self.running = {"since": p.since, "causes": list(p.causes), "full": p.reads_all}
         before = self._prev
@@ -598,6 +600,7 @@ class Resync:
         chunks = self._plan(p, kdev, dirty)
         regions = (int(np.count_nonzero(dirty >= self.dirty_floor(p.since))) if not p.full
                    else reg.count)
+        assert self.running is not None, "_resync() sets it before each device"
         self.running.update(dev=d.path, chunks=len(chunks), rs=rs)
         nbytes, rereads = self._read_chunks(d, rs, chunks)
         re_ = self._point({"what": "resync_end", "dev": kdev, "start": rs, "since": p.since,

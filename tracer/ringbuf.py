@@ -68,7 +68,7 @@ class RingConsumer:
         self._walk = native.ring_walk if use_native else None
         self._data_addr = self._prod_addr + PAGE
         self._nrec = ctypes.c_uint64()
-        self._ep = select.epoll()
+        self._ep: select.epoll | None = select.epoll()
         self._ep.register(fd, select.EPOLLIN)
         self.records = 0
         self.bytes = 0
@@ -118,6 +118,8 @@ class RingConsumer:
 
     def wait(self, timeout_s: float) -> None:
         if self._cons.value == self._prod.value:
+            if self._ep is None:
+                raise ValueError("the ring buffer is closed")
             self._ep.poll(timeout_s)
 
     def close(self) -> None:

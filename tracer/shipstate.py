@@ -307,8 +307,9 @@ class ShipState:
                 ba += s.range_bytes(acked)
                 fu += un.count()
                 bu += s.range_bytes(un)
-                if first_unacked is None and un:
-                    first_unacked = (s, un.first())
+                f0 = un.first()   # None: un is empty
+                if first_unacked is None and f0 is not None:
+                    first_unacked = (s, f0)
             if first_unacked is not None:
                 s, no = first_unacked
                 oldest = self.frame_real_ns(s, no)
@@ -400,9 +401,10 @@ class ShipState:
                 for r in m.real_ns:
                     self.lags.append(round((now - r) / 1e9, 4))
             else:
-                seg = self.segs.get((d["session"], d["segno"]))
-                if seg is None:
+                got = self.segs.get((d["session"], d["segno"]))
+                if got is None:
                     return
+                seg = got
                 a, e = d["first"], min(d["end"], seg.n)
             seg.acked.add(a, e)
             seg.queued.remove(a, e)

@@ -17,8 +17,16 @@ import sys
 import tempfile
 import threading
 import time
+from typing import IO
 
 from blkrewind.errors import UserError
+
+
+def _stderr(p: subprocess.Popen) -> IO:
+    """The stderr pipe of a process this demo started with stderr=PIPE."""
+    if p.stderr is None:
+        raise ValueError(f"{p.args!r} was started without stderr=PIPE")
+    return p.stderr
 
 EXAMPLES = """\
   sudo blkrewind demo
@@ -75,7 +83,7 @@ class _Demo:
 
     @staticmethod
     def _echo(p: subprocess.Popen, prefix: str) -> None:
-        for line in p.stderr:
+        for line in _stderr(p):
             print("   " + prefix + line.rstrip(), flush=True)
 
     @staticmethod
@@ -83,7 +91,7 @@ class _Demo:
         """Echo p's stderr until a line holding `what`; returns that line."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            line = p.stderr.readline()
+            line = _stderr(p).readline()
             if not line:
                 raise UserError(f"{who} exited early: see the message above")
             print("   " + line.rstrip(), flush=True)
@@ -174,7 +182,7 @@ class _Demo:
 
         self.step("stop the tracer (SIGINT): it waits until the replayer has stored everything")
         self.tracer.send_signal(2)
-        for line in self.tracer.stderr:
+        for line in _stderr(self.tracer):
             print("   " + line.rstrip())
         if self.tracer.wait(60) != 0:
             raise UserError("the tracer did not stop cleanly")

@@ -119,6 +119,7 @@ def run(args) -> int:
               f"{'writable (overlay)' if args.writable else 'read-only'}; Ctrl-C stops it",
               file=sys.stderr, flush=True)
         # nbdkit's stderr: pass it on (errors of clients, TLS failures)
+        assert proc.stderr is not None, "started with stderr=PIPE"
         for line in proc.stderr:
             sys.stderr.write(line.decode(errors="replace"))
         rc = proc.wait()

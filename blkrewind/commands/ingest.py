@@ -113,7 +113,8 @@ def _refuse_if_shipped(log_dir: str) -> None:
         st = ask(os.path.join(CONTROL_DIR, f"trace-{pid}.sock"), {"op": "status"}, timeout=5)
     except (OSError, ValueError):
         st = {}
-    sh = st.get("shipper") if isinstance(st.get("shipper"), dict) else {}
+    s = st.get("shipper")
+    sh = s if isinstance(s, dict) else {}
     if sh.get("ship_to"):
         raise UserError(f"the tracer (pid {pid}) writing {log_dir} ships it to "
                         f"{sh['ship_to']}: its segments go when that replayer has them "

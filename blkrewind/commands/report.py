@@ -44,13 +44,13 @@ def point_time(store, device, text: str | None) -> int | None:
     if pt.kind == "latest":
         return None
     if pt.kind == "time":
-        return int(pt.value)
+        return pt.number()
     if pt.kind == "mark":
         t = store.mark_time(str(pt.value), sess)
         if t is None:
             raise UserError(f"no mark {pt.value!r} in the history of {device.device}")
         return t
-    t = store.stamp_time(int(pt.value), sess)
+    t = store.stamp_time(pt.number(), sess)
     if t is None:
         raise UserError(f"stamp {pt.value} is not in the history of {device.device}")
     return t

@@ -170,15 +170,16 @@ def _write_device(plan, target: str, size: int, args, label: str, info: dict) ->
     head_n = min(MARK_BYTES, size)
     head, body = rebuild.split_plan(plan, head_n)
     t = rebuild.open_target(target, size, True)  # refusals (in use, too small) come first
-    note = os.path.join(args.store, "restores",
+    path = os.path.join(args.store, "restores",
                         f"unfinished-{os.getpid()}-{time.time_ns()}.json")
+    note: str | None = path   # None: no note kept
     try:
-        os.makedirs(os.path.dirname(note), mode=0o700, exist_ok=True)
-        with open(note + ".tmp", "w") as f:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
             json.dump(info, f)
             f.flush()
             os.fsync(f.fileno())
-        os.rename(note + ".tmp", note)
+        os.rename(path + ".tmp", path)
     except OSError as e:
         print(f"note: cannot keep a note of this restore in the store ({e.strerror})",
               file=sys.stderr)

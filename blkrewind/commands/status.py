@@ -88,9 +88,10 @@ def _age(s) -> str:
 
 def _tracer_part(st: dict) -> tuple[dict, dict]:
     """(tracer status, shipper status) from a STATUS body or a control-socket answer."""
-    tr = st.get("tracer") if isinstance(st.get("tracer"), dict) else st
-    sh = st.get("shipper") if isinstance(st.get("shipper"), dict) else \
-        (tr.get("shipper") if isinstance(tr.get("shipper"), dict) else {})
+    t, s = st.get("tracer"), st.get("shipper")
+    tr = t if isinstance(t, dict) else st
+    ts = tr.get("shipper")
+    sh = s if isinstance(s, dict) else (ts if isinstance(ts, dict) else {})
     return tr, sh
 
 
@@ -106,7 +107,8 @@ def _capture_rate(kernel: dict | None, prev: dict | None, dt_ns: int | None) -> 
 def _host_summary(host: str, st: dict, received_ns: int | None, now_ns: int,
                   prev_kernel: dict | None = None, prev_ns: int | None = None) -> dict:
     tr, sh = _tracer_part(st)
-    k = tr.get("kernel") if isinstance(tr.get("kernel"), dict) else {}
+    kernel = tr.get("kernel")
+    k = kernel if isinstance(kernel, dict) else {}
     return {
         "host": host,
         "session": tr.get("session"),
@@ -206,7 +208,7 @@ def collect_tracers(prev: dict | None = None, log: str | None = None,
     from blkrewind.tracer.control import ask, find_tracers
 
     now_ns = time.time_ns()
-    tracers = []
+    tracers: list[dict] = []
     socks = find_tracers()
     if log is None:
         socks = several_need_all(socks, all_, ask)

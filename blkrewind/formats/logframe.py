@@ -75,7 +75,7 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, TypeGuard
 
 import lz4.frame
 
@@ -104,7 +104,7 @@ SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 MAX_SESSION = 128
 
 
-def valid_session(s) -> bool:
+def valid_session(s) -> TypeGuard[str]:
     """Is s a session id: a str of 1-MAX_SESSION letters, digits, '_' and '-', not starting
     with '_' or '-'."""
     return isinstance(s, str) and len(s) <= MAX_SESSION and SESSION_RE.fullmatch(s) is not None

@@ -71,6 +71,19 @@ class Batch:
     file_bytes: int = 0
     crc32: int = 0
 
+    def tagged_id(self) -> int:
+        """batch_id, which tag_batch() sets before the batch is written or committed."""
+        if self.batch_id is None:
+            raise RuntimeError(f"{self.session}/{self.segno}: batch has no id (internal error)")
+        return self.batch_id
+
+    def payload_rows(self) -> pa.Table:
+        """payload, for a batch whose payload file is being (or was) written."""
+        if self.payload is None:
+            raise RuntimeError(f"{self.session}/{self.segno}: batch has no payload "
+                               f"(internal error)")
+        return self.payload
+
 
 def _comm_array(comm: np.ndarray) -> pa.Array:
     """Command names as a dictionary array: decode each distinct value once."""

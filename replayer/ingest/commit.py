@@ -66,7 +66,7 @@ def commit_batches(store: Store, led: Ledger, batches: list[Batch], host: str,
                     [[b.first_frame, b.end_frame]]:
                 raise StoreError(f"{name}: frames {b.first_frame}..{b.end_frame - 1} are partly "
                                  f"in the store already (internal error: not reserved)")
-            new_ranges[k].append((b.first_frame, b.end_frame, b.batch_id))
+            new_ranges[k].append((b.first_frame, b.end_frame, b.tagged_id()))
         for k in keys:
             st = new_segs[k]
             check_before_seal(segment_name(*k), st, max((e for _, e, _ in new_ranges[k]),
@@ -103,7 +103,7 @@ def _insert_batches(store: Store, batches: list[Batch], now: int) -> None:
     for the bulk tables (their batch/pfile columns were added by tag_batch)."""
     store.add_payload_files([
         (b.batch_id, b.pfile_rel, b.session, b.segno, b.first_frame, b.end_frame,
-         len(b.payload), b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)
+         len(b.payload_rows()), b.payload_bytes, b.file_bytes, b.crc32, b.batch_id)
         for b in batches if b.pfile_rel is not None])
     for table in store.BULK_TABLES:
         tbls = [getattr(b, table) for b in batches if getattr(b, table) is not None]

@@ -36,9 +36,9 @@ def write_payload(store: Store, b: Batch) -> None:
     its CRC-32 recorded in the batch) by the store's PayloadStore. Needs b.batch_id."""
     if b.payload is None:
         return
-    rel = payload_rel(b.session, b.segno, b.first_frame, b.end_frame, b.batch_id)
+    rel = payload_rel(b.session, b.segno, b.first_frame, b.end_frame, b.tagged_id())
     codec = COMPRESSION if _compressible(b.payload.column("data").chunk(0)) else "none"
-    buf, n = _encode(b, codec)
+    buf, n = _encode(b, b.payload, codec)
     b.crc32 = store.payload.put(rel, buf, n)
     b.file_bytes = n
     b.pfile_rel = rel
@@ -58,23 +58,24 @@ def _scratch(n: int) -> mmap.mmap:
     return m
 
 
-def _parquet(sink, b: Batch, codec: str) -> None:
-    with parquet_writer(sink, codec, b.payload_bytes // max(1, len(b.payload))) as w:
+def _parquet(sink, b: Batch, payload: pa.Table, codec: str) -> None:
+    with parquet_writer(sink, codec, b.payload_bytes // max(1, len(payload))) as w:
         for a, e in zip(b.rg_bounds[:-1], b.rg_bounds[1:]):
-            w.write_table(b.payload.slice(a, e - a), row_group_size=e - a)
+            w.write_table(payload.slice(a, e - a), row_group_size=e - a)
 
 
-def _encode(b: Batch, codec: str) -> tuple:
-    """(buffer, size): the Parquet file's bytes, in this thread's aligned scratch buffer."""
-    bound = b.payload_bytes + (b.payload_bytes >> 6) + 64 * len(b.payload) + (1 << 20)
+def _encode(b: Batch, payload: pa.Table, codec: str) -> tuple:
+    """(buffer, size): the Parquet file's bytes (of b's payload rows), in this thread's aligned
+    scratch buffer."""
+    bound = b.payload_bytes + (b.payload_bytes >> 6) + 64 * len(payload) + (1 << 20)
     m = _scratch(bound)
     try:
         out = pa.FixedSizeBufferWriter(pa.py_buffer(m))
-        _parquet(out, b, codec)
+        _parquet(out, b, payload, codec)
         return m, out.tell()
     except (pa.ArrowException, ValueError):   # larger than the bound (it is generous)
         out = pa.BufferOutputStream()
-        _parquet(out, b, codec)
+        _parquet(out, b, payload, codec)
         data = out.getvalue()
         m = _scratch(data.size)
         m[:data.size] = memoryview(data)

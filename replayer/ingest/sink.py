@@ -156,6 +156,7 @@ class FrameSink:
                 raise FrameRejected(f"{name}: frame {n} is not bytes") from None
             meta = None
             if h.kind == K_HEADER:
+                assert fr is not None, "decode_raw_frame gives no body only for a SEAL"
                 meta = check_header(name, fr.data, g.session, g.segno, host)
             elif h.kind == K_SEAL:
                 seal_at = n
@@ -224,9 +225,11 @@ def _inventory_item(it) -> tuple[str, int, int, int]:
     s, n, sid, fr = it.get("session"), it.get("segno"), it.get("seg_id"), it.get("frames")
     if not valid_session(s):
         raise FrameRejected(f"inventory: bad session id {str(s)[:80]!r}")
+    ints: list[int] = []
     for name, v, hi in (("segno", n, 1 << 31), ("seg_id", sid, 1 << 32), ("frames", fr, 1 << 31)):
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
             raise FrameRejected(f"inventory: bad {name} {v!r}")
+        ints.append(v)
     if not isinstance(it.get("sealed", False), bool):
         raise FrameRejected("inventory: bad sealed")
-    return s, n, sid, fr
+    return s, ints[0], ints[1], ints[2]
