@@ -8,7 +8,7 @@ import sys
 
 from blkrewind import __version__
 from blkrewind.errors import UserError
-from blkrewind.osutil import tune_malloc
+from blkrewind.osutil import ignore_termination, tune_malloc
 
 # numpy's BLAS threads only steal CPU from the tracer (we do no linear algebra)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -91,16 +91,17 @@ def _raise_interrupted(signum, _frame) -> None:
 def _handle_termination() -> dict:
     """SIGINT, SIGTERM and SIGHUP raise Interrupted in the main thread (a command that wants
     another behaviour, trace and serve, installs its own handlers over these). Returns
-    the handlers replaced."""
+    the three handlers found (to restore after an in-process call)."""
     import signal
 
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         try:
-            if signal.getsignal(s) in (signal.SIG_DFL, signal.default_int_handler):
-                old[s] = signal.signal(s, _raise_interrupted)
+            h = old[s] = signal.getsignal(s)  # all three: ignore_termination() may set them
+            if h in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(s, _raise_interrupted)
         except ValueError:  # not the main thread (main() called from a test's thread)
-            pass
+            old.pop(s, None)
     return old
 
 
@@ -114,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import signal
 
-        for s, h in old.items():
-            signal.signal(s, h)
+        if argv is None:
+            # the process's own command is over, its exit status decided: a signal while the
+            # interpreter shuts down (unmapping big mappings takes a while) must not turn it into a death
+            # by signal (nor a traceback from the handler above)
+            ignore_termination()
+        else:  # called in-process (tests): the caller's handlers again
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def _interrupted(command: str, signum: int) -> int:

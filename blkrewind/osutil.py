@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 
 # the CRC-32 of zlib (same values), computed by zlib-ng's SIMD code, several times faster;
 # wire message bodies and payload files are checksummed with it
@@ -49,6 +50,20 @@ def file_crc32(path: str, bufsize: int = 8 << 20) -> tuple[int, int]:
             crc = crc32(mv[:k], crc)
             n += k
     return crc, n
+
+
+TERMINATION = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def ignore_termination() -> None:
+    """The command's result is committed (renamed into place, written whole): from here on
+    SIGINT, SIGTERM and SIGHUP cannot turn it into a failure -- the process is finishing
+    anyway. SIGKILL still ends it, which the commit point is made to survive."""
+    for s in TERMINATION:
+        try:
+            signal.signal(s, signal.SIG_IGN)
+        except ValueError:  # not the main thread (a command run from a test's thread)
+            pass
 
 
 def fsync_dir(path) -> None:

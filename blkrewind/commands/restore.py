@@ -143,7 +143,7 @@ def unfinished(store_path: str) -> list[dict]:
 
 def _write_file(plan, target: str, size: int, args, label: str) -> dict:
     """Temp name beside the target, fsync, rename, fsync the directory."""
-    from blkrewind.osutil import fsync_dir
+    from blkrewind.osutil import fsync_dir, ignore_termination
     from blkrewind.replayer import rebuild
 
     _remove_stale_temps(target)
@@ -151,6 +151,7 @@ def _write_file(plan, target: str, size: int, args, label: str) -> dict:
     done = False
     try:
         stats = rebuild.write_plan(plan, tmp, size, force=False, jobs=args.jobs, label=label)
+        ignore_termination()  # complete and fsynced: a signal now must not undo the rename
         os.rename(tmp, target)
         done = True
     finally:
@@ -165,6 +166,7 @@ def _write_file(plan, target: str, size: int, args, label: str) -> dict:
 
 def _write_device(plan, target: str, size: int, args, label: str, info: dict) -> dict:
     """In place, its first MARK_BYTES holding a marker until everything else is durable."""
+    from blkrewind.osutil import ignore_termination
     from blkrewind.replayer import rebuild
 
     head_n = min(MARK_BYTES, size)
@@ -204,6 +206,7 @@ def _write_device(plan, target: str, size: int, args, label: str, info: dict) ->
             os.close(t.fd)
         stats = rebuild.write_plan(body, target, size, force=True, jobs=args.jobs, label=label)
         hs = rebuild.write_plan(head, target, size, force=True, jobs=1, progress=False)
+        ignore_termination()  # the marker is gone: the device is complete
         stats["data_bytes"] += hs["data_bytes"]
         ok = True
     except KeyboardInterrupt as e:
