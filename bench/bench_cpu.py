@@ -86,9 +86,11 @@ def child(log_dir: str, dev: str, log_mode: str = "", options: dict | None = Non
         setattr(opts, k, type(getattr(opts, k))(v))
     t = Tracer(opts, say=lambda m: None)
     t.start()
-    t.run_baseline(None)
-    t.resync.stop(finish=False)
-    cap = t.capture
+    t.run_baseline(threading.Event())
+    rs, cap = t.resync, t.capture
+    if rs is None or cap is None:
+        raise SystemExit("the tracer started without its capture")
+    rs.stop(finish=False)
     progs = [next(p for p, w in ATTACH[what] if w == where)
              for what, where in cap.attached.items()]
     done = threading.Event()
@@ -116,7 +118,7 @@ def child(log_dir: str, dev: str, log_mode: str = "", options: dict | None = Non
                 "bios": st.bios, "bytes": st.bytes, "drops": st.drops}
 
     print(json.dumps({"ready": True, "tracer": tracer.__file__, "progs": progs}), flush=True)
-    s0 = None
+    s0: dict | None = None
     try:
         for line in sys.stdin:
             cmd = line.strip()
@@ -124,6 +126,8 @@ def child(log_dir: str, dev: str, log_mode: str = "", options: dict | None = Non
                 s0 = snap()
                 print(json.dumps({"ok": True}), flush=True)
             elif cmd == "stop":
+                if s0 is None:
+                    raise SystemExit("bench_cpu child: stop before start")
                 t.wait_collected(30)
                 s1 = snap()
                 names = {th.native_id: th.name for th in threading.enumerate()}
@@ -218,26 +222,29 @@ class Child:
             env["BENCH_CPU_NO_RECYCLE"] = "1"
         self.p = subprocess.Popen([str(py), "-c", code], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True, env=env, cwd=str(tree))
+        if self.p.stdin is None or self.p.stdout is None:
+            raise RuntimeError("the tracer child has no pipes")
+        self.stdin, self.stdout = self.p.stdin, self.p.stdout
         self.hello = self._read()
         if not str(self.hello.get("tracer", "")).startswith(str(tree)):
             raise RuntimeError(f"the child imported {self.hello.get('tracer')}, not {tree}")
 
     def _read(self) -> dict:
-        line = self.p.stdout.readline()
+        line = self.stdout.readline()
         if not line:
             raise RuntimeError(f"tracer child exited ({self.p.wait()})")
         return json.loads(line)
 
     def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
+        self.stdin.write(cmd + "\n")
+        self.stdin.flush()
         return self._read()
 
     def close(self) -> None:
         if self.p.poll() is None:
             try:
-                self.p.stdin.write("quit\n")
-                self.p.stdin.close()
+                self.stdin.write("quit\n")
+                self.stdin.close()
                 self.p.wait(60)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.p.kill()

@@ -456,13 +456,15 @@ class _Writeback:
         self.thread.start()
 
     def _run(self) -> None:
+        fn = self.fn
+        assert fn is not None  # the thread is started only once sync_file_range was found
         while True:
             self.kick.wait()
             self.kick.clear()
             if self.stopping:
                 return
             off, n = self.range
-            self.fn(self.fd, off, n, 2)  # SYNC_FILE_RANGE_WRITE
+            fn(self.fd, off, n, 2)  # SYNC_FILE_RANGE_WRITE
 
     def wrote(self, n: int) -> None:
         """n more bytes written somewhere: every KICK_BYTES, write back the whole target."""
@@ -670,7 +672,7 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
         how = "buffer" if how == "mmap" else how  # (the buffer path's name before it)
     # (plain pages: MADV_HUGEPAGE cut the first-touch faults of a warm process but cost up to
     # 1.5 s of direct compaction in a fresh one with a full page cache: restore/dd 0.30 -> 0.16)
-    buf = np.empty(min(window, p.size), np.uint8) if how == "buffer" else None
+    buf = np.empty(min(window, p.size) if how == "buffer" else 0, np.uint8)  # (empty: unused)
     written = calls = 0
     with _writing(p, t, label, progress) as (bar, wb):
         d_off = p.d_off[order]

@@ -29,7 +29,7 @@ from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
 from blkrewind import __version__
 from blkrewind.errors import UserError
@@ -131,6 +131,15 @@ class Stats:
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+_T = TypeVar("_T")
+
+
+def _made(part: _T | None, what: str) -> _T:
+    if part is None:
+        raise RuntimeError(f"{what} is used before Tracer.start() made it")
+    return part
 
 
 class Tracer:
@@ -257,7 +266,9 @@ class Tracer:
         cap, regions = self.continuation.adopt(p)
         self.capture = cap
         cap.set_wake_bytes(o.wake_bytes)
-        dead_pid = self.continuation.continued
+        dead_pid = self.continuation.continued  # adopt() set it (and p.pid to ours)
+        if dead_pid is None:
+            raise RuntimeError("continuing a session without the dead tracer's pid")
         self.ring = RingConsumer(cap.fd["rb"], cap.ring_bytes)
         # records the dead collector had handed to the LOG but not yet released
         skipped = skip_logged(self.ring, tail_kernel_seqs(o.log_dir, p.session, p.ring_bytes))
@@ -306,17 +317,30 @@ class Tracer:
                       chunk_bytes=o.chunk_bytes, settle=o.settle, log_dir=o.log_dir,
                       shipper=self.shipper)
 
+    # the parts start() makes: used only once it made them (a use before is a bug, said so)
+    def _writer(self) -> Writer:
+        return _made(self.writer, "the LOG writer")
+
+    def _capture(self) -> Capture:
+        return _made(self.capture, "the capture")
+
+    def _resync(self) -> Resync:
+        return _made(self.resync, "the resync")
+
+    def _ring(self) -> RingConsumer:
+        return _made(self.ring, "the ring buffer")
+
     def _start_threads(self) -> None:
         t = threading.Thread(target=self._collect, name="collector", daemon=True)
         t.start()
         self._threads.append(t)
-        self.writer.start()
+        self._writer().start()
 
     def _next_useq(self) -> int:
         return self.seq.next()
 
     def _user_records(self, recs: list[bytes]) -> None:
-        self.writer.add_records(recs)
+        self._writer().add_records(recs)
 
     # -------------------------------------------------------------- collector
     def _collect(self) -> None:
@@ -400,12 +424,12 @@ class Tracer:
     def _check_loss(self, st: dict, final: bool = False) -> None:
         """Record every change of the loss counters in the LOG (R_LOSS); the resync
         thread (tracer/resync.py) reports each loss episode and repairs it."""
-        self.resync.note_counters(st, final)
+        self._resync().note_counters(st, final)
 
     def caught_up(self, abort: Callable[[], bool]) -> bool:
         """Return once the collector has taken everything committed before now; False:
         abort() said to stop first (for the resync's checkpoints)."""
-        target = self.ring.producer_pos()
+        target = self._ring().producer_pos()
         while self._collected_pos < target:
             if abort():
                 return False
@@ -414,7 +438,7 @@ class Tracer:
 
     def wait_collected(self, timeout: float = 10.0) -> None:
         """Return once the collector has taken everything committed before now."""
-        target = self.ring.producer_pos()
+        target = self._ring().producer_pos()
         deadline = time.monotonic() + timeout
         while self._collected_pos < target:
             if time.monotonic() > deadline or self.failure:
@@ -425,7 +449,7 @@ class Tracer:
 
     def durable(self, timeout: float = 30.0) -> bool:
         """Wait until everything queued so far is fsynced in the LOG."""
-        return self.writer.durable(timeout) and self.failure is None
+        return self._writer().durable(timeout) and self.failure is None
 
     def fail(self, why: str) -> None:
         if self.failure is None:
@@ -442,22 +466,22 @@ class Tracer:
             self.baseline_done.set()
             return
         self.baseline.progress_tty = self.progress_tty
-        if not self.baseline.run(self.capture, stop):
+        if not self.baseline.run(self._capture(), stop):
             return
         self.baseline_done.set()
-        self.resync.checkpoint_soon()  # records baseline_done for a tracer continuing after us
+        self._resync().checkpoint_soon()  # records baseline_done for a tracer continuing after us
 
     # ------------------------------------------------------------------ marks
     def mark(self, name: str, pid: int = 0, comm: str = "") -> dict:
-        full0 = self.writer.dropped.spans
-        stamp, ok = self.capture.point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
+        full0 = self._writer().dropped.spans
+        stamp, ok = self._capture().point(record.R_MARK, name.encode(), tgid=pid, tid=pid,
                                        comm=comm.encode()[:15])
         if not ok:
             raise UserError(f"mark {name!r} was lost: the ring buffer is full")
         self.wait_collected()
         if not self.durable():
             raise UserError(f"mark {name!r} could not be made durable: {self.failure}")
-        if self.writer.dropped.spans != full0:
+        if self._writer().dropped.spans != full0:
             raise UserError(f"mark {name!r} may have been lost: the LOG is full "
                             f"(--log-max-mb; the replayer has not acknowledged enough)")
         again = self._marks_set.get(name)
@@ -507,7 +531,7 @@ class Tracer:
                     record.json_record(record.R_END, {"end_stamp": st["stamp"], "end_seq": st["seq"],
                                                       "clean": self.failure is None},
                                        seq=self._next_useq())])
-                self.writer.close(60)
+                self._writer().close(60)
             elif self.log is not None:  # failed before the threads started
                 self.log.close()
             self.end_state = st
