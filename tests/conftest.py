@@ -145,6 +145,15 @@ def vm_background(request, tmp_path_factory, _no_leaked_loops_or_mounts):
         pytest.fail("guests' cleanup:\n  " + "\n  ".join(problems), pytrace=False)
 
 
+def background_jobs(vm_background, module: str):
+    """The background queue for a VM test module's tests; fails (CI) or skips them when the
+    module said its jobs cannot run here (bg.unavailable)."""
+    why = vm_background.unavailable(module)
+    if why:
+        _unavailable(why)
+    return vm_background
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_vm_guests(request):
     """Starts the background guests at the first test when VM tests are selected."""

@@ -31,6 +31,19 @@ def _suspects(store, dev) -> list[dict]:
 
 
 # ------------------------------------------------------------------ rules (synthetic LOGs)
+def one_episode(capsys, tmp_path) -> list:
+    """Ingests tmp_path/log into tmp_path/store; `suspects` (JSON) finds exactly one episode."""
+    store = tmp_path / "store"
+    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
+    assert rc == 0, err
+    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
+                            "--format", "json")
+    assert rc == 1, err
+    eps = json.loads(out)
+    assert len(eps) == 1, eps
+    return eps
+
+
 def _text(n: int) -> bytes:
     return wl.log_text(random.Random(0), n)
 
@@ -53,14 +66,7 @@ def test_rules_on_a_synthetic_history(tmp_path, capsys):
         s.write(3 * mib + (64 << 10) + 4096 + i * 20480, rng.randbytes(16384), comm="crypt",
                 pid=13)   # files with gaps between them
     s.end()
-    store = tmp_path / "store"
-    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
-    assert rc == 0, err
-    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
-                            "--format", "json")
-    assert rc == 1, err
-    eps = json.loads(out)
-    assert len(eps) == 1, eps
+    eps = one_episode(capsys, tmp_path)
     ep = eps[0]
     assert ep["processes"].startswith("crypt[13]") and "fio" not in ep["processes"]
     # the lone write was below the threshold, but within the window of the rest: it is the
@@ -87,14 +93,7 @@ def test_buffered_writes_grouped_by_their_dirtier(tmp_path, capsys):
         st = s.write(2 * mib + i * 40960, rng.randbytes(16384), comm="kworker/u8:1", pid=9)
         s.dirtier(st, pid=14, comm="cp")
     s.end()
-    store = tmp_path / "store"
-    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
-    assert rc == 0, err
-    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
-                            "--format", "json")
-    assert rc == 1, err
-    eps = json.loads(out)
-    assert len(eps) == 1, eps
+    eps = one_episode(capsys, tmp_path)
     assert eps[0]["processes"] == "crypt[13] 320 KiB", eps
     assert eps[0]["clean_mark"] == "before"
 
@@ -510,14 +509,7 @@ def test_attack_spread_over_processes_is_one_episode(tmp_path, capsys):
                          pid=20 + w)
             first = first or st
     s.end()
-    store = tmp_path / "store"
-    rc, _, err = cli_main(capsys, "ingest", "--log", tmp_path / "log", "--store", store)
-    assert rc == 0, err
-    rc, out, err = cli_main(capsys, "suspects", "--store", store, "--device", "loop7",
-                            "--format", "json")
-    assert rc == 1, err
-    eps = json.loads(out)
-    assert len(eps) == 1, eps
+    eps = one_episode(capsys, tmp_path)
     ep = eps[0]
     assert ep["processes"].startswith("crypt[") and "cp[" not in ep["processes"], ep
     assert ep["processes"].count("crypt[") >= 3, ep

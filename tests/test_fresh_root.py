@@ -41,7 +41,7 @@ from pathlib import Path
 
 import debmirror
 import pytest
-from conftest import ROOT, _is_under, _unavailable, attached_loops, detach_loop, mounts, umount
+from conftest import ROOT, _is_under, attached_loops, background_jobs, detach_loop, mounts, umount
 
 pytestmark = [pytest.mark.slow]
 
@@ -388,10 +388,7 @@ def submit_vm_jobs(bg, tmp_path_factory, items) -> None:
 
 @pytest.fixture(scope="module")
 def roots(vm_background):
-    why = vm_background.unavailable(__name__)
-    if why:
-        _unavailable(why)
-    return vm_background
+    return background_jobs(vm_background, __name__)
 
 
 @pytest.mark.vm

@@ -22,7 +22,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
 
 import kernels as vm  # noqa: E402
-from conftest import in_ci  # noqa: E402
+from conftest import background_jobs, in_ci  # noqa: E402
 from tracerproc import cli, first_difference, same_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +88,7 @@ def submit_vm_jobs(bg, tmp_path_factory, items) -> None:
 
 @pytest.fixture(scope="module")
 def guests(vm_background):
-    why = vm_background.unavailable(__name__)
-    _need(why or "", why is None)
-    return vm_background
+    return background_jobs(vm_background, __name__)
 
 
 @pytest.mark.bpf

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "vm"))
 
 import kernels as vm  # noqa: E402
 import powercut_guest as pg  # noqa: E402
-from conftest import _unavailable, detach_loop, sh, umount  # noqa: E402
+from conftest import background_jobs, detach_loop, sh, umount  # noqa: E402
 from tracerproc import TraceProc, cli, copy_device, direct_writes, first_difference  # noqa: E402
 
 SERIES = os.environ.get("BLKREWIND_POWERCUT_SERIES", "6.12")
@@ -202,10 +202,7 @@ def submit_vm_jobs(bg, tmp_path_factory, items) -> None:
 
 @pytest.fixture(scope="module")
 def moments(vm_background):
-    why = vm_background.unavailable(__name__)
-    if why:
-        _unavailable(why)
-    return vm_background
+    return background_jobs(vm_background, __name__)
 
 
 def _cpu_seconds(pgid: int) -> float:
