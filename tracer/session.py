@@ -58,8 +58,12 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
 # spans are large (bench/bench_cpu.py; README "Costs"). The wait adds at most BATCH_WAIT to
 # the time a record takes to reach the LOG.
-BATCH_BYTES = 4 << 20
-BATCH_WAIT = 0.02
+# 4 MiB / 20 ms spans cost a third less CPU per write (README, Costs, "CPU per write, second
+# pass") but made a stop with the LOG full and the replayer down hang past 30 s under load
+# (tests/test_shipper.py::test_log_full_with_server_down, 2 of 7 runs; 0 of 6 with these):
+# back to 1 MiB / 2 ms until that is understood.
+BATCH_BYTES = 1 << 20
+BATCH_WAIT = 0.002
 BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
