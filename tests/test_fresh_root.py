@@ -191,6 +191,18 @@ mount --rbind /proc "$R/proc"
 mkdir -p "$R/var/cache/apt/archives" "$R/root/.cache/pip"
 mount --bind "$APT" "$R/var/cache/apt/archives"
 mount --bind "$PIP" "$R/root/.cache/pip"
+# This namespace began as a copy of the host's mounts, the other tests' file systems and FUSE
+# points included; a copy would keep their devices busy until the namespace ends (a loop
+# device then stays attached after `losetup -d`: seen in CI, the host's mounts being private).
+# Keep only the root's tree, its ancestors and the system's; drop the rest.
+awk '{print $2}' /proc/self/mounts | sort -ru | while read -r m; do
+    m=$(printf '%b' "$m")
+    case "$m" in
+        "$R"|"$R"/*|/|/dev|/dev/*|/sys|/sys/*|/proc|/proc/*) continue ;;
+    esac
+    case "$R/" in "$m"/*) continue ;; esac   # an ancestor of the root
+    umount -l "$m" 2>/dev/null || true
+done
 exec chroot "$R" "$@"
 """
 
