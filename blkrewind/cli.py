@@ -8,7 +8,7 @@ import sys
 
 from blkrewind import __version__
 from blkrewind.errors import UserError
-from blkrewind.osutil import ignore_termination, tune_malloc
+from blkrewind.osutil import TERMINATION, ignore_termination, tune_malloc
 
 # numpy's BLAS threads only steal CPU from the tracer (we do no linear algebra)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -47,7 +47,7 @@ COMMANDS = {
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; with `only` (a command's name) just that command's options are
     built, the others listed by name (importing every command module and building every
-    subparser took ~0.5 s of each command's start-up)."""
+    subparser was a large part of each command's start-up)."""
     # the help format (defaults, examples, exit status) is blkrewind/helpdoc.py's, which
     # also makes the man page and the bash completion from this parser
     from blkrewind import helpdoc
@@ -95,7 +95,7 @@ def _handle_termination() -> dict:
     import signal
 
     old = {}
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for s in TERMINATION:
         try:
             h = old[s] = signal.getsignal(s)  # all three: ignore_termination() may set them
             if h in (signal.SIG_DFL, signal.default_int_handler):
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if argv is None:
             # the process's own command is over, its exit status decided: a signal while the
-            # interpreter shuts down (unmapping big mappings takes a while) must not turn it into a death
-            # by signal (nor a traceback from the handler above)
+            # interpreter shuts down (unmapping big mappings takes a while) must not turn it
+            # into a death by signal (nor a traceback from the handler above)
             ignore_termination()
         else:  # called in-process (tests): the caller's handlers again
             for s, h in old.items():
