@@ -860,9 +860,10 @@ class FileCheck:
     keeps sizes, compression does not) for at least MIN_BYTES of lost data, the streak is an
     episode: its ranges are the lost files' blocks at A. A point not restorable yet: RETRY."""
 
-    def __init__(self, store, device: str):
+    def __init__(self, store, device: str, stopping: threading.Event | None = None):
         self.store = store
         self.device = device
+        self.stopping = stopping     # set: no new point is read (serve is stopping)
         self.checks = 0
         self.disabled: str | None = None
         self._dev: StoreDevice | None = None
@@ -935,6 +936,8 @@ class FileCheck:
 
         if self.disabled:
             return None
+        if self.stopping is not None and self.stopping.is_set():
+            return RETRY
         a_stamp, b_stamp = self.point_before(det, sk.first_stamp), sk.last_stamp
         for x in (b_stamp, a_stamp):
             ok = self._restorable(det, x)
@@ -1059,9 +1062,11 @@ class Watch:
     pass (serve runs one pass every couple of seconds). A device is watched once its baseline
     is stored (its baseline_end point). New episodes go to on_episode(ep, device)."""
 
-    def __init__(self, store, on_episode=None, files: bool = True):
+    def __init__(self, store, on_episode=None, files: bool = True,
+                 stopping: threading.Event | None = None):
         self.store = store            # a Store (serve: its reads run between commits)
         self.files = files            # run the file-level check (FileCheck)
+        self.stopping = stopping      # set: the pass ends without reading another point
         self.checks: dict[str, FileCheck] = {}
         self.on_episode = on_episode
         self.dets: dict[tuple, Detector] = {}
@@ -1073,6 +1078,8 @@ class Watch:
         new = 0
         rows = self.store.baselined_devices()
         for session, dev, size, device in rows:
+            if self.stopping is not None and self.stopping.is_set():
+                break
             key = (session, int(dev))
             det = self.dets.get(key)
             if det is None:
@@ -1084,7 +1091,7 @@ class Watch:
             before = len(det.episodes)
             check = self.checks.get(device)
             if check is None and self.files:
-                check = self.checks[device] = FileCheck(self.store, device)
+                check = self.checks[device] = FileCheck(self.store, device, self.stopping)
             advance(self.store, det, check=check)
             if check is not None and det.pending:   # candidates whose points were not
                 det.run_checks(check)               # restorable yet
@@ -1108,6 +1115,8 @@ class Watch:
         if not live:
             if not det.pending:
                 check.close()
+            return
+        if check.stopping is not None and check.stopping.is_set():
             return
         sk = max(live, key=lambda x: x.bytes)
         a = check.point_before(det, sk.first_stamp)

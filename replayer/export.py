@@ -24,6 +24,7 @@ process left (its mounts, loop devices, nbdkit and nbdfuse) is known as stale an
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -32,6 +33,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -47,6 +49,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 PLUGIN = os.path.join(ROOT, "replayer", "nbd_plugin.py")
 DEFAULT_PORT = 10809
 OWNER_FILE = "owner.json"
+UNBORN = ".new-"    # a point's runtime directory being made: UNBORN<pid>-<random>
 
 
 @dataclass
@@ -71,31 +74,41 @@ def proc_start(pid: int) -> int | None:
 
 def _run_dir(name: str, owner: dict | None = None) -> str:
     """A new runtime directory. owner: it belongs to this process (it goes when the process
-    does): OWNER_FILE is written into it before anything else, with this process's pid and
-    start time, its command and `owner`'s items."""
+    does): it appears under its name with OWNER_FILE in it already (this process's pid and
+    start time, its command and `owner`'s items), made as UNBORN + pid and renamed, so that a
+    process killed at any moment leaves no point unknown to mounts.reap_stale (an UNBORN
+    directory of a dead pid holds nothing and is removed)."""
     os.makedirs(RUN_DIR, mode=0o700, exist_ok=True)
     base = os.path.join(RUN_DIR, name)
-    path, k = base, 1
-    while True:
-        try:
-            os.mkdir(path, 0o700)
-            break
-        except FileExistsError:
-            path, k = f"{base}.{k}", k + 1
-    if owner is not None:
-        pid = os.getpid()
+    if owner is None:
+        path, k = base, 1
+        while True:
+            try:
+                os.mkdir(path, 0o700)
+                return path
+            except FileExistsError:
+                path, k = f"{base}.{k}", k + 1
+    pid = os.getpid()
+    tmp = tempfile.mkdtemp(prefix=f"{UNBORN}{pid}-", dir=RUN_DIR)
+    try:
         prog = os.path.basename(sys.argv[0]) if sys.argv else ""
         command = (f"blkrewind {sys.argv[1]}" if prog in ("cli.py", "blkrewind")
                    and len(sys.argv) > 1 else prog or "python")
         rec = {"pid": pid, "start": proc_start(pid), "command": command, **owner}
-        try:
-            with open(os.path.join(path, OWNER_FILE + ".tmp"), "w") as f:
-                json.dump(rec, f)
-            os.replace(os.path.join(path, OWNER_FILE + ".tmp"), os.path.join(path, OWNER_FILE))
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
-    return path
+        with open(os.path.join(tmp, OWNER_FILE), "w") as f:
+            json.dump(rec, f)
+        path, k = base, 1
+        while True:
+            try:   # onto a name that exists: ENOTEMPTY (every point's directory holds a file)
+                os.rename(tmp, path)
+                return path
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                path, k = f"{base}.{k}", k + 1
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def prepare(store_path: str, device_spec: str, at: str, *, warn=None,

@@ -27,6 +27,7 @@ umount` can also tear down what a killed `mount` left.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import queue
@@ -543,6 +544,8 @@ def owned_points() -> list[dict]:
         return out
     mi = None
     for n in names:
+        if n.startswith(export.UNBORN):   # being made (reap_stale removes a dead one's)
+            continue
         d = os.path.join(export.RUN_DIR, n)
         try:
             with open(os.path.join(d, export.OWNER_FILE)) as f:
@@ -607,7 +610,16 @@ def reap(pt: dict) -> list[str]:
 
 
 def reap_stale(store: str | None = None) -> list[tuple[dict, list[str]]]:
-    """reap() every point whose process is gone (of `store` only, when given)."""
+    """reap() every point whose process is gone (of `store` only, when given); the
+    directories of points whose process died while making them (export.UNBORN) go too."""
+    from blkrewind.replayer import export
+
+    with contextlib.suppress(OSError):
+        for n in os.listdir(export.RUN_DIR):
+            pid = n[len(export.UNBORN):].split("-")[0]
+            if n.startswith(export.UNBORN) and pid.isdigit() and \
+                    export.proc_start(int(pid)) is None:
+                shutil.rmtree(os.path.join(export.RUN_DIR, n), ignore_errors=True)
     out = []
     for pt in owned_points():
         if not pt["stale"]:

@@ -62,6 +62,9 @@ class Limits:
     send_timeout: float = 60.0
     max_status_hosts: int = 1024
     shutdown_grace: float = 5.0
+    # a file-level check underway when serve stops finishes and unmounts its points (a
+    # daemon thread cut by the exit would leave them: runtime directory, mounts, nbdkit)
+    detector_grace: float = 120.0
     # the full integrity check starts this long after start-up: reconnecting tracers are back
     # by then, so damage it finds reaches them at once as LACKS
     full_check_delay: float = 5.0
@@ -305,7 +308,13 @@ class Server:
                     pass
                 c.thread.join(self.limits.shutdown_grace)
         for t in self._threads:
-            if t.name != "full-check":
+            if t.name == "detector":
+                t.join(self.limits.detector_grace)
+                if t.is_alive():
+                    self.log("the detector's file-level check did not end in time: the point "
+                             "it reads is removed at the next start (or `blkrewind umount "
+                             "--stale`)")
+            elif t.name != "full-check":
                 t.join(self.limits.shutdown_grace)
         if self._changed.is_set() and self.sink is not None:
             self._changed.clear()
@@ -410,7 +419,7 @@ class Server:
         new episode is an ALERT line in the log and in status."""
         from blkrewind.replayer import detector
 
-        self.watch = detector.Watch(self.store,
+        self.watch = detector.Watch(self.store, stopping=self._stopping,
                                     on_episode=lambda ep, device: self.log(
                                         f"ALERT: possible ransomware: "
                                         f"{detector.describe(ep, device)}"))

@@ -488,6 +488,29 @@ def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
         subprocess.run([*BLKREWIND, "umount", "--stale"], cwd=ROOT, capture_output=True)
 
 
+def test_point_directory_appears_with_its_owner_and_unborn_ones_are_reaped(monkeypatch, tmp_path):
+    """A point's runtime directory appears under its name with its owner file already in it
+    (made under export.UNBORN and renamed, twice under one name: .1), so a process killed at
+    any moment leaves no directory reap_stale cannot place; an UNBORN directory of a dead
+    process is removed, a live one's is kept."""
+    from blkrewind.replayer import export, mounts
+    monkeypatch.setattr(export, "RUN_DIR", str(tmp_path / "run"))
+    a = export._run_dir("dev-5-1", owner={"store": "/s", "device": "h:d", "stamp": 5})
+    b = export._run_dir("dev-5-1", owner={"store": "/s", "device": "h:d", "stamp": 5})
+    assert (Path(a).name, Path(b).name) == ("dev-5-1", "dev-5-1.1")
+    assert json.loads((Path(a) / export.OWNER_FILE).read_text())["stamp"] == 5
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    run = tmp_path / "run"
+    (run / f"{export.UNBORN}{dead.pid}-x").mkdir()
+    (run / f"{export.UNBORN}{dead.pid}-x" / export.OWNER_FILE).write_text("{")
+    (run / f"{export.UNBORN}1-y").mkdir()            # pid 1 lives
+    assert [p["run_dir"] for p in mounts.owned_points()] == [a, b]
+    mounts.reap_stale("/elsewhere")
+    assert sorted(p.name for p in run.iterdir()) == [f"{export.UNBORN}1-y", "dev-5-1",
+                                                     "dev-5-1.1"]
+
+
 def test_attack_spread_over_processes_is_one_episode(tmp_path, capsys):
     """Ten processes of one name in one cgroup (a parent's workers, `xargs -P`), each
     encrypting two 16 KiB places in place (below the per-process thresholds: 3 places), are

@@ -153,13 +153,15 @@ class Server:
         devices on their files, nbdkit and nbdfuse naming them)."""
         from conftest import attached_loops, mounts
 
-        from blkrewind.replayer.export import RUN_DIR
+        from blkrewind.replayer.export import RUN_DIR, UNBORN
         ends = tuple(f"-{pid}" for pid in self.pids)
 
         def ours(path: str) -> bool:
             if not path.startswith(RUN_DIR + "/"):
                 return False
             d = path[len(RUN_DIR) + 1:].split("/")[0]
+            if d.startswith(UNBORN):   # a point's directory being made: UNBORN<pid>-...
+                return f"-{d[len(UNBORN):].split('-')[0]}" in ends
             return d.split(".")[0].endswith(ends)
         left = [f"run dir {d}" for d in (os.listdir(RUN_DIR) if os.path.isdir(RUN_DIR) else [])
                 if ours(f"{RUN_DIR}/{d}")]
