@@ -41,6 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import bench_store  # noqa: E402  (its LOG generator)
+import ship_child  # noqa: E402
 
 from blkrewind.formats import record, wire  # noqa: E402
 
@@ -48,7 +49,6 @@ DEV = record.kdev(7, 98)
 HOST = "bench"
 SESSION = "20261125T130000Z-bench0ship"
 CLI = [sys.executable, "-m", "blkrewind.cli"]
-TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ------------------------------------------------------------------------------ the LOG
@@ -90,28 +90,12 @@ def free_port() -> int:
     return port
 
 
-def cpu_of(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK   # utime, stime
-
-
-def faults_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[7])   # minflt
-
-
-def self_cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
 class Serve:
-    def __init__(self, store: str, port: int, tls: str | None):
+    def __init__(self, store: str, port: int, tls: str | None, tree: str = ROOT):
         args = [*CLI, "serve", "--store", store, "--listen", f"127.0.0.1:{port}"]
         args += ["--tls", tls] if tls else ["--insecure"]
         self.lines: list[str] = []
-        self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
+        self.p = subprocess.Popen(args, cwd=tree, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + 60
@@ -125,6 +109,7 @@ class Serve:
                 time.sleep(0.05)
 
     def _read(self):
+        assert self.p.stderr is not None, "started with stderr=PIPE"
         for ln in self.p.stderr:
             self.lines.append(ln)
 
@@ -160,7 +145,10 @@ class DiscardReceiver:
         try:
             if self.ctx is not None:
                 c = self.ctx.wrap_socket(c, server_side=True)
-            h = wire.parse_json(wire.read_message(c, accept=wire.CLIENT_TO_SERVER))
+            hello = wire.read_message(c, accept=wire.CLIENT_TO_SERVER)
+            if hello is None:   # closed before its HELLO
+                return
+            h = wire.parse_json(hello)
             wire.send_buffers(c, wire.encode_json(wire.T_WELCOME, {
                 "proto": 1, "host": h["host"], "server": "discard", "max_body": wire.MAX_BODY}))
             while (m := wire.read_message(c, accept=wire.CLIENT_TO_SERVER)) is not None:
@@ -196,33 +184,16 @@ def tls_dirs(base: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------ throughput
 def ship_once(log_dir: str, port: int, tls: str | None, server_pid: int | None,
-              conns: int) -> dict:
-    from blkrewind.tracer.shipper import Shipper
-    from blkrewind.tracer.shipstate import SHIPPED_JSON
-    try:
-        os.unlink(os.path.join(log_dir, SHIPPED_JSON))
-    except FileNotFoundError:
-        pass
-    msgs: list[str] = []
-    sh = Shipper(log_dir, f"127.0.0.1:{port}", tls_dir=tls, insecure=tls is None, host=HOST,
-                 conns=conns, say=msgs.append)
-    c0, s0 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
-    f0 = faults_of(server_pid) if server_pid else 0
-    t0 = time.monotonic()
-    sh.start()
-    while True:
-        st = sh.status()
-        if st["frames_unacked"] == 0 and st["frames_acked"]:
-            break
-        if time.monotonic() - t0 > 3600:
-            sys.exit("shipping did not finish in an hour: " + " | ".join(msgs))
-        time.sleep(0.02)
-    dt = time.monotonic() - t0
-    c1, s1 = self_cpu(), cpu_of(server_pid) if server_pid else 0.0
-    f1 = faults_of(server_pid) if server_pid else 0
-    sh.stop(0)
-    return {"s": dt, "log_bytes": st["bytes_acked"], "shipper_cpu": c1 - c0,
-            "server_cpu": s1 - s0, "server_faults": f1 - f0, "sent": st["bytes_sent"]}
+              conns: int, tree: str | None = None) -> dict:
+    """ship_child.ship in this process, or with tree, in a child that imports that checkout."""
+    if tree is None:
+        return ship_child.ship(log_dir, port, tls, server_pid, conns, HOST)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ship_child.py"), tree,
+                        log_dir, str(port), tls or "-", str(server_pid or 0), str(conns), HOST],
+                       cwd=tree, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"the shipper of {tree} failed ({p.returncode}):\n{p.stderr}")
+    return json.loads(p.stdout.splitlines()[-1])
 
 
 def throughput(args, base: str) -> list[dict]:
@@ -247,53 +218,76 @@ def throughput(args, base: str) -> list[dict]:
              ("discard-tls", "discard receiver, TLS (shipper ceiling)", "discard-tls"),
              ("discard", "discard receiver, plain (shipper ceiling)", "discard"))
     wanted = args.transports.split(",")
+    trees: list[tuple[str, str | None]] = [("now", None)]
+    if args.before:
+        trees = [("now", ROOT), ("before", os.path.abspath(args.before))]
     for key, label, tls in kinds:
         if key not in wanted:
             continue
         for r in range(args.rounds):
-            if tls and tls.startswith("discard"):
-                from blkrewind import tlsconf
-                ctx = tlsconf.server_context(srv_tls) if tls == "discard-tls" else None
-                recv = DiscardReceiver(ctx)
-                res = ship_once(log_dir, recv.port, cli_tls if ctx else None, None, args.conns)
-                recv.close()
-            else:
-                store = os.path.join(base, f"store-{len(rows)}")
-                shutil.rmtree(store, ignore_errors=True)
-                port = free_port()
-                srv = Serve(store, port, srv_tls if tls else None)
-                spy = None
-                if args.profile:   # py-spy on serve (it costs CPU of its own: not for numbers)
-                    spy = subprocess.Popen(
-                        [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
-                         "-p", str(srv.p.pid), "-f", "raw", "-r", "50",
-                         *(["--native"] if args.native else []), "-o",
-                         f"{args.profile}.{key}.{r + 1}.txt"],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    res = ship_once(log_dir, port, cli_tls if tls else None, srv.p.pid,
-                                    args.conns)
-                finally:
-                    if spy is not None:
-                        spy.send_signal(signal.SIGINT)
-                        spy.wait(60)
-                    srv.stop()
-                if args.verbose:
-                    sys.stderr.write("".join(srv.lines))
-                shutil.rmtree(store, ignore_errors=True)
-            mb = res["log_bytes"] / 1e6
-            row = {"transport": label, "round": r + 1, "seconds": round(res["s"], 2),
-                   "log_MBps": round(mb / res["s"]),
-                   "payload_MBps": round(info["payload"] / 1e6 / res["s"]),
-                   "shipper_cpu_pct": round(100 * res["shipper_cpu"] / res["s"]),
-                   "server_cpu_pct": round(100 * res["server_cpu"] / res["s"]),
-                   "shipper_cpu_s_per_GB": round(res["shipper_cpu"] / mb * 1000, 2),
-                   "server_cpu_s_per_GB": round(res["server_cpu"] / mb * 1000, 2),
-                   "server_minflt_per_GB": round(res["server_faults"] / mb * 1000),
-                   "resent": res["sent"] - res["log_bytes"]}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            # with --before: both checkouts' shippers in child processes, in turns
+            order = trees if r % 2 == 0 else trees[::-1]
+            for tname, tree in order:
+                if tls and tls.startswith("discard"):
+                    from blkrewind import tlsconf
+                    ctx = tlsconf.server_context(srv_tls) if tls == "discard-tls" else None
+                    recv = DiscardReceiver(ctx)
+                    res = ship_once(log_dir, recv.port, cli_tls if ctx else None, None,
+                                    args.conns, tree)
+                    recv.close()
+                else:
+                    store = os.path.join(base, f"store-{len(rows)}")
+                    shutil.rmtree(store, ignore_errors=True)
+                    port = free_port()
+                    srv = Serve(store, port, srv_tls if tls else None, tree or ROOT)
+                    spy = None
+                    if args.profile:   # py-spy on serve (it costs CPU of its own: not for numbers)
+                        spy = subprocess.Popen(
+                            [os.path.join(os.path.dirname(sys.executable), "py-spy"), "record",
+                             "-p", str(srv.p.pid), "-f", "raw", "-r", "50",
+                             *(["--native"] if args.native else []), "-o",
+                             f"{args.profile}.{key}.{tname}.{r + 1}.txt"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    try:
+                        res = ship_once(log_dir, port, cli_tls if tls else None, srv.p.pid,
+                                        args.conns, tree)
+                    finally:
+                        if spy is not None:
+                            spy.send_signal(signal.SIGINT)
+                            spy.wait(60)
+                        srv.stop()
+                    if args.verbose:
+                        sys.stderr.write("".join(srv.lines))
+                    shutil.rmtree(store, ignore_errors=True)
+                mb = res["log_bytes"] / 1e6
+                row = {"transport": label, "tree": tname, "round": r + 1,
+                       "seconds": round(res["s"], 2), "log_MBps": round(mb / res["s"]),
+                       "payload_MBps": round(info["payload"] / 1e6 / res["s"]),
+                       "shipper_cpu_pct": round(100 * res["shipper_cpu"] / res["s"]),
+                       "server_cpu_pct": round(100 * res["server_cpu"] / res["s"]),
+                       "shipper_cpu_s_per_GB": round(res["shipper_cpu"] / mb * 1000, 2),
+                       "server_cpu_s_per_GB": round(res["server_cpu"] / mb * 1000, 2),
+                       "server_minflt_per_GB": round(res["server_faults"] / mb * 1000),
+                       "resent": res["sent"] - res["log_bytes"]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.before:
+        compare(rows)
     return rows
+
+
+def compare(rows: list[dict]) -> None:
+    """Per transport, each checkout's medians and now / before."""
+    cols = ("payload_MBps", "shipper_cpu_s_per_GB", "server_cpu_s_per_GB")
+    for label in dict.fromkeys(r["transport"] for r in rows):
+        med = {}
+        for tname in ("now", "before"):
+            got = [r for r in rows if r["transport"] == label and r["tree"] == tname]
+            med[tname] = {c: sorted(r[c] for r in got)[len(got) // 2] for c in cols}
+        print(f"{label}, medians of {len(got)}: " + "; ".join(
+            f"{c} now {med['now'][c]} before {med['before'][c]} "
+            f"({med['now'][c] / med['before'][c]:.2f}x)" if med["before"][c] else
+            f"{c} now {med['now'][c]} before {med['before'][c]}" for c in cols), flush=True)
 
 
 # ------------------------------------------------------------------------------ RPO
@@ -387,6 +381,10 @@ def main() -> None:
                     help="throughput: py-spy (raw) profile of serve to PREFIX.KIND.ROUND.txt")
     ap.add_argument("--native", action="store_true", help="--profile: with native frames")
     ap.add_argument("--verbose", action="store_true", help="throughput: print serve's log")
+    ap.add_argument("--before", metavar="TREE",
+                    help="throughput: another checkout (e.g. git archive COMMIT | tar -x -C "
+                         "DIR) shipping and serving in turns with this one, each shipper in a "
+                         "child process that imports its checkout")
     ap.add_argument("--rate-mb", type=int, default=100)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--device-mb", type=int, default=1024)

@@ -1,7 +1,7 @@
 """Benchmark of the replayer's store: ingest MB/s and restore MB/s against dd.
 
     .venv/bin/python bench/bench_store.py [--dir DIR] [--device-mib 1024] [--writes-mib 1024]
-                                          [--jobs 2] [--rounds 3] [--cold]
+                                          [--jobs 2] [--rounds 3] [--cold] [--before TREE]
 
 1. Builds a synthetic LOG with tracer.log.LogWriter: a device of --device-mib
    whose baseline is random data in 1 MiB chunks, then --writes-mib of random
@@ -15,6 +15,8 @@
    (wall time of the command, start-up included), alternating --rounds times
    with `dd if=/dev/zero of=DIR/dd.img bs=1M count=<device MiB> conv=fsync`
    (the same bytes to the same kind of target); medians and their ratio.
+   --before TREE: that checkout's restore too, in turns with this one's (who goes
+   first alternates), from the same store; wall time and CPU of each, medians.
 
 Everything is made under --dir (default: a new directory in $TMPDIR or /tmp,
 and removed at the end unless --keep).
@@ -126,11 +128,11 @@ def make_log(log_dir: str, device_bytes: int, write_bytes: int, seed: int = 1,
     return {"payload": payload, "log_bytes": w.bytes_written, "bios": stamp - REAL0 - 1}
 
 
-def cli(*args, env=None) -> tuple[float, float, str]:
-    """Run blkrewind; (wall seconds, CPU seconds of the child, stderr+stdout)."""
+def cli(*args, env=None, tree: str = ROOT) -> tuple[float, float, str]:
+    """Run blkrewind of checkout tree; (wall seconds, CPU seconds of the child, stderr+stdout)."""
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "blkrewind.cli", *map(str, args)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-m", "blkrewind.cli", *map(str, args)], cwd=tree,
                        capture_output=True, text=True,
                        env=None if env is None else {**os.environ, **env})
     dt = time.monotonic() - t0
@@ -161,6 +163,9 @@ def main() -> None:
     ap.add_argument("--write-kib", default="4,4,8,16,64,128,256,512,1024",
                     help="sizes of the writes to pick from, KiB (multiples of 4)")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--before", metavar="TREE",
+                    help="another checkout (e.g. git archive COMMIT | tar -x -C DIR) whose "
+                         "restore runs in turns with this one's, from the same store")
     ap.add_argument("--randomness-ab", action="store_true",
                     help="only ingest, --rounds times each with and without the per-write "
                          "randomness (replayer/entropy.py), alternating: its cost")
@@ -188,20 +193,28 @@ def main() -> None:
         print(f"store   : {du / 2**30:.2f} GiB ({du / info['payload']:.3f} x payload)")
         # restore and dd, alternating, --rounds times each: this VM's disk varies a lot
         # from one second to the next; medians of interleaved runs compare fairly
-        rest, dds = [], []
-        for _ in range(a.rounds):
-            if a.cold:
-                drop_caches()
-            dt, cpu, out = cli("restore", "--store", store, "--device", "bench0", "--at", "latest",
-                               "--to", img)
-            rest.append(dt)
-            os.unlink(img)
+        trees = {"now": ROOT, **({"before": os.path.abspath(a.before)} if a.before else {})}
+        rest: list[float] = []
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in trees}
+        dds: list[float] = []
+        for r in range(a.rounds):
+            order = list(trees.items())
+            for name, tree in (order if r % 2 == 0 else order[::-1]):
+                if a.cold:
+                    drop_caches()
+                dt, cpu, out = cli("restore", "--store", store, "--device", "bench0", "--at",
+                                   "latest", "--to", img, tree=tree)
+                runs[name].append((dt, cpu))
+                if a.before:
+                    print(f"{name:6s} restore {dt:.2f} s, {cpu:.2f} s CPU", flush=True)
+                os.unlink(img)
             t0 = time.monotonic()
             subprocess.run(["dd", "if=/dev/zero", f"of={ddimg}", "bs=1M", f"count={a.device_mib}",
                             "conv=fsync"], capture_output=True, text=True, check=True)
             dds.append(time.monotonic() - t0)
             os.unlink(ddimg)
         size = a.device_mib << 20
+        rest = [dt for dt, _ in runs["now"]]
 
         def show(ts):
             return " ".join(f"{size / t / 1e6:.0f}" for t in ts)
@@ -213,6 +226,15 @@ def main() -> None:
         print(f"dd      : {d_med:7.0f} MB/s, median of {show(dds)} "
               f"(dd if=/dev/zero of=DIR/dd.img bs=1M count={a.device_mib} conv=fsync)")
         print(f"restore / dd = {r_med / d_med:.2f}")
+        if a.before:
+            med = {k: (sorted(dt for dt, _ in v)[len(v) // 2], sorted(c for _, c in v)[len(v) // 2])
+                   for k, v in runs.items()}
+            for k, (dt, cpu) in med.items():
+                print(f"{k:6s}: restore {size / dt / 1e6:.0f} MB/s ({size / dt / 1e6 / d_med:.2f}x "
+                      f"dd), {cpu / (size / 1e9):.2f} CPU-s per GB of device "
+                      f"(medians of {a.rounds})")
+            print(f"now / before: wall {med['now'][0] / med['before'][0]:.2f}, "
+                  f"CPU {med['now'][1] / med['before'][1]:.2f}")
     finally:
         if not a.keep:
             shutil.rmtree(base, ignore_errors=True)
