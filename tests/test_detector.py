@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import random
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import forensics_workloads as wl
 import pytest
-from conftest import mounts
+from conftest import mkfs, mounts
 from synth import SynthSession, cli_main
-from tracerproc import TraceProc, cli, sh
+from tracerproc import BLKREWIND, ROOT, TraceProc, cli, sh
 
 
 def _iso_ns(s: str) -> int:
@@ -99,17 +104,70 @@ def test_buffered_writes_grouped_by_their_dirtier(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ real workloads
+@dataclass
+class Ext4:
+    """A new ext4 on a loop device of the test's, its mount point, and the paths of a LOG and
+    a store under the test's tmp_path."""
+    dev: str
+    mnt: Path
+    log: Path
+    store: Path
+
+    @contextmanager
+    def mounted(self, *opts: str) -> Iterator[Path]:
+        """Mounted (mount's opts, e.g. "-o", "discard") while the block runs."""
+        sh("mount", *opts, self.dev, self.mnt)
+        try:
+            yield self.mnt
+        finally:
+            sh("umount", self.mnt)
+
+
+@pytest.fixture
+def new_ext4(make_loop, tmp_path):
+    """Factory: new_ext4(size_mb) -> Ext4 (made, not mounted)."""
+    def make(size_mb: int) -> Ext4:
+        loop = make_loop(size_mb=size_mb)
+        mkfs(loop.path)
+        mnt = tmp_path / "mnt"
+        mnt.mkdir()
+        return Ext4(loop.path, mnt, tmp_path / "log", tmp_path / "store")
+    return make
+
+
+def _serve(store) -> tuple[subprocess.Popen, list[tuple[int, str]], int]:
+    """`blkrewind serve` on a free loopback port (--insecure), its log lines as they come
+    (time.time_ns() when read, line) and the port; the caller stops it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
+                          f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[tuple[int, str]] = []
+    err = p.stderr
+    assert err is not None, "started with stderr=PIPE"
+
+    def read() -> None:
+        for ln in err:
+            lines.append((time.time_ns(), ln))
+    threading.Thread(target=read, daemon=True).start()
+    return p, lines, port
+
+
+def _wait_listening(srv: subprocess.Popen, lines: list[tuple[int, str]]) -> None:
+    deadline = time.monotonic() + 60
+    while not any("listening on" in ln for _, ln in lines):
+        assert srv.poll() is None and time.monotonic() < deadline, "".join(ln for _, ln in lines)
+        time.sleep(0.05)
+
+
 @pytest.mark.bpf
-def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
+def test_inplace_encryption_detected_benign_work_not(new_ext4, tmp_path):
     rng = random.Random(12)
-    loop = make_loop(size_mb=160)
-    dev = loop.path
-    sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
-    sh("mount", dev, mnt)
-    try:
+    fs = new_ext4(160)
+    dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
+    with fs.mounted():
         files = wl.populate(mnt, rng)
         with TraceProc([dev], log) as t:
             wl.benign_compress(mnt)
@@ -126,8 +184,6 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
             assert p.wait(120) == 0
             time.sleep(1.0)
             assert t.stop() == 0, t.stderr
-    finally:
-        sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
     r = cli("suspects", "--store", store, "--device", dev, "--files", "--format", "json",
             check=False)
@@ -143,64 +199,29 @@ def test_inplace_encryption_detected_benign_work_not(make_loop, tmp_path):
     hit = set(ep["files"].split())           # the documents it encrypted, by name
     assert {str(f.relative_to(mnt)) for f in files} <= hit, (ep["files"], files)
     # the clean point restores every file as it was before the attack
-    img = tmp_path / "clean.img"
-    cli("restore", "--store", store, "--device", dev, "--at", f"stamp:{ep['clean_stamp']}",
-        "--to", img)
-    lo = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
-                        text=True, check=True).stdout.strip()
-    rmnt = tmp_path / "rmnt"
-    rmnt.mkdir()
-    try:
-        sh("mount", "-o", "ro", lo, rmnt)
-        try:
-            after = wl.checksums(rmnt)
-        finally:
-            sh("umount", rmnt)
-    finally:
-        subprocess.run(["losetup", "-d", lo])
+    after = _checksums_at(store, dev, ep["clean_stamp"], tmp_path)
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
 
 
 @pytest.mark.bpf
-def test_serve_alerts_within_seconds(make_loop, tmp_path):
+def test_serve_alerts_within_seconds(new_ext4, tmp_path):
     """Shipped to a running `serve`: its log says ALERT within 10 s of the attack's start for
     encryption in place; then, for encryption into new files with the originals deleted, an
     ALERT naming that attacker; `status` shows both episodes."""
-    import socket
-    import threading
-
-    from tracerproc import BLKREWIND, ROOT
-
     rng = random.Random(13)
-    loop = make_loop(size_mb=96)
-    dev = loop.path
-    sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    fs = new_ext4(96)
+    dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
+
     def points_mounted() -> set[str]:   # what the file-level checks mount (FUSE, loop, mount)
         return {mp for _, mp in mounts()
                 if mp.startswith("/tmp/blkrewind-mnt-") or mp.startswith("/run/blkrewind/exports/")}
 
     mounted_before = points_mounted()
-    srv = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
-                            f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    lines: list[tuple[int, str]] = []
-    reader = threading.Thread(target=lambda: [lines.append((time.time_ns(), ln))
-                                              for ln in srv.stderr], daemon=True)
-    reader.start()
+    srv, lines, port = _serve(store)
     try:
-        deadline = time.monotonic() + 60
-        while not any("listening on" in ln for _, ln in lines):
-            assert srv.poll() is None and time.monotonic() < deadline, lines
-            time.sleep(0.05)
-        sh("mount", dev, mnt)
-        try:
+        _wait_listening(srv, lines)
+        with fs.mounted():
             files = wl.populate(mnt, rng, docs=16)
             n = len(files) // 2
 
@@ -225,8 +246,6 @@ def test_serve_alerts_within_seconds(make_loop, tmp_path):
                     time.sleep(0.1)
                 st = json.loads(cli("status", "--store", store, "--format", "json").stdout)
                 assert t.stop() == 0, t.stderr
-        finally:
-            sh("umount", mnt)
         got = alerts()
         assert got, "".join(ln for _, ln in lines)
         assert got[0][0] - t_attack <= 10 * 10**9, (got[0], t_attack)
@@ -248,7 +267,6 @@ def test_serve_alerts_within_seconds(make_loop, tmp_path):
         except subprocess.TimeoutExpired:
             srv.kill()
             srv.wait(30)
-        reader.join(5)
     # a stopped server leaves no point mounted (its checks kept one mounted across passes)
     assert points_mounted() <= mounted_before, points_mounted() - mounted_before
 
@@ -272,19 +290,14 @@ def _checksums_at(store, dev, stamp, tmp_path) -> dict:
 
 
 @pytest.mark.bpf
-def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
+def test_encryption_into_new_files_on_a_discarding_fs(new_ext4, tmp_path):
     """ext4 mounted with -o discard: gzip/zstd of the logs (each deletes its input) does not
     alarm; encrypting the documents into new files and deleting them does, and its clean
     point holds every original."""
     rng = random.Random(14)
-    loop = make_loop(size_mb=128)
-    dev = loop.path
-    sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
-    sh("mount", "-o", "discard", dev, mnt)
-    try:
+    fs = new_ext4(128)
+    dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
+    with fs.mounted("-o", "discard"):
         files = wl.populate(mnt, rng, docs=16)
         with TraceProc([dev], log) as t:
             wl.benign_compress(mnt)
@@ -295,8 +308,6 @@ def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
             assert p.wait(120) == 0
             time.sleep(1.0)
             assert t.stop() == 0, t.stderr
-    finally:
-        sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
     eps = _suspects(store, dev)
     assert len(eps) == 1, eps
@@ -310,7 +321,7 @@ def test_encryption_into_new_files_on_a_discarding_fs(make_loop, tmp_path):
 
 
 @pytest.mark.bpf
-def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
+def test_attacks_without_overwrite_in_place(new_ext4, tmp_path):
     """ext4 mounted without discard, traced with --dirtier; three attackers, one after the
     other, each its own set of documents: AES in place through the page cache without fsync
     (the flusher writes it back: grouped by the dirtier, the attacker), into new files with
@@ -318,17 +329,12 @@ def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
     each original is in the bench). Each is one episode of its own process, detected within
     10 s of its start; the first's clean point holds every original."""
     rng = random.Random(15)
-    loop = make_loop(size_mb=128)
-    dev = loop.path
-    sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
+    fs = new_ext4(128)
+    dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
     modes = ("buffered", "newfiles", "truncate")   # (viatmp: the bench)
-    sh("mount", dev, mnt)
-    try:
+    with fs.mounted():
         wl.populate(mnt, rng, docs=0, media=2)
-        sets = {}
+        sets: dict[str, list[Path]] = {}
         for m in modes:
             d = mnt / m
             d.mkdir()
@@ -338,21 +344,19 @@ def test_attacks_without_overwrite_in_place(make_loop, tmp_path):
                 p.write_bytes(wl.log_text(rng, 1024 * rng.randrange(24, 96)))
                 sets[m].append(p)
         wl.syncfs(mnt)
-        started = {}
+        started: dict[str, tuple[int, int]] = {}   # mode -> (start ns, attacker's pid)
         with TraceProc([dev], log, "--dirtier") as t:
             time.sleep(1.0)
             before = wl.checksums(mnt)
             for m in modes:
-                started[m] = time.time_ns()
+                t0 = time.time_ns()
                 p = wl.attack(m, sets[m])
                 assert p.wait(120) == 0
                 if m == "buffered":
                     wl.syncfs(mnt)   # written back by the flusher, not by the attacker
-                started[m] = (started[m], p.pid)
+                started[m] = (t0, p.pid)
                 time.sleep(1.0)
             assert t.stop() == 0, t.stderr
-    finally:
-        sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
     eps = _suspects(store, dev)
     assert len(eps) == len(modes), eps
@@ -391,26 +395,16 @@ def _serve_points(pid: int) -> list[dict]:
 
 
 @pytest.mark.bpf
-def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
+def test_killed_serve_leaves_no_point_behind(new_ext4, tmp_path):
     """`serve`'s detector keeps the point before a live streak of random new files mounted
     (nbdkit, nbdfuse, a loop device, a mount). SIGKILL the server: nbdkit and nbdfuse die with
     it (parent-death signal), `status` lists the point as stale, and the next `serve` on the
     store removes all of it (mount, loop device, FUSE mount, run dir); `umount --stale` does
     the same for the second server, killed too."""
-    import socket
-    import threading
-
-    from tracerproc import BLKREWIND, ROOT
-
     rng = random.Random(16)
-    loop = make_loop(size_mb=64)
-    dev = loop.path
-    sh("mkfs.ext4", "-q", "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
-    sh("mount", dev, mnt)
-    try:
+    fs = new_ext4(64)
+    dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
+    with fs.mounted():
         wl.populate(mnt, rng, docs=4, media=0)
         with TraceProc([dev], log) as t:
             time.sleep(0.5)
@@ -421,20 +415,7 @@ def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
                 wl.syncfs(mnt)
             time.sleep(0.5)
             assert t.stop() == 0, t.stderr
-    finally:
-        sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
-
-    def serve():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        p = subprocess.Popen([*BLKREWIND, "serve", "--store", store, "--listen",
-                              f"127.0.0.1:{port}", "--insecure"], cwd=ROOT, text=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        lines: list[str] = []
-        threading.Thread(target=lambda: lines.extend(p.stderr), daemon=True).start()
-        return p, lines
 
     def point_of(p, lines) -> dict:
         deadline = time.monotonic() + 90
@@ -442,12 +423,12 @@ def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
             pts = [x for x in _serve_points(p.pid) if x["loops"] and len(x["mounts"]) >= 2]
             if pts:
                 return pts[0]
-            assert p.poll() is None and time.monotonic() < deadline, "".join(lines)
+            assert p.poll() is None and time.monotonic() < deadline, "".join(ln for _, ln in lines)
             time.sleep(0.2)
 
     servers = []
     try:
-        p1, lines1 = serve()
+        p1, lines1, _ = _serve(store)
         servers.append(p1)
         pt1 = point_of(p1, lines1)        # mounted by the detector (the streak is live)
         d1 = pt1["run_dir"]
@@ -464,15 +445,12 @@ def test_killed_serve_leaves_no_point_behind(make_loop, tmp_path):
         assert mine and mine[0]["stale"], st["points"]
         assert "STALE" in cli("status", "--store", store).stdout
 
-        p2, lines2 = serve()              # the next server on the store removes it
+        p2, lines2, _ = _serve(store)     # the next server on the store removes it
         servers.append(p2)
-        deadline = time.monotonic() + 60
-        while not any("listening on" in ln for ln in lines2):
-            assert p2.poll() is None and time.monotonic() < deadline, "".join(lines2)
-            time.sleep(0.05)
+        _wait_listening(p2, lines2)
         assert not _point_left(d1), _point_left(d1)
         assert any("removed a point left by a process that is gone" in ln and d1 in ln
-                   for ln in lines2), "".join(lines2)
+                   for _, ln in lines2), "".join(ln for _, ln in lines2)
         pt2 = point_of(p2, lines2)        # its own detector mounts the point again
         d2 = pt2["run_dir"]
         p2.kill()
