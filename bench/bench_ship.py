@@ -3,6 +3,7 @@
     sudo .venv/bin/python bench/bench_ship.py --mode throughput [--gib 2] [--dir DIR]
     sudo .venv/bin/python bench/bench_ship.py --mode rpo [--rate-mb 100] [--seconds 20]
     sudo .venv/bin/python bench/bench_ship.py --mode all
+    .venv/bin/python bench/bench_ship.py --mode throughput --before OLD [--before OLDER]
 
 throughput: a pre-made LOG of --gib GiB of payload (a valid session: baseline + writes of
   4 KiB..1 MiB; half the writes random bytes, half compressible text-like bytes, in 4 MiB
@@ -11,7 +12,9 @@ throughput: a pre-made LOG of --gib GiB of payload (a valid session: baseline + 
   `blkrewind tls init`) and once with --insecure, then (for the shipper's own ceiling) to a
   receiver that only reads, checks (wire.read_message + unpack_frames) and ACKs. Reported:
   MB/s of LOG bytes and of payload from start until everything is acked, the shipper's CPU
-  seconds (this process) and the replayer's (/proc/PID/stat), per MB.
+  seconds (this process) and the replayer's (/proc/PID/stat), per MB. --before TREE (another
+  checkout): every round ships with each checkout in turn, its shipper in a child process
+  (bench/ship_child.py) and its own `serve`; medians and ratios at the end.
 
 rpo: a loop device (backing file under --dir) traced by `blkrewind trace --ship` over TLS to a
   `serve` on 127.0.0.1 while fio writes at --rate-mb MB/s (O_DIRECT, 1 MiB random writes)
@@ -219,14 +222,16 @@ def throughput(args, base: str) -> list[dict]:
              ("discard", "discard receiver, plain (shipper ceiling)", "discard"))
     wanted = args.transports.split(",")
     trees: list[tuple[str, str | None]] = [("now", None)]
-    if args.before:
-        trees = [("now", ROOT), ("before", os.path.abspath(args.before))]
+    if args.before:   # each named by its directory
+        trees = [("now", ROOT)] + [(os.path.basename(os.path.abspath(b)), os.path.abspath(b))
+                                   for b in args.before]
     for key, label, tls in kinds:
         if key not in wanted:
             continue
         for r in range(args.rounds):
-            # with --before: both checkouts' shippers in child processes, in turns
-            order = trees if r % 2 == 0 else trees[::-1]
+            # with --before: every checkout's shipper in a child process, in turns (who goes
+            # first moves on each round)
+            order = trees[r % len(trees):] + trees[:r % len(trees)]
             for tname, tree in order:
                 if tls and tls.startswith("discard"):
                     from blkrewind import tlsconf
@@ -272,22 +277,23 @@ def throughput(args, base: str) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.before:
-        compare(rows)
+        compare(rows, [t for t, _ in trees])
     return rows
 
 
-def compare(rows: list[dict]) -> None:
-    """Per transport, each checkout's medians and now / before."""
+def compare(rows: list[dict], trees: list[str]) -> None:
+    """Per transport, each checkout's medians, and now / each other checkout."""
     cols = ("payload_MBps", "shipper_cpu_s_per_GB", "server_cpu_s_per_GB")
     for label in dict.fromkeys(r["transport"] for r in rows):
         med = {}
-        for tname in ("now", "before"):
+        for tname in trees:
             got = [r for r in rows if r["transport"] == label and r["tree"] == tname]
             med[tname] = {c: sorted(r[c] for r in got)[len(got) // 2] for c in cols}
-        print(f"{label}, medians of {len(got)}: " + "; ".join(
-            f"{c} now {med['now'][c]} before {med['before'][c]} "
-            f"({med['now'][c] / med['before'][c]:.2f}x)" if med["before"][c] else
-            f"{c} now {med['now'][c]} before {med['before'][c]}" for c in cols), flush=True)
+        print(f"{label}, medians of {len(got)}:", flush=True)
+        for c in cols:
+            print(f"  {c}: " + ", ".join(f"{t} {med[t][c]}" for t in trees) + "; now / " +
+                  ", ".join(f"{t} {med['now'][c] / med[t][c]:.2f}" for t in trees[1:]
+                            if med[t][c]), flush=True)
 
 
 # ------------------------------------------------------------------------------ RPO
@@ -381,10 +387,10 @@ def main() -> None:
                     help="throughput: py-spy (raw) profile of serve to PREFIX.KIND.ROUND.txt")
     ap.add_argument("--native", action="store_true", help="--profile: with native frames")
     ap.add_argument("--verbose", action="store_true", help="throughput: print serve's log")
-    ap.add_argument("--before", metavar="TREE",
+    ap.add_argument("--before", metavar="TREE", action="append",
                     help="throughput: another checkout (e.g. git archive COMMIT | tar -x -C "
-                         "DIR) shipping and serving in turns with this one, each shipper in a "
-                         "child process that imports its checkout")
+                         "DIR; may be given again) shipping and serving in turns with this "
+                         "one, each shipper in a child process that imports its checkout")
     ap.add_argument("--rate-mb", type=int, default=100)
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--device-mb", type=int, default=1024)
