@@ -68,6 +68,7 @@ def open(readonly):
 
 
 def get_size(h):
+    assert _image is not None, "config_complete loads the image"
     return _image.size
 
 
@@ -92,10 +93,12 @@ def is_rotational(h):
 
 
 def pread(h, buf, offset, flags):
+    assert _image is not None, "config_complete loads the image"
     _image.read_into(buf, offset)
 
 
 def extents(h, count, offset, flags):
+    assert _image is not None, "config_complete loads the image"
     one = bool(flags & nbdkit.FLAG_REQ_ONE)
     out = []
     for off, n, data in _image.extents(offset, count, limit=1 if one else 4096):

@@ -256,11 +256,12 @@ class PayloadFile:
     def meta(self):
         if self._meta is None:
             try:
-                self._meta = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.map))).metadata
+                meta = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.map))).metadata
             except (OSError, ValueError) as e:
                 raise StoreError(f"cannot read payload file {self.path}: {e}") from None
-            names = [self._meta.schema.column(i).name for i in range(self._meta.num_columns)]
+            names = [meta.schema.column(i).name for i in range(meta.num_columns)]
             self._col = names.index("data") if "data" in names else -1
+            self._meta = meta
         return self._meta
 
     def rows(self, rg: int) -> Rows | None:

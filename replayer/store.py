@@ -1022,8 +1022,9 @@ class Store(StoreReader):
         sessions = con.execute("SELECT session, host, held_segno, held_frame "
                                "FROM sessions").fetchall()
         hwm = con.execute("SELECT value FROM store_info WHERE key = 'batch_hwm'").fetchone()
-        top = con.execute("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
-                          "(SELECT coalesce(max(id), 0) FROM payload_files))").fetchone()[0]
+        top = self._row("SELECT greatest((SELECT coalesce(max(batch), 0) FROM frame_ranges), "
+                        "(SELECT coalesce(max(id), 0) FROM payload_files))", [],
+                        "highest batch number")[0]
         return ranges, segs, sessions, max(int(top), int(hwm[0]) if hwm else 0) + 1
 
     # ----------------------------------------------------------- transactions

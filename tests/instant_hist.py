@@ -101,6 +101,7 @@ class Export:
         self.p = subprocess.Popen([*(cmd or cli_command()), "export", *map(str, args)],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                   stdin=subprocess.DEVNULL)
+        assert self.p.stdout is not None and self.p.stderr is not None, "started with PIPEs"
         self.uri = self.p.stdout.readline().strip()
         if not self.uri:
             err = self.p.stderr.read()
@@ -115,6 +116,7 @@ class Export:
         except subprocess.TimeoutExpired:
             self.p.kill()
             rc = self.p.wait(30)
+        assert self.p.stderr is not None, "started with stderr=PIPE"
         return rc, self.p.stderr.read()
 
     def __enter__(self):

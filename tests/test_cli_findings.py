@@ -154,9 +154,9 @@ def test_a_user_who_may_not_read_the_store_is_told_so(store):
                            cwd="/", env=env, timeout=60)
         err = one_line_error(r, 4, "permission denied", "root")
         assert "no store" not in err
-    for args in (("status",), ("mark", "m")):  # the tracers' sockets are root's
+    for cmd in (("status",), ("mark", "m")):  # the tracers' sockets are root's
         r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                            *BLKREWIND, *args], capture_output=True, text=True, cwd="/",
+                            *BLKREWIND, *cmd], capture_output=True, text=True, cwd="/",
                            env=env, timeout=60)
         one_line_error(r, 2, "must run as root")
     # a LOG it may not read: said, no internal error (a PermissionError before)

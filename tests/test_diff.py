@@ -186,6 +186,7 @@ def test_files_large_sparse_device_no_rebuild(make_loop, tmp_path, monkeypatch):
                           "--good", "m0", "--bad", "m1", "--", "sh", "-c",
                           'echo "ready $BLKREWIND_MOUNT"; exec sleep 60'],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout is not None and p.stderr is not None, "started with PIPEs"
     try:
         line = p.stdout.readline()
         assert line.startswith("ready "), line + p.stderr.read()

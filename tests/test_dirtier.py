@@ -73,7 +73,7 @@ def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, 
              f"AND w.sector * 512 + w.length > x.xs WHERE w.op = 'write' "
              f"GROUP BY ALL ORDER BY bytes DESC")
         rows = json.loads(cli("sql", "--store", store, q, "--format", "json").stdout)
-        by_dirtier = {}
+        by_dirtier: dict[tuple[str, int], int] = {}
         for r in rows:
             k = (r["dirty_comm"], r["dirty_pid"])
             by_dirtier[k] = by_dirtier.get(k, 0) + r["bytes"]

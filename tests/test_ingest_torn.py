@@ -73,8 +73,8 @@ def test_a_rotated_segment_cut_at_a_frame_boundary_is_damage(tmp_path):
 
     segs = _log(tmp_path, 33)
     victim = segs[len(segs) // 2]
-    with SegmentReader(victim) as r:
-        spans = list(r.frame_spans())   # (frame_no, offset, size); the last is the SEAL
+    with SegmentReader(victim) as rd:
+        spans = list(rd.frame_spans())   # (frame_no, offset, size); the last is the SEAL
     assert len(spans) >= 3
     os.truncate(victim, spans[-2][1])   # the last data frame and the SEAL go
     store = tmp_path / "store"
@@ -88,8 +88,8 @@ def test_a_rotated_segment_cut_at_a_frame_boundary_is_damage(tmp_path):
     assert "the history goes on past a gap" in r.stderr, r.stderr
     # the newest segment without its SEAL (a tracer killed) is no damage
     segs = _log(tmp_path / "b", 34)
-    with SegmentReader(segs[-1]) as r:
-        spans = list(r.frame_spans())
+    with SegmentReader(segs[-1]) as rd:
+        spans = list(rd.frame_spans())
     os.truncate(segs[-1], spans[-1][1])   # the SEAL goes
     r = cli("ingest", "--log", tmp_path / "b" / "log", "--store", tmp_path / "b" / "store")
     assert r.returncode == 0 and not r.stderr.strip(), r

@@ -101,6 +101,7 @@ def test_a_missing_or_truncated_file_is_dropped_and_stored_again(capsys, tmp_pat
     assert rs and all(r["to_stamp"] < first for r in rs)
     ses = sql(capsys, store, "SELECT watermark FROM sessions")
     assert ses[0]["watermark"] < first
+    assert s.baseline_end is not None, "the history has its baseline"
     for stamp, img in s.at_stamp.items():
         if s.baseline_end <= stamp < first:
             assert restore_bytes(capsys, store, str(stamp), tmp_path) == img

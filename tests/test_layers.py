@@ -251,8 +251,12 @@ def test_our_folders_are_imported_by_their_installed_names():
     bad = []
     for p, rel in source_files():
         for node in ast.walk(ast.parse(p.read_text(), str(p))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
             bad += [f"{rel}:{node.lineno}: {n}" for n in names if n.split(".")[0] in SUBPACKAGES]
     assert not bad, "import blkrewind.X instead:\n" + "\n".join(bad)
     for sub in SUBPACKAGES:

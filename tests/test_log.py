@@ -366,7 +366,8 @@ def test_a_raw_frame_whose_lengths_disagree_is_corrupt(tmp_path):
             logframe.decode_raw_frame(frame, seg_id=1, frame_no=1)
     ok = logframe.pack_header(logframe.K_DATA, 1, 1, 0, 0, 1, len(span), len(span) + 4,
                  logframe.FL_BODY_CRC | logframe.FL_RAW) + span + crc
-    assert logframe.decode_raw_frame(ok, seg_id=1, frame_no=1)[1].data == span
+    decoded = logframe.decode_raw_frame(ok, seg_id=1, frame_no=1)[1]
+    assert decoded is not None and decoded.data == span
 
 
 def test_flipped_byte_in_the_last_frame(tmp_path):
@@ -493,6 +494,7 @@ def test_lock_excludes_other_processes(tmp_path):
          f"l = LogLock({str(d)!r}).acquire(blocking=False); print('held', flush=True)\n"
          "sys.stdin.read()"],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None, "started with PIPEs"
     try:
         assert child.stdout.readline().strip() == "held"
         assert L.log_in_use(d) == child.pid
@@ -911,7 +913,7 @@ def test_direct_write_failure_leaves_the_segment_readable(mode, tmp_path, monkey
     spans = [rec(os.urandom(5000), stamp=i + 1) for i in range(3)]
     w.append(spans[0], 1, 0, 0)
     real = os.pwritev
-    calls = []
+    calls: list[int] = []
 
     def failing(fd, bufs, off):  # the frame's write fails after landing; the undo works
         if not calls:

@@ -54,7 +54,9 @@ class _Proc:
         self.p = subprocess.Popen(list(map(str, args)), stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
                                   **kw)
-        self._t = threading.Thread(target=lambda: self.lines.extend(self.p.stderr), daemon=True)
+        err = self.p.stderr
+        assert err is not None, "started with stderr=PIPE"
+        self._t = threading.Thread(target=lambda: self.lines.extend(err), daemon=True)
         self._t.start()
 
     @property
@@ -344,6 +346,7 @@ def test_a_failing_collector_gives_an_error_metric_and_one_log_line():
     said: list[str] = []
     ep = metrics.start("127.0.0.1:0", metrics.ServerCollector(object(), said.append),
                        said.append)
+    assert ep is not None, "an address was given"
     try:
         url = ep.url
         for _ in range(3):

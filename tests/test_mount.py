@@ -151,6 +151,7 @@ def test_failure_and_sigint_at_every_step_leave_nothing(ext4, tmp_path, step):
     assert not _ours(before), _ours(before)
     env["BLKREWIND_MOUNT_TEST_HOOK"] = f"pause:{step}"
     p = subprocess.Popen(base, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    assert p.stderr is not None, "started with stderr=PIPE"
     try:
         line = p.stderr.readline()
         assert f"paused before {step}" in line, line + p.stderr.read()

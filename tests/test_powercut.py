@@ -129,7 +129,7 @@ class Moment:
         loop = self.loop
         assert loop is not None, "prepare() attaches the loop device or raises"
         rng = random.Random(self.seed)
-        self.cut_after = round(rng.uniform(*CUT_AFTER), 2)
+        cut_after = self.cut_after = round(rng.uniform(*CUT_AFTER), 2)
         heavy = self.out / "heavy"
 
         def cutter(pgid: int) -> None:
@@ -139,7 +139,7 @@ class Moment:
                         return
                     time.sleep(0.05)
                 t_heavy = time.monotonic()
-                time.sleep(self.cut_after)
+                time.sleep(cut_after)
                 if pgid in vm._RUNNING:
                     self.qemu_cpu_s = _cpu_seconds(pgid)
                     os.killpg(pgid, signal.SIGKILL)  # the power cut: QEMU dies at once

@@ -19,7 +19,8 @@ def test_baseline_progress_in_the_log_and_in_status(make_loop, tmp_path, monkeyp
     monkeypatch.setenv("BLKREWIND_PROGRESS_S", "0.1")
     log = tmp_path / "log"
     from blkrewind.tracer.control import ask
-    seen, table = [], []
+    seen: list[dict] = []
+    table: list[str] = []
     with TraceProc([dev], log, wait_for="live") as tr:
         sock = f"/run/blkrewind/trace-{tr.p.pid}.sock"
         deadline = time.monotonic() + 120

@@ -31,6 +31,7 @@ def _phased(log, seed, phases, *, now, keep_session=None, size=2 << 20, nbios=25
     _at(s, now - phases * HOUR)
     if s.baseline_end is None:
         s.baseline()
+    assert s.session is not None, "SynthSession names its session"
     for i in range(phases):
         _at(s, now - (phases - i) * HOUR)
         s.workload(nbios, marks=0, snapshots=0)
@@ -177,6 +178,7 @@ def test_several_sessions(capsys, tmp_path):
     assert "1 older session(s) folded away" in err
     names2 = sorted(s2.marks, key=lambda n: s2.marks[n][0])
     assert check_marks(capsys, store, tmp_path, marks) == (3, 3)
+    assert s1.baseline_end is not None, "the history has its baseline"
     rc, _, err = restore(capsys, store, str(s1.baseline_end + 1), tmp_path / "x.img")
     assert rc == 5 and "pruned: the oldest restorable point of synth:loop7 is stamp " \
         f"{s2.marks[names2[1]][0]}" in err
@@ -197,9 +199,9 @@ def test_sigkill_at_random_moments(capsys, tmp_path):
     env = dict(os.environ, BLKREWIND_STORE_WAIT="30")
     # how long a prune takes here
     t0 = time.monotonic()
-    p = subprocess.run([*BLKREWIND, "prune", "--store", str(store), "--device", "loop7",
-                        "--keep", "5h30m"], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
+    cp = subprocess.run([*BLKREWIND, "prune", "--store", str(store), "--device", "loop7",
+                         "--keep", "5h30m"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
     full = time.monotonic() - t0
     kills = 0
     for keep in ("4h30m", "3h30m", "2h30m", "1h30m"):
@@ -212,6 +214,7 @@ def test_sigkill_at_random_moments(capsys, tmp_path):
                 p.send_signal(signal.SIGKILL)
                 kills += 1
             p.wait(60)
+            assert p.stderr is not None, "started with stderr=PIPE"
             p.stderr.close()
             ok, bad = check_marks(capsys, store, tmp_path, marks)
             assert ok + bad == len(marks) and ok >= 1
@@ -280,7 +283,7 @@ def test_prune_while_a_traced_workload_runs(tmp_path, make_loop):
     restores to exactly what the device held when it was set, and the older ones are refused."""
     loop = make_loop(size_mb=16, fill="random")
     log, store = tmp_path / "log", tmp_path / "store"
-    images = {}
+    images: dict[str, bytes] = {}
     phase = _phases(loop, log, random.Random(3), images, "w")
 
     with TraceProc([loop.path], log) as t:
@@ -314,7 +317,7 @@ def test_prune_while_serving_a_shipping_tracer(tmp_path, make_loop):
 
     loop = make_loop(size_mb=16, fill="random")
     log, store = tmp_path / "log", tmp_path / "store"
-    images = {}
+    images: dict[str, bytes] = {}
     phase = _phases(loop, log, random.Random(4), images, "s")
 
     srv = ServerProc(tmp_path, store, None)

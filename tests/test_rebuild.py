@@ -66,6 +66,7 @@ def test_restore_matches_the_model_everywhere(capsys, tmp_path, seed, piece, siz
     for stamp, img in s.at_stamp.items():
         assert restored(capsys, store, str(stamp), tmp_path) == img, stamp
     # every stamp of a stretch: prefix consistency, stamp by stamp
+    assert s.baseline_end is not None, "the history has its baseline"
     model = bytearray(s.at_stamp[s.baseline_end])
     stamps = sorted(st for st in s.at_stamp if st >= s.baseline_end)
     assert restored(capsys, store, str(s.baseline_end), tmp_path) == bytes(model)
@@ -90,6 +91,7 @@ def test_every_stamp_of_a_short_history(capsys, tmp_path):
     s.end()
     store = tmp_path / "store"
     ingest(capsys, log, store)
+    assert s.baseline_end is not None, "the history has its baseline"
     for stamp in range(s.baseline_end, s.last_stamp + 1):
         assert restored(capsys, store, str(stamp), tmp_path) == s.at_stamp[stamp], stamp
 
@@ -346,16 +348,16 @@ def test_both_write_paths_and_a_target_that_keeps_old_bytes(capsys, tmp_path):
         finally:
             os.close(t.fd)
         assert out.read_bytes() == bytes(s.image), method
-    for method in (None, "pwritev"):
+    for chosen in (None, "pwritev"):
         old = tmp_path / "old.img"
         old.write_bytes(b"\xEE" * pl.size)
         fd = os.open(old, os.O_RDWR)
         try:
             res = execute(pl, Target(str(old), fd, is_block=False, created=False, sparse=False),
-                          method=method)
+                          method=chosen)
         finally:
             os.close(fd)
-        assert res["method"] == (method or "direct")
+        assert res["method"] == (chosen or "direct")
         assert old.read_bytes() == bytes(s.image)
 
 

@@ -151,9 +151,9 @@ def test_tracer_killed_then_restarted_continues_the_session(bpf_variant, make_lo
         first = TraceProc([dev], log, "--ring-mb", "4")
         try:
             time.sleep(1.5)
-            session = own_pins(log)
-            assert len(session) == 1, session
-            session = session[0]
+            pins = own_pins(log)
+            assert len(pins) == 1, pins
+            session = pins[0]
             ids = link_ids(session)
             assert len(ids) >= 2, ids
         finally:

@@ -66,6 +66,7 @@ class Reader:
         self._t.start()
 
     def _read(self):
+        assert self.p.stderr is not None, "started with stderr=PIPE"
         for line in self.p.stderr:
             self.lines.append(line)
 

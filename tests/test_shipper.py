@@ -47,7 +47,7 @@ class Serve:
     def __init__(self, store, port: int, tls: str | None = None):
         self.store, self.port, self.tls = str(store), port, tls
         self.lines: list[str] = []
-        self.p = None
+        self.p: subprocess.Popen[str] | None = None
         self.start()
 
     def start(self):
@@ -55,8 +55,9 @@ class Serve:
         args += ["--tls", self.tls] if self.tls else ["--insecure"]
         self.p = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
-        p = self.p
-        threading.Thread(target=lambda: self.lines.extend(p.stderr), daemon=True).start()
+        p, err = self.p, self.p.stderr
+        assert err is not None, "started with stderr=PIPE"
+        threading.Thread(target=lambda: self.lines.extend(err), daemon=True).start()
         deadline = time.monotonic() + 60
         while not any("listening on" in ln for ln in self.lines):
             if p.poll() is not None or time.monotonic() > deadline:

@@ -369,11 +369,11 @@ def test_lacks(tmp_path):
         got = {(x["session"], x["segno"]): x["ranges"] for x in sink.lacks("synth", more)}
         last = (segs[-1]["session"], segs[-1]["segno"])
         assert got[last][-1][1] == len(segs[-1]["frames"]) + 5
-        # bad inventories are protocol violations
+        # bad inventories are protocol violations (as they arrive: parsed from JSON)
         for bad in ({"session": 1}, {"session": "s", "segno": -1, "seg_id": 1, "frames": 1},
                     "x", {"session": "s", "segno": 0, "seg_id": 1, "frames": True}):
             with pytest.raises(FrameRejected):
-                sink.lacks("synth", [bad])
+                sink.lacks("synth", json.loads(json.dumps([bad])))
         # everything: nothing lacks, sealed segments included
         store_all(sink, "synth", groups_of(segs, random.Random(7)))
         assert sink.lacks("synth", inv) == []

@@ -132,7 +132,7 @@ def test_two_ingests_at_once(tmp_path):
     cmd = [sys.executable, "-m", "blkrewind.cli", "ingest", "--log", str(log), "--store", str(store)]
     ps = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
           for _ in range(2)]
-    results = [(p.wait(120), p.stderr.read()) for p in ps]
+    results = [(p.wait(120), p.stderr.read() if p.stderr else "") for p in ps]
     for rc, err in results:
         assert rc == 0 or "is busy" in err, err
         assert "Traceback" not in err
@@ -258,6 +258,7 @@ def test_torn_tail_is_a_note(capsys, tmp_path):
     rc, out, err = cli_main(capsys, "ingest", "--log", log, "--store", store)
     assert rc == 0, err
     assert "torn tail" in out and last.name in out
+    assert s.baseline_end is not None, "the history has its baseline"
     name = next(n for n, st in s.marks.items() if st[-1] >= s.baseline_end)
     assert restore_bytes(capsys, store, name, tmp_path) == s.at_mark[name]
 
@@ -336,8 +337,10 @@ def test_two_sessions_of_one_device(capsys, tmp_path):
     dev = sql(capsys, store, "SELECT * FROM devices")
     assert len(dev) == 1 and dev[0]["sessions"] == 2
     assert restore_bytes(capsys, store, "latest", tmp_path) == bytes(s2.image)
+    b1, b2, base2 = s1.baseline_end, s2.baseline_end, s2.stamp_base
+    assert b1 is not None and b2 is not None and base2 is not None, "both baselines done"
     for stamp, img in list(s1.at_stamp.items()) + list(s2.at_stamp.items()):
-        if stamp >= (s1.baseline_end if stamp < s2.stamp_base else s2.baseline_end):
+        if stamp >= (b1 if stamp < base2 else b2):
             assert restore_bytes(capsys, store, str(stamp), tmp_path) == img, stamp
     # between the two sessions nothing is known
     rc, _, err = cli_main(capsys, "restore", "--store", store, "--device", "loop7", "--at",

@@ -42,7 +42,7 @@ def test_intervals_match_the_contract(seed):
     top = rng.randrange(20, 120)
     start = rng.randrange(0, 15)
     gaps = sorted(rng.sample(range(0, top + 1), rng.randrange(0, 8)))
-    resyncs = []
+    resyncs: list[dict] = []
     for _ in range(rng.randrange(0, 5)):
         rs = rng.randrange(1, top + 3)
         since = rng.randrange(0, rs)
@@ -50,14 +50,14 @@ def test_intervals_match_the_contract(seed):
         resyncs.append({"start": rs, "since": since, "end": end, "cause": "x"})
     resyncs.sort(key=lambda r: r["start"])
     # gap runs as the scan keeps them
-    runs = []
+    runs: list[tuple[int, int, str | None, bool]] = []
     for g in gaps:
         if runs and runs[-1][1] == g - 1:
             runs[-1] = (runs[-1][0], g, None, False)
         else:
             runs.append((g, g, None, False))
     ivs = _intervals(start, top, device_windows(runs, resyncs, None))
-    got = set()
+    got: set[int] = set()
     for a, b in ivs:
         assert a <= b
         got.update(range(a, b + 1))

@@ -86,8 +86,9 @@ def test_clean_eof_and_stream_of_messages():
     data = msg_bytes(wire.encode_json(wire.T_PING, {"t": 1})) + \
         msg_bytes(wire.encode(wire.T_FRAMES, [b"\0\0\0\0"]))
     f = io.BytesIO(data)
-    assert wire.read_message(f).mtype == wire.T_PING
-    assert bytes(wire.read_message(f).body) == b"\0\0\0\0"
+    ping, frames = wire.read_message(f), wire.read_message(f)
+    assert ping is not None and ping.mtype == wire.T_PING
+    assert frames is not None and bytes(frames.body) == b"\0\0\0\0"
     assert wire.read_message(f) is None
 
 
@@ -152,7 +153,7 @@ def test_socket_send_large_without_copy_and_read():
         t.start()
         m = wire.read_message(b, idle_timeout=5, msg_timeout=5)
         t.join()
-        assert bytes(m.body) == b"ab" + body + b"c"
+        assert m is not None and bytes(m.body) == b"ab" + body + b"c"
     finally:
         a.close()
         b.close()
@@ -393,13 +394,14 @@ def test_fuzz_mutated_stream_of_many_messages(seg):
     base = [msg_bytes(wire.encode_frames({"session": session, "segno": segno, "seg_id": seg_id,
                                           "first": a, "id": a}, fr[a:a + 3]))
             for a in range(0, len(fr) - 3, 3)]
-    base += [msg_bytes(wire.encode_json(t, o)) for t, o in [
+    messages: list[tuple[int, dict]] = [
         (wire.T_HELLO, {"proto": 1, "host": "h", "tool": "t", "conn": 0, "conns": 1}),
         (wire.T_INVENTORY, {"segments": [{"session": "s", "segno": 1, "seg_id": 2,
                                           "frames": 3, "sealed": False}]}),
         (wire.T_LACKS, {"segments": [{"session": "s", "segno": 1, "ranges": [[1, 2]]}]}),
         (wire.T_ACK, {"id": 1, "session": "s", "segno": 0, "first": 0, "end": 1}),
-        (wire.T_PING, {"t": 5}), (wire.T_STATUS, {"x": 1})]]
+        (wire.T_PING, {"t": 5}), (wire.T_STATUS, {"x": 1})]
+    base += [msg_bytes(wire.encode_json(t, o)) for t, o in messages]
     rng = random.Random(7)
     passed = 0
     for _ in range(20000):

@@ -48,6 +48,7 @@ class TraceProc:
             time.sleep(0.02)
 
     def _read(self):
+        assert self.p.stderr is not None, "started with stderr=PIPE"
         for line in self.p.stderr:
             self.lines.append(line)
 
