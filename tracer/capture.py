@@ -543,7 +543,7 @@ class Capture:
 
     def close(self) -> None:
         """Disable capture, remove the pins (tracer/pins.py) and close: the programs detach."""
-        if getattr(self, "obj", None) or getattr(self, "_owned_fds", None):
+        if self.obj is not None or self._owned_fds:
             try:
                 self.cfg.enabled = 0
                 self.push_cfg()
