@@ -10,12 +10,13 @@ tracer ran with --dirtier, else the submitter; the flushers of a cgroup as one) 
 least 128 KiB in 4 writes at 3 places within 10 s, or the processes of one name in one cgroup
 (a parent's workers, `xargs -P`) for twice that, spread over 3 or more of them, none with
 more than half, or all the processes of one cgroup (a systemd unit, a container) for twice
-that, spread so and over 2 or more names, none with more than half (a script running
-openssl, dd and python by turns). Encryption into new files (the originals
-deleted, renamed over, or truncated and rewritten) is found by reading the file system (ext4,
-xfs) before and after a process's run of random writes into new places: compressible files
-gone or changed, paired with random files of their sizes it wrote (each such check mounts two
-points, 2-3 s each). replayer/detector.py has the rules and what they cannot see.
+that, spread so and over 2 or more names, when at least half of the random data the cgroup
+wrote then replaced compressible data (a script running openssl, dd and python by turns).
+Encryption into new files (the originals deleted, renamed over, or truncated and rewritten)
+is found by reading the file system (ext4, xfs) before and after a process's run of random
+writes into new places: compressible files gone or changed, paired with random files of
+their sizes it wrote (each such check mounts two points, 2-3 s each). replayer/detector.py
+has the rules and what they cannot see.
 
 For each episode: when it started and was detected, the processes (comm[pid]) and their
 bytes, the byte ranges (and, where `blkrewind diff` can read the file system, the files),
