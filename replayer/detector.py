@@ -34,8 +34,10 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   -P 4 -n 2`, each process encrypting two files: 2 places, below MIN_RUNS -- is an episode
   of that group when the rules above hold for WORKERS_FACTOR times the bytes and places and
   its writes are spread (`_spread`: at least WORKERS_PROCS processes, none with more than half
-  of the bytes: one attacker, or two one after the other, are their own groups'). The same
-  for the streaks of the file-level check and for the deletion rule (below). A process's
+  of the bytes: one attacker, or two one after the other, are their own groups'); in it a
+  write by another process than the write before is another place (`_places` per_proc:
+  each its own file, even where the file system put the files one after the other). The
+  same for the streaks of the file-level check and for the deletion rule (below). A process's
   writes leave its workers group's count once an episode of its own opens; while a workers
   episode is open, it takes the writes of every process of that name in the cgroup.
 - every process also counts in its *cgroup group*: all processes of its cgroup whatever
@@ -44,12 +46,12 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   python by turns, one process per file; a binary copied under a random name per worker) is
   an episode of that group when the rules above hold for CGROUP_FACTOR times the bytes and
   places, its writes are spread like a workers group's and over at least CGROUP_NAMES names
-  (one name is its workers group's), and at least
-  CGROUP_ENC_SHARE of the random data the cgroup wrote in the window replaced compressible
-  data: a service's cgroup copying media or writing archives over blocks its log
-  compression just freed (tests/test_detector.py: cp and python put 0.8 MiB of their 3 MiB
-  there) writes most of its random data elsewhere; ransomware in place replaces with nearly
-  all of it. The episode starts at the first random write in the window by a process of one
+  (one name is its workers group's), and at least CGROUP_ENC_SHARE of the random data the
+  cgroup wrote in the window replaced compressible data: a service's cgroup copying media
+  or writing archives over blocks its log compression just freed (tests/test_detector.py:
+  cp and python put 0.8 MiB of their 3 MiB there) writes most of its random data
+  elsewhere; ransomware in place replaces with most of it (74 % where openssl also wrote
+  temporary files into free space). The episode starts at the first random write in the window by a process of one
   of its names (another program of the cgroup writing media just before is not its start).
   The same (without the last condition) for the streaks of the file-level check and the
   deletion rule. (The parent/child tree and the session are not recorded: an attack spread
