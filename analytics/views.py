@@ -45,8 +45,10 @@ writes -- one row per bio (not per payload piece)
                       Only the first page's dirtier and, per page, the first task that dirtied
                       it since its last writeback (docs/internals.md, "The dirtier of a
                       buffered write")
-    dirty_time        when that page went dirty (NULL when the dirtier is unknown or is the
-                      submitter)
+    dirty_time        when its dirtier last took a page of that file (of a file several
+                      threads write: of that page's 64 KiB of the file) clean -> dirty, at
+                      or after the page's own dirtying (NULL when the dirtier is unknown or
+                      is the submitter)
 
 marks -- named points set with `blkrewind mark`
     name, time, stamp, session

@@ -23,6 +23,10 @@ document with its checksum):
   workers_shell  a shell loop under `xargs -P 4`: per document `openssl enc` into DOC.tmp,
              `cat DOC.tmp > DOC` (through the page cache, written back by the flusher:
              traced with --dirtier), rm DOC.tmp
+  cgroup_mixed  9 documents in place by a script in a cgroup of its own, one process per
+             document, by turns python, `openssl enc` + `dd conv=notrunc`, `openssl enc` +
+             `cat tmp 1<> doc` (each name below its workers group's thresholds: the cgroup
+             group's; traced with --dirtier)
 benign (must not alarm):
   compress   gzip / zstd of the logs (each replaces its input)
   media      copying media files and a random-data archive
@@ -32,6 +36,9 @@ benign (must not alarm):
   postgres   PostgreSQL 15: initdb, pgbench -i -s 4, pgbench 2 clients for 5 s
   apt        apt installing packages: 6 cached Debian packages copied into var/cache/apt,
              unpacked (dpkg-deb -x) twice over, the cache cleaned
+  service    all of the above but the discard and fio's 32 MiB (apt's 3 small packages, 8 MiB
+             of fio), one after the other in one cgroup of their own, as one systemd unit
+             would (traced with --dirtier: buffered output is its writer's, in the cgroup)
 
 Prints one line per scenario and a summary; exit status 1 when a goal is missed.
 """
@@ -58,8 +65,10 @@ from tracerproc import TraceProc, cli, sh  # noqa: E402
 
 SIZE_MB = {"ext4": 256, "xfs": 320}
 ATTACKS = ("inplace", "newfiles", "slow", "newfiles_discard", "newfiles_slow", "truncate",
-           "viatmp", "buffered", "workers", "workers_newfiles", "workers_shell")
-BENIGN = ("compress", "media", "sqlite", "fio", "compress_discard", "postgres", "apt")
+           "viatmp", "buffered", "workers", "workers_newfiles", "workers_shell", "cgroup_mixed")
+BENIGN = ("compress", "media", "sqlite", "fio", "compress_discard", "postgres", "apt",
+          "service")
+DIRTIER = ("buffered", "workers_shell", "cgroup_mixed", "service")   # traced with --dirtier
 
 
 def _ns(s: str) -> int:
@@ -83,12 +92,18 @@ def run_one(fs: str, name: str, base: Path) -> dict:
         sh("mount", *(["-o", "discard"] if name.endswith("_discard") else []), dev, mnt)
         try:
             files = wl.populate(mnt, rng)
-            with TraceProc([dev], log, *(["--dirtier"] if name in ("buffered", "workers_shell")
-                                         else [])) as t:
+            with TraceProc([dev], log, *(["--dirtier"] if name in DIRTIER else [])) as t:
                 time.sleep(1.0)
                 before = wl.checksums(mnt)
                 t0 = time.time_ns()
-                if name == "workers_shell":
+                if name == "cgroup_mixed":
+                    with wl.Cgroup("attack") as cg:
+                        p = wl.attack_mixed(files[:9], cg)
+                        assert p.wait(600) == 0
+                elif name == "service":
+                    with wl.Cgroup("service") as cg:
+                        wl.benign_service(mnt, cg, seed=3, seconds=5.0)
+                elif name == "workers_shell":
                     p = wl.attack_shell(files, parallel=4)
                     assert p.wait(600) == 0
                     wl.syncfs(mnt)

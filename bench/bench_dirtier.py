@@ -4,7 +4,8 @@ writeback_dirty_folio) and the R_DIRTY lookup of writeback bios, switched off an
 
   sudo .venv/bin/python bench/bench_dirtier.py [--runtime 60] [--window 0.5] [--size-mb 2048]
                                                [--file-mb 1024] [--jobs bufseq64k bufrand4k]
-                                               [--shift N | --compare-shift N]
+                                               [--shift N | --compare-shift N |
+                                                --no-owner | --compare-owner A B]
 
 One traced ext4 on a loop device over a fully allocated file on the disk (direct I/O), an in-
 process Tracer (tracer/session.py, no baseline, checkpoints and resync stopped), one fio run
@@ -13,7 +14,10 @@ overwritten for --runtime seconds: the flusher writes the pages back and they ar
 again, so the tracepoint fires and the writeback bios look their dirtier up all along. The
 dirtier is switched off/on every --window seconds (Capture.set_dirtier: the cfg switch, same
 object, same process; --compare-shift N: kept on, switched between one entry per folio and one
-per 2^N pages of the file, Capture.set_dirtier_shift), the interleaved method of
+per 2^N pages of the file, Capture.set_dirtier_shift; --compare-owner A B: kept on, switched
+between two modes of Capture.set_dirtier_owner: 0 an entry per range always, 1 a file's one
+writer in owner_map, 2 that and a per-CPU last file, the default; --no-owner: off/on with
+per-range entries only, the code before owner_map), the interleaved method of
 bench_dirty.py: each "on" window is compared with the mean of the "off" windows around it. Per
 window: fio's CPU time per KiB written (its threads' schedstat run time over its wchar: the
 dirtier_btf runs are in the writer's context; throttling pauses cost no CPU, so this is the
@@ -121,10 +125,16 @@ def interleaved(a, ws: Workspace, dev: str, mnt: Path, job: str) -> dict:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(2.0)  # fio starts, the page cache fills to the dirty limits
             on = False
+            cap.set_dirtier_owner(0 if a.no_owner else a.owner)
             if a.compare_shift is not None:   # "off": per folio, "on": per 2^shift pages
                 def switch(on: bool) -> None:
                     cap.set_dirtier_shift(a.compare_shift if on else 0)
                 cap.set_dirtier(True)
+            elif a.compare_owner:   # "off", "on": two cfg.dirtier_owner modes
+                def switch(on: bool) -> None:
+                    cap.set_dirtier_owner(a.compare_owner[1] if on else a.compare_owner[0])
+                cap.set_dirtier(True)
+                cap.set_dirtier_shift(a.shift)
             else:
                 def switch(on: bool) -> None:
                     cap.set_dirtier(on)
@@ -211,6 +221,15 @@ def main() -> int:
     ap.add_argument("--compare-shift", type=int, default=None, metavar="N",
                     help="keep the dirtier on and switch between per folio (\"off\") and per "
                          "2^N pages (\"on\") instead of off and on")
+    ap.add_argument("--compare-owner", type=int, nargs=2, metavar=("OFF", "ON"),
+                    help="keep the dirtier on and switch between two cfg.dirtier_owner modes: "
+                         "0 an entry per range always, 1 the file's one writer kept in "
+                         "owner_map, 2 that and a per-CPU last file (e.g. 0 2)")
+    ap.add_argument("--owner", type=int, default=2, choices=(0, 1, 2),
+                    help="cfg.dirtier_owner while the dirtier is switched off and on (2)")
+    ap.add_argument("--no-owner", action="store_true",
+                    help="switch the dirtier off and on with per-range entries only (no "
+                         "owner_map: the code before it)")
     a = ap.parse_args()
     if a.shift is None:
         from blkrewind.tracer.capture import DIRTIER_SHIFT

@@ -66,6 +66,12 @@ struct br_cfg {
 				* benches switch it) */
 	__u32 dirtier_shift;   /* the dirtier is kept per 2^dirtier_shift pages of a file
 				* (dirtier_map's key: the folio index >> it; 0: per folio) */
+	__u32 dirtier_owner;   /* 1: a file dirtied by one thread only is kept in owner_map
+				* alone (one hot entry per file: no per-range entry); 2: the
+				* same, and a CPU's thread dirtying more of the file it
+				* dirtied last within a jiffy or two is not looked up again
+				* (dlast_map); 0: per range always (benches compare) */
+	__u32 pad2;
 };
 
 struct br_state {
@@ -168,6 +174,36 @@ struct br_dirtier {
 
 struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 131072);
 	 __type(key, struct br_dkey); __type(value, struct br_dirtier); } dirtier_map SEC(".maps");
+
+/* The first thread that dirtied a page of a file (mapping pointer -> br_downer), while no
+ * other thread has (shared 0): its pages need no entry per range in dirtier_map, and a
+ * dirtying by the same thread again costs one lookup in a small map whose entries the
+ * writers keep in the caches. Once another thread dirties a page of it (shared 1), every
+ * dirtying also goes to dirtier_map per range, and a writeback looks there first (the owner
+ * stays the dirtier of the pages dirtied before: they have no range entry). */
+struct br_downer {
+	struct br_dirtier d;
+	__u32 shared;
+	__u32 pad;
+};
+
+struct { __uint(type, BPF_MAP_TYPE_LRU_HASH); __uint(max_entries, 16384);
+	 __type(key, __u64); __type(value, struct br_downer); } owner_map SEC(".maps");
+
+/* per CPU: the file (mapping) whose owner last dirtied a page of it on this CPU, the owner
+ * (pid_tgid) and when (jiffies): the same thread dirtying more of the same file within the
+ * next jiffy or two costs no lookup and no store (its owner's time is then up to that old).
+ * Set only where owner_map named the thread the file's one writer: if another thread makes
+ * the file shared meanwhile, the pages skipped have no range entry, and a writeback finds
+ * the owner, who dirtied them. */
+struct br_dlast {
+	__u64 mapping;
+	__u64 pt;
+	__u64 jiffies;
+};
+
+struct { __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY); __uint(max_entries, 1);
+	 __type(key, __u32); __type(value, struct br_dlast); } dlast_map SEC(".maps");
 
 /* kallsyms data symbols: resolved by libbpf when the kernel exports them
  * (CONFIG_KALLSYMS_ALL); 0 otherwise. Read by the reader program. */
@@ -669,9 +705,46 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
  * costs a lookup and a store, no new LRU node). A macro: as an always_inline function (key
  * by pointer) the stack slots moved, other instructions. */
 #define REMEMBER_DIRTIER(c, key) do {							\
-	(key).index >>= ((c)->dirtier_shift & 31);					\
 	__u64 pt = bpf_get_current_pid_tgid();						\
+	__u32 zk = 0;									\
+	struct br_dlast *dl = (c)->dirtier_owner == 2 ?					\
+		bpf_map_lookup_elem(&dlast_map, &zk) : 0;				\
+	__u64 jf = 0;									\
+	if (dl) {									\
+		jf = bpf_jiffies64();							\
+		if (dl->mapping == (key).mapping && dl->pt == pt && jf - dl->jiffies < 2) \
+			break;		/* this CPU's last file, its owner, just now */	\
+	}										\
 	__u64 now = bpf_ktime_get_ns();							\
+	if ((c)->dirtier_owner) {							\
+		__u64 mk = (key).mapping;						\
+		struct br_downer *o = bpf_map_lookup_elem(&owner_map, &mk);		\
+		if (o && !o->shared && o->d.tgid == (__u32)(pt >> 32)			\
+		    && o->d.tid == (__u32)pt) {						\
+			o->d.ktime_ns = now;	/* the file's one writer again */	\
+			if (dl) {							\
+				dl->mapping = mk;					\
+				dl->pt = pt;						\
+				dl->jiffies = jf;					\
+			}								\
+			break;								\
+		}									\
+		if (!o) {		/* the file's first dirtier: its owner */	\
+			struct br_downer ov;						\
+			__builtin_memset(&ov, 0, sizeof(ov));				\
+			ov.d.cgroup_id = bpf_get_current_cgroup_id();			\
+			ov.d.ktime_ns = now;						\
+			ov.d.tgid = pt >> 32;						\
+			ov.d.tid = (__u32)pt;						\
+			bpf_get_current_comm(ov.d.comm, sizeof(ov.d.comm));		\
+			if (!bpf_map_update_elem(&owner_map, &mk, &ov, BPF_NOEXIST))	\
+				break;							\
+			o = bpf_map_lookup_elem(&owner_map, &mk);  /* raced */		\
+		}									\
+		if (o && !o->shared)	/* a second thread: per range from now on */	\
+			o->shared = 1;							\
+	}										\
+	(key).index >>= ((c)->dirtier_shift & 31);					\
 	struct br_dirtier *old = bpf_map_lookup_elem(&dirtier_map, &(key));		\
 	if (old && old->tgid == (__u32)(pt >> 32) && old->tid == (__u32)pt) {		\
 		/* dirtied again by the same thread (the common case: a file		\
@@ -758,9 +831,19 @@ static __always_inline __u64 folio_flags(void *folio)
  * F_DIRTYSELF) or goes out as an R_DIRTY record. A macro: the walks are two types. */
 #define DIRTIER_REC(c, s, w, key, header_rec) do {					\
 	if ((key).mapping && !((key).mapping & 3)) {  /* none, or anon / movable_ops */	\
-		struct br_dkey rk = { .mapping = (key).mapping,				\
-				      .index = (key).index >> ((c)->dirtier_shift & 31) };	\
-		struct br_dirtier *d = bpf_map_lookup_elem(&dirtier_map, &rk);		\
+		__u64 mk = (key).mapping;						\
+		struct br_downer *o = (c)->dirtier_owner ?				\
+			bpf_map_lookup_elem(&owner_map, &mk) : 0;			\
+		struct br_dirtier *d = 0;						\
+		if (o && !o->shared) {							\
+			d = &o->d;							\
+		} else {								\
+			struct br_dkey rk = { .mapping = (key).mapping,			\
+				.index = (key).index >> ((c)->dirtier_shift & 31) };	\
+			d = bpf_map_lookup_elem(&dirtier_map, &rk);			\
+			if (!d && o)							\
+				d = &o->d;						\
+		}									\
 		if (!d)									\
 			break;								\
 		if (d->tgid == (w)->h.tgid && d->tid == (w)->h.tid) {			\

@@ -34,13 +34,28 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   -P 4 -n 2`, each process encrypting two files: 2 places, below MIN_RUNS -- is an episode
   of that group when the rules above hold for WORKERS_FACTOR times the bytes and places and
   its writes are spread (`_spread`: at least WORKERS_PROCS processes, none with more than half
-  of the bytes: one attacker, or two one after the other, are their own groups'). The same
-  for the streaks of the file-level check and for the deletion rule (below). A process's
+  of the bytes: one attacker, or two one after the other, are their own groups'); in it a
+  write by another process than the write before is another place (`_places` per_proc:
+  each its own file, even where the file system put the files one after the other). The
+  same for the streaks of the file-level check and for the deletion rule (below). A process's
   writes leave its workers group's count once an episode of its own opens; while a workers
-  episode is open, it takes the writes of every process of that name in the cgroup. (The
-  workers of a program are usually one name; the parent/child tree and the session are not
-  recorded, and a cgroup alone -- every process of a user's session or a service -- mixes
-  too much benign work: the test machine runs all of the benign set in one cgroup.)
+  episode is open, it takes the writes of every process of that name in the cgroup.
+- every process also counts in its *cgroup group*: all processes of its cgroup whatever
+  their names (`_cgroup`; a systemd unit, a container, a user's session). An attack whose
+  pieces are done by programs of different names (a script running `openssl enc`, `dd`,
+  python by turns, one process per file; a binary copied under a random name per worker) is
+  an episode of that group when the rules above hold for CGROUP_FACTOR times the bytes and
+  places, its writes are spread like a workers group's and over at least CGROUP_NAMES names
+  (one name is its workers group's), and at least CGROUP_ENC_SHARE of the random data the
+  cgroup wrote in the window replaced compressible data: a service's cgroup copying media
+  or writing archives over blocks its log compression just freed (tests/test_detector.py:
+  cp and python put 0.8 MiB of their 3 MiB there) writes most of its random data
+  elsewhere; ransomware in place replaces with most of it (74 % where openssl also wrote
+  temporary files into free space). The episode starts at the first random write in the window by a process of one
+  of its names (another program of the cgroup writing media just before is not its start).
+  The same (without the last condition) for the streaks of the file-level check and the
+  deletion rule. (The parent/child tree and the session are not recorded: an attack spread
+  over several cgroups is not one group.)
 
 Encryption into new files, then deletion of the originals, replaces nothing in place: the
 ciphertext goes to free space and the deletion only writes metadata. Where the file system
@@ -56,8 +71,11 @@ least MIN_BYTES at MIN_RUNS + 2 places is a *candidate*, again each time its byt
 check reads the file system (ext4, xfs) at the point before the streak and at the candidate's
 last write: files holding compressible data that are gone or whose blocks changed (deleted,
 renamed over, truncated and rewritten) against files holding random data that the group
-wrote, created or changed since. At least MIN_RUNS such pairs of about the same size
-(encryption keeps a file's size, compression does not; copying media deletes nothing) for
+wrote, created or changed since (a file whose path holds other data at the last write is
+not lost: dpkg renames a new copy over every file of a package it reinstalls). At least
+MIN_RUNS such pairs -- the same path, or by size a file gone against one at a new path --
+of about the same size (encryption keeps a file's size, compression does not; copying media
+deletes nothing) for
 MIN_BYTES are an episode ("encrypted into new files, originals deleted or rewritten"). When
 none of the group's data shows as files at its last write yet (one burst of writeback writes
 the data, then commits the metadata), that point is read again at the journal commit within
@@ -71,7 +89,12 @@ writeback, not the encryption; without `trace --dirtier` (or for pages the dirti
 misses, docs/internals.md) the group of buffered writes is the flusher's (a shell loop
 running `openssl enc` then `cat tmp > file` per file writes through the page cache: its cat
 processes are a workers group only with --dirtier); an attack spread over processes of
-different names each below the thresholds (or over cgroups) is not seen; the workers group
+different names each below the thresholds is seen only within one cgroup (an attack
+spread over cgroups, each piece below the thresholds, is not), and one inside a cgroup
+whose other programs write much random data meanwhile (over half of the cgroup's random
+data elsewhere) or much compressible data (random_share) is not its cgroup group's; a
+service deleting compressible files and writing random data into their freed blocks from
+several programs at once (half of it or more there) would be one; the workers group
 of a common name (python, sh) mixes an attacker's processes with benign ones of that name in
 the cgroup (their random data before the attack can move the episode's start, and so its
 clean point, earlier); the file-level check needs ext4 or xfs, and pairs files by size
@@ -117,6 +140,11 @@ FLUSHER_FACTOR = 8            # the flusher group needs 8x the bytes and places 
 WORKERS = -1                  # the tgid of a workers group (_workers)
 WORKERS_FACTOR = 2            # a workers group needs 2x the bytes and places, spread over
 WORKERS_PROCS = 3             # >= 3 processes, none with more than half of its bytes
+CGROUP = -2                   # the tgid of a cgroup group (_cgroup)
+CGROUP_FACTOR = 2             # a cgroup group needs 2x the bytes and places, spread as a
+CGROUP_NAMES = 2              # workers group's, and over >= 2 names (one name: its workers')
+CGROUP_ENC_SHARE = 0.5        # ... and at least this share of the random data it wrote in the
+                              # window replaced compressible data (random_share's volumes)
 CHUNK_ROWS = 200_000
 NEWFILES = "encrypted into new files, originals deleted or rewritten"
 RETRY = "retry"
@@ -196,7 +224,7 @@ class Streak:
         p = self._prev
         if (p is None or t - p[0] > PLACE_NS or s > p[3] + 1
                 or not (p[1] <= a <= p[2] or a <= p[1] < e)
-                or (self.group[1] == WORKERS and who != p[4])):
+                or (self.group[1] in (WORKERS, CGROUP) and who != p[4])):
             self.places += 1
         self._prev = (t, min(a, p[1]) if p and p[1] <= a <= p[2] else a, e, s, who)
         if s != self.last_stamp:
@@ -393,11 +421,11 @@ class Detector:
         for k in ev.tolist():
             i = int(keep[k])
             g = _group(int(cg[i]), int(tgid[i]), comm[i])
-            wg = _workers(g)
+            wg, cgg = _workers(g), _cgroup(g)
             s, t = int(stamp[i]), int(tns[i])
             a, e = int(start[k]), int(start[k] + length[k])
             ep = None
-            for x in (wg, g):
+            for x in (cgg, wg, g):
                 o = self.open.get(x) if x is not None else None
                 if o is not None and o.detect_stamp <= s and t - o.last_ns <= self.window_ns:
                     ep = o
@@ -409,11 +437,18 @@ class Detector:
                 continue
             n, who = min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]"
             if self._streak(g, s, t, n, who, a, e, FLUSHER_FACTOR if g[2] == "kworker" else 1):
-                ws = self.streaks.get(wg) if wg is not None else None
-                if ws is not None and t - ws.last_ns <= self.window_ns:
-                    ws.next_check = 1 << 62   # its workers' streak: checked as this one
+                for x in (wg, cgg):
+                    ws = self.streaks.get(x) if x is not None else None
+                    if ws is not None and t - ws.last_ns <= self.window_ns:
+                        ws.next_check = 1 << 62   # its workers' (cgroup's) streak: checked
+                                                  # as this one
             if wg is not None:
-                self._streak(wg, s, t, n, who, a, e, WORKERS_FACTOR, spread=True)
+                if self._streak(wg, s, t, n, who, a, e, WORKERS_FACTOR, spread=True):
+                    ws = self.streaks.get(cgg) if cgg is not None else None
+                    if ws is not None and t - ws.last_ns <= self.window_ns:
+                        ws.next_check = 1 << 62
+            if cgg is not None:
+                self._streak(cgg, s, t, n, who, a, e, CGROUP_FACTOR, spread=True)
 
     def _streak(self, g: tuple, s: int, t: int, n: int, who: str, a: int, e: int,
                 factor: int, spread: bool = False) -> bool:
@@ -426,7 +461,7 @@ class Detector:
         st.add(s, t, n, who, a, e)
         if (st.bytes >= max(st.next_check, self.min_bytes * factor)
                 and st.places >= (self.min_runs + NEW_PLACES_MORE) * factor
-                and (not spread or _spread(st.procs))):
+                and (not spread or _spread(st.procs, g[1] == CGROUP))):
             st.next_check = 2 * st.bytes
             self.pending.append(st.snapshot())
             return True
@@ -450,7 +485,7 @@ class Detector:
         pairs = np.stack([cg.astype(np.int64), tg], axis=1)
         uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
         inv = np.asarray(inv).reshape(-1)
-        t_end = int(t.max())
+        t_first = int(t.min())
         for j in range(len(uniq)):
             sel = inv == j
             i0 = int(np.argmax(sel))
@@ -460,11 +495,15 @@ class Detector:
             ts = t[sel][o]
             x = (ts, np.cumsum(n[sel][o]), np.cumsum(r[sel][o]))
             self.vol.setdefault(g, []).append(x)
-            wg = _workers(g)
-            if wg is not None:
-                self.vol.setdefault(wg, []).append(x)
+            for y in (_workers(g), _cgroup(g)):
+                if y is not None:
+                    self.vol.setdefault(y, []).append(x)
+        # kept from the window before this chunk's first write on: the chunk's episodes are
+        # counted after this (pruned at its last write, a chunk longer than the window --
+        # suspects reads up to CHUNK_ROWS at once -- had no volumes for its earlier writes,
+        # and random_share said 1.0 there)
         for g, v in list(self.vol.items()):
-            v[:] = [x for x in v if x[0][-1] >= t_end - self.window_ns]
+            v[:] = [x for x in v if x[0][-1] >= t_first - self.window_ns]
             if not v:
                 del self.vol[g]
 
@@ -472,6 +511,11 @@ class Detector:
         """The share of random data in what group g wrote in (t - WINDOW_NS, t]: ransomware
         writes ciphertext and little else; a process unpacking or copying files that reuses
         freed blocks of compressible data writes mostly compressible data itself."""
+        tot, rn = self._volume(g, t)
+        return rn / tot if tot else 1.0
+
+    def _volume(self, g: tuple, t: int) -> tuple[int, int]:
+        """(bytes, random bytes) group g wrote in (t - WINDOW_NS, t]."""
         tot = rn = 0
         for ts, cn, cr in self.vol.get(g, []):
             a = int(np.searchsorted(ts, t - self.window_ns, side="right"))
@@ -479,7 +523,7 @@ class Detector:
             if b > a:
                 tot += int(cn[b - 1]) - (int(cn[a - 1]) if a else 0)
                 rn += int(cr[b - 1]) - (int(cr[a - 1]) if a else 0)
-        return rn / tot if tot else 1.0
+        return tot, rn
 
     def run_checks(self, check) -> None:
         """The file-level check of the pending candidates: check(det, streak) returns an
@@ -509,10 +553,10 @@ class Detector:
                     self.episodes.remove(ep)
                 self.open[st.group] = r
                 self.episodes.append(r)
-                wg = _workers(st.group) if st.group[1] != WORKERS else None
-                q = self.recent.get(wg) if wg is not None else None
-                if q and wg is not None:   # its writes are its episode's, not its workers group's
-                    self.recent[wg] = deque(x for x in q if x[3] not in r.procs)
+                for y in _wider(st.group):   # its writes are its episode's, not its
+                    q = self.recent.get(y)     # workers' or cgroup's group's
+                    if q:
+                        self.recent[y] = deque(x for x in q if x[3] not in r.procs)
                 if self.on_episode is not None:
                     self.on_episode(r)
         self.pending = later
@@ -541,7 +585,7 @@ class Detector:
             if f_rnd[k]:
                 g = _group(int(cg[i]), int(tgid[i]), comm[i])
                 item = (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
-                for x in (g, _workers(g)):
+                for x in (g, _workers(g), _cgroup(g)):
                     if x is not None:
                         self.fresh.setdefault(x, deque()).append(item)
             while self.disc and self.disc[0][0] < t - self.window_ns:
@@ -553,9 +597,11 @@ class Detector:
                 continue
             dsum = sum(x[2] for x in self.disc)
             for g, q in self.fresh.items():
-                if g in self.open or (g[1] == WORKERS and not _spread(_by_proc(q))):
+                if g in self.open or (g[1] in (WORKERS, CGROUP)
+                                      and not _spread(_by_proc(q), g[1] == CGROUP)):
                     continue
-                f_ = FLUSHER_FACTOR if g[2] == "kworker" else 1
+                f_ = (FLUSHER_FACTOR if g[2] == "kworker" else
+                      CGROUP_FACTOR if g[1] == CGROUP else 1)
                 fsum = sum(x[2] for x in q)
                 if (dsum >= self.min_bytes * f_ and _places(self.disc) >= self.min_runs * f_
                         and DELETE_RATIO[0] * dsum <= fsum <= DELETE_RATIO[1] * dsum):
@@ -582,11 +628,11 @@ class Detector:
         for k in cand.tolist():
             i = int(keep[k])
             g, s, t = _group(int(cg[i]), int(tgid[i]), comm[i]), int(stamp[i]), int(tns[i])
-            wg = _workers(g)
+            wg, cgg = _workers(g), _cgroup(g)
             enc = min(int(enc_blocks[k]) * bs, int(length[k]))
             who = f"{comm[i]}[{int(tgid[i])}]"
             a, e = int(start[k]), int(start[k] + length[k])
-            for x in (g, wg):
+            for x in (g, wg, cgg):
                 if x is None:
                     continue
                 touch = self.touch.setdefault(x, deque())
@@ -594,7 +640,7 @@ class Detector:
                 while touch and touch[0][0] < t - self.window_ns:
                     touch.popleft()
             ep = None
-            for x in (wg, g):   # the workers' episode takes its members' writes
+            for x in (cgg, wg, g):   # the cgroup's (workers') episode takes its members' writes
                 if x is None:
                     continue
                 o = self.open.get(x)
@@ -616,13 +662,19 @@ class Detector:
                 continue
             item = (t, s, enc, who, a, e)
             if self._inplace(g, item, 1):
-                if wg is not None:   # its writes are its episode's, not its workers group's
-                    q = self.recent.get(wg)
+                for y in _wider(g):   # its writes are its episode's, not its wider groups'
+                    q = self.recent.get(y)
                     if q:
-                        self.recent[wg] = deque(x for x in q if x[3] != who)
+                        self.recent[y] = deque(x for x in q if x[3] != who)
                 continue
-            if wg is not None:
-                self._inplace(wg, item, WORKERS_FACTOR, spread=True)
+            if wg is not None and self._inplace(wg, item, WORKERS_FACTOR, spread=True):
+                ep = self.open[wg]
+                q = self.recent.get(cgg) if cgg is not None else None
+                if q and cgg is not None:
+                    self.recent[cgg] = deque(x for x in q if x[3] not in ep.procs)
+                continue
+            if cgg is not None:
+                self._inplace(cgg, item, CGROUP_FACTOR, spread=True)
 
     def _inplace(self, g: tuple, item: tuple, factor: int, spread: bool = False) -> bool:
         """Count an encrypting write (time, stamp, bytes, who, start, end) for group g; open
@@ -637,16 +689,27 @@ class Detector:
         nwrites = len({x[1] for x in rec})
         k_ = FLUSHER_FACTOR if g[2] == "kworker" else factor
         if not (total >= self.min_bytes * k_ and nwrites >= self.min_writes
-                and _places(rec) >= self.min_runs * k_
-                and (not spread or _spread(_by_proc(rec)))
-                and self.random_share(g, t) >= RANDOM_SHARE):
+                and _places(rec, spread) >= self.min_runs * k_
+                and (not spread or _spread(_by_proc(rec), g[1] == CGROUP))
+                and self.random_share(g, t) >= RANDOM_SHARE
+                and (g[1] != CGROUP or total >= CGROUP_ENC_SHARE * self._volume(g, t)[1])):
             return False
+        if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
+            vol = self._volume(g, t)
+            print(f"blkrewind: detector: episode of {group_kind(g)} {g[0]}:{g[2]}[{g[1]}] at "
+                  f"stamp {s}: {total >> 10} KiB replaced in {nwrites} writes at "
+                  f"{_places(rec, spread)} places; wrote {vol[0] >> 10} KiB, {vol[1] >> 10} KiB "
+                  f"random; {dict(_by_proc(rec))}", file=sys.stderr)
         touch = self.touch.get(g, ())
         whos = {x[3] for x in rec}   # its first random overwrite by these processes
         # (a workers group: by any of its processes in the window -- the first workers may
         # have written only into free space, ciphertext of files deleted after: xfs put the
         # next workers' files over those blocks, and an episode from there missed 3 files)
-        mine = list(touch) if spread else [x for x in touch if x[2] in whos]
+        # (a cgroup group: by processes of the names in it: another program of the cgroup
+        # writing media or archives before the attack is not its start)
+        names = {_name(w) for w in whos}
+        mine = ([x for x in touch if _name(x[2]) in names] if g[1] == CGROUP else
+                list(touch) if spread else [x for x in touch if x[2] in whos])
         # and, where the tracer records dirtiers, by the flushers of its cgroup whose
         # writes no dirtier names (a bio's later pages, pages the dirtier map missed):
         # they may be its own (without dirtiers every flushed write is unnamed: other
@@ -690,6 +753,41 @@ def _workers(g: tuple) -> tuple | None:
     return (g[0], WORKERS, g[2])
 
 
+def _cgroup(g: tuple) -> tuple | None:
+    """The cgroup group a process group also counts in: every process of its cgroup (a
+    systemd unit, a container, a user's session), whatever their names (tgid CGROUP): an
+    attack whose pieces are done by programs of different names (a script running `openssl
+    enc`, `dd`, python in turn; a binary copied under random names per worker) is one there.
+    None for the flushers (one group per cgroup already)."""
+    if g[2] == "kworker":
+        return None
+    return (g[0], CGROUP, "*")
+
+
+def _wider(g: tuple) -> list[tuple]:
+    """The groups above g that its writes also count in (its workers', its cgroup's)."""
+    if g[1] == CGROUP:
+        return []
+    out = [] if g[1] == WORKERS else [_workers(g)]
+    return [x for x in (*out, _cgroup(g)) if x is not None]
+
+
+def group_kind(g: tuple) -> str:
+    """What an episode's group is: "process", "workers of NAME", "cgroup", "flushers"."""
+    if g[2] == "kworker":
+        return "flushers"
+    if g[1] == WORKERS:
+        return f"workers of {g[2]}"
+    if g[1] == CGROUP:
+        return "cgroup"
+    return "process"
+
+
+def _name(who: str) -> str:
+    """The comm of a "comm[pid]"."""
+    return who.rsplit("[", 1)[0]
+
+
 def _by_proc(rec) -> Counter:
     """Bytes per process of (time, stamp, bytes, who, ...) items."""
     c: Counter = Counter()
@@ -698,25 +796,39 @@ def _by_proc(rec) -> Counter:
     return c
 
 
-def _spread(procs: Counter) -> bool:
+def _spread(procs: Counter, names: bool = False) -> bool:
     """A workers group's writes are spread over processes: at least WORKERS_PROCS of them,
     none with more than half of the bytes (one process doing most of it, or two attackers
-    one after the other, are each their own group's)."""
+    one after the other, are each their own group's); names (a cgroup group): also over at
+    least CGROUP_NAMES names (one name: its workers group's). (Not "none with more than half"
+    of the names too: a script running three programs in turn over files of uneven sizes
+    gave one of them 60 %.)"""
     tot = sum(procs.values())
-    return len(procs) >= WORKERS_PROCS and tot > 0 and 2 * max(procs.values()) <= tot
+    if not (len(procs) >= WORKERS_PROCS and tot > 0 and 2 * max(procs.values()) <= tot):
+        return False
+    if not names:
+        return True
+    by: Counter = Counter()
+    for w, n in procs.items():
+        by[_name(w)] += n
+    return len(by) >= CGROUP_NAMES
 
 
-def _places(rec) -> int:
+def _places(rec, per_proc: bool = False) -> int:
     """How many separate places the encrypting writes (time, stamp, bytes, who, start, end),
     in stamp order, went to: a write starts a new place unless it continues the previous one
-    (starts where it ended, or overlaps it) within PLACE_NS. Files next to each other
-    encrypted one a second are separate places; one file written sequentially is one."""
+    (starts where it ended, or overlaps it) within PLACE_NS -- and, per_proc (a workers or
+    cgroup group), by the same process (each its own file: xfs put the documents one after
+    the other, and a script encrypting them in order, one process per file, continued each
+    file where the last one ended). Files next to each other encrypted one a second are
+    separate places; one file written sequentially is one."""
     n, prev = 0, None
-    for t, _, _, _, a, e in rec:
+    for t, _, _, who, a, e in rec:
         if prev is None or t - prev[0] > PLACE_NS or not (prev[1] <= a <= prev[2]
-                                                          or a <= prev[1] < e):
+                                                          or a <= prev[1] < e) \
+                or (per_proc and who != prev[3]):
             n += 1
-        prev = (t, min(a, prev[1]) if prev and prev[1] <= a <= prev[2] else a, e)
+        prev = (t, min(a, prev[1]) if prev and prev[1] <= a <= prev[2] else a, e, who)
     return n
 
 
@@ -853,12 +965,13 @@ class FileCheck:
     """The file-level check of a candidate streak (Detector.pending): the file system is
     read at the point before the streak (A) and at its last write (B) (ext4, xfs:
     replayer/pointimage.py, replayer/fsmap.py). Files of A holding compressible data that
-    are gone at B, or whose blocks changed (deleted, replaced by a rename, truncated and
-    rewritten) are *lost*; files of B holding random data, created or changed since A, at
-    least half of whose blocks the streak's group wrote, are *gained*. When at least
-    MIN_RUNS lost files pair with gained ones of about their size (pair_files; encryption
-    keeps sizes, compression does not) for at least MIN_BYTES of lost data, the streak is an
-    episode: its ranges are the lost files' blocks at A. A point not restorable yet: RETRY."""
+    are gone at B, or whose blocks changed and whose path holds a gained file at B (deleted,
+    replaced by a rename, truncated and rewritten) are *lost*; files of B holding random
+    data, created or changed since A, at least half of whose blocks the streak's group
+    wrote, are *gained*. When at least MIN_RUNS lost files pair with gained ones of about
+    their size (pair_files: by path, and by size a file gone against one at a path new since
+    A; encryption keeps sizes, compression does not) for at least MIN_BYTES of lost data, the
+    streak is an episode: its ranges are the lost files' blocks at A. A point not restorable yet: RETRY."""
 
     def __init__(self, store, device: str, stopping: threading.Event | None = None):
         self.store = store
@@ -978,15 +1091,6 @@ class FileCheck:
                         raise side["e"]
                     mnt_a, ma, rnd_a = side["a"]
                     lost, gained = {}, {}
-                    for p, fa in ma.items():
-                        fb = mb.get(p)
-                        if fa["size"] < MIN_FILE or (fb is not None and fb["ino"] == fa["ino"]
-                                                     and fb["extents"] == fa["extents"]):
-                            continue
-                        if p not in rnd_a:
-                            rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
-                        if rnd_a[p] <= COMPRESSIBLE:
-                            lost[p] = fa["size"]
                     for p, fb in mb.items():
                         fa = ma.get(p)
                         if fb["size"] < MIN_FILE or (fa is not None and fa["ino"] == fb["ino"]
@@ -997,7 +1101,22 @@ class FileCheck:
                             continue    # not written by this group in the streak
                         if file_randomness(os.path.join(mnt_b, p), fb["size"]) >= RANDOM_WRITE:
                             gained[p] = fb["size"]
-                    pairs = pair_files(lost, gained)
+                    for p, fa in ma.items():
+                        fb2 = mb.get(p)
+                        if fa["size"] < MIN_FILE or (fb2 is not None and (
+                                p not in gained or (fb2["ino"] == fa["ino"]
+                                                    and fb2["extents"] == fa["extents"]))):
+                            continue   # kept, or replaced by data that is not the group's
+                                       # random data (a package reinstalled: dpkg renames
+                                       # a new copy over every file)
+                        if p not in rnd_a:
+                            rnd_a[p] = file_randomness(os.path.join(mnt_a, p), fa["size"])
+                        if rnd_a[p] <= COMPRESSIBLE:
+                            lost[p] = fa["size"]
+                    # by size only files gone against new ones (a random file that replaced
+                    # one of its path, random before too, pairs with no other file)
+                    pairs = pair_files(lost, {p: n for p, n in gained.items()
+                                              if p in lost or p not in ma})
                     old = [ma[p] for p, _ in pairs]
                 # nothing of it shows as files yet: a burst of writeback (syncfs, the flusher)
                 # writes the data first and the metadata at the journal commit right after it:
@@ -1155,6 +1274,10 @@ def describe(ep: Episode, device: str) -> str:
             if ep.kind != NEWFILES else
             f"encrypted {len(ep.files)} files ({ep.bytes >> 10} KiB) into new files, the "
             f"originals deleted or rewritten,")
+    who = group_kind(ep.group)
+    if who != "process":
+        who = f"{who} {ep.group[0]}" if who == "cgroup" else who
+        procs = f"{procs} ({who})"
     return (f"{device}: {procs} {what} in {ep.writes} writes, {len(ep.merged_ranges())} places, since stamp "
             f"{ep.first_stamp}; last clean point: stamp {ep.first_stamp - 1} or earlier "
             f"(blkrewind suspects --device {device} lists it with the restore command)")

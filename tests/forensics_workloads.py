@@ -314,3 +314,121 @@ def benign_apt(mnt: Path, debs: list[Path]) -> None:
     for d in debs:
         (cache / d.name).unlink()
     syncfs(mnt)
+
+
+# ------------------------------------------------------------------ cgroups (systemd units)
+def cgroup2_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on
+    a hybrid set-up): the hierarchy whose ids bpf_get_current_cgroup_id returns."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"]:
+                return Path(left.split()[4])
+    return None
+
+
+class Cgroup:
+    """A cgroup v2 of this test's own (a service's unit, as systemd makes one): processes
+    started with `preexec_fn=cg.enter` run in it, and so do their children. close() kills
+    what is left in it (only processes this test started are there) and removes it."""
+
+    def __init__(self, name: str):
+        root = cgroup2_root()
+        if root is None:
+            raise RuntimeError("no cgroup v2 hierarchy mounted")
+        self.path = root / f"blkrewind-test-{name}-{os.getpid()}"
+        self.path.mkdir()
+        self.id = os.stat(self.path).st_ino   # the cgroup id (kernfs inode number)
+
+    def enter(self) -> None:
+        """(preexec_fn) move the calling process into the cgroup."""
+        with open(self.path / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    def pids(self) -> list[int]:
+        return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
+
+    def close(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            left = self.pids()
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes {left} do not leave {self.path}")
+            time.sleep(0.1)
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def __enter__(self) -> Cgroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SERVICE = r"""
+import random, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import forensics_workloads as wl
+mnt, rng = Path(sys.argv[2]), random.Random(int(sys.argv[3]))
+wl.benign_compress(mnt)
+wl.benign_copy_media(mnt, rng)
+wl.benign_sqlite(mnt, rng, seconds=float(sys.argv[4]))
+wl.benign_fio(mnt, size_mib=8)
+if sys.argv[5] == "1":
+    wl.benign_apt(mnt, wl.apt_debs())
+if sys.argv[6] == "1" and wl.have_postgres():
+    wl.benign_postgres(mnt, seconds=float(sys.argv[4]), scale=1)
+"""
+
+
+def benign_service(mnt: Path, cg: Cgroup, *, seed: int = 0, seconds: float = 2.0,
+                   apt: bool = True, postgres: bool = True) -> None:
+    """The benign set as one service would run it, every program in one cgroup: gzip/zstd of
+    its logs, a copy of its media and an archive, its SQLite database under load, fio's
+    random data, apt unpacking packages, a PostgreSQL cluster under pgbench."""
+    subprocess.run([sys.executable, "-c", SERVICE, str(Path(__file__).parent), str(mnt),
+                    str(seed), str(seconds), "1" if apt else "0", "1" if postgres else "0"],
+                   check=True, preexec_fn=cg.enter)
+
+
+MIXED_ATTACK = r"""
+i=0
+for f in "$@"; do
+  case $((i % 3)) in
+  0) "$PY" -c "$ATTACK" inplace 0 "$f" ;;
+  1) openssl enc -aes-256-ctr -K "$KEY" -iv "$IV" -in "$f" -out "$f.tmp" &&
+     dd if="$f.tmp" of="$f" bs=64k conv=notrunc,fsync status=none && rm "$f.tmp" ;;
+  2) openssl enc -aes-256-ctr -K "$KEY" -iv "$IV" -in "$f" -out "$f.tmp" &&
+     cat "$f.tmp" 1<> "$f" && sync "$f" && rm "$f.tmp" ;;
+  esac || exit 1
+  i=$((i + 1))
+done
+"""
+
+
+def attack_mixed(files: list[Path], cg: Cgroup) -> subprocess.Popen:
+    """The attacker as a script whose pieces are programs of different names, one process
+    per file, all in the cgroup: in turn python (cryptography, in place, fsync), `openssl
+    enc` into FILE.tmp then `dd conv=notrunc,fsync` over the file, `openssl enc` then `cat
+    FILE.tmp 1<> FILE` (in place, no truncation) and `sync FILE`. Per 9 files each name
+    has 3 processes of one file each: neither a process (3 places) nor the workers of a name
+    (6) reach their thresholds."""
+    env = dict(os.environ, KEY=os.urandom(32).hex(), IV=os.urandom(16).hex(), ATTACK=ATTACK,
+               PY=sys.executable)
+    return subprocess.Popen(["sh", "-c", MIXED_ATTACK, "sh", *map(str, files)], env=env,
+                            preexec_fn=cg.enter)

@@ -562,3 +562,54 @@ def test_attack_spread_over_processes_detected(make_loop, tmp_path):
     after = _checksums_at(store, dev, eps[0]["clean_stamp"], tmp_path)
     bad = sorted(k for k in before if after.get(k) != before[k])
     assert not bad, bad
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_attack_by_programs_of_different_names_in_one_cgroup(make_loop, tmp_path, fs):
+    """Two cgroups of the test's own, as systemd makes one per unit. A service's: the benign
+    set (gzip/zstd of its logs, a copy of its media, SQLite, fio, apt, PostgreSQL) must not
+    alarm, also counted as one cgroup and traced with --dirtier (gzip's buffered output is
+    gzip's, not the flusher's). An attacker's: a script encrypting 9 documents in place, one
+    process per file, by turns python (cryptography), `openssl enc` + `dd conv=notrunc`,
+    `openssl enc` + `cat tmp 1<> file`: each process and each name's workers stay below
+    their thresholds; the cgroup group is one episode, detected within 10 s of its start,
+    its clean point holds every original."""
+    rng = random.Random(19)
+    loop = make_loop(size_mb=192 if fs == "ext4" else 320)
+    dev = loop.path
+    sh(f"mkfs.{fs}", "-q", "-f" if fs == "xfs" else "-F", dev)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log, store = tmp_path / "log", tmp_path / "store"
+    sh("mount", dev, mnt)
+    try:
+        files = wl.populate(mnt, rng, docs=9)
+        with wl.Cgroup("service") as svc, wl.Cgroup("attack") as atk:
+            with TraceProc([dev], log, "--dirtier") as t:
+                wl.benign_service(mnt, svc, seed=3)
+                time.sleep(1.0)
+                before = wl.checksums(mnt)
+                cli("mark", "before-attack", "--log", log)
+                t0 = time.time_ns()
+                p = wl.attack_mixed(files[:9], atk)
+                assert p.wait(120) == 0
+                time.sleep(1.0)
+                assert t.stop() == 0, t.stderr
+    finally:
+        sh("umount", mnt)
+    cli("ingest", "--log", log, "--store", store)
+    eps = _suspects(store, dev)
+    assert len(eps) == 1, eps                 # the service alarmed nothing
+    ep = eps[0]
+    assert ep["cgroup"] == atk.id and ep["group"] == "cgroup", ep
+    names = {x.split("[")[0] for x in ep["processes"].split(", ")}
+    assert len(names) >= 2, ep
+    assert _iso_ns(ep["started"]) >= t0 - 5 * 10**6, (ep, t0)
+    assert _iso_ns(ep["detected"]) - t0 <= 10 * 10**9, (ep, t0)
+    assert ep["clean_mark"] == "before-attack", ep
+    print(f"{fs}: cgroup group detected {(_iso_ns(ep['detected']) - t0) / 1e9:.2f} s after "
+          f"the start ({ep['kind']}; {ep['processes']})")
+    after = _checksums_at(store, dev, ep["clean_stamp"], tmp_path)
+    bad = sorted(k for k in before if after.get(k) != before[k])
+    assert not bad, bad

@@ -97,6 +97,60 @@ def test_buffered_writes_attributed_to_their_dirtier(make_loop, mkfs, mount_fs, 
     assert sum(x["bytes"] for x in b) == a[1] - a[0] and b[0]["comm"] != "writer_aa", b
 
 
+# a child with its own command name writes MiB [first, first + n) of an existing file, buffered
+HALF = r"""
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(15, sys.argv[1].encode(), 0, 0, 0)
+fd = os.open(sys.argv[2], os.O_WRONLY)
+for i in range(int(sys.argv[3]), int(sys.argv[3]) + int(sys.argv[4])):
+    assert os.pwrite(fd, os.urandom(1 << 20), i << 20) == 1 << 20
+os.close(fd)
+print(os.getpid(), flush=True)
+"""
+
+
+@pytest.mark.bpf
+def test_one_file_two_writers(make_loop, mkfs, mount_fs, tmp_path, bpf_variant):
+    """A file's first writer is its owner (owner_map: no entry per range while it is the only
+    one); a second process writing another part of the file makes it shared (per range from
+    then on). Each part's bytes, written back by the flusher, are their own writer's: the
+    owner's pages dirtied before the sharing through the owner, the second writer's through
+    their ranges. Both program variants."""
+    loop = make_loop(64)
+    mkfs(loop.path)
+    mnt = mount_fs(loop.path)
+    log, store = tmp_path / "log", tmp_path / "store"
+    f = mnt / "shared.bin"
+    with open(f, "wb") as fh:      # allocated and written back before tracing
+        fh.write(b"\0" * (8 << 20))
+    sh("sync")
+    pids = {}
+    with TraceProc([loop.path], log, "--dirtier") as t:
+        # 3 MiB each with 2 MiB untouched between them: no writeback bio holds pages of both
+        for comm, first in (("first_half", 0), ("second_half", 5)):
+            p = subprocess.run([sys.executable, "-c", HALF, comm, str(f), str(first), "3"],
+                               capture_output=True, text=True, check=True, timeout=120)
+            pids[comm] = int(p.stdout.split()[0])
+        sh("sync")
+        fm = fsmap.fiemap(str(f))    # (file offset, device offset, length)
+        assert t.stop() == 0, t.stderr
+    assert "dirtier of buffered writes is not recorded" not in t.stderr
+    cli("ingest", "--log", log, "--store", store)
+    for comm, (lo, hi) in (("first_half", (0, 3 << 20)), ("second_half", (5 << 20, 8 << 20))):
+        parts = [(ph + max(lo, lg) - lg, ph + min(hi, lg + ln) - lg) for lg, ph, ln in fm
+                 if lg < hi and lg + ln > lo]
+        assert sum(e - a for a, e in parts) == hi - lo, fm
+        vals = ", ".join(f"({a}, {e})" for a, e in parts)
+        q = (f"WITH x(xs, xe) AS (VALUES {vals}) "
+             f"SELECT w.dirty_comm, w.dirty_pid, sum(least(w.sector * 512 + w.length, x.xe) "
+             f"- greatest(w.sector * 512, x.xs)) AS bytes FROM writes w JOIN x "
+             f"ON w.sector * 512 < x.xe AND w.sector * 512 + w.length > x.xs "
+             f"WHERE w.op = 'write' GROUP BY ALL")
+        rows = json.loads(cli("sql", "--store", store, q, "--format", "json").stdout)
+        assert [(r["dirty_comm"], r["dirty_pid"], r["bytes"]) for r in rows] == \
+            [(comm, pids[comm], 3 << 20)], (comm, rows)
+
+
 def test_dirtier_columns_from_records(tmp_path):
     """Ingest and the views, from synthetic records: R_DIRTY (here after its bio's records,
     the bio in several pieces), F_DIRTYSELF, neither."""

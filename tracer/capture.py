@@ -52,7 +52,8 @@ class Cfg(ctypes.Structure):
                 ("piece", ctypes.c_uint32), ("dirty", ctypes.c_uint32),
                 ("wake_bytes", ctypes.c_uint32),
                 ("dev_bloom", ctypes.c_uint64), ("dirtier", ctypes.c_uint32),
-                ("dirtier_shift", ctypes.c_uint32)]
+                ("dirtier_shift", ctypes.c_uint32), ("dirtier_owner", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32)]
 
 
 def dev_bit(kdev: int) -> int:
@@ -223,6 +224,7 @@ class Capture:
         sizes = {"rb": ring_bytes, "dirty_map": max(1, dirty_regions)}
         if not dirtier:
             sizes["dirtier_map"] = 1
+            sizes["owner_map"] = 1
         self.optional_error: str | None = None  # why the optional programs are not loaded
         optional = LEGACY_OPTIONAL_PROGS if legacy else OPTIONAL_PROGS
         variants = LEGACY_VARIANTS if legacy else VARIANTS
@@ -250,7 +252,8 @@ class Capture:
         self.ring_bytes = ring_bytes
         self.path = path
         self.cfg = Cfg(piece=record.MAX_PIECE, page_struct_size=64, dirty=1,
-                       dirtier=int(dirtier), dirtier_shift=DIRTIER_SHIFT)
+                       dirtier=int(dirtier), dirtier_shift=DIRTIER_SHIFT,
+                       dirtier_owner=2)
         self.maps = MAPS + LEGACY_MAPS if legacy else MAPS
         obj = self._bpf()   # the loop above loaded a variant or raised
         self.fd = {m: obj.map_fd(m) for m in self.maps}
@@ -396,6 +399,13 @@ class Capture:
         """Switch recording who dirtied page-cache folios (when dirtier_btf is attached)
         off and on: benches measure its cost this way."""
         self.cfg.dirtier = int(on)
+        self.push_cfg()
+
+    def set_dirtier_owner(self, mode: int) -> None:
+        """2 (the default): a file dirtied by one thread only is kept in owner_map, and a
+        CPU's thread dirtying more of its last file just after is not looked up again; 1:
+        owner_map without that; 0: per range always (benches compare)."""
+        self.cfg.dirtier_owner = int(mode)
         self.push_cfg()
 
     def set_dirtier_shift(self, shift: int) -> None:

@@ -9,11 +9,14 @@ episode starts when one process (the one that dirtied the pages of a buffered wr
 tracer ran with --dirtier, else the submitter; the flushers of a cgroup as one) did so for at
 least 128 KiB in 4 writes at 3 places within 10 s, or the processes of one name in one cgroup
 (a parent's workers, `xargs -P`) for twice that, spread over 3 or more of them, none with
-more than half. Encryption into new files (the originals
-deleted, renamed over, or truncated and rewritten) is found by reading the file system (ext4,
-xfs) before and after a process's run of random writes into new places: compressible files
-gone or changed, paired with random files of their sizes it wrote (each such check mounts two
-points, 2-3 s each). replayer/detector.py has the rules and what they cannot see.
+more than half, or all the processes of one cgroup (a systemd unit, a container) for twice
+that, spread so and over 2 or more names, when at least half of the random data the cgroup
+wrote then replaced compressible data (a script running openssl, dd and python by turns).
+Encryption into new files (the originals deleted, renamed over, or truncated and rewritten)
+is found by reading the file system (ext4, xfs) before and after a process's run of random
+writes into new places: compressible files gone or changed, paired with random files of
+their sizes it wrote (each such check mounts two points, 2-3 s each). replayer/detector.py
+has the rules and what they cannot see.
 
 For each episode: when it started and was detected, the processes (comm[pid]) and their
 bytes, the byte ranges (and, where `blkrewind diff` can read the file system, the files),
@@ -67,6 +70,7 @@ def episodes(store, device) -> list[dict]:
             "kind": ep.kind, "encrypted_files": "; ".join(ep.files[:6])
                                                  + (f" (+{len(ep.files) - 6} more)"
                                                     if len(ep.files) > 6 else ""),
+            "group": detector.group_kind(ep.group),
             "cgroup": ep.group[0], "replaced_bytes": ep.bytes, "writes": ep.writes,
             "ranges": " ".join(f"{a}+{e - a}" for a, e in rng[:6])
                       + (f" (+{len(rng) - 6} more)" if len(rng) > 6 else ""),
@@ -106,7 +110,7 @@ def run(args) -> int:
             for r in rows:
                 r["files"] = episode_files(store, device, r)
     cols = [c for c in rows[0] if not c.startswith("_")] if rows else [
-              "started", "first_stamp", "detected", "after_s", "last", "processes", "cgroup",
+              "started", "first_stamp", "detected", "after_s", "last", "processes", "group", "cgroup",
               "replaced_bytes", "writes", "ranges", "session", "clean_stamp", "clean_time",
               "clean_mark", "restore"]
     write_rows(cols, [tuple(r[c] for c in cols) for r in rows], args.format)
