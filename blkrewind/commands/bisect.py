@@ -3,10 +3,11 @@
   blkrewind bisect --store S --device D --good A --bad B -- CHECK [ARGS...]
 
 A must be good and B bad (points as `restore --at` takes them, in one session). Candidate
-points in between are restored one at a time into a temporary image (sparse, in
-$BLKREWIND_TMP or /tmp), attached to a loop device and mounted read-only (ext4: noload, xfs:
-norecovery, so nothing is written; --replay-journal replays the journal on the private copy
-instead), and CHECK runs with, in its environment:
+points in between are served one at a time as an image (nbdkit over the store, shown as a
+file by nbdfuse; without them, rebuilt into a sparse temporary image in $BLKREWIND_TMP or
+/tmp), attached to a loop device and mounted read-only (ext4: noload, xfs:
+norecovery, so nothing is written; --replay-journal replays the journal into the image's
+copy-on-write overlay instead), and CHECK runs with, in its environment:
   BLKREWIND_MOUNT   the mount path        BLKREWIND_DEVICE  the loop device (read-only)
   BLKREWIND_POINT   stamp:N               BLKREWIND_IMAGE   the image file
 Its exit status says: 0 good, 1-124 bad, 125 cannot tell (skip the point); anything else
@@ -22,16 +23,6 @@ served by marks (taken while frozen: fsfreeze, mark, unfreeze) and flush points.
 
 Prints each check on stderr, then the last good point, the first bad one, and the command
 that restores the last good point.
-
-Examples:
-  blkrewind bisect --store /srv/cdp --device db1:sdb --good before-upgrade --bad latest -- \\
-      sh -c 'test -s "$BLKREWIND_MOUNT/etc/app.conf"'
-  blkrewind bisect --store S --device loop3 --good m1 --bad m30 --level marks -- ./check.sh
-
-Exit status:
-  0  a last good point was found (printed)
-  1  all candidates between A and B were skipped: the first bad point is not known
-  2  bad arguments, unknown device or point, CHECK could not run or stopped the bisection
 """
 from __future__ import annotations
 
@@ -42,6 +33,18 @@ import sys
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind bisect --store /srv/cdp --device db1:sdb --good before-upgrade --bad latest -- \\
+      sh -c 'test -s "$BLKREWIND_MOUNT/etc/app.conf"'
+  blkrewind bisect --store S --device loop3 --good m1 --bad m30 --level marks -- ./check.sh
+"""
+EXIT_STATUS = {
+    0: 'a last good point was found (printed)',
+    1: 'all candidates between A and B were skipped: the first bad point is not known',
+    2: ('bad usage or input: a wrong option or value, an unknown device or point, CHECK '
+        'could not run or stopped the bisection (one line on stderr)'),
+}
 
 
 def add_arguments(p):

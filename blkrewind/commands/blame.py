@@ -11,19 +11,21 @@ that dirtied the pages in the page cache: the real writer (empty when not known:
 writes, where the submitter is the writer; journal writes of jbd2/*; pages dirtied before
 tracing began; a kernel without the writeback_dirty_folio tracepoint). A bio gets its first
 page's dirtier, a page the first process that dirtied it since its last writeback.
-
-Examples:
-  blkrewind blame --store /srv/cdp --device db1:sdb --from m1 --to latest --path var/lib/app.db
-  blkrewind blame --store S --device loop3 --from 100 --to 2000 --range 1048576+65536 --format json
-
-Exit status:
-  0  listed (also when nobody wrote there)
-  2  bad arguments, unknown device or point, no such file at either point (one line on stderr)
 """
 from __future__ import annotations
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind blame --store /srv/cdp --device db1:sdb --from m1 --to latest --path var/lib/app.db
+  blkrewind blame --store S --device loop3 --from 100 --to 2000 --range 1048576+65536 --format json
+"""
+EXIT_STATUS = {
+    0: 'listed (also when nobody wrote there)',
+    2: ('bad usage or input: a wrong option or value, an unknown device or point, no such'
+        ' file at either point (one line on stderr)'),
+}
 
 
 def add_arguments(p):

@@ -3,23 +3,14 @@ metadata alone) and, for ext4 and xfs, the files they belong to.
 
 A and B are points as `restore --at` takes them (stamp, time, mark, latest), A before B, in
 the same session. The ranges come from the history's metadata (no payload read: fast on long
-histories). The files come from the file systems themselves: both points are rebuilt into
-temporary images (in $BLKREWIND_TMP or /tmp; as large as the device, sparse), mounted
-read-only (journal replayed on the private copy), their regular files listed with their
+histories). The files come from the file systems themselves: both points are served as
+images at once (nbdkit over the store, shown as a file by nbdfuse: nothing is rebuilt; without
+nbdkit/nbdfuse/FUSE, rebuilt into sparse temporary images in $BLKREWIND_TMP or /tmp), mounted
+read-only (journal replayed into a copy-on-write overlay, never into the store), their regular files listed with their
 extents (FIEMAP), and compared: created, deleted, modified (appended, truncated or rewritten),
 with the bytes of each file the history wrote between A and B.
 
 --ranges-only lists the ranges and reads no image.
-
-Examples:
-  blkrewind diff --store /srv/cdp --device db1:sdb --from before-upgrade --to latest
-  blkrewind diff --store S --device loop3 --from 2026-12-04T01:00 --to 2026-12-04T01:30 --format csv
-  blkrewind diff --store S --device loop3 --from m1 --to m2 --ranges-only --format json
-
-Exit status:
-  0  listed (also when nothing changed)
-  2  bad arguments, unknown device or point, not restorable, points in different sessions,
-     a file system other than ext4/xfs (one line on stderr)
 """
 from __future__ import annotations
 
@@ -27,6 +18,17 @@ import sys
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind diff --store /srv/cdp --device db1:sdb --from before-upgrade --to latest
+  blkrewind diff --store S --device loop3 --from 2026-12-04T01:00 --to 2026-12-04T01:30 --format csv
+  blkrewind diff --store S --device loop3 --from m1 --to m2 --ranges-only --format json
+"""
+EXIT_STATUS = {
+    0: 'listed (also when nothing changed)',
+    2: ('bad usage or input: a wrong option or value, an unknown device or point, points '
+        'in different sessions, a file system other than ext4/xfs (one line on stderr)'),
+}
 
 
 def add_arguments(p):

@@ -27,18 +27,6 @@ Options (defaults and units):
                       (default: read-only)
   --cache-mib N       decoded payload row groups kept in memory, MiB (default 0: room for
                       every row group the point refers to, at most 1/8 of RAM, at least 256)
-
-Examples:
-  blkrewind export --store /srv/store --device db1:sdb --at before-upgrade
-  blkrewind export --store /srv/store --device sdb --at 2026-11-25T11:40:00 --listen 127.0.0.1:10810
-  nbdinfo 'nbd+unix:///?socket=/run/blkrewind/exports/db1_sdb-1764...-4242/nbd.sock'
-  nbdcopy nbd://127.0.0.1:10810 /tmp/sdb-at-1140.img
-
-Exit status:
-  0  stopped by SIGINT/SIGTERM after serving
-  2  bad usage or input (unknown device or point, non-loopback without TLS, ...)
-  5  the point is not restorable (before the baseline, in a gap, pruned, past the watermark)
-  other non-zero: nbdkit failed to start (its message is shown)
 """
 from __future__ import annotations
 
@@ -50,6 +38,18 @@ import sys
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind export --store /srv/store --device db1:sdb --at before-upgrade
+  blkrewind export --store /srv/store --device sdb --at 2026-11-25T11:40:00 --listen 127.0.0.1:10810
+  nbdinfo 'nbd+unix:///?socket=/run/blkrewind/exports/db1_sdb-1764...-4242/nbd.sock'
+  nbdcopy nbd://127.0.0.1:10810 /tmp/sdb-at-1140.img
+"""
+EXIT_STATUS = {
+    0: "stopped by SIGINT/SIGTERM after serving",
+    2: ("bad usage or input: an unknown device or point, a non-loopback address without TLS, "
+        "nbdkit failing to start (its message is shown; one line on stderr)"),
+}
 
 
 def add_arguments(p):

@@ -1,18 +1,10 @@
 """Copy files out of a device as it was at a point, without restoring the device.
 
-The point is rebuilt into a temporary image ($BLKREWIND_TMP or /tmp; sparse, as large as the
-device), mounted read-only (ext4 or xfs), and each PATH (relative to the file system's root;
+The point is served as an image at once (nbdkit over the store, shown as a file by nbdfuse:
+nothing is rebuilt; without them, rebuilt into a sparse temporary image in $BLKREWIND_TMP or
+/tmp), mounted read-only (ext4 or xfs), and each PATH (relative to the file system's root;
 a directory is copied whole) is copied to DIR/PATH with its mode and times. DIR must not hold
 the files already.
-
-Examples:
-  blkrewind files --store /srv/cdp --device db1:sdb --at before-upgrade etc/app.conf --out /tmp/x
-  blkrewind files --store S --device loop3 --at 2026-12-04T01:00 home/alice/docs --out ./old
-
-Exit status:
-  0  every PATH copied
-  1  some PATH did not exist at the point (the others are copied; one line each on stderr)
-  2  bad arguments, unknown device or point, not restorable, not ext4/xfs (one line on stderr)
 """
 from __future__ import annotations
 
@@ -22,6 +14,17 @@ import sys
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind files --store /srv/cdp --device db1:sdb --at before-upgrade etc/app.conf --out /tmp/x
+  blkrewind files --store S --device loop3 --at 2026-12-04T01:00 home/alice/docs --out ./old
+"""
+EXIT_STATUS = {
+    0: 'every PATH copied',
+    1: 'some PATH did not exist at the point (the others are copied; one line each on stderr)',
+    2: ('bad usage or input: a wrong option or value, an unknown device or point, not '
+        'ext4/xfs (one line on stderr)'),
+}
 
 
 def add_arguments(p):

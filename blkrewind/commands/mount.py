@@ -18,23 +18,25 @@ Options (defaults and units):
                     no journal replay)
   --type FSTYPE     the file system type (default: detected with blkid)
   --options OPTS    more mount options, comma-separated (default: none)
-
-Examples:
-  blkrewind mount --store /srv/store --device db1:sdb --at before-upgrade /mnt/then
-  blkrewind mount --store /srv/store --device sdb --at 2026-11-25T11:40:00 --writable /mnt/then
-  blkrewind umount /mnt/then
-
-Exit status:
-  0  mounted (the mount point is printed on stdout)
-  2  bad input (unknown device or point, busy or non-empty mount point, no file system, ...)
-  5  the point is not restorable (before the baseline, in a gap, pruned, past the watermark)
-  130  interrupted (SIGINT): nothing is left attached
 """
 from __future__ import annotations
 
 import sys
 
 from blkrewind import cliargs
+
+EXAMPLES = """\
+  blkrewind mount --store /srv/store --device db1:sdb --at before-upgrade /mnt/then
+  blkrewind mount --store /srv/store --device sdb --at 2026-11-25T11:40:00 --writable /mnt/then
+  blkrewind umount /mnt/then
+"""
+EXIT_STATUS = {
+    0: 'mounted (the mount point is printed on stdout)',
+    2: ('bad usage or input: an unknown device or point, a busy or non-empty mount point,'
+        ' no file system, ... (one line on stderr)'),
+    130: ('interrupted by SIGINT (129 SIGHUP, 143 SIGTERM: 128 + the signal): nothing is '
+          'left attached'),
+}
 
 
 def add_arguments(p):

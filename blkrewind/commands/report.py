@@ -8,19 +8,19 @@ matplotlib (Agg backend); aggregated in the database, so long histories cost bin
 
 --from / --to take a stamp, an ISO 8601 time, a mark name or latest (as `restore --at`; the
 point need not be restorable) and limit the time axis.
-
-Examples:
-  blkrewind report --store /srv/cdp --device db1:sdb --out /tmp/sdb-report
-  blkrewind report --store S --device loop3 --from before-upgrade --to latest --out DIR
-
-Exit status:
-  0  the page is written (its path on stdout)
-  2  bad arguments, unknown device or point, unreadable store (one line on stderr)
 """
 from __future__ import annotations
 
 from blkrewind import cliargs
 from blkrewind.errors import UserError
+
+EXAMPLES = """\
+  blkrewind report --store /srv/cdp --device db1:sdb --out /tmp/sdb-report
+  blkrewind report --store S --device loop3 --from before-upgrade --to latest --out DIR
+"""
+EXIT_STATUS = {
+    0: 'the page is written (its path on stdout)',
+}
 
 
 def add_arguments(p):

@@ -17,21 +17,22 @@ Options (defaults and units):
   --samples N      blocks of 64 KiB compared before writing (default 64)
   --check          only check that the device is at --from and say what would be written
                    (default: off)
-
-Examples:
-  blkrewind rewind --store /srv/store --device db1:sdb --at before-upgrade --to /dev/sdb
-  blkrewind rewind --store /srv/store --device sdb --at after-fix --from before-upgrade --to /dev/sdb
-
-Exit status:
-  0  the device is at --at (or, with --check, it is at --from)
-  2  bad input: unknown device or point, the device is in use, of another size, or not at --from
-  5  a point is not restorable (before the baseline, in a gap, pruned, past the watermark)
 """
 from __future__ import annotations
 
 import sys
 
 from blkrewind import cliargs
+
+EXAMPLES = """\
+  blkrewind rewind --store /srv/store --device db1:sdb --at before-upgrade --to /dev/sdb
+  blkrewind rewind --store /srv/store --device sdb --at after-fix --from before-upgrade --to /dev/sdb
+"""
+EXIT_STATUS = {
+    0: 'the device is at --at (or, with --check, it is at --from)',
+    2: ('bad usage or input: an unknown device or point, the device is in use, of another'
+        ' size, or not at --from (one line on stderr)'),
+}
 
 
 def add_arguments(p):

@@ -22,15 +22,6 @@ For each episode: when it started and was detected, the processes (comm[pid]) an
 bytes, the byte ranges (and, where `blkrewind diff` can read the file system, the files),
 the last clean point before it and the command that restores it; with --files, the files it
 overwrote, read from the file system at the clean point.
-
-Examples:
-  blkrewind suspects --store /srv/cdp --device db1:sdb
-  blkrewind suspects --store /srv/cdp --device sdb --files --format json
-
-Exit status:
-  0  no episode
-  1  at least one episode listed
-  2  bad arguments, unknown device, unreadable store (one line on stderr)
 """
 from __future__ import annotations
 
@@ -39,6 +30,15 @@ import sys
 from blkrewind import cliargs
 from blkrewind.errors import UserError  # noqa: F401  (raised by the store layer)
 
+EXAMPLES = """\
+  blkrewind suspects --store /srv/cdp --device db1:sdb
+  blkrewind suspects --store /srv/cdp --device sdb --files --format json
+"""
+EXIT_STATUS = {
+    0: 'no episode',
+    1: 'at least one episode listed',
+}
+
 
 def add_arguments(p):
     from blkrewind.analytics.output import FORMATS
@@ -46,8 +46,8 @@ def add_arguments(p):
     cliargs.store_and_device(p)
     p.add_argument("--files", action="store_true",
                    help="also name the files (ext4, xfs) each episode overwrote, read from the "
-                        "file system at its clean point (rebuilds a temporary image per "
-                        "episode; default: off, byte ranges only)")
+                        "file system at its clean point (served per episode like "
+                        "`files` does; default: off, byte ranges only)")
     p.add_argument("--format", choices=FORMATS, default="table",
                    help="table, csv or json (default: table)")
 

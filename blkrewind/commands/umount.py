@@ -14,19 +14,20 @@ Options (defaults and units):
   MOUNTPOINT   where `blkrewind mount` mounted (required unless --all or --stale)
   --all        every mount `blkrewind status` lists, and the stale points (default: off)
   --stale      only the points of processes that are gone (default: off)
-
-Examples:
-  blkrewind umount /mnt/then
-  blkrewind umount --all
-  blkrewind umount --stale
-
-Exit status:
-  0  torn down
-  2  not a blkrewind mount, or the file system is busy (nothing was changed)
 """
 from __future__ import annotations
 
 import sys
+
+EXAMPLES = """\
+  blkrewind umount /mnt/then
+  blkrewind umount --all
+  blkrewind umount --stale
+"""
+EXIT_STATUS = {
+    0: 'torn down',
+    2: 'not a blkrewind mount, or the file system is busy (nothing was changed)',
+}
 
 
 def add_arguments(p):
