@@ -30,8 +30,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.replayer.payload import PayloadFile, copy_pieces
@@ -106,6 +104,8 @@ class RowGroupCache:
         pf = self.pfs.get(fid)
         if pf is None:
             path = self.paths[fid]
+            import pyarrow as pa  # (here: uncompressed payload is read without it)
+            import pyarrow.parquet as pq
             try:
                 pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._map(fid))),
                                     page_checksum_verification=True)

@@ -22,10 +22,9 @@ import os
 import re
 import struct
 import threading
+from types import SimpleNamespace
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.osutil import crc32
@@ -260,6 +259,173 @@ def _base(b) -> int:
     return int(np.frombuffer(b, np.uint8).ctypes.data)
 
 
+_CODECS = {0: "UNCOMPRESSED", 1: "SNAPPY", 2: "GZIP", 3: "LZO", 4: "BROTLI", 5: "LZ4_HADOOP", 6: "ZSTD",
+           7: "LZ4"}   # (pyarrow's names; only UNCOMPRESSED is read directly)
+_TYPES = {0: "BOOLEAN", 1: "INT32", 2: "INT64", 3: "INT96", 4: "FLOAT", 5: "DOUBLE",
+          6: "BYTE_ARRAY", 7: "FIXED_LEN_BYTE_ARRAY"}
+
+
+class _Chunk:
+    """What _index and _span read of a column chunk (pyarrow's names)."""
+    __slots__ = ("physical_type", "compression", "num_values", "total_compressed_size",
+                 "data_page_offset", "dictionary_page_offset")
+    physical_type: str
+    compression: str
+    num_values: int
+    total_compressed_size: int
+    data_page_offset: int
+    dictionary_page_offset: int | None
+
+
+class _Footer:
+    """A Parquet footer's `data` column chunk of each row group, read with the thrift compact
+    parser above: the direct read path does not import pyarrow (~0.1 s of every start-up:
+    mount's plugin, rewind, restore). Only what _index needs; anything unexpected raises and
+    meta() asks pyarrow."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks                # per row group: _Chunk of `data`, or None
+        self.num_row_groups = len(chunks)
+        self.has_data = bool(chunks) and all(c is not None for c in chunks)
+
+    def row_group(self, rg: int):
+        return SimpleNamespace(column=lambda _col: self.chunks[rg])
+
+    @classmethod
+    def read(cls, b) -> "_Footer":
+        n = len(b)
+        if n < 12 or bytes(b[n - 4:]) != b"PAR1":
+            raise _NotDirect("not parquet")
+        (flen,) = _I32.unpack_from(b, n - 8)
+        p = n - 8 - flen
+        if flen <= 0 or p < 4:
+            raise _NotDirect("footer length")
+        # FileMetaData: 4 row_groups list<RowGroup>; RowGroup: 1 columns list<ColumnChunk>;
+        # ColumnChunk: 3 meta_data ColumnMetaData
+        chunks: list = []
+        fid = 0
+        while True:
+            h = b[p]
+            p += 1
+            if h == 0:
+                break
+            t, d = h & 0x0F, h >> 4
+            if d:
+                fid += d
+            else:
+                v, p = _varint(b, p)
+                fid = _zz(v)
+            if fid == 4 and t == 9:
+                k, et, p = _list_head(b, p)
+                if et != 12:
+                    raise _NotDirect("row groups")
+                for _ in range(k):
+                    c, p = _row_group(b, p)
+                    chunks.append(c)
+            else:
+                p = _skip(b, p, t)
+        return cls(chunks)
+
+
+def _list_head(b, p: int) -> tuple[int, int, int]:
+    h = b[p]
+    p += 1
+    k, et = h >> 4, h & 0x0F
+    if k == 15:
+        k, p = _varint(b, p)
+    return k, et, p
+
+
+def _row_group(b, p: int) -> tuple["_Chunk | None", int]:
+    """A RowGroup struct at p: (its `data` column chunk or None, end)."""
+    found = None
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            return found, p
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 1 and t == 9:
+            k, et, p = _list_head(b, p)
+            if et != 12:
+                raise _NotDirect("columns")
+            for _ in range(k):
+                c, p = _column_chunk(b, p)
+                if c is not None:
+                    found = c
+        else:
+            p = _skip(b, p, t)
+
+
+def _column_chunk(b, p: int) -> tuple["_Chunk | None", int]:
+    """A ColumnChunk at p: (its metadata as a _Chunk when its path is ["data"], end)."""
+    out = None
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            return out, p
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 3 and t == 12:
+            out, p = _column_meta(b, p)
+        else:
+            p = _skip(b, p, t)
+
+
+def _column_meta(b, p: int) -> tuple["_Chunk | None", int]:
+    vals: dict = {}
+    path: list = []
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            break
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 3 and t == 9:             # path_in_schema list<string>
+            k, et, p = _list_head(b, p)
+            if et != 8:
+                raise _NotDirect("path")
+            for _ in range(k):
+                m, p = _varint(b, p)
+                path.append(bytes(b[p:p + m]))
+                p += m
+        elif fid in (1, 4, 5, 7, 9, 11) and t in (5, 6):   # i32 / i64 zigzag varints
+            v, p = _varint(b, p)
+            vals[fid] = _zz(v)
+        else:
+            p = _skip(b, p, t)
+    if path != [b"data"]:
+        return None, p
+    if not {1, 4, 5, 7, 9} <= vals.keys():
+        raise _NotDirect("column metadata")
+    c = _Chunk()
+    c.physical_type = _TYPES.get(vals[1], str(vals[1]))
+    c.compression = _CODECS.get(vals[4], str(vals[4]))
+    c.num_values = vals[5]
+    c.total_compressed_size = vals[7]
+    c.data_page_offset = vals[9]
+    c.dictionary_page_offset = vals.get(11)
+    return c, p
+
+
 def _zze(v: int) -> int:
     return v << 1 if v >= 0 else ((-v) << 1) - 1
 
@@ -293,7 +459,17 @@ class PayloadFile:
         self._base = -1       # the mapping's address, for the native walk (0: none)
 
     def meta(self):
+        """The file's footer: its `data` column chunk per row group (_Footer, read here with
+        the page headers' thrift parser; pyarrow's reader when that fails)."""
         if self._meta is None:
+            try:
+                self._meta = _Footer.read(self.map)
+                self._col = 0 if self._meta.has_data else -1
+                return self._meta
+            except (_NotDirect, IndexError, struct.error, ValueError):
+                pass
+            import pyarrow as pa
+            import pyarrow.parquet as pq
             try:
                 self._meta = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.map))).metadata
             except (OSError, ValueError) as e:

@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.replayer.store import Store, StoreReader
@@ -502,6 +501,7 @@ def _read_row_group(path: str, rg: int):
         try:
             # read, not memory-mapped: a column chunk comes in with one pread instead of a
             # page fault per 4 KiB (0.39 s instead of 0.55 s of CPU for 768 MiB)
+            import pyarrow.parquet as pq  # (here: the direct path does without pyarrow)
             pf = cache[path] = pq.ParquetFile(path, memory_map=False,
                                               page_checksum_verification=True)
         except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid

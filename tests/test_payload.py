@@ -50,6 +50,7 @@ def test_row_places_equal_pyarrow(tmp_path, kw, native, monkeypatch):
             w.write_table(_table(g), row_group_size=len(g))
     pf = PayloadFile(str(path))
     slow = PayloadFile(str(path))
+    _footer_equals_pyarrow(path)
     try:
         for rg, g in enumerate(groups):
             r = pf.rows(rg)
@@ -172,3 +173,30 @@ def test_copy_pieces(native, monkeypatch):
             with pytest.raises(ValueError):
                 payload.copy_pieces(dst, args["d_off"], views, args["f"], args["s_off"],
                                     args["n"])
+
+
+def _footer_equals_pyarrow(path) -> None:
+    """payload._Footer (the thrift parser that spares the read path pyarrow) reads what
+    pyarrow reads of each row group's `data` column chunk."""
+    md = pq.ParquetFile(path).metadata
+    ft = payload._Footer.read(path.read_bytes())
+    col = [md.schema.column(i).name for i in range(md.num_columns)].index("data")
+    assert ft.has_data and ft.num_row_groups == md.num_row_groups
+    for rg in range(md.num_row_groups):
+        c, d = md.row_group(rg).column(col), ft.row_group(rg).column(0)
+        for a in ("physical_type", "compression", "num_values", "total_compressed_size",
+                  "data_page_offset", "dictionary_page_offset"):
+            assert getattr(c, a) == getattr(d, a), (rg, a)
+
+
+def test_footer_of_compressed_and_dictionary_files(tmp_path):
+    rng = np.random.default_rng(9)
+    rows = [rng.bytes(3000) for _ in range(50)] + [b"x" * 4096] * 50
+    for i, kw in enumerate([{"compression": "lz4", "use_dictionary": False},
+                            {"compression": "none", "use_dictionary": True},
+                            {"compression": "zstd", "use_dictionary": False}]):
+        path = tmp_path / f"p{i}.parquet"
+        with pq.ParquetWriter(path, PAYLOAD_SCHEMA, write_statistics=False,
+                              write_page_checksum=True, **kw) as w:
+            w.write_table(_table(rows), row_group_size=40)
+        _footer_equals_pyarrow(path)
