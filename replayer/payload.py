@@ -727,6 +727,8 @@ def copy_pieces(dst, d_off, src_views: list, f: np.ndarray | None, s_off, n) -> 
         d = np.frombuffer(dst, np.uint8) if not isinstance(dst, np.ndarray) else dst
         if d.dtype != np.uint8 or not d.flags.c_contiguous or not d.flags.writeable:
             d = np.frombuffer(memoryview(dst).cast("B"), np.uint8)
+        if not d.flags.writeable:
+            raise ValueError("copy_pieces: the destination is read-only")
         d_off = np.ascontiguousarray(d_off, np.int64)
         s_off = np.ascontiguousarray(s_off, np.int64)
         n = np.ascontiguousarray(n, np.int64)

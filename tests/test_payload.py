@@ -173,6 +173,8 @@ def test_copy_pieces(native, monkeypatch):
             with pytest.raises(ValueError):
                 payload.copy_pieces(dst, args["d_off"], views, args["f"], args["s_off"],
                                     args["n"])
+        with pytest.raises(ValueError):
+            payload.copy_pieces(bytes(len(dst)), d_off, views, f, s_off, n)
 
 
 def _footer_equals_pyarrow(path) -> None:
