@@ -107,15 +107,17 @@ def build(out: Path = DEFAULT_OUT, force: bool = False, quiet: bool = False,
 
 
 def build_native(out: Path, clang: str | None, quiet: bool = False) -> None:
-    """The tracer's native hot loop (tracer/native.py) with the same clang."""
+    """The native hot loops (tracer/native.py, replayer/native.py) with the same clang."""
+    from blkrewind.replayer import native as replayer_native
     from blkrewind.tracer import native
     clang = clang or find_tool(*(f"clang-{v}" for v in range(21, 13, -1)), "clang")
-    try:
-        lib = native.build(clang, out)
-    except RuntimeError as e:
-        raise BuildError(str(e)) from None
-    if not quiet:
-        print(f"native: {lib.relative_to(ROOT)}")
+    for mod in (native, replayer_native):
+        try:
+            lib = mod.build(clang, out)
+        except RuntimeError as e:
+            raise BuildError(str(e)) from None
+        if not quiet:
+            print(f"native: {lib.relative_to(ROOT)}")
 
 
 def main() -> int:

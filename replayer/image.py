@@ -30,8 +30,6 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.replayer.payload import PayloadFile, copy_pieces
@@ -106,6 +104,8 @@ class RowGroupCache:
         pf = self.pfs.get(fid)
         if pf is None:
             path = self.paths[fid]
+            import pyarrow as pa  # (here: uncompressed payload is read without it)
+            import pyarrow.parquet as pq
             try:
                 pf = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self._map(fid))),
                                     page_checksum_verification=True)
@@ -209,6 +209,16 @@ class Image:
         self.slot = np.searchsorted(ufid, self.fid)   # per piece: its file's place in views
         self.slot_fid = ufid.tolist()
         self.views: list = [None] * len(ufid)
+        # the page of each direct piece, numbered across the row groups resolved so far (a row
+        # group's pages from pg_base[k]); a page's CRC is checked when a read first uses one
+        # of its bytes, not when its row group is resolved (a 64 KiB read of a row group of
+        # four 1 MiB rows checks one of them, not all four)
+        self.pg = np.full(len(self.off), -1, np.int64)
+        self._pg_lock = threading.Lock()
+        self._pg_of: dict = {}                   # row group key -> its first page's number
+        self._pg_rows: list = []                 # (PayloadFile, Rows) per resolved row group
+        self._pg_base = np.zeros(0, np.int64)    # their first pages' numbers, ascending
+        self._pg_ok = np.zeros(0, np.bool_)      # page checked (also in its Rows.ok)
 
     @classmethod
     def from_arrays(cls, size: int, arrays: dict, files: dict, **kw) -> "Image":
@@ -224,15 +234,40 @@ class Image:
             a, e = np.searchsorted(self.keys_sorted, [k, k + 1])
             members = self.by_key[a:e]
             pf = self.cache.payload(fid)
-            pos = pf.place(rg, self.idx[members], self.src[members],
-                           self.end[members] - self.off[members])
+            idx = self.idx[members]
+            pos = pf.place(rg, idx, self.src[members], self.end[members] - self.off[members],
+                           check=False)
             if pos is None:
                 self.abs[members] = DECODE
                 continue
+            r = pf.rows(rg)
+            assert r is not None    # (place() found it)
+            with self._pg_lock:
+                base = self._pg_of.get(k)
+                if base is None:
+                    base = self._pg_of[k] = len(self._pg_ok)
+                    self._pg_rows.append((pf, r))
+                    self._pg_base = np.append(self._pg_base, base)
+                    self._pg_ok = np.concatenate([self._pg_ok, np.zeros(len(r.spans), np.bool_)])
+            self.pg[members] = base + r.page[idx]
             j = int(self.slot[members[0]])
             if self.views[j] is None:
                 self.views[j] = pf.view
-            self.abs[members] = pos
+            self.abs[members] = pos     # (last: a piece with abs >= 0 is resolved)
+
+    def _check_pages(self, g: np.ndarray) -> None:
+        """Verify the pages numbered g (self.pg) that are not yet (each CRC once)."""
+        ok = self._pg_ok
+        todo = g[~ok[g]]
+        if len(todo) == 0:
+            return
+        todo = np.unique(todo)
+        j = np.searchsorted(self._pg_base, todo, "right") - 1
+        for jj, k in zip(j.tolist(), (todo - self._pg_base[j]).tolist()):
+            pf, r = self._pg_rows[jj]
+            if not r.ok[k]:
+                pf.verify(r, [k])
+        ok[todo] = True
 
     def prefetch(self, starts, ends) -> None:
         """Start reading in (asynchronously) the payload of the pieces that overlap the byte
@@ -281,6 +316,7 @@ class Image:
             ab = self.abs[a:e]
         delta = lo - self.off[a:e]
         direct = ab >= 0
+        self._check_pages(self.pg[a:e][direct])
         if direct.all():
             copy_pieces(buf, lo - offset, self.views, self.slot[a:e], ab + delta, hi - lo)
             return

@@ -22,13 +22,15 @@ import os
 import re
 import struct
 import threading
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError
 from blkrewind.osutil import crc32
+from blkrewind.replayer.native import copy_pieces as _native_copy
+from blkrewind.replayer.native import walk_pages as _native_walk
 
 _I32 = struct.Struct("<i")
 
@@ -125,7 +127,7 @@ _DATA_PAGE, _PLAIN, _RLE = 0, 0, 3
 
 class Rows:
     """Where the rows of one row group lie in the file: pos[r], ln[r] (int64), and per row its
-    page (page[r]); pages' [start, end) and crc, verified once."""
+    page (page[r]); pages' [start, end) and crc (spans: int64 rows of 3), verified once."""
 
     __slots__ = ("pos", "ln", "page", "spans", "ok")
 
@@ -152,11 +154,11 @@ class _Template:
     CRC's varint parse to identical fields). Their CRCs and rows' length words are then
     read at once; the CRCs are those checked before a page is used."""
 
-    __slots__ = ("rx", "skip", "size", "n", "len")
+    __slots__ = ("_rx", "pre", "suf", "skip", "size", "n", "len")
 
     def __init__(self, pre: bytes, suf: bytes, skip: int, size: int, n: int, ln: int):
-        self.rx = re.compile(re.escape(pre) + rb"([\x80-\xff]{0,4}[\x00-\x7f])" + re.escape(suf),
-                             re.DOTALL)
+        self._rx: re.Pattern[bytes] | None = None
+        self.pre, self.suf = pre, suf
         self.skip, self.size, self.n, self.len = skip, size, n, ln
 
     @classmethod
@@ -180,7 +182,10 @@ class _Template:
     def walk(self, b, p: int, end: int, left: int) -> tuple[list, list, int]:
         """The pages of this kind from p on, while they fit in [p, end) and in `left` rows:
         (the start of each one's CRC varint, of each one's body), the end of the last."""
-        match = self.rx.match
+        if self._rx is None:    # compiled on first use (the native walk needs none)
+            self._rx = re.compile(re.escape(self.pre) + rb"([\x80-\xff]{0,4}[\x00-\x7f])"
+                                  + re.escape(self.suf), re.DOTALL)
+        match = self._rx.match
         size, skip = self.size, self.skip
         crcs: list[int] = []
         bodies: list[int] = []
@@ -198,8 +203,34 @@ class _Template:
             k -= 1
         return crcs, bodies, p
 
-    def add(self, b, crc_at: list, bodies: list, spans: list, pos_parts: list,
-            len_parts: list, page_parts: list) -> None:
+    def walk_native(self, base: int, p: int, end: int, left: int):
+        """walk() in C (replayer/pieces.c br_walk_pages), the rows' length words checked
+        there too: (bodies, crcs) as arrays, the end of the last page."""
+        k = min(left // self.n, (end - p) // self.size if self.size else 0)
+        if k <= 0:
+            return None, None, p
+        body = np.empty(k, np.int64)
+        crc = np.empty(k, np.uint32)
+        endp = np.zeros(1, np.int64)
+        assert _native_walk is not None     # (called only when it is built)
+        got = _native_walk(base, p, end, k, self.pre, len(self.pre), self.suf, len(self.suf),
+                           self.skip, self.size, self.n, self.len, body.ctypes.data,
+                           crc.ctypes.data, endp.ctypes.data)
+        return body[:got], crc[:got], int(endp[0])
+
+    def add_found(self, body: np.ndarray, crc: np.ndarray, first_page: int, span_parts: list,
+                  pos_parts: list, len_parts: list, page_parts: list) -> None:
+        """The pages walk_native() found (their rows' length words already checked)."""
+        n, ln = self.n, self.len
+        span_parts.append(np.column_stack([body, body + self.size, crc.astype(np.int64)]))
+        pos = ((body + self.skip + 4)[:, None] + np.arange(n, dtype=np.int64) * (4 + ln)).ravel()
+        pos_parts.append(pos)
+        len_parts.append(np.full(len(pos), ln, np.int64))
+        page_parts.append(np.repeat(np.arange(first_page, first_page + len(body),
+                                              dtype=np.int32), n))
+
+    def add(self, b, crc_at: list, bodies: list, first_page: int, span_parts: list,
+            pos_parts: list, len_parts: list, page_parts: list) -> None:
         """The pages walk() found: their spans (CRCs read), their rows' places (length words
         checked)."""
         n, ln = self.n, self.len
@@ -210,9 +241,8 @@ class _Template:
         v = ((c & 0x7F) << (7 * np.arange(5))) * (np.arange(5) <= last[:, None])
         v = v.sum(axis=1)
         crc = ((v >> 1) ^ -(v & 1)) & 0xFFFFFFFF
-        first_page = len(spans)
         body = np.asarray(bodies, np.int64)
-        spans.extend(zip(bodies, (body + self.size).tolist(), crc.tolist()))
+        span_parts.append(np.column_stack([body, body + self.size, crc]))
         pos = ((body + self.skip + 4)[:, None] + np.arange(n, dtype=np.int64) * (4 + ln)).ravel()
         w = u8[(pos - 4)[:, None] + np.arange(4)]
         if not bool((np.ascontiguousarray(w).view("<i4").ravel() == ln).all()):
@@ -221,6 +251,180 @@ class _Template:
         len_parts.append(np.full(len(pos), ln, np.int64))
         page_parts.append(np.repeat(np.arange(first_page, first_page + len(bodies),
                                               dtype=np.int32), n))
+
+
+def _base(b) -> int:
+    """The address of a mapping's first byte (0: none, or empty)."""
+    if len(b) == 0:
+        return 0
+    return int(np.frombuffer(b, np.uint8).ctypes.data)
+
+
+_CODECS = {0: "UNCOMPRESSED", 1: "SNAPPY", 2: "GZIP", 3: "LZO", 4: "BROTLI", 5: "LZ4_HADOOP", 6: "ZSTD",
+           7: "LZ4"}   # (pyarrow's names; only UNCOMPRESSED is read directly)
+_TYPES = {0: "BOOLEAN", 1: "INT32", 2: "INT64", 3: "INT96", 4: "FLOAT", 5: "DOUBLE",
+          6: "BYTE_ARRAY", 7: "FIXED_LEN_BYTE_ARRAY"}
+
+
+class _Chunk:
+    """What _index and _span read of a column chunk (pyarrow's names)."""
+    __slots__ = ("physical_type", "compression", "num_values", "total_compressed_size",
+                 "data_page_offset", "dictionary_page_offset")
+    physical_type: str
+    compression: str
+    num_values: int
+    total_compressed_size: int
+    data_page_offset: int
+    dictionary_page_offset: int | None
+
+
+class _Footer:
+    """A Parquet footer's `data` column chunk of each row group, read with the thrift compact
+    parser above: the direct read path does not import pyarrow (~0.1 s of every start-up:
+    mount's plugin, rewind, restore). Only what _index needs; anything unexpected raises and
+    meta() asks pyarrow."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks                # per row group: _Chunk of `data`, or None
+        self.num_row_groups = len(chunks)
+        self.has_data = bool(chunks) and all(c is not None for c in chunks)
+
+    def row_group(self, rg: int):
+        return SimpleNamespace(column=lambda _col: self.chunks[rg])
+
+    @classmethod
+    def read(cls, b) -> "_Footer":
+        n = len(b)
+        if n < 12 or bytes(b[n - 4:]) != b"PAR1":
+            raise _NotDirect("not parquet")
+        (flen,) = _I32.unpack_from(b, n - 8)
+        p = n - 8 - flen
+        if flen <= 0 or p < 4:
+            raise _NotDirect("footer length")
+        # FileMetaData: 4 row_groups list<RowGroup>; RowGroup: 1 columns list<ColumnChunk>;
+        # ColumnChunk: 3 meta_data ColumnMetaData
+        chunks: list = []
+        fid = 0
+        while True:
+            h = b[p]
+            p += 1
+            if h == 0:
+                break
+            t, d = h & 0x0F, h >> 4
+            if d:
+                fid += d
+            else:
+                v, p = _varint(b, p)
+                fid = _zz(v)
+            if fid == 4 and t == 9:
+                k, et, p = _list_head(b, p)
+                if et != 12:
+                    raise _NotDirect("row groups")
+                for _ in range(k):
+                    c, p = _row_group(b, p)
+                    chunks.append(c)
+            else:
+                p = _skip(b, p, t)
+        return cls(chunks)
+
+
+def _list_head(b, p: int) -> tuple[int, int, int]:
+    h = b[p]
+    p += 1
+    k, et = h >> 4, h & 0x0F
+    if k == 15:
+        k, p = _varint(b, p)
+    return k, et, p
+
+
+def _row_group(b, p: int) -> tuple["_Chunk | None", int]:
+    """A RowGroup struct at p: (its `data` column chunk or None, end)."""
+    found = None
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            return found, p
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 1 and t == 9:
+            k, et, p = _list_head(b, p)
+            if et != 12:
+                raise _NotDirect("columns")
+            for _ in range(k):
+                c, p = _column_chunk(b, p)
+                if c is not None:
+                    found = c
+        else:
+            p = _skip(b, p, t)
+
+
+def _column_chunk(b, p: int) -> tuple["_Chunk | None", int]:
+    """A ColumnChunk at p: (its metadata as a _Chunk when its path is ["data"], end)."""
+    out = None
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            return out, p
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 3 and t == 12:
+            out, p = _column_meta(b, p)
+        else:
+            p = _skip(b, p, t)
+
+
+def _column_meta(b, p: int) -> tuple["_Chunk | None", int]:
+    vals: dict = {}
+    path: list = []
+    fid = 0
+    while True:
+        h = b[p]
+        p += 1
+        if h == 0:
+            break
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, p = _varint(b, p)
+            fid = _zz(v)
+        if fid == 3 and t == 9:             # path_in_schema list<string>
+            k, et, p = _list_head(b, p)
+            if et != 8:
+                raise _NotDirect("path")
+            for _ in range(k):
+                m, p = _varint(b, p)
+                path.append(bytes(b[p:p + m]))
+                p += m
+        elif fid in (1, 4, 5, 7, 9, 11) and t in (5, 6):   # i32 / i64 zigzag varints
+            v, p = _varint(b, p)
+            vals[fid] = _zz(v)
+        else:
+            p = _skip(b, p, t)
+    if path != [b"data"]:
+        return None, p
+    if not {1, 4, 5, 7, 9} <= vals.keys():
+        raise _NotDirect("column metadata")
+    c = _Chunk()
+    c.physical_type = _TYPES.get(vals[1], str(vals[1]))
+    c.compression = _CODECS.get(vals[4], str(vals[4]))
+    c.num_values = vals[5]
+    c.total_compressed_size = vals[7]
+    c.data_page_offset = vals[9]
+    c.dictionary_page_offset = vals.get(11)
+    return c, p
 
 
 def _zze(v: int) -> int:
@@ -250,11 +454,24 @@ class PayloadFile:
         self.view = memoryview(mapping)
         self.lock = threading.Lock()
         self.rgs: dict = {}           # rg -> Rows | None
-        self._meta = None
+        self._meta: Any = None       # _Footer, or pyarrow's FileMetaData (its fallback)
         self._col = -1
+        self._tmpl: _Template | None = None
+        self._base = -1       # the mapping's address, for the native walk (0: none)
 
     def meta(self):
+        """The file's footer: its `data` column chunk per row group (_Footer, read here with
+        the page headers' thrift parser; pyarrow's reader when that fails)."""
         if self._meta is None:
+            try:
+                footer = _Footer.read(self.map)
+                self._col = 0 if footer.has_data else -1
+                self._meta = footer       # after _col: a reader seeing _meta has _col too
+                return self._meta
+            except (_NotDirect, IndexError, struct.error, ValueError):
+                pass
+            import pyarrow as pa
+            import pyarrow.parquet as pq
             try:
                 meta = pq.ParquetFile(pa.BufferReader(pa.py_buffer(self.map))).metadata
             except (OSError, ValueError) as e:
@@ -298,13 +515,32 @@ class PayloadFile:
         pos_parts: list = []
         len_parts: list = []
         page_parts: list = []
-        spans: list[tuple[int, int, int]] = []
-        tmpl: _Template | None = None
+        span_parts: list = []
+        npages = 0
+        # the pages of every row group of a file are alike: the last one's template first
+        tmpl: _Template | None = self._tmpl
+        matched = False     # tmpl found pages in this row group
+        if self._base < 0:
+            self._base = _base(b) if _native_walk is not None else 0
+        base = self._base
         while left > 0 and p < end:
-            if tmpl is not None:
+            if tmpl is not None and base:
+                body, crc, p2 = tmpl.walk_native(base, p, end, left)
+                if body is not None and len(body):
+                    tmpl.add_found(body, crc, npages, span_parts, pos_parts, len_parts,
+                                   page_parts)
+                    matched = True
+                    npages += len(body)
+                    left -= tmpl.n * len(body)
+                    p = p2
+                    continue
+            elif tmpl is not None:
                 crc_at, bodies, p2 = tmpl.walk(b, p, end, left)
                 if bodies:
-                    tmpl.add(b, crc_at, bodies, spans, pos_parts, len_parts, page_parts)
+                    tmpl.add(b, crc_at, bodies, npages, span_parts, pos_parts, len_parts,
+                             page_parts)
+                    matched = True
+                    npages += len(bodies)
                     left -= tmpl.n * len(bodies)
                     p = p2
                     continue
@@ -329,16 +565,19 @@ class PayloadFile:
             pos, ln = _values(b, q, stop, n)
             pos_parts.append(pos)
             len_parts.append(ln)
-            page_parts.append(np.full(n, len(spans), np.int32))
-            spans.append((body, stop, h[4] & 0xFFFFFFFF))
+            page_parts.append(np.full(n, npages, np.int32))
+            span_parts.append(np.array([[body, stop, h[4] & 0xFFFFFFFF]], np.int64))
+            npages += 1
             left -= n
             p = stop
-            if tmpl is None:
-                tmpl = _Template.of(b, h, page_at, body, q, stop, ln)
+            if not matched:   # (none yet, or the last row group's did not fit this one)
+                tmpl = _Template.of(b, h, page_at, body, q, stop, ln) or tmpl
         if left != 0:
             raise _NotDirect("row count")
+        if matched:
+            self._tmpl = tmpl
         return Rows(np.concatenate(pos_parts), np.concatenate(len_parts),
-                    np.concatenate(page_parts), spans)
+                    np.concatenate(page_parts), np.concatenate(span_parts).astype(np.int64))
 
     def _span(self, rg: int) -> tuple[int, int] | None:
         """[a, e) of row group rg's data column in the mapping, a page-aligned."""
@@ -391,11 +630,14 @@ class PayloadFile:
             return
         if not isinstance(self.map, mmap.mmap) or len(idx) == 0:
             return
-        for pg in np.unique(r.page[idx]).tolist():
-            a, e, _crc = r.spans[pg]
-            a -= a % mmap.PAGESIZE
+        sp = r.spans[np.unique(r.page[idx])]
+        a, e = sp[:, 0] - sp[:, 0] % mmap.PAGESIZE, sp[:, 1]
+        # pages next to each other (within 64 KiB) in one call
+        brk = np.flatnonzero(a[1:] > e[:-1] + (64 << 10)) + 1
+        for x, y in zip(a[np.concatenate([[0], brk])].tolist(),
+                        e[np.concatenate([brk - 1, [len(e) - 1]])].tolist()):
             try:
-                self.map.madvise(mmap.MADV_WILLNEED, a, e - a)
+                self.map.madvise(mmap.MADV_WILLNEED, x, y - x)
             except (OSError, ValueError):
                 return
 
@@ -404,21 +646,25 @@ class PayloadFile:
         for pg in pages:
             if r.ok[pg]:
                 continue
-            a, e, crc = r.spans[pg]
+            a, e, crc = r.spans[pg].tolist()
             if crc32(self.view[a:e]) & 0xFFFFFFFF != crc:
                 raise StoreError(f"payload file {self.path}: a page fails its checksum "
                                  f"(damaged? 'blkrewind verify --store' checks the store)")
             r.ok[pg] = True
 
-    def place(self, rg: int, idx: np.ndarray, src: np.ndarray, n: np.ndarray):
+    def place(self, rg: int, idx: np.ndarray, src: np.ndarray, n: np.ndarray, *,
+              check: bool = True):
         """File offsets of pieces (row idx, offset src in the row, n bytes) of row group rg, the
-        pages they touch verified; None when rg must be decoded."""
+        pages they touch verified (check=False: not yet -- the caller verifies each page
+        before it uses its bytes); None when rg must be decoded."""
         r = self.rows(rg)
         if r is None:
             return None
         if len(idx) and (int(idx.max()) >= len(r.pos) or int(idx.min()) < 0
                          or bool((src + n > r.ln[idx]).any()) or bool((src < 0).any())):
             raise StoreError(f"a payload row of {self.path} is shorter than its record says")
+        if not check:
+            return r.pos[idx] + src
         pages = np.unique(r.page[idx])
         if not r.ok[pages].all():
             self.verify(r, pages.tolist())
@@ -463,10 +709,49 @@ def _values(b, q: int, stop: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return pos, ln
 
 
+def _address(v) -> tuple[int, int]:
+    """(address, length) of a buffer for the native copy; (0, 0) for None or an empty one."""
+    if v is None or len(v) == 0:
+        return 0, 0
+    a = np.frombuffer(v, np.uint8)
+    return a.ctypes.data, len(a)
+
+
+NATIVE_MIN = 8    # pieces: fewer are copied in Python (the native call's set-up costs ~10 us)
+
+
 def copy_pieces(dst, d_off, src_views: list, f: np.ndarray | None, s_off, n) -> None:
-    """dst[d_off[k]:+n[k]] = src_views[f[k]][s_off[k]:+n[k]] (f None: src_views[0]). A
-    memoryview slice copy per piece: one memcpy each, ~1.5 us for 4 KiB -- faster than numpy's
-    fancy indexing of void items, and no alignment needed."""
+    """dst[d_off[k]:+n[k]] = src_views[f[k]][s_off[k]:+n[k]] (f None: src_views[0]). Many
+    pieces: one native call (replayer/pieces.c, a memcpy each, the GIL released), every
+    bound checked here first with numpy; few, or without the library: a memoryview slice copy
+    per piece (~1.5 us for 4 KiB)."""
+    k = len(n)
+    if k >= NATIVE_MIN and _native_copy is not None:
+        d = np.frombuffer(dst, np.uint8) if not isinstance(dst, np.ndarray) else dst
+        if d.dtype != np.uint8 or not d.flags.c_contiguous or not d.flags.writeable:
+            d = np.frombuffer(memoryview(dst).cast("B"), np.uint8)
+        if not d.flags.writeable:
+            raise ValueError("copy_pieces: the destination is read-only")
+        d_off = np.ascontiguousarray(d_off, np.int64)
+        s_off = np.ascontiguousarray(s_off, np.int64)
+        n = np.ascontiguousarray(n, np.int64)
+        addr, size = zip(*map(_address, src_views)) if src_views else ((), ())
+        base = np.asarray(addr, np.uint64)
+        lens = np.asarray(size, np.int64)
+        if f is None:
+            fl = None
+            lim = lens[0] if len(lens) else 0
+        else:
+            fl = np.ascontiguousarray(f, np.int64)
+            if int(fl.min()) < 0 or int(fl.max()) >= len(lens):
+                raise ValueError("copy_pieces: no such source")
+            lim = lens[fl]
+        if int(n.min()) < 0 or int(d_off.min()) < 0 or int(s_off.min()) < 0 \
+                or int((d_off + n).max()) > len(d) or bool((s_off + n > lim).any()):
+            raise ValueError("copy_pieces: a piece lies outside its buffer")
+        _native_copy(d.ctypes.data, d_off.ctypes.data, base.ctypes.data,
+                     None if fl is None else fl.ctypes.data, s_off.ctypes.data, n.ctypes.data, k)
+        return
     dv = dst if isinstance(dst, memoryview) else memoryview(dst)
     if dv.format != "B":
         dv = dv.cast("B")

@@ -19,18 +19,36 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Protocol
 
 from blkrewind.errors import StoreError
 from blkrewind.osutil import crc32, file_crc32, fsync_dir
 
-PAYLOAD_SCHEMA = pa.schema([
-    ("rtype", pa.uint16()), ("stamp", pa.uint64()), ("seq", pa.uint64()),
-    ("offset", pa.uint32()), ("data", pa.binary()),
-])
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    PAYLOAD_SCHEMA: pa.Schema
+
+
+def payload_schema() -> pa.Schema:
+    """PAYLOAD_SCHEMA, made on first use: the readers of a store that only open it
+    (mount, rewind, restore through the direct path) do not import pyarrow (~0.1 s)."""
+    s = globals().get("PAYLOAD_SCHEMA")
+    if s is None:
+        import pyarrow as pa
+        s = globals()["PAYLOAD_SCHEMA"] = pa.schema([
+            ("rtype", pa.uint16()), ("stamp", pa.uint64()), ("seq", pa.uint64()),
+            ("offset", pa.uint32()), ("data", pa.binary()),
+        ])
+    return s
+
+
+def __getattr__(name: str):
+    if name == "PAYLOAD_SCHEMA":     # (from outside: `from ... import PAYLOAD_SCHEMA`)
+        return payload_schema()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 ALIGN = 4096                 # O_DIRECT buffers and sizes
 
 
@@ -44,8 +62,9 @@ def parquet_writer(sink, compression: str, mean_row_bytes: int = 0) -> pq.Parque
     bytes), no dictionaries or statistics (payload bytes have none worth keeping).
     mean_row_bytes (when known): Arrow checks the page size after each write batch, so one
     batch per page's worth of rows (a batch of 1 row costs ~10 us a row)."""
+    import pyarrow.parquet as pq
     batch = max(1, min(1024, PAGE_BYTES // mean_row_bytes)) if mean_row_bytes > 0 else 64
-    return pq.ParquetWriter(sink, PAYLOAD_SCHEMA, compression=compression, use_dictionary=False,
+    return pq.ParquetWriter(sink, payload_schema(), compression=compression, use_dictionary=False,
                             write_statistics=False, write_page_checksum=True,
                             data_page_size=PAGE_BYTES, write_batch_size=batch)
 
@@ -185,6 +204,7 @@ class LocalPayloadStore:
 
     # ---------------------------------------------------------------- reading
     def open(self, rel: str) -> pq.ParquetFile:
+        import pyarrow.parquet as pq
         return pq.ParquetFile(self.path(rel))
 
     def stat(self, rel: str) -> int | None:

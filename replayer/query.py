@@ -33,14 +33,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.ipc
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.replayer.store import Store, StoreReader, default_wait
 
 if TYPE_CHECKING:
     import duckdb
+    import pyarrow as pa
 
 SOCK = "serve.sock"
 _U32 = struct.Struct("<I")
@@ -318,6 +317,8 @@ class QueryServer:
             try:
                 _send_msg(conn, head)
                 if reader is not None:
+                    import pyarrow as pa
+                    import pyarrow.ipc  # noqa: F401  (pa.ipc)
                     with conn.makefile("wb") as out, \
                             pa.ipc.new_stream(out, reader.schema) as w:
                         if first is not None:
@@ -381,6 +382,7 @@ class RemoteResult:
         t = self._table
         if t is None:
             return out
+        import pyarrow as pa
         for name, col in zip(t.column_names, t.columns):
             col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
             if col.null_count:
@@ -449,6 +451,8 @@ class RemoteConnection:
             desc = head.get("description")
             table = None
             if desc is not None:
+                import pyarrow as pa  # (here: a store opened without serve needs none)
+                import pyarrow.ipc  # noqa: F401
                 try:
                     table = pa.ipc.open_stream(f).read_all()
                 except (pa.ArrowInvalid, OSError) as e:

@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.replayer.store import Store, StoreReader
@@ -502,6 +501,7 @@ def _read_row_group(path: str, rg: int):
         try:
             # read, not memory-mapped: a column chunk comes in with one pread instead of a
             # page fault per 4 KiB (0.39 s instead of 0.55 s of CPU for 768 MiB)
+            import pyarrow.parquet as pq  # (here: the direct path does without pyarrow)
             pf = cache[path] = pq.ParquetFile(path, memory_map=False,
                                               page_checksum_verification=True)
         except (OSError, ValueError) as e:  # ArrowIOError, ArrowInvalid
@@ -929,10 +929,13 @@ class _DirectSources:
     mapping (replayer/payload.py) and the global number of the page it lies in; None from
     `build` when some row group must be decoded (compressed): the other paths do that."""
 
-    def __init__(self, files: list, slot, pos, gpage, pages: list):
+    def __init__(self, files: list, slot, pos, gpage, groups: list, gbase: list):
         self.files = files      # PayloadFile per slot
         self.views = [f.view for f in files]
-        self.slot, self.pos, self.gpage, self.pages = slot, pos, gpage, pages
+        self.slot, self.pos, self.gpage = slot, pos, gpage
+        # global page g: page g - gbase[j] of groups[j] = (PayloadFile, Rows), j the last
+        # with gbase[j] <= g
+        self.groups, self.gbase = groups, np.asarray(gbase, np.int64)
         self._closing = threading.Lock()
         self._closed = False
 
@@ -948,7 +951,9 @@ class _DirectSources:
             slot = np.searchsorted(ufid, p.d_file)
             pos = np.empty(n, np.int64)
             gpage = np.empty(n, np.int64)
-            pages: list = []    # global page -> (PayloadFile, Rows, page)
+            pgroups: list = []  # (PayloadFile, Rows) of each row group, in global page order
+            gbase: list = []    # the global number of its first page
+            npages = 0
             key = p.d_file * (1 << 32) + p.d_rg
             order = np.argsort(key, kind="stable")
             starts, ends = _bounds(key[order])
@@ -974,17 +979,21 @@ class _DirectSources:
                         bool((p.d_src[mem] + p.d_len[mem] > r.ln[idx]).any()):
                     raise _short(p, int(mem[0]), int(idx[0]))
                 pos[mem] = r.pos[idx] + p.d_src[mem]
-                gpage[mem] = len(pages) + r.page[idx]
-                pages.extend((pf, r, k) for k in range(len(r.spans)))
+                gpage[mem] = npages + r.page[idx]
+                pgroups.append((pf, r))
+                gbase.append(npages)
+                npages += len(r.spans)
         except BaseException:
             for f in files:
                 f.close()
             raise
-        return cls(files, slot, pos, gpage, pages)
+        return cls(files, slot, pos, gpage, pgroups, gbase)
 
     def verify(self, gpages) -> None:
-        for g in gpages:
-            pf, r, k = self.pages[g]
+        g = np.asarray(gpages, np.int64)
+        j = np.searchsorted(self.gbase, g, "right") - 1
+        for jj, k in zip(j.tolist(), (g - self.gbase[j]).tolist()):
+            pf, r = self.groups[jj]
             if not r.ok[k]:
                 pf.verify(r, [k])
 
@@ -1044,6 +1053,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
     nbuf = 4
     bufs = [mmap.mmap(-1, DIRECT_WINDOW) for _ in range(nbuf)]
     state: dict[str, Any] = {"calls": 0, "direct": direct}
+    lock = threading.Lock()     # state and wb, between the two writers
 
     def write_runs(b: mmap.mmap, lo: int, runs) -> None:
         mv = memoryview(b)
@@ -1051,20 +1061,25 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
             for a, e in runs:
                 while a < e:
                     n = min(e - a, MAX_RUN)
-                    if state["direct"] and (a % DIRECT_ALIGN or n % DIRECT_ALIGN):
-                        _set_direct(t.fd, False)
-                        state["direct"] = False
+                    with lock:
+                        if state["direct"] and (a % DIRECT_ALIGN or n % DIRECT_ALIGN):
+                            _set_direct(t.fd, False)
+                            state["direct"] = False
+                        was_direct = state["direct"]
                     try:
                         _pwritev_all(t.fd, [mv[a - lo:a - lo + n]], a)
                     except OSError as ex:
-                        if not state["direct"] or ex.errno != errno.EINVAL:
+                        if not was_direct or ex.errno != errno.EINVAL:
                             raise
-                        _set_direct(t.fd, False)   # a file system without O_DIRECT
-                        state["direct"] = False
+                        with lock:    # a file system without O_DIRECT (the other writer
+                            if state["direct"]:     # may have found it first)
+                                _set_direct(t.fd, False)
+                                state["direct"] = False
                         continue
-                    if not state["direct"]:
-                        wb.wrote(n)
-                    state["calls"] += 1
+                    with lock:
+                        if not was_direct:
+                            wb.wrote(n)
+                        state["calls"] += 1
                     a += n
         finally:
             mv.release()
@@ -1075,7 +1090,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
     written = 0
     try:
         with ThreadPoolExecutor(max(1, jobs), thread_name_prefix="restore-verify") as ex, \
-                WriteBehind(bufs, write_runs, "restore-direct-write") as wbh:
+                WriteBehind(bufs, write_runs, "restore-direct-write", threads=2) as wbh:
             def check(wi: int):
                 pg = pages_of(wi)
                 k = max(1, len(pg) // max(1, jobs))

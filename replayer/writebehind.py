@@ -6,6 +6,10 @@
         wb.put(i, *args)       # write(bufs[i], *args), on the writer thread, in order
     # leaving: what was put is written, the writer stops; its error is raised here
 
+With threads=N > 1, N writers take the filled buffers in turn and write them at the same
+time, so in any order (for writes to disjoint ranges: a restore's windows): on this VM's
+disk two O_DIRECT writes in flight went ~1.3x as fast as one.
+
 Restore's direct path and rewind use it so that reading the next piece of an image overlaps
 the O_DIRECT write (which waits for the disk) of the one before. After the writer's first
 error nothing more is written, and take() raises it.
@@ -18,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 
 class WriteBehind:
-    def __init__(self, bufs: Sequence[Any], write: Callable[..., None], name: str):
+    def __init__(self, bufs: Sequence[Any], write: Callable[..., None], name: str,
+                 threads: int = 1):
         self.bufs = bufs
         self._write = write
         self._free: deque[int] = deque(range(len(bufs)))
@@ -26,10 +31,12 @@ class WriteBehind:
         self._cv = threading.Condition()
         self._err: BaseException | None = None
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._threads = [threading.Thread(target=self._run, name=name, daemon=True)
+                         for _ in range(max(1, threads))]
 
     def __enter__(self) -> WriteBehind:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def take(self) -> int:
@@ -66,6 +73,7 @@ class WriteBehind:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join()
+        for t in self._threads:
+            t.join()
         if self._err is not None and exc_type is None:
             raise self._err

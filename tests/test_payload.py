@@ -31,9 +31,14 @@ def _table(rows: list[bytes]) -> pa.Table:
                                 schema=PAYLOAD_SCHEMA)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
 @pytest.mark.parametrize("kw", [{}, {"data_page_size": 64 << 10, "write_batch_size": 1}],
                          ids=["one-page", "pages"])
-def test_row_places_equal_pyarrow(tmp_path, kw):
+def test_row_places_equal_pyarrow(tmp_path, kw, native, monkeypatch):
+    if native and payload._native_walk is None:
+        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
+    if not native:
+        monkeypatch.setattr(payload, "_native_walk", None)
     rng = np.random.default_rng(3)
     groups = [[rng.bytes(4096) for _ in range(40)],                      # one length
               [rng.bytes(int(k)) for k in rng.integers(1, 70000, 30)],   # any lengths
@@ -45,6 +50,7 @@ def test_row_places_equal_pyarrow(tmp_path, kw):
             w.write_table(_table(g), row_group_size=len(g))
     pf = PayloadFile(str(path))
     slow = PayloadFile(str(path))
+    _footer_equals_pyarrow(path)
     try:
         for rg, g in enumerate(groups):
             r = pf.rows(rg)
@@ -54,7 +60,7 @@ def test_row_places_equal_pyarrow(tmp_path, kw):
             with pytest.MonkeyPatch.context() as mp:
                 mp.setattr(payload._Template, "of", classmethod(lambda *a: None))
                 r2 = slow.rows(rg)
-            assert r2 is not None and r2.spans == r.spans
+            assert r2 is not None and np.array_equal(r2.spans, r.spans)
             for a, b in ((r.pos, r2.pos), (r.ln, r2.ln), (r.page, r2.page)):
                 assert np.array_equal(a, b)
             if kw and rg == 0:
@@ -137,3 +143,62 @@ def test_a_damaged_page_is_an_error_in_restore_and_in_reads(capsys, tmp_path, mo
         img.close()
     rc, _, err = cli_main(capsys, "verify", "--store", store)
     assert rc != 0
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "python"])
+def test_copy_pieces(native, monkeypatch):
+    """copy_pieces in C (replayer/pieces.c) and in Python copy the same bytes; a piece outside
+    its buffer is an error, never a copy."""
+    if native and payload._native_copy is None:
+        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
+    if not native:
+        monkeypatch.setattr(payload, "_native_copy", None)
+    rng = np.random.default_rng(5)
+    srcs = [rng.bytes(int(n)) for n in (100000, 5000, 70000)]
+    views = [memoryview(s) for s in srcs] + [None]    # an unused slot may be None
+    k = 200
+    n = rng.integers(0, 3000, k)
+    f = rng.integers(0, 3, k)
+    s_off = np.array([int(rng.integers(0, len(srcs[j]) - m + 1)) for j, m in zip(f, n)])
+    d_off = np.cumsum(n) - n          # disjoint, in order
+    dst = bytearray(int(n.sum()) + 10)
+    payload.copy_pieces(dst, d_off, views, f, s_off, n)
+    want = b"".join(srcs[j][a:a + m] for j, a, m in zip(f.tolist(), s_off.tolist(), n.tolist()))
+    assert bytes(dst[:len(want)]) == want
+    if native:
+        for bad in (dict(n=n + np.where(np.arange(k) == 7, 10 ** 6, 0)),       # past its source
+                    dict(d_off=d_off + len(dst)),                              # past dst
+                    dict(f=np.where(np.arange(k) == 3, 3, f))):                # a None slot
+            args = dict(d_off=d_off, f=f, s_off=s_off, n=n) | bad
+            with pytest.raises(ValueError):
+                payload.copy_pieces(dst, args["d_off"], views, args["f"], args["s_off"],
+                                    args["n"])
+        with pytest.raises(ValueError):
+            payload.copy_pieces(bytes(len(dst)), d_off, views, f, s_off, n)
+
+
+def _footer_equals_pyarrow(path) -> None:
+    """payload._Footer (the thrift parser that spares the read path pyarrow) reads what
+    pyarrow reads of each row group's `data` column chunk."""
+    md = pq.ParquetFile(path).metadata
+    ft = payload._Footer.read(path.read_bytes())
+    col = [md.schema.column(i).name for i in range(md.num_columns)].index("data")
+    assert ft.has_data and ft.num_row_groups == md.num_row_groups
+    for rg in range(md.num_row_groups):
+        c, d = md.row_group(rg).column(col), ft.row_group(rg).column(0)
+        for a in ("physical_type", "compression", "num_values", "total_compressed_size",
+                  "data_page_offset", "dictionary_page_offset"):
+            assert getattr(c, a) == getattr(d, a), (rg, a)
+
+
+def test_footer_of_compressed_and_dictionary_files(tmp_path):
+    rng = np.random.default_rng(9)
+    rows = [rng.bytes(3000) for _ in range(50)] + [b"x" * 4096] * 50
+    for i, kw in enumerate([{"compression": "lz4", "use_dictionary": False},
+                            {"compression": "none", "use_dictionary": True},
+                            {"compression": "zstd", "use_dictionary": False}]):
+        path = tmp_path / f"p{i}.parquet"
+        with pq.ParquetWriter(path, PAYLOAD_SCHEMA, write_statistics=False,
+                              write_page_checksum=True, **kw) as w:
+            w.write_table(_table(rows), row_group_size=40)
+        _footer_equals_pyarrow(path)

@@ -1,0 +1,60 @@
+"""The replayer's small native hot loop (replayer/pieces.c: the per-piece copy of a restore
+and of the read path, and the walk over a row group's alike pages), built and loaded here.
+
+bpf/build.py calls build() after the BPF object (same clang, same output directory). The
+library is optional: copy_pieces and walk_pages are None when it is not built (or
+BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then does the same in Python.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = Path(__file__).resolve().parent / "pieces.c"
+LIB_NAME = "libblkrewind-pieces.so"
+DEFAULT_LIB = ROOT / "bpf" / "build" / LIB_NAME
+
+
+def build(clang: str, out: Path, force: bool = False) -> Path:
+    """Compile replayer/pieces.c into out/LIB_NAME (only when the source changed)."""
+    lib = out / LIB_NAME
+    h = hashlib.sha256(SOURCE.read_bytes())
+    stamp = out / (LIB_NAME + ".sha256")
+    if not force and lib.exists() and stamp.exists() and stamp.read_text().strip() == h.hexdigest():
+        return lib
+    tmp = out / (LIB_NAME + ".tmp")
+    r = subprocess.run([clang, "-O2", "-Wall", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError("clang failed on replayer/pieces.c:\n" + r.stderr)
+    os.replace(tmp, lib)
+    stamp.write_text(h.hexdigest() + "\n")
+    return lib
+
+
+def _lib():
+    path = os.environ.get("BLKREWIND_NATIVE_PIECES", str(DEFAULT_LIB))
+    if os.environ.get("BLKREWIND_NATIVE_LIB") == "" or path == "" or not os.path.exists(path):
+        return None
+    try:
+        lib = ctypes.CDLL(path)    # CDLL: the GIL is released while it copies
+    except OSError:
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    try:
+        f, w = lib.br_copy_pieces, lib.br_walk_pages
+    except AttributeError:   # a library built from an older pieces.c: bpf/build.py rebuilds it
+        return None
+    f.restype = None
+    f.argtypes = [p, p, p, p, p, p, i64]
+    w.restype = i64
+    w.argtypes = [p, i64, i64, i64, ctypes.c_char_p, i64, ctypes.c_char_p, i64, i64, i64, i64,
+                  i64, p, p, p]
+    return f, w
+
+
+copy_pieces, walk_pages = _lib() or (None, None)
