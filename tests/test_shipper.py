@@ -465,6 +465,40 @@ def test_log_full_with_server_down(tmp_path, make_loop, run_cli, assert_one_line
 
 
 @pytest.mark.bpf
+def test_stop_while_a_resync_waits_for_log_room(tmp_path, make_loop):
+    """A span larger than what is left of --log-max-mb is refused while the LOG is only half
+    full: the resync after that loss then finds room to start (a quarter of the limit), but
+    its readers wait for half of the limit to be free, which never comes with the replayer
+    down. A stop gives that resync up at once (the gap stays reported), as it does one that
+    finds no room to start: it used to wait for the room forever. The tracer is held
+    (SIGSTOP) while 8 MiB are written, so that the collector takes them as one span whatever
+    its batching (test_log_full_with_server_down meets the same when the first span the LOG
+    refuses is over ~2 MB: the collector's larger spans made that likely under load)."""
+    log_dir = tmp_path / "log"
+    dev = make_loop(64)
+    with TraceProc([dev], log_dir, "--ship", f"127.0.0.1:{free_port()}", "--insecure",
+                   "--segment-mb", "1", "--log-max-mb", "8", "--ship-drain", "1") as tr:
+        write_random(dev, 4, seed=30)
+        wait_until(lambda: status(tr)["log_bytes"] >= 4 << 20, 30, "the first writes in the LOG")
+        os.kill(tr.p.pid, signal.SIGSTOP)
+        try:
+            write_random(dev, 8, seed=31)
+        finally:
+            os.kill(tr.p.pid, signal.SIGCONT)
+        wait_until(lambda: status(tr)["progress"], 60, "the resync reading")
+        time.sleep(0.5)
+        assert status(tr)["progress"], tr.stderr   # still there: waiting for room in the LOG
+        try:
+            rc = tr.stop(30)
+        except subprocess.TimeoutExpired:
+            tr.kill()
+            raise AssertionError("the tracer did not stop within 30 s:\n" + tr.stderr)
+        assert rc == 0, tr.stderr
+    assert tr.stderr.count("LOG FULL") == 1, tr.stderr
+    assert "the session ends before the resync after a loss could finish" in tr.stderr, tr.stderr
+
+
+@pytest.mark.bpf
 def test_log_full_ends_when_server_returns(tmp_path, make_loop, serve):
     """The LOG fills while the server is down (one episode); the server comes back: acked
     segments are deleted, the tracer says "room again" once, the resync repairs what was

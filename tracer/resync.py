@@ -686,7 +686,8 @@ class Resync:
                 for n in pool.map(read, stale):
                     total += n
         finally:
-            pool.shutdown(wait=True)
+            # an abort leaves the chunks not yet started unread (not read, then refused)
+            pool.shutdown(wait=True, cancel_futures=True)
             os.close(fd)
             prog.finish()
             self.progress = None
@@ -699,14 +700,17 @@ class Resync:
         larger than the LOG's limit goes at the pace of the replayer's acks instead of waiting
         for room for all of it (forever) or filling the LOG and losing records again. The
         readers are admitted one at a time (call with self._admit held until the record is
-        queued)."""
+        queued). A stopping tracer (stop(finish=True)) does not wait for room: the same rule as
+        the room check before a resync starts (_resync), the resync is given up and its gap
+        stays reported -- with the replayer down the room would never come, and stop() would
+        wait for this thread forever."""
         shipper = self.shipper
         if shipper is None:
             return
         limit = shipper.log_max_bytes
         while not shipper.room_for(min(2 * nbytes, limit // 4) + self.writer.queue.size + limit // 2,
                                    probe=True):
-            if self._stop.wait(0.05) or self.host.failure:
+            if self._finish.is_set() or self._stop.wait(0.05) or self.host.failure:
                 raise Aborted()
 
     def _queue_room(self, nbytes: int) -> None:

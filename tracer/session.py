@@ -58,10 +58,11 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
 # spans are large (bench/bench_cpu.py; README "Costs"). The wait adds at most BATCH_WAIT to
 # the time a record takes to reach the LOG.
-# 4 MiB / 20 ms spans cost a third less CPU per write (README, Costs, "CPU per write, second
-# pass") but made a stop with the LOG full and the replayer down hang past 30 s under load
-# (tests/test_shipper.py::test_log_full_with_server_down, 2 of 7 runs; 0 of 6 with these):
-# back to 1 MiB / 2 ms until that is understood.
+# 4 MiB / 20 ms spans cost less CPU (bench_cpu side by side, load 6.5-8.5: 7.28 -> 4.49 us per
+# 4 KiB write, 1.16 -> 0.95 CPU-s per GB) but dropped records at 400-600 MB/s of 1 MiB writes
+# where these values kept more (bench_capture --mode rate, alternate runs; README, Costs,
+# "CPU per write, third pass"): not taken until that is understood. (The hang that reverted
+# them once, 9066d76, was the resync's wait for LOG room at stop, fixed since.)
 BATCH_BYTES = 1 << 20
 BATCH_WAIT = 0.002
 BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
