@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from pathlib import Path
 
 # the CRC-32 of zlib (same values), computed by zlib-ng's SIMD code, several times faster;
 # wire message bodies and payload files are checksummed with it
@@ -90,3 +91,29 @@ def mount_of(path: str) -> tuple[str, str]:
     except (OSError, IndexError, ValueError):
         return "", ""
     return found
+
+
+def build_c_library(clang: str, source: Path, out: Path, lib_name: str,
+                    flags: tuple[str, ...] = (), force: bool = False) -> Path:
+    """Compile one C file into the shared library out/lib_name, only when the source or the
+    flags changed (a sha256 beside it says what it was built from); written under a
+    temporary name and renamed. The native hot loops of the tracer and the replayer
+    (tracer/native.py, replayer/native.py; bpf/build.py calls them with its clang)."""
+    import hashlib
+    import subprocess
+
+    lib = out / lib_name
+    h = hashlib.sha256(source.read_bytes())
+    if flags:
+        h.update(" ".join(flags).encode())
+    stamp = out / (lib_name + ".sha256")
+    if not force and lib.exists() and stamp.exists() and stamp.read_text().strip() == h.hexdigest():
+        return lib
+    tmp = out / (lib_name + ".tmp")
+    r = subprocess.run([clang, "-O2", "-Wall", "-shared", "-fPIC", *flags, str(source),
+                        "-o", str(tmp)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"clang failed on {source.parent.name}/{source.name}:\n{r.stderr}")
+    os.replace(tmp, lib)
+    stamp.write_text(h.hexdigest() + "\n")
+    return lib

@@ -8,10 +8,10 @@ BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then does the same in Pytho
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 from pathlib import Path
+
+from blkrewind import osutil
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path(__file__).resolve().parent / "pieces.c"
@@ -21,19 +21,7 @@ DEFAULT_LIB = ROOT / "bpf" / "build" / LIB_NAME
 
 def build(clang: str, out: Path, force: bool = False) -> Path:
     """Compile replayer/pieces.c into out/LIB_NAME (only when the source changed)."""
-    lib = out / LIB_NAME
-    h = hashlib.sha256(SOURCE.read_bytes())
-    stamp = out / (LIB_NAME + ".sha256")
-    if not force and lib.exists() and stamp.exists() and stamp.read_text().strip() == h.hexdigest():
-        return lib
-    tmp = out / (LIB_NAME + ".tmp")
-    r = subprocess.run([clang, "-O2", "-Wall", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("clang failed on replayer/pieces.c:\n" + r.stderr)
-    os.replace(tmp, lib)
-    stamp.write_text(h.hexdigest() + "\n")
-    return lib
+    return osutil.build_c_library(clang, SOURCE, out, LIB_NAME, force=force)
 
 
 def _lib():

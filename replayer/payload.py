@@ -56,6 +56,33 @@ def _zz(v: int) -> int:
     return (v >> 1) ^ -(v & 1)
 
 
+class _Cursor:
+    """A position in a thrift compact buffer, moved by _fields and by its caller."""
+    __slots__ = ("b", "p")
+
+    def __init__(self, b, p: int):
+        self.b, self.p = b, p
+
+
+def _fields(c: _Cursor):
+    """The fields of the thrift compact struct at c.p: yields (field id, type) with c.p at
+    the field's value, which the caller reads or skips (moving c.p past it); ends after the
+    struct's stop byte."""
+    b, fid = c.b, 0
+    while True:
+        h = b[c.p]
+        c.p += 1
+        if h == 0:
+            return
+        t, d = h & 0x0F, h >> 4
+        if d:
+            fid += d
+        else:
+            v, c.p = _varint(b, c.p)
+            fid = _zz(v)
+        yield fid, t
+
+
 def _skip(b, p: int, t: int) -> int:
     """Skip one thrift compact value of type t at p."""
     if t in (1, 2):            # bool (in the field header)
@@ -304,27 +331,12 @@ class _Footer:
         # FileMetaData: 4 row_groups list<RowGroup>; RowGroup: 1 columns list<ColumnChunk>;
         # ColumnChunk: 3 meta_data ColumnMetaData
         chunks: list = []
-        fid = 0
-        while True:
-            h = b[p]
-            p += 1
-            if h == 0:
-                break
-            t, d = h & 0x0F, h >> 4
-            if d:
-                fid += d
-            else:
-                v, p = _varint(b, p)
-                fid = _zz(v)
+        cur = _Cursor(b, p)
+        for fid, t in _fields(cur):
             if fid == 4 and t == 9:
-                k, et, p = _list_head(b, p)
-                if et != 12:
-                    raise _NotDirect("row groups")
-                for _ in range(k):
-                    c, p = _row_group(b, p)
-                    chunks.append(c)
+                chunks += _struct_list(cur, _row_group, "row groups")
             else:
-                p = _skip(b, p, t)
+                cur.p = _skip(b, cur.p, t)
         return cls(chunks)
 
 
@@ -337,82 +349,64 @@ def _list_head(b, p: int) -> tuple[int, int, int]:
     return k, et, p
 
 
+def _struct_list(cur: _Cursor, parse, what: str) -> list:
+    """The list of structs at cur.p (moved past it), each read by parse(b, p) -> (value,
+    end); what: named when it is not a list of structs."""
+    k, et, cur.p = _list_head(cur.b, cur.p)
+    if et != 12:
+        raise _NotDirect(what)
+    out = []
+    for _ in range(k):
+        v, cur.p = parse(cur.b, cur.p)
+        out.append(v)
+    return out
+
+
 def _row_group(b, p: int) -> tuple["_Chunk | None", int]:
     """A RowGroup struct at p: (its `data` column chunk or None, end)."""
     found = None
-    fid = 0
-    while True:
-        h = b[p]
-        p += 1
-        if h == 0:
-            return found, p
-        t, d = h & 0x0F, h >> 4
-        if d:
-            fid += d
-        else:
-            v, p = _varint(b, p)
-            fid = _zz(v)
+    cur = _Cursor(b, p)
+    for fid, t in _fields(cur):
         if fid == 1 and t == 9:
-            k, et, p = _list_head(b, p)
-            if et != 12:
-                raise _NotDirect("columns")
-            for _ in range(k):
-                c, p = _column_chunk(b, p)
+            for c in _struct_list(cur, _column_chunk, "columns"):
                 if c is not None:
                     found = c
         else:
-            p = _skip(b, p, t)
+            cur.p = _skip(b, cur.p, t)
+    return found, cur.p
 
 
 def _column_chunk(b, p: int) -> tuple["_Chunk | None", int]:
     """A ColumnChunk at p: (its metadata as a _Chunk when its path is ["data"], end)."""
     out = None
-    fid = 0
-    while True:
-        h = b[p]
-        p += 1
-        if h == 0:
-            return out, p
-        t, d = h & 0x0F, h >> 4
-        if d:
-            fid += d
-        else:
-            v, p = _varint(b, p)
-            fid = _zz(v)
+    cur = _Cursor(b, p)
+    for fid, t in _fields(cur):
         if fid == 3 and t == 12:
-            out, p = _column_meta(b, p)
+            out, cur.p = _column_meta(b, cur.p)
         else:
-            p = _skip(b, p, t)
+            cur.p = _skip(b, cur.p, t)
+    return out, cur.p
 
 
 def _column_meta(b, p: int) -> tuple["_Chunk | None", int]:
     vals: dict = {}
     path: list = []
-    fid = 0
-    while True:
-        h = b[p]
-        p += 1
-        if h == 0:
-            break
-        t, d = h & 0x0F, h >> 4
-        if d:
-            fid += d
-        else:
-            v, p = _varint(b, p)
-            fid = _zz(v)
+    cur = _Cursor(b, p)
+    for fid, t in _fields(cur):
         if fid == 3 and t == 9:             # path_in_schema list<string>
-            k, et, p = _list_head(b, p)
+            k, et, cur.p = _list_head(b, cur.p)
             if et != 8:
                 raise _NotDirect("path")
             for _ in range(k):
-                m, p = _varint(b, p)
-                path.append(bytes(b[p:p + m]))
-                p += m
+                m, q = _varint(b, cur.p)
+                path.append(bytes(b[q:q + m]))
+                cur.p = q + m
         elif fid in (1, 4, 5, 7, 9, 11) and t in (5, 6):   # i32 / i64 zigzag varints
-            v, p = _varint(b, p)
+            v, cur.p = _varint(b, cur.p)
             vals[fid] = _zz(v)
         else:
-            p = _skip(b, p, t)
+            cur.p = _skip(b, cur.p, t)
+    p = cur.p
     if path != [b"data"]:
         return None, p
     if not {1, 4, 5, 7, 9} <= vals.keys():

@@ -105,9 +105,9 @@ def test_buffered_writes_grouped_by_their_dirtier(tmp_path, capsys):
 
 # ------------------------------------------------------------------ real workloads
 @dataclass
-class Ext4:
-    """A new ext4 on a loop device of the test's, its mount point, and the paths of a LOG and
-    a store under the test's tmp_path."""
+class LoopFs:
+    """A new file system (ext4 unless said) on a loop device of the test's, its mount point,
+    and the paths of a LOG and a store under the test's tmp_path."""
     dev: str
     mnt: Path
     log: Path
@@ -124,14 +124,14 @@ class Ext4:
 
 
 @pytest.fixture
-def new_ext4(make_loop, tmp_path):
-    """Factory: new_ext4(size_mb) -> Ext4 (made, not mounted)."""
-    def make(size_mb: int) -> Ext4:
+def new_fs(make_loop, tmp_path):
+    """Factory: new_fs(size_mb, fstype="ext4") -> LoopFs (made, not mounted)."""
+    def make(size_mb: int, fstype: str = "ext4") -> LoopFs:
         loop = make_loop(size_mb=size_mb)
-        mkfs(loop.path)
+        mkfs(loop.path, fstype)
         mnt = tmp_path / "mnt"
         mnt.mkdir()
-        return Ext4(loop.path, mnt, tmp_path / "log", tmp_path / "store")
+        return LoopFs(loop.path, mnt, tmp_path / "log", tmp_path / "store")
     return make
 
 
@@ -163,9 +163,9 @@ def _wait_listening(srv: subprocess.Popen, lines: list[tuple[int, str]]) -> None
 
 
 @pytest.mark.bpf
-def test_inplace_encryption_detected_benign_work_not(new_ext4, tmp_path):
+def test_inplace_encryption_detected_benign_work_not(new_fs, tmp_path):
     rng = random.Random(12)
-    fs = new_ext4(160)
+    fs = new_fs(160)
     dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
     with fs.mounted():
         files = wl.populate(mnt, rng)
@@ -205,12 +205,12 @@ def test_inplace_encryption_detected_benign_work_not(new_ext4, tmp_path):
 
 
 @pytest.mark.bpf
-def test_serve_alerts_within_seconds(new_ext4, tmp_path):
+def test_serve_alerts_within_seconds(new_fs, tmp_path):
     """Shipped to a running `serve`: its log says ALERT within 10 s of the attack's start for
     encryption in place; then, for encryption into new files with the originals deleted, an
     ALERT naming that attacker; `status` shows both episodes."""
     rng = random.Random(13)
-    fs = new_ext4(96)
+    fs = new_fs(96)
     dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
 
     def points_mounted() -> set[str]:   # what the file-level checks mount (FUSE, loop, mount)
@@ -290,12 +290,12 @@ def _checksums_at(store, dev, stamp, tmp_path) -> dict:
 
 
 @pytest.mark.bpf
-def test_encryption_into_new_files_on_a_discarding_fs(new_ext4, tmp_path):
+def test_encryption_into_new_files_on_a_discarding_fs(new_fs, tmp_path):
     """ext4 mounted with -o discard: gzip/zstd of the logs (each deletes its input) does not
     alarm; encrypting the documents into new files and deleting them does, and its clean
     point holds every original."""
     rng = random.Random(14)
-    fs = new_ext4(128)
+    fs = new_fs(128)
     dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
     with fs.mounted("-o", "discard"):
         files = wl.populate(mnt, rng, docs=16)
@@ -321,7 +321,7 @@ def test_encryption_into_new_files_on_a_discarding_fs(new_ext4, tmp_path):
 
 
 @pytest.mark.bpf
-def test_attacks_without_overwrite_in_place(new_ext4, tmp_path):
+def test_attacks_without_overwrite_in_place(new_fs, tmp_path):
     """ext4 mounted without discard, traced with --dirtier; three attackers, one after the
     other, each its own set of documents: AES in place through the page cache without fsync
     (the flusher writes it back: grouped by the dirtier, the attacker), into new files with
@@ -329,7 +329,7 @@ def test_attacks_without_overwrite_in_place(new_ext4, tmp_path):
     each original is in the bench). Each is one episode of its own process, detected within
     10 s of its start; the first's clean point holds every original."""
     rng = random.Random(15)
-    fs = new_ext4(128)
+    fs = new_fs(128)
     dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
     modes = ("buffered", "newfiles", "truncate")   # (viatmp: the bench)
     with fs.mounted():
@@ -395,14 +395,14 @@ def _serve_points(pid: int) -> list[dict]:
 
 
 @pytest.mark.bpf
-def test_killed_serve_leaves_no_point_behind(new_ext4, tmp_path):
+def test_killed_serve_leaves_no_point_behind(new_fs, tmp_path):
     """`serve`'s detector keeps the point before a live streak of random new files mounted
     (nbdkit, nbdfuse, a loop device, a mount). SIGKILL the server: nbdkit and nbdfuse die with
     it (parent-death signal), `status` lists the point as stale, and the next `serve` on the
     store removes all of it (mount, loop device, FUSE mount, run dir); `umount --stale` does
     the same for the second server, killed too."""
     rng = random.Random(16)
-    fs = new_ext4(64)
+    fs = new_fs(64)
     dev, mnt, log, store = fs.dev, fs.mnt, fs.log, fs.store
     with fs.mounted():
         wl.populate(mnt, rng, docs=4, media=0)
@@ -566,7 +566,7 @@ def test_attack_spread_over_processes_detected(make_loop, tmp_path):
 
 @pytest.mark.bpf
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
-def test_attack_by_programs_of_different_names_in_one_cgroup(make_loop, tmp_path, fs):
+def test_attack_by_programs_of_different_names_in_one_cgroup(new_fs, tmp_path, fs):
     """Two cgroups of the test's own, as systemd makes one per unit. A service's: the benign
     set (gzip/zstd of its logs, a copy of its media, SQLite, fio, apt, PostgreSQL) must not
     alarm, also counted as one cgroup and traced with --dirtier (gzip's buffered output is
@@ -576,14 +576,9 @@ def test_attack_by_programs_of_different_names_in_one_cgroup(make_loop, tmp_path
     their thresholds; the cgroup group is one episode, detected within 10 s of its start,
     its clean point holds every original."""
     rng = random.Random(19)
-    loop = make_loop(size_mb=192 if fs == "ext4" else 320)
-    dev = loop.path
-    sh(f"mkfs.{fs}", "-q", "-f" if fs == "xfs" else "-F", dev)
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log, store = tmp_path / "log", tmp_path / "store"
-    sh("mount", dev, mnt)
-    try:
+    f = new_fs(192 if fs == "ext4" else 320, fs)
+    dev, log, store = f.dev, f.log, f.store
+    with f.mounted() as mnt:
         files = wl.populate(mnt, rng, docs=9)
         with wl.Cgroup("service") as svc, wl.Cgroup("attack") as atk:
             with TraceProc([dev], log, "--dirtier") as t:
@@ -596,8 +591,6 @@ def test_attack_by_programs_of_different_names_in_one_cgroup(make_loop, tmp_path
                 assert p.wait(120) == 0
                 time.sleep(1.0)
                 assert t.stop() == 0, t.stderr
-    finally:
-        sh("umount", mnt)
     cli("ingest", "--log", log, "--store", store)
     eps = _suspects(store, dev)
     assert len(eps) == 1, eps                 # the service alarmed nothing

@@ -434,6 +434,17 @@ def test_retention_keeps_log_under_limit(tmp_path, make_loop, serve):
                     dev.path)
 
 
+def stops_within(tr: TraceProc, seconds: float) -> None:
+    """The tracer stops on SIGINT within `seconds`, with status 0 (killed, and the test
+    fails with its stderr, when it does not)."""
+    try:
+        rc = tr.stop(seconds)
+    except subprocess.TimeoutExpired:
+        tr.kill()
+        raise AssertionError(f"the tracer did not stop within {seconds} s:\n" + tr.stderr)
+    assert rc == 0, tr.stderr
+
+
 @pytest.mark.bpf
 def test_log_full_with_server_down(tmp_path, make_loop, run_cli, assert_one_line_error):
     """No server: the LOG fills up to --log-max-mb, the tracer says LOG FULL once, drops and
@@ -449,12 +460,7 @@ def test_log_full_with_server_down(tmp_path, make_loop, run_cli, assert_one_line
         write_random(dev, 16, seed=21)
         st = wait_until(lambda: (s := status(tr))["log_full_drops"] and s, 30, "LOG full")
         assert st["shipper"]["log_full"] and st["shipper"]["log_full_episodes"] == 1
-        try:   # stopping must not wait for the replayer or for room in the LOG
-            rc = tr.stop(30)
-        except subprocess.TimeoutExpired:
-            tr.kill()
-            raise AssertionError("the tracer did not stop within 30 s:\n" + tr.stderr)
-        assert rc == 0, tr.stderr
+        stops_within(tr, 30)   # not waiting for the replayer or for room in the LOG
     assert tr.stderr.count("LOG FULL") == 1, tr.stderr
     assert "not acknowledged" in tr.stderr
     assert log_size(log_dir) <= (8 << 20) + (1 << 20)
@@ -488,12 +494,7 @@ def test_stop_while_a_resync_waits_for_log_room(tmp_path, make_loop):
         wait_until(lambda: status(tr)["progress"], 60, "the resync reading")
         time.sleep(0.5)
         assert status(tr)["progress"], tr.stderr   # still there: waiting for room in the LOG
-        try:
-            rc = tr.stop(30)
-        except subprocess.TimeoutExpired:
-            tr.kill()
-            raise AssertionError("the tracer did not stop within 30 s:\n" + tr.stderr)
-        assert rc == 0, tr.stderr
+        stops_within(tr, 30)
     assert tr.stderr.count("LOG FULL") == 1, tr.stderr
     assert "the session ends before the resync after a loss could finish" in tr.stderr, tr.stderr
 

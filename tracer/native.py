@@ -7,11 +7,10 @@ ring_walk() is None when the library is not built: callers then use their Python
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import subprocess
 from pathlib import Path
 
+from blkrewind import osutil
 from blkrewind.formats import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,20 +28,7 @@ def defines() -> list[str]:
 def build(clang: str, out: Path, force: bool = False) -> Path:
     """Compile tracer/ringwalk.c into out/LIB_NAME (only when the source or constants
     changed)."""
-    lib = out / LIB_NAME
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(" ".join(defines()).encode())
-    stamp = out / (LIB_NAME + ".sha256")
-    if not force and lib.exists() and stamp.exists() and stamp.read_text().strip() == h.hexdigest():
-        return lib
-    tmp = out / (LIB_NAME + ".tmp")
-    r = subprocess.run([clang, "-O2", "-Wall", "-shared", "-fPIC", *defines(), str(SOURCE),
-                        "-o", str(tmp)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("clang failed on tracer/ringwalk.c:\n" + r.stderr)
-    os.replace(tmp, lib)
-    stamp.write_text(h.hexdigest() + "\n")
-    return lib
+    return osutil.build_c_library(clang, SOURCE, out, LIB_NAME, tuple(defines()), force=force)
 
 
 def _load():
