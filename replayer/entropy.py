@@ -31,7 +31,7 @@ RANDOM = 80        # distinct byte values above which a 128-byte segment counts 
                    # source 22-51, libc 14-104 (95th: 65), base64 at most 64, zeroes 1
 CHUNK = 1024       # segments per pass of distinct() (its table: 256 KiB, in cache)
 _ROW = (np.arange(CHUNK, dtype=np.int32) << 8)[:, None]
-CPU_S = [0.0]      # thread CPU seconds ingest spent here (serve logs it: BLKREWIND_DEBUG_DETECTOR)
+CPU_S = [0.0, 0]   # thread CPU seconds and minor faults ingest spent here (serve logs it: BLKREWIND_DEBUG_DETECTOR)
 
 
 def distinct(buf: np.ndarray, starts: np.ndarray, seg: int) -> np.ndarray:

@@ -434,9 +434,13 @@ class Server:
         finally:   # the point a file-level check keeps mounted (nbdkit, FUSE, loop, mount)
             self.watch.close()
             if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
+                import resource
+
                 from blkrewind.replayer import entropy
-                self.log(f"detector: {time.thread_time():.2f} CPU-s in {passes} passes; "
-                         f"ingest's randomness: {entropy.CPU_S[0]:.2f} CPU-s")
+                flt = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                self.log(f"detector: {time.thread_time():.2f} CPU-s, {flt} minor faults in "
+                         f"{passes} passes; ingest's randomness: {entropy.CPU_S[0]:.2f} CPU-s, "
+                         f"{entropy.CPU_S[1]} minor faults")
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

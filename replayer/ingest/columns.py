@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +22,10 @@ RANDOMNESS = os.environ.get("BLKREWIND_RANDOMNESS", "1") != "0"  # per-row rando
                              # (replayer/entropy.py); 0 only to measure its cost (bench_store)
 
 HS = record.HEADER_SIZE
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
 
 
 def _blocks(base_blocks, idx):
@@ -188,7 +193,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
         rnd_all = np.full(n, np.nan, np.float32)
         base_blocks = None
         if RANDOMNESS:
-            t0 = time.thread_time()
+            t0, f0 = time.thread_time(), _faults()
             kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB
             kw = np.nonzero(~is_base[prows])[0]  # writes: one number
             if len(kw):
@@ -198,6 +203,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
                 base_blocks = (row_of, kb, st, so)
                 rnd_all[prows[kb]] = entropy.fraction_random(st, so)
             entropy.CPU_S[0] += time.thread_time() - t0
+            entropy.CPU_S[1] += _faults() - f0
         # row groups of about RG_BYTES: rg of a row = how many RG_BYTES lie before it
         rg = offsets[:-1] // RG_BYTES
         bounds = np.nonzero(np.diff(rg))[0] + 1
