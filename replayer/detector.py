@@ -415,15 +415,13 @@ class Detector:
         """Per group, a streak of random writes into new places (no WINDOW_NS pause); once it
         holds MIN_BYTES at MIN_RUNS places it is a candidate (`pending`), and again each time
         its bytes double: the file-level check (newfiles_check) decides."""
-        stamp, tns, cg, tgid, comm = (c["stamp"], c["time_ns"], c["cgroup_id"], c["tgid"],
-                                      c["comm"])
         bs = self.map.block
-        for k in ev.tolist():
-            i = int(keep[k])
-            g = _group(int(cg[i]), int(tgid[i]), comm[i])
+        cols = _rows(c, keep[ev])
+        nws = nw[ev].tolist()
+        ends = (start[ev] + length[ev]).tolist()
+        for s, t, cgi, tg, cm, nwk, a, e in zip(*cols, nws, start[ev].tolist(), ends):
+            g = _group(cgi, tg, cm)
             wg, cgg = _workers(g), _cgroup(g)
-            s, t = int(stamp[i]), int(tns[i])
-            a, e = int(start[k]), int(start[k] + length[k])
             ep = None
             for x in (cgg, wg, g):
                 o = self.open.get(x) if x is not None else None
@@ -435,7 +433,7 @@ class Detector:
                     ep.last_stamp, ep.last_ns = max(ep.last_stamp, s), max(ep.last_ns, t)
                     ep.writes += 1
                 continue
-            n, who = min(int(nw[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]"
+            n, who = min(nwk * bs, e - a), f"{cm}[{tg}]"
             if self._streak(g, s, t, n, who, a, e, FLUSHER_FACTOR if g[2] == "kworker" else 1):
                 for x in (wg, cgg):
                     ws = self.streaks.get(x) if x is not None else None
@@ -566,25 +564,23 @@ class Detector:
         while one group writes about as much random data into free space: an episode of that
         group (encrypting into new files and deleting the originals). Its ranges are the
         deleted data (the originals, readable at the clean point)."""
-        stamp, tns, cg, tgid, comm = (c["stamp"], c["time_ns"], c["cgroup_id"], c["tgid"],
-                                      c["comm"])
         bs = self.map.block
-        for k in ev.tolist():
-            i = int(keep[k])
-            s, t = int(stamp[i]), int(tns[i])
-            a, e = int(start[k]), int(start[k] + length[k])
+        cols = _rows(c, keep[ev])
+        ends = (start[ev] + length[ev]).tolist()
+        for s, t, cgi, tg, cm, dk, fk, a, e in zip(*cols, d_comp[ev].tolist(), f_rnd[ev].tolist(),
+                                                    start[ev].tolist(), ends):
             dl = self.deleting
             if dl is not None and t - dl.last_ns > self.window_ns:
                 dl = self.deleting = None
-            if d_comp[k] and dl is not None:    # the open episode's deletions go on
-                dl.bytes += min(int(d_comp[k]) * bs, e - a)
+            if dk and dl is not None:    # the open episode's deletions go on
+                dl.bytes += min(dk * bs, e - a)
                 dl.add_range(a, e)
                 dl.last_stamp, dl.last_ns = s, t
-            elif d_comp[k]:
-                self.disc.append((t, s, min(int(d_comp[k]) * bs, e - a), "", a, e))
-            if f_rnd[k]:
-                g = _group(int(cg[i]), int(tgid[i]), comm[i])
-                item = (t, s, min(int(f_rnd[k]) * bs, e - a), f"{comm[i]}[{int(tgid[i])}]", a, e)
+            elif dk:
+                self.disc.append((t, s, min(dk * bs, e - a), "", a, e))
+            if fk:
+                g = _group(cgi, tg, cm)
+                item = (t, s, min(fk * bs, e - a), f"{cm}[{tg}]", a, e)
                 for x in (g, _workers(g), _cgroup(g)):
                     if x is not None:
                         self.fresh.setdefault(x, deque()).append(item)
@@ -622,16 +618,14 @@ class Detector:
                     break
 
     def _episodes(self, c, keep, cand, enc_blocks, start, length) -> None:
-        stamp, tns, cg = c["stamp"], c["time_ns"], c["cgroup_id"]
-        tgid, comm = c["tgid"], c["comm"]
         bs = self.map.block
-        for k in cand.tolist():
-            i = int(keep[k])
-            g, s, t = _group(int(cg[i]), int(tgid[i]), comm[i]), int(stamp[i]), int(tns[i])
+        cols = _rows(c, keep[cand])
+        encs = np.minimum(enc_blocks[cand] * bs, length[cand]).tolist()
+        ends = (start[cand] + length[cand]).tolist()
+        for s, t, cgi, tg, cm, enc, a, e in zip(*cols, encs, start[cand].tolist(), ends):
+            g = _group(cgi, tg, cm)
             wg, cgg = _workers(g), _cgroup(g)
-            enc = min(int(enc_blocks[k]) * bs, int(length[k]))
-            who = f"{comm[i]}[{int(tgid[i])}]"
-            a, e = int(start[k]), int(start[k] + length[k])
+            who = f"{cm}[{tg}]"
             for x in (g, wg, cgg):
                 if x is None:
                     continue
@@ -733,6 +727,14 @@ class Detector:
         if self.on_episode is not None:
             self.on_episode(ep)
         return True
+
+
+def _rows(c: dict, idx: np.ndarray) -> tuple[list, ...]:
+    """Rows idx of the columns as Python lists (the per-row loops below: one conversion per
+    column instead of a numpy scalar per value): stamp, time_ns, cgroup_id, tgid, comm."""
+    return (c["stamp"][idx].tolist(), c["time_ns"][idx].tolist(),
+            np.asarray(c["cgroup_id"])[idx].tolist(), np.asarray(c["tgid"])[idx].tolist(),
+            c["comm"][idx].tolist())
 
 
 def _group(cgroup: int, tgid: int, comm: str) -> tuple:

@@ -29,9 +29,29 @@ RANDOM = 80        # distinct byte values above which a 128-byte segment counts 
                    # Measured (1st-99.9th percentile of 128-byte segments): random 92-111,
                    # gzip/xz output 91-110, png 65-111 (5th percentile 82), English text and
                    # source 22-51, libc 14-104 (95th: 65), base64 at most 64, zeroes 1
-CHUNK = 8192       # segments per pass (bounds the temporary memory to ~2 MiB)
+CHUNK = 1024       # segments per pass of distinct() (its table: 256 KiB, in cache)
+_ROW = (np.arange(CHUNK, dtype=np.int32) << 8)[:, None]
+CPU_S = [0.0, 0]   # thread CPU seconds and minor faults ingest spent here (serve logs it: BLKREWIND_DEBUG_DETECTOR)
 
-_AR = np.arange(SEG, dtype=np.int64)
+
+def distinct(buf: np.ndarray, starts: np.ndarray, seg: int) -> np.ndarray:
+    """How many distinct byte values each of the seg-byte pieces buf[s:s + seg] holds (every
+    piece inside buf). The pieces are gathered through a strided view (no index array per
+    byte); CHUNK pieces at a time mark their values in a table of CHUNK x 256 flags."""
+    k = len(starts)
+    out = np.zeros(k, np.int64)
+    if k == 0:
+        return out
+    win = np.lib.stride_tricks.as_strided(buf, shape=(len(buf) - seg + 1, seg),
+                                          strides=(1, 1), writeable=False)
+    seen = np.zeros(CHUNK * 256, np.bool_)
+    for a in range(0, k, CHUNK):
+        b = win[starts[a:a + CHUNK]]
+        m = len(b)
+        seen[:] = False
+        seen[b + _ROW[:m]] = True
+        out[a:a + m] = np.count_nonzero(seen.reshape(CHUNK, 256)[:m], axis=1)
+    return out
 
 
 def randomness(values, offsets: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
@@ -58,17 +78,7 @@ def randomness(values, offsets: np.ndarray, ends: np.ndarray | None = None) -> n
     j = np.arange(total) - np.repeat(first, nseg)
     span = lens[rows] - SEG
     sstart = starts[rows] + (j * span) // np.maximum(nseg[rows] - 1, 1)
-    hits = np.empty(total, np.float64)
-    seen = np.zeros((CHUNK, 256), np.bool_)
-    rix = np.arange(CHUNK)[:, None]
-    for a in range(0, total, CHUNK):
-        e = min(total, a + CHUNK)
-        k = e - a
-        b = buf[sstart[a:e, None] + _AR[None, :]]
-        m = seen[:k]
-        m[:] = False
-        m[rix[:k], b] = True          # which byte values each segment holds
-        hits[a:e] = np.count_nonzero(m, axis=1) > RANDOM
+    hits = distinct(buf, sstart, SEG) > RANDOM
     sums = np.bincount(rows, weights=hits, minlength=n)
     has = nseg > 0
     out[has] = (sums[has] / nseg[has]).astype(np.float32)
@@ -86,7 +96,6 @@ B_ZERO, B_RANDOM, B_DATA = 254, 100, 0   # block states (replayer/detector.py's 
 
 BSEG = 64          # bytes sampled per block by block_states
 BRANDOM = 40       # distinct values above which a 64-byte sample is random (random: 57 +- 3)
-_BAR = np.arange(BSEG, dtype=np.int64)
 
 
 def block_states(values, starts: np.ndarray, ends: np.ndarray,
@@ -121,19 +130,11 @@ def block_states(values, starts: np.ndarray, ends: np.ndarray,
             z &= w[q + i] == 0
         states[aligned[z]] = B_ZERO
         full = np.setdiff1d(full, aligned[z], assume_unique=True)
-    seen = np.zeros((CHUNK, 256), np.bool_)
-    rix = np.arange(CHUNK)[:, None]
-    for a in range(0, len(full), CHUNK):
-        sel = full[a:a + CHUNK]
-        k = len(sel)
-        b = buf[bstart[sel][:, None] + _BAR[None, :]]
-        m = seen[:k]
-        m[:] = False
-        m[rix[:k], b] = True
-        cnt = np.count_nonzero(m, axis=1)
+    if len(full):
+        cnt = distinct(buf, bstart[full], BSEG)
         st = np.where(cnt > BRANDOM, B_RANDOM, B_DATA).astype(np.uint8)
-        st[(cnt == 1) & m[:, 0]] = B_ZERO
-        states[sel] = st
+        st[(cnt == 1) & (buf[bstart[full]] == 0)] = B_ZERO
+        states[full] = st
     return states, roff
 
 

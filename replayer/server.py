@@ -423,14 +423,24 @@ class Server:
                                     on_episode=lambda ep, device: self.log(
                                         f"ALERT: possible ransomware: "
                                         f"{detector.describe(ep, device)}"))
+        passes = 0
         try:
             while not self._stopping.wait(self.limits.detect_every):
                 try:
                     self.watch.step()
+                    passes += 1
                 except Exception as e:   # never the end of the server
                     self.log(f"detector failed: {type(e).__name__}: {' '.join(str(e).split())}")
         finally:   # the point a file-level check keeps mounted (nbdkit, FUSE, loop, mount)
             self.watch.close()
+            if os.environ.get("BLKREWIND_DEBUG_DETECTOR"):
+                import resource
+
+                from blkrewind.replayer import entropy
+                flt = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+                self.log(f"detector: {time.thread_time():.2f} CPU-s, {flt} minor faults in "
+                         f"{passes} passes; ingest's randomness: {entropy.CPU_S[0]:.2f} CPU-s, "
+                         f"{entropy.CPU_S[1]} minor faults")
 
     def _full_check(self) -> None:
         if self._stopping.wait(self.limits.full_check_delay):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +22,18 @@ RANDOMNESS = os.environ.get("BLKREWIND_RANDOMNESS", "1") != "0"  # per-row rando
                              # (replayer/entropy.py); 0 only to measure its cost (bench_store)
 
 HS = record.HEADER_SIZE
+
+
+def _faults() -> int:
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+
+def _blocks(base_blocks, idx):
+    t0 = time.thread_time()
+    try:
+        return entropy.blocks_column(base_blocks, idx)
+    finally:
+        entropy.CPU_S[0] += time.thread_time() - t0
 _U64 = (1 << 64) - 1
 
 PAYLOAD_SCHEMA = pa.schema([
@@ -179,6 +193,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
         rnd_all = np.full(n, np.nan, np.float32)
         base_blocks = None
         if RANDOMNESS:
+            t0, f0 = time.thread_time(), _faults()
             kb = np.nonzero(is_base[prows])[0]   # baseline chunks: a state per 4 KiB
             kw = np.nonzero(~is_base[prows])[0]  # writes: one number
             if len(kw):
@@ -187,6 +202,8 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
                 st, so = entropy.block_states(values, offsets[kb], offsets[kb + 1])
                 base_blocks = (row_of, kb, st, so)
                 rnd_all[prows[kb]] = entropy.fraction_random(st, so)
+            entropy.CPU_S[0] += time.thread_time() - t0
+            entropy.CPU_S[1] += _faults() - f0
         # row groups of about RG_BYTES: rg of a row = how many RG_BYTES lie before it
         rg = offsets[:-1] // RG_BYTES
         bounds = np.nonzero(np.diff(rg))[0] + 1
@@ -236,7 +253,7 @@ def parse_frames(frames, session: str, segno: int, host: str, *, first: int | No
             "aux": _col(hb["aux"]), "time_ns": _col(time_ns[ba]), "sector": _col(hb["sector"]),
             "bio_size": _col(hb["bio_size"]), "flags": _col(hb["flags"]),
             "prg": prg, "pidx": pidx, "randomness": rnd,
-            "blocks": entropy.blocks_column(base_blocks, ba)})
+            "blocks": _blocks(base_blocks, ba)})
     ci = np.nonzero(rtype == record.R_COMPLETE)[0]
     if len(ci):
         hc = h[ci]
