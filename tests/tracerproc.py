@@ -59,7 +59,15 @@ class TraceProc:
     def stop(self, timeout=120) -> int:
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGINT)
-        rc = self.p.wait(timeout)
+        try:
+            rc = self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # what it hangs in: every thread's stack on its stderr (blkrewind's cli registers
+            # faulthandler on SIGUSR1), which the caller reports
+            if self.p.poll() is None:
+                self.p.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+            raise
         self._reader.join(5)
         return rc
 

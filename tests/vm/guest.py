@@ -143,7 +143,7 @@ def main(out: Path) -> int:
         res["error"] = f"{type(e).__name__}: {e}"
         res["traceback"] = traceback.format_exc()[-4000:]
         if tracer is not None:
-            res["trace_stderr"] = tracer.stderr[-3000:]
+            res["trace_stderr"] = tracer.stderr[-12000:]  # with the stacks a hung stop prints
         return_code = 1
     finally:
         if tracer is not None:
