@@ -17,6 +17,7 @@ import ctypes
 import mmap
 import os
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,9 @@ class Capture:
         self.dirty_regions = max(1, dirty_regions)
         self._ncpu = _possible_cpus()
         self._dirty_mm: mmap.mmap | None = None
+        # point() and _reader() pass their input and output through one map slot: one caller
+        # at a time (a mark and the resync's points come from different threads)
+        self._run_lock = threading.Lock()
         self.pin_dir: str | None = None
 
     @classmethod
@@ -279,6 +283,7 @@ class Capture:
         self.dirty_regions = max(1, dirty_regions)
         self._ncpu = _possible_cpus()
         self._dirty_mm = None
+        self._run_lock = threading.Lock()
         self._owned_fds = []
         self.attached = {}
         self.attached_progs = {}
@@ -511,9 +516,10 @@ class Capture:
                                  tid=tid or os.getpid(), comm=(comm or b"blkrewind")[:15])
         ctypes.memmove(p.h, hdr, len(hdr))
         ctypes.memmove(p.data, payload, len(payload))
-        L.map_update(self.fd["point_map"], K0, p)
-        L.test_run(self.prog_fd("point"))
-        out = L.map_lookup(self.fd["point_map"], K0, Point())
+        with self._run_lock:   # else another thread's point could replace this one's input
+            L.map_update(self.fd["point_map"], K0, p)   # before the run, and its stamp be
+            L.test_run(self.prog_fd("point"))           # returned for this one
+            out = L.map_lookup(self.fd["point_map"], K0, Point())
         return int(out.stamp), bool(out.ok)
 
     def prog_stats(self, name: str) -> tuple[int, int]:
@@ -532,8 +538,9 @@ class Capture:
 
     # -- kernel memory reads (calibration) ------------------------------------
     def _reader(self, op: int, addr: int = 0, length: int = 0) -> tuple[int, RdBuf]:
-        ret = L.test_run(self.prog_fd("reader"), struct.pack("<3Q", op, addr, length))
-        return ret, L.map_lookup(self.fd["rd_map"], K0, RdBuf())
+        with self._run_lock:
+            ret = L.test_run(self.prog_fd("reader"), struct.pack("<3Q", op, addr, length))
+            return ret, L.map_lookup(self.fd["rd_map"], K0, RdBuf())
 
     def kread(self, addr: int, length: int) -> bytes | None:
         ret, b = self._reader(0, addr, length)
