@@ -593,8 +593,9 @@ def test_attack_by_programs_of_different_names_in_one_cgroup(new_fs, tmp_path, f
                 assert t.stop() == 0, t.stderr
     cli("ingest", "--log", log, "--store", store)
     eps = _suspects(store, dev)
-    assert len(eps) == 1, eps                 # the service alarmed nothing
-    ep = eps[0]
+    assert len(eps) == 1, [(e["group"], e["cgroup"], e["kind"], e["processes"], e.get("files"),
+                            e["started"]) for e in eps] + [("attack cgroup", atk.id)]
+    ep = eps[0]                                # the service alarmed nothing
     assert ep["cgroup"] == atk.id and ep["group"] == "cgroup", ep
     names = {x.split("[")[0] for x in ep["processes"].split(", ")}
     assert len(names) >= 2, ep

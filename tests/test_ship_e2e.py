@@ -164,8 +164,14 @@ class Server:
             if d.startswith(UNBORN):   # a point's directory being made: UNBORN<pid>-...
                 return f"-{d[len(UNBORN):].split('-')[0]}" in ends
             return d.split(".")[0].endswith(ends)
-        left = [f"run dir {d}" for d in (os.listdir(RUN_DIR) if os.path.isdir(RUN_DIR) else [])
-                if ours(f"{RUN_DIR}/{d}")]
+        left = []
+        for d in (os.listdir(RUN_DIR) if os.path.isdir(RUN_DIR) else []):
+            if ours(f"{RUN_DIR}/{d}"):   # what it holds and who made it: the failure's clue
+                held = sorted(os.listdir(f"{RUN_DIR}/{d}")) if os.path.isdir(f"{RUN_DIR}/{d}") \
+                    else []
+                run = next((k for k, pid in enumerate(self.pids) if d.split(".")[0].endswith(
+                    f"-{pid}")), None)
+                left.append(f"run dir {d} (of run {run} of {len(self.pids)}, holding {held})")
         left += [f"mount {mp}" for _, mp in mounts() if ours(mp)]
         left += [f"loop {d} -> {b}" for d, b in attached_loops().items() if ours(b)]
         for pid in os.listdir("/proc"):
@@ -561,7 +567,9 @@ def test_replayer_crashes_lose_nothing(lab):
     # each killed server left the point its detector kept mounted (when one was); the next
     # start removed it, and a stopped server unmounts its own: nothing is left
     assert lab.server.stop() in (0, 130), lab.server.log
-    assert not lab.server.points_left(), lab.server.points_left()
+    left = lab.server.points_left()
+    assert not left, (left, [ln for ln in lab.server.log.splitlines()
+                             if "point" in ln or "detector" in ln or "ALERT" in ln][-30:])
     print(f"points left by killed servers, removed at the next start: "
           f"{lab.server.log.count('removed a point left by a process that is gone')}")
     assert "Traceback" not in lab.server.log
