@@ -125,9 +125,12 @@ class TraceOptions:
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
-    # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
-    # buffered: the others did not lower the tracer's CPU (bench/bench_cpu.py; the figures
-    # are in README "Costs")
+    # "auto": direct, but prealloc on a tmpfs (whose O_DIRECT is page-cache I/O). prealloc and
+    # direct pay only with recycling (retention retires shipped segments as spares, and a new
+    # segment reuses one: no page allocated per 4 KiB of LOG; on a tmpfs the writer's CPU per
+    # 4 KiB write 2.45 -> 1.45 us, README "Costs"). Default buffered: over a real disk a
+    # recycled file's last partial page is read before a buffered write, and direct is not
+    # measured on a second real disk
     log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
@@ -313,12 +316,14 @@ class Tracer:
         o = self.opts
         mode = o.log_mode
         if mode == "auto":
-            mode = "buffered" if on_tmpfs(o.log_dir) else "direct"
+            mode = "prealloc" if on_tmpfs(o.log_dir) else "direct"
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
                              prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
+        if self.shipper is not None:  # retention recycles what the writer can reuse
+            self.shipper.state.recycle = mode in ("prealloc", "direct")
         hint = ("" if o.ship else
                 f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
                 f"{o.log_dir} --store DIR --delete-ingested` deletes what a store holds")
