@@ -125,7 +125,8 @@ class TraceOptions:
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
-    # "auto": direct, but prealloc on a tmpfs (whose O_DIRECT is page-cache I/O). prealloc and
+    # "auto": direct, but on a tmpfs (whose O_DIRECT is page-cache I/O) prealloc with ship,
+    # else buffered. prealloc and
     # direct pay only with recycling (retention retires shipped segments as spares, and a new
     # segment reuses one: no page allocated per 4 KiB of LOG; on a tmpfs the writer's CPU per
     # 4 KiB write 2.45 -> 1.45 us, README "Costs"). Default buffered: over a real disk a
@@ -316,7 +317,10 @@ class Tracer:
         o = self.opts
         mode = o.log_mode
         if mode == "auto":
-            mode = "prealloc" if on_tmpfs(o.log_dir) else "direct"
+            # on a tmpfs O_DIRECT is page-cache I/O; preallocation pays only when retention
+            # recycles segments (with --ship), else it costs an fallocate per segment more
+            mode = ("direct" if not on_tmpfs(o.log_dir) else
+                    "prealloc" if self.shipper is not None else "buffered")
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
