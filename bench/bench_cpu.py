@@ -300,10 +300,12 @@ def main() -> int:
                          "are deleted, not retired as spares) and TraceOptions fields (e.g. "
                          "DIR:,wake_bytes=1048576) -- repeat to compare (default: this "
                          "checkout)")
-    ap.add_argument("--log-fs", choices=["shm", "zram"], default="shm",
-                    help="the LOG's file system: a directory on /dev/shm (tmpfs), or ext4 on "
+    ap.add_argument("--log-fs", choices=["shm", "zram", "disk"], default="shm",
+                    help="the LOG's file system: a directory on /dev/shm (tmpfs), ext4 on "
                          "a zram device (a block device in memory: O_DIRECT means what it "
-                         "does on a second disk) (shm)")
+                         "does on a second disk), or a directory next to the bench's work "
+                         "area under /var/tmp (the machine's disk, shared with everything "
+                         "else on it) (shm)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=6, help="seconds per fio run (6)")
     ap.add_argument("--rate-iops", type=int, default=50000,
@@ -339,6 +341,8 @@ def main() -> int:
     zram = None
     if a.log_fs == "zram":
         zram, logs = make_zram_fs(ws.dir)
+    elif a.log_fs == "disk":
+        logs = Path(tempfile.mkdtemp(prefix="blkrewind-cpu-", dir=ws.dir))
     else:
         logs = Path(tempfile.mkdtemp(prefix="blkrewind-cpu-", dir=SHM))
     try:

@@ -399,21 +399,25 @@ def test_shipping_tracer_killed_and_started_again_continues_its_session(tmp_path
 
 
 @pytest.mark.bpf
-def test_retention_keeps_log_under_limit(tmp_path, make_loop, serve):
-    """--log-max-mb with the server up: acked, sealed segments are deleted, the LOG stays
-    under the limit, nothing is dropped and the store is exact."""
+@pytest.mark.parametrize("mode", ["buffered", "prealloc"])
+def test_retention_keeps_log_under_limit(mode, tmp_path, make_loop, serve):
+    """--log-max-mb with the server up: acked, sealed segments are deleted (prealloc: kept as
+    spares that the writer reuses, at most log.SPARES of them), the LOG stays under the limit,
+    nothing is dropped and the store is exact."""
     log_dir, store = tmp_path / "log", tmp_path / "store"
     srv = serve(store)
     dev = make_loop(64)
     limit = 6 << 20
     sizes = []
+    spares: set[int] = set()
     with TraceProc([dev], log_dir, "--ship", f"127.0.0.1:{srv.port}", "--insecure",
-                   "--segment-mb", "1", "--log-max-mb", "6") as tr:
+                   "--segment-mb", "1", "--log-max-mb", "6", "--log-mode", mode) as tr:
         stop = threading.Event()
 
         def sample():
             while not stop.is_set():
                 sizes.append(log_size(log_dir))
+                spares.add(sum(1 for n in os.listdir(log_dir) if tlog.SPARE_RE.fullmatch(n)))
                 time.sleep(0.02)
         t = threading.Thread(target=sample)
         t.start()
@@ -428,6 +432,9 @@ def test_retention_keeps_log_under_limit(tmp_path, make_loop, serve):
         assert tr.stop() == 0, tr.stderr
     assert st["shipper"]["segments_deleted"] > 10, st
     assert st["log_full_drops"] == 0 and "LOG FULL" not in tr.stderr, tr.stderr
+    assert max(spares) <= (tlog.SPARES if mode == "prealloc" else 0), spares
+    if mode == "prealloc":  # spares were made and taken again: > 10 retired, <= 2 left
+        assert max(spares) > 0, spares
     assert max(sizes) <= limit + (1 << 20), max(sizes)
     srv.stop()
     restore_matches(store, f"{socket.gethostname()}:{os.path.basename(dev.path)}", "latest",

@@ -61,14 +61,24 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # 4 MiB / 20 ms spans cost less CPU (bench_cpu side by side, load 6.5-8.5: 7.28 -> 4.49 us per
 # 4 KiB write, 1.16 -> 0.95 CPU-s per GB) but dropped records at 400-600 MB/s of 1 MiB writes
 # where these values kept more (bench_capture --mode rate, alternate runs; README, Costs,
-# "CPU per write, third pass"): not taken until that is understood. (The hang that reverted
-# them once, 9066d76, was the resync's wait for LOG room at stop, fixed since.)
-BATCH_BYTES = 1 << 20
+# "CPU per write, third pass"). Sampled (README, "fourth pass"): whenever the ring was full
+# the writer was behind (its queue >= 50 MiB, the writer thread in pwritev), with either
+# span size; the larger spans still dropped a little more at 400 MB/s on a machine at load
+# 11-16, so they stay an option (TraceOptions.batch_bytes / batch_wait), not the default.
+# (The hang that reverted them once, 9066d76, was the resync's wait for LOG room at stop,
+# fixed since.)
+BATCH_BYTES = 1 << 20   # TraceOptions.batch_bytes / batch_wait: the defaults
 BATCH_WAIT = 0.002
 BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
 LOSS_REPORT_EVERY = 10.0
+# Once the writer's queue holds this much, spans are copied out of the ring (as they are
+# beyond half the ring held): a span stored as is keeps its ring space until written, and
+# the ring's space goes back in order, so without copying a writer stalled for 128 MiB of
+# spans (~0.2 s at 600 MB/s: a busy machine's scheduler) filled the ring and records were
+# dropped while the 512 MiB queue stood empty (measured: README "Costs", fourth pass)
+COPY_BACKLOG = 16 << 20
 
 
 def mono_ns() -> int:
@@ -104,6 +114,8 @@ class TraceOptions:
     settle: float = 1.0
     queue_bytes: int = 512 << 20
     lz4_level: int = -10  # tracer/log.py encode_span: spans that hardly compress go faster
+    batch_bytes: int = BATCH_BYTES  # the collector's spans: see BATCH_BYTES above
+    batch_wait: float = BATCH_WAIT
     # > 0: records are submitted without waking the collector, but for the one that takes
     # the ring's unconsumed data past wake_bytes; the collector then polls every WAKE_POLL
     # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
@@ -113,9 +125,13 @@ class TraceOptions:
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
-    # "auto": direct, but buffered on a tmpfs (whose O_DIRECT is page-cache I/O). Default
-    # buffered: the others did not lower the tracer's CPU (bench/bench_cpu.py; the figures
-    # are in README "Costs")
+    # "auto": direct, but on a tmpfs (whose O_DIRECT is page-cache I/O) prealloc with ship,
+    # else buffered. prealloc and
+    # direct pay only with recycling (retention retires shipped segments as spares, and a new
+    # segment reuses one: no page allocated per 4 KiB of LOG; on a tmpfs the writer's CPU per
+    # 4 KiB write 2.45 -> 1.45 us, README "Costs"). Default buffered: over a real disk a
+    # recycled file's last partial page is read before a buffered write, and direct is not
+    # measured on a second real disk
     log_mode: str = "buffered"
     host: str | None = None       # in R_SESSION / R_DEVICE / segment headers (default: hostname)
     ship: str | None = None       # ADDR:PORT of a replayer (`blkrewind serve`): stream the LOG
@@ -301,12 +317,17 @@ class Tracer:
         o = self.opts
         mode = o.log_mode
         if mode == "auto":
-            mode = "buffered" if on_tmpfs(o.log_dir) else "direct"
+            # on a tmpfs O_DIRECT is page-cache I/O; preallocation pays only when retention
+            # recycles segments (with --ship), else it costs an fallocate per segment more
+            mode = ("direct" if not on_tmpfs(o.log_dir) else
+                    "prealloc" if self.shipper is not None else "buffered")
         self.log = LogWriter(o.log_dir, self.session, host=self.host,
                              segment_bytes=o.segment_bytes, fsync=o.fsync,
                              fsync_interval=o.fsync_interval,
                              prealloc=mode == "prealloc", direct=mode == "direct",
                              on_frame=self.shipper.frame_written if self.shipper else None)
+        if self.shipper is not None:  # retention recycles what the writer can reuse
+            self.shipper.state.recycle = mode in ("prealloc", "direct")
         hint = ("" if o.ship else
                 f"; without --ship nothing deletes the LOG: `blkrewind ingest --log "
                 f"{o.log_dir} --store DIR --delete-ingested` deletes what a store holds")
@@ -355,6 +376,7 @@ class Tracer:
         the mapping and the space is given back once it is written."""
         ring, cap, writer, resync = self.ring, self.capture, self.writer, self.resync
         baseline = self.baseline
+        batch_bytes, batch_wait = self.opts.batch_bytes, self.opts.batch_wait
         assert ring is not None and cap is not None and writer is not None and resync is not None
         next_check = 0.0
         pos = ring.consumed_pos()
@@ -368,11 +390,12 @@ class Tracer:
                     last_data = now
                     if baseline.watching or resync.watching:
                         self._scan_completions(view)
-                    # beyond half the ring held, copy: the writer's queue (queue_bytes)
-                    # then buffers what a slow LOG disk cannot take yet, not the ring
-                    copy = ring.pending() > ring.size // 2
+                    # copy once the writer is behind: the writer's queue (queue_bytes) then
+                    # buffers what the LOG cannot take yet, not the ring
+                    copy = (writer.queue.size > COPY_BACKLOG or
+                            ring.pending() > ring.size // 2)
                     written: Future | None = None if copy else Future()
-                    if view.nbytes < BATCH_BYTES:
+                    if view.nbytes < batch_bytes:
                         # a small span is encoded here: handing it to an encoder thread
                         # and back costs two wake-ups, more than lz4 on it
                         fut: Future[Body] = Future()
@@ -403,12 +426,12 @@ class Tracer:
                         ring.wait(IDLE_POLL)
                     else:  # no wake-up comes before wake_bytes wait: poll
                         ring.wait(WAKE_POLL if now - last_data < 1.0 else IDLE_POLL)
-                elif view.nbytes < BATCH_BYTES:
+                elif view.nbytes < batch_bytes:
                     # let records accumulate: one LOG frame per record would cost
                     # far more than the records. Briefly when BATCH_BYTES wait already:
                     # the span then ended at a record still being written (fast writes),
                     # and a long wait would leave the ring filling up
-                    time.sleep(BATCH_WAIT if ring.producer_pos() - pos < BATCH_BYTES
+                    time.sleep(batch_wait if ring.producer_pos() - pos < batch_bytes
                                else BUSY_WAIT)
         except Exception as e:  # a dead collector must not go unnoticed
             self.fail(f"collector stopped: {e}")

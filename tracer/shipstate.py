@@ -15,7 +15,7 @@ the caller drops the span (and counts it as lost); said loudly once per episode.
 A cache for retention after a restart (before the server answered); LACKS is the truth.
 
 One lock guards everything here; frame_written and room_for hold it briefly (room_for may
-unlink segment files).
+unlink segment files, or retire them as spares when `recycle` is set).
 """
 from __future__ import annotations
 
@@ -138,6 +138,10 @@ class ShipState:
         self.frames_sent = 0
         self.messages_acked = 0
         self.segments_deleted = 0
+        # retention retires segments as spares (tracer/log.py retire_segment) instead of
+        # deleting them: set by the tracer when its LogWriter reuses spares (log_mode prealloc
+        # or direct). At most log.SPARES spares exist, outside log_bytes.
+        self.recycle = False
         self.last_error: str | None = None
         self.server: str | None = None                  # the replayer's name (WELCOME)
         self.full = False
@@ -265,7 +269,10 @@ class ShipState:
                 continue
             try:
                 size = os.stat(seg.path).st_size
-                os.unlink(seg.path)
+                if self.recycle:  # kept as a spare the writer reuses: pages it has already
+                    _log.retire_segment(seg.path)
+                else:
+                    os.unlink(seg.path)
             except FileNotFoundError:
                 size = seg.size
             except OSError as e:

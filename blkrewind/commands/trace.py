@@ -51,8 +51,9 @@ def add_arguments(p):
                    help="how LOG segments are written: buffered (default: through the page "
                         "cache, segments grow as written), prealloc (segments preallocated, or "
                         "recycled spares), direct (preallocated and written with O_DIRECT: the "
-                        "LOG does not evict the server's page cache), auto (direct, buffered on "
-                        "a tmpfs)")
+                        "LOG does not evict the server's page cache), auto (direct; on a tmpfs "
+                        "prealloc with --ship, else buffered). With --ship, retention keeps "
+                        "shipped segments as spares for prealloc and direct to reuse")
     p.add_argument("--lz4-level", type=int, default=-10, metavar="N",
                    help="LOG compression: lz4 level (0..16: higher compresses more, slower; "
                         "negative = lz4's acceleration, faster; default -10). Spans whose "
