@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from blkrewind.errors import StoreError
+from blkrewind.replayer.arrays import unique
 from blkrewind.replayer.payload import PayloadFile, copy_pieces
 
 if TYPE_CHECKING:
@@ -194,18 +195,18 @@ class Image:
             self.run_end = self.end[np.concatenate([brk - 1, [len(self.off) - 1]])]
         else:
             self.run_off = self.run_end = np.zeros(0, np.int64)
-        self.row_groups = len(np.unique(self.key))
+        self.row_groups = len(unique(self.key))
         if cache_bytes is None:
             cache_bytes = auto_cache_bytes(self.row_groups)
         self.cache = cache if cache is not None else \
-            RowGroupCache(p.files, cache_bytes, ids=np.unique(self.fid).tolist())
+            RowGroupCache(p.files, cache_bytes, ids=unique(self.fid).tolist())
         self.data_bytes = int((self.end - self.off).sum())
         # direct reads (replayer/payload.py): per piece, the file offset of its first byte
         # (UNKNOWN until its row group is first read, DECODE when pyarrow must decode it)
         self.abs = np.full(len(self.off), UNKNOWN, np.int64)
         self.by_key = np.argsort(self.key, kind="stable")
         self.keys_sorted = self.key[self.by_key]
-        ufid = np.unique(self.fid)
+        ufid = unique(self.fid)
         self.slot = np.searchsorted(ufid, self.fid)   # per piece: its file's place in views
         self.slot_fid = ufid.tolist()
         self.views: list = [None] * len(ufid)
@@ -261,7 +262,7 @@ class Image:
         todo = g[~ok[g]]
         if len(todo) == 0:
             return
-        todo = np.unique(todo)
+        todo = unique(todo)
         j = np.searchsorted(self._pg_base, todo, "right") - 1
         for jj, k in zip(j.tolist(), (todo - self._pg_base[j]).tolist()):
             pf, r = self._pg_rows[jj]
@@ -312,7 +313,7 @@ class Image:
             buf[:] = 0
         ab = self.abs[a:e]
         if (ab == UNKNOWN).any():
-            self._resolve(np.unique(self.key[a:e][ab == UNKNOWN]).tolist())
+            self._resolve(unique(self.key[a:e][ab == UNKNOWN]).tolist())
             ab = self.abs[a:e]
         delta = lo - self.off[a:e]
         direct = ab >= 0
@@ -385,7 +386,7 @@ def save_index(path: str, p: Plan) -> None:
         np.savez(f, d_off=p.d_off, d_len=p.d_len, d_src=p.d_src, d_file=p.d_file, d_rg=p.d_rg,
                  d_idx=p.d_idx, size=np.array([p.size], np.int64),
                  files=np.frombuffer(json.dumps({str(k): v for k, v in p.files.items()
-                                                 if k in set(np.unique(p.d_file).tolist())})
+                                                 if k in set(unique(p.d_file).tolist())})
                                      .encode(), np.uint8))
     os.replace(tmp, path)
 

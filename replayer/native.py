@@ -1,9 +1,10 @@
-"""The replayer's small native hot loop (replayer/pieces.c: the per-piece copy of a restore
-and of the read path, and the walk over a row group's alike pages), built and loaded here.
+"""The replayer's small native hot loops (replayer/pieces.c: the per-piece copy of a restore
+and of the read path, the walk over a row group's alike pages, and the reading of a payload
+file's footer), built and loaded here.
 
 bpf/build.py calls build() after the BPF object (same clang, same output directory). The
-library is optional: copy_pieces and walk_pages are None when it is not built (or
-BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then does the same in Python.
+library is optional: copy_pieces, walk_pages and parquet_chunks are None when it is not built
+(or BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then does the same in Python.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def _lib():
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     try:
-        f, w = lib.br_copy_pieces, lib.br_walk_pages
+        f, w, c = lib.br_copy_pieces, lib.br_walk_pages, lib.br_parquet_chunks
     except AttributeError:   # a library built from an older pieces.c: bpf/build.py rebuilds it
         return None
     f.restype = None
@@ -42,7 +43,9 @@ def _lib():
     w.restype = i64
     w.argtypes = [p, i64, i64, i64, ctypes.c_char_p, i64, ctypes.c_char_p, i64, i64, i64, i64,
                   i64, p, p, p]
-    return f, w
+    c.restype = i64
+    c.argtypes = [p, i64, i64, ctypes.c_char_p, i64, i64, p]
+    return f, w, c
 
 
-copy_pieces, walk_pages = _lib() or (None, None)
+copy_pieces, walk_pages, parquet_chunks = _lib() or (None, None, None)

@@ -29,7 +29,9 @@ import numpy as np
 
 from blkrewind.errors import StoreError
 from blkrewind.osutil import crc32
+from blkrewind.replayer.arrays import unique
 from blkrewind.replayer.native import copy_pieces as _native_copy
+from blkrewind.replayer.native import parquet_chunks as _native_chunks
 from blkrewind.replayer.native import walk_pages as _native_walk
 
 _I32 = struct.Struct("<i")
@@ -110,9 +112,9 @@ def _skip(b, p: int, t: int) -> int:
         if n:
             kv = b[p]
             p += 1
-            for _ in range(n):
-                p = _skip(b, p, kv >> 4)
-                p = _skip(b, p, kv & 0x0F)
+            for _ in range(n):    # (a bool in a container is a byte of its own)
+                p = _skip(b, p, kv >> 4) if kv >> 4 not in (1, 2) else p + 1
+                p = _skip(b, p, kv & 0x0F) if kv & 0x0F not in (1, 2) else p + 1
         return p
     if t == 12:                # struct
         return _struct(b, p, None)[1]
@@ -328,6 +330,10 @@ class _Footer:
         p = n - 8 - flen
         if flen <= 0 or p < 4:
             raise _NotDirect("footer length")
+        if _native_chunks is not None:
+            got = cls._read_native(b, p, n - 8)
+            if got is not None:
+                return got
         # FileMetaData: 4 row_groups list<RowGroup>; RowGroup: 1 columns list<ColumnChunk>;
         # ColumnChunk: 3 meta_data ColumnMetaData
         chunks: list = []
@@ -338,6 +344,35 @@ class _Footer:
             else:
                 cur.p = _skip(b, cur.p, t)
         return cls(chunks)
+
+
+    @classmethod
+    def _read_native(cls, b, p: int, end: int) -> "_Footer | None":
+        """read() in C (replayer/pieces.c br_parquet_chunks: the same fields, every byte
+        bounds-checked; a footer of 5 row groups in ~10 us instead of ~1.5 ms); None when it
+        finds something it does not expect (then the Python parser says what)."""
+        out = np.zeros((end - p + 1, _CH_N), np.int64)   # (a row group takes >= 1 byte)
+        assert _native_chunks is not None
+        k = _native_chunks(_base(b), end, p, b"data", 4, len(out), out.ctypes.data)
+        if k < 0:
+            return None
+        chunks: list = []
+        for found, typ, codec, values, size, data, has_dict, dict_off in out[:k].tolist():
+            if not found:
+                chunks.append(None)
+                continue
+            c = _Chunk()
+            c.physical_type = _TYPES.get(typ, str(typ))
+            c.compression = _CODECS.get(codec, str(codec))
+            c.num_values = values
+            c.total_compressed_size = size
+            c.data_page_offset = data
+            c.dictionary_page_offset = dict_off if has_dict else None
+            chunks.append(c)
+        return cls(chunks)
+
+
+_CH_N = 8   # values per row group from br_parquet_chunks (pieces.c CH_N)
 
 
 def _list_head(b, p: int) -> tuple[int, int, int]:
@@ -624,7 +659,7 @@ class PayloadFile:
             return
         if not isinstance(self.map, mmap.mmap) or len(idx) == 0:
             return
-        sp = r.spans[np.unique(r.page[idx])]
+        sp = r.spans[unique(r.page[idx])]
         a, e = sp[:, 0] - sp[:, 0] % mmap.PAGESIZE, sp[:, 1]
         # pages next to each other (within 64 KiB) in one call
         brk = np.flatnonzero(a[1:] > e[:-1] + (64 << 10)) + 1
@@ -659,7 +694,7 @@ class PayloadFile:
             raise StoreError(f"a payload row of {self.path} is shorter than its record says")
         if not check:
             return r.pos[idx] + src
-        pages = np.unique(r.page[idx])
+        pages = unique(r.page[idx])
         if not r.ok[pages].all():
             self.verify(r, pages.tolist())
         return r.pos[idx] + src

@@ -70,3 +70,267 @@ int64_t br_walk_pages(const uint8_t *b, int64_t p, int64_t end, int64_t maxpages
 	*endp = p;
 	return k;
 }
+
+/* ---- A Parquet footer's column chunks (replayer/payload.py _Footer), thrift compact. ----
+ * Every read is bounds-checked against [0, n): a damaged footer is an error (-1), never a
+ * read outside the buffer; the caller then parses it in Python or asks pyarrow. */
+struct rd {
+	const uint8_t *b;
+	int64_t n, p;
+	int err;
+};
+
+static uint8_t rd_byte(struct rd *r)
+{
+	if (r->p >= r->n) {
+		r->err = 1;
+		return 0;
+	}
+	return r->b[r->p++];
+}
+
+static uint64_t rd_varint(struct rd *r)
+{
+	uint64_t v = 0;
+	int s;
+
+	for (s = 0; s <= 63 && !r->err; s += 7) {
+		uint8_t c = rd_byte(r);
+
+		v |= (uint64_t)(c & 0x7F) << s;
+		if (c < 0x80)
+			return v;
+	}
+	r->err = 1;
+	return 0;
+}
+
+static int64_t zigzag(uint64_t v)
+{
+	return (int64_t)(v >> 1) ^ -(int64_t)(v & 1);
+}
+
+static void rd_skip(struct rd *r, int t, int depth);
+
+/* Skip a struct's fields up to and including its stop byte. */
+static void rd_skip_struct(struct rd *r, int depth)
+{
+	if (depth > 32) {
+		r->err = 1;
+		return;
+	}
+	while (!r->err) {
+		uint8_t h = rd_byte(r);
+
+		if (h == 0 || r->err)
+			return;
+		if ((h >> 4) == 0)
+			rd_varint(r);
+		rd_skip(r, h & 0x0F, depth + 1);
+	}
+}
+
+/* A container's element: bools are one byte there. */
+static void rd_skip_elem(struct rd *r, int t, int depth)
+{
+	if (t == 1 || t == 2)
+		rd_byte(r);
+	else
+		rd_skip(r, t, depth);
+}
+
+static void rd_skip(struct rd *r, int t, int depth)
+{
+	uint64_t k;
+	uint8_t h;
+
+	if (depth > 32) {
+		r->err = 1;
+		return;
+	}
+	switch (t) {
+	case 1: case 2:		/* bool: in the field header */
+		return;
+	case 3:
+		rd_byte(r);
+		return;
+	case 4: case 5: case 6:
+		rd_varint(r);
+		return;
+	case 7:
+		if (r->n - r->p < 8)
+			r->err = 1;
+		else
+			r->p += 8;
+		return;
+	case 8:
+		k = rd_varint(r);
+		if (r->err || k > (uint64_t)(r->n - r->p))
+			r->err = 1;
+		else
+			r->p += (int64_t)k;
+		return;
+	case 9: case 10:
+		h = rd_byte(r);
+		k = h >> 4;
+		if (k == 15)
+			k = rd_varint(r);
+		while (k-- > 0 && !r->err)
+			rd_skip_elem(r, h & 0x0F, depth + 1);
+		return;
+	case 11:
+		k = rd_varint(r);
+		if (k > 0 && !r->err) {
+			h = rd_byte(r);
+			while (k-- > 0 && !r->err) {
+				rd_skip_elem(r, h >> 4, depth + 1);
+				rd_skip_elem(r, h & 0x0F, depth + 1);
+			}
+		}
+		return;
+	case 12:
+		rd_skip_struct(r, depth + 1);
+		return;
+	default:
+		r->err = 1;
+	}
+}
+
+/* A field header: its id (from the previous one's) and type; 0 at the stop byte. */
+static int rd_field(struct rd *r, int *fid, int *t)
+{
+	uint8_t h = rd_byte(r);
+
+	if (h == 0 || r->err)
+		return 0;
+	*t = h & 0x0F;
+	if (h >> 4)
+		*fid += h >> 4;
+	else
+		*fid = (int)zigzag(rd_varint(r));
+	return 1;
+}
+
+/* A list header: its element count (bounded by the bytes left) and element type. */
+static int64_t rd_list(struct rd *r, int *et)
+{
+	uint8_t h = rd_byte(r);
+	uint64_t k = h >> 4;
+
+	*et = h & 0x0F;
+	if (k == 15)
+		k = rd_varint(r);
+	if (k > (uint64_t)(r->n - r->p))
+		r->err = 1;
+	return r->err ? 0 : (int64_t)k;
+}
+
+enum { CH_FOUND, CH_TYPE, CH_CODEC, CH_VALUES, CH_SIZE, CH_DATA, CH_HAS_DICT, CH_DICT, CH_N };
+
+/* ColumnMetaData at r->p: its values into o (o[CH_FOUND] = 1) when its path is [name]. */
+static void rd_column_meta(struct rd *r, const uint8_t *name, int64_t nname, int64_t *o)
+{
+	int fid = 0, t, et, match = 0;
+	int64_t v[12] = {0}, k, i;
+	int have = 0;
+
+	while (!r->err && rd_field(r, &fid, &t)) {
+		if (fid == 3 && t == 9) {
+			k = rd_list(r, &et);
+			if (et != 8) {
+				r->err = 1;
+				return;
+			}
+			match = k == 1;
+			for (i = 0; i < k && !r->err; i++) {
+				uint64_t m = rd_varint(r);
+
+				if (r->err || m > (uint64_t)(r->n - r->p)) {
+					r->err = 1;
+					return;
+				}
+				if ((int64_t)m != nname || memcmp(r->b + r->p, name, (size_t)m) != 0)
+					match = 0;
+				r->p += (int64_t)m;
+			}
+		} else if ((fid == 1 || fid == 4 || fid == 5 || fid == 7 || fid == 9 || fid == 11)
+			   && (t == 5 || t == 6)) {
+			v[fid] = zigzag(rd_varint(r));
+			have |= 1 << fid;
+		} else {
+			rd_skip(r, t, 1);
+		}
+	}
+	if (r->err || !match)
+		return;
+	if ((have & 0x2B2) != 0x2B2) {		/* fields 1, 4, 5, 7, 9 */
+		r->err = 1;
+		return;
+	}
+	o[CH_FOUND] = 1;
+	o[CH_TYPE] = v[1];
+	o[CH_CODEC] = v[4];
+	o[CH_VALUES] = v[5];
+	o[CH_SIZE] = v[7];
+	o[CH_DATA] = v[9];
+	o[CH_HAS_DICT] = (have >> 11) & 1;
+	o[CH_DICT] = v[11];
+}
+
+/* The FileMetaData at p (its bytes end at n): per row group, CH_N values of its column
+ * named `name` (CH_FOUND 0: none) into out, at most maxrg row groups. Returns the number of
+ * row groups, -1 when the footer is not what it should be, -2 when more than maxrg. */
+int64_t br_parquet_chunks(const uint8_t *b, int64_t n, int64_t p, const uint8_t *name,
+			  int64_t nname, int64_t maxrg, int64_t *out)
+{
+	struct rd r = { b, n, p, 0 };
+	int fid = 0, t, et;
+	int64_t nrg = 0;
+
+	if (p < 0 || p > n)
+		return -1;
+	while (!r.err && rd_field(&r, &fid, &t)) {
+		int64_t k, i;
+
+		if (!(fid == 4 && t == 9)) {
+			rd_skip(&r, t, 1);
+			continue;
+		}
+		k = rd_list(&r, &et);
+		if (et != 12)
+			return -1;
+		for (i = 0; i < k && !r.err; i++) {	/* RowGroup */
+			int gfid = 0, gt;
+			int64_t *o;
+
+			if (nrg >= maxrg)
+				return -2;
+			o = out + nrg * CH_N;
+			memset(o, 0, sizeof(int64_t) * CH_N);
+			nrg++;
+			while (!r.err && rd_field(&r, &gfid, &gt)) {
+				int64_t kc, j;
+				int cet;
+
+				if (!(gfid == 1 && gt == 9)) {
+					rd_skip(&r, gt, 2);
+					continue;
+				}
+				kc = rd_list(&r, &cet);
+				if (cet != 12)
+					return -1;
+				for (j = 0; j < kc && !r.err; j++) {	/* ColumnChunk */
+					int cfid = 0, ct;
+
+					while (!r.err && rd_field(&r, &cfid, &ct)) {
+						if (cfid == 3 && ct == 12)
+							rd_column_meta(&r, name, nname, o);
+						else
+							rd_skip(&r, ct, 3);
+					}
+				}
+			}
+		}
+	}
+	return r.err ? -1 : nrg;
+}

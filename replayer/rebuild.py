@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from blkrewind.errors import StoreError, UserError
+from blkrewind.replayer.arrays import unique
 from blkrewind.replayer.store import Store, StoreReader
 
 BLKGETSIZE64 = 0x80081272
@@ -140,7 +141,7 @@ def visible_pieces(size: int, start: np.ndarray, end: np.ndarray):
     winner -1 for bytes no extent covers. Pieces tile [0, size)."""
     start = np.clip(start.astype(np.int64), 0, size)
     end = np.clip(end.astype(np.int64), 0, size)
-    bounds = np.unique(np.concatenate([start, end, np.array([0, size], np.int64)]))
+    bounds = unique(np.concatenate([start, end, np.array([0, size], np.int64)]))
     m = len(bounds) - 1
     lo = np.searchsorted(bounds, start)
     hi = np.searchsorted(bounds, end)
@@ -257,7 +258,7 @@ def plan_extents(ex: Extents, size: int, only=None) -> Plan:
     plan_ = Plan(size=size, d_off=d_off, d_len=d_len, d_src=d_off - s[wd], d_file=f[wd],
                  d_rg=g[wd], d_idx=i[wd], z_off=ps[zs], z_len=z_end - ps[zs],
                  files=ex.files, extents=len(s))
-    missing = set(np.unique(plan_.d_file).tolist()) - set(plan_.files)
+    missing = set(unique(plan_.d_file).tolist()) - set(plan_.files)
     if missing:
         raise StoreError(f"the store refers to payload files it does not list ({sorted(missing)[:3]})")
     return plan_
@@ -943,7 +944,7 @@ class _DirectSources:
     def build(cls, p: Plan, jobs: int = 2) -> "_DirectSources | None":
         from blkrewind.replayer.payload import PayloadFile
         n = len(p.d_off)
-        ufid = np.unique(p.d_file)
+        ufid = unique(p.d_file)
         files: list = []
         try:
             for fid in ufid.tolist():
@@ -1085,7 +1086,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
             mv.release()
 
     def pages_of(wi: int):
-        return np.unique(gpage[starts[wi]:ends[wi]]).tolist()
+        return unique(gpage[starts[wi]:ends[wi]]).tolist()
 
     written = 0
     try:

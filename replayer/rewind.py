@@ -138,30 +138,41 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
 
 
 def rewind(fd: int, img_to: Image, starts, ends, *, progress=None) -> tuple[int, int]:
-    """Write img_to over the ranges; fsync. (ranges, bytes written). A writer thread writes
-    one CHUNK while the next is read (O_DIRECT writes wait for the disk)."""
+    """Write img_to over the ranges; fsync. (ranges, bytes written). The ranges are read into
+    CHUNK buffers, several small ones to a buffer, which two writer threads write while the
+    next is read (O_DIRECT writes wait for the disk: two in flight keep it busier)."""
     from blkrewind.replayer.writebehind import WriteBehind
 
-    def write(buf, off: int, n: int) -> None:
+    def write(buf, parts) -> None:
         with memoryview(buf) as v:
-            w = os.pwritev(fd, [v[:n]], off)  # (ALIGN-aligned; the end: the size's)
-        if w != n:
-            raise UserError(f"short write at byte {off}")
+            for off, at, n in parts:
+                w = os.pwritev(fd, [v[at:at + n]], off)  # (ALIGN-aligned; the end: the size's)
+                if w != n:
+                    raise UserError(f"short write at byte {off}")
 
-    bufs = [_aligned(CHUNK) for _ in range(3)]
+    bufs = [_aligned(CHUNK) for _ in range(4)]
     total = 0
     try:
-        with WriteBehind(bufs, write, "rewind-write") as wb:
+        with WriteBehind(bufs, write, "rewind-write", threads=2) as wb:
+            i, used = -1, CHUNK
+            parts: list[tuple[int, int, int]] = []
             for a, e in zip(starts.tolist(), ends.tolist()):
                 off = a
                 while off < e:
-                    n = min(CHUNK, e - off)
-                    i = wb.take()
+                    if used == CHUNK:
+                        if parts:
+                            wb.put(i, parts)
+                        i, used, parts = wb.take(), 0, []
+                    n = min(CHUNK - used, e - off)
                     with memoryview(bufs[i]) as v:
-                        img_to.read_into(v[:n], off)
-                    wb.put(i, off, n)
+                        img_to.read_into(v[used:used + n], off)
+                    parts.append((off, used, n))
+                    # the next range starts ALIGN-aligned in the buffer (O_DIRECT)
+                    used = min(CHUNK, -(-(used + n) // ALIGN) * ALIGN)
                     off += n
                     total += n
+            if parts:
+                wb.put(i, parts)
     finally:
         for b in bufs:
             b.close()

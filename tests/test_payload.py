@@ -181,14 +181,59 @@ def _footer_equals_pyarrow(path) -> None:
     """payload._Footer (the thrift parser that spares the read path pyarrow) reads what
     pyarrow reads of each row group's `data` column chunk."""
     md = pq.ParquetFile(path).metadata
-    ft = payload._Footer.read(path.read_bytes())
     col = [md.schema.column(i).name for i in range(md.num_columns)].index("data")
-    assert ft.has_data and ft.num_row_groups == md.num_row_groups
-    for rg in range(md.num_row_groups):
-        c, d = md.row_group(rg).column(col), ft.row_group(rg).column(0)
-        for a in ("physical_type", "compression", "num_values", "total_compressed_size",
-                  "data_page_offset", "dictionary_page_offset"):
-            assert getattr(c, a) == getattr(d, a), (rg, a)
+    b = path.read_bytes()
+    fts = [payload._Footer.read(b)]
+    if payload._native_chunks is not None:   # the C reader (pieces.c) and the Python one
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(payload, "_native_chunks", None)
+            fts.append(payload._Footer.read(b))
+    for ft in fts:
+        assert ft.has_data and ft.num_row_groups == md.num_row_groups
+        for rg in range(md.num_row_groups):
+            c, d = md.row_group(rg).column(col), ft.row_group(rg).column(0)
+            for a in payload._Chunk.__slots__:
+                assert getattr(c, a) == getattr(d, a), (rg, a)
+
+
+def _chunks(ft) -> list:
+    return [None if c is None else [getattr(c, a) for a in payload._Chunk.__slots__]
+            for c in ft.chunks]
+
+
+def test_footer_native_reader_on_damaged_footers(tmp_path):
+    """pieces.c br_parquet_chunks on footers with bytes changed or cut: never a read outside
+    the buffer (the process would die), and whatever it returns is what the Python parser
+    reads of the same bytes."""
+    if payload._native_chunks is None:
+        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
+    rng = np.random.default_rng(5)
+    path = tmp_path / "p.parquet"
+    with pq.ParquetWriter(path, PAYLOAD_SCHEMA, compression="none", use_dictionary=False,
+                          write_page_checksum=True) as w:
+        for _ in range(4):
+            w.write_table(_table([rng.bytes(100) for _ in range(10)]), row_group_size=10)
+    good = path.read_bytes()
+    flen = int.from_bytes(good[-8:-4], "little")
+    p0 = len(good) - 8 - flen
+    ok = 0
+    for trial in range(3000):
+        d = bytearray(good)
+        if trial % 3 == 2:      # the footer's length word points at fewer bytes: a cut footer
+            cut = int(rng.integers(1, flen))
+            d[-8:-4] = (flen - cut).to_bytes(4, "little")
+        for _ in range(int(rng.integers(1, 4))):
+            d[p0 + int(rng.integers(0, flen))] = int(rng.integers(0, 256))
+        b = bytes(d)
+        got = payload._Footer._read_native(b, len(b) - 8 - int.from_bytes(b[-8:-4], "little"),
+                                           len(b) - 8)
+        if got is None:
+            continue
+        ok += 1
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(payload, "_native_chunks", None)
+            assert _chunks(got) == _chunks(payload._Footer.read(b)), trial
+    assert ok > 100     # (many changes leave a footer that still parses: they were compared)
 
 
 def test_footer_of_compressed_and_dictionary_files(tmp_path):

@@ -56,8 +56,8 @@ def run(args) -> int:
         raise UserError("--samples must be at least 1")
     with open_for_reading(args.store) as store:
         device = store.find_device(args.device)
-        r_to = points.resolve(store, device, points.parse_point(args.at))
-        r_from = points.resolve(store, device, points.parse_point(args.from_))
+        r_to, r_from = points.resolve_each(store, device, [points.parse_point(args.at),
+                                                           points.parse_point(args.from_)])
         res = rewind.run(store, device, r_to, r_from, args.to, samples=args.samples,
                          check_only=args.check)
     pct = 100.0 * res.bytes_written / max(1, r_to.size_bytes)
