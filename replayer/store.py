@@ -122,19 +122,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-if TYPE_CHECKING:
-    import duckdb
-else:
-    try:
-        # the engine without its Python wrapper: the wrapper's import (importlib.metadata for
-        # its version, its relation API) costs ~0.05 CPU-s of every command that only reads
-        # a store (rewind, restore, mount); the same classes and exceptions. A writer imports
-        # the wrapper (_connect): its set-up serves `register` of Arrow tables.
-        import _duckdb as duckdb
-    except ImportError:     # (a duckdb without it)
-        import duckdb
+import duckdb
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.formats import record
@@ -1517,8 +1507,6 @@ def _take_lock(path: str, wait: float) -> int:
 
 
 def _connect(meta: str, *, read_only: bool, wait: float, path: str) -> duckdb.DuckDBPyConnection:
-    if not read_only:
-        import duckdb as _wrapper  # noqa: F401 (see the import of duckdb above)
     deadline = time.monotonic() + wait
     while True:
         try:
