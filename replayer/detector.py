@@ -63,9 +63,10 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   and inode) at both. New files written over the freed blocks of deleted ones replace
   compressible data at the block level too, and xfs reuses freed extents as soon as the
   deletion is in its log: CI's benign service (tests/test_detector.py's cgroup test, xfs;
-  reproduced 3 times in 7 runs with two busy loops beside it) alarmed when the writeback of its
-  gzip/zstd outputs landed on the freed blocks of the logs (the cgroup group: 444 KiB of the
-  6 compressors' 468 KiB of random data replaced text, 95 %, over the 74 % of an attack) and
+  here in 3 of 8 runs with two busy loops beside it, 0 of 6 without) alarmed when the
+  writeback of its gzip/zstd outputs landed on the freed blocks of the logs (the cgroup
+  group: 444 KiB of the 6 compressors' 468 KiB of random data replaced text, 95 %, over the
+  74 % of an attack) and
   when tar, unpacking a package again, put its new .gz man pages over the freed blocks of its
   first copy's .mo files (one process: 132-148 KiB of its 232 KiB); in each 0 % was in
   place. An attack that truncates or replaces the files (its ciphertext over the freed blocks
