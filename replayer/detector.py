@@ -68,7 +68,7 @@ write or baseline chunk that covered it) and looks at what each write replaces:
   group: 444 KiB of the 6 compressors' 468 KiB of random data replaced text, 95 %, over the
   74 % of an attack) and
   when tar, unpacking a package again, put its new .gz man pages over the freed blocks of its
-  first copy's .mo files (one process: 132-148 KiB of its 232 KiB); in each 0 % was in
+  first copy's .mo files (one process: 128-148 KiB of its 216-232 KiB); in each 0 % was in
   place. An attack that truncates or replaces the files (its ciphertext over the freed blocks
   of other originals) is the file-level check's below, as before. Without the file systems
   (not ext4/xfs, the points not restorable) the rules alone decide. Each such episode mounts
