@@ -351,6 +351,8 @@ class Detector:
         self.pending: list[Streak] = []                # candidates for newfiles_check
         self.confirm = False                           # in-place episodes wait for the
         self.unconfirmed: list[Episode] = []           # file-level check (FileCheck.in_place)
+        self.checked: dict[tuple, int] = {}            # per group: the streak (its first stamp)
+                                                       # of its file-level check's episode
         self.vol: dict[tuple, list] = {}               # per group: random_share's data
         self.last_stamp = 0
         self.last_ns = 0                              # time of the newest write fed
@@ -559,6 +561,11 @@ class Detector:
             if ep is not None and ep.detect_stamp <= st.last_stamp \
                     and st.last_ns - ep.last_ns <= self.window_ns:
                 continue          # already an episode at that point
+            if ep is not None and ep.kind == NEWFILES and self.checked.get(st.group) == \
+                    st.first_stamp:   # a later candidate of the streak that is this episode
+                ep.last_stamp = max(ep.last_stamp, st.last_stamp)   # (one chunk fed before
+                ep.last_ns = max(ep.last_ns, st.last_ns)            # its checks: suspects)
+                continue
             r = check(self, st)
             if r is RETRY:
                 later.append(st)
@@ -580,6 +587,7 @@ class Detector:
                     else:
                         self.episodes.remove(ep)
                 self.open[st.group] = r
+                self.checked[st.group] = st.first_stamp
                 self.episodes.append(r)
                 for y in _wider(st.group):   # its writes are its episode's, not its
                     q = self.recent.get(y)     # workers' or cgroup's group's
