@@ -12,6 +12,9 @@ least 128 KiB in 4 writes at 3 places within 10 s, or the processes of one name 
 more than half, or all the processes of one cgroup (a systemd unit, a container) for twice
 that, spread so and over 2 or more names, when at least half of the random data the cgroup
 wrote then replaced compressible data (a script running openssl, dd and python by turns).
+On ext4 and xfs such an episode is listed only when the file system, read before it and at
+the write that opened it, shows at least half of the replaced blocks held by the same file at
+both (new files written over the freed blocks of deleted ones are not in place; two mounts).
 Encryption into new files (the originals deleted, renamed over, or truncated and rewritten)
 is found by reading the file system (ext4, xfs) before and after a process's run of random
 writes into new places: compressible files gone or changed, paired with random files of
