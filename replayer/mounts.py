@@ -330,6 +330,8 @@ def _start_nbdkit(reg: dict, run_dir: str, index: str, *, writable: bool,
                         start_new_session=True)
         if owned:
             p = _spawn(argv, preexec_fn=_owned_preexec(os.getpid(), signal.SIGKILL), **kw)
+            reg["nbdkit_pid"] = p.pid   # (in the foreground: it is nbdkit; teardown stops it
+                                        # if it never gets ready)
         else:
             p = subprocess.Popen(argv, preexec_fn=_io_flusher, **kw)
     reg["steps"].append("nbdkit")
@@ -420,10 +422,17 @@ def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
                 subprocess.run(["umount", "-l", fdir], capture_output=True)
         _wait_gone(reg.get("nbdfuse_pid"), 10)
     from blkrewind.replayer.export import remove_run_dir, stop_pid
+    if reg.get("nbdfuse_pid") and _alive(reg["nbdfuse_pid"]) \
+            and _is_ours(reg["nbdfuse_pid"], "nbdfuse"):
+        stop_pid(reg["nbdfuse_pid"])
     if reg.get("nbdkit_pid"):
         if _alive(reg["nbdkit_pid"]) and _is_ours(reg["nbdkit_pid"], "nbdkit"):
             stop_pid(reg["nbdkit_pid"])
     if reg.get("run_dir"):
+        # a helper whose pid was never recorded (a daemon nbdkit not ready yet) still writes
+        # into the directory: stopped first
+        for pid, _ in _helpers_of(reg["run_dir"]):
+            stop_pid(pid)
         kept = remove_run_dir(reg["run_dir"])
         if kept:
             notes.append(kept)
