@@ -21,6 +21,8 @@ every point replayer/pointimage.py reads: diff, files, bisect, serve's detector.
 OWNER_FILE from its first moment: that process's pid and start time, so that what a killed
 process left (its mounts, loop devices, nbdkit and nbdfuse) is known as stale and reaped
 (replayer/mounts.py `reap_stale`: serve's start, `blkrewind umount --stale`, listed by `status`).
+It keeps OWNER_FILE to its last moment too (`remove_run_dir`: the rest first, then a rename to
+GONE<pid>, removed by reap_stale if that process is killed in the middle).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ PLUGIN = os.path.join(ROOT, "replayer", "nbd_plugin.py")
 DEFAULT_PORT = 10809
 OWNER_FILE = "owner.json"
 UNBORN = ".new-"    # a point's runtime directory being made: UNBORN<pid>-<random>
+GONE = ".gone-"     # a runtime directory being removed: GONE<pid>-<stamp>-<its name>
 
 
 @dataclass
@@ -111,6 +114,67 @@ def _run_dir(name: str, owner: dict | None = None) -> str:
         raise
 
 
+def remove_run_dir(d: str, *, tries: int = 50) -> str | None:
+    """Remove a runtime directory so that a process killed at any moment of it leaves the
+    directory with its OWNER_FILE (a point mounts.reap_stale and `status` find) or a GONE
+    directory of its pid (reap_stale removes it once that process is gone), never a directory
+    no one can place: what it holds but OWNER_FILE first, then a rename to GONE, then the rest
+    (a plain rmtree removed OWNER_FILE among the first: a server SIGKILLed in it left a point's
+    directory for good). What cannot be removed (a helper still exiting, something still
+    mounted) is tried again every 0.1 s, `tries` times. None: removed (or none was there);
+    else why not (the directory is kept under its name, with its OWNER_FILE)."""
+    why = ""
+    for k in range(tries):
+        if k:
+            time.sleep(0.1)
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            why = str(e)
+            continue
+        for n in names:
+            if n == OWNER_FILE:
+                continue
+            p = os.path.join(d, n)
+            try:
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                    if os.path.lexists(p):
+                        os.rmdir(p)   # (raises why rmtree could not)
+                else:
+                    os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                why = str(e)
+        try:
+            if [n for n in os.listdir(d) if n != OWNER_FILE]:
+                continue
+            tomb = os.path.join(os.path.dirname(d),
+                                f"{GONE}{os.getpid()}-{time.time_ns()}-{os.path.basename(d)}")
+            os.rename(d, tomb)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            why = str(e)
+            continue
+        shutil.rmtree(tomb, ignore_errors=True)
+        if not os.path.lexists(tomb):
+            return None
+        try:
+            held = sorted(os.listdir(tomb))
+        except OSError as e:
+            held = [str(e)]
+        return f"cannot remove {tomb} (was {d}): it holds {', '.join(held) or 'nothing'}"
+    try:
+        held = sorted(os.listdir(d))
+    except OSError as e:
+        held = [str(e)]
+    return f"cannot remove {d}: {why or 'it is not empty'}; it holds {', '.join(held)}"
+
+
 def prepare(store_path: str, device_spec: str, at: str, *, warn=None,
             run_dir: str | None = None) -> Prepared:
     """Resolve the point and write its index into a new runtime directory (or into
@@ -140,7 +204,7 @@ def prepare_resolved(store, device, r, *, run_dir: str | None = None) -> Prepare
         image.save_index(idx, pl)
     except BaseException:
         if run_dir is None:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_run_dir(d)
         raise
     return Prepared(device, r, d, idx, pl.data_bytes)
 

@@ -330,6 +330,8 @@ def _start_nbdkit(reg: dict, run_dir: str, index: str, *, writable: bool,
                         start_new_session=True)
         if owned:
             p = _spawn(argv, preexec_fn=_owned_preexec(os.getpid(), signal.SIGKILL), **kw)
+            reg["nbdkit_pid"] = p.pid   # (in the foreground: it is nbdkit; teardown stops it
+                                        # if it never gets ready)
         else:
             p = subprocess.Popen(argv, preexec_fn=_io_flusher, **kw)
     reg["steps"].append("nbdkit")
@@ -419,12 +421,21 @@ def teardown(reg: dict, *, quiet: bool = False) -> list[str]:
             if os.path.ismount(fdir):
                 subprocess.run(["umount", "-l", fdir], capture_output=True)
         _wait_gone(reg.get("nbdfuse_pid"), 10)
+    from blkrewind.replayer.export import remove_run_dir, stop_pid
+    if reg.get("nbdfuse_pid") and _alive(reg["nbdfuse_pid"]) \
+            and _is_ours(reg["nbdfuse_pid"], "nbdfuse"):
+        stop_pid(reg["nbdfuse_pid"])
     if reg.get("nbdkit_pid"):
-        from blkrewind.replayer.export import stop_pid
         if _alive(reg["nbdkit_pid"]) and _is_ours(reg["nbdkit_pid"], "nbdkit"):
             stop_pid(reg["nbdkit_pid"])
     if reg.get("run_dir"):
-        shutil.rmtree(reg["run_dir"], ignore_errors=True)
+        # a helper whose pid was never recorded (a daemon nbdkit not ready yet) still writes
+        # into the directory: stopped first
+        for pid, _ in _helpers_of(reg["run_dir"]):
+            stop_pid(pid)
+        kept = remove_run_dir(reg["run_dir"])
+        if kept:
+            notes.append(kept)
     if mp:
         try:
             os.unlink(_reg_path(mp))
@@ -544,8 +555,8 @@ def owned_points() -> list[dict]:
         return out
     mi = None
     for n in names:
-        if n.startswith(export.UNBORN):   # being made (reap_stale removes a dead one's)
-            continue
+        if n.startswith((export.UNBORN, export.GONE)):   # being made or removed (reap_stale
+            continue                                     # removes a dead process's)
         d = os.path.join(export.RUN_DIR, n)
         try:
             with open(os.path.join(d, export.OWNER_FILE)) as f:
@@ -604,23 +615,31 @@ def reap(pt: dict) -> list[str]:
     if left:
         done.append(f"{d} kept: {', '.join(left)} still mounted")
     else:
-        shutil.rmtree(d, ignore_errors=True)
-        done.append(f"removed {d}")
+        done.append(export.remove_run_dir(d) or f"removed {d}")
     return done
 
 
 def reap_stale(store: str | None = None) -> list[tuple[dict, list[str]]]:
     """reap() every point whose process is gone (of `store` only, when given); the
-    directories of points whose process died while making them (export.UNBORN) go too."""
+    directories a process died making or removing (export.UNBORN, export.GONE: they hold
+    nothing mounted or served) go too."""
     from blkrewind.replayer import export
 
-    with contextlib.suppress(OSError):
-        for n in os.listdir(export.RUN_DIR):
-            pid = n[len(export.UNBORN):].split("-")[0]
-            if n.startswith(export.UNBORN) and pid.isdigit() and \
-                    export.proc_start(int(pid)) is None:
-                shutil.rmtree(os.path.join(export.RUN_DIR, n), ignore_errors=True)
     out = []
+    with contextlib.suppress(OSError):
+        for n in sorted(os.listdir(export.RUN_DIR)):
+            prefix = next((x for x in (export.UNBORN, export.GONE) if n.startswith(x)), None)
+            pid = n[len(prefix):].split("-")[0] if prefix else ""
+            if pid.isdigit() and export.proc_start(int(pid)) is None:
+                d = os.path.join(export.RUN_DIR, n)
+                shutil.rmtree(d, ignore_errors=True)
+                if os.path.lexists(d):
+                    try:
+                        held = ", ".join(sorted(os.listdir(d)))
+                    except OSError as e:
+                        held = str(e)
+                    out.append(({"run_dir": d, "pid": int(pid)},
+                                [f"cannot remove {d}: it holds {held}"]))
     for pt in owned_points():
         if not pt["stale"]:
             continue
@@ -631,5 +650,7 @@ def reap_stale(store: str | None = None) -> list[tuple[dict, list[str]]]:
 
 
 def describe_point(pt: dict) -> str:
+    if "device" not in pt:   # a directory being made or removed (reap_stale)
+        return f"the directory {pt['run_dir']} of pid {pt['pid']}"
     return (f"{pt.get('device')} at stamp {pt.get('stamp')} of {pt.get('store')}, read by "
             f"{pt.get('command')} (pid {pt.get('pid')})")

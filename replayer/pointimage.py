@@ -93,7 +93,8 @@ def _served(store, device, r):
     finally:
         if path is not None:
             _FUSE_IMAGES.pop(path, None)
-        mounts.teardown(reg, quiet=True)
+        for note in mounts.teardown(reg, quiet=True):   # what could not be undone
+            print(f"blkrewind: {note}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -489,6 +490,70 @@ def test_point_directory_appears_with_its_owner_and_unborn_ones_are_reaped(monke
     mounts.reap_stale("/elsewhere")
     assert sorted(p.name for p in run.iterdir()) == [f"{export.UNBORN}1-y", "dev-5-1",
                                                      "dev-5-1.1"]
+
+
+_KILLED_AT = r"""
+import json, os, signal, sys
+from blkrewind.replayer import export, mounts
+export.RUN_DIR, how, k = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if how == "teardown":   # a point of this process as pointimage leaves it to mounts.teardown
+    d = export._run_dir(f"h_d-5-{os.getpid()}", owner={"store": "/s", "device": "h:d", "stamp": 5})
+    for n in ("index.npz", "nbdkit.log", "nbd.sock", "nbdkit.pid", "nbdfuse.log", "nbdfuse.pid"):
+        open(os.path.join(d, n), "w").close()
+    for n in ("fuse", "mnt-x", "mnt-x/lost+found"):
+        os.mkdir(os.path.join(d, n))
+calls = [0]
+def killing(f):   # SIGKILLed at its k-th removal step
+    def g(*a, **kw):
+        calls[0] += 1
+        if calls[0] == k:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return f(*a, **kw)
+    return g
+os.unlink, os.rmdir, os.rename = killing(os.unlink), killing(os.rmdir), killing(os.rename)
+if how == "teardown":
+    print(json.dumps(mounts.teardown({"run_dir": d, "steps": ["run_dir"]})), flush=True)
+else:    # the next server: it reaps what the last one left
+    print(json.dumps([done for _, done in mounts.reap_stale("/s")]), flush=True)
+"""
+
+
+def test_point_directory_removed_by_a_process_killed_at_any_step_is_reaped(monkeypatch,
+                                                                          tmp_path):
+    """A process SIGKILLed at any step of removing a point's runtime directory (its own, at
+    the end of a check: mounts.teardown; a dead one's: reap_stale) leaves the directory with
+    its owner file or one named export.GONE + its pid: reap_stale (the next `serve`) removes
+    either, nothing is left. (A plain rmtree removed the owner file among the first: CI's
+    crash test found a run dir of a killed server's detector holding index.npz, nbd.sock,
+    nbdkit.log and nbdfuse.log, which no later reap could place.)"""
+    from blkrewind.replayer import export, mounts
+    run = tmp_path / "run"
+    monkeypatch.setattr(export, "RUN_DIR", str(run))
+
+    def child(how: str, k: int) -> subprocess.CompletedProcess:
+        p = subprocess.run([sys.executable, "-c", _KILLED_AT, str(run), how, str(k)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode in (0, -signal.SIGKILL), (how, k, p.stderr)
+        return p
+
+    for how in ("teardown", "reap"):
+        for k in range(1, 40):
+            if how == "reap":   # a stale point to reap: its process killed in its teardown
+                assert child("teardown", 3).returncode == -signal.SIGKILL
+                assert [x["stale"] for x in mounts.owned_points()] == [True], \
+                    [x.name for x in run.iterdir()]
+            p = child(how, k)
+            if p.returncode == 0:   # done before its k-th step: the last k
+                notes = json.loads(p.stdout)
+                assert notes == ([] if how == "teardown" else [[f"removed {run}/h_d-5-"
+                                                                f"{notes[0][0].split('-')[-1]}"]]), notes
+            done = mounts.reap_stale("/s")   # the next server
+            assert not list(run.iterdir()), (how, k, [x.name for x in run.iterdir()], done)
+            if p.returncode == 0:
+                break
+        else:
+            raise AssertionError(f"{how}: not done within 39 steps")
 
 
 def test_attack_spread_over_processes_is_one_episode(tmp_path, capsys):

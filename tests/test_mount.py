@@ -166,6 +166,42 @@ def test_failure_and_sigint_at_every_step_leave_nothing(ext4, tmp_path, step):
     assert not os.path.ismount(mp)
 
 
+def test_a_read_point_whose_nbdkit_never_gets_ready_leaves_nothing(ext4, monkeypatch):
+    """A point read in-process (replayer/pointimage.py: diff, files, serve's detector) whose
+    nbdkit does not get ready in time: the error goes on and nbdkit is stopped, though its pid
+    was never read from its pid file, before its runtime directory is removed (it went on
+    starting and wrote its socket and pid file into the directory being removed)."""
+    from blkrewind.errors import UserError
+    from blkrewind.replayer import export, mounts, points
+    from blkrewind.replayer.pointimage import open_point_image
+    from blkrewind.replayer.query import open_for_reading
+
+    real = mounts._wait_pidfile
+
+    def late(proc, pidfile, what, *a, **kw):
+        if what == "nbdkit":
+            raise UserError("nbdkit did not start within 60 s")
+        return real(proc, pidfile, what, *a, **kw)
+    monkeypatch.setattr(mounts, "_wait_pidfile", late)
+    me = f"-{os.getpid()}"
+    with open_for_reading(ext4.store) as st:
+        dev = st.find_device(ext4.name)
+        with pytest.raises(UserError, match="did not start"):
+            with open_point_image(st, dev, points.parse_point("m2")):
+                pass
+    mine = [d for d in _exports() if d.split(".")[0].endswith(me)]
+    running = [pid for pid in os.listdir("/proc") if pid.isdigit() and
+               f"{export.RUN_DIR}/".encode() in _cmdline(pid) and me.encode() in _cmdline(pid)]
+    assert not (mine or running), (mine, running)
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_bad_input_one_line_each(ext4, tmp_path):
     mp = tmp_path / "mnt"
     mp.mkdir()

@@ -154,15 +154,16 @@ class Server:
         devices on their files, nbdkit and nbdfuse naming them)."""
         from conftest import attached_loops, mounts
 
-        from blkrewind.replayer.export import RUN_DIR, UNBORN
+        from blkrewind.replayer.export import GONE, RUN_DIR, UNBORN
         ends = tuple(f"-{pid}" for pid in self.pids)
 
         def ours(path: str) -> bool:
             if not path.startswith(RUN_DIR + "/"):
                 return False
             d = path[len(RUN_DIR) + 1:].split("/")[0]
-            if d.startswith(UNBORN):   # a point's directory being made: UNBORN<pid>-...
-                return f"-{d[len(UNBORN):].split('-')[0]}" in ends
+            for prefix in (UNBORN, GONE):   # a directory being made or removed: <prefix><pid>-
+                if d.startswith(prefix):
+                    return f"-{d[len(prefix):].split('-')[0]}" in ends
             return d.split(".")[0].endswith(ends)
         left = []
         for d in (os.listdir(RUN_DIR) if os.path.isdir(RUN_DIR) else []):
@@ -170,7 +171,7 @@ class Server:
                 held = sorted(os.listdir(f"{RUN_DIR}/{d}")) if os.path.isdir(f"{RUN_DIR}/{d}") \
                     else []
                 run = next((k for k, pid in enumerate(self.pids) if d.split(".")[0].endswith(
-                    f"-{pid}")), None)
+                    f"-{pid}") or d.startswith((f"{UNBORN}{pid}-", f"{GONE}{pid}-"))), None)
                 left.append(f"run dir {d} (of run {run} of {len(self.pids)}, holding {held})")
         left += [f"mount {mp}" for _, mp in mounts() if ours(mp)]
         left += [f"loop {d} -> {b}" for d, b in attached_loops().items() if ours(b)]

@@ -31,7 +31,6 @@ Options (defaults and units):
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -136,7 +135,9 @@ def run(args) -> int:
                 proc.wait()
         for s, h in old.items():
             signal.signal(s, h)
-        shutil.rmtree(prep.run_dir, ignore_errors=True)
+        why = export.remove_run_dir(prep.run_dir)
+        if why:
+            print(f"blkrewind: {why}", file=sys.stderr, flush=True)
         if args.socket and os.path.exists(args.socket):
             try:
                 os.unlink(args.socket)
