@@ -277,6 +277,25 @@ static void rd_column_meta(struct rd *r, const uint8_t *name, int64_t nname, int
 	o[CH_DICT] = v[11];
 }
 
+/* The next field of the struct being read that is a list of structs numbered `want` (the
+ * other fields skipped; *fid carries the struct's field-id delta base): its length, -1 when
+ * that field is not a list of structs (or the bytes are bad), -2 at the struct's end. */
+static int64_t rd_struct_list(struct rd *r, int *fid, int want, int depth)
+{
+	int t, et;
+	int64_t k;
+
+	while (!r->err && rd_field(r, fid, &t)) {
+		if (!(*fid == want && t == 9)) {
+			rd_skip(r, t, depth);
+			continue;
+		}
+		k = rd_list(r, &et);
+		return et == 12 && !r->err ? k : -1;
+	}
+	return r->err ? -1 : -2;
+}
+
 /* The FileMetaData at p (its bytes end at n): per row group, CH_N values of its column
  * named `name` (CH_FOUND 0: none) into out, at most maxrg row groups. Returns the number of
  * row groups, -1 when the footer is not what it should be, -2 when more than maxrg. */
@@ -284,40 +303,29 @@ int64_t br_parquet_chunks(const uint8_t *b, int64_t n, int64_t p, const uint8_t 
 			  int64_t nname, int64_t maxrg, int64_t *out)
 {
 	struct rd r = { b, n, p, 0 };
-	int fid = 0, t, et;
-	int64_t nrg = 0;
+	int fid = 0;
+	int64_t nrg = 0, k;
 
 	if (p < 0 || p > n)
 		return -1;
-	while (!r.err && rd_field(&r, &fid, &t)) {
-		int64_t k, i;
+	while ((k = rd_struct_list(&r, &fid, 4, 1)) != -2) {
+		int64_t i;
 
-		if (!(fid == 4 && t == 9)) {
-			rd_skip(&r, t, 1);
-			continue;
-		}
-		k = rd_list(&r, &et);
-		if (et != 12)
+		if (k < 0)
 			return -1;
 		for (i = 0; i < k && !r.err; i++) {	/* RowGroup */
-			int gfid = 0, gt;
-			int64_t *o;
+			int gfid = 0;
+			int64_t *o, kc;
 
 			if (nrg >= maxrg)
 				return -2;
 			o = out + nrg * CH_N;
 			memset(o, 0, sizeof(int64_t) * CH_N);
 			nrg++;
-			while (!r.err && rd_field(&r, &gfid, &gt)) {
-				int64_t kc, j;
-				int cet;
+			while ((kc = rd_struct_list(&r, &gfid, 1, 2)) != -2) {
+				int64_t j;
 
-				if (!(gfid == 1 && gt == 9)) {
-					rd_skip(&r, gt, 2);
-					continue;
-				}
-				kc = rd_list(&r, &cet);
-				if (cet != 12)
+				if (kc < 0)
 					return -1;
 				for (j = 0; j < kc && !r.err; j++) {	/* ColumnChunk */
 					int cfid = 0, ct;
