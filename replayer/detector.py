@@ -1116,6 +1116,19 @@ class FileCheck:
         if a is not None:
             a[4].close()
 
+    def _failed(self, e: Exception, what: str, a_stamp: int, b_stamp: int) -> None:
+        """Say why a check could not read its points: a UserError (no ext4/xfs, no loop
+        device...) disables the checks of this device, said once; an OSError fails this one."""
+        from blkrewind.errors import UserError
+
+        if isinstance(e, UserError):
+            self.disabled = str(e)
+            print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
+                  file=sys.stderr)
+        else:
+            print(f"blkrewind: detector: the {what} check at stamps {a_stamp}..{b_stamp} "
+                  f"failed: {e}", file=sys.stderr)
+
     def __call__(self, det: Detector, sk: Streak):
         from blkrewind.errors import UserError
         from blkrewind.replayer import fsmap
@@ -1202,14 +1215,8 @@ class FileCheck:
                 if b2 is None or b2 <= b_stamp or self._restorable(det, b2) is not True:
                     break
                 b_stamp = b2
-        except UserError as e:     # no ext4/xfs, no loop device...: said once
-            self.disabled = str(e)
-            print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
-                  file=sys.stderr)
-            return None
-        except OSError as e:
-            print(f"blkrewind: detector: the file-level check at stamps {a_stamp}..{b_stamp} "
-                  f"failed: {e}", file=sys.stderr)
+        except (UserError, OSError) as e:
+            self._failed(e, "file-level", a_stamp, b_stamp)
             return None
         finally:
             if th is not None:   # B failed first: A's mount is kept (close() undoes it)
@@ -1278,14 +1285,8 @@ class FileCheck:
         map_at("b", b_stamp)
         th.join()
         e = side.get("e")
-        if isinstance(e, UserError):     # no ext4/xfs, no loop device...: said once
-            self.disabled = str(e)
-            print(f"blkrewind: detector: no file-level check on {self.device}: {e}",
-                  file=sys.stderr)
-            return True
-        if isinstance(e, OSError):
-            print(f"blkrewind: detector: the in-place check at stamps {a_stamp}..{b_stamp} "
-                  f"failed: {e}", file=sys.stderr)
+        if isinstance(e, (UserError, OSError)):
+            self._failed(e, "in-place", a_stamp, b_stamp)
             return True
         if e is not None:
             raise e
