@@ -665,7 +665,13 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
     window = _window_bytes()
     src = None
     if method in (None, "direct") and len(p.d_off):
-        src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
+        gc_was = gc.isenabled()
+        gc.disable()    # (its objects are arrays and a few per row group: nothing to collect)
+        try:
+            src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
+        finally:
+            if gc_was:
+                gc.enable()
     if src is not None:
         return _execute_with(p, t, src, jobs, progress, label)
     if method == "direct":
@@ -988,10 +994,6 @@ class _DirectSources:
                 per_file.setdefault(id(pf), (pf, [], []))[1 if pi is None else 2].append(rg)
             for pf, rgs, _ in per_file.values():
                 pf.willneed_all(rgs)
-            # (those of the indexed ones beside the first windows: ~20 ms a GB)
-            threading.Thread(target=_willneed, args=([(pf, rgs) for pf, _, rgs in
-                                                      per_file.values() if rgs],),
-                             name="restore-willneed", daemon=True).start()
             found = [pi if pi is not None else g[0].rows(g[1]) for g, pi in zip(groups, found)]
             if any(r is None for r in found):
                 for f in files:
@@ -1043,7 +1045,43 @@ class _DirectSources:
             for f in files:
                 f.close()
             raise
-        return cls(files, slot, grow, p.d_src, gpage, pgroups, gbase, rowpos, rowlen, pages)
+        src = cls(files, slot, grow, p.d_src, gpage, pgroups, gbase, rowpos, rowlen, pages)
+        src.populate(p)
+        return src
+
+    def populate(self, p: Plan) -> None:
+        """Map the pages found by a page index that the plan uses, in the order the windows
+        first use them, on a thread of its own (MADV_POPULATE_READ: reading them in when
+        they are not in the page cache): the checks a window ahead then find them mapped
+        instead of taking a page fault per 64 KiB on two threads at once (which cost ~4x the
+        CPU of one thread mapping them in order)."""
+        g = self.gpage[np.argsort(p.d_off, kind="stable")]
+        g = g[self.indexed[g]]
+        if len(g) == 0:
+            return
+        g = unique(g)     # (global page order: file by file, each in file order)
+        sl, a, e = self.pg_slot[g], self.pg_off[g], self.pg_end[g]
+        brk = np.flatnonzero((sl[1:] != sl[:-1]) | (a[1:] > e[:-1] + (64 << 10))) + 1
+        lo, hi = np.concatenate([[0], brk]), np.concatenate([brk - 1, [len(g) - 1]])
+        todo = []
+        for s_, x, y in zip(sl[lo].tolist(), a[lo].tolist(), e[hi].tolist()):
+            todo += [(s_, c, min(y, c + (8 << 20))) for c in range(x, y, 8 << 20)]
+        threading.Thread(target=self._populate, args=(todo,), name="restore-populate",
+                         daemon=True).start()
+
+    def _populate(self, todo: list) -> None:
+        how = getattr(mmap, "MADV_POPULATE_READ", 22)
+        for s, a, e in todo:
+            if self._closed:
+                return
+            m = self.files[s].map
+            a -= a % mmap.PAGESIZE
+            try:
+                m.madvise(how, a, e - a)
+            except OSError:     # (a kernel before 5.14: the checks map them as they go)
+                return
+            except ValueError:  # closed meanwhile
+                return
 
     def verify(self, gpages) -> None:
         """Check the CRC of these global pages (each once); a page found by a page index is
@@ -1125,16 +1163,6 @@ class _DirectSources:
             f.close()
 
 
-def _willneed(todo: list) -> None:
-    """PayloadFile.willneed_all of each (file, row groups): only a hint, given on a thread
-    (a file closed meanwhile is skipped)."""
-    for pf, rgs in todo:
-        try:
-            pf.willneed_all(rgs)
-        except (ValueError, OSError, BufferError):
-            pass
-
-
 def _set_direct(fd: int, on: bool) -> bool:
     try:
         fl = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -1158,7 +1186,8 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
     threads. (written, calls)."""
     from blkrewind.replayer.payload import copy_pieces
     from blkrewind.replayer.writebehind import WriteBehind
-    order = np.argsort(p.d_off, kind="stable")
+    srt = len(p.d_off) < 2 or bool((p.d_off[1:] >= p.d_off[:-1]).all())   # (plan's order)
+    order = np.arange(len(p.d_off)) if srt else np.argsort(p.d_off, kind="stable")
     d_off, d_len = p.d_off[order], p.d_len[order]
     slot, grow, soff, gpage = src.slot[order], src.grow[order], src.src[order], src.gpage[order]
     # pieces that cross a window's bound are cut there
