@@ -1,11 +1,10 @@
 """The replayer's small native hot loops (replayer/pieces.c: the per-piece copy of a restore
 and of the read path, the walk over a row group's alike pages, and the reading of a payload
-file's footer and its page index), built and loaded here.
+file's footer), built and loaded here.
 
 bpf/build.py calls build() after the BPF object (same clang, same output directory). The
-library is optional: copy_pieces, walk_pages, parquet_chunks, offset_index and match_pages
-are None when it is not built (or BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then
-does the same in Python (a page index unused: the pages walked).
+library is optional: copy_pieces, walk_pages and parquet_chunks are None when it is not built
+(or BLKREWIND_NATIVE_LIB is ""), and replayer/payload.py then does the same in Python.
 """
 from __future__ import annotations
 
@@ -37,8 +36,6 @@ def _lib():
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     try:
         f, w, c = lib.br_copy_pieces, lib.br_walk_pages, lib.br_parquet_chunks
-        o = lib.br_offset_index     # (its presence: br_parquet_chunks gives CH_N = 10 values)
-        m = lib.br_match_pages
     except AttributeError:   # a library built from an older pieces.c: bpf/build.py rebuilds it
         return None
     f.restype = None
@@ -48,13 +45,7 @@ def _lib():
                   i64, p, p, p]
     c.restype = i64
     c.argtypes = [p, i64, i64, ctypes.c_char_p, i64, i64, p]
-    o.restype = i64
-    o.argtypes = [p, i64, i64, i64, p]
-    m.restype = None
-    m.argtypes = [p, p, p, i64, ctypes.c_char_p, i64, ctypes.c_char_p, i64, i64, i64, i64, i64,
-                  p, p, p]
-    return f, w, c, o, m
+    return f, w, c
 
 
-copy_pieces, walk_pages, parquet_chunks, offset_index, match_pages = \
-    _lib() or (None, None, None, None, None)
+copy_pieces, walk_pages, parquet_chunks = _lib() or (None, None, None)

@@ -14,13 +14,6 @@ before any byte of it is used, once per open file: a damaged page is an error, n
 bytes (`verify`). A row group that is not laid out that way -- compressed (lz4: the batch was
 compressible), a dictionary page, a null row, a page without a checksum, a data page v2 --
 gives None: the caller decodes it with pyarrow as before.
-
-Files written with a page index (parquet_writer: Parquet's OffsetIndex, each data page's place
-and first row) need no walk: `page_index(rg)` reads it (the footer's bytes only, checked
-against the column chunk), a row's page is found by its number, and `page_rows` /
-`match_pages` read just the pages a caller uses -- restore's direct path reads each page a
-window ahead of its use, its CRC checked then, instead of every page's header before its first
-write.
 """
 from __future__ import annotations
 
@@ -38,8 +31,6 @@ from blkrewind.errors import StoreError
 from blkrewind.osutil import crc32
 from blkrewind.replayer.arrays import unique
 from blkrewind.replayer.native import copy_pieces as _native_copy
-from blkrewind.replayer.native import match_pages as _native_match
-from blkrewind.replayer.native import offset_index as _native_oi
 from blkrewind.replayer.native import parquet_chunks as _native_chunks
 from blkrewind.replayer.native import walk_pages as _native_walk
 
@@ -307,16 +298,13 @@ _TYPES = {0: "BOOLEAN", 1: "INT32", 2: "INT64", 3: "INT96", 4: "FLOAT", 5: "DOUB
 class _Chunk:
     """What _index and _span read of a column chunk (pyarrow's names)."""
     __slots__ = ("physical_type", "compression", "num_values", "total_compressed_size",
-                 "data_page_offset", "dictionary_page_offset", "offset_index_offset",
-                 "offset_index_length")
+                 "data_page_offset", "dictionary_page_offset")
     physical_type: str
     compression: str
     num_values: int
     total_compressed_size: int
     data_page_offset: int
     dictionary_page_offset: int | None
-    offset_index_offset: int | None     # the page index's OffsetIndex (None: none written)
-    offset_index_length: int | None
 
 
 class _Footer:
@@ -369,8 +357,7 @@ class _Footer:
         if k < 0:
             return None
         chunks: list = []
-        for found, typ, codec, values, size, data, has_dict, dict_off, oi_off, oi_len \
-                in out[:k].tolist():
+        for found, typ, codec, values, size, data, has_dict, dict_off in out[:k].tolist():
             if not found:
                 chunks.append(None)
                 continue
@@ -381,13 +368,11 @@ class _Footer:
             c.total_compressed_size = size
             c.data_page_offset = data
             c.dictionary_page_offset = dict_off if has_dict else None
-            c.offset_index_offset = oi_off if oi_len > 0 else None
-            c.offset_index_length = oi_len if oi_len > 0 else None
             chunks.append(c)
         return cls(chunks)
 
 
-_CH_N = 10  # values per row group from br_parquet_chunks (pieces.c CH_N)
+_CH_N = 8   # values per row group from br_parquet_chunks (pieces.c CH_N)
 
 
 def _list_head(b, p: int) -> tuple[int, int, int]:
@@ -429,20 +414,12 @@ def _row_group(b, p: int) -> tuple["_Chunk | None", int]:
 def _column_chunk(b, p: int) -> tuple["_Chunk | None", int]:
     """A ColumnChunk at p: (its metadata as a _Chunk when its path is ["data"], end)."""
     out = None
-    oi: dict = {}
     cur = _Cursor(b, p)
     for fid, t in _fields(cur):
         if fid == 3 and t == 12:
             out, cur.p = _column_meta(b, cur.p)
-        elif fid in (4, 5) and t in (5, 6):  # the OffsetIndex's offset and length
-            v, cur.p = _varint(b, cur.p)
-            oi[fid] = _zz(v)
         else:
             cur.p = _skip(b, cur.p, t)
-    if out is not None:
-        ok = 4 in oi and oi.get(5, 0) > 0
-        out.offset_index_offset = oi.get(4) if ok else None
-        out.offset_index_length = oi.get(5) if ok else None
     return out, cur.p
 
 
@@ -481,23 +458,6 @@ def _column_meta(b, p: int) -> tuple["_Chunk | None", int]:
 
 def _zze(v: int) -> int:
     return v << 1 if v >= 0 else ((-v) << 1) - 1
-
-
-class PageIndex:
-    """A row group's data pages as the file's page index (Parquet's OffsetIndex, which
-    parquet_writer writes) gives them, checked against the column chunk: off[k] and end[k]
-    (header included), first[k] its first row, n[k] its rows. No page is touched to find
-    them: a reader finds the page of a row by its number and reads that page's header and
-    rows only when it uses it (PayloadFile.page_rows), its CRC checked then."""
-
-    __slots__ = ("off", "end", "first", "n")
-
-    def __init__(self, off: np.ndarray, end: np.ndarray, first: np.ndarray, n: np.ndarray):
-        self.off, self.end, self.first, self.n = off, end, first, n
-
-    def page_of(self, rows: np.ndarray) -> np.ndarray:
-        """The page of each row number (rows within the row group: the caller checked)."""
-        return np.searchsorted(self.first, rows, "right") - 1
 
 
 class PayloadFile:
@@ -648,108 +608,6 @@ class PayloadFile:
         return Rows(np.concatenate(pos_parts), np.concatenate(len_parts),
                     np.concatenate(page_parts), np.concatenate(span_parts).astype(np.int64))
 
-    def page_index(self, rg: int) -> PageIndex | None:
-        """Row group rg's pages from the file's page index, when it has one that fits its
-        column chunk and the chunk is read directly (uncompressed plain pages; the native
-        library built); None otherwise (a file written before parquet_writer wrote page
-        indexes: rows() walks its pages). An index that does not fit its chunk (damaged) is
-        None too: the walk reads the pages themselves, every page still checked."""
-        if _native_oi is None:
-            return None
-        md = self.meta()
-        if not isinstance(md, _Footer) or self._col < 0 or rg >= md.num_row_groups:
-            return None
-        c = md.chunks[rg]
-        oi, oln = c.offset_index_offset, c.offset_index_length
-        if oi is None or oln is None or c.compression != "UNCOMPRESSED" \
-                or c.dictionary_page_offset is not None or c.physical_type != "BYTE_ARRAY":
-            return None
-        b = self.map
-        a, e = int(c.data_page_offset), int(c.data_page_offset) + int(c.total_compressed_size)
-        if oi < 0 or oln <= 0 or oi + oln > len(b) or e > len(b) or c.num_values <= 0:
-            return None
-        if self._base < 0:
-            self._base = _base(b)
-        out = np.empty((min(oln // 4 + 1, int(c.num_values)), 3), np.int64)  # (>= 4 bytes a page)
-        k = _native_oi(self._base, oi + oln, oi, len(out), out.ctypes.data)
-        if k <= 0:
-            return None
-        off, size, first = out[:k, 0], out[:k, 1], out[:k, 2]
-        end = off + size
-        if int(off[0]) != a or int(end[-1]) != e or bool((off[1:] != end[:-1]).any()) \
-                or bool((size <= 0).any()) or int(first[0]) != 0 \
-                or bool((first[1:] <= first[:-1]).any()) or int(first[-1]) >= c.num_values:
-            return None
-        n = np.diff(np.append(first, int(c.num_values)))
-        return PageIndex(off.copy(), end, first.copy(), n)
-
-    def page_rows(self, pi: PageIndex, k: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-        """Page k of pi read: (its rows' offsets, their lengths, its body's [start, end), the
-        CRC its header holds). Its header must be a plain data page whose rows fill it and
-        are as many as the index says: anything else is a damaged file (StoreError), as this
-        is read while a restore writes. The CRC is the caller's to check."""
-        b = self.map
-        p, end, n = int(pi.off[k]), int(pi.end[k]), int(pi.n[k])
-        tmpl = self._tmpl
-        if tmpl is not None and self._base > 0 and tmpl.n == n:
-            body, crc, p2 = tmpl.walk_native(self._base, p, end, n)
-            if body is not None and len(body) == 1 and p2 == end:
-                b0 = int(body[0])
-                pos = b0 + tmpl.skip + 4 + np.arange(n, dtype=np.int64) * (4 + tmpl.len)
-                return pos, np.full(n, tmpl.len, np.int64), b0, end, int(crc[0])
-        try:
-            h, body = _struct(b, p, _PAGE_HEADER)
-            size = h.get(3, -1)
-            dp = h.get(5)
-            if h.get(1) != _DATA_PAGE or dp is None or 4 not in h or size < 0 \
-                    or h.get(2) != size or dp.get(2) != _PLAIN or dp.get(3) != _RLE \
-                    or body + size != end or dp.get(1, 0) != n:
-                raise _NotDirect("page kind")
-            (dl,) = _I32.unpack_from(b, body)
-            q = body + 4
-            rl, q2 = _varint(b, q)
-            if rl & 1 or rl >> 1 != n or q2 + 1 != q + dl or b[q2] != 1:
-                raise _NotDirect("def levels")
-            q = body + 4 + dl
-            pos, ln = _values(b, q, end, n)
-        except (_NotDirect, IndexError, struct.error) as e:
-            raise StoreError(f"payload file {self.path}: the page at {p} is not what its page "
-                             f"index says ({e or 'cut short'}; damaged? 'blkrewind verify "
-                             f"--store' checks the store)") from None
-        if tmpl is None or tmpl.n < n:     # (the template of the pages of the most rows)
-            self._tmpl = _Template.of(b, h, p, body, q, end, ln) or tmpl
-        return pos, ln, body, end, h[4] & 0xFFFFFFFF
-
-    def template_rows(self) -> int:
-        """The rows of a page alike this file's template (0: none yet)."""
-        return 0 if self._tmpl is None else self._tmpl.n
-
-    def match_pages(self, off: np.ndarray, end: np.ndarray, n: np.ndarray):
-        """The pages [off[i], end[i]) of n[i] rows each that are alike the ones this file's
-        template was made from (replayer/pieces.c br_match_pages: header but for the CRC,
-        definition levels, every row's length word): (ok, body, crc, template) -- the others
-        (ok False) are for page_rows(). Their rows lie at body + template.skip + 4 +
-        i * (4 + template.len)."""
-        k = len(off)
-        ok = np.zeros(k, bool)
-        body = np.zeros(k, np.int64)
-        crc = np.zeros(k, np.uint32)
-        tmpl = self._tmpl
-        if tmpl is None or _native_match is None or self._base <= 0 or k == 0:
-            return ok, body, crc, tmpl
-        off = np.ascontiguousarray(off, np.int64)
-        end = np.ascontiguousarray(end, np.int64)
-        _native_match(self._base, off.ctypes.data, end.ctypes.data, k, tmpl.pre, len(tmpl.pre),
-                      tmpl.suf, len(tmpl.suf), tmpl.skip, tmpl.size, tmpl.n, tmpl.len,
-                      body.ctypes.data, crc.ctypes.data, ok.ctypes.data)
-        return ok & (n == tmpl.n), body, crc, tmpl
-
-    def check_crc(self, a: int, e: int, crc: int) -> None:
-        """The page body [a, e) against its CRC (StoreError when it fails)."""
-        if crc32(self.view[a:e]) & 0xFFFFFFFF != crc:
-            raise StoreError(f"payload file {self.path}: a page fails its checksum "
-                             f"(damaged? 'blkrewind verify --store' checks the store)")
-
     def _span(self, rg: int) -> tuple[int, int] | None:
         """[a, e) of row group rg's data column in the mapping, a page-aligned."""
         md = self.meta()
@@ -818,7 +676,9 @@ class PayloadFile:
             if r.ok[pg]:
                 continue
             a, e, crc = r.spans[pg].tolist()
-            self.check_crc(a, e, crc)
+            if crc32(self.view[a:e]) & 0xFFFFFFFF != crc:
+                raise StoreError(f"payload file {self.path}: a page fails its checksum "
+                                 f"(damaged? 'blkrewind verify --store' checks the store)")
             r.ok[pg] = True
 
     def place(self, rg: int, idx: np.ndarray, src: np.ndarray, n: np.ndarray, *,

@@ -59,18 +59,14 @@ PAGE_BYTES = 64 << 10   # payload bytes per data page (at least one row): the un
 def parquet_writer(sink, compression: str, mean_row_bytes: int = 0) -> pq.ParquetWriter:
     """A writer of payload rows to `sink` (a path or an Arrow output stream): PAYLOAD_SCHEMA,
     data pages of about PAGE_BYTES, page checksums on (a damaged page is an error, never wrong
-    bytes), no dictionaries or statistics (payload bytes have none worth keeping), a page index
-    (its OffsetIndex: where each data page lies and its first row, so that a restore finds a
-    row's page without reading the pages before it; files written without one still read,
-    their pages walked: replayer/payload.py PageIndex).
+    bytes), no dictionaries or statistics (payload bytes have none worth keeping).
     mean_row_bytes (when known): Arrow checks the page size after each write batch, so one
     batch per page's worth of rows (a batch of 1 row costs ~10 us a row)."""
     import pyarrow.parquet as pq
     batch = max(1, min(1024, PAGE_BYTES // mean_row_bytes)) if mean_row_bytes > 0 else 64
     return pq.ParquetWriter(sink, payload_schema(), compression=compression, use_dictionary=False,
                             write_statistics=False, write_page_checksum=True,
-                            data_page_size=PAGE_BYTES, write_batch_size=batch,
-                            write_page_index=True)
+                            data_page_size=PAGE_BYTES, write_batch_size=batch)
 
 
 class PayloadSink(Protocol):

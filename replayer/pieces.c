@@ -225,8 +225,7 @@ static int64_t rd_list(struct rd *r, int *et)
 	return r->err ? 0 : (int64_t)k;
 }
 
-enum { CH_FOUND, CH_TYPE, CH_CODEC, CH_VALUES, CH_SIZE, CH_DATA, CH_HAS_DICT, CH_DICT, CH_OI_OFF,
-       CH_OI_LEN, CH_N };
+enum { CH_FOUND, CH_TYPE, CH_CODEC, CH_VALUES, CH_SIZE, CH_DATA, CH_HAS_DICT, CH_DICT, CH_N };
 
 /* ColumnMetaData at r->p: its values into o (o[CH_FOUND] = 1) when its path is [name]. */
 static void rd_column_meta(struct rd *r, const uint8_t *name, int64_t nname, int64_t *o)
@@ -329,88 +328,17 @@ int64_t br_parquet_chunks(const uint8_t *b, int64_t n, int64_t p, const uint8_t 
 				if (kc < 0)
 					return -1;
 				for (j = 0; j < kc && !r.err; j++) {	/* ColumnChunk */
-					int cfid = 0, ct, mine = 0, have = 0;
-					int64_t had = o[CH_FOUND], oi[2] = {0, 0};
+					int cfid = 0, ct;
 
-					/* 3 meta_data; 4 offset_index_offset, 5 its length
-					 * (the page index: CH_OI_* stay 0 without both) */
 					while (!r.err && rd_field(&r, &cfid, &ct)) {
-						if (cfid == 3 && ct == 12) {
-							o[CH_FOUND] = 0;
+						if (cfid == 3 && ct == 12)
 							rd_column_meta(&r, name, nname, o);
-							mine = o[CH_FOUND] != 0;
-							if (!mine)
-								o[CH_FOUND] = had;
-						} else if ((cfid == 4 || cfid == 5)
-							   && (ct == 5 || ct == 6)) {
-							oi[cfid - 4] = zigzag(rd_varint(&r));
-							have |= 1 << (cfid - 4);
-						} else {
+						else
 							rd_skip(&r, ct, 3);
-						}
-					}
-					if (mine) {	/* (the last chunk named so wins) */
-						o[CH_OI_OFF] = have == 3 ? oi[0] : 0;
-						o[CH_OI_LEN] = have == 3 ? oi[1] : 0;
 					}
 				}
 			}
 		}
 	}
 	return r.err ? -1 : nrg;
-}
-
-/* An OffsetIndex (Parquet's page index) at p, its bytes ending at n: per page, its offset, its
- * size (header included) and the index of its first row into out (3 int64 each), at most
- * maxpages. Returns the number of pages, -1 when the bytes are not such a struct, -2 when there
- * are more than maxpages. The caller checks what they say against the column chunk. */
-int64_t br_offset_index(const uint8_t *b, int64_t n, int64_t p, int64_t maxpages, int64_t *out)
-{
-	struct rd r = { b, n, p, 0 };
-	int fid = 0;
-	int64_t k, got = 0;
-
-	if (p < 0 || p > n)
-		return -1;
-	while ((k = rd_struct_list(&r, &fid, 1, 1)) != -2) {	/* 1 page_locations */
-		int64_t i;
-
-		if (k < 0 || got)
-			return -1;
-		if (k > maxpages)
-			return -2;
-		for (i = 0; i < k && !r.err; i++) {		/* PageLocation */
-			int lfid = 0, t, have = 0;
-			int64_t *o = out + 3 * i;
-
-			while (!r.err && rd_field(&r, &lfid, &t)) {
-				if (lfid >= 1 && lfid <= 3 && (t == 5 || t == 6)) {
-					o[lfid - 1] = zigzag(rd_varint(&r));
-					have |= 1 << lfid;
-				} else {
-					rd_skip(&r, t, 3);
-				}
-			}
-			if (have != 0xE)
-				return -1;
-		}
-		got = k;
-	}
-	return r.err ? -1 : got;
-}
-
-/* br_walk_pages for one page at each off[i] that must end exactly at end[i]: ok[i] = 1 and
- * body[i], crc[i] set when it is such a page, ok[i] = 0 when not (the caller reads it the
- * long way, or calls it damaged). */
-void br_match_pages(const uint8_t *b, const int64_t *off, const int64_t *end, int64_t count,
-		    const uint8_t *pre, int64_t npre, const uint8_t *suf, int64_t nsuf,
-		    int64_t skip, int64_t size, int64_t nrows, int64_t rowlen,
-		    int64_t *body, uint32_t *crc, uint8_t *ok)
-{
-	for (int64_t i = 0; i < count; i++) {
-		int64_t e = off[i];
-
-		ok[i] = br_walk_pages(b, off[i], end[i], 1, pre, npre, suf, nsuf, skip, size,
-				      nrows, rowlen, body + i, crc + i, &e) == 1 && e == end[i];
-	}
 }

@@ -26,10 +26,7 @@ How, with a cost that follows the device size rather than the history:
    file's mapping into an aligned buffer (a memcpy per piece: no Parquet decode, no intermediate copies), the
    window's data runs written with large O_DIRECT writes by a writer thread while the next
    window fills; every page a window uses has its CRC checked first, a window ahead, on a few
-   threads. A piece's page is found from its row's number by the file's page index, that
-   page's header and rows read when it is checked: nothing is read before the first window
-   (files without a page index, from before it, have their pages walked up front).
-   Otherwise (lz4 row groups):
+   threads. Otherwise (lz4 row groups):
    read each needed Parquet row group once (a few threads, they
    release the GIL; files memory-mapped), and write each piece once: with
    pwritev, runs of contiguous pieces in one call -- or, when the pieces are
@@ -68,7 +65,6 @@ import numpy as np
 
 from blkrewind.errors import StoreError, UserError
 from blkrewind.replayer.arrays import unique
-from blkrewind.replayer.payload import PageIndex
 from blkrewind.replayer.store import Store, StoreReader
 
 BLKGETSIZE64 = 0x80081272
@@ -665,13 +661,7 @@ def execute(p: Plan, t: Target, *, jobs: int = 2, progress: bool | None = None,
     window = _window_bytes()
     src = None
     if method in (None, "direct") and len(p.d_off):
-        gc_was = gc.isenabled()
-        gc.disable()    # (its objects are arrays and a few per row group: nothing to collect)
-        try:
-            src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
-        finally:
-            if gc_was:
-                gc.enable()
+        src = _DirectSources.build(p, jobs)   # None: some row group must be decoded (lz4)
     if src is not None:
         return _execute_with(p, t, src, jobs, progress, label)
     if method == "direct":
@@ -936,31 +926,17 @@ def _direct_edges(size: int) -> np.ndarray:
 
 
 class _DirectSources:
-    """Per data piece of a plan: the global number of its row (grow), where in the row it
-    starts (src), the global number of the page it lies in (gpage); and per row its place
-    in its payload file's mapping and its length (rowpos, rowlen). None from `build` when some
-    row group must be decoded (compressed): the other paths do that.
+    """Per data piece of a plan, the file offset of its first byte in its payload file's
+    mapping (replayer/payload.py) and the global number of the page it lies in; None from
+    `build` when some row group must be decoded (compressed): the other paths do that."""
 
-    A row group of a file with a page index (replayer/payload.py PageIndex: what
-    parquet_writer writes) is not read before the writes start: a piece's page is found from
-    its row's number, and a page's header and rows are read when the page is verified, a
-    window ahead of its use, its rows' places filled in then (-1 until then). A row group
-    of a file without one (written before page indexes) has its pages walked up front
-    (PayloadFile.rows), its rows' places all known from the start."""
-
-    def __init__(self, files: list, slot, grow, src, gpage, groups: list, gbase: list,
-                 rowpos, rowlen, pages):
+    def __init__(self, files: list, slot, pos, gpage, groups: list, gbase: list):
         self.files = files      # PayloadFile per slot
         self.views = [f.view for f in files]
-        self.slot, self.grow, self.src, self.gpage = slot, grow, src, gpage
-        self.rowpos, self.rowlen = rowpos, rowlen
-        # global page g: page g - gbase[j] of groups[j] = (PayloadFile, Rows | PageIndex,
-        # its first row's global number), j the last with gbase[j] <= g
+        self.slot, self.pos, self.gpage = slot, pos, gpage
+        # global page g: page g - gbase[j] of groups[j] = (PayloadFile, Rows), j the last
+        # with gbase[j] <= g
         self.groups, self.gbase = groups, np.asarray(gbase, np.int64)
-        # per global page: checked; found by a page index (else walked); and for those its
-        # file's slot, [off, end) and first row's global number and rows
-        (self.ok, self.indexed, self.pg_slot, self.pg_off, self.pg_end, self.pg_row,
-         self.pg_n) = pages
         self._closing = threading.Lock()
         self._closed = False
 
@@ -974,183 +950,53 @@ class _DirectSources:
             for fid in ufid.tolist():
                 files.append(PayloadFile(p.files[int(fid)]))
             slot = np.searchsorted(ufid, p.d_file)
-            grow = np.empty(n, np.int64)
+            pos = np.empty(n, np.int64)
             gpage = np.empty(n, np.int64)
-            pgroups: list = []  # (PayloadFile, Rows | PageIndex, row base, ok) in page order
+            pgroups: list = []  # (PayloadFile, Rows) of each row group, in global page order
             gbase: list = []    # the global number of its first page
-            npages = nrows = 0
+            npages = 0
             key = p.d_file * (1 << 32) + p.d_rg
             order = np.argsort(key, kind="stable")
             starts, ends = _bounds(key[order])
             groups = [(files[int(slot[order[a]])], int(p.d_rg[order[a]]), a, e)
                       for a, e in zip(starts, ends)]
-            # the row groups' page indexes (footers only); those without one have their row
-            # places found here, walking the pages (threads would only take turns holding the
-            # GIL), after asking for the read-ahead of every row group needed (a payload file
-            # written with O_DIRECT is not in the page cache yet)
-            found: list = [g[0].page_index(g[1]) for g in groups]
+            # the row places, walking the pages here (threads would only take turns holding
+            # the GIL), after asking for the read-ahead of every row group needed (a payload
+            # file written with O_DIRECT is not in the page cache yet)
             per_file: dict = {}
-            for (pf, rg, _a, _e), pi in zip(groups, found):
-                per_file.setdefault(id(pf), (pf, [], []))[1 if pi is None else 2].append(rg)
-            for pf, rgs, _ in per_file.values():
+            for pf, rg, _a, _e in groups:
+                per_file.setdefault(id(pf), (pf, []))[1].append(rg)
+            for pf, rgs in per_file.values():
                 pf.willneed_all(rgs)
-            found = [pi if pi is not None else g[0].rows(g[1]) for g, pi in zip(groups, found)]
+            found = [g[0].rows(g[1]) for g in groups]
             if any(r is None for r in found):
                 for f in files:
                     f.close()
                 return None
-            parts: list = []
             for (pf, rg, a, e), r in zip(groups, found):
                 mem = order[a:e]
                 idx = p.d_idx[mem]
-                if isinstance(r, PageIndex):
-                    nr = int(r.first[-1] + r.n[-1])
-                    if int(idx.min()) < 0 or int(idx.max()) >= nr:
-                        raise _short(p, int(mem[0]), int(idx[0]))
-                    gpage[mem] = npages + r.page_of(idx)
-                    parts.append((nrows, npages, None, r, files.index(pf)))
-                    npg = len(r.off)
-                else:
-                    nr = len(r.pos)
-                    if int(idx.min()) < 0 or int(idx.max()) >= nr or \
-                            bool((p.d_src[mem] + p.d_len[mem] > r.ln[idx]).any()):
-                        raise _short(p, int(mem[0]), int(idx[0]))
-                    gpage[mem] = npages + r.page[idx]
-                    parts.append((nrows, npages, r, None, -1))
-                    npg = len(r.spans)
-                grow[mem] = nrows + idx
-                pgroups.append((pf, r, nrows))
+                if int(idx.min()) < 0 or int(idx.max()) >= len(r.pos) or \
+                        bool((p.d_src[mem] + p.d_len[mem] > r.ln[idx]).any()):
+                    raise _short(p, int(mem[0]), int(idx[0]))
+                pos[mem] = r.pos[idx] + p.d_src[mem]
+                gpage[mem] = npages + r.page[idx]
+                pgroups.append((pf, r))
                 gbase.append(npages)
-                npages += npg
-                nrows += nr
-            rowpos = np.full(nrows, -1, np.int64)
-            rowlen = np.zeros(nrows, np.int64)
-            pages = (np.zeros(npages, bool), np.zeros(npages, bool),
-                     *(np.zeros(npages, np.int64) for _ in range(5)))
-            ok, indexed, pg_slot, pg_off, pg_end, pg_row, pg_n = pages
-            for rbase, pbase, r, pi, s in parts:
-                if r is not None:
-                    rowpos[rbase:rbase + len(r.pos)] = r.pos
-                    rowlen[rbase:rbase + len(r.ln)] = r.ln
-                    ok[pbase:pbase + len(r.ok)] = r.ok
-                else:
-                    e = pbase + len(pi.off)
-                    indexed[pbase:e] = True
-                    pg_slot[pbase:e] = s
-                    pg_off[pbase:e] = pi.off
-                    pg_end[pbase:e] = pi.end
-                    pg_row[pbase:e] = rbase + pi.first
-                    pg_n[pbase:e] = pi.n
+                npages += len(r.spans)
         except BaseException:
             for f in files:
                 f.close()
             raise
-        src = cls(files, slot, grow, p.d_src, gpage, pgroups, gbase, rowpos, rowlen, pages)
-        src.populate(p)
-        return src
-
-    def populate(self, p: Plan) -> None:
-        """Map the pages found by a page index that the plan uses, in the order the windows
-        first use them, on a thread of its own (MADV_POPULATE_READ: reading them in when
-        they are not in the page cache): the checks a window ahead then find them mapped
-        instead of taking a page fault per 64 KiB on two threads at once (which cost ~4x the
-        CPU of one thread mapping them in order)."""
-        g = self.gpage[np.argsort(p.d_off, kind="stable")]
-        g = g[self.indexed[g]]
-        if len(g) == 0:
-            return
-        g = unique(g)     # (global page order: file by file, each in file order)
-        sl, a, e = self.pg_slot[g], self.pg_off[g], self.pg_end[g]
-        brk = np.flatnonzero((sl[1:] != sl[:-1]) | (a[1:] > e[:-1] + (64 << 10))) + 1
-        lo, hi = np.concatenate([[0], brk]), np.concatenate([brk - 1, [len(g) - 1]])
-        todo = []
-        for s_, x, y in zip(sl[lo].tolist(), a[lo].tolist(), e[hi].tolist()):
-            todo += [(s_, c, min(y, c + (8 << 20))) for c in range(x, y, 8 << 20)]
-        threading.Thread(target=self._populate, args=(todo,), name="restore-populate",
-                         daemon=True).start()
-
-    def _populate(self, todo: list) -> None:
-        how = getattr(mmap, "MADV_POPULATE_READ", 22)
-        for s, a, e in todo:
-            if self._closed:
-                return
-            m = self.files[s].map
-            a -= a % mmap.PAGESIZE
-            try:
-                m.madvise(how, a, e - a)
-            except OSError:     # (a kernel before 5.14: the checks map them as they go)
-                return
-            except ValueError:  # closed meanwhile
-                return
+        return cls(files, slot, pos, gpage, pgroups, gbase)
 
     def verify(self, gpages) -> None:
-        """Check the CRC of these global pages (each once); a page found by a page index is
-        read first (its header, its rows' length words), its rows' places filled in."""
         g = np.asarray(gpages, np.int64)
-        g = g[~self.ok[g]]
-        if len(g) == 0:
-            return
-        ix = self.indexed[g]
-        walked = g[~ix]
-        if len(walked):
-            j = np.searchsorted(self.gbase, walked, "right") - 1
-            for jj, k in zip(j.tolist(), (walked - self.gbase[j]).tolist()):
-                pf, r, _base = self.groups[jj]
+        j = np.searchsorted(self.gbase, g, "right") - 1
+        for jj, k in zip(j.tolist(), (g - self.gbase[j]).tolist()):
+            pf, r = self.groups[jj]
+            if not r.ok[k]:
                 pf.verify(r, [k])
-            self.ok[walked] = True
-        g = g[ix]
-        if len(g) == 0:
-            return
-        sl = self.pg_slot[g]
-        for s in unique(sl).tolist():
-            self._read_pages(self.files[s], g[sl == s])
-
-    def _read_pages(self, pf, g: np.ndarray) -> None:
-        """Pages g (global numbers) of one file found by its page index: read, checked, their
-        rows' places filled in. Pages alike the file's template in one native call, the
-        others (the first of a file, a row group's last, rows of other lengths) one by one."""
-        off, end, row, n = self.pg_off[g], self.pg_end[g], self.pg_row[g], self.pg_n[g]
-        if pf.template_rows() < int(n.max()):    # a template from a page of the most rows
-            self._read_page(pf, g, int(np.argmax(n)))
-            keep = ~self.ok[g]
-            g, off, end, row, n = g[keep], off[keep], end[keep], row[keep], n[keep]
-        ok, body, crc, tmpl = pf.match_pages(off, end, n)
-        if tmpl is not None and ok.any():
-            for a, e, c in zip(body[ok].tolist(), end[ok].tolist(), crc[ok].tolist()):
-                pf.check_crc(a, e, c)
-            w = 4 + tmpl.len
-            at = np.arange(tmpl.n, dtype=np.int64)
-            rows = (row[ok][:, None] + at).ravel()
-            self.rowpos[rows] = ((body[ok] + tmpl.skip + 4)[:, None] + at * w).ravel()
-            self.rowlen[rows] = tmpl.len
-            self.ok[g[ok]] = True
-        for i in np.flatnonzero(~ok).tolist():
-            self._read_page(pf, g, i)
-
-    def _read_page(self, pf, g: np.ndarray, i: int) -> None:
-        """Page g[i] read the long way (replayer/payload.py page_rows), checked, its rows'
-        places filled in."""
-        k = int(g[i])
-        pi = PageIndex(self.pg_off[k:k + 1], self.pg_end[k:k + 1], np.zeros(1, np.int64),
-                       self.pg_n[k:k + 1])
-        pos, ln, a, e, c = pf.page_rows(pi, 0)
-        pf.check_crc(a, e, c)
-        f = int(self.pg_row[k])
-        self.rowpos[f:f + len(pos)] = pos
-        self.rowlen[f:f + len(ln)] = ln
-        self.ok[k] = True
-
-    def places(self, slot, grow, src, n) -> np.ndarray:
-        """File offsets of pieces (their rows' pages verified first), each checked to lie
-        within its row."""
-        pos = self.rowpos[grow]
-        bad = np.flatnonzero((pos < 0) | (src + n > self.rowlen[grow]))
-        if len(bad):
-            path = self.files[int(slot[bad[0]])].path
-            raise StoreError(f"a payload row of {path} is shorter than its record says"
-                             if pos[bad[0]] >= 0 else f"payload file {path}: a row's page "
-                             f"was not read before its use")
-        return pos + src
 
     def close(self) -> None:
         """Unmap the payload files (once: also from a thread while the caller goes on)."""
@@ -1186,10 +1032,9 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
     threads. (written, calls)."""
     from blkrewind.replayer.payload import copy_pieces
     from blkrewind.replayer.writebehind import WriteBehind
-    srt = len(p.d_off) < 2 or bool((p.d_off[1:] >= p.d_off[:-1]).all())   # (plan's order)
-    order = np.arange(len(p.d_off)) if srt else np.argsort(p.d_off, kind="stable")
+    order = np.argsort(p.d_off, kind="stable")
     d_off, d_len = p.d_off[order], p.d_len[order]
-    slot, grow, soff, gpage = src.slot[order], src.grow[order], src.src[order], src.gpage[order]
+    slot, pos, gpage = src.slot[order], src.pos[order], src.gpage[order]
     # pieces that cross a window's bound are cut there
     edges = _direct_edges(p.size)
     first = np.searchsorted(edges, d_off, "right") - 1
@@ -1200,8 +1045,8 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
         w = first[k] + j
         a = np.maximum(d_off[k], edges[w])
         e = np.minimum(d_off[k] + d_len[k], edges[w + 1])
-        soff = soff[k] + (a - d_off[k])
-        slot, grow, gpage = slot[k], grow[k], gpage[k]
+        pos = pos[k] + (a - d_off[k])
+        slot, gpage = slot[k], gpage[k]
         d_off, d_len, first = a, e - a, w
     win = first
     starts, ends = _bounds(win)
@@ -1270,8 +1115,7 @@ def _execute_direct(p: Plan, t: Target, src: _DirectSources, bar, wb, jobs: int,
                     for x, y in zip(ro.tolist(), re_.tolist()):
                         bv[x - lo:y - lo] = 0
                 del bv
-                copy_pieces(bufs[i], o - lo, src.views, slot[a:e],
-                            src.places(slot[a:e], grow[a:e], soff[a:e], ln), ln)
+                copy_pieces(bufs[i], o - lo, src.views, slot[a:e], pos[a:e], ln)
                 n = int(ln.sum())
                 written += n
                 bar.advance(n)

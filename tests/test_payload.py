@@ -3,11 +3,7 @@
 one page per row group (older stores) and many (ingest's PAGE_BYTES); a damaged page is an
 error (its CRC), never wrong bytes, in `restore` and in an image's reads; a compressed row
 group is left to pyarrow; pieces that cross the direct path's windows and a device size that
-is not a multiple of 4 KiB come out exact; files with a page index (read a page at a time)
-and without (older stores: walked up front) restore the same, alone or mixed; a page of only
-superseded bytes is not read by a restore and `verify --store` still finds its damage; a
-damaged page index is refused or an error, never wrong bytes. Real LOGs, real Parquet
-files."""
+is not a multiple of 4 KiB come out exact. Real LOGs, real Parquet files."""
 from __future__ import annotations
 
 import os
@@ -24,7 +20,7 @@ from blkrewind.replayer import payload, rebuild
 from blkrewind.replayer.image import Image
 from blkrewind.replayer.ingest import payload as ingest_payload
 from blkrewind.replayer.payload import PayloadFile
-from blkrewind.replayer.payloadstore import PAGE_BYTES, PAYLOAD_SCHEMA
+from blkrewind.replayer.payloadstore import PAYLOAD_SCHEMA
 
 
 def _table(rows: list[bytes]) -> pa.Table:
@@ -197,10 +193,7 @@ def _footer_equals_pyarrow(path) -> None:
         for rg in range(md.num_row_groups):
             c, d = md.row_group(rg).column(col), ft.row_group(rg).column(0)
             for a in payload._Chunk.__slots__:
-                if a.startswith("offset_index"):    # (pyarrow says only whether there is one)
-                    assert (getattr(d, a) is not None) == c.has_offset_index, (rg, a)
-                else:
-                    assert getattr(c, a) == getattr(d, a), (rg, a)
+                assert getattr(c, a) == getattr(d, a), (rg, a)
 
 
 def _chunks(ft) -> list:
@@ -254,173 +247,3 @@ def test_footer_of_compressed_and_dictionary_files(tmp_path):
                               write_page_checksum=True, **kw) as w:
             w.write_table(_table(rows), row_group_size=40)
         _footer_equals_pyarrow(path)
-
-
-def _files_of(pl) -> list[str]:
-    return sorted(set(pl.files[int(f)] for f in np.unique(pl.d_file)))
-
-
-def _rewrite_without_page_index(path: str) -> None:
-    """The payload file as parquet_writer wrote it before page indexes: same row groups,
-    pages and checksums, no OffsetIndex."""
-    f = pq.ParquetFile(path)
-    tabs = [f.read_row_group(i) for i in range(f.num_row_groups)]
-    with pq.ParquetWriter(path + ".tmp", PAYLOAD_SCHEMA, compression="none",
-                          use_dictionary=False, write_statistics=False,
-                          write_page_checksum=True, data_page_size=PAGE_BYTES,
-                          write_batch_size=64, write_page_index=False) as w:
-        for t in tabs:
-            w.write_table(t, row_group_size=len(t))
-    os.replace(path + ".tmp", path)
-
-
-def _direct(pl, out) -> None:
-    t = rebuild.open_target(str(out), pl.size, True)
-    try:
-        assert rebuild.execute(pl, t, method="direct")["method"] == "direct"
-    finally:
-        os.close(t.fd)
-
-
-def test_files_with_and_without_page_index_restore_the_same(capsys, tmp_path, monkeypatch):
-    """ingest's files have a page index (a restore reads a page only when a window uses
-    it); files written before it (no OffsetIndex: their pages walked up front) restore byte
-    for byte, alone and in one plan with new ones."""
-    if payload._native_oi is None:
-        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
-    s, store = _store(capsys, tmp_path, monkeypatch)
-    monkeypatch.setattr(rebuild, "DIRECT_WINDOW", 256 << 10)   # windows of a few pages
-    pl = latest_plan(store)
-    files = _files_of(pl)
-    assert len(files) >= 2
-    for path in files:
-        pf = PayloadFile(path)
-        try:
-            assert all(pf.page_index(rg) is not None for rg in range(pf.meta().num_row_groups))
-        finally:
-            pf.close()
-    out = tmp_path / "d.img"
-    _direct(pl, out)
-    assert out.read_bytes() == bytes(s.image)
-    for k, todo in enumerate((files[::2], files[1::2])):
-        for path in todo:
-            _rewrite_without_page_index(path)
-            pf = PayloadFile(path)
-            try:
-                assert pf.page_index(0) is None and pf.rows(0) is not None
-            finally:
-                pf.close()
-        out.unlink()
-        _direct(pl, out)     # half old and half new files, then all old
-        assert out.read_bytes() == bytes(s.image), k
-
-
-def _needed_pages(pl) -> set:
-    """(file, row group, page) of every page the plan's data pieces lie in (page index)."""
-    need = set()
-    for fid in np.unique(pl.d_file).tolist():
-        pf = PayloadFile(pl.files[fid])
-        try:
-            sel = pl.d_file == fid
-            for rg in np.unique(pl.d_rg[sel]).tolist():
-                pi = pf.page_index(rg)
-                assert pi is not None
-                for pg in np.unique(pi.page_of(pl.d_idx[sel & (pl.d_rg == rg)])).tolist():
-                    need.add((pl.files[fid], rg, pg))
-        finally:
-            pf.close()
-    return need
-
-
-def test_a_damaged_page_of_only_superseded_bytes(capsys, tmp_path, monkeypatch):
-    """A page whose rows are all overwritten later is not read by a restore (the image is
-    exact without it), and `verify --store` still finds the damage (the file's CRC)."""
-    if payload._native_oi is None:
-        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
-    from synth import SynthSession
-    monkeypatch.setattr(ingest_payload, "COMPRESSION", "none")
-    rng = np.random.default_rng(11)
-    s = SynthSession(str(tmp_path / "log"), seed=11, size=1 << 20,
-                     initial=rng.bytes(1 << 20))
-    s.baseline(writes_during=0, old_write=False)
-    s.write(0, rng.bytes(256 << 10))     # the first baseline chunk (one page) superseded
-    s.write(512 << 10, rng.bytes(8192))
-    s.end()
-    store = tmp_path / "store"
-    ingest(capsys, tmp_path / "log", store)
-    pl = latest_plan(store)
-    need = _needed_pages(pl)
-    spare = None
-    for path in sorted(set(pl.files.values())):
-        pf = PayloadFile(path)
-        try:
-            for rg in range(pf.meta().num_row_groups):
-                pi = pf.page_index(rg)
-                assert pi is not None
-                for pg in range(len(pi.off)):
-                    if (path, rg, pg) not in need:
-                        spare = (path, (int(pi.off[pg]) + int(pi.end[pg])) // 2)
-        finally:
-            pf.close()
-    assert spare is not None
-    with open(spare[0], "r+b") as f:
-        f.seek(spare[1])
-        b = f.read(1)
-        f.seek(spare[1])
-        f.write(bytes([b[0] ^ 0x55]))
-    rc, _, err = restore(capsys, store, "latest", tmp_path / "x.img")
-    assert rc == 0, err
-    assert (tmp_path / "x.img").read_bytes() == bytes(s.image)
-    rc, out, err = cli_main(capsys, "verify", "--store", store)
-    assert rc != 0 and os.path.basename(spare[0]) in out + err, out + err
-
-
-def test_a_damaged_page_index_is_never_wrong_bytes(capsys, tmp_path, monkeypatch):
-    """Bytes of a file's OffsetIndex changed: the index is refused (its pages walked), or a
-    page is not what it says (one line, non-zero), never wrong bytes."""
-    if payload._native_oi is None:
-        pytest.skip("replayer/pieces.c is not built: run .venv/bin/python bpf/build.py")
-    s, store = _store(capsys, tmp_path, monkeypatch)
-    monkeypatch.setattr(rebuild, "DIRECT_WINDOW", 256 << 10)
-    pl = latest_plan(store)
-    path = max(_files_of(pl), key=os.path.getsize)
-    pf = PayloadFile(path)
-    try:
-        c = pf.meta().chunks[0]
-        a, n = c.offset_index_offset, c.offset_index_length
-    finally:
-        pf.close()
-    good = open(path, "rb").read()
-    rng = np.random.default_rng(2)
-    out = tmp_path / "d.img"
-    seen = {"exact": 0, "error": 0}
-    for trial in range(40):
-        d = bytearray(good)
-        for _ in range(int(rng.integers(1, 3))):
-            d[a + int(rng.integers(0, n))] = int(rng.integers(0, 256))
-        with open(path, "wb") as f:
-            f.write(d)
-        try:
-            _direct(pl, out)
-        except StoreError as e:
-            assert "\n" not in str(e)
-            seen["error"] += 1
-            continue
-        assert out.read_bytes() == bytes(s.image), trial
-        seen["exact"] += 1
-    assert seen["exact"] > 0, seen
-    with open(path, "wb") as f:
-        f.write(good)
-    # an index that fits its chunk but says a page starts a row later than it does
-    real = PayloadFile.page_index
-
-    def shifted(self, rg):
-        pi = real(self, rg)
-        if pi is not None and len(pi.first) > 1 and pi.n[0] > 1:
-            pi.first[1] -= 1
-            pi.n[0] -= 1
-            pi.n[1] += 1
-        return pi
-    monkeypatch.setattr(PayloadFile, "page_index", shifted)
-    with pytest.raises(StoreError, match="not what its page index says"):
-        _direct(pl, out)
