@@ -343,11 +343,12 @@ static __always_inline int load_seg(struct T *w)					\
 /* inflight_map[bio] = stamp. A bio's address is mostly one a completed bio had (the slab
  * reuses them, and entries are not deleted: see chain_cb), so its entry is usually there:
  * overwritten in place, which costs a lookup; bpf_map_update_elem would take the bucket lock,
- * a free LRU node for the new element and give the old one back (measured: bench_cpu, README
- * "Costs", fifth pass). In place is safe: no bio with this address is in flight (the last one
- * completed before its bio was freed), so no completion reads the entry meanwhile; an LRU
- * eviction of the entry just looked up (so referenced) would need the map full and this entry
- * the least recently used. A macro: both variants. */
+ * a free LRU node for the new element and give the old one back (bench_cpu side by side:
+ * -0.3 to -0.75 us per captured bio, README "Costs", fifth pass). In place is safe: no bio
+ * with this address is in flight (the last one completed before its bio was freed), so no
+ * completion reads the entry meanwhile; an LRU eviction of the entry just looked up (so
+ * referenced) would need the map full and this entry the least recently used. A macro:
+ * both variants. */
 #define INFLIGHT_SET(bio_, stamp_) do {						\
 	__u64 ikey = (__u64)(bio_), ist = (stamp_);				\
 	__u64 *isp = bpf_map_lookup_elem(&inflight_map, &ikey);			\
@@ -623,18 +624,6 @@ static __always_inline __u32 bvec_done(struct bio *bio)
 	return BPF_CORE_READ(b7, bi_iter.bi_offset);
 }
 
-#ifndef BR_LEGACY
-/* the same with plain loads: bio a BTF pointer (tp_btf) */
-static __always_inline __u32 bvec_done_btf(struct bio *bio)
-{
-	struct bio___v7 *b7 = (void *)bio;
-
-	if (bpf_core_field_exists(bio->bi_iter.bi_bvec_done))
-		return bio->bi_iter.bi_bvec_done;
-	return b7->bi_iter.bi_offset;
-}
-#endif
-
 /* The traced device d of a bio (not a calibration read): a traced partition (or disk), its
  * sectors made relative to it, or the traced disk of a partition (dev becomes the disk's),
  * sectors absolute. d NULL: neither traced. A macro: see BIO_HEADER. */
@@ -673,30 +662,24 @@ static __always_inline __u32 bvec_done_btf(struct bio *bio)
 	bpf_get_current_comm(&(hdr).comm, sizeof((hdr).comm));				\
 } while (0)
 
-/* the walk (struct br_walk, or the legacy br_lwalk) at the start of size bytes of a bio whose
- * bi_io_vec, bi_iter.bi_idx and bvec_done are iovec_, idx_, done_ (evaluated in that order,
- * where stored). A macro: the two walks are two types. */
-#define WALK_START_AT(w, c, iovec_, idx_, done_, size) do {			\
+/* the walk (struct br_walk, or the legacy br_lwalk) at the start of bio's size bytes. A macro:
+ * the two walks are two types. */
+#define WALK_START(w, c, bio, size) do {					\
 	(w)->page_offset_base = (c)->page_offset_base;				\
 	(w)->vmemmap_base = (c)->vmemmap_base;					\
 	(w)->page_struct_size = (c)->page_struct_size;				\
-	(w)->iovec = (__u64)(iovec_);						\
-	(w)->idx = (idx_);							\
-	(w)->done = (done_);							\
+	(w)->iovec = (__u64)BPF_CORE_READ(bio, bi_io_vec);			\
+	(w)->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);				\
+	(w)->done = bvec_done(bio);						\
 	(w)->remaining = (size);						\
 	(w)->seg_left = 0;							\
 	(w)->offset = 0;							\
 } while (0)
 
-/* ... of bio, its fields read with probe reads (raw_tp, legacy) */
-#define WALK_START(w, c, bio, size)						\
-	WALK_START_AT(w, c, BPF_CORE_READ(bio, bi_io_vec), BPF_CORE_READ(bio, bi_iter.bi_idx), \
-		      bvec_done(bio), size)
-
 #ifndef BR_LEGACY
 /* the records of one stamped bio (or calibration read) */
 static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct br_state *s,
-				     struct br_walk *w, __u32 size, int btf)
+				     struct br_walk *w, __u32 size)
 {
 	__sync_fetch_and_add(&s->bios, 1);
 
@@ -714,10 +697,7 @@ static __always_inline void emit_bio(struct bio *bio, struct br_cfg *c, struct b
 		return;
 	}
 
-	if (btf)  /* bio a BTF pointer: plain loads, no probe reads */
-		WALK_START_AT(w, c, bio->bi_io_vec, bio->bi_iter.bi_idx, bvec_done_btf(bio), size);
-	else
-		WALK_START(w, c, bio, size);
+	WALK_START(w, c, bio, size);
 	w->piece = c->piece;
 	w->wake_bytes = c->wake_bytes;
 	if (w->piece < PIECE || w->piece > BR_MAX_PIECE)
@@ -934,10 +914,9 @@ static __always_inline void emit_dirtier(struct bio *bio, struct br_cfg *c, stru
 
 /* dev: the dev_t of bio->bi_bdev, disk: its disk's; opf, sector, part_start (the bdev's
  * bd_start_sect), size: the bio's (read by the caller: plain loads in tp_btf, a probe read
- * each in raw_tp); btf: 1 in tp_btf (bio a BTF pointer: the walk's fields are plain loads
- * too; a constant, so clang drops the other branch) */
+ * each in raw_tp) */
 static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk, __u32 opf,
-				      __u64 sector, __u64 part_start, __u32 size, int btf)
+				      __u64 sector, __u64 part_start, __u32 size)
 {
 	__u32 k = 0;
 	struct br_cfg *c = bpf_map_lookup_elem(&cfg_map, &k);
@@ -979,7 +958,7 @@ static __always_inline int handle_bio(struct bio *bio, __u32 dev, __u32 disk, __
 	BIO_HEADER(w->h, sector, part_start, dev, opf, size, pt, rtype, op, flags);
 	if (rtype == BR_R_BIO && op == BR_OP_WRITE && size && c->dirtier)
 		emit_dirtier(bio, c, s, w);
-	emit_bio(bio, c, s, w, size, btf);
+	emit_bio(bio, c, s, w, size);
 	grace_exit(g);
 	return 0;
 }
@@ -990,7 +969,7 @@ int BPF_PROG(capture_btf, struct bio *bio)
 	struct block_device *bdev = bio->bi_bdev;  /* BTF pointers: plain loads */
 
 	return handle_bio(bio, bdev->bd_dev, bdev->bd_disk->part0->bd_dev, bio->bi_opf,
-			  bio->bi_iter.bi_sector, bdev->bd_start_sect, bio->bi_iter.bi_size, 1);
+			  bio->bi_iter.bi_sector, bdev->bd_start_sect, bio->bi_iter.bi_size);
 }
 
 SEC("raw_tp/block_bio_queue")
@@ -1001,7 +980,7 @@ int BPF_PROG(capture_raw, struct bio *bio)
 	return handle_bio(bio, BPF_CORE_READ(bdev, bd_dev),
 			  BPF_CORE_READ(bdev, bd_disk, part0, bd_dev), BPF_CORE_READ(bio, bi_opf),
 			  BPF_CORE_READ(bio, bi_iter.bi_sector), BPF_CORE_READ(bdev, bd_start_sect),
-			  BPF_CORE_READ(bio, bi_iter.bi_size), 0);
+			  BPF_CORE_READ(bio, bi_iter.bi_size));
 }
 
 #endif /* !BR_LEGACY */
@@ -1026,10 +1005,14 @@ struct br_chain_ctx {
 	__u32 flags;     /* BR_F_OLD */
 };
 
-/* one bio of a completed request (size, next: its bi_iter.bi_size and bi_next) into cc */
-static __always_inline void chain_bio(struct br_chain_ctx *cc, struct bio *bio, __u32 size,
-				      __u64 next)
+static long chain_cb(__u64 i, void *ctx)
 {
+	struct br_chain_ctx *cc = ctx;
+	struct bio *bio = (struct bio *)cc->bio;
+
+	if (!bio || cc->left == 0 || cc->n >= BR_MAX_COMPLETE_BIOS)
+		return 1;
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
 	__u64 key = (__u64)bio, st = 0;
 	__u64 *sp = bpf_map_lookup_elem(&inflight_map, &key);
 	if (!sp) {
@@ -1051,17 +1034,7 @@ static __always_inline void chain_bio(struct br_chain_ctx *cc, struct bio *bio, 
 	cc->stamps[cc->n & (BR_MAX_COMPLETE_BIOS - 1)] = st;
 	cc->n++;
 	cc->left = size < cc->left ? cc->left - size : 0;
-	cc->bio = next;
-}
-
-static long chain_cb(__u64 i, void *ctx)
-{
-	struct br_chain_ctx *cc = ctx;
-	struct bio *bio = (struct bio *)cc->bio;
-
-	if (!bio || cc->left == 0 || cc->n >= BR_MAX_COMPLETE_BIOS)
-		return 1;
-	chain_bio(cc, bio, BPF_CORE_READ(bio, bi_iter.bi_size), (__u64)BPF_CORE_READ(bio, bi_next));
+	cc->bio = (__u64)BPF_CORE_READ(bio, bi_next);
 	return 0;
 }
 
@@ -1145,13 +1118,10 @@ static __always_inline void note_error(struct br_state *s, __u32 dev, __u64 sect
 
 /* opf: rq->cmd_flags; part: rq->part, pdev: its dev_t (0 without part); disk: the dev_t of
  * the request queue's disk; bio: rq->bio, rsector: rq->__sector, pstart: the part's
- * bd_start_sect (read by the caller: plain loads in tp_btf); btf: 1 in tp_btf (rq a BTF
- * pointer: the first bio's fields are plain loads too; a constant, clang drops the other
- * branch) */
+ * bd_start_sect (read by the caller: plain loads in tp_btf) */
 static __always_inline int handle_rq_done(struct request *rq, int error, unsigned int nr_bytes,
 					  __u32 opf, struct block_device *part, __u32 pdev,
-					  __u32 disk, __u64 bio, __u64 rsector, __u64 pstart,
-					  int btf)
+					  __u32 disk, __u64 bio, __u64 rsector, __u64 pstart)
 {
 	__u8 op = norm_op(opf);
 	if (op == BR_OP_NONE || op == BR_OP_FLUSH)
@@ -1186,14 +1156,7 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 			   nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
 	/* the stamps first: the record is as long as they are (usually one) */
 	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
-	if (btf && cc.left) {
-		/* the first bio (usually the only one) with plain loads, the rest below */
-		struct bio *b = rq->bio;
-		if (b)
-			chain_bio(&cc, b, b->bi_iter.bi_size, (__u64)b->bi_next);
-	}
-	if (cc.bio && cc.left)
-		bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
+	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
 	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
 	__u32 len = n * 8;
 	/* clang knows len <= sizeof(stamps) and would drop this; before 6.2 the verifier
@@ -1231,7 +1194,7 @@ int BPF_PROG(rqdone_btf, struct request *rq, blk_status_t error, unsigned int nr
 
 	return handle_rq_done(rq, error, nr_bytes, rq->cmd_flags, part, part ? part->bd_dev : 0,
 			      rq->q->disk->part0->bd_dev, (__u64)rq->bio, rq->__sector,
-			      part ? part->bd_start_sect : 0, 1);
+			      part ? part->bd_start_sect : 0);
 }
 
 SEC("raw_tp/block_rq_complete")
@@ -1242,8 +1205,7 @@ int BPF_PROG(rqdone_raw, struct request *rq, blk_status_t error, unsigned int nr
 	return handle_rq_done(rq, error, nr_bytes, BPF_CORE_READ(rq, cmd_flags), part,
 			      part ? BPF_CORE_READ(part, bd_dev) : 0,
 			      BPF_CORE_READ(rq, q, disk, part0, bd_dev), (__u64)BPF_CORE_READ(rq, bio),
-			      BPF_CORE_READ(rq, __sector), part ? BPF_CORE_READ(part, bd_start_sect) : 0,
-			      0);
+			      BPF_CORE_READ(rq, __sector), part ? BPF_CORE_READ(part, bd_start_sect) : 0);
 }
 
 /* bio-based devices (dm, md) complete bios, not requests */

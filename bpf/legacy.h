@@ -32,9 +32,9 @@
  *                        rq->rq_disk or q->disk, writeback_dirty_page (before 5.17): CO-RE.
  *
  * What both variants do alike is written once in blkrewind.bpf.c and used here: wake_flags,
- * grace_enter, dirty_regions, INFLIGHT_SET, the walk's WALK_FNS / WALK_START, BIO_TARGET, BIO_HEADER,
- * REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where a function
- * compiled to other instructions). This file holds only what differs.
+ * grace_enter, dirty_regions, INFLIGHT_SET, the walk's WALK_FNS / WALK_START, BIO_TARGET,
+ * BIO_HEADER, REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where
+ * a function compiled to other instructions). This file holds only what differs.
  */
 
 #define BR_LPIECE 4096          /* payload bytes of a full record */
