@@ -32,9 +32,9 @@
  *                        rq->rq_disk or q->disk, writeback_dirty_page (before 5.17): CO-RE.
  *
  * What both variants do alike is written once in blkrewind.bpf.c and used here: wake_flags,
- * grace_enter, dirty_regions, the walk's WALK_FNS / WALK_START, BIO_TARGET, BIO_HEADER,
- * REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where a function
- * compiled to other instructions). This file holds only what differs.
+ * grace_enter, dirty_regions, INFLIGHT_SET, the walk's WALK_FNS / WALK_START, BIO_TARGET,
+ * BIO_HEADER, REMEMBER_DIRTIER, DIRTIER_REC, COMPLETE_HDR, DONE1_REC, POINT_REC (macros where
+ * a function compiled to other instructions). This file holds only what differs.
  */
 
 #define BR_LPIECE 4096          /* payload bytes of a full record */
@@ -620,10 +620,8 @@ static __always_inline int lhandle_bio(struct bio *bio)
 		lemit_dirtier(bio, c, s, w);
 
 	__sync_fetch_and_add(&s->bios, 1);
-	if (rtype == BR_R_BIO) {
-		__u64 key = (__u64)bio;
-		bpf_map_update_elem(&inflight_map, &key, &stamp, BPF_ANY);
-	}
+	if (rtype == BR_R_BIO)
+		INFLIGHT_SET(bio, stamp);
 	int has_data = (op == BR_OP_WRITE || rtype == BR_R_CALIB) && size > 0;
 	if (!has_data) {
 		struct br_rec *r = lheader_rec(s, w);

@@ -58,17 +58,16 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
 # spans are large (bench/bench_cpu.py; README "Costs"). The wait adds at most BATCH_WAIT to
 # the time a record takes to reach the LOG.
-# 4 MiB / 20 ms spans cost less CPU (bench_cpu side by side, load 6.5-8.5: 7.28 -> 4.49 us per
-# 4 KiB write, 1.16 -> 0.95 CPU-s per GB) but dropped records at 400-600 MB/s of 1 MiB writes
-# where these values kept more (bench_capture --mode rate, alternate runs; README, Costs,
-# "CPU per write, third pass"). Sampled (README, "fourth pass"): whenever the ring was full
-# the writer was behind (its queue >= 50 MiB, the writer thread in pwritev), with either
-# span size; the larger spans still dropped a little more at 400 MB/s on a machine at load
-# 11-16, so they stay an option (TraceOptions.batch_bytes / batch_wait), not the default.
-# (The hang that reverted them once, 9066d76, was the resync's wait for LOG room at stop,
-# fixed since.)
-BATCH_BYTES = 1 << 20   # TraceOptions.batch_bytes / batch_wait: the defaults
-BATCH_WAIT = 0.002
+# 4 MiB / 20 ms spans (the default since the fifth pass, README "Costs"): side by side on a
+# machine at load 4-5, 4.40 instead of 6.40 us of tracer CPU per 4 KiB write and 0.94 instead
+# of 1.31 CPU-s per GB at 1 MiB writes (bench/bench_cpu.py), and no more drops than 1 MiB /
+# 2 ms spans in alternate bench_capture --mode rate sweeps (both dropped at 400-800 MB/s with
+# the machine's two cores busy). They were measured twice before and kept off because they
+# seemed to drop a little more (third and fourth pass: the writer falls behind with either
+# size; COPY_BACKLOG since) and once reverted for a hang at stop, fixed since (8500266:
+# a stopping tracer gives up a resync that waits for LOG room).
+BATCH_BYTES = 4 << 20   # TraceOptions.batch_bytes / batch_wait: the defaults
+BATCH_WAIT = 0.02
 BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
