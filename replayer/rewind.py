@@ -21,7 +21,6 @@ import os
 import random
 import stat
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from blkrewind.replayer.image import Image
 ALIGN = 4096
 CHUNK = 4 << 20
 SAMPLE = 64 << 10
-READERS = 2       # threads reading (CRC, copy) the image's ranges into the write buffers
 
 
 @dataclass
@@ -139,32 +137,10 @@ def check_at(fd: int, img: Image, starts, ends, size: int, *, samples: int = 64,
     return len(spots)
 
 
-def _jobs(starts, ends) -> list[list[tuple[int, int, int]]]:
-    """The ranges cut into buffer loads: per CHUNK buffer, its (device offset, offset in the
-    buffer, bytes) parts -- several small ranges to a buffer, each part ALIGN-aligned in it
-    (O_DIRECT)."""
-    jobs: list[list[tuple[int, int, int]]] = []
-    used = CHUNK
-    for a, e in zip(starts.tolist(), ends.tolist()):
-        off = a
-        while off < e:
-            if used == CHUNK:
-                jobs.append([])
-                used = 0
-            n = min(CHUNK - used, e - off)
-            jobs[-1].append((off, used, n))
-            used = min(CHUNK, -(-(used + n) // ALIGN) * ALIGN)
-            off += n
-    return jobs
-
-
-def rewind(fd: int, img_to: Image, starts, ends, *, readers: int = READERS) -> tuple[int, int]:
+def rewind(fd: int, img_to: Image, starts, ends, *, progress=None) -> tuple[int, int]:
     """Write img_to over the ranges; fsync. (ranges, bytes written). The ranges are read into
-    CHUNK buffers, several small ones to a buffer, by `readers` threads (the reads are the
-    CRC of whole payload pages and faulting them in: a 4 KiB change inside a 1 MiB baseline
-    chunk reads and checks all of it; crc32 and the piece copy run without the GIL), which
-    two writer threads write while the next are read (O_DIRECT writes wait for the disk: two
-    in flight keep it busier)."""
+    CHUNK buffers, several small ones to a buffer, which two writer threads write while the
+    next is read (O_DIRECT writes wait for the disk: two in flight keep it busier)."""
     from blkrewind.replayer.writebehind import WriteBehind
 
     def write(buf, parts) -> None:
@@ -174,38 +150,34 @@ def rewind(fd: int, img_to: Image, starts, ends, *, readers: int = READERS) -> t
                 if w != n:
                     raise UserError(f"short write at byte {off}")
 
-    jobs = _jobs(starts, ends)
-    readers = max(1, min(readers, len(jobs)))
-    bufs = [_aligned(CHUNK) for _ in range(2 + 2 * readers)]
-    failed = threading.Event()   # a reader's error: the others stop at their next buffer
+    bufs = [_aligned(CHUNK) for _ in range(4)]
+    total = 0
     try:
         with WriteBehind(bufs, write, "rewind-write", threads=2) as wb:
-            def fill(parts) -> None:
-                if failed.is_set():
-                    return
-                try:
-                    i = wb.take()
+            i, used = -1, CHUNK
+            parts: list[tuple[int, int, int]] = []
+            for a, e in zip(starts.tolist(), ends.tolist()):
+                off = a
+                while off < e:
+                    if used == CHUNK:
+                        if parts:
+                            wb.put(i, parts)
+                        i, used, parts = wb.take(), 0, []
+                    n = min(CHUNK - used, e - off)
                     with memoryview(bufs[i]) as v:
-                        for off, at, n in parts:
-                            img_to.read_into(v[at:at + n], off)
-                    wb.put(i, parts)
-                except BaseException:
-                    failed.set()
-                    raise
-            ex = ThreadPoolExecutor(readers, thread_name_prefix="rewind-read")
-            try:
-                for f in [ex.submit(fill, parts) for parts in jobs]:
-                    f.result()     # the first error, raised here (the rest stop early)
-            except BaseException:  # (SIGINT too: nothing more is read, nor written)
-                failed.set()
-                raise
-            finally:
-                ex.shutdown(wait=True, cancel_futures=True)
+                        img_to.read_into(v[used:used + n], off)
+                    parts.append((off, used, n))
+                    # the next range starts ALIGN-aligned in the buffer (O_DIRECT)
+                    used = min(CHUNK, -(-(used + n) // ALIGN) * ALIGN)
+                    off += n
+                    total += n
+            if parts:
+                wb.put(i, parts)
     finally:
         for b in bufs:
             b.close()
     os.fsync(fd)
-    return len(starts), sum(n for parts in jobs for _o, _a, n in parts)
+    return len(starts), total
 
 
 def run(store, device, r_to, r_from, target: str, *, samples: int = 64, check_only=False):
@@ -228,13 +200,9 @@ def _apply(img_to, img_from, starts, ends, target, size, samples, check_only) ->
     t0 = time.monotonic()
     fd, _ = open_device(target, size)
     try:
-        # the places of the pages to write found and read in (madvise) while the check runs:
-        # its device reads wait for the disk, this waits for the page headers
-        with ThreadPoolExecutor(1, thread_name_prefix="rewind-prefetch") as pre:
-            fut = None if check_only else pre.submit(img_to.prefetch, starts, ends)
-            n = check_at(fd, img_from, starts, ends, size, samples=samples)
-            if fut is not None:
-                fut.result()
+        if not check_only:
+            img_to.prefetch(starts, ends)   # read in while the check runs
+        n = check_at(fd, img_from, starts, ends, size, samples=samples)
         if check_only:
             return Result(len(starts), 0, n, time.monotonic() - t0)
         k, total = rewind(fd, img_to, starts, ends)
