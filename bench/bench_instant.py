@@ -4,7 +4,8 @@ a full restore, export reads against restore, and `restore` of a history of 4 Ki
 against dd.
 
     .venv/bin/python bench/bench_instant.py [--dir DIR] [--sizes-gib 1,16,64]
-        [--mount-gib 1,16,64] [--small-mib 512] [--rewind-gib 8] [--read-gib 2] [--before DIR]
+        [--mount-gib 1,16,64] [--small-mib 512] [--rewind-gib 8] [--rewind-rounds 1]
+        [--read-gib 2] [--before DIR]
 
 --before DIR (an older checkout, e.g. `git worktree add /tmp/old COMMIT`): every timed command
 runs with both checkouts' code in turns on the same stores (made by this checkout's ingest),
@@ -26,7 +27,9 @@ lines prefixed [before] / [now]: a side-by-side comparison on a shared machine.
    then N/8 GiB of random writes of 4..1024 KiB): for 1 % and 10 % of the device written
    after a point P (found in `writes`), `restore --at latest` to an image, then `rewind --at
    P` of that image timed against `restore --at P --to` a new image, and both images
-   compared (cmp). Goal: rewind of 1 % >= 20x faster than the full restore.
+   compared (cmp); wall and CPU seconds (user + system) of each command. --rewind-rounds K:
+   the rewind to P is timed K times (between two, one untimed rewind forward to latest), the
+   fastest compared. Goal: rewind of 1 % >= 20x faster than the full restore.
 4. (--read-gib N, 0 to skip) On a fully written N GiB history: `nbdcopy` of `export --at
    latest` to /dev/null (sequential reads through nbdkit's plugin) against `restore` of the
    same point to a file, alternating, 2 rounds each. Goal: export reads >= 0.5x restore.
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -55,6 +59,7 @@ from blkrewind.tracer.log import LogWriter  # noqa: E402
 CLI = [sys.executable, "-m", "blkrewind.cli"]
 CUR = {"root": ROOT}        # the checkout whose CLI runs (--before: an older one in turns)
 VERSIONS: list[tuple[str, str]] = [("now", ROOT)]
+ROUNDS = {"rewind": 1}
 
 
 def _env() -> dict:
@@ -203,9 +208,17 @@ def bench_mount(base: str, gib: int) -> None:
 
 
 def timed(*args) -> float:
+    return timed_cpu(*args)[0]
+
+
+def timed_cpu(*args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system of the command and its children)."""
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     run(*args)
-    return time.monotonic() - t0
+    t = time.monotonic() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return t, r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
 
 
 def same(a: str, b: str) -> bool:
@@ -242,14 +255,23 @@ def bench_rewind(base: str, gib: int) -> None:
         at, changed = point_before_last(store, size * pct // 100)
         for v in versions():
             run("restore", "--store", store, "--device", "bench0", "--at", "latest", "--to", cur)
-            t_rewind = timed("rewind", "--store", store, "--device", "bench0", "--at", at,
-                             "--to", cur)
-            t_full = timed("restore", "--store", store, "--device", "bench0", "--at", at,
-                           "--to", full)
+            rw = []    # --rewind-rounds rewinds to P, each after one forward to latest
+            for k in range(ROUNDS["rewind"]):
+                if k:
+                    run("rewind", "--store", store, "--device", "bench0", "--at", "latest",
+                        "--from", at, "--to", cur)
+                rw.append(timed_cpu("rewind", "--store", store, "--device", "bench0",
+                                    "--at", at, "--to", cur))
+            t_rewind, c_rewind = min(rw)
+            t_full, c_full = timed_cpu("restore", "--store", store, "--device", "bench0", "--at",
+                                       at, "--to", full)
             ok = same(cur, full)
             print(f"[{v}] rewind of {pct:2d} % changed ({changed >> 20} MiB written after the "
-                  f"point, {gib} GiB device): rewind {t_rewind:.2f} s, full restore "
-                  f"{t_full:.2f} s: {t_full / t_rewind:.1f}x; images equal: {ok}", flush=True)
+                  f"point, {gib} GiB device): rewind {t_rewind:.2f} s ({c_rewind:.2f} CPU-s; "
+                  f"best of {', '.join(f'{x:.2f}' for x, _ in rw)} s), "
+                  f"full restore {t_full:.2f} s ({c_full:.2f} CPU-s): {t_full / t_rewind:.1f}x "
+                  f"(CPU {c_full / c_rewind:.1f}x); images equal: {ok}; load "
+                  f"{os.getloadavg()[0]:.2f}", flush=True)
             os.unlink(cur)
             os.unlink(full)
     shutil.rmtree(d)
@@ -285,11 +307,14 @@ def main() -> None:
     ap.add_argument("--mount-gib", default="1,16,64", help="'' skips")
     ap.add_argument("--small-mib", type=int, default=512, help="0 skips")
     ap.add_argument("--rewind-gib", type=int, default=8, help="0 skips")
+    ap.add_argument("--rewind-rounds", type=int, default=1,
+                    help="rewinds timed per point (the best is compared)")
     ap.add_argument("--read-gib", type=int, default=2, help="0 skips")
     ap.add_argument("--before", metavar="DIR",
                     help="an older checkout (git worktree add DIR COMMIT): every timed command "
                          "also runs with its code, in turns with this one, on the same stores")
     a = ap.parse_args()
+    ROUNDS["rewind"] = max(1, a.rewind_rounds)
     if a.before:
         VERSIONS.insert(0, ("before", os.path.abspath(a.before)))
     base = a.dir or tempfile.mkdtemp(prefix="bench-instant-")
