@@ -344,7 +344,7 @@ static __always_inline int load_seg(struct T *w)					\
  * reuses them, and entries are not deleted: see chain_cb), so its entry is usually there:
  * overwritten in place, which costs a lookup; bpf_map_update_elem would take the bucket lock,
  * a free LRU node for the new element and give the old one back (bench_cpu side by side:
- * -0.3 to -0.75 us per captured bio, README "Costs", fifth pass). In place is safe: no bio
+ * -0.3 to -0.75 us per captured bio, docs/costs.md, fifth pass). In place is safe: no bio
  * with this address is in flight (the last one completed before its bio was freed), so no
  * completion reads the entry meanwhile; an LRU eviction of the entry just looked up (so
  * referenced) would need the map full and this entry the least recently used. A macro:

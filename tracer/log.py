@@ -218,7 +218,7 @@ class LogWriter:
         # and written with O_DIRECT from a reused aligned buffer, where the file system allows
         # (else as buffered writes): no page-cache page per 4 KiB of LOG. Off by default: with
         # the LOG on a tmpfs it dropped records that buffered writes kept (tmpfs's O_DIRECT is
-        # buffered I/O plus invalidation; bench/bench_cpu.py, README "Costs"); not yet
+        # buffered I/O plus invalidation; bench/bench_cpu.py, docs/costs.md); not yet
         # measured with the LOG on a second real disk, where it is meant to pay
         # prealloc: segments preallocated / recycled as with direct, written through the page
         # cache (over pages the file has: a tmpfs or the page cache allocates none)

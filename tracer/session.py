@@ -56,9 +56,9 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # threads) and, while less than BATCH_BYTES wait in the ring, makes the collector wait
 # BATCH_WAIT before taking the next span: each span costs the collector and the writer a
 # fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
-# spans are large (bench/bench_cpu.py; README "Costs"). The wait adds at most BATCH_WAIT to
+# spans are large (bench/bench_cpu.py; docs/costs.md). The wait adds at most BATCH_WAIT to
 # the time a record takes to reach the LOG.
-# 4 MiB / 20 ms spans (the default since the fifth pass, README "Costs"): side by side on a
+# 4 MiB / 20 ms spans (the default since the fifth pass, docs/costs.md): side by side on a
 # machine at load 4-5, 4.40 instead of 6.40 us of tracer CPU per 4 KiB write and 0.94 instead
 # of 1.31 CPU-s per GB at 1 MiB writes (bench/bench_cpu.py), and no more drops than 1 MiB /
 # 2 ms spans in alternate bench_capture --mode rate sweeps (both dropped at 400-800 MB/s with
@@ -76,7 +76,7 @@ LOSS_REPORT_EVERY = 10.0
 # beyond half the ring held): a span stored as is keeps its ring space until written, and
 # the ring's space goes back in order, so without copying a writer stalled for 128 MiB of
 # spans (~0.2 s at 600 MB/s: a busy machine's scheduler) filled the ring and records were
-# dropped while the 512 MiB queue stood empty (measured: README "Costs", fourth pass)
+# dropped while the 512 MiB queue stood empty (measured: docs/costs.md, fourth pass)
 COPY_BACKLOG = 16 << 20
 
 
@@ -120,7 +120,7 @@ class TraceOptions:
     # seconds while writes come, IDLE_POLL when none came for a second. 0 (the default):
     # wake as libbpf does -- the collector sleeps BATCH_WAIT between spans, so a wake-up
     # comes once per span, not per write, and a wake_bytes of BATCH_BYTES did not lower the
-    # tracer's CPU (bench/bench_cpu.py; the figures are in README "Costs")
+    # tracer's CPU (bench/bench_cpu.py; the figures are in docs/costs.md)
     wake_bytes: int = 0
     # tracer/log.py LogWriter: "buffered" (segments grow as written), "prealloc" (segments
     # preallocated, or recycled spares; buffered writes), "direct" (... written O_DIRECT), or
@@ -128,7 +128,7 @@ class TraceOptions:
     # else buffered. prealloc and
     # direct pay only with recycling (retention retires shipped segments as spares, and a new
     # segment reuses one: no page allocated per 4 KiB of LOG; on a tmpfs the writer's CPU per
-    # 4 KiB write 2.45 -> 1.45 us, README "Costs"). Default buffered: over a real disk a
+    # 4 KiB write 2.45 -> 1.45 us, docs/costs.md). Default buffered: over a real disk a
     # recycled file's last partial page is read before a buffered write, and direct is not
     # measured on a second real disk
     log_mode: str = "buffered"

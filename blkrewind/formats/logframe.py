@@ -287,7 +287,7 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
     keeps the span's ring buffer space until the frame is written)."""
     # 4 MiB blocks: less per-block overhead than the 64 KiB default. No lz4 content checksum:
     # its xxh32 cost more than the compression; zlib-ng's CRC-32 of the body is far cheaper
-    # (figures: README, "Costs", the LOG).
+    # (figures: docs/costs.md, the LOG).
     # The CRC is written from its own buffer: appending it to data would realloc (copy) it.
     mv = memoryview(span).cast("B")
     level = compression_level
