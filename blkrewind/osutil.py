@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 from pathlib import Path
@@ -65,6 +66,38 @@ def ignore_termination() -> None:
             signal.signal(s, signal.SIG_IGN)
         except ValueError:  # not the main thread (a command run from a test's thread)
             pass
+
+
+def save_json(path: str, obj) -> None:
+    """Write obj as JSON to path whole or not at all (a temporary file, fsynced, renamed over
+    it; the directory made 0700 if missing): the records of /run/blkrewind's registries."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_json_dir(directory: str) -> list[tuple[str, object]]:
+    """(path, its JSON value, or None when it cannot be read or parsed) of every *.json file
+    of a registry directory (save_json), by name; none when the directory does not exist."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out: list[tuple[str, object]] = []
+    for n in names:
+        if not n.endswith(".json"):
+            continue
+        path = os.path.join(directory, n)
+        try:
+            with open(path) as f:
+                out.append((path, json.load(f)))
+        except (OSError, ValueError):
+            out.append((path, None))
+    return out
 
 
 def fsync_dir(path) -> None:

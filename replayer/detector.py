@@ -170,6 +170,17 @@ NEWFILES = "encrypted into new files, originals deleted or rewritten"
 RETRY = "retry"
 
 
+def merge_ranges(ranges) -> list[list[int]]:
+    """[start, end) ranges sorted, those that touch or overlap joined."""
+    out: list[list[int]] = []
+    for a, e in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return out
+
+
 @dataclass
 class Episode:
     session: str
@@ -202,13 +213,7 @@ class Episode:
             r.append([a, e])
 
     def merged_ranges(self) -> list[list[int]]:
-        out: list[list[int]] = []
-        for a, e in sorted(self.ranges):
-            if out and a <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], e)
-            else:
-                out.append([a, e])
-        return out
+        return merge_ranges(self.ranges)
 
     def row(self) -> dict:
         return {"session": self.session, "dev": self.dev, "group": self.group,
@@ -267,13 +272,7 @@ class Streak:
                       Counter(self.procs), [list(x) for x in self.ranges])
 
     def merged_ranges(self) -> list[list[int]]:
-        out: list[list[int]] = []
-        for a, e in sorted(self.ranges):
-            if out and a <= out[-1][1]:
-                out[-1][1] = max(out[-1][1], e)
-            else:
-                out.append([a, e])
-        return out
+        return merge_ranges(self.ranges)
 
 
 class BlockMap:

@@ -39,6 +39,7 @@ import time
 from types import SimpleNamespace
 
 from blkrewind.errors import UserError
+from blkrewind.osutil import load_json_dir, save_json
 
 REG_DIR = "/run/blkrewind/mounts"
 
@@ -49,31 +50,11 @@ def _reg_path(mountpoint: str) -> str:
 
 
 def _save(reg: dict) -> None:
-    os.makedirs(REG_DIR, mode=0o700, exist_ok=True)
-    p = _reg_path(reg["mountpoint"])
-    tmp = p + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(reg, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    save_json(_reg_path(reg["mountpoint"]), reg)
 
 
 def registry() -> list[dict]:
-    out: list[dict] = []
-    try:
-        names = sorted(os.listdir(REG_DIR))
-    except FileNotFoundError:
-        return out
-    for n in names:
-        if not n.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(REG_DIR, n)) as f:
-                out.append(json.load(f))
-        except (OSError, ValueError):
-            continue
-    return out
+    return [reg for _, reg in load_json_dir(REG_DIR) if isinstance(reg, dict)]
 
 
 def lookup(mountpoint: str) -> dict | None:

@@ -22,13 +22,13 @@ the baseline was done, another boot) releases the pins and starts a new session,
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
 
-from blkrewind.osutil import mount_of
+from blkrewind.osutil import load_json_dir, mount_of, save_json
 
 PIN_ROOT = "/sys/fs/bpf/blkrewind"
 REG_DIR = "/run/blkrewind/pinned"
@@ -87,28 +87,17 @@ def _reg_path(session: str) -> str:
 
 def save(p: Pinned) -> None:
     """Write (atomically) the record of a pinned session."""
-    os.makedirs(REG_DIR, mode=0o700, exist_ok=True)
-    path = _reg_path(p.session)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(asdict(p), f)
-    os.replace(tmp, path)
+    save_json(_reg_path(p.session), asdict(p))
 
 
 def load_all() -> list[Pinned]:
     out: list[Pinned] = []
-    try:
-        names = sorted(os.listdir(REG_DIR))
-    except FileNotFoundError:
-        return out
-    for n in names:
-        if not n.endswith(".json"):
-            continue
+    for path, rec in load_json_dir(REG_DIR):
         try:
-            with open(os.path.join(REG_DIR, n)) as f:
-                out.append(Pinned(**json.load(f)))
-        except (OSError, ValueError, TypeError):
-            os.unlink(os.path.join(REG_DIR, n))  # a torn record: the pins go with pin dirs
+            out.append(Pinned(**rec))   # type: ignore[arg-type]
+        except TypeError:   # a torn record (None) or not a Pinned: the pins go with pin dirs
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return out
 
 
