@@ -1156,8 +1156,29 @@ static __always_inline int handle_rq_done(struct request *rq, int error, unsigne
 			   nr_bytes ? nr_bytes : BPF_CORE_READ(rq, __data_len), (__u32)error);
 	/* the stamps first: the record is as long as they are (usually one) */
 	struct br_chain_ctx cc = { .bio = bio, .left = nr_bytes };
-	bpf_loop(BR_MAX_COMPLETE_BIOS, chain_cb, &cc, 0);
+	/* the first bio called directly, not through bpf_loop: usually it is the only one */
+	if (!chain_cb(0, &cc) && cc.bio && cc.left)
+		bpf_loop(BR_MAX_COMPLETE_BIOS - 1, chain_cb, &cc, 0);
 	__u32 n = cc.n < BR_MAX_COMPLETE_BIOS ? cc.n : BR_MAX_COMPLETE_BIOS;
+	if (n == 1) {
+		/* one stamp, the usual case: a record of a fixed size, reserved and submitted
+		 * without the dynptr calls (bench_cpu side by side: completion -0.1 us per
+		 * captured bio, docs/costs.md, sixth pass). The same bytes as below. */
+		struct br_done1 *r1 = bpf_ringbuf_reserve(&rb, sizeof(*r1), 0);
+		if (!r1) {
+			count_drop(s, 0);
+			return 0;
+		}
+		COMPLETE_HDR(&r1->h, next_seq(s), s->stamp,
+			     sector >= part_start ? sector - part_start : 0, part_start, dev, opf,
+			     op, nr_bytes, error, norm_flags(opf) | cc.flags, 8);
+		r1->stamp = cc.stamps[0];
+		if (cc.flags & BR_F_OLD)
+			__sync_fetch_and_add(&s->old_bios, 1);
+		__sync_fetch_and_add(&s->completes, 1);
+		bpf_ringbuf_submit(r1, wake_flags(c->wake_bytes, sizeof(*r1)));
+		return 0;
+	}
 	__u32 len = n * 8;
 	/* clang knows len <= sizeof(stamps) and would drop this; before 6.2 the verifier
 	 * does not (the register compare above): 'R4 unbounded memory access' on 6.1 */
