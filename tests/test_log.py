@@ -324,6 +324,39 @@ def test_flipped_byte_anywhere_in_an_early_frame_is_corruption(tmp_path, sealed)
     path.write_bytes(orig)
 
 
+def test_sampler_skips_samples_of_a_raw_stream_and_finds_a_change():
+    """Once RAW_STREAK samples in a row chose FL_RAW, only every RESAMPLE-th span of the stream
+    is sampled; a compressible span is then found at the next sample and sampling resumes for
+    every span. A sample in the FAST_LEVEL band that FAST_LEVEL cannot shrink below SAMPLE_RAW
+    is stored as is too."""
+    rng = random.Random(9)
+    noise = [b"".join(rec(rng.randbytes(64 << 10), stamp=i + 1, seq=i + 1) for i in range(4))
+             for _ in range(3)]
+    text = b"".join(rec(b"blkrewind " * 6000, stamp=100 + i, seq=100 + i) for i in range(4))
+    raw = logframe.FL_BODY_CRC | logframe.FL_RAW
+    s = logframe.Sampler()
+    flags = [logframe.encode_span(noise[i % 3], sampler=s).flags
+             for i in range(logframe.RAW_STREAK)]
+    assert flags == [raw] * logframe.RAW_STREAK and s.raw_run == logframe.RAW_STREAK
+    # skipped: text stored as is until the next sample
+    skipped = [logframe.encode_span(text, sampler=s).flags for _ in range(logframe.RESAMPLE)]
+    assert skipped == [raw] * (logframe.RESAMPLE - 1) + [logframe.FL_BODY_CRC]
+    assert s.raw_run == 0 and logframe.encode_span(text, sampler=s).flags == logframe.FL_BODY_CRC
+    body = logframe.encode_span(text, sampler=s)
+    assert logframe.crc32(body.data) == int.from_bytes(body.crc, "little")
+    # the band: random 4 KiB payload and records with short repeats between (fio's writes and
+    # their completions): 0.90-0.93 at the default level, which FAST_LEVEL hardly shrinks
+    fio = b"".join(rec(rng.randbytes(4096), stamp=2 * i + 1, seq=2 * i + 1) +
+                   rec(b"".join(rng.randbytes(6) + b"\0blk\0rwd\0" for _ in range(128)),
+                       stamp=2 * i + 2, seq=2 * i + 2) for i in range(256))
+    n = max(logframe.SAMPLE_FLOOR, min(logframe.SAMPLE, len(fio) // 16))
+    sample = memoryview(fio)[min((len(fio) // 2) & ~4095, len(fio) - n):][:n]
+    kept = len(logframe._compress(sample, logframe.DEFAULT_LEVEL)) / n
+    fast = len(logframe._compress(sample, logframe.FAST_LEVEL)) / n
+    assert logframe.SAMPLE_KEEPS < kept <= logframe.SAMPLE_RAW < fast, (kept, fast)
+    assert logframe.encode_span(fio).flags == raw
+
+
 def test_spans_that_do_not_compress_are_stored_as_is(tmp_path):
     """A span whose sample lz4 cannot shrink (random payload) is written raw (FL_RAW: the span
     itself and its CRC); file-system-like payload stays lz4. Both read back the same, raw
