@@ -34,7 +34,7 @@ from typing import Callable, TypeVar
 from blkrewind import __version__
 from blkrewind.errors import UserError
 from blkrewind.formats import record
-from blkrewind.formats.logframe import FL_RAW, Body, Sampler, encode_span
+from blkrewind.formats.logframe import FL_RAW, Body, encode_span
 from blkrewind.tracer import calibrate, devices, pins
 from blkrewind.tracer.baseline import Baseline
 from blkrewind.tracer.capture import Capture, Regions, region_layout
@@ -381,7 +381,6 @@ class Tracer:
         pos = ring.consumed_pos()
         last_data = 0.0
         encoding: deque = deque()  # (end position, encode future, written future) in order
-        sampler = Sampler()  # the lz4 sample of every span only while some compress
         try:
             while True:
                 view, n, end = ring.peek(pos)
@@ -399,11 +398,10 @@ class Tracer:
                         # a small span is encoded here: handing it to an encoder thread
                         # and back costs two wake-ups, more than lz4 on it
                         fut: Future[Body] = Future()
-                        fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy,
-                                                   sampler=sampler))
+                        fut.set_result(encode_span(view, self.opts.lz4_level, copy=copy))
                     else:
                         fut = writer.encoders.submit(encode_span, view, self.opts.lz4_level,
-                                                     copy=copy, sampler=sampler)
+                                                     copy=copy)
                     writer.put_span(view, n, fut, written)
                     encoding.append((end, fut, written))
                     pos = end

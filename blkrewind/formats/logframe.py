@@ -252,32 +252,6 @@ SAMPLE_RAW = 0.93            # ... nor below this: stored as is (FL_RAW; FAST_LE
                              # 0.3-2 % on such data: fio 1 MiB writes sample at 0.94-0.98);
                              # between the two, the sample at FAST_LEVEL must also stay below
                              # it (fio's 4 KiB writes sample at 0.93 but save 1 % at FAST_LEVEL)
-RAW_STREAK = 4               # Sampler: after this many samples in a row chose FL_RAW, ...
-RESAMPLE = 4                 # ... only every RESAMPLE-th span of the stream is sampled
-
-
-class Sampler:
-    """The sample's decisions for one stream of spans (the tracer's collector): once
-    RAW_STREAK samples in a row chose to store spans as is, only every RESAMPLE-th span is
-    sampled and the others are stored as is without one (random or encrypted payload stays
-    so; a stream that turns compressible is found at the next sample, at most RESAMPLE - 1
-    spans later). Shared by threads without a lock: a race only moves a sample."""
-
-    __slots__ = ("raw_run", "skipped")
-
-    def __init__(self) -> None:
-        self.raw_run = 0
-        self.skipped = 0
-
-    def skip(self) -> bool:
-        if self.raw_run < RAW_STREAK or self.skipped >= RESAMPLE - 1:
-            self.skipped = 0
-            return False
-        self.skipped += 1
-        return True
-
-    def note(self, raw: bool) -> None:
-        self.raw_run = self.raw_run + 1 if raw else 0
 
 
 class Body(NamedTuple):
@@ -300,7 +274,7 @@ def _compress(data, level: int) -> bytearray:
 
 
 def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = True,
-                copy: bool = True, sampler: Sampler | None = None) -> Body:
+                copy: bool = True) -> Body:
     """The body append() writes for span. CPU only and the GIL is released: a producer thread
     can encode the next span while the writer thread writes (append(..., body=)); span may be
     a view into the ring buffer, which the body never references.
@@ -309,8 +283,7 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
     shrinks it below SAMPLE_KEEPS: lz4 at compression_level; below SAMPLE_RAW, and below it
     at FAST_LEVEL too: lz4 at FAST_LEVEL (nearly as small on such data, 3x faster); else the
     span is stored as is (random, encrypted or already compressed payload: one copy instead of
-    a pass of lz4 that gains nothing). Spans under SAMPLE_MIN are not sampled. sampler: the
-    stream's Sampler, which may skip the sample of a span of a stream stored as is.
+    a pass of lz4 that gains nothing). Spans under SAMPLE_MIN are not sampled.
 
     copy=False: a span stored as is is not copied; the body is a view of it (the tracer then
     keeps the span's ring buffer space until the frame is written)."""
@@ -321,19 +294,13 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
     mv = memoryview(span).cast("B")
     level = compression_level
     if adaptive and level > FAST_LEVEL and mv.nbytes >= SAMPLE_MIN:
-        if sampler is not None and sampler.skip():
-            return _raw_body(mv, copy)
         n = max(SAMPLE_FLOOR, min(SAMPLE, mv.nbytes // 16))
         mid = min((mv.nbytes // 2) & ~4095, mv.nbytes - n)
         sample = mv[mid:mid + n]
         kept = len(_compress(sample, DEFAULT_LEVEL)) / n
         if kept > SAMPLE_KEEPS and (kept > SAMPLE_RAW or
                                     len(_compress(sample, FAST_LEVEL)) / n > SAMPLE_RAW):
-            if sampler is not None:
-                sampler.note(True)
             return _raw_body(mv, copy)
-        if sampler is not None:
-            sampler.note(False)
         if kept > SAMPLE_KEEPS:
             level = FAST_LEVEL
     data = _compress(mv, level)
