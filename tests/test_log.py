@@ -324,6 +324,27 @@ def test_flipped_byte_anywhere_in_an_early_frame_is_corruption(tmp_path, sealed)
     path.write_bytes(orig)
 
 
+def test_spans_in_the_fast_band_that_fast_level_hardly_shrinks_are_stored_as_is():
+    """A sample in the FAST_LEVEL band (0.90-0.93 at the default level) that FAST_LEVEL cannot
+    shrink below SAMPLE_RAW is stored as is (fio's 4 KiB writes: lz4 at FAST_LEVEL saved 1-2 %
+    of such spans for a whole pass of lz4); the body is the span and its CRC."""
+    rng = random.Random(9)
+    raw = logframe.FL_BODY_CRC | logframe.FL_RAW
+    # the band: random 4 KiB payload and records with short repeats between (fio's writes and
+    # their completions): 0.90-0.93 at the default level, which FAST_LEVEL hardly shrinks
+    fio = b"".join(rec(rng.randbytes(4096), stamp=2 * i + 1, seq=2 * i + 1) +
+                   rec(b"".join(rng.randbytes(6) + b"\0blk\0rwd\0" for _ in range(128)),
+                       stamp=2 * i + 2, seq=2 * i + 2) for i in range(256))
+    n = max(logframe.SAMPLE_FLOOR, min(logframe.SAMPLE, len(fio) // 16))
+    sample = memoryview(fio)[min((len(fio) // 2) & ~4095, len(fio) - n):][:n]
+    kept = len(logframe._compress(sample, logframe.DEFAULT_LEVEL)) / n
+    fast = len(logframe._compress(sample, logframe.FAST_LEVEL)) / n
+    assert logframe.SAMPLE_KEEPS < kept <= logframe.SAMPLE_RAW < fast, (kept, fast)
+    body = logframe.encode_span(fio)
+    assert body.flags == raw and bytes(body.data) == fio
+    assert logframe.crc32(fio) == int.from_bytes(body.crc, "little")
+
+
 def test_spans_that_do_not_compress_are_stored_as_is(tmp_path):
     """A span whose sample lz4 cannot shrink (random payload) is written raw (FL_RAW: the span
     itself and its CRC); file-system-like payload stays lz4. Both read back the same, raw
