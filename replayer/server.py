@@ -124,6 +124,7 @@ class Conn:
     stored_frames: int = 0
     last_ack_ns: int = 0
     thread: threading.Thread | None = None
+    wake_lock: threading.Lock = field(default_factory=threading.Lock)   # wake() vs close_wake()
 
     def who(self) -> str:
         h = self.host or self.auth_host or "?"
@@ -136,10 +137,25 @@ class Conn:
         return self.host
 
     def wake(self) -> None:
-        try:
-            os.write(self.wake_w, b"x")
-        except OSError:
-            pass
+        """Wake the connection's thread; a no-op once close_wake() ran (its fd number may
+        belong to another file by then)."""
+        with self.wake_lock:
+            if self.wake_w < 0:
+                return
+            try:
+                os.write(self.wake_w, b"x")
+            except OSError:
+                pass
+
+    def close_wake(self) -> None:
+        with self.wake_lock:
+            fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 def _fmt_addr(a) -> str:
@@ -522,17 +538,15 @@ class Server:
             if reason is not None:
                 self.log(f"{c.who()}: {reason}; closing")
                 self._send_error(c, reason)
+            # the slot is given back before the peer can see the close: a client reconnecting
+            # at once must not be refused for its own closed connection
+            with self._conns_lock:
+                self._conns.pop(c.id, None)
             try:
                 c.sock.close()
             except OSError:
                 pass
-            for fd in (c.wake_r, c.wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-            with self._conns_lock:
-                self._conns.pop(c.id, None)
+            c.close_wake()
 
     def _send_error(self, c: Conn, reason: str) -> None:
         try:
