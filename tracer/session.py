@@ -58,16 +58,16 @@ from blkrewind.tracer.writer import RecordSeq, Writer
 # fixed amount of Python and a wake-up, paid per write at high rates of small writes unless
 # spans are large (bench/bench_cpu.py; docs/costs.md). The wait adds at most BATCH_WAIT to
 # the time a record takes to reach the LOG.
-# 4 MiB / 20 ms spans (the default since the fifth pass, docs/costs.md): side by side on a
-# machine at load 4-5, 4.40 instead of 6.40 us of tracer CPU per 4 KiB write and 0.94 instead
-# of 1.31 CPU-s per GB at 1 MiB writes (bench/bench_cpu.py), and no more drops than 1 MiB /
-# 2 ms spans in alternate bench_capture --mode rate sweeps (both dropped at 400-800 MB/s with
-# the machine's two cores busy). They were measured twice before and kept off because they
-# seemed to drop a little more (third and fourth pass: the writer falls behind with either
-# size; COPY_BACKLOG since) and once reverted for a hang at stop, fixed since (8500266:
-# a stopping tracer gives up a resync that waits for LOG room).
-BATCH_BYTES = 4 << 20   # TraceOptions.batch_bytes / batch_wait: the defaults
-BATCH_WAIT = 0.02
+# 4 MiB / 20 ms spans cost less CPU (fifth pass, docs/costs.md: side by side at load 4-5,
+# 4.40 instead of 6.40 us of tracer CPU per 4 KiB write, 0.94 instead of 1.31 CPU-s per GB at
+# 1 MiB writes) and were the default for a day, but on a quiet machine they made the RPO
+# worse: at 100 MB/s shipped over TLS the oldest unacked frame's age p50 0.51-1.22 s and p99
+# 0.95-1.85 s in four runs, against 0.23-0.28 s and 0.67-1.06 s with these values in three
+# runs alternating with them (bench/bench_ship.py --mode rpo; docs/costs.md, "on a quiet
+# machine"). An RPO is what the tool promises first: the small spans stay the default, the
+# large ones an option (TraceOptions.batch_bytes / batch_wait) for CPU-bound hosts.
+BATCH_BYTES = 1 << 20   # TraceOptions.batch_bytes / batch_wait: the defaults
+BATCH_WAIT = 0.002
 BUSY_WAIT = 0.002       # ... or this long when BATCH_BYTES wait already
 WAKE_POLL = 0.005       # TraceOptions.wake_bytes: the collector's poll timeout while busy ...
 IDLE_POLL = 0.05        # ... and when idle (the latency of the first record after a pause)
