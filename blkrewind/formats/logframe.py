@@ -300,16 +300,12 @@ def encode_span(span, compression_level: int = DEFAULT_LEVEL, adaptive: bool = T
         kept = len(_compress(sample, DEFAULT_LEVEL)) / n
         if kept > SAMPLE_KEEPS and (kept > SAMPLE_RAW or
                                     len(_compress(sample, FAST_LEVEL)) / n > SAMPLE_RAW):
-            return _raw_body(mv, copy)
+            data = bytearray(mv) if copy else mv  # the copy out of the ring buffer, or none
+            return Body(data, _CRC.pack(crc32(data)), FL_BODY_CRC | FL_RAW)
         if kept > SAMPLE_KEEPS:
             level = FAST_LEVEL
     data = _compress(mv, level)
     return Body(data, _CRC.pack(crc32(data)), FL_BODY_CRC)
-
-
-def _raw_body(mv: memoryview, copy: bool) -> Body:
-    data = bytearray(mv) if copy else mv  # the copy out of the ring buffer, or none
-    return Body(data, _CRC.pack(crc32(data)), FL_BODY_CRC | FL_RAW)
 
 
 # ------------------------------------------------------------------------------------ reading
